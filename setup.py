@@ -1,0 +1,33 @@
+"""Installs vqvae2_jax: pip install -e ".[dev]"."""
+
+import setuptools
+
+setuptools.setup(
+    name='vqvae2_jax',
+    version='0.1.0',
+    description='VQ-VAE-2 in JAX/Flax: hierarchical VQ-VAE, PixelCNN priors, '
+                'fast cached sampling.',
+    license='Apache-2.0',
+    packages=setuptools.find_packages(include=['vqvae2_jax', 'vqvae2_jax.*']),
+    package_data={'vqvae2_jax': ['data/checksums/*.tsv']},
+    python_requires='>=3.10',
+    install_requires=[
+        'absl-py',
+        'chex',
+        'clu',
+        'flax',
+        'jax',
+        'ml-collections',
+        'numpy',
+        'optax',
+        'orbax-checkpoint',
+        'pillow',
+        'tensorflow-cpu',
+        'tensorflow-datasets',
+    ],
+    extras_require={
+        'dev': ['pytest', 'pytest-xdist', 'nbformat', 'nbclient', 'ipykernel'],
+        'gpu': ['jax[cuda12]'],
+        'tpu': ['jax[tpu]'],
+    },
+)

@@ -1,0 +1,1 @@
+"""VQ-VAE-2 in JAX/Flax."""
