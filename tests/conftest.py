@@ -6,7 +6,6 @@ mesh over `jax.devices()[:1]`.
 """
 
 import os
-import sys
 
 os.environ['JAX_PLATFORMS'] = 'cpu'
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -16,8 +15,3 @@ if '--xla_force_host_platform_device_count' not in _flags:
 # Keep TensorFlow (tf.data) off any accelerator and quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
-
-# The configs/ directory is importable from the repository root.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
