@@ -47,6 +47,6 @@ def get_config() -> ml_collections.ConfigDict:
     level.num_heads = 2
 
   config.sampling.num_samples_per_class = 1
-  config.sampling.batch_size = 10
+  config.sampling.batch_size = 8
   config.eval.num_samples = 20
   return config

@@ -1,0 +1,150 @@
+"""Checks a configuration before any work starts.
+
+Every failure is a `ValueError` that names the field and says how to fix it,
+so a mistake costs seconds, not the first hour of a run.
+"""
+
+from typing import Iterable
+
+import ml_collections
+
+_CHANNELS = (1, 3)
+_QUANTIZERS = ('ema', 'vq')
+_DTYPES = ('float32', 'bfloat16')
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+  raise ValueError(f'config.{field}: {problem}. Fix: {fix}')
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n >= 1 and (n & (n - 1)) == 0
+
+
+def known_dataset(name: str) -> bool:
+  """Whether `name` is 'image_folder' or a registered tfds dataset."""
+  if name == 'image_folder':
+    return True
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return name.split(':')[0].split('/')[0] in tfds.list_builders()
+
+
+def num_levels(config: ml_collections.ConfigDict) -> int:
+  return len(config.model.downsample_factors)
+
+
+def latent_sizes(config: ml_collections.ConfigDict) -> list[int]:
+  """Side of each level's latent map, top first."""
+  return [config.data.image_size // f for f in config.model.downsample_factors]
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None,
+                    check_dataset: bool = True) -> None:
+  """Raises ValueError on the first inconsistency in `config`.
+
+  Args:
+    config: a configuration from configs/.
+    num_devices: devices the batches are split over; None skips the
+      divisibility checks (e.g. when validating on another machine).
+    check_dataset: look the dataset name up in the tfds registry.
+  """
+  data, model, prior = config.data, config.model, config.prior
+
+  # Data.
+  if check_dataset and not known_dataset(data.name):
+    _fail('data.name', f'unknown dataset {data.name!r}',
+          "use a tfds dataset name (see tfds.list_builders()) or 'image_folder' "
+          'with --config.data.image_folder=/path/to/images')
+  if data.name == 'image_folder' and not data.image_folder:
+    _fail('data.image_folder', "is empty while data.name='image_folder'",
+          'pass --config.data.image_folder=/path/to/images')
+  if data.channels not in _CHANNELS:
+    _fail('data.channels', f'is {data.channels}', 'use 1 (grayscale) or 3 (RGB)')
+  if data.num_classes < 0:
+    _fail('data.num_classes', f'is {data.num_classes}',
+          'use 0 for unlabelled data or the number of classes')
+
+  # Model: levels listed top first, each a power-of-two downsampling that
+  # divides the image, each level finer than the one above.
+  factors = tuple(model.downsample_factors)
+  if not factors:
+    _fail('model.downsample_factors', 'is empty',
+          'list one downsampling factor per level, top first, e.g. (8, 4)')
+  for i, f in enumerate(factors):
+    if not _is_power_of_two(f) or f < 2:
+      _fail(f'model.downsample_factors[{i}]', f'is {f}',
+            'use powers of two >= 2 (each 2x step is one strided layer)')
+    if data.image_size % f:
+      _fail('model.downsample_factors',
+            f'image size {data.image_size} is not divisible by level {i}\'s '
+            f'downsampling {f}',
+            'choose data.image_size divisible by every factor (e.g. '
+            f'{(data.image_size // f + 1) * f})')
+  for i in range(1, len(factors)):
+    if factors[i] >= factors[i - 1]:
+      _fail('model.downsample_factors',
+            f'{factors} is not strictly decreasing',
+            'list levels top (coarsest, largest factor) first, e.g. (8, 4)')
+  if model.quantizer not in _QUANTIZERS:
+    _fail('model.quantizer', f'is {model.quantizer!r}', f'use one of {_QUANTIZERS}')
+  if model.dtype not in _DTYPES:
+    _fail('model.dtype', f'is {model.dtype!r}', f'use one of {_DTYPES}')
+  if model.num_embeddings < 2 or model.embedding_dim < 1:
+    _fail('model.num_embeddings', 'codebooks need >= 2 codes of dimension >= 1',
+          'use e.g. num_embeddings=512, embedding_dim=64')
+  if not 0.0 < model.ema_decay < 1.0:
+    _fail('model.ema_decay', f'is {model.ema_decay}', 'use a value in (0, 1), e.g. 0.99')
+
+  # Priors: exactly one level_<i> section per model level.
+  n = len(factors)
+  sections = sorted(k for k in prior.keys() if k.startswith('level_'))
+  expected = [f'level_{i}' for i in range(n)]
+  if sections != sorted(expected):
+    _fail('prior', f'has sections {sections} for a {n}-level model',
+          f'define exactly {expected} (level_0 is the top)')
+  if not -1 <= prior.level < n:
+    _fail('prior.level', f'is {prior.level} for a {n}-level model',
+          f'use -1 (all levels) or 0..{n - 1}')
+  for i in range(n):
+    level = prior[f'level_{i}']
+    if level.attention_layers > level.num_layers:
+      _fail(f'prior.level_{i}.attention_layers',
+            f'{level.attention_layers} > num_layers={level.num_layers}',
+            'use at most num_layers attention layers')
+    if level.attention_layers and level.num_channels % level.num_heads:
+      _fail(f'prior.level_{i}.num_heads',
+            f'{level.num_heads} does not divide num_channels={level.num_channels}',
+            'choose num_heads dividing num_channels')
+    if level.filter_size < 2:
+      _fail(f'prior.level_{i}.filter_size', f'is {level.filter_size}',
+            'use a filter size >= 2 (3 or 5)')
+    if i > 0 and level.cond_stack_blocks < 0:
+      _fail(f'prior.level_{i}.cond_stack_blocks', 'is negative', 'use >= 0')
+
+  # Sampling.
+  sampling = config.sampling
+  if sampling.temperature <= 0:
+    _fail('sampling.temperature', f'is {sampling.temperature}', 'use a value > 0')
+  if sampling.top_k < 0:
+    _fail('sampling.top_k', f'is {sampling.top_k}', 'use 0 (off) or k >= 1')
+  if not 0.0 < sampling.top_p <= 1.0:
+    _fail('sampling.top_p', f'is {sampling.top_p}', 'use a value in (0, 1]')
+  if not 0.0 < sampling.rejection_keep <= 1.0:
+    _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
+          'use a fraction in (0, 1]; 1.0 turns rejection sampling off')
+
+  # Batches split evenly over the devices.
+  if num_devices is not None:
+    for field in _batch_fields(config):
+      section, name = field.split('.')
+      value = config[section][name]
+      if value % num_devices:
+        _fail(field, f'{value} is not divisible by the {num_devices} devices',
+              f'use a multiple of {num_devices}, e.g. '
+              f'{max(1, round(value / num_devices)) * num_devices}')
+
+
+def _batch_fields(config: ml_collections.ConfigDict) -> Iterable[str]:
+  yield from ('vqvae_train.batch_size', 'vqvae_train.eval_batch_size',
+              'prior.batch_size', 'prior.eval_batch_size', 'sampling.batch_size')
