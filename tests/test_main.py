@@ -1,0 +1,52 @@
+"""The command line: flags, mode dispatch and plain errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from vqvae2_jax import stages
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'vqvae2_jax.main', *args], cwd=_ROOT,
+      capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_mode_is_a_usage_error():
+  result = _main('--config=configs/tiny.py', '--workdir=/tmp/unused',
+                 '--mode=train_everything')
+  assert result.returncode != 0
+  assert 'value should be one of' in result.stderr
+  assert 'vqvae' in result.stderr
+
+
+def test_config_and_workdir_are_required():
+  result = _main('--mode=vqvae')
+  assert result.returncode != 0
+  assert 'config' in result.stderr and 'workdir' in result.stderr
+
+
+def test_invalid_config_fails_before_any_work(tmp_path):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}',
+                 '--mode=vqvae', '--config.data.image_size=30')
+  assert result.returncode != 0
+  assert 'config.model.downsample_factors' in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_every_mode_has_a_stage():
+  assert set(stages.MODES) == {'data', 'vqvae', 'codes', 'prior', 'sample',
+                               'eval', 'all'}
+  with pytest.raises(ValueError, match='Unknown mode'):
+    stages.stage_function('nope')
+
+
+def test_pipeline_order():
+  assert stages.PIPELINE == ('vqvae', 'codes', 'prior', 'sample')
+  assert tiny.get_config().prior.level == -1

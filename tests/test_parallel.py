@@ -1,0 +1,47 @@
+"""Mesh construction and batch sharding on 8 fake CPU devices."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from vqvae2_jax import parallel
+
+
+def _mesh_config(data, fsdp):
+  return ml_collections.ConfigDict({'data': data, 'fsdp': fsdp})
+
+
+def test_default_mesh_puts_every_device_on_data():
+  mesh = parallel.create_mesh()
+  assert jax.device_count() == 8
+  assert dict(mesh.shape) == {'data': 8, 'fsdp': 1}
+
+
+@pytest.mark.parametrize('data,fsdp,expected', [
+    (-1, 1, (8, 1)), (-1, 2, (4, 2)), (2, -1, (2, 4)), (8, 1, (8, 1))])
+def test_mesh_shape_resolves_minus_one(data, fsdp, expected):
+  assert parallel.mesh_shape(_mesh_config(data, fsdp), 8) == expected
+
+
+@pytest.mark.parametrize('data,fsdp', [(3, 1), (-1, 3), (-1, -1), (4, 4)])
+def test_mesh_shape_that_does_not_cover_devices_is_refused(data, fsdp):
+  with pytest.raises(ValueError, match='config.mesh'):
+    parallel.mesh_shape(_mesh_config(data, fsdp), 8)
+
+
+def test_shard_batch_splits_leading_dimension_over_devices():
+  mesh = parallel.create_mesh(_mesh_config(-1, 2))
+  batch = {'image': np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+           'label': np.arange(16, dtype=np.int32)}
+  sharded = parallel.shard_batch(batch, mesh)
+  for name, value in sharded.items():
+    np.testing.assert_array_equal(np.asarray(value), batch[name])
+    shards = value.addressable_shards
+    assert len(shards) == 8
+    assert {s.data.shape[0] for s in shards} == {2}
+
+
+def test_single_device_mesh():
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  assert mesh.devices.size == 1
