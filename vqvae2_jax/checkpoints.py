@@ -1,0 +1,153 @@
+"""orbax checkpoints of a stage's train state, with a config fingerprint.
+
+Each checkpoint step holds two items: 'state' (the train state pytree) and
+'fingerprint' (JSON: the config fields that define the model). A restore first
+compares the stored fingerprint with the current config's, so that resuming
+with another architecture fails with a message naming the differing fields,
+not with an opaque shape error deep inside orbax.
+
+Saves are orbax's: asynchronous, written to a temporary directory and renamed
+when complete (atomic), older steps deleted beyond `max_to_keep`.
+"""
+
+from collections.abc import Mapping
+import json
+from typing import Any
+
+from absl import logging
+from etils import epath
+import orbax.checkpoint as ocp
+
+PyTree = Any
+_STATE = 'state'
+_FINGERPRINT = 'fingerprint'
+
+
+def create_manager(directory: str, *, max_to_keep: int | None = 2,
+                   async_save: bool = True,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager for one stage's directory (e.g. workdir/vqvae/checkpoints).
+
+  Args:
+    directory: where step directories are written; created if missing.
+    max_to_keep: newest checkpoints kept; None keeps all.
+    async_save: save in a background thread (the loop goes on meanwhile).
+    read_only: only restore (e.g. a later stage loading this one's result).
+
+  Returns:
+    The manager; `close()` it (or use `with`) when done so pending saves finish.
+  """
+  directory = epath.Path(directory).absolute()
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=(_STATE, _FINGERPRINT))
+
+
+def _normalise(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+  # Through JSON, so that tuples and lists (and int/float keys) compare equal
+  # to what was stored.
+  return json.loads(json.dumps(dict(fingerprint), sort_keys=True))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
+         fingerprint: Mapping[str, Any]) -> None:
+  """Saves `state` and `fingerprint` as checkpoint `step` (asynchronously)."""
+  manager.save(int(step), args=ocp.args.Composite(**{
+      _STATE: ocp.args.StandardSave(state),
+      _FINGERPRINT: ocp.args.JsonSave(_normalise(fingerprint)),
+  }), force=True)
+  logging.info('Saving checkpoint step %d to %s', step, manager.directory)
+
+
+def check_fingerprint(saved: Mapping[str, Any] | None,
+                      current: Mapping[str, Any], directory: str) -> None:
+  """Raises ValueError if the stored and current fingerprints differ.
+
+  Args:
+    saved: the fingerprint stored with the checkpoint (None if absent).
+    current: the fingerprint of the config in use.
+    directory: the checkpoint directory, for the message.
+  """
+  current = _normalise(current)
+  if saved is None:
+    raise ValueError(
+        f'The checkpoints in {directory} carry no config fingerprint, so they '
+        'cannot be checked against this config. Fix: use another --workdir, '
+        'or delete that directory to start again.')
+  saved = _normalise(saved)
+  if saved == current:
+    return
+  missing = object()
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    old, new = saved.get(key, missing), current.get(key, missing)
+    if old != new:
+      old = '(absent)' if old is missing else repr(old)
+      new = '(absent)' if new is missing else repr(new)
+      diffs.append(f'{key}: checkpoint {old}, config {new}')
+  raise ValueError(
+      f'The checkpoints in {directory} were written for a different model '
+      f'config; differing fields: {"; ".join(diffs)}. Fix: pass another '
+      '--workdir for this config, or run with the config that wrote them '
+      '(e.g. override the fields above with --config.<field>=<checkpoint '
+      'value>).')
+
+
+def restore_fingerprint(manager: ocp.CheckpointManager,
+                        step: int) -> dict[str, Any] | None:
+  """The fingerprint stored with checkpoint `step`, or None if it has none."""
+  step_dir = epath.Path(manager.directory) / str(step) / _FINGERPRINT
+  if not step_dir.exists():
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      _FINGERPRINT: ocp.args.JsonRestore()}))
+  return dict(restored[_FINGERPRINT])
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
+                   fingerprint: Mapping[str, Any]) -> PyTree | None:
+  """Restores the newest checkpoint into the structure of `target`.
+
+  Args:
+    manager: from `create_manager`.
+    target: the state pytree or its abstract form (`jax.ShapeDtypeStruct`s
+      with shardings, see `train.common.abstract_with_shardings`); arrays
+      come back with those shardings.
+    fingerprint: the current config's; must equal the stored one.
+
+  Returns:
+    The restored state, or None when there is no checkpoint yet.
+
+  Raises:
+    ValueError: the checkpoint was written for a different model config.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  check_fingerprint(restore_fingerprint(manager, step), fingerprint,
+                    str(manager.directory))
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      _STATE: ocp.args.StandardRestore(target)}))
+  logging.info('Restored checkpoint step %d from %s', step, manager.directory)
+  return restored[_STATE]
+
+
+def check_directory(directory: str, fingerprint: Mapping[str, Any]) -> None:
+  """Checks the newest checkpoint in `directory` (if any) against `fingerprint`.
+
+  Cheap (reads one small JSON file); trainers call it before building
+  anything, so a wrong --workdir fails in seconds.
+  """
+  directory = epath.Path(directory).absolute()
+  if not directory.exists():
+    return
+  manager = create_manager(str(directory), read_only=True)
+  try:
+    step = manager.latest_step()
+    if step is not None:
+      check_fingerprint(restore_fingerprint(manager, step), fingerprint,
+                        str(directory))
+  finally:
+    manager.close()
