@@ -1,0 +1,340 @@
+"""Pieces shared by every stage's trainer.
+
+The optimizer and its schedule, the train state, sharded initialisation
+(`jax.eval_shape` -> shardings -> `jax.jit(init, out_shardings=...)`), the
+jitted step's shardings, metric writing and progress reports, norms, the
+non-finite check and PNG image grids. Nothing here knows which model it
+trains.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import json
+import math
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from etils import epath
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+
+from vqvae2_jax import parallel
+
+PyTree = Any
+
+# Arrays smaller than this stay replicated even on an 'fsdp' mesh: splitting
+# biases and small kernels costs more in communication than it saves.
+_MIN_FSDP_SIZE = 2**14
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a stage's training carries from one step to the next.
+
+  Attributes:
+    step: int32 scalar, the number of optimizer steps taken.
+    params: the 'params' collection.
+    opt_state: the optax state of `params`.
+    extra: other mutable variable collections, by name (e.g. the codebook
+      statistics {'vq_stats': ...}); {} when the model has none.
+    rng: uint32 [2] base key; a step's randomness is `fold_in(rng, step)`, so
+      a resumed run draws the same numbers as an uninterrupted one.
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  extra: dict[str, PyTree]
+  rng: jax.Array
+
+  def variables(self) -> dict[str, PyTree]:
+    """The variables to pass to `Module.apply`: params and `extra`."""
+    return {'params': self.params, **self.extra}
+
+  def step_rng(self) -> jax.Array:
+    """A key for this step only (fresh each step, reproducible on resume)."""
+    return jax.random.fold_in(self.rng, self.step)
+
+
+def create_learning_rate_schedule(*, learning_rate: float, warmup_steps: int,
+                                  num_train_steps: int,
+                                  cosine_decay: bool = True) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate`, then cosine decay to 0 or flat.
+
+  Args:
+    learning_rate: the peak learning rate.
+    warmup_steps: steps of the linear warm-up (0: start at the peak).
+    num_train_steps: the run's length; the cosine reaches 0 here.
+    cosine_decay: decay after warm-up; False keeps the peak.
+
+  Returns:
+    step -> learning rate.
+  """
+  warmup_steps = max(int(warmup_steps), 0)
+  if cosine_decay:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup_steps else learning_rate,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        # The cosine needs at least one step after warm-up.
+        decay_steps=max(int(num_train_steps), warmup_steps + 1),
+        end_value=0.0)
+  if not warmup_steps:
+    return optax.constant_schedule(learning_rate)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+       optax.constant_schedule(learning_rate)], [warmup_steps])
+
+
+def create_optimizer(*, learning_rate: float, warmup_steps: int,
+                     num_train_steps: int, cosine_decay: bool = True,
+                     grad_clip_norm: float = 0.0,
+                     b1: float = 0.9, b2: float = 0.999
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam on the schedule above, after global-norm gradient clipping.
+
+  Args:
+    learning_rate, warmup_steps, num_train_steps, cosine_decay: the schedule
+      (see `create_learning_rate_schedule`).
+    grad_clip_norm: clip gradients to this global norm; 0 disables.
+    b1, b2: Adam's moment decays.
+
+  Returns:
+    (optimizer, learning-rate schedule).
+  """
+  schedule = create_learning_rate_schedule(
+      learning_rate=learning_rate, warmup_steps=warmup_steps,
+      num_train_steps=num_train_steps, cosine_decay=cosine_decay)
+  parts = []
+  if grad_clip_norm and grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip_norm))
+  parts.append(optax.adam(schedule, b1=b1, b2=b2))
+  return optax.chain(*parts), schedule
+
+
+def norm_metrics(grads: PyTree, params: PyTree, updates: PyTree
+                 ) -> dict[str, jax.Array]:
+  """Global L2 norms of the raw gradients, the new params and the updates."""
+  return {
+      'grad_norm': optax.global_norm(grads),
+      'param_norm': optax.global_norm(params),
+      'update_norm': optax.global_norm(updates),
+  }
+
+
+def state_shardings(abstract_state: PyTree, mesh: Mesh) -> PyTree:
+  """Shardings for a (possibly abstract) state pytree on `mesh`.
+
+  Everything is replicated, except on a mesh whose 'fsdp' axis has more than
+  one device: there each large array is split along its largest dimension
+  that the axis divides (FSDP). Adam's moments have the params' shapes, so
+  they follow the same rule.
+
+  Args:
+    abstract_state: pytree of arrays or `jax.ShapeDtypeStruct`s.
+    mesh: the ('data', 'fsdp') mesh.
+
+  Returns:
+    A pytree of `NamedSharding`s with the structure of `abstract_state`.
+  """
+  fsdp = dict(mesh.shape).get('fsdp', 1)
+
+  def sharding(x):
+    shape = tuple(getattr(x, 'shape', ()))
+    if fsdp > 1 and math.prod(shape) >= _MIN_FSDP_SIZE:
+      for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+          spec = [None] * len(shape)
+          spec[axis] = 'fsdp'
+          return NamedSharding(mesh, P(*spec))
+    return parallel.replicated(mesh)
+
+  return jax.tree.map(sharding, abstract_state)
+
+
+def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh,
+                         *init_args: Any) -> tuple[PyTree, PyTree]:
+  """Initialises a state directly in its shardings.
+
+  `jax.eval_shape` gives the state's shapes without computing anything, the
+  shardings follow from the shapes, and the jitted `init_fn` then writes each
+  array straight into its place on the mesh (no full copy on one device).
+
+  Args:
+    init_fn: (*init_args) -> state pytree; traced, so it must be pure.
+    mesh: the mesh to lay the state out on.
+    *init_args: arguments of `init_fn` (e.g. a PRNG key).
+
+  Returns:
+    (state, shardings), the shardings a pytree like the state.
+  """
+  abstract_state = jax.eval_shape(init_fn, *init_args)
+  shardings = state_shardings(abstract_state, mesh)
+  state = jax.jit(init_fn, out_shardings=shardings)(*init_args)
+  return state, shardings
+
+
+def abstract_with_shardings(state_or_abstract: PyTree, shardings: PyTree
+                            ) -> PyTree:
+  """`jax.ShapeDtypeStruct`s that carry `shardings` (a restore target)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state_or_abstract, shardings)
+
+
+def jit_train_step(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, Any]],
+                   shardings: PyTree, mesh: Mesh) -> Callable:
+  """Jits `step_fn(state, batch) -> (state, metrics)` over `mesh`.
+
+  The batch is split over the mesh's data axes, the state keeps its
+  shardings and is donated (updated in place), and metrics come back
+  replicated.
+  """
+  return jax.jit(
+      step_fn,
+      in_shardings=(shardings, parallel.data_sharding(mesh)),
+      out_shardings=(shardings, parallel.replicated(mesh)),
+      donate_argnums=(0,))
+
+
+class NonFiniteError(FloatingPointError):
+  """A training metric became NaN or infinite."""
+
+
+class StepMetrics:
+  """Per-step metrics kept on device until a log, check or checkpoint.
+
+  Fetching a metric waits for its step to finish; holding them lets the host
+  run ahead of the device between log intervals.
+  """
+
+  def __init__(self, sum_prefixes: Sequence[str] = ()):
+    """Args: sum_prefixes: metrics summed (not averaged) over an interval."""
+    self._sum_prefixes = tuple(sum_prefixes)
+    self._steps: list[int] = []
+    self._metrics: list[Mapping[str, Any]] = []
+    self._checked = 0
+
+  def append(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self._steps.append(step)
+    self._metrics.append(metrics)
+
+  def __len__(self) -> int:
+    return len(self._steps)
+
+  def check_finite(self, hint: str = '') -> None:
+    """Raises `NonFiniteError` naming the first step with a non-finite metric.
+
+    Args:
+      hint: appended to the message (e.g. which checkpoint is still intact).
+    """
+    for i in range(self._checked, len(self._steps)):
+      values = jax.device_get(self._metrics[i])
+      self._metrics[i] = values
+      bad = sorted(k for k, v in values.items()
+                   if np.issubdtype(np.asarray(v).dtype, np.floating)
+                   and not np.all(np.isfinite(v)))
+      if bad:
+        shown = ', '.join(f'{k}={float(np.asarray(values[k]).ravel()[0])}'
+                          for k in bad)
+        raise NonFiniteError(
+            f'Non-finite training metrics at step {self._steps[i]}: {shown}. '
+            f'{hint}'.strip())
+    self._checked = len(self._steps)
+
+  def pop_summary(self) -> dict[str, float]:
+    """Means over the held steps (sums for `sum_prefixes`); then forgets them."""
+    if not self._steps:
+      return {}
+    values = [jax.device_get(m) for m in self._metrics]
+    summary = {}
+    for key in values[0]:
+      stacked = np.stack([np.asarray(v[key], np.float64) for v in values])
+      reduce = np.sum if key.startswith(self._sum_prefixes) else np.mean
+      summary[key] = float(reduce(stacked))
+    self._steps, self._metrics, self._checked = [], [], 0
+    return summary
+
+
+def create_writer(logdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard event files in `logdir` plus the log; process 0 only writes."""
+  return metric_writers.create_default_writer(
+      logdir, just_logging=jax.process_index() > 0)
+
+
+def create_progress(num_train_steps: int, writer: metric_writers.MetricWriter,
+                    every_steps: int) -> periodic_actions.ReportProgress:
+  """Reports steps/s (to `writer`) and percentage done and ETA (to the log)."""
+  return periodic_actions.ReportProgress(
+      num_train_steps=num_train_steps, writer=writer,
+      every_steps=max(int(every_steps), 1), every_secs=None)
+
+
+def image_grid(images: np.ndarray, num_cols: int, padding: int = 2
+               ) -> np.ndarray:
+  """Tiles images into one picture, row by row.
+
+  Args:
+    images: float [n, h, w, c] in [-1, 1] (c = 1 or 3); values outside are
+      clipped.
+    num_cols: images per row.
+    padding: pixels of white between images and around the grid.
+
+  Returns:
+    uint8 [rows * (h + padding) + padding, cols * (w + padding) + padding, c].
+  """
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  num_cols = max(1, min(int(num_cols), n))
+  num_rows = -(-n // num_cols)
+  pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+  grid = np.full((num_rows * (h + padding) + padding,
+                  num_cols * (w + padding) + padding, c), 255, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, num_cols)
+    top, left = padding + r * (h + padding), padding + col * (w + padding)
+    grid[top:top + h, left:left + w] = pixels[i]
+  return grid
+
+
+def write_image_grid(path: str, images: np.ndarray, num_cols: int) -> None:
+  """Writes `image_grid(images, num_cols)` as a PNG file (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = image_grid(images, num_cols)
+  if grid.shape[-1] == 1:
+    grid = grid[..., 0]
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    Image.fromarray(grid).save(f, format='PNG')
+  logging.info('Wrote image grid %s', path)
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+  """Writes `data` as JSON atomically (temporary file, then rename)."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True) + '\n')
+  tmp.rename(path)
+
+
+def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+  """`metrics` as Python floats with names '<prefix>/<key>'."""
+  return {f'{prefix}/{k}': float(v) for k, v in metrics.items()}
+
+
+def flatten_levels(name: str, values: Iterable[Any]) -> dict[str, Any]:
+  """{'<name>_level<i>': value} for per-level lists (top = level 0)."""
+  return {f'{name}_level{i}': v for i, v in enumerate(values)}
+
+
+def to_float32(x: jax.Array) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
