@@ -1,0 +1,199 @@
+"""The extracted-code format: atomic shards, manifest, provenance, iterators."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vqvae2_jax import parallel
+from vqvae2_jax.data import codes
+
+_SHAPES = ((2, 3), (4, 6))  # Non-square on purpose.
+_K = (16, 300)  # uint8 and uint16 codes.
+_VQVAE = {'step': 7, 'fingerprint': {'model.num_embeddings': 16},
+          'digest': 'abc'}
+
+
+def _examples(n, seed=0):
+  rng = np.random.default_rng(seed)
+  levels = [rng.integers(0, k, (n, *s)) for s, k in zip(_SHAPES, _K)]
+  return levels, rng.integers(0, 10, n)
+
+
+def _plan(n_train=23, n_eval=9, shard_size=5, vqvae=_VQVAE):
+  return codes.make_plan(
+      vqvae=vqvae, level_shapes=_SHAPES, num_embeddings=_K, num_classes=10,
+      splits={'train': {'source': 'train', 'num_examples': n_train,
+                        'shard_size': shard_size},
+              'eval': {'source': 'test', 'num_examples': n_eval,
+                       'shard_size': shard_size}})
+
+
+def _write_all(codes_dir, plan, data):
+  todo = codes.prepare_directory(codes_dir, plan)
+  for role, info in plan['splits'].items():
+    levels, labels = data[role]
+    size, n = info['shard_size'], info['num_shards']
+    for i in todo[role]:
+      sl = slice(i * size, (i + 1) * size)
+      codes.write_shard(codes.shard_path(codes_dir, role, i, n),
+                        codes.make_records([l[sl] for l in levels],
+                                           labels[sl], _K))
+  codes.finalize(codes_dir, plan)
+
+
+@pytest.fixture
+def written(tmp_path):
+  codes_dir = str(tmp_path / 'codes')
+  data = {'train': _examples(23, 0), 'eval': _examples(9, 1)}
+  _write_all(codes_dir, _plan(), data)
+  return codes_dir, data
+
+
+def test_round_trip_and_dtypes(written):
+  codes_dir, data = written
+  dataset = codes.CodeDataset(codes_dir, vqvae=_VQVAE)
+  assert dataset.level_shapes == list(_SHAPES)
+  split = dataset.split('train')
+  assert split.num_examples == 23
+  assert split._shards[0].dtype['level_0'].base == np.uint8
+  assert split._shards[0].dtype['level_1'].base == np.uint16
+  indices = np.array([22, 0, 5, 5, 13])
+  batch = split.read(indices, levels=(0, 1))
+  levels, labels = data['train']
+  for got, want in zip(batch['codes'], levels):
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want[indices])
+  np.testing.assert_array_equal(batch['label'], labels[indices])
+  only_top = split.read(indices, levels=(0,))
+  assert len(only_top['codes']) == 1
+
+
+def test_out_of_range_codes_are_refused():
+  levels, labels = _examples(3)
+  levels[1][0, 0, 0] = _K[1]
+  with pytest.raises(ValueError, match='Level 1'):
+    codes.make_records(levels, labels, _K)
+
+
+def test_incomplete_extraction_is_not_read(tmp_path):
+  codes_dir = str(tmp_path / 'codes')
+  plan = _plan()
+  todo = codes.prepare_directory(codes_dir, plan)
+  assert todo == {'train': [0, 1, 2, 3, 4], 'eval': [0, 1]}
+  with pytest.raises(FileNotFoundError, match='did not finish.*--mode=codes'):
+    codes.CodeDataset(codes_dir, vqvae=_VQVAE)
+  with pytest.raises(RuntimeError, match='lacks shards'):
+    codes.finalize(codes_dir, plan)
+
+
+def test_rerun_keeps_finished_shards_and_drops_temporaries(written):
+  codes_dir, _ = written
+  plan = _plan()
+  done = codes.shard_path(codes_dir, 'train', 1, 5)
+  os.remove(codes.shard_path(codes_dir, 'train', 3, 5))
+  tmp = codes.shard_path(codes_dir, 'train', 3, 5) + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(b'half a shard')
+  mtime = os.stat(done).st_mtime_ns
+  todo = codes.prepare_directory(codes_dir, plan)
+  assert todo == {'train': [3], 'eval': []}
+  assert not os.path.exists(tmp)
+  assert os.stat(done).st_mtime_ns == mtime
+  # The manifest of the same plan stays: the complete shards still are.
+  assert os.path.exists(os.path.join(codes_dir, codes.MANIFEST))
+
+
+def test_another_plan_wipes_old_shards_and_manifest(written):
+  codes_dir, _ = written
+  new_plan = _plan(vqvae={**_VQVAE, 'step': 8})
+  todo = codes.prepare_directory(codes_dir, new_plan)
+  assert todo == {'train': [0, 1, 2, 3, 4], 'eval': [0, 1]}
+  assert not os.path.exists(os.path.join(codes_dir, codes.MANIFEST))
+  assert os.listdir(os.path.join(codes_dir, 'train')) == []
+
+
+@pytest.mark.parametrize('change,what', [
+    ({'step': 9}, 'step: codes 7, checkpoint 9'),
+    ({'digest': 'other'}, r'weights \(digest\)'),
+    ({'fingerprint': {'model.num_embeddings': 32}},
+     r"config fields \['model.num_embeddings'\]"),
+])
+def test_codes_from_another_vqvae_are_refused(written, change, what):
+  codes_dir, _ = written
+  with pytest.raises(codes.CodesMismatchError,
+                     match=f'different VQ-VAE.*{what}.*re-run --mode=codes'):
+    codes.CodeDataset(codes_dir, vqvae={**_VQVAE, **change})
+
+
+def test_truncated_shard_is_reported(written):
+  codes_dir, data = written
+  levels, labels = data['train']
+  codes.write_shard(codes.shard_path(codes_dir, 'train', 0, 5),
+                    codes.make_records([l[:4] for l in levels], labels[:4], _K))
+  dataset = codes.CodeDataset(codes_dir, vqvae=_VQVAE)
+  with pytest.raises(ValueError, match='00000-of-00005.*run --mode=codes'):
+    dataset.split('train')
+
+
+def _host(batch):
+  return jax.tree.map(np.asarray, batch)
+
+
+def test_train_iterator_is_deterministic_resumable_and_covers_epochs(written):
+  codes_dir, data = written
+  split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('train')
+  mesh = parallel.create_mesh()  # 8 devices.
+  kwargs = dict(global_batch_size=8, mesh=mesh, seed=3, levels=(0, 1))
+  it = codes.create_train_iterator(split, **kwargs)
+  batches = [_host(next(it)) for _ in range(6)]  # 48 = 2 epochs + 2.
+  assert batches[0]['codes'][1].shape == (8, 4, 6)
+  assert next(iter(codes.create_train_iterator(split, **kwargs)))[
+      'label'].sharding == parallel.data_sharding(mesh)
+  resumed = codes.create_train_iterator(split, start_step=4, **kwargs)
+  for want in batches[4:]:
+    got = _host(next(resumed))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(g, w)
+  # Each epoch is a permutation of the split: recover example ids from codes.
+  levels, labels = data['train']
+  stream = np.concatenate([b['codes'][1].reshape(8, -1) for b in batches])
+  table = levels[1].reshape(23, -1)
+  ids = [int(np.nonzero((table == row).all(1))[0][0]) for row in stream]
+  assert sorted(ids[:23]) == list(range(23))
+  assert sorted(ids[23:46]) == list(range(23))
+  assert ids[:23] != ids[23:46]
+  np.testing.assert_array_equal(
+      np.concatenate([b['label'] for b in batches]), labels[ids])
+  other = codes.create_train_iterator(split, **{**kwargs, 'seed': 4})
+  assert not np.array_equal(_host(next(other))['label'], batches[0]['label'])
+
+
+def test_eval_iterator_is_ordered_and_masks_padding(written):
+  codes_dir, data = written
+  split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('eval')
+  batches = [_host(b) for b in codes.create_eval_iterator(
+      split, global_batch_size=8, mesh=parallel.create_mesh(), levels=(0, 1))]
+  assert len(batches) == 2
+  mask = np.concatenate([b['mask'] for b in batches])
+  np.testing.assert_array_equal(mask, np.arange(16) < 9)
+  levels, labels = data['eval']
+  np.testing.assert_array_equal(
+      np.concatenate([b['label'] for b in batches])[:9], labels)
+  np.testing.assert_array_equal(
+      np.concatenate([b['codes'][0] for b in batches])[:9], levels[0])
+  first4 = list(codes.create_eval_iterator(
+      split, global_batch_size=8, mesh=parallel.create_mesh(), levels=(1,),
+      num_examples=4))
+  assert len(first4) == 1
+  np.testing.assert_array_equal(np.asarray(first4[0]['mask']),
+                                np.arange(8) < 4)
+
+
+def test_batch_not_divisible_by_devices_is_refused(written):
+  codes_dir, _ = written
+  split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('eval')
+  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
+    next(codes.create_eval_iterator(split, global_batch_size=12,
+                                    mesh=parallel.create_mesh(), levels=(0,)))

@@ -1,0 +1,459 @@
+"""Extracted codes on disk: the format, its writer helpers and its readers.
+
+Stage 2 trains on the integer codes of every image, extracted once by
+`train.extract.extract_codes` into `workdir/codes/`:
+
+  codes/
+    plan.json          what is being extracted: the VQ-VAE (step, config
+                       fingerprint, digest of its variables), level shapes,
+                       K per level, and each split's size and sharding.
+    train/00000-of-00006.npy ...   shards of the training split
+    eval/00000-of-00001.npy  ...   shards of the held-out split
+    manifest.json      a copy of plan.json, written last: the extraction is
+                       complete exactly when this file exists.
+
+A shard is a `.npy` file of structured records, one per example, in the
+split's order: field 'label' (int32) and fields 'level_<i>' ([h_i, w_i]
+unsigned ints, the smallest type that holds K-1). Each shard is written to a
+temporary name and renamed when complete, so a killed extraction never leaves
+a partial file under a final name; a rerun with the same plan keeps the
+finished shards. Readers memory-map the shards, so a split larger than memory
+streams from disk, and they refuse codes whose VQ-VAE differs from the
+current stage-1 checkpoint.
+
+Files are plain local (or network-mounted) paths, written by process 0; on a
+multi-host set-up `workdir` must be on a filesystem every host sees.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+import itertools
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+from jax.sharding import Mesh
+import numpy as np
+
+from vqvae2_jax import parallel
+
+FORMAT_VERSION = 1
+PLAN = 'plan.json'
+MANIFEST = 'manifest.json'
+SPLITS = ('train', 'eval')  # The roles; the source split names are in the plan.
+_TMP_SUFFIX = '.tmp'
+
+
+def code_dtype(num_embeddings: int) -> np.dtype:
+  """The smallest unsigned integer type that holds codes 0..K-1."""
+  for dtype in (np.uint8, np.uint16, np.uint32):
+    if num_embeddings - 1 <= np.iinfo(dtype).max:
+      return np.dtype(dtype)
+  raise ValueError(f'num_embeddings={num_embeddings} is too large.')
+
+
+def record_dtype(level_shapes: Sequence[Sequence[int]],
+                 num_embeddings: Sequence[int]) -> np.dtype:
+  """The structured dtype of one example: its label and each level's codes."""
+  fields = [('label', '<i4')]
+  for i, (shape, k) in enumerate(zip(level_shapes, num_embeddings)):
+    fields.append((f'level_{i}', code_dtype(k).newbyteorder('<'), tuple(shape)))
+  return np.dtype(fields)
+
+
+def make_records(codes: Sequence[np.ndarray], labels: np.ndarray,
+                 num_embeddings: Sequence[int]) -> np.ndarray:
+  """Packs code maps and labels into records for `write_shard`.
+
+  Args:
+    codes: per level (top first), int [n, h_i, w_i] with values in [0, K_i).
+    labels: int [n].
+    num_embeddings: K of each level.
+
+  Returns:
+    A structured array [n] of `record_dtype`.
+  """
+  codes = [np.asarray(c) for c in codes]
+  shapes = [c.shape[1:] for c in codes]
+  records = np.zeros(len(labels), record_dtype(shapes, num_embeddings))
+  records['label'] = labels
+  for i, (c, k) in enumerate(zip(codes, num_embeddings)):
+    if c.size and (c.min() < 0 or c.max() >= k):
+      raise ValueError(f'Level {i} codes outside [0, {k}).')
+    records[f'level_{i}'] = c
+  return records
+
+
+def shard_name(index: int, num_shards: int) -> str:
+  return f'{index:05d}-of-{num_shards:05d}.npy'
+
+
+def shard_path(codes_dir: str, split: str, index: int, num_shards: int) -> str:
+  return os.path.join(codes_dir, split, shard_name(index, num_shards))
+
+
+def _atomic_write(path: str, write_fn) -> None:
+  tmp = path + _TMP_SUFFIX
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(tmp, 'wb') as f:
+    write_fn(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)  # Atomic: readers see the old state or the whole file.
+
+
+def write_shard(path: str, records: np.ndarray) -> None:
+  """Writes one shard atomically (temporary file, fsync, rename)."""
+  _atomic_write(path, lambda f: np.save(f, records, allow_pickle=False))
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+  """Writes JSON atomically; the same data always gives the same bytes."""
+  text = json.dumps(_normalise(data), indent=2, sort_keys=True) + '\n'
+  _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _normalise(data: Mapping[str, Any]) -> dict[str, Any]:
+  # Tuples become lists, as they come back from a JSON file.
+  return json.loads(json.dumps(dict(data), sort_keys=True))
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def make_plan(*, vqvae: Mapping[str, Any], level_shapes: Sequence[Sequence[int]],
+              num_embeddings: Sequence[int], num_classes: int,
+              splits: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """The description of an extraction (and, once complete, its manifest).
+
+  Args:
+    vqvae: provenance of the codes: {'step', 'fingerprint', 'digest'} (see
+      `train.extract.vqvae_provenance`).
+    level_shapes: [h, w] of each level's code map, top first.
+    num_embeddings: K of each level.
+    num_classes: labels are in [0, num_classes) (0: unlabelled).
+    splits: role ('train'/'eval') -> {'source': the data split's name,
+      'num_examples': int, 'shard_size': examples per shard}.
+
+  Returns:
+    The plan as a JSON-compatible dict.
+  """
+  split_info = {}
+  for role, info in splits.items():
+    n, size = int(info['num_examples']), int(info['shard_size'])
+    if n < 1 or size < 1:
+      raise ValueError(f'Split {role!r}: {n} examples, shard size {size}.')
+    split_info[role] = {'source': str(info['source']), 'num_examples': n,
+                        'shard_size': size, 'num_shards': -(-n // size)}
+  return _normalise({
+      'format_version': FORMAT_VERSION, 'vqvae': dict(vqvae),
+      'level_shapes': [list(s) for s in level_shapes],
+      'num_embeddings': list(num_embeddings), 'num_classes': int(num_classes),
+      'splits': split_info})
+
+
+def prepare_directory(codes_dir: str, plan: Mapping[str, Any]
+                      ) -> dict[str, list[int]]:
+  """Gets `codes_dir` ready to extract `plan`; returns the shards still to do.
+
+  Temporary files of a killed run are removed. When the directory holds an
+  extraction of another plan (e.g. the VQ-VAE trained further since), its
+  manifest and shards are deleted first, so that nothing stale survives.
+
+  Args:
+    codes_dir: workdir/codes.
+    plan: from `make_plan`.
+
+  Returns:
+    role -> indices of the shards not yet on disk (all of them, at first).
+  """
+  plan = _normalise(plan)
+  os.makedirs(codes_dir, exist_ok=True)
+  old = read_json(os.path.join(codes_dir, PLAN))
+  for role in SPLITS:
+    split_dir = os.path.join(codes_dir, role)
+    if not os.path.isdir(split_dir):
+      continue
+    for name in os.listdir(split_dir):
+      if name.endswith(_TMP_SUFFIX) or old != plan:
+        os.remove(os.path.join(split_dir, name))
+  if old != plan:
+    if old is not None:
+      logging.info('Codes in %s are from another extraction plan (VQ-VAE '
+                   'step %s); extracting again.', codes_dir,
+                   old.get('vqvae', {}).get('step'))
+    manifest = os.path.join(codes_dir, MANIFEST)
+    if os.path.exists(manifest):
+      os.remove(manifest)
+    write_json(os.path.join(codes_dir, PLAN), plan)
+  todo = {}
+  for role, info in plan['splits'].items():
+    n = info['num_shards']
+    todo[role] = [i for i in range(n)
+                  if not os.path.exists(shard_path(codes_dir, role, i, n))]
+  return todo
+
+
+def finalize(codes_dir: str, plan: Mapping[str, Any]) -> None:
+  """Marks the extraction complete by writing the manifest (last)."""
+  for role, info in _normalise(plan)['splits'].items():
+    n = info['num_shards']
+    missing = [i for i in range(n)
+               if not os.path.exists(shard_path(codes_dir, role, i, n))]
+    if missing:
+      raise RuntimeError(f'Cannot finalize {codes_dir}: split {role!r} lacks '
+                         f'shards {missing}.')
+  write_json(os.path.join(codes_dir, MANIFEST), plan)
+
+
+class CodesMismatchError(ValueError):
+  """The extracted codes come from a different VQ-VAE than the current one."""
+
+
+def read_manifest(codes_dir: str) -> dict[str, Any]:
+  """The manifest of a complete extraction.
+
+  Raises:
+    FileNotFoundError: no complete extraction in `codes_dir`, with the fix.
+  """
+  manifest = read_json(os.path.join(codes_dir, MANIFEST))
+  if manifest is None:
+    partial = os.path.exists(os.path.join(codes_dir, PLAN))
+    raise FileNotFoundError(
+        f'No complete code extraction in {codes_dir}'
+        f'{" (an extraction was started but did not finish)" if partial else ""}'
+        '. Fix: run --mode=codes with the same --config and --workdir.')
+  if manifest.get('format_version') != FORMAT_VERSION:
+    raise ValueError(
+        f'Codes in {codes_dir} have format version '
+        f'{manifest.get("format_version")}, this code reads {FORMAT_VERSION}. '
+        'Fix: delete that directory and run --mode=codes again.')
+  return manifest
+
+
+def check_provenance(manifest: Mapping[str, Any], vqvae: Mapping[str, Any],
+                     codes_dir: str) -> None:
+  """Refuses codes extracted by a VQ-VAE other than `vqvae`.
+
+  Args:
+    manifest: from `read_manifest`.
+    vqvae: the current stage-1 checkpoint's {'step', 'fingerprint', 'digest'}.
+    codes_dir: for the message.
+
+  Raises:
+    CodesMismatchError: naming what differs and the fix.
+  """
+  recorded, current = _normalise(manifest['vqvae']), _normalise(vqvae)
+  if recorded == current:
+    return
+  diffs = []
+  for key in sorted(set(recorded) | set(current)):
+    old, new = recorded.get(key), current.get(key)
+    if old == new:
+      continue
+    if key == 'fingerprint' and isinstance(old, dict) and isinstance(new, dict):
+      fields = sorted(f for f in set(old) | set(new) if old.get(f) != new.get(f))
+      diffs.append(f'config fields {fields}')
+    elif key == 'digest':
+      diffs.append('weights (digest)')
+    else:
+      diffs.append(f'{key}: codes {old!r}, checkpoint {new!r}')
+  raise CodesMismatchError(
+      f'The codes in {codes_dir} were extracted with a different VQ-VAE than '
+      f'the current stage-1 checkpoint (VQ-VAE step {current.get("step")}); '
+      f'differs in: {"; ".join(diffs)}. Fix: re-run --mode=codes with this '
+      '--workdir to extract codes from the current VQ-VAE.')
+
+
+class CodeSplit:
+  """Random access to one split's codes, memory-mapped from its shards."""
+
+  def __init__(self, codes_dir: str, role: str, manifest: Mapping[str, Any]):
+    info = manifest['splits'][role]
+    self.role = role
+    self.source = info['source']
+    self.num_examples = int(info['num_examples'])
+    self.level_shapes = [tuple(s) for s in manifest['level_shapes']]
+    self.num_embeddings = list(manifest['num_embeddings'])
+    self._shard_size = int(info['shard_size'])
+    num_shards = int(info['num_shards'])
+    expected = record_dtype(self.level_shapes, self.num_embeddings)
+    self._shards = []
+    for i in range(num_shards):
+      path = shard_path(codes_dir, role, i, num_shards)
+      size = min(self._shard_size, self.num_examples - i * self._shard_size)
+      try:
+        shard = np.load(path, mmap_mode='r', allow_pickle=False)
+      except (OSError, ValueError) as e:
+        raise ValueError(f'Cannot read code shard {path} ({e}). Fix: delete '
+                         f'{codes_dir} and run --mode=codes again.') from e
+      if shard.dtype != expected or shard.shape != (size,):
+        raise ValueError(
+            f'Code shard {path} holds {shard.shape} records of {shard.dtype}, '
+            f'the manifest says ({size},) of {expected}. Fix: delete '
+            f'{codes_dir} and run --mode=codes again.')
+      self._shards.append(shard)
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.level_shapes)
+
+  def read(self, indices: np.ndarray, levels: Sequence[int]
+           ) -> dict[str, Any]:
+    """Examples at `indices` (any order, repeats allowed).
+
+    Args:
+      indices: int [n] in [0, num_examples).
+      levels: which levels' codes to return, e.g. (0, 1).
+
+    Returns:
+      {'codes': [int32 [n, h_l, w_l] for l in levels], 'label': int32 [n]}.
+    """
+    indices = np.asarray(indices, np.int64)
+    if indices.size and (indices.min() < 0
+                         or indices.max() >= self.num_examples):
+      raise IndexError(f'Indices outside [0, {self.num_examples}).')
+    shard_of, offset = np.divmod(indices, self._shard_size)
+    out = {'label': np.zeros(len(indices), np.int32)}
+    for level in levels:
+      out[level] = np.zeros((len(indices), *self.level_shapes[level]), np.int32)
+    for s in np.unique(shard_of):
+      where = np.nonzero(shard_of == s)[0]
+      # Sorted reads touch each page of the memory map once.
+      order = np.argsort(offset[where], kind='stable')
+      records = self._shards[s][offset[where][order]]
+      out['label'][where[order]] = records['label']
+      for level in levels:
+        out[level][where[order]] = records[f'level_{level}']
+    return {'codes': [out[level] for level in levels], 'label': out['label']}
+
+
+class CodeDataset:
+  """A complete, provenance-checked extraction in workdir/codes."""
+
+  def __init__(self, codes_dir: str, vqvae: Mapping[str, Any] | None):
+    """Opens `codes_dir`.
+
+    Args:
+      codes_dir: workdir/codes.
+      vqvae: the current stage-1 checkpoint's provenance; None skips the
+        check (only for inspecting codes without a VQ-VAE at hand).
+
+    Raises:
+      FileNotFoundError: the extraction is missing or incomplete.
+      CodesMismatchError: it was made with another VQ-VAE.
+    """
+    self.codes_dir = codes_dir
+    self.manifest = read_manifest(codes_dir)
+    if vqvae is not None:
+      check_provenance(self.manifest, vqvae, codes_dir)
+    self.level_shapes = [tuple(s) for s in self.manifest['level_shapes']]
+    self.num_embeddings = list(self.manifest['num_embeddings'])
+    self.num_classes = int(self.manifest['num_classes'])
+    self._splits = {}
+
+  def split(self, role: str) -> CodeSplit:
+    if role not in self.manifest['splits']:
+      raise KeyError(f'No split {role!r} in {self.codes_dir}; it has '
+                     f'{sorted(self.manifest["splits"])}.')
+    if role not in self._splits:
+      self._splits[role] = CodeSplit(self.codes_dir, role, self.manifest)
+    return self._splits[role]
+
+
+def _process_share(global_batch_size: int, mesh: Mesh) -> tuple[int, int]:
+  """(this process's first row in a global batch, its number of rows)."""
+  num_processes = jax.process_count()
+  if global_batch_size % parallel.num_batch_shards(mesh):
+    raise ValueError(
+        f'Batch size {global_batch_size} is not divisible by the '
+        f'{parallel.num_batch_shards(mesh)} devices of the mesh.')
+  local = global_batch_size // num_processes
+  return jax.process_index() * local, local
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The training order of epoch `epoch`: a permutation of the examples."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_indices(num_examples: int, seed: int, positions: np.ndarray,
+                  cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
+  """Examples at `positions` of the endless stream of shuffled epochs."""
+  cache = {} if cache is None else cache
+  epochs, offsets = np.divmod(np.asarray(positions, np.int64), num_examples)
+  out = np.empty(len(offsets), np.int64)
+  for epoch in np.unique(epochs):
+    if epoch not in cache:
+      if len(cache) >= 2:  # A batch spans at most two epochs.
+        cache.pop(min(cache))
+      cache[epoch] = epoch_permutation(num_examples, seed, int(epoch))
+    sel = epochs == epoch
+    out[sel] = cache[epoch][offsets[sel]]
+  return out
+
+
+def create_train_iterator(split: CodeSplit, *, global_batch_size: int,
+                          mesh: Mesh, seed: int, levels: Sequence[int],
+                          start_step: int = 0
+                          ) -> Iterator[dict[str, Any]]:
+  """Endless shuffled global batches of codes, sharded over `mesh`.
+
+  The stream is the concatenation of epochs, each a permutation of the split
+  that depends only on (seed, epoch); step s takes stream positions
+  [s * B, (s + 1) * B). So the batches depend only on the seed and the step,
+  and `start_step=N` yields exactly what an uninterrupted run yields from
+  step N on. Each process reads only its own rows of every global batch.
+
+  Args:
+    split: from `CodeDataset.split('train')`.
+    global_batch_size: B, divisible by the number of devices.
+    mesh: the batch is laid out with `parallel.data_sharding(mesh)`.
+    seed: the data order's seed.
+    levels: which levels' codes each batch holds, e.g. (0, 1).
+    start_step: the first step to yield.
+
+  Yields:
+    {'codes': [int32 [B, h_l, w_l] for l in levels], 'label': int32 [B]} as
+    global `jax.Array`s.
+  """
+  first, local = _process_share(global_batch_size, mesh)
+  cache = {}
+  for step in itertools.count(int(start_step)):
+    start = step * global_batch_size + first
+    indices = train_indices(split.num_examples, seed,
+                            np.arange(start, start + local), cache)
+    yield parallel.shard_batch(split.read(indices, levels), mesh)
+
+
+def create_eval_iterator(split: CodeSplit, *, global_batch_size: int,
+                         mesh: Mesh, levels: Sequence[int],
+                         num_examples: int | None = None
+                         ) -> Iterator[dict[str, Any]]:
+  """One ordered pass over a split in global batches, sharded over `mesh`.
+
+  Args:
+    split: a `CodeSplit`.
+    global_batch_size: B, divisible by the number of devices.
+    mesh: the batch is laid out with `parallel.data_sharding(mesh)`.
+    levels: which levels' codes each batch holds.
+    num_examples: pass over only the first this many examples (default all).
+
+  Yields:
+    Batches as in `create_train_iterator` plus 'mask': bool [B], False on the
+    padding rows of the last batch (which repeat example 0).
+  """
+  n = split.num_examples if num_examples is None else min(
+      int(num_examples), split.num_examples)
+  first, local = _process_share(global_batch_size, mesh)
+  for start in range(0, n, global_batch_size):
+    positions = np.arange(start + first, start + first + local)
+    valid = positions < n
+    batch = split.read(np.where(valid, positions, 0), levels)
+    batch['mask'] = valid
+    yield parallel.shard_batch(batch, mesh)
