@@ -1,0 +1,95 @@
+"""Bits per code of a prior over a whole split, and simple baselines.
+
+An evaluation pass adds up per-batch sums (`batch_sums`, jit-friendly,
+padding masked out) with `add_sums` (on the host, in float64, so that
+millions of codes add up exactly), and `summarize` turns the totals into
+bits per code. The uniform baseline is log2(K) bits; the unigram baseline
+codes each position independently with the training codes' frequencies.
+"""
+
+from collections.abc import Mapping
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def batch_sums(logits: jax.Array, targets: jax.Array,
+               mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Sums of one batch's negative log-likelihood over unmasked examples.
+
+  Args:
+    logits: float [b, h, w, K].
+    targets: int32 [b, h, w], the codes.
+    mask: bool [b]; False for padding examples (None: all valid).
+
+  Returns:
+    'nll' (sum over codes, in nats), 'correct' (codes whose argmax logit is
+    the target), 'num_codes' and 'num_examples', float32 scalars.
+  """
+  nll = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  if mask is None:
+    mask = jnp.ones(targets.shape[:1], bool)
+  weights = jnp.broadcast_to(
+      mask.reshape(-1, *([1] * (targets.ndim - 1))), targets.shape
+  ).astype(jnp.float32)
+  return {'nll': jnp.sum(nll * weights), 'correct': jnp.sum(correct * weights),
+          'num_codes': jnp.sum(weights),
+          'num_examples': jnp.sum(mask.astype(jnp.float32))}
+
+
+def add_sums(total: Mapping[str, Any] | None,
+             sums: Mapping[str, Any]) -> dict[str, np.float64]:
+  """total + sums on the host in float64 (total None: the first batch)."""
+  sums = {k: np.float64(v) for k, v in jax.device_get(dict(sums)).items()}
+  if total is None:
+    return sums
+  return {k: total[k] + sums[k] for k in total}
+
+
+def summarize(total: Mapping[str, Any]) -> dict[str, float]:
+  """'bits_per_code', 'nll' (nats per code), 'accuracy', the counts."""
+  count = float(total['num_codes'])
+  if count <= 0:
+    raise ValueError('The evaluation split has no codes.')
+  nll = float(total['nll']) / count
+  return {'bits_per_code': nll / math.log(2.0), 'nll': nll,
+          'accuracy': float(total['correct']) / count,
+          'num_codes': count, 'num_examples': float(total['num_examples'])}
+
+
+def uniform_bits(num_embeddings: int) -> float:
+  """Bits per code of the uniform distribution over K codes: log2(K)."""
+  return math.log2(num_embeddings)
+
+
+def unigram_bits(train_codes: np.ndarray, eval_codes: np.ndarray,
+                 num_embeddings: int) -> dict[str, float]:
+  """Baselines that ignore context: code frequencies of the training codes.
+
+  Args:
+    train_codes: int [...] codes whose frequencies (add-one smoothed) define
+      the distribution.
+    eval_codes: int [...] codes to score.
+    num_embeddings: K.
+
+  Returns:
+    'unigram_bits_per_code' (cross-entropy of `eval_codes` under the
+    frequencies) and 'unigram_entropy_bits' (entropy of the frequencies).
+  """
+  counts = np.bincount(np.asarray(train_codes).ravel(),
+                       minlength=num_embeddings).astype(np.float64) + 1.0
+  log_probs = np.log2(counts / counts.sum())
+  eval_counts = np.bincount(np.asarray(eval_codes).ravel(),
+                            minlength=num_embeddings)
+  probs = counts / counts.sum()
+  return {
+      'unigram_bits_per_code': float(-np.sum(eval_counts * log_probs)
+                                     / max(eval_counts.sum(), 1)),
+      'unigram_entropy_bits': float(-np.sum(probs * log_probs)),
+  }

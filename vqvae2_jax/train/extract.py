@@ -1,0 +1,231 @@
+r"""Extracts the codes of the train and held-out splits (--mode=codes).
+
+  python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
+    --workdir=/tmp/vqvae2_fmnist --mode=codes
+
+Encodes both splits with the newest stage-1 checkpoint in workdir/vqvae/ and
+writes workdir/codes/ in the format of `data.codes`: shards written
+atomically, the manifest last. A rerun keeps the shards already written for
+the same VQ-VAE and writes the rest; after stage 1 trains further, a rerun
+extracts everything again.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+import hashlib
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from vqvae2_jax import parallel
+from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.train import vqvae_trainer
+
+_LOG_EVERY_SECS = 30.0
+
+
+def codes_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'codes')
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A replicated or process-local array as numpy on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def variables_digest(variables: Any) -> str:
+  """SHA-256 of every variable's path, dtype, shape and bytes (16 hex digits).
+
+  Two checkpoints with the same config and step (e.g. two seeds) encode
+  differently; the digest tells them apart.
+  """
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    value = np.ascontiguousarray(_to_host(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{value.dtype.str}|'
+                  f'{value.shape}|'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def vqvae_provenance(config: ml_collections.ConfigDict, variables: Any,
+                     step: int) -> dict[str, Any]:
+  """What identifies a VQ-VAE's codes: {'step', 'fingerprint', 'digest'}."""
+  return {'step': int(step),
+          'fingerprint': vqvae_trainer.model_fingerprint(config),
+          'digest': variables_digest(variables)}
+
+
+def current_vqvae_provenance(config: ml_collections.ConfigDict, workdir: str,
+                             mesh: jax.sharding.Mesh | None = None
+                             ) -> dict[str, Any]:
+  """The provenance of the newest stage-1 checkpoint in `workdir`.
+
+  Raises:
+    FileNotFoundError: there is no stage-1 checkpoint.
+    ValueError: it was written for another model config.
+  """
+  _, variables, step = vqvae_trainer.load_vqvae(config, workdir, mesh)
+  return vqvae_provenance(config, variables, step)
+
+
+def make_encode_fn(model: Any, variables: Any, mesh: jax.sharding.Mesh
+                   ) -> Callable[[Mapping[str, jax.Array]], tuple]:
+  """Jitted batch -> (codes per level, labels, mask), gathered on every host.
+
+  The images are split over the mesh's data axes; the outputs are small
+  integers, replicated so that process 0 can write them.
+  """
+  var_shardings = jax.tree.map(lambda x: x.sharding, variables)
+
+  def encode(variables, batch):
+    codes = model.apply(variables, batch['image'], method=model.encode)
+    labels = batch.get('label')
+    if labels is None:  # Unlabelled data: label 0 everywhere.
+      labels = jax.numpy.zeros(batch['image'].shape[:1], jax.numpy.int32)
+    return list(codes), labels.astype(jax.numpy.int32), batch['mask']
+
+  jitted = jax.jit(encode,
+                   in_shardings=(var_shardings, parallel.data_sharding(mesh)),
+                   out_shardings=parallel.replicated(mesh))
+  return lambda batch: jitted(variables, batch)
+
+
+def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
+                   out_dir: str, role: str, info: Mapping[str, Any],
+                   todo: list[int], num_embeddings: list[int],
+                   global_batch_size: int) -> None:
+  """Encodes one split in order and writes the shards listed in `todo`."""
+  n, size = info['num_examples'], info['shard_size']
+  num_shards = info['num_shards']
+  todo = set(todo)
+  pending: dict[int, list[tuple[list[np.ndarray], np.ndarray]]] = {}
+  position = 0  # Examples of the split before this batch.
+  start = last_log = time.time()
+  encoded = 0
+  for batch in batches:
+    if not todo:
+      break  # Everything left is on disk already.
+    # Valid rows come first in a batch, so the batch covers
+    # [position, position + B) of the split (clipped at its end).
+    end = min(position + global_batch_size, n)
+    shards = range(position // size, (end - 1) // size + 1)
+    if not todo.intersection(shards):
+      position = end  # Already written: skip the encoder.
+      continue
+    levels, labels, mask = jax.tree.map(_to_host, encode(batch))
+    count = int(mask.sum())
+    if not mask[:count].all() or count != end - position:
+      raise ValueError(
+          f'Split {info["source"]!r}: the ordered pass yielded {count} '
+          f'examples at position {position}, expected {end - position}.')
+    encoded += count
+    for s in shards:
+      if s not in todo:
+        continue
+      lo, hi = max(s * size, position), min((s + 1) * size, end)
+      rows = slice(lo - position, hi - position)
+      pending.setdefault(s, []).append(([l[rows] for l in levels],
+                                        labels[rows]))
+      if hi == min((s + 1) * size, n):  # The shard's last example.
+        parts = pending.pop(s)
+        shard_codes = [np.concatenate([p[0][i] for p in parts])
+                       for i in range(len(levels))]
+        records = codes_lib.make_records(
+            shard_codes, np.concatenate([p[1] for p in parts]), num_embeddings)
+        if jax.process_index() == 0:
+          codes_lib.write_shard(
+              codes_lib.shard_path(out_dir, role, s, num_shards), records)
+        todo.discard(s)
+        logging.info('codes/%s: wrote shard %d of %d', role, s + 1, num_shards)
+    position = end
+    now = time.time()
+    if now - last_log > _LOG_EVERY_SECS:
+      last_log = now
+      rate = encoded / (now - start)
+      left = sum(min(size, n - s * size) for s in todo)
+      logging.info('codes/%s: %d/%d examples, %.0f examples/s, ETA %.0f s',
+                   role, position, n, rate, left / max(rate, 1e-9))
+  if todo:
+    raise ValueError(f'Split {info["source"]!r} ended at {position} of the '
+                     f'{n} examples it should have; shards {sorted(todo)} '
+                     'are missing.')
+
+
+def extract_codes(config: ml_collections.ConfigDict,
+                  workdir: str) -> dict[str, Any]:
+  """Writes the codes of the train and eval splits to workdir/codes/.
+
+  Args:
+    config: the run's config (data, model, vqvae_train.eval_batch_size as the
+      encoding batch, prior.codes_per_shard, mesh).
+    workdir: holds the stage-1 checkpoints in vqvae/.
+
+  Returns:
+    {'vqvae_step', 'num_examples_<role>', 'encoded_examples', 'wall_time_s'}.
+
+  Raises:
+    FileNotFoundError: no stage-1 checkpoint in `workdir`.
+  """
+  start_time = time.time()
+  mesh = parallel.create_mesh(config.mesh)
+  model, variables, step = vqvae_trainer.load_vqvae(config, workdir, mesh)
+  provenance = vqvae_provenance(config, variables, step)
+  image_shape = (1, config.data.image_size, config.data.image_size,
+                 config.data.channels)
+  level_shapes = [s.shape[1:] for s in jax.eval_shape(
+      lambda v, x: model.apply(v, x, method=model.encode), variables,
+      jax.ShapeDtypeStruct(image_shape, np.float32))]
+  num_embeddings = [int(config.model.num_embeddings)] * len(level_shapes)
+  sources = {'train': config.data.train_split, 'eval': config.data.eval_split}
+  shard_size = int(config.prior.codes_per_shard)
+  plan = codes_lib.make_plan(
+      vqvae=provenance, level_shapes=level_shapes,
+      num_embeddings=num_embeddings, num_classes=config.data.num_classes,
+      splits={role: {'source': split,
+                     'num_examples': input_pipeline.num_examples(config.data,
+                                                                 split),
+                     'shard_size': shard_size}
+              for role, split in sources.items()})
+  out_dir = codes_dir(workdir)
+  todo = codes_lib.prepare_directory(out_dir, plan)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('codes: directory prepared')
+  logging.info('Extracting codes with VQ-VAE step %d into %s; shards to '
+               'write: %s', step, out_dir,
+               {role: len(t) for role, t in todo.items()})
+
+  encode = make_encode_fn(model, variables, mesh)
+  batch_size = int(config.vqvae_train.eval_batch_size)
+  before = time.time()
+  for role in codes_lib.SPLITS:  # Train first.
+    info = plan['splits'][role]
+    if not todo[role]:
+      continue
+    batches = input_pipeline.create_eval_iterator(
+        config.data, split=info['source'], global_batch_size=batch_size,
+        mesh=mesh)
+    _extract_split(encode=encode, batches=batches, out_dir=out_dir, role=role,
+                   info=info, todo=todo[role], num_embeddings=num_embeddings,
+                   global_batch_size=batch_size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('codes: shards written')
+  if jax.process_index() == 0:
+    codes_lib.finalize(out_dir, plan)
+  result = {'vqvae_step': step, 'extract_time_s': time.time() - before,
+            'wall_time_s': time.time() - start_time,
+            **{f'num_examples_{role}': info['num_examples']
+               for role, info in plan['splits'].items()}}
+  logging.info('Codes extracted: %s', result)
+  return result
