@@ -1,0 +1,647 @@
+"""Gated PixelCNN priors over VQ-VAE code maps, with an incremental path.
+
+The prior of one level models p(z | z_upper, y) autoregressively in raster
+order (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
+Decoders"; Razavi et al. 2019):
+
+* the codes are embedded, then pass through `num_layers` gated residual
+  blocks, each with a vertical stack (the rows above) and a horizontal stack
+  (the positions to the left in the current row) of masked convolutions, so
+  there is no blind spot; activations are tanh(a) * sigmoid(b);
+* `attention_layers` causal multi-head self-attention blocks (with 2-D
+  sinusoidal positions) are interleaved among the gated blocks; they act on
+  the horizontal stack, which at every position already carries everything
+  before it;
+* a class embedding and, for lower levels, a conditioning stack over the
+  embedded, upsampled codes of every upper level are added to all gates;
+* an output stack of 1x1 layers gives float32 logits over the K codes.
+
+Causality. Every feature at position (r, c) depends only on codes strictly
+before (r, c) in raster order: the vertical stack at row r sees rows < r (the
+first block looks at the embedding shifted down one row, later blocks at rows
+<= r of the previous vertical features), the horizontal stack sees columns
+< c of row r (the first block looks at the embedding shifted right one
+column) plus the vertical features of row r. Masking is done by padding and
+VALID convolutions: exact, with no masked-out weights.
+
+Incremental path. The same parameters also run one position at a time, which
+the cached sampler in `vqvae2_jax/sampling.py` scans over:
+
+  context = model.apply(variables, cond_codes, labels, shape, method=model.prepare)
+  cache = model.apply(variables, shape, method=model.init_cache)
+  for r in rows:
+    cache = model.apply(variables, cache, context, codes[:, r - 1], r,
+                        method=model.step_row)         # vertical stacks, row r
+    for c in columns:
+      logits, cache = model.apply(variables, cache, context, codes[:, r, c - 1],
+                                  r, c, method=model.step_position)
+
+`step_row` advances every vertical stack by one row (it needs only rows
+above), `step_position` advances every horizontal stack and attention block
+by one position (keeping the last few inputs of each convolution and a KV
+cache per attention block). The conditioning stack and class embedding run
+once, in `prepare`. Both paths call the same submodule methods, so their
+logits agree to float rounding.
+
+Example (the Fashion-MNIST bottom prior, 8x8 codes under a 4x4 top level):
+
+  prior = PixelCNNPrior(num_embeddings=512, num_channels=64, num_layers=6,
+                        filter_size=3, dropout_rate=0.1, attention_layers=0,
+                        num_heads=4, num_classes=10, cond_num_embeddings=(512,),
+                        cond_stack_blocks=2, num_output_layers=1)
+  variables = prior.init(key, codes, cond_codes=[top], labels=y, train=False)
+  logits = prior.apply(variables, codes, cond_codes=[top], labels=y,
+                       train=True, rngs={'dropout': key})   # [B, 8, 8, 512]
+"""
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+PyTree = Any
+
+
+def _gate(x: Array) -> Array:
+  """[..., 2c] -> [..., c]: tanh(first half) * sigmoid(second half)."""
+  a, b = jnp.split(x, 2, axis=-1)
+  return jnp.tanh(a) * jax.nn.sigmoid(b)
+
+
+def stack_kernel(filter_size: int, first: bool) -> tuple[int, int, int]:
+  """Kernel extents of a gated block's masked convolutions.
+
+  Args:
+    filter_size: the nominal (square) filter size, >= 2.
+    first: the first block reads the embedding itself, shifted by one row
+      (vertical) or one column (horizontal), so its kernels reach only
+      strictly earlier positions; later blocks include the current row/column
+      of features that are already strictly causal.
+
+  Returns:
+    (rows, half, cols): the vertical kernel is rows x (2 * half + 1), centred
+    horizontally; the horizontal kernel is 1 x cols, ending at the current
+    column.
+  """
+  if filter_size < 2:
+    raise ValueError(f'filter_size must be >= 2, got {filter_size}.')
+  half = filter_size // 2
+  extent = half if first else half + 1
+  return extent, half, extent
+
+
+def attention_positions(num_layers: int, attention_layers: int) -> dict[int, int]:
+  """{gated block index: attention block index} for blocks followed by attention.
+
+  The attention blocks are spread evenly: with 20 blocks and 4 attention
+  layers, one follows blocks 4, 9, 14 and 19.
+  """
+  if not 0 <= attention_layers <= num_layers:
+    raise ValueError(f'attention_layers={attention_layers} must be in '
+                     f'[0, num_layers={num_layers}].')
+  return {(j + 1) * num_layers // attention_layers - 1: j
+          for j in range(attention_layers)}
+
+
+def position_embedding(rows: Array, cols: Array, dim: int) -> Array:
+  """2-D sinusoidal position embedding.
+
+  Args:
+    rows: integer row indices, any shape S.
+    cols: integer column indices, shape S.
+    dim: embedding size; the first dim // 2 channels encode the row, the rest
+      the column.
+
+  Returns:
+    [*S, dim] float32.
+  """
+
+  def encode(pos, d):
+    n = d // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(n, dtype=jnp.float32)
+                    / max(n, 1))
+    angles = pos.astype(jnp.float32)[..., None] * freqs
+    out = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if d % 2:
+      out = jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, 1)])
+    return out
+
+  return jnp.concatenate([encode(rows, dim // 2), encode(cols, dim - dim // 2)],
+                         axis=-1)
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Masked softmax attention in float32.
+
+  Args:
+    q: [batch, tq, heads, d].
+    k: [batch, tk, heads, d].
+    v: [batch, tk, heads, d].
+    mask: [tq, tk] bool, True where a query may look.
+
+  Returns:
+    [batch, tq, heads, d] in the dtype of v.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32),
+                      k.astype(jnp.float32)) * scale
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(jnp.float32))
+  return out.astype(v.dtype)
+
+
+class GatedBlock(nn.Module):
+  """A gated residual block with a vertical and a horizontal masked stack.
+
+  The full path (`__call__`) and the incremental path (the sampler, through
+  `PixelCNNPrior.step_row` / `step_position`) both call `vertical` and
+  `horizontal` on already-padded windows with VALID convolutions.
+
+  Attributes:
+    channels: C, the width of both stacks.
+    filter_size: nominal filter size (see `stack_kernel`).
+    first: whether this block reads the code embedding (strict kernels, no
+      residual connection).
+    conditioned: whether a conditioning map is added to the gates.
+    dropout_rate: dropout on the gated activations (RNG stream 'dropout').
+    dtype: compute dtype.
+  """
+  channels: int
+  filter_size: int
+  first: bool
+  conditioned: bool
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    rows, half, cols = stack_kernel(self.filter_size, self.first)
+    c2 = 2 * self.channels
+    self.v_conv = nn.Conv(c2, (rows, 2 * half + 1), padding='VALID',
+                          dtype=self.dtype)
+    self.h_conv = nn.Conv(c2, (1, cols), padding='VALID', dtype=self.dtype)
+    self.v_to_h = nn.Dense(c2, dtype=self.dtype)
+    self.h_out = nn.Dense(self.channels, dtype=self.dtype)
+    if self.conditioned:
+      self.v_cond = nn.Dense(c2, use_bias=False, dtype=self.dtype)
+      self.h_cond = nn.Dense(c2, use_bias=False, dtype=self.dtype)
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def vertical(self, window: Array, residual: Optional[Array],
+               cond: Optional[Array], *, train: bool) -> tuple[Array, Array]:
+    """Vertical stack over a padded window.
+
+    Args:
+      window: [batch, n + rows - 1, w + 2 * half, C] vertical input, padded.
+      residual: [batch, n, w, C] input at the output rows, or None (first
+        block).
+      cond: [batch, n, w, Cc] conditioning features, or None.
+      train: apply dropout.
+
+    Returns:
+      (out [batch, n, w, C], pre [batch, n, w, 2C]); `pre` (the convolution
+      before the gate) also feeds the horizontal stack.
+    """
+    pre = self.v_conv(window)
+    gates = pre
+    if self.conditioned:
+      gates = gates + self.v_cond(cond)
+    out = self.dropout(_gate(gates), deterministic=not train)
+    if residual is not None:
+      out = out + residual
+    return out, pre
+
+  def horizontal(self, window: Array, residual: Optional[Array],
+                 v_pre: Array, cond: Optional[Array], *, train: bool) -> Array:
+    """Horizontal stack over a padded window.
+
+    Args:
+      window: [batch, n, m + cols - 1, C] horizontal input, left-padded.
+      residual: [batch, n, m, C] input at the output positions, or None.
+      v_pre: [batch, n, m, 2C] vertical pre-activations at those positions.
+      cond: [batch, n, m, Cc] conditioning features, or None.
+      train: apply dropout.
+
+    Returns:
+      [batch, n, m, C].
+    """
+    gates = self.h_conv(window) + self.v_to_h(v_pre)
+    if self.conditioned:
+      gates = gates + self.h_cond(cond)
+    out = self.h_out(self.dropout(_gate(gates), deterministic=not train))
+    if residual is not None:
+      out = out + residual
+    return out
+
+  def __call__(self, v: Array, h: Array, cond: Optional[Array], *,
+               train: bool) -> tuple[Array, Array]:
+    """Full path over a whole map.
+
+    Args:
+      v: [batch, h, w, C] vertical input (the code embedding for the first
+        block).
+      h: [batch, h, w, C] horizontal input (idem).
+      cond: [batch, h, w, Cc] or None.
+      train: apply dropout.
+
+    Returns:
+      (v_out, h_out), each [batch, h, w, C].
+    """
+    rows, half, cols = stack_kernel(self.filter_size, self.first)
+    if self.first:
+      # Shift by one so that position (r, c) sees only strictly earlier codes.
+      v_in = jnp.pad(v, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
+      h_in = jnp.pad(h, ((0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :-1]
+      v_res = h_res = None
+    else:
+      v_in, h_in, v_res, h_res = v, h, v, h
+    v_window = jnp.pad(v_in, ((0, 0), (rows - 1, 0), (half, half), (0, 0)))
+    h_window = jnp.pad(h_in, ((0, 0), (0, 0), (cols - 1, 0), (0, 0)))
+    v_out, v_pre = self.vertical(v_window, v_res, cond, train=train)
+    h_out = self.horizontal(h_window, h_res, v_pre, cond, train=train)
+    return v_out, h_out
+
+
+class AttentionBlock(nn.Module):
+  """Causal multi-head self-attention over raster order, plus an MLP.
+
+  Pre-layer-norm residual block on the horizontal stack; queries and keys get
+  2-D sinusoidal positions. A position attends to itself and every earlier
+  position (the features there are already strictly causal).
+
+  Attributes:
+    channels: C.
+    num_heads: heads; must divide C.
+    dropout_rate: dropout on the two residual branches.
+    dtype: compute dtype (softmax in float32).
+  """
+  channels: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.channels % self.num_heads:
+      raise ValueError(f'num_heads={self.num_heads} must divide '
+                       f'num_channels={self.channels}.')
+    self.norm = nn.LayerNorm(dtype=self.dtype)
+    self.query = nn.Dense(self.channels, dtype=self.dtype)
+    self.key = nn.Dense(self.channels, dtype=self.dtype)
+    self.value = nn.Dense(self.channels, dtype=self.dtype)
+    self.proj = nn.Dense(self.channels, dtype=self.dtype)
+    self.mlp_norm = nn.LayerNorm(dtype=self.dtype)
+    self.mlp_in = nn.Dense(2 * self.channels, dtype=self.dtype)
+    self.mlp_out = nn.Dense(self.channels, dtype=self.dtype)
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def qkv(self, h: Array, pos: Array) -> tuple[Array, Array, Array]:
+    """[batch, t, C] features, [t, C] positions -> q, k, v [batch, t, heads, d]."""
+    x = self.norm(h)
+    xp = x + pos.astype(x.dtype)
+    split = lambda y: y.reshape(*y.shape[:-1], self.num_heads, -1)
+    return split(self.query(xp)), split(self.key(xp)), split(self.value(x))
+
+  def finish(self, h: Array, attended: Array, *, train: bool) -> Array:
+    """Residual output projection and MLP: [batch, t, C] -> [batch, t, C]."""
+    out = self.proj(attended.reshape(*attended.shape[:-2], self.channels))
+    h = h + self.dropout(out, deterministic=not train)
+    y = self.mlp_out(nn.gelu(self.mlp_in(self.mlp_norm(h))))
+    return h + self.dropout(y, deterministic=not train)
+
+  def __call__(self, h: Array, *, train: bool) -> Array:
+    """Full path: [batch, h, w, C] -> [batch, h, w, C]."""
+    b, height, width, c = h.shape
+    n = height * width
+    rows, cols = jnp.divmod(jnp.arange(n), width)
+    flat = h.reshape(b, n, c)
+    q, k, v = self.qkv(flat, position_embedding(rows, cols, c))
+    mask = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
+    out = self.finish(flat, _attend(q, k, v, mask), train=train)
+    return out.reshape(b, height, width, c)
+
+  def step(self, h: Array, cache: dict[str, Array], t: Array, r: Array,
+           c: Array) -> tuple[Array, dict[str, Array]]:
+    """Incremental path at raster index t = r * w + c.
+
+    Args:
+      h: [batch, 1, C] features at the new position.
+      cache: {'k', 'v'}: [batch, h * w, heads, d] keys and values of the
+        positions before t (later entries are ignored).
+      t, r, c: int32 scalars.
+
+    Returns:
+      ([batch, 1, C], the cache with position t written).
+    """
+    q, k, v = self.qkv(h, position_embedding(r[None], c[None], self.channels))
+    keys = jax.lax.dynamic_update_slice_in_dim(cache['k'], k, t, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache['v'], v, t, axis=1)
+    mask = (jnp.arange(keys.shape[1]) <= t)[None, :]
+    out = self.finish(h, _attend(q, keys, values, mask), train=False)
+    return out, {'k': keys, 'v': values}
+
+
+class ConditioningStack(nn.Module):
+  """Features of the upper levels' codes at this level's resolution.
+
+  Each upper map is embedded with its own table, upsampled by repetition to
+  this level's size, concatenated, projected to C and refined by residual
+  blocks (3x3 then 1x1, unmasked: the upper codes are all known).
+
+  Attributes:
+    num_embeddings: K of each upper level, top first.
+    channels: C.
+    num_blocks: residual blocks.
+    dtype: compute dtype.
+  """
+  num_embeddings: Sequence[int]
+  channels: int
+  num_blocks: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, cond_codes: Sequence[Array],
+               size: tuple[int, int]) -> Array:
+    """[batch, h_j, w_j] int32 code maps, (h, w) -> [batch, h, w, C]."""
+    height, width = size
+    feats = []
+    for j, (codes, k) in enumerate(zip(cond_codes, self.num_embeddings)):
+      hj, wj = codes.shape[1:]
+      if height % hj or width % wj:
+        raise ValueError(
+            f'cond_codes[{j}] has shape {codes.shape[1:]}, which does not '
+            f'divide this level\'s map {size}; upper maps must be coarser by '
+            'an integer factor.')
+      x = nn.Embed(k, self.channels, dtype=self.dtype, name=f'embed_{j}')(codes)
+      x = jnp.repeat(jnp.repeat(x, height // hj, axis=1), width // wj, axis=2)
+      feats.append(x)
+    x = nn.Conv(self.channels, (1, 1), dtype=self.dtype, name='proj')(
+        jnp.concatenate(feats, axis=-1))
+    for i in range(self.num_blocks):
+      y = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
+                  name=f'res_{i}_conv3')(nn.elu(x))
+      y = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
+                  name=f'res_{i}_conv1')(nn.elu(y))
+      x = x + y
+    return x
+
+
+class PixelCNNPrior(nn.Module):
+  """Gated PixelCNN prior over one level's codes (see the module docstring).
+
+  Attributes:
+    num_embeddings: K, codes of this level.
+    num_channels: C, width of the stacks.
+    num_layers: gated residual blocks.
+    filter_size: masked-convolution filter size (>= 2).
+    dropout_rate: dropout in gated and attention blocks.
+    attention_layers: causal self-attention blocks, spread among the gated
+      blocks (0 for none).
+    num_heads: heads per attention block (divides num_channels).
+    num_classes: class labels; 0 = unconditional. Label index num_classes
+      means "no label".
+    cond_num_embeddings: K of each upper level, top first; () for the top
+      prior.
+    cond_stack_blocks: residual blocks of the conditioning stack.
+    num_output_layers: 1x1 layers before the logits.
+    dtype: compute dtype; the logits are always float32.
+  """
+  num_embeddings: int
+  num_channels: int
+  num_layers: int
+  filter_size: int = 3
+  dropout_rate: float = 0.0
+  attention_layers: int = 0
+  num_heads: int = 1
+  num_classes: int = 0
+  cond_num_embeddings: Sequence[int] = ()
+  cond_stack_blocks: int = 0
+  num_output_layers: int = 1
+  dtype: Dtype = jnp.float32
+
+  @property
+  def conditioned(self) -> bool:
+    return bool(self.num_classes) or bool(self.cond_num_embeddings)
+
+  def setup(self):
+    if self.num_layers < 1:
+      raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
+    attention_positions(self.num_layers, self.attention_layers)  # Validates.
+    c = self.num_channels
+    self.embed = nn.Embed(self.num_embeddings, c, dtype=self.dtype)
+    self.blocks = [
+        GatedBlock(c, self.filter_size, first=(i == 0),
+                   conditioned=self.conditioned,
+                   dropout_rate=self.dropout_rate, dtype=self.dtype)
+        for i in range(self.num_layers)]
+    self.attention = [
+        AttentionBlock(c, self.num_heads, self.dropout_rate, dtype=self.dtype)
+        for _ in range(self.attention_layers)]
+    if self.num_classes:
+      self.class_embed = nn.Embed(self.num_classes + 1, c, dtype=self.dtype)
+    if self.cond_num_embeddings:
+      self.cond_stack = ConditioningStack(
+          tuple(self.cond_num_embeddings), c, self.cond_stack_blocks,
+          dtype=self.dtype)
+    self.out_hidden = [nn.Dense(c, dtype=self.dtype)
+                       for _ in range(self.num_output_layers)]
+    self.out_logits = nn.Dense(self.num_embeddings, dtype=jnp.float32)
+
+  # Shared pieces.
+
+  def _output(self, h: Array) -> Array:
+    x = h
+    for layer in self.out_hidden:
+      x = layer(nn.elu(x))
+    return self.out_logits(nn.elu(x)).astype(jnp.float32)
+
+  def conditioning(self, cond_codes: Sequence[Array], labels: Optional[Array],
+                   shape: Sequence[int]) -> Optional[Array]:
+    """The conditioning map added to every gate.
+
+    Args:
+      cond_codes: one [batch, h_j, w_j] int32 map per upper level, top first.
+      labels: [batch] int32 in [0, num_classes] (num_classes = "no label"),
+        or None for "no label" everywhere.
+      shape: (batch, h, w) of this level's map.
+
+    Returns:
+      [batch, h, w, C], or None for an unconditioned prior.
+    """
+    b, height, width = shape
+    cond_codes = tuple(cond_codes)
+    if len(cond_codes) != len(self.cond_num_embeddings):
+      raise ValueError(
+          f'Got {len(cond_codes)} conditioning code maps for a prior built '
+          f'with cond_num_embeddings={tuple(self.cond_num_embeddings)}; pass '
+          'the codes of every upper level, top first.')
+    if labels is not None and not self.num_classes:
+      raise ValueError('labels given to a prior built with num_classes=0.')
+    if not self.conditioned:
+      return None
+    feats = jnp.zeros((b, height, width, self.num_channels), self.dtype)
+    if self.cond_num_embeddings:
+      feats = feats + self.cond_stack(cond_codes, (height, width))
+    if self.num_classes:
+      if labels is None:
+        labels = jnp.full((b,), self.num_classes, jnp.int32)
+      feats = feats + self.class_embed(labels)[:, None, None, :]
+    return feats
+
+  # Full path.
+
+  def forward_embedded(self, embedded: Array, cond: Optional[Array], *,
+                       train: bool) -> Array:
+    """Logits from embedded codes (exposed for gradient-based causality tests).
+
+    Args:
+      embedded: [batch, h, w, C] code embeddings.
+      cond: the output of `conditioning`, or None.
+      train: apply dropout.
+
+    Returns:
+      [batch, h, w, K] float32 logits.
+    """
+    after = attention_positions(self.num_layers, self.attention_layers)
+    v = h = embedded
+    for i, block in enumerate(self.blocks):
+      v, h = block(v, h, cond, train=train)
+      if i in after:
+        h = self.attention[after[i]](h, train=train)
+    return self._output(h)
+
+  def __call__(self, codes: Array, *, cond_codes: Sequence[Array] = (),
+               labels: Optional[Array] = None, train: bool) -> Array:
+    """Logits of every position given the codes before it.
+
+    Args:
+      codes: [batch, h, w] int32 codes of this level.
+      cond_codes: [batch, h_j, w_j] int32 codes of every upper level, top
+        first (empty for the top prior).
+      labels: [batch] int32 class labels, num_classes for "no label"; None
+        means "no label" for every example.
+      train: apply dropout (RNG stream 'dropout').
+
+    Returns:
+      [batch, h, w, K] float32 logits; position (r, c) depends only on codes
+      strictly before it in raster order.
+    """
+    cond = self.conditioning(cond_codes, labels, codes.shape)
+    return self.forward_embedded(self.embed(codes), cond, train=train)
+
+  # Incremental path (for the cached sampler).
+
+  def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
+              shape: Sequence[int]) -> dict[str, Any]:
+    """Per-sample context computed once: the conditioning map (or None)."""
+    return {'cond': self.conditioning(cond_codes, labels, shape)}
+
+  def init_cache(self, shape: Sequence[int]) -> dict[str, Any]:
+    """Zero caches for sampling a [batch, h, w] map.
+
+    Returns:
+      {'gated': per block {'v_buf': [batch, n_v, w, C] previous vertical
+       inputs, 'v_pre': [batch, 1, w, 2C] the current row's vertical
+       pre-activations, 'h_buf': [batch, 1, n_h, C] previous horizontal
+       inputs}, 'attention': per block {'k', 'v': [batch, h * w, heads, d]}}.
+      Zeros match the zero padding of the full path.
+    """
+    b, height, width = shape
+    c = self.num_channels
+    gated = []
+    for i in range(self.num_layers):
+      rows, _, cols = stack_kernel(self.filter_size, first=(i == 0))
+      # The first block keeps `rows` strictly earlier embedded rows; later
+      # blocks keep rows - 1 and add the current row.
+      n_v = rows if i == 0 else rows - 1
+      n_h = cols if i == 0 else cols - 1
+      gated.append({
+          'v_buf': jnp.zeros((b, n_v, width, c), self.dtype),
+          'v_pre': jnp.zeros((b, 1, width, 2 * c), self.dtype),
+          'h_buf': jnp.zeros((b, 1, n_h, c), self.dtype)})
+    kv_shape = (b, height * width, self.num_heads, c // self.num_heads)
+    attention = [{'k': jnp.zeros(kv_shape, self.dtype),
+                  'v': jnp.zeros(kv_shape, self.dtype)}
+                 for _ in range(self.attention_layers)]
+    return {'gated': gated, 'attention': attention}
+
+  def step_row(self, cache: dict[str, Any], context: dict[str, Any],
+               prev_row: Array, r: Array) -> dict[str, Any]:
+    """Advances every vertical stack to row r (before sampling row r).
+
+    Args:
+      cache: from `init_cache` or the previous steps.
+      context: from `prepare`.
+      prev_row: [batch, w] int32 codes of row r - 1 (ignored when r == 0).
+      r: int32 scalar row index.
+
+    Returns:
+      The cache with the vertical pre-activations of row r and the horizontal
+      buffers cleared for the new row.
+    """
+    _, half, _ = stack_kernel(self.filter_size, first=True)
+    cond = context['cond']
+    cond_row = (None if cond is None else
+                jax.lax.dynamic_slice_in_dim(cond, r, 1, axis=1))
+    x = self.embed(prev_row)[:, None]
+    x = jnp.where(r > 0, x, jnp.zeros_like(x))
+    gated = []
+    for i, block in enumerate(self.blocks):
+      entry = cache['gated'][i]
+      if i == 0:
+        window = jnp.concatenate([entry['v_buf'][:, 1:], x], axis=1)
+        new_buf, residual = window, None
+      else:
+        window = jnp.concatenate([entry['v_buf'], x], axis=1)
+        new_buf, residual = window[:, 1:], x
+      padded = jnp.pad(window, ((0, 0), (0, 0), (half, half), (0, 0)))
+      x, v_pre = block.vertical(padded, residual, cond_row, train=False)
+      gated.append({'v_buf': new_buf, 'v_pre': v_pre,
+                    'h_buf': jnp.zeros_like(entry['h_buf'])})
+    return {'gated': gated, 'attention': cache['attention']}
+
+  def step_position(self, cache: dict[str, Any], context: dict[str, Any],
+                    prev_code: Array, r: Array, c: Array
+                    ) -> tuple[Array, dict[str, Any]]:
+    """Logits at (r, c), advancing the horizontal stacks and attention.
+
+    Args:
+      cache: after `step_row(r)` and the positions (r, 0..c-1).
+      context: from `prepare`.
+      prev_code: [batch] int32 code at (r, c - 1) (ignored when c == 0).
+      r, c: int32 scalars.
+
+    Returns:
+      ([batch, K] float32 logits, updated cache).
+    """
+    width = cache['gated'][0]['v_pre'].shape[2]
+    t = r * width + c
+    after = attention_positions(self.num_layers, self.attention_layers)
+    cond = context['cond']
+    cond_pos = (None if cond is None else
+                jax.lax.dynamic_slice(cond, (0, r, c, 0),
+                                      (cond.shape[0], 1, 1, cond.shape[3])))
+    h = self.embed(prev_code)[:, None, None]
+    h = jnp.where(c > 0, h, jnp.zeros_like(h))
+    gated, attention = [], list(cache['attention'])
+    for i, block in enumerate(self.blocks):
+      entry = cache['gated'][i]
+      if i == 0:
+        window = jnp.concatenate([entry['h_buf'][:, :, 1:], h], axis=2)
+        new_buf, residual = window, None
+      else:
+        window = jnp.concatenate([entry['h_buf'], h], axis=2)
+        new_buf, residual = window[:, :, 1:], h
+      v_pre = jax.lax.dynamic_slice_in_dim(entry['v_pre'], c, 1, axis=2)
+      h = block.horizontal(window, residual, v_pre, cond_pos, train=False)
+      gated.append({**entry, 'h_buf': new_buf})
+      if i in after:
+        j = after[i]
+        flat, attention[j] = self.attention[j].step(
+            h[:, 0], attention[j], t, r, c)
+        h = flat[:, None]
+    logits = self._output(h)[:, 0, 0]
+    return logits, {'gated': gated, 'attention': attention}
