@@ -30,6 +30,8 @@ PyTree = Any
 # Arrays smaller than this stay replicated even on an 'fsdp' mesh: splitting
 # biases and small kernels costs more in communication than it saves.
 _MIN_FSDP_SIZE = 2**14
+# XLA:CPU compiler options for functions that run once (initialisation).
+_FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -155,26 +157,37 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree.map(sharding, abstract_state)
 
 
-def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh,
-                         *init_args: Any) -> tuple[PyTree, PyTree]:
-  """Initialises a state directly in its shardings.
+def sharded_init(init_fn: Callable[..., PyTree], mesh: Mesh,
+                 *example_args: Any) -> tuple[Callable[..., PyTree], PyTree]:
+  """Jits `init_fn` so that it writes the state straight into its shardings.
 
   `jax.eval_shape` gives the state's shapes without computing anything, the
   shardings follow from the shapes, and the jitted `init_fn` then writes each
-  array straight into its place on the mesh (no full copy on one device).
+  array into its place on the mesh (no full copy on one device).
 
   Args:
-    init_fn: (*init_args) -> state pytree; traced, so it must be pure.
+    init_fn: (*args) -> state pytree; traced, so it must be pure.
     mesh: the mesh to lay the state out on.
-    *init_args: arguments of `init_fn` (e.g. a PRNG key).
+    *example_args: arguments of `init_fn` (only their shapes are used).
 
   Returns:
-    (state, shardings), the shardings a pytree like the state.
+    (jitted init_fn, shardings: a pytree like the state).
   """
-  abstract_state = jax.eval_shape(init_fn, *init_args)
+  abstract_state = jax.eval_shape(init_fn, *example_args)
   shardings = state_shardings(abstract_state, mesh)
-  state = jax.jit(init_fn, out_shardings=shardings)(*init_args)
-  return state, shardings
+  # Runs once: LLVM's optimisations would cost more (~25 s for a small VQ-VAE
+  # on XLA:CPU, mostly in the initializers' random-number code) than the
+  # optimised program could ever save.
+  options = _FAST_COMPILE if jax.default_backend() == 'cpu' else None
+  return jax.jit(init_fn, out_shardings=shardings,
+                 compiler_options=options), shardings
+
+
+def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh,
+                         *init_args: Any) -> tuple[PyTree, PyTree]:
+  """`sharded_init`, called: returns (state, shardings)."""
+  init, shardings = sharded_init(init_fn, mesh, *init_args)
+  return init(*init_args), shardings
 
 
 def abstract_with_shardings(state_or_abstract: PyTree, shardings: PyTree
@@ -336,5 +349,7 @@ def flatten_levels(name: str, values: Iterable[Any]) -> dict[str, Any]:
   return {f'{name}_level{i}': v for i, v in enumerate(values)}
 
 
-def to_float32(x: jax.Array) -> jax.Array:
+
+def to_float32(x: Any) -> jax.Array:
+  """`x` as a float32 array (metrics of any dtype, for one summary format)."""
   return jnp.asarray(x, jnp.float32)
