@@ -1,0 +1,381 @@
+r"""Stage 1: trains the hierarchical VQ-VAE (--mode=vqvae).
+
+  python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
+    --workdir=/tmp/vqvae2_fmnist --mode=vqvae
+
+Writes to workdir/vqvae/: checkpoints/ (orbax), TensorBoard event files,
+images/ (inputs, reconstructions and per-level views at each evaluation) and
+metrics.json (the final evaluation). A rerun with the same workdir resumes
+from the newest checkpoint and ends as an uninterrupted run would.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+import functools
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+import optax
+
+from vqvae2_jax import checkpoints
+from vqvae2_jax import parallel
+from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.evaluation import reconstruction
+from vqvae2_jax.models import vqvae as vqvae_lib
+from vqvae2_jax.train import common
+
+STAGE = 'vqvae'
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_GRID_IMAGES = 16  # Columns of the evaluation image grid.
+# Config fields that define the model's variables (and what its codes mean);
+# a checkpoint is only resumed or loaded under the same values. Training
+# knobs (EMA decay, dead-code window, dtype, ...) may change between runs.
+_FINGERPRINT_FIELDS = (
+    'data.image_size', 'data.channels', 'model.downsample_factors',
+    'model.num_hiddens', 'model.num_residual_layers',
+    'model.num_residual_hiddens', 'model.embedding_dim',
+    'model.num_embeddings', 'model.quantizer')
+
+
+def build_vqvae(config: ml_collections.ConfigDict) -> vqvae_lib.VQVAE:
+  """The VQ-VAE that `config.model` (and `config.data.channels`) describe."""
+  m = config.model
+  if m.dtype not in _DTYPES:
+    raise ValueError(f'config.model.dtype: {m.dtype!r} is not one of '
+                     f'{tuple(_DTYPES)}.')
+  return vqvae_lib.VQVAE(
+      downsample_factors=tuple(m.downsample_factors),
+      channels=config.data.channels,
+      num_hiddens=m.num_hiddens,
+      num_residual_layers=m.num_residual_layers,
+      num_residual_hiddens=m.num_residual_hiddens,
+      embedding_dim=m.embedding_dim,
+      num_embeddings=m.num_embeddings,
+      quantizer=m.quantizer,
+      commitment_cost=m.commitment_cost,
+      ema_decay=m.ema_decay,
+      ema_epsilon=m.ema_epsilon,
+      dead_code_window=m.dead_code_window,
+      kmeans_init=m.kmeans_init,
+      dtype=_DTYPES[m.dtype])
+
+
+def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model-defining config values stored with every checkpoint."""
+  fingerprint = {}
+  for field in _FINGERPRINT_FIELDS:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    fingerprint[field] = list(value) if isinstance(value, tuple) else value
+  return fingerprint
+
+
+def stage_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir).absolute() / STAGE
+
+
+def create_optimizer(config: ml_collections.ConfigDict
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer and schedule of `config.vqvae_train`."""
+  return common.create_optimizer(**dict(_optimizer_settings(config)))
+
+
+def _optimizer_settings(config: ml_collections.ConfigDict
+                        ) -> tuple[tuple[str, Any], ...]:
+  train = config.vqvae_train
+  return tuple(sorted({
+      'learning_rate': float(train.learning_rate),
+      'warmup_steps': int(train.warmup_steps),
+      'num_train_steps': int(train.num_train_steps),
+      'cosine_decay': bool(train.get('cosine_decay', True)),
+      'grad_clip_norm': float(train.get('grad_clip_norm', 0.0)),
+  }.items()))
+
+
+def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
+                 image_shape: tuple[int, int, int]
+                 ) -> Callable[[jax.Array], common.TrainState]:
+  """(rng) -> initial TrainState; `image_shape` is [h, w, c]."""
+
+  def init_fn(rng: jax.Array) -> common.TrainState:
+    params_rng, vq_rng, state_rng = jax.random.split(rng, 3)
+    variables = dict(model.init({'params': params_rng, 'vq': vq_rng},
+                                jnp.zeros((1, *image_shape), jnp.float32),
+                                train=False))
+    params = variables.pop('params')
+    return common.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        opt_state=tx.init(params), extra=variables, rng=state_rng)
+
+  return init_fn
+
+
+def make_train_step(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule
+                    ) -> Callable[[common.TrainState, Mapping[str, jax.Array]],
+                                  tuple[common.TrainState, dict[str, Any]]]:
+  """One optimizer step on a global batch; loss = MSE + quantizer losses.
+
+  The step sees global arrays (jit over the mesh), so every mean and every
+  codebook statistic is over the global batch whatever the device count.
+  """
+
+  def train_step(state, batch):
+    images = batch['image']
+
+    def loss_fn(params):
+      (recon, aux), new_extra = model.apply(
+          {'params': params, **state.extra}, images, train=True,
+          rngs={'vq': state.step_rng()}, mutable=list(state.extra))
+      mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
+      return mse + aux['loss'], (mse, aux, new_extra)
+
+    (loss, (mse, aux, new_extra)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state, extra=dict(new_extra))
+
+    metrics = {
+        'loss': loss, 'mse': mse, 'psnr': reconstruction.psnr(mse),
+        'quantizer_loss': aux['loss'], 'learning_rate': schedule(state.step),
+        **common.norm_metrics(grads, params, updates),
+    }
+    for name in ('commitment_loss', 'codebook_loss', 'perplexity',
+                 'used_fraction', 'restarted'):
+      metrics.update(common.flatten_levels(name, aux[name]))
+    return new_state, jax.tree.map(common.to_float32, metrics)
+
+  return train_step
+
+
+def make_eval_fns(model: vqvae_lib.VQVAE, variable_shardings: Any, mesh: Mesh
+                  ) -> tuple[Callable, Callable]:
+  """Jitted (variables, batch) -> sums, and (variables, batch) -> grid rows."""
+  num_embeddings = model.num_embeddings
+  num_levels = len(model.downsample_factors)
+
+  def eval_sums(variables, batch):
+    recon, aux = model.apply(variables, batch['image'], train=False)
+    return reconstruction.batch_sums(batch['image'], recon, aux['codes'],
+                                     batch['mask'], num_embeddings)
+
+  def grid_rows(variables, batch):
+    images = batch['image'][:_GRID_IMAGES]
+    codes = model.apply(variables, images, method=model.encode)
+    rows = [images, model.apply(variables, codes, method=model.decode_codes)]
+    if num_levels > 1:  # What each level alone carries.
+      rows += [model.apply(variables, codes, keep=(i,),
+                           method=model.decode_levels)
+               for i in range(num_levels)]
+    return jnp.concatenate([r.astype(jnp.float32) for r in rows])
+
+  in_shardings = (variable_shardings, parallel.data_sharding(mesh))
+  out = parallel.replicated(mesh)
+  return (jax.jit(eval_sums, in_shardings=in_shardings, out_shardings=out),
+          jax.jit(grid_rows, in_shardings=in_shardings, out_shardings=out))
+
+
+def evaluate(eval_sums: Callable, grid_rows: Callable | None,
+             variables: Any, batches: Iterator[Mapping[str, jax.Array]]
+             ) -> tuple[dict[str, float], np.ndarray | None]:
+  """Reconstruction metrics over every batch of `batches` (one whole split).
+
+  Returns:
+    (metrics from `reconstruction.summarize`, the grid images
+    [rows * n, h, w, c] from the first batch or None).
+  """
+  total, grid = None, None
+  for batch in batches:
+    if grid is None and grid_rows is not None:
+      grid = np.asarray(jax.device_get(grid_rows(variables, batch)))
+    total = reconstruction.add_sums(total, eval_sums(variables, batch))
+  if total is None:
+    raise ValueError('The evaluation split yielded no batches.')
+  return reconstruction.summarize(total), grid
+
+
+class Programs(NamedTuple):
+  """A VQ-VAE's jitted functions on one mesh.
+
+  Built once per process for each (model, optimizer settings, image shape,
+  mesh), so that a rerun in the same process (a notebook, a resumed test)
+  compiles nothing again.
+  """
+  model: vqvae_lib.VQVAE
+  schedule: optax.Schedule
+  shardings: common.TrainState  # NamedShardings of the train state.
+  init: Callable[[jax.Array], common.TrainState]  # (rng) -> sharded state.
+  train_step: Callable  # (state, batch) -> (state, metrics); state donated.
+  eval_sums: Callable  # (variables, batch) -> reconstruction sums.
+  grid_rows: Callable  # (variables, batch) -> image rows for the grid.
+
+
+def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> Programs:
+  """The jitted functions that `config` needs on `mesh` (cached)."""
+  image_shape = (config.data.image_size, config.data.image_size,
+                 config.data.channels)
+  return _programs(build_vqvae(config), _optimizer_settings(config),
+                   image_shape, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(model: vqvae_lib.VQVAE,
+              optimizer_settings: tuple[tuple[str, Any], ...],
+              image_shape: tuple[int, int, int], mesh: Mesh) -> Programs:
+  tx, schedule = common.create_optimizer(**dict(optimizer_settings))
+  init, shardings = common.sharded_init(
+      make_init_fn(model, tx, image_shape), mesh, jax.random.PRNGKey(0))
+  train_step = common.jit_train_step(make_train_step(model, tx, schedule),
+                                     shardings, mesh)
+  eval_sums, grid_rows = make_eval_fns(
+      model, {'params': shardings.params, **shardings.extra}, mesh)
+  return Programs(model, schedule, shardings, init, train_step, eval_sums,
+                  grid_rows)
+
+
+def _restore_target(progs: Programs) -> common.TrainState:
+  abstract = jax.eval_shape(progs.init, jax.random.PRNGKey(0))
+  return common.abstract_with_shardings(abstract, progs.shardings)
+
+
+def load_vqvae(config: ml_collections.ConfigDict, workdir: str,
+               mesh: Mesh | None = None
+               ) -> tuple[vqvae_lib.VQVAE, dict[str, Any], int]:
+  """Loads the newest stage-1 checkpoint for later stages.
+
+  Args:
+    config: the config that trained it (the fingerprint must match).
+    workdir: the run's workdir (reads workdir/vqvae/checkpoints).
+    mesh: where to place the variables; default: all devices.
+
+  Returns:
+    (model, variables {'params', 'vq_stats'}, step).
+
+  Raises:
+    FileNotFoundError: no stage-1 checkpoint in `workdir`.
+  """
+  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+  ckpt_dir = stage_dir(workdir) / 'checkpoints'
+  progs = programs(config, mesh)
+  manager = checkpoints.create_manager(str(ckpt_dir), read_only=True) \
+      if ckpt_dir.exists() else None
+  try:
+    state = None if manager is None else checkpoints.restore_latest(
+        manager, _restore_target(progs), model_fingerprint(config))
+  finally:
+    if manager is not None:
+      manager.close()
+  if state is None:
+    raise FileNotFoundError(
+        f'No VQ-VAE checkpoint in {ckpt_dir}. Fix: train stage 1 first with '
+        '--mode=vqvae and the same --workdir.')
+  return progs.model, state.variables(), int(state.step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains the VQ-VAE, resuming from workdir/vqvae if it holds checkpoints.
+
+  Args:
+    config: a config from configs/ (fields under data, model, vqvae_train,
+      mesh, seed).
+    workdir: the run's directory; this stage writes under workdir/vqvae/.
+
+  Returns:
+    The final metrics (also in workdir/vqvae/metrics.json): 'eval/...' over
+    the whole eval split, 'train/...' of the last log interval, 'step'.
+  """
+  start_time = time.time()
+  train_cfg = config.vqvae_train
+  out_dir = stage_dir(workdir)
+  ckpt_dir = out_dir / 'checkpoints'
+  fingerprint = model_fingerprint(config)
+  # A wrong --workdir fails here, before anything is built or compiled.
+  checkpoints.check_directory(str(ckpt_dir), fingerprint)
+
+  mesh = parallel.create_mesh(config.mesh)
+  progs = programs(config, mesh)
+  state = progs.init(jax.random.PRNGKey(config.seed))
+
+  manager = checkpoints.create_manager(
+      str(ckpt_dir), max_to_keep=train_cfg.keep_checkpoints)
+  writer = common.create_writer(str(out_dir))
+  try:
+    # Resume order: state (params, codebooks, optimizer, RNG) from the newest
+    # checkpoint, then the data iterator positioned at the restored step.
+    restored = checkpoints.restore_latest(
+        manager, _restore_target(progs), fingerprint)
+    if restored is not None:
+      state = restored
+    start_step = int(state.step)
+    num_steps = int(train_cfg.num_train_steps)
+    logging.info('VQ-VAE: %s steps (from step %d) on mesh %s', num_steps,
+                 start_step, dict(mesh.shape))
+    if start_step == 0:
+      writer.write_hparams({k: str(v) for k, v in fingerprint.items()})
+
+    train_iter = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=train_cfg.batch_size, mesh=mesh,
+        seed=config.seed, start_step=start_step)
+    progress = common.create_progress(num_steps, writer, train_cfg.log_every)
+    pending = common.StepMetrics(sum_prefixes=('restarted',))
+    train_summary = {}
+
+    def run_eval(step):
+      eval_iter = input_pipeline.create_eval_iterator(
+          config.data, global_batch_size=train_cfg.eval_batch_size, mesh=mesh)
+      metrics, grid = evaluate(progs.eval_sums, progs.grid_rows,
+                               state.variables(), eval_iter)
+      writer.write_scalars(step, common.scalars(metrics, 'eval'))
+      common.write_image_grid(str(out_dir / 'images' / f'recon_{step:07d}.png'),
+                              grid, num_cols=min(_GRID_IMAGES, grid.shape[0]))
+      return metrics
+
+    eval_metrics = None
+    for step in range(start_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = progs.train_step(state, next(train_iter))
+      pending.append(step, metrics)
+      progress(step)
+      is_last = step == num_steps
+      do_log = step % train_cfg.log_every == 0 or is_last
+      do_eval = step % train_cfg.eval_every == 0 or is_last
+      do_save = step % train_cfg.checkpoint_every == 0 or is_last
+      if do_log or do_eval or do_save:
+        # Before anything reads or saves the state: a NaN stops the run here,
+        # and the newest checkpoint on disk is from before it.
+        last = manager.latest_step()
+        pending.check_finite(
+            f'The newest checkpoint (step {last}) in {ckpt_dir} is intact and '
+            'a rerun resumes from it; lower vqvae_train.learning_rate or '
+            'grad_clip_norm first.' if last is not None else
+            'No checkpoint had been written yet.')
+      if do_log:
+        train_summary = pending.pop_summary()
+        writer.write_scalars(step, common.scalars(train_summary, 'train'))
+      if do_eval:
+        eval_metrics = run_eval(step)
+      if do_save:
+        checkpoints.save(manager, step, state, fingerprint)
+
+    if eval_metrics is None:  # Nothing left to train: evaluate what we have.
+      eval_metrics = run_eval(start_step)
+    final = {'step': int(state.step), 'wall_time_s': time.time() - start_time,
+             **common.scalars(eval_metrics, 'eval'),
+             **common.scalars(train_summary, 'train')}
+    common.write_json(str(out_dir / 'metrics.json'), final)
+    logging.info('VQ-VAE final metrics: %s', final)
+    return final
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
