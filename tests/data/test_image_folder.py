@@ -1,0 +1,217 @@
+"""Image folders: scanning, corrupt files, colour modes, splits, batches."""
+
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import fashion_mnist
+from vqvae2_jax import parallel
+from vqvae2_jax.data import image_folder
+from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import tfds_prepare
+
+
+def _rgb(rng, h, w):
+  return Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8), 'RGB')
+
+
+def _make_folder(root):
+  """Two classes of small images in every colour mode, plus bad files.
+
+  cats/: 6 RGB JPEGs (various sizes), a grayscale PNG, an RGBA PNG, a
+  palette PNG with transparency, a 16-bit grayscale PNG.
+  dogs/: 6 RGB PNGs, a corrupt .jpg (random bytes), a truncated PNG
+  (readable header, missing pixel data), a text file (not an image).
+  """
+  rng = np.random.default_rng(0)
+  cats, dogs = os.path.join(root, 'cats'), os.path.join(root, 'dogs')
+  os.makedirs(cats)
+  os.makedirs(dogs)
+  for i, (h, w) in enumerate([(20, 20), (24, 40), (40, 24), (16, 16),
+                              (33, 17), (64, 48)]):
+    _rgb(rng, h, w).save(os.path.join(cats, f'rgb{i}.jpg'), quality=90)
+    _rgb(rng, 20, 20).save(os.path.join(dogs, f'rgb{i}.png'))
+  Image.fromarray(rng.integers(0, 256, (20, 20), np.uint8), 'L').save(
+      os.path.join(cats, 'gray.png'))
+  rgba = np.zeros((20, 20, 4), np.uint8)
+  rgba[..., 0] = 255  # Red...
+  rgba[:, :10, 3] = 255  # ...opaque on the left, transparent on the right.
+  Image.fromarray(rgba, 'RGBA').save(os.path.join(cats, 'rgba.png'))
+  palette = Image.fromarray(np.arange(400, dtype=np.uint8).reshape(20, 20) % 4,
+                            'P')
+  palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+  palette.info['transparency'] = 0
+  palette.save(os.path.join(cats, 'palette.png'), transparency=0)
+  Image.fromarray((np.arange(400).reshape(20, 20) * 163).astype(np.uint16)
+                  ).save(os.path.join(cats, 'deep16.png'))
+  with open(os.path.join(dogs, 'corrupt.jpg'), 'wb') as f:
+    f.write(rng.integers(0, 256, 500, np.uint8).tobytes())
+  with open(os.path.join(dogs, 'rgb0.png'), 'rb') as f:
+    data = f.read()
+  with open(os.path.join(dogs, 'truncated.png'), 'wb') as f:
+    f.write(data[:len(data) // 2])
+  with open(os.path.join(dogs, 'notes.txt'), 'w') as f:
+    f.write('not an image')
+  return root
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  return _make_folder(str(tmp_path_factory.mktemp('images')))
+
+
+def _config(root, **overrides) -> ml_collections.ConfigDict:
+  config = fashion_mnist.get_config().data
+  config.name = 'image_folder'
+  config.image_folder = root
+  config.image_size = 16
+  config.channels = 3
+  config.num_classes = 2
+  config.update(overrides)
+  return config
+
+
+def _host(batch):
+  return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def test_scan_skips_and_counts_corrupt_files(folder, caplog):
+  image_folder.load_split.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    split = image_folder.load_split(folder, 'train', 2)
+  names = sorted(os.path.basename(p) for p in split.paths)
+  assert 'corrupt.jpg' not in names and 'notes.txt' not in names
+  assert 'truncated.png' in names  # Its header is fine; see the reader test.
+  assert len(split) == 17 and split.num_skipped == 1
+  assert 'skipped 1 unreadable file(s)' in caplog.text
+  assert 'corrupt.jpg' in caplog.text
+  assert split.class_names == ('cats', 'dogs')
+  for path, label in zip(split.paths, split.labels):
+    assert label == (0 if os.sep + 'cats' + os.sep in path else 1)
+
+
+def test_reader_replaces_undecodable_file_by_the_next(folder, caplog):
+  split = image_folder.load_split(folder, 'train', 2)
+  bad = [i for i, p in enumerate(split.paths) if p.endswith('truncated.png')]
+  reader = image_folder.SafeReader(split.paths, channels=3)
+  with caplog.at_level(logging.WARNING):
+    image = reader(bad[0])
+  nxt = image_folder.read_image(split.paths[(bad[0] + 1) % len(split)], 3)
+  np.testing.assert_array_equal(image, nxt)
+  assert reader.num_failures == 1
+  assert reader.failed_paths == {split.paths[bad[0]]}
+  assert 'Skipping unreadable image' in caplog.text
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_colour_modes_are_converted(folder, channels):
+  cats = os.path.join(folder, 'cats')
+  for name in ('gray.png', 'rgba.png', 'palette.png', 'deep16.png',
+               'rgb0.jpg'):
+    array = image_folder.read_image(os.path.join(cats, name), channels)
+    assert array.dtype == np.uint8 and array.ndim == 3
+    assert array.shape[-1] == channels, name
+  rgba = image_folder.read_image(os.path.join(cats, 'rgba.png'), 3)
+  assert (rgba[:, :10] == [255, 0, 0]).all()  # Opaque red.
+  assert (rgba[:, 10:] == 255).all()  # Transparent: white.
+  gray = image_folder.read_image(os.path.join(cats, 'gray.png'), 3)
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+  deep = image_folder.read_image(os.path.join(cats, 'deep16.png'), 1)
+  assert deep.max() > 200  # 16-bit rescaled, not clipped at 255.
+  assert len(np.unique(deep)) > 100
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_batches_from_a_folder_with_bad_files(folder, channels):
+  config = _config(folder, channels=channels)
+  mesh = parallel.create_mesh()
+  it = input_pipeline.create_train_iterator(config, global_batch_size=8,
+                                            mesh=mesh, seed=0)
+  for _ in range(5):  # More than two epochs of 17: every file is read.
+    batch = _host(next(it))
+    assert batch['image'].shape == (8, 16, 16, channels)
+    assert batch['image'].dtype == np.float32
+    assert -1 <= batch['image'].min() and batch['image'].max() <= 1
+    assert set(batch['label']) <= {0, 1}
+  evals = [_host(b) for b in input_pipeline.create_eval_iterator(
+      config, split='train', global_batch_size=8, mesh=mesh)]
+  assert [b['mask'].sum() for b in evals] == [8, 8, 1]
+  labels = np.concatenate([b['label'][b['mask']] for b in evals])
+  assert sorted(labels) == [0] * 10 + [1] * 7
+
+
+def test_folder_stream_is_deterministic_and_resumes_exactly(folder):
+  config = _config(folder, random_flip=True)
+  mesh = parallel.create_mesh()
+
+  def stream(n, **kwargs):
+    it = input_pipeline.create_train_iterator(
+        config, global_batch_size=8, mesh=mesh, seed=1, **kwargs)
+    return [_host(next(it)) for _ in range(n)]
+
+  first, again = stream(7), stream(7)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  resumed = stream(4, start_step=3)  # Starts mid-epoch (17 examples).
+  for a, b in zip(resumed, first[3:]):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_split_subdirectories_and_slices(tmp_path):
+  rng = np.random.default_rng(1)
+  for split, n in (('train', 12), ('test', 5)):
+    os.makedirs(tmp_path / split)
+    for i in range(n):
+      _rgb(rng, 8, 8).save(tmp_path / split / f'{i}.png')
+  root = str(tmp_path)
+  assert len(image_folder.load_split(root, 'train', 0)) == 12
+  test = image_folder.load_split(root, 'test', 0)
+  assert len(test) == 5 and set(test.labels) == {0}
+  head = image_folder.load_split(root, 'train[:75%]', 0)
+  tail = image_folder.load_split(root, 'train[75%:]', 0)
+  assert len(head) == 9 and len(tail) == 3
+  assert not set(head.paths) & set(tail.paths)
+  assert len(image_folder.load_split(root, 'test[-2:]', 0)) == 2
+  # No 'validation' subdirectory: the split means the whole folder.
+  assert len(image_folder.load_split(root, 'validation', 0)) == 17
+  config = _config(root, num_classes=0, image_size=8)
+  assert input_pipeline.num_examples(config, 'train[:75%]') == 9
+  with pytest.raises(ValueError, match='not of the form'):
+    image_folder.parse_split('train+test')
+
+
+def test_class_count_must_match(folder):
+  with pytest.raises(ValueError, match=r'has 2 class subdirectories.*'
+                     r'num_classes=2'):
+    image_folder.load_split(folder, 'train', 5)
+
+
+def test_missing_folder_says_how_to_fix(tmp_path):
+  config = _config(str(tmp_path / 'nowhere'))
+  with pytest.raises(tfds_prepare.DataNotFoundError,
+                     match=r'does not exist.*--config\.data\.image_folder='):
+    input_pipeline.create_train_iterator(
+        config, global_batch_size=8, mesh=parallel.create_mesh(), seed=0)
+
+
+def test_large_images_resized_and_centre_cropped(tmp_path):
+  # Left half black, right half white, 40 x 80: the centre crop of the
+  # 16 x 32 resize keeps columns 8..24, half black and half white.
+  array = np.zeros((40, 80, 3), np.uint8)
+  array[:, 40:] = 255
+  os.makedirs(tmp_path / 'x')
+  Image.fromarray(array).save(tmp_path / 'x' / 'a.png')
+  config = _config(str(tmp_path), num_classes=0)
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  batch = _host(next(input_pipeline.create_eval_iterator(
+      config, split='train', global_batch_size=1, mesh=mesh)))
+  image = batch['image'][0]
+  assert image.shape == (16, 16, 3)
+  np.testing.assert_allclose(image[:, :7], -1.0, atol=1e-6)
+  np.testing.assert_allclose(image[:, 9:], 1.0, atol=1e-6)

@@ -1,0 +1,280 @@
+"""Folders of the user's own images (FFHQ and the like).
+
+Layout rules (`data.name = 'image_folder'`, root `data.image_folder`):
+
+* Splits: if `<root>/<split>` is a directory (e.g. `train/`, `test/`), the
+  split reads it; otherwise every split name means the whole folder. Splits
+  take tfds-style slices, `train[:98%]` or `train[-500:]`, so a folder
+  without split subdirectories still gets a held-out set:
+  `--config.data.train_split='train[:98%]' --config.data.eval_split=
+  'train[98%:]'`.
+* Order: files are ordered by a hash of their path relative to the split
+  directory, so slices are random-like subsets (not the last class folder),
+  and the order is the same on every machine and file system.
+* Labels: with `data.num_classes > 0`, the class of a file is the sorted
+  index of its top-level subdirectory (`<split dir>/<class>/.../x.png`), and
+  the folder must have exactly that many class subdirectories. With
+  `num_classes == 0` the folder is read recursively and every label is 0.
+* Unreadable files: files whose header cannot be read (not an image,
+  truncated header, no permission) are skipped when the folder is scanned,
+  counted and logged. A file that passes the scan but fails to decode later
+  (truncated pixel data) is replaced by the next file of the split, logged
+  and counted, so batches keep their size and a resumed run stays exact.
+* Colours: grayscale, palette, 16-bit, CMYK and alpha images are converted
+  to `channels` (1: 'L', 3: 'RGB'); transparency is composited onto white.
+"""
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import os
+import re
+import threading
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from vqvae2_jax.data import tfds_prepare
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
+                    '.tiff', '.ppm', '.pgm')
+_SPLIT_RE = re.compile(
+    r'^\s*(?P<name>[\w\-.]+)\s*'
+    r'(\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<stop>-?\d+%?)?\s*\])?\s*$')
+_MAX_LOGGED = 10  # Unreadable files named in the log, per scan.
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+  """The readable images of one split of an image folder.
+
+  Attributes:
+    directory: the directory the split reads.
+    paths: absolute file paths, in the split's (hash) order.
+    labels: int32 [len(paths)], class indices (0 when unlabelled).
+    class_names: names of the class subdirectories, () when unlabelled.
+    num_skipped: files skipped by the scan as unreadable.
+  """
+  directory: str
+  paths: tuple[str, ...]
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+  num_skipped: int
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+  """Splits 'train[10%:-5]' into ('train', '10%', '-5')."""
+  match = _SPLIT_RE.match(split)
+  if not match:
+    raise ValueError(
+        f'Image folder split {split!r} is not of the form name or '
+        "name[start:stop] (e.g. 'train', 'train[:98%]', 'test[-100:]'); "
+        "combinations with '+' are not supported for image folders.")
+  return match['name'], match['start'], match['stop']
+
+
+def _bound(spec: str | None, n: int, default: int) -> int:
+  if spec is None:
+    return default
+  if spec.endswith('%'):
+    value = int(round(int(spec[:-1]) * n / 100))
+  else:
+    value = int(spec)
+  if value < 0:
+    value += n
+  return min(max(value, 0), n)
+
+
+@functools.lru_cache(maxsize=16)
+def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
+  """Scans `root` for the images of `split` (cached per process).
+
+  Args:
+    root: the image folder (`data.image_folder`).
+    split: split name with an optional slice, see the module docstring.
+    num_classes: `data.num_classes`; 0 for unlabelled.
+
+  Returns:
+    The split's readable images and labels.
+
+  Raises:
+    DataNotFoundError: when `root` is missing or holds no readable image.
+    ValueError: when the class subdirectories do not match `num_classes`.
+  """
+  root = os.path.abspath(os.path.expanduser(root))
+  if not os.path.isdir(root):
+    raise tfds_prepare.DataNotFoundError(
+        f'Image folder {root!r} does not exist (config.data.image_folder). '
+        'Fix: pass --config.data.image_folder=/path/to/images, a directory '
+        'of image files (optionally in train/ and test/ subdirectories, and '
+        'in one subdirectory per class when config.data.num_classes > 0).')
+  name, start, stop = parse_split(split)
+  directory = os.path.join(root, name)
+  if not os.path.isdir(directory):
+    directory = root
+  files = _list_images(directory)
+
+  class_names = ()
+  if num_classes > 0:
+    class_names = tuple(sorted({f.split(os.sep, 1)[0] for f in files
+                                if os.sep in f}))
+    if len(class_names) != num_classes:
+      raise ValueError(
+          f'config.data.num_classes is {num_classes} but {directory} has '
+          f'{len(class_names)} class subdirectories '
+          f'{list(class_names[:20])}. Fix: put each class in its own '
+          'subdirectory, or set --config.data.num_classes='
+          f'{len(class_names)} (0 for unlabelled data).')
+    top_level = [f for f in files if os.sep not in f]
+    if top_level:
+      logging.warning('Image folder %s: ignoring %d files outside the class '
+                      'subdirectories (e.g. %s).', directory, len(top_level),
+                      top_level[0])
+      files = [f for f in files if os.sep in f]
+
+  readable = _readable(directory, files)
+  skipped = sorted(set(files) - set(readable))
+  if skipped:
+    logging.warning(
+        'Image folder %s: skipped %d unreadable file(s) of %d: %s%s',
+        directory, len(skipped), len(files), ', '.join(skipped[:_MAX_LOGGED]),
+        ' ...' if len(skipped) > _MAX_LOGGED else '')
+  # Hash order: random-like slices, independent of the file system.
+  readable.sort(key=lambda f: (hashlib.sha1(f.encode('utf-8')).hexdigest(), f))
+  n = len(readable)
+  readable = readable[_bound(start, n, 0):_bound(stop, n, n)]
+  if not readable:
+    raise tfds_prepare.DataNotFoundError(
+        f'Image folder split {split!r} in {directory} has no readable image '
+        f'({len(files)} files with an image extension {IMAGE_EXTENSIONS}, '
+        f'{len(skipped)} unreadable). Fix: check --config.data.image_folder '
+        'and the split names --config.data.train_split/eval_split.')
+  index = {c: i for i, c in enumerate(class_names)}
+  labels = np.asarray([index[f.split(os.sep, 1)[0]] if class_names else 0
+                       for f in readable], np.int32)
+  logging.info('Image folder %s split %r: %d images, %d classes, %d skipped.',
+               directory, split, len(readable), len(class_names), len(skipped))
+  return FolderSplit(directory=directory,
+                     paths=tuple(os.path.join(directory, f) for f in readable),
+                     labels=labels, class_names=class_names,
+                     num_skipped=len(skipped))
+
+
+def _list_images(directory: str) -> list[str]:
+  """Relative paths of the files with image extensions, hidden ones left out."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    rel = os.path.relpath(dirpath, directory)
+    for f in sorted(filenames):
+      if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS):
+        found.append(f if rel == '.' else os.path.join(rel, f))
+  return found
+
+
+def _header_ok(path: str) -> bool:
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      return width > 0 and height > 0
+  except Exception:  # pylint: disable=broad-except
+    # Any failure (not an image, truncated, unreadable) means: skip it.
+    return False
+
+
+def _readable(directory: str, files: list[str]) -> list[str]:
+  """The files whose image header reads; threads hide file-system latency."""
+  paths = [os.path.join(directory, f) for f in files]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+    ok = list(pool.map(_header_ok, paths, chunksize=64))
+  return [f for f, good in zip(files, ok) if good]
+
+
+def to_array(image: Image.Image, channels: int) -> np.ndarray:
+  """A PIL image as uint8 [h, w, channels] (1: grayscale, 3: RGB)."""
+  if image.mode.startswith('I;16') or image.mode in ('I', 'F'):
+    # 16-bit and float images: rescale to 8 bits rather than clip.
+    values = np.asarray(image, np.float64)
+    top = 65535.0 if image.mode != 'F' and values.max() > 255 else 255.0
+    if image.mode == 'F':
+      top = max(float(values.max()), 1e-12)
+    image = Image.fromarray(
+        np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8),
+        'L')
+  if image.mode == 'P' and 'transparency' in image.info:
+    image = image.convert('RGBA')
+  if image.mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa'):
+    image = image.convert('RGBA')
+    background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(background, image)
+  image = image.convert('L' if channels == 1 else 'RGB')
+  array = np.asarray(image, np.uint8)
+  if array.ndim == 2:
+    array = array[:, :, None]
+  return array
+
+
+def read_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
+  """Decodes `path` to uint8 [h, w, channels].
+
+  Args:
+    path: image file.
+    channels: 1 or 3.
+    min_size: JPEGs may be decoded at a reduced scale (much faster) as long
+      as both sides stay >= min_size; 0 decodes at full size.
+
+  Returns:
+    uint8 [h, w, channels].
+  """
+  with Image.open(path) as image:
+    if min_size and image.format == 'JPEG':
+      image.draft('L' if channels == 1 else 'RGB', (min_size, min_size))
+    image.load()
+    return to_array(image, channels)
+
+
+class SafeReader:
+  """Reads images of a split by index; a failing file is replaced by the next.
+
+  Thread-safe: tf.data calls it from several threads.
+  """
+
+  def __init__(self, paths: tuple[str, ...], channels: int,
+               min_size: int = 0):
+    self._paths = paths
+    self._channels = channels
+    self._min_size = min_size
+    self._lock = threading.Lock()
+    self._failed: set[str] = set()
+    self.num_failures = 0  # Decode failures seen (with repeats).
+
+  @property
+  def failed_paths(self) -> frozenset[str]:
+    with self._lock:
+      return frozenset(self._failed)
+
+  def __call__(self, index) -> np.ndarray:
+    n = len(self._paths)
+    index = int(index)
+    for k in range(n):
+      path = self._paths[(index + k) % n]
+      try:
+        return read_image(path, self._channels, self._min_size)
+      except Exception as e:  # pylint: disable=broad-except
+        # A corrupt file must not end a long run: log it, count it and use
+        # the next file so that batch contents stay a function of the index.
+        with self._lock:
+          self.num_failures += 1
+          first_time = path not in self._failed
+          self._failed.add(path)
+          count = len(self._failed)
+        if first_time:
+          logging.warning('Skipping unreadable image %s (%s: %s); %d such '
+                          'file(s) so far.', path, type(e).__name__, e, count)
+    raise tfds_prepare.DataNotFoundError(
+        f'No image of the split could be decoded ({n} files).')

@@ -1,0 +1,408 @@
+"""Input pipelines: tfds datasets and image folders as sharded global batches.
+
+Batches are dicts of global `jax.Array`s sharded over the mesh's data axes
+(`parallel.data_sharding`):
+  'image': float32 [batch, size, size, channels] in [-1, 1],
+  'label': int32 [batch] (0 everywhere when data.num_classes == 0),
+  'mask':  bool [batch], eval batches only (False on padding).
+
+Each process reads its own share of a split (`tfds.split_for_jax_process`,
+the same rule for image folders) and contributes `global_batch /
+process_count` examples per batch. Decoding and preprocessing (resize and
+centre crop, or padding 28 -> 32 for the MNIST family; channel conversion;
+random flips; uint8 -> float) run inside tf.data.
+
+Order, determinism and resume. The training stream of a process is a
+sequence of epochs over its share. Epoch e is the share in storage order
+shuffled by a buffer seeded with (seed, process, e) (for image folders: a
+full permutation of the file indices). The batch at step s holds stream
+positions [s * b, (s + 1) * b) with b the per-process batch, so a restart at
+step N starts epoch N * b // share_size and skips N * b % share_size
+elements of it before anything is decoded: restarting costs reading at most
+one epoch of serialized records (for image folders: nothing), never
+decoding N batches. Random flips are a stateless function of (seed,
+position). Hence `create_train_iterator(..., start_step=N)` yields exactly
+what an uninterrupted run yields from step N, for a given number of
+processes.
+"""
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import jax
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vqvae2_jax import parallel
+from vqvae2_jax.data import image_folder
+from vqvae2_jax.data import tfds_prepare
+
+Batch = dict[str, jax.Array]
+
+# Datasets of 28x28 digits/clothes: padded (not resized) to the image size.
+_PAD_DATASETS = ('mnist', 'fashion_mnist', 'kmnist', 'emnist')
+_DEVICE_PREFETCH = 2  # Batches laid out on the devices ahead of use.
+_FOREVER = 2**62  # "Infinitely many" epochs for tf.data.Dataset.range.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """A process's share of a split as cheap, undecoded records.
+
+  Attributes:
+    records: finite, ordered dataset of undecoded elements.
+    num_local: elements in `records`.
+    num_total: examples in the whole split (all processes).
+    decode: element -> (uint8 image [h, w, c], int32 label), in graph mode.
+    pad_small: pad (not resize) images smaller than the target size.
+    buffer_size: shuffle buffer for training epochs.
+  """
+  records: tf.data.Dataset
+  num_local: int
+  num_total: int
+  decode: Callable[[Any], tuple[tf.Tensor, tf.Tensor]]
+  pad_small: bool
+  buffer_size: int
+
+
+def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
+  """Examples in `split` (all processes together)."""
+  if data_config.name == 'image_folder':
+    return len(image_folder.load_split(data_config.image_folder, split,
+                                       int(data_config.num_classes)))
+  builder = tfds_prepare.prepare_builder(data_config)
+  return builder.info.splits[split].num_examples
+
+
+def create_train_iterator(data_config: ml_collections.ConfigDict, *,
+                          global_batch_size: int, mesh: Mesh, seed: int,
+                          start_step: int = 0) -> Iterator[Batch]:
+  """Infinite, shuffled training batches, resumable at any step.
+
+  Args:
+    data_config: the config's `data` section.
+    global_batch_size: examples per batch over all processes; must divide by
+      the number of devices in `mesh`.
+    mesh: batches are sharded with `parallel.data_sharding(mesh)`.
+    seed: seeds the order and the random flips.
+    start_step: number of batches an earlier run already consumed.
+
+  Returns:
+    An iterator of {'image': float32 [B, S, S, C] in [-1, 1],
+    'label': int32 [B]} global arrays; the same for the same arguments, and
+    with `start_step=N` the continuation of the stream after N batches.
+  """
+  local_batch = _local_batch_size(global_batch_size, mesh)
+  source = _source(data_config, data_config.train_split, train=True)
+  if source.num_local < local_batch:
+    raise ValueError(
+        f'Split {data_config.train_split!r} has {source.num_local} examples '
+        f'per process, fewer than the per-process batch {local_batch}. Fix: '
+        'lower the batch size or use a larger split.')
+  seed = _mix(seed, jax.process_index())
+  first = int(start_step) * local_batch
+  start_epoch, offset = divmod(first, source.num_local)
+
+  def epoch(e):
+    return source.records.shuffle(
+        source.buffer_size, seed=_mix_tf(seed, e),
+        reshuffle_each_iteration=False)
+
+  ds = tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch)
+  ds = ds.skip(offset).enumerate(first)  # Position in the stream.
+  preprocess = _preprocess_fn(data_config, source.pad_small,
+                              flip_seed=seed if data_config.random_flip
+                              else None)
+  ds = ds.map(lambda pos, element: preprocess(*source.decode(element), pos),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  logging.info('Train input: %r, %d examples per process, batch %d per '
+               'process, starting at step %d (epoch %d, offset %d).',
+               data_config.train_split, source.num_local, local_batch,
+               start_step, start_epoch, offset)
+  return _global_batches(_finish(ds), mesh)
+
+
+def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
+                         split: str | None = None, global_batch_size: int,
+                         mesh: Mesh) -> Iterator[Batch]:
+  """One ordered pass over `split` (default `data_config.eval_split`).
+
+  No shuffling or flipping. The last batch is padded with zero images whose
+  'mask' is False; every process yields the same number of batches.
+
+  Args:
+    data_config: the config's `data` section.
+    split: split to read; None for `data_config.eval_split`.
+    global_batch_size: examples per batch over all processes; must divide by
+      the number of devices in `mesh`.
+    mesh: batches are sharded with `parallel.data_sharding(mesh)`.
+
+  Returns:
+    A finite iterator of {'image': float32 [B, S, S, C], 'label': int32 [B],
+    'mask': bool [B]} global arrays.
+  """
+  split = data_config.eval_split if split is None else split
+  local_batch = _local_batch_size(global_batch_size, mesh)
+  source = _source(data_config, split, train=False)
+  # Shares differ by at most one example; all processes pad to the largest.
+  per_process = -(-source.num_total // jax.process_count())
+  num_batches = max(1, -(-per_process // local_batch))
+  preprocess = _preprocess_fn(data_config, source.pad_small, flip_seed=None)
+
+  def real(element):
+    image, label = preprocess(*source.decode(element), 0)
+    return image, label, True
+
+  ds = source.records.map(real, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+  size, channels = int(data_config.image_size), int(data_config.channels)
+  padding = tf.data.Dataset.from_tensors(
+      (tf.zeros([size, size, channels], tf.float32), tf.constant(0, tf.int32),
+       False)).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local_batch)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(lambda image, label, mask: {'image': image, 'label': label,
+                                          'mask': mask})
+  return _global_batches(_finish(ds), mesh)
+
+
+def _local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """The per-process share of a global batch, after divisibility checks."""
+  num_devices = parallel.num_batch_shards(mesh)
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(
+        f'Global batch size {global_batch_size} does not divide by the '
+        f'{num_devices} devices of the mesh. Fix: use a multiple of '
+        f'{num_devices} for the batch size.')
+  if global_batch_size % jax.process_count():
+    raise ValueError(
+        f'Global batch size {global_batch_size} does not divide by the '
+        f'{jax.process_count()} processes.')
+  return global_batch_size // jax.process_count()
+
+
+def _mix(seed: int, value: int) -> int:
+  """A 31-bit seed from (seed, value), different for each pair."""
+  digest = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(value)])
+  return int(digest.generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _mix_tf(seed: int, value: tf.Tensor) -> tf.Tensor:
+  """tf.int64 seed from a Python seed and a tensor (epoch), in graph mode."""
+  return (tf.cast(value, tf.int64) * 1_000_003 + seed) % (2**31 - 1)
+
+
+def _source(data_config: ml_collections.ConfigDict, split: str, *,
+            train: bool) -> _Source:
+  _keep_tensorflow_off_accelerators()
+  if data_config.name == 'image_folder':
+    return _folder_source(data_config, split, train=train)
+  return _tfds_source(data_config, split, train=train)
+
+
+def _tfds_source(data_config: ml_collections.ConfigDict, split: str, *,
+                 train: bool) -> _Source:
+  """A process's share of a tfds split, images left encoded."""
+  builder = tfds_prepare.prepare_builder(data_config)
+  features = builder.info.features
+  image_key = _image_key(features, builder.name)
+  has_label = _check_labels(features, data_config, builder.name)
+  share = tfds.split_for_jax_process(split, drop_remainder=train)
+  records = builder.as_dataset(
+      split=share, shuffle_files=False,
+      decoders={image_key: tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False))
+  image_feature = features[image_key]
+
+  def decode(element):
+    image = image_feature.decode_example(element[image_key])
+    if has_label:
+      label = tf.cast(element['label'], tf.int32)
+    else:
+      label = tf.constant(0, tf.int32)
+    return image, label
+
+  return _Source(records=records,
+                 num_local=builder.info.splits[share].num_examples,
+                 num_total=builder.info.splits[split].num_examples,
+                 decode=decode, pad_small=builder.name in _PAD_DATASETS,
+                 buffer_size=max(1, int(data_config.shuffle_buffer)))
+
+
+def _image_key(features, name: str) -> str:
+  if 'image' in features and isinstance(features['image'],
+                                        tfds.features.Image):
+    return 'image'
+  for key, feature in features.items():
+    if isinstance(feature, tfds.features.Image):
+      return key
+  raise ValueError(f'tfds dataset {name!r} has no image feature '
+                   f'({list(features)}). Fix: use an image dataset.')
+
+
+def _check_labels(features, data_config: ml_collections.ConfigDict,
+                  name: str) -> bool:
+  """Whether labels are read; raises when they contradict num_classes."""
+  num_classes = int(data_config.num_classes)
+  if num_classes == 0:
+    return False
+  label = features['label'] if 'label' in features else None
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(
+        f'config.data.num_classes is {num_classes} but tfds dataset {name!r} '
+        'has no class label. Fix: set --config.data.num_classes=0.')
+  if label.num_classes != num_classes:
+    raise ValueError(
+        f'config.data.num_classes is {num_classes} but tfds dataset {name!r} '
+        f'has {label.num_classes} classes. Fix: set '
+        f'--config.data.num_classes={label.num_classes}.')
+  return True
+
+
+def _process_range(n: int, drop_remainder: bool) -> tuple[int, int]:
+  """[start, stop) of this process's share of n examples, as tfds splits."""
+  count, index = jax.process_count(), jax.process_index()
+  per, extra = divmod(n, count)
+  if drop_remainder or not extra:
+    return index * per, (index + 1) * per
+  start = index * per + min(index, extra)
+  return start, start + per + (1 if index < extra else 0)
+
+
+def _folder_source(data_config: ml_collections.ConfigDict, split: str, *,
+                   train: bool) -> _Source:
+  """A process's share of an image folder split, as file indices."""
+  folder = image_folder.load_split(data_config.image_folder, split,
+                                   int(data_config.num_classes))
+  start, stop = _process_range(len(folder), drop_remainder=train)
+  reader = image_folder.SafeReader(folder.paths[start:stop],
+                                   int(data_config.channels),
+                                   min_size=int(data_config.image_size))
+  labels = tf.constant(folder.labels[start:stop], tf.int32)
+  channels = int(data_config.channels)
+
+  def decode(index):
+    image = tf.numpy_function(reader, [index], tf.uint8, stateful=False)
+    image.set_shape([None, None, channels])
+    return image, tf.gather(labels, index)
+
+  num_local = stop - start
+  return _Source(records=tf.data.Dataset.range(num_local),
+                 num_local=num_local, num_total=len(folder), decode=decode,
+                 pad_small=False, buffer_size=max(1, num_local))
+
+
+def _preprocess_fn(data_config: ml_collections.ConfigDict, pad_small: bool,
+                   flip_seed: int | None):
+  """(uint8 image [h, w, c], label, position) -> (float image, label)."""
+  size, channels = int(data_config.image_size), int(data_config.channels)
+
+  def preprocess(image, label, position):
+    image = _to_channels(image, channels)
+    image = _fit(image, size, pad_small)
+    if flip_seed is not None:
+      image = tf.image.stateless_random_flip_left_right(
+          image, seed=tf.stack([tf.constant(flip_seed, tf.int64),
+                                tf.cast(position, tf.int64)]))
+    image = image * (2.0 / 255.0) - 1.0
+    image = tf.ensure_shape(image, [size, size, channels])
+    return image, tf.cast(label, tf.int32)
+
+  return preprocess
+
+
+def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """uint8 [h, w, c] (c in 1, 3, 4) -> uint8 [h, w, channels]."""
+  c = image.shape[-1]
+  if c is None:
+    raise ValueError('Images need a known number of channels.')
+  if c == 4:  # Alpha is dropped; tfds image datasets rarely have it.
+    image, c = image[..., :3], 3
+  elif c == 2:  # Grayscale with alpha.
+    image, c = image[..., :1], 1
+  if c == channels:
+    return image
+  if channels == 3:
+    return tf.image.grayscale_to_rgb(image)
+  return tf.image.rgb_to_grayscale(image)
+
+
+def _fit(image: tf.Tensor, size: int, pad_small: bool) -> tf.Tensor:
+  """uint8 [h, w, c] -> float32 [size, size, c] in [0, 255].
+
+  MNIST-family images (pad_small) smaller than `size` are centred on a black
+  canvas; everything else is resized (antialiased, shorter side to `size`)
+  and centre-cropped; images already of the target size pass unchanged.
+  """
+  height, width = image.shape[0], image.shape[1]
+  if pad_small and height is not None and width is not None and (
+      height <= size and width <= size):
+    top, left = (size - height) // 2, (size - width) // 2
+    image = tf.image.pad_to_bounding_box(image, top, left, size, size)
+    return tf.cast(image, tf.float32)
+  if height == size and width == size:
+    return tf.cast(image, tf.float32)
+
+  def resize_and_crop():
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = size / tf.minimum(h, w)
+    new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
+    resized = tf.image.resize(image, tf.stack([new_h, new_w]),
+                              method='bilinear', antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    cropped = resized[top:top + size, left:left + size]
+    return tf.clip_by_value(cropped, 0.0, 255.0)
+
+  shape = tf.shape(image)
+  return tf.cond(tf.logical_and(tf.equal(shape[0], size),
+                                tf.equal(shape[1], size)),
+                 lambda: tf.cast(image, tf.float32), resize_and_crop)
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _global_batches(ds: tf.data.Dataset, mesh: Mesh) -> Iterator[Batch]:
+  """Lays out each process-local numpy batch as global sharded arrays."""
+  def batches():
+    for batch in ds.as_numpy_iterator():
+      if isinstance(batch, tuple):
+        batch = {'image': batch[0], 'label': batch[1]}
+      yield parallel.shard_batch(batch, mesh)
+
+  return _prefetch(batches(), _DEVICE_PREFETCH)
+
+
+def _prefetch(iterator: Iterator[Batch], size: int) -> Iterator[Batch]:
+  """Keeps `size` batches transferred ahead so copies overlap the step."""
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(batch)
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+@functools.cache
+def _keep_tensorflow_off_accelerators() -> None:
+  """tf.data runs on the host; TensorFlow must not claim GPU/TPU memory."""
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # Already initialised, or no such kind.
+      pass
