@@ -18,9 +18,10 @@ shuffled by a buffer seeded with (seed, process, e) (for image folders: a
 full permutation of the file indices). The batch at step s holds stream
 positions [s * b, (s + 1) * b) with b the per-process batch, so a restart at
 step N starts epoch N * b // share_size and skips N * b % share_size
-elements of it before anything is decoded: restarting costs reading at most
-one epoch of serialized records (for image folders: nothing), never
-decoding N batches. Random flips are a stateless function of (seed,
+elements of it before anything is parsed or decoded: restarting costs
+reading at most one epoch of serialized records per process (Fashion-MNIST:
+well under a second; image folders: nothing, their records are file
+indices), never decoding N batches. Random flips are a stateless function of (seed,
 position). Hence `create_train_iterator(..., start_step=N)` yields exactly
 what an uninterrupted run yields from step N, for a given number of
 processes.
@@ -29,7 +30,7 @@ processes.
 import collections
 import dataclasses
 import functools
-import math
+import os
 from typing import Any, Callable, Iterator
 
 from absl import logging
@@ -50,6 +51,7 @@ Batch = dict[str, jax.Array]
 _PAD_DATASETS = ('mnist', 'fashion_mnist', 'kmnist', 'emnist')
 _DEVICE_PREFETCH = 2  # Batches laid out on the devices ahead of use.
 _FOREVER = 2**62  # "Infinitely many" epochs for tf.data.Dataset.range.
+_READ_BUFFER_BYTES = 8 << 20  # Per TFRecord file being read.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,19 +212,26 @@ def _source(data_config: ml_collections.ConfigDict, split: str, *,
 
 def _tfds_source(data_config: ml_collections.ConfigDict, split: str, *,
                  train: bool) -> _Source:
-  """A process's share of a tfds split, images left encoded."""
+  """A process's share of a tfds split, as serialized records."""
   builder = tfds_prepare.prepare_builder(data_config)
   features = builder.info.features
   image_key = _image_key(features, builder.name)
   has_label = _check_labels(features, data_config, builder.name)
   share = tfds.split_for_jax_process(split, drop_remainder=train)
-  records = builder.as_dataset(
-      split=share, shuffle_files=False,
-      decoders={image_key: tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(try_autocache=False))
+  skip_decoding = {image_key: tfds.decode.SkipDecoding()}
+  records = _serialized_records(builder, share)
+  if records is None:  # Not TFRecord files: let tfds read (and parse) them.
+    records = builder.as_dataset(
+        split=share, shuffle_files=False, decoders=skip_decoding,
+        read_config=tfds.ReadConfig(try_autocache=False))
+    parse = lambda element: element
+  else:
+    parse = functools.partial(features.deserialize_example,
+                              decoders=skip_decoding)
   image_feature = features[image_key]
 
-  def decode(element):
+  def decode(record):
+    element = parse(record)
     image = image_feature.decode_example(element[image_key])
     if has_label:
       label = tf.cast(element['label'], tf.int32)
@@ -235,6 +244,33 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str, *,
                  num_total=builder.info.splits[split].num_examples,
                  decode=decode, pad_small=builder.name in _PAD_DATASETS,
                  buffer_size=max(1, int(data_config.shuffle_buffer)))
+
+
+def _serialized_records(builder: tfds.core.DatasetBuilder, share
+                        ) -> tf.data.Dataset | None:
+  """The share's records, unparsed, in a fixed order; None if not TFRecord.
+
+  Shuffling and skipping (on resume) act on these strings, which is some 30
+  times faster than on the parsed examples `as_dataset` yields.
+  """
+  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    return None
+  instructions = builder.info.splits[share].file_instructions
+  filenames = [os.fspath(i.filename) if os.path.isabs(os.fspath(i.filename))
+               else os.path.join(builder.data_dir, os.fspath(i.filename))
+               for i in instructions]
+  files = tf.data.Dataset.from_tensor_slices(
+      (filenames, np.asarray([i.skip for i in instructions], np.int64),
+       np.asarray([i.take for i in instructions], np.int64)))
+
+  def read(filename, skip, take):
+    return tf.data.TFRecordDataset(
+        filename, buffer_size=_READ_BUFFER_BYTES).skip(skip).take(take)
+
+  # Round-robin over up to 16 files at once: parallel reads, fixed order.
+  return files.interleave(read, cycle_length=min(16, len(filenames)),
+                          block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
 
 
 def _image_key(features, name: str) -> str:
