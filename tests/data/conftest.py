@@ -1,7 +1,7 @@
 """Fixtures of the data tests: Fashion-MNIST prepared once per session."""
 
-import pytest
 import ml_collections
+import pytest
 
 from configs import fashion_mnist
 from vqvae2_jax.data import tfds_prepare

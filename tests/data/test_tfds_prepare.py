@@ -1,8 +1,7 @@
 """Offline preparation of tfds datasets and the missing-data errors."""
 
-import ml_collections
-import pytest
 from etils import epath
+import pytest
 import tensorflow_datasets as tfds
 
 from configs import fashion_mnist
