@@ -81,23 +81,64 @@ def usage_metrics(counts: Array) -> tuple[Array, Array]:
   return jnp.exp(entropy), jnp.mean((counts > 0).astype(jnp.float32))
 
 
+def random_rows(rng: Array, n: int, k: int) -> Array:
+  """k random indices in [0, n): distinct when n >= k, uniform otherwise.
+
+  Distinct, so no two restarted codes start on the same point. The top k of
+  n uniform numbers is a uniform k-subset; one draw and a top-k compile much
+  faster on XLA:CPU than `jax.random.choice(replace=False)`'s permutation.
+  """
+  if n < k:
+    return jax.random.randint(rng, (k,), 0, n)
+  return jax.lax.top_k(jax.random.uniform(rng, (n,)), k)[1]
+
+
+def kmeans_plusplus_seeds(flat: Array, num_clusters: int, rng: Array
+                          ) -> Array:
+  """k-means++ seeding: each seed drawn with probability ~ squared distance.
+
+  Args:
+    flat: [n, d] float32 data.
+    num_clusters: k.
+    rng: PRNG key.
+
+  Returns:
+    [k, d] seeds, rows of `flat` (repeated only if `flat` has < k distinct
+    rows).
+  """
+  keys = jax.random.split(rng, num_clusters)
+  first = flat[jax.random.randint(keys[0], (), 0, flat.shape[0])]
+  seeds = jnp.zeros((num_clusters, flat.shape[1]), flat.dtype).at[0].set(first)
+  min_sq = jnp.sum(jnp.square(flat - first), axis=1)
+
+  def body(i, carry):
+    seeds, min_sq = carry
+    # Points already chosen have probability 0 (log 0 = -inf).
+    logits = jnp.where(min_sq > 0, jnp.log(jnp.where(min_sq > 0, min_sq, 1.0)),
+                       -jnp.inf)
+    seed = flat[jax.random.categorical(keys[i], logits)]
+    min_sq = jnp.minimum(min_sq, jnp.sum(jnp.square(flat - seed), axis=1))
+    return seeds.at[i].set(seed), min_sq
+
+  seeds, _ = jax.lax.fori_loop(1, num_clusters, body, (seeds, min_sq))
+  return seeds
+
+
 def kmeans(flat: Array, num_clusters: int, num_iterations: int, rng: Array
            ) -> tuple[Array, Array]:
-  """Lloyd's k-means, seeded by `num_clusters` distinct random rows of `flat`.
+  """Lloyd's k-means with k-means++ seeding.
 
   Args:
     flat: [n, d] float32 data.
     num_clusters: k.
     num_iterations: Lloyd iterations (assign, then move to the mean).
-    rng: PRNG key for the seeds.
+    rng: PRNG key for the seeding.
 
   Returns:
     centroids [k, d] and the number of points assigned to each [k] under the
     final centroids. A cluster that loses all its points keeps its centroid.
   """
-  n = flat.shape[0]
-  seeds = jax.random.choice(rng, n, (num_clusters,), replace=n < num_clusters)
-  centroids = flat[seeds]
+  centroids = kmeans_plusplus_seeds(flat, num_clusters, rng)
 
   def lloyd(_, centroids):
     counts, sums = code_statistics(
@@ -208,10 +249,7 @@ class _Quantizer(nn.Module):
     n, k = flat.shape[0], self.num_embeddings
 
     def restart(_):
-      # Distinct encoder outputs when the batch has enough of them, so no two
-      # restarted codes start on the same point.
-      picks = jax.random.choice(rng, n, (k,), replace=n < k)
-      return flat[picks]
+      return flat[random_rows(rng, n, k)]
 
     def skip(_):
       return self._codebook()
