@@ -215,3 +215,21 @@ def test_large_images_resized_and_centre_cropped(tmp_path):
   assert image.shape == (16, 16, 3)
   np.testing.assert_allclose(image[:, :7], -1.0, atol=1e-6)
   np.testing.assert_allclose(image[:, 9:], 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_process_shares_are_disjoint(folder, monkeypatch, train):
+  """3 processes over 17 files: train shares 5 each, eval shares 6, 6, 5."""
+  config = _config(folder)
+  monkeypatch.setattr(jax, 'process_count', lambda: 3)
+  shares = []
+  for index in range(3):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    source = input_pipeline._folder_source(config, 'train', train=train)  # pylint: disable=protected-access
+    assert source.num_total == 17
+    shares.append(input_pipeline._process_range(17, drop_remainder=train))  # pylint: disable=protected-access
+    assert source.num_local == shares[-1][1] - shares[-1][0]
+  sizes = [stop - start for start, stop in shares]
+  assert sizes == ([5, 5, 5] if train else [6, 6, 5])
+  covered = np.concatenate([np.arange(a, b) for a, b in shares])
+  assert len(set(covered)) == len(covered) == sum(sizes)
