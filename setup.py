@@ -24,6 +24,9 @@ setuptools.setup(
         'pillow',
         'tensorflow-cpu',
         'tensorflow-datasets',
+        # tfds imports it when preparing any dataset but declares it only for
+        # Python < 3.9.
+        'importlib_resources',
     ],
     extras_require={
         'dev': ['pytest', 'pytest-xdist', 'nbformat', 'nbclient', 'ipykernel'],

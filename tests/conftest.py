@@ -6,6 +6,8 @@ mesh over `jax.devices()[:1]`.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ['JAX_PLATFORMS'] = 'cpu'
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -15,3 +17,14 @@ if '--xla_force_host_platform_device_count' not in _flags:
 # Keep TensorFlow (tf.data) off any accelerator and quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+# One tfds data_dir for the whole session, fresh each run: Fashion-MNIST is
+# prepared from the Debian files once (about a minute) and every test that
+# reads the default data_dir finds it; nothing is written to ~/.
+_TFDS_DIR = tempfile.mkdtemp(prefix='vqvae2_tfds_')
+os.environ['TFDS_DATA_DIR'] = _TFDS_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(_TFDS_DIR, ignore_errors=True)
