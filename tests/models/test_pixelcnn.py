@@ -1,0 +1,218 @@
+"""Tests for the gated PixelCNN prior: causality, conditioning, overfitting."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.models import pixelcnn_util
+from vqvae2_jax.models import pixelcnn
+
+K = 7
+SHAPE = (2, 4, 5)  # Non-square: rows and columns must not be confused.
+UPPER_SHAPE = (2, 2, 5)  # Upsampled by (2, 1).
+
+# One prior per layer type; each adds the type under test to a small stack.
+CASES = {
+    # Enough blocks that the receptive field covers every earlier position.
+    'gated': dict(num_layers=5),
+    'gated_filter_2': dict(num_layers=5, filter_size=2),
+    'attention': dict(num_layers=2, attention_layers=2, num_heads=2),
+    'class': dict(num_layers=2, num_classes=3),
+    'cond_stack': dict(num_layers=2, num_classes=3, cond_num_embeddings=(5,),
+                       cond_stack_blocks=2),
+    # Every layer type at once, with dropout active.
+    'all_train': dict(num_layers=3, attention_layers=1, num_heads=2,
+                      num_classes=3, cond_num_embeddings=(5,),
+                      cond_stack_blocks=1, dropout_rate=0.5),
+}
+
+_prior = pixelcnn_util.make_prior
+
+
+def _inputs(model, shape=SHAPE, seed=0):
+  rng = np.random.default_rng(seed)
+  codes = jnp.asarray(rng.integers(0, K, shape), jnp.int32)
+  cond = tuple(jnp.asarray(rng.integers(0, k, UPPER_SHAPE), jnp.int32)
+               for k in model.cond_num_embeddings)
+  labels = (jnp.asarray([0, model.num_classes], jnp.int32)
+            if model.num_classes else None)
+  return codes, cond, labels
+
+
+def _dependency_matrix(model, variables, codes, cond, labels, *, train):
+  """[h*w, h*w]: sum |d logits(i) / d embedding(j)| for example 0."""
+  _, height, width = codes.shape
+
+  @jax.jit
+  def jacobian(variables, codes, cond, labels):
+    context = model.apply(variables, cond, labels, codes.shape,
+                          method=model.conditioning)
+    embedded = model.apply(variables, codes, method=lambda m, x: m.embed(x))
+
+    def logits_of(e):
+      out = model.apply(variables, e, context, train=train,
+                        method=model.forward_embedded,
+                        rngs={'dropout': jax.random.key(3)})
+      return out[0]
+
+    return jax.jacrev(logits_of)(embedded)  # [h, w, K, b, h, w, C]
+
+  jac = jacobian(variables, codes, cond, labels)
+  jac = np.abs(np.asarray(jac[:, :, :, 0])).sum(axis=(2, 5))  # [h, w, h, w]
+  n = height * width
+  return jac.reshape(n, n)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_causal_by_gradient(case):
+  train = case.endswith('_train')
+  model = _prior(**CASES[case])
+  codes, cond, labels = _inputs(model)
+  variables = pixelcnn_util.random_variables(model, codes, cond, labels)
+  dep = _dependency_matrix(model, variables, codes, cond, labels, train=train)
+  n = dep.shape[0]
+  for i in range(n):
+    # Exactly zero, not small: the masking is structural.
+    np.testing.assert_array_equal(dep[i, i:], 0.0,
+                                  err_msg=f'{case}: position {i} sees later')
+    if i:
+      assert dep[i, :i].max() > 0, f'{case}: position {i} sees nothing'
+  if case.startswith('gated'):
+    # No blind spot: with enough blocks every earlier position is seen.
+    below = dep[np.tril_indices(n, -1)]
+    assert (below > 0).all(), f'{case}: blind spot'
+
+
+def test_lower_prior_depends_on_upper_codes_and_labels():
+  model = _prior(**CASES['cond_stack'])
+  codes, cond, labels = _inputs(model)
+  variables = pixelcnn_util.random_variables(model, codes, cond, labels)
+
+  @jax.jit
+  def apply(params, cond, labels):
+    return model.apply({'params': params}, codes, cond_codes=cond,
+                       labels=labels, train=False)
+
+  params = variables['params']
+  base = apply(params, cond, labels)
+  changed = np.abs(np.asarray(apply(params, ((cond[0] + 1) % 5,), labels)
+                              - base))
+  # Even the first position, which sees no codes of its own level, changes.
+  assert (changed[:, 0, 0].max(axis=-1) > 1e-4).all()
+  changed = np.abs(np.asarray(apply(params, cond, jnp.array([1, 2])) - base))
+  assert (changed[:, 0, 0].max(axis=-1) > 1e-4).all()
+  # The gradient reaches the upper levels' embedding.
+  grads = jax.jit(jax.grad(lambda p: apply(p, cond, labels)[:, 0, 0].sum()))(
+      params)
+  assert np.abs(grads['cond_stack']['embed_0']['embedding']).max() > 0
+
+
+def test_init_shapes_dtypes_and_labels_none():
+  model = _prior(num_layers=1, num_classes=3, attention_layers=1, num_heads=2,
+                 dtype=jnp.bfloat16)
+  codes, _, _ = _inputs(model)
+  variables = jax.jit(lambda key: model.init(key, codes, labels=None,
+                                             train=False))(jax.random.key(0))
+  assert set(variables) == {'params'}
+  dtypes = {x.dtype for x in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}  # Parameters stay float32.
+
+  @jax.jit
+  def apply(variables, labels, key):
+    train_logits = model.apply(variables, codes, labels=labels, train=True,
+                               rngs={'dropout': key})
+    return train_logits, model.apply(variables, codes, labels=labels,
+                                     train=False)
+
+  train_logits, none = apply(variables, None, jax.random.key(1))
+  assert train_logits.shape == (*SHAPE, K)
+  assert train_logits.dtype == jnp.float32 and none.dtype == jnp.float32
+  # labels=None is the "no label" index everywhere.
+  _, explicit = apply(variables, jnp.full((2,), 3), jax.random.key(1))
+  np.testing.assert_array_equal(none, explicit)
+
+
+def test_dropout_only_in_training():
+  model = _prior(dropout_rate=0.5)
+  codes, _, _ = _inputs(model)
+  variables = pixelcnn_util.random_variables(model, codes)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(train, key):
+    return model.apply(variables, codes, train=train, rngs={'dropout': key})
+
+  np.testing.assert_array_equal(run(False, jax.random.key(1)),
+                                run(False, jax.random.key(2)))
+  assert np.abs(np.asarray(run(True, jax.random.key(1))
+                           - run(True, jax.random.key(2)))).max() > 0
+
+
+def test_attention_layers_are_spread():
+  assert pixelcnn.attention_positions(20, 4) == {4: 0, 9: 1, 14: 2, 19: 3}
+  assert pixelcnn.attention_positions(6, 1) == {5: 0}
+  assert pixelcnn.attention_positions(3, 0) == {}
+  with pytest.raises(ValueError, match='attention_layers'):
+    pixelcnn.attention_positions(2, 3)
+
+
+def test_clear_errors():
+  model = _prior(**CASES['cond_stack'])
+  codes, _, labels = _inputs(model)
+
+  def init(model, **kwargs):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), codes,
+                                             train=False, **kwargs))
+
+  with pytest.raises(ValueError, match='conditioning code maps'):
+    init(model, labels=labels)
+  with pytest.raises(ValueError, match='integer factor'):
+    init(model, cond_codes=(codes[:, :3],), labels=labels)
+  with pytest.raises(ValueError, match='num_classes=0'):
+    init(_prior(), labels=labels)
+  with pytest.raises(ValueError, match='num_heads'):
+    init(_prior(attention_layers=1, num_heads=3))
+  with pytest.raises(ValueError, match='attention_layers'):
+    init(_prior(attention_layers=3))
+
+
+@pytest.mark.parametrize('case', ['attention_class', 'cond_stack'])
+def test_overfits_one_batch(case):
+  # Distinct labels (and upper codes) tell the examples apart, so even the
+  # first position, which has no earlier codes, can be memorised.
+  kwargs = dict(attention_layers=1, num_heads=2, num_classes=4)
+  if case == 'cond_stack':
+    kwargs = dict(num_classes=4, cond_num_embeddings=(5,), cond_stack_blocks=1)
+  model = _prior(num_channels=16, dropout_rate=0.0, **kwargs)
+  rng = np.random.default_rng(1)
+  codes = jnp.asarray(rng.integers(0, K, (4, 3, 4)), jnp.int32)
+  cond = tuple(jnp.asarray(rng.integers(0, 5, (4, 3, 2)), jnp.int32)
+               for _ in model.cond_num_embeddings)
+  labels = jnp.arange(4, dtype=jnp.int32)
+  params = pixelcnn_util.random_variables(model, codes, cond, labels)['params']
+  tx = optax.adam(1e-2)
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, codes, cond_codes=cond,
+                         labels=labels, train=True,
+                         rngs={'dropout': jax.random.key(0)})
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, codes).mean()
+
+  @jax.jit
+  def train(params):
+    def step(carry, _):
+      params, opt_state = carry
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)),
+                                       None, length=300)
+    return loss_fn(params), losses[0]
+
+  final, first = train(params)
+  assert first > 1.0  # About log(7) at initialisation.
+  assert final < 0.02, f'loss after 300 steps: {final}'
