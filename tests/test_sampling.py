@@ -1,0 +1,188 @@
+"""Tests for the cached and reference samplers of vqvae2_jax/sampling.py."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.models import pixelcnn_util
+from vqvae2_jax import sampling
+
+# A top prior with attention and class conditioning, and a lower prior with a
+# conditioning stack over two upper levels; non-square maps throughout.
+TOP = dict(num_layers=3, attention_layers=2, num_heads=2, num_classes=3)
+LOWER = dict(num_layers=2, filter_size=5, num_classes=3,
+             cond_num_embeddings=(5, 6), cond_stack_blocks=2)
+TOP_SHAPE = (2, 3, 5)
+LOWER_SHAPE = (2, 4, 6)
+UPPER_SHAPES = ((2, 2, 3), (2, 4, 3))
+
+CONTROLS = [  # (temperature, top_k, top_p)
+    (1.0, 0, 1.0),
+    (1.5, 3, 1.0),
+    (1.0, 0, 0.8),
+    (0.7, 4, 0.9),
+]
+
+
+def _setup(kind):
+  kwargs, shape = (TOP, TOP_SHAPE) if kind == 'top' else (LOWER, LOWER_SHAPE)
+  model = pixelcnn_util.make_prior(**kwargs)
+  rng = np.random.default_rng(1)
+  cond = tuple(jnp.asarray(rng.integers(0, k, s), jnp.int32)
+               for k, s in zip(model.cond_num_embeddings, UPPER_SHAPES))
+  labels = jnp.asarray([2, model.num_classes], jnp.int32)  # Incl. "no label".
+  codes = jnp.asarray(rng.integers(0, model.num_embeddings, shape), jnp.int32)
+  variables = pixelcnn_util.random_variables(model, codes, cond, labels,
+                                             seed=2)
+  return model, variables, shape, cond, labels, codes
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_cached_logits_equal_full_forward(kind):
+  model, variables, _, cond, labels, codes = _setup(kind)
+  full = jax.jit(functools.partial(model.apply, train=False))(
+      variables, codes, cond_codes=cond, labels=labels)
+  cached = sampling.cached_logits(model, variables, codes, cond_codes=cond,
+                                  labels=labels)
+  assert cached.shape == full.shape and cached.dtype == jnp.float32
+  full, cached = np.asarray(full), np.asarray(cached)
+  scale = np.abs(full).max()
+  assert scale > 0.1
+  error = np.abs(cached - full).max() / scale
+  assert error <= 1e-5, f'relative error {error}'
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_cached_sampler_equals_reference(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  for temperature, top_k, top_p in CONTROLS:
+    kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                  rng=jax.random.key(7), temperature=temperature,
+                  top_k=top_k, top_p=top_p)
+    cached = sampling.sample_level(model, variables, **kwargs)
+    reference = sampling.reference_sample_level(model, variables, **kwargs)
+    assert cached.shape == shape and cached.dtype == jnp.int32
+    np.testing.assert_array_equal(cached, reference,
+                                  err_msg=f'{(temperature, top_k, top_p)}')
+    if top_k == 0 and top_p == 1.0:
+      assert len(np.unique(cached)) > 2  # Samples, not a constant map.
+  # Unconditional ("no label") path, and a partial reference map.
+  kwargs = dict(shape=shape, cond_codes=cond, rng=jax.random.key(8))
+  cached = sampling.sample_level(model, variables, **kwargs)
+  reference = sampling.reference_sample_level(model, variables, **kwargs)
+  np.testing.assert_array_equal(cached, reference)
+  partial = sampling.reference_sample_level(model, variables, **kwargs,
+                                            num_positions=7)
+  flat = np.asarray(partial).reshape(shape[0], -1)
+  np.testing.assert_array_equal(flat[:, :7],
+                                np.asarray(cached).reshape(shape[0], -1)[:, :7])
+  np.testing.assert_array_equal(flat[:, 7:], 0)
+
+
+def test_sampler_compiles_once(monkeypatch):
+  model, variables, shape, cond, labels, _ = _setup('lower')
+  monkeypatch.setattr(sampling, '_cached_impl',
+                      chex.assert_max_traces(sampling._cached_impl, n=1))
+  sampling._build.cache_clear()
+  other_variables = jax.tree.map(lambda x: x * 0.5, variables)  # E.g. Polyak.
+  runs = [
+      dict(rng=jax.random.key(0)),
+      dict(rng=jax.random.key(1), temperature=0.5, top_k=2),
+      dict(rng=jax.random.key(2), top_p=0.5, labels=labels),
+      dict(rng=jax.random.key(3), labels=list(np.asarray(labels))),
+      dict(rng=jax.random.key(4), variables=other_variables),
+  ]
+  for run in runs:
+    run = {'variables': variables, **run}
+    sampling.sample_level(model, shape=shape, cond_codes=list(cond), **run)
+  sampling._build.cache_clear()
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_top_k_1_is_greedy(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  greedy = np.zeros(shape, np.int32)
+  for r in range(shape[1]):
+    for c in range(shape[2]):
+      logits = apply(variables, jnp.asarray(greedy), cond_codes=cond,
+                     labels=labels)
+      greedy[:, r, c] = np.argmax(np.asarray(logits[:, r, c]), axis=-1)
+  sampled = sampling.sample_level(model, variables, shape=shape,
+                                  cond_codes=cond, labels=labels,
+                                  rng=jax.random.key(3), top_k=1)
+  np.testing.assert_array_equal(sampled, greedy)
+
+
+def test_same_key_same_samples_different_key_different():
+  model, variables, shape, cond, labels, _ = _setup('top')
+  draw = lambda seed: np.asarray(sampling.sample_level(
+      model, variables, shape=shape, labels=labels,
+      rng=jax.random.key(seed)))
+  np.testing.assert_array_equal(draw(0), draw(0))
+  assert (draw(0) != draw(1)).any()
+  # Raw uint32 keys work too.
+  raw = sampling.sample_level(model, variables, shape=shape, labels=labels,
+                              rng=jax.random.PRNGKey(0))
+  assert raw.shape == shape
+
+
+def test_samples_follow_the_filtered_distribution():
+  # A 1x1 map: every sample is a draw from the first position's softmax.
+  model = pixelcnn_util.make_prior(num_classes=2)
+  shape = (4000, 1, 1)
+  codes = jnp.zeros(shape, jnp.int32)
+  variables = pixelcnn_util.random_variables(model, codes, seed=3, scale=0.5)
+  logits = jax.jit(functools.partial(model.apply, train=False))(
+      variables, codes[:1], labels=jnp.array([1]))[0, 0, 0]
+  labels = jnp.ones((shape[0],), jnp.int32)
+  for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.5, 0, 1.0),
+                                    (1.0, 3, 1.0), (1.0, 0, 0.6)]:
+    expected = np.asarray(jax.nn.softmax(sampling.filter_logits(
+        logits[None], temperature, top_k, top_p)))[0]
+    codes = sampling.sample_level(
+        model, variables, shape=shape, labels=labels, rng=jax.random.key(5),
+        temperature=temperature, top_k=top_k, top_p=top_p)
+    freq = np.bincount(np.asarray(codes).ravel(), minlength=7) / shape[0]
+    assert (freq[expected == 0] == 0).all()
+    assert 0.5 * np.abs(freq - expected).sum() < 0.04, (freq, expected)
+
+
+def test_filter_logits():
+  logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))
+  kept = lambda *args: np.isfinite(
+      np.asarray(sampling.filter_logits(logits, *args)))[0].tolist()
+  assert kept(1.0, 0, 1.0) == [True] * 4
+  assert kept(1.0, 2, 1.0) == [False, True, False, True]
+  assert kept(1.0, 1, 1.0) == [False, True, False, False]
+  assert kept(1.0, 10, 1.0) == [True] * 4
+  assert kept(1.0, 0, 0.4) == [False, True, False, False]
+  assert kept(1.0, 0, 0.45) == [False, True, False, True]  # 0.4 < 0.45.
+  assert kept(1.0, 0, 0.75) == [False, True, True, True]
+  assert kept(1.0, 3, 0.99) == [False, True, True, True]
+  np.testing.assert_allclose(sampling.filter_logits(logits, 2.0, 0, 1.0),
+                             logits / 2.0, rtol=1e-6)
+
+
+def test_clear_errors():
+  model, variables, shape, cond, labels, _ = _setup('lower')
+  kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                rng=jax.random.key(0))
+  with pytest.raises(ValueError, match='temperature'):
+    sampling.sample_level(model, variables, **kwargs, temperature=0.0)
+  with pytest.raises(ValueError, match='top_p'):
+    sampling.sample_level(model, variables, **kwargs, top_p=0.0)
+  with pytest.raises(ValueError, match='top_k'):
+    sampling.sample_level(model, variables, **kwargs, top_k=-1)
+  with pytest.raises(ValueError, match='upper levels'):
+    sampling.sample_level(model, variables, **{**kwargs, 'cond_codes': ()})
+  with pytest.raises(ValueError, match='labels'):
+    sampling.sample_level(model, variables, **{**kwargs, 'labels': labels[:1]})
+  with pytest.raises(ValueError, match='num_classes=0'):
+    sampling.sample_level(pixelcnn_util.make_prior(), variables, shape=shape,
+                          labels=labels, rng=jax.random.key(0))

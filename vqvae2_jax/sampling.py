@@ -1,0 +1,308 @@
+"""Sampling code maps from the PixelCNN priors.
+
+`sample_level` draws one level's code map with a `jax.lax.scan` over rows and,
+inside it, over columns, carrying the prior's per-layer caches (see
+`vqvae2_jax/models/pixelcnn.py`): at the start of a row every vertical stack
+advances by one row, at every position the horizontal stacks advance by one
+position and the attention blocks attend from the new position over their
+key/value caches. The conditioning stack and class embedding run once. A map
+therefore costs about one or two forward passes of the prior instead of h * w.
+
+`reference_sample_level` is the plain method, kept for tests and benchmarks:
+it reruns the whole prior on the partial map at every position. Both draw
+position t = r * w + c with the key `fold_in(rng, t)` and the same filtering
+arithmetic, so for the same arguments they return the same codes.
+
+Controls: temperature, top-k (0 disables), top-p / nucleus (1.0 disables),
+class labels (None samples the unconditional "no label" path), the batch size
+(shape[0]) and the PRNG key (same key, same samples). The Polyak weights are
+used by passing them as `variables={'params': polyak}`.
+
+Each sampler is compiled once per (prior, shape, conditioning shapes); the
+controls, labels, keys and weights are traced, so changing them does not
+recompile.
+"""
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from vqvae2_jax.models import pixelcnn
+
+Array = jax.Array
+PyTree = Any
+
+
+def filter_logits(logits: Array, temperature: Array, top_k: Array,
+                  top_p: Array) -> Array:
+  """Temperature, then top-k, then nucleus (top-p) filtering.
+
+  Args:
+    logits: [batch, K] float logits.
+    temperature: scalar > 0; the logits are divided by it.
+    top_k: int scalar; keep the k most likely codes (ties at the k-th value
+      are kept); 0 disables.
+    top_p: float scalar in (0, 1]; keep the smallest set of most likely codes
+      whose probability (after top-k) reaches top_p; 1.0 disables.
+
+  Returns:
+    [batch, K] float32 logits, -inf where filtered out.
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  k = logits.shape[-1]
+  desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+  kept = jnp.clip(jnp.where(top_k > 0, top_k, k), 1, k)
+  kth = jnp.take(desc, kept - 1, axis=-1)
+  logits = jnp.where(logits >= kth[..., None], logits, -jnp.inf)
+
+  desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+  probs = jax.nn.softmax(desc, axis=-1)
+  # Probability mass strictly before each sorted code: keep a code while the
+  # mass before it is still below top_p (the most likely code always stays).
+  before = jnp.concatenate(
+      [jnp.zeros_like(probs[..., :1]), jnp.cumsum(probs, axis=-1)[..., :-1]],
+      axis=-1)
+  keep = (before < top_p) | (top_p >= 1.0)
+  num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+  cutoff = jnp.take_along_axis(desc, (num_keep - 1)[..., None], axis=-1)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample_logits(rng: Array, logits: Array, temperature: Array, top_k: Array,
+                  top_p: Array) -> Array:
+  """Draws [batch] int32 codes from [batch, K] logits (see `filter_logits`)."""
+  filtered = filter_logits(logits, temperature, top_k, top_p)
+  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
+              shape: tuple[int, int, int], context: PyTree,
+              choose: Callable[[Array, Array, Array], tuple[Array, PyTree]]
+              ) -> PyTree:
+  """Runs the cached path over a map in raster order.
+
+  A scan over rows (each advancing the vertical stacks by a row) and, inside,
+  over the columns of the row (each advancing the horizontal stacks and
+  attention by one position).
+
+  Args:
+    model, variables: the prior.
+    shape: (batch, h, w).
+    context: `model.prepare(...)` output.
+    choose: (logits [batch, K], r, c) -> (code [batch] int32 at (r, c), out),
+      e.g. a draw from the logits, or the known code (teacher forcing).
+
+  Returns:
+    The `out`s stacked to [h, w, ...].
+  """
+  b, height, width = shape
+  cache = model.apply(variables, shape, method=model.init_cache)
+
+  def row_step(carry, r):
+    cache, codes = carry
+    prev_row = jax.lax.dynamic_index_in_dim(codes, jnp.maximum(r - 1, 0),
+                                            axis=1, keepdims=False)
+    cache = model.apply(variables, cache, context, prev_row, r,
+                        method=model.step_row)
+
+    def position_step(carry, c):
+      cache, prev_code = carry
+      logits, cache = model.apply(variables, cache, context, prev_code, r, c,
+                                  method=model.step_position)
+      code, out = choose(logits, r, c)
+      return (cache, code), (code, out)
+
+    (cache, _), (row, outs) = jax.lax.scan(
+        position_step, (cache, jnp.zeros((b,), jnp.int32)),
+        jnp.arange(width, dtype=jnp.int32))
+    codes = jax.lax.dynamic_update_slice(codes, row.T[:, None, :], (0, r, 0))
+    return (cache, codes), outs
+
+  _, outs = jax.lax.scan(row_step, (cache, jnp.zeros(shape, jnp.int32)),
+                         jnp.arange(height, dtype=jnp.int32))
+  return outs
+
+
+def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
+                 variables: PyTree, rng: Array, cond_codes: tuple[Array, ...],
+                 labels: Optional[Array], temperature: Array, top_k: Array,
+                 top_p: Array) -> Array:
+  """Cached sampling: draws position t = r * w + c with fold_in(rng, t)."""
+  context = model.apply(variables, cond_codes, labels, shape,
+                        method=model.prepare)
+
+  def choose(logits, r, c):
+    key = jax.random.fold_in(rng, r * shape[2] + c)
+    code = sample_logits(key, logits, temperature, top_k, top_p)
+    return code, code
+
+  codes = _scan_map(model, variables, shape, context, choose)  # [h, w, b]
+  return jnp.transpose(codes, (2, 0, 1))
+
+
+def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
+                  codes: Array, *, cond_codes: Sequence[Array] = (),
+                  labels: Optional[Array] = None) -> Array:
+  """Logits of a given map computed position by position by the cached path.
+
+  The incremental counterpart of `model.apply(variables, codes, ...,
+  train=False)`, for tests and for checking a prior's cache.
+
+  Args:
+    model, variables, cond_codes, labels: as for `sample_level`.
+    codes: [batch, h, w] int32 codes (fed back as if they had been sampled).
+
+  Returns:
+    [batch, h, w, K] float32 logits.
+  """
+  shape, cond_codes, labels = _check_inputs(model, codes.shape, cond_codes,
+                                            labels)
+
+  @jax.jit
+  def run(variables, codes, cond_codes, labels):
+    context = model.apply(variables, cond_codes, labels, shape,
+                          method=model.prepare)
+
+    def choose(logits, r, c):
+      return codes[:, r, c], logits
+
+    logits = _scan_map(model, variables, shape, context, choose)
+    return jnp.transpose(logits, (2, 0, 1, 3))
+
+  return run(variables, jnp.asarray(codes, jnp.int32), cond_codes, labels)
+
+
+def _reference_impl(model: pixelcnn.PixelCNNPrior,
+                    shape: tuple[int, int, int], num_positions: int,
+                    variables: PyTree, rng: Array,
+                    cond_codes: tuple[Array, ...], labels: Optional[Array],
+                    temperature: Array, top_k: Array, top_p: Array) -> Array:
+  """Reference sampling: the full prior on the partial map at every position."""
+  b, _, width = shape
+
+  def step(t, codes):
+    r, c = t // width, t % width
+    logits = model.apply(variables, codes, cond_codes=cond_codes,
+                         labels=labels, train=False)
+    logits = jax.lax.dynamic_slice(
+        logits, (0, r, c, 0), (b, 1, 1, logits.shape[-1]))[:, 0, 0]
+    code = sample_logits(jax.random.fold_in(rng, t), logits, temperature,
+                         top_k, top_p)
+    return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, r, c))
+
+  return jax.lax.fori_loop(0, num_positions, step,
+                           jnp.zeros(shape, jnp.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
+           reference: bool, num_positions: int) -> Callable[..., Array]:
+  """One jitted sampler per (prior, shape, kind); jit adds one per input shapes."""
+  if reference:
+    fn = functools.partial(_reference_impl, model, shape, num_positions)
+  else:
+    fn = functools.partial(_cached_impl, model, shape)
+  return jax.jit(fn)
+
+
+def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
+                  cond_codes: Sequence[Array], labels: Optional[Array]
+                  ) -> tuple[tuple[int, int, int], tuple[Array, ...],
+                             Optional[Array]]:
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f'shape must be (batch, h, w) with positive sizes, got '
+                     f'{tuple(shape)}.')
+  shape = tuple(int(s) for s in shape)
+  cond_codes = tuple(jnp.asarray(x, jnp.int32) for x in cond_codes)
+  if len(cond_codes) != len(model.cond_num_embeddings):
+    raise ValueError(
+        f'Got {len(cond_codes)} conditioning code maps for a prior over '
+        f'{len(model.cond_num_embeddings)} upper levels; pass the codes of '
+        'every upper level, top first.')
+  for j, x in enumerate(cond_codes):
+    if x.ndim != 3 or x.shape[0] != shape[0]:
+      raise ValueError(f'cond_codes[{j}] has shape {x.shape}; expected '
+                       f'[{shape[0]}, h_{j}, w_{j}].')
+  if model.num_classes:
+    if labels is None:
+      # The "no label" index: the unconditional path of a label-dropout model.
+      labels = jnp.full((shape[0],), model.num_classes, jnp.int32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != (shape[0],):
+      raise ValueError(f'labels has shape {labels.shape}; expected '
+                       f'({shape[0]},).')
+  elif labels is not None:
+    raise ValueError('labels given to a prior built with num_classes=0.')
+  return shape, cond_codes, labels
+
+
+def _controls(temperature: float, top_k: int, top_p: float
+              ) -> tuple[Array, Array, Array]:
+  if not temperature > 0:
+    raise ValueError(f'temperature must be > 0, got {temperature}.')
+  if top_k < 0:
+    raise ValueError(f'top_k must be >= 0 (0 disables), got {top_k}.')
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f'top_p must be in (0, 1] (1 disables), got {top_p}.')
+  return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+          jnp.asarray(top_p, jnp.float32))
+
+
+def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
+                 shape: Sequence[int], cond_codes: Sequence[Array] = (),
+                 labels: Optional[Array] = None, rng: Array,
+                 temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> Array:
+  """Samples one level's code map with the cached sampler.
+
+  Args:
+    model: the level's prior.
+    variables: its variables ({'params': ...}; pass the Polyak weights as
+      params to sample with them).
+    shape: (batch, h, w) of the code map.
+    cond_codes: [batch, h_j, w_j] int32 codes of every upper level, top first.
+    labels: [batch] int32 class labels (num_classes = "no label"), or None for
+      the unconditional path.
+    rng: PRNG key; the same key gives the same samples.
+    temperature: softmax temperature (> 0).
+    top_k: keep the k most likely codes at each position; 0 disables.
+    top_p: nucleus mass in (0, 1]; 1.0 disables.
+
+  Returns:
+    [batch, h, w] int32 codes.
+  """
+  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels)
+  controls = _controls(temperature, top_k, top_p)
+  return _build(model, shape, False, 0)(variables, rng, cond_codes, labels,
+                                        *controls)
+
+
+def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
+                           shape: Sequence[int],
+                           cond_codes: Sequence[Array] = (),
+                           labels: Optional[Array] = None, rng: Array,
+                           temperature: float = 1.0, top_k: int = 0,
+                           top_p: float = 1.0,
+                           num_positions: Optional[int] = None) -> Array:
+  """Samples like `sample_level`, rerunning the full prior at every position.
+
+  Args:
+    model, variables, shape, cond_codes, labels, rng, temperature, top_k,
+      top_p: as for `sample_level`; the result is the same.
+    num_positions: sample only the first n positions in raster order (the
+      rest stay 0); for benchmarks, since every step costs one full forward
+      pass. None samples the whole map.
+
+  Returns:
+    [batch, h, w] int32 codes.
+  """
+  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels)
+  controls = _controls(temperature, top_k, top_p)
+  total = shape[1] * shape[2]
+  n = total if num_positions is None else int(num_positions)
+  if not 0 <= n <= total:
+    raise ValueError(f'num_positions must be in [0, {total}], got {n}.')
+  return _build(model, shape, True, n)(variables, rng, cond_codes, labels,
+                                       *controls)
