@@ -12,6 +12,7 @@ Polyak weights, optimizer, RNG and data position) and ends as an
 uninterrupted run would.
 """
 
+import functools
 import math
 import os
 import time
@@ -118,14 +119,20 @@ def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
   }
 
 
+def _optimizer_args(config: ml_collections.ConfigDict
+                    ) -> tuple[tuple[str, Any], ...]:
+  p = config.prior
+  return (('learning_rate', float(p.learning_rate)),
+          ('warmup_steps', int(p.warmup_steps)),
+          ('num_train_steps', int(p.num_train_steps)),
+          ('cosine_decay', bool(p.get('cosine_decay', True))),
+          ('grad_clip_norm', float(p.get('grad_clip_norm', 0.0))))
+
+
 def create_optimizer(config: ml_collections.ConfigDict
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  p = config.prior
-  return common.create_optimizer(
-      learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
-      num_train_steps=p.num_train_steps,
-      cosine_decay=p.get('cosine_decay', True),
-      grad_clip_norm=p.get('grad_clip_norm', 0.0))
+  """Adam on a warm-up/cosine schedule with clipping, from config.prior."""
+  return common.create_optimizer(**dict(_optimizer_args(config)))
 
 
 def _dummy_inputs(level: int, level_shapes: Sequence[Sequence[int]],
@@ -250,6 +257,30 @@ def make_eval_fn(model: pixelcnn.PixelCNNPrior, param_shardings: PyTree,
                  out_shardings=parallel.replicated(mesh))
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_functions(model: pixelcnn.PixelCNNPrior,
+                      optimizer_args: tuple[tuple[str, Any], ...], *,
+                      level: int, level_shapes: tuple[tuple[int, ...], ...],
+                      label_drop_rate: float, polyak_decay: float, mesh: Mesh
+                      ) -> tuple[Callable, PyTree, Callable, dict]:
+  """The jitted init, state shardings, train step and eval functions.
+
+  Cached, so that training the same prior again in this process (a resume
+  from a notebook, the tests) reuses the compiled functions.
+  """
+  tx, schedule = common.create_optimizer(**dict(optimizer_args))
+  init_fn = make_init_fn(model, tx, level=level, level_shapes=level_shapes,
+                         use_polyak=polyak_decay > 0)
+  init, shardings = common.sharded_init(init_fn, mesh, jax.random.PRNGKey(0))
+  train_step = common.jit_train_step(
+      make_train_step(model, tx, schedule, label_drop_rate=label_drop_rate,
+                      polyak_decay=polyak_decay), shardings, mesh)
+  eval_fns = {
+      'cond': make_eval_fn(model, shardings.params, mesh, use_labels=True),
+      'uncond': make_eval_fn(model, shardings.params, mesh, use_labels=False)}
+  return init, shardings, train_step, eval_fns
+
+
 def evaluate(eval_fn: Callable, params: PyTree,
              batches: Iterator[Mapping[str, Any]]) -> dict[str, float]:
   """Bits per code, NLL and accuracy over every batch of `batches`."""
@@ -324,14 +355,13 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
   checkpoints.check_directory(ckpt_dir, fingerprint)
 
   model = build_prior(config, level)
-  tx, schedule = create_optimizer(config)
-  use_polyak = p.polyak_decay > 0
-  init_fn = make_init_fn(model, tx, level=level,
-                         level_shapes=dataset.level_shapes,
-                         use_polyak=use_polyak)
+  init, shardings, train_step, eval_fns = _jitted_functions(
+      model, _optimizer_args(config), level=level,
+      level_shapes=tuple(tuple(s) for s in dataset.level_shapes),
+      label_drop_rate=float(p.label_drop_rate),
+      polyak_decay=float(p.polyak_decay), mesh=mesh)
   # Each level its own parameter seed; the data order is shared.
-  state, shardings = common.create_sharded_state(
-      init_fn, mesh, jax.random.fold_in(jax.random.PRNGKey(config.seed), level))
+  state = init(jax.random.fold_in(jax.random.PRNGKey(config.seed), level))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   manager = checkpoints.create_manager(ckpt_dir,
@@ -351,15 +381,6 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
     if start_step == 0:
       writer.write_hparams({k: str(v) for k, v in fingerprint.items()})
 
-    train_step = common.jit_train_step(
-        make_train_step(model, tx, schedule,
-                        label_drop_rate=float(p.label_drop_rate),
-                        polyak_decay=float(p.polyak_decay)),
-        shardings, mesh)
-    eval_fns = {
-        'cond': make_eval_fn(model, shardings.params, mesh, use_labels=True),
-        'uncond': make_eval_fn(model, shardings.params, mesh,
-                               use_labels=False)}
     levels = tuple(range(level + 1))
     train_split, eval_split = dataset.split('train'), dataset.split('eval')
     train_iter = codes_lib.create_train_iterator(
