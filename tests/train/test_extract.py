@@ -1,0 +1,141 @@
+"""Code extraction (--mode=codes): content, atomic resume, provenance."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train import stage2_util
+from vqvae2_jax import parallel
+from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.train import extract
+from vqvae2_jax.train import vqvae_trainer
+
+
+def _files(directory):
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+class _Killed(Exception):
+  pass
+
+
+@pytest.fixture(scope='module')
+def config():
+  return stage2_util.tiny_stage2_config()
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, config):
+  """An uninterrupted extraction: (workdir, {relative path: bytes})."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  stage2_util.save_vqvae_checkpoint(config, workdir)
+  result = extract.extract_codes(config, workdir)
+  assert result['vqvae_step'] == 1
+  assert result['num_examples_train'] == 96
+  assert result['num_examples_eval'] == 40
+  return workdir, _files(extract.codes_dir(workdir))
+
+
+def test_codes_are_the_encoders_codes_of_each_split(config, reference):
+  workdir, files = reference
+  assert sorted(files) == [
+      'eval/00000-of-00002.npy', 'eval/00001-of-00002.npy', 'manifest.json',
+      'plan.json', 'train/00000-of-00003.npy', 'train/00001-of-00003.npy',
+      'train/00002-of-00003.npy']
+  mesh = parallel.create_mesh(config.mesh)
+  model, variables, _ = vqvae_trainer.load_vqvae(config, workdir, mesh)
+  dataset = codes_lib.CodeDataset(
+      extract.codes_dir(workdir),
+      vqvae=extract.current_vqvae_provenance(config, workdir, mesh))
+  assert dataset.level_shapes == [(4, 4), (8, 8)]
+  for role, split in (('train', config.data.train_split),
+                      ('eval', config.data.eval_split)):
+    images, labels = [], []
+    for batch in input_pipeline.create_eval_iterator(
+        config.data, split=split, global_batch_size=16, mesh=mesh):
+      mask = np.asarray(batch['mask'])
+      images.append(np.asarray(batch['image'])[mask])
+      labels.append(np.asarray(batch['label'])[mask])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    want = jax.device_get(jax.jit(
+        lambda v, x: model.apply(v, x, method=model.encode))(variables, images))
+    got = dataset.split(role).read(np.arange(len(images)), (0, 1))
+    np.testing.assert_array_equal(got['label'], labels)
+    for g, w in zip(got['codes'], want):
+      np.testing.assert_array_equal(g, w)
+
+
+def test_killed_extraction_resumes_to_identical_files(config, reference,
+                                                      tmp_path, monkeypatch):
+  _, want = reference
+  workdir = str(tmp_path)
+  stage2_util.save_vqvae_checkpoint(config, workdir)
+  real_write = codes_lib.write_shard
+  written = []
+
+  def write_then_die(path, records):
+    if written:
+      raise _Killed()
+    real_write(path, records)
+    written.append(path)
+
+  monkeypatch.setattr(codes_lib, 'write_shard', write_then_die)
+  with pytest.raises(_Killed):
+    extract.extract_codes(config, workdir)
+  codes_dir = extract.codes_dir(workdir)
+  partial = _files(codes_dir)
+  assert sorted(partial) == ['plan.json', 'train/00000-of-00003.npy']
+  with pytest.raises(FileNotFoundError, match='did not finish'):
+    codes_lib.read_manifest(codes_dir)
+
+  # The rerun writes only the missing shards.
+  written.clear()
+  monkeypatch.setattr(codes_lib, 'write_shard',
+                      lambda p, r: (written.append(p), real_write(p, r)))
+  extract.extract_codes(config, workdir)
+  assert [os.path.relpath(p, codes_dir) for p in written] == [
+      'train/00001-of-00003.npy', 'train/00002-of-00003.npy',
+      'eval/00000-of-00002.npy', 'eval/00001-of-00002.npy']
+  assert _files(codes_dir) == want
+
+  # A complete extraction is not redone.
+  written.clear()
+  extract.extract_codes(config, workdir)
+  assert not written
+  assert _files(codes_dir) == want
+
+
+def test_codes_from_a_different_vqvae_are_refused(config, tmp_path):
+  workdir = str(tmp_path)
+  stage2_util.save_vqvae_checkpoint(config, workdir, seed=0, step=1)
+  extract.extract_codes(config, workdir)
+  codes_dir = extract.codes_dir(workdir)
+  # Stage 1 goes on (here: other weights at a later step).
+  stage2_util.save_vqvae_checkpoint(config, workdir, seed=1, step=2)
+  current = extract.current_vqvae_provenance(config, workdir)
+  with pytest.raises(codes_lib.CodesMismatchError,
+                     match='step: codes 1, checkpoint 2.*re-run --mode=codes'):
+    codes_lib.CodeDataset(codes_dir, vqvae=current)
+  # Same step, other weights: the digest tells them apart.
+  other = str(tmp_path / 'other')
+  stage2_util.save_vqvae_checkpoint(config, other, seed=1, step=1)
+  with pytest.raises(codes_lib.CodesMismatchError, match=r'weights \(digest\)'):
+    codes_lib.CodeDataset(
+        codes_dir, vqvae=extract.current_vqvae_provenance(config, other))
+  # Re-running --mode=codes extracts again with the current VQ-VAE.
+  assert extract.extract_codes(config, workdir)['vqvae_step'] == 2
+  codes_lib.CodeDataset(codes_dir, vqvae=current)
+
+
+def test_missing_stage1_checkpoint_says_what_to_run(config, tmp_path):
+  with pytest.raises(FileNotFoundError, match='--mode=vqvae'):
+    extract.extract_codes(config, str(tmp_path))

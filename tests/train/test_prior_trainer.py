@@ -1,0 +1,248 @@
+"""Prior trainer (--mode=prior): sharded step, exact resume, bits per code."""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.train import stage2_util
+from vqvae2_jax import checkpoints
+from vqvae2_jax import parallel
+from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.evaluation import likelihood
+from vqvae2_jax.train import common
+from vqvae2_jax.train import extract
+from vqvae2_jax.train import prior_trainer
+
+
+@pytest.fixture(scope='module')
+def config():
+  return stage2_util.tiny_stage2_config()
+
+
+@pytest.fixture(scope='module')
+def codes_workdir(tmp_path_factory, config):
+  """A workdir with an (untrained) stage-1 checkpoint and its codes."""
+  workdir = str(tmp_path_factory.mktemp('stage2'))
+  stage2_util.save_vqvae_checkpoint(config, workdir)
+  extract.extract_codes(config, workdir)
+  return workdir
+
+
+def test_build_prior_maps_config_to_module(config):
+  top, bottom = (prior_trainer.build_prior(config, i) for i in (0, 1))
+  assert top.num_embeddings == bottom.num_embeddings == 16
+  assert top.cond_num_embeddings == () and top.cond_stack_blocks == 0
+  assert bottom.cond_num_embeddings == (16,)
+  assert bottom.cond_stack_blocks == config.prior.level_1.cond_stack_blocks
+  assert top.attention_layers == config.prior.level_0.attention_layers
+  assert top.num_classes == bottom.num_classes == 10
+  assert top.num_channels == 16 and top.num_layers == 2
+  assert prior_trainer.levels_to_train(config) == [0, 1]
+  config = config.copy_and_resolve_references()
+  config.prior.level = 1
+  assert prior_trainer.levels_to_train(config) == [1]
+
+
+def test_bits_per_code_on_a_hand_made_example():
+  # Code probabilities 1/2, 1/4, 1/8, 1/8 at every position.
+  log_probs = np.log([0.5, 0.25, 0.125, 0.125])
+  logits = jnp.asarray(np.broadcast_to(log_probs + 3.0, (2, 1, 2, 4)))
+  targets = jnp.asarray([[[0, 1]], [[2, 3]]], jnp.int32)  # 1+2 and 3+3 bits.
+  mask = jnp.asarray([True, False])
+  sums = likelihood.batch_sums(logits, targets, mask)
+  total = likelihood.add_sums(None, sums)
+  metrics = likelihood.summarize(total)
+  assert metrics['bits_per_code'] == pytest.approx(1.5, rel=1e-6)
+  assert metrics['nll'] == pytest.approx(1.5 * math.log(2), rel=1e-6)
+  assert metrics['accuracy'] == 0.5  # Code 0 is the argmax.
+  assert metrics['num_codes'] == 2 and metrics['num_examples'] == 1
+  # Adding the second example: (1 + 2 + 3 + 3) / 4 bits.
+  total = likelihood.add_sums(total, likelihood.batch_sums(
+      logits[1:], targets[1:]))
+  assert likelihood.summarize(total)['bits_per_code'] == pytest.approx(
+      2.25, rel=1e-6)
+  assert likelihood.uniform_bits(512) == 9.0
+  # Training codes 0,0,1,2 (+1 smoothing over K=4: 3,2,2,1 / 8).
+  unigram = likelihood.unigram_bits(np.array([0, 0, 1, 2]), np.array([0, 3]),
+                                    4)
+  assert unigram['unigram_bits_per_code'] == pytest.approx(
+      (-math.log2(3 / 8) - math.log2(1 / 8)) / 2)
+
+
+def test_label_dropout_and_polyak_ramp():
+  labels = jnp.arange(64) % 10
+  rng = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(
+      prior_trainer.drop_labels(labels, rng, 0.0, 10), labels)
+  np.testing.assert_array_equal(
+      prior_trainer.drop_labels(labels, rng, 1.0, 10), 10)
+  half = np.asarray(prior_trainer.drop_labels(labels, rng, 0.5, 10))
+  kept = half != 10
+  assert 0 < kept.sum() < 64
+  np.testing.assert_array_equal(half[kept], np.asarray(labels)[kept])
+  assert float(prior_trainer.polyak_decay_at(0.999, 0)) == pytest.approx(0.1)
+  assert float(prior_trainer.polyak_decay_at(0.999, 90)) == pytest.approx(
+      0.91)
+  assert float(prior_trainer.polyak_decay_at(0.999, 10**6)) == pytest.approx(
+      0.999)
+
+
+def _run_steps(config, level, mesh, batches, num_steps):
+  model = prior_trainer.build_prior(config, level)
+  tx, schedule = prior_trainer.create_optimizer(config)
+  shapes = [(4, 4), (8, 8)]
+  init_fn = prior_trainer.make_init_fn(model, tx, level=level,
+                                       level_shapes=shapes, use_polyak=True)
+  state, shardings = common.create_sharded_state(init_fn, mesh,
+                                                 jax.random.PRNGKey(1))
+  step = common.jit_train_step(
+      prior_trainer.make_train_step(model, tx, schedule, label_drop_rate=0.5,
+                                    polyak_decay=0.999),
+      shardings, mesh)
+  batches = [parallel.shard_batch(b, mesh) for b in batches[:num_steps]]
+  # Unoptimised machine code compiles in half the time; both meshes get it.
+  step = step.lower(state, batches[0]).compile(
+      {'xla_backend_optimization_level': 0})
+  metrics = []
+  for batch in batches:
+    state, m = step(state, batch)
+    metrics.append(m)
+  return jax.device_get((state, metrics))
+
+
+def _relative_error(x, y):
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  return np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12)
+
+
+def _is_key_bias(path):
+  return jax.tree_util.keystr(path).endswith("['key']['bias']")
+
+
+def test_train_step_on_8_devices_matches_one_device(config):
+  """3 steps of the bottom prior, with every layer type, on 1 and 8 devices."""
+  assert jax.device_count() == 8
+  config = config.copy_and_resolve_references()
+  config.prior.level_1.attention_layers = 1  # Attention + conditioning stack.
+  rng = np.random.default_rng(0)
+  batches = [{'codes': [rng.integers(0, 16, (16, 4, 4), dtype=np.int32),
+                        rng.integers(0, 16, (16, 8, 8), dtype=np.int32)],
+              'label': rng.integers(0, 10, 16, dtype=np.int32)}
+             for _ in range(3)]
+  one = _run_steps(config, 1, parallel.create_mesh(devices=jax.devices()[:1]),
+                   batches, 3)
+  eight = _run_steps(config, 1, parallel.create_mesh(), batches, 3)
+  assert int(eight[0].step) == 3
+  for got, want in zip(jax.tree.leaves(eight[1]), jax.tree.leaves(one[1])):
+    assert _relative_error(got, want) <= 1e-5  # Loss, bits, norms, ...
+  # An attention key bias adds the same number to every logit of a query's
+  # softmax, so its exact gradient is 0 and Adam's normalisation turns the
+  # float rounding left in it into full-size, mesh-dependent steps. Such a
+  # leaf is checked to be that null direction instead of compared.
+  mu = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+      one[0].opt_state)[0] if _is_key_bias(path)]
+  for leaf in mu:  # Adam's moments of the key bias: rounding only.
+    assert np.max(np.abs(leaf)) < 1e-6 * float(one[1][0]['grad_norm'])
+  compared = 0
+  for tree in ('params', 'polyak'):
+    leaves_one = jax.tree_util.tree_flatten_with_path(getattr(one[0], tree))[0]
+    leaves_eight = jax.tree.leaves(getattr(eight[0], tree))
+    for (path, want), got in zip(leaves_one, leaves_eight):
+      if not _is_key_bias(path):
+        assert _relative_error(got, want) <= 1e-5, jax.tree_util.keystr(path)
+        compared += 1
+  assert compared >= 2 * (len(jax.tree.leaves(one[0].params)) - 1)
+  # The steps did something, and the Polyak weights trail the params.
+  assert not np.allclose(jax.tree.leaves(eight[0].params)[-1],
+                         jax.tree.leaves(eight[0].polyak)[-1])
+
+
+class _Killed(Exception):
+  pass
+
+
+def _restored_state(config, workdir, level, fingerprint_vqvae):
+  mesh = parallel.create_mesh(config.mesh)
+  model = prior_trainer.build_prior(config, level)
+  tx, _ = prior_trainer.create_optimizer(config)
+  init_fn = prior_trainer.make_init_fn(
+      model, tx, level=level, level_shapes=[(4, 4), (8, 8)],
+      use_polyak=True)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  target = common.abstract_with_shardings(
+      abstract, common.state_shardings(abstract, mesh))
+  manager = checkpoints.create_manager(
+      os.path.join(prior_trainer.stage_dir(workdir, level), 'checkpoints'),
+      read_only=True)
+  try:
+    fingerprint = prior_trainer.prior_fingerprint(
+        config, level, [(4, 4), (8, 8)], fingerprint_vqvae)
+    return jax.device_get(checkpoints.restore_latest(manager, target,
+                                                     fingerprint))
+  finally:
+    manager.close()
+
+
+def test_training_resumes_exactly(config, codes_workdir, tmp_path,
+                                  monkeypatch):
+  # The bottom level (its conditioning on the top codes included): 6 steps
+  # uninterrupted, and killed while fetching the batch of step 4 (step 3 was
+  # checkpointed), then resumed.
+  config = config.copy_and_resolve_references()
+  config.prior.level = 1
+  whole, killed = str(tmp_path / 'whole'), str(tmp_path / 'killed')
+  shutil.copytree(codes_workdir, whole)
+  shutil.copytree(codes_workdir, killed)
+  results = prior_trainer.train_priors(config, whole)
+  assert sorted(results) == ['level_1']
+  assert not os.path.exists(prior_trainer.stage_dir(whole, 0))
+
+  real_iterator = codes_lib.create_train_iterator
+
+  def dying_iterator(*args, **kwargs):
+    it = real_iterator(*args, **kwargs)
+    for _ in range(3):
+      yield next(it)
+    raise _Killed()
+
+  monkeypatch.setattr(codes_lib, 'create_train_iterator', dying_iterator)
+  with pytest.raises(_Killed):
+    prior_trainer.train_priors(config, killed)
+  monkeypatch.setattr(codes_lib, 'create_train_iterator', real_iterator)
+  resumed = prior_trainer.train_priors(config, killed)
+
+  vqvae = extract.current_vqvae_provenance(config, whole)
+  a = _restored_state(config, whole, 1, vqvae)
+  b = _restored_state(config, killed, 1, vqvae)
+  assert int(a.step) == int(b.step) == 6
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  for key in ('eval/bits_per_code', 'eval_train/bits_per_code',
+              'eval/bits_per_code_uncond', 'eval/bits_per_code_raw',
+              'train/loss'):
+    assert resumed['level_1'][key] == results['level_1'][key]
+
+  metrics = results['level_1']
+  assert metrics['baseline/uniform_bits_per_code'] == 4.0
+  assert metrics['eval/num_examples'] == 40
+  assert metrics['eval/num_codes'] == 40 * 64
+  assert metrics['eval_train/num_examples'] == 40
+  assert 0 < metrics['eval/bits_per_code'] < 10
+  with open(os.path.join(whole, 'prior_1', 'metrics.json')) as f:
+    assert json.load(f)['step'] == 6
+
+
+def test_codes_from_a_different_vqvae_are_refused(config, codes_workdir,
+                                                  tmp_path):
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(codes_workdir, workdir)
+  stage2_util.save_vqvae_checkpoint(config, workdir, seed=2, step=5)
+  with pytest.raises(codes_lib.CodesMismatchError,
+                     match='step: codes 1, checkpoint 5.*re-run --mode=codes'):
+    prior_trainer.train_priors(config, workdir)
