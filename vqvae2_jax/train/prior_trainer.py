@@ -486,3 +486,56 @@ def train_priors(config: ml_collections.ConfigDict,
   return {f'level_{level}': train_level(config, workdir, level, dataset,
                                         vqvae, mesh)
           for level in levels}
+
+
+def load_prior(config: ml_collections.ConfigDict, workdir: str, level: int, *,
+               vqvae: Mapping[str, Any], mesh: Mesh | None = None,
+               use_polyak: bool = True
+               ) -> tuple[pixelcnn.PixelCNNPrior, dict[str, PyTree], int]:
+  """Loads the newest checkpoint of level `level`'s prior for sampling.
+
+  Args:
+    config: the config that trained it (the fingerprint must match).
+    workdir: the run's workdir (reads workdir/prior_<level>/checkpoints).
+    level: 0 = top.
+    vqvae: provenance of the current VQ-VAE (`extract.vqvae_provenance`); a
+      prior trained on another VQ-VAE's codes is refused.
+    mesh: where to place the parameters; default: all devices.
+    use_polyak: return the Polyak weights when the checkpoint has them.
+
+  Returns:
+    (model, variables {'params': ...}, step).
+
+  Raises:
+    FileNotFoundError: no checkpoint of this level's prior.
+    ValueError: written for another config or another VQ-VAE's codes.
+  """
+  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+  ckpt_dir = os.path.join(stage_dir(workdir, level), 'checkpoints')
+  level_shapes = tuple((config.data.image_size // f,) * 2
+                       for f in config.model.downsample_factors)
+  fingerprint = prior_fingerprint(config, level, level_shapes, vqvae)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(
+        f'No prior checkpoint for level {level} in {ckpt_dir}. Fix: train the '
+        'priors first with --mode=prior and the same --workdir.')
+  _check_codes_provenance(ckpt_dir, fingerprint)
+  model = build_prior(config, level)
+  init, shardings, _, _ = _jitted_functions(
+      model, _optimizer_args(config), level=level, level_shapes=level_shapes,
+      label_drop_rate=float(config.prior.label_drop_rate),
+      polyak_decay=float(config.prior.polyak_decay), mesh=mesh)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  manager = checkpoints.create_manager(ckpt_dir, read_only=True)
+  try:
+    state = checkpoints.restore_latest(
+        manager, common.abstract_with_shardings(abstract, shardings),
+        fingerprint)
+  finally:
+    manager.close()
+  if state is None:
+    raise FileNotFoundError(
+        f'No prior checkpoint for level {level} in {ckpt_dir}. Fix: train the '
+        'priors first with --mode=prior and the same --workdir.')
+  params = state.eval_params() if use_polyak else state.params
+  return model, {'params': params}, int(state.step)
