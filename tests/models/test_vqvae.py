@@ -69,6 +69,34 @@ def _zero_codes(model, images):
           for s in model.latent_shapes(images.shape)]
 
 
+def _transposed_conv_4x4_stride2(x, kernel, bias):
+  """Reference: PyTorch's ConvTranspose2d(k=4, s=2, p=1) as a numpy scatter."""
+  n, h, w, _ = x.shape
+  out = np.zeros((n, 2 * h + 2, 2 * w + 2, kernel.shape[-1]))
+  for i in range(h):
+    for j in range(w):
+      # Input (i, j) lands on outputs 2i - 1 + t, 2j - 1 + s (+1 offset here).
+      out[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum(
+          'nc,tsco->ntso', x[:, i, j], kernel)
+  return out[:, 1:-1, 1:-1] + bias
+
+
+def test_upsample2x_is_a_4x4_stride2_transposed_conv():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+  kernel4 = rng.normal(size=(4, 4, 4, 6)).astype(np.float32)
+  bias = rng.normal(size=(6,)).astype(np.float32)
+  # Tap (u, v) of phase (a, b) is tap (3 - 2u - a, 3 - 2v - b) of the 4x4.
+  kernel = np.zeros((2, 2, 4, 2, 2, 6), np.float32)
+  for u, v, a, b in np.ndindex(2, 2, 2, 2):
+    kernel[u, v, :, a, b] = kernel4[3 - 2 * u - a, 3 - 2 * v - b]
+  layer = vqvae_lib.Upsample2x(6)
+  out = jax.jit(layer.apply)({'params': {'kernel': kernel, 'bias': bias}}, x)
+  assert out.shape == (2, 6, 10, 6)
+  np.testing.assert_allclose(out, _transposed_conv_4x4_stride2(x, kernel4, bias),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_variables_are_float32_params_and_one_codebook_per_level():
   for model, images, levels in ((TWO_LEVELS, _two_level_images(), 2),
                                 (THREE_LEVELS, _three_level_images(), 3)):

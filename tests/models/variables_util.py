@@ -20,7 +20,9 @@ def _fill(path: tuple[str, ...], shape: jax.ShapeDtypeStruct,
           ) -> jax.Array:
   name = path[-1]
   if name == 'kernel':
-    fan_in = int(np.prod(shape.shape[:-1]))
+    # An Upsample2x kernel [2, 2, in, 2, 2, out] has four 2x2 filters.
+    fan_dims = shape.shape[:3] if len(shape.shape) == 6 else shape.shape[:-1]
+    fan_in = int(np.prod(fan_dims))
     value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape.shape)
   elif name == 'codebook':
     dim = shape.shape[-1]

@@ -19,11 +19,9 @@ where Up_i upsamples a level's map to the finest latent size. So each level
 is quantized knowing what the levels above already encode, and the decoder
 sees every level.
 
-Every 2x upsampling is sub-pixel: a 3x3 conv to 4x the channels followed by
-depth-to-space. It can express any 4x4 stride-2 transposed conv (and more),
-and its weight gradient is ~20x cheaper than a transposed conv's on XLA:CPU.
-The kernel starts ICNR-style (the four sub-pixels share weights: nearest
-upsampling then a conv), which avoids checkerboard artefacts at init.
+Every 2x upsampling is a 4x4 stride-2 transposed conv (as in the paper),
+computed as four 2x2 phase convs (`Upsample2x`): XLA:CPU's own transposed
+conv has a pathologically slow weight gradient.
 
 The output image is unconstrained (no tanh): with a tanh, the many pixels at
 exactly -1 (backgrounds) would need unbounded pre-activations and the MSE
@@ -44,33 +42,33 @@ Array = jax.Array
 Dtype = Any
 
 
-def depth_to_space(x: Array, block: int = 2) -> Array:
-  """[b, h, w, block*block*c] -> [b, h*block, w*block, c].
+def _tied_phases(base_init: nn.initializers.Initializer
+                 ) -> nn.initializers.Initializer:
+  """Init of a [2, 2, in, 2, 2, out] kernel: the four phases share one filter.
 
-  Channel (dy * block + dx) * c + j goes to sub-pixel (dy, dx), channel j.
+  With the phases' half-pixel offsets, a shared filter is a conv followed by
+  a smooth (bilinear-like) upsampling: no checkerboard pattern at init.
   """
-  b, h, w, cb = x.shape
-  c = cb // (block * block)
-  x = x.reshape(b, h, w, block, block, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h * block, w * block, c)
-
-
-def _icnr(base_init: nn.initializers.Initializer, block: int = 2
-          ) -> nn.initializers.Initializer:
-  """Kernel init giving the block*block sub-pixels the same filters."""
 
   def init(key, shape, dtype=jnp.float32):
-    *spatial, fan_in, fan_out = shape
-    kernel = base_init(key, (*spatial, fan_in, fan_out // (block * block)),
-                       dtype)
-    return jnp.tile(kernel, (1,) * (len(shape) - 1) + (block * block,))
+    ky, kx, fan_in, py, px, fan_out = shape
+    kernel = base_init(key, (ky, kx, fan_in, fan_out), dtype)
+    return jnp.broadcast_to(kernel[:, :, :, None, None, :], shape)
 
   return init
 
 
-class SubPixelUpsample(nn.Module):
-  """2x upsampling: 3x3 conv to 4 * features, then depth-to-space.
+class Upsample2x(nn.Module):
+  """2x upsampling: a 4x4 stride-2 transposed conv, computed as 4 phase convs.
+
+  Output pixel (2i + a, 2j + b) only sees the 2x2 inputs around it, through
+  its own quarter of the 4x4 kernel; so the transposed conv is four 2x2
+  convs (one per phase (a, b), padded so that phase 0 looks at rows i-1, i
+  and phase 1 at rows i, i+1) interleaved into the output. Same function and
+  FLOPs as `nn.ConvTranspose(features, (4, 4), strides=(2, 2))` with PyTorch
+  padding 1; on XLA:CPU its weight gradient is over 10x faster than the
+  transposed conv's, and it is 2-3x faster than a 3x3 conv to 4x channels
+  followed by depth-to-space.
 
   Attributes:
     features: output channels.
@@ -82,10 +80,24 @@ class SubPixelUpsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[b, h, w, c] -> [b, 2h, 2w, features]."""
-    x = nn.Conv(4 * self.features, (3, 3), dtype=self.dtype,
-                kernel_init=_icnr(nn.initializers.lecun_normal()),
-                name='conv')(x)
-    return depth_to_space(x, 2)
+    # kernel[u, v, :, a, b, :]: tap (u, v) of the 2x2 filter of phase (a, b);
+    # it is tap (3 - 2u - a, 3 - 2v - b) of the equivalent 4x4 kernel.
+    kernel = self.param(
+        'kernel', _tied_phases(nn.initializers.lecun_normal()),
+        (2, 2, x.shape[-1], 2, 2, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    rows = []
+    for a in (0, 1):
+      cols = [jax.lax.conv_general_dilated(
+          x, kernel[:, :, :, a, b], window_strides=(1, 1),
+          padding=((1 - a, a), (1 - b, b)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC')) for b in (0, 1)]
+      rows.append(jnp.stack(cols, axis=3))  # [n, h, w, 2 (b), c]
+    y = jnp.stack(rows, axis=2)  # [n, h, 2 (a), w, 2 (b), c]
+    n, h, _, w, _, c = y.shape
+    return y.reshape(n, 2 * h, 2 * w, c) + bias.astype(self.dtype)
 
 
 class ResidualStack(nn.Module):
@@ -121,7 +133,8 @@ class Encoder(nn.Module):
 
   Attributes:
     num_downsamples: stride-2 convs; the side shrinks by 2**num_downsamples.
-    num_hiddens: output channels (the strided convs before the last use half).
+    num_hiddens: output channels (strided convs but the last of several use
+      half).
     num_residual_layers, num_residual_hiddens: the residual stack.
     dtype: computation dtype.
   """
@@ -135,8 +148,10 @@ class Encoder(nn.Module):
   def __call__(self, x: Array) -> Array:
     """[b, h, w, c] -> [b, h / 2**n, w / 2**n, num_hiddens]."""
     for i in range(self.num_downsamples):
-      last = i == self.num_downsamples - 1
-      x = nn.Conv(self.num_hiddens if last else self.num_hiddens // 2, (4, 4),
+      # Half width while downsampling; full width from the last strided conv
+      # of a multi-step stack (a single step leaves widening to the 3x3).
+      full = i == self.num_downsamples - 1 and i > 0
+      x = nn.Conv(self.num_hiddens if full else self.num_hiddens // 2, (4, 4),
                   strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
                   name=f'down{i}')(x)
       x = nn.relu(x)
@@ -147,7 +162,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """A 3x3 conv, a residual stack, then sub-pixel 2x upsamplings.
+  """A 3x3 conv, a residual stack, then 2x upsamplings (ReLU between).
 
   Attributes:
     out_channels: channels of the output.
@@ -172,8 +187,8 @@ class Decoder(nn.Module):
                       name='residual')(x)
     for i in range(self.num_upsamples):
       last = i == self.num_upsamples - 1
-      x = SubPixelUpsample(self.out_channels if last else self.num_hiddens // 2,
-                           self.dtype, name=f'up{i}')(x)
+      x = Upsample2x(self.out_channels if last else self.num_hiddens // 2,
+                     self.dtype, name=f'up{i}')(x)
       if not last:
         x = nn.relu(x)
     return x
@@ -184,7 +199,7 @@ class LatentUpsample(nn.Module):
 
   Attributes:
     features: output channels.
-    num_upsamples: 2x sub-pixel upsamplings, ReLU between them.
+    num_upsamples: 2x upsamplings, ReLU between them.
     dtype: computation dtype.
   """
   features: int
@@ -197,7 +212,7 @@ class LatentUpsample(nn.Module):
     for i in range(self.num_upsamples):
       if i:
         x = nn.relu(x)
-      x = SubPixelUpsample(self.features, self.dtype, name=f'up{i}')(x)
+      x = Upsample2x(self.features, self.dtype, name=f'up{i}')(x)
     return x
 
 
