@@ -16,6 +16,8 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -41,8 +43,27 @@ def create_manager(directory: str, *, max_to_keep: int | None = 2,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=async_save)
+  # Replica-parallel saving splits every replicated array into one slice per
+  # replica, and slicing compiles one small XLA program per slice shape: the
+  # first save of a small model on 8 CPU devices took ~15 s, the rest
+  # < 1 s. Our states are small; one replica writing each array is as fast.
+  handlers = {
+      _STATE: ocp.PyTreeCheckpointHandler(
+          type_handler_registry=_type_handlers()),
+      _FINGERPRINT: ocp.JsonCheckpointHandler(),
+  }
   return ocp.CheckpointManager(directory, options=options,
-                               item_names=(_STATE, _FINGERPRINT))
+                               item_handlers=handlers)
+
+
+def _type_handlers() -> Any:
+  """orbax's default leaf types, jax.Array without replica-parallel saves."""
+  th = ocp.type_handlers
+  return th.create_type_handler_registry(
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()),
+      (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
+      (jax.Array, th.ArrayHandler(use_replica_parallel=False)),
+      (str, th.StringHandler()))
 
 
 def _normalise(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,10 +76,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
          fingerprint: Mapping[str, Any]) -> None:
   """Saves `state` and `fingerprint` as checkpoint `step` (asynchronously)."""
   manager.save(int(step), args=ocp.args.Composite(**{
-      _STATE: ocp.args.StandardSave(state),
+      _STATE: ocp.args.PyTreeSave(state),
       _FINGERPRINT: ocp.args.JsonSave(_normalise(fingerprint)),
   }), force=True)
   logging.info('Saving checkpoint step %d to %s', step, manager.directory)
+
+
+def _restore_args(target: PyTree) -> PyTree:
+  """Restores each array with the sharding, shape and dtype of `target`."""
+  return jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(
+          sharding=getattr(x, 'sharding', None), global_shape=x.shape,
+          dtype=x.dtype), target)
 
 
 def check_fingerprint(saved: Mapping[str, Any] | None,
@@ -128,8 +157,24 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
     return None
   check_fingerprint(restore_fingerprint(manager, step), fingerprint,
                     str(manager.directory))
+  return restore_step(manager, step, target)
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int,
+                 target: PyTree) -> PyTree:
+  """Restores checkpoint `step` into the structure of `target` (no checks).
+
+  Args:
+    manager: from `create_manager`.
+    step: an existing checkpoint step.
+    target: as in `restore_latest`.
+
+  Returns:
+    The state, its arrays with `target`'s shardings.
+  """
   restored = manager.restore(step, args=ocp.args.Composite(**{
-      _STATE: ocp.args.StandardRestore(target)}))
+      _STATE: ocp.args.PyTreeRestore(
+          target, restore_args=_restore_args(target))}))
   logging.info('Restored checkpoint step %d from %s', step, manager.directory)
   return restored[_STATE]
 
