@@ -178,9 +178,13 @@ def sharded_init(init_fn: Callable[..., PyTree], mesh: Mesh,
   # Runs once: LLVM's optimisations would cost more (~25 s for a small VQ-VAE
   # on XLA:CPU, mostly in the initializers' random-number code) than the
   # optimised program could ever save.
-  options = _FAST_COMPILE if jax.default_backend() == 'cpu' else None
   return jax.jit(init_fn, out_shardings=shardings,
-                 compiler_options=options), shardings
+                 compiler_options=fast_compile_options()), shardings
+
+
+def fast_compile_options() -> dict[str, Any] | None:
+  """XLA options for functions that run rarely: compile fast, run slower."""
+  return dict(_FAST_COMPILE) if jax.default_backend() == 'cpu' else None
 
 
 def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh,
@@ -336,7 +340,13 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True) + '\n')
-  tmp.rename(path)
+  tmp.replace(path)
+
+
+def read_json(path: str) -> dict[str, Any]:
+  """The JSON object in `path`, or {} if the file does not exist."""
+  path = epath.Path(path)
+  return json.loads(path.read_text()) if path.exists() else {}
 
 
 def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
