@@ -1,0 +1,297 @@
+"""Tests of the stage-1 trainer: sharded step, end to end, resume, failures.
+
+conftest.py gives the session 8 fake CPU devices; the single-device runs use
+a mesh over jax.devices()[:1].
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from vqvae2_jax import checkpoints
+from vqvae2_jax import parallel
+from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.train import common
+from vqvae2_jax.train import vqvae_trainer
+
+
+_EVAL_EXAMPLES = 200  # Not a multiple of the eval batch: the last is padded.
+
+
+def _config():
+  config = tiny.get_config()
+  config.data.eval_split = f'test[:{_EVAL_EXAMPLES}]'
+  return config
+
+
+# Steps of the sharded-step test: past warm-up (2 steps) and past the dead-code
+# window (4 steps), so that restarts are part of what must match.
+_SHARDED_STEPS = 6
+
+
+def _restore_state(config, workdir, step=None):
+  """The full TrainState of checkpoint `step` (default newest) on 1 device."""
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  target = vqvae_trainer._restore_target(vqvae_trainer.programs(config, mesh))
+  manager = checkpoints.create_manager(
+      str(vqvae_trainer.stage_dir(workdir) / 'checkpoints'), read_only=True)
+  try:
+    step = manager.latest_step() if step is None else step
+    restored = checkpoints.restore_step(manager, step, target)
+  finally:
+    manager.close()
+  return jax.device_get(restored)
+
+
+def _train_batches(config, num, seed=0):
+  rng = np.random.default_rng(seed)
+  size, channels = config.data.image_size, config.data.channels
+  # Smooth random images (blocky noise), in [-1, 1].
+  coarse = rng.uniform(-1, 1, (num, config.vqvae_train.batch_size, size // 4,
+                               size // 4, channels)).astype(np.float32)
+  return np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)
+
+
+def _run_steps(config, mesh, batches):
+  progs = vqvae_trainer.programs(config, mesh)
+  state = progs.init(jax.random.PRNGKey(config.seed))
+  restarted = 0.0
+  for images in batches:
+    batch = parallel.shard_batch({'image': images}, mesh)
+    state, metrics = progs.train_step(state, batch)
+    restarted += sum(float(v) for k, v in metrics.items()
+                     if k.startswith('restarted'))
+  return jax.device_get(state), jax.device_get(metrics), restarted
+
+
+def _assert_trees_close(actual, expected, rtol):
+  leaves_a = jax.tree_util.tree_leaves_with_path(actual)
+  leaves_e = jax.tree.leaves(expected)
+  assert len(leaves_a) == len(leaves_e)
+  for (path, a), e in zip(leaves_a, leaves_e):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    err = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-12)
+    assert err <= rtol, (jax.tree_util.keystr(path), err)
+
+
+@pytest.fixture(scope='module')
+def single_device_run():
+  config = _config()
+  one = parallel.create_mesh(devices=jax.devices()[:1])
+  return _run_steps(config, one, _train_batches(config, num=_SHARDED_STEPS))
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1), (4, 2)])
+def test_sharded_step_matches_single_device(mesh_shape, single_device_run,
+                                            monkeypatch):
+  config = _config()
+  batches = _train_batches(config, num=_SHARDED_STEPS)
+  many = jax.sharding.Mesh(
+      np.asarray(jax.devices()).reshape(mesh_shape), parallel.DATA_AXES)
+  # Let the tiny model's larger kernels be split over 'fsdp' (2 devices).
+  monkeypatch.setattr(common, '_MIN_FSDP_SIZE', 64)
+  state_n, metrics_n, restarted_n = _run_steps(config, many, batches)
+  state_1, metrics_1, restarted_1 = single_device_run
+  assert int(state_n.step) == len(batches)
+  assert restarted_1 > 0  # The restart is part of what must match.
+  assert restarted_n == restarted_1
+  _assert_trees_close(state_n.params, state_1.params, rtol=1e-5)
+  _assert_trees_close(state_n.extra, state_1.extra, rtol=1e-5)
+  for key in ('loss', 'mse', 'grad_norm'):
+    np.testing.assert_allclose(metrics_n[key], metrics_1[key], rtol=1e-5)
+
+
+def test_fsdp_shardings_split_large_arrays():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2),
+                           parallel.DATA_AXES)
+  abstract = {'big': jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
+              'small': jax.ShapeDtypeStruct((128,), jnp.float32)}
+  shardings = common.state_shardings(abstract, mesh)
+  assert shardings['big'].spec == jax.sharding.PartitionSpec(
+      None, None, None, 'fsdp')
+  assert shardings['small'].spec == jax.sharding.PartitionSpec()
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """An uninterrupted tiny run: (config, workdir, returned metrics)."""
+  config = _config()
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  metrics = vqvae_trainer.train_and_evaluate(config, workdir)
+  return config, workdir, metrics
+
+
+def test_end_to_end_writes_checkpoints_metrics_and_images(finished_run):
+  config, workdir, metrics = finished_run
+  out = vqvae_trainer.stage_dir(workdir)
+  steps = config.vqvae_train.num_train_steps
+  assert metrics['step'] == steps
+  ckpts = sorted(int(p.name) for p in (out / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert ckpts == [3, 6]  # checkpoint_every=3, keep_checkpoints=2.
+  with open(out / 'metrics.json') as f:
+    assert json.load(f) == pytest.approx(metrics)
+  assert metrics['eval/num_examples'] == _EVAL_EXAMPLES
+  num_levels = len(config.model.downsample_factors)
+  for i in range(num_levels):
+    assert 0 < metrics[f'eval/used_fraction_level{i}'] <= 1
+    assert f'train/perplexity_level{i}' in metrics
+  assert metrics['eval/psnr'] == pytest.approx(
+      10 * np.log10(4 / metrics['eval/mse']))
+  assert np.isfinite(metrics['train/grad_norm'])
+  assert (out / 'images' / f'recon_{steps:07d}.png').exists()
+  assert any(p.name.startswith('events.out.tfevents') for p in out.iterdir())
+
+
+def test_rerun_of_finished_run_only_evaluates(finished_run):
+  config, workdir, metrics = finished_run
+  again = vqvae_trainer.train_and_evaluate(config, workdir)
+  assert again['step'] == metrics['step']
+  assert 'train_steps_per_s' in again  # Kept from the run that trained.
+  for key in ('eval/mse', 'eval/used_fraction_level0', 'train/loss'):
+    assert again[key] == pytest.approx(metrics[key], rel=1e-6)
+  ckpts = vqvae_trainer.stage_dir(workdir) / 'checkpoints'
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == [
+      '3', '6']
+
+
+def _interrupting(create, *, fail_at_step, nan_at_step=None):
+  """Wraps create_train_iterator: NaN images or an exception at a step."""
+
+  @functools.wraps(create)
+  def wrapped(*args, start_step=0, **kwargs):
+    def batches():
+      for step, batch in enumerate(create(*args, start_step=start_step,
+                                          **kwargs), start=start_step + 1):
+        if step == fail_at_step:
+          raise RuntimeError(f'simulated crash before step {step}')
+        if step == nan_at_step:
+          batch = dict(batch, image=batch['image'] * jnp.nan)
+        yield batch
+    return batches()
+
+  return wrapped
+
+
+def test_resumed_run_ends_identical(finished_run, tmp_path, monkeypatch):
+  config, done_dir, _ = finished_run
+  workdir = str(tmp_path)
+  with monkeypatch.context() as m:
+    m.setattr(input_pipeline, 'create_train_iterator', _interrupting(
+        input_pipeline.create_train_iterator, fail_at_step=5))
+    with pytest.raises(RuntimeError, match='simulated crash'):
+      vqvae_trainer.train_and_evaluate(config, workdir)
+  ckpt_dir = vqvae_trainer.stage_dir(workdir) / 'checkpoints'
+  assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == [
+      '3']
+  metrics = vqvae_trainer.train_and_evaluate(config, workdir)
+  assert metrics['step'] == config.vqvae_train.num_train_steps
+  resumed, uninterrupted = (_restore_state(config, workdir),
+                            _restore_state(config, done_dir))
+  # Same params, codebooks, optimizer state, RNG and step, bit for bit.
+  for a, e in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_array_equal(a, e)
+
+
+def test_non_finite_loss_names_step_and_keeps_checkpoint(tmp_path,
+                                                          monkeypatch):
+  config = _config()
+  workdir = str(tmp_path)
+  monkeypatch.setattr(input_pipeline, 'create_train_iterator', _interrupting(
+      input_pipeline.create_train_iterator, fail_at_step=-1, nan_at_step=5))
+  with pytest.raises(common.NonFiniteError, match=r'at step 5\b'):
+    vqvae_trainer.train_and_evaluate(config, workdir)
+  ckpt_dir = vqvae_trainer.stage_dir(workdir) / 'checkpoints'
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ['3']
+  state = _restore_state(config, workdir)
+  assert int(state.step) == 3
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_checkpoint_of_other_model_config_is_refused(finished_run):
+  config, workdir, _ = finished_run
+  other = _config()
+  other.model.num_hiddens = 2 * config.model.num_hiddens
+  other.model.num_embeddings = 2 * config.model.num_embeddings
+  with pytest.raises(ValueError, match=r'model\.num_embeddings.*'
+                     r'model\.num_hiddens.*another --workdir'):
+    vqvae_trainer.train_and_evaluate(other, workdir)
+  with pytest.raises(ValueError, match=r'model\.num_hiddens'):
+    vqvae_trainer.load_vqvae(other, workdir)
+  # Training knobs may change between runs: the same checkpoint loads.
+  knobs = _config()
+  knobs.model.dtype = 'bfloat16'
+  knobs.model.dead_code_window = 7
+  _, variables, step = vqvae_trainer.load_vqvae(knobs, workdir)
+  assert step == config.vqvae_train.num_train_steps
+  assert set(variables) == {'params', 'vq_stats'}
+
+
+def test_learning_rate_schedule():
+  schedule = common.create_learning_rate_schedule(
+      learning_rate=1.0, warmup_steps=10, num_train_steps=110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.5)
+  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
+  flat = common.create_learning_rate_schedule(
+      learning_rate=1.0, warmup_steps=10, num_train_steps=110,
+      cosine_decay=False)
+  assert float(flat(100)) == 1.0
+
+
+def test_step_metrics_summary_and_non_finite_check():
+  pending = common.StepMetrics(sum_prefixes=('restarted',))
+  pending.append(1, {'loss': jnp.float32(1.0), 'restarted_level0': 2.0})
+  pending.append(2, {'loss': jnp.float32(3.0), 'restarted_level0': 1.0})
+  pending.check_finite()
+  assert pending.pop_summary() == {'loss': 2.0, 'restarted_level0': 3.0}
+  pending.append(3, {'loss': jnp.float32(1.0)})
+  pending.append(4, {'loss': jnp.float32(np.inf)})
+  with pytest.raises(common.NonFiniteError, match='step 4: loss=inf. keep'):
+    pending.check_finite('keep')
+
+
+def test_image_grid_layout():
+  images = np.stack([np.full((4, 5, 1), v, np.float32)
+                     for v in (-1.0, 0.0, 1.0)])
+  grid = common.image_grid(images, num_cols=2, padding=1)
+  assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 1)
+  assert grid[1, 1, 0] == 0 and grid[1, 7, 0] == 128 and grid[6, 1, 0] == 255
+  assert grid[0, 0, 0] == 255  # Padding.
+
+
+def test_fingerprint_error_names_fields_and_fix():
+  with pytest.raises(ValueError) as e:
+    checkpoints.check_fingerprint({'a': [8, 4], 'b': 1}, {'a': (8, 4), 'b': 2},
+                                  '/ck')
+  assert 'b: checkpoint 1, config 2' in str(e.value)
+  assert 'a:' not in str(e.value)
+  assert '--workdir' in str(e.value)
+  checkpoints.check_fingerprint({'a': [8, 4]}, {'a': (8, 4)}, '/ck')
+
+
+def test_reconstruction_summary_masks_padding():
+  from vqvae2_jax.evaluation import reconstruction
+  images = jnp.zeros((3, 2, 2, 1))
+  recon = jnp.stack([jnp.full((2, 2, 1), 1.0), jnp.full((2, 2, 1), 0.5),
+                     jnp.full((2, 2, 1), 9.0)])
+  codes = [jnp.array([[[0]], [[1]], [[2]]], jnp.int32)]
+  mask = jnp.array([True, True, False])
+  first = reconstruction.batch_sums(images[:2], recon[:2], [codes[0][:2]],
+                                    mask[:2], num_embeddings=4)
+  total = reconstruction.add_sums(
+      first, reconstruction.batch_sums(images, recon, codes, mask, 4))
+  metrics = reconstruction.summarize(total)
+  assert metrics['num_examples'] == 4
+  assert metrics['mse'] == pytest.approx((1.0 + 0.25) / 2)
+  assert metrics['psnr'] == pytest.approx(10 * np.log10(4 / 0.625))
+  assert metrics['used_fraction_level0'] == 0.5  # Code 2 only in padding.
+  assert metrics['perplexity_level0'] == pytest.approx(2.0)
