@@ -156,8 +156,9 @@ class _Quantizer(nn.Module):
   """What both quantizers share: search, losses, restarts, k-means init.
 
   Subclasses define `_codebook()` (the codebook used for the search),
-  `_set_codebook(rows_mask, values)` (overwrite some rows), `_update(flat,
-  counts, sums)` (the per-train-call learning rule) and `codebook_loss`.
+  `_set_codebook(rows, values)` (overwrite some rows), `_update(flat, counts,
+  sums)` (the per-train-call learning rule) and `_codebook_loss(inputs,
+  quantized)`.
 
   Attributes:
     num_embeddings: K, codes in the codebook.

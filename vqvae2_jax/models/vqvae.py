@@ -19,14 +19,14 @@ where Up_i upsamples a level's map to the finest latent size. So each level
 is quantized knowing what the levels above already encode, and the decoder
 sees every level.
 
-Every 2x upsampling is a 4x4 stride-2 transposed conv (as in the paper),
+Every 2x upsampling is a 4x4 stride-2 transposed conv (as in VQ-VAE),
 computed as four 2x2 phase convs (`Upsample2x`): XLA:CPU's own transposed
 conv has a pathologically slow weight gradient.
 
 The output image is unconstrained (no tanh): with a tanh, the many pixels at
 exactly -1 (backgrounds) would need unbounded pre-activations and the MSE
-gradient vanishes there; a linear output fits [-1, 1] data directly, as in
-the paper. Clip to [-1, 1] for display.
+gradient vanishes there; a linear output fits [-1, 1] data directly. Clip to
+[-1, 1] for display.
 """
 
 import math
