@@ -22,7 +22,7 @@ _STAGES = {
     'vqvae': ('vqvae2_jax.train.vqvae_trainer', 'train_and_evaluate'),
     'codes': ('vqvae2_jax.train.extract', 'extract_codes'),
     'prior': ('vqvae2_jax.train.prior_trainer', 'train_priors'),
-    'sample': ('vqvae2_jax.sampling', 'sample_and_save'),
+    'sample': ('vqvae2_jax.generate', 'sample_and_save'),
     'eval': ('vqvae2_jax.evaluation.run', 'evaluate'),
 }
 PIPELINE = ('vqvae', 'codes', 'prior', 'sample')
