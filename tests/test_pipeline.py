@@ -1,0 +1,109 @@
+"""The whole pipeline from the command line on a tiny config: --mode=all,
+then sampling again (skipped: nothing is overwritten) and with other
+controls (a new directory beside the first), in this process to save the
+start-up of a new one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import tiny
+from vqvae2_jax import stages
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TINY = ['--config=configs/tiny.py',
+         # Small splits keep code extraction to a few batches.
+         '--config.data.train_split=train[:256]',
+         '--config.data.eval_split=test[:64]',
+         '--config.vqvae_train.eval_batch_size=32',
+         '--config.prior.eval_batch_size=32']
+
+
+def _tiny_config(**sampling):
+  config = tiny.get_config()
+  for arg in _TINY[1:]:
+    path, value = arg[len('--config.'):].split('=')
+    section, name = path.split('.')
+    config[section][name] = type(config[section][name])(value)
+  config.sampling.update(sampling)
+  return config
+
+
+def _sample(workdir, seed=0, **sampling):
+  config = _tiny_config(**sampling)
+  config.seed = seed
+  return stages.run('sample', config, str(workdir))['sample']
+
+
+def _main(workdir, *args):
+  result = subprocess.run(
+      [sys.executable, '-m', 'vqvae2_jax.main', *_TINY,
+       f'--workdir={workdir}', *args],
+      cwd=_ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('pipeline')
+  _main(workdir, '--mode=all')
+  return workdir
+
+
+def _sample_dirs(workdir):
+  return sorted((workdir / 'samples').iterdir())
+
+
+def test_all_writes_every_stage(workdir):
+  for name in ('vqvae', 'codes', 'prior_0', 'prior_1', 'samples'):
+    assert (workdir / name).is_dir(), name
+  assert json.loads((workdir / 'vqvae' / 'metrics.json').read_text())['step'] == 6
+  for level in (0, 1):
+    metrics = json.loads(
+        (workdir / f'prior_{level}' / 'metrics.json').read_text())
+    assert metrics['step'] == 6
+
+
+def test_sample_outputs(workdir):
+  (run,) = _sample_dirs(workdir)
+  meta = json.loads((run / 'meta.json').read_text())
+  assert meta['vqvae_step'] == 6 and meta['prior_steps'] == [6, 6]
+  assert meta['conditional'] and meta['num_samples'] == 10
+  codes = np.load(run / 'codes.npz')
+  assert codes['codes_0'].shape == (10, 4, 4)
+  assert codes['codes_1'].shape == (10, 8, 8)
+  np.testing.assert_array_equal(codes['labels'], np.arange(10))
+  for level in (0, 1):
+    assert codes[f'codes_{level}'].min() >= 0
+    assert codes[f'codes_{level}'].max() < 16
+  with Image.open(run / 'samples.png') as grid:
+    # One row per class, num_samples_per_class=1 column, 2-pixel borders.
+    assert grid.size == (1 * 34 + 2, 10 * 34 + 2)
+  with Image.open(run / 'levels.png') as grid:
+    # Rows: every level, then the top level alone; 8 samples per row.
+    assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
+
+
+def test_sample_again_skips_and_other_controls_write_beside(workdir):
+  (first,) = _sample_dirs(workdir)
+  before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+  _sample(workdir)
+  assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
+  _sample(workdir, top_k=1)
+  runs = _sample_dirs(workdir)
+  assert len(runs) == 2 and first in runs
+  assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
+  (greedy,) = [r for r in runs if r != first]
+  assert '_k1_' in greedy.name
+  # top_k=1 is greedy decoding: another sampling seed gives the same codes.
+  _sample(workdir, seed=7, top_k=1)
+  (greedy7,) = [r for r in _sample_dirs(workdir) if 'seed7' in r.name]
+  for name in ('codes_0', 'codes_1', 'labels'):
+    np.testing.assert_array_equal(np.load(greedy / 'codes.npz')[name],
+                                  np.load(greedy7 / 'codes.npz')[name])
