@@ -19,6 +19,7 @@ from typing import Any
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -93,8 +94,8 @@ def make_encode_fn(model: Any, variables: Any, mesh: jax.sharding.Mesh
     codes = model.apply(variables, batch['image'], method=model.encode)
     labels = batch.get('label')
     if labels is None:  # Unlabelled data: label 0 everywhere.
-      labels = jax.numpy.zeros(batch['image'].shape[:1], jax.numpy.int32)
-    return list(codes), labels.astype(jax.numpy.int32), batch['mask']
+      labels = jnp.zeros(batch['image'].shape[:1], jnp.int32)
+    return list(codes), labels.astype(jnp.int32), batch['mask']
 
   jitted = jax.jit(encode,
                    in_shardings=(var_shardings, parallel.data_sharding(mesh)),

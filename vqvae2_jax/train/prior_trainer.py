@@ -44,6 +44,9 @@ _LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
 # Examples of the training split whose code frequencies define the unigram
 # baseline (enough for stable frequencies, cheap to read).
 _UNIGRAM_EXAMPLES = 50_000
+# Training examples scored in eval mode at each evaluation (at most as many
+# as the held-out split): enough to see overfitting, a fraction of its cost.
+_TRAIN_EVAL_EXAMPLES = 4096
 
 
 class PriorTrainState(common.TrainState):
@@ -342,9 +345,13 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
     mesh: the device mesh.
 
   Returns:
-    'eval/...' (held-out split, whole), 'eval_train/...' (as many training
-    examples), 'train/...' (last log interval), baselines, 'step',
-    'steps_per_sec', 'codes_per_sec', 'wall_time_s'.
+    'eval/...' (held-out split, whole; with the Polyak weights when used,
+    plus 'eval/bits_per_code_uncond' without labels and
+    'eval/bits_per_code_raw' with the raw params), 'eval_train/...' (the
+    first training examples, as many as held out up to 4096), 'train/...'
+    (last log interval, train mode), 'baseline/...' (uniform and unigram),
+    'step', 'num_params', 'steps_per_sec' and 'codes_per_sec' (training
+    alone), 'eval_time_s', 'wall_time_s'.
   """
   start_time = time.time()
   p = config.prior
@@ -399,7 +406,8 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
       results = {'eval': evaluate(eval_fns['cond'], params,
                                   batches(eval_split)),
                  'eval_train': evaluate(eval_fns['cond'], params, batches(
-                     train_split, eval_split.num_examples))}
+                     train_split, min(eval_split.num_examples,
+                                      _TRAIN_EVAL_EXAMPLES)))}
       if final and model.num_classes:
         results['eval']['bits_per_code_uncond'] = evaluate(
             eval_fns['uncond'], params, batches(eval_split))['bits_per_code']
@@ -416,8 +424,8 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
                    flat['eval/bits_per_code'], flat['eval_train/bits_per_code'])
       return flat
 
-    eval_metrics = None
-    loop_start, loop_start_step = time.time(), start_step
+    eval_metrics, eval_seconds = None, 0.0
+    loop_start = time.time()
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = train_step(state, next(train_iter))
@@ -438,21 +446,24 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
         train_summary = pending.pop_summary()
         writer.write_scalars(step, common.scalars(train_summary, 'train'))
       if do_eval:
+        eval_start = time.time()
         eval_metrics = run_eval(step, final=is_last)
+        eval_seconds += time.time() - eval_start
       if do_save:
         checkpoints.save(manager, step, state, fingerprint)
-    loop_time = time.time() - loop_start
-    steps_done = num_steps - loop_start_step
+    # Throughput of training alone (checkpoints are asynchronous).
+    train_seconds = time.time() - loop_start - eval_seconds
+    steps_done = num_steps - start_step
 
     if eval_metrics is None:  # Nothing left to train: evaluate what we have.
       eval_metrics = run_eval(start_step, final=True)
     codes_per_example = math.prod(dataset.level_shapes[level])
-    steps_per_sec = steps_done / loop_time if steps_done else float('nan')
+    steps_per_sec = steps_done / train_seconds if steps_done else float('nan')
     final = {
         'level': level, 'step': int(state.step), 'num_params': num_params,
         'steps_per_sec': steps_per_sec,
         'codes_per_sec': steps_per_sec * p.batch_size * codes_per_example,
-        'wall_time_s': time.time() - start_time,
+        'eval_time_s': eval_seconds, 'wall_time_s': time.time() - start_time,
         **eval_metrics, **common.scalars(train_summary, 'train'),
         **common.scalars(baselines(dataset, level), 'baseline')}
     common.write_json(os.path.join(out_dir, 'metrics.json'), final)
