@@ -52,22 +52,27 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array,
   """
   logits = logits.astype(jnp.float32) / temperature
   k = logits.shape[-1]
-  desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
-  kept = jnp.clip(jnp.where(top_k > 0, top_k, k), 1, k)
-  kth = jnp.take(desc, kept - 1, axis=-1)
-  logits = jnp.where(logits >= kth[..., None], logits, -jnp.inf)
 
-  desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
-  probs = jax.nn.softmax(desc, axis=-1)
-  # Probability mass strictly before each sorted code: keep a code while the
-  # mass before it is still below top_p (the most likely code always stays).
-  before = jnp.concatenate(
-      [jnp.zeros_like(probs[..., :1]), jnp.cumsum(probs, axis=-1)[..., :-1]],
-      axis=-1)
-  keep = (before < top_p) | (top_p >= 1.0)
-  num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-  cutoff = jnp.take_along_axis(desc, (num_keep - 1)[..., None], axis=-1)
-  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+  def truncate(logits):
+    desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    kept = jnp.clip(jnp.where(top_k > 0, top_k, k), 1, k)
+    kth = jnp.take(desc, kept - 1, axis=-1)[..., None]
+    # Filtering by a threshold keeps `desc` sorted: one sort serves both.
+    desc = jnp.where(desc >= kth, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    # Probability mass strictly before each sorted code: keep a code while
+    # the mass before it is still below top_p (the most likely code stays).
+    before = jnp.concatenate(
+        [jnp.zeros_like(probs[..., :1]), jnp.cumsum(probs, axis=-1)[..., :-1]],
+        axis=-1)
+    keep = (before < top_p) | (top_p >= 1.0)
+    num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    cutoff = jnp.take_along_axis(desc, (num_keep - 1)[..., None], axis=-1)
+    return jnp.where(logits >= jnp.maximum(kth, cutoff), logits, -jnp.inf)
+
+  # Skip the sort when neither filter is on (the common case).
+  return jax.lax.cond((top_k > 0) | (top_p < 1.0), truncate, lambda x: x,
+                      logits)
 
 
 def sample_logits(rng: Array, logits: Array, temperature: Array, top_k: Array,
@@ -175,11 +180,15 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
 
 def _reference_impl(model: pixelcnn.PixelCNNPrior,
-                    shape: tuple[int, int, int], num_positions: int,
-                    variables: PyTree, rng: Array,
-                    cond_codes: tuple[Array, ...], labels: Optional[Array],
-                    temperature: Array, top_k: Array, top_p: Array) -> Array:
-  """Reference sampling: the full prior on the partial map at every position."""
+                    shape: tuple[int, int, int], variables: PyTree,
+                    rng: Array, cond_codes: tuple[Array, ...],
+                    labels: Optional[Array], temperature: Array, top_k: Array,
+                    top_p: Array, num_positions: Array) -> Array:
+  """Reference sampling: the full prior on the partial map at every position.
+
+  num_positions is traced (a while loop), so benchmarks can time a few
+  positions with the function that samples whole maps.
+  """
   b, _, width = shape
 
   def step(t, codes):
@@ -198,10 +207,10 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-           reference: bool, num_positions: int) -> Callable[..., Array]:
+           reference: bool) -> Callable[..., Array]:
   """One jitted sampler per (prior, shape, kind); jit adds one per input shapes."""
   if reference:
-    fn = functools.partial(_reference_impl, model, shape, num_positions)
+    fn = functools.partial(_reference_impl, model, shape)
   else:
     fn = functools.partial(_cached_impl, model, shape)
   return jax.jit(fn)
@@ -275,8 +284,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   """
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels)
   controls = _controls(temperature, top_k, top_p)
-  return _build(model, shape, False, 0)(variables, rng, cond_codes, labels,
-                                        *controls)
+  return _build(model, shape, False)(variables, rng, cond_codes, labels,
+                                     *controls)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -293,7 +302,7 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       top_p: as for `sample_level`; the result is the same.
     num_positions: sample only the first n positions in raster order (the
       rest stay 0); for benchmarks, since every step costs one full forward
-      pass. None samples the whole map.
+      pass. None samples the whole map. Changing it does not recompile.
 
   Returns:
     [batch, h, w] int32 codes.
@@ -304,5 +313,5 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
     raise ValueError(f'num_positions must be in [0, {total}], got {n}.')
-  return _build(model, shape, True, n)(variables, rng, cond_codes, labels,
-                                       *controls)
+  return _build(model, shape, True)(variables, rng, cond_codes, labels,
+                                    *controls, jnp.asarray(n, jnp.int32))

@@ -170,23 +170,54 @@ def position_embedding(rows: Array, cols: Array, dim: int) -> Array:
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """Masked softmax attention in float32.
+  """Masked softmax attention in float32, heads-major.
 
   Args:
-    q: [batch, tq, heads, d].
-    k: [batch, tk, heads, d].
-    v: [batch, tk, heads, d].
+    q: [batch, heads, tq, d].
+    k: [batch, heads, tk, d].
+    v: [batch, heads, tk, d].
     mask: [tq, tk] bool, True where a query may look.
 
   Returns:
-    [batch, tq, heads, d] in the dtype of v.
+    [batch, heads, tq, d] in the dtype of v.
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32),
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q.astype(jnp.float32),
                       k.astype(jnp.float32)) * scale
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(jnp.float32))
+  out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(jnp.float32))
+  return out.astype(v.dtype)
+
+
+def _attend_one(q: Array, k: Array, v: Array,
+                parts: Sequence[tuple[Array, Array, Array]]) -> Array:
+  """`_attend` for one new query over cached keys/values plus its own.
+
+  Args:
+    q, k, v: [batch, heads, d] query, key and value of the new position.
+    parts: (k_cache, v_cache, valid) triples: [batch, heads, n_i, d] caches
+      and [n_i] bool masks of the entries to attend to.
+
+  Returns:
+    [batch, heads, d] in the dtype of v.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  q = q.astype(jnp.float32)
+  logits = []
+  for k_cache, _, valid in parts:
+    part = jnp.einsum('bhd,bhkd->bhk', q, k_cache.astype(jnp.float32)) * scale
+    logits.append(jnp.where(valid, part, jnp.finfo(jnp.float32).min))
+  logits.append(jnp.sum(q * k.astype(jnp.float32), axis=-1, keepdims=True)
+                * scale)
+  weights = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+  out = weights[..., -1:] * v.astype(jnp.float32)
+  start = 0
+  for k_cache, v_cache, _ in parts:
+    n = k_cache.shape[2]
+    out = out + jnp.einsum('bhk,bhkd->bhd', weights[..., start:start + n],
+                           v_cache.astype(jnp.float32))
+    start += n
   return out.astype(v.dtype)
 
 
@@ -355,29 +386,52 @@ class AttentionBlock(nn.Module):
     rows, cols = jnp.divmod(jnp.arange(n), width)
     flat = h.reshape(b, n, c)
     q, k, v = self.qkv(flat, position_embedding(rows, cols, c))
+    heads_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))
     mask = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
-    out = self.finish(flat, _attend(q, k, v, mask), train=train)
+    attended = _attend(heads_major(q), heads_major(k), heads_major(v), mask)
+    out = self.finish(flat, heads_major(attended), train=train)
     return out.reshape(b, height, width, c)
 
-  def step(self, h: Array, cache: dict[str, Array], t: Array, r: Array,
-           c: Array) -> tuple[Array, dict[str, Array]]:
-    """Incremental path at raster index t = r * w + c.
+  def step(self, h: Array, cache: dict[str, Array], r: Array, c: Array
+           ) -> tuple[Array, dict[str, Array]]:
+    """Incremental path at position (r, c).
+
+    The keys and values live in two caches: the rows above (written a whole
+    row at a time by `flush_row`) and the current row (written a position at
+    a time). A step only reads the big cache, so XLA never copies it inside
+    the per-position loop.
 
     Args:
       h: [batch, 1, C] features at the new position.
-      cache: {'k', 'v'}: [batch, h * w, heads, d] keys and values of the
-        positions before t (later entries are ignored).
-      t, r, c: int32 scalars.
+      cache: {'k', 'v': [batch, heads, h * w, d] the rows above r (later
+        entries are ignored); 'row_k', 'row_v': [batch, heads, w, d] the
+        columns before c of row r}. Heads-major, so that a step reads the
+        caches without transposing them.
+      r, c: int32 scalars.
 
     Returns:
-      ([batch, 1, C], the cache with position t written).
+      ([batch, 1, C], the cache with (r, c) written to the row cache).
     """
     q, k, v = self.qkv(h, position_embedding(r[None], c[None], self.channels))
-    keys = jax.lax.dynamic_update_slice_in_dim(cache['k'], k, t, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(cache['v'], v, t, axis=1)
-    mask = (jnp.arange(keys.shape[1]) <= t)[None, :]
-    out = self.finish(h, _attend(q, keys, values, mask), train=False)
-    return out, {'k': keys, 'v': values}
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [batch, heads, d]
+    width = cache['row_k'].shape[2]
+    parts = [(cache['k'], cache['v'], jnp.arange(cache['k'].shape[2]) < r * width),
+             (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
+    attended = _attend_one(q, k, v, parts)
+    out = self.finish(h, attended[:, None], train=False)
+    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+        buf, x[:, :, None], c, axis=2)
+    return out, {**cache, 'row_k': write(cache['row_k'], k),
+                 'row_v': write(cache['row_v'], v)}
+
+  @staticmethod
+  def flush_row(cache: dict[str, Array], row: Array) -> dict[str, Array]:
+    """Copies the row cache into the big cache as row `row` (int32 scalar)."""
+    width = cache['row_k'].shape[2]
+    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+        buf, x, row * width, axis=2)
+    return {**cache, 'k': write(cache['k'], cache['row_k']),
+            'v': write(cache['v'], cache['row_v'])}
 
 
 class ConditioningStack(nn.Module):
@@ -585,7 +639,9 @@ class PixelCNNPrior(nn.Module):
       {'gated': per block {'v_buf': [batch, n_v, w, C] previous vertical
        inputs, 'v_pre': [batch, 1, w, 2C] the current row's vertical
        pre-activations, 'h_buf': [batch, 1, n_h, C] previous horizontal
-       inputs}, 'attention': per block {'k', 'v': [batch, h * w, heads, d]}}.
+       inputs}, 'attention': per block {'k', 'v': [batch, heads, h * w, d]
+       the rows above, 'row_k', 'row_v': [batch, heads, w, d] the current
+       row}.
       Zeros match the zero padding of the full path.
     """
     b, height, width = shape
@@ -601,9 +657,13 @@ class PixelCNNPrior(nn.Module):
           'v_buf': jnp.zeros((b, n_v, width, c), self.dtype),
           'v_pre': jnp.zeros((b, 1, width, 2 * c), self.dtype),
           'h_buf': jnp.zeros((b, 1, n_h, c), self.dtype)})
-    kv_shape = (b, height * width, self.num_heads, c // self.num_heads)
+    d = c // self.num_heads
+    kv_shape = (b, self.num_heads, height * width, d)
+    row_shape = (b, self.num_heads, width, d)
     attention = [{'k': jnp.zeros(kv_shape, self.dtype),
-                  'v': jnp.zeros(kv_shape, self.dtype)}
+                  'v': jnp.zeros(kv_shape, self.dtype),
+                  'row_k': jnp.zeros(row_shape, self.dtype),
+                  'row_v': jnp.zeros(row_shape, self.dtype)}
                  for _ in range(self.attention_layers)]
     return {'gated': gated, 'attention': attention}
 
@@ -618,8 +678,9 @@ class PixelCNNPrior(nn.Module):
       r: int32 scalar row index.
 
     Returns:
-      The cache with the vertical pre-activations of row r and the horizontal
-      buffers cleared for the new row.
+      The cache with the vertical pre-activations of row r, the horizontal
+      buffers cleared for the new row and row r - 1 of every attention block
+      moved to its big key/value cache.
     """
     _, half, _ = stack_kernel(self.filter_size, first=True)
     cond = context['cond']
@@ -640,7 +701,11 @@ class PixelCNNPrior(nn.Module):
       x, v_pre = block.vertical(padded, residual, cond_row, train=False)
       gated.append({'v_buf': new_buf, 'v_pre': v_pre,
                     'h_buf': jnp.zeros_like(entry['h_buf'])})
-    return {'gated': gated, 'attention': cache['attention']}
+    # Row r - 1 is complete: move its keys and values to the big caches (at
+    # r == 0 the row caches are still zeros, like the big ones).
+    attention = [AttentionBlock.flush_row(entry, jnp.maximum(r - 1, 0))
+                 for entry in cache['attention']]
+    return {'gated': gated, 'attention': attention}
 
   def step_position(self, cache: dict[str, Any], context: dict[str, Any],
                     prev_code: Array, r: Array, c: Array
@@ -656,8 +721,6 @@ class PixelCNNPrior(nn.Module):
     Returns:
       ([batch, K] float32 logits, updated cache).
     """
-    width = cache['gated'][0]['v_pre'].shape[2]
-    t = r * width + c
     after = attention_positions(self.num_layers, self.attention_layers)
     cond = context['cond']
     cond_pos = (None if cond is None else
@@ -680,7 +743,7 @@ class PixelCNNPrior(nn.Module):
       if i in after:
         j = after[i]
         flat, attention[j] = self.attention[j].step(
-            h[:, 0], attention[j], t, r, c)
+            h[:, 0], attention[j], r, c)
         h = flat[:, None]
     logits = self._output(h)[:, 0, 0]
     return logits, {'gated': gated, 'attention': attention}
