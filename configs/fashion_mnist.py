@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   # of each level in prior.level_<i>, i = 0 for the top level.
   config.prior = prior = ml_collections.ConfigDict()
   prior.level = -1  # Level to train; -1 trains every level, top first.
-  prior.batch_size = 64  # Global batch size.
+  prior.batch_size = 32  # Global batch size.
   prior.num_train_steps = 2000  # Optimizer steps per level.
   prior.learning_rate = 1e-3  # Peak Adam learning rate.
   prior.warmup_steps = 100  # Linear warm-up steps.
@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   prior.polyak_decay = 0.999  # EMA of weights for eval/sampling; 0 disables.
   prior.label_drop_rate = 0.1  # Label dropout, so one model also samples unconditionally.
   prior.log_every = 100  # Steps between metric logs.
-  prior.eval_every = 1000  # Steps between held-out evaluations.
+  prior.eval_every = 2000  # Steps between held-out evaluations (whole split).
   prior.checkpoint_every = 500  # Steps between checkpoints.
   prior.keep_checkpoints = 2  # Checkpoints kept on disk.
   prior.eval_batch_size = 256  # Global batch size for evaluation.
@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
 def _prior_level(*, attention_layers: int, cond_stack_blocks: int
                  ) -> ml_collections.ConfigDict:
   level = ml_collections.ConfigDict()
-  level.num_channels = 64  # Channels of the gated stacks.
+  level.num_channels = 32  # Channels of the gated stacks (64 is ~4x slower on a CPU).
   level.num_layers = 6  # Gated residual blocks.
   level.filter_size = 3  # Masked-convolution filter size.
   level.dropout_rate = 0.1  # Dropout in the gated blocks.
