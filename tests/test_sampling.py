@@ -90,6 +90,8 @@ def test_sampler_compiles_once(monkeypatch):
                       chex.assert_max_traces(sampling._cached_impl, n=1))
   sampling._build.cache_clear()
   other_variables = jax.tree.map(lambda x: x * 0.5, variables)  # E.g. Polyak.
+  sampling.compile_sampler(model, variables, shape=shape, cond_codes=cond,
+                           labels=labels)
   runs = [
       dict(rng=jax.random.key(0)),
       dict(rng=jax.random.key(1), temperature=0.5, top_k=2),

@@ -259,6 +259,24 @@ def _controls(temperature: float, top_k: int, top_p: float
           jnp.asarray(top_p, jnp.float32))
 
 
+def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
+                    shape: Sequence[int], cond_codes: Sequence[Array] = (),
+                    labels: Optional[Array] = None,
+                    reference: bool = False) -> None:
+  """Compiles a sampler ahead of its first call, without sampling.
+
+  The next `sample_level` (or `reference_sample_level` when `reference`) call
+  with arguments of the same shapes reuses the compiled code; use it to time
+  compilation apart from sampling.
+  """
+  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels)
+  args = (variables, jax.random.key(0), cond_codes, labels,
+          *_controls(1.0, 0, 1.0))
+  if reference:
+    args += (jnp.asarray(0, jnp.int32),)
+  _build(model, shape, reference).lower(*args).compile()
+
+
 def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                  shape: Sequence[int], cond_codes: Sequence[Array] = (),
                  labels: Optional[Array] = None, rng: Array,
