@@ -6,7 +6,6 @@ a mesh over jax.devices()[:1].
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
