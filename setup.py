@@ -23,6 +23,7 @@ setuptools.setup(
         'orbax-checkpoint',
         'pillow',
         'tensorflow-cpu',
+        'tensorboard',  # clu.metric_writers imports it.
         'tensorflow-datasets',
         # tfds imports it when preparing any dataset but declares it only for
         # Python < 3.9.
