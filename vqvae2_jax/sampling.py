@@ -208,7 +208,7 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
            reference: bool) -> Callable[..., Array]:
-  """One jitted sampler per (prior, shape, kind); jit adds one per input shapes."""
+  """One jitted sampler per (prior, shape, kind); no retracing across calls."""
   if reference:
     fn = functools.partial(_reference_impl, model, shape)
   else:

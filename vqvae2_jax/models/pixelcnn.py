@@ -27,7 +27,8 @@ VALID convolutions: exact, with no masked-out weights.
 Incremental path. The same parameters also run one position at a time, which
 the cached sampler in `vqvae2_jax/sampling.py` scans over:
 
-  context = model.apply(variables, cond_codes, labels, shape, method=model.prepare)
+  context = model.apply(variables, cond_codes, labels, shape,
+                        method=model.prepare)
   cache = model.apply(variables, shape, method=model.init_cache)
   for r in rows:
     cache = model.apply(variables, cache, context, codes[:, r - 1], r,
@@ -38,8 +39,9 @@ the cached sampler in `vqvae2_jax/sampling.py` scans over:
 
 `step_row` advances every vertical stack by one row (it needs only rows
 above), `step_position` advances every horizontal stack and attention block
-by one position (keeping the last few inputs of each convolution and a KV
-cache per attention block). The conditioning stack and class embedding run
+by one position (keeping the last few inputs of each convolution and, per
+attention block, the keys and values of the rows above and of the current
+row). The conditioning stack and class embedding run
 once, in `prepare`. Both paths call the same submodule methods, so their
 logits agree to float rounding.
 
@@ -129,8 +131,9 @@ def stack_kernel(filter_size: int, first: bool) -> tuple[int, int, int]:
   return extent, half, extent
 
 
-def attention_positions(num_layers: int, attention_layers: int) -> dict[int, int]:
-  """{gated block index: attention block index} for blocks followed by attention.
+def attention_positions(num_layers: int,
+                        attention_layers: int) -> dict[int, int]:
+  """{gated block index: attention block index}, blocks followed by attention.
 
   The attention blocks are spread evenly: with 20 blocks and 4 attention
   layers, one follows blocks 4, 9, 14 and 19.
@@ -366,7 +369,7 @@ class AttentionBlock(nn.Module):
     self.dropout = Dropout(self.dropout_rate)
 
   def qkv(self, h: Array, pos: Array) -> tuple[Array, Array, Array]:
-    """[batch, t, C] features, [t, C] positions -> q, k, v [batch, t, heads, d]."""
+    """[batch, t, C] features, [t, C] positions -> q, k, v [b, t, heads, d]."""
     x = self.norm(h)
     xp = x + pos.astype(x.dtype)
     split = lambda y: y.reshape(*y.shape[:-1], self.num_heads, -1)
@@ -415,7 +418,8 @@ class AttentionBlock(nn.Module):
     q, k, v = self.qkv(h, position_embedding(r[None], c[None], self.channels))
     q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [batch, heads, d]
     width = cache['row_k'].shape[2]
-    parts = [(cache['k'], cache['v'], jnp.arange(cache['k'].shape[2]) < r * width),
+    above = jnp.arange(cache['k'].shape[2]) < r * width
+    parts = [(cache['k'], cache['v'], above),
              (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
     attended = _attend_one(q, k, v, parts)
     out = self.finish(h, attended[:, None], train=False)
