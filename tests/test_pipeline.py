@@ -96,11 +96,16 @@ def test_sample_again_skips_and_other_controls_write_beside(workdir):
   _sample(workdir)
   assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
   _sample(workdir, top_k=1)
+  _sample(workdir, conditional=False)
   runs = _sample_dirs(workdir)
-  assert len(runs) == 2 and first in runs
+  assert len(runs) == 3 and first in runs
   assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
-  (greedy,) = [r for r in runs if r != first]
-  assert '_k1_' in greedy.name
+  (greedy,) = [r for r in runs if '_k1_' in r.name]
+  # The unconditional run has 8 maps (num_samples_per_class) and no labels.
+  (uncond,) = [r for r in runs if r.name.endswith('_uncond')]
+  uncond_codes = np.load(uncond / 'codes.npz')
+  assert 'labels' not in uncond_codes
+  assert uncond_codes['codes_1'].shape[0] == _tiny_config().sampling.num_samples_per_class
   # top_k=1 is greedy decoding: another sampling seed gives the same codes.
   _sample(workdir, seed=7, top_k=1)
   (greedy7,) = [r for r in _sample_dirs(workdir) if 'seed7' in r.name]

@@ -81,11 +81,13 @@ def sample_and_save(config: ml_collections.ConfigDict,
                     workdir: str) -> dict[str, Any]:
   """--mode=sample: samples the hierarchy, decodes, writes grids and codes.
 
-  Writes workdir/samples/<run>/ (into <run>.tmp, renamed when complete) with samples.png (one row per class when
-  conditional), levels.png (what each level contributes: every level, then
-  the top levels alone), codes.npz (every level's codes and the labels) and
-  meta.json. <run> names the checkpoints' steps and the controls, so a
-  finished run is skipped on rerun and other settings never overwrite it.
+  Writes workdir/samples/<run>/ (into <run>.tmp, renamed when complete)
+  with samples.png (one row per class when conditional), levels.png (what
+  each level contributes: every level, then the top levels alone),
+  codes.npz (every level's codes and the labels) and meta.json. <run> names
+  the checkpoints' steps, the seed, the controls and the number of samples
+  (and `_uncond` without labels), so a finished run is skipped on rerun and
+  other settings never overwrite it.
 
   Returns:
     meta.json's contents: the directory, steps, controls and seconds per map.
@@ -108,7 +110,8 @@ def sample_and_save(config: ml_collections.ConfigDict,
   num_samples = (len(labels) if labels is not None
                  else s.num_samples_per_class)
   name = (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
-          f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}')
+          f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
+          f'n{num_samples}{"" if labels is not None else "_uncond"}')
   out_dir = os.path.join(os.path.abspath(workdir), 'samples', name)
   meta_path = os.path.join(out_dir, 'meta.json')
   if os.path.exists(meta_path):
