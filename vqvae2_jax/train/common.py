@@ -7,10 +7,12 @@ non-finite check and PNG image grids. Nothing here knows which model it
 trains.
 """
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import dataclasses
 import json
 import math
-from typing import Any
+import time
+from typing import Any, Optional
 
 from absl import logging
 from clu import metric_writers
@@ -23,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
+from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
 
 PyTree = Any
@@ -274,6 +277,86 @@ class StepMetrics:
       summary[key] = float(reduce(stacked))
     self._steps, self._metrics, self._checked = [], [], 0
     return summary
+
+
+@dataclasses.dataclass
+class LoopResult:
+  """What `train_loop` leaves behind.
+
+  Attributes:
+    state: the state after the last step.
+    eval_metrics: the last evaluation's metrics; None when no step ran (the
+      run had already finished).
+    train_summary: the last log interval's training metrics ({} if none).
+    steps: optimizer steps this call took.
+    train_seconds: wall time of those steps, evaluations excluded
+      (checkpoints are asynchronous and stay in).
+    eval_seconds: wall time of the evaluations during the loop.
+  """
+  state: Any
+  eval_metrics: Optional[dict[str, Any]]
+  train_summary: dict[str, float]
+  steps: int
+  train_seconds: float
+  eval_seconds: float
+
+  @property
+  def steps_per_sec(self) -> float:
+    return self.steps / self.train_seconds if self.steps else float('nan')
+
+
+def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
+               train_iter: Iterator[Any], start_step: int, num_steps: int,
+               log_every: int, eval_every: int, checkpoint_every: int,
+               run_eval: Callable[[int, Any, bool], dict[str, Any]],
+               manager: Any, fingerprint: Mapping[str, Any],
+               writer: metric_writers.MetricWriter,
+               pending: StepMetrics, nan_fix: str) -> LoopResult:
+  """The training loop of every stage: steps, logs, evaluations, checkpoints.
+
+  Steps `start_step + 1 .. num_steps`; logs the training metrics every
+  `log_every` steps, calls `run_eval(step, state, is_last)` every `eval_every` and
+  saves the state with `fingerprint` through the orbax `manager` every
+  `checkpoint_every` steps, and all three at the last step. Before anything reads or saves the state, the metrics held since
+  the last check must be finite: a NaN stops the run with an error naming its
+  step, and the newest checkpoint on disk is from before it.
+
+  Args:
+    nan_fix: what the non-finite error suggests (e.g. which learning rate to
+      lower).
+  """
+  progress = create_progress(num_steps, writer, log_every)
+  eval_metrics, train_summary, eval_seconds = None, {}, 0.0
+  loop_start = time.time()
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = train_step(state, next(train_iter))
+    pending.append(step, metrics)
+    progress(step)
+    is_last = step == num_steps
+    do_log = step % log_every == 0 or is_last
+    do_eval = step % eval_every == 0 or is_last
+    do_save = step % checkpoint_every == 0 or is_last
+    if do_log or do_eval or do_save:
+      last = manager.latest_step()
+      pending.check_finite(
+          f'The newest checkpoint (step {last}) in {manager.directory} is '
+          f'intact and a rerun resumes from it; {nan_fix} first.'
+          if last is not None else 'No checkpoint had been written yet.')
+    if do_log:
+      train_summary = pending.pop_summary()
+      writer.write_scalars(step, scalars(train_summary, 'train'))
+    if do_eval:
+      eval_start = time.time()
+      eval_metrics = run_eval(step, state, is_last)
+      eval_seconds += time.time() - eval_start
+    if do_save:
+      checkpoints.save(manager, step, state, fingerprint)
+  return LoopResult(
+      state=state, eval_metrics=eval_metrics, train_summary=train_summary,
+      steps=max(num_steps - start_step, 0),
+      train_seconds=time.time() - loop_start - eval_seconds,
+      eval_seconds=eval_seconds)
 
 
 def create_writer(logdir: str) -> metric_writers.MetricWriter:

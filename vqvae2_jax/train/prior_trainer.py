@@ -44,9 +44,6 @@ _LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
 # Examples of the training split whose code frequencies define the unigram
 # baseline (enough for stable frequencies, cheap to read).
 _UNIGRAM_EXAMPLES = 50_000
-# Training examples scored in eval mode at each evaluation (at most as many
-# as the held-out split): enough to see overfitting, a fraction of its cost.
-_TRAIN_EVAL_EXAMPLES = 4096
 
 
 class PriorTrainState(common.TrainState):
@@ -393,11 +390,12 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
     train_iter = codes_lib.create_train_iterator(
         train_split, global_batch_size=p.batch_size, mesh=mesh,
         seed=config.seed, levels=levels, start_step=start_step)
-    progress = common.create_progress(num_steps, writer, p.log_every)
-    pending = common.StepMetrics()
-    train_summary = {}
+    # Training examples scored in eval mode (config.prior.train_eval_examples,
+    # 0 = all): a few thousand show overfitting at a fraction of the cost.
+    train_eval_limit = (min(p.train_eval_examples, train_split.num_examples)
+                        if p.train_eval_examples else None)
 
-    def run_eval(step, final):
+    def run_eval(step, state, final):
       def batches(split, limit=None):
         return codes_lib.create_eval_iterator(
             split, global_batch_size=p.eval_batch_size, mesh=mesh,
@@ -406,8 +404,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
       results = {'eval': evaluate(eval_fns['cond'], params,
                                   batches(eval_split)),
                  'eval_train': evaluate(eval_fns['cond'], params, batches(
-                     train_split, min(eval_split.num_examples,
-                                      _TRAIN_EVAL_EXAMPLES)))}
+                     train_split, train_eval_limit))}
       if final and model.num_classes:
         results['eval']['bits_per_code_uncond'] = evaluate(
             eval_fns['uncond'], params, batches(eval_split))['bits_per_code']
@@ -424,47 +421,25 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
                    flat['eval/bits_per_code'], flat['eval_train/bits_per_code'])
       return flat
 
-    eval_metrics, eval_seconds = None, 0.0
-    loop_start = time.time()
-    for step in range(start_step + 1, num_steps + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, metrics = train_step(state, next(train_iter))
-      pending.append(step, metrics)
-      progress(step)
-      is_last = step == num_steps
-      do_log = step % p.log_every == 0 or is_last
-      do_eval = step % p.eval_every == 0 or is_last
-      do_save = step % p.checkpoint_every == 0 or is_last
-      if do_log or do_eval or do_save:
-        last = manager.latest_step()
-        pending.check_finite(
-            f'The newest checkpoint (step {last}) in {ckpt_dir} is intact and '
-            'a rerun resumes from it; lower prior.learning_rate or '
-            'grad_clip_norm first.' if last is not None else
-            'No checkpoint had been written yet.')
-      if do_log:
-        train_summary = pending.pop_summary()
-        writer.write_scalars(step, common.scalars(train_summary, 'train'))
-      if do_eval:
-        eval_start = time.time()
-        eval_metrics = run_eval(step, final=is_last)
-        eval_seconds += time.time() - eval_start
-      if do_save:
-        checkpoints.save(manager, step, state, fingerprint)
-    # Throughput of training alone (checkpoints are asynchronous).
-    train_seconds = time.time() - loop_start - eval_seconds
-    steps_done = num_steps - start_step
-
+    loop = common.train_loop(
+        state=state, train_step=train_step, train_iter=train_iter,
+        start_step=start_step, num_steps=num_steps, log_every=p.log_every,
+        eval_every=p.eval_every, checkpoint_every=p.checkpoint_every,
+        run_eval=run_eval, manager=manager, fingerprint=fingerprint,
+        writer=writer, pending=common.StepMetrics(),
+        nan_fix='lower prior.learning_rate or grad_clip_norm')
+    state, eval_metrics = loop.state, loop.eval_metrics
     if eval_metrics is None:  # Nothing left to train: evaluate what we have.
-      eval_metrics = run_eval(start_step, final=True)
+      eval_metrics = run_eval(start_step, state, final=True)
     codes_per_example = math.prod(dataset.level_shapes[level])
-    steps_per_sec = steps_done / train_seconds if steps_done else float('nan')
+    steps_per_sec = loop.steps_per_sec
     final = {
         'level': level, 'step': int(state.step), 'num_params': num_params,
         'steps_per_sec': steps_per_sec,
         'codes_per_sec': steps_per_sec * p.batch_size * codes_per_example,
-        'eval_time_s': eval_seconds, 'wall_time_s': time.time() - start_time,
-        **eval_metrics, **common.scalars(train_summary, 'train'),
+        'eval_time_s': loop.eval_seconds,
+        'wall_time_s': time.time() - start_time,
+        **eval_metrics, **common.scalars(loop.train_summary, 'train'),
         **common.scalars(baselines(dataset, level), 'baseline')}
     common.write_json(os.path.join(out_dir, 'metrics.json'), final)
     logging.info('Prior level %d final metrics: %s', level, final)

@@ -328,11 +328,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     train_iter = input_pipeline.create_train_iterator(
         config.data, global_batch_size=train_cfg.batch_size, mesh=mesh,
         seed=config.seed, start_step=start_step)
-    progress = common.create_progress(num_steps, writer, train_cfg.log_every)
-    pending = common.StepMetrics(sum_prefixes=('restarted',))
-    train_summary = {}
 
-    def run_eval(step):
+    def run_eval(step, state, final=True):
+      del final  # Stage 1 evaluates the same way every time.
       eval_iter = input_pipeline.create_eval_iterator(
           config.data, global_batch_size=train_cfg.eval_batch_size, mesh=mesh)
       metrics, grid = evaluate(progs.eval_sums, progs.grid_rows,
@@ -342,45 +340,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                               grid, num_cols=min(_GRID_IMAGES, grid.shape[0]))
       return metrics
 
-    eval_metrics = None
-    loop_start = time.time()
-    for step in range(start_step + 1, num_steps + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, metrics = progs.train_step(state, next(train_iter))
-      pending.append(step, metrics)
-      progress(step)
-      is_last = step == num_steps
-      do_log = step % train_cfg.log_every == 0 or is_last
-      do_eval = step % train_cfg.eval_every == 0 or is_last
-      do_save = step % train_cfg.checkpoint_every == 0 or is_last
-      if do_log or do_eval or do_save:
-        # Before anything reads or saves the state: a NaN stops the run here,
-        # and the newest checkpoint on disk is from before it.
-        last = manager.latest_step()
-        pending.check_finite(
-            f'The newest checkpoint (step {last}) in {ckpt_dir} is intact and '
-            'a rerun resumes from it; lower vqvae_train.learning_rate or '
-            'grad_clip_norm first.' if last is not None else
-            'No checkpoint had been written yet.')
-      if do_log:
-        train_summary = pending.pop_summary()
-        writer.write_scalars(step, common.scalars(train_summary, 'train'))
-      if do_eval:
-        eval_metrics = run_eval(step)
-      if do_save:
-        checkpoints.save(manager, step, state, fingerprint)
+    loop = common.train_loop(
+        state=state, train_step=progs.train_step, train_iter=train_iter,
+        start_step=start_step, num_steps=num_steps,
+        log_every=train_cfg.log_every, eval_every=train_cfg.eval_every,
+        checkpoint_every=train_cfg.checkpoint_every, run_eval=run_eval,
+        manager=manager, fingerprint=fingerprint, writer=writer,
+        pending=common.StepMetrics(sum_prefixes=('restarted',)),
+        nan_fix='lower vqvae_train.learning_rate or grad_clip_norm')
+    state, eval_metrics = loop.state, loop.eval_metrics
 
     final = {}
     if eval_metrics is None:  # Nothing left to train: evaluate what we have.
-      eval_metrics = run_eval(start_step)
+      eval_metrics = run_eval(start_step, state)
       final = common.read_json(str(out_dir / 'metrics.json'))
     else:
-      final['train_steps_per_s'] = (
-          (num_steps - start_step) / (time.time() - loop_start))
+      final['train_steps_per_s'] = loop.steps_per_sec
     final.update({'step': int(state.step),
                   'wall_time_s': time.time() - start_time,
                   **common.scalars(eval_metrics, 'eval'),
-                  **common.scalars(train_summary, 'train')})
+                  **common.scalars(loop.train_summary, 'train')})
     common.write_json(str(out_dir / 'metrics.json'), final)
     logging.info('VQ-VAE final metrics: %s', final)
     return final
