@@ -83,6 +83,7 @@ def _set(config, path, value):
     ('model.num_embeddings', 1, 'model.num_embeddings'),
     ('model.ema_decay', 1.0, 'model.ema_decay'),
     ('prior.level', 2, 'prior.level'),
+    ('prior.train_eval_examples', -1, 'prior.train_eval_examples'),
     ('prior.level_0.attention_layers', 9, 'prior.level_0.attention_layers'),
     ('prior.level_0.num_heads', 3, 'prior.level_0.num_heads'),
     ('prior.level_1.filter_size', 1, 'prior.level_1.filter_size'),
@@ -90,6 +91,7 @@ def _set(config, path, value):
     ('sampling.top_k', -1, 'sampling.top_k'),
     ('sampling.top_p', 0.0, 'sampling.top_p'),
     ('sampling.rejection_keep', 0.0, 'sampling.rejection_keep'),
+    ('sampling.rejection_keep', 0.5, 'sampling.rejection_keep'),
     ('vqvae_train.batch_size', 12, 'vqvae_train.batch_size'),
     ('prior.batch_size', 20, 'prior.batch_size'),
 ])

@@ -103,6 +103,9 @@ def validate_config(config: ml_collections.ConfigDict,
   if sections != sorted(expected):
     _fail('prior', f'has sections {sections} for a {n}-level model',
           f'define exactly {expected} (level_0 is the top)')
+  if prior.train_eval_examples < 0:
+    _fail('prior.train_eval_examples', f'is {prior.train_eval_examples}',
+          'use 0 (the whole training split) or a number of examples')
   if not -1 <= prior.level < n:
     _fail('prior.level', f'is {prior.level} for a {n}-level model',
           f'use -1 (all levels) or 0..{n - 1}')
@@ -133,6 +136,10 @@ def validate_config(config: ml_collections.ConfigDict,
   if not 0.0 < sampling.rejection_keep <= 1.0:
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')
+  if sampling.rejection_keep < 1.0:
+    _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}, but '
+          'classifier-based rejection sampling is not built yet',
+          'use 1.0 (keep every sample)')
 
   # Batches split evenly over the devices.
   if num_devices is not None:
