@@ -5,7 +5,6 @@ environment (CPU, 8 fake devices, the session's tfds data_dir) and writes its
 work directory under the test's tmp_path.
 """
 
-import os
 import pathlib
 
 import nbformat

@@ -5,10 +5,12 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from tests.models import pixelcnn_util
+from vqvae2_jax import parallel
 from vqvae2_jax import sampling
 
 # A top prior with attention and class conditioning, and a lower prior with a
@@ -82,6 +84,36 @@ def test_cached_sampler_equals_reference(kind):
   np.testing.assert_array_equal(flat[:, :7],
                                 np.asarray(cached).reshape(shape[0], -1)[:, :7])
   np.testing.assert_array_equal(flat[:, 7:], 0)
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_sampling_split_over_8_devices_equals_one_device(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  # Eight maps: the two-example set-up repeated with other labels.
+  shape = (8, *shape[1:])
+  cond = tuple(jnp.tile(x, (4, 1, 1)) for x in cond)
+  labels = jnp.asarray([0, 1, 2, 3, 2, 1, 0, 3], jnp.int32)
+  # Both batch axes of the training mesh: 4 (data) x 2 (fsdp) devices.
+  mesh = parallel.create_mesh(ml_collections.ConfigDict({'data': 4, 'fsdp': 2}))
+  kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                rng=jax.random.key(11), temperature=1.2, top_p=0.95)
+  one = sampling.sample_level(model, variables, **kwargs)
+  split = sampling.sample_level(model, variables, **kwargs, mesh=mesh)
+  np.testing.assert_array_equal(split, one)
+  assert len(np.unique(np.asarray(one))) > 2
+  reference = sampling.reference_sample_level(model, variables, **kwargs,
+                                              mesh=mesh)
+  np.testing.assert_array_equal(reference, one)
+  # An example's codes do not depend on the rest of its batch.
+  first_two = sampling.sample_level(
+      model, variables, **{**kwargs, 'shape': (2, *shape[1:]),
+                           'cond_codes': tuple(x[:2] for x in cond),
+                           'labels': labels[:2]})
+  np.testing.assert_array_equal(first_two, np.asarray(one)[:2])
+  with pytest.raises(ValueError, match='8 devices'):
+    sampling.sample_level(model, variables, **{
+        **kwargs, 'shape': (4, *shape[1:]), 'labels': labels[:4],
+        'cond_codes': tuple(x[:4] for x in cond)}, mesh=mesh)
 
 
 def test_sampler_compiles_once(monkeypatch):

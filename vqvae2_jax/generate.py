@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
@@ -40,7 +41,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      level_shapes: Sequence[Sequence[int]], *, batch_size: int,
                      labels: Optional[Array], rng: Array,
                      temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0) -> list[Array]:
+                     top_p: float = 1.0,
+                     mesh: Optional[Mesh] = None) -> list[Array]:
   """Ancestral sampling of every level, top first.
 
   z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level.
@@ -52,6 +54,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     labels: [batch_size] int32 class labels, or None (unconditional path).
     rng: PRNG key; level l draws with `fold_in(rng, l)`.
     temperature, top_k, top_p: as for `sample_level`, at every level.
+    mesh: split the batch over this mesh's devices (None: one device); the
+      codes do not depend on it.
 
   Returns:
     Code maps [batch_size, h_l, w_l] int32, top first.
@@ -65,7 +69,7 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         model, variables, shape=(batch_size, h, w), cond_codes=tuple(codes),
         labels=labels if model.num_classes else None,
         rng=jax.random.fold_in(rng, level), temperature=temperature,
-        top_k=top_k, top_p=top_p))
+        top_k=top_k, top_p=top_p, mesh=mesh))
   return codes
 
 
@@ -136,7 +140,7 @@ def sample_and_save(config: ml_collections.ConfigDict,
     codes = sample_hierarchy(
         priors, level_shapes, batch_size=batch, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p)
+        top_k=s.top_k, top_p=s.top_p, mesh=mesh)
     images = decode(vq_variables, codes)
     all_codes.append([np.asarray(c)[:n] for c in codes])
     all_images.append(np.asarray(images)[:n])

@@ -10,8 +10,12 @@ therefore costs about one or two forward passes of the prior instead of h * w.
 
 `reference_sample_level` is the plain method, kept for tests and benchmarks:
 it reruns the whole prior on the partial map at every position. Both draw
-position t = r * w + c with the key `fold_in(rng, t)` and the same filtering
-arithmetic, so for the same arguments they return the same codes.
+position t = r * w + c of example i with the key `fold_in(fold_in(rng, t), i)`
+and the same filtering arithmetic, so for the same arguments they return the
+same codes.
+
+Given a mesh, both split the batch over its devices (`jax.shard_map`); since
+every example's randomness is its own, the codes equal a one-device run's.
 
 Controls: temperature, top-k (0 disables), top-p / nucleus (1.0 disables),
 class labels (None samples the unconditional "no label" path), the batch size
@@ -28,7 +32,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
+from vqvae2_jax import parallel
 from vqvae2_jax.models import pixelcnn
 
 Array = jax.Array
@@ -76,10 +82,15 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array,
 
 
 def sample_logits(rng: Array, logits: Array, temperature: Array, top_k: Array,
-                  top_p: Array) -> Array:
-  """Draws [batch] int32 codes from [batch, K] logits (see `filter_logits`)."""
+                  top_p: Array, example_ids: Array) -> Array:
+  """Draws [batch] int32 codes from [batch, K] logits (see `filter_logits`).
+
+  Example i draws with `fold_in(rng, example_ids[i])`, so an example's code
+  does not depend on which other examples share its batch or device.
+  """
   filtered = filter_logits(logits, temperature, top_k, top_p)
-  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
+  return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
 def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
@@ -131,16 +142,17 @@ def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
 
 def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-                 variables: PyTree, rng: Array, cond_codes: tuple[Array, ...],
-                 labels: Optional[Array], temperature: Array, top_k: Array,
-                 top_p: Array) -> Array:
-  """Cached sampling: draws position t = r * w + c with fold_in(rng, t)."""
+                 variables: PyTree, rng: Array, example_ids: Array,
+                 cond_codes: tuple[Array, ...], labels: Optional[Array],
+                 temperature: Array, top_k: Array, top_p: Array) -> Array:
+  """Cached sampling: position t = r * w + c of example i draws with
+  fold_in(fold_in(rng, t), i). `shape` is this device's part of the batch."""
   context = model.apply(variables, cond_codes, labels, shape,
                         method=model.prepare)
 
   def choose(logits, r, c):
     key = jax.random.fold_in(rng, r * shape[2] + c)
-    code = sample_logits(key, logits, temperature, top_k, top_p)
+    code = sample_logits(key, logits, temperature, top_k, top_p, example_ids)
     return code, code
 
   codes = _scan_map(model, variables, shape, context, choose)  # [h, w, b]
@@ -181,9 +193,10 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
 def _reference_impl(model: pixelcnn.PixelCNNPrior,
                     shape: tuple[int, int, int], variables: PyTree,
-                    rng: Array, cond_codes: tuple[Array, ...],
-                    labels: Optional[Array], temperature: Array, top_k: Array,
-                    top_p: Array, num_positions: Array) -> Array:
+                    rng: Array, example_ids: Array,
+                    cond_codes: tuple[Array, ...], labels: Optional[Array],
+                    temperature: Array, top_k: Array, top_p: Array,
+                    num_positions: Array) -> Array:
   """Reference sampling: the full prior on the partial map at every position.
 
   num_positions is traced (a while loop), so benchmarks can time a few
@@ -198,7 +211,7 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
     logits = jax.lax.dynamic_slice(
         logits, (0, r, c, 0), (b, 1, 1, logits.shape[-1]))[:, 0, 0]
     code = sample_logits(jax.random.fold_in(rng, t), logits, temperature,
-                         top_k, top_p)
+                         top_k, top_p, example_ids)
     return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, r, c))
 
   return jax.lax.fori_loop(0, num_positions, step,
@@ -207,23 +220,57 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-           reference: bool) -> Callable[..., Array]:
-  """One jitted sampler per (prior, shape, kind); no retracing across calls."""
-  if reference:
-    fn = functools.partial(_reference_impl, model, shape)
-  else:
-    fn = functools.partial(_cached_impl, model, shape)
+           reference: bool, mesh: Optional[Mesh]) -> Callable[..., Array]:
+  """One jitted sampler per (prior, shape, kind, mesh); no retracing across
+  calls.
+
+  With a mesh, the batch is split over all its devices (`jax.shard_map`
+  over the batch axes, as in training): each device samples its own
+  examples, the parameters replicated.
+  """
+  impl = _reference_impl if reference else _cached_impl
+  devices = 1 if mesh is None else mesh.size
+  local_shape = (shape[0] // devices, *shape[1:])
+  fn = functools.partial(impl, model, local_shape)
+  if devices > 1:
+    batch = P(parallel.DATA_AXES)
+    # variables, rng, example_ids, cond_codes, labels, temperature, top_k,
+    # top_p (, num_positions).
+    specs = (P(), P(), batch, batch, batch, P(), P(), P())
+    # check_vma=False: the scans' carries start as zeros made on every
+    # device alike and become per-device; nothing here communicates.
+    fn = jax.shard_map(fn, mesh=mesh, out_specs=batch,
+                       in_specs=specs + ((P(),) if reference else ()),
+                       check_vma=False)
   return jax.jit(fn)
 
 
+def _sampling_mesh(mesh: Optional[Mesh]) -> Optional[Mesh]:
+  """The mesh to split the batch over, or None when it has one device."""
+  if mesh is None or mesh.size == 1:
+    return None
+  return mesh
+
+
+def _example_ids(shape: tuple[int, int, int]) -> Array:
+  """[batch] int32 indices: what each example's randomness is folded with."""
+  return jnp.arange(shape[0], dtype=jnp.int32)
+
+
 def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
-                  cond_codes: Sequence[Array], labels: Optional[Array]
+                  cond_codes: Sequence[Array], labels: Optional[Array],
+                  mesh: Optional[Mesh] = None
                   ) -> tuple[tuple[int, int, int], tuple[Array, ...],
                              Optional[Array]]:
   if len(shape) != 3 or min(shape) < 1:
     raise ValueError(f'shape must be (batch, h, w) with positive sizes, got '
                      f'{tuple(shape)}.')
   shape = tuple(int(s) for s in shape)
+  if mesh is not None and shape[0] % mesh.size:
+    raise ValueError(
+        f'The batch of {shape[0]} maps does not split over the {mesh.size} '
+        'devices of the mesh; use a multiple of that many maps '
+        '(config.sampling.batch_size).')
   cond_codes = tuple(jnp.asarray(x, jnp.int32) for x in cond_codes)
   if len(cond_codes) != len(model.cond_num_embeddings):
     raise ValueError(
@@ -261,27 +308,28 @@ def _controls(temperature: float, top_k: int, top_p: float
 
 def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                     shape: Sequence[int], cond_codes: Sequence[Array] = (),
-                    labels: Optional[Array] = None,
-                    reference: bool = False) -> None:
+                    labels: Optional[Array] = None, reference: bool = False,
+                    mesh: Optional[Mesh] = None) -> None:
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
   with arguments of the same shapes reuses the compiled code; use it to time
   compilation apart from sampling.
   """
-  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels)
-  args = (variables, jax.random.key(0), cond_codes, labels,
-          *_controls(1.0, 0, 1.0))
+  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
+                                            mesh)
+  args = (variables, jax.random.key(0), _example_ids(shape), cond_codes,
+          labels, *_controls(1.0, 0, 1.0))
   if reference:
     args += (jnp.asarray(0, jnp.int32),)
-  _build(model, shape, reference).lower(*args).compile()
+  _build(model, shape, reference, _sampling_mesh(mesh)).lower(*args).compile()
 
 
 def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                  shape: Sequence[int], cond_codes: Sequence[Array] = (),
                  labels: Optional[Array] = None, rng: Array,
                  temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0) -> Array:
+                 top_p: float = 1.0, mesh: Optional[Mesh] = None) -> Array:
   """Samples one level's code map with the cached sampler.
 
   Args:
@@ -296,14 +344,18 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
     temperature: softmax temperature (> 0).
     top_k: keep the k most likely codes at each position; 0 disables.
     top_p: nucleus mass in (0, 1]; 1.0 disables.
+    mesh: split the batch over this mesh's devices (the batch must divide by
+      their number); the codes are the same as on one device. None: one
+      device.
 
   Returns:
     [batch, h, w] int32 codes.
   """
-  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels)
+  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
+                                            mesh)
   controls = _controls(temperature, top_k, top_p)
-  return _build(model, shape, False)(variables, rng, cond_codes, labels,
-                                     *controls)
+  return _build(model, shape, False, _sampling_mesh(mesh))(
+      variables, rng, _example_ids(shape), cond_codes, labels, *controls)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -312,12 +364,13 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                            labels: Optional[Array] = None, rng: Array,
                            temperature: float = 1.0, top_k: int = 0,
                            top_p: float = 1.0,
-                           num_positions: Optional[int] = None) -> Array:
+                           num_positions: Optional[int] = None,
+                           mesh: Optional[Mesh] = None) -> Array:
   """Samples like `sample_level`, rerunning the full prior at every position.
 
   Args:
     model, variables, shape, cond_codes, labels, rng, temperature, top_k,
-      top_p: as for `sample_level`; the result is the same.
+      top_p, mesh: as for `sample_level`; the result is the same.
     num_positions: sample only the first n positions in raster order (the
       rest stay 0); for benchmarks, since every step costs one full forward
       pass. None samples the whole map. Changing it does not recompile.
@@ -325,11 +378,13 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   Returns:
     [batch, h, w] int32 codes.
   """
-  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels)
+  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
+                                            mesh)
   controls = _controls(temperature, top_k, top_p)
   total = shape[1] * shape[2]
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
     raise ValueError(f'num_positions must be in [0, {total}], got {n}.')
-  return _build(model, shape, True)(variables, rng, cond_codes, labels,
-                                    *controls, jnp.asarray(n, jnp.int32))
+  return _build(model, shape, True, _sampling_mesh(mesh))(
+      variables, rng, _example_ids(shape), cond_codes, labels, *controls,
+      jnp.asarray(n, jnp.int32))
