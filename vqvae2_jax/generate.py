@@ -127,7 +127,8 @@ def sample_and_save(config: ml_collections.ConfigDict,
                   for f in config.model.downsample_factors]
   decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
   rng = jax.random.PRNGKey(config.seed)
-  batch = s.batch_size
+  # No bigger than needed (rounded up to split over the mesh's devices).
+  batch = min(s.batch_size, -(-num_samples // mesh.size) * mesh.size)
   all_codes, all_images = [], []
   start = time.time()
   for i, begin in enumerate(range(0, num_samples, batch)):
