@@ -40,6 +40,14 @@ def test_invalid_config_fails_before_any_work(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_a_stage_not_built_yet_says_so_plainly(tmp_path):
+  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}',
+                 '--mode=eval')
+  assert result.returncode == 1
+  assert '--mode=eval is not built yet' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
 def test_every_mode_has_a_stage():
   assert set(stages.MODES) == {'data', 'vqvae', 'codes', 'prior', 'sample',
                                'eval', 'all'}

@@ -8,6 +8,8 @@ the training set's codes), prior (stage 2), sample (stage 3), eval, all.
 Every stage resumes from what `workdir` already holds.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -33,7 +35,10 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('Mode %s, workdir %s', FLAGS.mode, FLAGS.workdir)
-  stages.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  try:
+    stages.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  except NotImplementedError as e:  # A stage of a later version: no traceback.
+    sys.exit(f'Error: {e}')
 
 
 if __name__ == '__main__':
