@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   prior.checkpoint_every = 500  # Steps between checkpoints.
   prior.keep_checkpoints = 2  # Checkpoints kept on disk.
   prior.eval_batch_size = 256  # Global batch size for evaluation.
-  prior.train_eval_examples = 0  # Train examples scored at each eval; 0: the whole split.
+  prior.train_eval_examples = 0  # Train examples scored per eval; 0: all.
   prior.codes_per_shard = 10_000  # Examples per file of extracted codes (--mode=codes).
   prior.level_0 = _prior_level(attention_layers=1, cond_stack_blocks=0)
   prior.level_1 = _prior_level(attention_layers=0, cond_stack_blocks=2)
@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.top_p = 1.0  # Nucleus mass; 1.0 disables.
   sampling.conditional = True  # Sample with class labels when the data has them.
   sampling.use_polyak = True  # Use the priors' Polyak weights when present.
-  sampling.rejection_keep = 1.0  # Fraction kept by classifier rejection (not built yet: 1.0).
+  sampling.rejection_keep = 1.0  # Kept by classifier rejection (not built: 1.0).
 
   # Evaluation of samples and reconstructions.
   config.eval = evaluation = ml_collections.ConfigDict()

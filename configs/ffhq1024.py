@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   prior.num_train_steps = 500_000
   prior.learning_rate = 3e-4
   prior.polyak_decay = 0.9999
-  prior.train_eval_examples = 10_000  # A sample of the training images; 0 scores all.
+  prior.train_eval_examples = 10_000  # A sample of the training images.
   prior.eval_every = 10_000
   prior.checkpoint_every = 5000
   prior.eval_batch_size = 128

@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   prior.eval_every = 10_000
   prior.checkpoint_every = 5000
   prior.eval_batch_size = 256
-  prior.train_eval_examples = 50_000  # A whole pass over 1.28M would cost hours.
+  prior.train_eval_examples = 50_000  # All 1.28M would take hours.
   for level in (prior.level_0, prior.level_1):
     level.num_channels = 512
     level.num_layers = 20

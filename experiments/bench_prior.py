@@ -93,7 +93,8 @@ def main(argv):
         f'{"s/step":>9} {"cpu s/step":>10} {"codes/s":>10} {"compile s":>9}')
   for name in _NAMES.value:
     if name not in _MODELS:
-      raise app.UsageError(f'Unknown model {name!r}; choose from {list(_MODELS)}.')
+      raise app.UsageError(
+          f'Unknown model {name!r}; choose from {list(_MODELS)}.')
     module, level, steps = _MODELS[name]
     config = module.get_config()
     h, w = level_shapes(config)[level]
@@ -107,8 +108,8 @@ def main(argv):
               'out of memory on this machine', flush=True)
         continue
       print(f'{name:<17} {f"{h}x{w}":>6} {r["params"]:>11,} {batch_size:>5} '
-            f'{r["step_s"]:>9.4f} {r["cpu_s"]:>10.4f} {r["codes_per_s"]:>10,.0f} '
-            f'{r["compile_s"]:>9.1f}', flush=True)
+            f'{r["step_s"]:>9.4f} {r["cpu_s"]:>10.4f} '
+            f'{r["codes_per_s"]:>10,.0f} {r["compile_s"]:>9.1f}', flush=True)
 
 
 if __name__ == '__main__':

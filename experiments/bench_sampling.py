@@ -16,8 +16,8 @@ Both samplers run jitted and are compiled ahead of the timed call
 sampler is timed on calls sampling whole maps. The reference sampler reruns
 the full prior at every position, so each of its steps costs the same; it is
 timed on the first --reference_positions positions and scaled to the whole
-map (h * w positions). Each time is the fastest of --repeats calls. Weights are random (timing does not depend on
-them); float32 on one CPU device.
+map (h * w positions). Each time is the fastest of --repeats calls. Weights
+are random (timing does not depend on them); float32 on one CPU device.
 """
 
 import os

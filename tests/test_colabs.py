@@ -29,6 +29,6 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
              for o in cell.get('outputs', [])]
   assert not [o for o in outputs if o.output_type == 'error']
   images = [o for o in outputs if 'image/png' in o.get('data', {})]
-  assert len(images) >= 4, 'expected the preview, reconstruction and sample grids'
+  assert len(images) >= 4, 'expected the preview, recon and sample grids'
   text = ''.join(o.get('text', '') for o in outputs)
   assert 'identical codes from both samplers' in text

@@ -105,7 +105,8 @@ def test_sample_again_skips_and_other_controls_write_beside(workdir):
   (uncond,) = [r for r in runs if r.name.endswith('_uncond')]
   uncond_codes = np.load(uncond / 'codes.npz')
   assert 'labels' not in uncond_codes
-  assert uncond_codes['codes_1'].shape[0] == _tiny_config().sampling.num_samples_per_class
+  per_class = _tiny_config().sampling.num_samples_per_class
+  assert uncond_codes['codes_1'].shape[0] == per_class
   # top_k=1 is greedy decoding: another sampling seed gives the same codes.
   _sample(workdir, seed=7, top_k=1)
   (greedy7,) = [r for r in _sample_dirs(workdir) if 'seed7' in r.name]

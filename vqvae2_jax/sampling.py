@@ -145,8 +145,10 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
                  variables: PyTree, rng: Array, example_ids: Array,
                  cond_codes: tuple[Array, ...], labels: Optional[Array],
                  temperature: Array, top_k: Array, top_p: Array) -> Array:
-  """Cached sampling: position t = r * w + c of example i draws with
-  fold_in(fold_in(rng, t), i). `shape` is this device's part of the batch."""
+  """Cached sampling of `shape`, this device's part of the batch.
+
+  Position t = r * w + c of example i draws with fold_in(fold_in(rng, t), i).
+  """
   context = model.apply(variables, cond_codes, labels, shape,
                         method=model.prepare)
 
@@ -221,8 +223,7 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
            reference: bool, mesh: Optional[Mesh]) -> Callable[..., Array]:
-  """One jitted sampler per (prior, shape, kind, mesh); no retracing across
-  calls.
+  """One jitted sampler per (prior, shape, kind, mesh); no retracing.
 
   With a mesh, the batch is split over all its devices (`jax.shard_map`
   over the batch axes, as in training): each device samples its own

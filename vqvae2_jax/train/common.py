@@ -315,13 +315,22 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
   """The training loop of every stage: steps, logs, evaluations, checkpoints.
 
   Steps `start_step + 1 .. num_steps`; logs the training metrics every
-  `log_every` steps, calls `run_eval(step, state, is_last)` every `eval_every` and
-  saves the state with `fingerprint` through the orbax `manager` every
-  `checkpoint_every` steps, and all three at the last step. Before anything reads or saves the state, the metrics held since
-  the last check must be finite: a NaN stops the run with an error naming its
-  step, and the newest checkpoint on disk is from before it.
+  `log_every` steps, calls `run_eval(step, state, is_last)` every
+  `eval_every` steps and saves the state with `fingerprint` through the orbax
+  `manager` every `checkpoint_every` steps, and all three at the last step.
+  Before anything reads or saves the state, the metrics held since the last
+  check must be finite: a NaN stops the run with an error naming its step,
+  and the newest checkpoint on disk is from before it.
 
   Args:
+    state, train_step, train_iter: the stage's state, its jitted step
+      `(state, batch) -> (state, metrics)` and the batches from `start_step`.
+    start_step, num_steps: the restored step and the last step.
+    log_every, eval_every, checkpoint_every: cadences in steps.
+    run_eval: `(step, state, is_last) -> metrics`; writes its own summaries.
+    manager, fingerprint: the stage's orbax CheckpointManager and the config
+      fingerprint saved with each checkpoint.
+    writer, pending: the metric writer and the held per-step metrics.
     nan_fix: what the non-finite error suggests (e.g. which learning rate to
       lower).
   """
@@ -440,7 +449,6 @@ def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
 def flatten_levels(name: str, values: Iterable[Any]) -> dict[str, Any]:
   """{'<name>_level<i>': value} for per-level lists (top = level 0)."""
   return {f'{name}_level{i}': v for i, v in enumerate(values)}
-
 
 
 def to_float32(x: Any) -> jax.Array:
