@@ -1,0 +1,74 @@
+"""Small files every stage writes: JSON and other atomic writes.
+
+Every file is written to a temporary name, flushed to disk and renamed, so a
+reader (or a rerun after a kill) sees the old file or the whole new one,
+never half of it. JSON is normalised (tuples become lists, keys sorted, NaN
+and infinities become null) so that the same data always gives the same,
+valid bytes.
+"""
+
+from collections.abc import Callable, Mapping
+import json
+import math
+import os
+from typing import Any, BinaryIO
+
+_TMP_SUFFIX = '.tmp'
+
+
+def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:
+  """Calls `write_fn(f)` on a temporary file, then renames it to `path`.
+
+  Args:
+    path: the file to (re)place; its directory is created if missing.
+    write_fn: writes the contents to the binary file object it is given.
+  """
+  path = os.fspath(path)
+  tmp = path + _TMP_SUFFIX
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(tmp, 'wb') as f:
+    write_fn(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)  # Atomic: readers see the old state or the whole file.
+
+
+def _finite_or_none(value: Any) -> Any:
+  """JSON has no NaN or infinity: they become null, recursively."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, Mapping):
+    return {str(k): _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(v) for v in value]
+  if hasattr(value, 'item') and getattr(value, 'ndim', None) == 0:
+    return _finite_or_none(value.item())  # numpy / jax scalars
+  if hasattr(value, 'tolist'):
+    return _finite_or_none(value.tolist())  # numpy arrays
+  return value
+
+
+def normalise_json(data: Mapping[str, Any]) -> dict[str, Any]:
+  """`data` as it comes back from a JSON file (lists, str keys, null)."""
+  return json.loads(json.dumps(_finite_or_none(dict(data)), sort_keys=True,
+                               allow_nan=False))
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+  """Writes `data` as JSON atomically; the same data gives the same bytes.
+
+  Callers in a multi-process run decide which process writes (usually
+  process 0 only); this function writes whenever it is called.
+  """
+  text = json.dumps(normalise_json(data), indent=2, sort_keys=True,
+                    allow_nan=False) + '\n'
+  atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+  """The JSON object in `path`, or None if the file does not exist."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
