@@ -32,6 +32,14 @@ def random_variables(model: pixelcnn.PixelCNNPrior, codes, cond_codes=(),
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), codes, cond_codes=cond_codes,
                          labels=labels, train=False))
+  return draw_variables(shapes, seed, scale)
+
+
+def draw_variables(shapes: Any, seed: int = 0, scale: float = 1.0) -> Any:
+  """Draws the leaves of a `jax.ShapeDtypeStruct` tree as `random_variables`.
+
+  Any module's `jax.eval_shape(module.init, ...)` will do, e.g. one layer's.
+  """
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):

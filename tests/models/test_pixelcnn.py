@@ -179,6 +179,82 @@ def test_clear_errors():
     init(_prior(attention_layers=3))
 
 
+def _assert_rel_close(cached, full, what):
+  """max |cached - full| <= 1e-5 * max |full| (float32 rounding only)."""
+  err = np.abs(np.asarray(cached) - np.asarray(full)).max()
+  assert err <= 1e-5 * np.abs(np.asarray(full)).max(), f'{what}: error {err}'
+
+
+def _layer_variables(layer, *args):
+  shapes = jax.eval_shape(
+      lambda: layer.init(jax.random.key(0), *args, train=False))
+  return pixelcnn_util.draw_variables(shapes, seed=1)
+
+
+# (first, filter_size, conditioned): the first block's shifted, residual-free
+# form and later blocks, both kernel parities, with and without a cond map.
+@pytest.mark.parametrize('first,filter_size,conditioned',
+                         [(True, 3, True), (False, 3, True), (True, 2, False),
+                          (False, 2, False), (False, 4, True)])
+def test_gated_block_steps_equal_full_path(first, filter_size, conditioned):
+  channels = 8
+  block = pixelcnn.GatedBlock(channels, filter_size, first=first,
+                              conditioned=conditioned)
+  b, height, width = SHAPE
+  rng = np.random.default_rng(2)
+  draw = lambda: jnp.asarray(rng.normal(size=(b, height, width, channels)),
+                             jnp.float32)
+  # Distinct vertical and horizontal inputs, so that a mix-up shows.
+  v, h = draw(), draw()
+  cond = draw() if conditioned else None
+  variables = _layer_variables(block, v, h, cond)
+  v_full, h_full = jax.jit(lambda v, h, cond: block.apply(
+      variables, v, h, cond, train=False))(v, h, cond)
+
+  cache = block.apply(variables, b, width, method=block.init_cache)
+  step_row = jax.jit(functools.partial(block.apply, variables,
+                                       method=block.step_row))
+  step_position = jax.jit(functools.partial(block.apply, variables,
+                                            method=block.step_position))
+  # The first block takes what its shift brings: row r - 1 and (r, c - 1).
+  # At r == 0 and c == 0 that index wraps to the last row / column, whose
+  # values the block must ignore (the full path pads with zeros there).
+  shift = 1 if first else 0
+  for r in range(height):
+    r_ = jnp.int32(r)
+    v_row, cache = step_row(cache, v[:, r - shift][:, None],
+                            None if cond is None else cond[:, r:r + 1], r_)
+    _assert_rel_close(v_row[:, 0], v_full[:, r], f'vertical row {r}')
+    for c in range(width):
+      h_pos, cache = step_position(
+          cache, h[:, r, c - shift][:, None, None],
+          None if cond is None else cond[:, r:r + 1, c:c + 1], jnp.int32(c))
+      _assert_rel_close(h_pos[:, 0, 0], h_full[:, r, c],
+                        f'horizontal ({r}, {c})')
+
+
+def test_attention_block_steps_equal_full_path():
+  channels = 8
+  block = pixelcnn.AttentionBlock(channels, num_heads=2)
+  b, height, width = SHAPE
+  h = jnp.asarray(np.random.default_rng(3).normal(
+      size=(b, height, width, channels)), jnp.float32)
+  variables = _layer_variables(block, h)
+  full = jax.jit(lambda h: block.apply(variables, h, train=False))(h)
+
+  cache = block.apply(variables, b, height, width, method=block.init_cache)
+  step_row = jax.jit(functools.partial(block.apply, variables,
+                                       method=block.step_row))
+  step_position = jax.jit(functools.partial(block.apply, variables,
+                                            method=block.step_position))
+  for r in range(height):
+    cache = step_row(cache, jnp.int32(r))
+    for c in range(width):
+      out, cache = step_position(cache, h[:, r:r + 1, c:c + 1], jnp.int32(r),
+                                 jnp.int32(c))
+      _assert_rel_close(out[:, 0, 0], full[:, r, c], f'position ({r}, {c})')
+
+
 @pytest.mark.parametrize('case', ['attention_class', 'cond_stack'])
 def test_overfits_one_batch(case):
   # Distinct labels (and upper codes) tell the examples apart, so even the

@@ -37,13 +37,18 @@ the cached sampler in `vqvae2_jax/sampling.py` scans over:
       logits, cache = model.apply(variables, cache, context, codes[:, r, c - 1],
                                   r, c, method=model.step_position)
 
-`step_row` advances every vertical stack by one row (it needs only rows
-above), `step_position` advances every horizontal stack and attention block
-by one position (keeping the last few inputs of each convolution and, per
-attention block, the keys and values of the rows above and of the current
-row). The conditioning stack and class embedding run
-once, in `prepare`. Both paths call the same submodule methods, so their
-logits agree to float rounding.
+Each layer with state owns its incremental path beside its `__call__`:
+`GatedBlock` and `AttentionBlock` have `init_cache` / `step_row` /
+`step_position`, and the prior's methods of the same names are plain loops
+over them. `step_row` advances every vertical stack by one row (it needs only
+rows above) and moves the finished row of each attention block to its
+key/value cache; `step_position` advances every horizontal stack and
+attention block by one position (keeping the last few inputs of each
+convolution and, per attention block, the keys and values of the rows above
+and of the current row). The first block's one-position shift is the
+block's own business (see `GatedBlock`). The conditioning stack and class
+embedding run once, in `prepare`. Both paths of a layer call the same
+submodules, so their outputs agree to float rounding.
 
 Example (the Fashion-MNIST bottom prior, 8x8 codes under a 4x4 top level):
 
@@ -227,15 +232,24 @@ def _attend_one(q: Array, k: Array, v: Array,
 class GatedBlock(nn.Module):
   """A gated residual block with a vertical and a horizontal masked stack.
 
-  The full path (`__call__`) and the incremental path (the sampler, through
-  `PixelCNNPrior.step_row` / `step_position`) both call `vertical` and
-  `horizontal` on already-padded windows with VALID convolutions.
+  Two paths share the parameters and the `vertical` / `horizontal` maths on
+  already-padded windows with VALID convolutions: `__call__` over a whole map,
+  and the incremental `init_cache` / `step_row` / `step_position` for the
+  sampler, which keep the last few inputs of each convolution.
+
+  The first block (`first=True`) reads the code embedding shifted down one row
+  (vertical) and right one column (horizontal), so that (r, c) sees only
+  strictly earlier codes, and has no residual connection. Its full path does
+  the shift itself; its steps take the input the shift brings to the new
+  row or position (the embedding of row r - 1, or of (r, c - 1)) and read it
+  as zeros at r == 0 or c == 0, where the full path pads. Every caller can
+  therefore hand each block the newest input it has, first block or not.
 
   Attributes:
     channels: C, the width of both stacks.
     filter_size: nominal filter size (see `stack_kernel`).
-    first: whether this block reads the code embedding (strict kernels, no
-      residual connection).
+    first: whether this block reads the code embedding (strict kernels, the
+      one-position shift, no residual connection).
     conditioned: whether a conditioning map is added to the gates.
     dropout_rate: dropout on the gated activations (RNG stream 'dropout').
     dtype: compute dtype.
@@ -307,6 +321,8 @@ class GatedBlock(nn.Module):
       out = out + residual
     return out
 
+  # Full path.
+
   def __call__(self, v: Array, h: Array, cond: Optional[Array], *,
                train: bool) -> tuple[Array, Array]:
     """Full path over a whole map.
@@ -335,6 +351,71 @@ class GatedBlock(nn.Module):
     h_out = self.horizontal(h_window, h_res, v_pre, cond, train=train)
     return v_out, h_out
 
+  # Incremental path (inference only: no dropout).
+
+  def init_cache(self, batch: int, width: int) -> dict[str, Array]:
+    """Zero caches for a [batch, h, width] map (zeros = the full path's pads).
+
+    Returns:
+      {'v_buf': [batch, rows - 1, width, C] the latest vertical inputs
+       before the new row, 'v_pre': [batch, 1, width, 2C] the current row's
+       vertical pre-activations, 'h_buf': [batch, 1, cols - 1, C] the latest
+       horizontal inputs of the current row before the new position}.
+    """
+    rows, _, cols = stack_kernel(self.filter_size, self.first)
+    c = self.channels
+    return {'v_buf': jnp.zeros((batch, rows - 1, width, c), self.dtype),
+            'v_pre': jnp.zeros((batch, 1, width, 2 * c), self.dtype),
+            'h_buf': jnp.zeros((batch, 1, cols - 1, c), self.dtype)}
+
+  def step_row(self, cache: dict[str, Array], v: Array, cond: Optional[Array],
+               r: Array) -> tuple[Array, dict[str, Array]]:
+    """Vertical stack at row r, before the positions of row r.
+
+    Args:
+      cache: from `init_cache` or the step of row r - 1.
+      v: [batch, 1, w, C] the vertical input of row r; for the first block
+        the embedding of row r - 1 (ignored at r == 0).
+      cond: [batch, 1, w, Cc] conditioning features of row r, or None.
+      r: int32 scalar row index.
+
+    Returns:
+      ([batch, 1, w, C] vertical output of row r, the cache holding row r's
+      pre-activations and an empty horizontal buffer for the new row).
+    """
+    _, half, _ = stack_kernel(self.filter_size, self.first)
+    if self.first:
+      v = jnp.where(r > 0, v, jnp.zeros_like(v))
+    window = jnp.concatenate([cache['v_buf'], v], axis=1)
+    padded = jnp.pad(window, ((0, 0), (0, 0), (half, half), (0, 0)))
+    out, pre = self.vertical(padded, None if self.first else v, cond,
+                             train=False)
+    return out, {'v_buf': window[:, 1:], 'v_pre': pre,
+                 'h_buf': jnp.zeros_like(cache['h_buf'])}
+
+  def step_position(self, cache: dict[str, Array], h: Array,
+                    cond: Optional[Array], c: Array
+                    ) -> tuple[Array, dict[str, Array]]:
+    """Horizontal stack at (r, c), after `step_row(r)` and (r, 0..c-1).
+
+    Args:
+      cache: the cache after those steps.
+      h: [batch, 1, 1, C] the horizontal input at (r, c); for the first block
+        the embedding at (r, c - 1) (ignored at c == 0).
+      cond: [batch, 1, 1, Cc] conditioning features at (r, c), or None.
+      c: int32 scalar column index.
+
+    Returns:
+      ([batch, 1, 1, C] horizontal output at (r, c), the updated cache).
+    """
+    if self.first:
+      h = jnp.where(c > 0, h, jnp.zeros_like(h))
+    window = jnp.concatenate([cache['h_buf'], h], axis=2)
+    v_pre = jax.lax.dynamic_slice_in_dim(cache['v_pre'], c, 1, axis=2)
+    out = self.horizontal(window, None if self.first else h, v_pre, cond,
+                          train=False)
+    return out, {**cache, 'h_buf': window[:, :, 1:]}
+
 
 class AttentionBlock(nn.Module):
   """Causal multi-head self-attention over raster order, plus an MLP.
@@ -342,6 +423,9 @@ class AttentionBlock(nn.Module):
   Pre-layer-norm residual block on the horizontal stack; queries and keys get
   2-D sinusoidal positions. A position attends to itself and every earlier
   position (the features there are already strictly causal).
+  `__call__` runs over a whole map; `init_cache` / `step_row` /
+  `step_position` run the same parameters one position at a time, with
+  key/value caches.
 
   Attributes:
     channels: C.
@@ -382,6 +466,8 @@ class AttentionBlock(nn.Module):
     y = self.mlp_out(nn.gelu(self.mlp_in(self.mlp_norm(h))))
     return h + self.dropout(y, deterministic=not train)
 
+  # Full path.
+
   def __call__(self, h: Array, *, train: bool) -> Array:
     """Full path: [batch, h, w, C] -> [batch, h, w, C]."""
     b, height, width, c = h.shape
@@ -395,47 +481,77 @@ class AttentionBlock(nn.Module):
     out = self.finish(flat, heads_major(attended), train=train)
     return out.reshape(b, height, width, c)
 
-  def step(self, h: Array, cache: dict[str, Array], r: Array, c: Array
-           ) -> tuple[Array, dict[str, Array]]:
-    """Incremental path at position (r, c).
+  # Incremental path (inference only: no dropout).
+
+  def init_cache(self, batch: int, height: int, width: int
+                 ) -> dict[str, Array]:
+    """Zero key/value caches for a [batch, height, width] map.
 
     The keys and values live in two caches: the rows above (written a whole
-    row at a time by `flush_row`) and the current row (written a position at
-    a time). A step only reads the big cache, so XLA never copies it inside
-    the per-position loop.
+    row at a time by `step_row`) and the current row (written a position at
+    a time by `step_position`). A position step only reads the big cache, so
+    XLA never copies it inside the per-position loop. Heads-major, so that a
+    step reads the caches without transposing them.
+
+    Returns:
+      {'k', 'v': [batch, heads, height * width, d] the rows above (later
+       entries are ignored); 'row_k', 'row_v': [batch, heads, width, d] the
+       columns before the new one in the current row}.
+    """
+    d = self.channels // self.num_heads
+    kv_shape = (batch, self.num_heads, height * width, d)
+    row_shape = (batch, self.num_heads, width, d)
+    return {'k': jnp.zeros(kv_shape, self.dtype),
+            'v': jnp.zeros(kv_shape, self.dtype),
+            'row_k': jnp.zeros(row_shape, self.dtype),
+            'row_v': jnp.zeros(row_shape, self.dtype)}
+
+  def step_row(self, cache: dict[str, Array], r: Array) -> dict[str, Array]:
+    """Starts row r: copies the row cache into the big cache as row r - 1.
+
+    At r == 0 the row cache still holds zeros, like the big one, so writing
+    it as row 0 changes nothing; stale entries of the row cache are masked by
+    `step_position`.
 
     Args:
-      h: [batch, 1, C] features at the new position.
-      cache: {'k', 'v': [batch, heads, h * w, d] the rows above r (later
-        entries are ignored); 'row_k', 'row_v': [batch, heads, w, d] the
-        columns before c of row r}. Heads-major, so that a step reads the
-        caches without transposing them.
+      cache: from `init_cache` or the steps of row r - 1.
+      r: int32 scalar row index.
+
+    Returns:
+      The cache with the keys and values of row r - 1 in the big cache.
+    """
+    width = cache['row_k'].shape[2]
+    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+        buf, x, jnp.maximum(r - 1, 0) * width, axis=2)
+    return {**cache, 'k': write(cache['k'], cache['row_k']),
+            'v': write(cache['v'], cache['row_v'])}
+
+  def step_position(self, cache: dict[str, Array], h: Array, r: Array,
+                    c: Array) -> tuple[Array, dict[str, Array]]:
+    """The block at position (r, c), after `step_row(r)` and (r, 0..c-1).
+
+    Args:
+      cache: the cache after those steps.
+      h: [batch, 1, 1, C] features at (r, c).
       r, c: int32 scalars.
 
     Returns:
-      ([batch, 1, C], the cache with (r, c) written to the row cache).
+      ([batch, 1, 1, C], the cache with (r, c) written to the row cache).
     """
-    q, k, v = self.qkv(h, position_embedding(r[None], c[None], self.channels))
+    b, _, _, channels = h.shape
+    flat = h.reshape(b, 1, channels)
+    q, k, v = self.qkv(flat, position_embedding(r[None], c[None], channels))
     q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [batch, heads, d]
     width = cache['row_k'].shape[2]
     above = jnp.arange(cache['k'].shape[2]) < r * width
     parts = [(cache['k'], cache['v'], above),
              (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
     attended = _attend_one(q, k, v, parts)
-    out = self.finish(h, attended[:, None], train=False)
+    out = self.finish(flat, attended[:, None], train=False)
     write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
         buf, x[:, :, None], c, axis=2)
-    return out, {**cache, 'row_k': write(cache['row_k'], k),
-                 'row_v': write(cache['row_v'], v)}
-
-  @staticmethod
-  def flush_row(cache: dict[str, Array], row: Array) -> dict[str, Array]:
-    """Copies the row cache into the big cache as row `row` (int32 scalar)."""
-    width = cache['row_k'].shape[2]
-    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-        buf, x, row * width, axis=2)
-    return {**cache, 'k': write(cache['k'], cache['row_k']),
-            'v': write(cache['v'], cache['row_v'])}
+    return out.reshape(h.shape), {**cache, 'row_k': write(cache['row_k'], k),
+                                  'row_v': write(cache['row_v'], v)}
 
 
 class ConditioningStack(nn.Module):
@@ -629,7 +745,8 @@ class PixelCNNPrior(nn.Module):
     cond = self.conditioning(cond_codes, labels, codes.shape)
     return self.forward_embedded(self.embed(codes), cond, train=train)
 
-  # Incremental path (for the cached sampler).
+  # Incremental path (for the cached sampler): plain loops over the layers,
+  # each of which owns its cache and steps.
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
               shape: Sequence[int]) -> dict[str, Any]:
@@ -640,40 +757,17 @@ class PixelCNNPrior(nn.Module):
     """Zero caches for sampling a [batch, h, w] map.
 
     Returns:
-      {'gated': per block {'v_buf': [batch, n_v, w, C] previous vertical
-       inputs, 'v_pre': [batch, 1, w, 2C] the current row's vertical
-       pre-activations, 'h_buf': [batch, 1, n_h, C] previous horizontal
-       inputs}, 'attention': per block {'k', 'v': [batch, heads, h * w, d]
-       the rows above, 'row_k', 'row_v': [batch, heads, w, d] the current
-       row}.
-      Zeros match the zero padding of the full path.
+      {'gated': per gated block its `GatedBlock.init_cache`, 'attention': per
+       attention block its `AttentionBlock.init_cache`}.
     """
     b, height, width = shape
-    c = self.num_channels
-    gated = []
-    for i in range(self.num_layers):
-      rows, _, cols = stack_kernel(self.filter_size, first=(i == 0))
-      # The first block keeps `rows` strictly earlier embedded rows; later
-      # blocks keep rows - 1 and add the current row.
-      n_v = rows if i == 0 else rows - 1
-      n_h = cols if i == 0 else cols - 1
-      gated.append({
-          'v_buf': jnp.zeros((b, n_v, width, c), self.dtype),
-          'v_pre': jnp.zeros((b, 1, width, 2 * c), self.dtype),
-          'h_buf': jnp.zeros((b, 1, n_h, c), self.dtype)})
-    d = c // self.num_heads
-    kv_shape = (b, self.num_heads, height * width, d)
-    row_shape = (b, self.num_heads, width, d)
-    attention = [{'k': jnp.zeros(kv_shape, self.dtype),
-                  'v': jnp.zeros(kv_shape, self.dtype),
-                  'row_k': jnp.zeros(row_shape, self.dtype),
-                  'row_v': jnp.zeros(row_shape, self.dtype)}
-                 for _ in range(self.attention_layers)]
-    return {'gated': gated, 'attention': attention}
+    return {'gated': [block.init_cache(b, width) for block in self.blocks],
+            'attention': [block.init_cache(b, height, width)
+                          for block in self.attention]}
 
   def step_row(self, cache: dict[str, Any], context: dict[str, Any],
                prev_row: Array, r: Array) -> dict[str, Any]:
-    """Advances every vertical stack to row r (before sampling row r).
+    """Advances every layer to row r (before sampling row r).
 
     Args:
       cache: from `init_cache` or the previous steps.
@@ -686,29 +780,17 @@ class PixelCNNPrior(nn.Module):
       buffers cleared for the new row and row r - 1 of every attention block
       moved to its big key/value cache.
     """
-    _, half, _ = stack_kernel(self.filter_size, first=True)
     cond = context['cond']
     cond_row = (None if cond is None else
                 jax.lax.dynamic_slice_in_dim(cond, r, 1, axis=1))
-    x = self.embed(prev_row)[:, None]
-    x = jnp.where(r > 0, x, jnp.zeros_like(x))
+    # What the first block's shift brings to row r.
+    v = self.embed(prev_row)[:, None]
     gated = []
-    for i, block in enumerate(self.blocks):
-      entry = cache['gated'][i]
-      if i == 0:
-        window = jnp.concatenate([entry['v_buf'][:, 1:], x], axis=1)
-        new_buf, residual = window, None
-      else:
-        window = jnp.concatenate([entry['v_buf'], x], axis=1)
-        new_buf, residual = window[:, 1:], x
-      padded = jnp.pad(window, ((0, 0), (0, 0), (half, half), (0, 0)))
-      x, v_pre = block.vertical(padded, residual, cond_row, train=False)
-      gated.append({'v_buf': new_buf, 'v_pre': v_pre,
-                    'h_buf': jnp.zeros_like(entry['h_buf'])})
-    # Row r - 1 is complete: move its keys and values to the big caches (at
-    # r == 0 the row caches are still zeros, like the big ones).
-    attention = [AttentionBlock.flush_row(entry, jnp.maximum(r - 1, 0))
-                 for entry in cache['attention']]
+    for block, entry in zip(self.blocks, cache['gated']):
+      v, entry = block.step_row(entry, v, cond_row, r)
+      gated.append(entry)
+    attention = [block.step_row(entry, r)
+                 for block, entry in zip(self.attention, cache['attention'])]
     return {'gated': gated, 'attention': attention}
 
   def step_position(self, cache: dict[str, Any], context: dict[str, Any],
@@ -730,24 +812,15 @@ class PixelCNNPrior(nn.Module):
     cond_pos = (None if cond is None else
                 jax.lax.dynamic_slice(cond, (0, r, c, 0),
                                       (cond.shape[0], 1, 1, cond.shape[3])))
+    # What the first block's shift brings to (r, c).
     h = self.embed(prev_code)[:, None, None]
-    h = jnp.where(c > 0, h, jnp.zeros_like(h))
     gated, attention = [], list(cache['attention'])
-    for i, block in enumerate(self.blocks):
-      entry = cache['gated'][i]
-      if i == 0:
-        window = jnp.concatenate([entry['h_buf'][:, :, 1:], h], axis=2)
-        new_buf, residual = window, None
-      else:
-        window = jnp.concatenate([entry['h_buf'], h], axis=2)
-        new_buf, residual = window[:, :, 1:], h
-      v_pre = jax.lax.dynamic_slice_in_dim(entry['v_pre'], c, 1, axis=2)
-      h = block.horizontal(window, residual, v_pre, cond_pos, train=False)
-      gated.append({**entry, 'h_buf': new_buf})
+    for i, (block, entry) in enumerate(zip(self.blocks, cache['gated'])):
+      h, entry = block.step_position(entry, h, cond_pos, c)
+      gated.append(entry)
       if i in after:
         j = after[i]
-        flat, attention[j] = self.attention[j].step(
-            h[:, 0], attention[j], r, c)
-        h = flat[:, None]
+        h, attention[j] = self.attention[j].step_position(
+            attention[j], h, r, c)
     logits = self._output(h)[:, 0, 0]
     return logits, {'gated': gated, 'attention': attention}
