@@ -24,6 +24,7 @@ import numpy as np
 
 from configs import fashion_mnist
 from configs import imagenet256
+from vqvae2_jax import builders
 from vqvae2_jax import parallel
 from vqvae2_jax.train import common
 from vqvae2_jax.train import prior_trainer
@@ -49,7 +50,7 @@ def level_shapes(config) -> list[tuple[int, int]]:
 def time_prior(config, level: int, batch_size: int, steps: int) -> dict:
   """Compiles and times `steps` train steps of level `level`'s prior."""
   mesh = parallel.create_mesh(config.mesh)
-  model = prior_trainer.build_prior(config, level)
+  model = builders.build_prior(config, level)
   tx, schedule = prior_trainer.create_optimizer(config)
   shapes = level_shapes(config)
   init_fn = prior_trainer.make_init_fn(

@@ -19,10 +19,11 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.evaluation import reconstruction
-from vqvae2_jax.train import vqvae_trainer
+
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of the run.')
@@ -45,7 +46,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   mesh = parallel.create_mesh(config.mesh)
-  model, variables, step = vqvae_trainer.load_vqvae(config, _WORKDIR.value,
+  model, variables, step = loading.load_vqvae(config, _WORKDIR.value,
                                                     mesh)
   views = level_views(len(config.model.downsample_factors))
   encode = jax.jit(functools.partial(model.apply, method=model.encode))

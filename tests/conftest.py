@@ -5,9 +5,12 @@ before any test module imports jax. Tests that want one device build their
 mesh over `jax.devices()[:1]`.
 """
 
+import json
 import os
 import shutil
 import tempfile
+
+import pytest
 
 os.environ['JAX_PLATFORMS'] = 'cpu'
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -28,3 +31,69 @@ os.environ['TFDS_DATA_DIR'] = _TFDS_DIR
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   shutil.rmtree(_TFDS_DIR, ignore_errors=True)
+
+
+# Shared fixtures. Imports stay inside them: jax must not load before the
+# flags above are set.
+
+
+@pytest.fixture(scope='session')
+def stage2_config():
+  """fashion_mnist.py:tiny on 96 training and 40 held-out images, shards of 32.
+
+  Shared by the session: copy it (`copy_and_resolve_references`) before
+  changing it.
+  """
+  from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config('tiny')
+  config.data.train_split = 'train[:96]'
+  config.data.eval_split = 'test[:40]'
+  config.vqvae_train.eval_batch_size = 16
+  config.prior.codes_per_shard = 32
+  config.prior.eval_batch_size = 16
+  return config
+
+
+@pytest.fixture(scope='session')
+def save_vqvae_checkpoint():
+  """A function that writes an untrained VQ-VAE as a stage-1 checkpoint.
+
+  `save(config, workdir, *, seed=0, step=1)` writes checkpoint `step` of
+  workdir/vqvae; different `seed`s give different weights (the initial
+  params scaled by 1 + seed / 20), so their codes carry different
+  provenance. The initial state is built once per model fingerprint.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from vqvae2_jax import builders
+  from vqvae2_jax import checkpoints
+  from vqvae2_jax import loading
+  from vqvae2_jax import parallel
+  from vqvae2_jax.train import common
+  from vqvae2_jax.train import vqvae_trainer
+  # pylint: enable=g-import-not-at-top
+
+  initial_states = {}  # Model fingerprint -> initial stage-1 state.
+
+  def initial_state(config):
+    key = json.dumps(builders.vqvae_fingerprint(config), sort_keys=True)
+    if key not in initial_states:  # Compiling the init once saves seconds.
+      progs = vqvae_trainer.programs(config, parallel.create_mesh(config.mesh))
+      initial_states[key] = progs.init(jax.random.PRNGKey(0))
+    return initial_states[key]
+
+  def save(config, workdir, *, seed=0, step=1):
+    state = initial_state(config)
+    params = jax.tree.map(lambda x: x * (1.0 + seed / 20.0), state.params)
+    state = state.replace(step=jnp.asarray(step, jnp.int32), params=params)
+    manager = checkpoints.create_manager(
+        common.checkpoint_dir(loading.vqvae_dir(workdir)), async_save=False)
+    try:
+      checkpoints.save(manager, step, state,
+                       builders.vqvae_fingerprint(config))
+      manager.wait_until_finished()
+    finally:
+      manager.close()
+
+  return save

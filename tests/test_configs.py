@@ -3,36 +3,133 @@
 import glob
 import importlib
 import os
+import re
 
+from absl import flags
+from ml_collections import config_flags
 import pytest
 
+from configs import common
 from vqvae2_jax import config_validation
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG_DIR = os.path.join(_ROOT, 'configs')
+# Dataset configs: every file in configs/ but the shared base.
 _NAMES = sorted(
     os.path.splitext(os.path.basename(p))[0]
     for p in glob.glob(os.path.join(_CONFIG_DIR, '*.py'))
-    if not os.path.basename(p).startswith('_'))
+    if not os.path.basename(p).startswith('_')
+    and os.path.basename(p) != 'common.py')
+# (file, argument after ':'): the files and their variants.
+_VARIANTS = [(name, None) for name in _NAMES] + [('fashion_mnist', 'tiny')]
 
 
-def _load(name):
-  return importlib.import_module(f'configs.{name}').get_config()
+def _load(name, variant=None):
+  module = importlib.import_module(f'configs.{name}')
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _flatten(config, prefix=''):
+  """{'section.field': value} of every leaf of a ConfigDict."""
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
 
 
 def test_all_config_files_found():
-  assert {'fashion_mnist', 'tiny', 'cifar10', 'imagenet256',
-          'ffhq1024'} <= set(_NAMES)
+  assert {'fashion_mnist', 'cifar10', 'imagenet256', 'ffhq1024'} <= set(_NAMES)
 
 
-@pytest.mark.parametrize('name', _NAMES)
-def test_config_loads_and_validates(name):
-  config = _load(name)
+@pytest.mark.parametrize('name,variant', _VARIANTS)
+def test_config_loads_and_validates(name, variant):
+  config = _load(name, variant)
   if config.data.name == 'image_folder' and not config.data.image_folder:
     config.data.image_folder = '/path/set/by/the/user'
   config_validation.validate_config(config, num_devices=8)
   # The docstring holds the command that runs it.
   module = importlib.import_module(f'configs.{name}')
-  assert f'--config=configs/{name}.py' in module.__doc__
+  path = f'configs/{name}.py' + (f':{variant}' if variant else '')
+  assert f'--config={path} ' in module.__doc__
+
+
+def test_unknown_variant_names_the_fix():
+  with pytest.raises(ValueError, match=r"'huge'.*Fix: .*'tiny'"):
+    _load('fashion_mnist', 'huge')
+
+
+def test_the_base_is_not_a_runnable_config():
+  # What only a dataset can decide is left empty, and validation says so.
+  with pytest.raises(ValueError, match=r'^config\.data\.name: is empty.*Fix:'):
+    config_validation.validate_config(common.get_config(), check_dataset=False)
+
+
+@pytest.mark.parametrize('name,variant', _VARIANTS)
+def test_configs_only_set_fields_of_the_base(name, variant):
+  """No config adds a field that configs/common.py does not declare."""
+  base = _flatten(common.get_config())
+  level = _flatten(common.prior_level())
+  config = _flatten(_load(name, variant))
+  for path, value in config.items():
+    match = re.fullmatch(r'prior\.level_\d+\.(\w+)', path)
+    if match:  # Configs with more levels add sections from prior_level().
+      assert match.group(1) in level, path
+      want_type = type(level[match.group(1)])
+    else:
+      assert path in base, f'{path} is not declared in configs/common.py'
+      want_type = type(base[path])
+    assert isinstance(value, want_type), (path, value, want_type)
+
+
+def test_fashion_mnist_sets_the_optimizer_fields_to_the_trainers_defaults():
+  # The trainers used to read these with .get(field, default); the demo must
+  # keep what it ran with.
+  config = _load('fashion_mnist')
+  assert config.prior.dtype == 'float32'
+  assert config.prior.cosine_decay is True
+  assert config.vqvae_train.cosine_decay is True
+  assert config.prior.grad_clip_norm == 1.0
+  assert config.vqvae_train.grad_clip_norm == 1.0
+
+
+_OVERRIDES = {
+    'prior.dtype': ('bfloat16', 'bfloat16'),
+    'prior.cosine_decay': ('false', False),
+    'prior.grad_clip_norm': ('0.5', 0.5),
+    'vqvae_train.cosine_decay': ('false', False),
+    'vqvae_train.grad_clip_norm': ('0', 0.0),
+}
+
+
+def _parse_command_line(*args):
+  """The config main.py would get from `args` (locked, overrides applied)."""
+  argv = ['main.py', *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                  flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_formerly_optional_fields_can_be_set_on_the_command_line():
+  """The fields once read with .get exist, so a locked config takes them."""
+  path = os.path.join(_CONFIG_DIR, 'fashion_mnist.py')
+  config = _parse_command_line(
+      f'--config={path}:tiny',
+      *[f'--config.{k}={v}' for k, (v, _) in _OVERRIDES.items()])
+  assert config.is_locked
+  assert config.model.num_hiddens == 16  # The tiny variant.
+  for field, (_, want) in _OVERRIDES.items():
+    section, name = field.split('.')
+    assert config[section][name] == want, field
+  config_validation.validate_config(config, num_devices=8)
+  # A field the base lacks is refused, as by main.py's locked config.
+  with pytest.raises(AttributeError, match='no_such_field'):
+    _parse_command_line(f'--config={path}', '--config.prior.no_such_field=1')
 
 
 def test_paper_hyperparameters_imagenet256():
@@ -58,8 +155,17 @@ def test_ffhq1024_has_three_levels():
   assert config_validation.latent_sizes(config) == [32, 64, 128]
 
 
+@pytest.mark.parametrize('name', ['imagenet256', 'ffhq1024'])
+def test_long_runs_do_not_inherit_the_cpu_demo_intervals(name):
+  config = _load(name)
+  for section in (config.vqvae_train, config.prior):
+    assert section.warmup_steps >= 1000
+    assert 100 <= section.log_every <= 1000
+    assert section.checkpoint_every >= 1000
+
+
 def _tiny():
-  return _load('tiny')
+  return _load('fashion_mnist', 'tiny')
 
 
 def _set(config, path, value):
@@ -72,9 +178,11 @@ def _set(config, path, value):
 
 @pytest.mark.parametrize('path,value,field', [
     ('data.image_size', 28, 'model.downsample_factors'),
+    ('data.image_size', 0, 'data.image_size'),
     ('model.downsample_factors', (4, 8), 'model.downsample_factors'),
     ('model.downsample_factors', (6, 2), 'model.downsample_factors[0]'),
     ('model.downsample_factors', (), 'model.downsample_factors'),
+    ('data.name', '', 'data.name'),
     ('data.name', 'no_such_dataset_anywhere', 'data.name'),
     ('data.channels', 2, 'data.channels'),
     ('data.num_classes', -1, 'data.num_classes'),
@@ -82,6 +190,11 @@ def _set(config, path, value):
     ('model.dtype', 'float16', 'model.dtype'),
     ('model.num_embeddings', 1, 'model.num_embeddings'),
     ('model.ema_decay', 1.0, 'model.ema_decay'),
+    ('vqvae_train.warmup_steps', -1, 'vqvae_train.warmup_steps'),
+    ('vqvae_train.grad_clip_norm', -1.0, 'vqvae_train.grad_clip_norm'),
+    ('prior.warmup_steps', -1, 'prior.warmup_steps'),
+    ('prior.grad_clip_norm', -0.5, 'prior.grad_clip_norm'),
+    ('prior.dtype', 'float16', 'prior.dtype'),
     ('prior.level', 2, 'prior.level'),
     ('prior.train_eval_examples', -1, 'prior.train_eval_examples'),
     ('prior.level_0.attention_layers', 9, 'prior.level_0.attention_layers'),

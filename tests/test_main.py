@@ -6,10 +6,11 @@ import sys
 
 import pytest
 
-from configs import tiny
+from configs import fashion_mnist
 from vqvae2_jax import stages
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TINY = '--config=configs/fashion_mnist.py:tiny'
 
 
 def _main(*args):
@@ -19,7 +20,7 @@ def _main(*args):
 
 
 def test_unknown_mode_is_a_usage_error():
-  result = _main('--config=configs/tiny.py', '--workdir=/tmp/unused',
+  result = _main(_TINY, '--workdir=/tmp/unused',
                  '--mode=train_everything')
   assert result.returncode != 0
   assert 'value should be one of' in result.stderr
@@ -33,7 +34,7 @@ def test_config_and_workdir_are_required():
 
 
 def test_invalid_config_fails_before_any_work(tmp_path):
-  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}',
+  result = _main(_TINY, f'--workdir={tmp_path}',
                  '--mode=vqvae', '--config.data.image_size=30')
   assert result.returncode != 0
   assert 'config.model.downsample_factors' in result.stderr
@@ -41,7 +42,7 @@ def test_invalid_config_fails_before_any_work(tmp_path):
 
 
 def test_a_stage_not_built_yet_says_so_plainly(tmp_path):
-  result = _main('--config=configs/tiny.py', f'--workdir={tmp_path}',
+  result = _main(_TINY, f'--workdir={tmp_path}',
                  '--mode=eval')
   assert result.returncode == 1
   assert '--mode=eval is not built yet' in result.stderr
@@ -57,4 +58,4 @@ def test_every_mode_has_a_stage():
 
 def test_pipeline_order():
   assert stages.PIPELINE == ('vqvae', 'codes', 'prior', 'sample')
-  assert tiny.get_config().prior.level == -1
+  assert fashion_mnist.get_config('tiny').prior.level == -1

@@ -5,6 +5,7 @@ start-up of a new one."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,11 +13,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import tiny
+from configs import fashion_mnist
 from vqvae2_jax import stages
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TINY = ['--config=configs/tiny.py',
+_TINY = ['--config=configs/fashion_mnist.py:tiny',
          # Small splits keep code extraction to a few batches.
          '--config.data.train_split=train[:256]',
          '--config.data.eval_split=test[:64]',
@@ -25,7 +26,7 @@ _TINY = ['--config=configs/tiny.py',
 
 
 def _tiny_config(**sampling):
-  config = tiny.get_config()
+  config = fashion_mnist.get_config('tiny')
   for arg in _TINY[1:]:
     path, value = arg[len('--config.'):].split('=')
     section, name = path.split('.')
@@ -113,3 +114,29 @@ def test_sample_again_skips_and_other_controls_write_beside(workdir):
   for name in ('codes_0', 'codes_1', 'labels'):
     np.testing.assert_array_equal(np.load(greedy / 'codes.npz')[name],
                                   np.load(greedy7 / 'codes.npz')[name])
+
+
+def test_codes_and_sample_load_after_training_knobs_change(workdir, tmp_path):
+  # Settings that shape the optimizer state or the prior's train state
+  # (clipping, Polyak averaging) changed after training: the later stages
+  # read the variables only, so they still run, with the same weights.
+  trained = _tiny_config(top_k=2)
+  assert trained.vqvae_train.grad_clip_norm > 0
+  assert trained.prior.grad_clip_norm > 0 and trained.prior.polyak_decay > 0
+  changed = _tiny_config(top_k=2)
+  changed.vqvae_train.grad_clip_norm = 0.0
+  changed.prior.grad_clip_norm = 0.0
+  changed.prior.polyak_decay = 0.0
+  metas = {}
+  for name, config in (('trained', trained), ('changed', changed)):
+    copy = tmp_path / name
+    shutil.copytree(workdir, copy)
+    assert stages.run('codes', config, str(copy))['codes']['vqvae_step'] == 6
+    metas[name] = stages.run('sample', config, str(copy))['sample']
+    assert metas[name]['prior_steps'] == [6, 6]
+  # The Polyak weights the checkpoints hold (sampling.use_polyak) in both.
+  got = np.load(os.path.join(metas['changed']['dir'], 'codes.npz'))
+  want = np.load(os.path.join(metas['trained']['dir'], 'codes.npz'))
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])

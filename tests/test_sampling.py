@@ -2,7 +2,6 @@
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,6 +20,9 @@ LOWER = dict(num_layers=2, filter_size=5, num_classes=3,
 TOP_SHAPE = (2, 3, 5)
 LOWER_SHAPE = (2, 4, 6)
 UPPER_SHAPES = ((2, 2, 3), (2, 4, 3))
+
+# What jax.monitoring reports each time a function is traced for jax.jit.
+_TRACE_EVENT = '/jax/core/compile/jaxpr_trace_duration'
 
 CONTROLS = [  # (temperature, top_k, top_p)
     (1.0, 0, 1.0),
@@ -116,25 +118,46 @@ def test_sampling_split_over_8_devices_equals_one_device(kind):
         'cond_codes': tuple(x[:4] for x in cond)}, mesh=mesh)
 
 
-def test_sampler_compiles_once(monkeypatch):
+def test_sampler_compiles_once():
   model, variables, shape, cond, labels, _ = _setup('lower')
-  monkeypatch.setattr(sampling, '_cached_impl',
-                      chex.assert_max_traces(sampling._cached_impl, n=1))
-  sampling._build.cache_clear()
   other_variables = jax.tree.map(lambda x: x * 0.5, variables)  # E.g. Polyak.
-  sampling.compile_sampler(model, variables, shape=shape, cond_codes=cond,
-                           labels=labels)
-  runs = [
-      dict(rng=jax.random.key(0)),
-      dict(rng=jax.random.key(1), temperature=0.5, top_k=2),
-      dict(rng=jax.random.key(2), top_p=0.5, labels=labels),
-      dict(rng=jax.random.key(3), labels=list(np.asarray(labels))),
-      dict(rng=jax.random.key(4), variables=other_variables),
-  ]
-  for run in runs:
-    run = {'variables': variables, **run}
-    sampling.sample_level(model, shape=shape, cond_codes=list(cond), **run)
-  sampling._build.cache_clear()
+  labels_list = list(np.asarray(labels))
+  traced = []
+
+  def on_event(event, duration, **kwargs):
+    del duration
+    if event == _TRACE_EVENT:
+      traced.append(kwargs.get('fun_name'))
+
+  sampling.clear_caches()
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    sampling.compile_sampler(model, variables, shape=shape, cond_codes=cond,
+                             labels=labels)
+    sampler = set(traced)
+    assert sampler, 'compile_sampler traced nothing'
+    runs = [
+        dict(rng=jax.random.key(0)),
+        dict(rng=jax.random.key(1), temperature=0.5, top_k=2),
+        dict(rng=jax.random.key(2), top_p=0.5, labels=labels),
+        dict(rng=jax.random.key(3), labels=labels_list),
+        dict(rng=jax.random.key(4), variables=other_variables),
+    ]
+    del traced[:]
+    for run in runs:
+      run = {'variables': variables, **run}
+      sampling.sample_level(model, shape=shape, cond_codes=list(cond), **run)
+    # Controls, labels, keys and weights are traced arguments: no retrace.
+    assert not sampler.intersection(traced), traced
+    # After clear_caches the sampler is traced again.
+    sampling.clear_caches()
+    del traced[:]
+    sampling.sample_level(model, variables, shape=shape, cond_codes=cond,
+                          labels=labels, rng=jax.random.key(0))
+    assert sampler.intersection(traced)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+    sampling.clear_caches()
 
 
 @pytest.mark.parametrize('kind', ['top', 'lower'])
@@ -220,3 +243,40 @@ def test_clear_errors():
   with pytest.raises(ValueError, match='num_classes=0'):
     sampling.sample_level(pixelcnn_util.make_prior(), variables, shape=shape,
                           labels=labels, rng=jax.random.key(0))
+
+
+def test_sample_hierarchy_draws_each_level_given_the_levels_above():
+  # Three levels: the top unconditional in space, each lower one conditioned
+  # on every level above it; class labels throughout.
+  shapes = [(2, 2), (2, 4), (4, 4)]  # Each divides the maps below.
+  ks = (5, 6, 7)
+  batch = 2
+  labels = jnp.asarray([1, 3], jnp.int32)  # 3 = "no label".
+  rng = np.random.default_rng(4)
+  priors = []
+  for level, (h, w) in enumerate(shapes):
+    model = pixelcnn_util.make_prior(
+        num_embeddings=ks[level], num_classes=3,
+        cond_num_embeddings=ks[:level], cond_stack_blocks=1 if level else 0)
+    cond = tuple(jnp.asarray(rng.integers(0, k, (batch, *s)), jnp.int32)
+                 for k, s in zip(ks, shapes[:level]))
+    codes = jnp.zeros((batch, h, w), jnp.int32)
+    priors.append((model, pixelcnn_util.random_variables(
+        model, codes, cond, labels, seed=level)))
+  key = jax.random.key(9)
+  codes = sampling.sample_hierarchy(priors, shapes, batch_size=batch,
+                                    labels=labels, rng=key, temperature=1.3)
+  assert [c.shape for c in codes] == [(batch, *s) for s in shapes]
+  for level, (model, variables) in enumerate(priors):
+    assert codes[level].dtype == jnp.int32
+    assert 0 <= int(codes[level].min()) and int(codes[level].max()) < ks[level]
+    want = sampling.sample_level(
+        model, variables, shape=(batch, *shapes[level]),
+        cond_codes=codes[:level], labels=labels,
+        rng=jax.random.fold_in(key, level), temperature=1.3)
+    np.testing.assert_array_equal(codes[level], want)
+  # The levels differ in their keys: not the same draw at every level.
+  assert len(np.unique(np.asarray(codes[2]))) > 1
+  with pytest.raises(ValueError, match='2 priors for 3 levels'):
+    sampling.sample_hierarchy(priors[:2], shapes, batch_size=batch,
+                              labels=labels, rng=key)

@@ -8,6 +8,12 @@ not with an opaque shape error deep inside orbax.
 
 Saves are orbax's: asynchronous, written to a temporary directory and renamed
 when complete (atomic), older steps deleted beyond `max_to_keep`.
+
+Trainers restore the whole state to resume. Later stages restore only the
+subtrees they need (`restore_subtrees`, e.g. 'params' and 'extra' of a
+finished VQ-VAE), so a checkpoint still loads after a training-only setting
+that shapes the optimizer state (gradient clipping, Polyak averaging)
+changed.
 """
 
 from collections.abc import Mapping
@@ -135,6 +141,53 @@ def restore_fingerprint(manager: ocp.CheckpointManager,
   return dict(restored[_FINGERPRINT])
 
 
+def latest_checked_step(manager: ocp.CheckpointManager,
+                        fingerprint: Mapping[str, Any]) -> int | None:
+  """The newest checkpoint step, its fingerprint checked; None if none.
+
+  Raises:
+    ValueError: the checkpoint was written for a different model config.
+  """
+  step = manager.latest_step()
+  if step is not None:
+    check_fingerprint(restore_fingerprint(manager, step), fingerprint,
+                      str(manager.directory))
+  return step
+
+
+def saved_structure(manager: ocp.CheckpointManager, step: int) -> PyTree:
+  """The state tree of checkpoint `step` with metadata leaves (no arrays).
+
+  A state's dataclass fields are dict keys here (e.g. {'step', 'params',
+  'opt_state', 'extra', 'rng', ...}); a field saved as None stays None.
+  """
+  metadata = manager.item_metadata(step)[_STATE]
+  return getattr(metadata, 'tree', metadata)
+
+
+def restore_subtrees(manager: ocp.CheckpointManager, step: int,
+                     target: Mapping[str, PyTree]) -> dict[str, PyTree]:
+  """Restores only the subtrees of checkpoint `step` that `target` names.
+
+  Args:
+    manager: from `create_manager`.
+    step: an existing checkpoint step.
+    target: {field: abstract subtree}, e.g. {'params': ...} with
+      `jax.ShapeDtypeStruct` leaves (with shardings); every other field of
+      the saved state (the optimizer state, ...) is neither read nor checked.
+
+  Returns:
+    A dict like `target` holding the arrays.
+  """
+  target = dict(target)
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      _STATE: ocp.args.PyTreeRestore(
+          target, restore_args=_restore_args(target), partial_restore=True)}))
+  logging.info('Restored %s of checkpoint step %d from %s', sorted(target),
+               step, manager.directory)
+  return dict(restored[_STATE])
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
                    fingerprint: Mapping[str, Any]) -> PyTree | None:
   """Restores the newest checkpoint into the structure of `target`.
@@ -152,11 +205,9 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
   Raises:
     ValueError: the checkpoint was written for a different model config.
   """
-  step = manager.latest_step()
+  step = latest_checked_step(manager, fingerprint)
   if step is None:
     return None
-  check_fingerprint(restore_fingerprint(manager, step), fingerprint,
-                    str(manager.directory))
   return restore_step(manager, step, target)
 
 
@@ -190,9 +241,6 @@ def check_directory(directory: str, fingerprint: Mapping[str, Any]) -> None:
     return
   manager = create_manager(str(directory), read_only=True)
   try:
-    step = manager.latest_step()
-    if step is not None:
-      check_fingerprint(restore_fingerprint(manager, step), fingerprint,
-                        str(directory))
+    latest_checked_step(manager, fingerprint)
   finally:
     manager.close()

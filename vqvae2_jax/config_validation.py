@@ -9,6 +9,7 @@ from typing import Iterable
 import ml_collections
 
 _CHANNELS = (1, 3)
+_FEATURES = ('classifier', 'inception')
 _QUANTIZERS = ('ema', 'vq')
 _DTYPES = ('float32', 'bfloat16')
 
@@ -52,6 +53,10 @@ def validate_config(config: ml_collections.ConfigDict,
   data, model, prior = config.data, config.model, config.prior
 
   # Data.
+  if not data.name:
+    _fail('data.name', 'is empty',
+          "set a tfds dataset name or 'image_folder' (configs/common.py "
+          'leaves it to the dataset configs)')
   if check_dataset and not known_dataset(data.name):
     _fail('data.name', f'unknown dataset {data.name!r}',
           "use a tfds dataset name (see tfds.list_builders()) or 'image_folder' "
@@ -59,6 +64,9 @@ def validate_config(config: ml_collections.ConfigDict,
   if data.name == 'image_folder' and not data.image_folder:
     _fail('data.image_folder', "is empty while data.name='image_folder'",
           'pass --config.data.image_folder=/path/to/images')
+  if data.image_size < 1:
+    _fail('data.image_size', f'is {data.image_size}',
+          'set the side images are resized or padded to, e.g. 32')
   if data.channels not in _CHANNELS:
     _fail('data.channels', f'is {data.channels}', 'use 1 (grayscale) or 3 (RGB)')
   if data.num_classes < 0:
@@ -96,6 +104,16 @@ def validate_config(config: ml_collections.ConfigDict,
   if not 0.0 < model.ema_decay < 1.0:
     _fail('model.ema_decay', f'is {model.ema_decay}', 'use a value in (0, 1), e.g. 0.99')
 
+  # Optimizers of both stages.
+  for section in ('vqvae_train', 'prior'):
+    optimizer = config[section]
+    if optimizer.warmup_steps < 0:
+      _fail(f'{section}.warmup_steps', f'is {optimizer.warmup_steps}',
+            'use 0 (no warm-up) or a number of steps')
+    if optimizer.grad_clip_norm < 0:
+      _fail(f'{section}.grad_clip_norm', f'is {optimizer.grad_clip_norm}',
+            'use 0 (no clipping) or a positive norm, e.g. 1.0')
+
   # Priors: exactly one level_<i> section per model level.
   n = len(factors)
   sections = sorted(k for k in prior.keys() if k.startswith('level_'))
@@ -103,6 +121,8 @@ def validate_config(config: ml_collections.ConfigDict,
   if sections != sorted(expected):
     _fail('prior', f'has sections {sections} for a {n}-level model',
           f'define exactly {expected} (level_0 is the top)')
+  if prior.dtype not in _DTYPES:
+    _fail('prior.dtype', f'is {prior.dtype!r}', f'use one of {_DTYPES}')
   if prior.train_eval_examples < 0:
     _fail('prior.train_eval_examples', f'is {prior.train_eval_examples}',
           'use 0 (the whole training split) or a number of examples')
@@ -141,6 +161,34 @@ def validate_config(config: ml_collections.ConfigDict,
           'classifier-based rejection sampling is not built yet',
           'use 1.0 (keep every sample)')
 
+  # The domain classifier and evaluation.
+  classifier = config.classifier
+  if classifier.width < 8 or classifier.width % 8:
+    _fail('classifier.width', f'is {classifier.width}',
+          'use a multiple of 8 (its group norms have 8 groups), e.g. 32')
+  if not classifier.stage_sizes or min(classifier.stage_sizes) < 1:
+    _fail('classifier.stage_sizes', f'is {tuple(classifier.stage_sizes)}',
+          'list >= 1 residual blocks per stage, e.g. (1, 1, 1)')
+  halvings = len(classifier.stage_sizes) - (not classifier.downsample_first)
+  if data.image_size % 2**halvings:
+    _fail('classifier.stage_sizes',
+          f'{len(classifier.stage_sizes)} stages halve the image '
+          f'{halvings} times, but data.image_size={data.image_size} does not '
+          f'divide by {2**halvings}', 'use fewer stages')
+  if classifier.augment_shift < 0:
+    _fail('classifier.augment_shift', f'is {classifier.augment_shift}',
+          'use 0 (off) or a number of pixels, e.g. 2')
+  evaluation = config.eval
+  if evaluation.features not in _FEATURES:
+    _fail('eval.features', f'is {evaluation.features!r}',
+          f'use one of {_FEATURES}')
+  if evaluation.num_samples < 2:
+    _fail('eval.num_samples', f'is {evaluation.num_samples}',
+          'score at least 2 samples (10,000 is the usual count)')
+  if evaluation.precision_recall_k < 1:
+    _fail('eval.precision_recall_k', f'is {evaluation.precision_recall_k}',
+          'use k >= 1 (3 is the usual value)')
+
   # Batches split evenly over the devices.
   if num_devices is not None:
     for field in _batch_fields(config):
@@ -154,4 +202,6 @@ def validate_config(config: ml_collections.ConfigDict,
 
 def _batch_fields(config: ml_collections.ConfigDict) -> Iterable[str]:
   yield from ('vqvae_train.batch_size', 'vqvae_train.eval_batch_size',
-              'prior.batch_size', 'prior.eval_batch_size', 'sampling.batch_size')
+              'prior.batch_size', 'prior.eval_batch_size', 'sampling.batch_size',
+              'classifier.batch_size', 'classifier.eval_batch_size',
+              'eval.batch_size')

@@ -12,65 +12,23 @@ write beside it: nothing already sampled is overwritten.
 """
 
 import functools
-import json
 import os
 import shutil
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
+from vqvae2_jax import builders
+from vqvae2_jax import files
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
-from vqvae2_jax.models import pixelcnn
-from vqvae2_jax.sampling import sample_level
+from vqvae2_jax import sampling
 from vqvae2_jax.train import common
-from vqvae2_jax.train import extract
-from vqvae2_jax.train import prior_trainer
-from vqvae2_jax.train import vqvae_trainer
-
-Array = jax.Array
-PyTree = Any
-
-
-def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
-                     level_shapes: Sequence[Sequence[int]], *, batch_size: int,
-                     labels: Optional[Array], rng: Array,
-                     temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0,
-                     mesh: Optional[Mesh] = None) -> list[Array]:
-  """Ancestral sampling of every level, top first.
-
-  z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level.
-
-  Args:
-    priors: (model, variables) of each level, top first.
-    level_shapes: (h, w) of each level's map, top first.
-    batch_size: maps per level.
-    labels: [batch_size] int32 class labels, or None (unconditional path).
-    rng: PRNG key; level l draws with `fold_in(rng, l)`.
-    temperature, top_k, top_p: as for `sample_level`, at every level.
-    mesh: split the batch over this mesh's devices (None: one device); the
-      codes do not depend on it.
-
-  Returns:
-    Code maps [batch_size, h_l, w_l] int32, top first.
-  """
-  if len(priors) != len(level_shapes):
-    raise ValueError(f'{len(priors)} priors for {len(level_shapes)} levels.')
-  codes = []
-  for level, ((model, variables), (h, w)) in enumerate(
-      zip(priors, level_shapes)):
-    codes.append(sample_level(
-        model, variables, shape=(batch_size, h, w), cond_codes=tuple(codes),
-        labels=labels if model.num_classes else None,
-        rng=jax.random.fold_in(rng, level), temperature=temperature,
-        top_k=top_k, top_p=top_p, mesh=mesh))
-  return codes
 
 
 def sample_labels(num_classes: int, per_class: int,
@@ -98,12 +56,12 @@ def sample_and_save(config: ml_collections.ConfigDict,
   """
   s = config.sampling
   mesh = parallel.create_mesh(config.mesh)
-  vqvae, vq_variables, vq_step = vqvae_trainer.load_vqvae(config, workdir, mesh)
-  num_levels = len(config.model.downsample_factors)
-  provenance = extract.vqvae_provenance(config, vq_variables, vq_step)
+  vqvae, vq_variables, vq_step = loading.load_vqvae(config, workdir, mesh)
+  num_levels = builders.num_levels(config)
+  provenance = loading.vqvae_provenance(config, vq_variables, vq_step)
   priors, prior_steps = [], []
   for level in range(num_levels):
-    model, variables, step = prior_trainer.load_prior(
+    model, variables, step = loading.load_prior(
         config, workdir, level, vqvae=provenance, mesh=mesh,
         use_polyak=s.use_polyak)
     priors.append((model, variables))
@@ -118,13 +76,12 @@ def sample_and_save(config: ml_collections.ConfigDict,
           f'n{num_samples}{"" if labels is not None else "_uncond"}')
   out_dir = os.path.join(os.path.abspath(workdir), 'samples', name)
   meta_path = os.path.join(out_dir, 'meta.json')
-  if os.path.exists(meta_path):
+  meta = files.read_json(meta_path)
+  if meta is not None:
     logging.info('Samples already in %s; skipping.', out_dir)
-    with open(meta_path) as f:
-      return json.load(f)
+    return meta
 
-  level_shapes = [(config.data.image_size // f,) * 2
-                  for f in config.model.downsample_factors]
+  level_shapes = builders.level_shapes(config)
   decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
   rng = jax.random.PRNGKey(config.seed)
   # No bigger than needed (rounded up to split over the mesh's devices).
@@ -138,7 +95,7 @@ def sample_and_save(config: ml_collections.ConfigDict,
     if labels is not None:
       batch_labels = np.zeros((batch,), np.int32)
       batch_labels[:n] = labels[begin:begin + n]
-    codes = sample_hierarchy(
+    codes = sampling.sample_hierarchy(
         priors, level_shapes, batch_size=batch, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, mesh=mesh)
@@ -178,7 +135,8 @@ def sample_and_save(config: ml_collections.ConfigDict,
           'seconds_per_map': seconds / num_samples,
           'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
           'seed': config.seed, 'conditional': labels is not None}
-  common.write_json(os.path.join(tmp_dir, 'meta.json'), meta)
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(tmp_dir, 'meta.json'), meta)
   os.rename(tmp_dir, out_dir)
   logging.info('Wrote %d samples to %s (%.2f s per map)', num_samples, out_dir,
                seconds / num_samples)

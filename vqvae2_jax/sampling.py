@@ -389,3 +389,52 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   return _build(model, shape, True, _sampling_mesh(mesh))(
       variables, rng, _example_ids(shape), cond_codes, labels, *controls,
       jnp.asarray(n, jnp.int32))
+
+
+def clear_caches() -> None:
+  """Forgets every compiled sampler; the next call traces and compiles anew.
+
+  For tests that count compilations, and to free the memory of samplers of
+  priors no longer used.
+  """
+  _build.cache_clear()
+
+
+def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
+                     level_shapes: Sequence[Sequence[int]], *, batch_size: int,
+                     labels: Optional[Array], rng: Array,
+                     temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0,
+                     mesh: Optional[Mesh] = None) -> list[Array]:
+  """Ancestral sampling of every level, top first.
+
+  z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level,
+  each with `sample_level`.
+
+  Args:
+    priors: (model, variables) of each level, top first.
+    level_shapes: (h, w) of each level's map, top first.
+    batch_size: maps per level.
+    labels: [batch_size] int32 class labels, or None (unconditional path);
+      ignored by priors built with num_classes=0.
+    rng: PRNG key; level l draws with `fold_in(rng, l)`.
+    temperature, top_k, top_p: as for `sample_level`, at every level.
+    mesh: split the batch over this mesh's devices (None: one device); the
+      codes do not depend on it.
+
+  Returns:
+    Code maps [batch_size, h_l, w_l] int32, top first.
+  """
+  if len(priors) != len(level_shapes):
+    raise ValueError(f'Got {len(priors)} priors for {len(level_shapes)} '
+                     'levels. Fix: pass one (model, variables) per level, '
+                     'top first.')
+  codes = []
+  for level, ((model, variables), (h, w)) in enumerate(
+      zip(priors, level_shapes)):
+    codes.append(sample_level(
+        model, variables, shape=(batch_size, h, w), cond_codes=tuple(codes),
+        labels=labels if model.num_classes else None,
+        rng=jax.random.fold_in(rng, level), temperature=temperature,
+        top_k=top_k, top_p=top_p, mesh=mesh))
+  return codes

@@ -1,5 +1,7 @@
-"""The extracted-code format: atomic shards, manifest, provenance, iterators."""
+"""Extracted codes: the format (atomic shards, manifest, provenance) in
+`data.codes` and the batches over it in `data.code_iterators`."""
 
+import json
 import os
 
 import jax
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from vqvae2_jax import parallel
+from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes
 
 _SHAPES = ((2, 3), (4, 6))  # Non-square on purpose.
@@ -57,8 +60,10 @@ def test_round_trip_and_dtypes(written):
   assert dataset.level_shapes == list(_SHAPES)
   split = dataset.split('train')
   assert split.num_examples == 23
-  assert split._shards[0].dtype['level_0'].base == np.uint8
-  assert split._shards[0].dtype['level_1'].base == np.uint16
+  assert split.num_shards == 5
+  assert split.shard(0).dtype['level_0'].base == np.uint8
+  assert split.shard(0).dtype['level_1'].base == np.uint16
+  assert split.shard(4).shape == (3,)  # 23 = 4 * 5 + 3.
   indices = np.array([22, 0, 5, 5, 13])
   batch = split.read(indices, levels=(0, 1))
   levels, labels = data['train']
@@ -146,12 +151,12 @@ def test_train_iterator_is_deterministic_resumable_and_covers_epochs(written):
   split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('train')
   mesh = parallel.create_mesh()  # 8 devices.
   kwargs = dict(global_batch_size=8, mesh=mesh, seed=3, levels=(0, 1))
-  it = codes.create_train_iterator(split, **kwargs)
+  it = code_iterators.create_train_iterator(split, **kwargs)
   batches = [_host(next(it)) for _ in range(6)]  # 48 = 2 epochs + 2.
   assert batches[0]['codes'][1].shape == (8, 4, 6)
-  assert next(iter(codes.create_train_iterator(split, **kwargs)))[
+  assert next(iter(code_iterators.create_train_iterator(split, **kwargs)))[
       'label'].sharding == parallel.data_sharding(mesh)
-  resumed = codes.create_train_iterator(split, start_step=4, **kwargs)
+  resumed = code_iterators.create_train_iterator(split, start_step=4, **kwargs)
   for want in batches[4:]:
     got = _host(next(resumed))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -166,14 +171,14 @@ def test_train_iterator_is_deterministic_resumable_and_covers_epochs(written):
   assert ids[:23] != ids[23:46]
   np.testing.assert_array_equal(
       np.concatenate([b['label'] for b in batches]), labels[ids])
-  other = codes.create_train_iterator(split, **{**kwargs, 'seed': 4})
+  other = code_iterators.create_train_iterator(split, **{**kwargs, 'seed': 4})
   assert not np.array_equal(_host(next(other))['label'], batches[0]['label'])
 
 
 def test_eval_iterator_is_ordered_and_masks_padding(written):
   codes_dir, data = written
   split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('eval')
-  batches = [_host(b) for b in codes.create_eval_iterator(
+  batches = [_host(b) for b in code_iterators.create_eval_iterator(
       split, global_batch_size=8, mesh=parallel.create_mesh(), levels=(0, 1))]
   assert len(batches) == 2
   mask = np.concatenate([b['mask'] for b in batches])
@@ -183,7 +188,7 @@ def test_eval_iterator_is_ordered_and_masks_padding(written):
       np.concatenate([b['label'] for b in batches])[:9], labels)
   np.testing.assert_array_equal(
       np.concatenate([b['codes'][0] for b in batches])[:9], levels[0])
-  first4 = list(codes.create_eval_iterator(
+  first4 = list(code_iterators.create_eval_iterator(
       split, global_batch_size=8, mesh=parallel.create_mesh(), levels=(1,),
       num_examples=4))
   assert len(first4) == 1
@@ -195,5 +200,19 @@ def test_batch_not_divisible_by_devices_is_refused(written):
   codes_dir, _ = written
   split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('eval')
   with pytest.raises(ValueError, match='not divisible by the 8 devices'):
-    next(codes.create_eval_iterator(split, global_batch_size=12,
+    next(code_iterators.create_eval_iterator(split, global_batch_size=12,
                                     mesh=parallel.create_mesh(), levels=(0,)))
+
+
+def test_json_files_keep_their_bytes(written):
+  """plan.json and manifest.json: sorted keys, 2-space indent, final newline
+  (the bytes of extractions made before files.py took over the writing)."""
+  codes_dir, _ = written
+  plan = _plan()
+  want = json.dumps(plan, indent=2, sort_keys=True) + '\n'
+  for name in (codes.PLAN, codes.MANIFEST):
+    with open(os.path.join(codes_dir, name), 'rb') as f:
+      assert f.read() == want.encode()
+  assert plan['splits']['train']['num_shards'] == 5
+  assert plan['level_shapes'] == [[2, 3], [4, 6]]  # Tuples become lists.
+

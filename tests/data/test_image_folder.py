@@ -225,10 +225,10 @@ def test_process_shares_are_disjoint(folder, monkeypatch, train):
   shares = []
   for index in range(3):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
-    source = input_pipeline._folder_source(config, 'train', train=train)  # pylint: disable=protected-access
-    assert source.num_total == 17
-    shares.append(input_pipeline._process_range(17, drop_remainder=train))  # pylint: disable=protected-access
-    assert source.num_local == shares[-1][1] - shares[-1][0]
+    assert input_pipeline.num_examples(config, 'train') == 17
+    shares.append(input_pipeline.process_range(17, drop_remainder=train))
+    assert input_pipeline.local_num_examples(
+        config, 'train', train=train) == shares[-1][1] - shares[-1][0]
   sizes = [stop - start for start, stop in shares]
   assert sizes == ([5, 5, 5] if train else [6, 6, 5])
   covered = np.concatenate([np.arange(a, b) for a, b in shares])

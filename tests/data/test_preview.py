@@ -5,12 +5,12 @@ import os
 
 from PIL import Image
 
-from configs import tiny
+from configs import fashion_mnist
 from vqvae2_jax import stages
 
 
 def test_preview_writes_grid_and_summary(fashion_data_dir, tmp_path):
-  config = tiny.get_config()
+  config = fashion_mnist.get_config('tiny')
   config.data.data_dir = fashion_data_dir
   summary = stages.run('data', config, str(tmp_path))['data']
   assert summary['examples'] == {'train': 60000, 'test': 10000}

@@ -75,14 +75,14 @@ def test_missing_imagenet_asks_for_manual_dir(tmp_path):
 def test_debian_files_match_the_shipped_checksums():
   debian = epath.Path(tfds_prepare.DEBIAN_SOURCES['fashion_mnist'][1])
   official = tfds.builder_cls('fashion_mnist').url_infos
-  shipped = tfds_prepare._offline_builder_cls('fashion_mnist').url_infos  # pylint: disable=protected-access
+  shipped = tfds_prepare.offline_builder_cls('fashion_mnist').url_infos
   assert set(shipped) == set(official)  # Same URLs, other checksums.
-  assert tfds_prepare._files_match(debian, shipped)  # pylint: disable=protected-access
-  assert not tfds_prepare._files_match(debian, official)  # pylint: disable=protected-access
+  assert tfds_prepare.files_match(debian, shipped)
+  assert not tfds_prepare.files_match(debian, official)
 
 
 def test_offline_builder_keeps_the_tfds_name_and_registry():
-  cls = tfds_prepare._offline_builder_cls('fashion_mnist')  # pylint: disable=protected-access
+  cls = tfds_prepare.offline_builder_cls('fashion_mnist')
   assert cls.name == 'fashion_mnist'
   assert tfds.builder_cls('fashion_mnist') is not cls
   assert issubclass(cls, tfds.builder_cls('fashion_mnist'))

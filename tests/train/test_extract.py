@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train import stage2_util
+from vqvae2_jax import builders
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.train import extract
-from vqvae2_jax.train import vqvae_trainer
 
 
 def _files(directory):
@@ -29,15 +29,15 @@ class _Killed(Exception):
 
 
 @pytest.fixture(scope='module')
-def config():
-  return stage2_util.tiny_stage2_config()
+def config(stage2_config):
+  return stage2_config
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, config):
+def reference(tmp_path_factory, config, save_vqvae_checkpoint):
   """An uninterrupted extraction: (workdir, {relative path: bytes})."""
   workdir = str(tmp_path_factory.mktemp('reference'))
-  stage2_util.save_vqvae_checkpoint(config, workdir)
+  save_vqvae_checkpoint(config, workdir)
   result = extract.extract_codes(config, workdir)
   assert result['vqvae_step'] == 1
   assert result['num_examples_train'] == 96
@@ -52,11 +52,12 @@ def test_codes_are_the_encoders_codes_of_each_split(config, reference):
       'plan.json', 'train/00000-of-00003.npy', 'train/00001-of-00003.npy',
       'train/00002-of-00003.npy']
   mesh = parallel.create_mesh(config.mesh)
-  model, variables, _ = vqvae_trainer.load_vqvae(config, workdir, mesh)
+  model, variables, _ = loading.load_vqvae(config, workdir, mesh)
   dataset = codes_lib.CodeDataset(
       extract.codes_dir(workdir),
-      vqvae=extract.current_vqvae_provenance(config, workdir, mesh))
+      vqvae=loading.current_vqvae_provenance(config, workdir, mesh))
   assert dataset.level_shapes == [(4, 4), (8, 8)]
+  assert dataset.level_shapes == builders.level_shapes(config)
   for role, split in (('train', config.data.train_split),
                       ('eval', config.data.eval_split)):
     images, labels = [], []
@@ -75,10 +76,11 @@ def test_codes_are_the_encoders_codes_of_each_split(config, reference):
 
 
 def test_killed_extraction_resumes_to_identical_files(config, reference,
-                                                      tmp_path, monkeypatch):
+                                                      tmp_path, monkeypatch,
+                                                      save_vqvae_checkpoint):
   _, want = reference
   workdir = str(tmp_path)
-  stage2_util.save_vqvae_checkpoint(config, workdir)
+  save_vqvae_checkpoint(config, workdir)
   real_write = codes_lib.write_shard
   written = []
 
@@ -114,23 +116,24 @@ def test_killed_extraction_resumes_to_identical_files(config, reference,
   assert _files(codes_dir) == want
 
 
-def test_codes_from_a_different_vqvae_are_refused(config, tmp_path):
+def test_codes_from_a_different_vqvae_are_refused(config, tmp_path,
+                                                  save_vqvae_checkpoint):
   workdir = str(tmp_path)
-  stage2_util.save_vqvae_checkpoint(config, workdir, seed=0, step=1)
+  save_vqvae_checkpoint(config, workdir, seed=0, step=1)
   extract.extract_codes(config, workdir)
   codes_dir = extract.codes_dir(workdir)
   # Stage 1 goes on (here: other weights at a later step).
-  stage2_util.save_vqvae_checkpoint(config, workdir, seed=1, step=2)
-  current = extract.current_vqvae_provenance(config, workdir)
+  save_vqvae_checkpoint(config, workdir, seed=1, step=2)
+  current = loading.current_vqvae_provenance(config, workdir)
   with pytest.raises(codes_lib.CodesMismatchError,
                      match='step: codes 1, checkpoint 2.*re-run --mode=codes'):
     codes_lib.CodeDataset(codes_dir, vqvae=current)
   # Same step, other weights: the digest tells them apart.
   other = str(tmp_path / 'other')
-  stage2_util.save_vqvae_checkpoint(config, other, seed=1, step=1)
+  save_vqvae_checkpoint(config, other, seed=1, step=1)
   with pytest.raises(codes_lib.CodesMismatchError, match=r'weights \(digest\)'):
     codes_lib.CodeDataset(
-        codes_dir, vqvae=extract.current_vqvae_provenance(config, other))
+        codes_dir, vqvae=loading.current_vqvae_provenance(config, other))
   # Re-running --mode=codes extracts again with the current VQ-VAE.
   assert extract.extract_codes(config, workdir)['vqvae_step'] == 2
   codes_lib.CodeDataset(codes_dir, vqvae=current)

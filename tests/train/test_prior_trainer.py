@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.train import stage2_util
+from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.train import common
@@ -21,21 +23,21 @@ from vqvae2_jax.train import prior_trainer
 
 
 @pytest.fixture(scope='module')
-def config():
-  return stage2_util.tiny_stage2_config()
+def config(stage2_config):
+  return stage2_config
 
 
 @pytest.fixture(scope='module')
-def codes_workdir(tmp_path_factory, config):
+def codes_workdir(tmp_path_factory, config, save_vqvae_checkpoint):
   """A workdir with an (untrained) stage-1 checkpoint and its codes."""
   workdir = str(tmp_path_factory.mktemp('stage2'))
-  stage2_util.save_vqvae_checkpoint(config, workdir)
+  save_vqvae_checkpoint(config, workdir)
   extract.extract_codes(config, workdir)
   return workdir
 
 
 def test_build_prior_maps_config_to_module(config):
-  top, bottom = (prior_trainer.build_prior(config, i) for i in (0, 1))
+  top, bottom = (builders.build_prior(config, i) for i in (0, 1))
   assert top.num_embeddings == bottom.num_embeddings == 16
   assert top.cond_num_embeddings == () and top.cond_stack_blocks == 0
   assert bottom.cond_num_embeddings == (16,)
@@ -94,7 +96,7 @@ def test_label_dropout_and_polyak_ramp():
 
 
 def _run_steps(config, level, mesh, batches, num_steps):
-  model = prior_trainer.build_prior(config, level)
+  model = builders.build_prior(config, level)
   tx, schedule = prior_trainer.create_optimizer(config)
   shapes = [(4, 4), (8, 8)]
   init_fn = prior_trainer.make_init_fn(model, tx, level=level,
@@ -167,22 +169,15 @@ class _Killed(Exception):
   pass
 
 
-def _restored_state(config, workdir, level, fingerprint_vqvae):
+def _restored_state(config, workdir, level, vqvae):
+  """The whole train state of level `level`'s newest checkpoint."""
   mesh = parallel.create_mesh(config.mesh)
-  model = prior_trainer.build_prior(config, level)
-  tx, _ = prior_trainer.create_optimizer(config)
-  init_fn = prior_trainer.make_init_fn(
-      model, tx, level=level, level_shapes=[(4, 4), (8, 8)],
-      use_polyak=True)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  target = common.abstract_with_shardings(
-      abstract, common.state_shardings(abstract, mesh))
+  target = common.restore_target(prior_trainer.programs(config, level, mesh))
   manager = checkpoints.create_manager(
-      os.path.join(prior_trainer.stage_dir(workdir, level), 'checkpoints'),
+      common.checkpoint_dir(prior_trainer.stage_dir(workdir, level)),
       read_only=True)
   try:
-    fingerprint = prior_trainer.prior_fingerprint(
-        config, level, [(4, 4), (8, 8)], fingerprint_vqvae)
+    fingerprint = builders.prior_fingerprint(config, level, vqvae)
     return jax.device_get(checkpoints.restore_latest(manager, target,
                                                      fingerprint))
   finally:
@@ -204,7 +199,7 @@ def test_training_resumes_exactly(config, codes_workdir, tmp_path,
   assert sorted(results) == ['level_1']
   assert not os.path.exists(prior_trainer.stage_dir(whole, 0))
 
-  real_iterator = codes_lib.create_train_iterator
+  real_iterator = code_iterators.create_train_iterator
 
   def dying_iterator(*args, **kwargs):
     it = real_iterator(*args, **kwargs)
@@ -212,13 +207,13 @@ def test_training_resumes_exactly(config, codes_workdir, tmp_path,
       yield next(it)
     raise _Killed()
 
-  monkeypatch.setattr(codes_lib, 'create_train_iterator', dying_iterator)
+  monkeypatch.setattr(code_iterators, "create_train_iterator", dying_iterator)
   with pytest.raises(_Killed):
     prior_trainer.train_priors(config, killed)
   monkeypatch.setattr(codes_lib, 'create_train_iterator', real_iterator)
   resumed = prior_trainer.train_priors(config, killed)
 
-  vqvae = extract.current_vqvae_provenance(config, whole)
+  vqvae = loading.current_vqvae_provenance(config, whole)
   a = _restored_state(config, whole, 1, vqvae)
   b = _restored_state(config, killed, 1, vqvae)
   assert int(a.step) == int(b.step) == 6
@@ -240,10 +235,71 @@ def test_training_resumes_exactly(config, codes_workdir, tmp_path,
 
 
 def test_codes_from_a_different_vqvae_are_refused(config, codes_workdir,
-                                                  tmp_path):
+                                                  tmp_path,
+                                                  save_vqvae_checkpoint):
   workdir = str(tmp_path / 'w')
   shutil.copytree(codes_workdir, workdir)
-  stage2_util.save_vqvae_checkpoint(config, workdir, seed=2, step=5)
+  save_vqvae_checkpoint(config, workdir, seed=2, step=5)
   with pytest.raises(codes_lib.CodesMismatchError,
                      match='step: codes 1, checkpoint 5.*re-run --mode=codes'):
     prior_trainer.train_priors(config, workdir)
+
+
+def _save_initial_prior(config, workdir, level, vqvae):
+  """Writes level `level`'s initial train state under `config` as step 1."""
+  mesh = parallel.create_mesh(config.mesh)
+  state = prior_trainer.programs(config, level, mesh).init(
+      jax.random.PRNGKey(4))
+  state = state.replace(step=jnp.asarray(1, jnp.int32))
+  if state.polyak is not None:  # Other numbers than the params.
+    state = state.replace(polyak=jax.tree.map(lambda x: -x, state.polyak))
+  manager = checkpoints.create_manager(
+      common.checkpoint_dir(prior_trainer.stage_dir(workdir, level)),
+      async_save=False)
+  try:
+    checkpoints.save(manager, 1, state,
+                     builders.prior_fingerprint(config, level, vqvae))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return jax.device_get(state)
+
+
+def test_load_prior_reads_weights_whatever_the_training_knobs(config,
+                                                              tmp_path):
+  # Trained without Polyak weights or clipping; loaded under a config that
+  # has both (other optimizer and state structures): the params load.
+  vqvae = {'step': 3, 'digest': 'abc'}
+  plain = config.copy_and_resolve_references()
+  plain.prior.polyak_decay = 0.0
+  plain.prior.grad_clip_norm = 0.0
+  saved = _save_initial_prior(plain, str(tmp_path), 0, vqvae)
+  assert saved.polyak is None
+  now = config.copy_and_resolve_references()
+  assert now.prior.polyak_decay > 0 and now.prior.grad_clip_norm > 0
+  for use_polyak in (True, False):
+    model, variables, step = loading.load_prior(
+        now, str(tmp_path), 0, vqvae=vqvae, use_polyak=use_polyak)
+    assert step == 1 and model == builders.build_prior(now, 0)
+    for got, want in zip(jax.tree.leaves(jax.device_get(variables)),
+                         jax.tree.leaves({'params': saved.params}),
+                         strict=True):
+      np.testing.assert_array_equal(got, want)
+  # The reverse: Polyak weights saved, none configured now; use_polyak
+  # decides which weights come back.
+  other = str(tmp_path / 'polyak')
+  saved = _save_initial_prior(config, other, 0, vqvae)
+  assert saved.polyak is not None
+  _, with_polyak, _ = loading.load_prior(plain, other, 0, vqvae=vqvae)
+  _, raw, _ = loading.load_prior(plain, other, 0, vqvae=vqvae,
+                                 use_polyak=False)
+  for got, want in zip(jax.tree.leaves(jax.device_get(raw)),
+                       jax.tree.leaves(saved.params), strict=True):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(jax.tree.leaves(jax.device_get(with_polyak)),
+                       jax.tree.leaves(saved.polyak), strict=True):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match='codes of VQ-VAE step 4'):
+    loading.load_prior(plain, other, 0, vqvae={'step': 4, 'digest': 'abc'})
+  with pytest.raises(FileNotFoundError, match='--mode=prior'):
+    loading.load_prior(plain, str(tmp_path / 'none'), 0, vqvae=vqvae)

@@ -23,25 +23,25 @@ current stage-1 checkpoint.
 
 Files are plain local (or network-mounted) paths, written by process 0; on a
 multi-host set-up `workdir` must be on a filesystem every host sees.
+
+The batches that stage 2 trains on are made from these readers by
+`data.code_iterators`.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
-import itertools
-import json
+from collections.abc import Mapping, Sequence
 import os
 from typing import Any
 
 from absl import logging
-import jax
-from jax.sharding import Mesh
 import numpy as np
 
-from vqvae2_jax import parallel
+from vqvae2_jax import files
 
 FORMAT_VERSION = 1
 PLAN = 'plan.json'
 MANIFEST = 'manifest.json'
 SPLITS = ('train', 'eval')  # The roles; the source split names are in the plan.
+# The temporary name `files.atomic_write` gives a file until it is complete.
 _TMP_SUFFIX = '.tmp'
 
 
@@ -93,37 +93,9 @@ def shard_path(codes_dir: str, split: str, index: int, num_shards: int) -> str:
   return os.path.join(codes_dir, split, shard_name(index, num_shards))
 
 
-def _atomic_write(path: str, write_fn) -> None:
-  tmp = path + _TMP_SUFFIX
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(tmp, 'wb') as f:
-    write_fn(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)  # Atomic: readers see the old state or the whole file.
-
-
 def write_shard(path: str, records: np.ndarray) -> None:
   """Writes one shard atomically (temporary file, fsync, rename)."""
-  _atomic_write(path, lambda f: np.save(f, records, allow_pickle=False))
-
-
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-  """Writes JSON atomically; the same data always gives the same bytes."""
-  text = json.dumps(_normalise(data), indent=2, sort_keys=True) + '\n'
-  _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _normalise(data: Mapping[str, Any]) -> dict[str, Any]:
-  # Tuples become lists, as they come back from a JSON file.
-  return json.loads(json.dumps(dict(data), sort_keys=True))
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  files.atomic_write(path, lambda f: np.save(f, records, allow_pickle=False))
 
 
 def make_plan(*, vqvae: Mapping[str, Any], level_shapes: Sequence[Sequence[int]],
@@ -150,7 +122,7 @@ def make_plan(*, vqvae: Mapping[str, Any], level_shapes: Sequence[Sequence[int]]
       raise ValueError(f'Split {role!r}: {n} examples, shard size {size}.')
     split_info[role] = {'source': str(info['source']), 'num_examples': n,
                         'shard_size': size, 'num_shards': -(-n // size)}
-  return _normalise({
+  return files.normalise_json({
       'format_version': FORMAT_VERSION, 'vqvae': dict(vqvae),
       'level_shapes': [list(s) for s in level_shapes],
       'num_embeddings': list(num_embeddings), 'num_classes': int(num_classes),
@@ -172,9 +144,9 @@ def prepare_directory(codes_dir: str, plan: Mapping[str, Any]
   Returns:
     role -> indices of the shards not yet on disk (all of them, at first).
   """
-  plan = _normalise(plan)
+  plan = files.normalise_json(plan)
   os.makedirs(codes_dir, exist_ok=True)
-  old = read_json(os.path.join(codes_dir, PLAN))
+  old = files.read_json(os.path.join(codes_dir, PLAN))
   for role in SPLITS:
     split_dir = os.path.join(codes_dir, role)
     if not os.path.isdir(split_dir):
@@ -190,7 +162,7 @@ def prepare_directory(codes_dir: str, plan: Mapping[str, Any]
     manifest = os.path.join(codes_dir, MANIFEST)
     if os.path.exists(manifest):
       os.remove(manifest)
-    write_json(os.path.join(codes_dir, PLAN), plan)
+    files.write_json(os.path.join(codes_dir, PLAN), plan)
   todo = {}
   for role, info in plan['splits'].items():
     n = info['num_shards']
@@ -201,14 +173,14 @@ def prepare_directory(codes_dir: str, plan: Mapping[str, Any]
 
 def finalize(codes_dir: str, plan: Mapping[str, Any]) -> None:
   """Marks the extraction complete by writing the manifest (last)."""
-  for role, info in _normalise(plan)['splits'].items():
+  for role, info in files.normalise_json(plan)['splits'].items():
     n = info['num_shards']
     missing = [i for i in range(n)
                if not os.path.exists(shard_path(codes_dir, role, i, n))]
     if missing:
       raise RuntimeError(f'Cannot finalize {codes_dir}: split {role!r} lacks '
                          f'shards {missing}.')
-  write_json(os.path.join(codes_dir, MANIFEST), plan)
+  files.write_json(os.path.join(codes_dir, MANIFEST), plan)
 
 
 class CodesMismatchError(ValueError):
@@ -221,7 +193,7 @@ def read_manifest(codes_dir: str) -> dict[str, Any]:
   Raises:
     FileNotFoundError: no complete extraction in `codes_dir`, with the fix.
   """
-  manifest = read_json(os.path.join(codes_dir, MANIFEST))
+  manifest = files.read_json(os.path.join(codes_dir, MANIFEST))
   if manifest is None:
     partial = os.path.exists(os.path.join(codes_dir, PLAN))
     raise FileNotFoundError(
@@ -248,7 +220,8 @@ def check_provenance(manifest: Mapping[str, Any], vqvae: Mapping[str, Any],
   Raises:
     CodesMismatchError: naming what differs and the fix.
   """
-  recorded, current = _normalise(manifest['vqvae']), _normalise(vqvae)
+  recorded = files.normalise_json(manifest['vqvae'])
+  current = files.normalise_json(vqvae)
   if recorded == current:
     return
   diffs = []
@@ -302,6 +275,17 @@ class CodeSplit:
   @property
   def num_levels(self) -> int:
     return len(self.level_shapes)
+
+  @property
+  def num_shards(self) -> int:
+    return len(self._shards)
+
+  def shard(self, index: int) -> np.ndarray:
+    """The records of shard `index` as stored: [shard size] of `record_dtype`.
+
+    A read-only memory map; `read` is the way to get examples in int32.
+    """
+    return self._shards[index]
 
   def read(self, indices: np.ndarray, levels: Sequence[int]
            ) -> dict[str, Any]:
@@ -364,96 +348,3 @@ class CodeDataset:
     if role not in self._splits:
       self._splits[role] = CodeSplit(self.codes_dir, role, self.manifest)
     return self._splits[role]
-
-
-def _process_share(global_batch_size: int, mesh: Mesh) -> tuple[int, int]:
-  """(this process's first row in a global batch, its number of rows)."""
-  num_processes = jax.process_count()
-  if global_batch_size % parallel.num_batch_shards(mesh):
-    raise ValueError(
-        f'Batch size {global_batch_size} is not divisible by the '
-        f'{parallel.num_batch_shards(mesh)} devices of the mesh.')
-  local = global_batch_size // num_processes
-  return jax.process_index() * local, local
-
-
-def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The training order of epoch `epoch`: a permutation of the examples."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def train_indices(num_examples: int, seed: int, positions: np.ndarray,
-                  cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
-  """Examples at `positions` of the endless stream of shuffled epochs."""
-  cache = {} if cache is None else cache
-  epochs, offsets = np.divmod(np.asarray(positions, np.int64), num_examples)
-  out = np.empty(len(offsets), np.int64)
-  for epoch in np.unique(epochs):
-    if epoch not in cache:
-      if len(cache) >= 2:  # A batch spans at most two epochs.
-        cache.pop(min(cache))
-      cache[epoch] = epoch_permutation(num_examples, seed, int(epoch))
-    sel = epochs == epoch
-    out[sel] = cache[epoch][offsets[sel]]
-  return out
-
-
-def create_train_iterator(split: CodeSplit, *, global_batch_size: int,
-                          mesh: Mesh, seed: int, levels: Sequence[int],
-                          start_step: int = 0
-                          ) -> Iterator[dict[str, Any]]:
-  """Endless shuffled global batches of codes, sharded over `mesh`.
-
-  The stream is the concatenation of epochs, each a permutation of the split
-  that depends only on (seed, epoch); step s takes stream positions
-  [s * B, (s + 1) * B). So the batches depend only on the seed and the step,
-  and `start_step=N` yields exactly what an uninterrupted run yields from
-  step N on. Each process reads only its own rows of every global batch.
-
-  Args:
-    split: from `CodeDataset.split('train')`.
-    global_batch_size: B, divisible by the number of devices.
-    mesh: the batch is laid out with `parallel.data_sharding(mesh)`.
-    seed: the data order's seed.
-    levels: which levels' codes each batch holds, e.g. (0, 1).
-    start_step: the first step to yield.
-
-  Yields:
-    {'codes': [int32 [B, h_l, w_l] for l in levels], 'label': int32 [B]} as
-    global `jax.Array`s.
-  """
-  first, local = _process_share(global_batch_size, mesh)
-  cache = {}
-  for step in itertools.count(int(start_step)):
-    start = step * global_batch_size + first
-    indices = train_indices(split.num_examples, seed,
-                            np.arange(start, start + local), cache)
-    yield parallel.shard_batch(split.read(indices, levels), mesh)
-
-
-def create_eval_iterator(split: CodeSplit, *, global_batch_size: int,
-                         mesh: Mesh, levels: Sequence[int],
-                         num_examples: int | None = None
-                         ) -> Iterator[dict[str, Any]]:
-  """One ordered pass over a split in global batches, sharded over `mesh`.
-
-  Args:
-    split: a `CodeSplit`.
-    global_batch_size: B, divisible by the number of devices.
-    mesh: the batch is laid out with `parallel.data_sharding(mesh)`.
-    levels: which levels' codes each batch holds.
-    num_examples: pass over only the first this many examples (default all).
-
-  Yields:
-    Batches as in `create_train_iterator` plus 'mask': bool [B], False on the
-    padding rows of the last batch (which repeat example 0).
-  """
-  n = split.num_examples if num_examples is None else min(
-      int(num_examples), split.num_examples)
-  first, local = _process_share(global_batch_size, mesh)
-  for start in range(0, n, global_batch_size):
-    positions = np.arange(start + first, start + first + local)
-    valid = positions < n
-    batch = split.read(np.where(valid, positions, 0), levels)
-    batch['mask'] = valid
-    yield parallel.shard_batch(batch, mesh)

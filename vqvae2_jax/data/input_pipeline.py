@@ -49,6 +49,7 @@ Batch = dict[str, jax.Array]
 
 # Datasets of 28x28 digits/clothes: padded (not resized) to the image size.
 _PAD_DATASETS = ('mnist', 'fashion_mnist', 'kmnist', 'emnist')
+_PAD_SOURCE_SIZE = 28  # Side of the MNIST family's images.
 _DEVICE_PREFETCH = 2  # Batches laid out on the devices ahead of use.
 _FOREVER = 2**62  # "Infinitely many" epochs for tf.data.Dataset.range.
 _READ_BUFFER_BYTES = 8 << 20  # Per TFRecord file being read.
@@ -81,6 +82,41 @@ def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
                                        int(data_config.num_classes)))
   builder = tfds_prepare.prepare_builder(data_config)
   return builder.info.splits[split].num_examples
+
+
+def local_num_examples(data_config: ml_collections.ConfigDict, split: str,
+                       *, train: bool) -> int:
+  """Examples of `split` that this process reads (its `process_range`).
+
+  Args:
+    data_config: the config's `data` section.
+    split: the split's name.
+    train: the share of training (remainder dropped) or of evaluation.
+
+  Returns:
+    The size of this process's share; `num_examples` is the whole split's.
+  """
+  return _source(data_config, split, train=train).num_local
+
+
+def original_area(data_config: ml_collections.ConfigDict
+                  ) -> tuple[int, int, int, int] | None:
+  """Where the source image lies in a preprocessed one, if it was padded.
+
+  MNIST-family images (28x28) are centred on a black canvas of the image
+  size; the rest of the canvas is padding, nearly free to reconstruct, so
+  reconstruction metrics are also reported over this area (the protocol of
+  the PyTorch ports).
+
+  Returns:
+    (top, left, height, width) of the source image, or None when images fill
+    the whole canvas (resized datasets, image folders).
+  """
+  size = int(data_config.image_size)
+  if data_config.name not in _PAD_DATASETS or size <= _PAD_SOURCE_SIZE:
+    return None
+  offset = (size - _PAD_SOURCE_SIZE) // 2
+  return (offset, offset, _PAD_SOURCE_SIZE, _PAD_SOURCE_SIZE)
 
 
 def create_train_iterator(data_config: ml_collections.ConfigDict, *,
@@ -303,8 +339,22 @@ def _check_labels(features, data_config: ml_collections.ConfigDict,
   return True
 
 
-def _process_range(n: int, drop_remainder: bool) -> tuple[int, int]:
-  """[start, stop) of this process's share of n examples, as tfds splits."""
+def process_range(n: int, drop_remainder: bool) -> tuple[int, int]:
+  """[start, stop) of this process's share of n examples.
+
+  The rule of `tfds.split_for_jax_process`, also used for image folders:
+  consecutive shares, one per process in process order.
+
+  Args:
+    n: examples in the split.
+    drop_remainder: give every process n // process_count examples (for
+      training, so every process takes the same number of steps per epoch);
+      otherwise the first n % process_count processes get one more, so that
+      evaluation covers every example.
+
+  Returns:
+    (start, stop) of this process's examples.
+  """
   count, index = jax.process_count(), jax.process_index()
   per, extra = divmod(n, count)
   if drop_remainder or not extra:
@@ -318,7 +368,7 @@ def _folder_source(data_config: ml_collections.ConfigDict, split: str, *,
   """A process's share of an image folder split, as file indices."""
   folder = image_folder.load_split(data_config.image_folder, split,
                                    int(data_config.num_classes))
-  start, stop = _process_range(len(folder), drop_remainder=train)
+  start, stop = process_range(len(folder), drop_remainder=train)
   reader = image_folder.SafeReader(folder.paths[start:stop],
                                    int(data_config.channels),
                                    min_size=int(data_config.image_size))

@@ -175,11 +175,11 @@ def _prepare_from_files(builder: tfds.core.DatasetBuilder, name: str,
                         expected: dict[str, tfds.download.checksums.UrlInfo]
                         ) -> None:
   """Prepares from source files in `manual` (official or Debian copies)."""
-  if _files_match(manual, expected):
+  if files_match(manual, expected):
     _run_tfds_prepare(builder, data_dir, manual)
     return
-  offline_cls = _offline_builder_cls(builder.name)
-  if offline_cls is None or not _files_match(manual, offline_cls.url_infos):
+  offline_cls = offline_builder_cls(builder.name)
+  if offline_cls is None or not files_match(manual, offline_cls.url_infos):
     raise DataNotFoundError(_missing_message(
         builder, data_dir, f'the files in {manual} have neither the official '
         'checksums nor those of the Debian package (corrupt or another '
@@ -198,8 +198,18 @@ def _prepare_from_files(builder: tfds.core.DatasetBuilder, name: str,
 
 
 @functools.cache
-def _offline_builder_cls(name: str) -> type[tfds.core.DatasetBuilder] | None:
-  """tfds's builder class for `name` with this package's checksums."""
+def offline_builder_cls(name: str) -> type[tfds.core.DatasetBuilder] | None:
+  """tfds's builder class for `name` with this package's checksums.
+
+  Args:
+    name: a tfds dataset name, e.g. 'fashion_mnist'.
+
+  Returns:
+    A subclass of tfds's builder under the same name (so the data lands where
+    `tfds.builder(name)` looks) whose `url_infos` are the checksums of the
+    Debian copies in vqvae2_jax/data/checksums/; None when that directory
+    has none for `name`.
+  """
   checksums = _CHECKSUMS_DIR / f'{name}.tsv'
   if not checksums.exists():
     return None
@@ -228,8 +238,17 @@ def _has_files(directory: epath.Path, url_infos) -> bool:
       (directory / f).exists() for f in _filenames(url_infos))
 
 
-def _files_match(directory: epath.Path, url_infos) -> bool:
-  """Whether every file in `directory` has its registered size and sha256."""
+def files_match(directory: epath.Path, url_infos) -> bool:
+  """Whether every file in `directory` has its registered size and sha256.
+
+  Args:
+    directory: where the source files are (e.g. a manual_dir).
+    url_infos: url -> `UrlInfo` (size, sha256, filename), as a builder
+      class's `url_infos`.
+
+  Returns:
+    True when every registered file is there with that size and checksum.
+  """
   for url, info in url_infos.items():
     path = directory / (info.filename or
                         os.path.basename(urllib.parse.urlparse(url).path))

@@ -50,7 +50,9 @@ def code_histogram(codes: jax.Array, mask: jax.Array,
 
 def batch_sums(images: jax.Array, recon: jax.Array,
                codes: Sequence[jax.Array], mask: jax.Array,
-               num_embeddings: int) -> dict[str, jax.Array]:
+               num_embeddings: int,
+               area: tuple[int, int, int, int] | None = None
+               ) -> dict[str, jax.Array]:
   """Sums over the unmasked images of one batch.
 
   Args:
@@ -59,10 +61,13 @@ def batch_sums(images: jax.Array, recon: jax.Array,
     codes: per-level int32 code maps [b, h_i, w_i], top first.
     mask: bool [b].
     num_embeddings: codebook size K (the same for every level).
+    area: (top, left, height, width) of the dataset's original image inside
+      the canvas (`input_pipeline.original_area`), or None.
 
   Returns:
     'count' (images), 'sq_error' (sum of per-image MSEs), 'psnr' (sum of
-    per-image PSNRs) and 'code_counts_level<i>' (int32 [K]).
+    per-image PSNRs), 'code_counts_level<i>' (int32 [K]) and, with `area`,
+    'sq_error_area' (sum of per-image MSEs over that area).
   """
   weights = mask.astype(jnp.float32)
   mse = per_image_mse(images, recon)
@@ -71,6 +76,11 @@ def batch_sums(images: jax.Array, recon: jax.Array,
       'sq_error': jnp.sum(mse * weights),
       'psnr': jnp.sum(psnr(mse) * weights),
   }
+  if area is not None:
+    top, left, height, width = area
+    crop = lambda x: x[:, top:top + height, left:left + width]
+    sums['sq_error_area'] = jnp.sum(
+        per_image_mse(crop(images), crop(recon)) * weights)
   for i, level_codes in enumerate(codes):
     sums[f'code_counts_level{i}'] = code_histogram(level_codes, mask,
                                                    num_embeddings)
@@ -90,7 +100,8 @@ def summarize(total: Mapping[str, Any]) -> dict[str, float]:
 
   Returns:
     'num_examples', 'mse' (mean per-image MSE), 'psnr' (of that MSE),
-    'psnr_per_image' (mean of per-image PSNRs) and per level
+    'psnr_per_image' (mean of per-image PSNRs), with an original area
+    'mse01_area' (MSE on [0, 1] pixels over it) and 'psnr_area', and per level
     'used_fraction_level<i>' (codes used at least once / K) and
     'perplexity_level<i>' (exp of the entropy of the code frequencies).
   """
@@ -105,6 +116,12 @@ def summarize(total: Mapping[str, Any]) -> dict[str, float]:
       'psnr': psnr(mse),
       'psnr_per_image': float(total['psnr']) / count,
   }
+  if 'sq_error_area' in total:
+    # On [0, 1] pixels, as the PyTorch ports report it: a quarter of the MSE
+    # on [-1, 1]; the PSNR is the same either way.
+    area_mse = float(total['sq_error_area']) / count
+    metrics['mse01_area'] = area_mse / PEAK_TO_PEAK**2
+    metrics['psnr_area'] = psnr(area_mse)
   level = 0
   while f'code_counts_level{level}' in total:
     counts = np.asarray(total[f'code_counts_level{level}'], np.float64)

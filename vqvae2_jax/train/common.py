@@ -1,18 +1,22 @@
-"""Pieces shared by every stage's trainer.
+"""The one training skeleton, and the pieces every stage's trainer shares.
 
-The optimizer and its schedule, the train state, sharded initialisation
-(`jax.eval_shape` -> shardings -> `jax.jit(init, out_shardings=...)`), the
-jitted step's shardings, metric writing and progress reports, norms, the
-non-finite check and PNG image grids. Nothing here knows which model it
-trains.
+`run_training` is the driver of every stage: restore-or-init, the loop
+(steps, logs, evaluations, checkpoints, the non-finite check),
+metrics.json and closing. A stage supplies a `Stage`: its jitted programs
+(init, shardings, step), its evaluation, its fingerprint, directory,
+iterator and cadence. Also here: the optimizer and its schedule, the train
+state, sharded initialisation (`jax.eval_shape` -> shardings ->
+`jax.jit(init, out_shardings=...)`), the jitted step's shardings, metric
+writing and progress reports, norms and PNG image grids. Nothing here knows
+which model it trains.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import dataclasses
-import json
 import math
+import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from absl import logging
 from clu import metric_writers
@@ -22,10 +26,12 @@ import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
 import numpy as np
 import optax
 
 from vqvae2_jax import checkpoints
+from vqvae2_jax import files
 from vqvae2_jax import parallel
 
 PyTree = Any
@@ -368,6 +374,163 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       eval_seconds=eval_seconds)
 
 
+class TrainPrograms(Protocol):
+  """What `run_training` needs of a stage's jitted programs."""
+  init: Callable[[jax.Array], Any]  # (rng) -> the sharded initial state.
+  shardings: Any  # NamedShardings, a pytree like the state.
+  train_step: Callable[[Any, Any], tuple[Any, Any]]  # State donated.
+
+
+def restore_target(programs: TrainPrograms) -> PyTree:
+  """The abstract state of `programs.init`, carrying its shardings.
+
+  `jax.eval_shape` only: nothing is computed or allocated, so a resumed run
+  never builds an initial state it would throw away.
+  """
+  abstract = jax.eval_shape(programs.init, jax.random.PRNGKey(0))
+  return abstract_with_shardings(abstract, programs.shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """How long a stage trains and how often it logs, evaluates and saves.
+
+  Attributes:
+    num_steps: the last optimizer step.
+    log_every, eval_every, checkpoint_every: intervals in steps; the last
+      step does all three.
+    keep_checkpoints: newest checkpoints kept on disk; None keeps all.
+  """
+  num_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int | None = 2
+
+  @classmethod
+  def from_config(cls, section: ml_collections.ConfigDict) -> 'Cadence':
+    """From a config section's num_train_steps, log_every, eval_every,
+    checkpoint_every and keep_checkpoints (e.g. config.vqvae_train)."""
+    return cls(num_steps=int(section.num_train_steps),
+               log_every=int(section.log_every),
+               eval_every=int(section.eval_every),
+               checkpoint_every=int(section.checkpoint_every),
+               keep_checkpoints=section.keep_checkpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What a stage supplies to `run_training`.
+
+  Attributes:
+    name: for the log (e.g. 'VQ-VAE', 'Prior level 1').
+    directory: the stage's directory (e.g. workdir/vqvae): checkpoints/,
+      TensorBoard event files and metrics.json go here.
+    fingerprint: the config values a checkpoint must agree on (saved with
+      every checkpoint, checked on restore).
+    programs: the jitted init, state shardings and train step.
+    init_rng: the key of the initial state (used only without checkpoint).
+    cadence: the run's length and intervals.
+    train_iterator: (start_step) -> the batches of steps start_step + 1, ...
+    evaluate: (step, state, is_last) -> flat scalar metrics named
+      '<split>/<name>' (e.g. 'eval/mse'); may write its own files (images).
+    nan_fix: what the non-finite error suggests (e.g. which rate to lower).
+    sum_prefixes: training metrics summed, not averaged, over a log interval.
+    final_metrics: (final metrics) -> entries to add to them (e.g. sizes and
+      baselines); None adds nothing.
+  """
+  name: str
+  directory: str
+  fingerprint: Mapping[str, Any]
+  programs: TrainPrograms
+  init_rng: jax.Array
+  cadence: Cadence
+  train_iterator: Callable[[int], Iterator[Any]]
+  evaluate: Callable[[int, Any, bool], dict[str, float]]
+  nan_fix: str
+  sum_prefixes: Sequence[str] = ()
+  final_metrics: Optional[Callable[[dict[str, Any]], Mapping[str, Any]]] = None
+
+
+def checkpoint_dir(stage_dir: str) -> str:
+  """Where a stage's orbax checkpoints live: <stage_dir>/checkpoints."""
+  return os.path.join(os.fspath(stage_dir), 'checkpoints')
+
+
+def run_training(stage: Stage) -> dict[str, Any]:
+  """Trains a stage, resuming from its newest checkpoint; writes metrics.json.
+
+  Callers check the checkpoint directory against the fingerprint
+  (`checkpoints.check_directory`) before they build `stage.programs`, so
+  that a wrong --workdir fails before anything compiles.
+
+  Args:
+    stage: what the stage supplies (see `Stage`).
+
+  Returns:
+    The final metrics (also in <stage.directory>/metrics.json): the last
+    evaluation's, 'train/...' of the last log interval, 'step',
+    'wall_time_s' (this call), 'steps_per_sec' (training steps per second of
+    wall time, evaluations excluded, compilation included) and
+    'eval_time_s', plus `stage.final_metrics`. When nothing was left to
+    train, the stage is evaluated again and the training figures of the run
+    that trained are kept.
+  """
+  start_time = time.time()
+  cadence = stage.cadence
+  metrics_path = os.path.join(os.fspath(stage.directory), 'metrics.json')
+  manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
+                                       max_to_keep=cadence.keep_checkpoints)
+  writer = create_writer(os.fspath(stage.directory))
+  try:
+    # Resume order: the state (params, other variables, optimizer, RNG) from
+    # the newest checkpoint, then the data iterator positioned at its step.
+    # The initial state is built only when there is no checkpoint.
+    state = checkpoints.restore_latest(manager, restore_target(stage.programs),
+                                       stage.fingerprint)
+    if state is None:
+      state = stage.programs.init(stage.init_rng)
+    start_step = int(state.step)
+    logging.info('%s: %d steps (from step %d)', stage.name, cadence.num_steps,
+                 start_step)
+    if start_step == 0:
+      writer.write_hparams({k: str(v) for k, v in stage.fingerprint.items()})
+
+    def run_eval(step, state, is_last):
+      metrics = stage.evaluate(step, state, is_last)
+      writer.write_scalars(step, metrics)
+      return metrics
+
+    loop = train_loop(
+        state=state, train_step=stage.programs.train_step,
+        train_iter=stage.train_iterator(start_step), start_step=start_step,
+        num_steps=cadence.num_steps, log_every=cadence.log_every,
+        eval_every=cadence.eval_every,
+        checkpoint_every=cadence.checkpoint_every, run_eval=run_eval,
+        manager=manager, fingerprint=stage.fingerprint, writer=writer,
+        pending=StepMetrics(sum_prefixes=stage.sum_prefixes),
+        nan_fix=stage.nan_fix)
+    eval_metrics = loop.eval_metrics
+    if eval_metrics is None:  # Nothing left to train: evaluate what we have.
+      eval_metrics = run_eval(start_step, loop.state, True)
+      final = files.read_json(metrics_path) or {}
+    else:
+      final = {'steps_per_sec': loop.steps_per_sec,
+               'eval_time_s': loop.eval_seconds}
+    final.update({'step': int(loop.state.step),
+                  'wall_time_s': time.time() - start_time,
+                  **eval_metrics, **scalars(loop.train_summary, 'train')})
+    if stage.final_metrics is not None:
+      final.update(stage.final_metrics(final))
+    write_json(metrics_path, final)
+    logging.info('%s final metrics: %s', stage.name, final)
+    return final
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+
+
 def create_writer(logdir: str) -> metric_writers.MetricWriter:
   """TensorBoard event files in `logdir` plus the log; process 0 only writes."""
   return metric_writers.create_default_writer(
@@ -425,20 +588,9 @@ def write_image_grid(path: str, images: np.ndarray, num_cols: int) -> None:
 
 
 def write_json(path: str, data: Mapping[str, Any]) -> None:
-  """Writes `data` as JSON atomically (temporary file, then rename)."""
-  if jax.process_index() != 0:
-    return
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True) + '\n')
-  tmp.replace(path)
-
-
-def read_json(path: str) -> dict[str, Any]:
-  """The JSON object in `path`, or {} if the file does not exist."""
-  path = epath.Path(path)
-  return json.loads(path.read_text()) if path.exists() else {}
+  """`files.write_json` on process 0 only (every process computes `data`)."""
+  if jax.process_index() == 0:
+    files.write_json(path, data)
 
 
 def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:

@@ -11,7 +11,6 @@ extracts everything again.
 """
 
 from collections.abc import Callable, Iterator, Mapping
-import hashlib
 import os
 import time
 from typing import Any
@@ -23,62 +22,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vqvae2_jax import builders
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data import input_pipeline
-from vqvae2_jax.train import vqvae_trainer
 
 _LOG_EVERY_SECS = 30.0
 
 
 def codes_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'codes')
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A replicated or process-local array as numpy on this host."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  if x.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def variables_digest(variables: Any) -> str:
-  """SHA-256 of every variable's path, dtype, shape and bytes (16 hex digits).
-
-  Two checkpoints with the same config and step (e.g. two seeds) encode
-  differently; the digest tells them apart.
-  """
-  digest = hashlib.sha256()
-  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    value = np.ascontiguousarray(_to_host(leaf))
-    digest.update(f'{jax.tree_util.keystr(path)}|{value.dtype.str}|'
-                  f'{value.shape}|'.encode())
-    digest.update(value.tobytes())
-  return digest.hexdigest()[:16]
-
-
-def vqvae_provenance(config: ml_collections.ConfigDict, variables: Any,
-                     step: int) -> dict[str, Any]:
-  """What identifies a VQ-VAE's codes: {'step', 'fingerprint', 'digest'}."""
-  return {'step': int(step),
-          'fingerprint': vqvae_trainer.model_fingerprint(config),
-          'digest': variables_digest(variables)}
-
-
-def current_vqvae_provenance(config: ml_collections.ConfigDict, workdir: str,
-                             mesh: jax.sharding.Mesh | None = None
-                             ) -> dict[str, Any]:
-  """The provenance of the newest stage-1 checkpoint in `workdir`.
-
-  Raises:
-    FileNotFoundError: there is no stage-1 checkpoint.
-    ValueError: it was written for another model config.
-  """
-  _, variables, step = vqvae_trainer.load_vqvae(config, workdir, mesh)
-  return vqvae_provenance(config, variables, step)
 
 
 def make_encode_fn(model: Any, variables: Any, mesh: jax.sharding.Mesh
@@ -125,7 +79,7 @@ def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
     if not todo.intersection(shards):
       position = end  # Already written: skip the encoder.
       continue
-    levels, labels, mask = jax.tree.map(_to_host, encode(batch))
+    levels, labels, mask = jax.tree.map(loading.to_host, encode(batch))
     count = int(mask.sum())
     if not mask[:count].all() or count != end - position:
       raise ValueError(
@@ -181,13 +135,9 @@ def extract_codes(config: ml_collections.ConfigDict,
   """
   start_time = time.time()
   mesh = parallel.create_mesh(config.mesh)
-  model, variables, step = vqvae_trainer.load_vqvae(config, workdir, mesh)
-  provenance = vqvae_provenance(config, variables, step)
-  image_shape = (1, config.data.image_size, config.data.image_size,
-                 config.data.channels)
-  level_shapes = [s.shape[1:] for s in jax.eval_shape(
-      lambda v, x: model.apply(v, x, method=model.encode), variables,
-      jax.ShapeDtypeStruct(image_shape, np.float32))]
+  model, variables, step = loading.load_vqvae(config, workdir, mesh)
+  provenance = loading.vqvae_provenance(config, variables, step)
+  level_shapes = builders.level_shapes(config)
   num_embeddings = [int(config.model.num_embeddings)] * len(level_shapes)
   sources = {'train': config.data.train_split, 'eval': config.data.eval_split}
   shard_size = int(config.prior.codes_per_shard)

@@ -12,12 +12,10 @@ Polyak weights, optimizer, RNG and data position) and ends as an
 uninterrupted run would.
 """
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import functools
 import math
-import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -27,8 +25,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.models import pixelcnn
@@ -36,11 +37,6 @@ from vqvae2_jax.train import common
 from vqvae2_jax.train import extract
 
 PyTree = Any
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# Fields of config.prior.level_<i> that define the prior's variables.
-_LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
-                 'attention_layers', 'num_heads', 'cond_stack_blocks',
-                 'num_output_layers')
 # Examples of the training split whose code frequencies define the unigram
 # baseline (enough for stable frequencies, cheap to read).
 _UNIGRAM_EXAMPLES = 50_000
@@ -60,63 +56,14 @@ class PriorTrainState(common.TrainState):
 
 
 def stage_dir(workdir: str, level: int) -> str:
-  return os.path.join(os.path.abspath(workdir), f'prior_{level}')
+  """workdir/prior_<level>, where level `level`'s prior is trained."""
+  return loading.prior_dir(workdir, level)
 
 
 def levels_to_train(config: ml_collections.ConfigDict) -> list[int]:
   """config.prior.level, or every level top first when it is -1."""
-  n = len(config.model.downsample_factors)
   level = int(config.prior.level)
-  if not -1 <= level < n:
-    raise ValueError(f'config.prior.level: {level} for a {n}-level model. '
-                     f'Fix: use -1 (all levels) or 0..{n - 1}.')
-  return list(range(n)) if level < 0 else [level]
-
-
-def build_prior(config: ml_collections.ConfigDict,
-                level: int) -> pixelcnn.PixelCNNPrior:
-  """The prior of level `level` (0 = top) that `config` describes.
-
-  K comes from config.model.num_embeddings (every level's codebook), the
-  labels from config.data.num_classes, the model from config.prior.level_<i>;
-  a lower level is conditioned on the codes of every level above it.
-  """
-  c = config.prior[f'level_{level}']
-  k = int(config.model.num_embeddings)
-  dtype = config.prior.get('dtype', 'float32')
-  if dtype not in _DTYPES:
-    raise ValueError(f'config.prior.dtype: {dtype!r} is not one of '
-                     f'{tuple(_DTYPES)}.')
-  return pixelcnn.PixelCNNPrior(
-      num_embeddings=k,
-      num_channels=c.num_channels,
-      num_layers=c.num_layers,
-      filter_size=c.filter_size,
-      dropout_rate=c.dropout_rate,
-      attention_layers=c.attention_layers,
-      num_heads=c.num_heads,
-      num_classes=int(config.data.num_classes),
-      cond_num_embeddings=(k,) * level,
-      cond_stack_blocks=c.cond_stack_blocks if level else 0,
-      num_output_layers=c.num_output_layers,
-      dtype=_DTYPES[dtype])
-
-
-def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
-                      level_shapes: Sequence[Sequence[int]],
-                      vqvae: Mapping[str, Any]) -> dict[str, Any]:
-  """What a level's checkpoint must agree on: model fields and its codes."""
-  c = config.prior[f'level_{level}']
-  return {
-      'level': level,
-      'level_shapes': [list(s) for s in level_shapes[:level + 1]],
-      'model.num_embeddings': int(config.model.num_embeddings),
-      'data.num_classes': int(config.data.num_classes),
-      'prior.dtype': config.prior.get('dtype', 'float32'),
-      **{f'prior.level_{level}.{f}': c[f] for f in _LEVEL_FIELDS},
-      'codes.vqvae_step': int(vqvae['step']),
-      'codes.vqvae_digest': vqvae['digest'],
-  }
+  return list(range(builders.num_levels(config))) if level < 0 else [level]
 
 
 def _optimizer_args(config: ml_collections.ConfigDict
@@ -125,8 +72,8 @@ def _optimizer_args(config: ml_collections.ConfigDict
   return (('learning_rate', float(p.learning_rate)),
           ('warmup_steps', int(p.warmup_steps)),
           ('num_train_steps', int(p.num_train_steps)),
-          ('cosine_decay', bool(p.get('cosine_decay', True))),
-          ('grad_clip_norm', float(p.get('grad_clip_norm', 0.0))))
+          ('cosine_decay', bool(p.cosine_decay)),
+          ('grad_clip_norm', float(p.grad_clip_norm)))
 
 
 def create_optimizer(config: ml_collections.ConfigDict
@@ -135,23 +82,20 @@ def create_optimizer(config: ml_collections.ConfigDict
   return common.create_optimizer(**dict(_optimizer_args(config)))
 
 
-def _dummy_inputs(level: int, level_shapes: Sequence[Sequence[int]],
-                  num_classes: int) -> tuple:
-  codes = jnp.zeros((1, *level_shapes[level]), jnp.int32)
-  cond = tuple(jnp.zeros((1, *s), jnp.int32) for s in level_shapes[:level])
-  labels = jnp.zeros((1,), jnp.int32) if num_classes else None
-  return codes, cond, labels
-
-
 def make_init_fn(model: pixelcnn.PixelCNNPrior,
                  tx: optax.GradientTransformation, *, level: int,
                  level_shapes: Sequence[Sequence[int]], use_polyak: bool
                  ) -> Callable[[jax.Array], PriorTrainState]:
-  """(rng) -> initial PriorTrainState of level `level`'s prior."""
+  """(rng) -> initial PriorTrainState of level `level`'s prior.
+
+  `level_shapes`: (h, w) of every level, top first. The state's 'params'
+  and 'polyak' fields are what `loading.load_prior` reads.
+  """
 
   def init_fn(rng):
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    codes, cond, labels = _dummy_inputs(level, level_shapes, model.num_classes)
+    codes, cond, labels = builders.prior_init_inputs(level, level_shapes,
+                                                     model.num_classes)
     variables = dict(model.init({'params': params_rng, 'dropout': dropout_rng},
                                 codes, cond_codes=cond, labels=labels,
                                 train=False))
@@ -257,17 +201,40 @@ def make_eval_fn(model: pixelcnn.PixelCNNPrior, param_shardings: PyTree,
                  out_shardings=parallel.replicated(mesh))
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_functions(model: pixelcnn.PixelCNNPrior,
-                      optimizer_args: tuple[tuple[str, Any], ...], *,
-                      level: int, level_shapes: tuple[tuple[int, ...], ...],
-                      label_drop_rate: float, polyak_decay: float, mesh: Mesh
-                      ) -> tuple[Callable, PyTree, Callable, dict]:
-  """The jitted init, state shardings, train step and eval functions.
+class Programs(NamedTuple):
+  """A prior's jitted functions on one mesh.
 
-  Cached, so that training the same prior again in this process (a resume
-  from a notebook, the tests) reuses the compiled functions.
+  Built once per process for each (prior, optimizer settings, level, shapes,
+  label dropout, Polyak decay, mesh), so that training the same prior again
+  in this process (a resume from a notebook, the tests) compiles nothing.
   """
+  model: pixelcnn.PixelCNNPrior
+  schedule: optax.Schedule
+  shardings: PriorTrainState  # NamedShardings of the train state.
+  init: Callable[[jax.Array], PriorTrainState]  # (rng) -> sharded state.
+  train_step: Callable  # (state, batch) -> (state, metrics); state donated.
+  eval_cond: Callable  # (params, batch) -> likelihood sums, with labels.
+  eval_uncond: Callable  # (params, batch) -> likelihood sums, "no label".
+
+
+def programs(config: ml_collections.ConfigDict, level: int,
+             mesh: Mesh) -> Programs:
+  """The jitted functions of level `level`'s prior on `mesh` (cached)."""
+  p = config.prior
+  return _programs(
+      builders.build_prior(config, level), _optimizer_args(config),
+      level=level,
+      level_shapes=tuple(tuple(s) for s in builders.level_shapes(config)),
+      label_drop_rate=float(p.label_drop_rate),
+      polyak_decay=float(p.polyak_decay), mesh=mesh)
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(model: pixelcnn.PixelCNNPrior,
+              optimizer_args: tuple[tuple[str, Any], ...], *, level: int,
+              level_shapes: tuple[tuple[int, ...], ...],
+              label_drop_rate: float, polyak_decay: float,
+              mesh: Mesh) -> Programs:
   tx, schedule = common.create_optimizer(**dict(optimizer_args))
   init_fn = make_init_fn(model, tx, level=level, level_shapes=level_shapes,
                          use_polyak=polyak_decay > 0)
@@ -275,10 +242,12 @@ def _jitted_functions(model: pixelcnn.PixelCNNPrior,
   train_step = common.jit_train_step(
       make_train_step(model, tx, schedule, label_drop_rate=label_drop_rate,
                       polyak_decay=polyak_decay), shardings, mesh)
-  eval_fns = {
-      'cond': make_eval_fn(model, shardings.params, mesh, use_labels=True),
-      'uncond': make_eval_fn(model, shardings.params, mesh, use_labels=False)}
-  return init, shardings, train_step, eval_fns
+  return Programs(
+      model=model, schedule=schedule, shardings=shardings, init=init,
+      train_step=train_step,
+      eval_cond=make_eval_fn(model, shardings.params, mesh, use_labels=True),
+      eval_uncond=make_eval_fn(model, shardings.params, mesh,
+                               use_labels=False))
 
 
 def evaluate(eval_fn: Callable, params: PyTree,
@@ -304,30 +273,6 @@ def baselines(dataset: codes_lib.CodeDataset, level: int) -> dict[str, float]:
           **likelihood.unigram_bits(train_codes, eval_codes, k)}
 
 
-def _check_codes_provenance(ckpt_dir: str, fingerprint: Mapping[str, Any]
-                            ) -> None:
-  """A clearer error than a fingerprint diff when the codes changed."""
-  if not os.path.isdir(ckpt_dir):
-    return
-  manager = checkpoints.create_manager(ckpt_dir, read_only=True)
-  try:
-    step = manager.latest_step()
-    saved = None if step is None else checkpoints.restore_fingerprint(
-        manager, step)
-  finally:
-    manager.close()
-  if not saved:
-    return
-  keys = ('codes.vqvae_step', 'codes.vqvae_digest')
-  if any(saved.get(k) != fingerprint[k] for k in keys):
-    raise ValueError(
-        f'The prior checkpoints in {ckpt_dir} were trained on codes of VQ-VAE '
-        f'step {saved.get("codes.vqvae_step")}, but workdir/codes now holds '
-        f'codes of VQ-VAE step {fingerprint["codes.vqvae_step"]} (or other '
-        f'weights). Fix: delete {os.path.dirname(ckpt_dir)} to train this '
-        'prior on the new codes, or use another --workdir.')
-
-
 def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
                 dataset: codes_lib.CodeDataset, vqvae: Mapping[str, Any],
                 mesh: Mesh) -> dict[str, Any]:
@@ -345,109 +290,79 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
     'eval/...' (held-out split, whole; with the Polyak weights when used,
     plus 'eval/bits_per_code_uncond' without labels and
     'eval/bits_per_code_raw' with the raw params), 'eval_train/...' (the
-    first training examples, as many as held out up to 4096), 'train/...'
-    (last log interval, train mode), 'baseline/...' (uniform and unigram),
-    'step', 'num_params', 'steps_per_sec' and 'codes_per_sec' (training
-    alone), 'eval_time_s', 'wall_time_s'.
+    first training examples, config.prior.train_eval_examples of them or
+    all), 'train/...' (last log interval, train mode), 'baseline/...'
+    (uniform and unigram), 'level', 'num_params', 'codes_per_sec' and what
+    `common.run_training` reports ('step', 'steps_per_sec', 'eval_time_s',
+    'wall_time_s').
   """
-  start_time = time.time()
   p = config.prior
   out_dir = stage_dir(workdir, level)
-  ckpt_dir = os.path.join(out_dir, 'checkpoints')
-  fingerprint = prior_fingerprint(config, level, dataset.level_shapes, vqvae)
-  _check_codes_provenance(ckpt_dir, fingerprint)
+  ckpt_dir = common.checkpoint_dir(out_dir)
+  fingerprint = builders.prior_fingerprint(config, level, vqvae)
+  loading.check_codes_provenance(ckpt_dir, fingerprint)
   checkpoints.check_directory(ckpt_dir, fingerprint)
 
-  model = build_prior(config, level)
-  init, shardings, train_step, eval_fns = _jitted_functions(
-      model, _optimizer_args(config), level=level,
-      level_shapes=tuple(tuple(s) for s in dataset.level_shapes),
-      label_drop_rate=float(p.label_drop_rate),
-      polyak_decay=float(p.polyak_decay), mesh=mesh)
-  # Each level its own parameter seed; the data order is shared.
-  state = init(jax.random.fold_in(jax.random.PRNGKey(config.seed), level))
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  progs = programs(config, level, mesh)
+  model = progs.model
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
+      common.restore_target(progs).params))
+  logging.info('Prior level %d: %d params on mesh %s', level, num_params,
+               dict(mesh.shape))
+  levels = tuple(range(level + 1))
+  train_split, eval_split = dataset.split('train'), dataset.split('eval')
+  # Training examples scored in eval mode (config.prior.train_eval_examples,
+  # 0 = all): a few thousand show overfitting at a fraction of the cost.
+  train_eval_limit = (min(p.train_eval_examples, train_split.num_examples)
+                      if p.train_eval_examples else None)
 
-  manager = checkpoints.create_manager(ckpt_dir,
-                                       max_to_keep=p.keep_checkpoints)
-  writer = common.create_writer(out_dir)
-  try:
-    # Resume order: state (params, Polyak weights, optimizer, RNG) from the
-    # newest checkpoint, then the data stream positioned at its step.
-    restored = checkpoints.restore_latest(
-        manager, common.abstract_with_shardings(state, shardings), fingerprint)
-    if restored is not None:
-      state = restored
-    start_step, num_steps = int(state.step), int(p.num_train_steps)
-    logging.info('Prior level %d (%d params): %d steps (from step %d) on '
-                 'mesh %s', level, num_params, num_steps, start_step,
-                 dict(mesh.shape))
-    if start_step == 0:
-      writer.write_hparams({k: str(v) for k, v in fingerprint.items()})
-
-    levels = tuple(range(level + 1))
-    train_split, eval_split = dataset.split('train'), dataset.split('eval')
-    train_iter = codes_lib.create_train_iterator(
+  def train_iterator(start_step):
+    return code_iterators.create_train_iterator(
         train_split, global_batch_size=p.batch_size, mesh=mesh,
         seed=config.seed, levels=levels, start_step=start_step)
-    # Training examples scored in eval mode (config.prior.train_eval_examples,
-    # 0 = all): a few thousand show overfitting at a fraction of the cost.
-    train_eval_limit = (min(p.train_eval_examples, train_split.num_examples)
-                        if p.train_eval_examples else None)
 
-    def run_eval(step, state, final):
-      def batches(split, limit=None):
-        return codes_lib.create_eval_iterator(
-            split, global_batch_size=p.eval_batch_size, mesh=mesh,
-            levels=levels, num_examples=limit)
-      params = state.eval_params()
-      results = {'eval': evaluate(eval_fns['cond'], params,
-                                  batches(eval_split)),
-                 'eval_train': evaluate(eval_fns['cond'], params, batches(
-                     train_split, train_eval_limit))}
-      if final and model.num_classes:
-        results['eval']['bits_per_code_uncond'] = evaluate(
-            eval_fns['uncond'], params, batches(eval_split))['bits_per_code']
-      if final and state.polyak is not None:
-        results['eval']['bits_per_code_raw'] = evaluate(
-            eval_fns['cond'], state.params,
-            batches(eval_split))['bits_per_code']
-      flat = {}
-      for prefix, metrics in results.items():
-        flat.update(common.scalars(metrics, prefix))
-      writer.write_scalars(step, flat)
-      logging.info('Prior level %d step %d: held-out %.4f bits/code, train '
-                   '%.4f bits/code', level, step,
-                   flat['eval/bits_per_code'], flat['eval_train/bits_per_code'])
-      return flat
+  def batches(split, limit=None):
+    return code_iterators.create_eval_iterator(
+        split, global_batch_size=p.eval_batch_size, mesh=mesh, levels=levels,
+        num_examples=limit)
 
-    loop = common.train_loop(
-        state=state, train_step=train_step, train_iter=train_iter,
-        start_step=start_step, num_steps=num_steps, log_every=p.log_every,
-        eval_every=p.eval_every, checkpoint_every=p.checkpoint_every,
-        run_eval=run_eval, manager=manager, fingerprint=fingerprint,
-        writer=writer, pending=common.StepMetrics(),
-        nan_fix='lower prior.learning_rate or grad_clip_norm')
-    state, eval_metrics = loop.state, loop.eval_metrics
-    if eval_metrics is None:  # Nothing left to train: evaluate what we have.
-      eval_metrics = run_eval(start_step, state, final=True)
-    codes_per_example = math.prod(dataset.level_shapes[level])
-    steps_per_sec = loop.steps_per_sec
-    final = {
-        'level': level, 'step': int(state.step), 'num_params': num_params,
-        'steps_per_sec': steps_per_sec,
-        'codes_per_sec': steps_per_sec * p.batch_size * codes_per_example,
-        'eval_time_s': loop.eval_seconds,
-        'wall_time_s': time.time() - start_time,
-        **eval_metrics, **common.scalars(loop.train_summary, 'train'),
+  def run_eval(step, state, is_last):
+    params = state.eval_params()
+    results = {'eval': evaluate(progs.eval_cond, params, batches(eval_split)),
+               'eval_train': evaluate(progs.eval_cond, params, batches(
+                   train_split, train_eval_limit))}
+    if is_last and model.num_classes:
+      results['eval']['bits_per_code_uncond'] = evaluate(
+          progs.eval_uncond, params, batches(eval_split))['bits_per_code']
+    if is_last and state.polyak is not None:
+      results['eval']['bits_per_code_raw'] = evaluate(
+          progs.eval_cond, state.params, batches(eval_split))['bits_per_code']
+    flat = {}
+    for prefix, metrics in results.items():
+      flat.update(common.scalars(metrics, prefix))
+    logging.info('Prior level %d step %d: held-out %.4f bits/code, train '
+                 '%.4f bits/code', level, step, flat['eval/bits_per_code'],
+                 flat['eval_train/bits_per_code'])
+    return flat
+
+  def final_metrics(final):
+    codes_per_example = math.prod(builders.level_shapes(config)[level])
+    steps_per_sec = final.get('steps_per_sec')
+    return {
+        'level': level, 'num_params': num_params,
+        'codes_per_sec': (float('nan') if steps_per_sec is None else
+                          steps_per_sec * p.batch_size * codes_per_example),
         **common.scalars(baselines(dataset, level), 'baseline')}
-    common.write_json(os.path.join(out_dir, 'metrics.json'), final)
-    logging.info('Prior level %d final metrics: %s', level, final)
-    return final
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+
+  return common.run_training(common.Stage(
+      name=f'Prior level {level}', directory=out_dir, fingerprint=fingerprint,
+      programs=progs,
+      # Each level its own parameter seed; the data order is shared.
+      init_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), level),
+      cadence=common.Cadence.from_config(p), train_iterator=train_iterator,
+      evaluate=run_eval,
+      nan_fix='lower prior.learning_rate or grad_clip_norm',
+      final_metrics=final_metrics))
 
 
 def train_priors(config: ml_collections.ConfigDict,
@@ -467,61 +382,8 @@ def train_priors(config: ml_collections.ConfigDict,
   """
   levels = levels_to_train(config)
   mesh = parallel.create_mesh(config.mesh)
-  vqvae = extract.current_vqvae_provenance(config, workdir, mesh)
+  vqvae = loading.current_vqvae_provenance(config, workdir, mesh)
   dataset = codes_lib.CodeDataset(extract.codes_dir(workdir), vqvae=vqvae)
   return {f'level_{level}': train_level(config, workdir, level, dataset,
                                         vqvae, mesh)
           for level in levels}
-
-
-def load_prior(config: ml_collections.ConfigDict, workdir: str, level: int, *,
-               vqvae: Mapping[str, Any], mesh: Mesh | None = None,
-               use_polyak: bool = True
-               ) -> tuple[pixelcnn.PixelCNNPrior, dict[str, PyTree], int]:
-  """Loads the newest checkpoint of level `level`'s prior for sampling.
-
-  Args:
-    config: the config that trained it (the fingerprint must match).
-    workdir: the run's workdir (reads workdir/prior_<level>/checkpoints).
-    level: 0 = top.
-    vqvae: provenance of the current VQ-VAE (`extract.vqvae_provenance`); a
-      prior trained on another VQ-VAE's codes is refused.
-    mesh: where to place the parameters; default: all devices.
-    use_polyak: return the Polyak weights when the checkpoint has them.
-
-  Returns:
-    (model, variables {'params': ...}, step).
-
-  Raises:
-    FileNotFoundError: no checkpoint of this level's prior.
-    ValueError: written for another config or another VQ-VAE's codes.
-  """
-  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
-  ckpt_dir = os.path.join(stage_dir(workdir, level), 'checkpoints')
-  level_shapes = tuple((config.data.image_size // f,) * 2
-                       for f in config.model.downsample_factors)
-  fingerprint = prior_fingerprint(config, level, level_shapes, vqvae)
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(
-        f'No prior checkpoint for level {level} in {ckpt_dir}. Fix: train the '
-        'priors first with --mode=prior and the same --workdir.')
-  _check_codes_provenance(ckpt_dir, fingerprint)
-  model = build_prior(config, level)
-  init, shardings, _, _ = _jitted_functions(
-      model, _optimizer_args(config), level=level, level_shapes=level_shapes,
-      label_drop_rate=float(config.prior.label_drop_rate),
-      polyak_decay=float(config.prior.polyak_decay), mesh=mesh)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  manager = checkpoints.create_manager(ckpt_dir, read_only=True)
-  try:
-    state = checkpoints.restore_latest(
-        manager, common.abstract_with_shardings(abstract, shardings),
-        fingerprint)
-  finally:
-    manager.close()
-  if state is None:
-    raise FileNotFoundError(
-        f'No prior checkpoint for level {level} in {ckpt_dir}. Fix: train the '
-        'priors first with --mode=prior and the same --workdir.')
-  params = state.eval_params() if use_polyak else state.params
-  return model, {'params': params}, int(state.step)

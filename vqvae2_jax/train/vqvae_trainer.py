@@ -11,10 +11,8 @@ from the newest checkpoint and ends as an uninterrupted run would.
 
 from collections.abc import Callable, Iterator, Mapping
 import functools
-import time
 from typing import Any, NamedTuple
 
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -23,62 +21,21 @@ import ml_collections
 import numpy as np
 import optax
 
+from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.models import vqvae as vqvae_lib
 from vqvae2_jax.train import common
 
-STAGE = 'vqvae'
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _GRID_IMAGES = 16  # Columns of the evaluation image grid.
-# Config fields that define the model's variables (and what its codes mean);
-# a checkpoint is only resumed or loaded under the same values. Training
-# knobs (EMA decay, dead-code window, dtype, ...) may change between runs.
-_FINGERPRINT_FIELDS = (
-    'data.image_size', 'data.channels', 'model.downsample_factors',
-    'model.num_hiddens', 'model.num_residual_layers',
-    'model.num_residual_hiddens', 'model.embedding_dim',
-    'model.num_embeddings', 'model.quantizer')
-
-
-def build_vqvae(config: ml_collections.ConfigDict) -> vqvae_lib.VQVAE:
-  """The VQ-VAE that `config.model` (and `config.data.channels`) describe."""
-  m = config.model
-  if m.dtype not in _DTYPES:
-    raise ValueError(f'config.model.dtype: {m.dtype!r} is not one of '
-                     f'{tuple(_DTYPES)}.')
-  return vqvae_lib.VQVAE(
-      downsample_factors=tuple(m.downsample_factors),
-      channels=config.data.channels,
-      num_hiddens=m.num_hiddens,
-      num_residual_layers=m.num_residual_layers,
-      num_residual_hiddens=m.num_residual_hiddens,
-      embedding_dim=m.embedding_dim,
-      num_embeddings=m.num_embeddings,
-      quantizer=m.quantizer,
-      commitment_cost=m.commitment_cost,
-      ema_decay=m.ema_decay,
-      ema_epsilon=m.ema_epsilon,
-      dead_code_window=m.dead_code_window,
-      kmeans_init=m.kmeans_init,
-      dtype=_DTYPES[m.dtype])
-
-
-def model_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The model-defining config values stored with every checkpoint."""
-  fingerprint = {}
-  for field in _FINGERPRINT_FIELDS:
-    value = config
-    for part in field.split('.'):
-      value = value[part]
-    fingerprint[field] = list(value) if isinstance(value, tuple) else value
-  return fingerprint
 
 
 def stage_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir).absolute() / STAGE
+  """workdir/vqvae, where this stage writes."""
+  return epath.Path(loading.vqvae_dir(workdir))
 
 
 def create_optimizer(config: ml_collections.ConfigDict
@@ -94,15 +51,19 @@ def _optimizer_settings(config: ml_collections.ConfigDict
       'learning_rate': float(train.learning_rate),
       'warmup_steps': int(train.warmup_steps),
       'num_train_steps': int(train.num_train_steps),
-      'cosine_decay': bool(train.get('cosine_decay', True)),
-      'grad_clip_norm': float(train.get('grad_clip_norm', 0.0)),
+      'cosine_decay': bool(train.cosine_decay),
+      'grad_clip_norm': float(train.grad_clip_norm),
   }.items()))
 
 
 def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
                  image_shape: tuple[int, int, int]
                  ) -> Callable[[jax.Array], common.TrainState]:
-  """(rng) -> initial TrainState; `image_shape` is [h, w, c]."""
+  """(rng) -> initial TrainState; `image_shape` is [h, w, c].
+
+  The variables are `model.init`'s with the collections `loading.load_vqvae`
+  expects: 'params', the rest (codebook statistics) in `extra`.
+  """
 
   def init_fn(rng: jax.Array) -> common.TrainState:
     params_rng, vq_rng, state_rng = jax.random.split(rng, 3)
@@ -223,10 +184,8 @@ class Programs(NamedTuple):
 
 def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> Programs:
   """The jitted functions that `config` needs on `mesh` (cached)."""
-  image_shape = (config.data.image_size, config.data.image_size,
-                 config.data.channels)
-  return _programs(build_vqvae(config), _optimizer_settings(config),
-                   image_shape, mesh)
+  return _programs(builders.build_vqvae(config), _optimizer_settings(config),
+                   builders.image_shape(config), mesh)
 
 
 @functools.lru_cache(maxsize=8)
@@ -244,126 +203,49 @@ def _programs(model: vqvae_lib.VQVAE,
                   grid_rows)
 
 
-def _restore_target(progs: Programs) -> common.TrainState:
-  abstract = jax.eval_shape(progs.init, jax.random.PRNGKey(0))
-  return common.abstract_with_shardings(abstract, progs.shardings)
-
-
-def load_vqvae(config: ml_collections.ConfigDict, workdir: str,
-               mesh: Mesh | None = None
-               ) -> tuple[vqvae_lib.VQVAE, dict[str, Any], int]:
-  """Loads the newest stage-1 checkpoint for later stages.
-
-  Args:
-    config: the config that trained it (the fingerprint must match).
-    workdir: the run's workdir (reads workdir/vqvae/checkpoints).
-    mesh: where to place the variables; default: all devices.
-
-  Returns:
-    (model, variables {'params', 'vq_stats'}, step).
-
-  Raises:
-    FileNotFoundError: no stage-1 checkpoint in `workdir`.
-  """
-  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
-  ckpt_dir = stage_dir(workdir) / 'checkpoints'
-  progs = programs(config, mesh)
-  manager = checkpoints.create_manager(str(ckpt_dir), read_only=True) \
-      if ckpt_dir.exists() else None
-  try:
-    state = None if manager is None else checkpoints.restore_latest(
-        manager, _restore_target(progs), model_fingerprint(config))
-  finally:
-    if manager is not None:
-      manager.close()
-  if state is None:
-    raise FileNotFoundError(
-        f'No VQ-VAE checkpoint in {ckpt_dir}. Fix: train stage 1 first with '
-        '--mode=vqvae and the same --workdir.')
-  return progs.model, state.variables(), int(state.step)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains the VQ-VAE, resuming from workdir/vqvae if it holds checkpoints.
 
   Args:
-    config: a config from configs/ (fields under data, model, vqvae_train,
-      mesh, seed).
+    config: a validated config from configs/ (fields under data, model,
+      vqvae_train, mesh, seed).
     workdir: the run's directory; this stage writes under workdir/vqvae/.
 
   Returns:
-    The final metrics (also in workdir/vqvae/metrics.json): 'eval/...' over
-    the whole eval split, 'train/...' of the last log interval, 'step',
-    'wall_time_s' (this call) and 'train_steps_per_s' (this call's loop,
-    compilation included).
+    The final metrics (also in workdir/vqvae/metrics.json, see
+    `common.run_training`): 'eval/...' over the whole eval split,
+    'train/...' of the last log interval, 'step', 'wall_time_s',
+    'steps_per_sec' and 'eval_time_s'.
   """
-  start_time = time.time()
   train_cfg = config.vqvae_train
   out_dir = stage_dir(workdir)
-  ckpt_dir = out_dir / 'checkpoints'
-  fingerprint = model_fingerprint(config)
+  fingerprint = builders.vqvae_fingerprint(config)
   # A wrong --workdir fails here, before anything is built or compiled.
-  checkpoints.check_directory(str(ckpt_dir), fingerprint)
-
+  checkpoints.check_directory(common.checkpoint_dir(out_dir), fingerprint)
   mesh = parallel.create_mesh(config.mesh)
   progs = programs(config, mesh)
-  manager = checkpoints.create_manager(
-      str(ckpt_dir), max_to_keep=train_cfg.keep_checkpoints)
-  writer = common.create_writer(str(out_dir))
-  try:
-    # Resume order: state (params, codebooks, optimizer, RNG) from the newest
-    # checkpoint, then the data iterator positioned at the restored step.
-    state = checkpoints.restore_latest(manager, _restore_target(progs),
-                                       fingerprint)
-    if state is None:
-      state = progs.init(jax.random.PRNGKey(config.seed))
-    start_step = int(state.step)
-    num_steps = int(train_cfg.num_train_steps)
-    logging.info('VQ-VAE: %s steps (from step %d) on mesh %s', num_steps,
-                 start_step, dict(mesh.shape))
-    if start_step == 0:
-      writer.write_hparams({k: str(v) for k, v in fingerprint.items()})
 
-    train_iter = input_pipeline.create_train_iterator(
+  def train_iterator(start_step):
+    return input_pipeline.create_train_iterator(
         config.data, global_batch_size=train_cfg.batch_size, mesh=mesh,
         seed=config.seed, start_step=start_step)
 
-    def run_eval(step, state, final=True):
-      del final  # Stage 1 evaluates the same way every time.
-      eval_iter = input_pipeline.create_eval_iterator(
-          config.data, global_batch_size=train_cfg.eval_batch_size, mesh=mesh)
-      metrics, grid = evaluate(progs.eval_sums, progs.grid_rows,
-                               state.variables(), eval_iter)
-      writer.write_scalars(step, common.scalars(metrics, 'eval'))
-      common.write_image_grid(str(out_dir / 'images' / f'recon_{step:07d}.png'),
-                              grid, num_cols=min(_GRID_IMAGES, grid.shape[0]))
-      return metrics
+  def run_eval(step, state, is_last):
+    del is_last  # Stage 1 evaluates the same way every time.
+    eval_iter = input_pipeline.create_eval_iterator(
+        config.data, global_batch_size=train_cfg.eval_batch_size, mesh=mesh)
+    metrics, grid = evaluate(progs.eval_sums, progs.grid_rows,
+                             state.variables(), eval_iter)
+    common.write_image_grid(str(out_dir / 'images' / f'recon_{step:07d}.png'),
+                            grid, num_cols=min(_GRID_IMAGES, grid.shape[0]))
+    return common.scalars(metrics, 'eval')
 
-    loop = common.train_loop(
-        state=state, train_step=progs.train_step, train_iter=train_iter,
-        start_step=start_step, num_steps=num_steps,
-        log_every=train_cfg.log_every, eval_every=train_cfg.eval_every,
-        checkpoint_every=train_cfg.checkpoint_every, run_eval=run_eval,
-        manager=manager, fingerprint=fingerprint, writer=writer,
-        pending=common.StepMetrics(sum_prefixes=('restarted',)),
-        nan_fix='lower vqvae_train.learning_rate or grad_clip_norm')
-    state, eval_metrics = loop.state, loop.eval_metrics
-
-    final = {}
-    if eval_metrics is None:  # Nothing left to train: evaluate what we have.
-      eval_metrics = run_eval(start_step, state)
-      final = common.read_json(str(out_dir / 'metrics.json'))
-    else:
-      final['train_steps_per_s'] = loop.steps_per_sec
-    final.update({'step': int(state.step),
-                  'wall_time_s': time.time() - start_time,
-                  **common.scalars(eval_metrics, 'eval'),
-                  **common.scalars(loop.train_summary, 'train')})
-    common.write_json(str(out_dir / 'metrics.json'), final)
-    logging.info('VQ-VAE final metrics: %s', final)
-    return final
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+  return common.run_training(common.Stage(
+      name=f'VQ-VAE on mesh {dict(mesh.shape)}', directory=str(out_dir),
+      fingerprint=fingerprint, programs=progs,
+      init_rng=jax.random.PRNGKey(config.seed),
+      cadence=common.Cadence.from_config(train_cfg),
+      train_iterator=train_iterator, evaluate=run_eval,
+      nan_fix='lower vqvae_train.learning_rate or grad_clip_norm',
+      sum_prefixes=('restarted',)))

@@ -1,0 +1,102 @@
+"""orbax checkpoints: fingerprints, whole-state and variables-only restores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqvae2_jax import checkpoints
+from vqvae2_jax import parallel
+from vqvae2_jax.train import common
+
+
+def test_fingerprint_error_names_fields_and_fix():
+  with pytest.raises(ValueError) as e:
+    checkpoints.check_fingerprint({'a': [8, 4], 'b': 1}, {'a': (8, 4), 'b': 2},
+                                  '/ck')
+  assert 'b: checkpoint 1, config 2' in str(e.value)
+  assert 'a:' not in str(e.value)
+  assert '--workdir' in str(e.value)
+  checkpoints.check_fingerprint({'a': [8, 4]}, {'a': (8, 4)}, '/ck')
+  with pytest.raises(ValueError, match='no config fingerprint.*Fix:'):
+    checkpoints.check_fingerprint(None, {'a': 1}, '/ck')
+
+
+def _state(clip: bool, polyak: bool) -> common.TrainState:
+  """A small state whose optimizer state's structure depends on `clip`."""
+  tx, _ = common.create_optimizer(learning_rate=0.1, warmup_steps=0,
+                                  num_train_steps=10,
+                                  grad_clip_norm=1.0 if clip else 0.0)
+  params = {'dense': {'kernel': jnp.arange(6.0).reshape(2, 3),
+                      'bias': jnp.ones(3)}}
+  extra = {'vq_stats': {'counts': jnp.full((4,), 2.0)}}
+  state = common.TrainState(step=jnp.asarray(7, jnp.int32), params=params,
+                            opt_state=tx.init(params), extra=extra,
+                            rng=jax.random.PRNGKey(1))
+  return state, (jax.tree.map(lambda x: -x, params) if polyak else None)
+
+
+def _save(directory, state, polyak=None):
+  # A dict mirrors a train state's fields (dataclass fields are dict keys
+  # in the saved tree) and lets `polyak` be absent (None) or present.
+  tree = {'step': state.step, 'params': state.params,
+          'opt_state': state.opt_state, 'extra': state.extra,
+          'rng': state.rng, 'polyak': polyak}
+  manager = checkpoints.create_manager(str(directory), async_save=False)
+  try:
+    checkpoints.save(manager, 7, tree, {'model': 'm'})
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def _abstract(tree, mesh):
+  abstract = jax.eval_shape(lambda: tree)
+  return common.abstract_with_shardings(
+      abstract, common.state_shardings(abstract, mesh))
+
+
+@pytest.mark.parametrize('polyak', [False, True])
+def test_restore_subtrees_reads_only_what_it_names(tmp_path, polyak):
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  saved, saved_polyak = _state(clip=True, polyak=polyak)
+  _save(tmp_path, saved, saved_polyak)
+  # Now without clipping: the full state would no longer match the saved one.
+  current, _ = _state(clip=False, polyak=False)
+  assert (jax.tree.structure(current.opt_state)
+          != jax.tree.structure(saved.opt_state))
+  manager = checkpoints.create_manager(str(tmp_path), read_only=True)
+  try:
+    step = checkpoints.latest_checked_step(manager, {'model': 'm'})
+    assert step == 7
+    with pytest.raises(ValueError, match='model: checkpoint'):
+      checkpoints.latest_checked_step(manager, {'model': 'other'})
+    structure = checkpoints.saved_structure(manager, step)
+    assert {'step', 'params', 'opt_state', 'extra', 'rng'} <= set(structure)
+    assert (structure['polyak'] is not None) == polyak
+    target = {'params': _abstract(current.params, mesh),
+              'extra': _abstract(current.extra, mesh)}
+    if polyak:
+      target['polyak'] = _abstract(current.params, mesh)
+    restored = checkpoints.restore_subtrees(manager, step, target)
+  finally:
+    manager.close()
+  assert sorted(restored) == sorted(target)
+  want = {'params': saved.params, 'extra': saved.extra}
+  if polyak:
+    want['polyak'] = saved_polyak
+  for name, tree in want.items():
+    for got, expected in zip(jax.tree.leaves(restored[name]),
+                             jax.tree.leaves(tree), strict=True):
+      np.testing.assert_array_equal(got, expected)
+  assert (restored['params']['dense']['kernel'].sharding
+          == target['params']['dense']['kernel'].sharding)
+
+
+def test_check_directory_refuses_other_fingerprint(tmp_path):
+  checkpoints.check_directory(str(tmp_path / 'missing'), {'model': 'm'})
+  saved, _ = _state(clip=False, polyak=False)
+  _save(tmp_path, saved)
+  checkpoints.check_directory(str(tmp_path), {'model': 'm'})
+  with pytest.raises(ValueError, match="model: checkpoint 'm', config 'n'"):
+    checkpoints.check_directory(str(tmp_path), {'model': 'n'})

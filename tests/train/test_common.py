@@ -1,0 +1,201 @@
+"""The training skeleton (`run_training`) and the helpers every stage shares.
+
+The skeleton runs here on a toy stage (a least-squares fit), so that what
+it promises every stage (restore-or-init, resume, metrics.json, a rerun of
+a finished run) is checked apart from any model.
+"""
+
+import json
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vqvae2_jax import parallel
+from vqvae2_jax.train import common
+
+_TRUE_W = np.asarray([1.5, -2.0], np.float32)
+
+
+class _ToyPrograms(NamedTuple):
+  init: Callable[[jax.Array], common.TrainState]
+  shardings: Any
+  train_step: Callable
+
+
+def _toy_programs(mesh, init_calls):
+  """Least squares y = x . w with Adam; records each real (untraced) init."""
+  tx, schedule = common.create_optimizer(learning_rate=0.1, warmup_steps=1,
+                                         num_train_steps=6)
+
+  def init_fn(rng):
+    params = {'w': jax.random.normal(rng, (2,))}
+    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params), extra={},
+                             rng=jax.random.PRNGKey(0))
+
+  def step_fn(state, batch):
+    def loss_fn(params):
+      return jnp.mean(jnp.square(batch['x'] @ params['w'] - batch['y']))
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'learning_rate': schedule(state.step)}
+    return (state.replace(step=state.step + 1, params=params,
+                          opt_state=opt_state), metrics)
+
+  jitted_init, shardings = common.sharded_init(init_fn, mesh,
+                                               jax.random.PRNGKey(0))
+
+  def init(rng):
+    traced = isinstance(rng, jax.core.Tracer)
+    init_calls.append(traced)
+    # Under `jax.eval_shape` the plain function: a jit with compiler
+    # options may not be nested.
+    return init_fn(rng) if traced else jitted_init(rng)
+
+  return _ToyPrograms(init, shardings,
+                      common.jit_train_step(step_fn, shardings, mesh))
+
+
+def _batches(start_step):
+  """The batch of step s depends on s only, as the real iterators'."""
+  step = start_step
+  while True:
+    step += 1
+    x = np.random.default_rng(step).normal(size=(8, 2)).astype(np.float32)
+    yield {'x': x, 'y': x @ _TRUE_W}
+
+
+def _run(directory, num_steps, init_calls, evaluations):
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  progs = _toy_programs(mesh, init_calls)
+
+  def evaluate(step, state, is_last):
+    evaluations.append((step, is_last))
+    error = np.abs(np.asarray(state.params['w']) - _TRUE_W).sum()
+    return {'eval/error': float(error)}
+
+  return common.run_training(common.Stage(
+      name='toy', directory=str(directory), fingerprint={'model': 'toy'},
+      programs=progs, init_rng=jax.random.PRNGKey(3),
+      cadence=common.Cadence(num_steps=num_steps, log_every=2, eval_every=4,
+                             checkpoint_every=2, keep_checkpoints=1),
+      train_iterator=lambda start: _batches(start), evaluate=evaluate,
+      nan_fix='lower the toy rate',
+      final_metrics=lambda final: {'twice_step': 2 * final['step']}))
+
+
+def _real_inits(calls):
+  return sum(not traced for traced in calls)
+
+
+def test_run_training_inits_resumes_and_reruns(tmp_path):
+  whole, split = tmp_path / 'whole', tmp_path / 'split'
+  calls, evals = [], []
+  uninterrupted = _run(whole, 6, calls, evals)
+  assert _real_inits(calls) == 1
+  assert evals == [(4, False), (6, True)]
+  assert uninterrupted['step'] == 6 and uninterrupted['twice_step'] == 12
+  assert uninterrupted['steps_per_sec'] > 0
+  for key in ('eval/error', 'train/loss', 'train/learning_rate',
+              'wall_time_s', 'eval_time_s'):
+    assert key in uninterrupted, key
+  with open(whole / 'metrics.json') as f:
+    assert json.load(f) == pytest.approx(uninterrupted)
+  assert os.listdir(whole / 'checkpoints') == ['6']  # keep_checkpoints=1.
+
+  # Four steps, then two more in a second call: restored, not initialised.
+  calls, evals = [], []
+  _run(split, 4, calls, evals)
+  assert _real_inits(calls) == 1
+  resumed = _run(split, 6, calls, evals)
+  assert _real_inits(calls) == 1  # The second call restored step 4.
+  assert any(calls)  # Its restore target came from `jax.eval_shape`.
+  assert resumed['step'] == 6
+  assert resumed['eval/error'] == uninterrupted['eval/error']
+  assert resumed['train/loss'] == uninterrupted['train/loss']
+
+  # A finished run only evaluates, and keeps the figures of the run that
+  # trained.
+  calls, evals = [], []
+  again = _run(whole, 6, calls, evals)
+  assert _real_inits(calls) == 0 and evals == [(6, True)]
+  for key in ('steps_per_sec', 'train/loss', 'eval/error'):
+    assert again[key] == uninterrupted[key], key
+
+
+def test_restore_target_is_abstract_with_shardings():
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  calls = []
+  target = common.restore_target(_toy_programs(mesh, calls))
+  assert calls == [True]  # Traced by `jax.eval_shape`, never run.
+  assert isinstance(target.params['w'], jax.ShapeDtypeStruct)
+  assert target.params['w'].shape == (2,)
+  assert target.params['w'].sharding == parallel.replicated(mesh)
+
+
+def test_cadence_from_config(stage2_config):
+  cadence = common.Cadence.from_config(stage2_config.prior)
+  p = stage2_config.prior
+  assert cadence == common.Cadence(
+      num_steps=p.num_train_steps, log_every=p.log_every,
+      eval_every=p.eval_every, checkpoint_every=p.checkpoint_every,
+      keep_checkpoints=p.keep_checkpoints)
+
+
+def test_fsdp_shardings_split_large_arrays():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2),
+                           parallel.DATA_AXES)
+  abstract = {'big': jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
+              'small': jax.ShapeDtypeStruct((128,), jnp.float32)}
+  shardings = common.state_shardings(abstract, mesh)
+  assert shardings['big'].spec == jax.sharding.PartitionSpec(
+      None, None, None, 'fsdp')
+  assert shardings['small'].spec == jax.sharding.PartitionSpec()
+
+
+def test_learning_rate_schedule():
+  schedule = common.create_learning_rate_schedule(
+      learning_rate=1.0, warmup_steps=10, num_train_steps=110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.5)
+  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
+  flat = common.create_learning_rate_schedule(
+      learning_rate=1.0, warmup_steps=10, num_train_steps=110,
+      cosine_decay=False)
+  assert float(flat(100)) == 1.0
+
+
+def test_step_metrics_summary_and_non_finite_check():
+  pending = common.StepMetrics(sum_prefixes=('restarted',))
+  pending.append(1, {'loss': jnp.float32(1.0), 'restarted_level0': 2.0})
+  pending.append(2, {'loss': jnp.float32(3.0), 'restarted_level0': 1.0})
+  pending.check_finite()
+  assert pending.pop_summary() == {'loss': 2.0, 'restarted_level0': 3.0}
+  pending.append(3, {'loss': jnp.float32(1.0)})
+  pending.append(4, {'loss': jnp.float32(np.inf)})
+  with pytest.raises(common.NonFiniteError, match='step 4: loss=inf. keep'):
+    pending.check_finite('keep')
+
+
+def test_image_grid_layout():
+  images = np.stack([np.full((4, 5, 1), v, np.float32)
+                     for v in (-1.0, 0.0, 1.0)])
+  grid = common.image_grid(images, num_cols=2, padding=1)
+  assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 1)
+  assert grid[1, 1, 0] == 0 and grid[1, 7, 0] == 128 and grid[6, 1, 0] == 255
+  assert grid[0, 0, 0] == 255  # Padding.
+
+
+def test_write_json_writes_nan_as_null(tmp_path):
+  path = str(tmp_path / 'm.json')
+  common.write_json(path, {'a': float('nan'), 'b': 1.5})
+  with open(path) as f:
+    assert json.load(f) == {'a': None, 'b': 1.5}

@@ -1,0 +1,167 @@
+"""Config -> modules, latent shapes and checkpoint fingerprints.
+
+The one place that turns a config into the arguments of the pure Flax
+modules (`models/`): the trainers, the loaders, sampling and the notebooks
+all build their models here, so that a module never reads a config and the
+latent shapes are computed once.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vqvae2_jax.models import pixelcnn
+from vqvae2_jax.models import vqvae as vqvae_lib
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Config fields that define the VQ-VAE's variables (and what its codes mean);
+# a checkpoint is only resumed or loaded under the same values. Training
+# knobs (EMA decay, dead-code window, dtype, ...) may change between runs.
+_VQVAE_FINGERPRINT_FIELDS = (
+    'data.image_size', 'data.channels', 'model.downsample_factors',
+    'model.num_hiddens', 'model.num_residual_layers',
+    'model.num_residual_hiddens', 'model.embedding_dim',
+    'model.num_embeddings', 'model.quantizer')
+# Fields of config.prior.level_<i> that define the prior's variables.
+_PRIOR_LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
+                       'attention_layers', 'num_heads', 'cond_stack_blocks',
+                       'num_output_layers')
+
+
+def _dtype(name: str, field: str) -> Any:
+  if name not in _DTYPES:
+    raise ValueError(f'config.{field} is {name!r}, not a known dtype. Fix: '
+                     f'use one of {tuple(_DTYPES)}.')
+  return _DTYPES[name]
+
+
+def num_levels(config: ml_collections.ConfigDict) -> int:
+  """Levels of the hierarchy (one per downsampling factor)."""
+  return len(config.model.downsample_factors)
+
+
+def level_shapes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+  """(h, w) of each level's code map, top (level 0) first.
+
+  The image side divided by each level's downsampling factor; the config
+  validation guarantees that it divides.
+  """
+  size = int(config.data.image_size)
+  return [(size // int(f), size // int(f))
+          for f in config.model.downsample_factors]
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """[h, w, c] of the model's input images."""
+  size = int(config.data.image_size)
+  return (size, size, int(config.data.channels))
+
+
+def build_vqvae(config: ml_collections.ConfigDict) -> vqvae_lib.VQVAE:
+  """The VQ-VAE that `config.model` (and `config.data.channels`) describe."""
+  m = config.model
+  return vqvae_lib.VQVAE(
+      downsample_factors=tuple(m.downsample_factors),
+      channels=config.data.channels,
+      num_hiddens=m.num_hiddens,
+      num_residual_layers=m.num_residual_layers,
+      num_residual_hiddens=m.num_residual_hiddens,
+      embedding_dim=m.embedding_dim,
+      num_embeddings=m.num_embeddings,
+      quantizer=m.quantizer,
+      commitment_cost=m.commitment_cost,
+      ema_decay=m.ema_decay,
+      ema_epsilon=m.ema_epsilon,
+      dead_code_window=m.dead_code_window,
+      kmeans_init=m.kmeans_init,
+      dtype=_dtype(m.dtype, 'model.dtype'))
+
+
+def build_prior(config: ml_collections.ConfigDict,
+                level: int) -> pixelcnn.PixelCNNPrior:
+  """The prior of level `level` (0 = top) that `config` describes.
+
+  K comes from config.model.num_embeddings (every level's codebook), the
+  labels from config.data.num_classes, the model from config.prior.level_<i>;
+  a lower level is conditioned on the codes of every level above it.
+  """
+  c = config.prior[f'level_{level}']
+  k = int(config.model.num_embeddings)
+  return pixelcnn.PixelCNNPrior(
+      num_embeddings=k,
+      num_channels=c.num_channels,
+      num_layers=c.num_layers,
+      filter_size=c.filter_size,
+      dropout_rate=c.dropout_rate,
+      attention_layers=c.attention_layers,
+      num_heads=c.num_heads,
+      num_classes=int(config.data.num_classes),
+      cond_num_embeddings=(k,) * level,
+      cond_stack_blocks=c.cond_stack_blocks if level else 0,
+      num_output_layers=c.num_output_layers,
+      dtype=_dtype(config.prior.dtype, 'prior.dtype'))
+
+
+def vqvae_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model-defining config values stored with every stage-1 checkpoint."""
+  fingerprint = {}
+  for field in _VQVAE_FINGERPRINT_FIELDS:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    fingerprint[field] = list(value) if isinstance(value, tuple) else value
+  return fingerprint
+
+
+def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
+                      vqvae: Mapping[str, Any]) -> dict[str, Any]:
+  """What a level's prior checkpoint must agree on: model fields and codes.
+
+  Args:
+    config: the run's config.
+    level: 0 = top.
+    vqvae: provenance of the VQ-VAE whose codes the prior models
+      ({'step', 'digest', ...}, see `loading.vqvae_provenance`).
+
+  Returns:
+    A JSON-able dict, stored with each of the level's checkpoints.
+  """
+  c = config.prior[f'level_{level}']
+  return {
+      'level': level,
+      'level_shapes': [list(s) for s in level_shapes(config)[:level + 1]],
+      'model.num_embeddings': int(config.model.num_embeddings),
+      'data.num_classes': int(config.data.num_classes),
+      'prior.dtype': config.prior.dtype,
+      **{f'prior.level_{level}.{f}': c[f] for f in _PRIOR_LEVEL_FIELDS},
+      'codes.vqvae_step': int(vqvae['step']),
+      'codes.vqvae_digest': vqvae['digest'],
+  }
+
+
+def vqvae_init_inputs(config: ml_collections.ConfigDict) -> jax.Array:
+  """A [1, h, w, c] float32 batch of zeros to initialise the VQ-VAE with."""
+  return jnp.zeros((1, *image_shape(config)), jnp.float32)
+
+
+def prior_init_inputs(level: int, shapes: Any, num_classes: int
+                      ) -> tuple[jax.Array, tuple[jax.Array, ...],
+                                 jax.Array | None]:
+  """Zeros shaped like one example of level `level`'s prior inputs.
+
+  Args:
+    level: 0 = top.
+    shapes: (h, w) of every level, top first (`level_shapes`).
+    num_classes: 0 for an unconditional prior.
+
+  Returns:
+    (codes [1, h, w], cond_codes ([1, h_j, w_j] for j < level), labels [1]
+    or None), all int32.
+  """
+  codes = jnp.zeros((1, *shapes[level]), jnp.int32)
+  cond = tuple(jnp.zeros((1, *s), jnp.int32) for s in shapes[:level])
+  labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+  return codes, cond, labels

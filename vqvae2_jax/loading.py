@@ -1,0 +1,242 @@
+"""Loads the variables of finished stages for the stages after them.
+
+`load_vqvae` (codes, sampling, evaluation) and `load_prior` (sampling)
+restore the model variables only, never the optimizer state: a checkpoint
+still loads after a training-only setting changed (vqvae_train.grad_clip_norm,
+prior.grad_clip_norm, prior.polyak_decay, ...). Where each stage writes in a
+workdir is also defined here, and the provenance that ties extracted codes
+and priors to one VQ-VAE.
+"""
+
+from collections.abc import Mapping
+import functools
+import hashlib
+import os
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+from vqvae2_jax import builders
+from vqvae2_jax import checkpoints
+from vqvae2_jax import parallel
+from vqvae2_jax.models import pixelcnn
+from vqvae2_jax.models import vqvae as vqvae_lib
+from vqvae2_jax.train import common
+
+PyTree = Any
+_CHECKPOINTS = 'checkpoints'
+
+
+def vqvae_dir(workdir: str) -> str:
+  """Stage 1's directory: workdir/vqvae."""
+  return os.path.join(os.path.abspath(workdir), 'vqvae')
+
+
+def prior_dir(workdir: str, level: int) -> str:
+  """The directory of level `level`'s prior: workdir/prior_<level>."""
+  return os.path.join(os.path.abspath(workdir), f'prior_{level}')
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated or process-local array as numpy on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def variables_digest(variables: Any) -> str:
+  """SHA-256 of every variable's path, dtype, shape and bytes (16 hex digits).
+
+  Two checkpoints with the same config and step (e.g. two seeds) encode
+  differently; the digest tells them apart.
+  """
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    value = np.ascontiguousarray(to_host(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{value.dtype.str}|'
+                  f'{value.shape}|'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def vqvae_provenance(config: ml_collections.ConfigDict, variables: Any,
+                     step: int) -> dict[str, Any]:
+  """What identifies a VQ-VAE's codes: {'step', 'fingerprint', 'digest'}."""
+  return {'step': int(step),
+          'fingerprint': builders.vqvae_fingerprint(config),
+          'digest': variables_digest(variables)}
+
+
+def _abstract_on_mesh(abstract: PyTree, mesh: Mesh) -> PyTree:
+  """`abstract` with the shardings the trainers give these arrays."""
+  return common.abstract_with_shardings(
+      abstract, common.state_shardings(abstract, mesh))
+
+
+def _restore_latest_subtrees(ckpt_dir: str, fingerprint: Mapping[str, Any],
+                             choose_target: Any
+                             ) -> tuple[dict[str, PyTree], int] | None:
+  """Restores what `choose_target(saved structure)` names from the newest step.
+
+  Returns None when `ckpt_dir` holds no checkpoint.
+  """
+  if not os.path.isdir(ckpt_dir):
+    return None
+  manager = checkpoints.create_manager(ckpt_dir, read_only=True)
+  try:
+    step = checkpoints.latest_checked_step(manager, fingerprint)
+    if step is None:
+      return None
+    target = choose_target(checkpoints.saved_structure(manager, step))
+    return checkpoints.restore_subtrees(manager, step, target), step
+  finally:
+    manager.close()
+
+
+def load_vqvae(config: ml_collections.ConfigDict, workdir: str,
+               mesh: Mesh | None = None
+               ) -> tuple[vqvae_lib.VQVAE, dict[str, Any], int]:
+  """Loads the variables of the newest stage-1 checkpoint.
+
+  Args:
+    config: the config that trained it (the fingerprint must match; training
+      settings may differ).
+    workdir: the run's workdir (reads workdir/vqvae/checkpoints).
+    mesh: where to place the variables; default: all devices.
+
+  Returns:
+    (model, variables {'params', 'vq_stats'}, step).
+
+  Raises:
+    FileNotFoundError: no stage-1 checkpoint in `workdir`.
+    ValueError: it was written for another model config.
+  """
+  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+  model = builders.build_vqvae(config)
+  key = jax.random.PRNGKey(0)
+  abstract = jax.eval_shape(
+      functools.partial(model.init, train=False), {'params': key, 'vq': key},
+      builders.vqvae_init_inputs(config))
+  abstract = _abstract_on_mesh(dict(abstract), mesh)
+  params = abstract.pop('params')
+  # The trainer keeps the other collections (codebook statistics) in 'extra'.
+  target = {'params': params, 'extra': abstract}
+  ckpt_dir = os.path.join(vqvae_dir(workdir), _CHECKPOINTS)
+  restored = _restore_latest_subtrees(
+      ckpt_dir, builders.vqvae_fingerprint(config), lambda _: target)
+  if restored is None:
+    raise FileNotFoundError(
+        f'No VQ-VAE checkpoint in {ckpt_dir}. Fix: train stage 1 first with '
+        '--mode=vqvae and the same --workdir.')
+  subtrees, step = restored
+  return model, {'params': subtrees['params'], **subtrees['extra']}, step
+
+
+def current_vqvae_provenance(config: ml_collections.ConfigDict, workdir: str,
+                             mesh: Mesh | None = None) -> dict[str, Any]:
+  """The provenance of the newest stage-1 checkpoint in `workdir`.
+
+  Raises:
+    FileNotFoundError: there is no stage-1 checkpoint.
+    ValueError: it was written for another model config.
+  """
+  _, variables, step = load_vqvae(config, workdir, mesh)
+  return vqvae_provenance(config, variables, step)
+
+
+def check_codes_provenance(ckpt_dir: str,
+                           fingerprint: Mapping[str, Any]) -> None:
+  """Refuses prior checkpoints trained on another VQ-VAE's codes.
+
+  A clearer error than the fingerprint diff for the usual cause: stage 1
+  trained further after the priors.
+
+  Args:
+    ckpt_dir: a prior's checkpoint directory (may not exist yet).
+    fingerprint: the prior's current `builders.prior_fingerprint`.
+  """
+  if not os.path.isdir(ckpt_dir):
+    return
+  manager = checkpoints.create_manager(ckpt_dir, read_only=True)
+  try:
+    step = manager.latest_step()
+    saved = None if step is None else checkpoints.restore_fingerprint(
+        manager, step)
+  finally:
+    manager.close()
+  if not saved:
+    return
+  keys = ('codes.vqvae_step', 'codes.vqvae_digest')
+  if any(saved.get(k) != fingerprint[k] for k in keys):
+    raise ValueError(
+        f'The prior checkpoints in {ckpt_dir} were trained on codes of VQ-VAE '
+        f'step {saved.get("codes.vqvae_step")}, but workdir/codes now holds '
+        f'codes of VQ-VAE step {fingerprint["codes.vqvae_step"]} (or other '
+        f'weights). Fix: delete {os.path.dirname(ckpt_dir)} to train this '
+        'prior on the new codes, or use another --workdir.')
+
+
+def load_prior(config: ml_collections.ConfigDict, workdir: str, level: int, *,
+               vqvae: Mapping[str, Any], mesh: Mesh | None = None,
+               use_polyak: bool = True
+               ) -> tuple[pixelcnn.PixelCNNPrior, dict[str, PyTree], int]:
+  """Loads the weights of level `level`'s newest prior checkpoint.
+
+  Only the weights are read, so the checkpoint loads whatever
+  prior.polyak_decay and prior.grad_clip_norm say now.
+
+  Args:
+    config: the config that trained it (the fingerprint must match).
+    workdir: the run's workdir (reads workdir/prior_<level>/checkpoints).
+    level: 0 = top.
+    vqvae: provenance of the current VQ-VAE (`vqvae_provenance`); a prior
+      trained on another VQ-VAE's codes is refused.
+    mesh: where to place the parameters; default: all devices.
+    use_polyak: the Polyak weights when the checkpoint has them (it has them
+      when prior.polyak_decay was > 0 during training), else the params.
+
+  Returns:
+    (model, variables {'params': ...}, step).
+
+  Raises:
+    FileNotFoundError: no checkpoint of this level's prior.
+    ValueError: written for another config or another VQ-VAE's codes.
+  """
+  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+  ckpt_dir = os.path.join(prior_dir(workdir, level), _CHECKPOINTS)
+  fingerprint = builders.prior_fingerprint(config, level, vqvae)
+  check_codes_provenance(ckpt_dir, fingerprint)
+  model = builders.build_prior(config, level)
+  codes, cond, labels = builders.prior_init_inputs(
+      level, builders.level_shapes(config), model.num_classes)
+  key = jax.random.PRNGKey(0)
+  abstract = jax.eval_shape(
+      functools.partial(model.init, train=False),
+      {'params': key, 'dropout': key}, codes, cond_codes=cond, labels=labels)
+  params = _abstract_on_mesh(abstract['params'], mesh)
+
+  def choose_target(saved):
+    has_polyak = saved.get('polyak') is not None
+    field = 'polyak' if use_polyak and has_polyak else 'params'
+    if use_polyak and not has_polyak:
+      logging.info('Prior level %d: the checkpoint has no Polyak weights '
+                   '(trained with prior.polyak_decay=0); using its params.',
+                   level)
+    return {field: params}
+
+  restored = _restore_latest_subtrees(ckpt_dir, fingerprint, choose_target)
+  if restored is None:
+    raise FileNotFoundError(
+        f'No prior checkpoint for level {level} in {ckpt_dir}. Fix: train the '
+        'priors first with --mode=prior and the same --workdir.')
+  subtrees, step = restored
+  (weights,) = subtrees.values()
+  return model, {'params': weights}, step
