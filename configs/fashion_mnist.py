@@ -119,7 +119,7 @@ def _make_tiny(config: ml_collections.ConfigDict) -> None:
 
   config.sampling.num_samples_per_class = 1
   config.sampling.batch_size = 8
-  config.eval.num_samples = 20
+  config.eval.num_samples = 10  # The sample run of --mode=sample, reused.
   config.eval.batch_size = 64
   classifier = config.classifier
   classifier.width = 8

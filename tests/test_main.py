@@ -41,21 +41,27 @@ def test_invalid_config_fails_before_any_work(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_a_stage_not_built_yet_says_so_plainly(tmp_path):
-  result = _main(_TINY, f'--workdir={tmp_path}',
-                 '--mode=eval')
+def test_a_missing_stage_says_which_mode_to_run(tmp_path):
+  result = _main(_TINY, f'--workdir={tmp_path}', '--mode=eval')
   assert result.returncode == 1
-  assert '--mode=eval is not built yet' in result.stderr
+  assert 'Fix: run --mode=prior' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_a_stage_not_built_yet_says_so_plainly(monkeypatch):
+  monkeypatch.setitem(stages._STAGES, 'eval', ('vqvae2_jax.no_such', 'f'))  # pylint: disable=protected-access
+  with pytest.raises(NotImplementedError, match='--mode=eval is not built'):
+    stages.stage_function('eval')
 
 
 def test_every_mode_has_a_stage():
   assert set(stages.MODES) == {'data', 'vqvae', 'codes', 'prior', 'sample',
-                               'eval', 'all'}
+                               'classifier', 'eval', 'all'}
   with pytest.raises(ValueError, match='Unknown mode'):
     stages.stage_function('nope')
 
 
 def test_pipeline_order():
-  assert stages.PIPELINE == ('vqvae', 'codes', 'prior', 'sample')
+  assert stages.PIPELINE == ('vqvae', 'codes', 'prior', 'sample',
+                             'classifier', 'eval')
   assert fashion_mnist.get_config('tiny').prior.level == -1

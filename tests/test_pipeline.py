@@ -62,7 +62,8 @@ def _sample_dirs(workdir):
 
 
 def test_all_writes_every_stage(workdir):
-  for name in ('vqvae', 'codes', 'prior_0', 'prior_1', 'samples'):
+  for name in ('vqvae', 'codes', 'prior_0', 'prior_1', 'samples',
+               'classifier', 'eval'):
     assert (workdir / name).is_dir(), name
   assert json.loads((workdir / 'vqvae' / 'metrics.json').read_text())['step'] == 6
   for level in (0, 1):
@@ -140,3 +141,44 @@ def test_codes_and_sample_load_after_training_knobs_change(workdir, tmp_path):
   assert sorted(got) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_eval_report(workdir):
+  report = json.loads((workdir / 'eval' / 'report.json').read_text())
+  # The eval reused --mode=sample's run (10 samples, one per class).
+  (run,) = [r for r in _sample_dirs(workdir)
+            if r.name.endswith('_seed0_t1_k0_p1_n10')]
+  assert report['samples']['sample_run'] == str(run)
+  assert report['held_out_examples'] == 64
+  assert report['samples']['num_examples'] == 10
+  assert report['real_vs_real']['num_examples'] == 10
+  recon = report['reconstructions']
+  assert recon['num_examples'] == 64
+  # The 28x28 centre is scored too (its arithmetic: test_reconstruction.py).
+  assert recon['mse01_area'] > 0 and np.isfinite(recon['psnr_area'])
+  np.testing.assert_allclose(recon['psnr_area'],
+                             -10 * np.log10(recon['mse01_area']), rtol=1e-6)
+  for section in ('samples', 'real_vs_real'):
+    for key in ('fid', 'kid', 'inception_score', 'precision', 'recall'):
+      assert report[section][key] is not None, (section, key)
+  assert 0.0 <= report['samples']['class_agreement'] <= 1.0
+  assert set(report['priors']) == {'level_0', 'level_1'}
+  text = (workdir / 'eval' / 'report.md').read_text()
+  assert 'real-vs-real floor' in text and 'PSNR, original area' in text
+
+
+def test_eval_with_cas(workdir, tmp_path):
+  copy = tmp_path / 'cas'
+  shutil.copytree(workdir, copy)
+  config = _tiny_config()
+  config.eval.cas = True
+  config.eval.cas_samples_per_class = 2
+  report = stages.run('eval', config, str(copy))['eval']
+  cas = report['cas']
+  assert cas['samples']['train_examples'] == 20
+  assert cas['reconstructions']['train_examples'] == 20
+  assert cas['real']['accuracy'] == json.loads(
+      (copy / 'classifier' / 'metrics.json').read_text())['eval/accuracy']
+  for row in cas.values():
+    assert 0.0 <= row['accuracy'] <= row['top5_accuracy'] <= 1.0
+  assert (copy / 'eval' / 'cas_samples' / 'metrics.json').exists()

@@ -4,7 +4,8 @@ r"""Runs a stage of VQ-VAE-2, or the whole pipeline.
     --workdir=/tmp/vqvae2_fmnist --mode=all
 
 Modes: data (prepare and preview the input), vqvae (stage 1), codes (extract
-the training set's codes), prior (stage 2), sample (stage 3), eval, all.
+the training set's codes), prior (stage 2), sample (stage 3), classifier (the
+domain classifier of the sample metrics), eval (the evaluation report), all.
 Every stage resumes from what `workdir` already holds.
 """
 
@@ -37,7 +38,9 @@ def main(argv):
   logging.info('Mode %s, workdir %s', FLAGS.mode, FLAGS.workdir)
   try:
     stages.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except NotImplementedError as e:  # A stage of a later version: no traceback.
+  except (NotImplementedError, FileNotFoundError) as e:
+    # A stage of a later version, or one whose input another --mode makes:
+    # the message says what to run; a traceback would only hide it.
     sys.exit(f'Error: {e}')
 
 

@@ -23,9 +23,10 @@ _STAGES = {
     'codes': ('vqvae2_jax.train.extract', 'extract_codes'),
     'prior': ('vqvae2_jax.train.prior_trainer', 'train_priors'),
     'sample': ('vqvae2_jax.generate', 'sample_and_save'),
+    'classifier': ('vqvae2_jax.train.classifier_trainer', 'train_and_evaluate'),
     'eval': ('vqvae2_jax.evaluation.run', 'evaluate'),
 }
-PIPELINE = ('vqvae', 'codes', 'prior', 'sample')
+PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval')
 MODES = tuple(_STAGES) + ('all',)
 
 

@@ -118,16 +118,21 @@ def make_train_step(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_fns(model: vqvae_lib.VQVAE, variable_shardings: Any, mesh: Mesh
+def make_eval_fns(model: vqvae_lib.VQVAE, variable_shardings: Any, mesh: Mesh,
+                  area: tuple[int, int, int, int] | None = None
                   ) -> tuple[Callable, Callable]:
-  """Jitted (variables, batch) -> sums, and (variables, batch) -> grid rows."""
+  """Jitted (variables, batch) -> sums, and (variables, batch) -> grid rows.
+
+  `area`: the dataset's original image inside the canvas
+  (`input_pipeline.original_area`), also scored on its own; None: no area.
+  """
   num_embeddings = model.num_embeddings
   num_levels = len(model.downsample_factors)
 
   def eval_sums(variables, batch):
     recon, aux = model.apply(variables, batch['image'], train=False)
     return reconstruction.batch_sums(batch['image'], recon, aux['codes'],
-                                     batch['mask'], num_embeddings)
+                                     batch['mask'], num_embeddings, area)
 
   def grid_rows(variables, batch):
     images = batch['image'][:_GRID_IMAGES]
@@ -185,20 +190,22 @@ class Programs(NamedTuple):
 def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> Programs:
   """The jitted functions that `config` needs on `mesh` (cached)."""
   return _programs(builders.build_vqvae(config), _optimizer_settings(config),
-                   builders.image_shape(config), mesh)
+                   builders.image_shape(config), mesh,
+                   input_pipeline.original_area(config.data))
 
 
 @functools.lru_cache(maxsize=8)
 def _programs(model: vqvae_lib.VQVAE,
               optimizer_settings: tuple[tuple[str, Any], ...],
-              image_shape: tuple[int, int, int], mesh: Mesh) -> Programs:
+              image_shape: tuple[int, int, int], mesh: Mesh,
+              area: tuple[int, int, int, int] | None = None) -> Programs:
   tx, schedule = common.create_optimizer(**dict(optimizer_settings))
   init, shardings = common.sharded_init(
       make_init_fn(model, tx, image_shape), mesh, jax.random.PRNGKey(0))
   train_step = common.jit_train_step(make_train_step(model, tx, schedule),
                                      shardings, mesh)
   eval_sums, grid_rows = make_eval_fns(
-      model, {'params': shardings.params, **shardings.extra}, mesh)
+      model, {'params': shardings.params, **shardings.extra}, mesh, area)
   return Programs(model, schedule, shardings, init, train_step, eval_sums,
                   grid_rows)
 

@@ -1,0 +1,404 @@
+r"""--mode=eval: how good are the reconstructions, the priors and the samples.
+
+  python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
+    --workdir=/tmp/vqvae2_fmnist --mode=eval
+
+Loads what the workdir holds (stage 1, the priors, the domain classifier of
+--mode=classifier, sample runs) and writes workdir/eval/report.json and
+report.md:
+
+- reconstructions of the held-out split: MSE and PSNR (also over the
+  dataset's original area, e.g. the 28x28 centre of padded Fashion-MNIST),
+  per-level code usage and perplexity, rFID (reconstructions vs originals);
+- priors: bits per code per level, held-out and train split (from their
+  metrics.json);
+- samples (config.eval.num_samples, drawn with config.sampling's controls,
+  classes balanced; a finished sample run of the same settings is reused):
+  FID, KID, Inception Score, improved precision and recall, and class
+  agreement, against the held-out split;
+- the real-vs-real floor: as many training images as samples, scored the
+  same way against the held-out split;
+- with config.eval.cas: the Classification Accuracy Score, a classifier
+  trained on samples only, beside one trained on reconstructions and the
+  domain classifier trained on real data, all tested on the held-out split.
+
+Features are the domain classifier's pooled features (config.eval.features
+= 'classifier'; the only choice without downloaded weights) or FID's
+Inception-v3 ('inception', config.eval.inception_weights). Class
+probabilities (IS, class agreement) always come from the domain classifier.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+import functools
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+from vqvae2_jax import builders
+from vqvae2_jax import files
+from vqvae2_jax import generate
+from vqvae2_jax import loading
+from vqvae2_jax import parallel
+from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.evaluation import metrics as metrics_lib
+from vqvae2_jax.evaluation import reconstruction
+from vqvae2_jax.train import classifier_trainer
+
+# Held-out features kept for KID and precision/recall (ImageNet's 50,000 x
+# 2048 Inception features: 800 MB in float64).
+_MAX_REAL_FEATURES = 50_000
+
+FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def eval_dir(workdir: str) -> str:
+  """workdir/eval, where the report goes."""
+  return os.path.join(os.path.abspath(workdir), 'eval')
+
+
+def _feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
+                ) -> tuple[FeatureFn, dict[str, Any]]:
+  """images [n, h, w, c] in [-1, 1] -> (features [n, d], probs [n, C])."""
+  progs, params, step = classifier_trainer.load_classifier(config, workdir,
+                                                           mesh)
+  batch = int(config.eval.batch_size)
+  about = {'classifier_step': step,
+           'classifier_fingerprint': classifier_trainer.classifier_fingerprint(
+               config)}
+
+  def classify(images):
+    return classifier_trainer.predict_batches(progs, params, images, mesh,
+                                              batch)
+
+  if config.eval.features == 'classifier':
+    about['features'] = 'domain classifier (pooled, %d-d)' % (
+        progs.model.width * 2**(len(progs.model.stage_sizes) - 1))
+    return classify, about
+
+  from vqvae2_jax.models import inception  # pylint: disable=g-import-not-at-top
+  net, variables = inception.load_fid_inception(config.eval.inception_weights)
+  pool = jax.jit(lambda v, x: net.apply(v, x))
+  about['features'] = 'Inception-v3 pool3 (2048-d, FID weights)'
+
+  def both(images):
+    feats = [np.asarray(pool(variables, jnp.asarray(images[i:i + batch])),
+                        np.float64) for i in range(0, len(images), batch)]
+    return np.concatenate(feats), classify(images)[1]
+
+  return both, about
+
+
+def _real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
+                  limit: int | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, jax.Array]]:
+  """(images, labels) on the host plus the sharded batch, padding dropped."""
+  seen = 0
+  for batch in input_pipeline.create_eval_iterator(
+      config.data, split=split, global_batch_size=config.eval.batch_size,
+      mesh=mesh):
+    mask = np.asarray(loading.to_host(batch['mask']))
+    images = np.asarray(loading.to_host(batch['image']))[mask]
+    labels = np.asarray(loading.to_host(batch['label']))[mask]
+    if limit is not None:
+      images, labels = images[:limit - seen], labels[:limit - seen]
+    seen += len(images)
+    yield images, labels, batch
+    if limit is not None and seen >= limit:
+      return
+
+
+def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
+                         max_features: int):
+  """One pass over the held-out split: originals, reconstructions, metrics.
+
+  Keeps up to `max_features` of the originals' features (KID and
+  precision/recall need them); of the reconstructions only the moments.
+  """
+  area = input_pipeline.original_area(config.data)
+
+  def recon_fn(variables, images, mask):
+    recon, aux = vqvae.apply(variables, images, train=False)
+    sums = reconstruction.batch_sums(images, recon, aux['codes'], mask,
+                                     vqvae.num_embeddings, area)
+    return recon, sums
+
+  recon_fn = jax.jit(recon_fn)
+  real = metrics_lib.FeatureStats(max_features=max_features)
+  recon_stats = metrics_lib.FeatureStats()
+  labels, total = [], None
+  for images, batch_labels, batch in _real_batches(
+      config, mesh, config.data.eval_split):
+    recon, sums = recon_fn(variables, batch['image'], batch['mask'])
+    mask = np.asarray(loading.to_host(batch['mask']))
+    recon = np.clip(np.asarray(loading.to_host(recon), np.float32)[mask],
+                    -1.0, 1.0)
+    total = reconstruction.add_sums(total, sums)
+    real.add(*features(images))
+    recon_stats.add(*features(recon))
+    labels.append(batch_labels)
+  return real, recon_stats, np.concatenate(labels), reconstruction.summarize(
+      total)
+
+
+def _scores(config: ml_collections.ConfigDict, real: metrics_lib.FeatureStats,
+            fake: metrics_lib.FeatureStats,
+            requested: np.ndarray | None) -> dict[str, float]:
+  """FID, KID, IS, precision/recall (and class agreement) of `fake`."""
+  e = config.eval
+  kid = metrics_lib.kid(real.features, fake.features,
+                        num_subsets=e.kid_subsets,
+                        subset_size=e.kid_subset_size, seed=config.seed)
+  inception_score = metrics_lib.inception_score(fake.probs)
+  pr = metrics_lib.precision_recall(real.features, fake.features,
+                                    k=e.precision_recall_k)
+  out = {'num_examples': fake.count, 'fid': metrics_lib.fid(real, fake),
+         'kid': kid.mean, 'kid_std': kid.std,
+         'inception_score': inception_score.mean,
+         'inception_score_std': inception_score.std,
+         'precision': pr.precision, 'recall': pr.recall}
+  if requested is not None:
+    out['class_agreement'] = metrics_lib.class_agreement(fake.probs,
+                                                         requested)
+  return out
+
+
+def sample_images(config: ml_collections.ConfigDict, workdir: str,
+                  num_samples: int, mesh: Mesh, vqvae, variables
+                  ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+  """`num_samples` decoded samples (classes balanced when conditional).
+
+  A sample run of these settings (--mode=sample's directory naming) is
+  reused when finished, and written otherwise.
+
+  Returns:
+    (images float32 [n, h, w, c] in [-1, 1], requested labels int32 [n] or
+    None, the run's meta.json).
+  """
+  num_classes = int(config.data.num_classes)
+  conditional = bool(config.sampling.conditional and num_classes)
+  per_class = math.ceil(num_samples / num_classes) if conditional else (
+      num_samples)
+  run_config = config.copy_and_resolve_references()
+  with run_config.unlocked():
+    run_config.sampling.num_samples_per_class = per_class
+  meta = generate.sample_and_save(run_config, workdir)
+  with np.load(os.path.join(meta['dir'], 'codes.npz')) as data:
+    codes = [data[f'codes_{l}'] for l in range(builders.num_levels(config))]
+    labels = data['labels'] if 'labels' in data else None
+  decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
+  batch = max(int(config.eval.batch_size) // mesh.size, 1) * mesh.size
+  images = []
+  for begin in range(0, len(codes[0]), batch):
+    chunk = [c[begin:begin + batch] for c in codes]
+    images.append(np.clip(np.asarray(decode(variables, chunk), np.float32),
+                          -1.0, 1.0))
+  images = np.concatenate(images)
+  # Balanced subset of exactly num_samples: the first of each class, in turn.
+  if labels is not None and len(images) > num_samples:
+    order = np.argsort(np.tile(np.arange(per_class), num_classes)[
+        :len(labels)], kind='stable')[:num_samples]
+    images, labels = images[order], labels[order]
+  return images[:num_samples], (None if labels is None
+                                else labels[:num_samples]), meta
+
+
+def _cas(config, workdir, mesh, vqvae, variables, domain_metrics):
+  """Classification Accuracy Score: train on samples, test on real data."""
+  e = config.eval
+  num_classes = int(config.data.num_classes)
+  train_count = input_pipeline.num_examples(config.data,
+                                            config.data.train_split)
+  per_class = int(e.cas_samples_per_class) or math.ceil(train_count /
+                                                         num_classes)
+  images, labels, meta = sample_images(
+      config, workdir, per_class * num_classes, mesh, vqvae, variables)
+  out_dir = eval_dir(workdir)
+  rows = {'real': {'accuracy': domain_metrics.get('eval/accuracy'),
+                   'top5_accuracy': domain_metrics.get('eval/top5_accuracy'),
+                   'train_examples': train_count}}
+  samples = classifier_trainer.train_on_arrays(
+      config, os.path.join(out_dir, 'cas_samples'), images, labels,
+      name='CAS classifier on samples',
+      provenance={'sample_run': os.path.basename(meta['dir'])}, mesh=mesh)
+  rows['samples'] = {'accuracy': samples['eval/accuracy'],
+                     'top5_accuracy': samples['eval/top5_accuracy'],
+                     'train_examples': len(images)}
+  # Reconstructions of the training split, as many as the samples.
+  recon_fn = jax.jit(lambda v, x: vqvae.apply(v, x, train=False)[0])
+  recons, recon_labels = [], []
+  for real_images, real_labels, batch in _real_batches(
+      config, mesh, config.data.train_split, limit=len(images)):
+    mask = np.asarray(loading.to_host(batch['mask']))
+    recon = np.asarray(loading.to_host(recon_fn(variables, batch['image'])))
+    recons.append(np.clip(recon[mask][:len(real_images)], -1.0, 1.0))
+    recon_labels.append(real_labels)
+  recon_result = classifier_trainer.train_on_arrays(
+      config, os.path.join(out_dir, 'cas_reconstructions'),
+      np.concatenate(recons), np.concatenate(recon_labels),
+      name='CAS classifier on reconstructions',
+      provenance={'reconstructions_of': config.data.train_split}, mesh=mesh)
+  rows['reconstructions'] = {
+      'accuracy': recon_result['eval/accuracy'],
+      'top5_accuracy': recon_result['eval/top5_accuracy'],
+      'train_examples': int(sum(len(r) for r in recons))}
+  return rows
+
+
+def _prior_rows(config: ml_collections.ConfigDict, workdir: str
+                ) -> dict[str, Any]:
+  rows = {}
+  for level in range(builders.num_levels(config)):
+    m = files.read_json(os.path.join(loading.prior_dir(workdir, level),
+                                     'metrics.json'))
+    if m is None:
+      raise FileNotFoundError(
+          f'No finished prior of level {level} in '
+          f'{loading.prior_dir(workdir, level)}. Fix: run --mode=prior with '
+          'the same --workdir first.')
+    rows[f'level_{level}'] = {
+        'held_out_bits_per_code': m.get('eval/bits_per_code'),
+        'train_bits_per_code': m.get('eval_train/bits_per_code'),
+        'uniform_bits_per_code': m.get('baseline/uniform_bits_per_code'),
+        'step': m.get('step')}
+  return rows
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str
+             ) -> dict[str, Any]:
+  """--mode=eval: writes workdir/eval/report.json and report.md.
+
+  Args:
+    config: a validated config.
+    workdir: holds vqvae/, prior_<i>/ and classifier/ of finished stages.
+
+  Returns:
+    The report (as report.json).
+
+  Raises:
+    FileNotFoundError: a stage the report needs has not run; the message
+      names the --mode that makes it.
+  """
+  start = time.time()
+  mesh = parallel.create_mesh(config.mesh)
+  out_dir = eval_dir(workdir)
+  priors = _prior_rows(config, workdir)
+  vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
+  features, about = _feature_fn(config, workdir, mesh)
+  n = int(config.eval.num_samples)
+  s = config.sampling
+
+  logging.info('Eval: held-out split (reconstructions, features)')
+  real, recon, _, recon_metrics = _reconstruction_pass(
+      config, mesh, vqvae, variables, features,
+      max_features=_MAX_REAL_FEATURES)
+  recon_metrics['rfid'] = metrics_lib.fid(real, recon)
+
+  logging.info('Eval: real-vs-real floor (%d training images)', n)
+  floor_stats = metrics_lib.FeatureStats(max_features=n)
+  for images, _, _ in _real_batches(config, mesh, config.data.train_split,
+                                    limit=n):
+    floor_stats.add(*features(images))
+
+  logging.info('Eval: %d samples', n)
+  images, labels, meta = sample_images(config, workdir, n, mesh, vqvae,
+                                       variables)
+  sample_stats = metrics_lib.FeatureStats(max_features=n)
+  sample_stats.add(*features(images))
+
+  report = {
+      'workdir': os.path.abspath(workdir), 'vqvae_step': vq_step, **about,
+      'held_out_split': config.data.eval_split,
+      'held_out_examples': real.count,
+      'reconstructions': recon_metrics,
+      'priors': priors,
+      'samples': {**_scores(config, real, sample_stats, labels),
+                  'sample_run': meta['dir'], 'temperature': s.temperature,
+                  'top_k': s.top_k, 'top_p': s.top_p,
+                  'conditional': labels is not None},
+      'real_vs_real': {**_scores(config, real, floor_stats, None),
+                       'split': config.data.train_split},
+      'held_out_inception_score': metrics_lib.inception_score(
+          real.probs).mean,
+  }
+  if config.eval.cas:
+    domain = files.read_json(os.path.join(
+        classifier_trainer.stage_dir(workdir), 'metrics.json')) or {}
+    report['cas'] = _cas(config, workdir, mesh, vqvae, variables, domain)
+  report['seconds'] = time.time() - start
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(out_dir, 'report.json'), report)
+    files.atomic_write(os.path.join(out_dir, 'report.md'),
+                       lambda f: f.write(report_markdown(report).encode()))
+  logging.info('Eval report in %s:\n%s', out_dir, report_markdown(report))
+  return report
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+  if value is None:
+    return '-'
+  if isinstance(value, float):
+    return f'{value:.{digits}g}'
+  return str(value)
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+  """The report as Markdown tables (what report.md holds)."""
+  r = report['reconstructions']
+  lines = [
+      '# Evaluation report', '',
+      f'Workdir `{report["workdir"]}`, VQ-VAE step {report["vqvae_step"]}, '
+      f'features: {report["features"]}; held-out split '
+      f'`{report["held_out_split"]}` ({int(report["held_out_examples"])} '
+      'images).', '',
+      '## Reconstructions (held-out split)', '',
+      '| metric | value |', '|---|---|',
+      f'| MSE, pixels in [-1, 1], whole image | {_fmt(r["mse"])} |',
+      f'| PSNR, whole image (dB) | {_fmt(r["psnr"])} |']
+  if 'psnr_area' in r:
+    lines += [f'| MSE, pixels in [0, 1], original area | '
+              f'{_fmt(r["mse01_area"])} |',
+              f'| PSNR, original area (dB) | {_fmt(r["psnr_area"])} |']
+  level = 0
+  while f'used_fraction_level{level}' in r:
+    lines.append(f'| level {level}: codes used / perplexity | '
+                 f'{r[f"used_fraction_level{level}"]:.1%} / '
+                 f'{r[f"perplexity_level{level}"]:.1f} |')
+    level += 1
+  lines += [f'| rFID (reconstructions vs originals) | {_fmt(r["rfid"])} |',
+            '', '## Priors (bits per code)', '',
+            '| level | held-out | train split | uniform |', '|---|---|---|---|']
+  for name, p in report['priors'].items():
+    lines.append(f'| {name} | {_fmt(p["held_out_bits_per_code"])} | '
+                 f'{_fmt(p["train_bits_per_code"])} | '
+                 f'{_fmt(p["uniform_bits_per_code"])} |')
+  s, f = report['samples'], report['real_vs_real']
+  lines += [
+      '', '## Samples vs the held-out split', '',
+      f'Samples: {int(s["num_examples"])} at temperature {s["temperature"]}, '
+      f'top-k {s["top_k"]}, top-p {s["top_p"]}, '
+      f'{"class-conditional (classes balanced)" if s["conditional"] else "unconditional"}'
+      f' (`{os.path.basename(s["sample_run"])}`); floor: '
+      f'{int(f["num_examples"])} images of the `{f["split"]}` split.', '',
+      '| metric | samples | real-vs-real floor |', '|---|---|---|']
+  for key, name in (('fid', 'FID'), ('kid', 'KID'),
+                    ('inception_score', 'Inception Score'),
+                    ('precision', 'precision (k=3)'),
+                    ('recall', 'recall (k=3)'),
+                    ('class_agreement', 'class agreement')):
+    lines.append(f'| {name} | {_fmt(s.get(key))} | {_fmt(f.get(key))} |')
+  if 'cas' in report:
+    lines += ['', '## Classification Accuracy Score (held-out split)', '',
+              '| trained on | examples | top-1 | top-5 |', '|---|---|---|---|']
+    for name, row in report['cas'].items():
+      lines.append(f'| {name} | {row["train_examples"]} | '
+                   f'{_fmt(row["accuracy"])} | {_fmt(row["top5_accuracy"])} |')
+  lines += ['', f'Evaluated in {report["seconds"]:.0f} s.', '']
+  return '\n'.join(lines)
