@@ -207,10 +207,10 @@ def test_training_resumes_exactly(config, codes_workdir, tmp_path,
       yield next(it)
     raise _Killed()
 
-  monkeypatch.setattr(code_iterators, "create_train_iterator", dying_iterator)
+  monkeypatch.setattr(code_iterators, 'create_train_iterator', dying_iterator)
   with pytest.raises(_Killed):
     prior_trainer.train_priors(config, killed)
-  monkeypatch.setattr(codes_lib, 'create_train_iterator', real_iterator)
+  monkeypatch.setattr(code_iterators, 'create_train_iterator', real_iterator)
   resumed = prior_trainer.train_priors(config, killed)
 
   vqvae = loading.current_vqvae_provenance(config, whole)
