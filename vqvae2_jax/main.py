@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vqvae2_jax import errors
 from vqvae2_jax import stages
 
 FLAGS = flags.FLAGS
@@ -38,9 +39,9 @@ def main(argv):
   logging.info('Mode %s, workdir %s', FLAGS.mode, FLAGS.workdir)
   try:
     stages.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except (NotImplementedError, FileNotFoundError) as e:
-    # A stage of a later version, or one whose input another --mode makes:
-    # the message says what to run; a traceback would only hide it.
+  except (errors.UserError, NotImplementedError, FileNotFoundError) as e:
+    # Bad input, a stage of a later version, or one whose input another --mode
+    # makes: the message says what to do; a traceback would only hide it.
     sys.exit(f'Error: {e}')
 
 
