@@ -117,8 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
   classifier.width = 32  # Channels of the first stage; stage s has width * 2**s.
   classifier.stage_sizes = (1, 1, 1)  # Residual blocks per stage.
   classifier.downsample_first = True  # The first stage halves the map too (4x cheaper).
-  classifier.batch_size = 128  # Global batch size.
-  classifier.num_train_steps = 3000  # Optimizer steps.
+  classifier.original_area_only = True  # Look only at the source area of padded MNIST-family images.
+  classifier.batch_size = 64  # Global batch size.
+  classifier.num_train_steps = 4000  # Optimizer steps.
   classifier.learning_rate = 2e-3  # Peak AdamW learning rate.
   classifier.warmup_steps = 100  # Linear warm-up steps (then cosine decay to 0).
   classifier.weight_decay = 1e-4  # AdamW weight decay.
@@ -127,7 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   classifier.augment_shift = 0  # Random translations up to this many pixels; 0 disables.
   classifier.augment_flip = False  # Random horizontal flips.
   classifier.log_every = 100  # Steps between metric logs.
-  classifier.eval_every = 3000  # Steps between held-out evaluations.
+  classifier.eval_every = 4000  # Steps between held-out evaluations.
   classifier.checkpoint_every = 500  # Steps between checkpoints.
   classifier.keep_checkpoints = 2  # Checkpoints kept on disk.
   classifier.eval_batch_size = 512  # Global batch size for evaluation.

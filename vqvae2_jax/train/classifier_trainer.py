@@ -50,7 +50,14 @@ def build_classifier(config: ml_collections.ConfigDict
   return classifier_lib.Classifier(
       num_classes=int(config.data.num_classes), width=int(c.width),
       stage_sizes=tuple(int(s) for s in c.stage_sizes),
-      downsample_first=bool(c.downsample_first))
+      downsample_first=bool(c.downsample_first), crop=_crop(config))
+
+
+def _crop(config: ml_collections.ConfigDict
+          ) -> tuple[int, int, int, int] | None:
+  if not config.classifier.original_area_only:
+    return None
+  return input_pipeline.original_area(config.data)
 
 
 def classifier_fingerprint(config: ml_collections.ConfigDict
@@ -66,6 +73,8 @@ def classifier_fingerprint(config: ml_collections.ConfigDict
       'classifier.width': int(c.width),
       'classifier.stage_sizes': [int(s) for s in c.stage_sizes],
       'classifier.downsample_first': bool(c.downsample_first),
+      'classifier.crop': None if _crop(config) is None else list(
+          _crop(config)),
   }
 
 
