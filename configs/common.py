@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.top_p = 1.0  # Nucleus mass; 1.0 disables.
   sampling.conditional = True  # Sample with class labels when the data has them.
   sampling.use_polyak = True  # Use the priors' Polyak weights when present.
-  sampling.rejection_keep = 1.0  # Kept by rejection sampling (not built: 1.0).
+  sampling.rejection_keep = 1.0  # Fraction kept by classifier rejection sampling; 1.0 keeps all.
 
   # Evaluation of samples and reconstructions.
   config.eval = evaluation = ml_collections.ConfigDict()

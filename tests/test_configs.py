@@ -204,7 +204,8 @@ def _set(config, path, value):
     ('sampling.top_k', -1, 'sampling.top_k'),
     ('sampling.top_p', 0.0, 'sampling.top_p'),
     ('sampling.rejection_keep', 0.0, 'sampling.rejection_keep'),
-    ('sampling.rejection_keep', 0.5, 'sampling.rejection_keep'),
+    ('sampling.rejection_keep', 1.5, 'sampling.rejection_keep'),
+    ('sampling.rejection_keep', -0.1, 'sampling.rejection_keep'),
     ('vqvae_train.batch_size', 12, 'vqvae_train.batch_size'),
     ('prior.batch_size', 20, 'prior.batch_size'),
 ])

@@ -9,11 +9,17 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
 from configs import fashion_mnist
+from vqvae2_jax import builders
+from vqvae2_jax import generate
+from vqvae2_jax import loading
+from vqvae2_jax import parallel
+from vqvae2_jax import sampling
 from vqvae2_jax import stages
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,3 +188,111 @@ def test_eval_with_cas(workdir, tmp_path):
   for row in cas.values():
     assert 0.0 <= row['accuracy'] <= row['top5_accuracy'] <= 1.0
   assert (copy / 'eval' / 'cas_samples' / 'metrics.json').exists()
+
+
+def _sum_of_top_codes(images, codes, labels):
+  del images, labels
+  return codes[0].reshape(len(codes[0]), -1).sum(axis=-1).astype(np.float64)
+
+
+def test_keep_one_is_the_plain_sampler(workdir, tmp_path):
+  copy = tmp_path / 'plain'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'classifier')  # keep = 1 needs no classifier.
+  config = _tiny_config(num_samples_per_class=2, batch_size=32)
+  meta = generate.sample_and_save(config, str(copy))
+  assert meta['rejection_keep'] == 1.0
+  assert '_keep' not in os.path.basename(meta['dir'])
+  assert 'acceptance_rate' not in meta
+  # The sampler itself, called once with the run's key and labels.
+  mesh = parallel.create_mesh(config.mesh)
+  vqvae, vq_variables, _ = loading.load_vqvae(config, str(copy), mesh)
+  provenance = loading.vqvae_provenance(config, vq_variables, 6)
+  priors = [loading.load_prior(config, str(copy), level, vqvae=provenance,
+                               mesh=mesh)[:2] for level in (0, 1)]
+  labels = np.zeros((24,), np.int32)  # 20 maps padded to the mesh's 8.
+  labels[:20] = np.repeat(np.arange(10), 2)
+  want = sampling.sample_hierarchy(
+      priors, builders.level_shapes(config), batch_size=24, labels=labels,
+      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), mesh=mesh)
+  got = np.load(os.path.join(meta['dir'], 'codes.npz'))
+  for level in (0, 1):
+    np.testing.assert_array_equal(got[f'codes_{level}'],
+                                  np.asarray(want[level])[:20])
+  np.testing.assert_array_equal(got['labels'], labels[:20])
+
+
+def test_rejection_keeps_the_top_scoring_candidates(workdir, tmp_path,
+                                                    monkeypatch):
+  copy = tmp_path / 'reject'
+  shutil.copytree(workdir, copy)
+  # Every candidate: a plain run of 4 per class with the same key, labels
+  # and batches is the candidate stream of keep = 0.25 with 1 per class.
+  plain = generate.sample_and_save(
+      _tiny_config(num_samples_per_class=4, batch_size=8), str(copy))
+  candidates = np.load(os.path.join(plain['dir'], 'codes.npz'))
+  scores = _sum_of_top_codes(None, [candidates['codes_0']], None)
+  want = [np.flatnonzero(candidates['labels'] == c)[
+      np.argsort(-scores[candidates['labels'] == c], kind='stable')[0]]
+          for c in range(10)]
+
+  config = _tiny_config(num_samples_per_class=1, batch_size=8,
+                        rejection_keep=0.25)
+  results = {}
+  for devices in ('all', 'one'):
+    if devices == 'one':
+      create_mesh = parallel.create_mesh
+      monkeypatch.setattr(
+          parallel, 'create_mesh',
+          lambda mesh_config=None, devices=None: create_mesh(
+              mesh_config, jax.devices()[:1]))
+      shutil.rmtree(os.path.join(copy, 'samples', os.path.basename(
+          results['all']['dir'])))
+    results[devices] = meta = generate.sample_and_save(
+        config, str(copy), scorer=_sum_of_top_codes)
+    assert meta['dir'].endswith('_n10_keep0.25')
+    assert meta['acceptance_rate'] == 0.25 and meta['num_candidates'] == 40
+    assert meta['classifier'] is None
+    got = dict(np.load(os.path.join(meta['dir'], 'codes.npz')))
+    for level in (0, 1):
+      np.testing.assert_array_equal(got[f'codes_{level}'],
+                                    candidates[f'codes_{level}'][want])
+    np.testing.assert_array_equal(got['labels'], np.arange(10))
+    np.testing.assert_allclose(meta['scores'], scores[want])
+    results[devices]['codes'] = got
+  for name in ('codes_0', 'codes_1'):
+    np.testing.assert_array_equal(results['all']['codes'][name],
+                                  results['one']['codes'][name])
+
+
+def test_rejection_with_the_domain_classifier(workdir, tmp_path):
+  copy = tmp_path / 'classifier'
+  shutil.copytree(workdir, copy)
+  config = _tiny_config(num_samples_per_class=2, rejection_keep=0.5)
+  meta = stages.run('sample', config, str(copy))['sample']
+  assert meta['classifier']['step'] == 6
+  assert meta['classifier']['fingerprint']['data.name'] == 'fashion_mnist'
+  assert meta['acceptance_rate'] == 0.5 and len(meta['scores']) == 20
+  assert all(0.0 <= s <= 1.0 for s in meta['scores'])
+  run = copy / 'samples' / os.path.basename(meta['dir'])
+  with Image.open(run / 'samples.png') as kept, \
+      Image.open(run / 'samples_without_rejection.png') as before, \
+      Image.open(run / 'comparison.png') as both:
+    assert kept.size == before.size == (2 * 34 + 2, 10 * 34 + 2)
+    assert both.size == (2 * kept.size[0] + 8, kept.size[1])
+
+  # Without a classifier, keep < 1 fails before sampling, naming the mode.
+  shutil.rmtree(copy / 'classifier')
+  config.seed = 3
+  with pytest.raises(FileNotFoundError, match='--mode=classifier'):
+    stages.run('sample', config, str(copy))
+  assert not [p for p in (copy / 'samples').iterdir() if 'seed3' in p.name]
+
+
+def test_samples_grid_shows_at_most_ten_per_class(workdir, tmp_path):
+  copy = tmp_path / 'many'
+  shutil.copytree(workdir, copy)
+  meta = _sample(copy, num_samples_per_class=12, batch_size=64)
+  assert len(np.load(os.path.join(meta['dir'], 'codes.npz'))['labels']) == 120
+  with Image.open(os.path.join(meta['dir'], 'samples.png')) as grid:
+    assert grid.size == (10 * 34 + 2, 10 * 34 + 2)

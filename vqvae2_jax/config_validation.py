@@ -156,10 +156,6 @@ def validate_config(config: ml_collections.ConfigDict,
   if not 0.0 < sampling.rejection_keep <= 1.0:
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')
-  if sampling.rejection_keep < 1.0:
-    _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}, but '
-          'classifier-based rejection sampling is not built yet',
-          'use 1.0 (keep every sample)')
 
   # The domain classifier and evaluation.
   classifier = config.classifier

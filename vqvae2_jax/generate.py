@@ -15,11 +15,13 @@ import functools
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
@@ -39,17 +41,93 @@ def sample_labels(num_classes: int, per_class: int,
   return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
-def sample_and_save(config: ml_collections.ConfigDict,
-                    workdir: str) -> dict[str, Any]:
+Scorer = Callable[[np.ndarray, Sequence[np.ndarray], Optional[np.ndarray]],
+                  np.ndarray]
+
+# samples.png shows at most this many samples per class (codes.npz has all).
+_GRID_PER_CLASS = 10
+
+
+def run_name(config: ml_collections.ConfigDict, vq_step: int,
+             prior_steps: Sequence[int], num_samples: int,
+             conditional: bool) -> str:
+  """The sample run's directory name: checkpoints, seed, controls, count.
+
+  `_keep<k>` is added when rejection sampling keeps a fraction k < 1, so
+  other rates write beside the plain run.
+  """
+  s = config.sampling
+  keep = float(s.rejection_keep)
+  return (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
+          f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
+          f'n{num_samples}{"" if conditional else "_uncond"}'
+          f'{f"_keep{keep:g}" if keep < 1.0 else ""}')
+
+
+def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
+                      mesh: Mesh) -> tuple[Scorer, dict[str, Any]]:
+  """Scores candidates with the domain classifier of `workdir`.
+
+  The score of a candidate drawn for class y is p(y | image); of an
+  unconditional one (no label), the classifier's confidence max_c p(c |
+  image).
+
+  Returns:
+    (scorer(images, codes, labels) -> float64 [b], a description of the
+    classifier for meta.json: its step and fingerprint).
+
+  Raises:
+    FileNotFoundError: no classifier in workdir (the message names
+      --mode=classifier).
+  """
+  # Imported here: generate is imported by the classifier's own evaluation.
+  from vqvae2_jax.train import classifier_trainer  # pylint: disable=g-import-not-at-top
+  progs, params, step = classifier_trainer.load_classifier(config, workdir,
+                                                           mesh)
+  batch_size = int(config.classifier.eval_batch_size)
+
+  def scorer(images, codes, labels):
+    del codes  # The classifier looks at the decoded images.
+    _, probs = classifier_trainer.predict_batches(progs, params, images, mesh,
+                                                  batch_size)
+    if labels is None:
+      return probs.max(axis=-1)
+    return probs[np.arange(len(probs)), labels]
+
+  return scorer, {
+      'step': step,
+      'fingerprint': classifier_trainer.classifier_fingerprint(config)}
+
+
+def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
+                    scorer: Optional[Scorer] = None) -> dict[str, Any]:
   """--mode=sample: samples the hierarchy, decodes, writes grids and codes.
 
   Writes workdir/samples/<run>/ (into <run>.tmp, renamed when complete)
-  with samples.png (one row per class when conditional), levels.png (what
-  each level contributes: every level, then the top levels alone),
-  codes.npz (every level's codes and the labels) and meta.json. <run> names
-  the checkpoints' steps, the seed, the controls and the number of samples
-  (and `_uncond` without labels), so a finished run is skipped on rerun and
-  other settings never overwrite it.
+  with samples.png (a row of at most 10 samples per class when
+  conditional, else the first 100), levels.png (what each level
+  contributes: every level, then the top levels alone), codes.npz (every
+  sample's codes at every level, and the labels) and meta.json. <run> (see
+  `run_name`) names the checkpoints' steps, the seed, the controls and the
+  number of samples, so a finished run is skipped on rerun and other
+  settings never overwrite it.
+
+  Rejection sampling (config.sampling.rejection_keep = k < 1): each
+  requested sample gets n = ceil(1 / k) candidates, drawn, decoded and
+  scored batch by batch, and each class keeps its best-scoring m of m * n
+  (`sampling.TopPerClass`); the score is the domain classifier's p(class |
+  image), or its confidence when unconditional. The run also writes
+  samples_without_rejection.png (the first candidates of each class) and
+  comparison.png (both grids side by side), and meta.json records the
+  acceptance rate, the classifier (step, fingerprint) and every kept
+  sample's score. With k = 1 the samples are exactly the plain sampler's
+  and no classifier is needed.
+
+  Args:
+    config: a validated config.
+    workdir: reads the stage checkpoints, writes workdir/samples/.
+    scorer: (images [b, h, w, c], codes per level [b, h_l, w_l], labels [b]
+      or None) -> scores [b]; replaces the domain classifier (tests).
 
   Returns:
     meta.json's contents: the directory, steps, controls and seconds per map.
@@ -67,13 +145,13 @@ def sample_and_save(config: ml_collections.ConfigDict,
     priors.append((model, variables))
     prior_steps.append(step)
 
-  labels = sample_labels(config.data.num_classes, s.num_samples_per_class,
-                         s.conditional)
-  num_samples = (len(labels) if labels is not None
-                 else s.num_samples_per_class)
-  name = (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
-          f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
-          f'n{num_samples}{"" if labels is not None else "_uncond"}')
+  keep = float(s.rejection_keep)
+  per_candidate = sampling.candidates_per_sample(keep)
+  conditional = bool(s.conditional and config.data.num_classes)
+  num_classes = int(config.data.num_classes) if conditional else 0
+  per_class = int(s.num_samples_per_class)
+  num_samples = per_class * num_classes if conditional else per_class
+  name = run_name(config, vq_step, prior_steps, num_samples, conditional)
   out_dir = os.path.join(os.path.abspath(workdir), 'samples', name)
   meta_path = os.path.join(out_dir, 'meta.json')
   meta = files.read_json(meta_path)
@@ -81,63 +159,141 @@ def sample_and_save(config: ml_collections.ConfigDict,
     logging.info('Samples already in %s; skipping.', out_dir)
     return meta
 
+  classifier_info = None
+  if per_candidate > 1 and scorer is None:
+    # Before any sampling: a missing classifier fails here, naming its mode.
+    scorer, classifier_info = classifier_scorer(config, workdir, mesh)
+  # Candidates in class order; with one per sample they are the samples.
+  candidate_labels = sample_labels(num_classes, per_class * per_candidate,
+                                   conditional)
+  num_candidates = num_samples * per_candidate
+  group_labels = (np.full(num_candidates, -1, np.int32)
+                  if candidate_labels is None else candidate_labels)
+  selector = sampling.TopPerClass(
+      {int(c): per_class for c in np.unique(group_labels)})
+  grid_cols = min(per_class, _GRID_PER_CLASS) if conditional else 10
+  grid_per_group = grid_cols if conditional else 10 * grid_cols
+  unfiltered = {}  # label -> the first candidates' images, for the grid.
+
   level_shapes = builders.level_shapes(config)
   decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
   rng = jax.random.PRNGKey(config.seed)
   # No bigger than needed (rounded up to split over the mesh's devices).
-  batch = min(s.batch_size, -(-num_samples // mesh.size) * mesh.size)
-  all_codes, all_images = [], []
+  batch = min(s.batch_size, -(-num_candidates // mesh.size) * mesh.size)
   start = time.time()
-  for i, begin in enumerate(range(0, num_samples, batch)):
-    n = min(batch, num_samples - begin)
+  for i, begin in enumerate(range(0, num_candidates, batch)):
+    n = min(batch, num_candidates - begin)
     # Pad the last batch so every batch has one shape (one compilation).
     batch_labels = None
-    if labels is not None:
+    if candidate_labels is not None:
       batch_labels = np.zeros((batch,), np.int32)
-      batch_labels[:n] = labels[begin:begin + n]
+      batch_labels[:n] = candidate_labels[begin:begin + n]
     codes = sampling.sample_hierarchy(
         priors, level_shapes, batch_size=batch, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, mesh=mesh)
-    images = decode(vq_variables, codes)
-    all_codes.append([np.asarray(c)[:n] for c in codes])
-    all_images.append(np.asarray(images)[:n])
+    codes = [np.asarray(c)[:n] for c in codes]
+    images = np.asarray(decode(vq_variables, codes))[:n]
+    labels = group_labels[begin:begin + n]
+    if scorer is None:
+      scores = np.zeros((n,))
+    else:
+      scores = np.asarray(scorer(
+          images, codes, None if batch_labels is None else batch_labels[:n]),
+                          np.float64).reshape(-1)
+    selector.add([*codes, images], labels, scores)
+    if per_candidate > 1:
+      for label, image in zip(labels, images):
+        shown = unfiltered.setdefault(int(label), [])
+        if len(shown) < grid_per_group:
+          shown.append(image)
     done = begin + n
     elapsed = time.time() - start
-    logging.info('Sampled %d/%d maps (%.1f s, ETA %.0f s)', done, num_samples,
-                 elapsed, elapsed / done * (num_samples - done))
+    logging.info('Sampled %d/%d %s (%.1f s, ETA %.0f s)', done,
+                 num_candidates, 'candidates' if per_candidate > 1 else 'maps',
+                 elapsed, elapsed / done * (num_candidates - done))
   seconds = time.time() - start
-  codes = [np.concatenate([c[l] for c in all_codes]) for l in range(num_levels)]
-  images = np.concatenate(all_images)
+  kept, labels, scores, _ = selector.result()
+  codes, images = kept[:num_levels], kept[num_levels]
 
   # Per-level view of the first samples: all levels, then the top l levels.
   view = min(num_samples, 8)
   view_rows = [images[:view]]
-  for keep in range(num_levels - 1, 0, -1):
+  for keep_levels in range(num_levels - 1, 0, -1):
     view_rows.append(np.asarray(vqvae.apply(
         vq_variables, [jnp.asarray(c[:view]) for c in codes],
-        list(range(keep)), method=vqvae.decode_levels)))
+        list(range(keep_levels)), method=vqvae.decode_levels)))
 
   tmp_dir = out_dir + '.tmp'
   if os.path.exists(tmp_dir):
     shutil.rmtree(tmp_dir)
   os.makedirs(tmp_dir)
-  cols = s.num_samples_per_class if labels is not None else min(num_samples, 10)
-  common.write_image_grid(os.path.join(tmp_dir, 'samples.png'), images, cols)
+  shown = _grid_images(images, labels, grid_per_group)
+  common.write_image_grid(os.path.join(tmp_dir, 'samples.png'), shown,
+                          grid_cols)
+  if per_candidate > 1:
+    before = np.concatenate([np.stack(unfiltered[k])
+                             for k in sorted(unfiltered)])
+    common.write_image_grid(
+        os.path.join(tmp_dir, 'samples_without_rejection.png'), before,
+        grid_cols)
+    write_side_by_side(os.path.join(tmp_dir, 'comparison.png'),
+                       common.image_grid(before, grid_cols),
+                       common.image_grid(shown, grid_cols))
   common.write_image_grid(os.path.join(tmp_dir, 'levels.png'),
                           np.concatenate(view_rows), view)
   arrays = {f'codes_{l}': c for l, c in enumerate(codes)}
-  if labels is not None:
+  if conditional:
     arrays['labels'] = labels
   np.savez(os.path.join(tmp_dir, 'codes.npz'), **arrays)
   meta = {'dir': out_dir, 'vqvae_step': vq_step, 'prior_steps': prior_steps,
           'num_samples': num_samples, 'seconds': seconds,
           'seconds_per_map': seconds / num_samples,
           'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
-          'seed': config.seed, 'conditional': labels is not None}
+          'seed': config.seed, 'conditional': conditional,
+          'rejection_keep': keep}
+  if per_candidate > 1:
+    meta.update({
+        'candidates_per_sample': per_candidate,
+        'num_candidates': num_candidates,
+        'acceptance_rate': num_samples / num_candidates,
+        'scorer': ('domain classifier, p(requested class | image)'
+                   if conditional else
+                   'domain classifier confidence, max_c p(c | image)')
+                  if classifier_info is not None else 'given by the caller',
+        'classifier': classifier_info,
+        'scores': [float(x) for x in scores]})
   if jax.process_index() == 0:
     files.write_json(os.path.join(tmp_dir, 'meta.json'), meta)
   os.rename(tmp_dir, out_dir)
-  logging.info('Wrote %d samples to %s (%.2f s per map)', num_samples, out_dir,
-               seconds / num_samples)
+  logging.info('Wrote %d samples to %s (%.2f s per map%s)', num_samples,
+               out_dir, seconds / num_samples,
+               f', kept {num_samples} of {num_candidates} candidates'
+               if per_candidate > 1 else '')
   return meta
+
+
+def _grid_images(images: np.ndarray, labels: np.ndarray, per_group: int
+                 ) -> np.ndarray:
+  """The first `per_group` images of each label, label by label."""
+  return np.concatenate([images[labels == k][:per_group]
+                         for k in np.unique(labels)])
+
+
+def write_side_by_side(path: str, left: np.ndarray, right: np.ndarray,
+                       gap: int = 8) -> None:
+  """Writes two uint8 [h, w, c] grids side by side, white between (PNG).
+
+  Process 0 only; the shorter grid is padded with white at the bottom.
+  """
+  if jax.process_index() != 0:
+    return
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h = max(left.shape[0], right.shape[0])
+  c = left.shape[-1]
+  canvas = np.full((h, left.shape[1] + gap + right.shape[1], c), 255,
+                   np.uint8)
+  canvas[:left.shape[0], :left.shape[1]] = left
+  canvas[:right.shape[0], left.shape[1] + gap:] = right
+  with open(path, 'wb') as f:
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(f, format='PNG')

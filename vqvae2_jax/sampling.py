@@ -25,14 +25,21 @@ used by passing them as `variables={'params': polyak}`.
 Each sampler is compiled once per (prior, shape, conditioning shapes); the
 controls, labels, keys and weights are traced, so changing them does not
 recompile.
+
+Rejection sampling (the paper's classifier-based m-out-of-n scheme):
+`candidates_per_sample` and `TopPerClass` keep the best-scoring candidates
+of each class from a stream of scored batches; `generate.py` draws, decodes
+and scores the candidates.
 """
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
+import numpy as np
 
 from vqvae2_jax import parallel
 from vqvae2_jax.models import pixelcnn
@@ -438,3 +445,100 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         rng=jax.random.fold_in(rng, level), temperature=temperature,
         top_k=top_k, top_p=top_p, mesh=mesh))
   return codes
+
+
+# Rejection sampling: keep the candidates a classifier scores highest.
+
+
+def candidates_per_sample(keep: float) -> int:
+  """Candidates drawn per requested sample: ceil(1 / keep).
+
+  1 / 0.1 is 10.000000000000002 in floating point; the rounding guard makes
+  keep = 0.1 draw 10 candidates, not 11.
+  """
+  if not 0.0 < keep <= 1.0:
+    raise ValueError(f'rejection keep is {keep}. Fix: use a fraction in '
+                     '(0, 1]; 1.0 keeps every sample.')
+  return max(1, math.ceil(1.0 / keep - 1e-9))
+
+
+class TopPerClass:
+  """The running top-m candidates of each class, over a stream of batches.
+
+  Candidates arrive in batches of (arrays, labels, scores); each class c
+  keeps its `quota[c]` highest scores seen so far, ties broken by arrival
+  order (the earlier candidate wins). Memory is the kept candidates plus
+  one batch, whatever the number of candidates.
+
+  The m-out-of-n scheme of classifier-based rejection sampling: a class
+  with m requested samples gets m * n candidates and keeps its best m.
+  Unconditional candidates use label -1 (one group).
+  """
+
+  def __init__(self, quota: Mapping[int, int]):
+    """`quota`: {label: candidates to keep}; labels not in it are refused."""
+    self._quota = {int(k): int(v) for k, v in quota.items()}
+    self._seen = 0
+    # Per label: (arrays: list of np arrays, scores, arrival indices).
+    self._kept: dict[int, tuple[list[np.ndarray], np.ndarray, np.ndarray]] = {}
+
+  @property
+  def num_seen(self) -> int:
+    """Candidates added so far."""
+    return self._seen
+
+  def add(self, arrays: Sequence[np.ndarray], labels: np.ndarray,
+          scores: np.ndarray) -> None:
+    """Adds one batch of candidates, in arrival order.
+
+    Args:
+      arrays: per-candidate arrays (e.g. each level's codes, the images),
+        each with the batch as its leading axis.
+      labels: int [b], the class each candidate was drawn for (-1: none).
+      scores: float [b], higher is better.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    b = len(labels)
+    if len(scores) != b or any(len(a) != b for a in arrays):
+      raise ValueError(f'Got {b} labels, {len(scores)} scores and arrays of '
+                       f'{[len(a) for a in arrays]}: one each per candidate.')
+    order = np.arange(self._seen, self._seen + b)
+    self._seen += b
+    for label in np.unique(labels):
+      label = int(label)
+      if label not in self._quota:
+        raise ValueError(f'Candidate of class {label}, but the quota names '
+                         f'only {sorted(self._quota)}.')
+      mine = labels == label
+      new = ([np.asarray(a)[mine] for a in arrays], scores[mine], order[mine])
+      old = self._kept.get(label)
+      if old is not None:
+        new = ([np.concatenate([o, n]) for o, n in zip(old[0], new[0])],
+               np.concatenate([old[1], new[1]]),
+               np.concatenate([old[2], new[2]]))
+      # Highest score first; among equal scores the earliest arrival.
+      best = np.lexsort((new[2], -new[1]))[:self._quota[label]]
+      best = best[np.argsort(new[2][best])]  # Back to arrival order.
+      self._kept[label] = ([a[best] for a in new[0]], new[1][best],
+                           new[2][best])
+
+  def result(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
+                            np.ndarray]:
+    """The kept candidates of every class, in arrival order.
+
+    Returns:
+      (arrays as given to `add`, labels [m], scores float64 [m], arrival
+      indices int [m]).
+    """
+    if not self._kept:
+      raise ValueError('No candidates were added.')
+    groups = list(self._kept.items())
+    index = np.concatenate([g[1][2] for g in groups])
+    order = np.argsort(index, kind='stable')
+    arrays = [np.concatenate([g[1][0][i] for g in groups])[order]
+              for i in range(len(groups[0][1][0]))]
+    labels = np.concatenate([np.full(len(g[1][2]), g[0], np.int32)
+                             for g in groups])[order]
+    scores = np.concatenate([g[1][1] for g in groups])[order]
+    return arrays, labels, scores, index[order]
