@@ -32,3 +32,4 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
   assert len(images) >= 4, 'expected the preview, recon and sample grids'
   text = ''.join(o.get('text', '') for o in outputs)
   assert 'identical codes from both samplers' in text
+  assert 'candidates (acceptance 25%)' in text  # Rejection sampling ran.

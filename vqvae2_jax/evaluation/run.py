@@ -64,9 +64,15 @@ def eval_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'eval')
 
 
-def _feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
+def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
                 ) -> tuple[FeatureFn, dict[str, Any]]:
-  """images [n, h, w, c] in [-1, 1] -> (features [n, d], probs [n, C])."""
+  """The eval's feature network (config.eval.features) and what it is.
+
+  Returns:
+    (images [n, h, w, c] in [-1, 1] -> (features float64 [n, d],
+    domain-classifier probabilities float64 [n, C]), a description: the
+    classifier's step and fingerprint, the features' name).
+  """
   progs, params, step = classifier_trainer.load_classifier(config, workdir,
                                                            mesh)
   batch = int(config.eval.batch_size)
@@ -115,6 +121,15 @@ def _real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
       return
 
 
+def held_out_stats(config: ml_collections.ConfigDict, mesh: Mesh,
+                   features: FeatureFn) -> metrics_lib.FeatureStats:
+  """Features and probabilities of the whole held-out split."""
+  real = metrics_lib.FeatureStats(max_features=_MAX_REAL_FEATURES)
+  for images, _, _ in _real_batches(config, mesh, config.data.eval_split):
+    real.add(*features(images))
+  return real
+
+
 def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
                          max_features: int):
   """One pass over the held-out split: originals, reconstructions, metrics.
@@ -148,10 +163,17 @@ def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
       total)
 
 
-def _scores(config: ml_collections.ConfigDict, real: metrics_lib.FeatureStats,
+def sample_metrics(config: ml_collections.ConfigDict, real: metrics_lib.FeatureStats,
             fake: metrics_lib.FeatureStats,
             requested: np.ndarray | None) -> dict[str, float]:
-  """FID, KID, IS, precision/recall (and class agreement) of `fake`."""
+  """FID, KID, IS, precision/recall (and class agreement) of `fake`.
+
+  Args:
+    config: its eval section sets KID subsets and the k of precision/recall.
+    real: the reference set's features (kept, not only moments).
+    fake: the samples' features and probabilities.
+    requested: the classes the samples were drawn for, or None.
+  """
   e = config.eval
   kid = metrics_lib.kid(real.features, fake.features,
                         num_subsets=e.kid_subsets,
@@ -291,7 +313,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   out_dir = eval_dir(workdir)
   priors = _prior_rows(config, workdir)
   vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
-  features, about = _feature_fn(config, workdir, mesh)
+  features, about = feature_fn(config, workdir, mesh)
   n = int(config.eval.num_samples)
   s = config.sampling
 
@@ -319,11 +341,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
       'held_out_examples': real.count,
       'reconstructions': recon_metrics,
       'priors': priors,
-      'samples': {**_scores(config, real, sample_stats, labels),
+      'samples': {**sample_metrics(config, real, sample_stats, labels),
                   'sample_run': meta['dir'], 'temperature': s.temperature,
                   'top_k': s.top_k, 'top_p': s.top_p,
                   'conditional': labels is not None},
-      'real_vs_real': {**_scores(config, real, floor_stats, None),
+      'real_vs_real': {**sample_metrics(config, real, floor_stats, None),
                        'split': config.data.train_split},
       'held_out_inception_score': metrics_lib.inception_score(
           real.probs).mean,
