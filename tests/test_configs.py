@@ -11,6 +11,7 @@ import pytest
 
 from configs import common
 from vqvae2_jax import config_validation
+from vqvae2_jax import errors
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG_DIR = os.path.join(_ROOT, 'configs')
@@ -208,6 +209,23 @@ def _set(config, path, value):
     ('sampling.rejection_keep', -0.1, 'sampling.rejection_keep'),
     ('vqvae_train.batch_size', 12, 'vqvae_train.batch_size'),
     ('prior.batch_size', 20, 'prior.batch_size'),
+    # Values that used to pass validation and fail later (or silently).
+    ('vqvae_train.num_train_steps', -5, 'vqvae_train.num_train_steps'),
+    ('prior.num_train_steps', 0, 'prior.num_train_steps'),
+    ('classifier.num_train_steps', -1, 'classifier.num_train_steps'),
+    ('vqvae_train.log_every', 0, 'vqvae_train.log_every'),
+    ('prior.checkpoint_every', 0, 'prior.checkpoint_every'),
+    ('classifier.eval_every', 0, 'classifier.eval_every'),
+    ('prior.keep_checkpoints', 0, 'prior.keep_checkpoints'),
+    ('vqvae_train.learning_rate', -3e-4, 'vqvae_train.learning_rate'),
+    ('classifier.learning_rate', 0.0, 'classifier.learning_rate'),
+    ('vqvae_train.batch_size', 0, 'vqvae_train.batch_size'),
+    ('sampling.batch_size', -8, 'sampling.batch_size'),
+    ('sampling.num_samples_per_class', 0, 'sampling.num_samples_per_class'),
+    ('eval.cas_samples_per_class', -1, 'eval.cas_samples_per_class'),
+    ('mesh.fsdp', 3, 'mesh'),
+    ('mesh.data', 16, 'mesh'),
+    ('mesh.data', 0, 'mesh'),
 ])
 def test_validation_errors_name_field_and_fix(path, value, field):
   config = _tiny()
@@ -217,6 +235,7 @@ def test_validation_errors_name_field_and_fix(path, value, field):
   message = str(info.value)
   assert message.startswith(f'config.{field}:'), message
   assert 'Fix:' in message
+  assert isinstance(info.value, errors.ConfigError)  # main: one line.
 
 
 def test_image_folder_needs_a_path():

@@ -41,6 +41,40 @@ def test_invalid_config_fails_before_any_work(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def _error_lines(stderr):
+  """stderr without the libraries' start-up noise (TF, XLA, tfds)."""
+  return [line for line in stderr.splitlines()
+          if line.startswith(('Error:', 'Traceback', 'FATAL'))]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/no_such.py'],
+     "there is no file 'configs/no_such.py'"),
+    ([_TINY, '--config.vqvae_train.num_trian_steps=5'],
+     "no field 'num_trian_steps'. Fix: did you mean 'num_train_steps'?"),
+    ([_TINY, '--config.vqvae_train.num_train_steps=-5'],
+     'config.vqvae_train.num_train_steps: is -5. Fix: use a positive'),
+    ([_TINY, '--config.prior.log_every=0'],
+     'config.prior.log_every: is 0. Fix:'),
+    ([_TINY, '--config.mesh.fsdp=3'], 'config.mesh: data=-1 x fsdp=3'),
+])
+def test_config_mistakes_are_one_line_without_traceback(tmp_path, args,
+                                                        message):
+  result = _main(*args, f'--workdir={tmp_path / "w"}', '--mode=vqvae')
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = _error_lines(result.stderr)
+  assert len(lines) == 1 and lines[0].startswith('Error:'), lines
+  assert message in lines[0] and 'Fix:' in lines[0], lines[0]
+  assert not (tmp_path / 'w').exists()  # Nothing was written.
+
+
+def test_verbosity_shows_the_traceback(tmp_path):
+  result = _main(_TINY, '--config.vqvae_train.num_trian_steps=5',
+                 f'--workdir={tmp_path}', '--mode=vqvae', '--verbosity=1')
+  assert result.returncode != 0
+  assert 'Traceback' in result.stderr
+
+
 def test_a_missing_stage_says_which_mode_to_run(tmp_path):
   result = _main(_TINY, f'--workdir={tmp_path}', '--mode=eval')
   assert result.returncode == 1

@@ -1,12 +1,15 @@
 """Checks a configuration before any work starts.
 
-Every failure is a `ValueError` that names the field and says how to fix it,
-so a mistake costs seconds, not the first hour of a run.
+Every failure is an `errors.ConfigError` (a ValueError) that names the field
+and says how to fix it, so a mistake costs seconds, not the first hour of a
+run; main prints it as one line.
 """
 
 from typing import Iterable
 
 import ml_collections
+
+from vqvae2_jax import errors
 
 _CHANNELS = (1, 3)
 _FEATURES = ('classifier', 'inception')
@@ -15,7 +18,7 @@ _DTYPES = ('float32', 'bfloat16')
 
 
 def _fail(field: str, problem: str, fix: str) -> None:
-  raise ValueError(f'config.{field}: {problem}. Fix: {fix}')
+  raise errors.ConfigError(f'config.{field}: {problem}. Fix: {fix}')
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -104,6 +107,19 @@ def validate_config(config: ml_collections.ConfigDict,
   if not 0.0 < model.ema_decay < 1.0:
     _fail('model.ema_decay', f'is {model.ema_decay}', 'use a value in (0, 1), e.g. 0.99')
 
+  # Every training stage's schedule and cadence.
+  for section in _TRAINING_SECTIONS:
+    stage = config[section]
+    for name, example in (('num_train_steps', 3000), ('log_every', 100),
+                          ('eval_every', 1000), ('checkpoint_every', 500),
+                          ('keep_checkpoints', 2)):
+      if stage[name] < 1:
+        _fail(f'{section}.{name}', f'is {stage[name]}',
+              f'use a positive number, e.g. {example}')
+    if not stage.learning_rate > 0:
+      _fail(f'{section}.learning_rate', f'is {stage.learning_rate}',
+            'use a positive peak learning rate, e.g. 3e-4')
+
   # Optimizers of both stages.
   for section in ('vqvae_train', 'prior'):
     optimizer = config[section]
@@ -149,6 +165,9 @@ def validate_config(config: ml_collections.ConfigDict,
   sampling = config.sampling
   if sampling.temperature <= 0:
     _fail('sampling.temperature', f'is {sampling.temperature}', 'use a value > 0')
+  if sampling.num_samples_per_class < 1:
+    _fail('sampling.num_samples_per_class',
+          f'is {sampling.num_samples_per_class}', 'use a positive number, e.g. 8')
   if sampling.top_k < 0:
     _fail('sampling.top_k', f'is {sampling.top_k}', 'use 0 (off) or k >= 1')
   if not 0.0 < sampling.top_p <= 1.0:
@@ -185,8 +204,29 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('eval.precision_recall_k', f'is {evaluation.precision_recall_k}',
           'use k >= 1 (3 is the usual value)')
 
-  # Batches split evenly over the devices.
+  if evaluation.cas_samples_per_class < 0:
+    _fail('eval.cas_samples_per_class', f'is {evaluation.cas_samples_per_class}',
+          'use 0 (as many as the real train split) or a positive number')
+
+  # Batches: positive, split evenly over the devices.
+  for field in _batch_fields(config):
+    section, name = field.split('.')
+    if config[section][name] < 1:
+      _fail(field, f'is {config[section][name]}',
+            f'use a positive multiple of the device count'
+            f'{f" ({num_devices})" if num_devices else ""}, e.g. '
+            f'{8 * (num_devices or 1)}')
   if num_devices is not None:
+    mesh = config.mesh
+    data, fsdp = int(mesh.data), int(mesh.fsdp)
+    if (data == -1 and fsdp == -1) or (data != -1 and data < 1) or (
+        fsdp != -1 and fsdp < 1) or num_devices % max(data, fsdp, 1) or (
+            data != -1 and fsdp != -1 and data * fsdp != num_devices):
+      divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+      _fail('mesh', f'data={data} x fsdp={fsdp} cannot lay out the '
+            f'{num_devices} devices',
+            f'give fsdp one of {divisors} with data=-1 (the rest), e.g. '
+            f'--config.mesh.data=-1 --config.mesh.fsdp=1')
     for field in _batch_fields(config):
       section, name = field.split('.')
       value = config[section][name]
@@ -194,6 +234,9 @@ def validate_config(config: ml_collections.ConfigDict,
         _fail(field, f'{value} is not divisible by the {num_devices} devices',
               f'use a multiple of {num_devices}, e.g. '
               f'{max(1, round(value / num_devices)) * num_devices}')
+
+
+_TRAINING_SECTIONS = ('vqvae_train', 'prior', 'classifier')
 
 
 def _batch_fields(config: ml_collections.ConfigDict) -> Iterable[str]:

@@ -9,6 +9,8 @@ domain classifier of the sample metrics), eval (the evaluation report), all.
 Every stage resumes from what `workdir` already holds.
 """
 
+import os
+import re
 import sys
 
 from absl import app
@@ -30,20 +32,72 @@ flags.DEFINE_enum('mode', 'all', list(stages.MODES), 'Stage to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _show_tracebacks() -> bool:
+  """--verbosity=1 (or more) shows the traceback of a user-fixable error."""
+  return FLAGS.verbosity >= 1
+
+
+def _config_problem(error: Exception) -> str:
+  """One line saying what is wrong with --config or an override, and a fix."""
+  try:
+    filename = FLAGS['config'].config_filename
+  except Exception:  # pylint: disable=broad-except
+    # Parsing failed before the flag kept its argument: read the command line.
+    filename = next((a.split('=', 1)[1] for a in sys.argv
+                     if a.startswith('--config=')), '?')
+  path = filename.split(':')[0]
+  if not os.path.isfile(path):
+    return (f'--config={filename}: there is no file {path!r} (from '
+            f'{os.getcwd()}). Fix: pass a config file, e.g. '
+            '--config=configs/fashion_mnist.py')
+  text = str(error).encode().decode('unicode_escape')
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if hint:
+    return (f'--config: no field {hint.group(2)!r}. Fix: did you mean '
+            f'{hint.group(1)!r}? (see {path} and configs/common.py)')
+  return (f'--config={filename} or one of its --config.* overrides could not '
+          f'be loaded: {text.strip()}. Fix: correct the file or the override '
+          '(--verbosity=1 shows the traceback)')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a misspelled --config.* field as one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or '
+             '--helpfull to see help on flags.')
+  except (AttributeError, KeyError) as e:
+    if any(a in ('-v=1', '--verbosity=1', '--v=1') or
+           re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in argv):
+      raise
+    sys.exit(f'Error: {_config_problem(e)}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    config = FLAGS.config
+    config.data  # pylint: disable=pointless-statement
+    # (ml_collections reports a bad file or override on first use.)
+  except Exception as e:  # pylint: disable=broad-except
+    if _show_tracebacks():
+      raise
+    sys.exit(f'Error: {_config_problem(e)}')
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('Mode %s, workdir %s', FLAGS.mode, FLAGS.workdir)
   try:
-    stages.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+    stages.run(FLAGS.mode, config, FLAGS.workdir)
   except (errors.UserError, NotImplementedError, FileNotFoundError) as e:
     # Bad input, a stage of a later version, or one whose input another --mode
     # makes: the message says what to do; a traceback would only hide it.
+    if _show_tracebacks():
+      raise
     sys.exit(f'Error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
