@@ -185,6 +185,9 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   """
   shape, cond_codes, labels = _check_inputs(model, codes.shape, cond_codes,
                                             labels)
+  codes = jnp.asarray(codes, jnp.int32)
+  _check_range('codes', codes, model.num_embeddings,
+               f'pass codes below the codebook size {model.num_embeddings}.')
 
   @jax.jit
   def run(variables, codes, cond_codes, labels):
@@ -265,6 +268,20 @@ def _example_ids(shape: tuple[int, int, int]) -> Array:
   return jnp.arange(shape[0], dtype=jnp.int32)
 
 
+def _check_range(name: str, values: Array, high: int, fix: str) -> None:
+  """Raises ValueError unless every (concrete) value lies in [0, high).
+
+  Out-of-range indices do not fail inside XLA: embeddings read NaN or clip
+  silently. Traced values (inside a caller's jit) cannot be checked here.
+  """
+  if isinstance(values, jax.core.Tracer) or not values.size:
+    return
+  lo, hi = int(jnp.min(values)), int(jnp.max(values))
+  if lo < 0 or hi >= high:
+    raise ValueError(f'{name} has values in [{lo}, {hi}], outside [0, '
+                     f'{high - 1}]. Fix: {fix}')
+
+
 def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
                   cond_codes: Sequence[Array], labels: Optional[Array],
                   mesh: Optional[Mesh] = None
@@ -289,6 +306,9 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
     if x.ndim != 3 or x.shape[0] != shape[0]:
       raise ValueError(f'cond_codes[{j}] has shape {x.shape}; expected '
                        f'[{shape[0]}, h_{j}, w_{j}].')
+    _check_range(f'cond_codes[{j}]', x, model.cond_num_embeddings[j],
+                 'pass codes of the level above, each below its codebook '
+                 f'size {model.cond_num_embeddings[j]}.')
   if model.num_classes:
     if labels is None:
       # The "no label" index: the unconditional path of a label-dropout model.
@@ -297,6 +317,10 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
     if labels.shape != (shape[0],):
       raise ValueError(f'labels has shape {labels.shape}; expected '
                        f'({shape[0]},).')
+    _check_range('labels', labels, model.num_classes + 1,
+                 f'use class indices 0..{model.num_classes - 1}, or '
+                 f'{model.num_classes} (or labels=None) for the unconditional '
+                 'path; -1 is not "no label".')
   elif labels is not None:
     raise ValueError('labels given to a prior built with num_classes=0.')
   return shape, cond_codes, labels
