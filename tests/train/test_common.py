@@ -71,7 +71,7 @@ def _batches(start_step):
     yield {'x': x, 'y': x @ _TRUE_W}
 
 
-def _run(directory, num_steps, init_calls, evaluations):
+def _run(directory, num_steps, init_calls, evaluations, keep=1):
   mesh = parallel.create_mesh(devices=jax.devices()[:1])
   progs = _toy_programs(mesh, init_calls)
 
@@ -84,7 +84,7 @@ def _run(directory, num_steps, init_calls, evaluations):
       name='toy', directory=str(directory), fingerprint={'model': 'toy'},
       programs=progs, init_rng=jax.random.PRNGKey(3),
       cadence=common.Cadence(num_steps=num_steps, log_every=2, eval_every=4,
-                             checkpoint_every=2, keep_checkpoints=1),
+                             checkpoint_every=2, keep_checkpoints=keep),
       train_iterator=lambda start: _batches(start), evaluate=evaluate,
       nan_fix='lower the toy rate',
       final_metrics=lambda final: {'twice_step': 2 * final['step']}))
@@ -120,13 +120,44 @@ def test_run_training_inits_resumes_and_reruns(tmp_path):
   assert resumed['eval/error'] == uninterrupted['eval/error']
   assert resumed['train/loss'] == uninterrupted['train/loss']
 
-  # A finished run only evaluates, and keeps the figures of the run that
-  # trained.
+  # A finished run is only read: nothing evaluated, built or written (the
+  # TensorBoard directory and metrics.json are untouched).
   calls, evals = [], []
+  before = {p: os.stat(whole / p).st_mtime_ns for p in os.listdir(whole)}
   again = _run(whole, 6, calls, evals)
+  assert calls == [] and evals == []
+  assert again == uninterrupted
+  assert {p: os.stat(whole / p).st_mtime_ns
+          for p in os.listdir(whole)} == before
+
+
+def _strict_json(path):
+  def refuse(constant):
+    raise ValueError(f'{constant} is not JSON')
+  with open(path) as f:
+    return json.load(f, parse_constant=refuse)
+
+
+def test_kill_between_last_checkpoint_and_metrics(tmp_path):
+  # An uninterrupted run, and one killed after its last checkpoint but
+  # before metrics.json, with one checkpoint too many left (keep_checkpoints
+  # would have deleted it after the save).
+  uninterrupted = _run(tmp_path / 'whole', 6, [], [], keep=2)
+  killed = tmp_path / 'killed'
+  _run(killed, 6, [], [], keep=None)
+  os.remove(killed / 'metrics.json')
+  assert sorted(os.listdir(killed / 'checkpoints')) == ['2', '4', '6']
+  calls, evals = [], []
+  rerun = _run(killed, 6, calls, evals, keep=2)
   assert _real_inits(calls) == 0 and evals == [(6, True)]
-  for key in ('steps_per_sec', 'train/loss', 'eval/error'):
-    assert again[key] == uninterrupted[key], key
+  written = _strict_json(killed / 'metrics.json')  # No NaN, no Infinity.
+  assert written == pytest.approx(rerun)
+  assert sorted(os.listdir(killed / 'checkpoints')) == ['4', '6']
+  # Complete: every figure of an uninterrupted run, training ones included.
+  assert set(written) == set(uninterrupted)
+  assert written['steps_per_sec'] is not None and written['steps_per_sec'] > 0
+  for key in ('train/loss', 'train/learning_rate', 'eval/error', 'step'):
+    assert written[key] == pytest.approx(uninterrupted[key]), key
 
 
 def test_restore_target_is_abstract_with_shardings():

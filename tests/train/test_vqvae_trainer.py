@@ -140,14 +140,11 @@ def test_end_to_end_writes_checkpoints_metrics_and_images(finished_run):
   assert any(p.name.startswith('events.out.tfevents') for p in out.iterdir())
 
 
-def test_rerun_of_finished_run_only_evaluates(finished_run):
+def test_rerun_of_finished_run_only_reads(finished_run):
   config, workdir, metrics = finished_run
   again = vqvae_trainer.train_and_evaluate(config, workdir)
-  assert again['step'] == metrics['step']
-  # Kept from the run that trained.
-  assert again['steps_per_sec'] == metrics['steps_per_sec'] > 0
-  for key in ('eval/mse', 'eval/used_fraction_level0', 'train/loss'):
-    assert again[key] == pytest.approx(metrics[key], rel=1e-6)
+  assert again == pytest.approx(metrics)
+  assert again['steps_per_sec'] > 0
   ckpts = vqvae_trainer.stage_dir(workdir) / 'checkpoints'
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == [
       '3', '6']

@@ -317,7 +317,8 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
                run_eval: Callable[[int, Any, bool], dict[str, Any]],
                manager: Any, fingerprint: Mapping[str, Any],
                writer: metric_writers.MetricWriter,
-               pending: StepMetrics, nan_fix: str) -> LoopResult:
+               pending: StepMetrics, nan_fix: str,
+               progress_path: Optional[str] = None) -> LoopResult:
   """The training loop of every stage: steps, logs, evaluations, checkpoints.
 
   Steps `start_step + 1 .. num_steps`; logs the training metrics every
@@ -339,6 +340,9 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
     writer, pending: the metric writer and the held per-step metrics.
     nan_fix: what the non-finite error suggests (e.g. which learning rate to
       lower).
+    progress_path: where the training figures so far (last train summary,
+      steps/s, evaluation seconds) are written with every checkpoint, for a
+      rerun after a kill before metrics.json; None writes nothing.
   """
   progress = create_progress(num_steps, writer, log_every)
   eval_metrics, train_summary, eval_seconds = None, {}, 0.0
@@ -367,6 +371,13 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       eval_seconds += time.time() - eval_start
     if do_save:
       checkpoints.save(manager, step, state, fingerprint)
+      if progress_path is not None:
+        done = step - start_step
+        seconds = time.time() - loop_start - eval_seconds
+        write_json(progress_path, {
+            'step': step, 'steps_per_sec': done / seconds if seconds > 0
+            else None, 'eval_time_s': eval_seconds,
+            **scalars(train_summary, 'train')})
   return LoopResult(
       state=state, eval_metrics=eval_metrics, train_summary=train_summary,
       steps=max(num_steps - start_step, 0),
@@ -472,15 +483,27 @@ def run_training(stage: Stage) -> dict[str, Any]:
     evaluation's, 'train/...' of the last log interval, 'step',
     'wall_time_s' (this call), 'steps_per_sec' (training steps per second of
     wall time, evaluations excluded, compilation included) and
-    'eval_time_s', plus `stage.final_metrics`. When nothing was left to
-    train, the stage is evaluated again and the training figures of the run
-    that trained are kept.
+    'eval_time_s', plus `stage.final_metrics`.
+
+    A finished stage (its last checkpoint and a complete metrics.json on
+    disk) is only read: nothing is evaluated, opened for writing or written,
+    so a finished workdir can be shared read-only. A stage whose last
+    checkpoint was saved but whose metrics.json was not (a kill in between)
+    is evaluated again, and its training figures come from progress.json,
+    written with every checkpoint.
   """
   start_time = time.time()
   cadence = stage.cadence
   metrics_path = os.path.join(os.fspath(stage.directory), 'metrics.json')
+  progress_path = os.path.join(os.fspath(stage.directory), 'progress.json')
+  finished = _finished_metrics(stage, metrics_path)
+  if finished is not None:
+    logging.info('%s: finished at step %d; metrics in %s (nothing to do).',
+                 stage.name, cadence.num_steps, metrics_path)
+    return finished
   manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
                                        max_to_keep=cadence.keep_checkpoints)
+  _prune(manager, cadence.keep_checkpoints)
   writer = create_writer(os.fspath(stage.directory))
   try:
     # Resume order: the state (params, other variables, optimizer, RNG) from
@@ -509,11 +532,15 @@ def run_training(stage: Stage) -> dict[str, Any]:
         checkpoint_every=cadence.checkpoint_every, run_eval=run_eval,
         manager=manager, fingerprint=stage.fingerprint, writer=writer,
         pending=StepMetrics(sum_prefixes=stage.sum_prefixes),
-        nan_fix=stage.nan_fix)
+        nan_fix=stage.nan_fix, progress_path=progress_path)
     eval_metrics = loop.eval_metrics
     if eval_metrics is None:  # Nothing left to train: evaluate what we have.
       eval_metrics = run_eval(start_step, loop.state, True)
-      final = files.read_json(metrics_path) or {}
+      # The training figures of the run that trained (saved with its last
+      # checkpoint); metrics.json is missing or incomplete here.
+      final = (files.read_json(metrics_path) or
+               files.read_json(progress_path) or {})
+      final.pop('step', None)
     else:
       final = {'steps_per_sec': loop.steps_per_sec,
                'eval_time_s': loop.eval_seconds}
@@ -529,6 +556,42 @@ def run_training(stage: Stage) -> dict[str, Any]:
     manager.wait_until_finished()
     manager.close()
     writer.flush()
+
+
+def _finished_metrics(stage: Stage, metrics_path: str
+                      ) -> Optional[dict[str, Any]]:
+  """metrics.json of a stage finished at its last step, else None.
+
+  Reads only: the newest checkpoint step comes from a read-only manager
+  (when the directory exists), metrics.json must be valid, at the last step,
+  and hold the training figures.
+  """
+  metrics = files.read_json(metrics_path)
+  if not metrics or metrics.get('step') != stage.cadence.num_steps or not any(
+      k.startswith('train/') for k in metrics) or 'steps_per_sec' not in (
+          metrics):
+    return None
+  directory = checkpoint_dir(stage.directory)
+  if not os.path.isdir(directory):
+    return None
+  with checkpoints.create_manager(directory, read_only=True) as manager:
+    if manager.latest_step() != stage.cadence.num_steps:
+      return None
+  return metrics
+
+
+def _prune(manager: Any, keep: Optional[int]) -> None:
+  """Deletes all but the newest `keep` checkpoints.
+
+  A kill between a save and orbax's deletion of the oldest checkpoint leaves
+  one too many; a resumed run that saves nothing more would keep it.
+  """
+  if keep is None:
+    return
+  steps = sorted(manager.all_steps())
+  for step in steps[:-keep] if len(steps) > keep else []:
+    logging.info('Deleting checkpoint %d (keep_checkpoints=%d).', step, keep)
+    manager.delete(step)
 
 
 def create_writer(logdir: str) -> metric_writers.MetricWriter:
