@@ -16,6 +16,7 @@ import pytest
 
 from configs import fashion_mnist
 from vqvae2_jax import builders
+from vqvae2_jax import errors
 from vqvae2_jax import generate
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
@@ -296,3 +297,19 @@ def test_samples_grid_shows_at_most_ten_per_class(workdir, tmp_path):
   assert len(np.load(os.path.join(meta['dir'], 'codes.npz'))['labels']) == 120
   with Image.open(os.path.join(meta['dir'], 'samples.png')) as grid:
     assert grid.size == (10 * 34 + 2, 10 * 34 + 2)
+
+
+def test_sampling_into_an_unwritable_workdir_fails_before_sampling(
+    workdir, tmp_path, monkeypatch):
+  copy = tmp_path / 'unwritable'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'samples')
+  (copy / 'samples').write_text('not a directory')  # Unwritable, even as root.
+  sampled = []
+  monkeypatch.setattr(sampling, 'sample_hierarchy',
+                      lambda *a, **k: sampled.append(1))
+  with pytest.raises(errors.WorkdirError) as info:
+    stages.run('sample', _tiny_config(), str(copy))
+  assert str(copy / 'samples') in str(info.value)
+  assert 'Fix:' in str(info.value)
+  assert not sampled

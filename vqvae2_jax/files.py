@@ -11,9 +11,42 @@ from collections.abc import Callable, Mapping
 import json
 import math
 import os
+import tempfile
 from typing import Any, BinaryIO
 
+from vqvae2_jax import errors
+
 _TMP_SUFFIX = '.tmp'
+
+
+def ensure_writable(directory: str, what: str) -> None:
+  """Creates `directory` if needed and checks that a file can be written.
+
+  Stages call it before their work, so that a workdir they cannot write
+  fails in a second, not after hours of sampling. Remote paths (gs://...)
+  are left to the writes themselves.
+
+  Args:
+    directory: where the stage will write.
+    what: what it writes there, for the message (e.g. 'samples').
+
+  Raises:
+    errors.WorkdirError: naming the path, the cause and the fix.
+  """
+  directory = os.fspath(directory)
+  if '://' in directory:
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix='.write_check_', dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise errors.WorkdirError(
+        f'Cannot write {what} to {directory}: {e.strerror or e}. Fix: pass a '
+        '--workdir you can write to (a finished stage only reads, so a '
+        'read-only workdir can be copied or its finished stages reused), or '
+        'fix its permissions or free space.') from e
 
 
 def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:

@@ -159,6 +159,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Samples already in %s; skipping.', out_dir)
     return meta
 
+  # Before any sampling: a workdir that cannot take the samples fails now.
+  files.ensure_writable(os.path.dirname(out_dir), 'samples')
   classifier_info = None
   if per_candidate > 1 and scorer is None:
     # Before any sampling: a missing classifier fails here, naming its mode.

@@ -311,6 +311,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   start = time.time()
   mesh = parallel.create_mesh(config.mesh)
   out_dir = eval_dir(workdir)
+  files.ensure_writable(out_dir, 'the evaluation report')
   priors = _prior_rows(config, workdir)
   vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
   features, about = feature_fn(config, workdir, mesh)

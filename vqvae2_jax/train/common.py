@@ -501,6 +501,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
     logging.info('%s: finished at step %d; metrics in %s (nothing to do).',
                  stage.name, cadence.num_steps, metrics_path)
     return finished
+  files.ensure_writable(stage.directory, 'checkpoints and metrics')
   manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
                                        max_to_keep=cadence.keep_checkpoints)
   _prune(manager, cadence.keep_checkpoints)

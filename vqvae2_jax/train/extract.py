@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from vqvae2_jax import builders
+from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
@@ -150,6 +151,7 @@ def extract_codes(config: ml_collections.ConfigDict,
                      'shard_size': shard_size}
               for role, split in sources.items()})
   out_dir = codes_dir(workdir)
+  files.ensure_writable(out_dir, 'codes')
   todo = codes_lib.prepare_directory(out_dir, plan)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('codes: directory prepared')
