@@ -5,6 +5,7 @@ it promises every stage (restore-or-init, resume, metrics.json, a rerun of
 a finished run) is checked apart from any model.
 """
 
+import errno
 import json
 import os
 from typing import Any, Callable, NamedTuple
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.train import common
 
@@ -230,3 +232,31 @@ def test_write_json_writes_nan_as_null(tmp_path):
   common.write_json(path, {'a': float('nan'), 'b': 1.5})
   with open(path) as f:
     assert json.load(f) == {'a': None, 'b': 1.5}
+
+
+def test_a_full_disk_is_one_message_and_the_last_checkpoint_restores(
+    tmp_path, monkeypatch):
+  save = common.checkpoints.save
+
+  def save_until_full(manager, step, state, fingerprint):
+    if step >= 4:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                    str(tmp_path / 'full' / 'checkpoints' / str(step)))
+    save(manager, step, state, fingerprint)
+
+  monkeypatch.setattr(common.checkpoints, 'save', save_until_full)
+  with pytest.raises(errors.WorkdirError) as info:
+    _run(tmp_path / 'full', 6, [], [])
+  message = str(info.value)
+  assert 'The disk is full' in message and str(tmp_path / 'full') in message
+  assert 'newest intact checkpoint is step 2' in message
+  assert 'Fix: free space' in message
+  assert not (tmp_path / 'full' / 'metrics.json').exists()
+  # Space freed: the rerun resumes from step 2 and ends where an
+  # uninterrupted run does.
+  monkeypatch.setattr(common.checkpoints, 'save', save)
+  calls = []
+  resumed = _run(tmp_path / 'full', 6, calls, [])
+  assert _real_inits(calls) == 0
+  uninterrupted = _run(tmp_path / 'whole', 6, [], [])
+  assert resumed['eval/error'] == uninterrupted['eval/error']

@@ -13,6 +13,7 @@ which model it trains.
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import dataclasses
+import errno
 import math
 import os
 import time
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 from vqvae2_jax import checkpoints
+from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
 
@@ -553,10 +555,40 @@ def run_training(stage: Stage) -> dict[str, Any]:
     write_json(metrics_path, final)
     logging.info('%s final metrics: %s', stage.name, final)
     return final
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise _disk_full(stage.directory, manager, e) from None
   finally:
+    try:
+      manager.wait_until_finished()
+      manager.close()
+      writer.flush()
+    except OSError as e:  # A save still in flight when the disk filled up.
+      if e.errno != errno.ENOSPC:
+        raise
+      logging.warning('An unfinished save failed: %s', e)
+
+
+def _disk_full(directory: str, manager: Any, error: OSError
+               ) -> errors.WorkdirError:
+  """The one message of a full disk: where, and what is still intact."""
+  try:  # Saves in flight finish (or fail) first; only finished ones count.
     manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    manager.reload()
+    steps = sorted(manager.all_steps())
+  except Exception:  # pylint: disable=broad-except
+    steps = []
+  intact = (f'the newest intact checkpoint is step {steps[-1]} and a rerun '
+            'resumes from it' if steps else 'no checkpoint had been written')
+  return errors.WorkdirError(
+      f'The disk is full writing to {directory} ({error.filename or ""} '
+      f'{error.strerror}); {intact}. Fix: free space on that disk (or point '
+      '--workdir elsewhere after copying it), then run the same command '
+      'again.')
 
 
 def _finished_metrics(stage: Stage, metrics_path: str
