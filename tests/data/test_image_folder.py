@@ -233,3 +233,24 @@ def test_process_shares_are_disjoint(folder, monkeypatch, train):
   assert sizes == ([5, 5, 5] if train else [6, 6, 5])
   covered = np.concatenate([np.arange(a, b) for a, b in shares])
   assert len(set(covered)) == len(covered) == sum(sizes)
+
+
+def test_symlinks_never_multiply_files_or_leak_across_slices(tmp_path):
+  rng = np.random.default_rng(2)
+  root = tmp_path / 'images'
+  os.makedirs(root / 'sub')
+  for i in range(6):
+    _rgb(rng, 8, 8).save(root / f'{i}.png')
+  for i in range(4):
+    _rgb(rng, 8, 8).save(root / 'sub' / f'{i}.png')
+  os.symlink(root, root / 'loop')  # A loop back to the top.
+  os.symlink(root / 'sub', root / 'sub_again')  # A second way in.
+  os.symlink(root / '0.png', root / 'copy_of_0.png')  # A linked file.
+  whole = image_folder.load_split(str(root), 'train', 0)
+  assert len(whole) == 10
+  assert len({os.path.realpath(p) for p in whole.paths}) == 10
+  head = image_folder.load_split(str(root), 'train[:-3]', 0)
+  tail = image_folder.load_split(str(root), 'train[-3:]', 0)
+  assert len(head) == 7 and len(tail) == 3
+  real = lambda split: {os.path.realpath(p) for p in split.paths}  # pylint: disable=unnecessary-lambda-assignment
+  assert not real(head) & real(tail)

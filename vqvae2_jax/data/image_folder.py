@@ -166,14 +166,35 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
 
 
 def _list_images(directory: str) -> list[str]:
-  """Relative paths of the files with image extensions, hidden ones left out."""
-  found = []
+  """Relative paths of the files with image extensions, hidden ones left out.
+
+  Symbolic links are followed (class directories are often links), but
+  every real directory is walked once and every real file listed once: a
+  link loop or a second link to the same files would otherwise multiply
+  the data, and a sliced split (train[:-64] / train[-64:]) would share
+  files with its complement. The first path in sorted walk order wins.
+  """
+  found, seen_dirs, seen_files, duplicates = [], set(), set(), 0
   for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    real_dir = os.path.realpath(dirpath)
+    if real_dir in seen_dirs:
+      dirnames[:] = []
+      continue
+    seen_dirs.add(real_dir)
     dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
     rel = os.path.relpath(dirpath, directory)
     for f in sorted(filenames):
       if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS):
+        real_file = os.path.realpath(os.path.join(dirpath, f))
+        if real_file in seen_files:
+          duplicates += 1
+          continue
+        seen_files.add(real_file)
         found.append(f if rel == '.' else os.path.join(rel, f))
+  if duplicates:
+    logging.warning('Image folder %s: %d path(s) led to files already listed '
+                    '(symbolic links); each file is used once.', directory,
+                    duplicates)
   return found
 
 
