@@ -2,6 +2,8 @@
 
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -14,6 +16,9 @@ from vqvae2_jax import parallel
 from vqvae2_jax.data import image_folder
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import tfds_prepare
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 def _rgb(rng, h, w):
@@ -254,3 +259,27 @@ def test_symlinks_never_multiply_files_or_leak_across_slices(tmp_path):
   assert len(head) == 7 and len(tail) == 3
   real = lambda split: {os.path.realpath(p) for p in split.paths}  # pylint: disable=unnecessary-lambda-assignment
   assert not real(head) & real(tail)
+
+
+def test_a_split_of_undecodable_files_ends_the_run_with_its_message(
+    tmp_path):
+  # Headers read (the scan keeps them), pixel data is cut short: every
+  # decode fails inside tf.data's worker threads, which used to hang.
+  folder = tmp_path / 'truncated'
+  os.makedirs(folder)
+  _rgb(np.random.default_rng(3), 160, 160).save(tmp_path / 'full.jpg',
+                                                quality=95)
+  data = (tmp_path / 'full.jpg').read_bytes()
+  for i in range(10):
+    (folder / f'{i}.jpg').write_bytes(data[:len(data) // 3])
+  result = subprocess.run(
+      [sys.executable, '-m', 'vqvae2_jax.main',
+       '--config=configs/fashion_mnist.py:tiny',
+       '--config.data.name=image_folder',
+       f'--config.data.image_folder={folder}', '--config.data.num_classes=0',
+       f'--workdir={tmp_path / "w"}', '--mode=vqvae'],
+      cwd=_ROOT, capture_output=True, text=True, timeout=240)
+  assert result.returncode == 1, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('Error: No image of the split could be decoded')
+  assert 'Fix:' in last

@@ -297,5 +297,29 @@ class SafeReader:
         if first_time:
           logging.warning('Skipping unreadable image %s (%s: %s); %d such '
                           'file(s) so far.', path, type(e).__name__, e, count)
-    raise tfds_prepare.DataNotFoundError(
-        f'No image of the split could be decoded ({n} files).')
+    # Raising here, inside a tf.data worker thread, leaves the process hung
+    # while the iterator is torn down; record the error for
+    # `raise_if_unreadable` (called by the batch loop on the main thread)
+    # and hand tf.data a placeholder.
+    error = tfds_prepare.DataNotFoundError(
+        f'No image of the split could be decoded: all {n} files of '
+        f'{os.path.dirname(self._paths[0]) if n else "the split"} fail to '
+        f'decode (e.g. {self._paths[index % n] if n else "-"}). Fix: check '
+        'the files (truncated or corrupt?) or point '
+        '--config.data.image_folder at readable images.')
+    with _UNREADABLE_LOCK:
+      _UNREADABLE.append(error)
+    return np.zeros((1, 1, self._channels), np.uint8)
+
+
+_UNREADABLE: list[Exception] = []
+_UNREADABLE_LOCK = threading.Lock()
+
+
+def raise_if_unreadable() -> None:
+  """Raises the first split-wide decode failure any reader recorded."""
+  with _UNREADABLE_LOCK:
+    if _UNREADABLE:
+      error = _UNREADABLE[0]
+      _UNREADABLE.clear()
+      raise error

@@ -466,6 +466,9 @@ def _global_batches(ds: tf.data.Dataset, mesh: Mesh) -> Iterator[Batch]:
   """Lays out each process-local numpy batch as global sharded arrays."""
   def batches():
     for batch in ds.as_numpy_iterator():
+      # A split whose files all fail to decode ends the run here, on the
+      # main thread (see image_folder.SafeReader).
+      image_folder.raise_if_unreadable()
       if isinstance(batch, tuple):
         batch = {'image': batch[0], 'label': batch[1]}
       yield parallel.shard_batch(batch, mesh)
