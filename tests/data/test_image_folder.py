@@ -283,3 +283,26 @@ def test_a_split_of_undecodable_files_ends_the_run_with_its_message(
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('Error: No image of the split could be decoded')
   assert 'Fix:' in last
+
+
+def test_extreme_aspect_ratios_cost_bounded_memory(tmp_path):
+  strip = np.random.default_rng(4).integers(0, 256, (1, 150_000, 3), np.uint8)
+  Image.fromarray(strip, 'RGB').save(tmp_path / 'strip.png')
+  image = image_folder.read_image(str(tmp_path / 'strip.png'), 3)
+  # The centre, 4 times as long as it is high: resizing it to 32 pixels
+  # high makes 32 x 128, not 32 x 4.8 million.
+  assert image.shape == (1, 4, 3)
+  np.testing.assert_array_equal(image, strip[:, 74_998:75_002])
+  tall = np.zeros((50, 10, 1), np.uint8)
+  assert image_folder.bound_aspect(tall).shape == (40, 10, 1)
+  square = np.zeros((30, 20, 3), np.uint8)
+  assert image_folder.bound_aspect(square) is square
+  # Through the pipeline: a batch of the right shape.
+  os.makedirs(tmp_path / 'folder')
+  os.rename(tmp_path / 'strip.png', tmp_path / 'folder' / 'strip.png')
+  _rgb(np.random.default_rng(5), 16, 16).save(tmp_path / 'folder' / 'ok.png')
+  config = _config(str(tmp_path / 'folder'), num_classes=0, image_size=32)
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  batch = next(input_pipeline.create_eval_iterator(
+      config, split='train', global_batch_size=2, mesh=mesh))
+  assert _host(batch)['image'].shape == (2, 32, 32, 3)

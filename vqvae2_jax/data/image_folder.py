@@ -256,7 +256,29 @@ def read_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
     if min_size and image.format == 'JPEG':
       image.draft('L' if channels == 1 else 'RGB', (min_size, min_size))
     image.load()
-    return to_array(image, channels)
+    return bound_aspect(to_array(image, channels))
+
+
+# Images are resized so that their shorter side is the image size, then
+# centre-cropped: a 1 x 150,000 strip would become 32 x 4.8M pixels first.
+MAX_ASPECT = 4
+
+
+def bound_aspect(image: np.ndarray, max_aspect: int = MAX_ASPECT
+                 ) -> np.ndarray:
+  """The centre of `image` [h, w, c], its longer side cut to max_aspect
+  times the shorter (a view; images within the ratio are returned as they
+  are). The centre crop that follows keeps a square anyway, so only the
+  part no crop could reach is dropped; memory stays bounded by the ratio."""
+  h, w = image.shape[:2]
+  short = max(min(h, w), 1)
+  if h > max_aspect * short:
+    top = (h - max_aspect * short) // 2
+    return image[top:top + max_aspect * short]
+  if w > max_aspect * short:
+    left = (w - max_aspect * short) // 2
+    return image[:, left:left + max_aspect * short]
+  return image
 
 
 class SafeReader:
