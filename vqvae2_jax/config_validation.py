@@ -30,7 +30,10 @@ def known_dataset(name: str) -> bool:
   if name == 'image_folder':
     return True
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return name.split(':')[0].split('/')[0] in tfds.list_builders()
+  # The registered builders only: the community list is fetched from
+  # gs://, which prints credential warnings on machines without them.
+  return name.split(':')[0].split('/')[0] in tfds.list_builders(
+      with_community_datasets=False)
 
 
 def num_levels(config: ml_collections.ConfigDict) -> int:

@@ -306,3 +306,23 @@ def test_extreme_aspect_ratios_cost_bounded_memory(tmp_path):
   batch = next(input_pipeline.create_eval_iterator(
       config, split='train', global_batch_size=2, mesh=mesh))
   assert _host(batch)['image'].shape == (2, 32, 32, 3)
+
+
+def test_scan_counts_other_files_and_notes_animated_images(tmp_path, caplog):
+  folder = tmp_path / 'mixed'
+  os.makedirs(folder)
+  rng = np.random.default_rng(6)
+  for i in range(3):
+    _rgb(rng, 8, 8).save(folder / f'{i}.png')
+  (folder / 'notes.txt').write_text('not an image')
+  (folder / 'labels.csv').write_text('a,b')
+  frames = [_rgb(rng, 8, 8) for _ in range(3)]
+  frames[0].save(folder / 'anim.gif', save_all=True, append_images=frames[1:])
+  with caplog.at_level(logging.INFO):
+    split = image_folder.load_split(str(folder), 'train', 0)
+    assert len(split) == 4
+    image = image_folder.read_image(str(folder / 'anim.gif'), 3)
+  assert image.shape == (8, 8, 3)
+  text = caplog.text
+  assert 'ignored 2 file(s) without an image extension' in text
+  assert 'read as their first frame' in text

@@ -139,6 +139,8 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
 
   readable = _readable(directory, files)
   skipped = sorted(set(files) - set(readable))
+  for path in skipped:  # Every one in the log; the warning counts them.
+    logging.info('Image folder %s: unreadable, skipped: %s', directory, path)
   if skipped:
     logging.warning(
         'Image folder %s: skipped %d unreadable file(s) of %d: %s%s',
@@ -175,6 +177,7 @@ def _list_images(directory: str) -> list[str]:
   files with its complement. The first path in sorted walk order wins.
   """
   found, seen_dirs, seen_files, duplicates = [], set(), set(), 0
+  other = []  # Visible files without an image extension.
   for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
     real_dir = os.path.realpath(dirpath)
     if real_dir in seen_dirs:
@@ -191,6 +194,12 @@ def _list_images(directory: str) -> list[str]:
           continue
         seen_files.add(real_file)
         found.append(f if rel == '.' else os.path.join(rel, f))
+      elif not f.startswith('.'):
+        other.append(f if rel == '.' else os.path.join(rel, f))
+  if other:
+    logging.warning('Image folder %s: ignored %d file(s) without an image '
+                    'extension %s (e.g. %s).', directory, len(other),
+                    IMAGE_EXTENSIONS, other[0])
   if duplicates:
     logging.warning('Image folder %s: %d path(s) led to files already listed '
                     '(symbolic links); each file is used once.', directory,
@@ -255,8 +264,15 @@ def read_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
   with Image.open(path) as image:
     if min_size and image.format == 'JPEG':
       image.draft('L' if channels == 1 else 'RGB', (min_size, min_size))
+    if getattr(image, 'is_animated', False) and not _WARNED_ANIMATED:
+      _WARNED_ANIMATED.append(path)
+      logging.warning('Animated images (the first: %s) are read as their '
+                      'first frame.', path)
     image.load()
     return bound_aspect(to_array(image, channels))
+
+
+_WARNED_ANIMATED: list[str] = []  # Said once per process.
 
 
 # Images are resized so that their shorter side is the image size, then
