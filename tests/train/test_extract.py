@@ -1,6 +1,7 @@
 """Code extraction (--mode=codes): content, atomic resume, provenance."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -142,3 +143,22 @@ def test_codes_from_a_different_vqvae_are_refused(config, tmp_path,
 def test_missing_stage1_checkpoint_says_what_to_run(config, tmp_path):
   with pytest.raises(FileNotFoundError, match='--mode=vqvae'):
     extract.extract_codes(config, str(tmp_path))
+
+
+def test_a_finished_extraction_is_only_read(config, reference, tmp_path,
+                                            monkeypatch):
+  workdir, files = reference
+  copy = tmp_path / 'finished'
+  shutil.copytree(workdir, copy)
+  codes = extract.codes_dir(str(copy))
+  before = {p: os.stat(os.path.join(codes, p)).st_mtime_ns for p in files}
+
+  def no_writes(*args, **kwargs):
+    raise AssertionError('a finished extraction wrote a file')
+  monkeypatch.setattr(extract.files, 'ensure_writable', no_writes)
+  monkeypatch.setattr(codes_lib.files, 'write_json', no_writes)
+  result = extract.extract_codes(config, str(copy))
+  assert result['vqvae_step'] == 1 and result['num_examples_train'] == 96
+  assert {p: os.stat(os.path.join(codes, p)).st_mtime_ns
+          for p in files} == before
+  assert _files(codes) == files

@@ -171,6 +171,20 @@ def prepare_directory(codes_dir: str, plan: Mapping[str, Any]
   return todo
 
 
+def is_complete(codes_dir: str, plan: Mapping[str, Any]) -> bool:
+  """Whether `codes_dir` holds a finished extraction of exactly `plan`.
+
+  Reads only (a finished extraction may sit in a read-only workdir).
+  """
+  plan = files.normalise_json(plan)
+  if (files.read_json(os.path.join(codes_dir, PLAN)) != plan or
+      not os.path.exists(os.path.join(codes_dir, MANIFEST))):
+    return False
+  return all(os.path.exists(shard_path(codes_dir, role, i, info['num_shards']))
+             for role, info in plan['splits'].items()
+             for i in range(info['num_shards']))
+
+
 def finalize(codes_dir: str, plan: Mapping[str, Any]) -> None:
   """Marks the extraction complete by writing the manifest (last)."""
   for role, info in files.normalise_json(plan)['splits'].items():

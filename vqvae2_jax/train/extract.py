@@ -151,6 +151,13 @@ def extract_codes(config: ml_collections.ConfigDict,
                      'shard_size': shard_size}
               for role, split in sources.items()})
   out_dir = codes_dir(workdir)
+  if codes_lib.is_complete(out_dir, plan):  # Read only: nothing to write.
+    logging.info('Codes in %s are complete for VQ-VAE step %d; nothing to '
+                 'do.', out_dir, step)
+    return {'vqvae_step': step, 'extract_time_s': 0.0,
+            'wall_time_s': time.time() - start_time,
+            **{f'num_examples_{role}': info['num_examples']
+               for role, info in plan['splits'].items()}}
   files.ensure_writable(out_dir, 'codes')
   todo = codes_lib.prepare_directory(out_dir, plan)
   if jax.process_count() > 1:
