@@ -321,13 +321,18 @@ def _check_probs(probs: Any) -> np.ndarray:
   return p
 
 
-def inception_score(probs: Any, num_splits: int = 10) -> MeanStd:
+def inception_score(probs: Any, num_splits: int = 10,
+                    shuffle_seed: int | None = None) -> MeanStd:
   """Inception Score exp(E_x KL(p(y|x) || p(y))), per split of the rows.
 
   Args:
     probs: float [n, C], a classifier's softmax for each sample.
     num_splits: the rows are cut, in order, into this many near-equal
       splits; p(y) is each split's mean prediction.
+    shuffle_seed: when given, the rows are permuted with this seed first.
+      Samples drawn class by class must be: cut in order, each split would
+      hold one class, its p(y) would match every p(y|x) and the score would
+      be about 1 however good the samples.
 
   Returns:
     MeanStd over splits. 1 <= score <= C: C for confident predictions
@@ -339,6 +344,8 @@ def inception_score(probs: Any, num_splits: int = 10) -> MeanStd:
     raise ValueError(
         f'num_splits={num_splits} for {len(p)} rows. Fix: use between 1 and '
         'the number of samples.')
+  if shuffle_seed is not None:
+    p = p[np.random.default_rng(shuffle_seed).permutation(len(p))]
   scores = []
   for part in np.array_split(p, num_splits):
     marginal = part.mean(axis=0, keepdims=True)
