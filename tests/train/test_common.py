@@ -260,3 +260,30 @@ def test_a_full_disk_is_one_message_and_the_last_checkpoint_restores(
   assert _real_inits(calls) == 0
   uninterrupted = _run(tmp_path / 'whole', 6, [], [])
   assert resumed['eval/error'] == uninterrupted['eval/error']
+
+
+def test_final_metrics_count_the_undecodable_images_of_the_run(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'bad.png').write_bytes(b'not an image at all')
+  Image.new('RGB', (4, 4)).save(tmp_path / 'good.png')
+  reader = image_folder.SafeReader(
+      (str(tmp_path / 'bad.png'), str(tmp_path / 'good.png')), channels=3)
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+
+  def batches(start):
+    for batch in _batches(start):
+      reader(0)  # The bad file, replaced by the good one each time.
+      yield batch
+
+  metrics = common.run_training(common.Stage(
+      name='toy', directory=str(tmp_path / 'run'), fingerprint={'m': 'toy'},
+      programs=_toy_programs(mesh, []), init_rng=jax.random.PRNGKey(3),
+      cadence=common.Cadence(num_steps=2, log_every=2, eval_every=2,
+                             checkpoint_every=2, keep_checkpoints=1),
+      train_iterator=batches, evaluate=lambda step, state, last: {},
+      nan_fix='-'))
+  assert metrics['data/undecodable_files'] == 1
+  # A later run without decode failures reports none.
+  clean = _run(tmp_path / 'clean', 2, [], [])
+  assert 'data/undecodable_files' not in clean

@@ -331,6 +331,8 @@ class SafeReader:
           self.num_failures += 1
           first_time = path not in self._failed
           self._failed.add(path)
+          with _UNREADABLE_LOCK:
+            _FAILED_FILES.add(path)
           count = len(self._failed)
         if first_time:
           logging.warning('Skipping unreadable image %s (%s: %s); %d such '
@@ -348,6 +350,15 @@ class SafeReader:
     with _UNREADABLE_LOCK:
       _UNREADABLE.append(error)
     return np.zeros((1, 1, self._channels), np.uint8)
+
+
+_FAILED_FILES: set[str] = set()  # Every reader's, for run totals.
+
+
+def undecodable_files() -> frozenset[str]:
+  """Every file a reader of this process has failed to decode so far."""
+  with _UNREADABLE_LOCK:
+    return frozenset(_FAILED_FILES)
 
 
 _UNREADABLE: list[Exception] = []

@@ -35,6 +35,7 @@ from vqvae2_jax import checkpoints
 from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
+from vqvae2_jax.data import image_folder
 
 PyTree = Any
 
@@ -504,6 +505,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
                  stage.name, cadence.num_steps, metrics_path)
     return finished
   files.ensure_writable(stage.directory, 'checkpoints and metrics')
+  undecodable_before = image_folder.undecodable_files()
   manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
                                        max_to_keep=cadence.keep_checkpoints)
   _prune(manager, cadence.keep_checkpoints)
@@ -552,6 +554,12 @@ def run_training(stage: Stage) -> dict[str, Any]:
                   **eval_metrics, **scalars(loop.train_summary, 'train')})
     if stage.final_metrics is not None:
       final.update(stage.final_metrics(final))
+    undecodable = image_folder.undecodable_files() - undecodable_before
+    if undecodable:  # Each was named when first seen; here the total.
+      final['data/undecodable_files'] = len(undecodable)
+      logging.warning('%s: %d image file(s) could not be decoded and were '
+                      'replaced by the next file of the split.', stage.name,
+                      len(undecodable))
     write_json(metrics_path, final)
     logging.info('%s final metrics: %s', stage.name, final)
     return final
