@@ -8,7 +8,8 @@ point (rejection keep in {1, 0.5, 0.25, 0.1, 0.05} at temperature 1, then
 temperature in {0.9, 0.8, 0.7} and top-p in {0.95, 0.9} without rejection)
 draws --num_samples class-balanced samples through --mode=sample's own
 function (so each point is a sample run under workdir/samples/, reused when
-rerun), and scores them against the whole held-out split with the domain
+rerun; --samples_workdir puts them elsewhere, for a workdir that is only
+read), and scores them against the whole held-out split with the domain
 classifier's features: FID, precision, recall (k=3), Inception Score and
 class agreement. samples/s counts generation of every candidate, decoding
 and classifier scoring, per kept sample; a reused run reports the time of
@@ -45,7 +46,29 @@ _TEMPERATURES = flags.DEFINE_list('temperatures', ['1.0', '0.9', '0.8', '0.7'],
                                   'Temperatures (keep 1).')
 _TOP_PS = flags.DEFINE_list('top_ps', ['1.0', '0.95', '0.9'],
                             'Nucleus masses (keep 1).')
+_SAMPLES_WORKDIR = flags.DEFINE_string(
+    'samples_workdir', None,
+    'Where the sample runs go (default: --workdir): a workdir whose stages '
+    'are links to those of --workdir, which is then only read.')
 flags.mark_flags_as_required(['config', 'workdir', 'out'])
+
+
+def linked_workdir(workdir: str, samples_workdir: str) -> str:
+  """A workdir that reads `workdir`'s finished stages and has its own samples.
+
+  Every entry of `workdir` but samples/ is linked (the loaders only read
+  checkpoints), so sample runs are written under `samples_workdir` alone.
+
+  Returns:
+    `samples_workdir`.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(samples_workdir, exist_ok=True)
+  for name in sorted(os.listdir(workdir)):
+    link = os.path.join(samples_workdir, name)
+    if name != 'samples' and not os.path.lexists(link):
+      os.symlink(os.path.join(workdir, name), link)
+  return samples_workdir
 
 
 def points() -> list[tuple[str, float, dict[str, float]]]:
@@ -95,7 +118,7 @@ def plot(rows: list[dict[str, float]], path: str) -> None:
     draw.rectangle([x0 + margin, 30, x0 + w - 20, h - margin], outline='black')
     draw.text((x0 + margin, 8), title, fill='black')
     draw.text((x0 + w // 2 - 20, h - 20), xlabel, fill='black')
-    draw.text((x0 + 4, 30), ylabel, fill='black')
+    draw.text((x0 + 4, 12), ylabel, fill='black')  # Above the top tick.
     for frac in (0.0, 0.5, 1.0):
       xv = xlim[0] + frac * (xlim[1] - xlim[0])
       yv = ylim[0] + frac * (ylim[1] - ylim[0])
@@ -148,6 +171,8 @@ def main(argv):
   vqvae, variables, _ = loading.load_vqvae(config, workdir, mesh)
   features, about = eval_run.feature_fn(config, workdir, mesh)
   real = eval_run.held_out_stats(config, mesh, features)
+  if _SAMPLES_WORKDIR.value:
+    workdir = linked_workdir(workdir, _SAMPLES_WORKDIR.value)
   rows = []
   for knob, value, controls in points():
     point_config = config.copy_and_resolve_references()

@@ -1,5 +1,6 @@
-"""Rejection sampling's selection: candidates per sample and the running
-top-m per class (the generate-level runs are in test_pipeline.py)."""
+"""Rejection sampling's selection: candidates per sample, the running top-m
+per class, and the domain classifier's scores (the generate-level runs are
+in test_pipeline.py)."""
 
 import numpy as np
 import pytest
@@ -72,3 +73,54 @@ def test_top_per_class_unconditional_and_bad_input():
     selector.add([np.array([1, 2])], np.full(2, -1), [1.0])
   with pytest.raises(ValueError, match='No candidates'):
     sampling.TopPerClass({0: 1}).result()
+
+
+def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
+  """p(requested class | image), or max_c p(c | image) without a label."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from configs import fashion_mnist
+  from vqvae2_jax import checkpoints
+  from vqvae2_jax import generate
+  from vqvae2_jax import parallel
+  from vqvae2_jax.train import classifier_trainer
+  from vqvae2_jax.train import common
+  # pylint: enable=g-import-not-at-top
+  config = fashion_mnist.get_config('tiny')
+  mesh = parallel.create_mesh(config.mesh)
+  with pytest.raises(FileNotFoundError, match='--mode=classifier'):
+    generate.classifier_scorer(config, str(tmp_path), mesh)
+  # An untrained classifier saved as step 5: its probabilities are far from
+  # uniform enough to tell a class's probability from the maximum.
+  progs = classifier_trainer.programs(config, mesh)
+  state = progs.init(jax.random.PRNGKey(1))
+  manager = checkpoints.create_manager(
+      common.checkpoint_dir(classifier_trainer.stage_dir(str(tmp_path))),
+      async_save=False)
+  try:
+    checkpoints.save(manager, 5, state,
+                     classifier_trainer.classifier_fingerprint(config))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+  scorer, about = generate.classifier_scorer(config, str(tmp_path), mesh)
+  assert about == {
+      'step': 5,
+      'fingerprint': classifier_trainer.classifier_fingerprint(config)}
+  rng = np.random.default_rng(0)
+  n = 13  # Not a multiple of the 8 devices: the last batch is padded.
+  size, channels = config.data.image_size, config.data.channels
+  images = rng.uniform(-1, 1, (n, size, size, channels)).astype(np.float32)
+  labels = rng.integers(0, config.data.num_classes, n).astype(np.int32)
+  padded = np.zeros((16, *images.shape[1:]), np.float32)
+  padded[:n] = images
+  _, probs = progs.predict(state.params, jax.device_put(
+      padded, parallel.data_sharding(mesh)))
+  probs = np.asarray(probs, np.float64)[:n]
+  assert not np.allclose(probs[np.arange(n), labels], probs.max(axis=-1))
+  conditional = scorer(images, [], labels)
+  np.testing.assert_allclose(conditional, probs[np.arange(n), labels],
+                             rtol=1e-6)
+  np.testing.assert_allclose(scorer(images, [], None), probs.max(axis=-1),
+                             rtol=1e-6)
