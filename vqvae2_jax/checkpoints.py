@@ -9,6 +9,11 @@ not with an opaque shape error deep inside orbax.
 Saves are orbax's: asynchronous, written to a temporary directory and renamed
 when complete (atomic), older steps deleted beyond `max_to_keep`.
 
+A save that fails on a full disk is reported once, by the trainer (a
+WorkdirError naming the newest intact checkpoint); orbax's own tracebacks of
+it, from each of its threads, are kept out of the output (see
+`_hide_disk_full_tracebacks`).
+
 Trainers restore the whole state to resume. Later stages restore only the
 subtrees they need (`restore_subtrees`, e.g. 'params' and 'extra' of a
 finished VQ-VAE), so a checkpoint still loads after a training-only setting
@@ -18,6 +23,9 @@ changed.
 
 from collections.abc import Mapping
 import json
+import logging as py_logging
+import os
+import sys
 from typing import Any
 
 from absl import logging
@@ -26,9 +34,69 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vqvae2_jax import files
+
 PyTree = Any
 _STATE = 'state'
 _FINGERPRINT = 'fingerprint'
+
+
+class _DiskFullTracebackFilter(py_logging.Filter):
+  """Drops orbax's own log records of a save that failed on a full disk.
+
+  When the disk fills during an asynchronous save, orbax logs the failure
+  with its traceback from each thread that sees it (hundreds of lines, the
+  cause at the end). The trainer reports it once instead, as a WorkdirError
+  naming the newest intact checkpoint (`train.common.run_training`). With
+  debug logging (--verbosity=1) the records are kept.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if (record.levelno < py_logging.WARNING or logging.level_debug() or
+        f'{os.sep}orbax{os.sep}' not in record.pathname):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not ((error is not None and files.is_disk_full(error)) or
+                files.mentions_disk_full(record.getMessage()))
+
+
+_DISK_FULL_FILTER = _DiskFullTracebackFilter()
+
+
+def _closed_loop_hook(previous: Any) -> Any:
+  """An unraisable-exception hook that logs closed-event-loop noise only.
+
+  When a save fails (a full disk), orbax closes its event loop while
+  tensorstore still completes the writes in flight; each completion then
+  raises "Event loop is closed" where nothing can catch it, and Python
+  prints its traceback (dozens of them). The save has already failed and is
+  reported once; these go to the debug log. Everything else goes to
+  `previous`.
+  """
+
+  def hook(unraisable: Any) -> None:
+    if (unraisable.exc_type is RuntimeError and
+        str(unraisable.exc_value) == 'Event loop is closed'):
+      logging.debug('A write of an abandoned save finished after its event '
+                    'loop closed.')
+      return
+    previous(unraisable)
+
+  hook.closed_loop_hook = True
+  return hook
+
+
+def _hide_disk_full_tracebacks() -> None:
+  """Keeps a failed save's noise out of the output (not of the debug log).
+
+  Installs `_DISK_FULL_FILTER` on absl's logger (orbax logs through it) and
+  `_closed_loop_hook` as `sys.unraisablehook`, once each.
+  """
+  logger = logging.get_absl_logger()
+  if _DISK_FULL_FILTER not in logger.filters:
+    logger.addFilter(_DISK_FULL_FILTER)
+  if not getattr(sys.unraisablehook, 'closed_loop_hook', False):
+    sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
 
 
 def create_manager(directory: str, *, max_to_keep: int | None = 2,
@@ -45,6 +113,7 @@ def create_manager(directory: str, *, max_to_keep: int | None = 2,
   Returns:
     The manager; `close()` it (or use `with`) when done so pending saves finish.
   """
+  _hide_disk_full_tracebacks()
   directory = epath.Path(directory).absolute()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,

@@ -8,6 +8,7 @@ valid bytes.
 """
 
 from collections.abc import Callable, Mapping
+import errno
 import json
 import math
 import os
@@ -49,8 +50,64 @@ def ensure_writable(directory: str, what: str) -> None:
         'fix its permissions or free space.') from e
 
 
+# Disk-full errors as the OS and tensorstore (orbax's array writer) word
+# them: tensorstore raises ValueError('RESOURCE_EXHAUSTED: ... No space left
+# on device [os_error_code='28']'), not OSError.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = tuple(os.strerror(e) for e in _DISK_FULL_ERRNOS) + tuple(
+    f"os_error_code='{e}'" for e in _DISK_FULL_ERRNOS)
+
+
+def mentions_disk_full(text: str) -> bool:
+  """Whether `text` reports a full disk or quota (as OSError or tensorstore)."""
+  return any(t in text for t in _DISK_FULL_TEXTS)
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an exception it came from, is a full disk (or quota).
+
+  Orbax saves in background threads and re-raises their failures wrapped
+  (or as tensorstore's ValueError), so the chain and the text are checked,
+  not only `OSError.errno`.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return True
+    if mentions_disk_full(str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def disk_full_error(directory: str, error: BaseException,
+                    intact: str) -> errors.WorkdirError:
+  """The one message of a full disk: where, the cause, and what is intact.
+
+  Args:
+    directory: where the stage was writing.
+    error: the disk-full error (`is_disk_full(error)`).
+    intact: what survived and how a rerun goes on, e.g. 'the newest intact
+      checkpoint is step 4 and a rerun resumes from it'.
+
+  Returns:
+    The error to raise (from `error`).
+  """
+  filename = getattr(error, 'filename', None)
+  where = f' at {filename}' if filename else ''
+  return errors.WorkdirError(
+      f'The disk is full writing to {os.fspath(directory)}{where} (No space '
+      f'left on device); {intact}. Fix: free space on that disk (or copy the '
+      'workdir to a disk with room and pass that --workdir), then run the '
+      'same command again.')
+
+
 def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:
   """Calls `write_fn(f)` on a temporary file, then renames it to `path`.
+
+  A failed write (a full disk) removes its temporary file and leaves any
+  earlier `path` as it was.
 
   Args:
     path: the file to (re)place; its directory is created if missing.
@@ -59,10 +116,18 @@ def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:
   path = os.fspath(path)
   tmp = path + _TMP_SUFFIX
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(tmp, 'wb') as f:
-    write_fn(f)
-    f.flush()
-    os.fsync(f.fileno())
+  try:
+    with open(tmp, 'wb') as f:
+      write_fn(f)
+      f.flush()
+      os.fsync(f.fileno())
+  except BaseException:
+    # The space a half-written file holds is given back to the disk.
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass  # Never created, or not removable: the first error matters.
+    raise
   os.replace(tmp, path)  # Atomic: readers see the old state or the whole file.
 
 

@@ -7,7 +7,9 @@ a finished run) is checked apart from any model.
 
 import errno
 import json
+import logging
 import os
+import subprocess
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -73,7 +75,8 @@ def _batches(start_step):
     yield {'x': x, 'y': x @ _TRUE_W}
 
 
-def _run(directory, num_steps, init_calls, evaluations, keep=1):
+def _run(directory, num_steps, init_calls, evaluations, keep=1,
+         batches=_batches):
   mesh = parallel.create_mesh(devices=jax.devices()[:1])
   progs = _toy_programs(mesh, init_calls)
 
@@ -87,7 +90,7 @@ def _run(directory, num_steps, init_calls, evaluations, keep=1):
       programs=progs, init_rng=jax.random.PRNGKey(3),
       cadence=common.Cadence(num_steps=num_steps, log_every=2, eval_every=4,
                              checkpoint_every=2, keep_checkpoints=keep),
-      train_iterator=lambda start: _batches(start), evaluate=evaluate,
+      train_iterator=batches, evaluate=evaluate,
       nan_fix='lower the toy rate',
       final_metrics=lambda final: {'twice_step': 2 * final['step']}))
 
@@ -287,3 +290,88 @@ def test_final_metrics_count_the_undecodable_images_of_the_run(tmp_path):
   # A later run without decode failures reports none.
   clean = _run(tmp_path / 'clean', 2, [], [])
   assert 'data/undecodable_files' not in clean
+
+
+def _mount_tmpfs(directory, size):
+  """Mounts a fresh tmpfs of `size` at `directory`; False where not allowed."""
+  os.makedirs(directory)
+  if os.geteuid() != 0:
+    return False
+  try:
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}',
+                           'tmpfs', str(directory)], capture_output=True)
+  except OSError:  # No mount command.
+    return False
+  return done.returncode == 0
+
+
+def _fill_disk(directory):
+  """Writes a ballast file until the disk of `directory` is full."""
+  fd = os.open(os.path.join(directory, 'ballast'), os.O_WRONLY | os.O_CREAT)
+  try:
+    for chunk in (2**16, 2**12, 1):
+      try:
+        while os.write(fd, b'\0' * chunk):
+          pass
+      except OSError as e:
+        assert e.errno == errno.ENOSPC
+  finally:
+    os.close(fd)
+
+
+def test_a_disk_that_fills_during_a_checkpoint_save(tmp_path, monkeypatch,
+                                                    caplog, capfd):
+  # As root: a real full disk (a small tmpfs, filled before the step-6
+  # save). Elsewhere: the error tensorstore raises from orbax's save.
+  disk = tmp_path / 'disk'
+  real_disk = _mount_tmpfs(disk, '4m')
+  run = disk / 'run'
+  try:
+    _run(run, 4, [], [], keep=2)
+    save = common.checkpoints.save
+
+    def filling(start):
+      for step, batch in enumerate(_batches(start), start + 1):
+        if step == 6 and real_disk:
+          _fill_disk(disk)
+        yield batch
+
+    def full_from_step_6(manager, step, state, fingerprint):
+      if step >= 6:
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "step/0": Failed to write to '
+            "file: No space left on device [os_error_code='28']")
+      save(manager, step, state, fingerprint)
+
+    if not real_disk:
+      monkeypatch.setattr(common.checkpoints, 'save', full_from_step_6)
+    capfd.readouterr()
+    # Full during the run, then full from the start (a rerun too early).
+    for batches in (filling, _batches):
+      with pytest.raises(errors.WorkdirError) as info:
+        _run(run, 8, [], [], keep=2, batches=batches)
+      message = str(info.value)
+      assert message.startswith(f'The disk is full writing to {run}')
+      assert ('the newest intact checkpoint is step 4 and a rerun resumes '
+              'from it. Fix: free space') in message
+      assert not (run / 'metrics.json').exists() or json.loads(
+          (run / 'metrics.json').read_text())['step'] == 4
+    # One message: no orbax tracebacks, logged or printed.
+    assert not [r for r in caplog.records
+                if r.levelno >= logging.ERROR or r.exc_info]
+    assert 'Traceback' not in capfd.readouterr().err
+    # Space freed: the rerun resumes from step 4 and ends as an
+    # uninterrupted run does.
+    if real_disk:
+      os.remove(disk / 'ballast')
+    monkeypatch.setattr(common.checkpoints, 'save', save)
+    calls = []
+    resumed = _run(run, 8, calls, [], keep=2)
+    assert _real_inits(calls) == 0
+    uninterrupted = _run(tmp_path / 'whole', 8, [], [], keep=2)
+    for key in ('eval/error', 'train/loss'):
+      assert resumed[key] == uninterrupted[key], key
+    assert sorted(os.listdir(run / 'checkpoints')) == ['6', '8']
+  finally:
+    if real_disk:
+      subprocess.run(['umount', '--lazy', str(disk)], check=True)

@@ -185,6 +185,13 @@ def is_complete(codes_dir: str, plan: Mapping[str, Any]) -> bool:
              for i in range(info['num_shards']))
 
 
+def count_shards(codes_dir: str, plan: Mapping[str, Any]) -> int:
+  """How many of `plan`'s shards are on disk (each is whole: atomic writes)."""
+  return sum(os.path.exists(shard_path(codes_dir, role, i, info['num_shards']))
+             for role, info in files.normalise_json(plan)['splits'].items()
+             for i in range(info['num_shards']))
+
+
 def finalize(codes_dir: str, plan: Mapping[str, Any]) -> None:
   """Marks the extraction complete by writing the manifest (last)."""
   for role, info in files.normalise_json(plan)['splits'].items():

@@ -13,7 +13,6 @@ which model it trains.
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import dataclasses
-import errno
 import math
 import os
 import time
@@ -494,6 +493,12 @@ def run_training(stage: Stage) -> dict[str, Any]:
     checkpoint was saved but whose metrics.json was not (a kill in between)
     is evaluated again, and its training figures come from progress.json,
     written with every checkpoint.
+
+  Raises:
+    errors.WorkdirError: the stage directory cannot be written, or the disk
+      filled up (the message names the newest intact checkpoint, which a
+      rerun resumes from).
+    NonFiniteError: a training metric was NaN or infinite.
   """
   start_time = time.time()
   cadence = stage.cadence
@@ -508,9 +513,10 @@ def run_training(stage: Stage) -> dict[str, Any]:
   undecodable_before = image_folder.undecodable_files()
   manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
                                        max_to_keep=cadence.keep_checkpoints)
-  _prune(manager, cadence.keep_checkpoints)
-  writer = create_writer(os.fspath(stage.directory))
+  writer = None
   try:
+    _prune(manager, cadence.keep_checkpoints)
+    writer = create_writer(os.fspath(stage.directory))
     # Resume order: the state (params, other variables, optimizer, RNG) from
     # the newest checkpoint, then the data iterator positioned at its step.
     # The initial state is built only when there is no checkpoint.
@@ -560,25 +566,32 @@ def run_training(stage: Stage) -> dict[str, Any]:
       logging.warning('%s: %d image file(s) could not be decoded and were '
                       'replaced by the next file of the split.', stage.name,
                       len(undecodable))
+    # metrics.json marks the stage finished, so the last checkpoint must be
+    # on disk first: a save that fails now (a full disk) fails the run.
+    manager.wait_until_finished()
     write_json(metrics_path, final)
     logging.info('%s final metrics: %s', stage.name, final)
     return final
-  except OSError as e:
-    if e.errno != errno.ENOSPC:
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax reports a full disk from its save threads as tensorstore's
+    # ValueError or wrapped, not always as OSError(ENOSPC).
+    if not files.is_disk_full(e):
       raise
-    raise _disk_full(stage.directory, manager, e) from None
+    raise _disk_full(stage.directory, manager, e) from e
   finally:
     try:
       manager.wait_until_finished()
       manager.close()
-      writer.flush()
-    except OSError as e:  # A save still in flight when the disk filled up.
-      if e.errno != errno.ENOSPC:
+      if writer is not None:
+        writer.flush()
+    except Exception as e:  # pylint: disable=broad-except
+      if not files.is_disk_full(e):
         raise
-      logging.warning('An unfinished save failed: %s', e)
+      # Already reported (the save in flight when the disk filled up).
+      logging.debug('An unfinished save failed: %s', e)
 
 
-def _disk_full(directory: str, manager: Any, error: OSError
+def _disk_full(directory: str, manager: Any, error: BaseException
                ) -> errors.WorkdirError:
   """The one message of a full disk: where, and what is still intact."""
   try:  # Saves in flight finish (or fail) first; only finished ones count.
@@ -590,13 +603,11 @@ def _disk_full(directory: str, manager: Any, error: OSError
     steps = sorted(manager.all_steps())
   except Exception:  # pylint: disable=broad-except
     steps = []
-  intact = (f'the newest intact checkpoint is step {steps[-1]} and a rerun '
-            'resumes from it' if steps else 'no checkpoint had been written')
-  return errors.WorkdirError(
-      f'The disk is full writing to {directory} ({error.filename or ""} '
-      f'{error.strerror}); {intact}. Fix: free space on that disk (or point '
-      '--workdir elsewhere after copying it), then run the same command '
-      'again.')
+  return files.disk_full_error(
+      directory, error,
+      f'the newest intact checkpoint is step {steps[-1]} and a rerun resumes '
+      'from it' if steps else 'no checkpoint had been written yet, so a rerun '
+      'starts from the beginning')
 
 
 def _finished_metrics(stage: Stage, metrics_path: str

@@ -133,6 +133,8 @@ def extract_codes(config: ml_collections.ConfigDict,
 
   Raises:
     FileNotFoundError: no stage-1 checkpoint in `workdir`.
+    errors.WorkdirError: workdir/codes cannot be written, or the disk
+      filled up (the message says which shards are kept).
   """
   start_time = time.time()
   mesh = parallel.create_mesh(config.mesh)
@@ -159,6 +161,32 @@ def extract_codes(config: ml_collections.ConfigDict,
             **{f'num_examples_{role}': info['num_examples']
                for role, info in plan['splits'].items()}}
   files.ensure_writable(out_dir, 'codes')
+  try:
+    before = time.time()
+    _extract_all(config, model=model, variables=variables, mesh=mesh,
+                 out_dir=out_dir, plan=plan, num_embeddings=num_embeddings,
+                 step=step)
+  except Exception as e:  # pylint: disable=broad-except
+    if not files.is_disk_full(e):
+      raise
+    # Shards are written atomically: the ones on disk are whole and kept.
+    done = codes_lib.count_shards(out_dir, plan)
+    raise files.disk_full_error(
+        out_dir, e, f'the {done} complete code shard(s) are kept and a rerun '
+        'extracts only the rest') from e
+  result = {'vqvae_step': step, 'extract_time_s': time.time() - before,
+            'wall_time_s': time.time() - start_time,
+            **{f'num_examples_{role}': info['num_examples']
+               for role, info in plan['splits'].items()}}
+  logging.info('Codes extracted: %s', result)
+  return result
+
+
+def _extract_all(config: ml_collections.ConfigDict, *, model: Any,
+                 variables: Any, mesh: jax.sharding.Mesh, out_dir: str,
+                 plan: Mapping[str, Any], num_embeddings: list[int],
+                 step: int) -> None:
+  """Writes every shard of `plan` not yet in `out_dir`, then the manifest."""
   todo = codes_lib.prepare_directory(out_dir, plan)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('codes: directory prepared')
@@ -168,7 +196,6 @@ def extract_codes(config: ml_collections.ConfigDict,
 
   encode = make_encode_fn(model, variables, mesh)
   batch_size = int(config.vqvae_train.eval_batch_size)
-  before = time.time()
   for role in codes_lib.SPLITS:  # Train first.
     info = plan['splits'][role]
     if not todo[role]:
@@ -183,9 +210,3 @@ def extract_codes(config: ml_collections.ConfigDict,
     multihost_utils.sync_global_devices('codes: shards written')
   if jax.process_index() == 0:
     codes_lib.finalize(out_dir, plan)
-  result = {'vqvae_step': step, 'extract_time_s': time.time() - before,
-            'wall_time_s': time.time() - start_time,
-            **{f'num_examples_{role}': info['num_examples']
-               for role, info in plan['splits'].items()}}
-  logging.info('Codes extracted: %s', result)
-  return result

@@ -1,0 +1,187 @@
+"""Faults a user meets (issue 16): read-only workdirs and full disks.
+
+A finished tiny run (VQ-VAE, codes, priors) is made read-only as a user
+would: `chmod -R a-w` as a normal user; as root, where permissions do not
+stop writes, a read-only bind mount of it. Its finished stages must run
+again reading only, and sampling into it must fail before any sampling,
+naming the path. A disk that fills up during code extraction is one
+message, and the shards already written stay for the rerun.
+"""
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from vqvae2_jax import errors
+from vqvae2_jax import files
+from vqvae2_jax import sampling
+from vqvae2_jax import stages
+from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.train import extract
+
+
+def _tree(directory):
+  """{relative path: (size, mtime_ns)} of every file and directory."""
+  out = {}
+  for root, dirs, names in os.walk(directory):
+    for name in dirs + names:
+      path = os.path.join(root, name)
+      info = os.stat(path)
+      out[os.path.relpath(path, directory)] = (
+          info.st_size if stat.S_ISREG(info.st_mode) else 0, info.st_mtime_ns)
+  return out
+
+
+@contextlib.contextmanager
+def _read_only(directory):
+  """Yields a read-only path showing `directory` (see the module docstring).
+
+  Root without the right to mount gets the same checks another way (see
+  the fallback below); the test never skips.
+  """
+  directory = str(directory)
+  if os.geteuid() != 0:
+    subprocess.run(['chmod', '-R', 'a-w', directory], check=True)
+    try:
+      yield directory
+    finally:
+      subprocess.run(['chmod', '-R', 'u+w', directory], check=True)
+    return
+  view = directory + '_read_only'
+  os.makedirs(view)
+  try:
+    mounted = subprocess.run(['mount', '--bind', directory, view],
+                             capture_output=True).returncode == 0
+  except OSError:  # No mount command.
+    mounted = False
+  if not mounted:
+    # Root without the right to mount (a container): writes cannot be
+    # refused, so they are detected instead (every file's size and mtime
+    # are compared afterwards), and samples/ is blocked by a regular file,
+    # which no user can create a directory over.
+    os.rmdir(view)
+    info = os.stat(directory)
+    blocker = os.path.join(directory, 'samples')
+    with open(blocker, 'w'):
+      pass
+    try:
+      yield directory
+    finally:
+      os.remove(blocker)
+      os.utime(directory, ns=(info.st_atime_ns, info.st_mtime_ns))
+    return
+  try:
+    subprocess.run(['mount', '-o', 'remount,ro,bind', view], check=True)
+    with pytest.raises(OSError) as info:  # The view really is read-only.
+      open(os.path.join(view, 'probe'), 'w').close()
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+    yield view
+  finally:
+    subprocess.run(['umount', '--lazy', view], check=True)
+
+
+@pytest.fixture(scope='module')
+def config(stage2_config):
+  return stage2_config.copy_and_resolve_references()
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, config):
+  """A workdir with finished vqvae/, codes/ and prior_<i>/: (path, results)."""
+  workdir = str(tmp_path_factory.mktemp('finished'))
+  results = {mode: stages.run(mode, config, workdir)[mode]
+             for mode in ('vqvae', 'codes', 'prior')}
+  return workdir, results
+
+
+def test_finished_stages_run_again_in_a_read_only_workdir(
+    finished, config, tmp_path, monkeypatch):
+  workdir, results = finished
+  copy = str(tmp_path / 'shared')
+  shutil.copytree(workdir, copy)
+  before = _tree(copy)
+  sampled = []
+  monkeypatch.setattr(sampling, 'sample_hierarchy',
+                      lambda *a, **k: sampled.append(1))
+  with _read_only(copy) as view:
+    again = {mode: stages.run(mode, config, view)[mode]
+             for mode in ('vqvae', 'codes', 'prior')}
+    # Sampling writes: it fails at once, naming the path, before sampling.
+    with pytest.raises(errors.WorkdirError) as info:
+      stages.run('sample', config, view)
+  assert again['vqvae'] == results['vqvae']
+  assert again['prior'] == results['prior']
+  assert again['codes']['vqvae_step'] == results['codes']['vqvae_step']
+  message = str(info.value)
+  assert message.startswith(f'Cannot write samples to {view}/samples')
+  assert 'Fix: ' in message
+  assert not sampled
+  assert _tree(copy) == before  # Nothing written, nothing touched.
+
+
+def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
+                                                  monkeypatch):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(extract.codes_dir(copy))
+  write_shard, written = codes_lib.write_shard, []
+
+  def full_after_two(path, records):
+    if len(written) == 2:
+      # As numpy's write of a real full disk; atomic_write cleans up.
+      files.atomic_write(path, lambda f: _raise_enospc())
+    write_shard(path, records)
+    written.append(path)
+
+  monkeypatch.setattr(codes_lib, 'write_shard', full_after_two)
+  with pytest.raises(errors.WorkdirError) as info:
+    extract.extract_codes(config, copy)
+  codes = extract.codes_dir(copy)
+  assert str(info.value).startswith(f'The disk is full writing to {codes}')
+  assert ('the 2 complete code shard(s) are kept and a rerun extracts only '
+          'the rest. Fix: free space') in str(info.value)
+  names = sorted(os.listdir(os.path.join(codes, 'train')))
+  assert names == ['00000-of-00003.npy', '00001-of-00003.npy']  # No .tmp.
+  # Space freed: the rerun writes only the missing shards and the result
+  # equals the uninterrupted extraction's.
+  monkeypatch.setattr(codes_lib, 'write_shard', write_shard)
+  written_again = []
+  monkeypatch.setattr(codes_lib, 'write_shard', lambda path, records: (
+      written_again.append(os.path.basename(path)),
+      write_shard(path, records)))
+  extract.extract_codes(config, copy)
+  assert written_again == ['00002-of-00003.npy', '00000-of-00002.npy',
+                           '00001-of-00002.npy']
+  reference = extract.codes_dir(workdir)
+  for role, name in [('train', '00002-of-00003.npy'),
+                     ('eval', '00001-of-00002.npy')]:
+    with open(os.path.join(codes, role, name), 'rb') as a, open(
+        os.path.join(reference, role, name), 'rb') as b:
+      assert a.read() == b.read()
+
+
+def _raise_enospc():
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_is_recognised_through_orbax_and_tensorstore():
+  assert files.is_disk_full(OSError(errno.ENOSPC, 'No space left on device'))
+  tensorstore = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database: Failed '
+      "to write 4096 bytes to file 5: No space left on device "
+      "[os_error_code='28']")
+  try:
+    try:
+      raise tensorstore
+    except ValueError as e:
+      raise RuntimeError('Save Finalize thread failed.') from e
+  except RuntimeError as wrapped:
+    assert files.is_disk_full(wrapped)
+  assert not files.is_disk_full(OSError(errno.EACCES, 'Permission denied'))
+  assert not files.is_disk_full(ValueError('RESOURCE_EXHAUSTED: out of memory'))
