@@ -10,6 +10,7 @@ from typing import Iterable
 import ml_collections
 
 from vqvae2_jax import errors
+from vqvae2_jax import parallel
 
 _CHANNELS = (1, 3)
 _FEATURES = ('classifier', 'inception')
@@ -222,9 +223,9 @@ def validate_config(config: ml_collections.ConfigDict,
   if num_devices is not None:
     mesh = config.mesh
     data, fsdp = int(mesh.data), int(mesh.fsdp)
-    if (data == -1 and fsdp == -1) or (data != -1 and data < 1) or (
-        fsdp != -1 and fsdp < 1) or num_devices % max(data, fsdp, 1) or (
-            data != -1 and fsdp != -1 and data * fsdp != num_devices):
+    try:  # The layout rule itself, so validation and the mesh never differ.
+      parallel.mesh_shape(mesh, num_devices)
+    except ValueError:
       divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
       _fail('mesh', f'data={data} x fsdp={fsdp} cannot lay out the '
             f'{num_devices} devices',
