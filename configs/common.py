@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.ema_epsilon = 1e-5  # Laplace smoothing of the EMA cluster sizes.
   model.dead_code_window = 100  # Train steps a code may go unused before restart; 0 disables.
   model.kmeans_init = False  # Initialise codebooks by k-means on the first batch.
+  model.l2_normalize_codes = False  # Search codes on the unit sphere (cosine).
+  model.quantizer_gradient = 'straight_through'  # Or 'rotation' (rotation trick).
+  model.level_dropout = 0.0  # Share of train images decoded from upper levels only.
   model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'.
 
   config.vqvae_train = train = ml_collections.ConfigDict()

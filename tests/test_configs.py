@@ -10,6 +10,7 @@ from ml_collections import config_flags
 import pytest
 
 from configs import common
+from vqvae2_jax import builders
 from vqvae2_jax import config_validation
 from vqvae2_jax import errors
 
@@ -226,6 +227,9 @@ def _set(config, path, value):
     ('mesh.fsdp', 3, 'mesh'),
     ('mesh.data', 16, 'mesh'),
     ('mesh.data', 0, 'mesh'),
+    ('model.quantizer_gradient', 'rotate', 'model.quantizer_gradient'),
+    ('model.level_dropout', 1.0, 'model.level_dropout'),
+    ('model.level_dropout', -0.1, 'model.level_dropout'),
 ])
 def test_validation_errors_name_field_and_fix(path, value, field):
   config = _tiny()
@@ -250,3 +254,12 @@ def test_prior_levels_must_match_model_levels():
   config.model.downsample_factors = (16, 8, 4)
   with pytest.raises(ValueError, match=r"config\.prior: .*level_2"):
     config_validation.validate_config(config)
+
+
+def test_unit_sphere_codes_are_part_of_the_fingerprint_only_when_on():
+  config = _tiny()
+  before = builders.vqvae_fingerprint(config)
+  assert 'model.l2_normalize_codes' not in before  # Old checkpoints match.
+  config.model.l2_normalize_codes = True
+  assert builders.vqvae_fingerprint(config) == {
+      **before, 'model.l2_normalize_codes': True}

@@ -25,6 +25,9 @@ _VQVAE_FINGERPRINT_FIELDS = (
     'model.num_hiddens', 'model.num_residual_layers',
     'model.num_residual_hiddens', 'model.embedding_dim',
     'model.num_embeddings', 'model.quantizer')
+# Fields that also change what the variables mean, recorded only away from
+# their default (so checkpoints written before they existed still match).
+_VQVAE_OPTIONAL_FINGERPRINT_FIELDS = {'model.l2_normalize_codes': False}
 # Fields of config.prior.level_<i> that define the prior's variables.
 _PRIOR_LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
                        'attention_layers', 'num_heads', 'cond_stack_blocks',
@@ -77,6 +80,9 @@ def build_vqvae(config: ml_collections.ConfigDict) -> vqvae_lib.VQVAE:
       ema_epsilon=m.ema_epsilon,
       dead_code_window=m.dead_code_window,
       kmeans_init=m.kmeans_init,
+      l2_normalize_codes=m.l2_normalize_codes,
+      quantizer_gradient=m.quantizer_gradient,
+      level_dropout=m.level_dropout,
       dtype=_dtype(m.dtype, 'model.dtype'))
 
 
@@ -113,6 +119,10 @@ def vqvae_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for part in field.split('.'):
       value = value[part]
     fingerprint[field] = list(value) if isinstance(value, tuple) else value
+  for field, default in _VQVAE_OPTIONAL_FINGERPRINT_FIELDS.items():
+    section, name = field.split('.')
+    if config[section][name] != default:
+      fingerprint[field] = config[section][name]
   return fingerprint
 
 

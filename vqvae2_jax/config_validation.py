@@ -11,6 +11,7 @@ import ml_collections
 
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
+from vqvae2_jax.models import quantizer as quantizer_lib
 
 _CHANNELS = (1, 3)
 _FEATURES = ('classifier', 'inception')
@@ -103,6 +104,12 @@ def validate_config(config: ml_collections.ConfigDict,
             'list levels top (coarsest, largest factor) first, e.g. (8, 4)')
   if model.quantizer not in _QUANTIZERS:
     _fail('model.quantizer', f'is {model.quantizer!r}', f'use one of {_QUANTIZERS}')
+  if model.quantizer_gradient not in quantizer_lib.GRADIENTS:
+    _fail('model.quantizer_gradient', f'is {model.quantizer_gradient!r}',
+          f'use one of {quantizer_lib.GRADIENTS}')
+  if not 0 <= model.level_dropout < 1:
+    _fail('model.level_dropout', f'is {model.level_dropout}',
+          'use a probability in [0, 1), e.g. 0.25 (0 disables)')
   if model.dtype not in _DTYPES:
     _fail('model.dtype', f'is {model.dtype!r}', f'use one of {_DTYPES}')
   if model.num_embeddings < 2 or model.embedding_dim < 1:

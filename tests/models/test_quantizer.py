@@ -356,3 +356,98 @@ def test_train_statistics_do_not_depend_on_the_device_count(cls):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                state1, state8)
+
+
+def test_rotation_trick_rotates_the_gradient_and_keeps_the_value():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(7, 5)).astype(np.float32)
+  e = rng.normal(size=(7, 5)).astype(np.float32)
+  g = rng.normal(size=(7, 5)).astype(np.float32)
+  value, vjp = jax.vjp(lambda x: quantizer_lib.rotation_trick(x, e), x)
+  np.testing.assert_allclose(value, e, rtol=1e-5, atol=1e-6)
+  (grad,) = vjp(jnp.asarray(g))
+  for xi, ei, gi, grad_i in zip(x.astype(np.float64), e.astype(np.float64),
+                                g.astype(np.float64), np.asarray(grad)):
+    # The matrix by hand: lambda R with R = I - 2 r r^T + 2 e^ x^^T.
+    x_hat, e_hat = xi / np.linalg.norm(xi), ei / np.linalg.norm(ei)
+    r = (x_hat + e_hat) / np.linalg.norm(x_hat + e_hat)
+    rot = np.eye(5) - 2 * np.outer(r, r) + 2 * np.outer(e_hat, x_hat)
+    np.testing.assert_allclose(rot @ rot.T, np.eye(5), atol=1e-9)  # A rotation
+    np.testing.assert_allclose(rot @ x_hat, e_hat, atol=1e-9)  # x^ -> e^.
+    scale = np.linalg.norm(ei) / np.linalg.norm(xi)
+    np.testing.assert_allclose(grad_i, scale * rot.T @ gi, rtol=1e-4,
+                               atol=1e-5)
+    # The gradient keeps its angle: <grad, x^> = lambda <g, e^>.
+    np.testing.assert_allclose(grad_i @ x_hat, scale * gi @ e_hat, rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize('cls', QUANTIZERS)
+def test_rotation_gradient_of_the_quantizer(cls):
+  module = cls(num_embeddings=5, embedding_dim=3, commitment_cost=0.0,
+               gradient='rotation')
+  inputs = _normal(2, 4, 3, seed=0)
+  variables = _init(module, inputs)
+  weights = _normal(2, 4, 3, seed=1)
+  out, _ = _eval(module, variables, inputs)
+  # Forward: exactly the codes, as with the straight-through estimator.
+  codebook = _codebook(variables)
+  np.testing.assert_array_equal(out['quantized'],
+                                codebook[np.asarray(out['codes'])])
+
+  def f(x):
+    return jnp.sum(module.apply(variables, x, train=False)['quantized']
+                   * weights)
+
+  grad = jax.jit(jax.grad(f))(inputs)
+  expected = jax.vjp(
+      lambda x: quantizer_lib.rotation_trick(x, out['quantized']), inputs
+  )[1](weights)[0]
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(grad, weights, atol=1e-3)  # Not straight-through.
+
+
+def test_an_unknown_gradient_rule_is_refused():
+  module = quantizer_lib.VectorQuantizerEMA(num_embeddings=5, embedding_dim=3,
+                                            gradient='straight')
+  with pytest.raises(ValueError, match='straight_through'):
+    _init(module, jnp.zeros((2, 3)))
+
+
+@pytest.mark.parametrize('cls', QUANTIZERS)
+def test_l2_normalized_search_is_cosine_similarity(cls):
+  module = cls(num_embeddings=13, embedding_dim=4, l2_normalize=True)
+  inputs = _normal(3, 5, 4, seed=2) * 7.0  # Far from unit length.
+  variables = _init(module, inputs)
+  out, _ = _eval(module, variables, inputs)
+  codebook = _codebook(variables).astype(np.float64)
+  flat = np.asarray(inputs, np.float64).reshape(-1, 4)
+  cosine = (flat @ codebook.T / np.linalg.norm(flat, axis=1)[:, None]
+            / np.linalg.norm(codebook, axis=1)[None])
+  np.testing.assert_array_equal(np.asarray(out['codes']).ravel(),
+                                np.argmax(cosine, axis=1))
+  unit = codebook / np.linalg.norm(codebook, axis=1, keepdims=True)
+  np.testing.assert_allclose(
+      out['quantized'], unit[np.asarray(out['codes'])].astype(np.float32),
+      rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      module.apply(variables, out['codes'], method=module.lookup),
+      out['quantized'], rtol=1e-6, atol=1e-7)
+  # The commitment loss is measured between unit vectors.
+  x_unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+  np.testing.assert_allclose(
+      out['commitment_loss'],
+      np.mean((x_unit - unit[np.asarray(out['codes']).ravel()]) ** 2),
+      rtol=1e-5)
+
+
+def test_l2_normalized_ema_codes_stay_on_the_sphere_in_training():
+  module = quantizer_lib.VectorQuantizerEMA(
+      num_embeddings=8, embedding_dim=3, l2_normalize=True,
+      dead_code_window=1, kmeans_init=True)
+  inputs = _normal(64, 3, seed=3) * 5.0
+  variables = _init(module, inputs)
+  for seed in range(3):
+    out, variables = _train(module, variables, inputs, seed)
+    lengths = np.linalg.norm(np.asarray(out['quantized']), axis=-1)
+    np.testing.assert_allclose(lengths, 1.0, rtol=1e-5)

@@ -284,3 +284,33 @@ def test_a_few_adam_steps_reduce_the_reconstruction_error():
                                          jax.random.key(i))
     mses.append(float(mse))
   assert np.mean(mses[-5:]) < 0.5 * np.mean(mses[:5]), mses
+
+
+def test_level_dropout_decodes_some_train_images_from_upper_levels_only():
+  # The learned-codebook quantizer: a train call leaves its codebook as it
+  # is (no restarts), so the train reconstruction can be rebuilt by hand.
+  model = THREE_LEVELS.clone(quantizer='vq', level_dropout=0.7)
+  images = _images(12, 16, 32, 3, seed=3)
+  variables = _init(model, images)
+  out = _run(model, variables, images, _zero_codes(model, images))
+  codes = out['train_aux']['codes']
+  after = {**variables, 'vq_stats': out['train_stats']}
+
+  @jax.jit
+  def views(codes):
+    return [model.apply(after, codes, keep=keep, method=model.decode_levels)
+            for keep in ((0, 1, 2), (0, 1), (0,))]
+
+  views = np.stack([np.asarray(v) for v in views(codes)], axis=1)
+  recon = np.asarray(out['train_recon'])
+  matches = [[i for i in range(3)
+              if np.allclose(recon[n], views[n, i], rtol=1e-5, atol=1e-5)]
+             for n in range(len(images))]
+  assert all(len(m) == 1 for m in matches), matches
+  kinds = {m[0] for m in matches}
+  assert kinds == {0, 1, 2}, matches  # Whole, top two levels, top only.
+  # Evaluation is never dropped.
+  np.testing.assert_allclose(out['recon'],
+                             model.apply(variables, out['encoded'],
+                                         method=model.decode_codes),
+                             rtol=1e-5, atol=1e-6)

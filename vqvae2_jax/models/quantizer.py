@@ -10,10 +10,12 @@ Two codebook learning rules (van den Oord et al. 2017; Razavi et al. 2019):
   codebook loss ||sg(z_e) - e||^2.
 
 Both search the nearest code in float32 (whatever the input dtype), pass
-gradients straight through the quantization to the encoder, restart codes
-that have gone unused for `dead_code_window` train calls from encoder outputs
-of the current batch, and can initialise the codebook by k-means on the first
-training batch.
+gradients through the quantization to the encoder (straight through, or by
+the rotation trick), restart codes that have gone unused for
+`dead_code_window` train calls from encoder outputs of the current batch, can
+initialise the codebook by k-means on the first training batch, and can
+search on the unit sphere (`l2_normalize`: encoder outputs and codes scaled to
+unit length, as in ViT-VQGAN's low-dimensional l2-normalised lookup).
 
 Every statistic is a sum or mean over all the vectors of the call. Under a
 global-view `jax.jit` (arrays sharded over a mesh, no pmap) that is the global
@@ -59,6 +61,51 @@ def nearest_codes(flat: Array, codebook: Array) -> Array:
   cross = jnp.matmul(flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
   distances = jnp.sum(jnp.square(codebook), axis=1)[None, :] - 2.0 * cross
   return jnp.argmin(distances, axis=1).astype(jnp.int32)
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
+  """x / ||x|| along `axis` (vectors shorter than `eps` scaled by 1 / eps)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def rotation_trick(x: Array, e: Array, eps: float = 1e-6) -> Array:
+  """e going forward; backward, the gradient reaches x rotated (Fifty et al.).
+
+  The rotation trick (Fifty et al. 2024, "Restructuring vector quantization
+  with the rotation trick"): instead of copying the gradient at the code e
+  to the encoder output x (straight-through), write e = lambda R x, where R
+  is the rotation taking x's direction to e's (in the plane of the two) and
+  lambda = ||e|| / ||x||, and treat lambda R as a constant. The gradient at x
+  is then lambda R^T times the gradient at e: it keeps its angle to x what
+  it was to e, so encoder outputs in one code's cell get different
+  gradients depending on where in the cell they are.
+
+  With x^ = x / ||x||, e^ = e / ||e|| and r = (x^ + e^) / ||x^ + e^||,
+  R = I - 2 r r^T + 2 e^ x^T (a Householder reflection through r, then the
+  reflection of x^ onto e^), so R x needs two dot products and no matrix.
+
+  Args:
+    x: [..., d] float32 encoder outputs (differentiated).
+    e: [..., d] float32 their codes (constant).
+
+  Returns:
+    [..., d]: numerically e (to float32 rounding); d/dx = lambda R.
+  """
+  e = jax.lax.stop_gradient(e)
+  x_norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  e_norm = jnp.sqrt(jnp.sum(jnp.square(e), axis=-1, keepdims=True))
+  x_hat = x / jnp.maximum(x_norm, eps)
+  e_hat = e / jnp.maximum(e_norm, eps)
+  r = l2_normalize(x_hat + e_hat, eps=eps)
+  x_hat, r = jax.lax.stop_gradient(x_hat), jax.lax.stop_gradient(r)
+  scale = jax.lax.stop_gradient(e_norm / jnp.maximum(x_norm, eps))
+  rotated = (x - 2.0 * r * jnp.sum(r * x, axis=-1, keepdims=True)
+             + 2.0 * e_hat * jnp.sum(x_hat * x, axis=-1, keepdims=True))
+  return scale * rotated
+
+
+GRADIENTS = ('straight_through', 'rotation')
 
 
 def code_statistics(flat: Array, codes: Array, num_embeddings: int
@@ -169,6 +216,13 @@ class _Quantizer(nn.Module):
     kmeans_init: initialise the codebook by k-means on the first train batch.
     kmeans_iterations: Lloyd iterations of that initialisation.
     usage_decay: decay of the EMA of code usage ('cluster_size').
+    l2_normalize: search, learn and return codes on the unit sphere: encoder
+      outputs and codes are scaled to unit length before the search (a
+      cosine-similarity lookup), so the codebook cannot drift away from the
+      encoder outputs' scale and every code stays reachable.
+    gradient: how the gradient gets past the quantization to the encoder:
+      'straight_through' (copied, van den Oord et al. 2017) or 'rotation'
+      (`rotation_trick`).
   """
   num_embeddings: int
   embedding_dim: int
@@ -177,6 +231,8 @@ class _Quantizer(nn.Module):
   kmeans_init: bool = False
   kmeans_iterations: int = 10
   usage_decay: float = 0.99
+  l2_normalize: bool = False
+  gradient: str = 'straight_through'
 
   def _setup_common(self) -> None:
     k = self.num_embeddings
@@ -199,6 +255,11 @@ class _Quantizer(nn.Module):
 
   def _codebook(self) -> Array:
     raise NotImplementedError
+
+  def _search_codebook(self) -> Array:
+    """The codes as searched and returned (unit length with l2_normalize)."""
+    codebook = self._codebook()
+    return l2_normalize(codebook) if self.l2_normalize else codebook
 
   def _set_codebook(self, rows: Array, values: Array) -> None:
     raise NotImplementedError
@@ -281,6 +342,9 @@ class _Quantizer(nn.Module):
         'used_fraction': fraction of the K codes chosen in this call;
         'restarted': int32, codes re-seeded by this call (0 unless training).
     """
+    if self.gradient not in GRADIENTS:
+      raise ValueError(f'{type(self).__name__}: gradient={self.gradient!r}; '
+                       f'use one of {GRADIENTS}.')
     if inputs.ndim < 1 or inputs.shape[-1] != self.embedding_dim:
       raise ValueError(
           f'{type(self).__name__}: the last axis of the inputs must be '
@@ -288,11 +352,13 @@ class _Quantizer(nn.Module):
           f'{inputs.shape}. Project the encoder output to embedding_dim '
           'channels (a 1x1 conv) before quantizing.')
     x = inputs.astype(jnp.float32)
+    if self.l2_normalize:
+      x = l2_normalize(x)
     flat = jax.lax.stop_gradient(x.reshape(-1, self.embedding_dim))
     if train and self.kmeans_init and not self.is_initializing():
       self._maybe_kmeans_init(flat)
 
-    codebook = self._codebook()
+    codebook = self._search_codebook()
     codes = nearest_codes(flat, jax.lax.stop_gradient(codebook))
     counts, sums = code_statistics(flat, codes, self.num_embeddings)
     quantized = jnp.take(codebook, codes, axis=0).reshape(x.shape)
@@ -300,8 +366,13 @@ class _Quantizer(nn.Module):
     commitment_loss = jnp.mean(jnp.square(x - jax.lax.stop_gradient(quantized)))
     codebook_loss = self._codebook_loss(x, quantized)
     # q + (x - sg(x)): exactly q going forward, identity gradient to x.
+    through = x
+    if self.gradient == 'rotation':
+      # Its value is q up to rounding; only its gradient is used, so the
+      # forward pass stays exactly q.
+      through = rotation_trick(x, quantized)
     straight_through = (jax.lax.stop_gradient(quantized)
-                        + (x - jax.lax.stop_gradient(x)))
+                        + (through - jax.lax.stop_gradient(through)))
     perplexity, used_fraction = usage_metrics(counts)
 
     restarted = jnp.zeros((), jnp.int32)
@@ -322,12 +393,12 @@ class _Quantizer(nn.Module):
 
   def lookup(self, codes: Array) -> Array:
     """Code vectors of integer codes: [...] int32 -> [..., D] float32."""
-    return jnp.take(self._codebook(), codes, axis=0)
+    return jnp.take(self._search_codebook(), codes, axis=0)
 
   def mean_embedding(self) -> Array:
     """[D] usage-weighted mean code: a neutral stand-in for a dropped level."""
     weights = self.cluster_size.value / jnp.sum(self.cluster_size.value)
-    return jnp.sum(weights[:, None] * self._codebook(), axis=0)
+    return jnp.sum(weights[:, None] * self._search_codebook(), axis=0)
 
 
 class VectorQuantizerEMA(_Quantizer):

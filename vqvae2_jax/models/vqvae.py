@@ -260,6 +260,15 @@ class VQVAE(nn.Module):
     dead_code_window: train calls a code may go unused before it is restarted
       from an encoder output; 0 disables.
     kmeans_init: initialise each codebook by k-means on the first train batch.
+    l2_normalize_codes: search codes on the unit sphere (cosine similarity;
+      see `quantizer_lib._Quantizer`); usually with a small embedding_dim.
+    quantizer_gradient: 'straight_through' or 'rotation' (the rotation
+      trick, `quantizer_lib.rotation_trick`).
+    level_dropout: probability, per training image, that the decoder sees
+      only the levels above a random cut (those below replaced by their mean
+      code, as in `decode_levels`): the upper levels must then rebuild the
+      image on their own, so they learn its coarse shape instead of leaving
+      everything to the finest level. 0 disables.
     dtype: computation dtype of the convolutions (e.g. jnp.bfloat16); params
       and the quantizers (search, codebooks, losses) stay float32.
   """
@@ -276,6 +285,9 @@ class VQVAE(nn.Module):
   ema_epsilon: float = 1e-5
   dead_code_window: int = 0
   kmeans_init: bool = False
+  l2_normalize_codes: bool = False
+  quantizer_gradient: str = 'straight_through'
+  level_dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -301,7 +313,8 @@ class VQVAE(nn.Module):
             commitment_cost=self.commitment_cost,
             dead_code_window=self.dead_code_window,
             kmeans_init=self.kmeans_init, decay=self.ema_decay,
-            epsilon=self.ema_epsilon)
+            epsilon=self.ema_epsilon, l2_normalize=self.l2_normalize_codes,
+            gradient=self.quantizer_gradient)
         for _ in range(num_levels)]
     self.cond_decoders = [
         Decoder(out_channels=self.embedding_dim, num_upsamples=steps[i],
@@ -386,12 +399,29 @@ class VQVAE(nn.Module):
         'restarted'.
     """
     quantized, outputs = self._quantize(images, train)
+    if train and self.level_dropout > 0 and not self.is_initializing():
+      quantized = self._drop_levels(quantized)
     recon = self._decode(quantized)
     aux = {'loss': sum(out['loss'] for out in outputs)}
     for name in ('codes', 'perplexity', 'used_fraction', 'commitment_loss',
                  'codebook_loss', 'restarted'):
       aux[name] = [out[name] for out in outputs]
     return recon, aux
+
+  def _drop_levels(self, quantized: Sequence[Array]) -> list[Array]:
+    """Replaces, for a `level_dropout` share of the images, every level
+    below a uniformly drawn cut (1 .. L-1) by its mean code (no gradient)."""
+    batch = quantized[0].shape[0]
+    drop_key, cut_key = jax.random.split(self.make_rng(quantizer_lib.RNG))
+    dropped = jax.random.bernoulli(drop_key, self.level_dropout, (batch,))
+    cut = jax.random.randint(cut_key, (batch,), 1, self.num_levels)
+    out = list(quantized[:1])
+    for i in range(1, self.num_levels):
+      mean = jax.lax.stop_gradient(self.quantizers[i].mean_embedding())
+      drop = (dropped & (i >= cut))[:, None, None, None]
+      out.append(jnp.where(drop, mean.astype(quantized[i].dtype),
+                           quantized[i]))
+    return out
 
   def encode(self, images: Array) -> list[Array]:
     """Images [b, H, W, c] -> code maps [b, H/f_i, W/f_i] int32, top first."""

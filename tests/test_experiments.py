@@ -1,0 +1,72 @@
+"""The stage-1 experiments: the reference protocol and the ablation runner."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_protocol_sets_the_reference_size_and_budget(stage2_config):
+  from experiments import peer_protocol  # pylint: disable=g-import-not-at-top
+  config = peer_protocol.apply_protocol(stage2_config, steps=123)
+  assert (config.model.num_hiddens, config.model.num_residual_layers,
+          config.model.num_residual_hiddens, config.model.num_embeddings,
+          tuple(config.model.downsample_factors)) == (128, 2, 32, 512, (8, 4))
+  assert (config.vqvae_train.batch_size,
+          config.vqvae_train.num_train_steps) == (64, 123)
+  assert stage2_config.model.num_hiddens != 128  # A copy was changed.
+
+
+def test_run_scores_the_centre_and_the_top_level(stage2_config):
+  from experiments import peer_protocol  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import loading  # pylint: disable=g-import-not-at-top
+  config = stage2_config.copy_and_resolve_references()
+  config.vqvae_train.num_train_steps = 3
+  lines = []
+  rows = peer_protocol.run(config, [3, 1], log=lines.append)
+  assert [r['step'] for r in rows] == [1, 3] and len(lines) == 2
+  for row in rows:
+    assert math.isclose(row['psnr_area'], -10 * math.log10(row['mse01_area']),
+                        rel_tol=1e-9)
+    assert 0 < row['used_top'] <= 1 and 0 < row['used_bottom'] <= 1
+    assert 1 <= row['ppl_top'] <= 512 and 1 <= row['ppl_bottom'] <= 512
+    assert np.isfinite(row['psnr_top_only'])
+    assert row['psnr_top_only'] != row['psnr']  # Not the whole decode.
+  assert rows[1]['train_s'] > rows[0]['train_s'] > 0
+  del loading
+
+
+def test_ablation_writes_rows_and_resumes(stage2_config, tmp_path):
+  out = tmp_path / 'ablate.json'
+  command = [
+      sys.executable, '-m', 'experiments.ablate_stage1',
+      '--config=configs/fashion_mnist.py:tiny',
+      '--config.data.train_split=train[:96]',
+      '--config.data.eval_split=test[:40]',
+      '--config.vqvae_train.eval_batch_size=16', '--steps=2',
+      '--variants=base,rotation', f'--out={out}']
+  env = {**os.environ, 'PYTHONPATH': _ROOT}
+  first = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert list(rows) == ['base', 'rotation']
+  assert rows['rotation']['changes'] == {
+      'model.quantizer_gradient': 'rotation'}
+  assert rows['base']['result']['step'] == 2
+  # The two variants train differently from the first step on.
+  assert rows['base']['result']['mse01_area'] != rows['rotation']['result'][
+      'mse01_area']
+  table = first.stdout.splitlines()
+  assert any(line.startswith('rotation') for line in table), first.stdout
+  second = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'base: already in' in second.stdout
+  assert 'rotation: already in' in second.stdout
+  assert json.loads(out.read_text()) == rows
