@@ -230,6 +230,20 @@ def _set(config, path, value):
     ('model.quantizer_gradient', 'rotate', 'model.quantizer_gradient'),
     ('model.level_dropout', 1.0, 'model.level_dropout'),
     ('model.level_dropout', -0.1, 'model.level_dropout'),
+    ('classifier.warmup_steps', -1, 'classifier.warmup_steps'),
+    ('data.shuffle_buffer', 0, 'data.shuffle_buffer'),
+    ('model.num_hiddens', 0, 'model.num_hiddens'),
+    ('model.commitment_cost', -0.25, 'model.commitment_cost'),
+    ('model.ema_epsilon', 0.0, 'model.ema_epsilon'),
+    ('model.dead_code_window', -1, 'model.dead_code_window'),
+    ('prior.polyak_decay', 1.0, 'prior.polyak_decay'),
+    ('prior.label_drop_rate', -0.1, 'prior.label_drop_rate'),
+    ('prior.codes_per_shard', 0, 'prior.codes_per_shard'),
+    ('prior.level_0.num_heads', 0, 'prior.level_0.num_heads'),
+    ('prior.level_1.dropout_rate', 1.0, 'prior.level_1.dropout_rate'),
+    ('prior.level_1.num_layers', 0, 'prior.level_1.num_layers'),
+    ('eval.kid_subset_size', 1, 'eval.kid_subset_size'),
+    ('classifier.weight_decay', -1e-4, 'classifier.weight_decay'),
 ])
 def test_validation_errors_name_field_and_fix(path, value, field):
   config = _tiny()

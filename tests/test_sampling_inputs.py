@@ -69,3 +69,35 @@ def test_codes_out_of_range_are_refused():
   # In range: finite logits.
   logits = sampling.cached_logits(model, variables, codes, cond_codes=cond)
   assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(temperature=0.0), r'temperature is 0\.0\. Fix: use a value > 0'),
+    (dict(top_k=-1), r'top_k is -1\. Fix:'),
+    (dict(top_p=1.5), r'top_p is 1\.5\. Fix:'),
+    (dict(shape=(2, 0, 4)), r'positive sizes.*\. Fix:'),
+    (dict(cond_codes=()), r'conditioning code maps.*\. Fix: pass the codes'),
+    (dict(cond_codes=(jnp.zeros((1, 2, 2), jnp.int32),)),
+     r'cond_codes\[0\] has shape \(1, 2, 2\)\. Fix:'),
+    (dict(labels=np.array([0])), r'labels has shape \(1,\)\. Fix:'),
+])
+def test_every_refusal_says_how_to_fix_it(change, message):
+  model, variables, _, cond = _conditional_lower_prior()
+  kwargs = dict(shape=(2, 4, 4), cond_codes=cond, labels=np.array([0, 1]),
+                rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=message):
+    sampling.sample_level(model, variables, **{**kwargs, **change})
+
+
+def test_labels_for_an_unconditional_prior_are_refused():
+  model = pixelcnn_util.make_prior()
+  codes = jnp.zeros((2, 4, 4), jnp.int32)
+  variables = pixelcnn_util.random_variables(model, codes)
+  with pytest.raises(ValueError, match=r'num_classes=0\. Fix: pass '
+                     r'labels=None'):
+    sampling.sample_level(model, variables, shape=(2, 4, 4),
+                          labels=np.array([0, 1]), rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r'num_positions is 17\. Fix: use '
+                     r'0\.\.16'):
+    sampling.reference_sample_level(model, variables, shape=(2, 4, 4),
+                                    rng=jax.random.key(0), num_positions=17)

@@ -80,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict,
   if data.num_classes < 0:
     _fail('data.num_classes', f'is {data.num_classes}',
           'use 0 for unlabelled data or the number of classes')
+  _check_ranges(config)
 
   # Model: levels listed top first, each a power-of-two downsampling that
   # divides the image, each level finer than the one above.
@@ -107,9 +108,6 @@ def validate_config(config: ml_collections.ConfigDict,
   if model.quantizer_gradient not in quantizer_lib.GRADIENTS:
     _fail('model.quantizer_gradient', f'is {model.quantizer_gradient!r}',
           f'use one of {quantizer_lib.GRADIENTS}')
-  if not 0 <= model.level_dropout < 1:
-    _fail('model.level_dropout', f'is {model.level_dropout}',
-          'use a probability in [0, 1), e.g. 0.25 (0 disables)')
   if model.dtype not in _DTYPES:
     _fail('model.dtype', f'is {model.dtype!r}', f'use one of {_DTYPES}')
   if model.num_embeddings < 2 or model.embedding_dim < 1:
@@ -131,13 +129,13 @@ def validate_config(config: ml_collections.ConfigDict,
       _fail(f'{section}.learning_rate', f'is {stage.learning_rate}',
             'use a positive peak learning rate, e.g. 3e-4')
 
-  # Optimizers of both stages.
-  for section in ('vqvae_train', 'prior'):
+  # Optimizers of every stage.
+  for section in _TRAINING_SECTIONS:
     optimizer = config[section]
     if optimizer.warmup_steps < 0:
       _fail(f'{section}.warmup_steps', f'is {optimizer.warmup_steps}',
             'use 0 (no warm-up) or a number of steps')
-    if optimizer.grad_clip_norm < 0:
+    if 'grad_clip_norm' in optimizer and optimizer.grad_clip_norm < 0:
       _fail(f'{section}.grad_clip_norm', f'is {optimizer.grad_clip_norm}',
             'use 0 (no clipping) or a positive norm, e.g. 1.0')
 
@@ -248,6 +246,60 @@ def validate_config(config: ml_collections.ConfigDict,
 
 
 _TRAINING_SECTIONS = ('vqvae_train', 'prior', 'classifier')
+
+# Numeric fields not checked elsewhere: (field, lowest, highest, example).
+# None leaves a side open; a float bound is exclusive (rates and decays),
+# an int bound inclusive (counts).
+_RANGES = (
+    ('data.shuffle_buffer', 1, None, '10000'),
+    ('model.num_hiddens', 1, None, '128'),
+    ('model.num_residual_layers', 0, None, '2'),
+    ('model.num_residual_hiddens', 1, None, '64'),
+    ('model.commitment_cost', 0, None, '0.25'),
+    ('model.ema_epsilon', 0.0, None, '1e-5'),
+    ('model.dead_code_window', 0, None, '100 (0 disables)'),
+    ('model.level_dropout', 0, 1.0, '0.25 (0 disables)'),
+    ('prior.polyak_decay', 0, 1.0, '0.9999 (0 disables)'),
+    ('prior.label_drop_rate', 0, 1.0, '0.1'),
+    ('prior.codes_per_shard', 1, None, '10000'),
+    ('eval.kid_subset_size', 2, None, '1000'),
+    ('eval.kid_subsets', 1, None, '100'),
+    ('classifier.weight_decay', 0, None, '1e-4'),
+)
+_LEVEL_RANGES = (
+    ('num_channels', 1, None, '512'),
+    ('num_layers', 1, None, '20'),
+    ('dropout_rate', 0, 1.0, '0.1'),
+    ('attention_layers', 0, None, '0 or 4'),
+    ('num_heads', 1, None, '8'),
+    ('num_output_layers', 0, None, '1'),
+)
+
+
+def _check_range(field: str, value, low, high, example: str) -> None:
+  """Fails unless low <= value (low < value for a float low) and value <
+  high (a float high) or value <= high (an int high)."""
+  too_low = low is not None and (
+      value <= low if isinstance(low, float) else value < low)
+  too_high = high is not None and (
+      value >= high if isinstance(high, float) else value > high)
+  if too_low or too_high:
+    left = '(' if isinstance(low, float) else '['
+    right = ')' if isinstance(high, float) else ']'
+    span = (f'in {left}{low}, {high}{right}' if high is not None else
+            f'> {low}' if isinstance(low, float) else f'>= {low}')
+    _fail(field, f'is {value}', f'use a value {span}, e.g. {example}')
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  for field, low, high, example in _RANGES:
+    section, name = field.split('.')
+    _check_range(field, config[section][name], low, high, example)
+  for key in sorted(config.prior.keys()):
+    if key.startswith('level_'):
+      for name, low, high, example in _LEVEL_RANGES:
+        _check_range(f'prior.{key}.{name}', config.prior[key][name], low,
+                     high, example)
 
 
 def _batch_fields(config: ml_collections.ConfigDict) -> Iterable[str]:

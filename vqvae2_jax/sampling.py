@@ -289,23 +289,25 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
                              Optional[Array]]:
   if len(shape) != 3 or min(shape) < 1:
     raise ValueError(f'shape must be (batch, h, w) with positive sizes, got '
-                     f'{tuple(shape)}.')
+                     f'{tuple(shape)}. Fix: pass the batch and the side of '
+                     "the level's latent map, e.g. (8, 8, 8).")
   shape = tuple(int(s) for s in shape)
   if mesh is not None and shape[0] % mesh.size:
     raise ValueError(
         f'The batch of {shape[0]} maps does not split over the {mesh.size} '
-        'devices of the mesh; use a multiple of that many maps '
+        'devices of the mesh. Fix: use a multiple of that many maps '
         '(config.sampling.batch_size).')
   cond_codes = tuple(jnp.asarray(x, jnp.int32) for x in cond_codes)
   if len(cond_codes) != len(model.cond_num_embeddings):
     raise ValueError(
         f'Got {len(cond_codes)} conditioning code maps for a prior over '
-        f'{len(model.cond_num_embeddings)} upper levels; pass the codes of '
-        'every upper level, top first.')
+        f'{len(model.cond_num_embeddings)} upper levels. Fix: pass the codes '
+        'of every upper level, top first.')
   for j, x in enumerate(cond_codes):
     if x.ndim != 3 or x.shape[0] != shape[0]:
-      raise ValueError(f'cond_codes[{j}] has shape {x.shape}; expected '
-                       f'[{shape[0]}, h_{j}, w_{j}].')
+      raise ValueError(f'cond_codes[{j}] has shape {x.shape}. Fix: pass '
+                       f'[{shape[0]}, h_{j}, w_{j}] codes (one map per '
+                       'sample).')
     _check_range(f'cond_codes[{j}]', x, model.cond_num_embeddings[j],
                  'pass codes of the level above, each below its codebook '
                  f'size {model.cond_num_embeddings[j]}.')
@@ -315,25 +317,28 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
       labels = jnp.full((shape[0],), model.num_classes, jnp.int32)
     labels = jnp.asarray(labels, jnp.int32)
     if labels.shape != (shape[0],):
-      raise ValueError(f'labels has shape {labels.shape}; expected '
-                       f'({shape[0]},).')
+      raise ValueError(f'labels has shape {labels.shape}. Fix: pass one '
+                       f'label per map, shape ({shape[0]},).')
     _check_range('labels', labels, model.num_classes + 1,
                  f'use class indices 0..{model.num_classes - 1}, or '
                  f'{model.num_classes} (or labels=None) for the unconditional '
                  'path; -1 is not "no label".')
   elif labels is not None:
-    raise ValueError('labels given to a prior built with num_classes=0.')
+    raise ValueError('labels given to a prior built with num_classes=0. '
+                     'Fix: pass labels=None.')
   return shape, cond_codes, labels
 
 
 def _controls(temperature: float, top_k: int, top_p: float
               ) -> tuple[Array, Array, Array]:
   if not temperature > 0:
-    raise ValueError(f'temperature must be > 0, got {temperature}.')
+    raise ValueError(f'temperature is {temperature}. Fix: use a value > 0 '
+                     '(1.0 samples the model as trained).')
   if top_k < 0:
-    raise ValueError(f'top_k must be >= 0 (0 disables), got {top_k}.')
+    raise ValueError(f'top_k is {top_k}. Fix: use 0 (off) or k >= 1.')
   if not 0.0 < top_p <= 1.0:
-    raise ValueError(f'top_p must be in (0, 1] (1 disables), got {top_p}.')
+    raise ValueError(f'top_p is {top_p}. Fix: use a value in (0, 1] (1.0 '
+                     'is off).')
   return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
           jnp.asarray(top_p, jnp.float32))
 
@@ -416,7 +421,8 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   total = shape[1] * shape[2]
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
-    raise ValueError(f'num_positions must be in [0, {total}], got {n}.')
+    raise ValueError(f'num_positions is {n}. Fix: use 0..{total} (or None '
+                     'for the whole map).')
   return _build(model, shape, True, _sampling_mesh(mesh))(
       variables, rng, _example_ids(shape), cond_codes, labels, *controls,
       jnp.asarray(n, jnp.int32))

@@ -6,11 +6,13 @@ sharded over all of them.
 
 import gzip
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import tfds_prepare
@@ -154,3 +156,27 @@ def test_num_classes_must_match_the_dataset(fashion_config):
     input_pipeline.create_train_iterator(
         fashion_config, global_batch_size=8, mesh=parallel.create_mesh(),
         seed=0)
+
+
+def test_a_damaged_record_is_one_error_naming_the_files(fashion_config,
+                                                        tmp_path):
+  # A copy of the prepared dataset with zeroed bytes in its train records.
+  shutil.copytree(os.path.join(fashion_config.data_dir, 'fashion_mnist'),
+                  tmp_path / 'fashion_mnist')
+  train_file, = (tmp_path / 'fashion_mnist').glob('*/*-train.tfrecord*')
+  data = bytearray(train_file.read_bytes())
+  data[1000:1064] = bytes(64)
+  train_file.write_bytes(bytes(data))
+  fashion_config.data_dir = str(tmp_path)
+  batches = input_pipeline.create_train_iterator(
+      fashion_config, global_batch_size=8, mesh=parallel.create_mesh(),
+      seed=0)
+  with pytest.raises(input_pipeline.InputError) as info:
+    for _ in range(20):  # The shuffle buffer reads the record at once.
+      next(batches)
+  message = str(info.value)
+  assert message.startswith(
+      f"Reading tfds dataset 'fashion_mnist' split 'train' in {tmp_path} "
+      'failed: DataLossError: corrupted record at'), message
+  assert f'Fix: its prepared files are damaged: delete {tmp_path}' in message
+  assert isinstance(info.value, errors.UserError)  # main: one line.

@@ -285,6 +285,46 @@ def test_a_split_of_undecodable_files_ends_the_run_with_its_message(
   assert 'Fix:' in last
 
 
+_FAILING_READER_MAIN = """
+import time
+from absl import app
+from vqvae2_jax import main
+from vqvae2_jax.data import image_folder
+
+def failing_read(self, index):
+  time.sleep(0.2)  # Other reads are still running when the first fails.
+  raise OSError(f'device went away while reading image {int(index)}')
+
+image_folder.SafeReader.__call__ = failing_read
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+def test_any_error_inside_the_input_pipeline_ends_the_run(tmp_path):
+  # An error the reader does not catch, raised in tf.data's threads while
+  # other reads are in flight: the iterator destroyed at interpreter exit
+  # used to wait for them forever.
+  folder = tmp_path / 'images'
+  os.makedirs(folder)
+  for i in range(8):
+    _rgb(np.random.default_rng(i), 16, 16).save(folder / f'{i}.png')
+  (tmp_path / 'run_main.py').write_text(_FAILING_READER_MAIN)
+  result = subprocess.run(
+      [sys.executable, str(tmp_path / 'run_main.py'),
+       '--config=configs/fashion_mnist.py:tiny',
+       '--config.data.name=image_folder',
+       f'--config.data.image_folder={folder}', '--config.data.num_classes=0',
+       f'--workdir={tmp_path / "w"}', '--mode=vqvae'],
+      cwd=_ROOT, capture_output=True, text=True, timeout=240,
+      env={**os.environ, 'PYTHONPATH': _ROOT})
+  assert result.returncode == 1, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+      f"Error: Reading image folder '{folder}' split 'train' failed: "
+      'UnknownError: OSError: device went away while reading image'), last
+  assert 'Fix:' in last
+
+
 def test_extreme_aspect_ratios_cost_bounded_memory(tmp_path):
   strip = np.random.default_rng(4).integers(0, 256, (1, 150_000, 3), np.uint8)
   Image.fromarray(strip, 'RGB').save(tmp_path / 'strip.png')

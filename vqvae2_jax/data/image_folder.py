@@ -337,10 +337,11 @@ class SafeReader:
         if first_time:
           logging.warning('Skipping unreadable image %s (%s: %s); %d such '
                           'file(s) so far.', path, type(e).__name__, e, count)
-    # Raising here, inside a tf.data worker thread, leaves the process hung
-    # while the iterator is torn down; record the error for
-    # `raise_if_unreadable` (called by the batch loop on the main thread)
-    # and hand tf.data a placeholder.
+    # Raised here, inside a tf.data worker thread, the error would reach the
+    # user wrapped in TF's UnknownError (and used to hang the process, see
+    # input_pipeline._ClosableIterator); record it for `raise_if_unreadable`
+    # (called by the batch loop on the main thread) and hand tf.data a
+    # placeholder.
     error = tfds_prepare.DataNotFoundError(
         f'No image of the split could be decoded: all {n} files of '
         f'{os.path.dirname(self._paths[0]) if n else "the split"} fail to '

@@ -27,11 +27,14 @@ what an uninterrupted run yields from step N, for a given number of
 processes.
 """
 
+import atexit
 import collections
 import dataclasses
 import functools
 import os
+import re
 from typing import Any, Callable, Iterator
+import weakref
 
 from absl import logging
 import jax
@@ -41,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.data import image_folder
 from vqvae2_jax.data import tfds_prepare
@@ -165,7 +169,9 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
                'process, starting at step %d (epoch %d, offset %d).',
                data_config.train_split, source.num_local, local_batch,
                start_step, start_epoch, offset)
-  return _global_batches(_finish(ds), mesh)
+  return _global_batches(
+      _finish(ds), mesh,
+      _source_description(data_config, data_config.train_split))
 
 
 def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
@@ -209,7 +215,8 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda image, label, mask: {'image': image, 'label': label,
                                           'mask': mask})
-  return _global_batches(_finish(ds), mesh)
+  return _global_batches(_finish(ds), mesh,
+                         _source_description(data_config, split))
 
 
 def _local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
@@ -462,16 +469,107 @@ def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def _global_batches(ds: tf.data.Dataset, mesh: Mesh) -> Iterator[Batch]:
-  """Lays out each process-local numpy batch as global sharded arrays."""
+class InputError(errors.UserError, OSError):
+  """Reading the input failed (damaged files); the message names the source."""
+
+
+def _source_description(data_config: ml_collections.ConfigDict,
+                        split: str) -> tuple[str, str]:
+  """What a batch stream reads, and how to repair it, for error messages."""
+  if data_config.name == 'image_folder':
+    return (f'image folder {data_config.image_folder!r} split {split!r}',
+            "check the folder's files (truncated, unreadable?) or point "
+            '--config.data.image_folder at readable images')
+  data_dir = tfds_prepare.data_dir_or_default(data_config)
+  dataset_dir = os.path.join(data_dir, re.split(r'[:/]', data_config.name)[0])
+  return (f'tfds dataset {data_config.name!r} split {split!r} in {data_dir}',
+          f'its prepared files are damaged: delete {dataset_dir} and '
+          'prepare it again with --mode=data')
+
+
+class _ClosableIterator:
+  """The only strong reference to a tf.data iterator, so it can be closed.
+
+  A tf.data iterator destroyed while the interpreter shuts down hangs the
+  process for good when Python functions of its pipeline (the image-folder
+  reader) are still running: their threads can no longer take the GIL, and
+  the iterator's destructor waits for them. Destroyed earlier, it waits a
+  moment and returns. So every iterator is closed at the latest by an
+  atexit hook (atexit runs before the shutdown), and the error path drops
+  the iterator before raising (a chained traceback would keep it alive).
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    _close_iterators_at_exit()
+    self._iterator = ds.as_numpy_iterator()
+    _LIVE_ITERATORS.add(self)
+
+  def __next__(self):
+    if self._iterator is None:
+      raise StopIteration
+    return next(self._iterator)
+
+  def close(self) -> None:
+    self._iterator = None
+
+
+_LIVE_ITERATORS: 'weakref.WeakSet[_ClosableIterator]' = weakref.WeakSet()
+
+
+@functools.cache
+def _close_iterators_at_exit() -> None:
+  atexit.register(lambda: [i.close() for i in list(_LIVE_ITERATORS)])
+
+
+def _read_error(error: tf.errors.OpError, source: tuple[str, str]) -> str:
+  """One line naming the source, TF's cause and the fix."""
+  what, fix = source
+  detail = (error.message or '').strip().splitlines() or ['(no message)']
+  # Drop TF's op decorations around the cause.
+  detail = re.sub(r'^\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$', '',
+                  detail[0])
+  return (f'Reading {what} failed: {type(error).__name__}: {detail}. Fix: '
+          f'{fix} (--verbosity=1 logs the traceback)')
+
+
+def _global_batches(ds: tf.data.Dataset, mesh: Mesh,
+                    source: tuple[str, str]) -> Iterator[Batch]:
+  """Lays out each process-local numpy batch as global sharded arrays.
+
+  Args:
+    ds: batches of this process, numpy-convertible.
+    mesh: the mesh the global arrays are sharded over.
+    source: (what the stream reads, how to repair it), for read errors.
+
+  Returns:
+    An iterator of global batches; a failure inside tf.data (a damaged
+    record, an undecodable split) raises `InputError` naming the source.
+  """
   def batches():
-    for batch in ds.as_numpy_iterator():
-      # A split whose files all fail to decode ends the run here, on the
-      # main thread (see image_folder.SafeReader).
-      image_folder.raise_if_unreadable()
-      if isinstance(batch, tuple):
-        batch = {'image': batch[0], 'label': batch[1]}
-      yield parallel.shard_batch(batch, mesh)
+    iterator = _ClosableIterator(ds)
+    try:
+      while True:
+        failure = None
+        try:
+          batch = next(iterator)
+        except StopIteration:
+          return
+        except tf.errors.OpError as e:
+          logging.debug('The input pipeline failed:', exc_info=True)
+          failure = _read_error(e, source)
+        if failure is not None:
+          # Raised outside the handler: TF's traceback would hold the
+          # iterator (see _ClosableIterator).
+          iterator.close()
+          raise InputError(failure)
+        # A split whose files all fail to decode ends the run here, on the
+        # main thread (see image_folder.SafeReader).
+        image_folder.raise_if_unreadable()
+        if isinstance(batch, tuple):
+          batch = {'image': batch[0], 'label': batch[1]}
+        yield parallel.shard_batch(batch, mesh)
+    finally:
+      iterator.close()
 
   return _prefetch(batches(), _DEVICE_PREFETCH)
 
