@@ -22,6 +22,7 @@ from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import sampling
 from vqvae2_jax import stages
+from vqvae2_jax.data import input_pipeline
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TINY = ['--config=configs/fashion_mnist.py:tiny',
@@ -313,3 +314,99 @@ def test_sampling_into_an_unwritable_workdir_fails_before_sampling(
   assert str(copy / 'samples') in str(info.value)
   assert 'Fix:' in str(info.value)
   assert not sampled
+
+
+# The Python API on the same trained workdir.
+
+
+@pytest.fixture(scope='module')
+def pipe(workdir):
+  from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  return Pipeline.load(str(workdir), _tiny_config())
+
+
+def _test_images(n=5):
+  config = _tiny_config()
+  batch = next(iter(input_pipeline.create_eval_iterator(
+      config.data, global_batch_size=8,
+      mesh=parallel.create_mesh(config.mesh))))
+  return np.asarray(batch['image'])[:n], np.asarray(batch['label'])[:n]
+
+
+def test_api_encode_decode_reconstruct(pipe):
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  images, _ = _test_images()  # 5 images: padded to the 8 devices inside.
+  codes = pipe.encode(images)
+  assert [c.shape for c in codes] == [(5, 4, 4), (5, 8, 8)]
+  assert all(c.dtype == np.int32 for c in codes)
+  recon = pipe.reconstruct(images)
+  np.testing.assert_array_equal(pipe.decode(codes), recon)
+  # What the model computes on the whole batch at once.
+  direct, aux = pipe.vqvae.apply(pipe.vqvae_variables, images, train=False)
+  np.testing.assert_allclose(recon, direct, rtol=1e-5, atol=1e-5)
+  for mine, theirs in zip(codes, aux['codes']):
+    np.testing.assert_array_equal(mine, theirs)
+  # uint8 images, and the 28x28 originals padded as the input pipeline does.
+  as_uint8 = pipeline.to_uint8(images)
+  for other in (as_uint8, as_uint8[:, 2:30, 2:30], as_uint8[..., 0]):
+    for mine, theirs in zip(pipe.encode(other), codes):
+      np.testing.assert_array_equal(mine, theirs)
+  assert pipe.steps == {'vqvae': 6, 'prior_0': 6, 'prior_1': 6}
+
+
+def test_api_samples_are_deterministic_per_key(pipe):
+  images, codes = pipe.sample(labels=[0, 3, 9], key=7)
+  assert images.shape == (3, 32, 32, 1) and images.dtype == np.float32
+  again, again_codes = pipe.sample(labels=[0, 3, 9], key=7)
+  np.testing.assert_array_equal(images, again)
+  for a, b in zip(codes, again_codes):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(pipe.decode(codes), images)
+  other, _ = pipe.sample(labels=[0, 3, 9], key=8)
+  assert not np.array_equal(other, images)
+  unconditional, _ = pipe.sample(n=2, key=7, temperature=0.8, top_p=0.9)
+  assert unconditional.shape == (2, 32, 32, 1)
+
+
+def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
+  from vqvae2_jax.data import codes as codes_lib  # pylint: disable=g-import-not-at-top
+  held_out = codes_lib.CodeDataset(str(workdir / 'codes'), None).split('eval')
+  data = held_out.read(np.arange(held_out.num_examples), (0, 1))
+  codes, labels = data['codes'], data['label']
+  for given, key in ((labels, 'eval/bits_per_code'),
+                     (None, 'eval/bits_per_code_uncond')):
+    bits = pipe.log_prob_codes(codes, given)  # [levels, n]
+    for level in (0, 1):
+      metrics = json.loads((workdir / f'prior_{level}' / 'metrics.json')
+                           .read_text())
+      per_code = bits[level].sum() / codes[level].size
+      np.testing.assert_allclose(per_code, metrics[key], rtol=1e-5)
+  # From images: the sum over levels of their codes' bits.
+  images, image_labels = _test_images()
+  np.testing.assert_allclose(
+      pipe.log_prob(images, image_labels),
+      pipe.log_prob_codes(pipe.encode(images), image_labels).sum(axis=0))
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda p, x: p.encode(x[..., :1].repeat(3, -1)), r'\[n, 32, 32, 1\]'),
+    (lambda p, x: p.encode(x * 255.0), r'not \[-1, 1\]\. Fix: pass uint8'),
+    (lambda p, x: p.encode(x[:, :16, :16]), r'16x16\. Fix: resize'),
+    (lambda p, x: p.encode(x.astype(np.int64)), r'dtype int64\. Fix'),
+    (lambda p, x: p.decode([np.zeros((2, 2, 2), np.int32)]),
+     r'Got 1 code maps\. Fix'),
+    (lambda p, x: p.decode([np.zeros((2, 4, 4), np.int32),
+                            np.full((2, 8, 8), 16, np.int32)]),
+     r'level 1 must be integers in \[0, 16\)\. Fix'),
+    (lambda p, x: p.decode([np.zeros((2, 4, 4), np.int32),
+                            np.zeros((2, 4, 4), np.int32)]),
+     r'level 1 have shape \(2, 4, 4\)\. Fix: pass \[n, 8, 8\]'),
+    (lambda p, x: p.sample(labels=[10]), r'class indices in \[0, 10\)'),
+    (lambda p, x: p.sample(), r'n is None\. Fix'),
+    (lambda p, x: p.log_prob(x, labels=[0]), r'Labels have shape \(1,\)'),
+])
+def test_api_bad_inputs_say_how_to_fix_them(pipe, call, message):
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  images, _ = _test_images(2)
+  with pytest.raises(pipeline.PipelineInputError, match=message):
+    call(pipe, images)

@@ -1,0 +1,355 @@
+"""A trained VQ-VAE-2 from Python: encode, decode, sample, score.
+
+  from vqvae2_jax import Pipeline
+
+  pipe = Pipeline.load('workdir/fashion_mnist', 'configs/fashion_mnist.py')
+  codes = pipe.encode(images)       # uint8 [n, 32, 32, 1] (or float [-1, 1])
+  recon = pipe.decode(codes)        # float32 [n, 32, 32, 1] in about [-1, 1]
+  images, codes = pipe.sample(labels=[0, 7, 9], temperature=1.0, key=0)
+  bits = pipe.log_prob(images_uint8, labels=[0, 7, 9])  # bits per image
+
+`Pipeline.load` reads the newest checkpoint of every finished stage in a
+workdir (the same provenance checks as `--mode=sample`: a prior trained on
+another VQ-VAE's codes is refused). Each method compiles once per batch
+shape and runs on the config's mesh (all devices by default); batches that
+do not split over the devices are padded and the padding dropped.
+
+Images go in as uint8 [n, H, W, C] in [0, 255] (as read from files) or as
+floats already in [-1, 1] (as the input pipeline makes them); images of the
+dataset's original size on a padded canvas (28x28 Fashion-MNIST on 32x32)
+are padded as the input pipeline pads them. Images come out as float32 in
+[-1, 1] up to the decoder's small overshoot; `to_uint8` converts them.
+"""
+
+import functools
+import importlib.util
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+from vqvae2_jax import builders
+from vqvae2_jax import config_validation
+from vqvae2_jax import errors
+from vqvae2_jax import loading
+from vqvae2_jax import parallel
+from vqvae2_jax import sampling
+from vqvae2_jax.data import input_pipeline
+
+PyTree = Any
+
+
+class PipelineInputError(errors.UserError, ValueError):
+  """Images, codes or labels a pipeline cannot take; the message says why."""
+
+
+def load_config(config: str | ml_collections.ConfigDict
+                ) -> ml_collections.ConfigDict:
+  """A validated config from a ConfigDict or 'path/to/config.py[:variant]'."""
+  if isinstance(config, str):
+    path, _, variant = config.partition(':')
+    if not os.path.isfile(path):
+      raise errors.ConfigError(
+          f'No config file {path!r}. Fix: pass the config the workdir was '
+          'trained with, e.g. configs/fashion_mnist.py.')
+    spec = importlib.util.spec_from_file_location(
+        f'_pipeline_config_{abs(hash(os.path.abspath(path)))}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = (module.get_config(variant) if variant else module.get_config())
+  config_validation.validate_config(config, check_dataset=False)
+  return config
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """float images in [-1, 1] -> uint8 [0, 255] (clipped, rounded)."""
+  return np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0,
+                 255).astype(np.uint8)
+
+
+class Pipeline:
+  """A trained VQ-VAE and (when trained) its priors, ready to use.
+
+  Attributes:
+    config: the run's config.
+    mesh: where the computations run.
+    vqvae: the VQ-VAE module; `vqvae_variables` its variables.
+    priors: (module, variables) of each level's prior, top first; empty when
+      the workdir has none (then `sample` and `log_prob` are unavailable).
+    steps: the checkpoint step of each loaded stage, e.g. {'vqvae': 3000,
+      'prior_0': 2000, 'prior_1': 2000}.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, vqvae: Any,
+               vqvae_variables: PyTree,
+               priors: Sequence[tuple[Any, PyTree]] = (),
+               steps: Optional[dict[str, int]] = None,
+               mesh: Optional[Mesh] = None):
+    self.config = config
+    self.mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+    self.vqvae = vqvae
+    self.vqvae_variables = vqvae_variables
+    self.priors = list(priors)
+    self.steps = dict(steps or {})
+    self.image_shape = builders.image_shape(config)  # (H, W, C)
+    self.level_shapes = [tuple(s) for s in builders.level_shapes(config)]
+    self.num_classes = int(config.data.num_classes)
+    self._area = input_pipeline.original_area(config.data)
+    data = parallel.data_sharding(self.mesh)
+    self._encode = jax.jit(
+        functools.partial(vqvae.apply, method=vqvae.encode),
+        in_shardings=(None, data), out_shardings=data)
+    self._decode = jax.jit(
+        functools.partial(vqvae.apply, method=vqvae.decode_codes),
+        in_shardings=(None, data), out_shardings=data)
+
+  @classmethod
+  def load(cls, workdir: str,
+           config: str | ml_collections.ConfigDict, *,
+           mesh: Optional[Mesh] = None, use_polyak: bool = True,
+           priors: bool = True) -> 'Pipeline':
+    """The newest checkpoints of every finished stage in `workdir`.
+
+    Args:
+      workdir: the run's --workdir.
+      config: the config it was trained with: a ConfigDict or a config
+        file path ('configs/fashion_mnist.py', or with ':variant').
+      mesh: where to run (default: the config's mesh over all devices).
+      use_polyak: the priors' Polyak-averaged weights where saved.
+      priors: also load the priors (False: only the VQ-VAE).
+
+    Raises:
+      FileNotFoundError: no stage-1 checkpoint in `workdir`.
+      ValueError: checkpoints of another config, or priors trained on
+        another VQ-VAE's codes.
+    """
+    config = load_config(config)
+    mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+    vqvae, variables, step = loading.load_vqvae(config, workdir, mesh)
+    steps = {'vqvae': step}
+    loaded = []
+    if priors:
+      provenance = loading.vqvae_provenance(config, variables, step)
+      for level in range(builders.num_levels(config)):
+        if not os.path.isdir(loading.prior_dir(workdir, level)):
+          break
+        model, prior_variables, prior_step = loading.load_prior(
+            config, workdir, level, vqvae=provenance, mesh=mesh,
+            use_polyak=use_polyak)
+        loaded.append((model, prior_variables))
+        steps[f'prior_{level}'] = prior_step
+      if len(loaded) < builders.num_levels(config):
+        loaded = []  # Sampling and scoring need every level.
+    return cls(config, vqvae, variables, loaded, steps, mesh)
+
+  # Inputs.
+
+  def _images(self, images: Any) -> np.ndarray:
+    """Checked images -> float32 [n, H, W, C] in [-1, 1] on the canvas."""
+    x = np.asarray(images)
+    h, w, c = self.image_shape
+    if x.ndim == 3 and c == 1 and x.shape[1:] in ((h, w), self._area_hw()):
+      x = x[..., None]  # [n, h, w] grayscale.
+    if x.ndim != 4 or x.shape[-1] != c:
+      raise PipelineInputError(
+          f'Images have shape {x.shape}. Fix: pass [n, {h}, {w}, {c}] '
+          f'({c} channel{"s" if c > 1 else ""}, as the model was trained).')
+    if x.dtype == np.uint8:
+      x = x.astype(np.float32) * (2.0 / 255.0) - 1.0
+    elif np.issubdtype(x.dtype, np.floating):
+      low, high = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+      if low < -1.001 or high > 1.001:
+        raise PipelineInputError(
+            f'Float images span [{low:g}, {high:g}], not [-1, 1]. Fix: pass '
+            'uint8 images in [0, 255], or scale floats to [-1, 1] (x / 127.5 '
+            '- 1 for [0, 255], x * 2 - 1 for [0, 1]).')
+      x = x.astype(np.float32)
+    else:
+      raise PipelineInputError(
+          f'Images of dtype {x.dtype}. Fix: pass uint8 in [0, 255] or floats '
+          'in [-1, 1].')
+    if x.shape[1:3] == self._area_hw() and self._area is not None:
+      # The dataset's original size: pad as the input pipeline does (black).
+      top, left, ah, aw = self._area
+      canvas = np.full((x.shape[0], h, w, c), -1.0, np.float32)
+      canvas[:, top:top + ah, left:left + aw] = x
+      x = canvas
+    if x.shape[1:3] != (h, w):
+      raise PipelineInputError(
+          f'Images are {x.shape[1]}x{x.shape[2]}. Fix: resize or pad them to '
+          f'the model\'s {h}x{w}' + (
+              f' (or pass the {self._area[2]}x{self._area[3]} originals)'
+              if self._area else '') + '.')
+    return x
+
+  def _area_hw(self) -> tuple[int, int] | None:
+    return None if self._area is None else (self._area[2], self._area[3])
+
+  def _codes(self, codes: Sequence[Any]) -> list[np.ndarray]:
+    if len(codes) != len(self.level_shapes):
+      raise PipelineInputError(
+          f'Got {len(codes)} code maps. Fix: pass one per level, top first '
+          f'({len(self.level_shapes)} levels of shapes '
+          f'{[list(s) for s in self.level_shapes]}).')
+    out = []
+    k = int(self.config.model.num_embeddings)
+    for level, (c, shape) in enumerate(zip(codes, self.level_shapes)):
+      c = np.asarray(c)
+      if c.ndim != 3 or c.shape[1:] != shape or c.shape[0] != np.shape(
+          codes[0])[0]:
+        raise PipelineInputError(
+            f'Codes of level {level} have shape {c.shape}. Fix: pass '
+            f'[n, {shape[0]}, {shape[1]}] integer maps, the same n at every '
+            'level.')
+      if not np.issubdtype(c.dtype, np.integer) or (
+          c.size and (c.min() < 0 or c.max() >= k)):
+        raise PipelineInputError(
+            f'Codes of level {level} must be integers in [0, {k}). Fix: pass '
+            'codes from `encode` or `sample`.')
+      out.append(c.astype(np.int32))
+    return out
+
+  def _labels(self, labels: Any, n: int) -> Optional[np.ndarray]:
+    """Checked labels -> int32 [n] (num_classes = no label), or None."""
+    if not self.num_classes:
+      if labels is not None:
+        raise PipelineInputError(
+            'Labels given to an unconditional pipeline (num_classes=0). '
+            'Fix: pass labels=None.')
+      return None
+    if labels is None:
+      return np.full((n,), self.num_classes, np.int32)
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+      raise PipelineInputError(
+          f'Labels have shape {labels.shape} and dtype {labels.dtype}. Fix: '
+          f'pass {n} integer labels, one per image.')
+    if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+      raise PipelineInputError(
+          f'Labels must be class indices in [0, {self.num_classes}). Fix: '
+          'pass labels=None for "no label".')
+    return labels.astype(np.int32)
+
+  # Batching: pad to a multiple of the devices, run, drop the padding.
+
+  def _padded(self, x: np.ndarray) -> np.ndarray:
+    n, d = x.shape[0], self.mesh.size
+    padded = -(-max(n, 1) // d) * d
+    if padded == n:
+      return x
+    pad = np.zeros((padded - n, *x.shape[1:]), x.dtype)
+    return np.concatenate([x, pad])
+
+  def _needs_priors(self, what: str) -> None:
+    if not self.priors:
+      raise PipelineInputError(
+          f'{what} needs the priors of every level, and this pipeline has '
+          'none. Fix: train them (--mode=prior, or --mode=all) in the same '
+          'workdir, then load it again.')
+
+  # The API.
+
+  def encode(self, images: Any) -> list[np.ndarray]:
+    """Images -> code maps per level, top first.
+
+    Args:
+      images: [n, H, W, C] uint8 in [0, 255] or float in [-1, 1] (also
+        [n, H, W] for one channel, and the dataset's original size on a
+        padded canvas).
+
+    Returns:
+      [n, h_l, w_l] int32 codes of each level, top first.
+    """
+    x = self._images(images)
+    n = x.shape[0]
+    codes = self._encode(self.vqvae_variables, self._padded(x))
+    return [np.asarray(c)[:n] for c in codes]
+
+  def decode(self, codes: Sequence[Any]) -> np.ndarray:
+    """Code maps (top first, [n, h_l, w_l] ints) -> float32 [n, H, W, C]."""
+    codes = self._codes(codes)
+    n = codes[0].shape[0]
+    images = self._decode(self.vqvae_variables,
+                          [self._padded(c) for c in codes])
+    return np.asarray(images)[:n]
+
+  def reconstruct(self, images: Any) -> np.ndarray:
+    """decode(encode(images)): float32 [n, H, W, C]."""
+    return self.decode(self.encode(images))
+
+  def sample(self, labels: Any = None, n: Optional[int] = None, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             key: int | jax.Array = 0
+             ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Samples images from the priors (exact ancestral sampling).
+
+    Args:
+      labels: [n] class indices, or None (the prior's unconditional path).
+      n: how many samples; needed when labels is None, else len(labels).
+      temperature, top_k, top_p: the sampler's controls (1.0, 0, 1.0: the
+        model as trained).
+      key: an int seed or a PRNG key; the same key gives the same samples.
+
+    Returns:
+      (images float32 [n, H, W, C], codes per level [n, h_l, w_l] int32).
+    """
+    self._needs_priors('Sampling')
+    if labels is not None:
+      n = len(labels) if n is None else n
+    if n is None or n < 1:
+      raise PipelineInputError(
+          f'n is {n}. Fix: pass n >= 1 (or labels, one per sample).')
+    labels = self._labels(labels, n)
+    batch = self._padded(np.zeros((n,), np.int32)).shape[0]
+    if labels is not None:
+      labels = self._padded(labels)
+      labels[n:] = labels[0]
+    rng = jax.random.PRNGKey(key) if isinstance(key, int) else key
+    codes = sampling.sample_hierarchy(
+        self.priors, self.level_shapes, batch_size=batch, labels=labels,
+        rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+        mesh=self.mesh)
+    codes = [np.asarray(c)[:n] for c in codes]
+    return self.decode(codes), codes
+
+  def log_prob_codes(self, codes: Sequence[Any], labels: Any = None
+                     ) -> np.ndarray:
+    """Bits of each level's codes under its prior: float64 [levels, n]."""
+    self._needs_priors('Scoring')
+    codes = self._codes(codes)
+    n = codes[0].shape[0]
+    labels = self._labels(labels, n)
+    padded = [self._padded(c) for c in codes]
+    if labels is not None:
+      labels = self._padded(labels)
+    bits = []
+    for level, (model, variables) in enumerate(self.priors):
+      nats = _level_nats(model, variables, padded[level],
+                         tuple(padded[:level]), labels)
+      bits.append(np.asarray(nats, np.float64)[:n] / math.log(2.0))
+    return np.stack(bits)
+
+  def log_prob(self, images: Any, labels: Any = None) -> np.ndarray:
+    """-log2 p(codes of each image) under the priors: float64 [n], in bits.
+
+    The likelihood of an image's codes (every level, top first) given its
+    label (or the unconditional path for labels=None); divide by the code
+    count (sum of h_l * w_l) for bits per code.
+    """
+    return self.log_prob_codes(self.encode(images), labels).sum(axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _level_nats(model, variables, codes, cond_codes, labels):
+  """Negative log-likelihood in nats of each map, [b]."""
+  logits = model.apply(variables, codes, cond_codes=cond_codes,
+                       labels=labels if model.num_classes else None,
+                       train=False)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0]
+  return -jnp.sum(picked, axis=(1, 2))
