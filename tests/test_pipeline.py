@@ -58,11 +58,32 @@ def _main(workdir, *args):
   return result
 
 
+_ALL = {}  # The --mode=all run of the fixture below.
+
+
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pipeline')
-  _main(workdir, '--mode=all')
+  _ALL['result'] = _main(workdir, '--mode=all')
   return workdir
+
+
+def test_all_prints_a_short_console(workdir):
+  result = _ALL['result']
+  lines = (result.stdout + result.stderr).splitlines()
+  assert len(lines) <= 60, '\n'.join(lines)
+  # Each stage: its header, progress, results; then the summary table.
+  for expected in ('[1/6] vqvae', 'VQ-VAE: 6 steps of batch 8',
+                   'VQ-VAE: step 6/6 (100%)', 'Prior level 1: step 6 in',
+                   'Codes: 64 eval, 256 train', 'Wrote 10 samples to',
+                   'Classifier: step 6 in', 'Report: ', 'Done in'):
+    assert any(expected in line for line in lines), (expected, lines)
+  assert not any('orbax' in line or 'checkpoint_manager' in line
+                 or 'oneDNN' in line for line in lines), lines
+  # The full log of each training stage is in its directory.
+  log = (workdir / 'vqvae' / 'log.txt').read_text()
+  assert 'checkpoint' in log and 'VQ-VAE: step 2/6' in log
+  assert len(log.splitlines()) > len(lines)
 
 
 def _sample_dirs(workdir):

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from vqvae2_jax import builders
+from vqvae2_jax import console
 from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
@@ -156,7 +157,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   meta_path = os.path.join(out_dir, 'meta.json')
   meta = files.read_json(meta_path)
   if meta is not None:
-    logging.info('Samples already in %s; skipping.', out_dir)
+    console.say('Samples already in %s; nothing to do.', out_dir)
     return meta
 
   # Before any sampling: a workdir that cannot take the samples fails now.
@@ -268,7 +269,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     files.write_json(os.path.join(tmp_dir, 'meta.json'), meta)
   os.rename(tmp_dir, out_dir)
-  logging.info('Wrote %d samples to %s (%.2f s per map%s)', num_samples,
+  console.say('Wrote %d samples to %s (%.2f s per map%s)', num_samples,
                out_dir, seconds / num_samples,
                f', kept {num_samples} of {num_candidates} candidates'
                if per_candidate > 1 else '')

@@ -7,17 +7,27 @@ Modes: data (prepare and preview the input), vqvae (stage 1), codes (extract
 the training set's codes), prior (stage 2), sample (stage 3), classifier (the
 domain classifier of the sample metrics), eval (the evaluation report), all.
 Every stage resumes from what `workdir` already holds.
+
+The console shows each stage's header, progress, results and files, and
+every warning; the full log of a training stage is in workdir/<stage>/log.txt
+(`console`). --verbosity=1 shows everything, tracebacks of user errors too.
 """
 
 import os
 import re
 import sys
 
+if not any(re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in sys.argv):
+  # TensorFlow's C++ start-up banners, unless --verbosity asks for them
+  # (before anything imports TensorFlow).
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import stages
 
@@ -85,8 +95,11 @@ def main(argv):
     if _show_tracebacks():
       raise
     sys.exit(f'Error: {_config_problem(e)}')
+  if FLAGS.verbosity < 1:
+    console.quiet()
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX uses.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with console.native_stderr_muted():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('Mode %s, workdir %s', FLAGS.mode, FLAGS.workdir)
   try:

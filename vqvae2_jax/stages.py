@@ -7,6 +7,7 @@ stage's dependencies load only when it runs.
 """
 
 import importlib
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -14,6 +15,7 @@ import jax
 import ml_collections
 
 from vqvae2_jax import config_validation
+from vqvae2_jax import console
 from vqvae2_jax import parallel
 
 # mode -> (module, function). 'all' runs the stages in this order.
@@ -54,8 +56,60 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.maybe_initialize_distributed()
   config_validation.validate_config(config, num_devices=jax.device_count())
   modes = PIPELINE if mode == 'all' else (mode,)
-  results = {}
-  for m in modes:
-    logging.info('=== Stage %s ===', m)
+  results, seconds = {}, {}
+  for i, m in enumerate(modes):
+    if len(modes) > 1:
+      console.say('[%d/%d] %s', i + 1, len(modes), _TITLES[m])
+    else:
+      logging.info('=== Stage %s ===', m)
+    start = time.time()
     results[m] = stage_function(m)(config, workdir)
+    seconds[m] = time.time() - start
+  if len(modes) > 1:
+    for line in summary_lines(results, seconds, workdir):
+      console.say('%s', line)
   return results
+
+
+_TITLES = {
+    'data': 'data: prepare and preview the dataset',
+    'vqvae': 'vqvae: stage 1, the hierarchical VQ-VAE',
+    'codes': 'codes: every level\'s codes of the train and held-out splits',
+    'prior': 'prior: stage 2, a PixelCNN prior per level',
+    'sample': 'sample: stage 3, codes sampled top-down and decoded',
+    'classifier': 'classifier: the domain classifier of the sample metrics',
+    'eval': 'eval: the evaluation report',
+}
+
+
+def _figure(mode: str, result: Any) -> str:
+  """The key figure of a finished stage's result, for the summary."""
+  if not isinstance(result, dict):
+    return ''
+  if mode == 'vqvae' and 'eval/psnr' in result:
+    return (f'PSNR {result["eval/psnr"]:.2f} dB' + (
+        f' (original area {result["eval/psnr_area"]:.2f})'
+        if 'eval/psnr_area' in result else ''))
+  if mode == 'prior':
+    bits = [f'{v["eval/bits_per_code"]:.3f}' for v in result.values()
+            if isinstance(v, dict) and 'eval/bits_per_code' in v]
+    return f'held-out bits/code {" / ".join(bits)}' if bits else ''
+  if mode == 'classifier' and 'eval/accuracy' in result:
+    return f'test accuracy {100 * result["eval/accuracy"]:.2f}%'
+  if mode == 'sample' and 'num_samples' in result:
+    return f'{result["num_samples"]} samples'
+  if mode == 'eval' and isinstance(result.get('samples'), dict):
+    s = result['samples']
+    return ', '.join(f'{label} {s[k]:.3g}' for k, label in (
+        ('fid', 'FID'), ('inception_score', 'IS'), ('precision', 'precision'),
+        ('recall', 'recall')) if isinstance(s.get(k), (int, float)))
+  return ''
+
+
+def summary_lines(results: dict, seconds: dict, workdir: str) -> list[str]:
+  """The table that ends --mode=all: stage, minutes, key figure."""
+  lines = [f'Done in {sum(seconds.values()) / 60:.1f} min; workdir {workdir}:']
+  for m, result in results.items():
+    lines.append(f'  {m:<11} {seconds[m] / 60:5.1f} min  {_figure(m, result)}'
+                 .rstrip())
+  return lines

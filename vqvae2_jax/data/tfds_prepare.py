@@ -40,6 +40,8 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+from vqvae2_jax import console
+
 _CHECKSUMS_DIR = pathlib.Path(__file__).resolve().parent / 'checksums'
 
 # tfds datasets that a Debian package ships: tfds name -> (package, directory).
@@ -100,7 +102,12 @@ def _prepare(name: str, data_dir: str, manual_dir: str
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
       return builder
-    _download_and_prepare(builder, name, data_dir, manual_dir)
+    console.say('Preparing the dataset %s in %s (once; about a minute for '
+                'Fashion-MNIST)', name, data_dir)
+    with console.captured(f'preparing {name}'):
+      if console.is_quiet():
+        tfds.disable_progress_bar()
+      _download_and_prepare(builder, name, data_dir, manual_dir)
   return tfds.builder(name, data_dir=data_dir)
 
 

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from vqvae2_jax import builders
+from vqvae2_jax import console
 from vqvae2_jax import files
 from vqvae2_jax import generate
 from vqvae2_jax import loading
@@ -363,7 +364,32 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
     files.atomic_write(os.path.join(out_dir, 'report.md'),
                        lambda f: f.write(report_markdown(report).encode()))
   logging.info('Eval report in %s:\n%s', out_dir, report_markdown(report))
+  for line in summary_lines(report, out_dir):
+    console.say('%s', line)
   return report
+
+
+def summary_lines(report: Mapping[str, Any], out_dir: str) -> list[str]:
+  """A few lines of the report's key figures, for the console."""
+  lines = []
+  s = report.get('samples') or {}
+  floor = report.get('real_vs_real') or {}
+  names = (('fid', 'FID'), ('kid', 'KID'), ('inception_score', 'IS'),
+           ('precision', 'precision'), ('recall', 'recall'))
+  if s:
+    lines.append('Samples: ' + ', '.join(
+        f'{label} {_fmt(s.get(key))} (floor {_fmt(floor.get(key))})'
+        for key, label in names if key in s))
+    if s.get('class_agreement') is not None:
+      lines[-1] += f', class agreement {_fmt(s["class_agreement"])}'
+  r = report.get('reconstructions') or {}
+  if r:
+    lines.append('Reconstructions: ' + ', '.join(
+        f'{label} {_fmt(r[key])}' for key, label in (
+            ('psnr', 'PSNR'), ('psnr_area', 'PSNR original area'),
+            ('rfid', 'rFID')) if key in r))
+  lines.append(f'Report: {os.path.join(out_dir, "report.md")}')
+  return lines
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -253,7 +253,8 @@ def _train(config: ml_collections.ConfigDict, *, name: str, directory: str,
       programs=progs, init_rng=jax.random.PRNGKey(config.seed),
       cadence=common.Cadence.from_config(config.classifier),
       train_iterator=train_iterator, evaluate=run_eval,
-      nan_fix='lower classifier.learning_rate'))
+      nan_fix='lower classifier.learning_rate',
+      batch_size=config.classifier.batch_size))
 
 
 def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh
@@ -290,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         config.data, global_batch_size=c.batch_size, mesh=mesh,
         seed=config.seed, start_step=start_step)
 
-  return _train(config, name=f'Classifier on mesh {dict(mesh.shape)}',
+  return _train(config, name='Classifier',
                 directory=stage_dir(workdir),
                 fingerprint=classifier_fingerprint(config), mesh=mesh,
                 train_iterator=train_iterator,

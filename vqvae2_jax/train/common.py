@@ -12,6 +12,7 @@ which model it trains.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import contextlib
 import dataclasses
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 from vqvae2_jax import checkpoints
+from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
@@ -320,7 +322,8 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
                manager: Any, fingerprint: Mapping[str, Any],
                writer: metric_writers.MetricWriter,
                pending: StepMetrics, nan_fix: str,
-               progress_path: Optional[str] = None) -> LoopResult:
+               progress_path: Optional[str] = None,
+               name: str = 'train') -> LoopResult:
   """The training loop of every stage: steps, logs, evaluations, checkpoints.
 
   Steps `start_step + 1 .. num_steps`; logs the training metrics every
@@ -345,8 +348,10 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
     progress_path: where the training figures so far (last train summary,
       steps/s, evaluation seconds) are written with every checkpoint, for a
       rerun after a kill before metrics.json; None writes nothing.
+    name: the stage, for the console's progress line.
   """
   progress = create_progress(num_steps, writer, log_every)
+  line = console.Progress(name, start_step, num_steps)
   eval_metrics, train_summary, eval_seconds = None, {}, 0.0
   loop_start = time.time()
   for step in range(start_step + 1, num_steps + 1):
@@ -367,6 +372,8 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
     if do_log:
       train_summary = pending.pop_summary()
       writer.write_scalars(step, scalars(train_summary, 'train'))
+      line.update(step, {k: train_summary[k] for k in _PROGRESS_KEYS
+                         if k in train_summary})
     if do_eval:
       eval_start = time.time()
       eval_metrics = run_eval(step, state, is_last)
@@ -385,6 +392,26 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       steps=max(num_steps - start_step, 0),
       train_seconds=time.time() - loop_start - eval_seconds,
       eval_seconds=eval_seconds)
+
+
+# Training figures on the console's progress line, when a stage has them.
+_PROGRESS_KEYS = ('loss', 'psnr', 'bits_per_code', 'accuracy')
+# Evaluation figures of a stage's result line, when it has them.
+_RESULT_KEYS = ('eval/psnr_area', 'eval/psnr', 'eval/used_fraction_level0',
+                'eval/used_fraction_level1', 'eval/bits_per_code',
+                'eval/accuracy', 'eval/top5_accuracy')
+
+
+def result_line(name: str, final: Mapping[str, Any]) -> str:
+  """One line of a finished stage's key figures."""
+  figures = ', '.join(f'{k[len("eval/"):]} {final[k]:.4g}'
+                      for k in _RESULT_KEYS if k in final)
+  timing = ''
+  if final.get('wall_time_s') is not None:
+    timing = f' in {final["wall_time_s"]:.0f} s'
+    if final.get('steps_per_sec'):
+      timing += f' ({final["steps_per_sec"]:.1f} steps/s)'
+  return f'{name}: step {final.get("step")}{timing}; {figures or "done"}'
 
 
 class TrainPrograms(Protocol):
@@ -451,6 +478,7 @@ class Stage:
     sum_prefixes: training metrics summed, not averaged, over a log interval.
     final_metrics: (final metrics) -> entries to add to them (e.g. sizes and
       baselines); None adds nothing.
+    batch_size: the global batch, for the console's header line.
   """
   name: str
   directory: str
@@ -463,6 +491,7 @@ class Stage:
   nan_fix: str
   sum_prefixes: Sequence[str] = ()
   final_metrics: Optional[Callable[[dict[str, Any]], Mapping[str, Any]]] = None
+  batch_size: Optional[int] = None
 
 
 def checkpoint_dir(stage_dir: str) -> str:
@@ -506,10 +535,14 @@ def run_training(stage: Stage) -> dict[str, Any]:
   progress_path = os.path.join(os.fspath(stage.directory), 'progress.json')
   finished = _finished_metrics(stage, metrics_path)
   if finished is not None:
-    logging.info('%s: finished at step %d; metrics in %s (nothing to do).',
-                 stage.name, cadence.num_steps, metrics_path)
+    console.say('%s: finished at step %d earlier (nothing to do); metrics in '
+                '%s', stage.name, cadence.num_steps, metrics_path)
     return finished
   files.ensure_writable(stage.directory, 'checkpoints and metrics')
+  # The full log of the run (every library, INFO and up), beside metrics.json.
+  log_file = contextlib.ExitStack()
+  log_file.enter_context(console.log_file(
+      os.path.join(os.fspath(stage.directory), 'log.txt')))
   undecodable_before = image_folder.undecodable_files()
   manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
                                        max_to_keep=cadence.keep_checkpoints)
@@ -525,8 +558,12 @@ def run_training(stage: Stage) -> dict[str, Any]:
     if state is None:
       state = stage.programs.init(stage.init_rng)
     start_step = int(state.step)
-    logging.info('%s: %d steps (from step %d)', stage.name, cadence.num_steps,
-                 start_step)
+    console.say(
+        '%s: %d steps%s%s on %d %s device(s); writes %s', stage.name,
+        cadence.num_steps,
+        f' of batch {stage.batch_size}' if stage.batch_size else '',
+        f' (resuming at step {start_step})' if start_step else '',
+        jax.device_count(), jax.default_backend(), stage.directory)
     if start_step == 0:
       writer.write_hparams({k: str(v) for k, v in stage.fingerprint.items()})
 
@@ -543,7 +580,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
         checkpoint_every=cadence.checkpoint_every, run_eval=run_eval,
         manager=manager, fingerprint=stage.fingerprint, writer=writer,
         pending=StepMetrics(sum_prefixes=stage.sum_prefixes),
-        nan_fix=stage.nan_fix, progress_path=progress_path)
+        nan_fix=stage.nan_fix, progress_path=progress_path, name=stage.name)
     eval_metrics = loop.eval_metrics
     if eval_metrics is None:  # Nothing left to train: evaluate what we have.
       eval_metrics = run_eval(start_step, loop.state, True)
@@ -571,6 +608,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
     manager.wait_until_finished()
     write_json(metrics_path, final)
     logging.info('%s final metrics: %s', stage.name, final)
+    console.say('%s', result_line(stage.name, final))
     return final
   except Exception as e:  # pylint: disable=broad-except
     # Orbax reports a full disk from its save threads as tensorstore's
@@ -589,6 +627,8 @@ def run_training(stage: Stage) -> dict[str, Any]:
         raise
       # Already reported (the save in flight when the disk filled up).
       logging.debug('An unfinished save failed: %s', e)
+    finally:
+      log_file.close()
 
 
 def _disk_full(directory: str, manager: Any, error: BaseException

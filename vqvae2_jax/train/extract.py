@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from vqvae2_jax import builders
+from vqvae2_jax import console
 from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
@@ -154,8 +155,8 @@ def extract_codes(config: ml_collections.ConfigDict,
               for role, split in sources.items()})
   out_dir = codes_dir(workdir)
   if codes_lib.is_complete(out_dir, plan):  # Read only: nothing to write.
-    logging.info('Codes in %s are complete for VQ-VAE step %d; nothing to '
-                 'do.', out_dir, step)
+    console.say('Codes in %s are complete for VQ-VAE step %d; nothing to '
+                'do.', out_dir, step)
     return {'vqvae_step': step, 'extract_time_s': 0.0,
             'wall_time_s': time.time() - start_time,
             **{f'num_examples_{role}': info['num_examples']
@@ -179,6 +180,9 @@ def extract_codes(config: ml_collections.ConfigDict,
             **{f'num_examples_{role}': info['num_examples']
                for role, info in plan['splits'].items()}}
   logging.info('Codes extracted: %s', result)
+  console.say('Codes: %s in %.0f s; in %s', ', '.join(
+      f'{plan["splits"][role]["num_examples"]} {role}' for role in plan['splits']),
+              result['extract_time_s'], out_dir)
   return result
 
 

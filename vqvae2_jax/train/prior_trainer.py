@@ -362,7 +362,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
       cadence=common.Cadence.from_config(p), train_iterator=train_iterator,
       evaluate=run_eval,
       nan_fix='lower prior.learning_rate or grad_clip_norm',
-      final_metrics=final_metrics))
+      final_metrics=final_metrics, batch_size=p.batch_size))
 
 
 def train_priors(config: ml_collections.ConfigDict,

@@ -249,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return common.scalars(metrics, 'eval')
 
   return common.run_training(common.Stage(
-      name=f'VQ-VAE on mesh {dict(mesh.shape)}', directory=str(out_dir),
+      name='VQ-VAE', directory=str(out_dir), batch_size=train_cfg.batch_size,
       fingerprint=fingerprint, programs=progs,
       init_rng=jax.random.PRNGKey(config.seed),
       cadence=common.Cadence.from_config(train_cfg),

@@ -1,0 +1,230 @@
+"""What a run prints: a short console, and the full log in files.
+
+By default the console (stderr) shows only what a person follows: each
+stage's header, its progress line, its results and where its files are
+(`say`, `Progress`), and every warning and error from any library except
+known routine ones. Everything else that is logged (this project's details,
+orbax's checkpointing steps, tfds, clu's metric lines) goes to the log file
+of the running training stage, workdir/<stage>/log.txt (`log_file`). `--verbosity=1`
+or more shows everything on the console, as absl would.
+
+On a terminal the progress line updates in place; in a pipe or a file it is
+printed at each quarter of the run (every log interval goes to the log file).
+"""
+
+import contextlib
+import io
+import logging as py_logging
+import os
+import re
+import sys
+import time
+from typing import Iterator, Mapping, Optional
+
+from absl import logging
+
+_CONSOLE = 'vqvae2_console'  # Record attribute: meant for the console.
+# Routine warnings of libraries, not problems: read-only checkpoint managers
+# (how finished stages are read), TensorFlow's AutoGraph notes, tfds looking
+# into a dataset directory while another process prepares it.
+_ROUTINE = re.compile(
+    r'CheckpointManagerOptions\.read_only=True|Given directory is read only'
+    r'|AutoGraph could not transform|do_not_convert'
+    r'|has no dataset_info\.json')
+_QUARTERS = 4  # Progress lines per stage when the console is not a terminal.
+
+
+def say(message: str, *args) -> None:
+  """Logs `message % args` at INFO, shown on the console."""
+  logging.info(message, *args, extra={_CONSOLE: True})
+
+
+class _ConsoleFilter(py_logging.Filter):
+  """Passes console lines and warnings or worse that are not routine."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if getattr(record, _CONSOLE, False):
+      return True
+    if record.levelno < py_logging.WARNING:
+      return False
+    try:
+      return not _ROUTINE.search(record.getMessage())
+    except Exception:  # pylint: disable=broad-except
+      return True
+
+
+_FILTER = _ConsoleFilter()
+
+
+class _ConsoleFormatter(logging.PythonFormatter):
+  """Console lines as plain text; anything else in absl's format."""
+
+  def format(self, record: py_logging.LogRecord) -> str:
+    if getattr(record, _CONSOLE, False):
+      return record.getMessage()
+    return super().format(record)
+
+
+def quiet() -> None:
+  """Keeps the console to `say` lines and warnings (see the module doc).
+
+  Call before TensorFlow loads: it also silences TF's C++ banners.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  handler = logging.get_absl_handler()
+  if _FILTER not in handler.filters:
+    handler.addFilter(_FILTER)
+    handler.setFormatter(_ConsoleFormatter())
+
+
+@contextlib.contextmanager
+def native_stderr_muted() -> Iterator[None]:
+  """Mutes what native code writes to stderr meanwhile, when quiet.
+
+  For TensorFlow's import, whose C++ start-up banners ignore
+  TF_CPP_MIN_LOG_LEVEL. Python errors still propagate (and print after).
+  """
+  if not is_quiet():
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+@contextlib.contextmanager
+def captured(what: str) -> Iterator[None]:
+  """When quiet, keeps what Python code prints meanwhile (progress bars, a
+  library's prints) off the console: it goes to the log as one record."""
+  if not is_quiet():
+    yield
+    return
+  buffer = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+      yield
+  finally:
+    text = buffer.getvalue().strip()
+    if text:
+      logging.info('Output of %s:\n%s', what, text)
+
+
+def is_quiet() -> bool:
+  return _FILTER in logging.get_absl_handler().filters
+
+
+class _FileHandler(py_logging.FileHandler):
+  """A log file that stops quietly when it cannot be written (a full disk):
+  the run's own error handling reports that, not a logging traceback."""
+
+  def handleError(self, record: py_logging.LogRecord) -> None:
+    del record
+    self.setLevel(py_logging.CRITICAL + 1)
+
+
+@contextlib.contextmanager
+def log_file(path: str) -> Iterator[Optional[str]]:
+  """Appends every log record (INFO and up, any library) to `path` meanwhile.
+
+  Yields the path, or None when it cannot be written (a read-only workdir:
+  the run goes on without a log file).
+  """
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = _FileHandler(path, mode='a', encoding='utf-8')
+  except OSError as e:
+    logging.debug('No log file %s: %s', path, e)
+    yield None
+    return
+  handler.setFormatter(logging.PythonFormatter())
+  handler.setLevel(py_logging.INFO)
+  root = py_logging.getLogger()
+  root.addHandler(handler)
+  try:
+    yield path
+  finally:
+    root.removeHandler(handler)
+    handler.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = max(int(round(seconds)), 0)
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
+class Progress:
+  """One progress line per stage: step, figures, steps/s, ETA.
+
+  On a terminal (and a quiet console) the line is rewritten in place at
+  every `update`; otherwise it is printed when the run passes each quarter.
+  Every update also goes to the log file.
+  """
+
+  def __init__(self, name: str, start_step: int, num_steps: int,
+               stream=None):
+    self._name = name
+    self._start_step = start_step
+    self._num_steps = num_steps
+    self._start = time.time()
+    self._stream = sys.stderr if stream is None else stream
+    self._in_place = is_quiet() and _isatty(self._stream)
+    self._next_quarter = 1
+    self._width = 0
+
+  def line(self, step: int, figures: Mapping[str, float]) -> str:
+    done = step - self._start_step
+    elapsed = time.time() - self._start
+    rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+    eta = (self._num_steps - step) / rate if rate > 0 else 0.0
+    parts = [f'{self._name}: step {step}/{self._num_steps} '
+             f'({100.0 * step / max(self._num_steps, 1):.0f}%)']
+    parts += [f'{k} {v:.4g}' for k, v in figures.items()]
+    parts.append(f'{rate:.1f} steps/s')
+    if step < self._num_steps:
+      parts.append(f'ETA {_duration(eta)}')
+    return ', '.join(parts)
+
+  def update(self, step: int, figures: Mapping[str, float]) -> None:
+    text = self.line(step, figures)
+    if self._in_place:
+      logging.info('%s', text)  # The log file only.
+      padded = text.ljust(self._width)
+      self._width = len(text)
+      self._stream.write('\r' + padded)
+      if step >= self._num_steps:
+        self._stream.write('\n')
+        self._width = 0
+      self._stream.flush()
+      return
+    crossed = False
+    while (self._next_quarter <= _QUARTERS
+           and step >= self._num_steps * self._next_quarter / _QUARTERS):
+      self._next_quarter += 1
+      crossed = True
+    # Every update reaches the log file; quarters also the console.
+    logging.info('%s', text, extra={_CONSOLE: crossed})
+
+  def close(self) -> None:
+    """Ends an in-place line early (an error mid-run)."""
+    if self._in_place and self._width:
+      self._stream.write('\n')
+      self._stream.flush()
+      self._width = 0
+
+
+def _isatty(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
