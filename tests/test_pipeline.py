@@ -431,3 +431,17 @@ def test_api_bad_inputs_say_how_to_fix_them(pipe, call, message):
   images, _ = _test_images(2)
   with pytest.raises(pipeline.PipelineInputError, match=message):
     call(pipe, images)
+
+
+def test_tensorboard_has_the_image_grids(workdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
+  def tags(directory):
+    acc = event_accumulator.EventAccumulator(
+        str(directory), size_guidance={'tensors': 0})
+    acc.Reload()
+    return set(acc.Tags()['tensors'])
+
+  assert {'images/reconstructions', 'eval/psnr_area',
+          'train/loss'} <= tags(workdir / 'vqvae')
+  assert {'samples', 'levels'} <= tags(_sample_dirs(workdir)[0])

@@ -245,6 +245,12 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
                        common.image_grid(shown, grid_cols))
   common.write_image_grid(os.path.join(tmp_dir, 'levels.png'),
                           np.concatenate(view_rows), view)
+  if jax.process_index() == 0:  # The grids in TensorBoard too.
+    writer = common.create_writer(tmp_dir)
+    writer.write_images(0, {
+        'samples': common.image_grid(shown, grid_cols)[None],
+        'levels': common.image_grid(np.concatenate(view_rows), view)[None]})
+    writer.close()
   arrays = {f'codes_{l}': c for l, c in enumerate(codes)}
   if conditional:
     arrays['labels'] = labels

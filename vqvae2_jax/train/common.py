@@ -473,7 +473,9 @@ class Stage:
     cadence: the run's length and intervals.
     train_iterator: (start_step) -> the batches of steps start_step + 1, ...
     evaluate: (step, state, is_last) -> flat scalar metrics named
-      '<split>/<name>' (e.g. 'eval/mse'); may write its own files (images).
+      '<split>/<name>' (e.g. 'eval/mse'), and image grids (uint8 [h, w, c]
+      numpy arrays, e.g. 'images/reconstructions') for TensorBoard; may
+      write its own files.
     nan_fix: what the non-finite error suggests (e.g. which rate to lower).
     sum_prefixes: training metrics summed, not averaged, over a log interval.
     final_metrics: (final metrics) -> entries to add to them (e.g. sizes and
@@ -568,8 +570,13 @@ def run_training(stage: Stage) -> dict[str, Any]:
       writer.write_hparams({k: str(v) for k, v in stage.fingerprint.items()})
 
     def run_eval(step, state, is_last):
-      metrics = stage.evaluate(step, state, is_last)
+      metrics = dict(stage.evaluate(step, state, is_last))
+      # Image grids (uint8 [h, w, c]) go to TensorBoard only.
+      images = {k: metrics.pop(k) for k in list(metrics)
+                if isinstance(metrics[k], np.ndarray)}
       writer.write_scalars(step, metrics)
+      if images:
+        writer.write_images(step, {k: v[None] for k, v in images.items()})
       return metrics
 
     loop = train_loop(

@@ -244,9 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         config.data, global_batch_size=train_cfg.eval_batch_size, mesh=mesh)
     metrics, grid = evaluate(progs.eval_sums, progs.grid_rows,
                              state.variables(), eval_iter)
+    num_cols = min(_GRID_IMAGES, grid.shape[0])
     common.write_image_grid(str(out_dir / 'images' / f'recon_{step:07d}.png'),
-                            grid, num_cols=min(_GRID_IMAGES, grid.shape[0]))
-    return common.scalars(metrics, 'eval')
+                            grid, num_cols=num_cols)
+    # Rows: inputs, reconstructions, then each level alone (top first).
+    return {**common.scalars(metrics, 'eval'),
+            'images/reconstructions': common.image_grid(grid, num_cols)}
 
   return common.run_training(common.Stage(
       name='VQ-VAE', directory=str(out_dir), batch_size=train_cfg.batch_size,
