@@ -97,5 +97,5 @@ def test_every_mode_has_a_stage():
 
 def test_pipeline_order():
   assert stages.PIPELINE == ('vqvae', 'codes', 'prior', 'sample',
-                             'classifier', 'eval')
+                             'classifier', 'eval', 'export')
   assert fashion_mnist.get_config('tiny').prior.level == -1

@@ -73,7 +73,7 @@ def test_all_prints_a_short_console(workdir):
   lines = (result.stdout + result.stderr).splitlines()
   assert len(lines) <= 60, '\n'.join(lines)
   # Each stage: its header, progress, results; then the summary table.
-  for expected in ('[1/6] vqvae', 'VQ-VAE: 6 steps of batch 8',
+  for expected in ('[1/7] vqvae', 'Exported pipeline: ', 'VQ-VAE: 6 steps of batch 8',
                    'VQ-VAE: step 6/6 (100%)', 'Prior level 1: step 6 in',
                    'Codes: 64 eval, 256 train', 'Wrote 10 samples to',
                    'Classifier: step 6 in', 'Report: ', 'Done in'):
@@ -445,3 +445,30 @@ def test_tensorboard_has_the_image_grids(workdir):
   assert {'images/reconstructions', 'eval/psnr_area',
           'train/loss'} <= tags(workdir / 'vqvae')
   assert {'samples', 'levels'} <= tags(_sample_dirs(workdir)[0])
+
+
+def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
+                                                                tmp_path):
+  from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  exported, = (workdir / 'export').glob('*.msgpack')  # Made by --mode=all.
+  assert exported.name == 'fashion_mnist_vqvae6_prior6-6.msgpack'
+  moved = tmp_path / 'model.msgpack'
+  shutil.copy(exported, moved)
+  loaded = Pipeline.load(str(moved))
+  assert loaded.steps == pipe.steps
+  images, codes = pipe.sample(labels=[1, 2], key=5)
+  images2, codes2 = loaded.sample(labels=[1, 2], key=5)
+  np.testing.assert_array_equal(images, images2)
+  for a, b in zip(codes, codes2):
+    np.testing.assert_array_equal(a, b)
+  test_images, labels = _test_images(3)
+  np.testing.assert_array_equal(loaded.log_prob(test_images, labels),
+                                pipe.log_prob(test_images, labels))
+  # A damaged or foreign file is refused with a fix.
+  damaged = tmp_path / 'damaged.msgpack'
+  damaged.write_bytes(moved.read_bytes()[:1000])
+  with pytest.raises(pipeline.PipelineInputError, match='Fix:'):
+    Pipeline.load(str(damaged))
+  with pytest.raises(pipeline.PipelineInputError, match='own config'):
+    Pipeline.load(str(moved), _tiny_config())

@@ -23,9 +23,12 @@ are padded as the input pipeline pads them. Images come out as float32 in
 
 import functools
 import importlib.util
+import json
 import math
 import os
 from typing import Any, Optional, Sequence
+
+from flax import serialization
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +38,16 @@ import numpy as np
 
 from vqvae2_jax import builders
 from vqvae2_jax import config_validation
+from vqvae2_jax import console
 from vqvae2_jax import errors
+from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import sampling
 from vqvae2_jax.data import input_pipeline
 
 PyTree = Any
+EXPORT_FORMAT = 'vqvae2_jax.export/1'  # Written into every exported file.
 
 
 class PipelineInputError(errors.UserError, ValueError):
@@ -110,13 +116,14 @@ class Pipeline:
 
   @classmethod
   def load(cls, workdir: str,
-           config: str | ml_collections.ConfigDict, *,
+           config: str | ml_collections.ConfigDict | None = None, *,
            mesh: Optional[Mesh] = None, use_polyak: bool = True,
            priors: bool = True) -> 'Pipeline':
-    """The newest checkpoints of every finished stage in `workdir`.
+    """The newest checkpoints of every finished stage in `workdir`, or an
+    exported pipeline file (`export`; then `config` is not needed).
 
     Args:
-      workdir: the run's --workdir.
+      workdir: the run's --workdir, or the path of an exported file.
       config: the config it was trained with: a ConfigDict or a config
         file path ('configs/fashion_mnist.py', or with ':variant').
       mesh: where to run (default: the config's mesh over all devices).
@@ -128,6 +135,13 @@ class Pipeline:
       ValueError: checkpoints of another config, or priors trained on
         another VQ-VAE's codes.
     """
+    if os.path.isfile(workdir):
+      return cls._from_file(workdir, config, mesh)
+    if config is None:
+      raise errors.ConfigError(
+          f'Pipeline.load({workdir!r}) needs the config the workdir was '
+          'trained with. Fix: pass it, e.g. Pipeline.load(workdir, '
+          "'configs/fashion_mnist.py'), or load an exported file.")
     config = load_config(config)
     mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
     vqvae, variables, step = loading.load_vqvae(config, workdir, mesh)
@@ -146,6 +160,74 @@ class Pipeline:
       if len(loaded) < builders.num_levels(config):
         loaded = []  # Sampling and scoring need every level.
     return cls(config, vqvae, variables, loaded, steps, mesh)
+
+  def export(self, path: str) -> str:
+    """Writes config, variables and provenance of every stage to one file.
+
+    A msgpack file (flax.serialization) that `Pipeline.load(path)` reads
+    back with no workdir and no config file: the config as JSON, the
+    VQ-VAE's variables with its fingerprint and digest, each prior's
+    variables with its fingerprint, and the checkpoint steps. Written
+    atomically (a temporary file renamed), so a failure leaves no partial
+    file.
+    """
+    provenance = loading.vqvae_provenance(self.config, self.vqvae_variables,
+                                          self.steps.get('vqvae', 0))
+    payload = {
+        'format': EXPORT_FORMAT,
+        'config': self.config.to_json(),
+        'steps': json.dumps(self.steps),
+        'vqvae_fingerprint': json.dumps(provenance['fingerprint']),
+        'vqvae_digest': provenance['digest'],
+        'vqvae': jax.device_get(self.vqvae_variables),
+        'priors': {str(level): jax.device_get(variables)
+                   for level, (_, variables) in enumerate(self.priors)},
+        'prior_fingerprints': json.dumps([
+            builders.prior_fingerprint(self.config, level, provenance)
+            for level in range(len(self.priors))]),
+    }
+    data = serialization.msgpack_serialize(payload)
+    files.atomic_write(path, lambda f: f.write(data))
+    return path
+
+  @classmethod
+  def _from_file(cls, path: str, config: Any, mesh: Optional[Mesh]
+                 ) -> 'Pipeline':
+    with open(path, 'rb') as f:
+      try:
+        payload = serialization.msgpack_restore(f.read())
+      except Exception as e:  # pylint: disable=broad-except
+        raise PipelineInputError(
+            f'{path} is not an exported pipeline ({type(e).__name__}). Fix: '
+            'pass a workdir, or a file written by --mode=export.') from e
+    if not isinstance(payload, dict) or payload.get('format') != EXPORT_FORMAT:
+      raise PipelineInputError(
+          f'{path} is not an exported pipeline of format {EXPORT_FORMAT}. '
+          'Fix: export it again with --mode=export of this version.')
+    saved = ml_collections.ConfigDict(json.loads(payload['config']))
+    if config is not None:
+      raise PipelineInputError(
+          f'{path} carries its own config. Fix: call Pipeline.load({path!r}) '
+          'without one.')
+    config = load_config(saved)
+    if builders.vqvae_fingerprint(config) != json.loads(
+        payload['vqvae_fingerprint']):
+      raise PipelineInputError(
+          f'{path}: its config does not match its VQ-VAE fingerprint (a '
+          'damaged or edited file). Fix: export it again.')
+    mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+    vqvae = builders.build_vqvae(config)
+    variables = jax.device_put(payload['vqvae'], parallel.replicated(mesh))
+    if loading.variables_digest(variables) != payload['vqvae_digest']:
+      raise PipelineInputError(
+          f'{path}: the VQ-VAE weights do not match their digest (a damaged '
+          'file). Fix: export it again.')
+    priors = [(builders.build_prior(config, level),
+               jax.device_put(payload['priors'][str(level)],
+                              parallel.replicated(mesh)))
+              for level in range(len(payload['priors']))]
+    return cls(config, vqvae, variables, priors, json.loads(payload['steps']),
+               mesh)
 
   # Inputs.
 
@@ -353,3 +435,33 @@ def _level_nats(model, variables, codes, cond_codes, labels):
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0]
   return -jnp.sum(picked, axis=(1, 2))
+
+
+def export_workdir(config: ml_collections.ConfigDict,
+                   workdir: str) -> dict[str, Any]:
+  """--mode=export: every finished stage of `workdir` as one file.
+
+  Writes workdir/export/<dataset>_vqvae<step>_prior<steps>.msgpack (see
+  `Pipeline.export`), which `Pipeline.load(path)` reads with no workdir or
+  config file. An existing file of the same steps is left as it is.
+
+  Returns:
+    {'path', 'bytes', 'steps'}.
+  """
+  pipe = Pipeline.load(workdir, config)
+  if not pipe.priors:
+    raise errors.UserError(
+        f'{workdir} has no trained priors to export with the VQ-VAE. Fix: '
+        'run --mode=prior (or --mode=all) first.')
+  prior_steps = '-'.join(str(pipe.steps[f'prior_{level}'])
+                         for level in range(len(pipe.priors)))
+  name = (f'{config.data.name.replace("/", "_").replace(":", "_")}'
+          f'_vqvae{pipe.steps["vqvae"]}_prior{prior_steps}.msgpack')
+  path = os.path.join(os.path.abspath(workdir), 'export', name)
+  if not os.path.exists(path):
+    files.ensure_writable(os.path.dirname(path), 'the exported pipeline')
+    pipe.export(path)
+  size = os.path.getsize(path)
+  console.say('Exported pipeline: %s (%.1f MB); from Python: '
+              'vqvae2_jax.Pipeline.load(%r)', path, size / 1e6, path)
+  return {'path': path, 'bytes': size, 'steps': pipe.steps}

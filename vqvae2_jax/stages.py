@@ -27,8 +27,10 @@ _STAGES = {
     'sample': ('vqvae2_jax.generate', 'sample_and_save'),
     'classifier': ('vqvae2_jax.train.classifier_trainer', 'train_and_evaluate'),
     'eval': ('vqvae2_jax.evaluation.run', 'evaluate'),
+    'export': ('vqvae2_jax.pipeline', 'export_workdir'),
 }
-PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval')
+PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
+            'export')
 MODES = tuple(_STAGES) + ('all',)
 
 
@@ -79,6 +81,7 @@ _TITLES = {
     'sample': 'sample: stage 3, codes sampled top-down and decoded',
     'classifier': 'classifier: the domain classifier of the sample metrics',
     'eval': 'eval: the evaluation report',
+    'export': 'export: every stage in one file',
 }
 
 
