@@ -102,8 +102,7 @@ def _prepare(name: str, data_dir: str, manual_dir: str
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
       return builder
-    console.say('Preparing the dataset %s in %s (once; about a minute for '
-                'Fashion-MNIST)', name, data_dir)
+    console.say('Preparing the dataset %s in %s (once)', name, data_dir)
     with console.captured(f'preparing {name}'):
       if console.is_quiet():
         tfds.disable_progress_bar()
