@@ -472,3 +472,24 @@ def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
     Pipeline.load(str(damaged))
   with pytest.raises(pipeline.PipelineInputError, match='own config'):
     Pipeline.load(str(moved), _tiny_config())
+
+
+def test_sample_mode_works_from_an_exported_file_alone(workdir, tmp_path):
+  exported, = (workdir / 'export').glob('*.msgpack')
+  fresh = tmp_path / 'downloaded'
+  os.makedirs(fresh / 'export')
+  shutil.copy(exported, fresh / 'export' / exported.name)
+  meta = _sample(fresh)  # No checkpoints in `fresh`: the file is used.
+  trained = _sample(workdir)  # The same run name, from the checkpoints.
+  assert os.path.basename(meta['dir']) == os.path.basename(trained['dir'])
+  a = np.load(os.path.join(meta['dir'], 'codes.npz'))
+  b = np.load(os.path.join(trained['dir'], 'codes.npz'))
+  for key in b.files:
+    np.testing.assert_array_equal(a[key], b[key])
+  # Another model config than the file's is refused with a fix.
+  other = tmp_path / 'other'
+  shutil.copytree(fresh / 'export', other / 'export')
+  config = _tiny_config()
+  config.model.num_embeddings = 32
+  with pytest.raises(errors.ConfigError, match='another model config.*Fix'):
+    stages.run('sample', config, str(other))

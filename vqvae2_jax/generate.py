@@ -27,9 +27,11 @@ import numpy as np
 
 from vqvae2_jax import builders
 from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import pipeline
 from vqvae2_jax import sampling
 from vqvae2_jax.train import common
 
@@ -100,6 +102,40 @@ def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
       'fingerprint': classifier_trainer.classifier_fingerprint(config)}
 
 
+def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: Any) -> Any:
+  """The newest workdir/export/*.msgpack when the workdir has no stage-1
+  checkpoints (a pipeline downloaded rather than trained), else None.
+
+  Raises:
+    errors.ConfigError: the file's model differs from `config`'s.
+  """
+  if os.path.isdir(os.path.join(loading.vqvae_dir(workdir), 'checkpoints')):
+    return None
+  export_dir = os.path.join(workdir, 'export')
+  names = sorted(n for n in (os.listdir(export_dir)
+                             if os.path.isdir(export_dir) else ())
+                 if n.endswith('.msgpack'))
+  if not names:
+    return None
+  path = os.path.join(export_dir, names[-1])
+  pipe = pipeline.Pipeline.load(path, mesh=mesh)
+  mine, theirs = builders.vqvae_fingerprint(config), builders.vqvae_fingerprint(
+      pipe.config)
+  prior_fields = [builders.prior_fingerprint(c, level, {'step': 0,
+                                                         'digest': ''})
+                  for c in (config, pipe.config)
+                  for level in range(builders.num_levels(c))]
+  half = len(prior_fields) // 2
+  if mine != theirs or prior_fields[:half] != prior_fields[half:]:
+    raise errors.ConfigError(
+        f'{path} holds a pipeline of another model config than --config. '
+        'Fix: pass the config it was trained with (its config is inside: '
+        f'vqvae2_jax.Pipeline.load({path!r}).config).')
+  logging.info('Sampling from the exported pipeline %s.', path)
+  return pipe
+
+
 def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
                     scorer: Optional[Scorer] = None) -> dict[str, Any]:
   """--mode=sample: samples the hierarchy, decodes, writes grids and codes.
@@ -135,16 +171,23 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   """
   s = config.sampling
   mesh = parallel.create_mesh(config.mesh)
-  vqvae, vq_variables, vq_step = loading.load_vqvae(config, workdir, mesh)
   num_levels = builders.num_levels(config)
-  provenance = loading.vqvae_provenance(config, vq_variables, vq_step)
-  priors, prior_steps = [], []
-  for level in range(num_levels):
-    model, variables, step = loading.load_prior(
-        config, workdir, level, vqvae=provenance, mesh=mesh,
-        use_polyak=s.use_polyak)
-    priors.append((model, variables))
-    prior_steps.append(step)
+  exported = _exported_pipeline(config, workdir, mesh)
+  if exported is not None:  # A workdir holding only --mode=export's file.
+    vqvae, vq_variables = exported.vqvae, exported.vqvae_variables
+    vq_step = exported.steps['vqvae']
+    priors = exported.priors
+    prior_steps = [exported.steps[f'prior_{l}'] for l in range(num_levels)]
+  else:
+    vqvae, vq_variables, vq_step = loading.load_vqvae(config, workdir, mesh)
+    provenance = loading.vqvae_provenance(config, vq_variables, vq_step)
+    priors, prior_steps = [], []
+    for level in range(num_levels):
+      model, variables, step = loading.load_prior(
+          config, workdir, level, vqvae=provenance, mesh=mesh,
+          use_polyak=s.use_polyak)
+      priors.append((model, variables))
+      prior_steps.append(step)
 
   keep = float(s.rejection_keep)
   per_candidate = sampling.candidates_per_sample(keep)
