@@ -90,7 +90,7 @@ def test_a_stage_not_built_yet_says_so_plainly(monkeypatch):
 
 def test_every_mode_has_a_stage():
   assert set(stages.MODES) == {'data', 'vqvae', 'codes', 'prior', 'sample',
-                               'classifier', 'eval', 'all'}
+                               'classifier', 'eval', 'export', 'all'}
   with pytest.raises(ValueError, match='Unknown mode'):
     stages.stage_function('nope')
 

@@ -493,3 +493,16 @@ def test_sample_mode_works_from_an_exported_file_alone(workdir, tmp_path):
   config.model.num_embeddings = 32
   with pytest.raises(errors.ConfigError, match='another model config.*Fix'):
     stages.run('sample', config, str(other))
+
+
+def test_workdir_records_its_config_for_the_api(pipe, workdir, tmp_path):
+  from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  recorded = json.loads((workdir / 'config.json').read_text())
+  assert recorded['model']['num_embeddings'] == 16  # The tiny config's.
+  loaded = Pipeline.load(str(workdir))  # No config: config.json.
+  assert loaded.steps == pipe.steps
+  images, _ = _test_images(2)
+  for a, b in zip(loaded.encode(images), pipe.encode(images)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(errors.ConfigError, match='no config.json.*Fix'):
+    Pipeline.load(str(tmp_path))

@@ -125,7 +125,8 @@ class Pipeline:
     Args:
       workdir: the run's --workdir, or the path of an exported file.
       config: the config it was trained with: a ConfigDict or a config
-        file path ('configs/fashion_mnist.py', or with ':variant').
+        file path ('configs/fashion_mnist.py', or with ':variant'); None
+        reads workdir/config.json, which every run records.
       mesh: where to run (default: the config's mesh over all devices).
       use_polyak: the priors' Polyak-averaged weights where saved.
       priors: also load the priors (False: only the VQ-VAE).
@@ -138,10 +139,14 @@ class Pipeline:
     if os.path.isfile(workdir):
       return cls._from_file(workdir, config, mesh)
     if config is None:
-      raise errors.ConfigError(
-          f'Pipeline.load({workdir!r}) needs the config the workdir was '
-          'trained with. Fix: pass it, e.g. Pipeline.load(workdir, '
-          "'configs/fashion_mnist.py'), or load an exported file.")
+      recorded = os.path.join(workdir, 'config.json')  # stages.CONFIG_FILE
+      if not os.path.isfile(recorded):
+        raise errors.ConfigError(
+            f'{workdir} has no config.json (it is written by runs of this '
+            'version). Fix: pass the config it was trained with, e.g. '
+            "Pipeline.load(workdir, 'configs/fashion_mnist.py').")
+      with open(recorded) as f:
+        config = ml_collections.ConfigDict(json.load(f))
     config = load_config(config)
     mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
     vqvae, variables, step = loading.load_vqvae(config, workdir, mesh)

@@ -7,6 +7,7 @@ stage's dependencies load only when it runs.
 """
 
 import importlib
+import os
 import time
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ import ml_collections
 
 from vqvae2_jax import config_validation
 from vqvae2_jax import console
+from vqvae2_jax import files
 from vqvae2_jax import parallel
 
 # mode -> (module, function). 'all' runs the stages in this order.
@@ -58,6 +60,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.maybe_initialize_distributed()
   config_validation.validate_config(config, num_devices=jax.device_count())
   modes = PIPELINE if mode == 'all' else (mode,)
+  if mode not in ('data', 'export'):
+    _record_config(config, workdir)
   results, seconds = {}, {}
   for i, m in enumerate(modes):
     if len(modes) > 1:
@@ -73,6 +77,31 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+CONFIG_FILE = 'config.json'  # In the workdir: what `Pipeline.load` reads.
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/config.json unless it already holds this config.
+
+  A read-only workdir, or one holding another run's config (training
+  settings may change between runs), is left as it is.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  text = config.to_json(indent=1, sort_keys=True)
+  try:
+    with open(path) as f:
+      if f.read() == text:
+        return
+  except OSError:
+    pass
+  if jax.process_index() != 0:
+    return
+  try:
+    files.atomic_write(path, lambda f: f.write(text.encode()))
+  except OSError as e:
+    logging.info('Not recording the config in %s: %s', path, e)
+
+
 _TITLES = {
     'data': 'data: prepare and preview the dataset',
     'vqvae': 'vqvae: stage 1, the hierarchical VQ-VAE',
@@ -85,34 +114,40 @@ _TITLES = {
 }
 
 
-def _figure(mode: str, result: Any) -> str:
-  """The key figure of a finished stage's result, for the summary."""
+def _figure(mode: str, result: Any, workdir: str) -> str:
+  """The key figures and image files of a finished stage, for the summary."""
   if not isinstance(result, dict):
     return ''
+  figure, where = '', ''
   if mode == 'vqvae' and 'eval/psnr' in result:
-    return (f'PSNR {result["eval/psnr"]:.2f} dB' + (
+    figure = f'PSNR {result["eval/psnr"]:.2f} dB' + (
         f' (original area {result["eval/psnr_area"]:.2f})'
-        if 'eval/psnr_area' in result else ''))
-  if mode == 'prior':
+        if 'eval/psnr_area' in result else '')
+    where = os.path.join(workdir, 'vqvae', 'images')
+  elif mode == 'prior':
     bits = [f'{v["eval/bits_per_code"]:.3f}' for v in result.values()
             if isinstance(v, dict) and 'eval/bits_per_code' in v]
-    return f'held-out bits/code {" / ".join(bits)}' if bits else ''
-  if mode == 'classifier' and 'eval/accuracy' in result:
-    return f'test accuracy {100 * result["eval/accuracy"]:.2f}%'
-  if mode == 'sample' and 'num_samples' in result:
-    return f'{result["num_samples"]} samples'
-  if mode == 'eval' and isinstance(result.get('samples'), dict):
+    figure = f'held-out bits/code {" / ".join(bits)}' if bits else ''
+  elif mode == 'classifier' and 'eval/accuracy' in result:
+    figure = f'test accuracy {100 * result["eval/accuracy"]:.2f}%'
+  elif mode == 'sample' and result.get('dir'):
+    figure = f'{result.get("num_samples")} samples'
+    where = os.path.join(result['dir'], 'samples.png')
+  elif mode == 'eval' and isinstance(result.get('samples'), dict):
     s = result['samples']
-    return ', '.join(f'{label} {s[k]:.3g}' for k, label in (
+    figure = ', '.join(f'{label} {s[k]:.3g}' for k, label in (
         ('fid', 'FID'), ('inception_score', 'IS'), ('precision', 'precision'),
         ('recall', 'recall')) if isinstance(s.get(k), (int, float)))
-  return ''
+    where = os.path.join(workdir, 'eval', 'report.md')
+  elif mode == 'export' and result.get('path'):
+    where = result['path']
+  return '; '.join(x for x in (figure, where) if x)
 
 
 def summary_lines(results: dict, seconds: dict, workdir: str) -> list[str]:
   """The table that ends --mode=all: stage, minutes, key figure."""
   lines = [f'Done in {sum(seconds.values()) / 60:.1f} min; workdir {workdir}:']
   for m, result in results.items():
-    lines.append(f'  {m:<11} {seconds[m] / 60:5.1f} min  {_figure(m, result)}'
-                 .rstrip())
+    lines.append(f'  {m:<11} {seconds[m] / 60:5.1f} min  '
+                 f'{_figure(m, result, workdir)}'.rstrip())
   return lines
