@@ -81,10 +81,11 @@ CONFIG_FILE = 'config.json'  # In the workdir: what `Pipeline.load` reads.
 
 
 def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes workdir/config.json unless it already holds this config.
+  """Writes this run's config to workdir/config.json unless it is there.
 
-  A read-only workdir, or one holding another run's config (training
-  settings may change between runs), is left as it is.
+  The model fields agree for every run of a workdir (the checkpoints'
+  fingerprints see to it); training and sampling settings are the latest
+  run's. A read-only workdir is left as it is.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   text = config.to_json(indent=1, sort_keys=True)
