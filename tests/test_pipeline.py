@@ -80,10 +80,15 @@ def test_all_prints_a_short_console(workdir):
     assert any(expected in line for line in lines), (expected, lines)
   assert not any('orbax' in line or 'checkpoint_manager' in line
                  or 'oneDNN' in line for line in lines), lines
-  # The full log of each training stage is in its directory.
+  # The full log of each stage that did work is in its directory.
   log = (workdir / 'vqvae' / 'log.txt').read_text()
   assert 'checkpoint' in log and 'VQ-VAE: step 2/6' in log
   assert len(log.splitlines()) > len(lines)
+  for stage_log, expected in (
+      (workdir / 'codes' / 'log.txt', 'Codes: 64 eval, 256 train'),
+      (_sample_dirs(workdir)[0] / 'log.txt', 'Wrote 10 samples'),
+      (workdir / 'eval' / 'log.txt', 'Eval report in')):
+    assert expected in stage_log.read_text(), stage_log
 
 
 def _sample_dirs(workdir):

@@ -154,6 +154,45 @@ def log_file(path: str) -> Iterator[Optional[str]]:
     handler.close()
 
 
+class _Buffer(py_logging.Handler):
+  """Keeps the records of a stage until it is known where they belong."""
+
+  def __init__(self):
+    super().__init__(py_logging.INFO)
+    self.records = []
+
+  def emit(self, record: py_logging.LogRecord) -> None:
+    self.records.append(record)
+
+
+@contextlib.contextmanager
+def buffered_log() -> Iterator[list[py_logging.LogRecord]]:
+  """Collects every log record (INFO and up) meanwhile, for `write_log`.
+
+  For stages that write a log file only if they do any work (so a finished,
+  read-only workdir stays untouched): the caller decides afterwards.
+  """
+  handler = _Buffer()
+  root = py_logging.getLogger()
+  root.addHandler(handler)
+  try:
+    yield handler.records
+  finally:
+    root.removeHandler(handler)
+
+
+def write_log(path: str, records: list[py_logging.LogRecord]) -> None:
+  """Appends `records` to the log file `path`; a failure is only logged."""
+  formatter = logging.PythonFormatter()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'a', encoding='utf-8') as f:
+      for record in records:
+        f.write(formatter.format(record) + '\n')
+  except OSError as e:
+    logging.debug('No log file %s: %s', path, e)
+
+
 def _duration(seconds: float) -> str:
   seconds = max(int(round(seconds)), 0)
   if seconds < 60:

@@ -69,7 +69,14 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       logging.info('=== Stage %s ===', m)
     start = time.time()
-    results[m] = stage_function(m)(config, workdir)
+    if m in _LOGGED_BY_TRAINING:  # Writes <stage dir>/log.txt itself.
+      results[m] = stage_function(m)(config, workdir)
+    else:
+      with console.buffered_log() as records:
+        results[m] = stage_function(m)(config, workdir)
+      path = _log_path(m, results[m], workdir, start)
+      if path is not None and jax.process_index() == 0:
+        console.write_log(path, records)
     seconds[m] = time.time() - start
   if len(modes) > 1:
     for line in summary_lines(results, seconds, workdir):
@@ -78,6 +85,30 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 CONFIG_FILE = 'config.json'  # In the workdir: what `Pipeline.load` reads.
+# Stages whose training loop writes its own <stage dir>/log.txt.
+_LOGGED_BY_TRAINING = ('vqvae', 'prior', 'classifier')
+
+
+def _log_path(mode: str, result: Any, workdir: str,
+              start: float) -> str | None:
+  """Where a non-training stage's log goes, if it wrote anything this time.
+
+  A stage that found its work done wrote nothing (a finished workdir may be
+  read-only), so neither does its log.
+  """
+  if not isinstance(result, dict):
+    return None
+  if mode == 'codes' and result.get('extract_time_s'):
+    return os.path.join(workdir, 'codes', 'log.txt')
+  if mode == 'sample' and result.get('dir'):
+    meta = os.path.join(result['dir'], 'meta.json')
+    if os.path.exists(meta) and os.path.getmtime(meta) >= start - 1:
+      return os.path.join(result['dir'], 'log.txt')
+  if mode == 'eval':
+    return os.path.join(workdir, 'eval', 'log.txt')
+  if mode == 'data':
+    return os.path.join(workdir, 'data', 'log.txt')
+  return None
 
 
 def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
