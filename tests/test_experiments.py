@@ -24,7 +24,6 @@ def test_protocol_sets_the_reference_size_and_budget(stage2_config):
 
 def test_run_scores_the_centre_and_the_top_level(stage2_config):
   from experiments import peer_protocol  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import loading  # pylint: disable=g-import-not-at-top
   config = stage2_config.copy_and_resolve_references()
   config.vqvae_train.num_train_steps = 3
   lines = []
@@ -38,7 +37,6 @@ def test_run_scores_the_centre_and_the_top_level(stage2_config):
     assert np.isfinite(row['psnr_top_only'])
     assert row['psnr_top_only'] != row['psnr']  # Not the whole decode.
   assert rows[1]['train_s'] > rows[0]['train_s'] > 0
-  del loading
 
 
 def test_ablation_writes_rows_and_resumes(stage2_config, tmp_path):

@@ -102,6 +102,14 @@ def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
       'fingerprint': classifier_trainer.classifier_fingerprint(config)}
 
 
+def _model_fields(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """What defines the variables of every stage (no provenance)."""
+  no_codes = {'step': 0, 'digest': ''}
+  return [builders.vqvae_fingerprint(config)] + [
+      builders.prior_fingerprint(config, level, no_codes)
+      for level in range(builders.num_levels(config))]
+
+
 def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
                        mesh: Any) -> Any:
   """The newest workdir/export/*.msgpack when the workdir has no stage-1
@@ -120,14 +128,7 @@ def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
     return None
   path = os.path.join(export_dir, names[-1])
   pipe = pipeline.Pipeline.load(path, mesh=mesh)
-  mine, theirs = builders.vqvae_fingerprint(config), builders.vqvae_fingerprint(
-      pipe.config)
-  prior_fields = [builders.prior_fingerprint(c, level, {'step': 0,
-                                                         'digest': ''})
-                  for c in (config, pipe.config)
-                  for level in range(builders.num_levels(c))]
-  half = len(prior_fields) // 2
-  if mine != theirs or prior_fields[:half] != prior_fields[half:]:
+  if _model_fields(config) != _model_fields(pipe.config):
     raise errors.ConfigError(
         f'{path} holds a pipeline of another model config than --config. '
         'Fix: pass the config it was trained with (its config is inside: '
