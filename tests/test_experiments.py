@@ -68,3 +68,62 @@ def test_ablation_writes_rows_and_resumes(stage2_config, tmp_path):
   assert 'base: already in' in second.stdout
   assert 'rotation: already in' in second.stdout
   assert json.loads(out.read_text()) == rows
+
+
+def test_level_table_scores_every_view_and_draws_them(
+    stage2_config, save_vqvae_checkpoint, tmp_path):
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from PIL import Image
+  from experiments import level_mse
+  from vqvae2_jax import loading
+  from vqvae2_jax import parallel
+  from vqvae2_jax.data import input_pipeline
+  # pylint: enable=g-import-not-at-top
+  config = stage2_config
+  save_vqvae_checkpoint(config, str(tmp_path), seed=3, step=5)
+  png = tmp_path / 'levels.png'
+  step, rows = level_mse.level_table(config, str(tmp_path), str(png))
+  assert step == 5
+  assert [r['view'] for r in rows] == [
+      'all levels', 'level 0 only', 'level 1 only', 'none (mean codes)']
+  # The full view is the model's own reconstruction, scored independently.
+  model, variables, _ = loading.load_vqvae(
+      config, str(tmp_path), parallel.create_mesh(config.mesh))
+  sq, sq_centre, count = 0.0, 0.0, 0
+  for batch in input_pipeline.create_eval_iterator(
+      config.data, global_batch_size=16,
+      mesh=parallel.create_mesh(config.mesh)):
+    images = np.asarray(batch['image'])
+    recon = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, batch['image'])[0])
+    mask = np.asarray(batch['mask'])
+    err = ((images - recon) ** 2)[mask]
+    sq += float(err.mean(axis=(1, 2, 3)).sum())
+    sq_centre += float(err[:, 2:30, 2:30].mean(axis=(1, 2, 3)).sum())
+    count += int(mask.sum())
+  assert count == 40
+  np.testing.assert_allclose(rows[0]['mse'], sq / count, rtol=1e-5)
+  np.testing.assert_allclose(rows[0]['mse01_area'], sq_centre / count / 4,
+                             rtol=1e-5)
+  for row in rows:
+    assert math.isclose(row['psnr'], 10 * math.log10(4 / row['mse']),
+                        rel_tol=1e-9)
+  # Dropping levels changes the picture; each view is its own row.
+  assert len({round(r['mse'], 8) for r in rows}) == 4
+  grid = np.asarray(Image.open(png))
+  assert grid.shape == (5 * 34 + 2, 16 * 34 + 2)
+  first = grid[2:34, 2:34].astype(np.float32) / 127.5 - 1
+  np.testing.assert_allclose(first[..., None], images_first(config), atol=1e-2)
+
+
+def images_first(config):
+  """The first held-out image as the input pipeline gives it."""
+  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import parallel
+  from vqvae2_jax.data import input_pipeline
+  # pylint: enable=g-import-not-at-top
+  batch = next(iter(input_pipeline.create_eval_iterator(
+      config.data, global_batch_size=16,
+      mesh=parallel.create_mesh(config.mesh))))
+  return np.asarray(batch['image'][0])
