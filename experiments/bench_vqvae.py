@@ -35,7 +35,7 @@ _MIN_SECONDS = flags.DEFINE_float(
     'min_seconds', 5.0, 'Time each measurement for at least this long.')
 _ROWS = flags.DEFINE_list(
     'rows', ['fashion_mnist', 'peer_arch_32px', 'imagenet256_arch'],
-    'Rows to measure (also: imagenet256_arch_32px, peer_protocol).')
+    'Rows to measure (also: imagenet256_arch_32px, peer_protocol, tiny).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'],
                             'Compute dtypes to measure.')
 
@@ -44,6 +44,9 @@ def _row_config(name: str) -> tuple[ml_collections.ConfigDict, int]:
   """(config, batch size) of a benchmark row."""
   if name == 'fashion_mnist':
     config = fashion_mnist.get_config()
+    return config, config.vqvae_train.batch_size
+  if name == 'tiny':  # Smoke tests.
+    config = fashion_mnist.get_config('tiny')
     return config, config.vqvae_train.batch_size
   if name == 'peer_protocol':
     # experiments/peer_protocol.py's model and batch: the reference's

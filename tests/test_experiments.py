@@ -127,3 +127,35 @@ def images_first(config):
       config.data, global_batch_size=16,
       mesh=parallel.create_mesh(config.mesh))))
   return np.asarray(batch['image'][0])
+
+
+def test_profile_step_splits_the_step_into_kinds_of_work():
+  from experiments import profile_step  # pylint: disable=g-import-not-at-top
+  result = profile_step.profile('tiny', steps=2)
+  by_kind = result['by_kind']
+  assert list(by_kind) == list(profile_step.KINDS)
+  # A train step runs convolutions forward and both of their gradients.
+  for kind in ('conv forward', 'conv input gradient', 'conv weight gradient'):
+    assert by_kind[kind] > 0, kind
+  assert result['wall_ms'] > 0 and result['batch'] == 8
+  times = [op[0] for op in result['ops']]
+  assert times == sorted(times, reverse=True)
+  assert abs(sum(times) - sum(by_kind.values())) < 1e-6 * max(sum(times), 1)
+
+
+def test_profile_step_kinds_of_hlo_convolutions():
+  from experiments import profile_step  # pylint: disable=g-import-not-at-top
+  fwd = ('f32[8,4,4,16] convolution(a, b), window={size=3x3 pad=1_1x1_1}, '
+         'metadata={op_name="jit(step)/jvp(VQVAE)/encoder/conv"}')
+  grad_in = fwd.replace('jvp(VQVAE)', 'transpose(jvp(VQVAE))')
+  grad_w = 'f32[16,3,3,16] convolution(a, b), window={size=4x4 pad=1_1x1_1}'
+  strided_w = ('f32[8,4,4,16] convolution(a, b), window={size=8x8 '
+               'rhs_dilate=2x2}')
+  assert profile_step.kind_of('ynn_fusion.1', fwd) == 'conv forward'
+  assert profile_step.kind_of('ynn_fusion.2', grad_in) == 'conv input gradient'
+  assert profile_step.kind_of('ynn_fusion.3', grad_w) == 'conv weight gradient'
+  assert profile_step.kind_of('ynn_fusion.4',
+                              strided_w) == 'conv weight gradient'
+  assert profile_step.kind_of('transpose_copy_fusion.5',
+                              'f32[2] fusion(x)') == 'layout copies'
+  assert profile_step.kind_of('add_fusion', 'f32[2] fusion(x)') == 'other'
