@@ -13,9 +13,13 @@ architecture with its residual bottleneck of 32 on 32x32x3 at batch 32.
 model (the reference's size on 32x32x1 at batch 64; its own run: 294
 train img/s, 652 s for 3000 steps). Each row is timed in float32 and
 bfloat16 compute (float32 params). One device (all host cores); the train
-step is the trainer's own jitted step (Adam, donated state).
+step is the trainer's own jitted step (Adam, donated state). Rows the
+reference was timed on (peer_arch_32px, peer_protocol) also print its train
+img/s from the JSON files in --peer_dir (recorded on this machine; not the
+same moment, so compare on a quiet machine) and ours divided by it.
 """
 
+import json
 import os
 import time
 
@@ -38,6 +42,34 @@ _ROWS = flags.DEFINE_list(
     'Rows to measure (also: imagenet256_arch_32px, peer_protocol, tiny).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'],
                             'Compute dtypes to measure.')
+_PEER_DIR = flags.DEFINE_string(
+    'peer_dir', '../shared/peer',
+    "Where the PyTorch reference's recorded figures are "
+    '(peer_rosinality.json, peer_rosinality_fmnist.json); rows they cover '
+    'get the reference img/s and our ratio to it.')
+
+
+def peer_train_images_per_s(row: str, peer_dir: str) -> float | None:
+  """The reference's recorded train img/s for a row, if it has one.
+
+  peer_arch_32px: its default VQ-VAE on 32x32x3 at batch 32 (median step of
+  its benchmark); peer_protocol: its 3000-step Fashion-MNIST run (training
+  seconds with its input, as experiments/peer_protocol.py counts ours).
+  Both were measured on this machine by the scripts in `peer_dir`.
+  """
+  try:
+    if row == 'peer_arch_32px':
+      with open(os.path.join(peer_dir, 'peer_rosinality.json')) as f:
+        sizes = json.load(f)['vqvae']['sizes']
+      for size in sizes:
+        if size['batch'] == 32 and list(size['image']) == [32, 32, 3]:
+          return float(size['train_images_per_s'])
+    if row == 'peer_protocol':
+      with open(os.path.join(peer_dir, 'peer_rosinality_fmnist.json')) as f:
+        return float(json.load(f)['train_images_per_second'])
+  except (OSError, KeyError, ValueError):
+    return None
+  return None
 
 
 def _row_config(name: str) -> tuple[ml_collections.ConfigDict, int]:
@@ -115,8 +147,9 @@ def main(argv):
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print(f'{"row":24s} {"image":>11s} {"batch":>5s} {"params":>7s} '
         f'{"dtype":>8s} {"train img/s":>11s} {"encode img/s":>12s} '
-        f'{"decode img/s":>12s}')
+        f'{"decode img/s":>12s} {"reference":>9s} {"ratio":>5s}')
   for row in _ROWS.value:
+    peer = peer_train_images_per_s(row, _PEER_DIR.value)
     train_by_dtype = {}
     for dtype in _DTYPES.value:
       config, batch_size = _row_config(row)
@@ -127,7 +160,9 @@ def main(argv):
               f'{config.data.channels}'
       print(f'{row:24s} {shape:>11s} {batch_size:5d} {r["params_M"]:6.2f}M '
             f'{dtype:>8s} {r["train"]:11.1f} {r["encode"]:12.1f} '
-            f'{r["decode"]:12.1f}', flush=True)
+            f'{r["decode"]:12.1f}'
+            + (f' {peer:9.1f} {r["train"] / peer:5.2f}' if peer else ''),
+            flush=True)
     if {'float32', 'bfloat16'} <= set(train_by_dtype):
       print(f'{row:24s} train bfloat16/float32 speed ratio: '
             f'{train_by_dtype["bfloat16"] / train_by_dtype["float32"]:.2f}',

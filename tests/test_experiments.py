@@ -159,3 +159,18 @@ def test_profile_step_kinds_of_hlo_convolutions():
   assert profile_step.kind_of('transpose_copy_fusion.5',
                               'f32[2] fusion(x)') == 'layout copies'
   assert profile_step.kind_of('add_fusion', 'f32[2] fusion(x)') == 'other'
+
+
+def test_bench_vqvae_reads_the_references_recorded_speed(tmp_path):
+  from experiments import bench_vqvae  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'peer_rosinality.json').write_text(json.dumps({'vqvae': {
+      'sizes': [{'batch': 16, 'image': [64, 64, 3], 'train_images_per_s': 9.0},
+                {'batch': 32, 'image': [32, 32, 3],
+                 'train_images_per_s': 258.5}]}}))
+  (tmp_path / 'peer_rosinality_fmnist.json').write_text(
+      json.dumps({'train_images_per_second': 294.4}))
+  peer = bench_vqvae.peer_train_images_per_s
+  assert peer('peer_arch_32px', str(tmp_path)) == 258.5
+  assert peer('peer_protocol', str(tmp_path)) == 294.4
+  assert peer('fashion_mnist', str(tmp_path)) is None
+  assert peer('peer_protocol', str(tmp_path / 'missing')) is None
