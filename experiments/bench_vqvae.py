@@ -32,6 +32,7 @@ import numpy as np
 from configs import fashion_mnist
 from configs import imagenet256
 from experiments import peer_protocol
+from vqvae2_jax import hostmem
 from vqvae2_jax import parallel
 from vqvae2_jax.train import vqvae_trainer
 
@@ -142,6 +143,7 @@ def measure(config: ml_collections.ConfigDict, batch_size: int,
 
 def main(argv):
   del argv
+  hostmem.tune_malloc()  # As --mode=vqvae does.
   print(f'jax {jax.__version__}, {jax.device_count()} device(s) '
         f'{jax.devices()[0].device_kind}, {os.cpu_count()} host cores, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')

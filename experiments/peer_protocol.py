@@ -34,6 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from vqvae2_jax import config_validation
+from vqvae2_jax import hostmem
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.evaluation import reconstruction
@@ -181,6 +182,7 @@ def format_row(who: str, row: dict[str, Any]) -> str:
 
 def main(argv, flag_values):
   del argv
+  hostmem.tune_malloc()  # As --mode=vqvae does.
   config_flag, evals_flag, json_flag = flag_values
   eval_steps = sorted(int(s) for s in evals_flag.value)
   config = apply_protocol(config_flag.value, eval_steps[-1])

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from experiments import bench_vqvae
+from vqvae2_jax import hostmem
 from vqvae2_jax import parallel
 from vqvae2_jax.train import vqvae_trainer
 
@@ -146,6 +147,7 @@ def profile(row: str, steps: int) -> dict[str, object]:
 
 def main(argv):
   del argv
+  hostmem.tune_malloc()  # As --mode=vqvae does.
   result = profile(_ROW.value, _STEPS.value)
   total = sum(result['by_kind'].values())
   print(f'{result["row"]}: batch {result["batch"]}, {result["wall_ms"]:.1f} '

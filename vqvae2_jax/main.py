@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from vqvae2_jax import console
 from vqvae2_jax import errors
+from vqvae2_jax import hostmem
 from vqvae2_jax import stages
 
 FLAGS = flags.FLAGS
@@ -98,6 +99,8 @@ def main(argv):
     sys.exit(f'Error: {_config_problem(e)}')
   if FLAGS.verbosity < 1:
     console.quiet()
+  # Before JAX and TensorFlow start their threads (see hostmem).
+  hostmem.tune_malloc()
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX uses.
   with console.native_stderr_muted():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
