@@ -172,13 +172,16 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def preemption_watch() -> Iterator[Callable[[int], bool]]:
   """Watches for a preemption notice (SIGTERM) while a training loop runs.
 
-  Yields `reached(step) -> bool`, to be called by every process at every
-  step: True at the one step where all processes stop and save. With
-  several processes the agreement is JAX's preemption sync point
-  (`multihost_utils.reached_preemption_sync_point`): JAX catches SIGTERM on
-  any process and the processes settle on the step after the furthest one
-  reached. A single process catches SIGTERM itself meanwhile (the previous
-  handler is put back afterwards) and stops at its next step.
+  Yields `reached(count) -> bool`, to be called by every process at every
+  step with the steps taken so far in this run (1, 2, ...): True at the one
+  step where all processes stop and save. With several processes the
+  agreement is JAX's preemption sync point
+  (`multihost_utils.reached_preemption_sync_point`): from
+  `jax.distributed.initialize` on, JAX catches SIGTERM on any process, and
+  the processes settle on the count after the furthest one reached (1 when
+  the notice came before the first step). A single process catches SIGTERM
+  itself meanwhile (the previous handler is put back afterwards) and stops
+  at its next step.
   """
   if jax.process_count() > 1:
     yield multihost_utils.reached_preemption_sync_point

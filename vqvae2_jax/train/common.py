@@ -366,8 +366,10 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       pending.append(step, metrics)
       progress(step)
       is_last = step == num_steps
-      # Every process asks at every step, so all stop at the same one.
-      stop = preempted(step) and not is_last
+      # Every process asks at every step, so all stop at the same one. The
+      # count starts at 1 in every run: a notice that came before the first
+      # step (during a restore) then stops after it, not never.
+      stop = preempted(step - start_step) and not is_last
       do_log = step % log_every == 0 or is_last
       do_eval = step % eval_every == 0 or is_last
       do_save = step % checkpoint_every == 0 or is_last or stop
