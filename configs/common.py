@@ -32,7 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.manual_dir = ''  # Directory with manually downloaded source files.
   data.image_folder = ''  # Root of an image folder when name == 'image_folder'.
   data.random_flip = False  # Random horizontal flips in training.
-  data.shuffle_buffer = 10_000  # Examples in the shuffle buffer.
+  data.shuffle_buffer = 10_000  # Examples in each input stream's shuffle buffer.
+  # Training input streams (0: one per process); the same number gives the
+  # same batches on any number of processes that divides it.
+  data.input_streams = 0
 
   # Stage 1: the hierarchical VQ-VAE. Levels are listed top (coarsest) first.
   config.model = model = ml_collections.ConfigDict()

@@ -252,6 +252,7 @@ _TRAINING_SECTIONS = ('vqvae_train', 'prior', 'classifier')
 # an int bound inclusive (counts).
 _RANGES = (
     ('data.shuffle_buffer', 1, None, '10000'),
+    ('data.input_streams', 0, None, '0 (one per process) or 8'),
     ('model.num_hiddens', 1, None, '128'),
     ('model.num_residual_layers', 0, None, '2'),
     ('model.num_residual_hiddens', 1, None, '64'),

@@ -116,6 +116,31 @@ def captured(what: str) -> Iterator[None]:
       logging.info('Output of %s:\n%s', what, text)
 
 
+class _WarningsOnly(py_logging.Filter):
+  """Passes warnings and errors only."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING
+
+
+_WARNINGS_ONLY = _WarningsOnly()
+
+
+def follow() -> None:
+  """Keeps this process's console to warnings and errors, progress included.
+
+  For the processes after the first of a multi-process run: they do the
+  same work as process 0, which alone reports it (and writes the files).
+  """
+  handler = logging.get_absl_handler()
+  if _WARNINGS_ONLY not in handler.filters:
+    handler.addFilter(_WARNINGS_ONLY)
+
+
+def is_following() -> bool:
+  return _WARNINGS_ONLY in logging.get_absl_handler().filters
+
+
 def is_quiet() -> bool:
   return _FILTER in logging.get_absl_handler().filters
 
@@ -217,7 +242,8 @@ class Progress:
     self._num_steps = num_steps
     self._start = time.time()
     self._stream = sys.stderr if stream is None else stream
-    self._in_place = is_quiet() and _isatty(self._stream)
+    self._in_place = (is_quiet() and not is_following() and
+                      _isatty(self._stream))
     self._next_quarter = 1
     self._width = 0
 

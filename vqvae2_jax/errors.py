@@ -16,3 +16,18 @@ class ConfigError(UserError, ValueError):
 
 class WorkdirError(UserError, OSError):
   """A workdir that cannot be written or is full (names the path)."""
+
+
+class Preempted(Exception):
+  """A run stopped by a preemption notice after saving a checkpoint.
+
+  Not a failure: main reports the message and exits 0; the same command
+  resumes from the checkpoint.
+
+  Attributes:
+    step: the step the checkpoint was saved at (the same on every process).
+  """
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step

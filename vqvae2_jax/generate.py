@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
@@ -239,8 +239,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
         priors, level_shapes, batch_size=batch, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, mesh=mesh)
-    codes = [np.asarray(c)[:n] for c in codes]
-    images = np.asarray(decode(vq_variables, codes))[:n]
+    # Every process holds the whole batch (sampled over all devices).
+    codes = [loading.to_host(c)[:n] for c in codes]
+    images = loading.to_host(decode(vq_variables, codes))[:n]
     labels = group_labels[begin:begin + n]
     if scorer is None:
       scores = np.zeros((n,))
@@ -266,39 +267,13 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   # Per-level view of the first samples: all levels, then the top l levels.
   view = min(num_samples, 8)
   view_rows = [images[:view]]
+  decode_levels = jax.jit(
+      functools.partial(vqvae.apply, method=vqvae.decode_levels),
+      static_argnums=2)
   for keep_levels in range(num_levels - 1, 0, -1):
-    view_rows.append(np.asarray(vqvae.apply(
-        vq_variables, [jnp.asarray(c[:view]) for c in codes],
-        list(range(keep_levels)), method=vqvae.decode_levels)))
+    view_rows.append(loading.to_host(decode_levels(
+        vq_variables, [c[:view] for c in codes], tuple(range(keep_levels)))))
 
-  tmp_dir = out_dir + '.tmp'
-  if os.path.exists(tmp_dir):
-    shutil.rmtree(tmp_dir)
-  os.makedirs(tmp_dir)
-  shown = _grid_images(images, labels, grid_per_group)
-  common.write_image_grid(os.path.join(tmp_dir, 'samples.png'), shown,
-                          grid_cols)
-  if per_candidate > 1:
-    before = np.concatenate([np.stack(unfiltered[k])
-                             for k in sorted(unfiltered)])
-    common.write_image_grid(
-        os.path.join(tmp_dir, 'samples_without_rejection.png'), before,
-        grid_cols)
-    write_side_by_side(os.path.join(tmp_dir, 'comparison.png'),
-                       common.image_grid(before, grid_cols),
-                       common.image_grid(shown, grid_cols))
-  common.write_image_grid(os.path.join(tmp_dir, 'levels.png'),
-                          np.concatenate(view_rows), view)
-  if jax.process_index() == 0:  # The grids in TensorBoard too.
-    writer = common.create_writer(tmp_dir)
-    writer.write_images(0, {
-        'samples': common.image_grid(shown, grid_cols)[None],
-        'levels': common.image_grid(np.concatenate(view_rows), view)[None]})
-    writer.close()
-  arrays = {f'codes_{l}': c for l, c in enumerate(codes)}
-  if conditional:
-    arrays['labels'] = labels
-  np.savez(os.path.join(tmp_dir, 'codes.npz'), **arrays)
   meta = {'dir': out_dir, 'vqvae_step': vq_step, 'prior_steps': prior_steps,
           'num_samples': num_samples, 'seconds': seconds,
           'seconds_per_map': seconds / num_samples,
@@ -316,14 +291,69 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
                   if classifier_info is not None else 'given by the caller',
         'classifier': classifier_info,
         'scores': [float(x) for x in scores]})
+  shown = _grid_images(images, labels, grid_per_group)
+  before = None
+  if per_candidate > 1:
+    before = np.concatenate([np.stack(unfiltered[k])
+                             for k in sorted(unfiltered)])
+  # Every process computed the same samples; process 0 alone writes them,
+  # and renames the run's directory when it is complete.
   if jax.process_index() == 0:
-    files.write_json(os.path.join(tmp_dir, 'meta.json'), meta)
-  os.rename(tmp_dir, out_dir)
+    _write_run(out_dir, meta=meta, shown=shown, before=before,
+               levels=np.concatenate(view_rows), view=view,
+               grid_cols=grid_cols, codes=codes,
+               labels=labels if conditional else None)
+  if jax.process_count() > 1:  # No process goes on before the files exist.
+    multihost_utils.sync_global_devices('samples written')
   console.say('Wrote %d samples to %s (%.2f s per map%s)', num_samples,
                out_dir, seconds / num_samples,
                f', kept {num_samples} of {num_candidates} candidates'
                if per_candidate > 1 else '')
   return meta
+
+
+def _write_run(out_dir: str, *, meta: dict[str, Any], shown: np.ndarray,
+               before: Optional[np.ndarray], levels: np.ndarray, view: int,
+               grid_cols: int, codes: Sequence[np.ndarray],
+               labels: Optional[np.ndarray]) -> None:
+  """Writes a sample run into <out_dir>.tmp and renames it to `out_dir`.
+
+  Args:
+    out_dir: the run's directory (absent until the rename).
+    meta: meta.json's contents.
+    shown: the images of samples.png; `before`: those of
+      samples_without_rejection.png (and comparison.png), or None without
+      rejection sampling.
+    levels: the rows of levels.png, `view` images each.
+    grid_cols: images per row of the sample grids.
+    codes: every sample's codes per level, top first.
+    labels: the samples' labels (conditional runs), else None.
+  """
+  tmp_dir = out_dir + '.tmp'
+  if os.path.exists(tmp_dir):
+    shutil.rmtree(tmp_dir)
+  os.makedirs(tmp_dir)
+  common.write_image_grid(os.path.join(tmp_dir, 'samples.png'), shown,
+                          grid_cols)
+  if before is not None:
+    common.write_image_grid(
+        os.path.join(tmp_dir, 'samples_without_rejection.png'), before,
+        grid_cols)
+    write_side_by_side(os.path.join(tmp_dir, 'comparison.png'),
+                       common.image_grid(before, grid_cols),
+                       common.image_grid(shown, grid_cols))
+  common.write_image_grid(os.path.join(tmp_dir, 'levels.png'), levels, view)
+  writer = common.create_writer(tmp_dir)  # The grids in TensorBoard too.
+  writer.write_images(0, {
+      'samples': common.image_grid(shown, grid_cols)[None],
+      'levels': common.image_grid(levels, view)[None]})
+  writer.close()
+  arrays = {f'codes_{l}': c for l, c in enumerate(codes)}
+  if labels is not None:
+    arrays['labels'] = labels
+  np.savez(os.path.join(tmp_dir, 'codes.npz'), **arrays)
+  files.write_json(os.path.join(tmp_dir, 'meta.json'), meta)
+  os.rename(tmp_dir, out_dir)
 
 
 def _grid_images(images: np.ndarray, labels: np.ndarray, per_group: int

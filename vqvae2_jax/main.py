@@ -108,6 +108,9 @@ def main(argv):
   logging.info('Mode %s, workdir %s', FLAGS.mode, FLAGS.workdir)
   try:
     stages.run(FLAGS.mode, config, FLAGS.workdir)
+  except errors.Preempted as e:
+    # Not a failure: the checkpoint is saved and a rerun resumes (exit 0).
+    logging.warning('%s', e)
   except (errors.UserError, NotImplementedError, FileNotFoundError) as e:
     # Bad input, a stage of a later version, or one whose input another --mode
     # makes: the message says what to do; a traceback would only hide it.

@@ -6,34 +6,95 @@ parallelism), parameters are replicated unless a caller shards them over
 'fsdp'. The same code runs on 1 CPU, 8 fake CPU devices, a GPU or a pod.
 """
 
+from collections.abc import Callable, Iterator, Mapping
+import contextlib
 import os
+import signal
+import threading
 from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from vqvae2_jax import errors
+
 DATA_AXES = ('data', 'fsdp')  # Batch dimension is split over both axes.
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` once, only on multi-host set-ups.
+# The explicit multi-process settings, as the local launcher
+# (`vqvae2_jax.launch`) or a user's own script sets them for each process.
+COORDINATOR_ENV = 'JAX_COORDINATOR_ADDRESS'
+NUM_PROCESSES_ENV = 'JAX_NUM_PROCESSES'
+PROCESS_ID_ENV = 'JAX_PROCESS_ID'
 
-  Multi-host runs are recognised by the environment variables that cluster
-  launchers set (TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS); a single
-  process never initializes, so notebooks and tests are unaffected.
+
+def distributed_settings(environ: Mapping[str, str] | None = None
+                         ) -> dict[str, Any] | None:
+  """The `jax.distributed.initialize` arguments this process should use.
+
+  Explicit settings come first: JAX_COORDINATOR_ADDRESS with
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (what `vqvae2_jax.launch` sets).
+  Otherwise a multi-host job is recognised by what cluster launchers set
+  (SLURM_NTASKS > 1, several TPU_WORKER_HOSTNAMES, or a coordinator address
+  alone), and JAX detects the rest itself.
+
+  Args:
+    environ: the environment to read; None reads `os.environ`.
+
+  Returns:
+    The keyword arguments of `jax.distributed.initialize` ({} lets JAX
+    detect everything), or None for a single process.
+
+  Raises:
+    errors.ConfigError: the explicit settings are incomplete or invalid.
+  """
+  env = os.environ if environ is None else environ
+  explicit = {k: env.get(k) for k in (COORDINATOR_ENV, NUM_PROCESSES_ENV,
+                                      PROCESS_ID_ENV)}
+  if explicit[NUM_PROCESSES_ENV] or explicit[PROCESS_ID_ENV]:
+    try:
+      num_processes = int(explicit[NUM_PROCESSES_ENV])
+      process_id = int(explicit[PROCESS_ID_ENV])
+    except (TypeError, ValueError):
+      num_processes = process_id = -1
+    if (not explicit[COORDINATOR_ENV] or num_processes < 1 or
+        not 0 <= process_id < num_processes):
+      raise errors.ConfigError(
+          f'Incomplete multi-process settings: {COORDINATOR_ENV}='
+          f'{explicit[COORDINATOR_ENV]!r}, {NUM_PROCESSES_ENV}='
+          f'{explicit[NUM_PROCESSES_ENV]!r}, {PROCESS_ID_ENV}='
+          f'{explicit[PROCESS_ID_ENV]!r}. Fix: set all three (host:port of '
+          'process 0, the number of processes, and this process\'s id in '
+          '0..n-1), or none of them.')
+    if num_processes == 1:
+      return None
+    return {'coordinator_address': explicit[COORDINATOR_ENV],
+            'num_processes': num_processes, 'process_id': process_id}
+  multi_host = (
+      bool(explicit[COORDINATOR_ENV])
+      or int(env.get('SLURM_NTASKS', '1')) > 1
+      or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+  return {} if multi_host else None
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` once, only on multi-process set-ups.
+
+  What `distributed_settings` finds decides; a single process never
+  initializes, so notebooks and tests are unaffected. CPU processes exchange
+  data through gloo (XLA:CPU has no collectives across processes otherwise).
+  Call it before anything else touches JAX's devices.
   """
   if getattr(maybe_initialize_distributed, '_done', False):
     return
-  multi_host = (
-      'JAX_COORDINATOR_ADDRESS' in os.environ
-      or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-      or 'TPU_WORKER_HOSTNAMES' in os.environ and
-      ',' in os.environ['TPU_WORKER_HOSTNAMES'])
-  if multi_host:
-    jax.distributed.initialize()
+  settings = distributed_settings()
+  if settings is not None:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(**settings)
     logging.info('Initialized JAX distributed: process %d of %d.',
                  jax.process_index(), jax.process_count())
   maybe_initialize_distributed._done = True
@@ -105,3 +166,32 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       batch)
+
+
+@contextlib.contextmanager
+def preemption_watch() -> Iterator[Callable[[int], bool]]:
+  """Watches for a preemption notice (SIGTERM) while a training loop runs.
+
+  Yields `reached(count) -> bool`, to be called by every process at every
+  step with the steps taken so far in this run (1, 2, ...): True at the one
+  step where all processes stop and save. With several processes the
+  agreement is JAX's preemption sync point
+  (`multihost_utils.reached_preemption_sync_point`): from
+  `jax.distributed.initialize` on, JAX catches SIGTERM on any process, and
+  the processes settle on the count after the furthest one reached (1 when
+  the notice came before the first step). A single process catches SIGTERM
+  itself meanwhile (the previous handler is put back afterwards) and stops
+  at its next step.
+  """
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda step: False  # Signal handlers live on the main thread only.
+    return
+  noticed = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: noticed.set())
+  try:
+    yield lambda step: noticed.is_set()
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -184,15 +184,17 @@ class Pipeline:
         'steps': json.dumps(self.steps),
         'vqvae_fingerprint': json.dumps(provenance['fingerprint']),
         'vqvae_digest': provenance['digest'],
-        'vqvae': jax.device_get(self.vqvae_variables),
-        'priors': {str(level): jax.device_get(variables)
+        # Replicated over every process's devices: each host's copy.
+        'vqvae': jax.tree.map(loading.to_host, self.vqvae_variables),
+        'priors': {str(level): jax.tree.map(loading.to_host, variables)
                    for level, (_, variables) in enumerate(self.priors)},
         'prior_fingerprints': json.dumps([
             builders.prior_fingerprint(self.config, level, provenance)
             for level in range(len(self.priors))]),
     }
     data = serialization.msgpack_serialize(payload)
-    files.atomic_write(path, lambda f: f.write(data))
+    if jax.process_index() == 0:  # One writer of the one file.
+      files.atomic_write(path, lambda f: f.write(data))
     return path
 
   @classmethod

@@ -58,6 +58,8 @@ def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates `config` and runs `mode` (every stage in order for 'all')."""
   parallel.maybe_initialize_distributed()
+  if jax.process_index() > 0:
+    console.follow()  # Process 0 speaks for all.
   config_validation.validate_config(config, num_devices=jax.device_count())
   modes = PIPELINE if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):

@@ -8,23 +8,29 @@ Batches are dicts of global `jax.Array`s sharded over the mesh's data axes
 
 Each process reads its own share of a split (`tfds.split_for_jax_process`,
 the same rule for image folders) and contributes `global_batch /
-process_count` examples per batch. Decoding and preprocessing (resize and
+process_count` examples per batch. Training reads the split as
+`data.input_streams` streams (0: one per process): stream i is share i of
+that many, with its own shuffle buffer and seed, and contributes
+`global_batch / streams` examples to every batch; each process reads its
+consecutive streams. The batches are hence the same for any number of
+processes that divides the streams (a job on 2 hosts trains as on 1, and
+resumes on either). Decoding and preprocessing (resize and
 centre crop, or padding 28 -> 32 for the MNIST family; channel conversion;
 random flips; uint8 -> float) run inside tf.data.
 
-Order, determinism and resume. The training stream of a process is a
-sequence of epochs over its share. Epoch e is the share in storage order
-shuffled by a buffer seeded with (seed, process, e) (for image folders: a
+Order, determinism and resume. A training stream is a sequence of epochs
+over its share. Epoch e is the share in storage order shuffled by a buffer
+seeded with (seed, stream, e) (for image folders: a
 full permutation of the file indices). The batch at step s holds stream
-positions [s * b, (s + 1) * b) with b the per-process batch, so a restart at
+positions [s * b, (s + 1) * b) with b the per-stream batch, so a restart at
 step N starts epoch N * b // share_size and skips N * b % share_size
 elements of it before anything is parsed or decoded: restarting costs
-reading at most one epoch of serialized records per process (Fashion-MNIST:
+reading at most one epoch of serialized records per stream (Fashion-MNIST:
 well under a second; image folders: nothing, their records are file
 indices), never decoding N batches. Random flips are a stateless function of (seed,
 position). Hence `create_train_iterator(..., start_step=N)` yields exactly
 what an uninterrupted run yields from step N, for a given number of
-processes.
+streams.
 """
 
 import atexit
@@ -142,14 +148,66 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
     with `start_step=N` the continuation of the stream after N batches.
   """
   local_batch = _local_batch_size(global_batch_size, mesh)
-  source = _source(data_config, data_config.train_split, train=True)
-  if source.num_local < local_batch:
+  streams = train_streams(data_config)
+  stream_batch = _stream_batch_size(global_batch_size, streams)
+  mine = streams // jax.process_count()
+  first_stream = jax.process_index() * mine
+  parts = [_train_stream(data_config, index, streams,
+                         stream_batch=stream_batch, seed=seed,
+                         start_step=start_step)
+           for index in range(first_stream, first_stream + mine)]
+  if len(parts) == 1:
+    ds = parts[0]
+  else:  # This process's rows of a batch: its streams' parts in order.
+    ds = tf.data.Dataset.zip(tuple(parts)).map(
+        lambda *batches: tuple(tf.concat(t, axis=0) for t in zip(*batches)))
+  logging.info('Train input: %r as %d stream(s), %d on this process; batch '
+               '%d per process, starting at step %d.',
+               data_config.train_split, streams, mine, local_batch,
+               start_step)
+  return _global_batches(
+      _finish(ds), mesh,
+      _source_description(data_config, data_config.train_split))
+
+
+def train_streams(data_config: ml_collections.ConfigDict) -> int:
+  """The number of training input streams: `data.input_streams` (0: one per
+  process); a multiple of the number of processes."""
+  streams = int(data_config.get('input_streams', 0)) or jax.process_count()
+  if streams % jax.process_count():
+    raise errors.ConfigError(
+        f'config.data.input_streams is {streams}, not a multiple of the '
+        f'{jax.process_count()} processes. Fix: use a multiple of '
+        f'{jax.process_count()} (or 0, one stream per process).')
+  return streams
+
+
+def _stream_batch_size(global_batch_size: int, streams: int) -> int:
+  if global_batch_size % streams:
+    raise errors.ConfigError(
+        f'Global batch size {global_batch_size} does not divide by the '
+        f'{streams} input streams (config.data.input_streams). Fix: use a '
+        f'batch size that is a multiple of {streams}, or fewer streams.')
+  return global_batch_size // streams
+
+
+def _train_stream(data_config: ml_collections.ConfigDict, index: int,
+                  count: int, *, stream_batch: int, seed: int,
+                  start_step: int) -> tf.data.Dataset:
+  """Batches of `stream_batch` from input stream `index` of `count`.
+
+  The stream reads share `index` of `count` of the training split; its
+  order and flips depend on (seed, index) only (see the module docstring).
+  """
+  source = _source(data_config, data_config.train_split, train=True,
+                   share=(index, count))
+  if source.num_local < stream_batch:
     raise ValueError(
         f'Split {data_config.train_split!r} has {source.num_local} examples '
-        f'per process, fewer than the per-process batch {local_batch}. Fix: '
-        'lower the batch size or use a larger split.')
-  seed = _mix(seed, jax.process_index())
-  first = int(start_step) * local_batch
+        f'per input stream, fewer than the per-stream batch {stream_batch}. '
+        'Fix: lower the batch size or use a larger split.')
+  seed = _mix(seed, index)
+  first = int(start_step) * stream_batch
   start_epoch, offset = divmod(first, source.num_local)
 
   def epoch(e):
@@ -164,14 +222,9 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
                               else None)
   ds = ds.map(lambda pos, element: preprocess(*source.decode(element), pos),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  logging.info('Train input: %r, %d examples per process, batch %d per '
-               'process, starting at step %d (epoch %d, offset %d).',
-               data_config.train_split, source.num_local, local_batch,
-               start_step, start_epoch, offset)
-  return _global_batches(
-      _finish(ds), mesh,
-      _source_description(data_config, data_config.train_split))
+  logging.info('Input stream %d of %d: %d examples, epoch %d, offset %d.',
+               index, count, source.num_local, start_epoch, offset)
+  return ds.batch(stream_batch, drop_remainder=True)
 
 
 def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
@@ -219,6 +272,33 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
                          _source_description(data_config, split))
 
 
+def eval_batch_positions(num_examples: int, global_batch_size: int,
+                         batch_index: int) -> np.ndarray:
+  """Which example of the split each row of an evaluation batch holds.
+
+  `create_eval_iterator`'s layout: process p's rows of every global batch
+  come from its share of the split, in order, so with several processes a
+  batch holds several runs of consecutive examples, not one.
+
+  Args:
+    num_examples: examples in the split.
+    global_batch_size: B, as given to `create_eval_iterator`.
+    batch_index: which batch of the pass (0 first).
+
+  Returns:
+    int64 [B]: the example's index in the split, -1 on padding rows.
+  """
+  count = jax.process_count()
+  local = global_batch_size // count
+  positions = np.full(global_batch_size, -1, np.int64)
+  for p in range(count):
+    start, stop = process_range(num_examples, drop_remainder=False,
+                                share=(p, count))
+    rows = start + batch_index * local + np.arange(local)
+    positions[p * local:(p + 1) * local] = np.where(rows < stop, rows, -1)
+  return positions
+
+
 def _local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The per-process share of a global batch, after divisibility checks."""
   num_devices = parallel.num_batch_shards(mesh)
@@ -246,21 +326,26 @@ def _mix_tf(seed: int, value: tf.Tensor) -> tf.Tensor:
 
 
 def _source(data_config: ml_collections.ConfigDict, split: str, *,
-            train: bool) -> _Source:
+            train: bool, share: tuple[int, int] | None = None) -> _Source:
+  """Share `share` = (index, count) of `split`; None: this process's."""
   _keep_tensorflow_off_accelerators()
+  if share is None:
+    share = (jax.process_index(), jax.process_count())
   if data_config.name == 'image_folder':
-    return _folder_source(data_config, split, train=train)
-  return _tfds_source(data_config, split, train=train)
+    return _folder_source(data_config, split, train=train, share=share)
+  return _tfds_source(data_config, split, train=train, share=share)
 
 
 def _tfds_source(data_config: ml_collections.ConfigDict, split: str, *,
-                 train: bool) -> _Source:
-  """A process's share of a tfds split, as serialized records."""
+                 train: bool, share: tuple[int, int]) -> _Source:
+  """Share (index, count) of a tfds split, as serialized records."""
   builder = tfds_prepare.prepare_builder(data_config)
   features = builder.info.features
   image_key = _image_key(features, builder.name)
   has_label = _check_labels(features, data_config, builder.name)
-  share = tfds.split_for_jax_process(split, drop_remainder=train)
+  share = tfds.split_for_jax_process(split, process_index=share[0],
+                                     process_count=share[1],
+                                     drop_remainder=train)
   skip_decoding = {image_key: tfds.decode.SkipDecoding()}
   records = _serialized_records(builder, share)
   if records is None:  # Not TFRecord files: let tfds read (and parse) them.
@@ -346,7 +431,8 @@ def _check_labels(features, data_config: ml_collections.ConfigDict,
   return True
 
 
-def process_range(n: int, drop_remainder: bool) -> tuple[int, int]:
+def process_range(n: int, drop_remainder: bool,
+                  share: tuple[int, int] | None = None) -> tuple[int, int]:
   """[start, stop) of this process's share of n examples.
 
   The rule of `tfds.split_for_jax_process`, also used for image folders:
@@ -359,10 +445,12 @@ def process_range(n: int, drop_remainder: bool) -> tuple[int, int]:
       otherwise the first n % process_count processes get one more, so that
       evaluation covers every example.
 
+    share: (index, count) of the share; None: (this process, processes).
+
   Returns:
     (start, stop) of this process's examples.
   """
-  count, index = jax.process_count(), jax.process_index()
+  index, count = share or (jax.process_index(), jax.process_count())
   per, extra = divmod(n, count)
   if drop_remainder or not extra:
     return index * per, (index + 1) * per
@@ -371,11 +459,11 @@ def process_range(n: int, drop_remainder: bool) -> tuple[int, int]:
 
 
 def _folder_source(data_config: ml_collections.ConfigDict, split: str, *,
-                   train: bool) -> _Source:
-  """A process's share of an image folder split, as file indices."""
+                   train: bool, share: tuple[int, int]) -> _Source:
+  """Share (index, count) of an image folder split, as file indices."""
   folder = image_folder.load_split(data_config.image_folder, split,
                                    int(data_config.num_classes))
-  start, stop = process_range(len(folder), drop_remainder=train)
+  start, stop = process_range(len(folder), drop_remainder=train, share=share)
   reader = image_folder.SafeReader(folder.paths[start:stop],
                                    int(data_config.channels),
                                    min_size=int(data_config.image_size))

@@ -349,44 +349,62 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       steps/s, evaluation seconds) are written with every checkpoint, for a
       rerun after a kill before metrics.json; None writes nothing.
     name: the stage, for the console's progress line.
+
+  Raises:
+    errors.Preempted: a preemption notice (SIGTERM) came; the state of the
+      step every process agreed on (`parallel.preemption_watch`) was saved
+      first, and a rerun resumes from it.
   """
   progress = create_progress(num_steps, writer, log_every)
   line = console.Progress(name, start_step, num_steps)
   eval_metrics, train_summary, eval_seconds = None, {}, 0.0
   loop_start = time.time()
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = train_step(state, next(train_iter))
-    pending.append(step, metrics)
-    progress(step)
-    is_last = step == num_steps
-    do_log = step % log_every == 0 or is_last
-    do_eval = step % eval_every == 0 or is_last
-    do_save = step % checkpoint_every == 0 or is_last
-    if do_log or do_eval or do_save:
-      last = manager.latest_step()
-      pending.check_finite(
-          f'The newest checkpoint (step {last}) in {manager.directory} is '
-          f'intact and a rerun resumes from it; {nan_fix} first.'
-          if last is not None else 'No checkpoint had been written yet.')
-    if do_log:
-      train_summary = pending.pop_summary()
-      writer.write_scalars(step, scalars(train_summary, 'train'))
-      line.update(step, {k: train_summary[k] for k in _PROGRESS_KEYS
-                         if k in train_summary})
-    if do_eval:
-      eval_start = time.time()
-      eval_metrics = run_eval(step, state, is_last)
-      eval_seconds += time.time() - eval_start
-    if do_save:
-      checkpoints.save(manager, step, state, fingerprint)
-      if progress_path is not None:
-        done = step - start_step
-        seconds = time.time() - loop_start - eval_seconds
-        write_json(progress_path, {
-            'step': step, 'steps_per_sec': done / seconds if seconds > 0
-            else None, 'eval_time_s': eval_seconds,
-            **scalars(train_summary, 'train')})
+  with parallel.preemption_watch() as preempted:
+    for step in range(start_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_step(state, next(train_iter))
+      pending.append(step, metrics)
+      progress(step)
+      is_last = step == num_steps
+      # Every process asks at every step, so all stop at the same one. The
+      # count starts at 1 in every run: a notice that came before the first
+      # step (during a restore) then stops after it, not never.
+      stop = preempted(step - start_step) and not is_last
+      do_log = step % log_every == 0 or is_last
+      do_eval = step % eval_every == 0 or is_last
+      do_save = step % checkpoint_every == 0 or is_last or stop
+      if do_log or do_eval or do_save:
+        last = manager.latest_step()
+        pending.check_finite(
+            f'The newest checkpoint (step {last}) in {manager.directory} is '
+            f'intact and a rerun resumes from it; {nan_fix} first.'
+            if last is not None else 'No checkpoint had been written yet.')
+      if do_log:
+        train_summary = pending.pop_summary()
+        writer.write_scalars(step, scalars(train_summary, 'train'))
+        line.update(step, {k: train_summary[k] for k in _PROGRESS_KEYS
+                           if k in train_summary})
+      if do_eval:
+        eval_start = time.time()
+        eval_metrics = run_eval(step, state, is_last)
+        eval_seconds += time.time() - eval_start
+      if do_save:
+        checkpoints.save(manager, step, state, fingerprint)
+        if progress_path is not None:
+          done = step - start_step
+          seconds = time.time() - loop_start - eval_seconds
+          write_json(progress_path, {
+              'step': step, 'steps_per_sec': done / seconds if seconds > 0
+              else None, 'eval_time_s': eval_seconds,
+              **scalars(train_summary, 'train')})
+      if stop:
+        line.close()
+        manager.wait_until_finished()  # The checkpoint is on disk first.
+        raise errors.Preempted(
+            f'{name}: stopped by a preemption notice (SIGTERM) at step '
+            f'{step} of {num_steps}; checkpoint step {step} is saved in '
+            f'{manager.directory}. Run the same command again to resume '
+            'from it.', step=step)
   return LoopResult(
       state=state, eval_metrics=eval_metrics, train_summary=train_summary,
       steps=max(num_steps - start_step, 0),
@@ -543,8 +561,9 @@ def run_training(stage: Stage) -> dict[str, Any]:
   files.ensure_writable(stage.directory, 'checkpoints and metrics')
   # The full log of the run (every library, INFO and up), beside metrics.json.
   log_file = contextlib.ExitStack()
-  log_file.enter_context(console.log_file(
-      os.path.join(os.fspath(stage.directory), 'log.txt')))
+  if jax.process_index() == 0:  # One log file, however many processes.
+    log_file.enter_context(console.log_file(
+        os.path.join(os.fspath(stage.directory), 'log.txt')))
   undecodable_before = image_folder.undecodable_files()
   manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
                                        max_to_keep=cadence.keep_checkpoints)

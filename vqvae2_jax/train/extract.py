@@ -63,61 +63,65 @@ def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
                    out_dir: str, role: str, info: Mapping[str, Any],
                    todo: list[int], num_embeddings: list[int],
                    global_batch_size: int) -> None:
-  """Encodes one split in order and writes the shards listed in `todo`."""
+  """Encodes one split and writes the shards listed in `todo` (process 0).
+
+  With several processes a batch holds a run of consecutive examples from
+  each process's share (`input_pipeline.eval_batch_positions`), so shards
+  fill out of order; each is written once, when its last example arrived.
+  Every process makes the same decisions (the same `todo`, the same
+  positions), so all of them call the encoder for the same batches.
+  """
   n, size = info['num_examples'], info['shard_size']
   num_shards = info['num_shards']
   todo = set(todo)
-  pending: dict[int, list[tuple[list[np.ndarray], np.ndarray]]] = {}
-  position = 0  # Examples of the split before this batch.
+  # Shard -> parts of (positions, codes per level, labels) received so far.
+  pending: dict[int, list[tuple[np.ndarray, list[np.ndarray], np.ndarray]]]
+  pending = {}
   start = last_log = time.time()
   encoded = 0
-  for batch in batches:
+  for index, batch in enumerate(batches):
     if not todo:
       break  # Everything left is on disk already.
-    # Valid rows come first in a batch, so the batch covers
-    # [position, position + B) of the split (clipped at its end).
-    end = min(position + global_batch_size, n)
-    shards = range(position // size, (end - 1) // size + 1)
-    if not todo.intersection(shards):
-      position = end  # Already written: skip the encoder.
-      continue
+    positions = input_pipeline.eval_batch_positions(n, global_batch_size,
+                                                    index)
+    shard_of = np.where(positions >= 0, positions // size, -1)
+    if not todo.intersection(shard_of[positions >= 0].tolist()):
+      continue  # Already written: skip the encoder.
     levels, labels, mask = jax.tree.map(loading.to_host, encode(batch))
-    count = int(mask.sum())
-    if not mask[:count].all() or count != end - position:
+    if not np.array_equal(mask, positions >= 0):
       raise ValueError(
-          f'Split {info["source"]!r}: the ordered pass yielded {count} '
-          f'examples at position {position}, expected {end - position}.')
-    encoded += count
-    for s in shards:
-      if s not in todo:
+          f'Split {info["source"]!r}: batch {index} of the ordered pass has '
+          f'{int(mask.sum())} examples where {int((positions >= 0).sum())} '
+          'were expected.')
+    encoded += int(mask.sum())
+    for s in sorted(set(shard_of[mask].tolist()) & todo):
+      rows = shard_of == s
+      pending.setdefault(s, []).append(
+          (positions[rows], [l[rows] for l in levels], labels[rows]))
+      if sum(len(p[0]) for p in pending[s]) < min(size, n - s * size):
         continue
-      lo, hi = max(s * size, position), min((s + 1) * size, end)
-      rows = slice(lo - position, hi - position)
-      pending.setdefault(s, []).append(([l[rows] for l in levels],
-                                        labels[rows]))
-      if hi == min((s + 1) * size, n):  # The shard's last example.
-        parts = pending.pop(s)
-        shard_codes = [np.concatenate([p[0][i] for p in parts])
-                       for i in range(len(levels))]
-        records = codes_lib.make_records(
-            shard_codes, np.concatenate([p[1] for p in parts]), num_embeddings)
-        if jax.process_index() == 0:
-          codes_lib.write_shard(
-              codes_lib.shard_path(out_dir, role, s, num_shards), records)
-        todo.discard(s)
-        logging.info('codes/%s: wrote shard %d of %d', role, s + 1, num_shards)
-    position = end
+      parts = pending.pop(s)
+      order = np.argsort(np.concatenate([p[0] for p in parts]))
+      shard_codes = [np.concatenate([p[1][i] for p in parts])[order]
+                     for i in range(len(levels))]
+      records = codes_lib.make_records(
+          shard_codes, np.concatenate([p[2] for p in parts])[order],
+          num_embeddings)
+      if jax.process_index() == 0:
+        codes_lib.write_shard(
+            codes_lib.shard_path(out_dir, role, s, num_shards), records)
+      todo.discard(s)
+      logging.info('codes/%s: wrote shard %d of %d', role, s + 1, num_shards)
     now = time.time()
     if now - last_log > _LOG_EVERY_SECS:
       last_log = now
       rate = encoded / (now - start)
       left = sum(min(size, n - s * size) for s in todo)
-      logging.info('codes/%s: %d/%d examples, %.0f examples/s, ETA %.0f s',
-                   role, position, n, rate, left / max(rate, 1e-9))
+      logging.info('codes/%s: %d examples encoded, %.0f examples/s, ETA '
+                   '%.0f s', role, encoded, rate, left / max(rate, 1e-9))
   if todo:
-    raise ValueError(f'Split {info["source"]!r} ended at {position} of the '
-                     f'{n} examples it should have; shards {sorted(todo)} '
-                     'are missing.')
+    raise ValueError(f'Split {info["source"]!r} ended before shards '
+                     f'{sorted(todo)} of its {n} examples were complete.')
 
 
 def extract_codes(config: ml_collections.ConfigDict,
@@ -191,9 +195,7 @@ def _extract_all(config: ml_collections.ConfigDict, *, model: Any,
                  plan: Mapping[str, Any], num_embeddings: list[int],
                  step: int) -> None:
   """Writes every shard of `plan` not yet in `out_dir`, then the manifest."""
-  todo = codes_lib.prepare_directory(out_dir, plan)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('codes: directory prepared')
+  todo = _prepare_directory(out_dir, plan)
   logging.info('Extracting codes with VQ-VAE step %d into %s; shards to '
                'write: %s', step, out_dir,
                {role: len(t) for role, t in todo.items()})
@@ -214,3 +216,22 @@ def _extract_all(config: ml_collections.ConfigDict, *, model: Any,
     multihost_utils.sync_global_devices('codes: shards written')
   if jax.process_index() == 0:
     codes_lib.finalize(out_dir, plan)
+
+
+def _prepare_directory(out_dir: str, plan: Mapping[str, Any]
+                       ) -> dict[str, list[int]]:
+  """`codes_lib.prepare_directory` on process 0; its answer on every process.
+
+  Only process 0 deletes and writes files; the others get its list of the
+  shards to do, so that no process reads the directory while it changes
+  and all agree on which batches to encode.
+  """
+  if jax.process_count() == 1:
+    return codes_lib.prepare_directory(out_dir, plan)
+  masks = {role: np.zeros(info['num_shards'], bool)
+           for role, info in plan['splits'].items()}
+  if jax.process_index() == 0:
+    for role, shards in codes_lib.prepare_directory(out_dir, plan).items():
+      masks[role][shards] = True
+  masks = multihost_utils.broadcast_one_to_all(masks)
+  return {role: np.flatnonzero(mask).tolist() for role, mask in masks.items()}

@@ -1,0 +1,167 @@
+r"""Runs a stage as several JAX processes on this machine (multi-host, locally).
+
+  python -m vqvae2_jax.launch --processes=2 --devices_per_process=4 -- \
+    --config=configs/fashion_mnist.py:tiny --workdir=/tmp/vqvae2_mp \
+    --mode=vqvae
+
+Everything after `--` goes to `python -m vqvae2_jax.main` (or --module). Each
+process gets the coordinator address (127.0.0.1 and a free port), the number
+of processes and its id (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID, read by `parallel.maybe_initialize_distributed`) and its own
+fake CPU devices, so the run is a multi-controller JAX job as on a TPU pod
+or a GPU cluster, with `jax.process_count() > 1`.
+
+The launcher waits for all processes. When one fails (a non-zero exit, or
+killed by a signal), the others cannot go on (they would wait for it in the
+next collective), so they are killed at once, and the launcher exits with
+the failed process's status (128 + the signal's number when it was killed),
+naming it. A SIGTERM or SIGINT (Ctrl-C) to the launcher is passed on to
+every process as SIGTERM, a preemption notice: each saves a checkpoint at
+the step they agree on and exits 0 (see `parallel.preemption_watch`).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from absl import app
+from absl import flags
+
+_PROCESSES = flags.DEFINE_integer('processes', 2, 'JAX processes to start.',
+                                  lower_bound=1)
+_DEVICES = flags.DEFINE_integer(
+    'devices_per_process', 4, 'Fake CPU devices of each process.',
+    lower_bound=1)
+_MODULE = flags.DEFINE_string('module', 'vqvae2_jax.main',
+                              'Python module each process runs.')
+_PORT = flags.DEFINE_integer('port', 0,
+                             "The coordinator's port; 0 picks a free one.")
+
+_POLL_SECONDS = 0.1
+_DEVICE_FLAG = '--xla_force_host_platform_device_count'
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def process_environment(base: Mapping[str, str], *, process_id: int,
+                        num_processes: int, port: int,
+                        devices_per_process: int) -> dict[str, str]:
+  """The environment of process `process_id`: `base` plus its settings."""
+  env = dict(base)
+  env['JAX_COORDINATOR_ADDRESS'] = f'127.0.0.1:{port}'
+  env['JAX_NUM_PROCESSES'] = str(num_processes)
+  env['JAX_PROCESS_ID'] = str(process_id)
+  env['JAX_PLATFORMS'] = 'cpu'
+  xla_flags = [f for f in env.get('XLA_FLAGS', '').split()
+               if not f.startswith(_DEVICE_FLAG)]
+  env['XLA_FLAGS'] = ' '.join(
+      xla_flags + [f'{_DEVICE_FLAG}={devices_per_process}'])
+  return env
+
+
+def describe_exit(status: int) -> str:
+  """'exited with status 1' or 'was killed by SIGKILL' (Popen's returncode)."""
+  if status < 0:
+    try:
+      name = signal.Signals(-status).name
+    except ValueError:
+      name = f'signal {-status}'
+    return f'was killed by {name}'
+  return f'exited with status {status}'
+
+
+def launch(command: Sequence[str], *, num_processes: int,
+           devices_per_process: int, port: int = 0,
+           env: Mapping[str, str] | None = None) -> int:
+  """Runs `command` as `num_processes` JAX processes and waits for them.
+
+  Args:
+    command: the program and its arguments (e.g. [python, -m,
+      vqvae2_jax.main, --config=..., ...]), the same for every process.
+    num_processes: processes to start.
+    devices_per_process: fake CPU devices of each.
+    port: the coordinator's port; 0 picks a free one.
+    env: the processes' base environment; None: this process's.
+
+  Returns:
+    0 when every process exited 0; else the status of the first that failed
+    (128 + signal number when a signal killed it), after the others were
+    killed. The failure is reported on stderr, naming the process.
+  """
+  port = port or free_port()
+  base = os.environ if env is None else env
+  children = []
+  for i in range(num_processes):
+    children.append(subprocess.Popen(
+        list(command),
+        env=process_environment(base, process_id=i,
+                                num_processes=num_processes, port=port,
+                                devices_per_process=devices_per_process),
+        # Own process groups: a Ctrl-C in the terminal reaches the launcher
+        # only, which passes it on as a preemption notice.
+        start_new_session=True))
+
+  def forward(signum, frame):
+    del signum, frame
+    for child in children:
+      if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+
+  previous = {s: signal.signal(s, forward)
+              for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while True:
+      statuses = [child.poll() for child in children]
+      failed = [i for i, s in enumerate(statuses) if s not in (None, 0)]
+      if failed:
+        # A process killed by a signal is the cause; the others may have
+        # failed because it vanished.
+        first = min(failed, key=lambda i: (statuses[i] > 0, i))
+        _kill(children)
+        status = statuses[first]
+        sys.stderr.write(
+            f'Error: process {first} of {num_processes} '
+            f'{describe_exit(status)}; the other processes were stopped. '
+            f'Fix: see the output of process {first} above, then run the '
+            'same command again (every stage resumes from its last '
+            'checkpoint).\n')
+        sys.stderr.flush()
+        return status if status > 0 else 128 - status
+      if all(s == 0 for s in statuses):
+        return 0
+      time.sleep(_POLL_SECONDS)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    _kill(children)
+
+
+def _kill(children: Sequence[subprocess.Popen]) -> None:
+  """SIGKILLs every child still running (and its process group), then reaps."""
+  for child in children:
+    if child.poll() is None:
+      try:
+        os.killpg(child.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+  for child in children:
+    child.wait()
+
+
+def main(argv: Sequence[str]) -> None:
+  command = [sys.executable, '-m', _MODULE.value, *argv[1:]]
+  sys.exit(launch(command, num_processes=_PROCESSES.value,
+                  devices_per_process=_DEVICES.value, port=_PORT.value))
+
+
+if __name__ == '__main__':
+  app.run(main)
