@@ -323,9 +323,12 @@ class GatedBlock(nn.Module):
 
   # Full path.
 
-  def __call__(self, v: Array, h: Array, cond: Optional[Array], *,
+  def __call__(self, v: Array, h: Array, cond: Optional[Array],
                train: bool) -> tuple[Array, Array]:
     """Full path over a whole map.
+
+    `train` may be passed by position: `nn.remat` (see `PixelCNNPrior.remat`)
+    can only hold positional arguments static.
 
     Args:
       v: [batch, h, w, C] vertical input (the code embedding for the first
@@ -468,8 +471,9 @@ class AttentionBlock(nn.Module):
 
   # Full path.
 
-  def __call__(self, h: Array, *, train: bool) -> Array:
-    """Full path: [batch, h, w, C] -> [batch, h, w, C]."""
+  def __call__(self, h: Array, train: bool) -> Array:
+    """Full path: [batch, h, w, C] -> [batch, h, w, C] (`train` as in
+    `GatedBlock.__call__`)."""
     b, height, width, c = h.shape
     n = height * width
     rows, cols = jnp.divmod(jnp.arange(n), width)
@@ -621,6 +625,12 @@ class PixelCNNPrior(nn.Module):
     cond_stack_blocks: residual blocks of the conditioning stack.
     num_output_layers: 1x1 layers before the logits.
     dtype: compute dtype; the logits are always float32.
+    remat: recompute each gated and attention block's activations in the
+      backward pass (`nn.remat`, i.e. `jax.checkpoint`) instead of keeping
+      them: training memory falls to about one block's activations plus the
+      blocks' inputs, for about one more forward pass of compute. The
+      parameters, the outputs and the gradients are the same either way, and
+      the sampler's incremental path is not affected.
   """
   num_embeddings: int
   num_channels: int
@@ -634,6 +644,7 @@ class PixelCNNPrior(nn.Module):
   cond_stack_blocks: int = 0
   num_output_layers: int = 1
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @property
   def conditioned(self) -> bool:
@@ -644,14 +655,20 @@ class PixelCNNPrior(nn.Module):
       raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
     attention_positions(self.num_layers, self.attention_layers)  # Validates.
     c = self.num_channels
+    # Only `__call__` is rematerialized; `train` (argument 4 counting self,
+    # 2 for attention) is static so that dropout's Python branch sees a bool.
+    gated_block, attention_block = GatedBlock, AttentionBlock
+    if self.remat:
+      gated_block = nn.remat(GatedBlock, static_argnums=(4,))
+      attention_block = nn.remat(AttentionBlock, static_argnums=(2,))
     self.embed = nn.Embed(self.num_embeddings, c, dtype=self.dtype)
     self.blocks = [
-        GatedBlock(c, self.filter_size, first=(i == 0),
-                   conditioned=self.conditioned,
-                   dropout_rate=self.dropout_rate, dtype=self.dtype)
+        gated_block(c, self.filter_size, first=(i == 0),
+                    conditioned=self.conditioned,
+                    dropout_rate=self.dropout_rate, dtype=self.dtype)
         for i in range(self.num_layers)]
     self.attention = [
-        AttentionBlock(c, self.num_heads, self.dropout_rate, dtype=self.dtype)
+        attention_block(c, self.num_heads, self.dropout_rate, dtype=self.dtype)
         for _ in range(self.attention_layers)]
     if self.num_classes:
       self.class_embed = nn.Embed(self.num_classes + 1, c, dtype=self.dtype)
@@ -721,9 +738,9 @@ class PixelCNNPrior(nn.Module):
     after = attention_positions(self.num_layers, self.attention_layers)
     v = h = embedded
     for i, block in enumerate(self.blocks):
-      v, h = block(v, h, cond, train=train)
+      v, h = block(v, h, cond, train)
       if i in after:
-        h = self.attention[after[i]](h, train=train)
+        h = self.attention[after[i]](h, train)
     return self._output(h)
 
   def __call__(self, codes: Array, *, cond_codes: Sequence[Array] = (),
