@@ -68,3 +68,36 @@ def test_ablation_writes_rows_and_resumes(stage2_config, tmp_path):
   assert 'base: already in' in second.stdout
   assert 'rotation: already in' in second.stdout
   assert json.loads(out.read_text()) == rows
+
+
+def _run_script(module, *args):
+  """Runs `python -m module args` from the repository root; its stdout."""
+  env = {**os.environ, 'PYTHONPATH': _ROOT}
+  done = subprocess.run([sys.executable, '-m', module, *args], cwd=_ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_bench_memory_rows_with_and_without_remat(tmp_path):
+  out_json = tmp_path / 'memory.json'
+  out = _run_script('experiments.bench_memory', '--smoke', '--rows=prior_0',
+                    '--batch_sizes=4', '--compile_remat', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  # Batch 1 is always measured: the estimates start from its peak.
+  assert [(r['row'], r['batch']) for r in rows] == [('prior_0', 1),
+                                                     ('prior_0', 4)]
+  one, four = rows
+  assert one['params'] == four['params'] > 0
+  for r in rows:
+    # Donated outputs reuse the arguments' buffers; the rest add to them.
+    assert r['peak'] >= r['arguments'] + r['temporaries'] > 0
+    assert r['peak_remat'] > 0
+    # Remat keeps only the blocks' inputs: less than every intermediate.
+    assert 0 < r['kept_remat'] < r['kept']
+    assert r['estimate'] == one['peak'] + r['kept']
+    assert r['estimate_remat'] == one['peak'] + r['kept_remat'] + r['block']
+  # Activations grow with the batch; the state does not.
+  assert four['kept'] > one['kept'] and four['block'] > one['block']
+  assert four['arguments'] - one['arguments'] < four['kept'] - one['kept']
+  assert len([l for l in out.splitlines() if l.startswith('prior_0')]) == 2
