@@ -101,3 +101,36 @@ def test_bench_memory_rows_with_and_without_remat(tmp_path):
   assert four['kept'] > one['kept'] and four['block'] > one['block']
   assert four['arguments'] - one['arguments'] < four['kept'] - one['kept']
   assert len([l for l in out.splitlines() if l.startswith('prior_0')]) == 2
+
+
+def test_accelerator_check_smoke_on_cpu(tmp_path):
+  out_json = tmp_path / 'check.json'
+  out = _run_script('experiments.accelerator_check', '--smoke', '--steps=1',
+                    '--vqvae_batch=2', '--prior_batch=2', '--sample_batch=2',
+                    f'--json={out_json}')
+  result = json.loads(out_json.read_text())
+  assert result['platform'] == 'cpu' and result['dtype'] == 'bfloat16'
+  # A CPU is not in the peak table: no MFU, but FLOPs and speed still.
+  assert result['peak_bf16_flops'] is None
+  names = [r['name'] for r in result['rows']]
+  assert names == ['stage 1 train step', 'prior 0 train step',
+                   'prior 1 train step', 'sampler + decode'], names
+  for row in result['rows']:
+    assert row['seconds'] > 0 and row['mfu'] is None
+  for row in result['rows'][:3]:
+    assert row['flops'] > 0 and row['xla_peak_bytes'] > 0
+    assert row['tflops_per_s'] == row['flops'] / row['seconds'] / 1e12
+  assert 'no MFU' in out and 'sampler + decode' in out
+
+
+def test_accelerator_check_peak_table():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import accelerator_check as check
+  assert check.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert check.peak_flops('NVIDIA H100 PCIe') == 756e12
+  assert check.peak_flops('NVIDIA H200') == 989e12
+  assert check.peak_flops('NVIDIA A100-SXM4-40GB') == 312e12
+  assert check.peak_flops('TPU v5 lite') == 197e12
+  assert check.peak_flops('TPU v5p') == 459e12
+  assert check.peak_flops('TPU v4') == 275e12
+  assert check.peak_flops('cpu') is None
