@@ -338,11 +338,13 @@ def test_remat_keeps_params_outputs_and_gradients():
     np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
     jax.tree.map(lambda r, p: np.testing.assert_allclose(
         r, p, rtol=1e-5, atol=1e-7), grads_r, grads_p)
-  # Remat is really applied: one checkpoint per gated and attention block.
+  # Remat is really applied: one checkpoint per gated, attention and
+  # conditioning-stack block.
   count = lambda m: _count_remat(
       functools.partial(loss_and_grads, m, train=True), variables)
   assert count(plain) == 0
-  assert count(remat) >= fields['num_layers'] + fields['attention_layers']
+  assert count(remat) >= (fields['num_layers'] + fields['attention_layers']
+                          + fields['cond_stack_blocks'])
 
 
 def test_remat_prior_samples_with_the_same_cache():

@@ -570,11 +570,23 @@ class ConditioningStack(nn.Module):
     channels: C.
     num_blocks: residual blocks.
     dtype: compute dtype.
+    remat: recompute each residual block in the backward pass (see
+      `PixelCNNPrior.remat`); the same parameters and outputs.
   """
   num_embeddings: Sequence[int]
   channels: int
   num_blocks: int
   dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def residual_block(self, x: Array, i: int) -> Array:
+    """Block i: x + Conv1x1(ELU(Conv3x3(ELU(x)))); its parameters are the
+    stack's own `res_<i>_conv3` and `res_<i>_conv1`."""
+    y = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
+                kernel_init=conv_kernel_init, name=f'res_{i}_conv3')(nn.elu(x))
+    y = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
+                kernel_init=conv_kernel_init, name=f'res_{i}_conv1')(nn.elu(y))
+    return x + y
 
   @nn.compact
   def __call__(self, cond_codes: Sequence[Array],
@@ -595,14 +607,13 @@ class ConditioningStack(nn.Module):
     x = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
                 kernel_init=conv_kernel_init, name='proj')(
         jnp.concatenate(feats, axis=-1))
+    # A lifted function of this module: its convolutions stay this module's
+    # (same parameter names with and without remat); i is static.
+    block = type(self).residual_block
+    if self.remat:
+      block = nn.remat(block, static_argnums=(2,))
     for i in range(self.num_blocks):
-      y = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
-                  kernel_init=conv_kernel_init,
-                  name=f'res_{i}_conv3')(nn.elu(x))
-      y = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
-                  kernel_init=conv_kernel_init,
-                  name=f'res_{i}_conv1')(nn.elu(y))
-      x = x + y
+      x = block(self, x, i)
     return x
 
 
@@ -625,10 +636,11 @@ class PixelCNNPrior(nn.Module):
     cond_stack_blocks: residual blocks of the conditioning stack.
     num_output_layers: 1x1 layers before the logits.
     dtype: compute dtype; the logits are always float32.
-    remat: recompute each gated and attention block's activations in the
-      backward pass (`nn.remat`, i.e. `jax.checkpoint`) instead of keeping
-      them: training memory falls to about one block's activations plus the
-      blocks' inputs, for about one more forward pass of compute. The
+    remat: recompute each gated, attention and conditioning-stack block's
+      activations in the backward pass (`nn.remat`, i.e. `jax.checkpoint`)
+      instead of keeping them: training memory falls to about one block's
+      activations plus the blocks' inputs, for about one more forward pass
+      of compute. The
       parameters, the outputs and the gradients are the same either way, and
       the sampler's incremental path is not affected.
   """
@@ -675,7 +687,7 @@ class PixelCNNPrior(nn.Module):
     if self.cond_num_embeddings:
       self.cond_stack = ConditioningStack(
           tuple(self.cond_num_embeddings), c, self.cond_stack_blocks,
-          dtype=self.dtype)
+          dtype=self.dtype, remat=self.remat)
     self.out_hidden = [nn.Dense(c, dtype=self.dtype)
                        for _ in range(self.num_output_layers)]
     self.out_logits = nn.Dense(self.num_embeddings, dtype=jnp.float32)
