@@ -119,8 +119,9 @@ def config_for(smoke: bool, dtype: str, remat: bool
   return config
 
 
-def _random_batch(config, stage: str, batch: int, level: int = 0
-                  ) -> dict[str, Any]:
+def _random_batch(config: ml_collections.ConfigDict, stage: str, batch: int,
+                  level: int = 0) -> dict[str, Any]:
+  """Random images (stage 'vqvae') or codes and labels of levels 0..level."""
   rng = np.random.default_rng(0)
   if stage == 'vqvae':
     return {'image': rng.uniform(

@@ -96,6 +96,7 @@ def measure(row: str, config: ml_collections.ConfigDict, batch: int,
 
 
 def row_shape(row: str, config: ml_collections.ConfigDict) -> str:
+  """'HxW' of a prior's code map, 'HxWxC' of the VQ-VAE's images."""
   if row == 'vqvae':
     size = config.data.image_size
     return f'{size}x{size}x{config.data.channels}'

@@ -184,8 +184,11 @@ def _cpu_timed(fn) -> tuple[float, float]:
 def time_scan(model: pixelcnn.PixelCNNPrior, variables: Any, batch: int,
               rows: int, width: int, upper: tuple[tuple[int, int], ...],
               num_classes: int) -> dict[str, float]:
-  """Compiles, then times one cached-sampler call on a [batch, rows, width]
-  map (conditioning maps of shapes `upper`, labels when num_classes)."""
+  """Compiles, then times, one cached-sampler call on a map.
+
+  The map is [batch, rows, width], conditioned on random codes of the
+  shapes `upper` and on labels when num_classes.
+  """
   rng = np.random.default_rng(1)
   cond = tuple(jnp.asarray(rng.integers(0, 512, (batch, *s)), jnp.int32)
                for s in upper)

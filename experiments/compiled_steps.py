@@ -144,13 +144,13 @@ def _bytes(shapes: Any) -> int:
 
 
 def kept_for_backward(loss_fn: Any, params: Any, *args: Any) -> int:
-  """Bytes the backward pass of `loss_fn(params, *args)` keeps from the
-  forward pass (JAX's residuals), the parameters and inputs themselves
-  excluded; computed on shapes only.
+  """Bytes that the backward pass of `loss_fn(params, *args)` keeps.
 
-  This is what the program asks an accelerator to keep alive between the
-  forward and the backward pass, before any backend's scheduling: with
-  remat, the blocks' inputs instead of every intermediate.
+  JAX's residuals of the forward pass, the parameters and inputs themselves
+  excluded, computed on shapes only. This is what the program asks an
+  accelerator to keep alive between the forward and the backward pass,
+  before any backend's scheduling: with remat, the blocks' inputs instead
+  of every intermediate.
   """
 
   def residuals(params, *args):

@@ -580,8 +580,10 @@ class ConditioningStack(nn.Module):
   remat: bool = False
 
   def residual_block(self, x: Array, i: int) -> Array:
-    """Block i: x + Conv1x1(ELU(Conv3x3(ELU(x)))); its parameters are the
-    stack's own `res_<i>_conv3` and `res_<i>_conv1`."""
+    """Block i: x + Conv1x1(ELU(Conv3x3(ELU(x)))).
+
+    Its parameters are the stack's own `res_<i>_conv3` and `res_<i>_conv1`.
+    """
     y = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
                 kernel_init=conv_kernel_init, name=f'res_{i}_conv3')(nn.elu(x))
     y = nn.Conv(self.channels, (1, 1), dtype=self.dtype,

@@ -129,9 +129,11 @@ class ResidualStack(nn.Module):
 
 
 def _stack(remat: bool) -> type[ResidualStack]:
-  """`ResidualStack`, or its `nn.remat` version: the same parameters and
-  outputs, but its activations are recomputed in the backward pass instead
-  of being kept (less memory for about one more forward pass of the stack).
+  """`ResidualStack`, or its `nn.remat` version when `remat`.
+
+  The same parameters and outputs, but the activations are recomputed in
+  the backward pass instead of being kept (less memory for about one more
+  forward pass of the stack).
   """
   return nn.remat(ResidualStack) if remat else ResidualStack
 
