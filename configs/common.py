@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.quantizer_gradient = 'straight_through'  # Or 'rotation' (rotation trick).
   model.level_dropout = 0.0  # Share of train images decoded from upper levels only.
   model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'.
+  model.remat = False  # Recompute residual stacks in backprop: less memory, same results.
 
   config.vqvae_train = train = ml_collections.ConfigDict()
   train.batch_size = 128  # Global batch size.
@@ -74,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.prior = prior = ml_collections.ConfigDict()
   prior.level = -1  # Level to train; -1 trains every level, top first.
   prior.dtype = 'float32'  # Priors' compute dtype: 'float32' or 'bfloat16'.
+  prior.remat = False  # Recompute gated/attention blocks in backprop: less memory, same results.
   prior.batch_size = 128  # Global batch size.
   prior.num_train_steps = 100_000  # Optimizer steps per level.
   prior.learning_rate = 3e-4  # Peak Adam learning rate.

@@ -277,3 +277,17 @@ def test_unit_sphere_codes_are_part_of_the_fingerprint_only_when_on():
   config.model.l2_normalize_codes = True
   assert builders.vqvae_fingerprint(config) == {
       **before, 'model.l2_normalize_codes': True}
+
+
+def test_remat_reaches_the_modules_but_not_the_fingerprints():
+  config = _tiny()
+  before = (builders.vqvae_fingerprint(config),
+            builders.prior_fingerprint(config, 1, {'step': 1, 'digest': 'd'}))
+  config.model.remat = config.prior.remat = True
+  # A run may resume with remat toggled: it computes the same function.
+  assert (builders.vqvae_fingerprint(config),
+          builders.prior_fingerprint(config, 1, {'step': 1, 'digest': 'd'})
+          ) == before
+  assert builders.build_vqvae(config).remat
+  assert builders.build_prior(config, 0).remat
+  assert builders.build_prior(config, 1).remat

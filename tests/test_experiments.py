@@ -174,3 +174,69 @@ def test_bench_vqvae_reads_the_references_recorded_speed(tmp_path):
   assert peer('peer_protocol', str(tmp_path)) == 294.4
   assert peer('fashion_mnist', str(tmp_path)) is None
   assert peer('peer_protocol', str(tmp_path / 'missing')) is None
+
+
+def _run_script(module, *args):
+  """Runs `python -m module args` from the repository root; its stdout."""
+  env = {**os.environ, 'PYTHONPATH': _ROOT}
+  done = subprocess.run([sys.executable, '-m', module, *args], cwd=_ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_bench_memory_rows_with_and_without_remat(tmp_path):
+  out_json = tmp_path / 'memory.json'
+  out = _run_script('experiments.bench_memory', '--smoke', '--rows=prior_0',
+                    '--batch_sizes=4', '--compile_remat', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  # Batch 1 is always measured: the estimates start from its peak.
+  assert [(r['row'], r['batch']) for r in rows] == [('prior_0', 1),
+                                                     ('prior_0', 4)]
+  one, four = rows
+  assert one['params'] == four['params'] > 0
+  for r in rows:
+    # Donated outputs reuse the arguments' buffers; the rest add to them.
+    assert r['peak'] >= r['arguments'] + r['temporaries'] > 0
+    assert r['peak_remat'] > 0
+    # Remat keeps only the blocks' inputs: less than every intermediate.
+    assert 0 < r['kept_remat'] < r['kept']
+    assert r['estimate'] == one['peak'] + r['kept']
+    assert r['estimate_remat'] == one['peak'] + r['kept_remat'] + r['block']
+  # Activations grow with the batch; the state does not.
+  assert four['kept'] > one['kept'] and four['block'] > one['block']
+  assert four['arguments'] - one['arguments'] < four['kept'] - one['kept']
+  assert len([l for l in out.splitlines() if l.startswith('prior_0')]) == 2
+
+
+def test_accelerator_check_smoke_on_cpu(tmp_path):
+  out_json = tmp_path / 'check.json'
+  out = _run_script('experiments.accelerator_check', '--smoke', '--steps=1',
+                    '--vqvae_batch=2', '--prior_batch=2', '--sample_batch=2',
+                    f'--json={out_json}')
+  result = json.loads(out_json.read_text())
+  assert result['platform'] == 'cpu' and result['dtype'] == 'bfloat16'
+  # A CPU is not in the peak table: no MFU, but FLOPs and speed still.
+  assert result['peak_bf16_flops'] is None
+  names = [r['name'] for r in result['rows']]
+  assert names == ['stage 1 train step', 'prior 0 train step',
+                   'prior 1 train step', 'sampler + decode'], names
+  for row in result['rows']:
+    assert row['seconds'] > 0 and row['mfu'] is None
+  for row in result['rows'][:3]:
+    assert row['flops'] > 0 and row['xla_peak_bytes'] > 0
+    assert row['tflops_per_s'] == row['flops'] / row['seconds'] / 1e12
+  assert 'no MFU' in out and 'sampler + decode' in out
+
+
+def test_accelerator_check_peak_table():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import accelerator_check as check
+  assert check.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert check.peak_flops('NVIDIA H100 PCIe') == 756e12
+  assert check.peak_flops('NVIDIA H200') == 989e12
+  assert check.peak_flops('NVIDIA A100-SXM4-40GB') == 312e12
+  assert check.peak_flops('TPU v5 lite') == 197e12
+  assert check.peak_flops('TPU v5p') == 459e12
+  assert check.peak_flops('TPU v4') == 275e12
+  assert check.peak_flops('cpu') is None

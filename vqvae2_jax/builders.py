@@ -19,7 +19,8 @@ from vqvae2_jax.models import vqvae as vqvae_lib
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that define the VQ-VAE's variables (and what its codes mean);
 # a checkpoint is only resumed or loaded under the same values. Training
-# knobs (EMA decay, dead-code window, dtype, ...) may change between runs.
+# knobs (EMA decay, dead-code window, dtype, remat, ...) may change between
+# runs: remat recomputes activations, it computes the same function.
 _VQVAE_FINGERPRINT_FIELDS = (
     'data.image_size', 'data.channels', 'model.downsample_factors',
     'model.num_hiddens', 'model.num_residual_layers',
@@ -83,7 +84,8 @@ def build_vqvae(config: ml_collections.ConfigDict) -> vqvae_lib.VQVAE:
       l2_normalize_codes=m.l2_normalize_codes,
       quantizer_gradient=m.quantizer_gradient,
       level_dropout=m.level_dropout,
-      dtype=_dtype(m.dtype, 'model.dtype'))
+      dtype=_dtype(m.dtype, 'model.dtype'),
+      remat=bool(m.remat))
 
 
 def build_prior(config: ml_collections.ConfigDict,
@@ -108,7 +110,8 @@ def build_prior(config: ml_collections.ConfigDict,
       cond_num_embeddings=(k,) * level,
       cond_stack_blocks=c.cond_stack_blocks if level else 0,
       num_output_layers=c.num_output_layers,
-      dtype=_dtype(config.prior.dtype, 'prior.dtype'))
+      dtype=_dtype(config.prior.dtype, 'prior.dtype'),
+      remat=bool(config.prior.remat))
 
 
 def vqvae_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -323,9 +323,12 @@ class GatedBlock(nn.Module):
 
   # Full path.
 
-  def __call__(self, v: Array, h: Array, cond: Optional[Array], *,
+  def __call__(self, v: Array, h: Array, cond: Optional[Array],
                train: bool) -> tuple[Array, Array]:
     """Full path over a whole map.
+
+    `train` may be passed by position: `nn.remat` (see `PixelCNNPrior.remat`)
+    can only hold positional arguments static.
 
     Args:
       v: [batch, h, w, C] vertical input (the code embedding for the first
@@ -468,8 +471,9 @@ class AttentionBlock(nn.Module):
 
   # Full path.
 
-  def __call__(self, h: Array, *, train: bool) -> Array:
-    """Full path: [batch, h, w, C] -> [batch, h, w, C]."""
+  def __call__(self, h: Array, train: bool) -> Array:
+    """Full path: [batch, h, w, C] -> [batch, h, w, C] (`train` as in
+    `GatedBlock.__call__`)."""
     b, height, width, c = h.shape
     n = height * width
     rows, cols = jnp.divmod(jnp.arange(n), width)
@@ -566,11 +570,25 @@ class ConditioningStack(nn.Module):
     channels: C.
     num_blocks: residual blocks.
     dtype: compute dtype.
+    remat: recompute each residual block in the backward pass (see
+      `PixelCNNPrior.remat`); the same parameters and outputs.
   """
   num_embeddings: Sequence[int]
   channels: int
   num_blocks: int
   dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def residual_block(self, x: Array, i: int) -> Array:
+    """Block i: x + Conv1x1(ELU(Conv3x3(ELU(x)))).
+
+    Its parameters are the stack's own `res_<i>_conv3` and `res_<i>_conv1`.
+    """
+    y = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
+                kernel_init=conv_kernel_init, name=f'res_{i}_conv3')(nn.elu(x))
+    y = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
+                kernel_init=conv_kernel_init, name=f'res_{i}_conv1')(nn.elu(y))
+    return x + y
 
   @nn.compact
   def __call__(self, cond_codes: Sequence[Array],
@@ -591,14 +609,13 @@ class ConditioningStack(nn.Module):
     x = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
                 kernel_init=conv_kernel_init, name='proj')(
         jnp.concatenate(feats, axis=-1))
+    # A lifted function of this module: its convolutions stay this module's
+    # (same parameter names with and without remat); i is static.
+    block = type(self).residual_block
+    if self.remat:
+      block = nn.remat(block, static_argnums=(2,))
     for i in range(self.num_blocks):
-      y = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
-                  kernel_init=conv_kernel_init,
-                  name=f'res_{i}_conv3')(nn.elu(x))
-      y = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
-                  kernel_init=conv_kernel_init,
-                  name=f'res_{i}_conv1')(nn.elu(y))
-      x = x + y
+      x = block(self, x, i)
     return x
 
 
@@ -621,6 +638,13 @@ class PixelCNNPrior(nn.Module):
     cond_stack_blocks: residual blocks of the conditioning stack.
     num_output_layers: 1x1 layers before the logits.
     dtype: compute dtype; the logits are always float32.
+    remat: recompute each gated, attention and conditioning-stack block's
+      activations in the backward pass (`nn.remat`, i.e. `jax.checkpoint`)
+      instead of keeping them: training memory falls to about one block's
+      activations plus the blocks' inputs, for about one more forward pass
+      of compute. The
+      parameters, the outputs and the gradients are the same either way, and
+      the sampler's incremental path is not affected.
   """
   num_embeddings: int
   num_channels: int
@@ -634,6 +658,7 @@ class PixelCNNPrior(nn.Module):
   cond_stack_blocks: int = 0
   num_output_layers: int = 1
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @property
   def conditioned(self) -> bool:
@@ -644,21 +669,27 @@ class PixelCNNPrior(nn.Module):
       raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
     attention_positions(self.num_layers, self.attention_layers)  # Validates.
     c = self.num_channels
+    # Only `__call__` is rematerialized; `train` (argument 4 counting self,
+    # 2 for attention) is static so that dropout's Python branch sees a bool.
+    gated_block, attention_block = GatedBlock, AttentionBlock
+    if self.remat:
+      gated_block = nn.remat(GatedBlock, static_argnums=(4,))
+      attention_block = nn.remat(AttentionBlock, static_argnums=(2,))
     self.embed = nn.Embed(self.num_embeddings, c, dtype=self.dtype)
     self.blocks = [
-        GatedBlock(c, self.filter_size, first=(i == 0),
-                   conditioned=self.conditioned,
-                   dropout_rate=self.dropout_rate, dtype=self.dtype)
+        gated_block(c, self.filter_size, first=(i == 0),
+                    conditioned=self.conditioned,
+                    dropout_rate=self.dropout_rate, dtype=self.dtype)
         for i in range(self.num_layers)]
     self.attention = [
-        AttentionBlock(c, self.num_heads, self.dropout_rate, dtype=self.dtype)
+        attention_block(c, self.num_heads, self.dropout_rate, dtype=self.dtype)
         for _ in range(self.attention_layers)]
     if self.num_classes:
       self.class_embed = nn.Embed(self.num_classes + 1, c, dtype=self.dtype)
     if self.cond_num_embeddings:
       self.cond_stack = ConditioningStack(
           tuple(self.cond_num_embeddings), c, self.cond_stack_blocks,
-          dtype=self.dtype)
+          dtype=self.dtype, remat=self.remat)
     self.out_hidden = [nn.Dense(c, dtype=self.dtype)
                        for _ in range(self.num_output_layers)]
     self.out_logits = nn.Dense(self.num_embeddings, dtype=jnp.float32)
@@ -721,9 +752,9 @@ class PixelCNNPrior(nn.Module):
     after = attention_positions(self.num_layers, self.attention_layers)
     v = h = embedded
     for i, block in enumerate(self.blocks):
-      v, h = block(v, h, cond, train=train)
+      v, h = block(v, h, cond, train)
       if i in after:
-        h = self.attention[after[i]](h, train=train)
+        h = self.attention[after[i]](h, train)
     return self._output(h)
 
   def __call__(self, codes: Array, *, cond_codes: Sequence[Array] = (),

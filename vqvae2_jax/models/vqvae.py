@@ -128,6 +128,16 @@ class ResidualStack(nn.Module):
     return nn.relu(x)
 
 
+def _stack(remat: bool) -> type[ResidualStack]:
+  """`ResidualStack`, or its `nn.remat` version when `remat`.
+
+  The same parameters and outputs, but the activations are recomputed in
+  the backward pass instead of being kept (less memory for about one more
+  forward pass of the stack).
+  """
+  return nn.remat(ResidualStack) if remat else ResidualStack
+
+
 class Encoder(nn.Module):
   """Strided 4x4 convs (each halves the side), a 3x3 conv, a residual stack.
 
@@ -137,12 +147,14 @@ class Encoder(nn.Module):
       half).
     num_residual_layers, num_residual_hiddens: the residual stack.
     dtype: computation dtype.
+    remat: recompute the residual stack in the backward pass (`_stack`).
   """
   num_downsamples: int
   num_hiddens: int
   num_residual_layers: int
   num_residual_hiddens: int
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -156,9 +168,9 @@ class Encoder(nn.Module):
                   name=f'down{i}')(x)
       x = nn.relu(x)
     x = nn.Conv(self.num_hiddens, (3, 3), dtype=self.dtype, name='conv')(x)
-    return ResidualStack(self.num_hiddens, self.num_residual_layers,
-                         self.num_residual_hiddens, self.dtype,
-                         name='residual')(x)
+    return _stack(self.remat)(self.num_hiddens, self.num_residual_layers,
+                              self.num_residual_hiddens, self.dtype,
+                              name='residual')(x)
 
 
 class Decoder(nn.Module):
@@ -170,6 +182,7 @@ class Decoder(nn.Module):
     num_hiddens: channels of the stack (upsamplings before the last use half).
     num_residual_layers, num_residual_hiddens: the residual stack.
     dtype: computation dtype.
+    remat: recompute the residual stack in the backward pass (`_stack`).
   """
   out_channels: int
   num_upsamples: int
@@ -177,14 +190,15 @@ class Decoder(nn.Module):
   num_residual_layers: int
   num_residual_hiddens: int
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[b, h, w, c] -> [b, h * 2**n, w * 2**n, out_channels]."""
     x = nn.Conv(self.num_hiddens, (3, 3), dtype=self.dtype, name='conv')(x)
-    x = ResidualStack(self.num_hiddens, self.num_residual_layers,
-                      self.num_residual_hiddens, self.dtype,
-                      name='residual')(x)
+    x = _stack(self.remat)(self.num_hiddens, self.num_residual_layers,
+                           self.num_residual_hiddens, self.dtype,
+                           name='residual')(x)
     for i in range(self.num_upsamples):
       last = i == self.num_upsamples - 1
       x = Upsample2x(self.out_channels if last else self.num_hiddens // 2,
@@ -271,6 +285,8 @@ class VQVAE(nn.Module):
       everything to the finest level. 0 disables.
     dtype: computation dtype of the convolutions (e.g. jnp.bfloat16); params
       and the quantizers (search, codebooks, losses) stay float32.
+    remat: recompute every encoder's and decoder's residual stack in the
+      backward pass (`nn.remat`); same parameters, outputs and gradients.
   """
   downsample_factors: Sequence[int]
   channels: int = 3
@@ -289,6 +305,7 @@ class VQVAE(nn.Module):
   quantizer_gradient: str = 'straight_through'
   level_dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
     factors = tuple(self.downsample_factors)
@@ -301,7 +318,7 @@ class VQVAE(nn.Module):
     stack = dict(num_hiddens=self.num_hiddens,
                  num_residual_layers=self.num_residual_layers,
                  num_residual_hiddens=self.num_residual_hiddens,
-                 dtype=self.dtype)
+                 dtype=self.dtype, remat=self.remat)
     self.encoders = [Encoder(num_downsamples=s, **stack) for s in steps]
     self.pre_quantizers = [
         nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype)
