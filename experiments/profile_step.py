@@ -24,6 +24,7 @@ experiments/bench_vqvae.py.
 """
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -42,10 +43,6 @@ from vqvae2_jax import hostmem
 from vqvae2_jax import parallel
 from vqvae2_jax.train import vqvae_trainer
 
-_ROW = flags.DEFINE_string('row', 'peer_protocol',
-                           'Row of experiments/bench_vqvae.py to profile.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Traced train steps.')
-_TOP = flags.DEFINE_integer('top', 12, 'Most expensive ops to list.')
 
 KINDS = ('conv forward', 'conv input gradient', 'conv weight gradient',
          'layout copies', 'other')
@@ -145,10 +142,11 @@ def profile(row: str, steps: int) -> dict[str, object]:
               by_kind=by_kind, ops=ops)
 
 
-def main(argv):
+def main(argv, flag_values):
   del argv
+  row, steps, top = (f.value for f in flag_values)
   hostmem.tune_malloc()  # As --mode=vqvae does.
-  result = profile(_ROW.value, _STEPS.value)
+  result = profile(row, steps)
   total = sum(result['by_kind'].values())
   print(f'{result["row"]}: batch {result["batch"]}, {result["wall_ms"]:.1f} '
         f'ms per step wall ({result["batch"] / result["wall_ms"] * 1e3:.0f} '
@@ -158,9 +156,16 @@ def main(argv):
   for kind, ms in result['by_kind'].items():
     print(f'{kind:<22} {ms:>8.1f} {ms / total:>6.1%}')
   print(f'\n{"op":<28} {"kind":<22} {"ms/step":>8}  output')
-  for ms, name, kind, shape in result['ops'][:_TOP.value]:
+  for ms, name, kind, shape in result['ops'][:top]:
     print(f'{name:<28} {kind:<22} {ms:>8.2f}  {shape}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # Flags are defined only when run as a script, so tests can import this
+  # module beside other experiments.
+  _flags = (
+      flags.DEFINE_string('row', 'peer_protocol',
+                          'Row of experiments/bench_vqvae.py to profile.'),
+      flags.DEFINE_integer('steps', 5, 'Traced train steps.'),
+      flags.DEFINE_integer('top', 12, 'Most expensive ops to list.'))
+  app.run(functools.partial(main, flag_values=_flags))
