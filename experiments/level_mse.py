@@ -71,9 +71,7 @@ def level_table(config: ml_collections.ConfigDict, workdir: str,
     recon = model.apply(variables, codes, keep, method=model.decode_levels)
     errors = [reconstruction.per_image_mse(images, recon)]
     if area is not None:
-      top, left, height, width = area
-      crop = lambda x: x[:, top:top + height, left:left + width]
-      errors.append(reconstruction.per_image_mse(crop(images), crop(recon)))
+      errors.append(reconstruction.per_image_area_mse(images, recon, area))
     return errors, recon[:_GRID_IMAGES]
 
   totals = {name: np.zeros(2) for name in views}

@@ -31,6 +31,14 @@ def per_image_mse(images: jax.Array, recon: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
 
 
+def per_image_area_mse(images: jax.Array, recon: jax.Array,
+                       area: tuple[int, int, int, int]) -> jax.Array:
+  """`per_image_mse` over `area` = (top, left, height, width) only: [b]."""
+  top, left, height, width = area
+  crop = lambda x: x[:, top:top + height, left:left + width]
+  return per_image_mse(crop(images), crop(recon))
+
+
 def code_histogram(codes: jax.Array, mask: jax.Array,
                    num_embeddings: int) -> jax.Array:
   """How often each code occurs in the unmasked images.
@@ -77,10 +85,8 @@ def batch_sums(images: jax.Array, recon: jax.Array,
       'psnr': jnp.sum(psnr(mse) * weights),
   }
   if area is not None:
-    top, left, height, width = area
-    crop = lambda x: x[:, top:top + height, left:left + width]
     sums['sq_error_area'] = jnp.sum(
-        per_image_mse(crop(images), crop(recon)) * weights)
+        per_image_area_mse(images, recon, area) * weights)
   for i, level_codes in enumerate(codes):
     sums[f'code_counts_level{i}'] = code_histogram(level_codes, mask,
                                                    num_embeddings)
