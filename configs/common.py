@@ -145,6 +145,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Data-parallel axis.
   mesh.fsdp = 1  # Parameter-sharding axis.
+  # On a host without an accelerator: split the CPU into this many JAX devices
+  # (data parallel over the cores; see parallel.split_host_cpu). 0: one device.
+  mesh.cpu_devices = 0
   return config
 
 

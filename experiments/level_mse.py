@@ -109,6 +109,7 @@ def main(argv, flag_values):
   del argv
   config_flag, workdir_flag, png_flag = flag_values
   config = config_flag.value
+  parallel.split_host_cpu(config.mesh.cpu_devices)  # As --mode=vqvae does.
   step, rows = level_table(config, workdir_flag.value, png_flag.value)
   print(f'VQ-VAE step {step}, held-out split {config.data.eval_split!r} '
         '(level 0 is the top)')

@@ -186,6 +186,7 @@ def main(argv, flag_values):
   config_flag, evals_flag, json_flag = flag_values
   eval_steps = sorted(int(s) for s in evals_flag.value)
   config = apply_protocol(config_flag.value, eval_steps[-1])
+  parallel.split_host_cpu(config.mesh.cpu_devices)  # As --mode=vqvae does.
   print('Reference protocol: Fashion-MNIST 32x32 (28x28 centre scored), 128 '
         'hidden, 2 residual blocks of 32, K=512, D='
         f'{config.model.embedding_dim}, batch 64, {eval_steps[-1]} steps; '

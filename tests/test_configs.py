@@ -227,6 +227,7 @@ def _set(config, path, value):
     ('mesh.fsdp', 3, 'mesh'),
     ('mesh.data', 16, 'mesh'),
     ('mesh.data', 0, 'mesh'),
+    ('mesh.cpu_devices', -2, 'mesh.cpu_devices'),
     ('model.quantizer_gradient', 'rotate', 'model.quantizer_gradient'),
     ('model.level_dropout', 1.0, 'model.level_dropout'),
     ('model.level_dropout', -0.1, 'model.level_dropout'),

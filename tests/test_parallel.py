@@ -1,5 +1,9 @@
 """Mesh construction and batch sharding on 8 fake CPU devices."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -45,3 +49,30 @@ def test_shard_batch_splits_leading_dimension_over_devices():
 def test_single_device_mesh():
   mesh = parallel.create_mesh(devices=jax.devices()[:1])
   assert mesh.devices.size == 1
+
+
+_SPLIT_PROBE = r'''
+import sys, jax
+from vqvae2_jax import parallel
+if sys.argv[2] == 'started':
+  jax.numpy.zeros(1).block_until_ready()  # JAX's backends start here.
+applied = parallel.split_host_cpu(int(sys.argv[1]))
+print(applied, jax.device_count(), jax.default_backend())
+'''
+
+
+@pytest.mark.parametrize('count,xla_flags,when,expected', [
+    (2, '', 'fresh', 'True 2 cpu'),
+    (3, '', 'fresh', 'True 3 cpu'),
+    (0, '', 'fresh', 'False 1 cpu'),  # 0: JAX's default.
+    (2, '--xla_force_host_platform_device_count=4', 'fresh', 'False 4 cpu'),
+    (2, '', 'started', 'False 1 cpu'),  # Too late: left alone, no error.
+])
+def test_split_host_cpu_makes_devices_unless_told_otherwise_or_too_late(
+    count, xla_flags, when, expected):
+  # A fresh interpreter: this one's JAX has started with 8 devices.
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
+  done = subprocess.run(
+      [sys.executable, '-c', _SPLIT_PROBE, str(count), when], env=env,
+      capture_output=True, text=True, timeout=120, check=True)
+  assert done.stdout.split('\n')[-2] == expected, done.stderr[-2000:]

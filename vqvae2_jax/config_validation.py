@@ -217,6 +217,11 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('eval.cas_samples_per_class', f'is {evaluation.cas_samples_per_class}',
           'use 0 (as many as the real train split) or a positive number')
 
+  if int(config.mesh.get('cpu_devices', 0)) < 0:
+    _fail('mesh.cpu_devices', f'is {config.mesh.cpu_devices}',
+          'use 0 (JAX\'s one CPU device) or a device count, e.g. the number '
+          'of cores')
+
   # Batches: positive, split evenly over the devices.
   for field in _batch_fields(config):
     section, name = field.split('.')

@@ -15,6 +15,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax._src import xla_bridge
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
@@ -98,6 +99,44 @@ def maybe_initialize_distributed() -> None:
     logging.info('Initialized JAX distributed: process %d of %d.',
                  jax.process_index(), jax.process_count())
   maybe_initialize_distributed._done = True
+
+
+HOST_DEVICE_FLAG = '--xla_force_host_platform_device_count'
+
+
+def split_host_cpu(count: int) -> bool:
+  """Makes JAX's CPU backend `count` devices, if JAX has not started yet.
+
+  XLA:CPU runs one program's operations mostly one after another, each
+  spread over the cores: the many small convolutions of a VQ-VAE leave cores
+  idle. With one CPU device per core, the data-parallel train step runs one
+  program per device side by side (on 2 cores, stage 1 of the Fashion-MNIST
+  default trains 1.3x faster: experiments/peer_protocol.py). The result is
+  that of a data-parallel run on `count` devices, the same on every CPU
+  machine. Accelerator backends are unaffected.
+
+  Args:
+    count: CPU devices wanted (config.mesh.cpu_devices); 0 keeps JAX's
+      default (one).
+
+  Returns:
+    True if the setting was applied. It is not when `count` is 0, when
+    XLA_FLAGS already sets --xla_force_host_platform_device_count (the
+    user's or the launcher's choice wins), or when JAX's backends have
+    started already (a notebook or test that ran JAX code first; logged).
+  """
+  if count <= 0 or HOST_DEVICE_FLAG in os.environ.get('XLA_FLAGS', ''):
+    return False
+  if xla_bridge.backends_are_initialized():
+    if (jax.default_backend() == 'cpu' and
+        jax.local_device_count() != count):
+      logging.info('config.mesh.cpu_devices=%d not applied: JAX started '
+                   'with %d CPU device(s) before the config was read (set it '
+                   'before any JAX code runs, or XLA_FLAGS=%s=%d).', count,
+                   jax.local_device_count(), HOST_DEVICE_FLAG, count)
+    return False
+  jax.config.update('jax_num_cpu_devices', int(count))
+  return True
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict,

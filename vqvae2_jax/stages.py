@@ -57,6 +57,7 @@ def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates `config` and runs `mode` (every stage in order for 'all')."""
+  parallel.split_host_cpu(config.mesh.get('cpu_devices', 0))
   parallel.maybe_initialize_distributed()
   if jax.process_index() > 0:
     console.follow()  # Process 0 speaks for all.
