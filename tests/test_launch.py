@@ -66,6 +66,25 @@ def test_a_process_killed_by_a_signal_gives_128_plus_its_number(capfd):
   assert 'process 0 of 2 was killed by SIGKILL' in capfd.readouterr().err
 
 
+def test_output_dir_keeps_each_process_output_whole(tmp_path, capfd):
+  # Both streams of each process in its own file; the failed one is named.
+  code = ('import os, sys\n'
+          'i = os.environ["JAX_PROCESS_ID"]\n'
+          'print("out of", i, flush=True)\n'
+          'print("err of", i, file=sys.stderr, flush=True)\n'
+          'sys.exit(int(i) * 5)')
+  (tmp_path / 'process_1.log').write_text('an earlier launch\n')
+  status = launch.launch(_program(code), num_processes=2,
+                         devices_per_process=1, output_dir=str(tmp_path))
+  assert status == 5
+  for i in range(2):
+    assert sorted((tmp_path / f'process_{i}.log').read_text().splitlines()) == [
+        f'err of {i}', f'out of {i}']
+  err = capfd.readouterr().err
+  assert 'Error: process 1 of 2 exited with status 5' in err
+  assert f'Fix: see {tmp_path / "process_1.log"},' in err
+
+
 def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
   # Each process records the notice and exits 0, as a preempted stage does.
   code = ('import os, signal, sys, time\n'

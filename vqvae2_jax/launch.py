@@ -18,8 +18,13 @@ the failed process's status (128 + the signal's number when it was killed),
 naming it. A SIGTERM or SIGINT (Ctrl-C) to the launcher is passed on to
 every process as SIGTERM, a preemption notice: each saves a checkpoint at
 the step they agree on and exits 0 (see `parallel.preemption_watch`).
+
+The processes share the launcher's console, so their lines interleave; with
+--output_dir=DIR each process writes its whole output (stdout and stderr) to
+DIR/process_<i>.log instead, and a failure names the failed process's file.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,6 +45,11 @@ _MODULE = flags.DEFINE_string('module', 'vqvae2_jax.main',
                               'Python module each process runs.')
 _PORT = flags.DEFINE_integer('port', 0,
                              "The coordinator's port; 0 picks a free one.")
+# Not --log_dir: absl.logging has that flag (its own log files).
+_OUTPUT_DIR = flags.DEFINE_string(
+    'output_dir', None, "Write process i's whole output to "
+    "OUTPUT_DIR/process_<i>.log (created if missing; replaces an earlier "
+    "launch's) instead of the console.")
 
 _POLL_SECONDS = 0.1
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
@@ -68,6 +78,11 @@ def process_environment(base: Mapping[str, str], *, process_id: int,
   return env
 
 
+def log_path(output_dir: str, process_id: int) -> str:
+  """The file that holds process `process_id`'s output under `output_dir`."""
+  return os.path.join(output_dir, f'process_{process_id}.log')
+
+
 def describe_exit(status: int) -> str:
   """'exited with status 1' or 'was killed by SIGKILL' (Popen's returncode)."""
   if status < 0:
@@ -81,7 +96,8 @@ def describe_exit(status: int) -> str:
 
 def launch(command: Sequence[str], *, num_processes: int,
            devices_per_process: int, port: int = 0,
-           env: Mapping[str, str] | None = None) -> int:
+           env: Mapping[str, str] | None = None,
+           output_dir: str | None = None) -> int:
   """Runs `command` as `num_processes` JAX processes and waits for them.
 
   Args:
@@ -91,6 +107,8 @@ def launch(command: Sequence[str], *, num_processes: int,
     devices_per_process: fake CPU devices of each.
     port: the coordinator's port; 0 picks a free one.
     env: the processes' base environment; None: this process's.
+    output_dir: if set, process i writes its stdout and stderr to
+      `log_path(output_dir, i)` (overwritten) instead of the console.
 
   Returns:
     0 when every process exited 0; else the status of the first that failed
@@ -99,16 +117,21 @@ def launch(command: Sequence[str], *, num_processes: int,
   """
   port = port or free_port()
   base = os.environ if env is None else env
+  if output_dir:
+    os.makedirs(output_dir, exist_ok=True)
   children = []
   for i in range(num_processes):
-    children.append(subprocess.Popen(
-        list(command),
-        env=process_environment(base, process_id=i,
-                                num_processes=num_processes, port=port,
-                                devices_per_process=devices_per_process),
-        # Own process groups: a Ctrl-C in the terminal reaches the launcher
-        # only, which passes it on as a preemption notice.
-        start_new_session=True))
+    output = open(log_path(output_dir, i), 'wb') if output_dir else None
+    with output or contextlib.nullcontext():  # The child keeps its own copy.
+      children.append(subprocess.Popen(
+          list(command),
+          env=process_environment(base, process_id=i,
+                                  num_processes=num_processes, port=port,
+                                  devices_per_process=devices_per_process),
+          stdout=output, stderr=subprocess.STDOUT if output else None,
+          # Own process groups: a Ctrl-C in the terminal reaches the
+          # launcher only, which passes it on as a preemption notice.
+          start_new_session=True))
 
   def forward(signum, frame):
     del signum, frame
@@ -128,12 +151,13 @@ def launch(command: Sequence[str], *, num_processes: int,
         first = min(failed, key=lambda i: (statuses[i] > 0, i))
         _kill(children)
         status = statuses[first]
+        where = (log_path(output_dir, first) if output_dir else
+                 f'the output of process {first} above')
         sys.stderr.write(
             f'Error: process {first} of {num_processes} '
             f'{describe_exit(status)}; the other processes were stopped. '
-            f'Fix: see the output of process {first} above, then run the '
-            'same command again (every stage resumes from its last '
-            'checkpoint).\n')
+            f'Fix: see {where}, then run the same command again (every '
+            'stage resumes from its last checkpoint).\n')
         sys.stderr.flush()
         return status if status > 0 else 128 - status
       if all(s == 0 for s in statuses):
@@ -160,7 +184,8 @@ def _kill(children: Sequence[subprocess.Popen]) -> None:
 def main(argv: Sequence[str]) -> None:
   command = [sys.executable, '-m', _MODULE.value, *argv[1:]]
   sys.exit(launch(command, num_processes=_PROCESSES.value,
-                  devices_per_process=_DEVICES.value, port=_PORT.value))
+                  devices_per_process=_DEVICES.value, port=_PORT.value,
+                  output_dir=_OUTPUT_DIR.value))
 
 
 if __name__ == '__main__':
