@@ -6,7 +6,9 @@ same stages run by one process on 8 devices (this pytest process). Stage 1
 is interrupted twice on the way: process 1 is killed with SIGKILL (the
 launcher must stop the other one and name it), then process 0 gets a
 preemption notice (SIGTERM: both save at the same step and exit 0), and the
-third launch finishes it. The later stages read the reference's earlier
+third launch finishes it. Meanwhile (it mostly sleeps) a small program
+checks that a process arriving 35 s late at the first collectives is
+waited for (tests/multiprocess_late_peer.py). The later stages read the reference's earlier
 stages, so each stage is compared on the same input:
 
   workdir   stages run by 2 processes     compared with the reference's
@@ -49,7 +51,7 @@ from vqvae2_jax.train import vqvae_trainer
 pytestmark = pytest.mark.multiprocess
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_STEPS = 16  # Stage 1's steps: enough to stop it twice on the way.
+_STEPS = 10  # Stage 1's steps: enough to stop it twice on the way.
 _OVERRIDES = {
     'data.train_split': 'train[:96]', 'data.eval_split': 'test[:40]',
     # The same batches for 1 and 2 processes.
@@ -71,15 +73,35 @@ def _config():
   return config
 
 
-def _launch(*args, module='vqvae2_jax.main'):
-  """Starts the launcher (2 x 4 devices) on `args`; returns the Popen."""
-  env = dict(os.environ, PYTHONPATH=_ROOT)
+def _launch(output_dir, *args, module='vqvae2_jax.main', stage_flags=True):
+  """Starts the launcher (2 x 4 devices) on `args`; returns the Popen.
+
+  Each process's whole output goes to `output_dir`/process_<i>.log (see
+  `_logs`); a process that aborts or is sent SIGABRT prints every thread's
+  Python stack there first (faulthandler).
+  """
+  env = dict(os.environ, PYTHONPATH=_ROOT, PYTHONFAULTHANDLER='1')
   command = [sys.executable, '-m', 'vqvae2_jax.launch', '--processes=2',
-             '--devices_per_process=4', f'--module={module}', '--',
-             '--config=configs/fashion_mnist.py:tiny',
-             *[f'--config.{k}={v}' for k, v in _OVERRIDES.items()], *args]
-  return subprocess.Popen(command, cwd=_ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             '--devices_per_process=4', f'--module={module}',
+             f'--output_dir={output_dir}', '--', *args]
+  if stage_flags:
+    command += ['--config=configs/fashion_mnist.py:tiny',
+                *[f'--config.{k}={v}' for k, v in _OVERRIDES.items()]]
+  launcher = subprocess.Popen(command, cwd=_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+  launcher.output_dir = output_dir
+  return launcher
+
+
+def _logs(launcher, output=''):
+  """The launcher's own output and each process's whole log, for a failure
+  message."""
+  parts = [f'--- launcher:\n{output}']
+  for path in sorted(glob.glob(os.path.join(launcher.output_dir, '*.log'))):
+    with open(path, errors='replace') as f:
+      parts.append(f'--- {path}:\n{f.read()}')
+  return '\n'.join(parts)
 
 
 def _children(launcher):
@@ -106,7 +128,7 @@ def _signal_after_checkpoint(launcher, stage_dir, after_step, process, signum):
   `after_step` is on disk; returns (that checkpoint's step, when sent)."""
   deadline = time.time() + 300
   while time.time() < deadline:
-    assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+    assert launcher.poll() is None, _logs(launcher, launcher.communicate()[0])
     newer = [s for s in _saved_steps(stage_dir) if s > after_step]
     if newer:
       _children(launcher)[process].send_signal(signum)
@@ -121,12 +143,18 @@ def _output(launcher, timeout):
   try:
     return launcher.communicate(timeout=timeout)[0]
   except subprocess.TimeoutExpired:
-    for child in _children(launcher).values():
-      child.kill()
+    # SIGABRT first: faulthandler writes where each thread waits.
+    children = list(_children(launcher).values())
+    for child in children:
+      child.send_signal(signal.SIGABRT)
+    psutil.wait_procs(children, timeout=10)
+    for child in children:
+      if child.is_running():
+        child.kill()
     launcher.kill()
     output = launcher.communicate()[0]
     raise AssertionError(f'The launch hung for {timeout} s:\n'
-                         f'{output[-5000:]}') from None
+                         f'{_logs(launcher, output)}') from None
 
 
 def _restore(stage_dir, programs):
@@ -167,8 +195,17 @@ def _copy_stages(source, target, names):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def late_peer(tmp_path_factory):
+  """The launcher of tests/multiprocess_late_peer.py, started first: it
+  sleeps while `runs` computes."""
+  return _launch(str(tmp_path_factory.mktemp('late_peer')),
+                 module='tests.multiprocess_late_peer', stage_flags=False)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, late_peer):
   """The reference (1 process) and the 2-process runs, with what happened."""
+  del late_peer  # Started before the reference (see `late_peer`).
   root = tmp_path_factory.mktemp('multiprocess')
   config = _config()
   reference = str(root / 'reference')
@@ -184,12 +221,14 @@ def runs(tmp_path_factory):
   stage_dir = os.path.join(mp_vqvae, 'vqvae')
 
   # 1. SIGKILL to process 1 after the first checkpoint.
-  launcher = _launch(f'--workdir={mp_vqvae}', '--mode=vqvae')
+  launcher = _launch(str(root / 'logs_kill'), f'--workdir={mp_vqvae}',
+                     '--mode=vqvae')
   killed_after, sent = _signal_after_checkpoint(launcher, stage_dir, 0, 1,
                                                 signal.SIGKILL)
   children = list(_children(launcher).values())
   output = _output(launcher, _KILL_REPORT_SECONDS + 30)
   events['kill'] = {'status': launcher.returncode, 'output': output,
+                    'logs': _logs(launcher, output),
                     'seconds': time.time() - sent, 'after': killed_after,
                     'left': [c.pid for c in children if c.is_running() and
                              c.status() != psutil.STATUS_ZOMBIE]}
@@ -197,11 +236,14 @@ def runs(tmp_path_factory):
   # 2. The rerun resumes; a preemption notice (SIGTERM) to process 0 after
   # its first new checkpoint.
   resumed_at = _saved_steps(stage_dir)[-1]
-  launcher = _launch(f'--workdir={mp_vqvae}', '--mode=vqvae')
+  launcher = _launch(str(root / 'logs_preempt'), f'--workdir={mp_vqvae}',
+                     '--mode=vqvae')
   _signal_after_checkpoint(launcher, stage_dir, resumed_at, 0,
                            signal.SIGTERM)
   output = _output(launcher, 300)
-  events['preempt'] = {'status': launcher.returncode, 'output': output,
+  events['preempt'] = {'status': launcher.returncode,
+                       'output': output + _logs(launcher),
+                       'logs': _logs(launcher, output),
                        'resumed_at': resumed_at,
                        'steps': _saved_steps(stage_dir),
                        'finished': os.path.exists(
@@ -209,18 +251,29 @@ def runs(tmp_path_factory):
 
   # 3. One more launch finishes stage 1 and runs the later stages on the
   # reference's inputs.
-  launcher = _launch(f'--run={mp_vqvae}:vqvae', f'--run={mp_codes}:codes,prior',
+  launcher = _launch(str(root / 'logs_finish'), f'--run={mp_vqvae}:vqvae',
+                     f'--run={mp_codes}:codes,prior',
                      f'--run={mp_sample}:sample',
                      module='tests.multiprocess_stages')
   output = _output(launcher, 600)
-  assert launcher.returncode == 0, output[-5000:]
+  assert launcher.returncode == 0, _logs(launcher, output)
   return {'config': config, 'reference': reference, 'vqvae': mp_vqvae,
           'codes': mp_codes, 'sample': mp_sample, 'events': events}
 
 
+def test_a_process_35_s_late_at_the_first_collectives_is_waited_for(
+    late_peer, runs):
+  del runs  # Only its order: the late peer runs meanwhile.
+  output = _output(late_peer, 120)
+  logs = _logs(late_peer, output)
+  assert late_peer.returncode == 0, logs
+  for i in range(2):
+    assert f'process {i}: sum over 8 devices 8' in logs, logs
+
+
 def test_a_killed_process_stops_the_launch_naming_it(runs):
   kill = runs['events']['kill']
-  assert kill['status'] == 128 + signal.SIGKILL, kill['output'][-3000:]
+  assert kill['status'] == 128 + signal.SIGKILL, kill['logs']
   assert 'Error: process 1 of 2 was killed by SIGKILL' in kill['output']
   assert kill['seconds'] < _KILL_REPORT_SECONDS
   assert not kill['left']  # Process 0 was stopped, not left waiting.
@@ -229,7 +282,7 @@ def test_a_killed_process_stops_the_launch_naming_it(runs):
 
 def test_sigterm_saves_the_agreed_step_on_every_process_and_exits_0(runs):
   preempt = runs['events']['preempt']
-  assert preempt['status'] == 0, preempt['output'][-3000:]
+  assert preempt['status'] == 0, preempt['logs']
   assert not preempt['finished']
   stops = {int(line.split(' at step ')[1].split()[0])
            for line in preempt['output'].splitlines()
@@ -237,7 +290,7 @@ def test_sigterm_saves_the_agreed_step_on_every_process_and_exits_0(runs):
   # Both processes report it, at the same step: the newest checkpoint.
   lines = [line for line in preempt['output'].splitlines()
            if 'stopped by a preemption notice (SIGTERM)' in line]
-  assert len(lines) == 2, preempt['output'][-3000:]
+  assert len(lines) == 2, preempt['logs']
   assert len(stops) == 1
   stop = stops.pop()
   assert preempt['resumed_at'] < stop < _STEPS

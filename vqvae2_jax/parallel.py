@@ -17,6 +17,7 @@ from absl import logging
 import jax
 from jax._src import xla_bridge
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -98,7 +99,33 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**settings)
     logging.info('Initialized JAX distributed: process %d of %d.',
                  jax.process_index(), jax.process_count())
+    if jax.default_backend() == 'cpu':
+      connect_cpu_collectives()
   maybe_initialize_distributed._done = True
+
+
+def connect_cpu_collectives() -> None:
+  """Connects the CPU processes' device groups while the processes are in step.
+
+  gloo connects a group of devices the first time a program communicates
+  over it, and gives up when a peer has not arrived within 30 s (XLA's
+  fixed limit): a process that compiles longer, prepares data alone or is
+  starved on a busy machine failed the run ('Gloo context initialization
+  failed: DEADLINE_EXCEEDED'; its peer then waited at JAX's shutdown barrier,
+  or aborted). A connected group waits as long as XLA's collective timeout
+  (minutes). Called right after `jax.distributed.initialize`, whose barrier
+  leaves the processes in step, this connects the groups the stages use: all
+  devices (the sums of the train and evaluation steps over the mesh), and
+  each local device with its peers in the other processes (what
+  `multihost_utils` barriers, broadcasts and gathers use).
+  """
+  mesh = Mesh(np.asarray(jax.devices()), ('devices',))
+  ones = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P('devices')),
+      np.ones(jax.local_device_count(), np.int32))
+  total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones)
+  assert int(total.addressable_data(0)) == jax.device_count()
+  multihost_utils.sync_global_devices('connect_cpu_collectives')
 
 
 HOST_DEVICE_FLAG = '--xla_force_host_platform_device_count'
