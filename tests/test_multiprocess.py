@@ -2,14 +2,15 @@
 
 Every stage runs as 2 processes through the local launcher
 (`vqvae2_jax.launch`, jax.distributed over gloo) and is compared with the
-same stages run by one process on 8 devices (this pytest process). Stage 1
-is interrupted twice on the way: process 1 is killed with SIGKILL (the
-launcher must stop the other one and name it), then process 0 gets a
-preemption notice (SIGTERM: both save at the same step and exit 0), and the
-third launch finishes it. Meanwhile (it mostly sleeps) a small program
-checks that a process arriving 35 s late at the first collectives is
-waited for (tests/multiprocess_late_peer.py). The later stages read the reference's earlier
-stages, so each stage is compared on the same input:
+same stages run by one process on 8 devices (the reference, a launch of
+its own beside the first two). Stage 1 is interrupted twice on the way:
+process 1 is killed with SIGKILL (the launcher must stop the other one and
+name it), then process 0 gets a preemption notice (SIGTERM: both save at
+the same step and exit 0), and the third launch finishes it. Meanwhile (it
+mostly sleeps) a small program checks that a process arriving 35 s late at
+the first collectives is waited for (tests/multiprocess_late_peer.py). The
+later stages read the reference's earlier stages, so each stage is compared
+on the same input:
 
   workdir   stages run by 2 processes     compared with the reference's
   mp_vqvae  vqvae (killed, preempted,     vqvae/ state
@@ -43,7 +44,6 @@ import pytest
 from configs import fashion_mnist
 from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
-from vqvae2_jax import stages
 from vqvae2_jax.train import common
 from vqvae2_jax.train import prior_trainer
 from vqvae2_jax.train import vqvae_trainer
@@ -73,7 +73,8 @@ def _config():
   return config
 
 
-def _launch(output_dir, *args, module='vqvae2_jax.main', stage_flags=True):
+def _launch(output_dir, *args, module='vqvae2_jax.main', stage_flags=True,
+            processes=2, devices_per_process=4):
   """Starts the launcher (2 x 4 devices) on `args`; returns the Popen.
 
   Each process's whole output goes to `output_dir`/process_<i>.log (see
@@ -81,8 +82,9 @@ def _launch(output_dir, *args, module='vqvae2_jax.main', stage_flags=True):
   Python stack there first (faulthandler).
   """
   env = dict(os.environ, PYTHONPATH=_ROOT, PYTHONFAULTHANDLER='1')
-  command = [sys.executable, '-m', 'vqvae2_jax.launch', '--processes=2',
-             '--devices_per_process=4', f'--module={module}',
+  command = [sys.executable, '-m', 'vqvae2_jax.launch',
+             f'--processes={processes}',
+             f'--devices_per_process={devices_per_process}', f'--module={module}',
              f'--output_dir={output_dir}', '--', *args]
   if stage_flags:
     command += ['--config=configs/fashion_mnist.py:tiny',
@@ -209,14 +211,14 @@ def runs(tmp_path_factory, late_peer):
   root = tmp_path_factory.mktemp('multiprocess')
   config = _config()
   reference = str(root / 'reference')
-  for mode in ('vqvae', 'codes', 'prior', 'sample'):
-    stages.run(mode, config, reference)
+  # The reference runs in its own process (1 x 8 devices) beside launches 1
+  # and 2, which spend much of their time starting up and waiting.
+  reference_run = _launch(
+      str(root / 'logs_reference'),
+      f'--run={reference}:vqvae,codes,prior,sample',
+      module='tests.multiprocess_stages', processes=1, devices_per_process=8)
   mp_vqvae, mp_codes, mp_sample = (str(root / n) for n in (
       'mp_vqvae', 'mp_codes', 'mp_sample'))
-  os.makedirs(mp_codes)
-  _copy_stages(reference, mp_codes, ['vqvae'])
-  os.makedirs(mp_sample)
-  _copy_stages(reference, mp_sample, ['vqvae', 'codes', 'prior_0', 'prior_1'])
   events = {}
   stage_dir = os.path.join(mp_vqvae, 'vqvae')
 
@@ -248,6 +250,13 @@ def runs(tmp_path_factory, late_peer):
                        'steps': _saved_steps(stage_dir),
                        'finished': os.path.exists(
                            os.path.join(stage_dir, 'metrics.json'))}
+
+  output = _output(reference_run, 600)
+  assert reference_run.returncode == 0, _logs(reference_run, output)
+  os.makedirs(mp_codes)
+  _copy_stages(reference, mp_codes, ['vqvae'])
+  os.makedirs(mp_sample)
+  _copy_stages(reference, mp_sample, ['vqvae', 'codes', 'prior_0', 'prior_1'])
 
   # 3. One more launch finishes stage 1 and runs the later stages on the
   # reference's inputs.
