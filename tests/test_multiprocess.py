@@ -75,7 +75,8 @@ def _config():
 
 def _launch(output_dir, *args, module='vqvae2_jax.main', stage_flags=True,
             processes=2, devices_per_process=4):
-  """Starts the launcher (2 x 4 devices) on `args`; returns the Popen.
+  """Starts the launcher on `args` (with the tiny config's flags unless
+  `stage_flags` is False); returns the Popen.
 
   Each process's whole output goes to `output_dir`/process_<i>.log (see
   `_logs`); a process that aborts or is sent SIGABRT prints every thread's
@@ -84,8 +85,8 @@ def _launch(output_dir, *args, module='vqvae2_jax.main', stage_flags=True,
   env = dict(os.environ, PYTHONPATH=_ROOT, PYTHONFAULTHANDLER='1')
   command = [sys.executable, '-m', 'vqvae2_jax.launch',
              f'--processes={processes}',
-             f'--devices_per_process={devices_per_process}', f'--module={module}',
-             f'--output_dir={output_dir}', '--', *args]
+             f'--devices_per_process={devices_per_process}',
+             f'--module={module}', f'--output_dir={output_dir}', '--', *args]
   if stage_flags:
     command += ['--config=configs/fashion_mnist.py:tiny',
                 *[f'--config.{k}={v}' for k, v in _OVERRIDES.items()]]
@@ -244,7 +245,6 @@ def runs(tmp_path_factory, late_peer):
                            signal.SIGTERM)
   output = _output(launcher, 300)
   events['preempt'] = {'status': launcher.returncode,
-                       'output': output + _logs(launcher),
                        'logs': _logs(launcher, output),
                        'resumed_at': resumed_at,
                        'steps': _saved_steps(stage_dir),
@@ -294,10 +294,10 @@ def test_sigterm_saves_the_agreed_step_on_every_process_and_exits_0(runs):
   assert preempt['status'] == 0, preempt['logs']
   assert not preempt['finished']
   stops = {int(line.split(' at step ')[1].split()[0])
-           for line in preempt['output'].splitlines()
+           for line in preempt['logs'].splitlines()
            if 'stopped by a preemption notice (SIGTERM)' in line}
   # Both processes report it, at the same step: the newest checkpoint.
-  lines = [line for line in preempt['output'].splitlines()
+  lines = [line for line in preempt['logs'].splitlines()
            if 'stopped by a preemption notice (SIGTERM)' in line]
   assert len(lines) == 2, preempt['logs']
   assert len(stops) == 1
