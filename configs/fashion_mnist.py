@@ -1,7 +1,7 @@
 r"""Fashion-MNIST: the embedded default, sized for a 2-core CPU.
 
 The whole pipeline (VQ-VAE, code extraction, priors, samples, classifier,
-evaluation) in about 19 minutes on 2 idle CPU cores:
+evaluation) in about 24 minutes on 2 idle CPU cores:
 
   python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
     --workdir=/tmp/vqvae2_fmnist --mode=all

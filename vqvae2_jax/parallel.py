@@ -136,14 +136,31 @@ def split_host_cpu(count: int) -> bool:
                    jax.local_device_count(), HOST_DEVICE_FLAG, count)
     return False
   jax.config.update('jax_num_cpu_devices', int(count))
-  # One program at a time: the caller waits for each step to finish. Two
-  # programs in flight can start on the devices in different orders, and
-  # XLA:CPU's all-reduce then waits for a partner that never comes (seen
-  # twice on an overloaded machine: XLA ends the process after 40 s). On 2
-  # cores this costs nothing measurable (186-194 ms per stage-1 step either
-  # way).
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  patient_cpu_collectives()
   return True
+
+
+COLLECTIVE_TERMINATE_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds'
+COLLECTIVE_TERMINATE_SECONDS = 600
+
+
+def patient_cpu_collectives(environ=None) -> None:
+  """Lets CPU devices wait for each other for minutes, not 40 s, before XLA
+  ends the process.
+
+  XLA:CPU aborts the process ("Termination timeout ... exceeded") when one
+  device reaches a collective (the gradients' all-reduce) 40 s after
+  another: on a machine busy with other work, a device still finishing the
+  previous step can lag that much (seen here: an evaluation with CAS killed
+  while the 2 cores also ran 3 other jobs). Ten minutes keeps a true hang
+  finite. Sets XLA_FLAGS in `environ` (default os.environ) unless it already
+  has the flag; XLA reads it when JAX's backends start.
+  """
+  env = os.environ if environ is None else environ
+  flags_now = env.get('XLA_FLAGS', '')
+  if COLLECTIVE_TERMINATE_FLAG not in flags_now:
+    env['XLA_FLAGS'] = (f'{flags_now} {COLLECTIVE_TERMINATE_FLAG}='
+                        f'{COLLECTIVE_TERMINATE_SECONDS}').strip()
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict,
