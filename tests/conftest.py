@@ -17,9 +17,6 @@ _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (
       _flags + ' --xla_force_host_platform_device_count=8').strip()
-# 8 devices on 2 busy cores can lag each other by more than XLA's 40 s.
-from vqvae2_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-parallel.patient_cpu_collectives()
 # Keep TensorFlow (tf.data) off any accelerator and quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')

@@ -52,13 +52,12 @@ def test_single_device_mesh():
 
 
 _SPLIT_PROBE = r'''
-import os, sys, jax
+import sys, jax
 from vqvae2_jax import parallel
 if sys.argv[2] == 'started':
   jax.numpy.zeros(1).block_until_ready()  # JAX's backends start here.
 applied = parallel.split_host_cpu(int(sys.argv[1]))
 print(applied, jax.device_count(), jax.default_backend())
-print(os.environ.get('XLA_FLAGS', ''))
 '''
 
 
@@ -76,21 +75,4 @@ def test_split_host_cpu_makes_devices_unless_told_otherwise_or_too_late(
   done = subprocess.run(
       [sys.executable, '-c', _SPLIT_PROBE, str(count), when], env=env,
       capture_output=True, text=True, timeout=120, check=True)
-  applied, flags_after = done.stdout.split('\n')[-3:-1]
-  assert applied == expected, done.stderr[-2000:]
-  # Devices made here wait 10 minutes for each other, not XLA's 40 s.
-  patient = parallel.COLLECTIVE_TERMINATE_FLAG in flags_after
-  assert patient == expected.startswith('True')
-
-
-def test_patient_cpu_collectives_keeps_the_users_timeout():
-  env = {'XLA_FLAGS': '--xla_foo=1'}
-  parallel.patient_cpu_collectives(env)
-  assert env['XLA_FLAGS'] == (
-      '--xla_foo=1 --xla_cpu_collective_call_terminate_timeout_seconds=600')
-  env = {'XLA_FLAGS': f'{parallel.COLLECTIVE_TERMINATE_FLAG}=5'}
-  parallel.patient_cpu_collectives(env)
-  assert env['XLA_FLAGS'] == f'{parallel.COLLECTIVE_TERMINATE_FLAG}=5'
-  env = {}
-  parallel.patient_cpu_collectives(env)
-  assert env['XLA_FLAGS'] == f'{parallel.COLLECTIVE_TERMINATE_FLAG}=600'
+  assert done.stdout.split('\n')[-2] == expected, done.stderr[-2000:]

@@ -115,6 +115,15 @@ def split_host_cpu(count: int) -> bool:
   that of a data-parallel run on `count` devices, the same on every CPU
   machine. Accelerator backends are unaffected.
 
+  Known problem: on a machine overloaded with other jobs (load 3-4 on 2
+  cores), three evaluations with CAS on 2 CPU devices stopped in XLA:CPU's
+  all-reduce: one device's part of the classifier's train step never
+  started (0% CPU; its launch waited on XLA's per-device in-flight
+  semaphore), and XLA ended the process after 40 s. A rerun resumes from
+  the last checkpoint; `config.mesh.cpu_devices=0` (one device) avoids it.
+  Not seen on an idle machine, and not with asynchronous dispatch off
+  either way (it happened with it on and off).
+
   Args:
     count: CPU devices wanted (config.mesh.cpu_devices); 0 keeps JAX's
       default (one).
@@ -136,31 +145,7 @@ def split_host_cpu(count: int) -> bool:
                    jax.local_device_count(), HOST_DEVICE_FLAG, count)
     return False
   jax.config.update('jax_num_cpu_devices', int(count))
-  patient_cpu_collectives()
   return True
-
-
-COLLECTIVE_TERMINATE_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds'
-COLLECTIVE_TERMINATE_SECONDS = 600
-
-
-def patient_cpu_collectives(environ=None) -> None:
-  """Lets CPU devices wait for each other for minutes, not 40 s, before XLA
-  ends the process.
-
-  XLA:CPU aborts the process ("Termination timeout ... exceeded") when one
-  device reaches a collective (the gradients' all-reduce) 40 s after
-  another: on a machine busy with other work, a device still finishing the
-  previous step can lag that much (seen here: an evaluation with CAS killed
-  while the 2 cores also ran 3 other jobs). Ten minutes keeps a true hang
-  finite. Sets XLA_FLAGS in `environ` (default os.environ) unless it already
-  has the flag; XLA reads it when JAX's backends start.
-  """
-  env = os.environ if environ is None else environ
-  flags_now = env.get('XLA_FLAGS', '')
-  if COLLECTIVE_TERMINATE_FLAG not in flags_now:
-    env['XLA_FLAGS'] = (f'{flags_now} {COLLECTIVE_TERMINATE_FLAG}='
-                        f'{COLLECTIVE_TERMINATE_SECONDS}').strip()
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict,
