@@ -12,11 +12,18 @@ architecture with its residual bottleneck of 32 on 32x32x3 at batch 32.
 `--rows=peer_protocol --dtypes=float32` times experiments/peer_protocol.py's
 model (the reference's size on 32x32x1 at batch 64; its own run: 294
 train img/s, 652 s for 3000 steps). Each row is timed in float32 and
-bfloat16 compute (float32 params). One device (all host cores); the train
-step is the trainer's own jitted step (Adam, donated state). Rows the
-reference was timed on (peer_arch_32px, peer_protocol) also print its train
-img/s from the JSON files in --peer_dir (recorded on this machine; not the
-same moment, so compare on a quiet machine) and ours divided by it.
+bfloat16 compute (float32 params). One device (all host cores) unless
+--cpu_devices=N: the host CPU split into N JAX devices, each step data
+parallel over them, as config.mesh.cpu_devices does in --mode=vqvae (the
+Fashion-MNIST default uses 2 on this 2-core machine):
+
+  python -m experiments.bench_vqvae --rows=peer_protocol,peer_arch_32px \
+    --dtypes=float32 --cpu_devices=2
+
+The train step is the trainer's own jitted step (Adam, donated state). Rows
+the reference was timed on (peer_arch_32px, peer_protocol) also print its
+train img/s from the JSON files in --peer_dir (recorded on this machine; not
+the same moment, so compare on a quiet machine) and ours divided by it.
 """
 
 import json
@@ -43,6 +50,10 @@ _ROWS = flags.DEFINE_list(
     'Rows to measure (also: imagenet256_arch_32px, peer_protocol, tiny).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'],
                             'Compute dtypes to measure.')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', 0,
+    'Split the host CPU into this many JAX devices and time steps that are '
+    'data parallel over them (as config.mesh.cpu_devices); 0: one device.')
 _PEER_DIR = flags.DEFINE_string(
     'peer_dir', '../shared/peer',
     "Where the PyTorch reference's recorded figures are "
@@ -113,9 +124,10 @@ def _time(fn, min_seconds: float) -> float:
 
 
 def measure(config: ml_collections.ConfigDict, batch_size: int,
-            min_seconds: float) -> dict[str, float]:
-  """Images/s of the train step, encode and decode on one device."""
-  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+            min_seconds: float, num_devices: int = 1) -> dict[str, float]:
+  """Images/s of the train step, encode and decode, data parallel over the
+  first `num_devices` devices."""
+  mesh = parallel.create_mesh(devices=jax.devices()[:num_devices])
   progs = vqvae_trainer.programs(config, mesh)
   model, state = progs.model, progs.init(jax.random.PRNGKey(0))
   size, channels = config.data.image_size, config.data.channels
@@ -144,7 +156,10 @@ def measure(config: ml_collections.ConfigDict, batch_size: int,
 def main(argv):
   del argv
   hostmem.tune_malloc()  # As --mode=vqvae does.
-  print(f'jax {jax.__version__}, {jax.device_count()} device(s) '
+  parallel.split_host_cpu(_CPU_DEVICES.value)  # Before JAX starts.
+  num_devices = min(max(1, _CPU_DEVICES.value), jax.device_count())
+  print(f'jax {jax.__version__}, timed on {num_devices} of '
+        f'{jax.device_count()} device(s) '
         f'{jax.devices()[0].device_kind}, {os.cpu_count()} host cores, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print(f'{"row":24s} {"image":>11s} {"batch":>5s} {"params":>7s} '
@@ -156,7 +171,7 @@ def main(argv):
     for dtype in _DTYPES.value:
       config, batch_size = _row_config(row)
       config.model.dtype = dtype
-      r = measure(config, batch_size, _MIN_SECONDS.value)
+      r = measure(config, batch_size, _MIN_SECONDS.value, num_devices)
       train_by_dtype[dtype] = r['train']
       shape = f'{config.data.image_size}x{config.data.image_size}x' \
               f'{config.data.channels}'

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,6 +184,59 @@ def _run_script(module, *args):
                         env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
+
+
+def test_bench_vqvae_times_data_parallel_steps_on_cpu_devices():
+  out = _run_script('experiments.bench_vqvae', '--rows=tiny',
+                    '--dtypes=float32', '--min_seconds=0.05',
+                    '--cpu_devices=2')
+  # The tests' 8 fake devices stay (XLA_FLAGS wins); 2 of them are used.
+  assert 'timed on 2 of 8 device(s)' in out
+  (row,) = [line.split() for line in out.splitlines()
+            if line.startswith('tiny ')]
+  train, encode, decode = map(float, row[5:8])
+  assert min(train, encode, decode) > 0
+
+
+def test_peer_speed_alternates_rounds_and_divides_by_the_reference(tmp_path):
+  # A stand-in for the reference's Python: records its arguments, reports
+  # 100 images/s.
+  calls = tmp_path / 'calls.txt'
+  fake = tmp_path / 'python'
+  fake.write_text('#!/bin/sh\n'
+                  f'echo "$@" >> {calls}\n'
+                  'echo \'{"images_per_s": 100.0}\'\n')
+  fake.chmod(0o755)
+  code = tmp_path / 'checkout'
+  code.mkdir()
+  (code / 'vqvae.py').write_text('')
+  out_json = tmp_path / 'speed.json'
+  out = _run_script('experiments.peer_speed', f'--peer_python={fake}',
+                    f'--peer_code={code}', '--rounds=2', '--seconds=0.2',
+                    f'--json={out_json}')
+  result = json.loads(out_json.read_text())
+  assert result['cpu_devices'] == 2
+  assert len(result['rounds']) == 2
+  for r in result['rounds']:
+    assert r['reference'] == 100.0 and r['ours'] > 0
+    assert r['ratio'] == pytest.approx(r['ours'] / 100.0)
+  assert 'median' in out.splitlines()[-1]
+  # One reference process per round, on the reference's protocol.
+  lines = calls.read_text().splitlines()
+  assert len(lines) == 2
+  assert all(f'--peer_code={code}' in line and '--batch=64' in line and
+             '--channels=1' in line and '--threads=2' in line
+             for line in lines)
+
+
+def test_peer_speed_without_the_reference_says_how_to_get_it(tmp_path):
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.peer_speed',
+       f'--peer_python={tmp_path / "none"}', f'--peer_code={tmp_path}'],
+      cwd=_ROOT, env={**os.environ, 'PYTHONPATH': _ROOT},
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0
+  assert 'Fix: see ../shared/peer/README.md' in done.stderr
 
 
 def test_bench_memory_rows_with_and_without_remat(tmp_path):
