@@ -142,14 +142,14 @@ def split_host_cpu(count: int) -> bool:
   that of a data-parallel run on `count` devices, the same on every CPU
   machine. Accelerator backends are unaffected.
 
-  Known problem: on a machine overloaded with other jobs (load 3-4 on 2
-  cores), three evaluations with CAS on 2 CPU devices stopped in XLA:CPU's
-  all-reduce: one device's part of the classifier's train step never
-  started (0% CPU; its launch waited on XLA's per-device in-flight
-  semaphore), and XLA ended the process after 40 s. A rerun resumes from
-  the last checkpoint; `config.mesh.cpu_devices=0` (one device) avoids it.
-  Not seen on an idle machine, and not with asynchronous dispatch off
-  either way (it happened with it on and off).
+  Known problem: on a machine overloaded with other jobs (load 3-5 on 2
+  cores), evaluations with CAS on 2 CPU devices stopped four times in
+  XLA:CPU's all-reduce: one device's part of the classifier's train step
+  never started (0% CPU; its launch waited on XLA's per-device in-flight
+  semaphore), and XLA ended the process after 40 s. It happened with JAX's
+  asynchronous dispatch on and off, never on an idle machine. A rerun
+  resumes from the last checkpoint; `config.mesh.cpu_devices=0` (one
+  device) avoids it.
 
   Args:
     count: CPU devices wanted (config.mesh.cpu_devices); 0 keeps JAX's
