@@ -109,6 +109,35 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
   assert (tmp_path / '0').exists() and (tmp_path / '1').exists()
 
 
+def test_processes_that_ignore_a_notice_are_killed_after_the_grace(tmp_path):
+  # Process 0 stops on the notice; process 1 ignores it (as one stuck in a
+  # collective would): the launcher must not wait for it for good.
+  code = ('import os, signal, sys, time\n'
+          'pid = os.environ["JAX_PROCESS_ID"]\n'
+          'signal.signal(signal.SIGTERM, (lambda *_: sys.exit(0)) if pid == '
+          '"0" else signal.SIG_IGN)\n'
+          'open(os.path.join(%r, "ready" + pid), "w").close()\n'
+          'time.sleep(120)' % str(tmp_path))
+  launcher = subprocess.Popen(
+      [sys.executable, '-c',
+       'import sys; from vqvae2_jax import launch; sys.exit(launch.launch('
+       f'{_program(code)!r}, num_processes=2, devices_per_process=1, '
+       'stop_grace_seconds=1.0))'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not all((tmp_path / f'ready{i}').exists() for i in range(2)):
+    assert time.time() < deadline
+    time.sleep(0.05)
+  sent = time.time()
+  launcher.send_signal(signal.SIGTERM)
+  assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+  assert time.time() - sent < 10  # 1 s of grace, not the 120 s sleep.
+  message = launcher.stderr.read()
+  assert 'process(es) [1] of 2 had not stopped 1 s after' in message
+  assert '--stop_grace_seconds' in message
+
+
 @pytest.mark.parametrize('environ, expected', [
     ({}, None),
     ({'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '4',

@@ -51,6 +51,11 @@ _OUTPUT_DIR = flags.DEFINE_string(
     "OUTPUT_DIR/process_<i>.log (created if missing; replaces an earlier "
     "launch's) instead of the console.")
 
+_STOP_GRACE = flags.DEFINE_float(
+    'stop_grace_seconds', 300.0,
+    'After a SIGTERM or Ctrl-C, how long the processes may take to save and '
+    'exit before the launcher kills them.', lower_bound=0.0)
+
 _POLL_SECONDS = 0.1
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
 
@@ -97,7 +102,8 @@ def describe_exit(status: int) -> str:
 def launch(command: Sequence[str], *, num_processes: int,
            devices_per_process: int, port: int = 0,
            env: Mapping[str, str] | None = None,
-           output_dir: str | None = None) -> int:
+           output_dir: str | None = None,
+           stop_grace_seconds: float = 300.0) -> int:
   """Runs `command` as `num_processes` JAX processes and waits for them.
 
   Args:
@@ -109,11 +115,16 @@ def launch(command: Sequence[str], *, num_processes: int,
     env: the processes' base environment; None: this process's.
     output_dir: if set, process i writes its stdout and stderr to
       `log_path(output_dir, i)` (overwritten) instead of the console.
+    stop_grace_seconds: after a SIGTERM or SIGINT to the launcher (passed on
+      to the processes as a preemption notice), the time they have to save
+      and exit; then the launcher kills them (a process stuck in a
+      collective would otherwise keep it waiting for good).
 
   Returns:
     0 when every process exited 0; else the status of the first that failed
     (128 + signal number when a signal killed it), after the others were
-    killed. The failure is reported on stderr, naming the process.
+    killed; 128 + SIGTERM when they outlived the grace period of a notice.
+    A failure is reported on stderr, naming the process.
   """
   port = port or free_port()
   base = os.environ if env is None else env
@@ -133,8 +144,11 @@ def launch(command: Sequence[str], *, num_processes: int,
           # launcher only, which passes it on as a preemption notice.
           start_new_session=True))
 
+  notified = []  # When the first notice was passed on.
+
   def forward(signum, frame):
     del signum, frame
+    notified.append(time.monotonic())
     for child in children:
       if child.poll() is None:
         child.send_signal(signal.SIGTERM)
@@ -162,6 +176,18 @@ def launch(command: Sequence[str], *, num_processes: int,
         return status if status > 0 else 128 - status
       if all(s == 0 for s in statuses):
         return 0
+      if notified and time.monotonic() - notified[0] > stop_grace_seconds:
+        running = [i for i, s in enumerate(statuses) if s is None]
+        _kill(children)
+        sys.stderr.write(
+            f'Error: process(es) {running} of {num_processes} had not '
+            f'stopped {stop_grace_seconds:g} s after the preemption notice '
+            '(SIGTERM) and were killed. Fix: run the same command again (it '
+            'resumes from the newest checkpoint on disk); if the processes '
+            'were busy saving, give them more time with '
+            '--stop_grace_seconds.\n')
+        sys.stderr.flush()
+        return 128 + signal.SIGTERM
       time.sleep(_POLL_SECONDS)
   finally:
     for s, handler in previous.items():
@@ -185,7 +211,8 @@ def main(argv: Sequence[str]) -> None:
   command = [sys.executable, '-m', _MODULE.value, *argv[1:]]
   sys.exit(launch(command, num_processes=_PROCESSES.value,
                   devices_per_process=_DEVICES.value, port=_PORT.value,
-                  output_dir=_OUTPUT_DIR.value))
+                  output_dir=_OUTPUT_DIR.value,
+                  stop_grace_seconds=_STOP_GRACE.value))
 
 
 if __name__ == '__main__':
