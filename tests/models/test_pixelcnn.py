@@ -228,8 +228,7 @@ def test_gated_block_steps_equal_full_path(first, filter_size, conditioned):
     _assert_rel_close(v_row[:, 0], v_full[:, r], f'vertical row {r}')
     for c in range(width):
       h_pos, cache = step_position(
-          cache, h[:, r, c - shift][:, None, None],
-          None if cond is None else cond[:, r:r + 1, c:c + 1], jnp.int32(c))
+          cache, h[:, r, c - shift][:, None, None], jnp.int32(c))
       _assert_rel_close(h_pos[:, 0, 0], h_full[:, r, c],
                         f'horizontal ({r}, {c})')
 
