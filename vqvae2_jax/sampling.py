@@ -3,7 +3,8 @@
 `sample_level` draws one level's code map with a `jax.lax.scan` over rows and,
 inside it, over columns, carrying the prior's per-layer caches (see
 `vqvae2_jax/models/pixelcnn.py`): at the start of a row every vertical stack
-advances by one row, at every position the horizontal stacks advance by one
+advances by one row and computes, for the whole row, what it feeds into the
+horizontal stack; at every position the horizontal stacks advance by one
 position and the attention blocks attend from the new position over their
 key/value caches. The conditioning stack and class embedding run once. A map
 therefore costs about one or two forward passes of the prior instead of h * w.

@@ -838,7 +838,8 @@ class PixelCNNPrior(nn.Module):
       r: int32 scalar row index.
 
     Returns:
-      The cache with the vertical pre-activations of row r, the horizontal
+      The cache with each gated block's row-r link (what its vertical stack
+      and the conditioning add to the horizontal gates), the horizontal
       buffers cleared for the new row and row r - 1 of every attention block
       moved to its big key/value cache.
     """
