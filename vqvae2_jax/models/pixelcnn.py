@@ -313,6 +313,8 @@ class GatedBlock(nn.Module):
     Returns:
       [batch, n, m, C].
     """
+    # The sum of `_row_link`'s terms, added in training's order (h_conv's
+    # first), which the sampler's cached row link cannot follow.
     gates = self.h_conv(window) + self.v_to_h(v_pre)
     if self.conditioned:
       gates = gates + self.h_cond(cond)
