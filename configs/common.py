@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   prior.level = -1  # Level to train; -1 trains every level, top first.
   prior.dtype = 'float32'  # Priors' compute dtype: 'float32' or 'bfloat16'.
   prior.remat = False  # Recompute gated/attention blocks in backprop: less memory, same results.
+  prior.precision = 'default'  # Matrix products of priors and sampler: 'default' (backend's; TF32 on GPUs), 'high' or 'highest' (float32).
   prior.batch_size = 128  # Global batch size.
   prior.num_train_steps = 100_000  # Optimizer steps per level.
   prior.learning_rate = 3e-4  # Peak Adam learning rate.
@@ -105,6 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.top_p = 1.0  # Nucleus mass; 1.0 disables.
   sampling.conditional = True  # Sample with class labels when the data has them.
   sampling.use_polyak = True  # Use the priors' Polyak weights when present.
+  sampling.dtype = ''  # Sampler's weights and compute: '' (the priors' own) or 'bfloat16' (half the bytes per step).
+  sampling.unroll = 1  # Positions per iteration of the sampler's inner loop (same codes; fewer loop steps).
   sampling.rejection_keep = 1.0  # Fraction kept by classifier rejection sampling; 1.0 keeps all.
 
   # Evaluation of samples and reconstructions.

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import imagenet256
+from experiments import compiled_steps
 from vqvae2_jax import builders
 from vqvae2_jax import sampling
 from vqvae2_jax.models import pixelcnn
@@ -159,21 +160,6 @@ PIXEL_PRIOR = dict(num_embeddings=256, num_channels=512, num_layers=20,
 PIXEL_IMAGE = (256, 256, 3)
 
 
-def random_variables(model: Any, *init_args: Any, **init_kwargs: Any) -> Any:
-  """Variables shaped like `model.init`'s, drawn by numpy (N(0, 0.02^2)).
-
-  Sampling time does not depend on the values; numpy draws the 1 GB of a
-  paper-size prior in seconds, where compiling its initializers on this CPU
-  takes longer.
-  """
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *init_args,
-                                             **init_kwargs))
-  rng = np.random.default_rng(0)
-  return jax.tree.map(
-      lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.02,
-                            x.dtype), shapes)
-
-
 def _cpu_timed(fn) -> tuple[float, float]:
   """(wall, process CPU) seconds of one call (CPU summed over threads)."""
   start, cpu = time.perf_counter(), time.process_time()
@@ -248,7 +234,7 @@ def measure_paper(batch: int, scan_rows: int, pixel_rows: int,
     (h, w) = shapes[level]
     # The upper maps cropped to the rows that condition the timed rows.
     upper = tuple((scan_rows * hj // h, wj) for hj, wj in shapes[:level])
-    variables = random_variables(
+    variables = compiled_steps.random_variables(
         model, jnp.zeros((1, scan_rows, w), jnp.int32),
         cond_codes=tuple(jnp.zeros((1, *s), jnp.int32) for s in upper),
         labels=jnp.zeros((1,), jnp.int32), train=False)
@@ -260,7 +246,7 @@ def measure_paper(batch: int, scan_rows: int, pixel_rows: int,
     del variables
   if 'decode' in wanted:
     vqvae = builders.build_vqvae(config)
-    variables = random_variables(vqvae, builders.vqvae_init_inputs(config),
+    variables = compiled_steps.random_variables(vqvae, builders.vqvae_init_inputs(config),
                                  train=False)
     rng = np.random.default_rng(3)
     codes = [jnp.asarray(rng.integers(0, 512, (batch, *s)), jnp.int32)
@@ -285,7 +271,7 @@ def measure_paper(batch: int, scan_rows: int, pixel_rows: int,
     model = pixelcnn.PixelCNNPrior(**PIXEL_PRIOR)
     height, width, channels = PIXEL_IMAGE
     positions_per_row = width * channels
-    variables = random_variables(
+    variables = compiled_steps.random_variables(
         model, jnp.zeros((1, pixel_rows, positions_per_row), jnp.int32),
         labels=jnp.zeros((1,), jnp.int32), train=False)
     t = time_scan(model, variables, batch, pixel_rows, positions_per_row, (),

@@ -136,6 +136,11 @@ def test_sampler_compiles_once():
                              labels=labels)
     sampler = set(traced)
     assert sampler, 'compile_sampler traced nothing'
+    # Filtering on (top-k or top-p) is a second sampler, traced once.
+    del traced[:]
+    sampling.compile_sampler(model, variables, shape=shape, cond_codes=cond,
+                             labels=labels, top_k=1)
+    assert sampler.intersection(traced)
     runs = [
         dict(rng=jax.random.key(0)),
         dict(rng=jax.random.key(1), temperature=0.5, top_k=2),
@@ -147,7 +152,8 @@ def test_sampler_compiles_once():
     for run in runs:
       run = {'variables': variables, **run}
       sampling.sample_level(model, shape=shape, cond_codes=list(cond), **run)
-    # Controls, labels, keys and weights are traced arguments: no retrace.
+    # The controls' values, labels, keys and weights are traced arguments:
+    # no retrace, filtered or not.
     assert not sampler.intersection(traced), traced
     # After clear_caches the sampler is traced again.
     sampling.clear_caches()
@@ -280,3 +286,53 @@ def test_sample_hierarchy_draws_each_level_given_the_levels_above():
   with pytest.raises(ValueError, match='2 priors for 3 levels'):
     sampling.sample_hierarchy(priors[:2], shapes, batch_size=batch,
                               labels=labels, rng=key)
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_unrolled_sampler_draws_the_same_codes(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                rng=jax.random.key(5), top_p=0.9)
+  plain = sampling.sample_level(model, variables, **kwargs)
+  # 4 does not divide the width (5 or 6): a remainder iteration too.
+  unrolled = sampling.sample_level(model, variables, **kwargs, unroll=4)
+  np.testing.assert_array_equal(unrolled, plain)
+  with pytest.raises(ValueError, match='unroll'):
+    sampling.sample_level(model, variables, **kwargs, unroll=0)
+
+
+def test_static_filter_choice_equals_the_traced_one():
+  logits = jnp.asarray(np.random.default_rng(4).normal(size=(3, 11)) * 3,
+                       jnp.float32)
+  for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.7), (5, 0.8)]:
+    args = (logits, jnp.float32(1.3), jnp.int32(top_k), jnp.float32(top_p))
+    traced = sampling.filter_logits(*args)
+    static = sampling.filter_logits(*args, truncate=top_k > 0 or top_p < 1)
+    np.testing.assert_array_equal(static, traced)
+
+
+def test_bfloat16_sampling_through_cast_prior():
+  model, variables, shape, cond, labels, codes = _setup('top')
+  bf16_model, bf16_vars = sampling.cast_prior(model, variables, 'bfloat16')
+  assert bf16_model.dtype == jnp.bfloat16 and model.dtype == jnp.float32
+  dtypes = {x.dtype for x in jax.tree.leaves(bf16_vars)}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
+  # The cached path of the bfloat16 prior follows its own full path to
+  # bfloat16 rounding (8 bits of mantissa), and stays near float32's.
+  full32 = np.asarray(model.apply(variables, codes, cond_codes=cond,
+                                  labels=labels, train=False))
+  full16 = np.asarray(bf16_model.apply(bf16_vars, codes, cond_codes=cond,
+                                       labels=labels, train=False))
+  cached16 = np.asarray(sampling.cached_logits(
+      bf16_model, bf16_vars, codes, cond_codes=cond, labels=labels))
+  scale = np.abs(full32).max()
+  assert np.abs(cached16 - full16).max() / scale < 3e-2
+  assert np.abs(full16 - full32).max() / scale < 5e-2
+  assert np.abs(full16 - full32).max() > 0  # It did compute in bfloat16.
+  drawn = sampling.sample_hierarchy(
+      [(model, variables)], [shape[1:]], batch_size=shape[0], labels=labels,
+      rng=jax.random.key(3), dtype='bfloat16')
+  assert drawn[0].shape == shape and drawn[0].dtype == jnp.int32
+  assert 0 <= int(drawn[0].min()) and int(drawn[0].max()) < 7
+  with pytest.raises(ValueError, match='float dtype'):
+    sampling.cast_prior(model, variables, 'int32')

@@ -111,7 +111,8 @@ def build_prior(config: ml_collections.ConfigDict,
       cond_stack_blocks=c.cond_stack_blocks if level else 0,
       num_output_layers=c.num_output_layers,
       dtype=_dtype(config.prior.dtype, 'prior.dtype'),
-      remat=bool(config.prior.remat))
+      remat=bool(config.prior.remat),
+      precision=config.prior.precision)
 
 
 def vqvae_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:

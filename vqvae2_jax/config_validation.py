@@ -17,6 +17,7 @@ _CHANNELS = (1, 3)
 _FEATURES = ('classifier', 'inception')
 _QUANTIZERS = ('ema', 'vq')
 _DTYPES = ('float32', 'bfloat16')
+_PRECISIONS = ('default', 'high', 'highest')
 
 
 def _fail(field: str, problem: str, fix: str) -> None:
@@ -148,6 +149,9 @@ def validate_config(config: ml_collections.ConfigDict,
           f'define exactly {expected} (level_0 is the top)')
   if prior.dtype not in _DTYPES:
     _fail('prior.dtype', f'is {prior.dtype!r}', f'use one of {_DTYPES}')
+  if prior.precision not in _PRECISIONS:
+    _fail('prior.precision', f'is {prior.precision!r}',
+          f'use one of {_PRECISIONS}')
   if prior.train_eval_examples < 0:
     _fail('prior.train_eval_examples', f'is {prior.train_eval_examples}',
           'use 0 (the whole training split) or a number of examples')
@@ -179,6 +183,12 @@ def validate_config(config: ml_collections.ConfigDict,
           f'is {sampling.num_samples_per_class}', 'use a positive number, e.g. 8')
   if sampling.top_k < 0:
     _fail('sampling.top_k', f'is {sampling.top_k}', 'use 0 (off) or k >= 1')
+  if sampling.dtype not in ('',) + _DTYPES:
+    _fail('sampling.dtype', f'is {sampling.dtype!r}',
+          f"use '' (the priors' own) or one of {_DTYPES}")
+  if sampling.unroll < 1:
+    _fail('sampling.unroll', f'is {sampling.unroll}',
+          'use 1 (a plain loop) or more positions per iteration')
   if not 0.0 < sampling.top_p <= 1.0:
     _fail('sampling.top_p', f'is {sampling.top_p}', 'use a value in (0, 1]')
   if not 0.0 < sampling.rejection_keep <= 1.0:

@@ -402,7 +402,8 @@ class Pipeline:
     codes = sampling.sample_hierarchy(
         self.priors, self.level_shapes, batch_size=batch, labels=labels,
         rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
-        mesh=self.mesh)
+        mesh=self.mesh, unroll=self.config.sampling.unroll,
+        dtype=self.config.sampling.dtype or None)
     codes = [np.asarray(c)[:n] for c in codes]
     return self.decode(codes), codes
 

@@ -23,9 +23,19 @@ class labels (None samples the unconditional "no label" path), the batch size
 (shape[0]) and the PRNG key (same key, same samples). The Polyak weights are
 used by passing them as `variables={'params': polyak}`.
 
-Each sampler is compiled once per (prior, shape, conditioning shapes); the
-controls, labels, keys and weights are traced, so changing them does not
-recompile.
+Each sampler is compiled once per (prior, shape, conditioning shapes,
+filtering on or off, unroll); the values of the controls, the labels, keys
+and weights are traced, so changing them does not recompile. Whether top-k
+or top-p filtering is on at all is fixed at compile time: a traced choice
+would be a `lax.cond` at every position, which on a GPU stops the device
+while the host reads the predicate back.
+
+On an accelerator a position step is a few hundred small kernels, so its
+fixed costs matter more than its arithmetic: `unroll` runs that many
+positions per iteration of the inner loop, and `cast_prior` (or
+`sample_hierarchy(dtype=...)`) samples with bfloat16 weights, half the bytes
+read per step. Neither changes the codes a float32 sampler draws when left
+at its default.
 
 Rejection sampling (the paper's classifier-based m-out-of-n scheme):
 `candidates_per_sample` and `TopPerClass` keep the best-scoring candidates
@@ -50,7 +60,7 @@ PyTree = Any
 
 
 def filter_logits(logits: Array, temperature: Array, top_k: Array,
-                  top_p: Array) -> Array:
+                  top_p: Array, truncate: Optional[bool] = None) -> Array:
   """Temperature, then top-k, then nucleus (top-p) filtering.
 
   Args:
@@ -60,6 +70,9 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array,
       are kept); 0 disables.
     top_p: float scalar in (0, 1]; keep the smallest set of most likely codes
       whose probability (after top-k) reaches top_p; 1.0 disables.
+    truncate: whether top-k or top-p is on, if known when tracing (the
+      samplers know it); None decides on the traced values, with a
+      `lax.cond`.
 
   Returns:
     [batch, K] float32 logits, -inf where filtered out.
@@ -67,7 +80,7 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array,
   logits = logits.astype(jnp.float32) / temperature
   k = logits.shape[-1]
 
-  def truncate(logits):
+  def _truncate(logits):
     desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
     kept = jnp.clip(jnp.where(top_k > 0, top_k, k), 1, k)
     kth = jnp.take(desc, kept - 1, axis=-1)[..., None]
@@ -84,27 +97,30 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array,
     cutoff = jnp.take_along_axis(desc, (num_keep - 1)[..., None], axis=-1)
     return jnp.where(logits >= jnp.maximum(kth, cutoff), logits, -jnp.inf)
 
-  # Skip the sort when neither filter is on (the common case).
-  return jax.lax.cond((top_k > 0) | (top_p < 1.0), truncate, lambda x: x,
-                      logits)
+  if truncate is None:
+    # Skip the sort when neither filter is on (the common case).
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), _truncate,
+                        lambda x: x, logits)
+  return _truncate(logits) if truncate else logits
 
 
 def sample_logits(rng: Array, logits: Array, temperature: Array, top_k: Array,
-                  top_p: Array, example_ids: Array) -> Array:
+                  top_p: Array, example_ids: Array,
+                  truncate: Optional[bool] = None) -> Array:
   """Draws [batch] int32 codes from [batch, K] logits (see `filter_logits`).
 
   Example i draws with `fold_in(rng, example_ids[i])`, so an example's code
   does not depend on which other examples share its batch or device.
   """
-  filtered = filter_logits(logits, temperature, top_k, top_p)
+  filtered = filter_logits(logits, temperature, top_k, top_p, truncate)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
 def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
               shape: tuple[int, int, int], context: PyTree,
-              choose: Callable[[Array, Array, Array], tuple[Array, PyTree]]
-              ) -> PyTree:
+              choose: Callable[[Array, Array, Array], tuple[Array, PyTree]],
+              unroll: int = 1) -> PyTree:
   """Runs the cached path over a map in raster order.
 
   A scan over rows (each advancing the vertical stacks by a row) and, inside,
@@ -117,6 +133,7 @@ def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
     context: `model.prepare(...)` output.
     choose: (logits [batch, K], r, c) -> (code [batch] int32 at (r, c), out),
       e.g. a draw from the logits, or the known code (teacher forcing).
+    unroll: positions per iteration of the loop over a row's columns.
 
   Returns:
     The `out`s stacked to [h, w, ...].
@@ -140,7 +157,7 @@ def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
     (cache, _), (row, outs) = jax.lax.scan(
         position_step, (cache, jnp.zeros((b,), jnp.int32)),
-        jnp.arange(width, dtype=jnp.int32))
+        jnp.arange(width, dtype=jnp.int32), unroll=unroll)
     codes = jax.lax.dynamic_update_slice(codes, row.T[:, None, :], (0, r, 0))
     return (cache, codes), outs
 
@@ -150,22 +167,26 @@ def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
 
 def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-                 variables: PyTree, rng: Array, example_ids: Array,
-                 cond_codes: tuple[Array, ...], labels: Optional[Array],
-                 temperature: Array, top_k: Array, top_p: Array) -> Array:
+                 truncate: bool, unroll: int, variables: PyTree, rng: Array,
+                 example_ids: Array, cond_codes: tuple[Array, ...],
+                 labels: Optional[Array], temperature: Array, top_k: Array,
+                 top_p: Array) -> Array:
   """Cached sampling of `shape`, this device's part of the batch.
 
   Position t = r * w + c of example i draws with fold_in(fold_in(rng, t), i).
+  `truncate`: whether top-k / top-p filtering is on (static).
   """
   context = model.apply(variables, cond_codes, labels, shape,
                         method=model.prepare)
 
   def choose(logits, r, c):
     key = jax.random.fold_in(rng, r * shape[2] + c)
-    code = sample_logits(key, logits, temperature, top_k, top_p, example_ids)
+    code = sample_logits(key, logits, temperature, top_k, top_p, example_ids,
+                         truncate)
     return code, code
 
-  codes = _scan_map(model, variables, shape, context, choose)  # [h, w, b]
+  codes = _scan_map(model, variables, shape, context, choose,
+                    unroll)  # [h, w, b]
   return jnp.transpose(codes, (2, 0, 1))
 
 
@@ -205,16 +226,18 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
 
 def _reference_impl(model: pixelcnn.PixelCNNPrior,
-                    shape: tuple[int, int, int], variables: PyTree,
-                    rng: Array, example_ids: Array,
+                    shape: tuple[int, int, int], truncate: bool, unroll: int,
+                    variables: PyTree, rng: Array, example_ids: Array,
                     cond_codes: tuple[Array, ...], labels: Optional[Array],
                     temperature: Array, top_k: Array, top_p: Array,
                     num_positions: Array) -> Array:
   """Reference sampling: the full prior on the partial map at every position.
 
   num_positions is traced (a while loop), so benchmarks can time a few
-  positions with the function that samples whole maps.
+  positions with the function that samples whole maps. `unroll` is unused
+  (every step is a whole forward pass).
   """
+  del unroll
   b, _, width = shape
 
   def step(t, codes):
@@ -224,7 +247,7 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
     logits = jax.lax.dynamic_slice(
         logits, (0, r, c, 0), (b, 1, 1, logits.shape[-1]))[:, 0, 0]
     code = sample_logits(jax.random.fold_in(rng, t), logits, temperature,
-                         top_k, top_p, example_ids)
+                         top_k, top_p, example_ids, truncate)
     return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, r, c))
 
   return jax.lax.fori_loop(0, num_positions, step,
@@ -233,8 +256,10 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-           reference: bool, mesh: Optional[Mesh]) -> Callable[..., Array]:
-  """One jitted sampler per (prior, shape, kind, mesh); no retracing.
+           reference: bool, mesh: Optional[Mesh], truncate: bool = False,
+           unroll: int = 1) -> Callable[..., Array]:
+  """One jitted sampler per (prior, shape, kind, mesh, filtering, unroll);
+  no retracing.
 
   With a mesh, the batch is split over all its devices (`jax.shard_map`
   over the batch axes, as in training): each device samples its own
@@ -243,7 +268,7 @@ def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   impl = _reference_impl if reference else _cached_impl
   devices = 1 if mesh is None else mesh.size
   local_shape = (shape[0] // devices, *shape[1:])
-  fn = functools.partial(impl, model, local_shape)
+  fn = functools.partial(impl, model, local_shape, truncate, unroll)
   if devices > 1:
     batch = P(parallel.DATA_AXES)
     # variables, rng, example_ids, cond_codes, labels, temperature, top_k,
@@ -332,6 +357,7 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
 
 def _controls(temperature: float, top_k: int, top_p: float
               ) -> tuple[Array, Array, Array]:
+  """The controls as traced arrays, after checking them."""
   if not temperature > 0:
     raise ValueError(f'temperature is {temperature}. Fix: use a value > 0 '
                      '(1.0 samples the model as trained).')
@@ -344,30 +370,51 @@ def _controls(temperature: float, top_k: int, top_p: float
           jnp.asarray(top_p, jnp.float32))
 
 
+def _truncates(top_k: int, top_p: float) -> bool:
+  """Whether top-k or top-p filtering is on (a compile-time choice)."""
+  return bool(top_k > 0 or top_p < 1.0)
+
+
+def _check_unroll(unroll: int) -> int:
+  if isinstance(unroll, bool) or int(unroll) != unroll or unroll < 1:
+    raise ValueError(f'unroll is {unroll!r}. Fix: use a whole number >= 1 '
+                     '(1 is a plain loop over positions).')
+  return int(unroll)
+
+
 def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                     shape: Sequence[int], cond_codes: Sequence[Array] = (),
                     labels: Optional[Array] = None, reference: bool = False,
-                    mesh: Optional[Mesh] = None) -> None:
+                    mesh: Optional[Mesh] = None, top_k: int = 0,
+                    top_p: float = 1.0, unroll: int = 1
+                    ) -> jax.stages.Compiled:
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
-  with arguments of the same shapes reuses the compiled code; use it to time
-  compilation apart from sampling.
+  with arguments of the same shapes, filtering on or off as `top_k` /
+  `top_p` say, and the same `unroll` reuses the compiled code; use it to
+  time compilation apart from sampling.
+
+  Returns:
+    The compiled program (e.g. for its `memory_analysis()`).
   """
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   args = (variables, jax.random.key(0), _example_ids(shape), cond_codes,
-          labels, *_controls(1.0, 0, 1.0))
+          labels, *_controls(1.0, top_k, top_p))
   if reference:
     args += (jnp.asarray(0, jnp.int32),)
-  _build(model, shape, reference, _sampling_mesh(mesh)).lower(*args).compile()
+  fn = _build(model, shape, reference, _sampling_mesh(mesh),
+              _truncates(top_k, top_p), _check_unroll(unroll))
+  return fn.lower(*args).compile()
 
 
 def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                  shape: Sequence[int], cond_codes: Sequence[Array] = (),
                  labels: Optional[Array] = None, rng: Array,
                  temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, mesh: Optional[Mesh] = None) -> Array:
+                 top_p: float = 1.0, mesh: Optional[Mesh] = None,
+                 unroll: int = 1) -> Array:
   """Samples one level's code map with the cached sampler.
 
   Args:
@@ -385,6 +432,9 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
     mesh: split the batch over this mesh's devices (the batch must divide by
       their number); the codes are the same as on one device. None: one
       device.
+    unroll: positions sampled per iteration of the inner loop (the same
+      codes for any value; more compiles longer and may run faster on an
+      accelerator, where each iteration has a fixed cost).
 
   Returns:
     [batch, h, w] int32 codes.
@@ -392,8 +442,10 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   controls = _controls(temperature, top_k, top_p)
-  return _build(model, shape, False, _sampling_mesh(mesh))(
-      variables, rng, _example_ids(shape), cond_codes, labels, *controls)
+  return _build(model, shape, False, _sampling_mesh(mesh),
+                _truncates(top_k, top_p), _check_unroll(unroll))(
+                    variables, rng, _example_ids(shape), cond_codes, labels,
+                    *controls)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -424,9 +476,10 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   if not 0 <= n <= total:
     raise ValueError(f'num_positions is {n}. Fix: use 0..{total} (or None '
                      'for the whole map).')
-  return _build(model, shape, True, _sampling_mesh(mesh))(
-      variables, rng, _example_ids(shape), cond_codes, labels, *controls,
-      jnp.asarray(n, jnp.int32))
+  return _build(model, shape, True, _sampling_mesh(mesh),
+                _truncates(top_k, top_p))(
+                    variables, rng, _example_ids(shape), cond_codes, labels,
+                    *controls, jnp.asarray(n, jnp.int32))
 
 
 def clear_caches() -> None:
@@ -442,8 +495,9 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      level_shapes: Sequence[Sequence[int]], *, batch_size: int,
                      labels: Optional[Array], rng: Array,
                      temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0,
-                     mesh: Optional[Mesh] = None) -> list[Array]:
+                     top_p: float = 1.0, mesh: Optional[Mesh] = None,
+                     unroll: int = 1,
+                     dtype: Optional[Any] = None) -> list[Array]:
   """Ancestral sampling of every level, top first.
 
   z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level,
@@ -459,6 +513,10 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     temperature, top_k, top_p: as for `sample_level`, at every level.
     mesh: split the batch over this mesh's devices (None: one device); the
       codes do not depend on it.
+    unroll: as for `sample_level`.
+    dtype: sample with the priors' weights and compute in this dtype (e.g.
+      'bfloat16': half the bytes read per position; other codes than
+      float32 draws); None keeps each prior's own (see `cast_prior`).
 
   Returns:
     Code maps [batch_size, h_l, w_l] int32, top first.
@@ -470,12 +528,45 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
   codes = []
   for level, ((model, variables), (h, w)) in enumerate(
       zip(priors, level_shapes)):
+    if dtype is not None:
+      model, variables = cast_prior(model, variables, dtype)
     codes.append(sample_level(
         model, variables, shape=(batch_size, h, w), cond_codes=tuple(codes),
         labels=labels if model.num_classes else None,
         rng=jax.random.fold_in(rng, level), temperature=temperature,
-        top_k=top_k, top_p=top_p, mesh=mesh))
+        top_k=top_k, top_p=top_p, mesh=mesh, unroll=unroll))
   return codes
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast_floats(variables: PyTree, dtype: Any) -> PyTree:
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+      else x, variables)
+
+
+def cast_prior(model: pixelcnn.PixelCNNPrior, variables: PyTree, dtype: Any
+               ) -> tuple[pixelcnn.PixelCNNPrior, PyTree]:
+  """The prior computing in `dtype` with its float weights stored in it.
+
+  A prior built with `dtype=bfloat16` but float32 weights converts every
+  weight it reads at every position; converting the weights once halves
+  the bytes a position step reads. The logits stay float32 (the last layer
+  computes in float32 from the converted weights).
+
+  Args:
+    model: the prior.
+    variables: its variables.
+    dtype: 'bfloat16', 'float32' or a jnp dtype.
+
+  Returns:
+    (the prior with `dtype`, the variables with float leaves in `dtype`).
+  """
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'dtype is {dtype}. Fix: use a float dtype, e.g. '
+                     "'bfloat16' or 'float32'.")
+  return model.clone(dtype=dtype), _cast_floats(variables, dtype)
 
 
 # Rejection sampling: keep the candidates a classifier scores highest.

@@ -10,11 +10,16 @@ from vqvae2_jax.models import pixelcnn
 
 
 def make_prior(**kwargs) -> pixelcnn.PixelCNNPrior:
-  """A tiny prior; keyword arguments override the defaults."""
+  """A tiny prior; keyword arguments override the defaults.
+
+  Full float32 products ('highest'), so that comparisons of the cached and
+  full paths hold on GPUs and TPUs as on CPUs.
+  """
   fields = dict(num_embeddings=7, num_channels=8, num_layers=2,
                 filter_size=3, dropout_rate=0.1, attention_layers=0,
                 num_heads=1, num_classes=0, cond_num_embeddings=(),
-                cond_stack_blocks=0, num_output_layers=1)
+                cond_stack_blocks=0, num_output_layers=1,
+                precision='highest')
   fields.update(kwargs)
   return pixelcnn.PixelCNNPrior(**fields)
 

@@ -200,7 +200,7 @@ def _layer_variables(layer, *args):
 def test_gated_block_steps_equal_full_path(first, filter_size, conditioned):
   channels = 8
   block = pixelcnn.GatedBlock(channels, filter_size, first=first,
-                              conditioned=conditioned)
+                              conditioned=conditioned, precision='highest')
   b, height, width = SHAPE
   rng = np.random.default_rng(2)
   draw = lambda: jnp.asarray(rng.normal(size=(b, height, width, channels)),
@@ -235,7 +235,7 @@ def test_gated_block_steps_equal_full_path(first, filter_size, conditioned):
 
 def test_attention_block_steps_equal_full_path():
   channels = 8
-  block = pixelcnn.AttentionBlock(channels, num_heads=2)
+  block = pixelcnn.AttentionBlock(channels, num_heads=2, precision='highest')
   b, height, width = SHAPE
   h = jnp.asarray(np.random.default_rng(3).normal(
       size=(b, height, width, channels)), jnp.float32)
@@ -356,3 +356,42 @@ def test_remat_prior_samples_with_the_same_cache():
   full = plain.apply(variables, codes, labels=labels, train=False)
   cached = sampling.cached_logits(remat, variables, codes, labels=labels)
   _assert_rel_close(cached, full, 'cached logits of the remat prior')
+
+
+@pytest.mark.parametrize('precision', [None, 'highest'])
+def test_precision_reaches_every_product(precision):
+  # Every dot_general and convolution of the full path and of a position
+  # step carries the prior's precision (None: the backend's default).
+  model = pixelcnn_util.make_prior(num_layers=2, attention_layers=1,
+                                   num_heads=2, num_classes=3,
+                                   cond_num_embeddings=(5,),
+                                   cond_stack_blocks=1, precision=precision)
+  codes = jnp.zeros((1, 4, 4), jnp.int32)
+  cond = (jnp.zeros((1, 2, 2), jnp.int32),)
+  labels = jnp.zeros((1,), jnp.int32)
+  variables = pixelcnn_util.random_variables(model, codes, cond, labels)
+  context = model.apply(variables, cond, labels, (1, 4, 4),
+                        method=model.prepare)
+  cache = model.apply(variables, (1, 4, 4), method=model.init_cache)
+  programs = {
+      'full': jax.make_jaxpr(lambda v: model.apply(
+          v, codes, cond_codes=cond, labels=labels, train=False))(variables),
+      'step': jax.make_jaxpr(lambda v: model.apply(
+          v, cache, context, jnp.zeros((1,), jnp.int32), jnp.int32(1),
+          jnp.int32(2), method=model.step_position))(variables),
+  }
+  want = (None if precision is None else
+          (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST))
+  for name, jaxpr in programs.items():
+    seen = []
+
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
+          seen.append(eqn.params['precision'])
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+          walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert len(seen) >= 5, (name, seen)
+    assert all(p == want for p in seen), (name, seen)

@@ -61,6 +61,7 @@ Example (the Fashion-MNIST bottom prior, 8x8 codes under a 4x4 top level):
                        train=True, rngs={'dropout': key})   # [B, 8, 8, 512]
 """
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -71,6 +72,9 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 PyTree = Any
+# A `jax.lax.Precision`, its name ('default', 'high', 'highest') or None
+# (the backend's default): the precision of every matrix product.
+Precision = Any
 
 
 def conv_kernel_init(key: Array, shape: Sequence[int],
@@ -177,7 +181,8 @@ def position_embedding(rows: Array, cols: Array, dim: int) -> Array:
                          axis=-1)
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def _attend(q: Array, k: Array, v: Array, mask: Array,
+            precision: Precision = None) -> Array:
   """Masked softmax attention in float32, heads-major.
 
   Args:
@@ -185,27 +190,31 @@ def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     k: [batch, heads, tk, d].
     v: [batch, heads, tk, d].
     mask: [tq, tk] bool, True where a query may look.
+    precision: of the two products (see `PixelCNNPrior.precision`).
 
   Returns:
     [batch, heads, tq, d] in the dtype of v.
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
   logits = jnp.einsum('bhqd,bhkd->bhqk', q.astype(jnp.float32),
-                      k.astype(jnp.float32)) * scale
+                      k.astype(jnp.float32), precision=precision) * scale
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(jnp.float32))
+  out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(jnp.float32),
+                   precision=precision)
   return out.astype(v.dtype)
 
 
 def _attend_one(q: Array, k: Array, v: Array,
-                parts: Sequence[tuple[Array, Array, Array]]) -> Array:
+                parts: Sequence[tuple[Array, Array, Array]],
+                precision: Precision = None) -> Array:
   """`_attend` for one new query over cached keys/values plus its own.
 
   Args:
     q, k, v: [batch, heads, d] query, key and value of the new position.
     parts: (k_cache, v_cache, valid) triples: [batch, heads, n_i, d] caches
       and [n_i] bool masks of the entries to attend to.
+    precision: of the products with the caches.
 
   Returns:
     [batch, heads, d] in the dtype of v.
@@ -214,7 +223,8 @@ def _attend_one(q: Array, k: Array, v: Array,
   q = q.astype(jnp.float32)
   logits = []
   for k_cache, _, valid in parts:
-    part = jnp.einsum('bhd,bhkd->bhk', q, k_cache.astype(jnp.float32)) * scale
+    part = jnp.einsum('bhd,bhkd->bhk', q, k_cache.astype(jnp.float32),
+                      precision=precision) * scale
     logits.append(jnp.where(valid, part, jnp.finfo(jnp.float32).min))
   logits.append(jnp.sum(q * k.astype(jnp.float32), axis=-1, keepdims=True)
                 * scale)
@@ -224,7 +234,7 @@ def _attend_one(q: Array, k: Array, v: Array,
   for k_cache, v_cache, _ in parts:
     n = k_cache.shape[2]
     out = out + jnp.einsum('bhk,bhkd->bhd', weights[..., start:start + n],
-                           v_cache.astype(jnp.float32))
+                           v_cache.astype(jnp.float32), precision=precision)
     start += n
   return out.astype(v.dtype)
 
@@ -253,6 +263,7 @@ class GatedBlock(nn.Module):
     conditioned: whether a conditioning map is added to the gates.
     dropout_rate: dropout on the gated activations (RNG stream 'dropout').
     dtype: compute dtype.
+    precision: of every matrix product (see `PixelCNNPrior.precision`).
   """
   channels: int
   filter_size: int
@@ -260,19 +271,23 @@ class GatedBlock(nn.Module):
   conditioned: bool
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   def setup(self):
     rows, half, cols = stack_kernel(self.filter_size, self.first)
     c2 = 2 * self.channels
-    self.v_conv = nn.Conv(c2, (rows, 2 * half + 1), padding='VALID',
-                          dtype=self.dtype, kernel_init=conv_kernel_init)
-    self.h_conv = nn.Conv(c2, (1, cols), padding='VALID', dtype=self.dtype,
-                          kernel_init=conv_kernel_init)
-    self.v_to_h = nn.Dense(c2, dtype=self.dtype)
-    self.h_out = nn.Dense(self.channels, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, padding='VALID', dtype=self.dtype,
+                             precision=self.precision,
+                             kernel_init=conv_kernel_init)
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              precision=self.precision)
+    self.v_conv = conv(c2, (rows, 2 * half + 1))
+    self.h_conv = conv(c2, (1, cols))
+    self.v_to_h = dense(c2)
+    self.h_out = dense(self.channels)
     if self.conditioned:
-      self.v_cond = nn.Dense(c2, use_bias=False, dtype=self.dtype)
-      self.h_cond = nn.Dense(c2, use_bias=False, dtype=self.dtype)
+      self.v_cond = dense(c2, use_bias=False)
+      self.h_cond = dense(c2, use_bias=False)
     self.dropout = Dropout(self.dropout_rate)
 
   def vertical(self, window: Array, residual: Optional[Array],
@@ -349,7 +364,8 @@ class GatedBlock(nn.Module):
     kernel = params['kernel'].astype(self.dtype)  # [1, cols, C, 2C]
     b = window.shape[0]
     out = jnp.dot(window.reshape(b, -1).astype(self.dtype),
-                  kernel.reshape(-1, kernel.shape[-1]))
+                  kernel.reshape(-1, kernel.shape[-1]),
+                  precision=self.precision)
     return (out + params['bias'].astype(self.dtype))[:, None, None]
 
   # Full path.
@@ -468,24 +484,28 @@ class AttentionBlock(nn.Module):
     num_heads: heads; must divide C.
     dropout_rate: dropout on the two residual branches.
     dtype: compute dtype (softmax in float32).
+    precision: of every matrix product (see `PixelCNNPrior.precision`).
   """
   channels: int
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   def setup(self):
     if self.channels % self.num_heads:
       raise ValueError(f'num_heads={self.num_heads} must divide '
                        f'num_channels={self.channels}.')
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              precision=self.precision)
     self.norm = nn.LayerNorm(dtype=self.dtype)
-    self.query = nn.Dense(self.channels, dtype=self.dtype)
-    self.key = nn.Dense(self.channels, dtype=self.dtype)
-    self.value = nn.Dense(self.channels, dtype=self.dtype)
-    self.proj = nn.Dense(self.channels, dtype=self.dtype)
+    self.query = dense(self.channels)
+    self.key = dense(self.channels)
+    self.value = dense(self.channels)
+    self.proj = dense(self.channels)
     self.mlp_norm = nn.LayerNorm(dtype=self.dtype)
-    self.mlp_in = nn.Dense(2 * self.channels, dtype=self.dtype)
-    self.mlp_out = nn.Dense(self.channels, dtype=self.dtype)
+    self.mlp_in = dense(2 * self.channels)
+    self.mlp_out = dense(self.channels)
     self.dropout = Dropout(self.dropout_rate)
 
   def qkv(self, h: Array, pos: Array) -> tuple[Array, Array, Array]:
@@ -514,7 +534,8 @@ class AttentionBlock(nn.Module):
     q, k, v = self.qkv(flat, position_embedding(rows, cols, c))
     heads_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))
     mask = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
-    attended = _attend(heads_major(q), heads_major(k), heads_major(v), mask)
+    attended = _attend(heads_major(q), heads_major(k), heads_major(v), mask,
+                       self.precision)
     out = self.finish(flat, heads_major(attended), train=train)
     return out.reshape(b, height, width, c)
 
@@ -583,7 +604,7 @@ class AttentionBlock(nn.Module):
     above = jnp.arange(cache['k'].shape[2]) < r * width
     parts = [(cache['k'], cache['v'], above),
              (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
-    attended = _attend_one(q, k, v, parts)
+    attended = _attend_one(q, k, v, parts, self.precision)
     out = self.finish(flat, attended[:, None], train=False)
     write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
         buf, x[:, :, None], c, axis=2)
@@ -605,22 +626,25 @@ class ConditioningStack(nn.Module):
     dtype: compute dtype.
     remat: recompute each residual block in the backward pass (see
       `PixelCNNPrior.remat`); the same parameters and outputs.
+    precision: of every convolution (see `PixelCNNPrior.precision`).
   """
   num_embeddings: Sequence[int]
   channels: int
   num_blocks: int
   dtype: Dtype = jnp.float32
   remat: bool = False
+  precision: Precision = None
 
   def residual_block(self, x: Array, i: int) -> Array:
     """Block i: x + Conv1x1(ELU(Conv3x3(ELU(x)))).
 
     Its parameters are the stack's own `res_<i>_conv3` and `res_<i>_conv1`.
     """
-    y = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
-                kernel_init=conv_kernel_init, name=f'res_{i}_conv3')(nn.elu(x))
-    y = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
-                kernel_init=conv_kernel_init, name=f'res_{i}_conv1')(nn.elu(y))
+    conv = functools.partial(nn.Conv, self.channels, dtype=self.dtype,
+                             precision=self.precision,
+                             kernel_init=conv_kernel_init)
+    y = conv((3, 3), name=f'res_{i}_conv3')(nn.elu(x))
+    y = conv((1, 1), name=f'res_{i}_conv1')(nn.elu(y))
     return x + y
 
   @nn.compact
@@ -640,7 +664,8 @@ class ConditioningStack(nn.Module):
       x = jnp.repeat(jnp.repeat(x, height // hj, axis=1), width // wj, axis=2)
       feats.append(x)
     x = nn.Conv(self.channels, (1, 1), dtype=self.dtype,
-                kernel_init=conv_kernel_init, name='proj')(
+                precision=self.precision, kernel_init=conv_kernel_init,
+                name='proj')(
         jnp.concatenate(feats, axis=-1))
     # A lifted function of this module: its convolutions stay this module's
     # (same parameter names with and without remat); i is static.
@@ -678,6 +703,13 @@ class PixelCNNPrior(nn.Module):
       of compute. The
       parameters, the outputs and the gradients are the same either way, and
       the sampler's incremental path is not affected.
+    precision: of every matrix product and convolution, full and cached
+      paths alike: None or 'default' is the backend's default, which for
+      float32 on a GPU is TF32 (about 1e-3 relative) and on a TPU bfloat16
+      passes; 'high' is 3 bfloat16 passes on a TPU and TF32 on a GPU;
+      'highest' is full float32 everywhere (slower on GPUs and TPUs). On a
+      CPU every setting is full float32. Tests that compare the cached path
+      with the full one pin 'highest'. Parameters do not depend on it.
   """
   num_embeddings: int
   num_channels: int
@@ -692,6 +724,7 @@ class PixelCNNPrior(nn.Module):
   num_output_layers: int = 1
   dtype: Dtype = jnp.float32
   remat: bool = False
+  precision: Precision = None
 
   @property
   def conditioned(self) -> bool:
@@ -712,20 +745,23 @@ class PixelCNNPrior(nn.Module):
     self.blocks = [
         gated_block(c, self.filter_size, first=(i == 0),
                     conditioned=self.conditioned,
-                    dropout_rate=self.dropout_rate, dtype=self.dtype)
+                    dropout_rate=self.dropout_rate, dtype=self.dtype,
+                    precision=self.precision)
         for i in range(self.num_layers)]
     self.attention = [
-        attention_block(c, self.num_heads, self.dropout_rate, dtype=self.dtype)
+        attention_block(c, self.num_heads, self.dropout_rate,
+                        dtype=self.dtype, precision=self.precision)
         for _ in range(self.attention_layers)]
     if self.num_classes:
       self.class_embed = nn.Embed(self.num_classes + 1, c, dtype=self.dtype)
     if self.cond_num_embeddings:
       self.cond_stack = ConditioningStack(
           tuple(self.cond_num_embeddings), c, self.cond_stack_blocks,
-          dtype=self.dtype, remat=self.remat)
-    self.out_hidden = [nn.Dense(c, dtype=self.dtype)
+          dtype=self.dtype, remat=self.remat, precision=self.precision)
+    self.out_hidden = [nn.Dense(c, dtype=self.dtype, precision=self.precision)
                        for _ in range(self.num_output_layers)]
-    self.out_logits = nn.Dense(self.num_embeddings, dtype=jnp.float32)
+    self.out_logits = nn.Dense(self.num_embeddings, dtype=jnp.float32,
+                               precision=self.precision)
 
   # Shared pieces.
 

@@ -1,0 +1,47 @@
+"""experiments/sampler_variants.py: its rows, and that variants agree."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_variants_draw_the_same_codes_and_write_rows(tmp_path):
+  out_json = tmp_path / 'variants.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.sampler_variants', '--smoke',
+       '--variants=cond,static,unroll3,bf16', '--batches=2', '--repeats=1',
+       f'--json={out_json}'],
+      cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out_json.read_text())['rows']
+  levels = [r for r in rows if r['level'] != 'image']
+  assert [(r['variant'], r['level']) for r in levels] == [
+      (v, l) for v in ('cond', 'static', 'unroll3', 'bf16') for l in (0, 1)]
+  for row in levels:
+    assert row['seconds'] > 0 and row['compile_s'] > 0 and row['batch'] == 2
+  # The float32 variants draw exactly the same codes at every level.
+  for level in (0, 1):
+    digests = {r['variant']: r['codes_digest'] for r in levels
+               if r['level'] == level}
+    assert digests['static'] == digests['cond'] == digests['unroll3'], digests
+  images = [r for r in rows if r['level'] == 'image']
+  assert len(images) == 4
+  for row in images:
+    assert row['seconds_per_image'] > 0 and row['decode_s'] > 0
+  # Each row is printed as it finishes.
+  assert result.stdout.count('unroll3') == 3
+
+
+def test_unknown_variant_is_refused():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import sampler_variants
+  assert sampler_variants.parse_variant('bf16_unroll8')['unroll'] == 8
+  assert sampler_variants.parse_variant('cond')['truncate'] is None
+  for bad in ('fast', 'cond_unroll2', ''):
+    with pytest.raises(ValueError, match='variant'):
+      sampler_variants.parse_variant(bad)
