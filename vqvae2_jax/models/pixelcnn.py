@@ -410,14 +410,20 @@ class GatedBlock(nn.Module):
       {'v_buf': [batch, rows - 1, width, C] the latest vertical inputs
        before the new row, 'link': [batch, 1, width, 2C] the current row's
        `_row_link` (vertical and conditioning terms of the horizontal
-       gates), 'h_buf': [batch, 1, cols - 1, C] the latest horizontal inputs
-       of the current row before the new position}.
+       gates), 'h_row': [batch, 1, cols - 1 + width, C] the horizontal
+       inputs of the current row, after cols - 1 zeros (the full path's
+       left pad): the input at column c sits at cols - 1 + c}.
+
+    The row buffer is written one position at a time in place and read by
+    slicing; a sliding window of the last cols - 1 inputs, shifted at every
+    position, made XLA copy it at every step of the sampler's loop (one
+    more kernel per block and position on an accelerator).
     """
     rows, _, cols = stack_kernel(self.filter_size, self.first)
     c = self.channels
     return {'v_buf': jnp.zeros((batch, rows - 1, width, c), self.dtype),
             'link': jnp.zeros((batch, 1, width, 2 * c), self.dtype),
-            'h_buf': jnp.zeros((batch, 1, cols - 1, c), self.dtype)}
+            'h_row': jnp.zeros((batch, 1, cols - 1 + width, c), self.dtype)}
 
   def step_row(self, cache: dict[str, Array], v: Array, cond: Optional[Array],
                r: Array) -> tuple[Array, dict[str, Array]]:
@@ -442,7 +448,7 @@ class GatedBlock(nn.Module):
     out, pre = self.vertical(padded, None if self.first else v, cond,
                              train=False)
     return out, {'v_buf': window[:, 1:], 'link': self._row_link(pre, cond),
-                 'h_buf': jnp.zeros_like(cache['h_buf'])}
+                 'h_row': jnp.zeros_like(cache['h_row'])}
 
   def step_position(self, cache: dict[str, Array], h: Array, c: Array
                     ) -> tuple[Array, dict[str, Array]]:
@@ -460,13 +466,16 @@ class GatedBlock(nn.Module):
     Returns:
       ([batch, 1, 1, C] horizontal output at (r, c), the updated cache).
     """
+    _, _, cols = stack_kernel(self.filter_size, self.first)
     if self.first:
       h = jnp.where(c > 0, h, jnp.zeros_like(h))
-    window = jnp.concatenate([cache['h_buf'], h], axis=2)
+    h_row = jax.lax.dynamic_update_slice_in_dim(cache['h_row'], h,
+                                                cols - 1 + c, axis=2)
+    window = jax.lax.dynamic_slice_in_dim(h_row, c, cols, axis=2)
     link = jax.lax.dynamic_slice_in_dim(cache['link'], c, 1, axis=2)
     gates = self._h_conv_one(window) + link
     out = self._horizontal_out(gates, None if self.first else h, train=False)
-    return out, {**cache, 'h_buf': window[:, :, 1:]}
+    return out, {**cache, 'h_row': h_row}
 
 
 class AttentionBlock(nn.Module):
