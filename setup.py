@@ -31,7 +31,10 @@ setuptools.setup(
     ],
     extras_require={
         'dev': ['pytest', 'pytest-xdist', 'nbformat', 'nbclient', 'ipykernel'],
-        'gpu': ['jax[cuda12]'],
+        # JAX's CUDA wheels bring their own CUDA: 13 needs an NVIDIA driver
+        # >= 580, 12 one >= 525 (JAX's install guide).
+        'gpu': ['jax[cuda13]'],
+        'gpu-cuda12': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
     },
 )

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The checks of one lent GPU, in order of value, each under its own time limit
+# so that a run cut short keeps every row measured so far. From the repository
+# root of a machine with JAX (CUDA) and, for `peer`, PyTorch:
+#
+#   bash experiments/gpu_session.sh OUT_DIR [PART ...]
+#
+# PARTs (default: sampler peer batch16 graphs first_image):
+#   sampler      experiments/sampler_variants.py at batch 1: cond (the old
+#                per-position lax.cond), static, unroll8, bf16; both levels
+#                of the ImageNet-256 priors and one whole image
+#   peer         the PyTorch reference's own sampling loop on the same GPU
+#                (experiments/peer_sampler_timer.py; needs its checkout in
+#                .peer/vq-vae-2-pytorch, see ../README's "Stage 2" notes)
+#   batch16      sampler_variants at batch 16: static, bf16_unroll8
+#   graphs       sampler_variants at batch 1 with XLA's command buffers
+#                (CUDA graphs) extended to while loops and conditionals
+#   first_image  experiments/first_image.py: an exported paper-size model,
+#                seconds to the first image in a fresh process, cold and with
+#                a warm compilation cache
+#   train        experiments/accelerator_check.py --parts=stage1,prior0,prior1
+#                (the train steps' speed and MFU, FLOPs from the lowered module)
+#
+# Every part writes OUT_DIR/<part>.log and its JSON beside it. Wheels of
+# packages the machine lacks (ml_collections) may be put in .whl/ first.
+# SMOKE=1 runs the JAX parts on toy sizes (a CPU, seconds): a check of this
+# script, not a measurement.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${1:?usage: bash experiments/gpu_session.sh OUT_DIR [PART ...]}
+shift
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(sampler peer batch16 graphs first_image)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+smoke=${SMOKE:+--smoke}
+py=${PYTHON:-python3}  # The Python with JAX (and torch for `peer`).
+graphs='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL'
+
+run() {  # run NAME LIMIT_S COMMAND...: bounded, logged, filtered console.
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit} s) $(date +%T)"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1 &
+  local pid=$!
+  tail -n +1 -f "$out/$name.log" --pid=$pid 2>/dev/null \
+    | grep --line-buffered -v -E '^(WARNING: All log|I0000|W0000|E0000)'
+  wait $pid
+  echo "=== $name rc=$? $(date +%T)"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    sampler) run sampler 240 "$py" -m experiments.sampler_variants $smoke \
+        --variants=cond,static,unroll8,bf16 --batches=1 \
+        --json="$out/sampler.json" ;;
+    peer) run peer 110 "$py" experiments/peer_sampler_timer.py \
+        --peer_code=.peer/vq-vae-2-pytorch --full_top \
+        --json="$out/peer.json" ;;
+    batch16) run batch16 110 "$py" -m experiments.sampler_variants $smoke \
+        --variants=static,bf16_unroll8 --batches=16 \
+        --json="$out/batch16.json" ;;
+    graphs) run graphs 90 env XLA_FLAGS="$graphs" \
+        "$py" -m experiments.sampler_variants $smoke --variants=static,unroll8 \
+        --batches=1 --label=graphs --json="$out/graphs.json" ;;
+    first_image) run first_image 120 "$py" -m experiments.first_image $smoke \
+        --config=configs/imagenet256.py --make_export=/tmp/paper_export \
+        --json="$out/first_image.json" ;;
+    train) run train 400 "$py" -m experiments.accelerator_check $smoke \
+        --parts=stage1,prior0,prior1 --json="$out/train.json" ;;
+    *) echo "unknown part $part (see the header of this script)"; exit 2 ;;
+  esac
+done
