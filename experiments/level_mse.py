@@ -28,6 +28,7 @@ import numpy as np
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.train import common
 
@@ -63,7 +64,7 @@ def level_table(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.create_mesh(config.mesh)
   model, variables, step = loading.load_vqvae(config, workdir, mesh)
   views = level_views(len(config.model.downsample_factors))
-  area = input_pipeline.original_area(config.data)
+  area = layout.original_area(config.data)
   encode = jax.jit(functools.partial(model.apply, method=model.encode))
 
   @functools.partial(jax.jit, static_argnums=2)

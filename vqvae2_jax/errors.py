@@ -18,6 +18,14 @@ class WorkdirError(UserError, OSError):
   """A workdir that cannot be written or is full (names the path)."""
 
 
+class DataNotFoundError(FileNotFoundError):
+  """The dataset is neither prepared nor obtainable; the message says how.
+
+  A FileNotFoundError, which main reports like a UserError. It lives here
+  rather than beside tfds so that image folders raise it without tfds.
+  """
+
+
 class Preempted(Exception):
   """A run stopped by a preemption notice after saving a checkpoint.
 

@@ -44,7 +44,7 @@ from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import sampling
-from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import layout
 
 PyTree = Any
 EXPORT_FORMAT = 'vqvae2_jax.export/1'  # Written into every exported file.
@@ -105,7 +105,7 @@ class Pipeline:
     self.image_shape = builders.image_shape(config)  # (H, W, C)
     self.level_shapes = [tuple(s) for s in builders.level_shapes(config)]
     self.num_classes = int(config.data.num_classes)
-    self._area = input_pipeline.original_area(config.data)
+    self._area = layout.original_area(config.data)
     data = parallel.data_sharding(self.mesh)
     self._encode = jax.jit(
         functools.partial(vqvae.apply, method=vqvae.encode),

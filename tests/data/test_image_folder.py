@@ -15,6 +15,7 @@ from configs import fashion_mnist
 from vqvae2_jax import parallel
 from vqvae2_jax.data import image_folder
 from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import layout
 from vqvae2_jax.data import tfds_prepare
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -231,7 +232,7 @@ def test_process_shares_are_disjoint(folder, monkeypatch, train):
   for index in range(3):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
     assert input_pipeline.num_examples(config, 'train') == 17
-    shares.append(input_pipeline.process_range(17, drop_remainder=train))
+    shares.append(layout.process_range(17, drop_remainder=train))
     assert input_pipeline.local_num_examples(
         config, 'train', train=train) == shares[-1][1] - shares[-1][0]
   sizes = [stop - start for start, stop in shares]

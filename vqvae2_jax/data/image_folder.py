@@ -36,7 +36,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from vqvae2_jax.data import tfds_prepare
+from vqvae2_jax import errors
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff', '.ppm', '.pgm')
@@ -108,7 +108,7 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise tfds_prepare.DataNotFoundError(
+    raise errors.DataNotFoundError(
         f'Image folder {root!r} does not exist (config.data.image_folder). '
         'Fix: pass --config.data.image_folder=/path/to/images, a directory '
         'of image files (optionally in train/ and test/ subdirectories, and '
@@ -151,7 +151,7 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
   n = len(readable)
   readable = readable[_bound(start, n, 0):_bound(stop, n, n)]
   if not readable:
-    raise tfds_prepare.DataNotFoundError(
+    raise errors.DataNotFoundError(
         f'Image folder split {split!r} in {directory} has no readable image '
         f'({len(files)} files with an image extension {IMAGE_EXTENSIONS}, '
         f'{len(skipped)} unreadable). Fix: check --config.data.image_folder '
@@ -342,7 +342,7 @@ class SafeReader:
     # input_pipeline._ClosableIterator); record it for `raise_if_unreadable`
     # (called by the batch loop on the main thread) and hand tf.data a
     # placeholder.
-    error = tfds_prepare.DataNotFoundError(
+    error = errors.DataNotFoundError(
         f'No image of the split could be decoded: all {n} files of '
         f'{os.path.dirname(self._paths[0]) if n else "the split"} fail to '
         f'decode (e.g. {self._paths[index % n] if n else "-"}). Fix: check '

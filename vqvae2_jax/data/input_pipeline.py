@@ -53,13 +53,11 @@ import tensorflow_datasets as tfds
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.data import image_folder
+from vqvae2_jax.data import layout
 from vqvae2_jax.data import tfds_prepare
 
 Batch = dict[str, jax.Array]
 
-# Datasets of 28x28 digits/clothes: padded (not resized) to the image size.
-_PAD_DATASETS = ('mnist', 'fashion_mnist', 'kmnist', 'emnist')
-_PAD_SOURCE_SIZE = 28  # Side of the MNIST family's images.
 _DEVICE_PREFETCH = 2  # Batches laid out on the devices ahead of use.
 _FOREVER = 2**62  # "Infinitely many" epochs for tf.data.Dataset.range.
 _READ_BUFFER_BYTES = 8 << 20  # Per TFRecord file being read.
@@ -96,7 +94,7 @@ def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
 
 def local_num_examples(data_config: ml_collections.ConfigDict, split: str,
                        *, train: bool) -> int:
-  """Examples of `split` that this process reads (its `process_range`).
+  """Examples of `split` that this process reads (`layout.process_range`).
 
   Args:
     data_config: the config's `data` section.
@@ -107,26 +105,6 @@ def local_num_examples(data_config: ml_collections.ConfigDict, split: str,
     The size of this process's share; `num_examples` is the whole split's.
   """
   return _source(data_config, split, train=train).num_local
-
-
-def original_area(data_config: ml_collections.ConfigDict
-                  ) -> tuple[int, int, int, int] | None:
-  """Where the source image lies in a preprocessed one, if it was padded.
-
-  MNIST-family images (28x28) are centred on a black canvas of the image
-  size; the rest of the canvas is padding, nearly free to reconstruct, so
-  reconstruction metrics are also reported over this area (the protocol of
-  the PyTorch ports).
-
-  Returns:
-    (top, left, height, width) of the source image, or None when images fill
-    the whole canvas (resized datasets, image folders).
-  """
-  size = int(data_config.image_size)
-  if data_config.name not in _PAD_DATASETS or size <= _PAD_SOURCE_SIZE:
-    return None
-  offset = (size - _PAD_SOURCE_SIZE) // 2
-  return (offset, offset, _PAD_SOURCE_SIZE, _PAD_SOURCE_SIZE)
 
 
 def create_train_iterator(data_config: ml_collections.ConfigDict, *,
@@ -272,33 +250,6 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
                          _source_description(data_config, split))
 
 
-def eval_batch_positions(num_examples: int, global_batch_size: int,
-                         batch_index: int) -> np.ndarray:
-  """Which example of the split each row of an evaluation batch holds.
-
-  `create_eval_iterator`'s layout: process p's rows of every global batch
-  come from its share of the split, in order, so with several processes a
-  batch holds several runs of consecutive examples, not one.
-
-  Args:
-    num_examples: examples in the split.
-    global_batch_size: B, as given to `create_eval_iterator`.
-    batch_index: which batch of the pass (0 first).
-
-  Returns:
-    int64 [B]: the example's index in the split, -1 on padding rows.
-  """
-  count = jax.process_count()
-  local = global_batch_size // count
-  positions = np.full(global_batch_size, -1, np.int64)
-  for p in range(count):
-    start, stop = process_range(num_examples, drop_remainder=False,
-                                share=(p, count))
-    rows = start + batch_index * local + np.arange(local)
-    positions[p * local:(p + 1) * local] = np.where(rows < stop, rows, -1)
-  return positions
-
-
 def _local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The per-process share of a global batch, after divisibility checks."""
   num_devices = parallel.num_batch_shards(mesh)
@@ -370,7 +321,8 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str, *,
   return _Source(records=records,
                  num_local=builder.info.splits[share].num_examples,
                  num_total=builder.info.splits[split].num_examples,
-                 decode=decode, pad_small=builder.name in _PAD_DATASETS,
+                 decode=decode,
+                 pad_small=builder.name in layout.PAD_DATASETS,
                  buffer_size=max(1, int(data_config.shuffle_buffer)))
 
 
@@ -431,39 +383,13 @@ def _check_labels(features, data_config: ml_collections.ConfigDict,
   return True
 
 
-def process_range(n: int, drop_remainder: bool,
-                  share: tuple[int, int] | None = None) -> tuple[int, int]:
-  """[start, stop) of this process's share of n examples.
-
-  The rule of `tfds.split_for_jax_process`, also used for image folders:
-  consecutive shares, one per process in process order.
-
-  Args:
-    n: examples in the split.
-    drop_remainder: give every process n // process_count examples (for
-      training, so every process takes the same number of steps per epoch);
-      otherwise the first n % process_count processes get one more, so that
-      evaluation covers every example.
-
-    share: (index, count) of the share; None: (this process, processes).
-
-  Returns:
-    (start, stop) of this process's examples.
-  """
-  index, count = share or (jax.process_index(), jax.process_count())
-  per, extra = divmod(n, count)
-  if drop_remainder or not extra:
-    return index * per, (index + 1) * per
-  start = index * per + min(index, extra)
-  return start, start + per + (1 if index < extra else 0)
-
-
 def _folder_source(data_config: ml_collections.ConfigDict, split: str, *,
                    train: bool, share: tuple[int, int]) -> _Source:
   """Share (index, count) of an image folder split, as file indices."""
   folder = image_folder.load_split(data_config.image_folder, split,
                                    int(data_config.num_classes))
-  start, stop = process_range(len(folder), drop_remainder=train, share=share)
+  start, stop = layout.process_range(len(folder), drop_remainder=train,
+                                     share=share)
   reader = image_folder.SafeReader(folder.paths[start:stop],
                                    int(data_config.channels),
                                    min_size=int(data_config.image_size))

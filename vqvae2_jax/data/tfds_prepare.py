@@ -41,6 +41,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from vqvae2_jax import console
+from vqvae2_jax import errors
 
 _CHECKSUMS_DIR = pathlib.Path(__file__).resolve().parent / 'checksums'
 
@@ -55,8 +56,8 @@ DEBIAN_SOURCES = {
 _PROBE_TIMEOUT_S = 5.0
 
 
-class DataNotFoundError(FileNotFoundError):
-  """The dataset is neither prepared nor obtainable; the message says how."""
+# Defined in errors (tfds-free); kept under this name for its callers.
+DataNotFoundError = errors.DataNotFoundError
 
 
 def data_dir_or_default(data_config: ml_collections.ConfigDict) -> str:

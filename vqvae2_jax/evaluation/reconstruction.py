@@ -70,7 +70,7 @@ def batch_sums(images: jax.Array, recon: jax.Array,
     mask: bool [b].
     num_embeddings: codebook size K (the same for every level).
     area: (top, left, height, width) of the dataset's original image inside
-      the canvas (`input_pipeline.original_area`), or None.
+      the canvas (`layout.original_area`), or None.
 
   Returns:
     'count' (images), 'sq_error' (sum of per-image MSEs), 'psnr' (sum of

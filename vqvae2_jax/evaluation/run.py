@@ -49,6 +49,7 @@ from vqvae2_jax import generate
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.train import classifier_trainer
@@ -138,7 +139,7 @@ def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
   Keeps up to `max_features` of the originals' features (KID and
   precision/recall need them); of the reconstructions only the moments.
   """
-  area = input_pipeline.original_area(config.data)
+  area = layout.original_area(config.data)
 
   def recon_fn(variables, images, mask):
     recon, aux = vqvae.apply(variables, images, train=False)

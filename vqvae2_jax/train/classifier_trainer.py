@@ -29,7 +29,7 @@ import optax
 from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
 from vqvae2_jax.data import code_iterators
-from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import layout
 from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.train import common
 
@@ -57,7 +57,7 @@ def _crop(config: ml_collections.ConfigDict
           ) -> tuple[int, int, int, int] | None:
   if not config.classifier.original_area_only:
     return None
-  return input_pipeline.original_area(config.data)
+  return layout.original_area(config.data)
 
 
 def classifier_fingerprint(config: ml_collections.ConfigDict
@@ -260,6 +260,9 @@ def _train(config: ml_collections.ConfigDict, *, name: str, directory: str,
 def held_out_batches(config: ml_collections.ConfigDict, mesh: Mesh
                      ) -> Iterator[Mapping[str, jax.Array]]:
   """One ordered pass over the held-out split (config.data.eval_split)."""
+  # Here, not at the top: it needs TensorFlow, and the module must import
+  # without it (accelerator images).
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   return input_pipeline.create_eval_iterator(
       config.data, global_batch_size=config.classifier.eval_batch_size,
       mesh=mesh)
@@ -283,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         'config.data.num_classes: 0, but the domain classifier needs labels. '
         'Fix: use labelled data (sample metrics without a classifier, e.g. '
         'Inception FID, still work).')
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   mesh = parallel.create_mesh(config.mesh)
   c = config.classifier
 

@@ -17,11 +17,9 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, TYPE_CHECKING
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 from etils import epath
 import flax
 import jax
@@ -37,6 +35,12 @@ from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
 from vqvae2_jax.data import image_folder
+
+if TYPE_CHECKING:
+  # For annotations only: clu needs TensorFlow, so the functions that write
+  # metrics import it, and the steps import without it (accelerator images).
+  from clu import metric_writers
+  from clu import periodic_actions
 
 PyTree = Any
 
@@ -320,7 +324,7 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
                log_every: int, eval_every: int, checkpoint_every: int,
                run_eval: Callable[[int, Any, bool], dict[str, Any]],
                manager: Any, fingerprint: Mapping[str, Any],
-               writer: metric_writers.MetricWriter,
+               writer: 'metric_writers.MetricWriter',
                pending: StepMetrics, nan_fix: str,
                progress_path: Optional[str] = None,
                name: str = 'train') -> LoopResult:
@@ -712,15 +716,18 @@ def _prune(manager: Any, keep: Optional[int]) -> None:
     manager.delete(step)
 
 
-def create_writer(logdir: str) -> metric_writers.MetricWriter:
+def create_writer(logdir: str) -> 'metric_writers.MetricWriter':
   """TensorBoard event files in `logdir` plus the log; process 0 only writes."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return metric_writers.create_default_writer(
       logdir, just_logging=jax.process_index() > 0)
 
 
-def create_progress(num_train_steps: int, writer: metric_writers.MetricWriter,
-                    every_steps: int) -> periodic_actions.ReportProgress:
+def create_progress(num_train_steps: int,
+                    writer: 'metric_writers.MetricWriter', every_steps: int
+                    ) -> 'periodic_actions.ReportProgress':
   """Reports steps/s (to `writer`) and percentage done and ETA (to the log)."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return periodic_actions.ReportProgress(
       num_train_steps=num_train_steps, writer=writer,
       every_steps=max(int(every_steps), 1), every_secs=None)

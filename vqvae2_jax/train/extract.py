@@ -28,7 +28,7 @@ from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import codes as codes_lib
-from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import layout
 
 _LOG_EVERY_SECS = 30.0
 
@@ -66,7 +66,7 @@ def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
   """Encodes one split and writes the shards listed in `todo` (process 0).
 
   With several processes a batch holds a run of consecutive examples from
-  each process's share (`input_pipeline.eval_batch_positions`), so shards
+  each process's share (`layout.eval_batch_positions`), so shards
   fill out of order; each is written once, when its last example arrived.
   Every process makes the same decisions (the same `todo`, the same
   positions), so all of them call the encoder for the same batches.
@@ -82,8 +82,7 @@ def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
   for index, batch in enumerate(batches):
     if not todo:
       break  # Everything left is on disk already.
-    positions = input_pipeline.eval_batch_positions(n, global_batch_size,
-                                                    index)
+    positions = layout.eval_batch_positions(n, global_batch_size, index)
     shard_of = np.where(positions >= 0, positions // size, -1)
     if not todo.intersection(shard_of[positions >= 0].tolist()):
       continue  # Already written: skip the encoder.
@@ -141,6 +140,9 @@ def extract_codes(config: ml_collections.ConfigDict,
     errors.WorkdirError: workdir/codes cannot be written, or the disk
       filled up (the message says which shards are kept).
   """
+  # Here, not at the top: it needs TensorFlow, and the module must import
+  # without it (accelerator images).
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   mesh = parallel.create_mesh(config.mesh)
   model, variables, step = loading.load_vqvae(config, workdir, mesh)
@@ -195,6 +197,7 @@ def _extract_all(config: ml_collections.ConfigDict, *, model: Any,
                  plan: Mapping[str, Any], num_embeddings: list[int],
                  step: int) -> None:
   """Writes every shard of `plan` not yet in `out_dir`, then the manifest."""
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   todo = _prepare_directory(out_dir, plan)
   logging.info('Extracting codes with VQ-VAE step %d into %s; shards to '
                'write: %s', step, out_dir,

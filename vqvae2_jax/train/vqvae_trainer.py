@@ -25,7 +25,7 @@ from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
-from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.models import vqvae as vqvae_lib
 from vqvae2_jax.train import common
@@ -124,7 +124,7 @@ def make_eval_fns(model: vqvae_lib.VQVAE, variable_shardings: Any, mesh: Mesh,
   """Jitted (variables, batch) -> sums, and (variables, batch) -> grid rows.
 
   `area`: the dataset's original image inside the canvas
-  (`input_pipeline.original_area`), also scored on its own; None: no area.
+  (`layout.original_area`), also scored on its own; None: no area.
   """
   num_embeddings = model.num_embeddings
   num_levels = len(model.downsample_factors)
@@ -191,7 +191,7 @@ def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> Programs:
   """The jitted functions that `config` needs on `mesh` (cached)."""
   return _programs(builders.build_vqvae(config), _optimizer_settings(config),
                    builders.image_shape(config), mesh,
-                   input_pipeline.original_area(config.data))
+                   layout.original_area(config.data))
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,6 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     'train/...' of the last log interval, 'step', 'wall_time_s',
     'steps_per_sec' and 'eval_time_s'.
   """
+  # Here, not at the top: it needs TensorFlow, and the module must import
+  # without it (accelerator images).
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   train_cfg = config.vqvae_train
   out_dir = stage_dir(workdir)
   fingerprint = builders.vqvae_fingerprint(config)
