@@ -55,6 +55,7 @@ _MODULES = [
     ('experiments.compiled_steps', None),
     ('experiments.bench_sampling', None),
     ('experiments.bench_memory', None),
+    ('experiments.sampler_variants', None),
 ]
 
 
