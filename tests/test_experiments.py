@@ -283,6 +283,109 @@ def test_accelerator_check_smoke_on_cpu(tmp_path):
   assert 'no MFU' in out and 'sampler + decode' in out
 
 
+def _same_conv_taps(size, kernel, stride):
+  """(taps, outputs) of a 'SAME' conv along one axis.
+
+  taps: the in-bounds kernel taps summed over the outputs, i.e. the
+  multiply-adds per (input, output) channel pair; XLA counts none on the
+  padding.
+  """
+  out = -(-size // stride)
+  low = max((out - 1) * stride + kernel - size, 0) // 2
+  return sum(0 <= o * stride - low + j < size
+             for o in range(out) for j in range(kernel)), out
+
+
+def test_accelerator_check_counts_flops_from_layer_shapes():
+  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  # pylint: enable=g-import-not-at-top
+
+  class Toy(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(8, (3, 3))(x))
+      x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+      x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(10)(x)
+
+  batch, side = 4, 16
+  model = Toy()
+  x = jnp.zeros((batch, side, side, 3))
+  params = model.init(jax.random.key(0), x)['params']
+  taps1, side1 = _same_conv_taps(side, 3, 1)
+  taps2, side2 = _same_conv_taps(side1, 3, 2)
+  macs = [batch * taps1**2 * 3 * 8, batch * taps2**2 * 8 * 16,
+          batch * side2**2 * 16 * 32, batch * 32 * 10]
+  forward = check.lowered_flops(
+      jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(params, x))
+  # 2 FLOPs per multiply-add; XLA adds one FLOP per element of each bias add
+  # and ReLU, 1/(taps * input channels) of a layer's (2% here, no more than
+  # 3%). Leaving out the convolutions, as XLA:GPU's compiled count does,
+  # would give 22%.
+  assert 2 * sum(macs) <= forward <= 1.03 * 2 * sum(macs)
+
+  def loss(p, x):
+    return jnp.sum(jnp.square(model.apply({'params': p}, x)))
+
+  train = check.lowered_flops(jax.jit(jax.grad(loss)).lower(params, x))
+  # The backward pass repeats each layer's multiply-adds for its weight
+  # gradient and, but for the first layer (the images get no gradient), for
+  # its input gradient.
+  backward_macs = 2 * sum(macs) - macs[0]
+  hand = 2 * (sum(macs) + backward_macs)
+  assert hand <= train <= 1.03 * hand
+
+
+def test_accelerator_check_stage1_step_counts_about_three_forward_passes():
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  from experiments import compiled_steps
+  from vqvae2_jax import builders
+  from vqvae2_jax import parallel
+  # pylint: enable=g-import-not-at-top
+  config = compiled_steps.smoke_config()
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  step, _ = compiled_steps.lower_vqvae_step(config, 2, mesh)
+  model = builders.build_vqvae(config)
+  variables = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0), 'vq': jax.random.key(0)},
+      builders.vqvae_init_inputs(config), train=False))
+  images = jax.ShapeDtypeStruct((2, *builders.image_shape(config)),
+                                jnp.float32)
+  forward = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, rngs={'vq': jax.random.key(0)},
+      mutable=[k for k in v if k != 'params'])).lower(variables, images)
+  # Forward, weight gradients, input gradients of all but the first conv,
+  # and the optimizer's and EMA's elementwise work: 2.90x at these sizes.
+  ratio = check.lowered_flops(step) / check.lowered_flops(forward)
+  assert 2.7 < ratio < 3.1, ratio
+
+
+def test_accelerator_check_reads_either_form_of_cost_analysis():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import accelerator_check as check
+
+  class Lowered:
+
+    def __init__(self, cost):
+      self.cost = cost
+
+    def cost_analysis(self):
+      return self.cost
+
+  assert check.lowered_flops(Lowered({'flops': 5.0})) == 5.0
+  assert check.lowered_flops(Lowered([{'flops': 7.0}])) == 7.0  # Older JAX.
+  for cost in (None, [], {}, {'flops': -1.0}, {'flops': 0.0}):
+    assert check.lowered_flops(Lowered(cost)) is None, cost
+
+
 def test_accelerator_check_peak_table():
   # pylint: disable-next=g-import-not-at-top
   from experiments import accelerator_check as check
