@@ -265,22 +265,201 @@ def test_bench_memory_rows_with_and_without_remat(tmp_path):
 
 def test_accelerator_check_smoke_on_cpu(tmp_path):
   out_json = tmp_path / 'check.json'
-  out = _run_script('experiments.accelerator_check', '--smoke', '--steps=1',
-                    '--vqvae_batch=2', '--prior_batch=2', '--sample_batch=2',
-                    f'--json={out_json}')
+  command = [sys.executable, '-m', 'experiments.accelerator_check', '--smoke',
+             '--steps=1', '--vqvae_batch=2', '--prior_batch=2',
+             '--sample_batches=1,2', '--parts=stage1,prior1,sampler',
+             f'--json={out_json}']
+  env = {**os.environ, 'PYTHONPATH': _ROOT}
+  with open(tmp_path / 'stderr.txt', 'w') as stderr, subprocess.Popen(
+      command, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr,
+      text=True) as proc:
+    lines, early = [], None
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith('stage 1 train step'):
+        # Printed as soon as measured, and already in the file.
+        early = json.loads(out_json.read_text())
+    assert proc.wait(timeout=600) == 0, (
+        tmp_path / 'stderr.txt').read_text()[-3000:]
+  out = ''.join(lines)
+  assert early, out
+  assert [r['name'] for r in early['rows']] == ['stage 1 train step']
+  assert not early['finished']
   result = json.loads(out_json.read_text())
+  assert result['finished'] and not out_json.with_suffix('.json.tmp').exists()
   assert result['platform'] == 'cpu' and result['dtype'] == 'bfloat16'
+  assert result['parts'] == ['stage1', 'prior1', 'sampler']
   # A CPU is not in the peak table: no MFU, but FLOPs and speed still.
   assert result['peak_bf16_flops'] is None
-  names = [r['name'] for r in result['rows']]
-  assert names == ['stage 1 train step', 'prior 0 train step',
-                   'prior 1 train step', 'sampler + decode'], names
-  for row in result['rows']:
+  rows = result['rows']
+  sampler = ['sample level 0', 'sample level 1', 'decode', 'sampler + decode']
+  assert [(r['name'], r['batch']) for r in rows] == [
+      ('stage 1 train step', 2), ('prior 1 train step', 2),
+      *[(name, 1) for name in sampler], *[(name, 2) for name in sampler]]
+  for row in rows:
     assert row['seconds'] > 0 and row['mfu'] is None
-  for row in result['rows'][:3]:
+    assert row['init_s'] > 0 and row['compile_s'] >= 0
+  # The programs compiled apart from their timed calls.
+  for row in rows[:2] + [r for r in rows if r['name'] == 'decode']:
+    assert row['compile_s'] > 0
     assert row['flops'] > 0 and row['xla_peak_bytes'] > 0
     assert row['tflops_per_s'] == row['flops'] / row['seconds'] / 1e12
-  assert 'no MFU' in out and 'sampler + decode' in out
+  for first in (2, 6):
+    *parts, total = rows[first:first + 4]
+    batch = total['batch']
+    assert [r['unit'] for r in rows[first:first + 4]] == [
+        's/map', 's/map', 's/image', 's/image']
+    for key in ('init_s', 'compile_s', 'seconds'):
+      assert total[key] == pytest.approx(sum(r[key] for r in parts))
+    for r in rows[first:first + 4]:
+      assert r['throughput'] == r['seconds_per_image'] == pytest.approx(
+          r['seconds'] / batch)
+  assert 'no MFU' in out and 'init s' in out and 'compile s' in out
+  assert 'prior 0 train step' not in out
+  assert len([l for l in lines if l.startswith('sampler + decode')]) == 2
+
+
+def test_accelerator_check_parts():
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from experiments import accelerator_check as check
+  from experiments import compiled_steps
+  # pylint: enable=g-import-not-at-top
+  config = compiled_steps.smoke_config()
+  everything = ['stage1', 'prior0', 'prior1', 'sampler']
+  assert check.all_parts(config) == everything
+  assert check.select_parts(config, None) == everything
+  assert check.select_parts(config, ['sampler', 'prior1', 'sampler']) == [
+      'sampler', 'prior1']
+  with pytest.raises(app.UsageError, match='prior2.*Fix: choose from'):
+    check.select_parts(config, ['prior0', 'prior2'])
+
+
+def test_accelerator_check_random_weights():
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  # pylint: enable=g-import-not-at-top
+  abstract = {'kernel': jax.ShapeDtypeStruct((3, 3, 64, 32), jnp.float32),
+              'bias': jax.ShapeDtypeStruct((32,), jnp.float32),
+              'table': jax.ShapeDtypeStruct((512, 16), jnp.bfloat16),
+              'count': jax.ShapeDtypeStruct((8,), jnp.int32)}
+  weights = check.random_like(abstract, seed=0)
+  for name, x in abstract.items():
+    assert (weights[name].shape, weights[name].dtype) == (x.shape, x.dtype)
+  kernel = np.asarray(weights['kernel'])
+  # LeCun normal: std 1/sqrt(3 * 3 * 64).
+  assert np.std(kernel) == pytest.approx(1 / 24, rel=0.05)
+  assert np.all(kernel != 0)
+  assert np.all((np.asarray(weights['bias']) >= 0.5)
+                & (np.asarray(weights['bias']) <= 1.5))
+  assert np.std(np.asarray(weights['table'], np.float32)) == pytest.approx(
+      1 / math.sqrt(512), rel=0.05)
+  assert not np.any(np.asarray(weights['count']))
+
+
+def _same_conv_taps(size, kernel, stride):
+  """(taps, outputs) of a 'SAME' conv along one axis.
+
+  taps: the in-bounds kernel taps summed over the outputs, i.e. the
+  multiply-adds per (input, output) channel pair; XLA counts none on the
+  padding.
+  """
+  out = -(-size // stride)
+  low = max((out - 1) * stride + kernel - size, 0) // 2
+  return sum(0 <= o * stride - low + j < size
+             for o in range(out) for j in range(kernel)), out
+
+
+def test_accelerator_check_counts_flops_from_layer_shapes():
+  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  # pylint: enable=g-import-not-at-top
+
+  class Toy(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(8, (3, 3))(x))
+      x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+      x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(10)(x)
+
+  batch, side = 4, 16
+  model = Toy()
+  x = jnp.zeros((batch, side, side, 3))
+  params = model.init(jax.random.key(0), x)['params']
+  taps1, side1 = _same_conv_taps(side, 3, 1)
+  taps2, side2 = _same_conv_taps(side1, 3, 2)
+  macs = [batch * taps1**2 * 3 * 8, batch * taps2**2 * 8 * 16,
+          batch * side2**2 * 16 * 32, batch * 32 * 10]
+  forward = check.lowered_flops(
+      jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(params, x))
+  # 2 FLOPs per multiply-add; XLA adds one FLOP per element of each bias add
+  # and ReLU, 1/(taps * input channels) of a layer's (2% here, no more than
+  # 3%). Leaving out the convolutions, as XLA:GPU's compiled count does,
+  # would give 22%.
+  assert 2 * sum(macs) <= forward <= 1.03 * 2 * sum(macs)
+
+  def loss(p, x):
+    return jnp.sum(jnp.square(model.apply({'params': p}, x)))
+
+  train = check.lowered_flops(jax.jit(jax.grad(loss)).lower(params, x))
+  # The backward pass repeats each layer's multiply-adds for its weight
+  # gradient and, but for the first layer (the images get no gradient), for
+  # its input gradient.
+  backward_macs = 2 * sum(macs) - macs[0]
+  hand = 2 * (sum(macs) + backward_macs)
+  assert hand <= train <= 1.03 * hand
+
+
+def test_accelerator_check_stage1_step_counts_about_three_forward_passes():
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  from experiments import compiled_steps
+  from vqvae2_jax import builders
+  from vqvae2_jax import parallel
+  # pylint: enable=g-import-not-at-top
+  config = compiled_steps.smoke_config()
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  step, _ = compiled_steps.lower_vqvae_step(config, 2, mesh)
+  model = builders.build_vqvae(config)
+  variables = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0), 'vq': jax.random.key(0)},
+      builders.vqvae_init_inputs(config), train=False))
+  images = jax.ShapeDtypeStruct((2, *builders.image_shape(config)),
+                                jnp.float32)
+  forward = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, rngs={'vq': jax.random.key(0)},
+      mutable=[k for k in v if k != 'params'])).lower(variables, images)
+  # Forward, weight gradients, input gradients of all but the first conv,
+  # and the optimizer's and EMA's elementwise work: 2.90x at these sizes.
+  ratio = check.lowered_flops(step) / check.lowered_flops(forward)
+  assert 2.7 < ratio < 3.1, ratio
+
+
+def test_accelerator_check_reads_either_form_of_cost_analysis():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import accelerator_check as check
+
+  class Lowered:
+
+    def __init__(self, cost):
+      self.cost = cost
+
+    def cost_analysis(self):
+      return self.cost
+
+  assert check.lowered_flops(Lowered({'flops': 5.0})) == 5.0
+  assert check.lowered_flops(Lowered([{'flops': 7.0}])) == 7.0  # Older JAX.
+  for cost in (None, [], {}, {'flops': -1.0}, {'flops': 0.0}):
+    assert check.lowered_flops(Lowered(cost)) is None, cost
 
 
 def test_accelerator_check_peak_table():
