@@ -366,3 +366,30 @@ def test_largest_arrays_skips_fusion_bodies_and_named_buffers():
                                           (8192, 'bf16[64,64] add', 1)]
   assert bench.largest_arrays(hlo, 5)[-1] == (32, 's32[8] copy', 1)
 
+
+def test_first_image_smoke_cold_then_warm_cache(tmp_path):
+  out_json = tmp_path / 'first_image.json'
+  out = _run_script('experiments.first_image', '--smoke',
+                    '--runs=off,cold,warm', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  assert [r['run'] for r in rows] == ['off', 'cold', 'warm']
+  off, cold, warm = rows
+  for r in rows:
+    assert 0 < r['imported_s'] <= r['loaded_s'] < r['first_image_s']
+    assert r['image_shape'] == [1, 32, 32, 1]
+    # Loading an exported file compiles nothing (no random init); the first
+    # image compiles the samplers and the decoder; the second nothing more.
+    assert r['load_compiled'] == []
+    assert 'jit(_cached_impl)' in r['first_compiled']
+    assert not any('init' in name for name in r['first_compiled'])
+    assert r['second_compiled'] == []
+  # The same programs and key: the same codes, with or without the cache.
+  assert off['codes_sum'] == cold['codes_sum'] == warm['codes_sum']
+  assert off['cache_hits'] == off['cache_misses'] == 0
+  assert cold['cache_hits'] == 0 and cold['cache_misses'] > 0
+  assert cold['cache_files'] > 0 and warm['cache_files'] == cold['cache_files']
+  # Every program the cold run compiled, the warm run read back.
+  assert warm['cache_hits'] == cold['cache_misses']
+  assert warm['cache_misses'] == 0
+  assert warm['compile_s'] < cold['compile_s']
+  assert 'Wrote ' in out and 'warm' in out.splitlines()[-2]
