@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the base configuration (two levels, top first)."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameters, dropout, data order and sampling.
+  config.compilation_cache_dir = ''  # --mode runs keep compiled programs here for later runs (trusted like code); '' off.
 
   # Input pipeline.
   config.data = data = ml_collections.ConfigDict()

@@ -231,6 +231,8 @@ def _set(config, path, value):
     ('mesh.data', 16, 'mesh'),
     ('mesh.data', 0, 'mesh'),
     ('mesh.cpu_devices', -2, 'mesh.cpu_devices'),
+    ('compilation_cache_dir', os.path.abspath(__file__),
+     'compilation_cache_dir'),
     ('model.quantizer_gradient', 'rotate', 'model.quantizer_gradient'),
     ('model.level_dropout', 1.0, 'model.level_dropout'),
     ('model.level_dropout', -0.1, 'model.level_dropout'),

@@ -473,3 +473,102 @@ def test_accelerator_check_peak_table():
   assert check.peak_flops('TPU v5p') == 459e12
   assert check.peak_flops('TPU v4') == 275e12
   assert check.peak_flops('cpu') is None
+
+
+def test_bench_sampler_memory_smoke_rows(tmp_path):
+  out_json = tmp_path / 'sampler_memory.json'
+  out = _run_script('experiments.bench_sampler_memory', '--smoke',
+                    '--rows=sampler_1,init_1,decoder,step_1',
+                    '--batch_sizes=1,4', '--top=2', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  # The init is measured at batch 1 only, as accelerator_check runs it.
+  assert [(r['row'], r['batch']) for r in rows] == [
+      ('sampler_1', 1), ('sampler_1', 4), ('init_1', 1), ('decoder', 1),
+      ('decoder', 4), ('step_1', 1), ('step_1', 4)]
+  by = {(r['row'], r['batch']): r for r in rows}
+  for r in rows:
+    assert r['peak'] == (r['arguments'] + r['outputs'] - r['aliased']
+                         + r['temporaries']) > 0
+    assert 1 <= len(r['largest']) <= 2 and r['largest'][0][0] > 0
+    assert 'device_peak_run' not in r  # Compiled, never run.
+  # The sampler's arguments are the prior's weights, the init's output, but
+  # for the few it never reads (the last block's vertical gate), which the
+  # compiled program drops.
+  weights = by['init_1', 1]['outputs']
+  assert 0.95 * weights < by['sampler_1', 1]['arguments'] <= weights + 1024
+  assert by['init_1', 1]['arguments'] < 1024
+  # Donated train state; more batch, more activations; the sampler far less.
+  assert by['step_1', 4]['aliased'] > 0
+  assert by['step_1', 4]['temporaries'] > by['step_1', 1]['temporaries']
+  assert by['step_1', 4]['peak'] > by['sampler_1', 4]['peak']
+  assert by['decoder', 4]['outputs'] == 4 * by['decoder', 1]['outputs']
+  assert len([l for l in out.splitlines() if l.startswith('sampler_1')]) == 2
+
+
+def test_bench_sampler_memory_device_peak_runs_each_program_alone(tmp_path):
+  out_json = tmp_path / 'sampler_memory.json'
+  out = _run_script('experiments.bench_sampler_memory', '--smoke',
+                    '--device_peak', '--rows=sampler_0,init_0',
+                    '--batch_sizes=2', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  assert [(r['row'], r['batch']) for r in rows] == [('sampler_0', 2),
+                                                     ('init_0', 1)]
+  for r in rows:  # Run in a process of its own; a CPU reports no peak.
+    assert r['device_peak_compile'] is None and r['device_peak_run'] is None
+    assert r['compile_s'] > 0
+  assert 'dev compile' in out
+  # At paper sizes a CPU would have to run the programs: refused.
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.bench_sampler_memory',
+       '--device_peak'], cwd=_ROOT, env={**os.environ, 'PYTHONPATH': _ROOT},
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0 and 'Fix: run it on a GPU' in done.stderr
+
+
+def test_largest_arrays_skips_fusion_bodies_and_named_buffers():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import bench_sampler_memory as bench
+  hlo = '\n'.join([
+      '%fused_computation.1 (p: f32[1024,1024]) -> f32[1024,1024] {',
+      '  %p = f32[1024,1024]{1,0} parameter(0)',
+      '  ROOT %big.1 = f32[1024,1024]{1,0} multiply(%p, %p)',
+      '}',
+      'ENTRY %main.9 (a: f32[1024,1024], b: s32[8]) -> bf16[64,64] {',
+      '  %a = f32[1024,1024]{1,0} parameter(0)',
+      '  %t = (f32[8], s32[8]) tuple(%a, %a)',
+      '  %f.1 = bf16[64,64]{1,0} fusion(%a), kind=kLoop, calls=%fused_c',
+      '  %f.2 = bf16[64,64]{1,0} fusion(%a), kind=kLoop, calls=%fused_c',
+      '  %c = s32[8]{0} copy(%b)',
+      '  ROOT %d = bf16[64,64]{1,0} add(%f.1, %f.2)',
+      '}'])
+  assert bench.largest_arrays(hlo, 2) == [(8192, 'bf16[64,64] fusion', 2),
+                                          (8192, 'bf16[64,64] add', 1)]
+  assert bench.largest_arrays(hlo, 5)[-1] == (32, 's32[8] copy', 1)
+
+
+def test_first_image_smoke_cold_then_warm_cache(tmp_path):
+  out_json = tmp_path / 'first_image.json'
+  out = _run_script('experiments.first_image', '--smoke',
+                    '--runs=off,cold,warm', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  assert [r['run'] for r in rows] == ['off', 'cold', 'warm']
+  off, cold, warm = rows
+  for r in rows:
+    assert 0 < r['imported_s'] <= r['loaded_s'] < r['first_image_s']
+    assert r['image_shape'] == [1, 32, 32, 1]
+    # Loading an exported file compiles nothing (no random init); the first
+    # image compiles the samplers and the decoder; the second nothing more.
+    assert r['load_compiled'] == []
+    assert 'jit(_cached_impl)' in r['first_compiled']
+    assert not any('init' in name for name in r['first_compiled'])
+    assert r['second_compiled'] == []
+  # The same programs and key: the same codes, with or without the cache.
+  assert off['codes_sum'] == cold['codes_sum'] == warm['codes_sum']
+  assert off['cache_hits'] == off['cache_misses'] == 0
+  assert cold['cache_hits'] == 0 and cold['cache_misses'] > 0
+  assert cold['cache_files'] > 0 and warm['cache_files'] == cold['cache_files']
+  # Every program the cold run compiled, the warm run read back.
+  assert warm['cache_hits'] == cold['cache_misses']
+  assert warm['cache_misses'] == 0
+  assert warm['compile_s'] < cold['compile_s']
+  assert 'Wrote ' in out and 'warm' in out.splitlines()[-2]

@@ -76,3 +76,49 @@ def test_split_host_cpu_makes_devices_unless_told_otherwise_or_too_late(
       [sys.executable, '-c', _SPLIT_PROBE, str(count), when], env=env,
       capture_output=True, text=True, timeout=120, check=True)
   assert done.stdout.split('\n')[-2] == expected, done.stderr[-2000:]
+
+
+_CACHE_PROBE = r'''
+import sys, jax, jax.numpy as jnp
+from vqvae2_jax import parallel
+counts = {}
+jax.monitoring.register_event_listener(
+    lambda event, **_: counts.update({event: counts.get(event, 0) + 1}))
+if sys.argv[2] == 'after':  # Programs compiled into another cache first.
+  parallel.use_compilation_cache(sys.argv[1] + '_other')
+  jax.jit(lambda x: x - 1)(jnp.ones(3)).block_until_ready()
+print(parallel.use_compilation_cache(sys.argv[1]))
+jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()
+print(counts.get('/jax/compilation_cache/cache_hits', 0),
+      counts.get('/jax/compilation_cache/cache_misses', 0))
+'''
+
+
+@pytest.mark.parametrize('when', ['first', 'after'])
+def test_compilation_cache_serves_the_next_process(tmp_path, when):
+  cache = tmp_path / 'cache' / 'made'  # Made with its parents.
+
+  def probe():
+    done = subprocess.run(
+        [sys.executable, '-c', _CACHE_PROBE, str(cache), when],
+        capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.split('\n')[-3:-1]
+
+  # The first process compiles its programs (even these fast ones) and
+  # writes them; the next reads every one back, also when programs were
+  # compiled into another cache before.
+  applied, counts = probe()
+  hits, misses = map(int, counts.split())
+  assert applied == 'True' and hits == 0 and misses >= 1
+  assert os.listdir(cache)
+  assert probe() == ['True', f'{misses} 0']
+
+
+def test_compilation_cache_off_or_on_a_file():
+  before = jax.config.jax_compilation_cache_dir
+  assert not parallel.use_compilation_cache('')
+  assert jax.config.jax_compilation_cache_dir == before
+  with pytest.raises(ValueError, match=r'setup.py cannot be made.*Fix:'):
+    parallel.use_compilation_cache(os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), 'setup.py'))
+  assert jax.config.jax_compilation_cache_dir == before

@@ -5,6 +5,7 @@ and says how to fix it, so a mistake costs seconds, not the first hour of a
 run; main prints it as one line.
 """
 
+import os
 from typing import Iterable
 
 import ml_collections
@@ -226,6 +227,11 @@ def validate_config(config: ml_collections.ConfigDict,
   if evaluation.cas_samples_per_class < 0:
     _fail('eval.cas_samples_per_class', f'is {evaluation.cas_samples_per_class}',
           'use 0 (as many as the real train split) or a positive number')
+
+  cache_dir = config.get('compilation_cache_dir', '')
+  if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    _fail('compilation_cache_dir', f'{cache_dir!r} is a file, not a directory',
+          "name a directory (made if missing), or '' for no cache")
 
   if int(config.mesh.get('cpu_devices', 0)) < 0:
     _fail('mesh.cpu_devices', f'is {config.mesh.cpu_devices}',

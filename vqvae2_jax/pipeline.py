@@ -118,7 +118,8 @@ class Pipeline:
   def load(cls, workdir: str,
            config: str | ml_collections.ConfigDict | None = None, *,
            mesh: Optional[Mesh] = None, use_polyak: bool = True,
-           priors: bool = True) -> 'Pipeline':
+           priors: bool = True,
+           compilation_cache_dir: str = '') -> 'Pipeline':
     """The newest checkpoints of every finished stage in `workdir`, or an
     exported pipeline file (`export`; then `config` is not needed).
 
@@ -130,12 +131,20 @@ class Pipeline:
       mesh: where to run (default: the config's mesh over all devices).
       use_polyak: the priors' Polyak-averaged weights where saved.
       priors: also load the priors (False: only the VQ-VAE).
+      compilation_cache_dir: keep the compiled samplers and decoder in this
+        directory (JAX's persistent compilation cache, for the whole
+        process; see `parallel.use_compilation_cache`), so that the first
+        image of a later process skips their compilation. '' leaves JAX's
+        setting as it is.
 
     Raises:
       FileNotFoundError: no stage-1 checkpoint in `workdir`.
       ValueError: checkpoints of another config, or priors trained on
         another VQ-VAE's codes.
     """
+    # Before anything compiles. Loading itself compiles no model: shapes come
+    # from `jax.eval_shape`, weights from the checkpoint or file.
+    parallel.use_compilation_cache(compilation_cache_dir)
     if os.path.isfile(workdir):
       return cls._from_file(workdir, config, mesh)
     if config is None:

@@ -62,6 +62,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() > 0:
     console.follow()  # Process 0 speaks for all.
   config_validation.validate_config(config, num_devices=jax.device_count())
+  parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
   modes = PIPELINE if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):
     _record_config(config, workdir)
