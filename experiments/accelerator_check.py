@@ -43,7 +43,6 @@ on a CPU, which the tests do.
 """
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -176,38 +175,6 @@ def select_parts(config: ml_collections.ConfigDict,
   return list(dict.fromkeys(names))
 
 
-def random_like(abstract: Any, seed: int) -> Any:
-  """Arrays of `abstract`'s shapes and dtypes, drawn on the host.
-
-  Floating arrays of two or more dimensions (kernels, embeddings, codebooks)
-  are LeCun-normal (std 1/sqrt(fan_in), fan_in all but the last dimension),
-  so activations keep their scale through the layers; smaller ones (biases,
-  norm scales, codebook counts) uniform in [0.5, 1.5]: never zero, and
-  positive where something divides by them. Other dtypes (counters, flags)
-  are zeros.
-
-  Args:
-    abstract: a pytree of `jax.ShapeDtypeStruct` (from `jax.eval_shape`).
-    seed: numpy seed.
-
-  Returns:
-    The pytree with device arrays in place of the shapes.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(x):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return jnp.zeros(x.shape, x.dtype)
-    if len(x.shape) >= 2:
-      values = (rng.standard_normal(x.shape, np.float32)
-                / math.sqrt(math.prod(x.shape[:-1])))
-    else:
-      values = rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
-    return jnp.asarray(values.astype(x.dtype))
-
-  return jax.tree.map(draw, abstract)
-
-
 def _random_batch(config: ml_collections.ConfigDict, stage: str, batch: int,
                   level: int = 0) -> dict[str, Any]:
   """Random images (stage 'vqvae') or codes and labels of levels 0..level."""
@@ -295,7 +262,7 @@ def check_sampler(config: ml_collections.ConfigDict, batch: int, *,
     model = builders.build_prior(config, level)
     init_codes, init_cond, init_labels = builders.prior_init_inputs(
         level, shapes, model.num_classes)
-    variables = random_like(jax.eval_shape(lambda: model.init(
+    variables = compiled_steps.random_like(jax.eval_shape(lambda: model.init(
         jax.random.key(0), init_codes, cond_codes=init_cond,
         labels=init_labels, train=False)), seed=level)
     init_s = time.perf_counter() - start
@@ -321,7 +288,7 @@ def check_sampler(config: ml_collections.ConfigDict, batch: int, *,
 
   start = time.perf_counter()
   vqvae = builders.build_vqvae(config)
-  vq_vars = random_like(jax.eval_shape(lambda: vqvae.init(
+  vq_vars = compiled_steps.random_like(jax.eval_shape(lambda: vqvae.init(
       {'params': jax.random.key(0), 'vq': jax.random.key(0)},
       builders.vqvae_init_inputs(config), train=False)), seed=len(shapes))
   init_s = time.perf_counter() - start

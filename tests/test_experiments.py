@@ -339,13 +339,13 @@ def test_accelerator_check_random_weights():
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
-  from experiments import accelerator_check as check
+  from experiments import compiled_steps
   # pylint: enable=g-import-not-at-top
   abstract = {'kernel': jax.ShapeDtypeStruct((3, 3, 64, 32), jnp.float32),
               'bias': jax.ShapeDtypeStruct((32,), jnp.float32),
               'table': jax.ShapeDtypeStruct((512, 16), jnp.bfloat16),
               'count': jax.ShapeDtypeStruct((8,), jnp.int32)}
-  weights = check.random_like(abstract, seed=0)
+  weights = compiled_steps.random_like(abstract, seed=0)
   for name, x in abstract.items():
     assert (weights[name].shape, weights[name].dtype) == (x.shape, x.dtype)
   kernel = np.asarray(weights['kernel'])
