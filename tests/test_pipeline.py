@@ -470,6 +470,17 @@ def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
   test_images, labels = _test_images(3)
   np.testing.assert_array_equal(loaded.log_prob(test_images, labels),
                                 pipe.log_prob(test_images, labels))
+  # The precision argument reaches the priors (the file's own config says
+  # 'default'; on a CPU every setting computes in float32).
+  assert loaded.priors[0][0].precision == 'default'
+  highest = Pipeline.load(str(moved), precision='highest')
+  assert {m.precision for m, _ in highest.priors} == {'highest'}
+  assert highest.config.prior.precision == 'highest'
+  _, codes3 = highest.sample(labels=[1, 2], key=5)
+  for a, b in zip(codes, codes3):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(errors.ConfigError, match='prior.precision'):
+    Pipeline.load(str(moved), precision='fastest')
   # A damaged or foreign file is refused with a fix.
   damaged = tmp_path / 'damaged.msgpack'
   damaged.write_bytes(moved.read_bytes()[:1000])

@@ -72,6 +72,17 @@ def load_config(config: str | ml_collections.ConfigDict
   return config
 
 
+def _with_precision(config: ml_collections.ConfigDict,
+                    precision: Optional[str]) -> ml_collections.ConfigDict:
+  """`config`, or a copy with config.prior.precision set and validated."""
+  if precision is None:
+    return config
+  config = config.copy_and_resolve_references()
+  config.prior.precision = precision
+  config_validation.validate_config(config, check_dataset=False)
+  return config
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """float images in [-1, 1] -> uint8 [0, 255] (clipped, rounded)."""
   return np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0,
@@ -119,7 +130,8 @@ class Pipeline:
            config: str | ml_collections.ConfigDict | None = None, *,
            mesh: Optional[Mesh] = None, use_polyak: bool = True,
            priors: bool = True,
-           compilation_cache_dir: str = '') -> 'Pipeline':
+           compilation_cache_dir: str = '',
+           precision: Optional[str] = None) -> 'Pipeline':
     """The newest checkpoints of every finished stage in `workdir`, or an
     exported pipeline file (`export`; then `config` is not needed).
 
@@ -136,6 +148,10 @@ class Pipeline:
         process; see `parallel.use_compilation_cache`), so that the first
         image of a later process skips their compilation. '' leaves JAX's
         setting as it is.
+      precision: the priors' and sampler's matrix-product precision
+        ('default', 'high' or 'highest'; see config.prior.precision), in
+        place of the config's. On a GPU 'default' is TF32; 'highest' is full
+        float32, slower. The weights do not depend on it.
 
     Raises:
       FileNotFoundError: no stage-1 checkpoint in `workdir`.
@@ -146,7 +162,7 @@ class Pipeline:
     # from `jax.eval_shape`, weights from the checkpoint or file.
     parallel.use_compilation_cache(compilation_cache_dir)
     if os.path.isfile(workdir):
-      return cls._from_file(workdir, config, mesh)
+      return cls._from_file(workdir, config, mesh, precision)
     if config is None:
       recorded = os.path.join(workdir, 'config.json')  # stages.CONFIG_FILE
       if not os.path.isfile(recorded):
@@ -156,7 +172,7 @@ class Pipeline:
             "Pipeline.load(workdir, 'configs/fashion_mnist.py').")
       with open(recorded) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    config = load_config(config)
+    config = _with_precision(load_config(config), precision)
     mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
     vqvae, variables, step = loading.load_vqvae(config, workdir, mesh)
     steps = {'vqvae': step}
@@ -207,8 +223,8 @@ class Pipeline:
     return path
 
   @classmethod
-  def _from_file(cls, path: str, config: Any, mesh: Optional[Mesh]
-                 ) -> 'Pipeline':
+  def _from_file(cls, path: str, config: Any, mesh: Optional[Mesh],
+                 precision: Optional[str] = None) -> 'Pipeline':
     with open(path, 'rb') as f:
       try:
         payload = serialization.msgpack_restore(f.read())
@@ -225,7 +241,7 @@ class Pipeline:
       raise PipelineInputError(
           f'{path} carries its own config. Fix: call Pipeline.load({path!r}) '
           'without one.')
-    config = load_config(saved)
+    config = _with_precision(load_config(saved), precision)
     if builders.vqvae_fingerprint(config) != json.loads(
         payload['vqvae_fingerprint']):
       raise PipelineInputError(
