@@ -38,7 +38,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 smoke=${SMOKE:+--smoke}
-py=${PYTHON:-python3}  # The Python with JAX (and torch for `peer`).
+py=${PYTHON:-python3}  # The Python with JAX.
+peer_py=${PEER_PYTHON:-$py}  # The Python with torch (for `peer`).
+peer_smoke=${SMOKE:+--small --device=cpu --steps=1 --batches=1}
 graphs='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL'
 
 run() {  # run NAME LIMIT_S COMMAND...: bounded, logged, filtered console.
@@ -58,8 +60,8 @@ for part in "${parts[@]}"; do
     sampler) run sampler 240 "$py" -m experiments.sampler_variants $smoke \
         --variants=cond,static,unroll8,bf16 --batches=1 \
         --json="$out/sampler.json" ;;
-    peer) run peer 110 "$py" experiments/peer_sampler_timer.py \
-        --peer_code=.peer/vq-vae-2-pytorch --full_top \
+    peer) run peer 110 "$peer_py" experiments/peer_sampler_timer.py \
+        $peer_smoke --peer_code=.peer/vq-vae-2-pytorch --full_top \
         --json="$out/peer.json" ;;
     batch16) run batch16 110 "$py" -m experiments.sampler_variants $smoke \
         --variants=static,bf16_unroll8 --batches=16 \
