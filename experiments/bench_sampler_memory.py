@@ -55,11 +55,8 @@ likely the peak of an earlier program of the same process (the float32
 step compiling), not the sampler's, which stays under 3 GiB.
 """
 
-import collections
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -94,58 +91,12 @@ _JSON = flags.DEFINE_string('json', '', 'Also write the rows (bytes) here.')
 _ONE = flags.DEFINE_string('one', '', 'Measure one row:batch (internal).')
 
 _RESULT = 'SAMPLER_MEMORY_RESULT '
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
-          'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
-          'f64': 8, 'c64': 8, 'c128': 16}
-# '  [ROOT ]%name = bf16[16,64,64,512]{...} opcode(': one array instruction.
-_INSTRUCTION = re.compile(
-    r'^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\w+)\[([\d,]*)\](?:\{[^}]*\})?\s+'
-    r'([\w\-]+)\(')
-# Instructions that name an existing buffer rather than make a new one.
-_NOT_NEW = ('parameter', 'get-tuple-element', 'bitcast', 'tuple')
-
-
 def config_for(smoke: bool, dtype: str):
   """The paper's config (or the toy one) in `dtype` compute."""
   config = (compiled_steps.smoke_config() if smoke
             else compiled_steps.paper_config())
   config.model.dtype = config.prior.dtype = dtype
   return config
-
-
-def largest_arrays(hlo_text: str, top: int) -> list[tuple[int, str, int]]:
-  """The largest arrays a compiled program materialises.
-
-  Instructions of the optimised HLO outside fused computations (those are
-  the program's buffers: fusion outputs, copies, custom calls, loop state
-  updates), grouped by shape and opcode; parameters, tuples and bitcasts
-  name buffers made elsewhere and are left out.
-
-  Args:
-    hlo_text: `compiled.as_text()`.
-    top: how many groups to return.
-
-  Returns:
-    [(bytes of one array, 'bf16[16,64,64,512] fusion', count)], largest
-    first.
-  """
-  groups = collections.Counter()
-  fused = False
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace():  # A computation's header (or '}').
-      name = line.split()[1] if line.startswith('ENTRY') else line.split()[0]
-      fused = 'fused' in name or 'fusion' in name
-      continue
-    match = _INSTRUCTION.match(line)
-    if fused or not match or match.group(3) in _NOT_NEW:
-      continue
-    dtype, dims, opcode = match.groups()
-    if dtype not in _BYTES:
-      continue
-    shape = [int(d) for d in dims.split(',') if d]
-    groups[(_BYTES[dtype] * math.prod(shape), f'{dtype}[{dims}] {opcode}')] += 1
-  return [(size, what, count) for (size, what), count in
-          sorted(groups.items(), key=lambda kv: -kv[0][0])[:top]]
 
 
 def _prior_inputs(config, level: int):
@@ -252,7 +203,7 @@ def measure(row: str, config, batch: int, top: int,
          'temporaries': m.temp_size_in_bytes,
          'peak': compiled_steps.peak_bytes(compiled)['peak'],
          'compile_s': compile_s,
-         'largest': [list(x) for x in largest_arrays(compiled.as_text(),
+         'largest': [list(x) for x in compiled_steps.largest_arrays(compiled.as_text(),
                                                      top)]}
   if run:
     out['device_peak_compile'] = _device_peak()

@@ -6,7 +6,9 @@ trainer's own train step lowered without allocating its state, and the
 per-device memory of a compiled program.
 """
 
+import collections
 import math
+import re
 from typing import Any
 
 import jax
@@ -298,3 +300,49 @@ def random_variables(model: Any, *init_args: Any, seed: int = 0,
   """
   return random_like(jax.eval_shape(lambda: model.init(
       jax.random.key(0), *init_args, **init_kwargs)), seed)
+
+
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
+          'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
+          'f64': 8, 'c64': 8, 'c128': 16}
+# '  [ROOT ]%name = bf16[16,64,64,512]{...} opcode(': one array instruction.
+_INSTRUCTION = re.compile(
+    r'^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\w+)\[([\d,]*)\](?:\{[^}]*\})?\s+'
+    r'([\w\-]+)\(')
+# Instructions that name an existing buffer rather than make a new one.
+_NOT_NEW = ('parameter', 'get-tuple-element', 'bitcast', 'tuple')
+
+
+def largest_arrays(hlo_text: str, top: int) -> list[tuple[int, str, int]]:
+  """The largest arrays a compiled program materialises.
+
+  Instructions of the optimised HLO outside fused computations (those are
+  the program's buffers: fusion outputs, copies, custom calls, loop state
+  updates), grouped by shape and opcode; parameters, tuples and bitcasts
+  name buffers made elsewhere and are left out.
+
+  Args:
+    hlo_text: `compiled.as_text()`.
+    top: how many groups to return.
+
+  Returns:
+    [(bytes of one array, 'bf16[16,64,64,512] fusion', count)], largest
+    first.
+  """
+  groups = collections.Counter()
+  fused = False
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():  # A computation's header (or '}').
+      name = line.split()[1] if line.startswith('ENTRY') else line.split()[0]
+      fused = 'fused' in name or 'fusion' in name
+      continue
+    match = _INSTRUCTION.match(line)
+    if fused or not match or match.group(3) in _NOT_NEW:
+      continue
+    dtype, dims, opcode = match.groups()
+    if dtype not in _BYTES:
+      continue
+    shape = [int(d) for d in dims.split(',') if d]
+    groups[(_BYTES[dtype] * math.prod(shape), f'{dtype}[{dims}] {opcode}')] += 1
+  return [(size, what, count) for (size, what), count in
+          sorted(groups.items(), key=lambda kv: -kv[0][0])[:top]]

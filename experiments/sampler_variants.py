@@ -154,6 +154,7 @@ def time_level(model, variables, shape, cond, labels, variant, repeats
 
 def main(argv):
   del argv
+  variants = [(name, parse_variant(name)) for name in _VARIANTS.value]
   config = smoke_config() if _SMOKE.value else imagenet256.get_config()
   device = jax.devices()[0]
   label = _LABEL.value or os.environ.get('XLA_FLAGS', '') or 'no XLA flags'
@@ -191,8 +192,7 @@ def main(argv):
                    'params': params, 'rows': rows}, f, indent=1)
       os.replace(tmp, _JSON.value)
 
-  for name in _VARIANTS.value:
-    variant = parse_variant(name)
+  for name, variant in variants:
     for batch in [int(b) for b in _BATCHES.value]:
       per_level = []
       for level in [int(x) for x in _LEVELS.value]:

@@ -527,7 +527,7 @@ def test_bench_sampler_memory_device_peak_runs_each_program_alone(tmp_path):
 
 def test_largest_arrays_skips_fusion_bodies_and_named_buffers():
   # pylint: disable-next=g-import-not-at-top
-  from experiments import bench_sampler_memory as bench
+  from experiments import compiled_steps
   hlo = '\n'.join([
       '%fused_computation.1 (p: f32[1024,1024]) -> f32[1024,1024] {',
       '  %p = f32[1024,1024]{1,0} parameter(0)',
@@ -541,9 +541,9 @@ def test_largest_arrays_skips_fusion_bodies_and_named_buffers():
       '  %c = s32[8]{0} copy(%b)',
       '  ROOT %d = bf16[64,64]{1,0} add(%f.1, %f.2)',
       '}'])
-  assert bench.largest_arrays(hlo, 2) == [(8192, 'bf16[64,64] fusion', 2),
+  assert compiled_steps.largest_arrays(hlo, 2) == [(8192, 'bf16[64,64] fusion', 2),
                                           (8192, 'bf16[64,64] add', 1)]
-  assert bench.largest_arrays(hlo, 5)[-1] == (32, 's32[8] copy', 1)
+  assert compiled_steps.largest_arrays(hlo, 5)[-1] == (32, 's32[8] copy', 1)
 
 
 def test_first_image_smoke_cold_then_warm_cache(tmp_path):
