@@ -1,4 +1,4 @@
-"""Faults a user meets (issue 16): read-only workdirs and full disks.
+"""Faults a user meets (issues 16, 28): read-only workdirs, full disks, damage.
 
 A finished tiny run (VQ-VAE, codes, priors) is made read-only as a user
 would: `chmod -R a-w` as a normal user; as root, where permissions do not
@@ -6,10 +6,16 @@ stop writes, a read-only bind mount of it. Its finished stages must run
 again reading only, and sampling into it must fail before any sampling,
 naming the path. A disk that fills up during code extraction is one
 message, and the shards already written stay for the rerun.
+
+A damaged newest checkpoint (each kind of damage seen) is passed over for
+the newest intact one: training resumes from it, setting the damaged step
+aside, and later stages load it; every checkpoint damaged is one line.
 """
 
 import contextlib
 import errno
+import gc
+import logging
 import os
 import shutil
 import stat
@@ -17,11 +23,16 @@ import subprocess
 
 import pytest
 
+from tests.train import test_common as toy  # The toy stage of run_training.
+from vqvae2_jax import builders
+from vqvae2_jax import checkpoints
 from vqvae2_jax import errors
 from vqvae2_jax import files
+from vqvae2_jax import loading
 from vqvae2_jax import sampling
 from vqvae2_jax import stages
 from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.train import common
 from vqvae2_jax.train import extract
 
 
@@ -185,3 +196,156 @@ def test_disk_full_is_recognised_through_orbax_and_tensorstore():
     assert files.is_disk_full(wrapped)
   assert not files.is_disk_full(OSError(errno.EACCES, 'Permission denied'))
   assert not files.is_disk_full(ValueError('RESOURCE_EXHAUSTED: out of memory'))
+
+
+# Damaged checkpoints (issue 28): each kind of damage that stopped a run with
+# a tensorstore traceback, done to the newest step of a stage.
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _truncate_data_files(step_dir):
+  data = [os.path.join(root, name)
+          for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+          if os.path.basename(root) == 'd' for name in names]
+  assert data
+  for path in data:
+    _truncate(path)
+
+
+def _empty_fingerprint(step_dir):
+  with open(os.path.join(step_dir, 'fingerprint', 'metadata'), 'w'):
+    pass
+
+
+_DAMAGE = {
+    'truncated data file': _truncate_data_files,
+    'removed _METADATA': lambda d: os.remove(
+        os.path.join(d, 'state', '_METADATA')),
+    'truncated manifest.ocdbt': lambda d: _truncate(
+        os.path.join(d, 'state', 'manifest.ocdbt')),
+    'empty fingerprint': _empty_fingerprint,
+}
+
+
+def _files(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return out
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING]
+
+
+@pytest.fixture(scope='module')
+def toy_uninterrupted(tmp_path_factory):
+  """The toy stage's result trained to step 6 in one run."""
+  return toy._run(tmp_path_factory.mktemp('toy') / 'whole', 6, [], [])
+
+
+@pytest.mark.parametrize('damage', sorted(_DAMAGE))
+def test_training_resumes_from_the_newest_intact_checkpoint(
+    damage, toy_uninterrupted, tmp_path, caplog):
+  directory = tmp_path / 'toy'
+  toy._run(directory, 4, [], [], keep=2)
+  ckpts = directory / 'checkpoints'
+  assert sorted(os.listdir(ckpts)) == ['2', '4']
+  _DAMAGE[damage](str(ckpts / '4'))
+  damaged = _files(ckpts / '4')
+  calls = []
+  with caplog.at_level(logging.WARNING):
+    resumed = toy._run(directory, 6, calls, [], keep=2)
+    gc.collect()  # asyncio reports unawaited failed reads when collected.
+  # Restored step 2, not initialised, and trained on as if never damaged.
+  assert toy._real_inits(calls) == 0
+  assert resumed['step'] == 6
+  assert resumed['eval/error'] == toy_uninterrupted['eval/error']
+  assert resumed['train/loss'] == toy_uninterrupted['train/loss']
+  # One warning line, naming the damaged step and where it is kept.
+  (warning,) = _warnings(caplog)
+  assert '\n' not in warning
+  assert warning.startswith(f'Checkpoint step(s) 4 in {ckpts} are damaged')
+  assert 'resuming from step 2 instead' in warning
+  assert warning.endswith('Kept for inspection as 4.damaged-1.')
+  # The damaged files are kept as they were, beside the new checkpoints.
+  assert sorted(os.listdir(ckpts)) == ['4', '4.damaged-1', '6']
+  assert _files(ckpts / '4.damaged-1') == damaged
+  # Those new checkpoints read back: a longer run resumes from step 6.
+  calls = []
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    longer = toy._run(directory, 8, calls, [], keep=2)
+  assert toy._real_inits(calls) == 0 and longer['step'] == 8
+  assert not _warnings(caplog)
+  assert sorted(os.listdir(ckpts)) == ['4.damaged-1', '6', '8']
+
+
+def test_training_with_every_checkpoint_damaged_is_one_line(tmp_path):
+  directory = tmp_path / 'toy'
+  toy._run(directory, 4, [], [], keep=2)
+  ckpts = directory / 'checkpoints'
+  _truncate_data_files(str(ckpts / '2'))
+  _empty_fingerprint(str(ckpts / '4'))
+  before = _files(ckpts)
+  calls = []
+  with pytest.raises(errors.NoIntactCheckpointError) as info:
+    toy._run(directory, 6, calls, [], keep=2)
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith(
+      f'No checkpoint in {ckpts} reads back: step(s) 4, 2 are damaged')
+  assert 'Fix: ' in message
+  assert toy._real_inits(calls) == 0  # Not started again from scratch.
+  assert _files(ckpts) == before  # Nothing moved, nothing deleted.
+
+
+@pytest.mark.parametrize('damage', sorted(_DAMAGE))
+def test_later_stages_load_the_newest_intact_checkpoint(
+    damage, config, save_vqvae_checkpoint, tmp_path, caplog):
+  workdir = str(tmp_path)
+  save_vqvae_checkpoint(config, workdir, step=1)
+  save_vqvae_checkpoint(config, workdir, seed=1, step=2)
+  ckpts = common.checkpoint_dir(loading.vqvae_dir(workdir))
+  _DAMAGE[damage](os.path.join(ckpts, '2'))
+  before = _files(ckpts)
+  fingerprint = builders.vqvae_fingerprint(config)
+  checkpoints.check_directory(ckpts, fingerprint)  # A trainer's first check.
+  with caplog.at_level(logging.WARNING):
+    _, variables, step = loading.load_vqvae(config, workdir)
+  assert step == 1
+  (warning,) = [w for w in _warnings(caplog) if 'damaged' in w]
+  assert '\n' not in warning
+  assert warning.startswith(
+      f'Checkpoint step(s) 2 in {ckpts} are damaged (step 2: ')
+  assert warning.endswith('); using step 1 instead.')
+  assert _files(ckpts) == before  # A reader moves nothing.
+  # Every process would choose the same: the same files, the same step.
+  assert loading.load_vqvae(config, workdir)[2] == 1
+  del variables
+
+
+def test_later_stages_with_every_checkpoint_damaged_is_one_line(
+    config, save_vqvae_checkpoint, tmp_path):
+  workdir = str(tmp_path)
+  save_vqvae_checkpoint(config, workdir, step=1)
+  save_vqvae_checkpoint(config, workdir, seed=1, step=2)
+  ckpts = common.checkpoint_dir(loading.vqvae_dir(workdir))
+  _empty_fingerprint(os.path.join(ckpts, '1'))
+  _empty_fingerprint(os.path.join(ckpts, '2'))
+  fingerprint = builders.vqvae_fingerprint(config)
+  for load in (lambda: checkpoints.check_directory(ckpts, fingerprint),
+               lambda: loading.load_vqvae(config, workdir)):
+    with pytest.raises(errors.NoIntactCheckpointError) as info:
+      load()
+    assert '\n' not in str(info.value)
+    assert str(info.value).startswith(
+        f'No checkpoint in {ckpts} reads back: step(s) 2, 1 are damaged')

@@ -573,13 +573,17 @@ def run_training(stage: Stage) -> dict[str, Any]:
                                        max_to_keep=cadence.keep_checkpoints)
   writer = None
   try:
-    _prune(manager, cadence.keep_checkpoints)
     writer = create_writer(os.fspath(stage.directory))
     # Resume order: the state (params, other variables, optimizer, RNG) from
-    # the newest checkpoint, then the data iterator positioned at its step.
-    # The initial state is built only when there is no checkpoint.
+    # the newest intact checkpoint, then the data iterator positioned at its
+    # step. Damaged newer steps are moved aside (this run saves their step
+    # numbers again). The initial state is built only when there is no
+    # checkpoint.
     state = checkpoints.restore_latest(manager, restore_target(stage.programs),
-                                       stage.fingerprint)
+                                       stage.fingerprint, set_aside=True)
+    # After the restore: pruning first could delete the intact steps that a
+    # damaged newest one needs to fall back on.
+    _prune(manager, cadence.keep_checkpoints)
     if state is None:
       state = stage.programs.init(stage.init_rng)
     start_step = int(state.step)
