@@ -349,3 +349,30 @@ def test_later_stages_with_every_checkpoint_damaged_is_one_line(
     assert '\n' not in str(info.value)
     assert str(info.value).startswith(
         f'No checkpoint in {ckpts} reads back: step(s) 2, 1 are damaged')
+
+
+# A refused run and workdir/config.json (issue 28): the recorded config
+# describes the checkpoints, so only a config they accept replaces it.
+
+
+def test_a_refused_run_leaves_config_json_as_it_was(
+    config, save_vqvae_checkpoint, tmp_path):
+  workdir = str(tmp_path)
+  save_vqvae_checkpoint(config, workdir, step=1)
+  stages._record_config(config, workdir)  # As the run that trained it did.
+  path = os.path.join(workdir, stages.CONFIG_FILE)
+  with open(path, 'rb') as f:
+    recorded = f.read()
+  other = config.copy_and_resolve_references()
+  other.model.num_hiddens *= 2  # Another model.
+  with pytest.raises(ValueError, match='different model config'):
+    stages.run('vqvae', other, workdir)
+  with open(path, 'rb') as f:
+    assert f.read() == recorded
+  # A config the checkpoints accept (a training setting changed) is
+  # recorded as before.
+  accepted = config.copy_and_resolve_references()
+  accepted.vqvae_train.learning_rate *= 2
+  stages._record_config(accepted, workdir)
+  with open(path, 'rb') as f:
+    assert f.read() == accepted.to_json(indent=1, sort_keys=True).encode()
