@@ -26,6 +26,7 @@ import pytest
 from tests.train import test_common as toy  # The toy stage of run_training.
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import loading
@@ -242,8 +243,10 @@ def _files(directory):
 
 
 def _warnings(caplog):
+  """The warnings a console shows (orbax's routine ones are not)."""
   return [r.getMessage() for r in caplog.records
-          if r.levelno >= logging.WARNING]
+          if r.levelno >= logging.WARNING and
+          not console._ROUTINE.search(r.getMessage())]
 
 
 @pytest.fixture(scope='module')
@@ -287,6 +290,23 @@ def test_training_resumes_from_the_newest_intact_checkpoint(
   assert toy._real_inits(calls) == 0 and longer['step'] == 8
   assert not _warnings(caplog)
   assert sorted(os.listdir(ckpts)) == ['4.damaged-1', '6', '8']
+
+
+def test_a_finished_stage_with_a_damaged_last_checkpoint_trains_it_again(
+    toy_uninterrupted, tmp_path, caplog):
+  directory = tmp_path / 'toy'
+  toy._run(directory, 6, [], [], keep=2)
+  ckpts = directory / 'checkpoints'
+  _empty_fingerprint(str(ckpts / '6'))
+  calls = []
+  with caplog.at_level(logging.WARNING):
+    again = toy._run(directory, 6, calls, [], keep=2)
+  # Not taken for finished: resumed from step 4 and trained step 6 again.
+  assert toy._real_inits(calls) == 0
+  assert again['eval/error'] == toy_uninterrupted['eval/error']
+  (warning,) = _warnings(caplog)
+  assert 'resuming from step 4 instead' in warning
+  assert sorted(os.listdir(ckpts)) == ['4', '6', '6.damaged-1']
 
 
 def test_training_with_every_checkpoint_damaged_is_one_line(tmp_path):

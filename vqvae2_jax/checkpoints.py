@@ -400,6 +400,19 @@ def restore_newest_intact(manager: ocp.CheckpointManager,
   return None
 
 
+def step_looks_intact(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Cheap checks of step `step`: its fingerprint reads, its tree's metadata
+  is there. Its arrays are not read (a truncated data file shows only when
+  they are restored, see `restore_newest_intact`)."""
+  try:
+    restore_fingerprint(manager, step)
+    _check_state_metadata(str(manager.directory), step)
+  except Exception as e:  # pylint: disable=broad-except
+    _reraise_if_not_damage(e)
+    return False
+  return True
+
+
 def _check_state_metadata(directory: str, step: int) -> None:
   """Raises FileNotFoundError when step `step` lacks its tree's metadata.
 

@@ -690,7 +690,9 @@ def _finished_metrics(stage: Stage, metrics_path: str
 
   Reads only: the newest checkpoint step comes from a read-only manager
   (when the directory exists), metrics.json must be valid, at the last step,
-  and hold the training figures.
+  and hold the training figures. A last checkpoint that is visibly damaged
+  (`checkpoints.step_looks_intact`) makes the stage unfinished: the run
+  resumes from the newest intact step and trains the rest again.
   """
   metrics = files.read_json(metrics_path)
   if not metrics or metrics.get('step') != stage.cadence.num_steps or not any(
@@ -701,7 +703,9 @@ def _finished_metrics(stage: Stage, metrics_path: str
   if not os.path.isdir(directory):
     return None
   with checkpoints.create_manager(directory, read_only=True) as manager:
-    if manager.latest_step() != stage.cadence.num_steps:
+    last = manager.latest_step()
+    if last != stage.cadence.num_steps or not checkpoints.step_looks_intact(
+        manager, last):
       return None
   return metrics
 
