@@ -133,11 +133,12 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
   except OSError:
     pass
-  if jax.process_index() != 0:
-    return
+  # On every process: orbax's reads may wait for all of them.
   refusal = _refusal(config, workdir)
   if refusal is not None:
     logging.info('Not recording the config in %s: %s', path, refusal)
+    return
+  if jax.process_index() != 0:
     return
   try:
     files.atomic_write(path, lambda f: f.write(text.encode()))
