@@ -15,11 +15,13 @@ aside, and later stages load it; every checkpoint damaged is one line.
 import contextlib
 import errno
 import gc
+import json
 import logging
 import os
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -396,3 +398,35 @@ def test_a_refused_run_leaves_config_json_as_it_was(
   stages._record_config(accepted, workdir)
   with open(path, 'rb') as f:
     assert f.read() == accepted.to_json(indent=1, sort_keys=True).encode()
+
+
+@pytest.mark.multiprocess
+def test_every_process_resumes_from_the_same_intact_checkpoint(tmp_path):
+  # 2 processes x 2 CPU devices (tests/multiprocess_damaged.py): a sharded
+  # array's slices are read by different processes.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  directory = str(tmp_path / 'checkpoints')
+  logs = tmp_path / 'logs'  # process_<i>.log: each process's whole output.
+  done = subprocess.run(
+      [sys.executable, '-m', 'vqvae2_jax.launch', '--processes=2',
+       '--devices_per_process=2', '--module=tests.multiprocess_damaged',
+       f'--output_dir={logs}', '--', directory],
+      cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True,
+      text=True, timeout=300)
+  output = {i: (logs / f'process_{i}.log').read_text() for i in (0, 1)}
+  assert done.returncode == 0, (done.stdout + done.stderr)[-2000:] + str(
+      {i: text[-2000:] for i, text in output.items()})
+  for i, text in output.items():
+    (line,) = [row for row in text.splitlines() if row.startswith('RESULT ')]
+    result = json.loads(line[len('RESULT '):])
+    assert result['process'] == i
+    assert result['restored_from'] == [1]  # The older step, on both.
+    # Step 2 was saved again beside the damaged one; keep_checkpoints
+    # deleted step 1, never the damaged one.
+    assert result['listing'] == ['2', '2.damaged-1', '3']
+    assert result['steps'] == [2, 3]
+  # absl's lines start with their level's letter: W(arning), I(nfo).
+  warnings = [line for text in output.values() for line in text.splitlines()
+              if 'are damaged' in line and line.startswith('W')]
+  assert len(warnings) == 1, warnings  # Process 0 speaks for both.
+  assert 'Kept for inspection as 2.damaged-1.' in warnings[0]

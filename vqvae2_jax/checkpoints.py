@@ -432,8 +432,10 @@ def _set_aside_damaged(manager: ocp.CheckpointManager,
   directory = epath.Path(manager.directory)
   steps = ', '.join(str(step) for step, _ in damaged)
   reason = _reason(damaged[0][1], str(directory))
+  # Process 0 speaks for all (the others' consoles show their warnings).
+  warn = logging.warning if jax.process_index() == 0 else logging.info
   if not set_aside:
-    logging.warning(
+    warn(
         'Checkpoint step(s) %s in %s are damaged (step %d: %s); using step %d '
         'instead.', steps, directory, damaged[0][0], reason, restored)
     return
@@ -446,7 +448,7 @@ def _set_aside_damaged(manager: ocp.CheckpointManager,
       (directory / str(step)).rename(directory / name)
   _sync('checkpoints_set_aside_damaged')
   manager.reload()
-  logging.warning(
+  warn(
       'Checkpoint step(s) %s in %s are damaged (step %d: %s); resuming from '
       'step %d instead. Kept for inspection as %s.', steps, directory,
       damaged[0][0], reason, restored, ', '.join(moved.values()))
