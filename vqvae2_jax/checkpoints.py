@@ -14,6 +14,15 @@ WorkdirError naming the newest intact checkpoint); orbax's own tracebacks of
 it, from each of its threads, are kept out of the output (see
 `_hide_disk_full_tracebacks`).
 
+A damaged checkpoint (a truncated or missing file, an empty fingerprint) is
+skipped: the newest checkpoint that reads back is restored, with one warning
+naming the damaged ones (`restore_newest_intact`). A trainer then moves each
+damaged step directory aside as `<step>.damaged-<n>`, a name orbax does not
+take for a step, so that it is kept for inspection and neither blocks the
+save of that step number again nor is deleted by `max_to_keep`. Loaders
+(read-only) leave it where it is. When no checkpoint reads back, the run
+stops with one line (`errors.NoIntactCheckpointError`) and moves nothing.
+
 Trainers restore the whole state to resume. Later stages restore only the
 subtrees they need (`restore_subtrees`, e.g. 'params' and 'extra' of a
 finished VQ-VAE), so a checkpoint still loads after a training-only setting
@@ -21,10 +30,11 @@ that shapes the optimizer state (gradient clipping, Polyak averaging)
 changed.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import json
 import logging as py_logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -34,11 +44,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vqvae2_jax import errors
 from vqvae2_jax import files
 
 PyTree = Any
 _STATE = 'state'
 _FINGERPRINT = 'fingerprint'
+DAMAGED_INFIX = '.damaged-'  # <step>.damaged-<n>: a damaged step set aside.
 
 
 class _DiskFullTracebackFilter(py_logging.Filter):
@@ -86,17 +98,46 @@ def _closed_loop_hook(previous: Any) -> Any:
   return hook
 
 
-def _hide_disk_full_tracebacks() -> None:
-  """Keeps a failed save's noise out of the output (not of the debug log).
+# '<checkpoint dir>/<step>/' of every step found damaged in this process.
+_DAMAGED_STEPS: set[str] = set()
 
-  Installs `_DISK_FULL_FILTER` on absl's logger (orbax logs through it) and
-  `_closed_loop_hook` as `sys.unraisablehook`, once each.
+
+class _DamagedReadFilter(py_logging.Filter):
+  """Drops asyncio's reports of reads of a damaged step that nobody awaits.
+
+  When one array of a damaged step fails to read, orbax abandons the reads
+  of the others; asyncio logs each of their failures when it collects them
+  ("Future exception was never retrieved", tensorstore's whole spec
+  included). The step is reported once (`restore_newest_intact`). With
+  debug logging (--verbosity=1) the records are kept.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if not _DAMAGED_STEPS or logging.level_debug():
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage() + ('' if error is None else str(error))
+    return not any(step in text for step in _DAMAGED_STEPS)
+
+
+_DAMAGED_READ_FILTER = _DamagedReadFilter()
+
+
+def _hide_disk_full_tracebacks() -> None:
+  """Keeps a failed save's or read's noise out of the output (not the log).
+
+  Installs `_DISK_FULL_FILTER` on absl's logger (orbax logs through it),
+  `_closed_loop_hook` as `sys.unraisablehook` and `_DAMAGED_READ_FILTER` on
+  asyncio's logger, once each.
   """
   logger = logging.get_absl_logger()
   if _DISK_FULL_FILTER not in logger.filters:
     logger.addFilter(_DISK_FULL_FILTER)
   if not getattr(sys.unraisablehook, 'closed_loop_hook', False):
     sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
+  asyncio_logger = py_logging.getLogger('asyncio')
+  if _DAMAGED_READ_FILTER not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_DAMAGED_READ_FILTER)
 
 
 def create_manager(directory: str, *, max_to_keep: int | None = 2,
@@ -210,18 +251,223 @@ def restore_fingerprint(manager: ocp.CheckpointManager,
   return dict(restored[_FINGERPRINT])
 
 
+def newest_fingerprint(manager: ocp.CheckpointManager
+                       ) -> tuple[int, dict[str, Any] | None] | None:
+  """(step, its fingerprint) of the newest step whose fingerprint reads back.
+
+  A step whose fingerprint cannot be read (damaged) is passed over for the
+  next older one. Only fingerprints are read, so the state of the step
+  returned may still be damaged (`restore_newest_intact` reads it all).
+
+  Returns:
+    None when there is no checkpoint; the fingerprint is None for a step
+    saved without one.
+
+  Raises:
+    errors.NoIntactCheckpointError: there are checkpoints, and no
+      fingerprint among them reads back.
+  """
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, restore_fingerprint(manager, step)
+    except Exception as e:  # pylint: disable=broad-except
+      _reraise_if_not_damage(e)
+      damaged.append((step, e))
+  if damaged:
+    raise _no_intact(str(manager.directory), damaged) from damaged[0][1]
+  return None
+
+
 def latest_checked_step(manager: ocp.CheckpointManager,
                         fingerprint: Mapping[str, Any]) -> int | None:
-  """The newest checkpoint step, its fingerprint checked; None if none.
+  """The newest step with a readable fingerprint, checked; None if none.
+
+  See `newest_fingerprint`.
 
   Raises:
     ValueError: the checkpoint was written for a different model config.
+    errors.NoIntactCheckpointError: no fingerprint reads back.
   """
-  step = manager.latest_step()
-  if step is not None:
-    check_fingerprint(restore_fingerprint(manager, step), fingerprint,
-                      str(manager.directory))
-  return step
+  newest = newest_fingerprint(manager)
+  if newest is None:
+    return None
+  check_fingerprint(newest[1], fingerprint, str(manager.directory))
+  return newest[0]
+
+
+def _reraise_if_not_damage(error: Exception) -> None:
+  # Running out of memory says nothing about the files.
+  if isinstance(error, MemoryError):
+    raise error
+
+
+def _reason(error: BaseException, directory: str, limit: int = 240) -> str:
+  """What was wrong with a damaged step, in one line.
+
+  tensorstore nests its causes ('CODE: Error opening ...: Error reading ...
+  of local file "<path>": <what>' and the whole spec after them); its
+  innermost error reading a file names the file and what was wrong.
+  Paths are shown relative to `directory`.
+  """
+  lines = re.split(r' \[tensorstore_spec', str(error))[0].strip().splitlines()
+  message = lines[0] if lines else '(no message)'
+  code, _, rest = message.partition(': ')
+  if code.isupper() and 'local file "' in rest:
+    innermost = max(0, rest.rfind('Error ', 0, rest.rfind('local file "')))
+    message = f'{code}: {rest[innermost:]}'
+  message = message.replace(directory.rstrip(os.sep) + os.sep, '')
+  line = f'{type(error).__name__}: {message}'
+  return line if len(line) <= limit else line[:limit - 3] + '...'
+
+
+def _no_intact(directory: str, damaged: list[tuple[int, Exception]]
+               ) -> errors.NoIntactCheckpointError:
+  steps = ', '.join(str(step) for step, _ in damaged)
+  return errors.NoIntactCheckpointError(
+      f'No checkpoint in {directory} reads back: step(s) {steps} are '
+      f'damaged (step {damaged[0][0]}: {_reason(damaged[0][1], directory)}). '
+      'Fix: restore them from a backup, or move that directory aside to '
+      'train this stage again from the start.')
+
+
+def _agreed(ok: bool) -> bool:
+  """True when `ok` holds on every process (each may read other shards)."""
+  if jax.process_count() == 1:
+    return ok
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.asarray(ok, np.int32))
+  return bool(np.all(flags))
+
+
+def restore_newest_intact(manager: ocp.CheckpointManager,
+                          fingerprint: Mapping[str, Any],
+                          restore: Callable[[int], Any], *,
+                          set_aside: bool = False) -> tuple[Any, int] | None:
+  """`restore(step)` of the newest checkpoint that reads back.
+
+  Steps are tried newest first. A step is damaged when its fingerprint or
+  `restore` fails to read (a truncated or missing file, an empty one): it is
+  passed over for the next older step. A readable fingerprint of another
+  config stops the search (the workdir belongs to another config). When an
+  older step was restored, one warning names the damaged ones.
+
+  Every process makes the same choice: a step counts as damaged when its
+  reading failed on any process.
+
+  Args:
+    manager: from `create_manager`.
+    fingerprint: the current config's; must equal the stored one.
+    restore: step -> what to restore of it (e.g. `restore_step`).
+    set_aside: move the damaged steps newer than the restored one to
+      `<step>.damaged-<n>` (process 0; a trainer, which will save those step
+      numbers again). Readers leave them in place.
+
+  Returns:
+    (restore(step), step), or None when there is no checkpoint.
+
+  Raises:
+    ValueError: the checkpoint was written for a different model config.
+    errors.NoIntactCheckpointError: no checkpoint reads back (each is left
+      where it is).
+  """
+  directory = str(manager.directory)
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    error, result = None, None
+    try:
+      saved = restore_fingerprint(manager, step)
+    except Exception as e:  # pylint: disable=broad-except
+      _reraise_if_not_damage(e)
+      error = e
+    if _agreed(error is None):
+      check_fingerprint(saved, fingerprint, directory)
+      try:
+        _check_state_metadata(directory, step)
+        result = restore(step)
+      except Exception as e:  # pylint: disable=broad-except
+        _reraise_if_not_damage(e)
+        error = e
+      if _agreed(error is None):
+        if damaged:
+          _set_aside_damaged(manager, damaged, step, set_aside)
+        return result, step
+    damaged.append((step, error or ValueError('damaged on another process')))
+    _DAMAGED_STEPS.add(os.path.join(directory, str(step), ''))
+  if damaged:
+    raise _no_intact(directory, damaged) from damaged[0][1]
+  return None
+
+
+def step_looks_intact(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Cheap checks of step `step`: its fingerprint reads, its tree's metadata
+  is there. Its arrays are not read (a truncated data file shows only when
+  they are restored, see `restore_newest_intact`)."""
+  try:
+    restore_fingerprint(manager, step)
+    _check_state_metadata(str(manager.directory), step)
+  except Exception as e:  # pylint: disable=broad-except
+    _reraise_if_not_damage(e)
+    return False
+  return True
+
+
+def _check_state_metadata(directory: str, step: int) -> None:
+  """Raises FileNotFoundError when step `step` lacks its tree's metadata.
+
+  Without it orbax still reads the arrays that a partial restore names (the
+  loaders' restores work, the trainer's fails on the tree's types); a step
+  is the same step to both.
+  """
+  path = epath.Path(directory) / str(step) / _STATE / '_METADATA'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} is missing')
+
+
+def _set_aside_damaged(manager: ocp.CheckpointManager,
+                       damaged: list[tuple[int, Exception]], restored: int,
+                       set_aside: bool) -> None:
+  """Warns once about `damaged` steps; moves them aside if `set_aside`."""
+  directory = epath.Path(manager.directory)
+  steps = ', '.join(str(step) for step, _ in damaged)
+  reason = _reason(damaged[0][1], str(directory))
+  # Process 0 speaks for all (the others' consoles show their warnings).
+  warn = logging.warning if jax.process_index() == 0 else logging.info
+  if not set_aside:
+    warn(
+        'Checkpoint step(s) %s in %s are damaged (step %d: %s); using step %d '
+        'instead.', steps, directory, damaged[0][0], reason, restored)
+    return
+  # The same names on every process: chosen from the same listing, before
+  # process 0 renames anything.
+  moved = {step: _damaged_name(directory, step) for step, _ in damaged}
+  _sync('checkpoints_name_damaged')
+  if jax.process_index() == 0:
+    for step, name in moved.items():
+      (directory / str(step)).rename(directory / name)
+  _sync('checkpoints_set_aside_damaged')
+  manager.reload()
+  warn(
+      'Checkpoint step(s) %s in %s are damaged (step %d: %s); resuming from '
+      'step %d instead. Kept for inspection as %s.', steps, directory,
+      damaged[0][0], reason, restored, ', '.join(moved.values()))
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (a no-op with one)."""
+  if jax.process_count() > 1:
+    # pylint: disable-next=g-import-not-at-top
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _damaged_name(directory: epath.Path, step: int) -> str:
+  """`<step>.damaged-<n>` with the smallest n not yet taken in `directory`."""
+  n = 1
+  while (directory / f'{step}{DAMAGED_INFIX}{n}').exists():
+    n += 1
+  return f'{step}{DAMAGED_INFIX}{n}'
 
 
 def saved_structure(manager: ocp.CheckpointManager, step: int) -> PyTree:
@@ -258,8 +504,9 @@ def restore_subtrees(manager: ocp.CheckpointManager, step: int,
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
-                   fingerprint: Mapping[str, Any]) -> PyTree | None:
-  """Restores the newest checkpoint into the structure of `target`.
+                   fingerprint: Mapping[str, Any], *,
+                   set_aside: bool = False) -> PyTree | None:
+  """Restores the newest intact checkpoint into the structure of `target`.
 
   Args:
     manager: from `create_manager`.
@@ -267,17 +514,19 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
       with shardings, see `train.common.abstract_with_shardings`); arrays
       come back with those shardings.
     fingerprint: the current config's; must equal the stored one.
+    set_aside: move damaged newer steps aside (see `restore_newest_intact`).
 
   Returns:
     The restored state, or None when there is no checkpoint yet.
 
   Raises:
     ValueError: the checkpoint was written for a different model config.
+    errors.NoIntactCheckpointError: no checkpoint reads back.
   """
-  step = latest_checked_step(manager, fingerprint)
-  if step is None:
-    return None
-  return restore_step(manager, step, target)
+  restored = restore_newest_intact(
+      manager, fingerprint, lambda step: restore_step(manager, step, target),
+      set_aside=set_aside)
+  return None if restored is None else restored[0]
 
 
 def restore_step(manager: ocp.CheckpointManager, step: int,
@@ -302,8 +551,9 @@ def restore_step(manager: ocp.CheckpointManager, step: int,
 def check_directory(directory: str, fingerprint: Mapping[str, Any]) -> None:
   """Checks the newest checkpoint in `directory` (if any) against `fingerprint`.
 
-  Cheap (reads one small JSON file); trainers call it before building
-  anything, so a wrong --workdir fails in seconds.
+  Cheap (reads small JSON files); trainers call it before building
+  anything, so a wrong --workdir fails in seconds. A step whose fingerprint
+  is damaged is passed over (see `latest_checked_step`).
   """
   directory = epath.Path(directory).absolute()
   if not directory.exists():

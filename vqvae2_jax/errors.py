@@ -39,3 +39,11 @@ class Preempted(Exception):
   def __init__(self, message: str, *, step: int):
     super().__init__(message)
     self.step = step
+
+
+class NoIntactCheckpointError(UserError, ValueError):
+  """Every checkpoint of a stage is damaged: none reads back.
+
+  A ValueError as well, like the other checkpoint refusals (another
+  config's checkpoints), so callers that catch those catch this too.
+  """

@@ -86,17 +86,25 @@ def _restore_latest_subtrees(ckpt_dir: str, fingerprint: Mapping[str, Any],
                              ) -> tuple[dict[str, PyTree], int] | None:
   """Restores what `choose_target(saved structure)` names from the newest step.
 
+  A damaged newest step is passed over for the newest intact one, with a
+  warning, and left in place (`checkpoints.restore_newest_intact`).
+
   Returns None when `ckpt_dir` holds no checkpoint.
+
+  Raises:
+    ValueError: the checkpoint was written for a different model config.
+    errors.NoIntactCheckpointError: no checkpoint in `ckpt_dir` reads back.
   """
   if not os.path.isdir(ckpt_dir):
     return None
   manager = checkpoints.create_manager(ckpt_dir, read_only=True)
-  try:
-    step = checkpoints.latest_checked_step(manager, fingerprint)
-    if step is None:
-      return None
+
+  def restore(step):
     target = choose_target(checkpoints.saved_structure(manager, step))
-    return checkpoints.restore_subtrees(manager, step, target), step
+    return checkpoints.restore_subtrees(manager, step, target)
+
+  try:
+    return checkpoints.restore_newest_intact(manager, fingerprint, restore)
   finally:
     manager.close()
 
@@ -167,9 +175,8 @@ def check_codes_provenance(ckpt_dir: str,
     return
   manager = checkpoints.create_manager(ckpt_dir, read_only=True)
   try:
-    step = manager.latest_step()
-    saved = None if step is None else checkpoints.restore_fingerprint(
-        manager, step)
+    newest = checkpoints.newest_fingerprint(manager)
+    saved = None if newest is None else newest[1]
   finally:
     manager.close()
   if not saved:

@@ -118,9 +118,12 @@ def _log_path(mode: str, result: Any, workdir: str,
 def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes this run's config to workdir/config.json unless it is there.
 
-  The model fields agree for every run of a workdir (the checkpoints'
-  fingerprints see to it); training and sampling settings are the latest
-  run's. A read-only workdir is left as it is.
+  Only a config that the workdir's checkpoints accept is written
+  (`_refusal`): a run that a stage will refuse (another model config on a
+  trained workdir) leaves the recorded config, which still describes the
+  checkpoints, as it is. So the model fields agree for every run of a
+  workdir; training and sampling settings are the latest accepted run's.
+  A read-only workdir is left as it is.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   text = config.to_json(indent=1, sort_keys=True)
@@ -130,12 +133,72 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
   except OSError:
     pass
+  # On every process: orbax's reads may wait for all of them.
+  refusal = _refusal(config, workdir)
+  if refusal is not None:
+    logging.info('Not recording the config in %s: %s', path, refusal)
+    return
   if jax.process_index() != 0:
     return
   try:
     files.atomic_write(path, lambda f: f.write(text.encode()))
   except OSError as e:
     logging.info('Not recording the config in %s: %s', path, e)
+
+
+def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Why the checkpoints in `workdir` refuse `config`; None if they accept it.
+
+  The newest readable fingerprint of each stage's checkpoints (VQ-VAE,
+  priors, classifier) is compared with `config`'s, as the stages will
+  compare them; a prior's without the provenance of its codes, which the
+  prior stage checks against workdir/codes. Reads small JSON files only.
+  The stages raise the errors themselves when they run.
+
+  A workdir that holds an exported pipeline and no checkpoint (one
+  downloaded) is not written to: the file holds its config, checked when
+  sampling from it, and `Pipeline.load(workdir)` needs checkpoints anyway.
+  """
+  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import builders
+  from vqvae2_jax import checkpoints
+  from vqvae2_jax import loading
+  from vqvae2_jax.train import classifier_trainer
+  from vqvae2_jax.train import common
+  # pylint: enable=g-import-not-at-top
+  provenance = ('codes.vqvae_step', 'codes.vqvae_digest')
+  expected = {
+      loading.vqvae_dir(workdir): builders.vqvae_fingerprint(config),
+      classifier_trainer.stage_dir(workdir):
+          classifier_trainer.classifier_fingerprint(config),
+  }
+  for level in range(builders.num_levels(config)):
+    fingerprint = builders.prior_fingerprint(config, level,
+                                             {'step': 0, 'digest': ''})
+    expected[loading.prior_dir(workdir, level)] = {
+        k: v for k, v in fingerprint.items() if k not in provenance}
+  trained = False
+  for stage_dir, fingerprint in expected.items():
+    directory = common.checkpoint_dir(stage_dir)
+    if not os.path.isdir(directory):
+      continue
+    try:
+      with checkpoints.create_manager(directory, read_only=True) as manager:
+        newest = checkpoints.newest_fingerprint(manager)
+      if newest is None:
+        continue
+      trained = True
+      saved = newest[1]
+      if saved is not None and 'codes.vqvae_step' in saved:
+        saved = {k: v for k, v in saved.items() if k not in provenance}
+      checkpoints.check_fingerprint(saved, fingerprint, directory)
+    except ValueError as e:  # errors.NoIntactCheckpointError included.
+      return str(e)
+  export_dir = os.path.join(workdir, 'export')
+  if not trained and os.path.isdir(export_dir) and any(
+      n.endswith('.msgpack') for n in os.listdir(export_dir)):
+    return 'the workdir holds an exported pipeline and no checkpoint'
+  return None
 
 
 _TITLES = {

@@ -407,14 +407,16 @@ def load_classifier(config: ml_collections.ConfigDict, workdir: str,
   target = {'params': common.restore_target(progs).params}
   manager = checkpoints.create_manager(ckpt_dir, read_only=True)
   try:
-    step = checkpoints.latest_checked_step(manager,
-                                           classifier_fingerprint(config))
-    if step is None:
-      raise FileNotFoundError(f'No classifier checkpoint in {ckpt_dir}. Fix: '
-                              f'{_FIX_TRAIN}.')
-    params = checkpoints.restore_subtrees(manager, step, target)['params']
+    # The newest intact step: a damaged newer one is passed over.
+    restored = checkpoints.restore_newest_intact(
+        manager, classifier_fingerprint(config),
+        lambda step: checkpoints.restore_subtrees(manager, step, target))
   finally:
     manager.close()
+  if restored is None:
+    raise FileNotFoundError(f'No classifier checkpoint in {ckpt_dir}. Fix: '
+                            f'{_FIX_TRAIN}.')
+  params, step = restored[0]['params'], restored[1]
   return progs, params, step
 
 

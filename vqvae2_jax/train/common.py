@@ -573,13 +573,17 @@ def run_training(stage: Stage) -> dict[str, Any]:
                                        max_to_keep=cadence.keep_checkpoints)
   writer = None
   try:
-    _prune(manager, cadence.keep_checkpoints)
     writer = create_writer(os.fspath(stage.directory))
     # Resume order: the state (params, other variables, optimizer, RNG) from
-    # the newest checkpoint, then the data iterator positioned at its step.
-    # The initial state is built only when there is no checkpoint.
+    # the newest intact checkpoint, then the data iterator positioned at its
+    # step. Damaged newer steps are moved aside (this run saves their step
+    # numbers again). The initial state is built only when there is no
+    # checkpoint.
     state = checkpoints.restore_latest(manager, restore_target(stage.programs),
-                                       stage.fingerprint)
+                                       stage.fingerprint, set_aside=True)
+    # After the restore: pruning first could delete the intact steps that a
+    # damaged newest one needs to fall back on.
+    _prune(manager, cadence.keep_checkpoints)
     if state is None:
       state = stage.programs.init(stage.init_rng)
     start_step = int(state.step)
@@ -686,7 +690,9 @@ def _finished_metrics(stage: Stage, metrics_path: str
 
   Reads only: the newest checkpoint step comes from a read-only manager
   (when the directory exists), metrics.json must be valid, at the last step,
-  and hold the training figures.
+  and hold the training figures. A last checkpoint that is visibly damaged
+  (`checkpoints.step_looks_intact`) makes the stage unfinished: the run
+  resumes from the newest intact step and trains the rest again.
   """
   metrics = files.read_json(metrics_path)
   if not metrics or metrics.get('step') != stage.cadence.num_steps or not any(
@@ -697,7 +703,9 @@ def _finished_metrics(stage: Stage, metrics_path: str
   if not os.path.isdir(directory):
     return None
   with checkpoints.create_manager(directory, read_only=True) as manager:
-    if manager.latest_step() != stage.cadence.num_steps:
+    last = manager.latest_step()
+    if last != stage.cadence.num_steps or not checkpoints.step_looks_intact(
+        manager, last):
       return None
   return metrics
 
