@@ -3,11 +3,11 @@ r"""Trains the Fashion-MNIST judge once: the file that ships with the package.
   nice -n 19 python -m experiments.train_judge \
     --out=vqvae2_jax/evaluation/judges/fashion_mnist_judge.msgpack
 
-Reads the four files of the Debian package `dataset-fashion-mnist` (--data_dir,
-checked against vqvae2_jax/data/checksums/fashion_mnist.tsv), pads each
-28x28 image to the pipeline's 32x32 canvas in [-1, 1] exactly as
-`data.input_pipeline` does, and trains `evaluation.judges.JUDGES
-['fashion_mnist']`'s architecture (a VGG-style net with batch norm, another
+Reads the four files of the Debian package `dataset-fashion-mnist`
+(--data_dir, checked against vqvae2_jax/data/checksums/fashion_mnist.tsv)
+with `data.idx_files`, which pads each 28x28 image to the pipeline's 32x32
+canvas in [-1, 1] exactly as `data.input_pipeline` does, and trains
+`evaluation.judges.JUDGES['fashion_mnist']`'s architecture (a VGG-style net with batch norm, another
 family than the rejection scorer) on the 60,000 training images: SGD with
 Nesterov momentum, one epoch of linear warm-up then cosine decay to 0,
 weight decay on kernels, random shifts of up to 2 pixels (black fill) and
@@ -23,24 +23,22 @@ and with them the digest (the accuracy should agree to about 0.2 points).
 """
 
 import functools
-import gzip
-import hashlib
 import os
 import time
 
 from absl import app
 from absl import flags
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vqvae2_jax.data import idx_files
 from vqvae2_jax.evaluation import judges
 
 _OUT = flags.DEFINE_string('out', None, 'Where the weights file goes.')
 _DATA_DIR = flags.DEFINE_string(
-    'data_dir', '/usr/share/datasets/fashion-mnist',
+    'data_dir', idx_files.DEBIAN_DIRS['fashion_mnist'],
     'Directory of the four Fashion-MNIST .gz files.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Passes over the train split.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Batch size.')
@@ -55,42 +53,6 @@ _MAX_STEPS = flags.DEFINE_integer(
     'max_steps', 0, 'Stop after this many steps (timing runs); 0: all.')
 _LOG_EVERY = flags.DEFINE_integer('log_every', 50, 'Steps between logs.')
 flags.mark_flags_as_required(['out'])
-
-_CHECKSUMS = os.path.join(os.path.dirname(judges.__file__), os.pardir,
-                          os.pardir, 'data', 'checksums', 'fashion_mnist.tsv')
-
-
-def _read_idx(path: str, expected_sha256: str) -> np.ndarray:
-  with open(path, 'rb') as f:
-    raw = f.read()
-  digest = hashlib.sha256(raw).hexdigest()
-  if digest != expected_sha256:
-    raise ValueError(f'{path} has sha256 {digest}, not {expected_sha256}.')
-  data = gzip.decompress(raw)
-  dims = data[3]
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big')
-                for i in range(dims))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Images float32 [n, 32, 32, 1] in [-1, 1] (padded) and labels int32 [n].
-
-  Args:
-    data_dir: holds the Debian package's four .gz files.
-    split: 'train' or 'test' (the files' prefixes 'train' and 't10k').
-  """
-  with open(os.path.normpath(_CHECKSUMS)) as f:
-    sums = {line.split('\t')[3].strip(): line.split('\t')[2]
-            for line in f if line.strip()}
-  prefix = {'train': 'train', 'test': 't10k'}[split]
-  names = (f'{prefix}-images-idx3-ubyte.gz', f'{prefix}-labels-idx1-ubyte.gz')
-  images, labels = (_read_idx(os.path.join(data_dir, n), sums[n])
-                    for n in names)
-  # The pipeline's layout: centred on a black 32x32 canvas, x * 2/255 - 1.
-  images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
-  return (images.astype(np.float32) * (2.0 / 255.0) - 1.0,
-          labels.astype(np.int32))
 
 
 def augment(rng: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
@@ -109,8 +71,10 @@ def augment(rng: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
 def main(argv):
   del argv
   spec = judges.JUDGES['fashion_mnist']
-  train_x, train_y = load_split(_DATA_DIR.value, 'train')
-  test_x, test_y = load_split(_DATA_DIR.value, 'test')
+  train_x, train_y = idx_files.read_split('fashion_mnist', 'train',
+                                         _DATA_DIR.value, spec.image_size)
+  test_x, test_y = idx_files.read_split('fashion_mnist', 'test',
+                                       _DATA_DIR.value, spec.image_size)
   batch_size = _BATCH_SIZE.value
   steps_per_epoch = len(train_x) // batch_size
   num_steps = steps_per_epoch * _EPOCHS.value
@@ -125,7 +89,7 @@ def main(argv):
   train_model = spec.module().clone(flip_average=False)
   rng = jax.random.PRNGKey(_SEED.value)
   init_rng, aug_rng = jax.random.split(rng)
-  variables = train_model.init(init_rng, jnp.zeros((1, 32, 32, 1)))
+  variables = train_model.init(init_rng, jnp.zeros((1, *train_x.shape[1:])))
   params, batch_stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
   print(f'Judge: {sum(x.size for x in jax.tree.leaves(params)):,} parameters'
@@ -200,13 +164,9 @@ def main(argv):
   print(f'test top-1 on {len(test_x)} images: {plain:.4f} plain, '
         f'{averaged:.4f} flip-averaged (flip_average={spec.flip_average}); '
         f'{(time.time() - start) / 60:.1f} min', flush=True)
-  state = flax.serialization.to_state_dict(
-      jax.tree.map(lambda x: np.asarray(x, np.float32), variables))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(state))
+  digest = judges.save(variables, _OUT.value)
   print(f'Wrote {_OUT.value}: {os.path.getsize(_OUT.value):,} bytes, sha256 '
-        f'{judges.file_sha256(_OUT.value)}', flush=True)
+        f'{digest}', flush=True)
 
 
 if __name__ == '__main__':
