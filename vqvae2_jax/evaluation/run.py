@@ -126,12 +126,12 @@ def _judge_fn(dataset: str, batch: int) -> tuple[FeatureFn, dict[str, Any]]:
   module, variables, spec = judges.load(dataset)
 
   @jax.jit
-  def apply(images):
+  def apply(variables, images):
     features, logits = module.apply(variables, images)
     return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   def judge(images):
-    out = [jax.device_get(apply(jnp.asarray(images[i:i + batch])))
+    out = [jax.device_get(apply(variables, jnp.asarray(images[i:i + batch])))
            for i in range(0, len(images), batch)]
     return tuple(np.concatenate([o[k] for o in out]).astype(np.float64)
                  for k in (0, 1))
