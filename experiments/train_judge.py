@@ -140,7 +140,7 @@ def main(argv):
       if step == 1:
         loss.block_until_ready()
         last = (time.time(), step)  # Rates exclude compilation.
-      if step % _LOG_EVERY.value == 0:
+      if step % _LOG_EVERY.value == 0 and step > last[1]:
         loss, acc = float(loss), float(acc)
         now = time.time()
         rate = (step - last[1]) * batch_size / (now - last[0])
