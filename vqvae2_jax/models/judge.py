@@ -44,12 +44,12 @@ class Judge(nn.Module):
       None for the whole image (the padding of MNIST-family images carries
       no class information).
     flip_average: in evaluation, average the features and logits of each
-      image and its mirror image (the judge then cannot tell them apart,
-      as a ruler of datasets trained with flips should not).
+      image and its mirror image: a ruler that cannot tell the two apart,
+      as fits classes that flips do not change (it was trained with flips).
   """
   num_classes: int
   widths: Sequence[int] = (32, 64, 128)
-  convs_per_stage: Sequence[int] = (2, 2, 2)
+  convs_per_stage: Sequence[int] = (1, 2, 2)
   dropout: float = 0.0
   crop: tuple[int, int, int, int] | None = None
   flip_average: bool = False
