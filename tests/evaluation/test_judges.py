@@ -15,7 +15,7 @@ from vqvae2_jax.evaluation import judges
 _SHIPPED = judges.JUDGES['fashion_mnist']
 # Top-1 of the shipped judge on the first 2,000 test images (its training
 # printed the figure on all 10,000: _SHIPPED.test_accuracy).
-_TEST_2000_TOP1 = None
+_TEST_2000_TOP1 = 0.9385
 
 
 def test_shipped_file_has_the_recorded_digest():

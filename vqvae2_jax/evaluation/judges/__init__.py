@@ -9,8 +9,10 @@ candidates and is the CAS recipe). Fashion-MNIST's judge was made by
   nice -n 19 python -m experiments.train_judge \
     --out=vqvae2_jax/evaluation/judges/fashion_mnist_judge.msgpack
 
-(seed 26; see that script for the recipe and the time it takes). Loading
-checks the digest and refuses any other file.
+(seed 26; 10 epochs, 35 min on this project's 2-core CPU shared with other
+work; 93.04% top-1 on the 10,000 test images with flip averaging, 92.81%
+without; a 1.1 MB file). Loading checks the digest and refuses any other
+file.
 """
 
 import dataclasses
@@ -80,12 +82,13 @@ JUDGES = {
     'fashion_mnist': JudgeSpec(
         name='fashion_mnist',
         filename='fashion_mnist_judge.msgpack',
-        sha256='',
+        sha256=('6ec3557084a866967acb4189e01ce2fb'
+                'c5b4bf39b9c0f9ecd0f92bbf752376ef'),
         image_size=32, channels=1, num_classes=10,
         widths=(32, 64, 128), convs_per_stage=(1, 2, 2),
         crop=(2, 2, 28, 28),  # The 28x28 source area of the padded image.
         flip_average=True,
-        test_accuracy=0.0),
+        test_accuracy=0.9304),  # 0.9281 without flip averaging.
 }
 
 
