@@ -18,9 +18,11 @@ without flip averaging, and the written file's size and sha256 (to be
 recorded in JUDGES). The recipe, flip averaging included, was fixed before
 the one run that made the shipped file: the test split chose nothing.
 
-On one machine with the same JAX version and thread count the file comes out
-the same; elsewhere floating-point reductions may differ in the last bits,
-and with them the digest (the accuracy should agree to about 0.2 points).
+The shipped file's run printed experiments/figures/train_judge.log; this
+script, rerun on the same machine, repeats its first 100 steps to the last
+printed digit (a whole rerun, to compare digests, was not made). Another
+JAX version or CPU may round reductions differently, and then the digest
+differs and the accuracy by a few tenths of a point.
 """
 
 import functools
