@@ -33,6 +33,7 @@ _STAGES = {
 }
 PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
             'export')
+MODES = tuple(_STAGES) + ('all',)
 
 
 def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -52,7 +53,6 @@ def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     at = rest.index('sample')
     return rest[:at] + ('classifier',) + rest[at:]
   return PIPELINE
-MODES = tuple(_STAGES) + ('all',)
 
 
 def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
