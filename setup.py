@@ -9,7 +9,8 @@ setuptools.setup(
                 'fast cached sampling.',
     license='Apache-2.0',
     packages=setuptools.find_packages(include=['vqvae2_jax', 'vqvae2_jax.*']),
-    package_data={'vqvae2_jax': ['data/checksums/*.tsv']},
+    package_data={'vqvae2_jax': ['data/checksums/*.tsv',
+                                'evaluation/judges/*.msgpack']},
     python_requires='>=3.10',
     install_requires=[
         'absl-py',

@@ -92,6 +92,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   config.sampling.batch_size = 80
   config.eval.num_samples = 1000
+  # The shipped judge measures samples (evaluation/judges): the same ruler
+  # for every workdir, and not the classifier that scores rejection.
+  config.eval.features = 'judge'
 
   if variant == 'tiny':
     _make_tiny(config)

@@ -3,17 +3,19 @@ r"""Quality against diversity: rejection sampling, temperature and top-p.
   python -m experiments.rejection_tradeoff --config=configs/fashion_mnist.py \
     --workdir=workdir/fashion_mnist --out=experiments/figures
 
-Needs a finished workdir with a domain classifier (`--mode=all`). For each
+Needs a finished workdir with a domain classifier (`--mode=all` with
+rejection, or `--mode=classifier`), which scores the candidates. For each
 point (rejection keep in {1, 0.5, 0.25, 0.1, 0.05} at temperature 1, then
 temperature in {0.9, 0.8, 0.7} and top-p in {0.95, 0.9} without rejection)
 draws --num_samples class-balanced samples through --mode=sample's own
 function (so each point is a sample run under workdir/samples/, reused when
 rerun; --samples_workdir puts them elsewhere, for a workdir that is only
-read), and scores them against the whole held-out split with the domain
-classifier's features: FID, precision, recall (k=3), Inception Score and
-class agreement. samples/s counts generation of every candidate, decoding
-and classifier scoring, per kept sample; a reused run reports the time of
-the run that made it.
+read), and scores them against the whole held-out split with the eval's
+ruler (config.eval.features: Fashion-MNIST's shipped judge by default, so
+the scorer is not its own ruler): FID, precision, recall (k=3), Inception
+Score and class agreement. samples/s counts generation of every candidate,
+decoding and classifier scoring, per kept sample; a reused run reports the
+time of the run that made it.
 
 Writes <out>/rejection_tradeoff.{md,json,png}: the table, every figure, and
 two panels (precision against recall with each point labelled; FID against
@@ -89,10 +91,10 @@ def points() -> list[tuple[str, float, dict[str, float]]]:
 
 
 def markdown(rows: list[dict[str, float]], num_samples: int,
-             real_count: int) -> str:
-  """The table of every point."""
+             real_count: int, ruler: str = 'domain classifier') -> str:
+  """The table of every point, measured with `ruler` (a description)."""
   lines = [f'{num_samples} class-balanced samples per point against the '
-           f'{real_count} held-out images, domain-classifier features.', '',
+           f'{real_count} held-out images, measured with the {ruler}.', '',
            '| knob | value | FID | precision | recall | IS | class agreement '
            '| samples/s |', '|---|---|---|---|---|---|---|---|']
   for r in rows:
@@ -189,7 +191,8 @@ def main(argv):
                  'acceptance_rate': meta.get('acceptance_rate', 1.0),
                  'sample_run': meta['dir']})
     logging.info('%s', rows[-1])
-  table = markdown(rows, n, real.count)
+  table = markdown(rows, n, real.count,
+                   about.get('judge') or about['features'])
   print(table)
   out = _OUT.value
   files.atomic_write(os.path.join(out, 'rejection_tradeoff.md'),

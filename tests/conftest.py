@@ -97,3 +97,27 @@ def save_vqvae_checkpoint():
       manager.close()
 
   return save
+
+
+@pytest.fixture
+def tiny_judge(tmp_path):
+  """A random judge of a few hundred parameters, saved with its digest.
+
+  Returns a `judges.JudgeSpec` for Fashion-MNIST's images whose file is in
+  `tmp_path`: tests put it in place of the shipped judge
+  (`monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', spec)`) and never
+  depend on the shipped one's training.
+  """
+  # pylint: disable=g-import-not-at-top
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  spec = dataclasses.replace(
+      judges.JUDGES['fashion_mnist'], filename=str(tmp_path / 'tiny.msgpack'),
+      sha256='', widths=(4, 8), convs_per_stage=(1, 1), test_accuracy=0.1)
+  variables = spec.module().init(jax.random.PRNGKey(0),
+                                 jnp.zeros((1, 32, 32, 1)))
+  return dataclasses.replace(spec, sha256=judges.save(variables,
+                                                      spec.filename))

@@ -98,4 +98,21 @@ def test_every_mode_has_a_stage():
 def test_pipeline_order():
   assert stages.PIPELINE == ('vqvae', 'codes', 'prior', 'sample',
                              'classifier', 'eval', 'export')
+
+
+def test_all_trains_the_classifier_only_where_it_is_used():
+  config = fashion_mnist.get_config('tiny')
+  assert config.eval.features == 'judge' and not config.eval.cas
+  assert config.sampling.rejection_keep == 1.0
+  without = ('vqvae', 'codes', 'prior', 'sample', 'eval', 'export')
+  assert stages.pipeline_modes(config) == without
+  for field, value in (('features', 'classifier'), ('features', 'inception'),
+                       ('cas', True)):
+    changed = fashion_mnist.get_config('tiny')
+    changed.eval[field] = value
+    assert stages.pipeline_modes(changed) == stages.PIPELINE, field
+  # Rejection scores the samples with it: it is trained before them.
+  config.sampling.rejection_keep = 0.5
+  assert stages.pipeline_modes(config) == (
+      'vqvae', 'codes', 'prior', 'classifier', 'sample', 'eval', 'export')
   assert fashion_mnist.get_config('tiny').prior.level == -1

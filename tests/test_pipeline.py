@@ -23,6 +23,7 @@ from vqvae2_jax import parallel
 from vqvae2_jax import sampling
 from vqvae2_jax import stages
 from vqvae2_jax.data import input_pipeline
+from vqvae2_jax.evaluation import judges
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TINY = ['--config=configs/fashion_mnist.py:tiny',
@@ -30,7 +31,11 @@ _TINY = ['--config=configs/fashion_mnist.py:tiny',
          '--config.data.train_split=train[:256]',
          '--config.data.eval_split=test[:64]',
          '--config.vqvae_train.eval_batch_size=32',
-         '--config.prior.eval_batch_size=32']
+         '--config.prior.eval_batch_size=32',
+         # The domain classifier as the ruler, so that --mode=all trains it
+         # for the rejection and CAS tests below; the judge's eval is
+         # test_eval_with_the_judge's.
+         '--config.eval.features=classifier']
 
 
 def _tiny_config(**sampling):
@@ -216,6 +221,35 @@ def test_eval_with_cas(workdir, tmp_path):
   for row in cas.values():
     assert 0.0 <= row['accuracy'] <= row['top5_accuracy'] <= 1.0
   assert (copy / 'eval' / 'cas_samples' / 'metrics.json').exists()
+
+
+def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):
+  copy = tmp_path / 'judged'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'classifier')  # The judge's eval needs none.
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  config = _tiny_config()
+  config.eval.features = 'judge'
+  report = stages.run('eval', config, str(copy))['eval']
+  assert report['judge_sha256'] == tiny_judge.sha256
+  assert report['features'] == 'judge (pooled, 8-d)'
+  assert 'classifier_step' not in report
+  for section in ('samples', 'real_vs_real'):
+    for key in ('fid', 'kid', 'inception_score', 'precision', 'recall'):
+      assert np.isfinite(report[section][key]), (section, key)
+  assert 0.0 <= report['samples']['class_agreement'] <= 1.0
+  # Another ruler than the fixture's (the domain classifier's features).
+  before = json.loads((workdir / 'eval' / 'report.json').read_text())
+  assert before['samples']['fid'] != report['samples']['fid']
+  text = (copy / 'eval' / 'report.md').read_text()
+  assert tiny_judge.sha256 in text and 'Ruler of the sample metrics' in text
+  # A file that is not the recorded one is refused before any work.
+  data = bytearray(open(tiny_judge.path, 'rb').read())
+  data[-1] ^= 1
+  with open(tiny_judge.path, 'wb') as f:
+    f.write(bytes(data))
+  with pytest.raises(judges.JudgeFileError, match='Fix: '):
+    stages.run('eval', config, str(copy))
 
 
 def _sum_of_top_codes(images, codes, labels):

@@ -12,10 +12,11 @@ import ml_collections
 
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
+from vqvae2_jax.evaluation import judges
 from vqvae2_jax.models import quantizer as quantizer_lib
 
 _CHANNELS = (1, 3)
-_FEATURES = ('classifier', 'inception')
+_FEATURES = ('judge', 'classifier', 'inception')
 _QUANTIZERS = ('ema', 'vq')
 _DTYPES = ('float32', 'bfloat16')
 _PRECISIONS = ('default', 'high', 'highest')
@@ -27,6 +28,24 @@ def _fail(field: str, problem: str, fix: str) -> None:
 
 def _is_power_of_two(n: int) -> bool:
   return n >= 1 and (n & (n - 1)) == 0
+
+
+def _check_judge(data: ml_collections.ConfigDict) -> None:
+  """eval.features='judge' needs a shipped judge that takes these images."""
+  if not judges.has_judge(data.name):
+    _fail('eval.features',
+          f"is 'judge' but no judge ships for data.name={data.name!r} "
+          f'(judges: {", ".join(sorted(judges.JUDGES))})',
+          "set eval.features='inception' with eval.inception_weights, or "
+          "'classifier' (the workdir's domain classifier)")
+  spec = judges.JUDGES[data.name]
+  if (data.image_size, data.channels) != (spec.image_size, spec.channels):
+    _fail('eval.features',
+          f"is 'judge', whose {data.name} judge takes {spec.image_size}x"
+          f'{spec.image_size}x{spec.channels} images, not {data.image_size}x'
+          f'{data.image_size}x{data.channels}',
+          f'use data.image_size={spec.image_size} and data.channels='
+          f"{spec.channels}, or eval.features='classifier'")
 
 
 def known_dataset(name: str) -> bool:
@@ -217,6 +236,8 @@ def validate_config(config: ml_collections.ConfigDict,
   if evaluation.features not in _FEATURES:
     _fail('eval.features', f'is {evaluation.features!r}',
           f'use one of {_FEATURES}')
+  if evaluation.features == 'judge':
+    _check_judge(data)
   if evaluation.num_samples < 2:
     _fail('eval.num_samples', f'is {evaluation.num_samples}',
           'score at least 2 samples (10,000 is the usual count)')

@@ -5,8 +5,9 @@ r"""Runs a stage of VQ-VAE-2, or the whole pipeline.
 
 Modes: data (prepare and preview the input), vqvae (stage 1), codes (extract
 the training set's codes), prior (stage 2), sample (stage 3), classifier (the
-domain classifier of the sample metrics), eval (the evaluation report),
-export (every stage in one file for `vqvae2_jax.Pipeline.load`), all.
+domain classifier: rejection scorer and CAS recipe), eval (the evaluation
+report), export (every stage in one file for `vqvae2_jax.Pipeline.load`),
+all (the classifier only where rejection, CAS or the ruler uses it).
 Every stage resumes from what `workdir` already holds.
 
 The console shows each stage's header, progress, results and files, and

@@ -36,6 +36,25 @@ PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
 MODES = tuple(_STAGES) + ('all',)
 
 
+def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The stages --mode=all runs for `config`, in order.
+
+  PIPELINE, except for the domain classifier: it runs only where something
+  uses it (rejection sampling scores candidates with it, CAS compares with
+  it, and the 'classifier' and 'inception' rulers take its probabilities),
+  and before the samples when it scores them. With the shipped judge as the
+  ruler and neither rejection nor CAS, its minutes are saved.
+  """
+  rejection = float(config.sampling.rejection_keep) < 1.0
+  if not (rejection or config.eval.cas or config.eval.features != 'judge'):
+    return tuple(m for m in PIPELINE if m != 'classifier')
+  if rejection:
+    rest = tuple(m for m in PIPELINE if m != 'classifier')
+    at = rest.index('sample')
+    return rest[:at] + ('classifier',) + rest[at:]
+  return PIPELINE
+
+
 def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
   """Returns the function that runs `mode`, or raises a plain error."""
   if mode not in _STAGES:
@@ -63,7 +82,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
     console.follow()  # Process 0 speaks for all.
   config_validation.validate_config(config, num_devices=jax.device_count())
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
-  modes = PIPELINE if mode == 'all' else (mode,)
+  modes = pipeline_modes(config) if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):
     _record_config(config, workdir)
   results, seconds = {}, {}
@@ -207,7 +226,7 @@ _TITLES = {
     'codes': 'codes: every level\'s codes of the train and held-out splits',
     'prior': 'prior: stage 2, a PixelCNN prior per level',
     'sample': 'sample: stage 3, codes sampled top-down and decoded',
-    'classifier': 'classifier: the domain classifier of the sample metrics',
+    'classifier': 'classifier: the domain classifier (rejection scorer, CAS)',
     'eval': 'eval: the evaluation report',
     'export': 'export: every stage in one file',
 }

@@ -3,9 +3,9 @@ r"""--mode=eval: how good are the reconstructions, the priors and the samples.
   python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
     --workdir=/tmp/vqvae2_fmnist --mode=eval
 
-Loads what the workdir holds (stage 1, the priors, the domain classifier of
---mode=classifier, sample runs) and writes workdir/eval/report.json and
-report.md:
+Loads what the workdir holds (stage 1, the priors, sample runs, and the
+domain classifier of --mode=classifier unless the judge is the ruler) and
+writes workdir/eval/report.json and report.md:
 
 - reconstructions of the held-out split: MSE and PSNR (also over the
   dataset's original area, e.g. the 28x28 centre of padded Fashion-MNIST),
@@ -22,10 +22,13 @@ report.md:
   trained on samples only, beside one trained on reconstructions and the
   domain classifier trained on real data, all tested on the held-out split.
 
-Features are the domain classifier's pooled features (config.eval.features
-= 'classifier'; the only choice without downloaded weights) or FID's
-Inception-v3 ('inception', config.eval.inception_weights). Class
-probabilities (IS, class agreement) always come from the domain classifier.
+The ruler (config.eval.features): 'judge', a fixed network shipped with the
+package for the dataset (Fashion-MNIST's default; `evaluation.judges`, its
+sha256 checked), gives both the features (FID, KID, precision/recall) and
+the class probabilities (IS, class agreement), and is never the network
+that scored rejection candidates. Otherwise the probabilities come from the
+workdir's domain classifier, and the features from it ('classifier') or
+from FID's Inception-v3 ('inception', config.eval.inception_weights).
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -50,6 +53,7 @@ from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import layout
+from vqvae2_jax.evaluation import judges
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.train import classifier_trainer
@@ -68,16 +72,29 @@ def eval_dir(workdir: str) -> str:
 
 def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
                 ) -> tuple[FeatureFn, dict[str, Any]]:
-  """The eval's feature network (config.eval.features) and what it is.
+  """The eval's ruler (config.eval.features) and what it is.
+
+  'judge': the shipped judge of config.data.name gives features and
+  probabilities, and the workdir's domain classifier is not needed.
+  'classifier' and 'inception': the domain classifier gives the
+  probabilities, and its own or Inception-v3's pool features the features.
 
   Returns:
     (images [n, h, w, c] in [-1, 1] -> (features float64 [n, d],
-    domain-classifier probabilities float64 [n, C]), a description: the
-    classifier's step and fingerprint, the features' name).
+    probabilities float64 [n, C]), a description for the report: the
+    features' name, and the judge (name, digest) or the classifier's step
+    and fingerprint).
+
+  Raises:
+    judges.JudgeFileError: the judge's file is missing or not the shipped
+      one.
   """
+  batch = int(config.eval.batch_size)
+  if config.eval.features == 'judge':
+    return _judge_fn(config.data.name, batch)
+
   progs, params, step = classifier_trainer.load_classifier(config, workdir,
                                                            mesh)
-  batch = int(config.eval.batch_size)
   about = {'classifier_step': step,
            'classifier_fingerprint': classifier_trainer.classifier_fingerprint(
                config)}
@@ -102,6 +119,27 @@ def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
     return np.concatenate(feats), classify(images)[1]
 
   return both, about
+
+
+def _judge_fn(dataset: str, batch: int) -> tuple[FeatureFn, dict[str, Any]]:
+  """The shipped judge's features and softmax, its digest checked."""
+  module, variables, spec = judges.load(dataset)
+
+  @jax.jit
+  def apply(variables, images):
+    features, logits = module.apply(variables, images)
+    return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  def judge(images):
+    out = [jax.device_get(apply(variables, jnp.asarray(images[i:i + batch])))
+           for i in range(0, len(images), batch)]
+    return tuple(np.concatenate([o[k] for o in out]).astype(np.float64)
+                 for k in (0, 1))
+
+  about = {'features': f'judge (pooled, {spec.widths[-1]}-d)',
+           'judge': spec.describe(), 'judge_sha256': spec.sha256,
+           'judge_test_accuracy': spec.test_accuracy}
+  return judge, about
 
 
 def _real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
@@ -409,7 +447,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
       f'Workdir `{report["workdir"]}`, VQ-VAE step {report["vqvae_step"]}, '
       f'features: {report["features"]}; held-out split '
       f'`{report["held_out_split"]}` ({int(report["held_out_examples"])} '
-      'images).', '',
+      'images).', '']
+  if report.get('judge'):
+    lines += [f'Ruler of the sample metrics: the {report["judge"]}.', '']
+  lines += [
       '## Reconstructions (held-out split)', '',
       '| metric | value |', '|---|---|',
       f'| MSE, pixels in [-1, 1], whole image | {_fmt(r["mse"])} |',
