@@ -22,6 +22,31 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def crop_images(images: Array, crop: Sequence[int] | None, who: str
+                ) -> Array:
+  """[b, h, w, c] images cut to `crop` = (top, left, height, width).
+
+  Args:
+    images: float [b, h, w, c].
+    crop: the area to keep (e.g. Fashion-MNIST's 28x28 source area of a
+      32x32 canvas), or None for the whole image.
+    who: the network's name, for the error messages.
+
+  Returns:
+    [b, height, width, c].
+  """
+  if images.ndim != 4:
+    raise ValueError(f'{who} expects images [b, h, w, c], got shape '
+                     f'{images.shape}.')
+  if crop is None:
+    return images
+  top, left, height, width = crop
+  if top + height > images.shape[1] or left + width > images.shape[2]:
+    raise ValueError(f'Crop {tuple(crop)} does not fit images of shape '
+                     f'{images.shape}.')
+  return images[:, top:top + height, left:left + width]
+
+
 class ResidualBlock(nn.Module):
   """Pre-activation residual block: (norm, relu, 3x3 conv) twice.
 
@@ -88,15 +113,7 @@ class Classifier(nn.Module):
       (features float32 [b, width * 2**(stages - 1)],
        logits float32 [b, num_classes]).
     """
-    if images.ndim != 4:
-      raise ValueError(f'Classifier expects images [b, h, w, c], got shape '
-                       f'{images.shape}.')
-    if self.crop is not None:
-      top, left, height, width = self.crop
-      if top + height > images.shape[1] or left + width > images.shape[2]:
-        raise ValueError(f'Crop {self.crop} does not fit images of shape '
-                         f'{images.shape}.')
-      images = images[:, top:top + height, left:left + width]
+    images = crop_images(images, self.crop, 'Classifier')
     x = nn.Conv(self.width, (3, 3), use_bias=False, name='stem')(
         images.astype(jnp.float32))
     for stage, num_blocks in enumerate(self.stage_sizes):

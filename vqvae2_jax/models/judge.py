@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqvae2_jax.models import classifier
+
 Array = jax.Array
 
 
@@ -68,15 +70,7 @@ class Judge(nn.Module):
     Returns:
       (features float32 [b, widths[-1]], logits float32 [b, num_classes]).
     """
-    if images.ndim != 4:
-      raise ValueError(f'Judge expects images [b, h, w, c], got shape '
-                       f'{images.shape}.')
-    if self.crop is not None:
-      top, left, height, width = self.crop
-      if top + height > images.shape[1] or left + width > images.shape[2]:
-        raise ValueError(f'Crop {self.crop} does not fit images of shape '
-                         f'{images.shape}.')
-      images = images[:, top:top + height, left:left + width]
+    images = classifier.crop_images(images, self.crop, 'Judge')
     if len(self.convs_per_stage) != len(self.widths):
       raise ValueError(f'Judge has {len(self.widths)} widths and '
                        f'{len(self.convs_per_stage)} convs_per_stage.')
