@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 10_000  # Samples scored by sample metrics.
   evaluation.batch_size = 256  # Images per feature batch (and samples per sampling batch).
-  evaluation.features = 'classifier'  # Sample metrics' ruler: 'judge' (shipped for data.name), 'classifier' or 'inception'.
+  evaluation.features = 'classifier'  # Sample metrics' ruler: 'judge' (shipped for data.name), 'auto' (the judge where one ships, else 'classifier'), 'classifier' or 'inception'.
   evaluation.inception_weights = ''  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (features='inception').
   evaluation.kid_subset_size = 1000  # Examples per KID subset (capped by the set sizes).
   evaluation.kid_subsets = 100  # KID subsets averaged.

@@ -93,8 +93,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.sampling.batch_size = 80
   config.eval.num_samples = 1000
   # The shipped judge measures samples (evaluation/judges): the same ruler
-  # for every workdir, and not the classifier that scores rejection.
-  config.eval.features = 'judge'
+  # for every workdir, and not the classifier that scores rejection. 'auto':
+  # the domain classifier where no judge takes the images (an image folder).
+  config.eval.features = 'auto'
 
   if variant == 'tiny':
     _make_tiny(config)

@@ -102,14 +102,18 @@ def test_pipeline_order():
 
 def test_all_trains_the_classifier_only_where_it_is_used():
   config = fashion_mnist.get_config('tiny')
-  assert config.eval.features == 'judge' and not config.eval.cas
+  assert config.eval.features == 'auto' and not config.eval.cas
   assert config.sampling.rejection_keep == 1.0
   without = ('vqvae', 'codes', 'prior', 'sample', 'eval', 'export')
   assert stages.pipeline_modes(config) == without
-  for field, value in (('features', 'classifier'), ('features', 'inception'),
-                       ('cas', True)):
+  for field, value in (('eval.features', 'classifier'),
+                       ('eval.features', 'inception'), ('eval.cas', True),
+                       # No judge takes an image folder: 'auto' is the
+                       # domain classifier there.
+                       ('data.name', 'image_folder')):
     changed = fashion_mnist.get_config('tiny')
-    changed.eval[field] = value
+    section, name = field.split('.')
+    changed[section][name] = value
     assert stages.pipeline_modes(changed) == stages.PIPELINE, field
   # Rejection scores the samples with it: it is trained before them.
   config.sampling.rejection_keep = 0.5

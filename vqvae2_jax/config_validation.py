@@ -16,7 +16,7 @@ from vqvae2_jax.evaluation import judges
 from vqvae2_jax.models import quantizer as quantizer_lib
 
 _CHANNELS = (1, 3)
-_FEATURES = ('judge', 'classifier', 'inception')
+_FEATURES = ('auto', 'judge', 'classifier', 'inception')
 _QUANTIZERS = ('ema', 'vq')
 _DTYPES = ('float32', 'bfloat16')
 _PRECISIONS = ('default', 'high', 'highest')

@@ -19,6 +19,7 @@ from vqvae2_jax import config_validation
 from vqvae2_jax import console
 from vqvae2_jax import files
 from vqvae2_jax import parallel
+from vqvae2_jax.evaluation import judges
 
 # mode -> (module, function). 'all' runs the stages in this order.
 _STAGES = {
@@ -46,7 +47,8 @@ def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   ruler and neither rejection nor CAS, its minutes are saved.
   """
   rejection = float(config.sampling.rejection_keep) < 1.0
-  if not (rejection or config.eval.cas or config.eval.features != 'judge'):
+  judged = judges.config_ruler(config) == 'judge'
+  if not (rejection or config.eval.cas or not judged):
     return tuple(m for m in PIPELINE if m != 'classifier')
   if rejection:
     rest = tuple(m for m in PIPELINE if m != 'classifier')

@@ -88,3 +88,12 @@ def test_shipped_judge_scores_its_recorded_accuracy():
   # One image of slack for another CPU's rounding.
   assert abs(correct / 2000 - _TEST_2000_TOP1) <= 1 / 2000, correct / 2000
   assert _TEST_2000_TOP1 >= 0.9
+
+
+def test_auto_ruler_is_the_judge_only_where_one_takes_the_images():
+  assert judges.ruler('auto', 'fashion_mnist', 32, 1) == 'judge'
+  assert judges.ruler('auto', 'fashion_mnist', 64, 1) == 'classifier'
+  assert judges.ruler('auto', 'image_folder', 32, 1) == 'classifier'
+  assert judges.ruler('auto', 'cifar10', 32, 3) == 'classifier'
+  for named in ('judge', 'classifier', 'inception'):
+    assert judges.ruler(named, 'image_folder', 32, 1) == named

@@ -29,6 +29,8 @@ the class probabilities (IS, class agreement), and is never the network
 that scored rejection candidates. Otherwise the probabilities come from the
 workdir's domain classifier, and the features from it ('classifier') or
 from FID's Inception-v3 ('inception', config.eval.inception_weights).
+'auto' is the judge where one ships for the data and its image size, else
+the domain classifier (`judges.ruler`).
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -90,7 +92,8 @@ def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
       one.
   """
   batch = int(config.eval.batch_size)
-  if config.eval.features == 'judge':
+  ruler = judges.config_ruler(config)
+  if ruler == 'judge':
     return _judge_fn(config.data.name, batch)
 
   progs, params, step = classifier_trainer.load_classifier(config, workdir,
@@ -103,7 +106,7 @@ def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
     return classifier_trainer.predict_batches(progs, params, images, mesh,
                                               batch)
 
-  if config.eval.features == 'classifier':
+  if ruler == 'classifier':
     about['features'] = 'domain classifier (pooled, %d-d)' % (
         progs.model.width * 2**(len(progs.model.stage_sizes) - 1))
     return classify, about

@@ -97,6 +97,32 @@ def has_judge(dataset: str) -> bool:
   return dataset in JUDGES
 
 
+def ruler(features: str, dataset: str, image_size: int, channels: int
+          ) -> str:
+  """The sample metrics' ruler that config.eval.features names.
+
+  'auto' is the shipped judge where one ships for `dataset` and takes its
+  images, else the workdir's domain classifier (an image folder run with
+  Fashion-MNIST's config, say); any other value names itself.
+
+  Returns:
+    'judge', 'classifier' or 'inception'.
+  """
+  if features != 'auto':
+    return features
+  spec = JUDGES.get(dataset)
+  if spec and (image_size, channels) == (spec.image_size, spec.channels):
+    return 'judge'
+  return 'classifier'
+
+
+def config_ruler(config: Any) -> str:
+  """`ruler` of a run's config (its eval.features and data section)."""
+  data = config.data
+  return ruler(config.eval.features, data.name, int(data.image_size),
+               int(data.channels))
+
+
 def file_sha256(path: str) -> str:
   """Hex sha256 of the file at `path`."""
   digest = hashlib.sha256()
