@@ -81,11 +81,12 @@ def parse_variant(name: str) -> dict[str, Any]:
   """'bf16_unroll8' -> {'truncate': False, 'unroll': 8, 'dtype': bf16}."""
   match = re.fullmatch(r'(cond|static|bf16)?_?(?:unroll(\d+))?', name)
   if not match or not name:
-    raise ValueError(f'Unknown variant {name!r}. Fix: use cond, static, '
+    raise app.UsageError(f'Unknown variant {name!r}. Fix: use cond, static, '
                      'unroll<n>, bf16 or bf16_unroll<n>.')
   kind, unroll = match.group(1), int(match.group(2) or 1)
   if kind == 'cond' and unroll != 1:
-    raise ValueError(f'The variant {name!r}: cond is measured without unroll.')
+    raise app.UsageError(f'The variant {name!r}: cond is measured without '
+                         'unroll. Fix: use cond alone, or unroll<n>.')
   return {'truncate': None if kind == 'cond' else False, 'unroll': unroll,
           'dtype': jnp.bfloat16 if kind == 'bf16' else None}
 

@@ -52,11 +52,16 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
 
+from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.models import pixelcnn
 
 Array = jax.Array
 PyTree = Any
+
+
+class SamplingInputError(errors.UserError, ValueError):
+  """Arguments a sampler cannot take; the message ends with the fix."""
 
 
 def filter_logits(logits: Array, temperature: Array, top_k: Array,
@@ -295,7 +300,7 @@ def _example_ids(shape: tuple[int, int, int]) -> Array:
 
 
 def _check_range(name: str, values: Array, high: int, fix: str) -> None:
-  """Raises ValueError unless every (concrete) value lies in [0, high).
+  """Raises SamplingInputError unless every (concrete) value lies in [0, high).
 
   Out-of-range indices do not fail inside XLA: embeddings read NaN or clip
   silently. Traced values (inside a caller's jit) cannot be checked here.
@@ -304,7 +309,7 @@ def _check_range(name: str, values: Array, high: int, fix: str) -> None:
     return
   lo, hi = int(jnp.min(values)), int(jnp.max(values))
   if lo < 0 or hi >= high:
-    raise ValueError(f'{name} has values in [{lo}, {hi}], outside [0, '
+    raise SamplingInputError(f'{name} has values in [{lo}, {hi}], outside [0, '
                      f'{high - 1}]. Fix: {fix}')
 
 
@@ -314,24 +319,24 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
                   ) -> tuple[tuple[int, int, int], tuple[Array, ...],
                              Optional[Array]]:
   if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(f'shape must be (batch, h, w) with positive sizes, got '
+    raise SamplingInputError(f'shape must be (batch, h, w) with positive sizes, got '
                      f'{tuple(shape)}. Fix: pass the batch and the side of '
                      "the level's latent map, e.g. (8, 8, 8).")
   shape = tuple(int(s) for s in shape)
   if mesh is not None and shape[0] % mesh.size:
-    raise ValueError(
+    raise SamplingInputError(
         f'The batch of {shape[0]} maps does not split over the {mesh.size} '
         'devices of the mesh. Fix: use a multiple of that many maps '
         '(config.sampling.batch_size).')
   cond_codes = tuple(jnp.asarray(x, jnp.int32) for x in cond_codes)
   if len(cond_codes) != len(model.cond_num_embeddings):
-    raise ValueError(
+    raise SamplingInputError(
         f'Got {len(cond_codes)} conditioning code maps for a prior over '
         f'{len(model.cond_num_embeddings)} upper levels. Fix: pass the codes '
         'of every upper level, top first.')
   for j, x in enumerate(cond_codes):
     if x.ndim != 3 or x.shape[0] != shape[0]:
-      raise ValueError(f'cond_codes[{j}] has shape {x.shape}. Fix: pass '
+      raise SamplingInputError(f'cond_codes[{j}] has shape {x.shape}. Fix: pass '
                        f'[{shape[0]}, h_{j}, w_{j}] codes (one map per '
                        'sample).')
     _check_range(f'cond_codes[{j}]', x, model.cond_num_embeddings[j],
@@ -343,14 +348,14 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
       labels = jnp.full((shape[0],), model.num_classes, jnp.int32)
     labels = jnp.asarray(labels, jnp.int32)
     if labels.shape != (shape[0],):
-      raise ValueError(f'labels has shape {labels.shape}. Fix: pass one '
+      raise SamplingInputError(f'labels has shape {labels.shape}. Fix: pass one '
                        f'label per map, shape ({shape[0]},).')
     _check_range('labels', labels, model.num_classes + 1,
                  f'use class indices 0..{model.num_classes - 1}, or '
                  f'{model.num_classes} (or labels=None) for the unconditional '
                  'path; -1 is not "no label".')
   elif labels is not None:
-    raise ValueError('labels given to a prior built with num_classes=0. '
+    raise SamplingInputError('labels given to a prior built with num_classes=0. '
                      'Fix: pass labels=None.')
   return shape, cond_codes, labels
 
@@ -359,12 +364,12 @@ def _controls(temperature: float, top_k: int, top_p: float
               ) -> tuple[Array, Array, Array]:
   """The controls as traced arrays, after checking them."""
   if not temperature > 0:
-    raise ValueError(f'temperature is {temperature}. Fix: use a value > 0 '
+    raise SamplingInputError(f'temperature is {temperature}. Fix: use a value > 0 '
                      '(1.0 samples the model as trained).')
   if top_k < 0:
-    raise ValueError(f'top_k is {top_k}. Fix: use 0 (off) or k >= 1.')
+    raise SamplingInputError(f'top_k is {top_k}. Fix: use 0 (off) or k >= 1.')
   if not 0.0 < top_p <= 1.0:
-    raise ValueError(f'top_p is {top_p}. Fix: use a value in (0, 1] (1.0 '
+    raise SamplingInputError(f'top_p is {top_p}. Fix: use a value in (0, 1] (1.0 '
                      'is off).')
   return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
           jnp.asarray(top_p, jnp.float32))
@@ -377,7 +382,7 @@ def _truncates(top_k: int, top_p: float) -> bool:
 
 def _check_unroll(unroll: int) -> int:
   if isinstance(unroll, bool) or int(unroll) != unroll or unroll < 1:
-    raise ValueError(f'unroll is {unroll!r}. Fix: use a whole number >= 1 '
+    raise SamplingInputError(f'unroll is {unroll!r}. Fix: use a whole number >= 1 '
                      '(1 is a plain loop over positions).')
   return int(unroll)
 
@@ -474,7 +479,7 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   total = shape[1] * shape[2]
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
-    raise ValueError(f'num_positions is {n}. Fix: use 0..{total} (or None '
+    raise SamplingInputError(f'num_positions is {n}. Fix: use 0..{total} (or None '
                      'for the whole map).')
   return _build(model, shape, True, _sampling_mesh(mesh),
                 _truncates(top_k, top_p))(
@@ -522,7 +527,7 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     Code maps [batch_size, h_l, w_l] int32, top first.
   """
   if len(priors) != len(level_shapes):
-    raise ValueError(f'Got {len(priors)} priors for {len(level_shapes)} '
+    raise SamplingInputError(f'Got {len(priors)} priors for {len(level_shapes)} '
                      'levels. Fix: pass one (model, variables) per level, '
                      'top first.')
   codes = []
@@ -564,7 +569,7 @@ def cast_prior(model: pixelcnn.PixelCNNPrior, variables: PyTree, dtype: Any
   """
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f'dtype is {dtype}. Fix: use a float dtype, e.g. '
+    raise SamplingInputError(f'dtype is {dtype}. Fix: use a float dtype, e.g. '
                      "'bfloat16' or 'float32'.")
   return model.clone(dtype=dtype), _cast_floats(variables, dtype)
 
@@ -579,7 +584,7 @@ def candidates_per_sample(keep: float) -> int:
   keep = 0.1 draw 10 candidates, not 11.
   """
   if not 0.0 < keep <= 1.0:
-    raise ValueError(f'rejection keep is {keep}. Fix: use a fraction in '
+    raise SamplingInputError(f'rejection keep is {keep}. Fix: use a fraction in '
                      '(0, 1]; 1.0 keeps every sample.')
   return max(1, math.ceil(1.0 / keep - 1e-9))
 
