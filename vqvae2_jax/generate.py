@@ -189,6 +189,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
           use_polyak=s.use_polyak)
       priors.append((model, variables))
       prior_steps.append(step)
+  if s.dtype:  # Converted once, not at every batch.
+    priors = [sampling.cast_prior(m, v, s.dtype) for m, v in priors]
 
   keep = float(s.rejection_keep)
   per_candidate = sampling.candidates_per_sample(keep)
@@ -238,8 +240,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
     codes = sampling.sample_hierarchy(
         priors, level_shapes, batch_size=batch, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
-        dtype=s.dtype or None)
+        top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll)
     # Every process holds the whole batch (sampled over all devices).
     codes = [loading.to_host(c)[:n] for c in codes]
     images = loading.to_host(decode(vq_variables, codes))[:n]
