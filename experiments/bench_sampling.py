@@ -43,9 +43,10 @@ attention key/value caches hold scan_rows * w positions instead of h * w,
 an attention read of 4 MB instead of 1 GB of weights per position) and the
 time scaled by h / scan_rows; the row cost is constant, which the table lets
 you check by running two --scan_rows values. Beside them: the PyTorch
-reference (rosinality/vq-vae-2-pytorch) on this machine, from --peer_json
-(its 85M-parameter top prior, 90M-parameter bottom prior; extrapolated
-there from measured step times).
+reference (rosinality/vq-vae-2-pytorch), from --peer_json, the JSON of its
+timing run (its 85M-parameter top prior, 90M-parameter bottom prior;
+extrapolated there from measured step times; see docs/reference.md). Without
+--peer_json the table has no reference columns.
 """
 
 import json
@@ -85,9 +86,9 @@ _PIXEL_ROWS = flags.DEFINE_integer(
     'pixel_rows', 1, 'Image rows (768 positions each) the pixel-space prior '
     'is timed on.')
 _PEER_JSON = flags.DEFINE_string(
-    'peer_json', '/work/shared/peer/peer_rosinality.json',
-    'The PyTorch reference\'s figures on this machine (its peer_rosinality.py'
-    ' output); empty or missing: no peer columns.')
+    'peer_json', '',
+    'The PyTorch reference\'s recorded sampling figures (the JSON of its '
+    'timing run, see docs/reference.md); empty: no reference columns.')
 
 ROWS = {
     'top32': dict(
@@ -328,6 +329,11 @@ def print_paper(scan_rows: int, pixel_rows: int) -> None:
 
 def main(argv):
   del argv
+  if _PEER_JSON.value and not os.path.isfile(_PEER_JSON.value):
+    raise app.UsageError(
+        f'--peer_json={_PEER_JSON.value!r} is not a file. Fix: pass the JSON '
+        "that the reference's timing run wrote (docs/reference.md), or leave "
+        '--peer_json empty for a table without reference columns.')
   reference_positions = _REFERENCE_POSITIONS.value
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, '
         f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at '

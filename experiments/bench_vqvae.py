@@ -22,8 +22,10 @@ Fashion-MNIST default uses 2 on this 2-core machine):
 
 The train step is the trainer's own jitted step (Adam, donated state). Rows
 the reference was timed on (peer_arch_32px, peer_protocol) also print its
-train img/s from the JSON files in --peer_dir (recorded on this machine; not
-the same moment, so compare on a quiet machine) and ours divided by it.
+train img/s from the JSON files in --peer_dir (recorded on the machine of
+the docs' figures, see docs/reference.md; not the same moment, so compare
+on a quiet machine) and ours divided by it. Without --peer_dir those
+columns are left out.
 """
 
 import json
@@ -55,10 +57,11 @@ _CPU_DEVICES = flags.DEFINE_integer(
     'Split the host CPU into this many JAX devices and time steps that are '
     'data parallel over them (as config.mesh.cpu_devices); 0: one device.')
 _PEER_DIR = flags.DEFINE_string(
-    'peer_dir', '../shared/peer',
-    "Where the PyTorch reference's recorded figures are "
-    '(peer_rosinality.json, peer_rosinality_fmnist.json); rows they cover '
-    'get the reference img/s and our ratio to it.')
+    'peer_dir', '',
+    "Folder of the PyTorch reference's recorded figures "
+    '(peer_rosinality.json, peer_rosinality_fmnist.json; docs/reference.md); '
+    'rows they cover get the reference img/s and our ratio to it. Empty: no '
+    'reference columns.')
 
 
 def peer_train_images_per_s(row: str, peer_dir: str) -> float | None:
@@ -67,8 +70,11 @@ def peer_train_images_per_s(row: str, peer_dir: str) -> float | None:
   peer_arch_32px: its default VQ-VAE on 32x32x3 at batch 32 (median step of
   its benchmark); peer_protocol: its 3000-step Fashion-MNIST run (training
   seconds with its input, as experiments/peer_protocol.py counts ours).
-  Both were measured on this machine by the scripts in `peer_dir`.
+  Both were measured by the reference's own runs, whose JSON files are in
+  `peer_dir`; None without them (an empty `peer_dir` included).
   """
+  if not peer_dir:
+    return None
   try:
     if row == 'peer_arch_32px':
       with open(os.path.join(peer_dir, 'peer_rosinality.json')) as f:
@@ -155,6 +161,11 @@ def measure(config: ml_collections.ConfigDict, batch_size: int,
 
 def main(argv):
   del argv
+  if _PEER_DIR.value and not os.path.isdir(_PEER_DIR.value):
+    raise app.UsageError(
+        f'--peer_dir={_PEER_DIR.value!r} is not a folder. Fix: pass the '
+        "folder of the reference's recorded JSON files (docs/reference.md), "
+        'or leave --peer_dir empty for a table without reference columns.')
   hostmem.tune_malloc()  # As --mode=vqvae does.
   parallel.split_host_cpu(_CPU_DEVICES.value)  # Before JAX starts.
   num_devices = min(max(1, _CPU_DEVICES.value), jax.device_count())

@@ -11,7 +11,7 @@
 #                of the ImageNet-256 priors and one whole image
 #   peer         the PyTorch reference's own sampling loop on the same GPU
 #                (experiments/peer_sampler_timer.py; needs its checkout in
-#                .peer/vq-vae-2-pytorch, see ../README's "Stage 2" notes)
+#                .peer/vq-vae-2-pytorch and PEER_PYTHON, see docs/reference.md)
 #   batch16      sampler_variants at batch 16: static, bf16_unroll8
 #   graphs       sampler_variants at batch 1 with XLA's command buffers
 #                (CUDA graphs) extended to while loops and conditionals

@@ -1,13 +1,17 @@
 r"""Golden outputs of pytorch-fid's FID Inception, for test_inception.py.
 
-Torch is no dependency of the project, so this runs in a virtualenv of its own
-(from the repository root):
+Torch is no dependency of the project, so this runs in a virtual environment
+of its own, wherever TORCH_VENV says (from the repository root):
 
-  python3 -m venv /work/torch_venv
-  /work/torch_venv/bin/pip install torch==2.14.1 torchvision==0.29.1 \
+  TORCH_VENV=/path/to/torch-venv
+  python3 -m venv "$TORCH_VENV"
+  "$TORCH_VENV/bin/pip" install torch==2.14.1 torchvision==0.29.1 \
     numpy scipy pillow absl-py
-  /work/torch_venv/bin/pip install --no-deps pytorch-fid
-  /work/torch_venv/bin/python -m experiments.inception_golden
+  "$TORCH_VENV/bin/pip" install --no-deps pytorch-fid
+  "$TORCH_VENV/bin/python" -m experiments.inception_golden
+
+Run with a Python that lacks torch or pytorch-fid, it stops with this
+recipe.
 
 The real FID weights are not needed: every entry of the reference network's
 state dict is drawn by `torch_state_dict.random_state_dict` (numpy alone, so
@@ -25,6 +29,8 @@ weights is patched out. Writes, under --out_dir:
   in the npz under 'tiny.<name>'.
 """
 
+from __future__ import annotations
+
 import collections
 import os
 from unittest import mock
@@ -33,12 +39,19 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
-import pytorch_fid.inception as fid_inception
-import torch
-import torch.nn.functional as F
-import torchvision.models.inception as tv_inception
 
 from vqvae2_jax.evaluation import torch_state_dict
+
+# The reference's packages live in their own virtual environment (module
+# docstring); without them main() says how to make it.
+try:
+  import pytorch_fid.inception as fid_inception  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torchvision.models.inception as tv_inception  # pylint: disable=g-import-not-at-top
+  _MISSING = None
+except ImportError as e:
+  _MISSING = e
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'tests/models/data',
                                'Folder for the golden files.')
@@ -129,6 +142,15 @@ def tiny_state_dict() -> collections.OrderedDict:
 
 def main(argv):
   del argv
+  if _MISSING is not None:
+    raise app.UsageError(
+        f'experiments.inception_golden needs torch, torchvision and '
+        f'pytorch-fid ({_MISSING}). Fix: make their virtual environment as '
+        'the module docstring shows (python3 -m venv "$TORCH_VENV"; '
+        '"$TORCH_VENV/bin/pip" install torch==2.14.1 torchvision==0.29.1 '
+        'numpy scipy pillow absl-py; "$TORCH_VENV/bin/pip" install --no-deps '
+        'pytorch-fid) and run "$TORCH_VENV/bin/python" -m '
+        'experiments.inception_golden from the repository root.')
   torch.set_num_threads(2)
   out_dir = _OUT_DIR.value
   os.makedirs(out_dir, exist_ok=True)

@@ -4,8 +4,9 @@ r"""Stage 1 on the PyTorch reference's own Fashion-MNIST protocol, beside it.
   python -m experiments.peer_protocol --config.model.kmeans_init=True
   python -m experiments.peer_protocol --json=/tmp/peer_protocol.json
 
-The protocol of `shared/peer/peer_rosinality_fmnist.py`, which measured
-rosinality/vq-vae-2-pytorch on this machine: Fashion-MNIST 28x28 zero-padded
+The protocol on which rosinality/vq-vae-2-pytorch was measured (its own
+training script, on the 2-core CPU of the docs' figures; PEER_ROWS below,
+docs/reference.md): Fashion-MNIST 28x28 zero-padded
 to 32x32 and mapped to [-1, 1]; the reference's model size (128 hidden
 channels, 2 residual blocks of 32, K=512 codes of D=64, a 4x4 top and an 8x8
 bottom level); batch 64 for 3000 steps; evaluated after 500, 1000, 2000 and
@@ -53,9 +54,9 @@ def _define_flags():
   json_path = flags.DEFINE_string('json', None, 'Also write the rows here.')
   return config, evals, json_path
 
-# The reference's figures on this machine, from
-# shared/peer/peer_rosinality_fmnist.json (rosinality/vq-vae-2-pytorch at
-# ef5f67c, torch 2.13 CPU, 2 threads; protocol above).
+# The reference's figures, recorded by its run of the protocol above on the
+# 2-core CPU of the docs' figures (rosinality/vq-vae-2-pytorch at ef5f67c,
+# torch 2.13 CPU, 2 threads; docs/reference.md).
 PEER_ROWS = (
     dict(step=500, train_s=154.0, mse01_area=0.01879, psnr_area=17.26,
          used_top=0.002, ppl_top=1.0, used_bottom=0.006, ppl_bottom=2.9),

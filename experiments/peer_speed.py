@@ -18,7 +18,7 @@ threads); ours in this process: the trainer's jitted step, data parallel
 over --cpu_devices CPU devices (2 by default, as configs/fashion_mnist.py
 sets `mesh.cpu_devices`).
 
-How to get the reference: see ../shared/peer/README.md (a checkout of
+How to get the reference: see docs/reference.md (a checkout of
 rosinality/vq-vae-2-pytorch at ef5f67c and a virtual environment with
 `pip install torch numpy`). PEER_PYTHON and PEER_DIR can stand in for the
 two flags.
@@ -59,7 +59,7 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the rounds here.')
 _BATCH = 64
 _TIMER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'peer_vqvae_timer.py')
-_SETUP = ('see ../shared/peer/README.md: a checkout of '
+_SETUP = ('see docs/reference.md: a checkout of '
           'rosinality/vq-vae-2-pytorch and a virtual environment with '
           '`pip install torch numpy`')
 
