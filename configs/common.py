@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation of samples and reconstructions.
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 10_000  # Samples scored by sample metrics.
-  evaluation.batch_size = 256  # Images per feature batch (and samples per sampling batch).
+  evaluation.batch_size = 256  # Images per feature and decoding batch (samples are drawn sampling.batch_size at a time).
   evaluation.features = 'classifier'  # Sample metrics' ruler: 'judge' (shipped for data.name), 'auto' (the judge where one ships, else 'classifier'), 'classifier' or 'inception'.
   evaluation.inception_weights = ''  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (features='inception').
   evaluation.kid_subset_size = 1000  # Examples per KID subset (capped by the set sizes).
@@ -123,8 +123,10 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.cas = False  # Classification Accuracy Score (trains classifiers on samples).
   evaluation.cas_samples_per_class = 0  # CAS training samples per class; 0: as the real train split.
 
-  # The domain classifier (--mode=classifier): features and probabilities for
-  # sample metrics, the scorer of rejection sampling, the model of CAS.
+  # The domain classifier (--mode=classifier): the scorer of rejection
+  # sampling and the model of CAS; the sample metrics use its features only
+  # where eval.features picks it ('classifier', or 'auto' without a judge)
+  # and its probabilities also under 'inception'.
   config.classifier = classifier = ml_collections.ConfigDict()
   classifier.width = 32  # Channels of the first stage; stage s has width * 2**s.
   classifier.stage_sizes = (1, 1, 1)  # Residual blocks per stage.

@@ -1,7 +1,8 @@
 r"""Fashion-MNIST: the embedded default, sized for a 2-core CPU.
 
-The whole pipeline (VQ-VAE, code extraction, priors, samples, classifier,
-evaluation) in about 24 minutes on 2 idle CPU cores:
+The whole pipeline (VQ-VAE, code extraction, priors, samples, evaluation,
+export) took 17.5 minutes on 2 idle CPU cores with the domain classifier's
+3.3, which the default now skips (docs/benchmarks.md):
 
   python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
     --workdir=/tmp/vqvae2_fmnist --mode=all
@@ -70,7 +71,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # One JAX device per core of a 2-core CPU (ignored on an accelerator):
   # stage 1 trains 3000 steps in 543 s on 2 devices against 741 s on one
   # (experiments/peer_protocol.py; the reference takes 652 s). Every figure
-  # in the README is from 2 devices; results differ in the last digits from
+  # in docs/ is from 2 devices; results differ in the last digits from
   # other device counts (the batch's sums are split differently).
   config.mesh.cpu_devices = 2
 

@@ -54,7 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_samples_per_class = 1
   sampling.batch_size = 16
   # The paper trades diversity for quality with classifier-based rejection
-  # sampling (a fraction < 1.0 here) once that is built; 1.0 until then.
+  # sampling: a fraction < 1.0 here (or --config.sampling.rejection_keep)
+  # keeps that share of the candidates the domain classifier scores highest;
+  # 1.0 samples without rejection.
   sampling.rejection_keep = 1.0
 
   config.eval.num_samples = 50_000
