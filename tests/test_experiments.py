@@ -572,3 +572,125 @@ def test_first_image_smoke_cold_then_warm_cache(tmp_path):
   assert warm['cache_misses'] == 0
   assert warm['compile_s'] < cold['compile_s']
   assert 'Wrote ' in out and 'warm' in out.splitlines()[-2]
+
+
+def test_prior_scaling_presets_are_relative_to_the_recipe(stage2_config):
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  config = stage2_config
+  todo = prior_scaling.variant_changes(
+      config, ['base', 'wide', 'long', 'wide_deep_long'],
+      ['mine:prior.level_0.num_channels=24,prior.learning_rate=0.002'])
+  assert list(todo) == ['base', 'wide', 'long', 'wide_deep_long', 'mine']
+  assert todo['base'][1] == {}
+  assert todo['wide'][1] == {
+      'prior.level_0.num_channels': 2 * config.prior.level_0.num_channels,
+      'prior.level_1.num_channels': 2 * config.prior.level_1.num_channels}
+  assert todo['long'][1] == {
+      'prior.num_train_steps': 2 * config.prior.num_train_steps}
+  assert len(todo['wide_deep_long'][1]) == 5
+  wide = prior_scaling.apply_changes(config, todo['wide_deep_long'][1])
+  assert wide.prior.level_1.num_layers == 2 * config.prior.level_1.num_layers
+  assert wide.prior.num_train_steps == 2 * config.prior.num_train_steps
+  mine = prior_scaling.apply_changes(config, todo['mine'][1])
+  assert (mine.prior.level_0.num_channels, mine.prior.learning_rate) == (
+      24, 0.002)
+  assert config.prior.level_0.num_channels != 24  # A copy was changed.
+  # An integer field takes an integral float (JSON '4000.0').
+  steps = prior_scaling.apply_changes(config, {'prior.num_train_steps': 8.0})
+  assert steps.prior.num_train_steps == 8
+  assert isinstance(steps.prior.num_train_steps, int)
+
+
+@pytest.mark.parametrize('spec', ['nocolon', 'name:', ':a=1', 'n:a.b'])
+def test_prior_scaling_refuses_a_malformed_set(spec):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  with pytest.raises(app.UsageError, match='--set'):
+    prior_scaling.parse_set(spec)
+
+
+def test_prior_scaling_refuses_unknown_fields_and_variants(stage2_config):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  assert prior_scaling.parse_set('n:prior.x=1.5,prior.name=abc') == (
+      'n', {'prior.x': 1.5, 'prior.name': 'abc'})
+  with pytest.raises(app.UsageError, match="'prior.x'"):
+    prior_scaling.apply_changes(stage2_config, {'prior.x': 1})
+  with pytest.raises(app.UsageError, match="'nope.level'"):
+    prior_scaling.apply_changes(stage2_config, {'nope.level': 1})
+  with pytest.raises(app.UsageError, match='huge'):
+    prior_scaling.variant_changes(stage2_config, ['huge'], [])
+
+
+def _scaling_row(minutes, agreement):
+  return {'train_minutes': minutes, 'num_params': 1000, 'ruler': 'judge',
+          'ruler_sha256': 'ab',
+          'samples': {'num_examples': 4, 'class_agreement': agreement,
+                      'precision': 0.5, 'recall': 0.25, 'fid': 3.0,
+                      'inception_score': 2.0},
+          'real_vs_real': {'precision': 0.9, 'recall': 0.8, 'fid': 0.1,
+                           'inception_score': 8.0},
+          'held_out_inception_score': 8.5,
+          'levels': {'level_0': {'held_out': 2.0, 'train': 1.5, 'gap': 0.5,
+                                 'step': 6}}}
+
+
+def test_prior_scaling_resumes_and_reruns_what_changed(stage2_config,
+                                                        tmp_path, capsys):
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_run(config, base, workdir, num_samples):
+    calls.append((os.path.basename(workdir), config.prior.num_train_steps,
+                  num_samples))
+    return _scaling_row(len(calls), 0.5 + 0.1 * len(calls)) | {
+        'samples': {**_scaling_row(0, 0)['samples'],
+                    'num_examples': num_samples,
+                    'class_agreement': 0.5 + 0.1 * len(calls)}}
+
+  todo = prior_scaling.variant_changes(stage2_config, ['base', 'long'], [])
+  steps = stage2_config.prior.num_train_steps
+  rows = prior_scaling.run_study(stage2_config, 'b', str(tmp_path), todo, 4,
+                                 run_fn=fake_run)
+  assert calls == [('base', steps, 4), ('long', 2 * steps, 4)]
+  assert json.loads((tmp_path / 'prior_scaling.json').read_text()) == rows
+  again = prior_scaling.run_study(stage2_config, 'b', str(tmp_path), todo, 4,
+                                  run_fn=fake_run)
+  assert len(calls) == 2 and again == rows
+  assert 'base: already in' in capsys.readouterr().out
+  # Another sample count is another measurement: both run again.
+  prior_scaling.run_study(stage2_config, 'b', str(tmp_path), todo, 6,
+                          run_fn=fake_run)
+  assert [c[2] for c in calls[2:]] == [6, 6]
+  table = prior_scaling.format_table(rows)
+  assert '| long | 1,000 | 2.0 | 2.000 | +0.500 | 70.0% |' in table
+  assert 'floor' in table and 'precision 0.900' in table
+  prior_scaling.plot(rows, str(tmp_path / 'p.png'))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(tmp_path / 'p.png').size == (640, 420)
+
+
+def test_prior_scaling_trains_and_scores_a_variant(
+    stage2_config, save_vqvae_checkpoint, tmp_path):
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
+  config = stage2_config.copy_and_resolve_references()
+  config.eval.features = 'judge'
+  config.prior.num_train_steps = 2
+  base = str(tmp_path / 'base')
+  save_vqvae_checkpoint(config, base,
+                        step=config.vqvae_train.num_train_steps)
+  stages.run('codes', config, base)
+  row = prior_scaling.run_variant(config, base, str(tmp_path / 'v'), 10)
+  # The variant read the base's stages and trained its own priors.
+  assert os.path.islink(tmp_path / 'v' / 'codes')
+  assert (tmp_path / 'v' / 'prior_1' / 'metrics.json').exists()
+  assert not (tmp_path / 'base' / 'prior_0').exists()
+  assert row['samples']['num_examples'] == 10
+  assert 0.0 <= row['samples']['class_agreement'] <= 1.0
+  assert 'judge' in row['ruler'] and len(row['ruler_sha256']) == 64
+  for level in ('level_0', 'level_1'):
+    r = row['levels'][level]
+    assert r['step'] == config.prior.num_train_steps
+    assert math.isclose(r['gap'], r['held_out'] - r['train'])
+  assert row['num_params'] > 0 and row['train_minutes'] > 0
