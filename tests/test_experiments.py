@@ -296,3 +296,460 @@ def test_inception_golden_without_torch_says_how_to_set_it_up():
   assert 'needs torch, torchvision and pytorch-fid' in err
   assert 'Fix: make their virtual environment' in err
   assert '"$TORCH_VENV/bin/python" -m experiments.inception_golden' in err
+
+
+def test_bench_memory_rows_with_and_without_remat(tmp_path):
+  out_json = tmp_path / 'memory.json'
+  out = _run_script('experiments.bench_memory', '--smoke', '--rows=prior_0',
+                    '--batch_sizes=4', '--compile_remat', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  # Batch 1 is always measured: the estimates start from its peak.
+  assert [(r['row'], r['batch']) for r in rows] == [('prior_0', 1),
+                                                     ('prior_0', 4)]
+  one, four = rows
+  assert one['params'] == four['params'] > 0
+  for r in rows:
+    # Donated outputs reuse the arguments' buffers; the rest add to them.
+    assert r['peak'] >= r['arguments'] + r['temporaries'] > 0
+    assert r['peak_remat'] > 0
+    # Remat keeps only the blocks' inputs: less than every intermediate.
+    assert 0 < r['kept_remat'] < r['kept']
+    assert r['estimate'] == one['peak'] + r['kept']
+    assert r['estimate_remat'] == one['peak'] + r['kept_remat'] + r['block']
+  # Activations grow with the batch; the state does not.
+  assert four['kept'] > one['kept'] and four['block'] > one['block']
+  assert four['arguments'] - one['arguments'] < four['kept'] - one['kept']
+  assert len([l for l in out.splitlines() if l.startswith('prior_0')]) == 2
+
+
+def test_accelerator_check_smoke_on_cpu(tmp_path):
+  out_json = tmp_path / 'check.json'
+  command = [sys.executable, '-m', 'experiments.accelerator_check', '--smoke',
+             '--steps=1', '--vqvae_batch=2', '--prior_batch=2',
+             '--sample_batches=1,2', '--parts=stage1,prior1,sampler',
+             f'--json={out_json}']
+  env = {**os.environ, 'PYTHONPATH': _ROOT}
+  with open(tmp_path / 'stderr.txt', 'w') as stderr, subprocess.Popen(
+      command, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr,
+      text=True) as proc:
+    lines, early = [], None
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith('stage 1 train step'):
+        # Printed as soon as measured, and already in the file.
+        early = json.loads(out_json.read_text())
+    assert proc.wait(timeout=600) == 0, (
+        tmp_path / 'stderr.txt').read_text()[-3000:]
+  out = ''.join(lines)
+  assert early, out
+  assert [r['name'] for r in early['rows']] == ['stage 1 train step']
+  assert not early['finished']
+  result = json.loads(out_json.read_text())
+  assert result['finished'] and not out_json.with_suffix('.json.tmp').exists()
+  assert result['platform'] == 'cpu' and result['dtype'] == 'bfloat16'
+  assert result['parts'] == ['stage1', 'prior1', 'sampler']
+  # A CPU is not in the peak table: no MFU, but FLOPs and speed still.
+  assert result['peak_bf16_flops'] is None
+  rows = result['rows']
+  sampler = ['sample level 0', 'sample level 1', 'decode', 'sampler + decode']
+  assert [(r['name'], r['batch']) for r in rows] == [
+      ('stage 1 train step', 2), ('prior 1 train step', 2),
+      *[(name, 1) for name in sampler], *[(name, 2) for name in sampler]]
+  for row in rows:
+    assert row['seconds'] > 0 and row['mfu'] is None
+    assert row['init_s'] > 0 and row['compile_s'] >= 0
+  # The programs compiled apart from their timed calls.
+  for row in rows[:2] + [r for r in rows if r['name'] == 'decode']:
+    assert row['compile_s'] > 0
+    assert row['flops'] > 0 and row['xla_peak_bytes'] > 0
+    assert row['tflops_per_s'] == row['flops'] / row['seconds'] / 1e12
+  for first in (2, 6):
+    *parts, total = rows[first:first + 4]
+    batch = total['batch']
+    assert [r['unit'] for r in rows[first:first + 4]] == [
+        's/map', 's/map', 's/image', 's/image']
+    for key in ('init_s', 'compile_s', 'seconds'):
+      assert total[key] == pytest.approx(sum(r[key] for r in parts))
+    for r in rows[first:first + 4]:
+      assert r['throughput'] == r['seconds_per_image'] == pytest.approx(
+          r['seconds'] / batch)
+  assert 'no MFU' in out and 'init s' in out and 'compile s' in out
+  assert 'prior 0 train step' not in out
+  assert len([l for l in lines if l.startswith('sampler + decode')]) == 2
+
+
+def test_accelerator_check_parts():
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from experiments import accelerator_check as check
+  from experiments import compiled_steps
+  # pylint: enable=g-import-not-at-top
+  config = compiled_steps.smoke_config()
+  everything = ['stage1', 'prior0', 'prior1', 'sampler']
+  assert check.all_parts(config) == everything
+  assert check.select_parts(config, None) == everything
+  assert check.select_parts(config, ['sampler', 'prior1', 'sampler']) == [
+      'sampler', 'prior1']
+  with pytest.raises(app.UsageError, match='prior2.*Fix: choose from'):
+    check.select_parts(config, ['prior0', 'prior2'])
+
+
+def test_accelerator_check_random_weights():
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from experiments import compiled_steps
+  # pylint: enable=g-import-not-at-top
+  abstract = {'kernel': jax.ShapeDtypeStruct((3, 3, 64, 32), jnp.float32),
+              'bias': jax.ShapeDtypeStruct((32,), jnp.float32),
+              'table': jax.ShapeDtypeStruct((512, 16), jnp.bfloat16),
+              'count': jax.ShapeDtypeStruct((8,), jnp.int32)}
+  weights = compiled_steps.random_like(abstract, seed=0)
+  for name, x in abstract.items():
+    assert (weights[name].shape, weights[name].dtype) == (x.shape, x.dtype)
+  kernel = np.asarray(weights['kernel'])
+  # LeCun normal: std 1/sqrt(3 * 3 * 64).
+  assert np.std(kernel) == pytest.approx(1 / 24, rel=0.05)
+  assert np.all(kernel != 0)
+  assert np.all((np.asarray(weights['bias']) >= 0.5)
+                & (np.asarray(weights['bias']) <= 1.5))
+  assert np.std(np.asarray(weights['table'], np.float32)) == pytest.approx(
+      1 / math.sqrt(512), rel=0.05)
+  assert not np.any(np.asarray(weights['count']))
+
+
+def _same_conv_taps(size, kernel, stride):
+  """(taps, outputs) of a 'SAME' conv along one axis.
+
+  taps: the in-bounds kernel taps summed over the outputs, i.e. the
+  multiply-adds per (input, output) channel pair; XLA counts none on the
+  padding.
+  """
+  out = -(-size // stride)
+  low = max((out - 1) * stride + kernel - size, 0) // 2
+  return sum(0 <= o * stride - low + j < size
+             for o in range(out) for j in range(kernel)), out
+
+
+def test_accelerator_check_counts_flops_from_layer_shapes():
+  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  # pylint: enable=g-import-not-at-top
+
+  class Toy(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(8, (3, 3))(x))
+      x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+      x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(10)(x)
+
+  batch, side = 4, 16
+  model = Toy()
+  x = jnp.zeros((batch, side, side, 3))
+  params = model.init(jax.random.key(0), x)['params']
+  taps1, side1 = _same_conv_taps(side, 3, 1)
+  taps2, side2 = _same_conv_taps(side1, 3, 2)
+  macs = [batch * taps1**2 * 3 * 8, batch * taps2**2 * 8 * 16,
+          batch * side2**2 * 16 * 32, batch * 32 * 10]
+  forward = check.lowered_flops(
+      jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(params, x))
+  # 2 FLOPs per multiply-add; XLA adds one FLOP per element of each bias add
+  # and ReLU, 1/(taps * input channels) of a layer's (2% here, no more than
+  # 3%). Leaving out the convolutions, as XLA:GPU's compiled count does,
+  # would give 22%.
+  assert 2 * sum(macs) <= forward <= 1.03 * 2 * sum(macs)
+
+  def loss(p, x):
+    return jnp.sum(jnp.square(model.apply({'params': p}, x)))
+
+  train = check.lowered_flops(jax.jit(jax.grad(loss)).lower(params, x))
+  # The backward pass repeats each layer's multiply-adds for its weight
+  # gradient and, but for the first layer (the images get no gradient), for
+  # its input gradient.
+  backward_macs = 2 * sum(macs) - macs[0]
+  hand = 2 * (sum(macs) + backward_macs)
+  assert hand <= train <= 1.03 * hand
+
+
+def test_accelerator_check_stage1_step_counts_about_three_forward_passes():
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  from experiments import compiled_steps
+  from vqvae2_jax import builders
+  from vqvae2_jax import parallel
+  # pylint: enable=g-import-not-at-top
+  config = compiled_steps.smoke_config()
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  step, _ = compiled_steps.lower_vqvae_step(config, 2, mesh)
+  model = builders.build_vqvae(config)
+  variables = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0), 'vq': jax.random.key(0)},
+      builders.vqvae_init_inputs(config), train=False))
+  images = jax.ShapeDtypeStruct((2, *builders.image_shape(config)),
+                                jnp.float32)
+  forward = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, rngs={'vq': jax.random.key(0)},
+      mutable=[k for k in v if k != 'params'])).lower(variables, images)
+  # Forward, weight gradients, input gradients of all but the first conv,
+  # and the optimizer's and EMA's elementwise work: 2.90x at these sizes.
+  ratio = check.lowered_flops(step) / check.lowered_flops(forward)
+  assert 2.7 < ratio < 3.1, ratio
+
+
+def test_accelerator_check_reads_either_form_of_cost_analysis():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import accelerator_check as check
+
+  class Lowered:
+
+    def __init__(self, cost):
+      self.cost = cost
+
+    def cost_analysis(self):
+      return self.cost
+
+  assert check.lowered_flops(Lowered({'flops': 5.0})) == 5.0
+  assert check.lowered_flops(Lowered([{'flops': 7.0}])) == 7.0  # Older JAX.
+  for cost in (None, [], {}, {'flops': -1.0}, {'flops': 0.0}):
+    assert check.lowered_flops(Lowered(cost)) is None, cost
+
+
+def test_accelerator_check_peak_table():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import accelerator_check as check
+  assert check.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert check.peak_flops('NVIDIA H100 PCIe') == 756e12
+  assert check.peak_flops('NVIDIA H200') == 989e12
+  assert check.peak_flops('NVIDIA A100-SXM4-40GB') == 312e12
+  assert check.peak_flops('TPU v5 lite') == 197e12
+  assert check.peak_flops('TPU v5p') == 459e12
+  assert check.peak_flops('TPU v4') == 275e12
+  assert check.peak_flops('cpu') is None
+
+
+def test_bench_sampler_memory_smoke_rows(tmp_path):
+  out_json = tmp_path / 'sampler_memory.json'
+  out = _run_script('experiments.bench_sampler_memory', '--smoke',
+                    '--rows=sampler_1,init_1,decoder,step_1',
+                    '--batch_sizes=1,4', '--top=2', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  # The init is measured at batch 1 only, as accelerator_check runs it.
+  assert [(r['row'], r['batch']) for r in rows] == [
+      ('sampler_1', 1), ('sampler_1', 4), ('init_1', 1), ('decoder', 1),
+      ('decoder', 4), ('step_1', 1), ('step_1', 4)]
+  by = {(r['row'], r['batch']): r for r in rows}
+  for r in rows:
+    assert r['peak'] == (r['arguments'] + r['outputs'] - r['aliased']
+                         + r['temporaries']) > 0
+    assert 1 <= len(r['largest']) <= 2 and r['largest'][0][0] > 0
+    assert 'device_peak_run' not in r  # Compiled, never run.
+  # The sampler's arguments are the prior's weights, the init's output, but
+  # for the few it never reads (the last block's vertical gate), which the
+  # compiled program drops.
+  weights = by['init_1', 1]['outputs']
+  assert 0.95 * weights < by['sampler_1', 1]['arguments'] <= weights + 1024
+  assert by['init_1', 1]['arguments'] < 1024
+  # Donated train state; more batch, more activations; the sampler far less.
+  assert by['step_1', 4]['aliased'] > 0
+  assert by['step_1', 4]['temporaries'] > by['step_1', 1]['temporaries']
+  assert by['step_1', 4]['peak'] > by['sampler_1', 4]['peak']
+  assert by['decoder', 4]['outputs'] == 4 * by['decoder', 1]['outputs']
+  assert len([l for l in out.splitlines() if l.startswith('sampler_1')]) == 2
+
+
+def test_bench_sampler_memory_device_peak_runs_each_program_alone(tmp_path):
+  out_json = tmp_path / 'sampler_memory.json'
+  out = _run_script('experiments.bench_sampler_memory', '--smoke',
+                    '--device_peak', '--rows=sampler_0,init_0',
+                    '--batch_sizes=2', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  assert [(r['row'], r['batch']) for r in rows] == [('sampler_0', 2),
+                                                     ('init_0', 1)]
+  for r in rows:  # Run in a process of its own; a CPU reports no peak.
+    assert r['device_peak_compile'] is None and r['device_peak_run'] is None
+    assert r['compile_s'] > 0
+  assert 'dev compile' in out
+  # At paper sizes a CPU would have to run the programs: refused.
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.bench_sampler_memory',
+       '--device_peak'], cwd=_ROOT, env={**os.environ, 'PYTHONPATH': _ROOT},
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0 and 'Fix: run it on a GPU' in done.stderr
+
+
+def test_largest_arrays_skips_fusion_bodies_and_named_buffers():
+  # pylint: disable-next=g-import-not-at-top
+  from experiments import compiled_steps
+  hlo = '\n'.join([
+      '%fused_computation.1 (p: f32[1024,1024]) -> f32[1024,1024] {',
+      '  %p = f32[1024,1024]{1,0} parameter(0)',
+      '  ROOT %big.1 = f32[1024,1024]{1,0} multiply(%p, %p)',
+      '}',
+      'ENTRY %main.9 (a: f32[1024,1024], b: s32[8]) -> bf16[64,64] {',
+      '  %a = f32[1024,1024]{1,0} parameter(0)',
+      '  %t = (f32[8], s32[8]) tuple(%a, %a)',
+      '  %f.1 = bf16[64,64]{1,0} fusion(%a), kind=kLoop, calls=%fused_c',
+      '  %f.2 = bf16[64,64]{1,0} fusion(%a), kind=kLoop, calls=%fused_c',
+      '  %c = s32[8]{0} copy(%b)',
+      '  ROOT %d = bf16[64,64]{1,0} add(%f.1, %f.2)',
+      '}'])
+  assert compiled_steps.largest_arrays(hlo, 2) == [(8192, 'bf16[64,64] fusion', 2),
+                                          (8192, 'bf16[64,64] add', 1)]
+  assert compiled_steps.largest_arrays(hlo, 5)[-1] == (32, 's32[8] copy', 1)
+
+
+def test_first_image_smoke_cold_then_warm_cache(tmp_path):
+  out_json = tmp_path / 'first_image.json'
+  out = _run_script('experiments.first_image', '--smoke',
+                    '--runs=off,cold,warm', f'--json={out_json}')
+  rows = json.loads(out_json.read_text())['rows']
+  assert [r['run'] for r in rows] == ['off', 'cold', 'warm']
+  off, cold, warm = rows
+  for r in rows:
+    assert 0 < r['imported_s'] <= r['loaded_s'] < r['first_image_s']
+    assert r['image_shape'] == [1, 32, 32, 1]
+    # Loading an exported file compiles nothing (no random init); the first
+    # image compiles the samplers and the decoder; the second nothing more.
+    assert r['load_compiled'] == []
+    assert 'jit(_cached_impl)' in r['first_compiled']
+    assert not any('init' in name for name in r['first_compiled'])
+    assert r['second_compiled'] == []
+  # The same programs and key: the same codes, with or without the cache.
+  assert off['codes_sum'] == cold['codes_sum'] == warm['codes_sum']
+  assert off['cache_hits'] == off['cache_misses'] == 0
+  assert cold['cache_hits'] == 0 and cold['cache_misses'] > 0
+  assert cold['cache_files'] > 0 and warm['cache_files'] == cold['cache_files']
+  # Every program the cold run compiled, the warm run read back.
+  assert warm['cache_hits'] == cold['cache_misses']
+  assert warm['cache_misses'] == 0
+  assert warm['compile_s'] < cold['compile_s']
+  assert 'Wrote ' in out and 'warm' in out.splitlines()[-2]
+
+
+def test_prior_scaling_presets_are_relative_to_the_recipe(stage2_config):
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  config = stage2_config
+  todo = prior_scaling.variant_changes(
+      config, ['base', 'wide', 'long', 'wide_deep_long'],
+      ['mine:prior.level_0.num_channels=24,prior.learning_rate=0.002'])
+  assert list(todo) == ['base', 'wide', 'long', 'wide_deep_long', 'mine']
+  assert todo['base'][1] == {}
+  assert todo['wide'][1] == {
+      'prior.level_0.num_channels': 2 * config.prior.level_0.num_channels,
+      'prior.level_1.num_channels': 2 * config.prior.level_1.num_channels}
+  assert todo['long'][1] == {
+      'prior.num_train_steps': 2 * config.prior.num_train_steps}
+  assert len(todo['wide_deep_long'][1]) == 5
+  wide = prior_scaling.apply_changes(config, todo['wide_deep_long'][1])
+  assert wide.prior.level_1.num_layers == 2 * config.prior.level_1.num_layers
+  assert wide.prior.num_train_steps == 2 * config.prior.num_train_steps
+  mine = prior_scaling.apply_changes(config, todo['mine'][1])
+  assert (mine.prior.level_0.num_channels, mine.prior.learning_rate) == (
+      24, 0.002)
+  assert config.prior.level_0.num_channels != 24  # A copy was changed.
+  # An integer field takes an integral float (JSON '4000.0').
+  steps = prior_scaling.apply_changes(config, {'prior.num_train_steps': 8.0})
+  assert steps.prior.num_train_steps == 8
+  assert isinstance(steps.prior.num_train_steps, int)
+
+
+@pytest.mark.parametrize('spec', ['nocolon', 'name:', ':a=1', 'n:a.b'])
+def test_prior_scaling_refuses_a_malformed_set(spec):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  with pytest.raises(app.UsageError, match='--set'):
+    prior_scaling.parse_set(spec)
+
+
+def test_prior_scaling_refuses_unknown_fields_and_variants(stage2_config):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  assert prior_scaling.parse_set('n:prior.x=1.5,prior.name=abc') == (
+      'n', {'prior.x': 1.5, 'prior.name': 'abc'})
+  with pytest.raises(app.UsageError, match="'prior.x'"):
+    prior_scaling.apply_changes(stage2_config, {'prior.x': 1})
+  with pytest.raises(app.UsageError, match="'nope.level'"):
+    prior_scaling.apply_changes(stage2_config, {'nope.level': 1})
+  with pytest.raises(app.UsageError, match='huge'):
+    prior_scaling.variant_changes(stage2_config, ['huge'], [])
+
+
+def _scaling_row(minutes, agreement):
+  return {'train_minutes': minutes, 'num_params': 1000, 'ruler': 'judge',
+          'ruler_sha256': 'ab',
+          'samples': {'num_examples': 4, 'class_agreement': agreement,
+                      'precision': 0.5, 'recall': 0.25, 'fid': 3.0,
+                      'inception_score': 2.0},
+          'real_vs_real': {'precision': 0.9, 'recall': 0.8, 'fid': 0.1,
+                           'inception_score': 8.0},
+          'held_out_inception_score': 8.5,
+          'levels': {'level_0': {'held_out': 2.0, 'train': 1.5, 'gap': 0.5,
+                                 'step': 6}}}
+
+
+def test_prior_scaling_resumes_and_reruns_what_changed(stage2_config,
+                                                        tmp_path, capsys):
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_run(config, base, workdir, num_samples):
+    calls.append((os.path.basename(workdir), config.prior.num_train_steps,
+                  num_samples))
+    return _scaling_row(len(calls), 0.5 + 0.1 * len(calls)) | {
+        'samples': {**_scaling_row(0, 0)['samples'],
+                    'num_examples': num_samples,
+                    'class_agreement': 0.5 + 0.1 * len(calls)}}
+
+  todo = prior_scaling.variant_changes(stage2_config, ['base', 'long'], [])
+  steps = stage2_config.prior.num_train_steps
+  rows = prior_scaling.run_study(stage2_config, 'b', str(tmp_path), todo, 4,
+                                 run_fn=fake_run)
+  assert calls == [('base', steps, 4), ('long', 2 * steps, 4)]
+  assert json.loads((tmp_path / 'prior_scaling.json').read_text()) == rows
+  again = prior_scaling.run_study(stage2_config, 'b', str(tmp_path), todo, 4,
+                                  run_fn=fake_run)
+  assert len(calls) == 2 and again == rows
+  assert 'base: already in' in capsys.readouterr().out
+  # Another sample count is another measurement: both run again.
+  prior_scaling.run_study(stage2_config, 'b', str(tmp_path), todo, 6,
+                          run_fn=fake_run)
+  assert [c[2] for c in calls[2:]] == [6, 6]
+  table = prior_scaling.format_table(rows)
+  assert '| long | 1,000 | 2.0 | 2.000 | +0.500 | 70.0% |' in table
+  assert 'floor' in table and 'precision 0.900' in table
+  prior_scaling.plot(rows, str(tmp_path / 'p.png'))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(tmp_path / 'p.png').size == (640, 420)
+
+
+def test_prior_scaling_trains_and_scores_a_variant(
+    stage2_config, save_vqvae_checkpoint, tmp_path):
+  from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
+  config = stage2_config.copy_and_resolve_references()
+  config.eval.features = 'judge'
+  config.prior.num_train_steps = 2
+  base = str(tmp_path / 'base')
+  save_vqvae_checkpoint(config, base,
+                        step=config.vqvae_train.num_train_steps)
+  stages.run('codes', config, base)
+  row = prior_scaling.run_variant(config, base, str(tmp_path / 'v'), 10)
+  # The variant read the base's stages and trained its own priors.
+  assert os.path.islink(tmp_path / 'v' / 'codes')
+  assert (tmp_path / 'v' / 'prior_1' / 'metrics.json').exists()
+  assert not (tmp_path / 'base' / 'prior_0').exists()
+  assert row['samples']['num_examples'] == 10
+  assert 0.0 <= row['samples']['class_agreement'] <= 1.0
+  assert 'judge' in row['ruler'] and len(row['ruler_sha256']) == 64
+  for level in ('level_0', 'level_1'):
+    r = row['levels'][level]
+    assert r['step'] == config.prior.num_train_steps
+    assert math.isclose(r['gap'], r['held_out'] - r['train'])
+  assert row['num_params'] > 0 and row['train_minutes'] > 0
