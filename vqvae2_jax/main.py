@@ -73,16 +73,45 @@ def _config_problem(error: Exception) -> str:
           '(--verbosity=1 shows the traceback)')
 
 
+def _verbose(argv: list[str]) -> bool:
+  """--verbosity=1 (or more) on the command line, before flags are parsed."""
+  return any(re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in argv)
+
+
+def _flag_fix(error: flags.Error) -> str | None:
+  """One line for a flag whose loading raised an error with a fix.
+
+  A config file refusing its argument (`get_config('small')`) reaches absl
+  as a flag error holding the config's traceback; its last line that holds
+  "Fix:" is the message. None for other flag errors.
+  """
+  lines = [line for line in str(error).splitlines() if 'Fix:' in line]
+  if not lines:
+    return None
+  message = re.sub(r'^\w+(Error|Exception): ', '', lines[-1].strip())
+  flag = getattr(error, 'flag', None) or re.match(r'flag (--\S+?): ',
+                                                  str(error))
+  prefix = flag.group(1) if flag else ''
+  return f'{prefix}: {message}' if prefix else message
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a misspelled --config.* field as one line."""
+  """absl's flag parsing, with config mistakes that carry a fix as one line.
+
+  A misspelled --config.* field, or a config file that refuses its variant
+  (configs/fashion_mnist.py:small), is one line ending in "Fix: ..."; with
+  --verbosity=1 absl's full message and the traceback.
+  """
   try:
     return FLAGS(argv)
   except flags.Error as e:
+    fix = _flag_fix(e)
+    if fix is not None and not _verbose(argv):
+      sys.exit(f'Error: {fix}')
     sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or '
              '--helpfull to see help on flags.')
   except (AttributeError, KeyError) as e:
-    if any(a in ('-v=1', '--verbosity=1', '--v=1') or
-           re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in argv):
+    if _verbose(argv):
       raise
     sys.exit(f'Error: {_config_problem(e)}')
 
@@ -112,9 +141,9 @@ def main(argv):
   except errors.Preempted as e:
     # Not a failure: the checkpoint is saved and a rerun resumes (exit 0).
     logging.warning('%s', e)
-  except (errors.UserError, NotImplementedError, FileNotFoundError) as e:
-    # Bad input, a stage of a later version, or one whose input another --mode
-    # makes: the message says what to do; a traceback would only hide it.
+  except errors.UserError as e:
+    # Bad input, or a stage whose input another --mode makes: the message
+    # says what to do; a traceback would only hide it.
     if _show_tracebacks():
       raise
     sys.exit(f'Error: {e}')

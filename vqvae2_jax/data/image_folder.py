@@ -104,7 +104,8 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
 
   Raises:
     DataNotFoundError: when `root` is missing or holds no readable image.
-    ValueError: when the class subdirectories do not match `num_classes`.
+    errors.ConfigError: when the class subdirectories do not match
+      `num_classes`.
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
@@ -124,7 +125,7 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
     class_names = tuple(sorted({f.split(os.sep, 1)[0] for f in files
                                 if os.sep in f}))
     if len(class_names) != num_classes:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.data.num_classes is {num_classes} but {directory} has '
           f'{len(class_names)} class subdirectories '
           f'{list(class_names[:20])}. Fix: put each class in its own '
