@@ -1,0 +1,175 @@
+"""The command line reports every error that carries a fix as one line.
+
+Each test runs `python -m vqvae2_jax.main` as a user would and checks that
+the error is one line "Error: ... Fix: ...", with no traceback (issue 27
+item 4, issue 28 item 7). The data is a folder of 16 small images, so no
+dataset is prepared; the stage-1 checkpoint is an untrained one written
+in-process (conftest's `save_vqvae_checkpoint`); one `--mode=codes` run
+per module extracts its codes, and tests that damage the workdir copy it.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, timeout=300):
+  return subprocess.run(
+      [sys.executable, '-m', 'vqvae2_jax.main', *args], cwd=_ROOT,
+      capture_output=True, text=True, timeout=timeout)
+
+
+def _folder_flags(folder):
+  return ['--config=configs/fashion_mnist.py:tiny',
+          '--config.data.name=image_folder',
+          f'--config.data.image_folder={folder}',
+          '--config.data.num_classes=0']
+
+
+def _the_error_line(result):
+  """The one line of a refused run, after checking it is the only one."""
+  output = result.stdout + result.stderr
+  assert result.returncode == 1, output[-3000:]
+  assert 'Traceback' not in output, output[-3000:]
+  lines = [line for line in output.splitlines()
+           if line.startswith(('Error:', 'FATAL'))]
+  assert len(lines) == 1, lines
+  (line,) = lines
+  assert line.startswith('Error: ') and 'Fix: ' in line, line
+  return line
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """16 grayscale 16x16 PNGs, unlabelled (no class subdirectories)."""
+  root = tmp_path_factory.mktemp('images')
+  for i in range(16):
+    pixels = np.random.default_rng(i).integers(0, 256, (16, 16), np.uint8)
+    Image.fromarray(pixels).save(root / f'{i}.png')
+  return root
+
+
+@pytest.fixture(scope='module')
+def folder_config(folder):
+  """The config the command line builds from `_folder_flags(folder)`."""
+  from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config('tiny')
+  config.data.name = 'image_folder'
+  config.data.image_folder = str(folder)
+  config.data.num_classes = 0
+  return config
+
+
+@pytest.fixture(scope='module')
+def coded_workdir(tmp_path_factory, folder, folder_config,
+                  save_vqvae_checkpoint):
+  """A workdir with a stage-1 checkpoint (step 1) and its extracted codes.
+
+  Shared by the module: copy it (`_copy`) before changing it.
+  """
+  workdir = tmp_path_factory.mktemp('coded') / 'w'
+  save_vqvae_checkpoint(folder_config, str(workdir), seed=0, step=1)
+  result = _main(*_folder_flags(folder), f'--workdir={workdir}',
+                 '--mode=codes')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.isfile(workdir / 'codes' / 'manifest.json')
+  return workdir
+
+
+def _copy(workdir, tmp_path):
+  copy = tmp_path / 'w'
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+def _tree(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  tree = {}
+  for base, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(base, name)
+      with open(path, 'rb') as f:
+        tree[os.path.relpath(path, directory)] = f.read()
+  return tree
+
+
+def test_a_checkpoint_of_another_model_config(coded_workdir, folder, tmp_path):
+  workdir = _copy(coded_workdir, tmp_path)
+  before = _tree(workdir)
+  result = _main(*_folder_flags(folder), '--config.model.num_hiddens=32',
+                 f'--workdir={workdir}', '--mode=sample')
+  line = _the_error_line(result)
+  assert 'written for a different model config' in line, line
+  assert 'model.num_hiddens: checkpoint 16, config 32' in line, line
+  assert _tree(workdir) == before  # The refused run wrote nothing.
+
+
+def test_codes_of_another_vqvae(coded_workdir, folder, folder_config,
+                                save_vqvae_checkpoint, tmp_path):
+  workdir = _copy(coded_workdir, tmp_path)
+  # Stage 1 trained further after the codes: other weights at step 2.
+  save_vqvae_checkpoint(folder_config, str(workdir), seed=1, step=2)
+  result = _main(*_folder_flags(folder), f'--workdir={workdir}',
+                 '--mode=prior')
+  line = _the_error_line(result)
+  assert 'were extracted with a different VQ-VAE' in line, line
+  assert 'Fix: re-run --mode=codes' in line, line
+
+
+def test_an_empty_code_shard(coded_workdir, folder, tmp_path):
+  workdir = _copy(coded_workdir, tmp_path)
+  shards = sorted((workdir / 'codes' / 'train').glob('*.npy'))
+  assert shards, os.listdir(workdir / 'codes')
+  shards[0].write_bytes(b'')
+  result = _main(*_folder_flags(folder), f'--workdir={workdir}',
+                 '--mode=prior')
+  line = _the_error_line(result)
+  assert f'code shard {shards[0]}' in line, line
+  assert 'run --mode=codes again' in line, line
+
+
+def test_a_non_finite_loss(folder, tmp_path):
+  # A learning rate of 1e30 sends the weights to infinity at the first
+  # update; the check at the last step (2) finds it.
+  result = _main(*_folder_flags(folder), f'--workdir={tmp_path / "w"}',
+                 '--mode=vqvae', '--config.vqvae_train.learning_rate=1e30',
+                 '--config.vqvae_train.num_train_steps=2')
+  line = _the_error_line(result)
+  assert 'Non-finite training metrics at step 2' in line, line
+  assert 'Fix: lower --config.vqvae_train.learning_rate' in line, line
+
+
+def test_an_unknown_config_variant(tmp_path):
+  result = _main('--config=configs/fashion_mnist.py:small',
+                 f'--workdir={tmp_path / "w"}', '--mode=vqvae')
+  line = _the_error_line(result)
+  assert line.startswith("Error: --config=configs/fashion_mnist.py:small: "
+                         "Unknown variant 'small'"), line
+  assert "Fix: use one of ('tiny',)" in line, line
+  assert not (tmp_path / 'w').exists()
+
+
+def test_an_unknown_config_variant_with_verbosity_shows_the_traceback(
+    tmp_path):
+  result = _main('--config=configs/fashion_mnist.py:small',
+                 f'--workdir={tmp_path / "w"}', '--mode=vqvae',
+                 '--verbosity=1')
+  assert result.returncode == 1
+  assert 'Traceback' in result.stderr
+  assert "Unknown variant 'small'" in result.stderr
+
+
+def test_an_image_folder_with_another_class_count(folder, tmp_path):
+  result = _main(*_folder_flags(folder), '--config.data.num_classes=10',
+                 f'--workdir={tmp_path / "w"}', '--mode=vqvae')
+  line = _the_error_line(result)
+  assert 'config.data.num_classes is 10 but' in line, line
+  assert 'has 0 class subdirectories' in line, line
+  assert 'Fix: put each class in its own subdirectory' in line, line
