@@ -1,6 +1,7 @@
-"""The command line reports every error that carries a fix as one line.
+"""The command line reports every error that carries a fix as one line,
+and what a run or the API prints besides is what a person follows.
 
-Each test runs `python -m vqvae2_jax.main` as a user would and checks that
+Each error test runs `python -m vqvae2_jax.main` as a user would and checks that
 the error is one line "Error: ... Fix: ...", with no traceback (issue 27
 item 4, issue 28 item 7). The data is a folder of 16 small images, so no
 dataset is prepared; the stage-1 checkpoint is an untrained one written
@@ -9,6 +10,7 @@ per module extracts its codes, and tests that damage the workdir copy it.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,3 +175,72 @@ def test_an_image_folder_with_another_class_count(folder, tmp_path):
   assert 'config.data.num_classes is 10 but' in line, line
   assert 'has 0 class subdirectories' in line, line
   assert 'Fix: put each class in its own subdirectory' in line, line
+
+
+# Noise (issue 28 item 9): what a run and the API print besides errors.
+
+_ABSL_LINE = re.compile(r'^([IDWEF])\d{4} [\d:.]+\s+\d+ (\S+?):\d+\] ')
+_PROJECT_FILES = {name for _, _, names in os.walk(
+    os.path.join(_ROOT, 'vqvae2_jax')) for name in names
+                  if name.endswith('.py')}
+
+
+def _details(output):
+  """(level, file) of each absl-format INFO or DEBUG line in `output`."""
+  found = []
+  for line in output.splitlines():
+    m = _ABSL_LINE.match(line)
+    if m and m.group(1) in 'ID':
+      found.append((m.group(1), m.group(2)))
+  return found
+
+
+@pytest.mark.parametrize('verbosity', [1, 2])
+def test_verbosity_1_shows_the_project_and_2_the_libraries_too(
+    coded_workdir, folder, tmp_path, verbosity):
+  workdir = _copy(coded_workdir, tmp_path)
+  # The codes are extracted: the stage reads the VQ-VAE checkpoint (orbax)
+  # and has nothing to do.
+  result = _main(*_folder_flags(folder), f'--workdir={workdir}',
+                 '--mode=codes', f'--verbosity={verbosity}')
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-3000:]
+  details = _details(output)
+  assert ('I', 'stages.py') in details, output[-3000:]
+  others = sorted({f for _, f in details if f not in _PROJECT_FILES})
+  if verbosity == 1:
+    assert not others, others
+    assert len(output.splitlines()) < 40, output[-3000:]
+    # TensorFlow's and XLA's C++ start-up banners.
+    assert 'oneDNN' not in output and 'InitializeLog' not in output
+  else:
+    assert 'checkpoint_manager.py' in others, others
+
+
+_LOAD = """
+import sys
+{before}
+import vqvae2_jax
+pipeline = vqvae2_jax.Pipeline.load(sys.argv[1])
+print('devices', pipeline.mesh.devices.size)
+"""
+
+
+@pytest.mark.parametrize('jax_first', [False, True])
+def test_pipeline_load_is_quiet_and_uses_the_configs_cpu_devices(
+    coded_workdir, jax_first):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  code = _LOAD.format(before='import jax; jax.devices()' if jax_first else '')
+  result = subprocess.run(
+      [sys.executable, '-c', code, str(coded_workdir)], cwd=_ROOT,
+      capture_output=True, text=True, timeout=300, env=env)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-3000:]
+  lines = output.strip().splitlines()
+  if not jax_first:  # config.mesh.cpu_devices of fashion_mnist.py: 2.
+    assert lines == ['devices 2'], lines
+  else:  # JAX chose one device before the config was read: said once.
+    assert result.stdout.strip() == 'devices 1', lines
+    (warning,) = result.stderr.strip().splitlines()
+    assert 'Pipeline on 1 CPU device(s), not config.mesh.cpu_devices=2' in (
+        warning), warning

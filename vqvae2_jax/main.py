@@ -12,17 +12,23 @@ Every stage resumes from what `workdir` already holds.
 
 The console shows each stage's header, progress, results and files, and
 every warning; the full log of a training stage is in workdir/<stage>/log.txt
-(`console`). --verbosity=1 shows everything, tracebacks of user errors too.
+(`console`). --verbosity=1 adds this project's details and the tracebacks
+of user errors; --verbosity=2 also the libraries' INFO lines (orbax, JAX,
+TensorFlow: thousands of lines).
 """
 
 import os
 import re
 import sys
 
-if not any(re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in sys.argv):
-  # TensorFlow's C++ start-up banners, unless --verbosity asks for them
-  # (before anything imports TensorFlow).
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+_ASKED = [int(m.group(2)) for m in (
+    re.fullmatch(r'--?(v|verbosity)=(\d+)', a) for a in sys.argv) if m]
+if not _ASKED or _ASKED[-1] < 2:
+  # TensorFlow's C++ start-up banners (INFO; warnings too unless --verbosity
+  # is 1), unless --verbosity=2 asks for them (before anything imports
+  # TensorFlow).
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL',
+                        '1' if _ASKED and _ASKED[-1] == 1 else '2')
 
 from absl import app
 from absl import flags
@@ -129,6 +135,8 @@ def main(argv):
     sys.exit(f'Error: {_config_problem(e)}')
   if FLAGS.verbosity < 1:
     console.quiet()
+  elif FLAGS.verbosity == 1:
+    console.project_details()
   # Before JAX and TensorFlow start their threads (see hostmem).
   hostmem.tune_malloc()
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX uses.
