@@ -244,3 +244,51 @@ def test_pipeline_load_is_quiet_and_uses_the_configs_cpu_devices(
     (warning,) = result.stderr.strip().splitlines()
     assert 'Pipeline on 1 CPU device(s), not config.mesh.cpu_devices=2' in (
         warning), warning
+
+
+_GLOO_LIKE = (
+    'import os, sys; print("first", flush=True); '
+    'os.write(1, b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected '
+    'number of connected peer ranks is : 1\\n"); '
+    'print("warning line", file=sys.stderr, flush=True); print("last")')
+
+
+@pytest.mark.parametrize('asked', [False, True])
+def test_the_launcher_hides_gloo_lines_unless_asked(capfd, asked):
+  from vqvae2_jax import launch  # pylint: disable=g-import-not-at-top
+  status = launch.launch([sys.executable, '-c', _GLOO_LIKE], num_processes=2,
+                         devices_per_process=1, gloo_lines=asked)
+  assert status == 0
+  out, err = capfd.readouterr()
+  assert out.count('first\n') == 2 and out.count('last\n') == 2, out
+  assert err.count('warning line\n') == 2, err
+  assert out.count('[Gloo]') == (2 if asked else 0), out
+  assert launch.asks_for_library_lines(['--mode=all', '--verbosity=2'])
+  assert not launch.asks_for_library_lines(['--mode=all', '--verbosity=1'])
+
+
+_GLOO_CHILD = """
+import numpy as np
+from jax.experimental import multihost_utils
+from vqvae2_jax import parallel
+parallel.maybe_initialize_distributed()
+print('sum', multihost_utils.process_allgather(np.ones(2)).sum())
+"""
+
+
+@pytest.mark.multiprocess
+def test_real_gloo_lines_are_hidden(tmp_path):
+  # Two JAX processes whose first collective connects them through Gloo,
+  # which prints one line per process on stdout.
+  (tmp_path / 'child.py').write_text(_GLOO_CHILD)
+  code = ('import sys; from vqvae2_jax import launch; sys.exit(launch.launch('
+          f'[sys.executable, {str(tmp_path / "child.py")!r}], '
+          'num_processes=2, devices_per_process=1, gloo_lines=%s))')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  for asked in (True, False):
+    result = subprocess.run([sys.executable, '-c', code % asked], cwd=_ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env={**env, 'PYTHONPATH': _ROOT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('sum') == 2, result.stdout  # Interleaved.
+    assert ('[Gloo] Rank' in result.stdout) == asked, result.stdout
