@@ -12,12 +12,17 @@ per module extracts its codes, and tests that damage the workdir copy it.
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 from PIL import Image
 import pytest
+
+from vqvae2_jax import launch
+from vqvae2_jax.data import image_folder
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,7 +260,6 @@ _GLOO_LIKE = (
 
 @pytest.mark.parametrize('asked', [False, True])
 def test_the_launcher_hides_gloo_lines_unless_asked(capfd, asked):
-  from vqvae2_jax import launch  # pylint: disable=g-import-not-at-top
   status = launch.launch([sys.executable, '-c', _GLOO_LIKE], num_processes=2,
                          devices_per_process=1, gloo_lines=asked)
   assert status == 0
@@ -292,3 +296,50 @@ def test_real_gloo_lines_are_hidden(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count('sum') == 2, result.stdout  # Interleaved.
     assert ('[Gloo] Rank' in result.stdout) == asked, result.stdout
+
+
+def _huge_png_header(path, side=14000):
+  """A PNG whose header says side x side grayscale pixels (no pixel data):
+  enough for PIL's size checks, a few bytes on disk."""
+  def chunk(kind, data):
+    body = kind + data
+    return (struct.pack('>I', len(data)) + body +
+            struct.pack('>I', zlib.crc32(body)))
+  header = struct.pack('>IIBBBBB', side, side, 8, 0, 0, 0, 0)
+  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) +
+                   chunk(b'IEND', b''))
+
+
+def test_an_image_over_pils_decompression_bomb_limit(tmp_path):
+  folder = tmp_path / 'huge'
+  folder.mkdir()
+  _huge_png_header(folder / 'huge.png')
+  result = _main('--config=configs/fashion_mnist.py:tiny',
+                 '--config.data.name=image_folder',
+                 f'--config.data.image_folder={folder}',
+                 '--config.data.num_classes=0', f'--workdir={tmp_path / "w"}',
+                 '--mode=vqvae')
+  line = _the_error_line(result)
+  assert "over PIL's decompression-bomb limit (e.g. huge.png: Image size " in (
+      line), line
+  assert ('Fix: downscale them, or raise the limit with '
+          '--config.data.max_image_pixels=196000000') in line, line
+
+
+def test_the_decompression_bomb_limit_is_said_and_can_be_raised(
+    folder, tmp_path, caplog):
+  root = tmp_path / 'images'
+  shutil.copytree(folder, root)
+  _huge_png_header(root / 'huge.png')
+  try:
+    with caplog.at_level('WARNING'):
+      split = image_folder.load_split(str(root), 'train', 0)
+    assert len(split) == 16 and split.num_skipped == 1
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if 'decompression-bomb' in r.getMessage()]
+    assert 'skipped 1 image(s)' in warning and 'huge.png' in warning
+    assert 'unreadable' not in warning
+    raised = image_folder.load_split(str(root), 'train', 0, 196_000_000)
+    assert len(raised) == 17 and raised.num_skipped == 0
+  finally:
+    image_folder.set_max_image_pixels(0)  # PIL's default for other tests.

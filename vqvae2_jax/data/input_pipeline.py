@@ -86,8 +86,9 @@ class _Source:
 def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
   """Examples in `split` (all processes together)."""
   if data_config.name == 'image_folder':
-    return len(image_folder.load_split(data_config.image_folder, split,
-                                       int(data_config.num_classes)))
+    return len(image_folder.load_split(
+        data_config.image_folder, split, int(data_config.num_classes),
+        int(data_config.get('max_image_pixels', 0))))
   builder = tfds_prepare.prepare_builder(data_config)
   return builder.info.splits[split].num_examples
 
@@ -386,8 +387,9 @@ def _check_labels(features, data_config: ml_collections.ConfigDict,
 def _folder_source(data_config: ml_collections.ConfigDict, split: str, *,
                    train: bool, share: tuple[int, int]) -> _Source:
   """Share (index, count) of an image folder split, as file indices."""
-  folder = image_folder.load_split(data_config.image_folder, split,
-                                   int(data_config.num_classes))
+  folder = image_folder.load_split(
+      data_config.image_folder, split, int(data_config.num_classes),
+      int(data_config.get('max_image_pixels', 0)))
   start, stop = layout.process_range(len(folder), drop_remainder=train,
                                      share=share)
   reader = image_folder.SafeReader(folder.paths[start:stop],
