@@ -95,10 +95,8 @@ def _flag_fix(error: flags.Error) -> str | None:
   if not lines:
     return None
   message = re.sub(r'^\w+(Error|Exception): ', '', lines[-1].strip())
-  flag = getattr(error, 'flag', None) or re.match(r'flag (--\S+?): ',
-                                                  str(error))
-  prefix = flag.group(1) if flag else ''
-  return f'{prefix}: {message}' if prefix else message
+  flag = re.match(r'flag (--\S+?): ', str(error))
+  return f'{flag.group(1)}: {message}' if flag else message
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
