@@ -68,7 +68,16 @@ def load_config(config: str | ml_collections.ConfigDict
         f'_pipeline_config_{abs(hash(os.path.abspath(path)))}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = (module.get_config(variant) if variant else module.get_config())
+    try:
+      config = (module.get_config(variant) if variant else
+                module.get_config())
+    except ValueError as e:
+      # Config files import only ml_collections: their refusals (an unknown
+      # variant) are plain ValueErrors; the one that names a fix is the
+      # user's to make.
+      if 'Fix:' not in str(e):
+        raise
+      raise errors.ConfigError(f'{config}: {e}') from e
   config_validation.validate_config(config, check_dataset=False)
   return config
 
