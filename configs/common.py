@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ''  # tfds data_dir; '' uses the tfds default.
   data.manual_dir = ''  # Directory with manually downloaded source files.
   data.image_folder = ''  # Root of an image folder when name == 'image_folder'.
+  # PIL's decompression-bomb guard for folder images (Image.MAX_IMAGE_PIXELS:
+  # over twice it an image is refused, over it PIL warns); 0: PIL's default.
+  data.max_image_pixels = 0
   data.random_flip = False  # Random horizontal flips in training.
   data.shuffle_buffer = 10_000  # Examples in each input stream's shuffle buffer.
   # Training input streams (0: one per process); the same number gives the

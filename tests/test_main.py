@@ -82,12 +82,6 @@ def test_a_missing_stage_says_which_mode_to_run(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-def test_a_stage_not_built_yet_says_so_plainly(monkeypatch):
-  monkeypatch.setitem(stages._STAGES, 'eval', ('vqvae2_jax.no_such', 'f'))  # pylint: disable=protected-access
-  with pytest.raises(NotImplementedError, match='--mode=eval is not built'):
-    stages.stage_function('eval')
-
-
 def test_every_mode_has_a_stage():
   assert set(stages.MODES) == {'data', 'vqvae', 'codes', 'prior', 'sample',
                                'classifier', 'eval', 'export', 'all'}

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vqvae2_jax import errors
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import vqvae as vqvae_lib
 
@@ -37,8 +38,8 @@ _PRIOR_LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
 
 def _dtype(name: str, field: str) -> Any:
   if name not in _DTYPES:
-    raise ValueError(f'config.{field} is {name!r}, not a known dtype. Fix: '
-                     f'use one of {tuple(_DTYPES)}.')
+    raise errors.ConfigError(f'config.{field} is {name!r}, not a known '
+                             f'dtype. Fix: use one of {tuple(_DTYPES)}.')
   return _DTYPES[name]
 
 

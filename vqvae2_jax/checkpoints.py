@@ -208,7 +208,7 @@ def _restore_args(target: PyTree) -> PyTree:
 
 def check_fingerprint(saved: Mapping[str, Any] | None,
                       current: Mapping[str, Any], directory: str) -> None:
-  """Raises ValueError if the stored and current fingerprints differ.
+  """Raises CheckpointMismatchError if the stored and current ones differ.
 
   Args:
     saved: the fingerprint stored with the checkpoint (None if absent).
@@ -217,7 +217,7 @@ def check_fingerprint(saved: Mapping[str, Any] | None,
   """
   current = _normalise(current)
   if saved is None:
-    raise ValueError(
+    raise errors.CheckpointMismatchError(
         f'The checkpoints in {directory} carry no config fingerprint, so they '
         'cannot be checked against this config. Fix: use another --workdir, '
         'or delete that directory to start again.')
@@ -232,7 +232,7 @@ def check_fingerprint(saved: Mapping[str, Any] | None,
       old = '(absent)' if old is missing else repr(old)
       new = '(absent)' if new is missing else repr(new)
       diffs.append(f'{key}: checkpoint {old}, config {new}')
-  raise ValueError(
+  raise errors.CheckpointMismatchError(
       f'The checkpoints in {directory} were written for a different model '
       f'config; differing fields: {"; ".join(diffs)}. Fix: pass another '
       '--workdir for this config, or run with the config that wrote them '

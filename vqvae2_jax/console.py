@@ -5,8 +5,10 @@ stage's header, its progress line, its results and where its files are
 (`say`, `Progress`), and every warning and error from any library except
 known routine ones. Everything else that is logged (this project's details,
 orbax's checkpointing steps, tfds, clu's metric lines) goes to the log file
-of the running training stage, workdir/<stage>/log.txt (`log_file`). `--verbosity=1`
-or more shows everything on the console, as absl would.
+of the running training stage, workdir/<stage>/log.txt (`log_file`).
+`--verbosity=1` shows this project's details too, and libraries' warnings
+(`project_details`): not the thousands of INFO lines of orbax, JAX and
+TensorFlow, which `--verbosity=2` adds, as absl would show them.
 
 On a terminal the progress line updates in place; in a pipe or a file it is
 printed at each quarter of the run (every log interval goes to the log file).
@@ -32,6 +34,7 @@ _ROUTINE = re.compile(
     r'|AutoGraph could not transform|do_not_convert'
     r'|has no dataset_info\.json')
 _QUARTERS = 4  # Progress lines per stage when the console is not a terminal.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def say(message: str, *args) -> None:
@@ -77,14 +80,75 @@ def quiet() -> None:
     handler.setFormatter(_ConsoleFormatter())
 
 
+class _ProjectDetailsFilter(py_logging.Filter):
+  """Passes this project's records at any level, other code's warnings."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING or
+            getattr(record, _CONSOLE, False) or
+            os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+
+
+_PROJECT_DETAILS = _ProjectDetailsFilter()
+
+
+def project_details() -> None:
+  """Keeps the console to this project's records and every warning.
+
+  For --verbosity=1: the details of this project's stages (INFO and DEBUG)
+  without the INFO and DEBUG records of orbax, JAX, TensorFlow and other
+  libraries (tens of thousands of lines in a run). --verbosity=2 or more
+  does not call it and shows them as well.
+  """
+  handler = logging.get_absl_handler()
+  if _PROJECT_DETAILS not in handler.filters:
+    handler.addFilter(_PROJECT_DETAILS)
+
+
+class _RoutineFilter(py_logging.Filter):
+  """Drops libraries' routine warnings (`_ROUTINE`), passes the rest."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.ERROR:
+      return True
+    try:
+      return not _ROUTINE.search(record.getMessage())
+    except Exception:  # pylint: disable=broad-except
+      return True
+
+
+_ROUTINE_FILTER = _RoutineFilter()
+
+
+@contextlib.contextmanager
+def routine_warnings_hidden() -> Iterator[None]:
+  """Drops libraries' routine warnings meanwhile, wherever they would go.
+
+  For library calls outside the command line (`Pipeline.load`), where
+  nothing filters the console: orbax warns that each read-only checkpoint
+  manager it is asked for is read-only. Other warnings pass.
+  """
+  logger = py_logging.getLogger('absl')  # orbax logs through absl.
+  added = _ROUTINE_FILTER not in logger.filters
+  if added:
+    logger.addFilter(_ROUTINE_FILTER)
+  try:
+    yield
+  finally:
+    if added:
+      logger.removeFilter(_ROUTINE_FILTER)
+
+
 @contextlib.contextmanager
 def native_stderr_muted() -> Iterator[None]:
-  """Mutes what native code writes to stderr meanwhile, when quiet.
+  """Mutes what native code writes to stderr meanwhile, unless everything
+  is asked for (quiet or `project_details`).
 
   For TensorFlow's import, whose C++ start-up banners ignore
   TF_CPP_MIN_LOG_LEVEL. Python errors still propagate (and print after).
   """
-  if not is_quiet():
+  if not (is_quiet() or
+          _PROJECT_DETAILS in logging.get_absl_handler().filters):
     yield
     return
   sys.stderr.flush()

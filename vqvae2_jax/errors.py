@@ -18,11 +18,25 @@ class WorkdirError(UserError, OSError):
   """A workdir that cannot be written or is full (names the path)."""
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
   """The dataset is neither prepared nor obtainable; the message says how.
 
-  A FileNotFoundError, which main reports like a UserError. It lives here
+  Also a FileNotFoundError, for callers that catch those. It lives here
   rather than beside tfds so that image folders raise it without tfds.
+  """
+
+
+class MissingStageError(UserError, FileNotFoundError):
+  """What an earlier stage writes is not in the workdir (names the --mode).
+
+  Also a FileNotFoundError, for callers that catch those.
+  """
+
+
+class CheckpointMismatchError(UserError, ValueError):
+  """Checkpoints written for another config, or trained on other codes.
+
+  Also a ValueError, for callers that catch those.
   """
 
 

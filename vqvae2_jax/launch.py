@@ -22,16 +22,22 @@ the step they agree on and exits 0 (see `parallel.preemption_watch`).
 The processes share the launcher's console, so their lines interleave; with
 --output_dir=DIR each process writes its whole output (stdout and stderr) to
 DIR/process_<i>.log instead, and a failure names the failed process's file.
+On the console, the lines that the CPU collectives (Gloo) print as the
+processes connect are left out, unless the command asks for libraries'
+lines with --verbosity=2 (or more).
 """
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import IO
 
 from absl import app
 from absl import flags
@@ -88,6 +94,25 @@ def log_path(output_dir: str, process_id: int) -> str:
   return os.path.join(output_dir, f'process_{process_id}.log')
 
 
+# What Gloo prints (to stdout) as each process connects to its peers.
+_GLOO_PREFIX = b'[Gloo] '
+
+
+def _copy_lines(source: IO[bytes], fd: int, drop: bytes) -> None:
+  """Copies a child's output to our file descriptor `fd` line by line,
+  without the lines that start with `drop`."""
+  with source:
+    for line in iter(source.readline, b''):
+      if not line.startswith(drop):
+        os.write(fd, line)
+
+
+def asks_for_library_lines(command: Sequence[str]) -> bool:
+  """Whether `command` has --verbosity=2 or more (main's libraries' lines)."""
+  return any(m and int(m.group(2)) >= 2 for m in (
+      re.fullmatch(r'--?(v|verbosity)=(\d+)', a) for a in command))
+
+
 def describe_exit(status: int) -> str:
   """'exited with status 1' or 'was killed by SIGKILL' (Popen's returncode)."""
   if status < 0:
@@ -103,7 +128,8 @@ def launch(command: Sequence[str], *, num_processes: int,
            devices_per_process: int, port: int = 0,
            env: Mapping[str, str] | None = None,
            output_dir: str | None = None,
-           stop_grace_seconds: float = 300.0) -> int:
+           stop_grace_seconds: float = 300.0,
+           gloo_lines: bool = False) -> int:
   """Runs `command` as `num_processes` JAX processes and waits for them.
 
   Args:
@@ -119,6 +145,8 @@ def launch(command: Sequence[str], *, num_processes: int,
       to the processes as a preemption notice), the time they have to save
       and exit; then the launcher kills them (a process stuck in a
       collective would otherwise keep it waiting for good).
+    gloo_lines: keep the lines Gloo prints as the processes connect (on the
+      console; the files of `output_dir` keep everything).
 
   Returns:
     0 when every process exited 0; else the status of the first that failed
@@ -130,7 +158,7 @@ def launch(command: Sequence[str], *, num_processes: int,
   base = os.environ if env is None else env
   if output_dir:
     os.makedirs(output_dir, exist_ok=True)
-  children = []
+  children, copiers = [], []
   for i in range(num_processes):
     output = open(log_path(output_dir, i), 'wb') if output_dir else None
     with output or contextlib.nullcontext():  # The child keeps its own copy.
@@ -139,10 +167,17 @@ def launch(command: Sequence[str], *, num_processes: int,
           env=process_environment(base, process_id=i,
                                   num_processes=num_processes, port=port,
                                   devices_per_process=devices_per_process),
-          stdout=output, stderr=subprocess.STDOUT if output else None,
+          stdout=output or (None if gloo_lines else subprocess.PIPE),
+          stderr=(subprocess.STDOUT if output else
+                  None if gloo_lines else subprocess.PIPE),
           # Own process groups: a Ctrl-C in the terminal reaches the
           # launcher only, which passes it on as a preemption notice.
           start_new_session=True))
+    for stream, fd in ((children[-1].stdout, 1), (children[-1].stderr, 2)):
+      if stream is not None:
+        copiers.append(threading.Thread(
+            target=_copy_lines, args=(stream, fd, _GLOO_PREFIX), daemon=True))
+        copiers[-1].start()
 
   notified = []  # When the first notice was passed on.
 
@@ -164,6 +199,7 @@ def launch(command: Sequence[str], *, num_processes: int,
         # failed because it vanished.
         first = min(failed, key=lambda i: (statuses[i] > 0, i))
         _kill(children)
+        _join(copiers)  # The processes' last lines come before ours.
         status = statuses[first]
         where = (log_path(output_dir, first) if output_dir else
                  f'the output of process {first} above')
@@ -179,6 +215,7 @@ def launch(command: Sequence[str], *, num_processes: int,
       if notified and time.monotonic() - notified[0] > stop_grace_seconds:
         running = [i for i, s in enumerate(statuses) if s is None]
         _kill(children)
+        _join(copiers)
         sys.stderr.write(
             f'Error: process(es) {running} of {num_processes} had not '
             f'stopped {stop_grace_seconds:g} s after the preemption notice '
@@ -193,6 +230,13 @@ def launch(command: Sequence[str], *, num_processes: int,
     for s, handler in previous.items():
       signal.signal(s, handler)
     _kill(children)
+    _join(copiers)
+
+
+def _join(copiers: Sequence[threading.Thread]) -> None:
+  """Waits until the copiers of the children's output have copied it all."""
+  for copier in copiers:
+    copier.join(timeout=10)
 
 
 def _kill(children: Sequence[subprocess.Popen]) -> None:
@@ -212,7 +256,8 @@ def main(argv: Sequence[str]) -> None:
   sys.exit(launch(command, num_processes=_PROCESSES.value,
                   devices_per_process=_DEVICES.value, port=_PORT.value,
                   output_dir=_OUTPUT_DIR.value,
-                  stop_grace_seconds=_STOP_GRACE.value))
+                  stop_grace_seconds=_STOP_GRACE.value,
+                  gloo_lines=asks_for_library_lines(argv[1:])))
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ import numpy as np
 
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import vqvae as vqvae_lib
@@ -92,7 +93,7 @@ def _restore_latest_subtrees(ckpt_dir: str, fingerprint: Mapping[str, Any],
   Returns None when `ckpt_dir` holds no checkpoint.
 
   Raises:
-    ValueError: the checkpoint was written for a different model config.
+    errors.CheckpointMismatchError: written for a different model config.
     errors.NoIntactCheckpointError: no checkpoint in `ckpt_dir` reads back.
   """
   if not os.path.isdir(ckpt_dir):
@@ -124,8 +125,8 @@ def load_vqvae(config: ml_collections.ConfigDict, workdir: str,
     (model, variables {'params', 'vq_stats'}, step).
 
   Raises:
-    FileNotFoundError: no stage-1 checkpoint in `workdir`.
-    ValueError: it was written for another model config.
+    errors.MissingStageError: no stage-1 checkpoint in `workdir`.
+    errors.CheckpointMismatchError: written for another model config.
   """
   mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
   model = builders.build_vqvae(config)
@@ -141,7 +142,7 @@ def load_vqvae(config: ml_collections.ConfigDict, workdir: str,
   restored = _restore_latest_subtrees(
       ckpt_dir, builders.vqvae_fingerprint(config), lambda _: target)
   if restored is None:
-    raise FileNotFoundError(
+    raise errors.MissingStageError(
         f'No VQ-VAE checkpoint in {ckpt_dir}. Fix: train stage 1 first with '
         '--mode=vqvae and the same --workdir.')
   subtrees, step = restored
@@ -153,8 +154,8 @@ def current_vqvae_provenance(config: ml_collections.ConfigDict, workdir: str,
   """The provenance of the newest stage-1 checkpoint in `workdir`.
 
   Raises:
-    FileNotFoundError: there is no stage-1 checkpoint.
-    ValueError: it was written for another model config.
+    errors.MissingStageError: there is no stage-1 checkpoint.
+    errors.CheckpointMismatchError: written for another model config.
   """
   _, variables, step = load_vqvae(config, workdir, mesh)
   return vqvae_provenance(config, variables, step)
@@ -183,7 +184,7 @@ def check_codes_provenance(ckpt_dir: str,
     return
   keys = ('codes.vqvae_step', 'codes.vqvae_digest')
   if any(saved.get(k) != fingerprint[k] for k in keys):
-    raise ValueError(
+    raise errors.CheckpointMismatchError(
         f'The prior checkpoints in {ckpt_dir} were trained on codes of VQ-VAE '
         f'step {saved.get("codes.vqvae_step")}, but workdir/codes now holds '
         f'codes of VQ-VAE step {fingerprint["codes.vqvae_step"]} (or other '
@@ -214,8 +215,9 @@ def load_prior(config: ml_collections.ConfigDict, workdir: str, level: int, *,
     (model, variables {'params': ...}, step).
 
   Raises:
-    FileNotFoundError: no checkpoint of this level's prior.
-    ValueError: written for another config or another VQ-VAE's codes.
+    errors.MissingStageError: no checkpoint of this level's prior.
+    errors.CheckpointMismatchError: written for another config or another
+      VQ-VAE's codes.
   """
   mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
   ckpt_dir = os.path.join(prior_dir(workdir, level), _CHECKPOINTS)
@@ -241,7 +243,7 @@ def load_prior(config: ml_collections.ConfigDict, workdir: str, level: int, *,
 
   restored = _restore_latest_subtrees(ckpt_dir, fingerprint, choose_target)
   if restored is None:
-    raise FileNotFoundError(
+    raise errors.MissingStageError(
         f'No prior checkpoint for level {level} in {ckpt_dir}. Fix: train the '
         'priors first with --mode=prior and the same --workdir.')
   subtrees, step = restored

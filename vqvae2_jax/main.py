@@ -12,17 +12,23 @@ Every stage resumes from what `workdir` already holds.
 
 The console shows each stage's header, progress, results and files, and
 every warning; the full log of a training stage is in workdir/<stage>/log.txt
-(`console`). --verbosity=1 shows everything, tracebacks of user errors too.
+(`console`). --verbosity=1 adds this project's details and the tracebacks
+of user errors; --verbosity=2 also the libraries' INFO lines (orbax, JAX,
+TensorFlow: thousands of lines).
 """
 
 import os
 import re
 import sys
 
-if not any(re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in sys.argv):
-  # TensorFlow's C++ start-up banners, unless --verbosity asks for them
-  # (before anything imports TensorFlow).
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+_ASKED = [int(m.group(2)) for m in (
+    re.fullmatch(r'--?(v|verbosity)=(\d+)', a) for a in sys.argv) if m]
+if not _ASKED or _ASKED[-1] < 2:
+  # TensorFlow's C++ start-up banners (INFO; warnings too unless --verbosity
+  # is 1), unless --verbosity=2 asks for them (before anything imports
+  # TensorFlow).
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL',
+                        '1' if _ASKED and _ASKED[-1] == 1 else '2')
 
 from absl import app
 from absl import flags
@@ -73,16 +79,43 @@ def _config_problem(error: Exception) -> str:
           '(--verbosity=1 shows the traceback)')
 
 
+def _verbose(argv: list[str]) -> bool:
+  """--verbosity=1 (or more) on the command line, before flags are parsed."""
+  return any(re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in argv)
+
+
+def _flag_fix(error: flags.Error) -> str | None:
+  """One line for a flag whose loading raised an error with a fix.
+
+  A config file refusing its argument (`get_config('small')`) reaches absl
+  as a flag error holding the config's traceback; its last line that holds
+  "Fix:" is the message. None for other flag errors.
+  """
+  lines = [line for line in str(error).splitlines() if 'Fix:' in line]
+  if not lines:
+    return None
+  message = re.sub(r'^\w+(Error|Exception): ', '', lines[-1].strip())
+  flag = re.match(r'flag (--\S+?): ', str(error))
+  return f'{flag.group(1)}: {message}' if flag else message
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a misspelled --config.* field as one line."""
+  """absl's flag parsing, with config mistakes that carry a fix as one line.
+
+  A misspelled --config.* field, or a config file that refuses its variant
+  (configs/fashion_mnist.py:small), is one line ending in "Fix: ..."; with
+  --verbosity=1 absl's full message and the traceback.
+  """
   try:
     return FLAGS(argv)
   except flags.Error as e:
+    fix = _flag_fix(e)
+    if fix is not None and not _verbose(argv):
+      sys.exit(f'Error: {fix}')
     sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or '
              '--helpfull to see help on flags.')
   except (AttributeError, KeyError) as e:
-    if any(a in ('-v=1', '--verbosity=1', '--v=1') or
-           re.fullmatch(r'--?(v|verbosity)=[1-9]\d*', a) for a in argv):
+    if _verbose(argv):
       raise
     sys.exit(f'Error: {_config_problem(e)}')
 
@@ -100,6 +133,8 @@ def main(argv):
     sys.exit(f'Error: {_config_problem(e)}')
   if FLAGS.verbosity < 1:
     console.quiet()
+  elif FLAGS.verbosity == 1:
+    console.project_details()
   # Before JAX and TensorFlow start their threads (see hostmem).
   hostmem.tune_malloc()
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX uses.
@@ -112,9 +147,9 @@ def main(argv):
   except errors.Preempted as e:
     # Not a failure: the checkpoint is saved and a rerun resumes (exit 0).
     logging.warning('%s', e)
-  except (errors.UserError, NotImplementedError, FileNotFoundError) as e:
-    # Bad input, a stage of a later version, or one whose input another --mode
-    # makes: the message says what to do; a traceback would only hide it.
+  except errors.UserError as e:
+    # Bad input, or a stage whose input another --mode makes: the message
+    # says what to do; a traceback would only hide it.
     if _show_tracebacks():
       raise
     sys.exit(f'Error: {e}')

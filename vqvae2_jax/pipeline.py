@@ -28,6 +28,7 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
+from absl import logging
 from flax import serialization
 
 import jax
@@ -67,7 +68,16 @@ def load_config(config: str | ml_collections.ConfigDict
         f'_pipeline_config_{abs(hash(os.path.abspath(path)))}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = (module.get_config(variant) if variant else module.get_config())
+    try:
+      config = (module.get_config(variant) if variant else
+                module.get_config())
+    except ValueError as e:
+      # Config files import only ml_collections: their refusals (an unknown
+      # variant) are plain ValueErrors; the one that names a fix is the
+      # user's to make.
+      if 'Fix:' not in str(e):
+        raise
+      raise errors.ConfigError(f'{config}: {e}') from e
   config_validation.validate_config(config, check_dataset=False)
   return config
 
@@ -81,6 +91,25 @@ def _with_precision(config: ml_collections.ConfigDict,
   config.prior.precision = precision
   config_validation.validate_config(config, check_dataset=False)
   return config
+
+
+def _use_cpu_devices(config: ml_collections.ConfigDict) -> None:
+  """On a CPU, config.mesh.cpu_devices devices, as the command line runs.
+
+  JAX takes the count only before its first use (`parallel.split_host_cpu`);
+  when it started with another count (JAX code ran before the load) and
+  XLA_FLAGS does not choose one, one warning line says so.
+  """
+  count = int(config.mesh.get('cpu_devices', 0))
+  if count <= 0 or parallel.split_host_cpu(count):
+    return
+  if (parallel.HOST_DEVICE_FLAG not in os.environ.get('XLA_FLAGS', '') and
+      jax.default_backend() == 'cpu' and jax.local_device_count() != count):
+    logging.warning(
+        'Pipeline on %d CPU device(s), not config.mesh.cpu_devices=%d: JAX '
+        'started before the load (results differ from the command line\'s in '
+        'the last digits); load before any JAX code runs to use %d.',
+        jax.local_device_count(), count, count)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -126,6 +155,7 @@ class Pipeline:
         in_shardings=(None, data), out_shardings=data)
 
   @classmethod
+  @console.routine_warnings_hidden()  # orbax's notes on read-only managers.
   def load(cls, workdir: str,
            config: str | ml_collections.ConfigDict | None = None, *,
            mesh: Optional[Mesh] = None, use_polyak: bool = True,
@@ -140,7 +170,9 @@ class Pipeline:
       config: the config it was trained with: a ConfigDict or a config
         file path ('configs/fashion_mnist.py', or with ':variant'); None
         reads workdir/config.json, which every run records.
-      mesh: where to run (default: the config's mesh over all devices).
+      mesh: where to run (default: the config's mesh over all devices; on
+        a CPU, config.mesh.cpu_devices devices as on the command line when
+        no JAX code ran before, else one warning line says it is not so).
       use_polyak: the priors' Polyak-averaged weights where saved.
       priors: also load the priors (False: only the VQ-VAE).
       compilation_cache_dir: keep the compiled samplers and decoder in this
@@ -154,9 +186,9 @@ class Pipeline:
         float32, slower. The weights do not depend on it.
 
     Raises:
-      FileNotFoundError: no stage-1 checkpoint in `workdir`.
-      ValueError: checkpoints of another config, or priors trained on
-        another VQ-VAE's codes.
+      errors.MissingStageError: no stage-1 checkpoint in `workdir`.
+      errors.CheckpointMismatchError: checkpoints of another config, or
+        priors trained on another VQ-VAE's codes.
     """
     # Before anything compiles. Loading itself compiles no model: shapes come
     # from `jax.eval_shape`, weights from the checkpoint or file.
@@ -173,7 +205,9 @@ class Pipeline:
       with open(recorded) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config = _with_precision(load_config(config), precision)
-    mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+    if mesh is None:
+      _use_cpu_devices(config)
+      mesh = parallel.create_mesh(config.mesh)
     vqvae, variables, step = loading.load_vqvae(config, workdir, mesh)
     steps = {'vqvae': step}
     loaded = []
@@ -247,7 +281,9 @@ class Pipeline:
       raise PipelineInputError(
           f'{path}: its config does not match its VQ-VAE fingerprint (a '
           'damaged or edited file). Fix: export it again.')
-    mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+    if mesh is None:
+      _use_cpu_devices(config)
+      mesh = parallel.create_mesh(config.mesh)
     vqvae = builders.build_vqvae(config)
     variables = jax.device_put(payload['vqvae'], parallel.replicated(mesh))
     if loading.variables_digest(variables) != payload['vqvae_digest']:

@@ -58,22 +58,15 @@ def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
-  """Returns the function that runs `mode`, or raises a plain error."""
+  """Returns the function that runs `mode` (importing its module).
+
+  Raises:
+    ValueError: `mode` is not one of MODES (main's flag refuses it first).
+  """
   if mode not in _STAGES:
     raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
   module_name, fn_name = _STAGES[mode]
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name != module_name:
-      raise
-    module = None
-  fn = getattr(module, fn_name, None)
-  if fn is None:
-    raise NotImplementedError(
-        f'--mode={mode} is not built yet ({module_name}.{fn_name} does not '
-        'exist in this version).')
-  return fn
+  return getattr(importlib.import_module(module_name), fn_name)
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -35,6 +35,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from vqvae2_jax import errors
 from vqvae2_jax import files
 
 FORMAT_VERSION = 1
@@ -204,7 +205,14 @@ def finalize(codes_dir: str, plan: Mapping[str, Any]) -> None:
   files.write_json(os.path.join(codes_dir, MANIFEST), plan)
 
 
-class CodesMismatchError(ValueError):
+class CodesError(errors.UserError, ValueError):
+  """Extracted codes that cannot be used: damaged, or of another format.
+
+  Also a ValueError, for callers that catch those.
+  """
+
+
+class CodesMismatchError(CodesError):
   """The extracted codes come from a different VQ-VAE than the current one."""
 
 
@@ -212,17 +220,18 @@ def read_manifest(codes_dir: str) -> dict[str, Any]:
   """The manifest of a complete extraction.
 
   Raises:
-    FileNotFoundError: no complete extraction in `codes_dir`, with the fix.
+    errors.MissingStageError: no complete extraction in `codes_dir`.
+    CodesError: the extraction has another format version.
   """
   manifest = files.read_json(os.path.join(codes_dir, MANIFEST))
   if manifest is None:
     partial = os.path.exists(os.path.join(codes_dir, PLAN))
-    raise FileNotFoundError(
+    raise errors.MissingStageError(
         f'No complete code extraction in {codes_dir}'
         f'{" (an extraction was started but did not finish)" if partial else ""}'
         '. Fix: run --mode=codes with the same --config and --workdir.')
   if manifest.get('format_version') != FORMAT_VERSION:
-    raise ValueError(
+    raise CodesError(
         f'Codes in {codes_dir} have format version '
         f'{manifest.get("format_version")}, this code reads {FORMAT_VERSION}. '
         'Fix: delete that directory and run --mode=codes again.')
@@ -283,11 +292,12 @@ class CodeSplit:
       size = min(self._shard_size, self.num_examples - i * self._shard_size)
       try:
         shard = np.load(path, mmap_mode='r', allow_pickle=False)
-      except (OSError, ValueError) as e:
-        raise ValueError(f'Cannot read code shard {path} ({e}). Fix: delete '
+      except (OSError, ValueError, EOFError) as e:
+        # (An empty file is an EOFError.)
+        raise CodesError(f'Cannot read code shard {path} ({e}). Fix: delete '
                          f'{codes_dir} and run --mode=codes again.') from e
       if shard.dtype != expected or shard.shape != (size,):
-        raise ValueError(
+        raise CodesError(
             f'Code shard {path} holds {shard.shape} records of {shard.dtype}, '
             f'the manifest says ({size},) of {expected}. Fix: delete '
             f'{codes_dir} and run --mode=codes again.')
@@ -350,7 +360,7 @@ class CodeDataset:
         check (only for inspecting codes without a VQ-VAE at hand).
 
     Raises:
-      FileNotFoundError: the extraction is missing or incomplete.
+      errors.MissingStageError: the extraction is missing or incomplete.
       CodesMismatchError: it was made with another VQ-VAE.
     """
     self.codes_dir = codes_dir

@@ -17,9 +17,12 @@ Layout rules (`data.name = 'image_folder'`, root `data.image_folder`):
   `num_classes == 0` the folder is read recursively and every label is 0.
 * Unreadable files: files whose header cannot be read (not an image,
   truncated header, no permission) are skipped when the folder is scanned,
-  counted and logged. A file that passes the scan but fails to decode later
-  (truncated pixel data) is replaced by the next file of the split, logged
-  and counted, so batches keep their size and a resumed run stays exact.
+  counted and logged. So are images over PIL's decompression-bomb limit
+  (about 179M pixels unless `data.max_image_pixels` changes it), with a
+  warning of their own that says how to raise it. A file that passes the
+  scan but fails to decode later (truncated pixel data) is replaced by the
+  next file of the split, logged and counted, so batches keep their size
+  and a resumed run stays exact.
 * Colours: grayscale, palette, 16-bit, CMYK and alpha images are converted
   to `channels` (1: 'L', 3: 'RGB'); transparency is composited onto white.
 """
@@ -90,22 +93,41 @@ def _bound(spec: str | None, n: int, default: int) -> int:
   return min(max(value, 0), n)
 
 
+_PIL_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's default.
+
+
+def set_max_image_pixels(max_pixels: int) -> None:
+  """PIL's decompression-bomb guard for every image this process opens.
+
+  Args:
+    max_pixels: `data.max_image_pixels`: PIL refuses images of more than
+      twice this many pixels (and warns over it); 0 restores PIL's default.
+  """
+  Image.MAX_IMAGE_PIXELS = (int(max_pixels) if max_pixels > 0 else
+                            _PIL_MAX_IMAGE_PIXELS)
+
+
 @functools.lru_cache(maxsize=16)
-def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
+def load_split(root: str, split: str, num_classes: int,
+               max_pixels: int = 0) -> FolderSplit:
   """Scans `root` for the images of `split` (cached per process).
 
   Args:
     root: the image folder (`data.image_folder`).
     split: split name with an optional slice, see the module docstring.
     num_classes: `data.num_classes`; 0 for unlabelled.
+    max_pixels: `data.max_image_pixels` (`set_max_image_pixels`), applied
+      to this and later reads.
 
   Returns:
     The split's readable images and labels.
 
   Raises:
     DataNotFoundError: when `root` is missing or holds no readable image.
-    ValueError: when the class subdirectories do not match `num_classes`.
+    errors.ConfigError: when the class subdirectories do not match
+      `num_classes`.
   """
+  set_max_image_pixels(max_pixels)
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
     raise errors.DataNotFoundError(
@@ -124,7 +146,7 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
     class_names = tuple(sorted({f.split(os.sep, 1)[0] for f in files
                                 if os.sep in f}))
     if len(class_names) != num_classes:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.data.num_classes is {num_classes} but {directory} has '
           f'{len(class_names)} class subdirectories '
           f'{list(class_names[:20])}. Fix: put each class in its own '
@@ -137,25 +159,41 @@ def load_split(root: str, split: str, num_classes: int) -> FolderSplit:
                       top_level[0])
       files = [f for f in files if os.sep in f]
 
-  readable = _readable(directory, files)
+  readable, too_large = _readable(directory, files)
   skipped = sorted(set(files) - set(readable))
-  for path in skipped:  # Every one in the log; the warning counts them.
+  too_large_fix = ''
+  if too_large:
+    too_large_fix = (
+        f'{len(too_large)} image(s) over PIL\'s decompression-bomb limit '
+        f'(e.g. {too_large[0][0]}: {too_large[0][1]}). Fix: downscale them, '
+        'or raise the limit with --config.data.max_image_pixels='
+        f'{max(pixels for _, _, pixels in too_large)} (PIL refuses images '
+        'over twice it) if you trust the files')
+    logging.warning('Image folder %s: skipped %s.', directory, too_large_fix)
+  unreadable = sorted(set(skipped) - {f for f, _, _ in too_large})
+  for path in unreadable:  # Every one in the log; the warning counts them.
     logging.info('Image folder %s: unreadable, skipped: %s', directory, path)
-  if skipped:
+  if unreadable:
     logging.warning(
         'Image folder %s: skipped %d unreadable file(s) of %d: %s%s',
-        directory, len(skipped), len(files), ', '.join(skipped[:_MAX_LOGGED]),
-        ' ...' if len(skipped) > _MAX_LOGGED else '')
+        directory, len(unreadable), len(files),
+        ', '.join(unreadable[:_MAX_LOGGED]),
+        ' ...' if len(unreadable) > _MAX_LOGGED else '')
   # Hash order: random-like slices, independent of the file system.
   readable.sort(key=lambda f: (hashlib.sha1(f.encode('utf-8')).hexdigest(), f))
   n = len(readable)
   readable = readable[_bound(start, n, 0):_bound(stop, n, n)]
+  if not readable and too_large and not unreadable:
+    raise errors.DataNotFoundError(
+        f'Image folder split {split!r} in {directory} has no image PIL may '
+        f'open: {too_large_fix}.')
   if not readable:
     raise errors.DataNotFoundError(
         f'Image folder split {split!r} in {directory} has no readable image '
         f'({len(files)} files with an image extension {IMAGE_EXTENSIONS}, '
-        f'{len(skipped)} unreadable). Fix: check --config.data.image_folder '
-        'and the split names --config.data.train_split/eval_split.')
+        f'{len(unreadable)} unreadable, {len(too_large)} too large). Fix: '
+        'check --config.data.image_folder and the split names '
+        '--config.data.train_split/eval_split.')
   index = {c: i for i, c in enumerate(class_names)}
   labels = np.asarray([index[f.split(os.sep, 1)[0]] if class_names else 0
                        for f in readable], np.int32)
@@ -207,22 +245,31 @@ def _list_images(directory: str) -> list[str]:
   return found
 
 
-def _header_ok(path: str) -> bool:
+def _header_problem(path: str) -> bool | tuple[str, int]:
+  """False if the image header reads; else True, or (PIL's message, the
+  image's pixels) for an image over PIL's decompression-bomb limit."""
   try:
     with Image.open(path) as image:
       width, height = image.size
-      return width > 0 and height > 0
+      return not (width > 0 and height > 0)
+  except Image.DecompressionBombError as e:
+    pixels = re.search(r'\((\d+) pixels\)', str(e))
+    return str(e), int(pixels.group(1)) if pixels else 0
   except Exception:  # pylint: disable=broad-except
-    # Any failure (not an image, truncated, unreadable) means: skip it.
-    return False
+    # Any other failure (not an image, truncated, unreadable): skip it.
+    return True
 
 
-def _readable(directory: str, files: list[str]) -> list[str]:
-  """The files whose image header reads; threads hide file-system latency."""
+def _readable(directory: str, files: list[str]
+              ) -> tuple[list[str], list[tuple[str, str, int]]]:
+  """The files whose image header reads, and (file, PIL's message, pixels)
+  of those over PIL's decompression-bomb limit; threads hide file-system
+  latency."""
   paths = [os.path.join(directory, f) for f in files]
   with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-    ok = list(pool.map(_header_ok, paths, chunksize=64))
-  return [f for f, good in zip(files, ok) if good]
+    problems = list(pool.map(_header_problem, paths, chunksize=64))
+  return ([f for f, p in zip(files, problems) if p is False],
+          [(f, *p) for f, p in zip(files, problems) if isinstance(p, tuple)])
 
 
 def to_array(image: Image.Image, channels: int) -> np.ndarray:

@@ -86,8 +86,9 @@ class _Source:
 def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
   """Examples in `split` (all processes together)."""
   if data_config.name == 'image_folder':
-    return len(image_folder.load_split(data_config.image_folder, split,
-                                       int(data_config.num_classes)))
+    return len(image_folder.load_split(
+        data_config.image_folder, split, int(data_config.num_classes),
+        int(data_config.get('max_image_pixels', 0))))
   builder = tfds_prepare.prepare_builder(data_config)
   return builder.info.splits[split].num_examples
 
@@ -180,7 +181,7 @@ def _train_stream(data_config: ml_collections.ConfigDict, index: int,
   source = _source(data_config, data_config.train_split, train=True,
                    share=(index, count))
   if source.num_local < stream_batch:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Split {data_config.train_split!r} has {source.num_local} examples '
         f'per input stream, fewer than the per-stream batch {stream_batch}. '
         'Fix: lower the batch size or use a larger split.')
@@ -254,7 +255,7 @@ def _local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The per-process share of a global batch, after divisibility checks."""
   num_devices = parallel.num_batch_shards(mesh)
   if global_batch_size <= 0 or global_batch_size % num_devices:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Global batch size {global_batch_size} does not divide by the '
         f'{num_devices} devices of the mesh. Fix: use a multiple of '
         f'{num_devices} for the batch size.')
@@ -360,8 +361,8 @@ def _image_key(features, name: str) -> str:
   for key, feature in features.items():
     if isinstance(feature, tfds.features.Image):
       return key
-  raise ValueError(f'tfds dataset {name!r} has no image feature '
-                   f'({list(features)}). Fix: use an image dataset.')
+  raise errors.ConfigError(f'tfds dataset {name!r} has no image feature '
+                           f'({list(features)}). Fix: use an image dataset.')
 
 
 def _check_labels(features, data_config: ml_collections.ConfigDict,
@@ -372,11 +373,11 @@ def _check_labels(features, data_config: ml_collections.ConfigDict,
     return False
   label = features['label'] if 'label' in features else None
   if not isinstance(label, tfds.features.ClassLabel):
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.data.num_classes is {num_classes} but tfds dataset {name!r} '
         'has no class label. Fix: set --config.data.num_classes=0.')
   if label.num_classes != num_classes:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.data.num_classes is {num_classes} but tfds dataset {name!r} '
         f'has {label.num_classes} classes. Fix: set '
         f'--config.data.num_classes={label.num_classes}.')
@@ -386,8 +387,9 @@ def _check_labels(features, data_config: ml_collections.ConfigDict,
 def _folder_source(data_config: ml_collections.ConfigDict, split: str, *,
                    train: bool, share: tuple[int, int]) -> _Source:
   """Share (index, count) of an image folder split, as file indices."""
-  folder = image_folder.load_split(data_config.image_folder, split,
-                                   int(data_config.num_classes))
+  folder = image_folder.load_split(
+      data_config.image_folder, split, int(data_config.num_classes),
+      int(data_config.get('max_image_pixels', 0)))
   start, stop = layout.process_range(len(folder), drop_remainder=train,
                                      share=share)
   reader = image_folder.SafeReader(folder.paths[start:stop],

@@ -23,6 +23,15 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from vqvae2_jax import errors
+
+
+class MetricsInputError(errors.UserError, ValueError):
+  """Features or probabilities a metric cannot take (the message says why).
+
+  Also a ValueError, for callers that catch those.
+  """
+
 
 class MeanStd(NamedTuple):
   """A metric averaged over subsets or splits, with its spread."""
@@ -40,11 +49,11 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
   """x as a float64 [n, d] host array, or a ValueError naming it."""
   x = np.asarray(x, np.float64)
   if x.ndim != 2:
-    raise ValueError(
+    raise MetricsInputError(
         f'{name} has shape {x.shape}, not [n, d]. Fix: flatten each '
         'example\'s features (or probabilities) into one row.')
   if not np.all(np.isfinite(x)):
-    raise ValueError(
+    raise MetricsInputError(
         f'{name} holds NaN or infinite values. Fix: check the model that '
         'produced them (and the images fed to it).')
   return x
@@ -71,7 +80,7 @@ class FeatureStats:
 
   def __init__(self, max_features: int = 0):
     if max_features < 0:
-      raise ValueError(
+      raise MetricsInputError(
           f'max_features={max_features} is negative. Fix: pass 0 (keep no '
           'features) or the number of rows to keep.')
     self.max_features = max_features
@@ -101,22 +110,22 @@ class FeatureStats:
       self._outer = np.zeros((d, d))
       self._with_probs = probs is not None
     elif x.shape[1] != self._shift.shape[0]:
-      raise ValueError(
+      raise MetricsInputError(
           f'features have dimension {x.shape[1]}, earlier batches '
           f'{self._shift.shape[0]}. Fix: feed one feature extractor\'s '
           'outputs to one FeatureStats.')
     if (probs is not None) != self._with_probs:
-      raise ValueError(
+      raise MetricsInputError(
           'Class probabilities were given with some batches and not others. '
           'Fix: pass probs with every batch or with none.')
     if probs is not None:
       p = _as_matrix(probs, 'probs')
       if len(p) != len(x):
-        raise ValueError(
+        raise MetricsInputError(
             f'probs has {len(p)} rows, features {len(x)}. Fix: pass the '
             'probabilities of the same examples.')
       if self._probs and p.shape[1] != self._probs[0].shape[1]:
-        raise ValueError(
+        raise MetricsInputError(
             f'probs have {p.shape[1]} classes, earlier batches '
             f'{self._probs[0].shape[1]}. Fix: use one classifier.')
       self._probs.append(p.astype(np.float32))
@@ -142,7 +151,7 @@ class FeatureStats:
 
   def _check_count(self, minimum: int) -> None:
     if self._count < minimum:
-      raise ValueError(
+      raise MetricsInputError(
           f'FeatureStats holds {self._count} examples; this needs at least '
           f'{minimum}. Fix: add more feature batches first.')
 
@@ -166,7 +175,7 @@ class FeatureStats:
   def features(self) -> np.ndarray:
     """float64 [min(count, max_features), d], the first rows added."""
     if not self._kept:
-      raise ValueError(
+      raise MetricsInputError(
           'FeatureStats kept no features. Fix: construct it with '
           'max_features > 0 (and add at least one batch).')
     return np.concatenate(self._kept)
@@ -175,7 +184,7 @@ class FeatureStats:
   def probs(self) -> np.ndarray:
     """float32 [count, C], every class-probability row added."""
     if not self._probs:
-      raise ValueError(
+      raise MetricsInputError(
           'FeatureStats holds no class probabilities. Fix: pass probs to '
           'add() with every batch.')
     return np.concatenate(self._probs)
@@ -209,14 +218,14 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any,
   d = mu1.shape[0]
   if (mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d)
       or sigma2.shape != (d, d)):
-    raise ValueError(
+    raise MetricsInputError(
         f'Shapes mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, '
         f'sigma2 {sigma2.shape} do not match [d], [d, d]. Fix: compare '
         'statistics of one feature extractor.')
   for name, value in (('mu1', mu1), ('sigma1', sigma1), ('mu2', mu2),
                       ('sigma2', sigma2)):
     if not np.all(np.isfinite(value)):
-      raise ValueError(
+      raise MetricsInputError(
           f'{name} holds NaN or infinite values. Fix: check the features '
           'the statistics came from.')
 
@@ -228,14 +237,14 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any,
     offset = eps * np.eye(d)
     covmean = _sqrtm_or_none((sigma1 + offset) @ (sigma2 + offset))
     if covmean is None:
-      raise ValueError(
+      raise MetricsInputError(
           'The square root of sigma1 @ sigma2 is not finite even with '
           f'eps={eps} added to the diagonals. Fix: pass a larger eps or '
           'use more examples than feature dimensions.')
   if np.iscomplexobj(covmean):
     imag = np.max(np.abs(np.diagonal(covmean).imag))
     if imag > max_imag:
-      raise ValueError(
+      raise MetricsInputError(
           f'The square root of sigma1 @ sigma2 has an imaginary component '
           f'of {imag:.3g} on its diagonal (tolerance {max_imag:g}). Fix: '
           'pass covariances (symmetric, positive semi-definite) of finite '
@@ -295,12 +304,12 @@ def kid(features_a: Any, features_b: Any, num_subsets: int = 100,
   x = _as_matrix(features_a, 'features_a')
   y = _as_matrix(features_b, 'features_b')
   if x.shape[1] != y.shape[1]:
-    raise ValueError(
+    raise MetricsInputError(
         f'features_a have dimension {x.shape[1]}, features_b {y.shape[1]}. '
         'Fix: compare features of one extractor.')
   m = min(subset_size, len(x), len(y))
   if m < 2 or num_subsets < 1:
-    raise ValueError(
+    raise MetricsInputError(
         f'KID needs subsets of at least 2 rows and at least 1 subset (got '
         f'{m} rows, {num_subsets} subsets). Fix: pass more features.')
   rng = np.random.default_rng(seed)
@@ -315,7 +324,7 @@ def _check_probs(probs: Any) -> np.ndarray:
   """probs as float64 [n, C] rows of a distribution, or a ValueError."""
   p = _as_matrix(probs, 'probs')
   if np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
-    raise ValueError(
+    raise MetricsInputError(
         'probs rows are not probability distributions (negative entries or '
         'sums away from 1). Fix: pass softmax outputs, not logits.')
   return p
@@ -341,7 +350,7 @@ def inception_score(probs: Any, num_splits: int = 10,
   """
   p = _check_probs(probs)
   if not 1 <= num_splits <= len(p):
-    raise ValueError(
+    raise MetricsInputError(
         f'num_splits={num_splits} for {len(p)} rows. Fix: use between 1 and '
         'the number of samples.')
   if shuffle_seed is not None:
@@ -406,15 +415,16 @@ def precision_recall(real_features: Any, fake_features: Any, k: int = 3,
   real = _as_matrix(real_features, 'real_features')
   fake = _as_matrix(fake_features, 'fake_features')
   if real.shape[1] != fake.shape[1]:
-    raise ValueError(
+    raise MetricsInputError(
         f'real_features have dimension {real.shape[1]}, fake_features '
         f'{fake.shape[1]}. Fix: compare features of one extractor.')
   if not 1 <= k < min(len(real), len(fake)):
-    raise ValueError(
+    raise MetricsInputError(
         f'k={k} with {len(real)} real and {len(fake)} fake rows. Fix: use '
         '1 <= k < the size of the smaller set.')
   if batch_size < 1:
-    raise ValueError(f'batch_size={batch_size}. Fix: pass a positive size.')
+    raise MetricsInputError(
+        f'batch_size={batch_size}. Fix: pass a positive size.')
   real_sq = np.einsum('ij,ij->i', real, real)
   fake_sq = np.einsum('ij,ij->i', fake, fake)
   real_radii = _knn_radii(real, real_sq, k, batch_size)
@@ -446,11 +456,11 @@ def class_agreement(probs: Any, requested_labels: Any,
   p = _as_matrix(probs, 'probs')
   labels = np.asarray(requested_labels)
   if labels.shape != (len(p),):
-    raise ValueError(
+    raise MetricsInputError(
         f'requested_labels has shape {labels.shape}, probs {p.shape}. Fix: '
         'pass one integer label per row of probs.')
   if not 1 <= top_k <= p.shape[1]:
-    raise ValueError(
+    raise MetricsInputError(
         f'top_k={top_k} with {p.shape[1]} classes. Fix: use 1 <= top_k <= C.')
   if top_k == 1:
     hits = np.argmax(p, axis=1) == labels

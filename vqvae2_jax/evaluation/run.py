@@ -49,6 +49,7 @@ import numpy as np
 
 from vqvae2_jax import builders
 from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import generate
 from vqvae2_jax import loading
@@ -326,7 +327,7 @@ def _prior_rows(config: ml_collections.ConfigDict, workdir: str
     m = files.read_json(os.path.join(loading.prior_dir(workdir, level),
                                      'metrics.json'))
     if m is None:
-      raise FileNotFoundError(
+      raise errors.MissingStageError(
           f'No finished prior of level {level} in '
           f'{loading.prior_dir(workdir, level)}. Fix: run --mode=prior with '
           'the same --workdir first.')
@@ -350,7 +351,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
     The report (as report.json).
 
   Raises:
-    FileNotFoundError: a stage the report needs has not run; the message
+    errors.MissingStageError: a stage the report needs has not run; the message
       names the --mode that makes it.
   """
   start = time.time()

@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from vqvae2_jax import errors
+
 # Written first in every legacy-layout file.
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
@@ -49,8 +51,15 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsupportedPickleError(pickle.UnpicklingError):
+class UnsupportedPickleError(errors.UserError, pickle.UnpicklingError):
   """The file asks for something a state dict of plain tensors never holds."""
+
+
+class StateDictError(errors.UserError, ValueError):
+  """The file is not a torch.save state dict, or is truncated or corrupt.
+
+  Also a ValueError, for callers that catch those.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +156,9 @@ def _materialize(obj: Any, storages: Mapping[str, np.ndarray]) -> Any:
   if isinstance(obj, _LazyTensor):
     ref = obj.storage
     if ref.key not in storages:
-      raise ValueError(f'Storage {ref.key!r} is missing from the file. Fix: '
-                       'the file is truncated or corrupt; save it again.')
+      raise StateDictError(
+          f'Storage {ref.key!r} is missing from the file. Fix: '
+          'the file is truncated or corrupt; save it again.')
     flat = storages[ref.key][ref.offset:ref.offset + ref.numel]
     if 0 in obj.size:
       return np.zeros(obj.size, ref.dtype)
@@ -157,8 +167,9 @@ def _materialize(obj: Any, storages: Mapping[str, np.ndarray]) -> Any:
     last = obj.storage_offset + sum(
         (n - 1) * s for n, s in zip(obj.size, obj.stride))
     if last >= flat.size or min(obj.stride, default=0) < 0:
-      raise ValueError(f'A tensor reaches past the end of storage {ref.key!r}.'
-                       ' Fix: the file is truncated or corrupt; save it again.')
+      raise StateDictError(
+          f'A tensor reaches past the end of storage {ref.key!r}.'
+          ' Fix: the file is truncated or corrupt; save it again.')
     view = np.lib.stride_tricks.as_strided(
         flat[obj.storage_offset:], shape=obj.size,
         strides=[s * flat.itemsize for s in obj.stride], writeable=False)
@@ -175,9 +186,10 @@ def _read_zip(path: str) -> Any:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pickles) != 1:
-      raise ValueError(f'{path} is a zip file but not a torch.save archive (no '
-                       'single data.pkl). Fix: pass a file written by '
-                       'torch.save.')
+      raise StateDictError(
+          f'{path} is a zip file but not a torch.save archive (no '
+          'single data.pkl). Fix: pass a file written by '
+          'torch.save.')
     prefix = pickles[0][:-len('data.pkl')]
     byteorder = 'little'
     if prefix + 'byteorder' in names:
@@ -196,17 +208,18 @@ def _read_legacy(path: str) -> Any:
     stream = io.BytesIO(f.read())
   magic = _StateDictUnpickler(stream).load()
   if magic != _LEGACY_MAGIC:
-    raise ValueError(f'{path} is neither a zip nor a legacy torch.save file. '
-                     'Fix: pass a file written by torch.save.')
+    raise StateDictError(
+        f'{path} is neither a zip nor a legacy torch.save file. '
+        'Fix: pass a file written by torch.save.')
   protocol = _StateDictUnpickler(stream).load()
   if protocol != _LEGACY_PROTOCOL:
-    raise ValueError(f'{path} has legacy protocol {protocol}, not '
-                     f'{_LEGACY_PROTOCOL}. Fix: re-save it with a recent '
-                     'torch.save.')
+    raise StateDictError(f'{path} has legacy protocol {protocol}, not '
+                         f'{_LEGACY_PROTOCOL}. Fix: re-save it with a recent '
+                         'torch.save.')
   sys_info = _StateDictUnpickler(stream).load()
   if isinstance(sys_info, dict) and not sys_info.get('little_endian', True):
-    raise ValueError(f'{path} was written on a big-endian machine. Fix: '
-                     're-save it with a recent torch.save (zip layout).')
+    raise StateDictError(f'{path} was written on a big-endian machine. Fix: '
+                         're-save it with a recent torch.save (zip layout).')
   obj = _StateDictUnpickler(stream).load()
   keys = _StateDictUnpickler(stream).load()
   dtypes = _storage_refs(obj)
@@ -215,17 +228,20 @@ def _read_legacy(path: str) -> Any:
     key = _ascii(key)
     dtype = dtypes.get(key)
     if dtype is None:
-      raise ValueError(f'{path}: storage {key!r} is not used by any tensor. '
-                       'Fix: the file is corrupt; save it again.')
+      raise StateDictError(
+          f'{path}: storage {key!r} is not used by any tensor. '
+          'Fix: the file is corrupt; save it again.')
     header = stream.read(8)
     if len(header) != 8:
-      raise ValueError(f'{path} ends before storage {key!r}. Fix: the file is '
-                       'truncated; download or save it again.')
+      raise StateDictError(
+          f'{path} ends before storage {key!r}. Fix: the file is '
+          'truncated; download or save it again.')
     numel = int(np.frombuffer(header, '<i8')[0])
     raw = np.frombuffer(stream.read(numel * dtype.itemsize), np.uint8)
     if raw.size != numel * dtype.itemsize:
-      raise ValueError(f'{path} ends inside storage {key!r}. Fix: the file is '
-                       'truncated; download or save it again.')
+      raise StateDictError(
+          f'{path} ends inside storage {key!r}. Fix: the file is '
+          'truncated; download or save it again.')
     storages[key] = _to_native(raw, dtype, 'little')
   return _materialize(obj, storages)
 
@@ -248,7 +264,7 @@ def _storage_refs(obj: Any) -> dict[str, np.dtype]:
 def _to_native(raw: np.ndarray, dtype: np.dtype, byteorder: str) -> np.ndarray:
   """Raw bytes -> 1-D native-order array of `dtype`."""
   if byteorder not in ('little', 'big'):
-    raise ValueError(f'Unknown byte order {byteorder!r} in the file.')
+    raise StateDictError(f'Unknown byte order {byteorder!r} in the file.')
   stored = dtype.newbyteorder('<' if byteorder == 'little' else '>')
   return np.frombuffer(raw.tobytes(), stored).astype(dtype)
 
@@ -267,7 +283,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     FileNotFoundError: no file at `path`.
     UnsupportedPickleError: the pickle needs a global outside the short list
       a state dict needs (a whole pickled model, say); nothing is executed.
-    ValueError: the file is not a torch.save file or is truncated.
+    StateDictError: the file is not a torch.save file or is truncated.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -277,12 +293,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   else:
     obj = _read_legacy(path)
   if not isinstance(obj, dict):
-    raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict.'
-                     ' Fix: save `model.state_dict()`.')
+    raise StateDictError(
+        f'{path} holds a {type(obj).__name__}, not a state dict.'
+        ' Fix: save `model.state_dict()`.')
   bad = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
   if bad:
-    raise ValueError(f'{path}: entries {bad[:5]} are not tensors. Fix: save '
-                     '`model.state_dict()` alone.')
+    raise StateDictError(
+        f'{path}: entries {bad[:5]} are not tensors. Fix: save '
+        '`model.state_dict()` alone.')
   return dict(obj)
 
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqvae2_jax import errors
 from vqvae2_jax.evaluation import torch_state_dict
 
 Array = jax.Array
@@ -55,6 +56,21 @@ FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/'
                    f'fid_weights/{FID_WEIGHTS_FILE}')
 INPUT_SIZE = 299
 FEATURES = 2048
+
+
+class InceptionInputError(errors.UserError, ValueError):
+  """Weights or images that FID's Inception-v3 cannot take.
+
+  Also a ValueError, for callers that catch those.
+  """
+
+
+class InceptionWeightsNotFoundError(errors.UserError, FileNotFoundError):
+  """No weights file at config.eval.inception_weights (says where to get it).
+
+  Also a FileNotFoundError, for callers that catch those.
+  """
+
 
 # The reference's classifier head; FID features stop before it.
 _IGNORED_KEYS = ('fc.weight', 'fc.bias')
@@ -74,9 +90,10 @@ def to_rgb(images: Array) -> Array:
     return images
   if channels == 1:
     return jnp.repeat(images, 3, axis=-1)
-  raise ValueError(f'Inception takes 1 or 3 channels, got images of shape '
-                   f'{images.shape}. Fix: pass [..., h, w, 1] or '
-                   '[..., h, w, 3] images.')
+  raise InceptionInputError(
+      f'Inception takes 1 or 3 channels, got images of shape '
+      f'{images.shape}. Fix: pass [..., h, w, 1] or '
+      '[..., h, w, 3] images.')
 
 
 def resize_bilinear(images: Array,
@@ -373,7 +390,7 @@ def variables_from_state_dict(
     {'params': ..., 'batch_stats': ...} of float32 arrays, conv kernels HWIO.
 
   Raises:
-    ValueError: entries missing, unexpected or of the wrong shape (the
+    InceptionInputError: entries missing, unexpected or of the wrong shape (the
       message lists them).
   """
   module = module or FIDInceptionV3()
@@ -385,7 +402,7 @@ def variables_from_state_dict(
       if name not in expected and name not in _IGNORED_KEYS
       and not name.endswith('.num_batches_tracked')]
   if missing or unexpected:
-    raise ValueError(
+    raise InceptionInputError(
         f'The state dict is not FID Inception\'s: {len(missing)} entries '
         f'missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. '
         f'{unexpected[:3]}). Fix: use pytorch-fid\'s {FID_WEIGHTS_FILE} '
@@ -394,9 +411,10 @@ def variables_from_state_dict(
   for keys, name, shape in leaves:
     value = np.asarray(state_dict[name], np.float32)
     if value.shape != _torch_shape(shape):
-      raise ValueError(f'{name} has shape {value.shape}, expected '
-                       f'{_torch_shape(shape)}. Fix: use pytorch-fid\'s '
-                       f'{FID_WEIGHTS_FILE} ({FID_WEIGHTS_URL}).')
+      raise InceptionInputError(
+          f'{name} has shape {value.shape}, expected '
+          f'{_torch_shape(shape)}. Fix: use pytorch-fid\'s '
+          f'{FID_WEIGHTS_FILE} ({FID_WEIGHTS_URL}).')
     if value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     node = variables
@@ -421,12 +439,14 @@ def load_fid_inception(
     pool3 features of images in [-1, 1].
 
   Raises:
-    FileNotFoundError: no file at `path`; the message says where to get it.
-    ValueError: the file is not that state dict.
+    InceptionWeightsNotFoundError: no file at `path`; the message says where
+      to get it.
+    InceptionInputError: the file is not that state dict.
+    torch_state_dict.StateDictError: the file is not a torch.save file.
   """
   path = os.fspath(path) if path else ''
   if not path or not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise InceptionWeightsNotFoundError(
         f'FID Inception weights file not found: {path!r}. Standard FID needs '
         f'{FID_WEIGHTS_FILE}, published at {FID_WEIGHTS_URL}; '
         'config.eval.inception_weights names its path. Fix: download it on a '

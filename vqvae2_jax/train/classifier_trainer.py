@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from vqvae2_jax import checkpoints
+from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import layout
@@ -253,7 +254,7 @@ def _train(config: ml_collections.ConfigDict, *, name: str, directory: str,
       programs=progs, init_rng=jax.random.PRNGKey(config.seed),
       cadence=common.Cadence.from_config(config.classifier),
       train_iterator=train_iterator, evaluate=run_eval,
-      nan_fix='lower classifier.learning_rate',
+      nan_fix='lower --config.classifier.learning_rate',
       batch_size=config.classifier.batch_size))
 
 
@@ -282,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     held-out split, 'train/...', 'step', 'steps_per_sec', 'wall_time_s'.
   """
   if not config.data.num_classes:
-    raise ValueError(
+    raise errors.ConfigError(
         'config.data.num_classes: 0, but the domain classifier needs labels. '
         'Fix: use labelled data (sample metrics without a classifier, e.g. '
         'Inception FID, still work).')
@@ -325,9 +326,9 @@ def array_train_iterator(images: np.ndarray, labels: np.ndarray, *,
   """
   n = len(images)
   if n < global_batch_size:
-    raise ValueError(f'{n} examples, fewer than the batch size '
-                     f'{global_batch_size}. Fix: lower classifier.batch_size '
-                     'or provide more examples.')
+    raise errors.ConfigError(
+        f'{n} examples, fewer than the batch size {global_batch_size}. Fix: '
+        'lower --config.classifier.batch_size or provide more examples.')
   local = global_batch_size // jax.process_count()
   first = jax.process_index() * local
   cache = {}
@@ -395,14 +396,15 @@ def load_classifier(config: ml_collections.ConfigDict, workdir: str,
     params, step).
 
   Raises:
-    FileNotFoundError: no classifier checkpoint.
-    ValueError: written for another dataset, image size or model.
+    errors.MissingStageError: no classifier checkpoint.
+    errors.CheckpointMismatchError: written for another dataset, image size
+      or model.
   """
   mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
   ckpt_dir = common.checkpoint_dir(stage_dir(workdir))
   if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f'No classifier checkpoint in {ckpt_dir}. Fix: '
-                            f'{_FIX_TRAIN}.')
+    raise errors.MissingStageError(
+        f'No classifier checkpoint in {ckpt_dir}. Fix: {_FIX_TRAIN}.')
   progs = programs(config, mesh)
   target = {'params': common.restore_target(progs).params}
   manager = checkpoints.create_manager(ckpt_dir, read_only=True)
@@ -414,8 +416,8 @@ def load_classifier(config: ml_collections.ConfigDict, workdir: str,
   finally:
     manager.close()
   if restored is None:
-    raise FileNotFoundError(f'No classifier checkpoint in {ckpt_dir}. Fix: '
-                            f'{_FIX_TRAIN}.')
+    raise errors.MissingStageError(
+        f'No classifier checkpoint in {ckpt_dir}. Fix: {_FIX_TRAIN}.')
   params, step = restored[0]['params'], restored[1]
   return progs, params, step
 

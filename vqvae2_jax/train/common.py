@@ -234,8 +234,11 @@ def jit_train_step(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, Any]],
       donate_argnums=(0,))
 
 
-class NonFiniteError(FloatingPointError):
-  """A training metric became NaN or infinite."""
+class NonFiniteError(errors.UserError, FloatingPointError):
+  """A training metric became NaN or infinite.
+
+  Also a FloatingPointError, for callers that catch those.
+  """
 
 
 class StepMetrics:
@@ -263,7 +266,8 @@ class StepMetrics:
     """Raises `NonFiniteError` naming the first step with a non-finite metric.
 
     Args:
-      hint: appended to the message (e.g. which checkpoint is still intact).
+      hint: appended to the message: "Fix: <what to change>" (e.g. which
+        setting to lower, and which checkpoint is still intact).
     """
     for i in range(self._checked, len(self._steps)):
       values = jax.device_get(self._metrics[i])
@@ -380,9 +384,11 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       if do_log or do_eval or do_save:
         last = manager.latest_step()
         pending.check_finite(
-            f'The newest checkpoint (step {last}) in {manager.directory} is '
-            f'intact and a rerun resumes from it; {nan_fix} first.'
-            if last is not None else 'No checkpoint had been written yet.')
+            f'Fix: {nan_fix}, then run again: it resumes from the newest '
+            f'checkpoint (step {last}) in {manager.directory}, which is '
+            'intact.' if last is not None else
+            f'Fix: {nan_fix}, then run again (no checkpoint had been '
+            'written yet).')
       if do_log:
         train_summary = pending.pop_summary()
         writer.write_scalars(step, scalars(train_summary, 'train'))

@@ -361,7 +361,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
       init_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), level),
       cadence=common.Cadence.from_config(p), train_iterator=train_iterator,
       evaluate=run_eval,
-      nan_fix='lower prior.learning_rate or grad_clip_norm',
+      nan_fix='lower --config.prior.learning_rate or grad_clip_norm',
       final_metrics=final_metrics, batch_size=p.batch_size))
 
 

@@ -260,5 +260,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       init_rng=jax.random.PRNGKey(config.seed),
       cadence=common.Cadence.from_config(train_cfg),
       train_iterator=train_iterator, evaluate=run_eval,
-      nan_fix='lower vqvae_train.learning_rate or grad_clip_norm',
+      nan_fix='lower --config.vqvae_train.learning_rate or grad_clip_norm',
       sum_prefixes=('restarted',)))
