@@ -11,10 +11,14 @@ from vqvae2_jax import console
 
 @pytest.fixture
 def absl_handler():
-  """absl's handler, its filters and formatter restored afterwards."""
+  """absl's handler with the console's filters off; its filters and
+  formatter restored afterwards."""
   handler = logging.get_absl_handler()
   filters = list(handler.filters)
   formatter = handler.python_handler.formatter
+  # pylint: disable-next=protected-access
+  ours = (console._FILTER, console._WARNINGS_ONLY)
+  handler.filters[:] = [f for f in filters if f not in ours]
   yield handler
   handler.filters[:] = filters
   handler.python_handler.setFormatter(formatter)
