@@ -1,15 +1,12 @@
 """Extracted codes: the format (atomic shards, manifest, provenance) in
-`data.codes` and the batches over it in `data.code_iterators`."""
+`data.codes`; the batches over it are in test_code_iterators.py."""
 
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
-from vqvae2_jax import parallel
-from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes
 
 _SHAPES = ((2, 3), (4, 6))  # Non-square on purpose.
@@ -140,68 +137,6 @@ def test_truncated_shard_is_reported(written):
   dataset = codes.CodeDataset(codes_dir, vqvae=_VQVAE)
   with pytest.raises(ValueError, match='00000-of-00005.*run --mode=codes'):
     dataset.split('train')
-
-
-def _host(batch):
-  return jax.tree.map(np.asarray, batch)
-
-
-def test_train_iterator_is_deterministic_resumable_and_covers_epochs(written):
-  codes_dir, data = written
-  split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('train')
-  mesh = parallel.create_mesh()  # 8 devices.
-  kwargs = dict(global_batch_size=8, mesh=mesh, seed=3, levels=(0, 1))
-  it = code_iterators.create_train_iterator(split, **kwargs)
-  batches = [_host(next(it)) for _ in range(6)]  # 48 = 2 epochs + 2.
-  assert batches[0]['codes'][1].shape == (8, 4, 6)
-  assert next(iter(code_iterators.create_train_iterator(split, **kwargs)))[
-      'label'].sharding == parallel.data_sharding(mesh)
-  resumed = code_iterators.create_train_iterator(split, start_step=4, **kwargs)
-  for want in batches[4:]:
-    got = _host(next(resumed))
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_array_equal(g, w)
-  # Each epoch is a permutation of the split: recover example ids from codes.
-  levels, labels = data['train']
-  stream = np.concatenate([b['codes'][1].reshape(8, -1) for b in batches])
-  table = levels[1].reshape(23, -1)
-  ids = [int(np.nonzero((table == row).all(1))[0][0]) for row in stream]
-  assert sorted(ids[:23]) == list(range(23))
-  assert sorted(ids[23:46]) == list(range(23))
-  assert ids[:23] != ids[23:46]
-  np.testing.assert_array_equal(
-      np.concatenate([b['label'] for b in batches]), labels[ids])
-  other = code_iterators.create_train_iterator(split, **{**kwargs, 'seed': 4})
-  assert not np.array_equal(_host(next(other))['label'], batches[0]['label'])
-
-
-def test_eval_iterator_is_ordered_and_masks_padding(written):
-  codes_dir, data = written
-  split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('eval')
-  batches = [_host(b) for b in code_iterators.create_eval_iterator(
-      split, global_batch_size=8, mesh=parallel.create_mesh(), levels=(0, 1))]
-  assert len(batches) == 2
-  mask = np.concatenate([b['mask'] for b in batches])
-  np.testing.assert_array_equal(mask, np.arange(16) < 9)
-  levels, labels = data['eval']
-  np.testing.assert_array_equal(
-      np.concatenate([b['label'] for b in batches])[:9], labels)
-  np.testing.assert_array_equal(
-      np.concatenate([b['codes'][0] for b in batches])[:9], levels[0])
-  first4 = list(code_iterators.create_eval_iterator(
-      split, global_batch_size=8, mesh=parallel.create_mesh(), levels=(1,),
-      num_examples=4))
-  assert len(first4) == 1
-  np.testing.assert_array_equal(np.asarray(first4[0]['mask']),
-                                np.arange(8) < 4)
-
-
-def test_batch_not_divisible_by_devices_is_refused(written):
-  codes_dir, _ = written
-  split = codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('eval')
-  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
-    next(code_iterators.create_eval_iterator(split, global_batch_size=12,
-                                    mesh=parallel.create_mesh(), levels=(0,)))
 
 
 def test_json_files_keep_their_bytes(written):

@@ -1,21 +1,9 @@
 """Reconstruction sums: whole-image and original-area MSE/PSNR, code usage."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import reconstruction
-
-
-def test_original_area_of_padded_and_resized_datasets():
-  data = ml_collections.ConfigDict({'name': 'fashion_mnist',
-                                    'image_size': 32})
-  assert layout.original_area(data) == (2, 2, 28, 28)
-  data.image_size = 28  # Nothing padded.
-  assert layout.original_area(data) is None
-  data.name, data.image_size = 'cifar10', 32
-  assert layout.original_area(data) is None
 
 
 def test_area_metrics_hand_made():

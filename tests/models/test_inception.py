@@ -1,4 +1,4 @@
-"""Tests of FID's Inception-v3 port and of the torch state-dict reader.
+"""Tests of FID's Inception-v3 port.
 
 The golden file comes from experiments/inception_golden.py, which ran
 pytorch-fid's reference network with weights drawn by
@@ -6,10 +6,7 @@ pytorch-fid's reference network with weights drawn by
 numpy alone, so neither torch nor the real weights are needed.
 """
 
-import os
 import pathlib
-import pickle
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -108,55 +105,6 @@ def test_grayscale_is_repeated_to_rgb(golden):
     inception.to_rgb(jnp.zeros((1, 8, 8, 2)))
 
 
-@pytest.mark.parametrize('filename', ['tiny_state_dict.pth',
-                                      'tiny_state_dict_legacy.pth'])
-def test_reader_reads_torch_files_exactly(golden, filename):
-  state_dict = torch_state_dict.read_state_dict(_DATA / filename)
-  expected = {k[len('tiny.'):]: v for k, v in golden.items()
-              if k.startswith('tiny.')}
-  assert list(state_dict) == list(expected)
-  for name, value in expected.items():
-    assert state_dict[name].dtype == value.dtype, name
-    assert state_dict[name].shape == value.shape, name
-    np.testing.assert_array_equal(state_dict[name], value, err_msg=name)
-  assert state_dict['extra.transposed'].flags['C_CONTIGUOUS']
-
-
-class _Exploit:
-  """Pickles to a call of os.mkdir: what a hostile checkpoint could do."""
-
-  def __init__(self, path):
-    self.path = path
-
-  def __reduce__(self):
-    return os.mkdir, (self.path,)
-
-
-@pytest.mark.parametrize('layout', ['zip', 'legacy'])
-def test_reader_refuses_other_globals(tmp_path, layout):
-  target = str(tmp_path / 'created_by_pickle')
-  payload = pickle.dumps({'weight': _Exploit(target)}, protocol=2)
-  path = tmp_path / 'hostile.pth'
-  if layout == 'zip':
-    with zipfile.ZipFile(path, 'w') as archive:
-      archive.writestr('hostile/data.pkl', payload)
-  else:
-    path.write_bytes(payload)
-  with pytest.raises(torch_state_dict.UnsupportedPickleError,
-                     match='posix.mkdir|os.mkdir'):
-    torch_state_dict.read_state_dict(path)
-  assert not os.path.exists(target)
-
-
-def test_reader_rejects_non_torch_file(tmp_path):
-  path = tmp_path / 'notes.pth'
-  path.write_bytes(pickle.dumps([1, 2, 3], protocol=2) + b'\x00' * 8)
-  with pytest.raises(ValueError, match='torch.save'):
-    torch_state_dict.read_state_dict(path)
-  with pytest.raises(FileNotFoundError):
-    torch_state_dict.read_state_dict(tmp_path / 'absent.pth')
-
-
 @pytest.mark.parametrize('path', ['', '/nonexistent/pt_inception.pth'])
 def test_missing_weights_file_says_where_to_get_it(path):
   with pytest.raises(FileNotFoundError) as error:
@@ -182,14 +130,3 @@ def test_load_rejects_other_state_dicts():
   weights[name] = np.zeros(shape[:-1] + (shape[-1] + 1,), np.float32)
   with pytest.raises(ValueError, match='has shape'):
     inception.variables_from_state_dict(weights)
-
-
-def test_random_state_dict_is_seeded_per_name():
-  spec = [('a.conv.weight', (4, 3, 3, 3)), ('a.bn.running_var', (4,))]
-  one = torch_state_dict.random_state_dict(spec, 5)
-  reordered = torch_state_dict.random_state_dict(spec[::-1], 5)
-  other_seed = torch_state_dict.random_state_dict(spec, 6)
-  for name, _ in spec:
-    np.testing.assert_array_equal(one[name], reordered[name])
-    assert not np.array_equal(one[name], other_seed[name])
-  assert one['a.bn.running_var'].min() >= 0.5

@@ -1,4 +1,4 @@
-"""The domain classifier: model, augmentation, sharded step, training, loading.
+"""The domain classifier's training: config, sharded step, training, loading.
 
 conftest.py gives the session 8 fake CPU devices; single-device runs use a
 mesh over jax.devices()[:1].
@@ -13,7 +13,6 @@ import pytest
 
 from configs import fashion_mnist
 from vqvae2_jax import parallel
-from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.train import classifier_trainer
 from vqvae2_jax.train import common
 
@@ -26,41 +25,9 @@ def _config():
   return config
 
 
-def test_model_shapes_and_stage_strides():
-  model = classifier_lib.Classifier(num_classes=7, width=8,
-                                    stage_sizes=(1, 2, 1))
-  images = jnp.zeros((3, 32, 32, 1))
-  variables = model.init(jax.random.PRNGKey(0), images)
-  features, logits = model.apply(variables, images)
-  assert features.shape == (3, 32) and logits.shape == (3, 7)
-  # The first stage keeps the map when downsample_first is off: more work,
-  # same output shapes.
-  full = classifier_lib.Classifier(num_classes=7, width=8,
-                                   stage_sizes=(1, 2, 1),
-                                   downsample_first=False)
-  intermediates = full.apply(full.init(jax.random.PRNGKey(0), images), images,
-                             capture_intermediates=True)[1]['intermediates']
-  assert intermediates['ResidualBlock_0']['__call__'][0].shape == (
-      3, 32, 32, 8)
-  with pytest.raises(ValueError, match='images'):
-    model.apply(variables, jnp.zeros((32, 32, 1)))
-
-
-def test_crop_looks_only_at_the_source_area():
-  model = classifier_lib.Classifier(num_classes=3, width=8, stage_sizes=(1,),
-                                    crop=(2, 2, 28, 28))
-  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 1))
-  variables = model.init(jax.random.PRNGKey(0), images)
-  border = images.at[:, :2].set(5.0).at[:, :, 30:].set(-5.0)
-  np.testing.assert_array_equal(model.apply(variables, images)[1],
-                                model.apply(variables, border)[1])
-  inside = images.at[:, 2, 2].set(5.0)
-  assert not np.allclose(model.apply(variables, images)[1],
-                         model.apply(variables, inside)[1])
-  with pytest.raises(ValueError, match='does not fit'):
-    model.apply(variables, images[:, :20, :20])
-  # The default config crops padded Fashion-MNIST to its 28x28 source, and
-  # a classifier that looked at the whole canvas is a different one.
+def test_default_config_crops_to_the_source_area():
+  # Padded Fashion-MNIST is cropped to its 28x28 source; a classifier that
+  # looked at the whole canvas is a different one.
   config = fashion_mnist.get_config()
   assert classifier_trainer.build_classifier(config).crop == (2, 2, 28, 28)
   whole = fashion_mnist.get_config()
@@ -68,33 +35,6 @@ def test_crop_looks_only_at_the_source_area():
   assert classifier_trainer.build_classifier(whole).crop is None
   assert (classifier_trainer.classifier_fingerprint(config)
           != classifier_trainer.classifier_fingerprint(whole))
-
-
-def test_augment_shifts_and_flips_per_example():
-  images = jnp.arange(2 * 6 * 6, dtype=jnp.float32).reshape(2, 6, 6, 1)
-  same = classifier_lib.augment(jax.random.PRNGKey(0), images, max_shift=0,
-                                flip=False)
-  np.testing.assert_array_equal(same, images)
-  flipped = [classifier_lib.augment(jax.random.PRNGKey(k), images,
-                                    max_shift=0, flip=True)
-             for k in range(16)]
-  for out in flipped:
-    for i in range(2):  # Each image is either itself or its mirror image.
-      assert (np.array_equal(out[i], images[i])
-              or np.array_equal(out[i], images[i, :, ::-1]))
-  assert any(not np.array_equal(out, images) for out in flipped)
-  shifted = classifier_lib.augment(jax.random.PRNGKey(3), images, max_shift=2,
-                                   flip=False)
-  for i in range(2):
-    # A shifted copy: every nonzero value of the output sits in the input at
-    # one common offset, and the rest is zero padding.
-    out, src = np.asarray(shifted[i, ..., 0]), np.asarray(images[i, ..., 0])
-    matches = []
-    for dy in range(-2, 3):
-      for dx in range(-2, 3):
-        padded = np.pad(src, 2)[2 - dy:8 - dy, 2 - dx:8 - dx]
-        matches.append(np.array_equal(padded, out))
-    assert sum(matches) == 1
 
 
 def test_batch_sums_hand_made():

@@ -1,7 +1,6 @@
-"""Prior trainer (--mode=prior): sharded step, exact resume, bits per code."""
+"""Prior trainer (--mode=prior): sharded step, exact resume, loading."""
 
 import json
-import math
 import os
 import shutil
 
@@ -16,7 +15,6 @@ from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes as codes_lib
-from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.train import common
 from vqvae2_jax.train import extract
 from vqvae2_jax.train import prior_trainer
@@ -36,45 +34,11 @@ def codes_workdir(tmp_path_factory, config, save_vqvae_checkpoint):
   return workdir
 
 
-def test_build_prior_maps_config_to_module(config):
-  top, bottom = (builders.build_prior(config, i) for i in (0, 1))
-  assert top.num_embeddings == bottom.num_embeddings == 16
-  assert top.cond_num_embeddings == () and top.cond_stack_blocks == 0
-  assert bottom.cond_num_embeddings == (16,)
-  assert bottom.cond_stack_blocks == config.prior.level_1.cond_stack_blocks
-  assert top.attention_layers == config.prior.level_0.attention_layers
-  assert top.num_classes == bottom.num_classes == 10
-  assert top.num_channels == 16 and top.num_layers == 2
+def test_levels_to_train(config):
   assert prior_trainer.levels_to_train(config) == [0, 1]
   config = config.copy_and_resolve_references()
   config.prior.level = 1
   assert prior_trainer.levels_to_train(config) == [1]
-
-
-def test_bits_per_code_on_a_hand_made_example():
-  # Code probabilities 1/2, 1/4, 1/8, 1/8 at every position.
-  log_probs = np.log([0.5, 0.25, 0.125, 0.125])
-  logits = jnp.asarray(np.broadcast_to(log_probs + 3.0, (2, 1, 2, 4)))
-  targets = jnp.asarray([[[0, 1]], [[2, 3]]], jnp.int32)  # 1+2 and 3+3 bits.
-  mask = jnp.asarray([True, False])
-  sums = likelihood.batch_sums(logits, targets, mask)
-  total = likelihood.add_sums(None, sums)
-  metrics = likelihood.summarize(total)
-  assert metrics['bits_per_code'] == pytest.approx(1.5, rel=1e-6)
-  assert metrics['nll'] == pytest.approx(1.5 * math.log(2), rel=1e-6)
-  assert metrics['accuracy'] == 0.5  # Code 0 is the argmax.
-  assert metrics['num_codes'] == 2 and metrics['num_examples'] == 1
-  # Adding the second example: (1 + 2 + 3 + 3) / 4 bits.
-  total = likelihood.add_sums(total, likelihood.batch_sums(
-      logits[1:], targets[1:]))
-  assert likelihood.summarize(total)['bits_per_code'] == pytest.approx(
-      2.25, rel=1e-6)
-  assert likelihood.uniform_bits(512) == 9.0
-  # Training codes 0,0,1,2 (+1 smoothing over K=4: 3,2,2,1 / 8).
-  unigram = likelihood.unigram_bits(np.array([0, 0, 1, 2]), np.array([0, 3]),
-                                    4)
-  assert unigram['unigram_bits_per_code'] == pytest.approx(
-      (-math.log2(3 / 8) - math.log2(1 / 8)) / 2)
 
 
 def test_label_dropout_and_polyak_ramp():

@@ -1,0 +1,142 @@
+"""The console: what a person sees, and the log files that keep the rest."""
+
+import io
+import logging as py_logging
+
+from absl import logging
+import pytest
+
+from vqvae2_jax import console
+
+
+@pytest.fixture
+def absl_handler():
+  """absl's handler with the console's filters off; its filters and
+  formatter restored afterwards."""
+  handler = logging.get_absl_handler()
+  filters = list(handler.filters)
+  formatter = handler.python_handler.formatter
+  # pylint: disable-next=protected-access
+  ours = (console._FILTER, console._WARNINGS_ONLY)
+  handler.filters[:] = [f for f in filters if f not in ours]
+  yield handler
+  handler.filters[:] = filters
+  handler.python_handler.setFormatter(formatter)
+
+
+@pytest.fixture(autouse=True)
+def info_verbosity():
+  """absl at INFO, as `main` runs it (a bare interpreter keeps WARNING)."""
+  before = logging.get_verbosity()
+  logging.set_verbosity(logging.INFO)
+  yield
+  logging.set_verbosity(before)
+
+
+def _record(level, message, **extra):
+  record = py_logging.LogRecord('x', level, __file__, 1, message, (), None)
+  record.__dict__.update(extra)
+  return record
+
+
+def test_quiet_console_passes_say_lines_and_real_warnings(absl_handler):
+  assert not console.is_quiet()
+  console.quiet()
+  console.quiet()  # Idempotent: one filter.
+  assert console.is_quiet()
+  # pylint: disable-next=protected-access
+  assert absl_handler.filters.count(console._FILTER) == 1
+  passes = absl_handler.filters[-1].filter
+  assert not passes(_record(py_logging.INFO, 'a detail'))
+  assert passes(_record(py_logging.INFO, 'a stage header',
+                        vqvae2_console=True))
+  assert passes(_record(py_logging.WARNING, 'disk almost full'))
+  assert passes(_record(py_logging.ERROR, 'failed'))
+  for routine in ('Given directory is read only: /w/vqvae',
+                  'AutoGraph could not transform <fn>',
+                  'Dataset x has no dataset_info.json'):
+    assert not passes(_record(py_logging.WARNING, routine)), routine
+  # Console lines print as their text alone.
+  text = absl_handler.python_handler.formatter.format(
+      _record(py_logging.INFO, 'step 3', vqvae2_console=True))
+  assert text == 'step 3'
+
+
+def test_following_processes_show_warnings_only(absl_handler):
+  assert not console.is_following()
+  console.follow()
+  assert console.is_following()
+  passes = absl_handler.filters[-1].filter
+  assert not passes(_record(py_logging.INFO, 'step 3', vqvae2_console=True))
+  assert passes(_record(py_logging.WARNING, 'slow disk'))
+
+
+def test_captured_output_goes_to_the_log_when_quiet(absl_handler, capsys,
+                                                   caplog):
+  with console.captured('a loud library'):
+    print('shown: not quiet')
+  assert 'shown: not quiet' in capsys.readouterr().out
+  console.quiet()
+  with caplog.at_level(py_logging.INFO):
+    with console.captured('a loud library'):
+      print('progress 50%')
+  assert 'progress 50%' not in capsys.readouterr().out
+  assert 'Output of a loud library:\nprogress 50%' in caplog.text
+
+
+def test_log_file_keeps_every_record_meanwhile(tmp_path):
+  path = str(tmp_path / 'vqvae' / 'log.txt')
+  with console.log_file(path) as got:
+    assert got == path
+    logging.info('inside %d', 1)
+    py_logging.getLogger('orbax').warning('a library line')
+  logging.info('after')
+  text = (tmp_path / 'vqvae' / 'log.txt').read_text()
+  assert 'inside 1' in text and 'a library line' in text
+  assert 'after' not in text
+
+
+def test_log_file_in_an_unwritable_place_is_none(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  with console.log_file(str(blocker / 'log.txt')) as got:
+    assert got is None
+    logging.info('the run goes on')
+
+
+def test_buffered_records_are_written_afterwards(tmp_path):
+  with console.buffered_log() as records:
+    logging.info('extracted %d codes', 96)
+  logging.info('not buffered')
+  assert [r.getMessage() for r in records] == ['extracted 96 codes']
+  path = str(tmp_path / 'codes' / 'log.txt')
+  console.write_log(path, records)
+  console.write_log(path, records)  # Appends.
+  assert open(path).read().count('extracted 96 codes') == 2
+  console.write_log(str(tmp_path / 'codes' / 'log.txt' / 'x'), records)
+
+
+@pytest.mark.parametrize('seconds,text', [
+    (0.4, '0s'), (59, '59s'), (61, '1m01s'), (3599, '59m59s'),
+    (3600 * 2 + 60 * 5 + 9, '2h05m'), (-3, '0s')])
+def test_durations(seconds, text):
+  assert console._duration(seconds) == text  # pylint: disable=protected-access
+
+
+def test_progress_line_and_quarters_in_a_pipe(caplog):
+  stream = io.StringIO()  # Not a terminal: no line rewritten in place.
+  progress = console.Progress('vqvae', start_step=0, num_steps=8,
+                              stream=stream)
+  line = progress.line(2, {'loss': 0.123456})
+  assert line.startswith('vqvae: step 2/8 (25%), loss 0.1235, ')
+  assert 'steps/s' in line and 'ETA' in line
+  assert 'ETA' not in progress.line(8, {})
+  with caplog.at_level(py_logging.INFO):
+    for step in range(1, 9):
+      progress.update(step, {})
+  shown = [r for r in caplog.records if getattr(r, 'vqvae2_console', False)]
+  # Every update is logged; the console gets the one at each quarter.
+  assert len(caplog.records) == 8
+  assert [r.getMessage().split(' (')[0] for r in shown] == [
+      f'vqvae: step {s}/8' for s in (2, 4, 6, 8)]
+  assert stream.getvalue() == ''
