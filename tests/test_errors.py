@@ -9,6 +9,9 @@ from vqvae2_jax import errors
     (errors.ConfigError, ValueError),
     (errors.WorkdirError, OSError),
     (errors.NoIntactCheckpointError, ValueError),
+    (errors.DataNotFoundError, FileNotFoundError),
+    (errors.MissingStageError, FileNotFoundError),
+    (errors.CheckpointMismatchError, ValueError),
 ])
 def test_fixable_errors_are_user_errors_and_their_builtin_kind(cls, also):
   error = cls('config.x: is 0. Fix: use 1.')
@@ -17,12 +20,6 @@ def test_fixable_errors_are_user_errors_and_their_builtin_kind(cls, also):
   # OSError for disks) catch these too.
   assert isinstance(error, also)
   assert str(error) == 'config.x: is 0. Fix: use 1.'
-
-
-def test_missing_data_is_a_file_not_found_error():
-  error = errors.DataNotFoundError('no data. Fix: prepare it.')
-  assert isinstance(error, FileNotFoundError)
-  assert not isinstance(error, errors.UserError)
 
 
 def test_preempted_is_no_user_error_and_carries_the_step():
