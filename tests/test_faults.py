@@ -430,3 +430,107 @@ def test_every_process_resumes_from_the_same_intact_checkpoint(tmp_path):
               if 'are damaged' in line and line.startswith('W')]
   assert len(warnings) == 1, warnings  # Process 0 speaks for both.
   assert 'Kept for inspection as 2.damaged-1.' in warnings[0]
+
+
+# Digests (issue 28): an export's parts and every code shard are checked
+# against the SHA-256 recorded when they were written.
+
+
+@pytest.fixture(scope='module')
+def exported(finished, config, tmp_path_factory):
+  """The finished workdir exported to one file: (path, its bytes)."""
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('export') / 'model.msgpack')
+  pipeline.Pipeline.load(finished[0], config).export(path)
+  with open(path, 'rb') as f:
+    return path, f.read()
+
+
+def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
+    exported, tmp_path):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  path, data = exported
+  payload = serialization.msgpack_restore(data)
+  assert sorted(json.loads(payload['digests'])) == [
+      'config', 'prior_fingerprints', 'priors/0', 'priors/1', 'steps',
+      'vqvae', 'vqvae_digest', 'vqvae_fingerprint']
+  # The largest weight of the lower prior, found in the file's bytes.
+  leaf = max((np.asarray(x) for x in
+              jax_leaves(payload['priors']['1'])), key=lambda x: x.size)
+  at = data.find(leaf.tobytes())
+  assert at > 0 and data.find(leaf.tobytes(), at + 1) < 0
+  damaged = bytearray(data)
+  damaged[at + leaf.nbytes // 2] ^= 0x40  # One exponent bit of one weight.
+  copy = str(tmp_path / 'damaged.msgpack')
+  with open(copy, 'wb') as f:
+    f.write(damaged)
+  with pytest.raises(pipeline.ExportDamagedError) as info:
+    pipeline.Pipeline.load(copy)
+  message = str(info.value)
+  assert isinstance(info.value, errors.UserError)
+  assert '\n' not in message
+  assert message.startswith(
+      f'{copy} is damaged: its level 1 prior weights differ from the SHA-256 '
+      'recorded when it was exported. Fix: ')
+  with open(path, 'rb') as f:
+    assert f.read() == data  # The intact file is untouched and loads.
+  assert pipeline.Pipeline.load(path).steps['prior_1'] > 0
+
+
+def test_an_export_of_before_digests_loads_with_one_warning(
+    exported, tmp_path, caplog):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  path, data = exported
+  payload = serialization.msgpack_restore(data)
+  del payload['digests']
+  old = str(tmp_path / 'old.msgpack')
+  with open(old, 'wb') as f:
+    f.write(serialization.msgpack_serialize(payload))
+  with caplog.at_level(logging.WARNING):
+    loaded = pipeline.Pipeline.load(old)
+  assert loaded.steps == pipeline.Pipeline.load(path).steps
+  (warning,) = [w for w in _warnings(caplog) if old in w]
+  assert warning.startswith(f'{old} has no digests')
+  assert '\n' not in warning
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(tree)
+
+
+def _flip_last_byte(path):
+  with open(path, 'r+b') as f:
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last[0] ^ 1]))
+
+
+def test_codes_mode_extracts_a_damaged_shard_again(finished, config,
+                                                   tmp_path, caplog):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  codes = extract.codes_dir(copy)
+  path = codes_lib.shard_path(codes, 'train', 1, 3)
+  _flip_last_byte(path)
+  # The prior stage reading it is refused in one line naming the file.
+  with pytest.raises(codes_lib.CodeShardDamagedError) as info:
+    stages.run('prior', config, copy)
+  assert '\n' not in str(info.value)
+  assert str(info.value).startswith(f'Code shard {path} is damaged')
+  # --mode=codes says so and extracts that shard again, not "nothing to do".
+  with caplog.at_level(logging.WARNING):
+    result = stages.run('codes', config, copy)['codes']
+  assert result['extract_time_s'] > 0
+  assert any(w.startswith(f'Code shard {path} is damaged')
+             for w in _warnings(caplog))
+  again = _files(codes)
+  assert again.pop('log.txt')  # This run's log; the rest as extracted first.
+  reference = _files(extract.codes_dir(workdir))
+  reference.pop('log.txt', None)
+  assert again == reference

@@ -9,6 +9,7 @@ valid bytes.
 
 from collections.abc import Callable, Mapping
 import errno
+import hashlib
 import json
 import math
 import os
@@ -129,6 +130,39 @@ def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:
       pass  # Never created, or not removable: the first error matters.
     raise
   os.replace(tmp, path)  # Atomic: readers see the old state or the whole file.
+
+
+class HashingWriter:
+  """A binary file object that hashes (SHA-256) what goes through it.
+
+  `atomic_write(path, lambda f: save(HashingWriter(f, digest), ...))` records
+  the digest of the bytes as they are written, so a later reader can tell a
+  damaged file from the one written.
+  """
+
+  def __init__(self, file: BinaryIO, digest: Any):
+    self._file = file
+    self._digest = digest
+
+  def write(self, data: bytes) -> int:
+    self._digest.update(data)
+    return self._file.write(data)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+
+def sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
+  """The SHA-256 of the file at `path` (hex), read in chunks.
+
+  Raises:
+    OSError: the file cannot be read (FileNotFoundError when missing).
+  """
+  digest = hashlib.sha256()
+  with open(os.fspath(path), 'rb') as f:
+    while chunk := f.read(chunk_bytes):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _finite_or_none(value: Any) -> Any:
