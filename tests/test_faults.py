@@ -534,3 +534,94 @@ def test_codes_mode_extracts_a_damaged_shard_again(finished, config,
   reference = _files(extract.codes_dir(workdir))
   reference.pop('log.txt', None)
   assert again == reference
+
+
+# SIGTERM in every phase (issue 28): a preemption notice is one line and
+# exit 0 wherever it comes; what is written is whole, and a rerun goes on.
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The command line of the `config` fixture (conftest.stage2_config).
+_STAGE2_FLAGS = ['--config=configs/fashion_mnist.py:tiny',
+                 '--config.data.train_split=train[:96]',
+                 '--config.data.eval_split=test[:40]',
+                 '--config.vqvae_train.eval_batch_size=16',
+                 '--config.prior.codes_per_shard=32',
+                 '--config.prior.eval_batch_size=16']
+
+
+def _signalled_run(phase, workdir, mode):
+  """Runs --mode=`mode` with SIGTERM at `phase` (tests/sigterm_main.py)."""
+  done = subprocess.run(
+      [sys.executable, '-m', 'tests.sigterm_main', phase, *_STAGE2_FLAGS,
+       f'--workdir={workdir}', f'--mode={mode}'],
+      cwd=_ROOT, env=dict(os.environ, PYTHONPATH=_ROOT), capture_output=True,
+      text=True, timeout=600)
+  output = done.stdout + done.stderr
+  assert done.returncode == 0, output[-3000:]
+  (line,) = [l for l in output.splitlines() if 'preemption notice' in l]
+  return line
+
+
+def test_sigterm_during_code_extraction(finished, config, tmp_path):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  codes = extract.codes_dir(copy)
+  shutil.rmtree(codes)
+  line = _signalled_run('codes', copy, 'codes')
+  assert line.endswith(
+      f'codes: stopped by a preemption notice (SIGTERM); the complete code '
+      f'shards in {codes} are kept and a rerun extracts only the rest. Run '
+      'the same command again to continue.')
+  # The first shard is whole and recorded; nothing else, nothing half.
+  assert sorted(_files(codes)) == ['digests.json', 'plan.json',
+                                   'train/00000-of-00003.npy']
+  reference = _files(extract.codes_dir(workdir))
+  assert (_files(codes)['train/00000-of-00003.npy'] ==
+          reference['train/00000-of-00003.npy'])
+  stages.run('codes', config, copy)  # The rerun ends as if never stopped.
+  again = _files(codes)
+  again.pop('log.txt')
+  reference.pop('log.txt', None)
+  assert again == reference
+
+
+def test_sigterm_during_a_stages_final_evaluation(finished, config, tmp_path):
+  workdir, results = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  # Killed after its last checkpoint, before metrics.json: the next run
+  # evaluates the stage again, and the notice comes during that evaluation.
+  metrics = os.path.join(loading.prior_dir(copy, 1), 'metrics.json')
+  os.remove(metrics)
+  line = _signalled_run('prior_eval', copy, 'all')
+  after = stages.pipeline_modes(config)[
+      stages.pipeline_modes(config).index('prior') + 1]
+  assert line.endswith(
+      f'prior: finished; stopped by a preemption notice (SIGTERM) before '
+      f'{after}. Run the same command again to continue from {after}.')
+  assert not os.path.exists(os.path.join(copy, 'samples'))  # Not started.
+  # The evaluation finished and was recorded with the figures of the run
+  # that trained; the next run takes the stage for finished.
+  with open(metrics) as f:
+    recorded = json.load(f)
+  want = results['prior']['level_1']
+  for key in ('step', 'eval/bits_per_code', 'train/loss'):
+    assert recorded[key] == want[key]
+  again = stages.run('prior', config, copy)['prior']
+  assert again['level_1'] == recorded
+
+
+def test_sigterm_during_sampling(finished, config, tmp_path):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  before = _files(copy)
+  line = _signalled_run('sample', copy, 'sample')
+  # Stopped before the second batch (8 maps: one per device).
+  assert 'sample: stopped by a preemption notice (SIGTERM) after 8 of 10 ' in line
+  assert line.endswith('Run the same command again to sample them.')
+  after = _files(copy)
+  after.pop('config.json', None)
+  before.pop('config.json', None)
+  assert after == before  # Nothing half-written, nothing touched.

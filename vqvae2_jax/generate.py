@@ -231,6 +231,11 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   batch = min(s.batch_size, -(-num_candidates // mesh.size) * mesh.size)
   start = time.time()
   for i, begin in enumerate(range(0, num_candidates, batch)):
+    if parallel.preempted():  # A run is written whole or not at all.
+      raise errors.Preempted(
+          f'sample: stopped by a preemption notice (SIGTERM) after {begin} '
+          f'of {num_candidates} maps; nothing was written to {out_dir}. Run '
+          'the same command again to sample them.', step=0)
     n = min(batch, num_candidates - begin)
     # Pad the last batch so every batch has one shape (one compilation).
     batch_labels = None

@@ -17,6 +17,7 @@ import ml_collections
 
 from vqvae2_jax import config_validation
 from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
 from vqvae2_jax.evaluation import judges
@@ -87,6 +88,19 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   modes = pipeline_modes(config) if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):
     _record_config(config, workdir)
+  # From here on SIGTERM is a preemption notice that every phase honours.
+  with parallel.preemption_notices():
+    return _run_modes(modes, config, workdir)
+
+
+def _run_modes(modes: tuple[str, ...], config: ml_collections.ConfigDict,
+               workdir: str) -> dict:
+  """Runs `modes` in order; a preemption notice stops before the next one.
+
+  Raises:
+    errors.Preempted: a notice came during a stage that finished (or saved
+      what it had) and more stages were due; a rerun continues with them.
+  """
   results, seconds = {}, {}
   for i, m in enumerate(modes):
     if len(modes) > 1:
@@ -103,6 +117,11 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
       if path is not None and jax.process_index() == 0:
         console.write_log(path, records)
     seconds[m] = time.time() - start
+    if parallel.preempted() and i + 1 < len(modes):
+      raise errors.Preempted(
+          f'{m}: finished; stopped by a preemption notice (SIGTERM) before '
+          f'{modes[i + 1]}. Run the same command again to continue from '
+          f'{modes[i + 1]}.', step=0)
   if len(modes) > 1:
     for line in summary_lines(results, seconds, workdir):
       console.say('%s', line)
