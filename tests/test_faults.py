@@ -52,11 +52,12 @@ def _tree(directory):
 
 
 @contextlib.contextmanager
-def _read_only(directory):
+def _read_only(directory, block_samples=True):
   """Yields a read-only path showing `directory` (see the module docstring).
 
   Root without the right to mount gets the same checks another way (see
-  the fallback below); the test never skips.
+  the fallback below; `block_samples=False` leaves the samples/ of a
+  finished run readable there); the test never skips.
   """
   directory = str(directory)
   if os.geteuid() != 0:
@@ -79,6 +80,9 @@ def _read_only(directory):
     # are compared afterwards), and samples/ is blocked by a regular file,
     # which no user can create a directory over.
     os.rmdir(view)
+    if not block_samples:
+      yield directory
+      return
     info = os.stat(directory)
     blocker = os.path.join(directory, 'samples')
     with open(blocker, 'w'):
@@ -625,3 +629,44 @@ def test_sigterm_during_sampling(finished, config, tmp_path):
   after.pop('config.json', None)
   before.pop('config.json', None)
   assert after == before  # Nothing half-written, nothing touched.
+
+
+
+# A finished workdir on read-only storage (issue 28): evaluation reads its
+# report instead of computing it again, so --mode=all succeeds.
+
+
+def test_all_on_a_finished_read_only_workdir_reads_its_report(
+    finished, config, tmp_path, monkeypatch):
+  from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+  workdir, _ = finished
+  copy = str(tmp_path / 'done')
+  shutil.copytree(workdir, copy)
+  results = stages.run('all', config, copy)  # Samples, eval, export.
+  report = files.read_json(os.path.join(copy, 'eval', 'report.json'))
+  assert report['inputs'] == eval_run.report_inputs(config, copy)
+  before = _tree(copy)
+  computed = []
+
+  def not_again(*args, **kwargs):
+    computed.append(1)
+    raise AssertionError('The report was computed again.')
+
+  monkeypatch.setattr(eval_run, '_reconstruction_pass', not_again)
+  with _read_only(copy, block_samples=False) as view:
+    again = stages.run('all', config, view)
+  assert not computed
+  assert again['eval'] == report == files.normalise_json(results['eval'])
+  for key in ('bytes', 'steps'):  # The file found there, not written again.
+    assert again['export'][key] == results['export'][key]
+  assert _tree(copy) == before  # Nothing written, nothing touched.
+  # Asked for, or after a stage changed, the report is computed again.
+  forced = config.copy_and_resolve_references()
+  forced.eval.force = True
+  for run_config in (forced, config):
+    with pytest.raises(AssertionError, match='computed again'):
+      stages.run('eval', run_config, copy)
+    metrics = os.path.join(loading.prior_dir(copy, 0), 'metrics.json')
+    recorded = files.read_json(metrics)
+    files.write_json(metrics, {**recorded, 'step': recorded['step'] + 1})
+  assert len(computed) == 2

@@ -148,8 +148,10 @@ def _log_path(mode: str, result: Any, workdir: str,
     meta = os.path.join(result['dir'], 'meta.json')
     if os.path.exists(meta) and os.path.getmtime(meta) >= start - 1:
       return os.path.join(result['dir'], 'log.txt')
-  if mode == 'eval':
-    return os.path.join(workdir, 'eval', 'log.txt')
+  if mode == 'eval':  # Unless an up-to-date report was only read.
+    report = os.path.join(workdir, 'eval', 'report.json')
+    if os.path.exists(report) and os.path.getmtime(report) >= start - 1:
+      return os.path.join(workdir, 'eval', 'log.txt')
   if mode == 'data':
     return os.path.join(workdir, 'data', 'log.txt')
   return None

@@ -35,6 +35,8 @@ the domain classifier (`judges.ruler`).
 
 from collections.abc import Callable, Iterator, Mapping
 import functools
+import hashlib
+import json
 import math
 import os
 import time
@@ -338,9 +340,36 @@ def _prior_rows(config: ml_collections.ConfigDict, workdir: str
   return rows
 
 
+def report_inputs(config: ml_collections.ConfigDict, workdir: str
+                  ) -> dict[str, Any]:
+  """What a report was computed from: the config and each stage's last step.
+
+  Reads small files only. The config's digest leaves out eval.force (which
+  asks for a new report, not another one); the steps are those of the
+  finished stages' metrics.json (None where a stage has none).
+  """
+  settings = config.to_dict()
+  settings.get('eval', {}).pop('force', None)
+  text = json.dumps(files.normalise_json(settings), sort_keys=True)
+  stage_dirs = {'vqvae': loading.vqvae_dir(workdir),
+                'classifier': classifier_trainer.stage_dir(workdir)}
+  stage_dirs.update({f'prior_{level}': loading.prior_dir(workdir, level)
+                     for level in range(builders.num_levels(config))})
+  steps = {}
+  for name, directory in stage_dirs.items():
+    metrics = files.read_json(os.path.join(directory, 'metrics.json'))
+    steps[name] = None if metrics is None else metrics.get('step')
+  return {'config_sha256': hashlib.sha256(text.encode()).hexdigest(),
+          'stage_steps': steps}
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str
              ) -> dict[str, Any]:
   """--mode=eval: writes workdir/eval/report.json and report.md.
+
+  A report already there for the same config and the same finished stages
+  (`report_inputs`) is read, not computed again, so a finished workdir can
+  be evaluated on read-only storage; config.eval.force computes it again.
 
   Args:
     config: a validated config.
@@ -354,8 +383,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
       names the --mode that makes it.
   """
   start = time.time()
-  mesh = parallel.create_mesh(config.mesh)
   out_dir = eval_dir(workdir)
+  inputs = report_inputs(config, workdir)
+  report_path = os.path.join(out_dir, 'report.json')
+  try:
+    done = files.read_json(report_path)
+  except ValueError:  # A damaged report is computed again.
+    done = None
+  if (done is not None and done.get('inputs') == files.normalise_json(inputs)
+      and not config.eval.get('force', False)):
+    console.say('Evaluation report in %s is up to date (nothing to do; '
+                '--config.eval.force=True computes it again)', out_dir)
+    for line in summary_lines(done, out_dir):
+      console.say('%s', line)
+    return done
+  mesh = parallel.create_mesh(config.mesh)
   files.ensure_writable(out_dir, 'the evaluation report')
   priors = _prior_rows(config, workdir)
   vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
@@ -401,6 +443,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
         classifier_trainer.stage_dir(workdir), 'metrics.json')) or {}
     report['cas'] = _cas(config, workdir, mesh, vqvae, variables, domain)
   report['seconds'] = time.time() - start
+  report['inputs'] = inputs
   if jax.process_index() == 0:
     files.write_json(os.path.join(out_dir, 'report.json'), report)
     files.atomic_write(os.path.join(out_dir, 'report.md'),
