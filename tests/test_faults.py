@@ -164,6 +164,9 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   assert str(info.value).startswith(f'The disk is full writing to {codes}')
   assert ('the 2 complete code shard(s) are kept and a rerun extracts only '
           'the rest. Fix: free space') in str(info.value)
+  # 72 records of 84 bytes (a label, 4x4 and 8x8 uint8 codes) in 3 shards.
+  assert '(No space left on device; about 6.4 kB (6432 bytes) still to ' \
+      'write)' in str(info.value)
   names = sorted(os.listdir(os.path.join(codes, 'train')))
   assert names == ['00000-of-00003.npy', '00001-of-00003.npy']  # No .tmp.
   # Space freed: the rerun writes only the missing shards and the result
@@ -670,3 +673,72 @@ def test_all_on_a_finished_read_only_workdir_reads_its_report(
     recorded = files.read_json(metrics)
     files.write_json(metrics, {**recorded, 'step': recorded['step'] + 1})
   assert len(computed) == 2
+
+
+
+# A full disk while writing samples or an export (issue 28): one line naming
+# the path and the bytes, no partial file, nothing earlier lost.
+
+
+def _full_after(nbytes):
+  """An `atomic_write` whose disk fills after `nbytes` bytes."""
+  real = files.atomic_write
+
+  def write(path, write_fn):
+    real(path, lambda f: (f.write(b'x' * nbytes), _raise_enospc()))
+
+  return write
+
+
+def test_a_disk_that_fills_while_exporting(exported, config, finished,
+                                           tmp_path, monkeypatch):
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  _, data = exported
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'older.msgpack').write_bytes(b'an earlier export')
+  pipe = pipeline.Pipeline.load(finished[0], config)
+  monkeypatch.setattr(files, 'atomic_write', _full_after(1000))
+  path = str(out / 'model.msgpack')
+  with pytest.raises(errors.WorkdirError) as info:
+    pipe.export(path)
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith(f'The disk is full writing to {out} ')
+  assert f'({len(data)} bytes) still to write); {path} was not written' in (
+      message)
+  assert 'Fix: free space' in message
+  assert sorted(os.listdir(out)) == ['older.msgpack']  # No partial file.
+  assert (out / 'older.msgpack').read_bytes() == b'an earlier export'
+
+
+def test_a_disk_that_fills_while_writing_samples(finished, config, tmp_path,
+                                                 monkeypatch):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  earlier = os.path.join(copy, 'samples', 'earlier')
+  os.makedirs(earlier)
+  with open(os.path.join(earlier, 'meta.json'), 'w') as f:
+    f.write('{}')
+  savez = np.savez
+
+  def full(file, **arrays):
+    with open(file, 'wb') as f:
+      f.write(b'x' * 100)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
+
+  monkeypatch.setattr(np, 'savez', full)
+  with pytest.raises(errors.WorkdirError) as info:
+    stages.run('sample', config, copy)
+  message = str(info.value)
+  samples = os.path.join(copy, 'samples')
+  assert '\n' not in message
+  assert message.startswith(f'The disk is full writing to {samples} at ')
+  assert 'bytes) still to write); the sample run ' in message
+  assert 'Fix: free space' in message
+  assert os.listdir(samples) == ['earlier']  # No partial run, none lost.
+  monkeypatch.setattr(np, 'savez', savez)
+  meta = stages.run('sample', config, copy)['sample']  # Space freed.
+  assert os.path.exists(os.path.join(meta['dir'], 'codes.npz'))

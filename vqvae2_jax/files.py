@@ -82,8 +82,16 @@ def is_disk_full(error: BaseException) -> bool:
   return False
 
 
-def disk_full_error(directory: str, error: BaseException,
-                    intact: str) -> errors.WorkdirError:
+def size_text(num_bytes: int) -> str:
+  """A byte count as people read it: '1.5 MB (1500000 bytes)'."""
+  for unit, scale in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
+    if num_bytes >= scale:
+      return f'{num_bytes / scale:.1f} {unit} ({num_bytes} bytes)'
+  return f'{num_bytes} bytes'
+
+
+def disk_full_error(directory: str, error: BaseException, intact: str,
+                    needed: int | None = None) -> errors.WorkdirError:
   """The one message of a full disk: where, the cause, and what is intact.
 
   Args:
@@ -91,17 +99,21 @@ def disk_full_error(directory: str, error: BaseException,
     error: the disk-full error (`is_disk_full(error)`).
     intact: what survived and how a rerun goes on, e.g. 'the newest intact
       checkpoint is step 4 and a rerun resumes from it'.
+    needed: about how many bytes the write that failed needs (the files
+      still to write), when the caller knows; the message says it.
 
   Returns:
     The error to raise (from `error`).
   """
   filename = getattr(error, 'filename', None)
   where = f' at {filename}' if filename else ''
+  space = ('' if needed is None else
+           f'; about {size_text(int(needed))} still to write')
   return errors.WorkdirError(
       f'The disk is full writing to {os.fspath(directory)}{where} (No space '
-      f'left on device); {intact}. Fix: free space on that disk (or copy the '
-      'workdir to a disk with room and pass that --workdir), then run the '
-      'same command again.')
+      f'left on device{space}); {intact}. Fix: free space on that disk (or '
+      'copy the workdir to a disk with room and pass that --workdir), then '
+      'run the same command again.')
 
 
 def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:

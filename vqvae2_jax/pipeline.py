@@ -284,7 +284,15 @@ class Pipeline:
     payload['digests'] = json.dumps(_export_digests(payload), sort_keys=True)
     data = serialization.msgpack_serialize(payload)
     if jax.process_index() == 0:  # One writer of the one file.
-      files.atomic_write(path, lambda f: f.write(data))
+      try:
+        files.atomic_write(path, lambda f: f.write(data))
+      except OSError as e:
+        if not files.is_disk_full(e):
+          raise
+        raise files.disk_full_error(
+            os.path.dirname(os.path.abspath(path)), e,
+            f'{path} was not written (no partial file is left) and nothing '
+            'else changed', needed=len(data)) from e
     return path
 
   @classmethod

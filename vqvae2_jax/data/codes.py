@@ -303,6 +303,21 @@ def count_shards(codes_dir: str, plan: Mapping[str, Any]) -> int:
              for i in range(info['num_shards']))
 
 
+def missing_bytes(codes_dir: str, plan: Mapping[str, Any]) -> int:
+  """About how many bytes `plan`'s shards not yet on disk take."""
+  plan = files.normalise_json(plan)
+  itemsize = record_dtype(plan['level_shapes'],
+                          plan['num_embeddings']).itemsize
+  total = 0
+  for role, info in plan['splits'].items():
+    n, size = info['num_examples'], info['shard_size']
+    for i in range(info['num_shards']):
+      if not os.path.exists(shard_path(codes_dir, role, i,
+                                       info['num_shards'])):
+        total += 128 + itemsize * min(size, n - i * size)  # Header, records.
+  return total
+
+
 def finalize(codes_dir: str, plan: Mapping[str, Any]) -> None:
   """Marks the extraction complete by writing the manifest (last)."""
   digests = read_digests(codes_dir) or {}

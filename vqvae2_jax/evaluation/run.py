@@ -445,9 +445,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   report['seconds'] = time.time() - start
   report['inputs'] = inputs
   if jax.process_index() == 0:
-    files.write_json(os.path.join(out_dir, 'report.json'), report)
-    files.atomic_write(os.path.join(out_dir, 'report.md'),
-                       lambda f: f.write(report_markdown(report).encode()))
+    markdown = report_markdown(report).encode()
+    try:
+      # report.md first: report.json marks the report done (`inputs`).
+      files.atomic_write(os.path.join(out_dir, 'report.md'),
+                         lambda f: f.write(markdown))
+      files.write_json(report_path, report)
+    except OSError as e:
+      if not files.is_disk_full(e):
+        raise
+      raise files.disk_full_error(
+          out_dir, e, 'report.json was not written (an earlier one is as it '
+          'was) and a rerun computes the report again',
+          needed=len(markdown) + len(json.dumps(
+              files.normalise_json(report), indent=2))) from e
   logging.info('Eval report in %s:\n%s', out_dir, report_markdown(report))
   for line in summary_lines(report, out_dir):
     console.say('%s', line)

@@ -186,7 +186,8 @@ def extract_codes(config: ml_collections.ConfigDict,
     done = codes_lib.count_shards(out_dir, plan)
     raise files.disk_full_error(
         out_dir, e, f'the {done} complete code shard(s) are kept and a rerun '
-        'extracts only the rest') from e
+        'extracts only the rest',
+        needed=codes_lib.missing_bytes(out_dir, plan)) from e
   result = {'vqvae_step': step, 'extract_time_s': time.time() - before,
             'wall_time_s': time.time() - start_time,
             **{f'num_examples_{role}': info['num_examples']
