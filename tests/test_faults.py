@@ -673,6 +673,19 @@ def test_all_on_a_finished_read_only_workdir_reads_its_report(
     recorded = files.read_json(metrics)
     files.write_json(metrics, {**recorded, 'step': recorded['step'] + 1})
   assert len(computed) == 2
+  # A full disk as the report is written: one line, both files as before.
+  files.write_json(metrics, recorded)
+  monkeypatch.undo()
+  eval_dir = os.path.join(copy, 'eval')
+  kept = _files(eval_dir)
+  monkeypatch.setattr(files, 'atomic_write', _full_after(10))
+  with pytest.raises(errors.WorkdirError) as info:
+    stages.run('eval', forced, copy)
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith(f'The disk is full writing to {eval_dir} ')
+  assert 'bytes) still to write); report.json was not written' in message
+  assert _files(eval_dir) == kept
 
 
 

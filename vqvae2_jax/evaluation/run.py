@@ -384,6 +384,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   """
   start = time.time()
   out_dir = eval_dir(workdir)
+  mesh = parallel.create_mesh(config.mesh)
+  # The ruler first: a damaged judge or weights file is refused even where
+  # a report exists, and the report must be of this ruler.
+  features, about = feature_fn(config, workdir, mesh)
   inputs = report_inputs(config, workdir)
   report_path = os.path.join(out_dir, 'report.json')
   try:
@@ -391,17 +395,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   except ValueError:  # A damaged report is computed again.
     done = None
   if (done is not None and done.get('inputs') == files.normalise_json(inputs)
+      and all(done.get(k) == v
+              for k, v in files.normalise_json(about).items())
       and not config.eval.get('force', False)):
     console.say('Evaluation report in %s is up to date (nothing to do; '
                 '--config.eval.force=True computes it again)', out_dir)
     for line in summary_lines(done, out_dir):
       console.say('%s', line)
     return done
-  mesh = parallel.create_mesh(config.mesh)
   files.ensure_writable(out_dir, 'the evaluation report')
   priors = _prior_rows(config, workdir)
   vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
-  features, about = feature_fn(config, workdir, mesh)
   n = int(config.eval.num_samples)
   s = config.sampling
 
