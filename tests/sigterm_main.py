@@ -57,4 +57,5 @@ _PHASES = {
 
 if __name__ == '__main__':
   _PHASES[sys.argv.pop(1)]()
-  app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  app.run(main.main, flags_parser=main._parse_flags)

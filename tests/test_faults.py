@@ -10,6 +10,16 @@ message, and the shards already written stay for the rerun.
 A damaged newest checkpoint (each kind of damage seen) is passed over for
 the newest intact one: training resumes from it, setting the damaged step
 aside, and later stages load it; every checkpoint damaged is one line.
+
+An export or a code shard whose bytes changed is refused in one line naming
+it (their SHA-256 digests are recorded when written), and --mode=codes
+extracts a damaged shard again. A SIGTERM during code extraction, a stage's
+final evaluation or sampling (sent by the process to itself at that point,
+tests/sigterm_main.py) is one line and exit 0, with nothing half-written,
+and the rerun continues. A full disk while writing samples, an export or the
+evaluation report is one line naming the path and the bytes, and loses
+nothing. A finished workdir on read-only storage runs --mode=all again,
+its evaluation report read rather than computed.
 """
 
 import contextlib
@@ -455,9 +465,12 @@ def exported(finished, config, tmp_path_factory):
 
 def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
     exported, tmp_path):
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from flax import serialization
+  import jax
+  import numpy as np
+  from vqvae2_jax import pipeline
+  # pylint: enable=g-import-not-at-top
   path, data = exported
   payload = serialization.msgpack_restore(data)
   assert sorted(json.loads(payload['digests'])) == [
@@ -465,7 +478,7 @@ def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
       'vqvae', 'vqvae_digest', 'vqvae_fingerprint']
   # The largest weight of the lower prior, found in the file's bytes.
   leaf = max((np.asarray(x) for x in
-              jax_leaves(payload['priors']['1'])), key=lambda x: x.size)
+              jax.tree.leaves(payload['priors']['1'])), key=lambda x: x.size)
   at = data.find(leaf.tobytes())
   assert at > 0 and data.find(leaf.tobytes(), at + 1) < 0
   damaged = bytearray(data)
@@ -502,11 +515,6 @@ def test_an_export_of_before_digests_loads_with_one_warning(
   (warning,) = [w for w in _warnings(caplog) if old in w]
   assert warning.startswith(f'{old} has no digests')
   assert '\n' not in warning
-
-
-def jax_leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.leaves(tree)
 
 
 def _flip_last_byte(path):
@@ -626,7 +634,8 @@ def test_sigterm_during_sampling(finished, config, tmp_path):
   before = _files(copy)
   line = _signalled_run('sample', copy, 'sample')
   # Stopped before the second batch (8 maps: one per device).
-  assert 'sample: stopped by a preemption notice (SIGTERM) after 8 of 10 ' in line
+  assert ('sample: stopped by a preemption notice (SIGTERM) after 8 of 10 '
+          in line)
   assert line.endswith('Run the same command again to sample them.')
   after = _files(copy)
   after.pop('config.json', None)
@@ -641,7 +650,8 @@ def test_sigterm_during_sampling(finished, config, tmp_path):
 
 def test_all_on_a_finished_read_only_workdir_reads_its_report(
     finished, config, tmp_path, monkeypatch):
-  from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from vqvae2_jax.evaluation import run as eval_run
   workdir, _ = finished
   copy = str(tmp_path / 'done')
   shutil.copytree(workdir, copy)

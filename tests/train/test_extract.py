@@ -50,8 +50,8 @@ def test_codes_are_the_encoders_codes_of_each_split(config, reference):
   workdir, files = reference
   assert sorted(files) == [
       'digests.json', 'eval/00000-of-00002.npy', 'eval/00001-of-00002.npy',
-      'manifest.json', 'plan.json', 'train/00000-of-00003.npy', 'train/00001-of-00003.npy',
-      'train/00002-of-00003.npy']
+      'manifest.json', 'plan.json', 'train/00000-of-00003.npy',
+      'train/00001-of-00003.npy', 'train/00002-of-00003.npy']
   mesh = parallel.create_mesh(config.mesh)
   model, variables, _ = loading.load_vqvae(config, workdir, mesh)
   dataset = codes_lib.CodeDataset(
