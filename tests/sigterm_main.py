@@ -9,7 +9,8 @@ once, on the main thread, as a notice from outside would. Phases:
   codes       after the first code shard is written;
   prior_eval  at the start of a prior's evaluation (its final one, when the
               stage's last checkpoint is on disk without metrics.json);
-  sample      as the first batch of maps is sampled.
+  sample      as the first batch of maps is sampled;
+  eval        as the evaluation report starts its work.
 """
 
 import os
@@ -21,6 +22,7 @@ from absl import app
 from vqvae2_jax import main
 from vqvae2_jax import sampling
 from vqvae2_jax.data import codes as codes_lib
+from vqvae2_jax.evaluation import run as eval_run
 from vqvae2_jax.train import prior_trainer
 
 
@@ -53,6 +55,7 @@ _PHASES = {
     'codes': _after_first_shard,
     'prior_eval': lambda: _first_call_signals(prior_trainer, 'evaluate'),
     'sample': lambda: _first_call_signals(sampling, 'sample_hierarchy'),
+    'eval': lambda: _first_call_signals(eval_run, '_reconstruction_pass'),
 }
 
 if __name__ == '__main__':

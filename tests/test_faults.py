@@ -644,6 +644,23 @@ def test_sigterm_during_sampling(finished, config, tmp_path):
 
 
 
+
+def test_sigterm_during_the_evaluation_report(finished, config, tmp_path):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  line = _signalled_run('eval', copy, 'all')  # Samples, then the notice.
+  assert line.endswith(
+      'eval: finished; stopped by a preemption notice (SIGTERM) before '
+      'export. Run the same command again to continue from export.')
+  report = files.read_json(os.path.join(copy, 'eval', 'report.json'))
+  assert report['inputs']  # Whole, and marked done.
+  assert not os.path.exists(os.path.join(copy, 'export'))
+  # The rerun continues: the report is read, the export written.
+  results = stages.run('all', config, copy)
+  assert results['eval'] == report
+  assert os.path.getsize(results['export']['path']) > 0
+
 # A finished workdir on read-only storage (issue 28): evaluation reads its
 # report instead of computing it again, so --mode=all succeeds.
 
