@@ -385,8 +385,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   start = time.time()
   out_dir = eval_dir(workdir)
   mesh = parallel.create_mesh(config.mesh)
-  # The ruler first: a damaged judge or weights file is refused even where
-  # a report exists, and the report must be of this ruler.
+  priors = _prior_rows(config, workdir)  # Reads only; names a missing stage.
+  # Then the ruler: a damaged judge or weights file is refused even where a
+  # report exists, and the report must be of this ruler.
   features, about = feature_fn(config, workdir, mesh)
   inputs = report_inputs(config, workdir)
   report_path = os.path.join(out_dir, 'report.json')
@@ -404,7 +405,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
       console.say('%s', line)
     return done
   files.ensure_writable(out_dir, 'the evaluation report')
-  priors = _prior_rows(config, workdir)
   vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
   n = int(config.eval.num_samples)
   s = config.sampling
