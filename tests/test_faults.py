@@ -782,3 +782,35 @@ def test_a_disk_that_fills_while_writing_samples(finished, config, tmp_path,
   monkeypatch.setattr(np, 'savez', savez)
   meta = stages.run('sample', config, copy)['sample']  # Space freed.
   assert os.path.exists(os.path.join(meta['dir'], 'codes.npz'))
+
+
+def test_sigterm_during_training_under_the_runs_notice(toy_uninterrupted,
+                                                       tmp_path):
+  # One mechanism: inside `preemption_notices` (as stages.run sets it up)
+  # the training loop stops at its next step and checkpoints it; a notice
+  # at the last step lets the stage finish and stays for the next stage.
+  import signal  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  def notice_at(at):
+    def batches(start):
+      for step, batch in enumerate(toy._batches(start), start + 1):
+        if step == at:
+          os.kill(os.getpid(), signal.SIGTERM)
+        yield batch
+    return batches
+
+  directory = tmp_path / 'toy'
+  with parallel.preemption_notices():
+    with pytest.raises(errors.Preempted) as info:
+      toy._run(directory, 6, [], [], keep=2, batches=notice_at(3))
+  assert info.value.step == 3
+  assert str(info.value).startswith('toy: stopped by a preemption notice '
+                                    '(SIGTERM) at step 3 of 6; checkpoint '
+                                    'step 3 is saved')
+  with parallel.preemption_notices():
+    finished = toy._run(directory, 6, [], [], keep=2, batches=notice_at(6))
+    assert parallel.preempted()  # For stages.run: stop before the next.
+  assert not parallel.preempted()  # A notice belongs to its run.
+  assert finished['step'] == 6
+  assert finished['eval/error'] == toy_uninterrupted['eval/error']

@@ -319,7 +319,8 @@ def preemption_notices() -> Iterator[None]:
       threading.current_thread() is not threading.main_thread()):
     yield
     return
-  _NOTICE.clear()  # A notice belongs to the run it came during.
+  # A notice belongs to the run it came during: cleared here and at its end.
+  _NOTICE.clear()
   previous = signal.signal(signal.SIGTERM, _take_notice)
   _RUN_WATCHES.append(previous)
   try:
@@ -327,6 +328,7 @@ def preemption_notices() -> Iterator[None]:
   finally:
     _RUN_WATCHES.pop()
     signal.signal(signal.SIGTERM, previous)
+    _NOTICE.clear()
 
 
 def preempted() -> bool:
