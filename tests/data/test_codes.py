@@ -232,6 +232,15 @@ def test_a_shard_whose_digest_was_not_recorded_is_written_again(written):
     codes.finalize(codes_dir, _plan())
 
 
+def test_a_damaged_digests_file_verifies_nothing(written):
+  codes_dir, _ = written
+  with open(os.path.join(codes_dir, codes.DIGESTS), 'w') as f:
+    f.write('{"train/00000-of-00005.npy": ')  # Cut short.
+  with pytest.raises(codes.CodeShardDamagedError, match='no recorded digest'):
+    codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('train')
+  assert codes.prepare_directory(codes_dir, _plan()) == {
+      'train': [0, 1, 2, 3, 4], 'eval': [0, 1]}
+
 def test_codes_of_before_digests_are_read_with_one_warning(written, caplog):
   codes_dir, _ = written
   os.remove(os.path.join(codes_dir, codes.DIGESTS))

@@ -125,8 +125,15 @@ def write_shard(path: str, records: np.ndarray) -> None:
 
 
 def read_digests(codes_dir: str) -> dict[str, str] | None:
-  """{'<split>/<shard name>': sha256 hex} recorded so far; None if no file."""
-  return files.read_json(os.path.join(codes_dir, DIGESTS))
+  """{'<split>/<shard name>': sha256 hex} recorded so far; None if no file.
+
+  A damaged digests.json records nothing ({}): every shard then counts as
+  unverified and is refused by readers and extracted again.
+  """
+  try:
+    return files.read_json(os.path.join(codes_dir, DIGESTS))
+  except ValueError:
+    return {}
 
 
 class CodeShardDamagedError(errors.UserError, ValueError):
