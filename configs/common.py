@@ -125,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.precision_recall_k = 3  # Neighbours of improved precision/recall.
   evaluation.cas = False  # Classification Accuracy Score (trains classifiers on samples).
   evaluation.cas_samples_per_class = 0  # CAS training samples per class; 0: as the real train split.
+  evaluation.force = False  # Compute the report again although workdir/eval holds one for these stages and this config.
 
   # The domain classifier (--mode=classifier): the scorer of rejection
   # sampling and the model of CAS; the sample metrics use its features only

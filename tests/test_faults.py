@@ -10,6 +10,16 @@ message, and the shards already written stay for the rerun.
 A damaged newest checkpoint (each kind of damage seen) is passed over for
 the newest intact one: training resumes from it, setting the damaged step
 aside, and later stages load it; every checkpoint damaged is one line.
+
+An export or a code shard whose bytes changed is refused in one line naming
+it (their SHA-256 digests are recorded when written), and --mode=codes
+extracts a damaged shard again. A SIGTERM during code extraction, a stage's
+final evaluation or sampling (sent by the process to itself at that point,
+tests/sigterm_main.py) is one line and exit 0, with nothing half-written,
+and the rerun continues. A full disk while writing samples, an export or the
+evaluation report is one line naming the path and the bytes, and loses
+nothing. A finished workdir on read-only storage runs --mode=all again,
+its evaluation report read rather than computed.
 """
 
 import contextlib
@@ -52,11 +62,12 @@ def _tree(directory):
 
 
 @contextlib.contextmanager
-def _read_only(directory):
+def _read_only(directory, block_samples=True):
   """Yields a read-only path showing `directory` (see the module docstring).
 
   Root without the right to mount gets the same checks another way (see
-  the fallback below); the test never skips.
+  the fallback below; `block_samples=False` leaves the samples/ of a
+  finished run readable there); the test never skips.
   """
   directory = str(directory)
   if os.geteuid() != 0:
@@ -79,6 +90,9 @@ def _read_only(directory):
     # are compared afterwards), and samples/ is blocked by a regular file,
     # which no user can create a directory over.
     os.rmdir(view)
+    if not block_samples:
+      yield directory
+      return
     info = os.stat(directory)
     blocker = os.path.join(directory, 'samples')
     with open(blocker, 'w'):
@@ -160,6 +174,9 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   assert str(info.value).startswith(f'The disk is full writing to {codes}')
   assert ('the 2 complete code shard(s) are kept and a rerun extracts only '
           'the rest. Fix: free space') in str(info.value)
+  # 72 records of 84 bytes (a label, 4x4 and 8x8 uint8 codes) in 3 shards.
+  assert '(No space left on device; about 6.4 kB (6432 bytes) still to ' \
+      'write)' in str(info.value)
   names = sorted(os.listdir(os.path.join(codes, 'train')))
   assert names == ['00000-of-00003.npy', '00001-of-00003.npy']  # No .tmp.
   # Space freed: the rerun writes only the missing shards and the result
@@ -430,3 +447,370 @@ def test_every_process_resumes_from_the_same_intact_checkpoint(tmp_path):
               if 'are damaged' in line and line.startswith('W')]
   assert len(warnings) == 1, warnings  # Process 0 speaks for both.
   assert 'Kept for inspection as 2.damaged-1.' in warnings[0]
+
+
+# Digests (issue 28): an export's parts and every code shard are checked
+# against the SHA-256 recorded when they were written.
+
+
+@pytest.fixture(scope='module')
+def exported(finished, config, tmp_path_factory):
+  """The finished workdir exported to one file: (path, its bytes)."""
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('export') / 'model.msgpack')
+  pipeline.Pipeline.load(finished[0], config).export(path)
+  with open(path, 'rb') as f:
+    return path, f.read()
+
+
+def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
+    exported, tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from flax import serialization
+  import jax
+  import numpy as np
+  from vqvae2_jax import pipeline
+  # pylint: enable=g-import-not-at-top
+  path, data = exported
+  payload = serialization.msgpack_restore(data)
+  assert sorted(json.loads(payload['digests'])) == [
+      'config', 'prior_fingerprints', 'priors/0', 'priors/1', 'steps',
+      'vqvae', 'vqvae_digest', 'vqvae_fingerprint']
+  # The largest weight of the lower prior, found in the file's bytes.
+  leaf = max((np.asarray(x) for x in
+              jax.tree.leaves(payload['priors']['1'])), key=lambda x: x.size)
+  at = data.find(leaf.tobytes())
+  assert at > 0 and data.find(leaf.tobytes(), at + 1) < 0
+  damaged = bytearray(data)
+  damaged[at + leaf.nbytes // 2] ^= 0x40  # One exponent bit of one weight.
+  copy = str(tmp_path / 'damaged.msgpack')
+  with open(copy, 'wb') as f:
+    f.write(damaged)
+  with pytest.raises(pipeline.ExportDamagedError) as info:
+    pipeline.Pipeline.load(copy)
+  message = str(info.value)
+  assert isinstance(info.value, errors.UserError)
+  assert '\n' not in message
+  assert message.startswith(
+      f'{copy} is damaged: its level 1 prior weights differ from the SHA-256 '
+      'recorded when it was exported. Fix: ')
+  with open(path, 'rb') as f:
+    assert f.read() == data  # The intact file is untouched and loads.
+  assert pipeline.Pipeline.load(path).steps['prior_1'] > 0
+
+
+def test_an_export_of_before_digests_loads_with_one_warning(
+    exported, tmp_path, caplog):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  path, data = exported
+  payload = serialization.msgpack_restore(data)
+  del payload['digests']
+  old = str(tmp_path / 'old.msgpack')
+  with open(old, 'wb') as f:
+    f.write(serialization.msgpack_serialize(payload))
+  with caplog.at_level(logging.WARNING):
+    loaded = pipeline.Pipeline.load(old)
+  assert loaded.steps == pipeline.Pipeline.load(path).steps
+  (warning,) = [w for w in _warnings(caplog) if old in w]
+  assert warning.startswith(f'{old} has no digests')
+  assert '\n' not in warning
+
+
+def _flip_last_byte(path):
+  with open(path, 'r+b') as f:
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last[0] ^ 1]))
+
+
+def test_codes_mode_extracts_a_damaged_shard_again(finished, config,
+                                                   tmp_path, caplog):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  codes = extract.codes_dir(copy)
+  path = codes_lib.shard_path(codes, 'train', 1, 3)
+  _flip_last_byte(path)
+  # The prior stage reading it is refused in one line naming the file.
+  with pytest.raises(codes_lib.CodeShardDamagedError) as info:
+    stages.run('prior', config, copy)
+  assert '\n' not in str(info.value)
+  assert str(info.value).startswith(f'Code shard {path} is damaged')
+  # --mode=codes says so and extracts that shard again, not "nothing to do".
+  with caplog.at_level(logging.WARNING):
+    result = stages.run('codes', config, copy)['codes']
+  assert result['extract_time_s'] > 0
+  assert any(w.startswith(f'Code shard {path} is damaged')
+             for w in _warnings(caplog))
+  again = _files(codes)
+  assert again.pop('log.txt')  # This run's log; the rest as extracted first.
+  reference = _files(extract.codes_dir(workdir))
+  reference.pop('log.txt', None)
+  assert again == reference
+
+
+# SIGTERM in every phase (issue 28): a preemption notice is one line and
+# exit 0 wherever it comes; what is written is whole, and a rerun goes on.
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The command line of the `config` fixture (conftest.stage2_config).
+_STAGE2_FLAGS = ['--config=configs/fashion_mnist.py:tiny',
+                 '--config.data.train_split=train[:96]',
+                 '--config.data.eval_split=test[:40]',
+                 '--config.vqvae_train.eval_batch_size=16',
+                 '--config.prior.codes_per_shard=32',
+                 '--config.prior.eval_batch_size=16']
+
+
+def _signalled_run(phase, workdir, mode):
+  """Runs --mode=`mode` with SIGTERM at `phase` (tests/sigterm_main.py)."""
+  done = subprocess.run(
+      [sys.executable, '-m', 'tests.sigterm_main', phase, *_STAGE2_FLAGS,
+       f'--workdir={workdir}', f'--mode={mode}'],
+      cwd=_ROOT, env=dict(os.environ, PYTHONPATH=_ROOT), capture_output=True,
+      text=True, timeout=600)
+  output = done.stdout + done.stderr
+  assert done.returncode == 0, output[-3000:]
+  (line,) = [l for l in output.splitlines() if 'preemption notice' in l]
+  return line
+
+
+def test_sigterm_during_code_extraction(finished, config, tmp_path):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  codes = extract.codes_dir(copy)
+  shutil.rmtree(codes)
+  line = _signalled_run('codes', copy, 'codes')
+  assert line.endswith(
+      f'codes: stopped by a preemption notice (SIGTERM); the complete code '
+      f'shards in {codes} are kept and a rerun extracts only the rest. Run '
+      'the same command again to continue.')
+  # The first shard is whole and recorded; nothing else, nothing half.
+  assert sorted(_files(codes)) == ['digests.json', 'plan.json',
+                                   'train/00000-of-00003.npy']
+  reference = _files(extract.codes_dir(workdir))
+  assert (_files(codes)['train/00000-of-00003.npy'] ==
+          reference['train/00000-of-00003.npy'])
+  stages.run('codes', config, copy)  # The rerun ends as if never stopped.
+  again = _files(codes)
+  again.pop('log.txt')
+  reference.pop('log.txt', None)
+  assert again == reference
+
+
+def test_sigterm_during_a_stages_final_evaluation(finished, config, tmp_path):
+  workdir, results = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  # Killed after its last checkpoint, before metrics.json: the next run
+  # evaluates the stage again, and the notice comes during that evaluation.
+  metrics = os.path.join(loading.prior_dir(copy, 1), 'metrics.json')
+  os.remove(metrics)
+  line = _signalled_run('prior_eval', copy, 'all')
+  after = stages.pipeline_modes(config)[
+      stages.pipeline_modes(config).index('prior') + 1]
+  assert line.endswith(
+      f'prior: finished; stopped by a preemption notice (SIGTERM) before '
+      f'{after}. Run the same command again to continue from {after}.')
+  assert not os.path.exists(os.path.join(copy, 'samples'))  # Not started.
+  # The evaluation finished and was recorded with the figures of the run
+  # that trained; the next run takes the stage for finished.
+  with open(metrics) as f:
+    recorded = json.load(f)
+  want = results['prior']['level_1']
+  for key in ('step', 'eval/bits_per_code', 'train/loss'):
+    assert recorded[key] == want[key]
+  again = stages.run('prior', config, copy)['prior']
+  assert again['level_1'] == recorded
+
+
+def test_sigterm_during_sampling(finished, config, tmp_path):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  before = _files(copy)
+  line = _signalled_run('sample', copy, 'sample')
+  # Stopped before the second batch (8 maps: one per device).
+  assert ('sample: stopped by a preemption notice (SIGTERM) after 8 of 10 '
+          in line)
+  assert line.endswith('Run the same command again to sample them.')
+  after = _files(copy)
+  after.pop('config.json', None)
+  before.pop('config.json', None)
+  assert after == before  # Nothing half-written, nothing touched.
+
+
+
+
+def test_sigterm_during_the_evaluation_report(finished, config, tmp_path):
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  line = _signalled_run('eval', copy, 'all')  # Samples, then the notice.
+  assert line.endswith(
+      'eval: finished; stopped by a preemption notice (SIGTERM) before '
+      'export. Run the same command again to continue from export.')
+  report = files.read_json(os.path.join(copy, 'eval', 'report.json'))
+  assert report['inputs']  # Whole, and marked done.
+  assert not os.path.exists(os.path.join(copy, 'export'))
+  # The rerun continues: the report is read, the export written.
+  results = stages.run('all', config, copy)
+  assert results['eval'] == report
+  assert os.path.getsize(results['export']['path']) > 0
+
+# A finished workdir on read-only storage (issue 28): evaluation reads its
+# report instead of computing it again, so --mode=all succeeds.
+
+
+def test_all_on_a_finished_read_only_workdir_reads_its_report(
+    finished, config, tmp_path, monkeypatch):
+  # pylint: disable-next=g-import-not-at-top
+  from vqvae2_jax.evaluation import run as eval_run
+  workdir, _ = finished
+  copy = str(tmp_path / 'done')
+  shutil.copytree(workdir, copy)
+  results = stages.run('all', config, copy)  # Samples, eval, export.
+  report = files.read_json(os.path.join(copy, 'eval', 'report.json'))
+  assert report['inputs'] == eval_run.report_inputs(config, copy)
+  before = _tree(copy)
+  computed = []
+
+  def not_again(*args, **kwargs):
+    computed.append(1)
+    raise AssertionError('The report was computed again.')
+
+  monkeypatch.setattr(eval_run, '_reconstruction_pass', not_again)
+  with _read_only(copy, block_samples=False) as view:
+    again = stages.run('all', config, view)
+  assert not computed
+  assert again['eval'] == report == files.normalise_json(results['eval'])
+  for key in ('bytes', 'steps'):  # The file found there, not written again.
+    assert again['export'][key] == results['export'][key]
+  assert _tree(copy) == before  # Nothing written, nothing touched.
+  # Asked for, or after a stage changed, the report is computed again.
+  forced = config.copy_and_resolve_references()
+  forced.eval.force = True
+  for run_config in (forced, config):
+    with pytest.raises(AssertionError, match='computed again'):
+      stages.run('eval', run_config, copy)
+    metrics = os.path.join(loading.prior_dir(copy, 0), 'metrics.json')
+    recorded = files.read_json(metrics)
+    files.write_json(metrics, {**recorded, 'step': recorded['step'] + 1})
+  assert len(computed) == 2
+  # A full disk as the report is written: one line, both files as before.
+  files.write_json(metrics, recorded)
+  monkeypatch.undo()
+  eval_dir = os.path.join(copy, 'eval')
+  kept = _files(eval_dir)
+  monkeypatch.setattr(files, 'atomic_write', _full_after(10))
+  with pytest.raises(errors.WorkdirError) as info:
+    stages.run('eval', forced, copy)
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith(f'The disk is full writing to {eval_dir} ')
+  assert 'bytes) still to write); report.json was not written' in message
+  assert _files(eval_dir) == kept
+
+
+
+# A full disk while writing samples or an export (issue 28): one line naming
+# the path and the bytes, no partial file, nothing earlier lost.
+
+
+def _full_after(nbytes):
+  """An `atomic_write` whose disk fills after `nbytes` bytes."""
+  real = files.atomic_write
+
+  def write(path, write_fn):
+    real(path, lambda f: (f.write(b'x' * nbytes), _raise_enospc()))
+
+  return write
+
+
+def test_a_disk_that_fills_while_exporting(exported, config, finished,
+                                           tmp_path, monkeypatch):
+  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  _, data = exported
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'older.msgpack').write_bytes(b'an earlier export')
+  pipe = pipeline.Pipeline.load(finished[0], config)
+  monkeypatch.setattr(files, 'atomic_write', _full_after(1000))
+  path = str(out / 'model.msgpack')
+  with pytest.raises(errors.WorkdirError) as info:
+    pipe.export(path)
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith(f'The disk is full writing to {out} ')
+  assert f'({len(data)} bytes) still to write); {path} was not written' in (
+      message)
+  assert 'Fix: free space' in message
+  assert sorted(os.listdir(out)) == ['older.msgpack']  # No partial file.
+  assert (out / 'older.msgpack').read_bytes() == b'an earlier export'
+
+
+def test_a_disk_that_fills_while_writing_samples(finished, config, tmp_path,
+                                                 monkeypatch):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  workdir, _ = finished
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  earlier = os.path.join(copy, 'samples', 'earlier')
+  os.makedirs(earlier)
+  with open(os.path.join(earlier, 'meta.json'), 'w') as f:
+    f.write('{}')
+  savez = np.savez
+
+  def full(file, **arrays):
+    with open(file, 'wb') as f:
+      f.write(b'x' * 100)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
+
+  monkeypatch.setattr(np, 'savez', full)
+  with pytest.raises(errors.WorkdirError) as info:
+    stages.run('sample', config, copy)
+  message = str(info.value)
+  samples = os.path.join(copy, 'samples')
+  assert '\n' not in message
+  assert message.startswith(f'The disk is full writing to {samples} at ')
+  assert 'bytes) still to write); the sample run ' in message
+  assert 'Fix: free space' in message
+  assert os.listdir(samples) == ['earlier']  # No partial run, none lost.
+  monkeypatch.setattr(np, 'savez', savez)
+  meta = stages.run('sample', config, copy)['sample']  # Space freed.
+  assert os.path.exists(os.path.join(meta['dir'], 'codes.npz'))
+
+
+def test_sigterm_during_training_under_the_runs_notice(toy_uninterrupted,
+                                                       tmp_path):
+  # One mechanism: inside `preemption_notices` (as stages.run sets it up)
+  # the training loop stops at its next step and checkpoints it; a notice
+  # at the last step lets the stage finish and stays for the next stage.
+  import signal  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  def notice_at(at):
+    def batches(start):
+      for step, batch in enumerate(toy._batches(start), start + 1):
+        if step == at:
+          os.kill(os.getpid(), signal.SIGTERM)
+        yield batch
+    return batches
+
+  directory = tmp_path / 'toy'
+  with parallel.preemption_notices():
+    with pytest.raises(errors.Preempted) as info:
+      toy._run(directory, 6, [], [], keep=2, batches=notice_at(3))
+  assert info.value.step == 3
+  assert str(info.value).startswith('toy: stopped by a preemption notice '
+                                    '(SIGTERM) at step 3 of 6; checkpoint '
+                                    'step 3 is saved')
+  with parallel.preemption_notices():
+    finished = toy._run(directory, 6, [], [], keep=2, batches=notice_at(6))
+    assert parallel.preempted()  # For stages.run: stop before the next.
+  assert not parallel.preempted()  # A notice belongs to its run.
+  assert finished['step'] == 6
+  assert finished['eval/error'] == toy_uninterrupted['eval/error']

@@ -9,6 +9,7 @@ valid bytes.
 
 from collections.abc import Callable, Mapping
 import errno
+import hashlib
 import json
 import math
 import os
@@ -81,8 +82,16 @@ def is_disk_full(error: BaseException) -> bool:
   return False
 
 
-def disk_full_error(directory: str, error: BaseException,
-                    intact: str) -> errors.WorkdirError:
+def size_text(num_bytes: int) -> str:
+  """A byte count as people read it: '1.5 MB (1500000 bytes)'."""
+  for unit, scale in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
+    if num_bytes >= scale:
+      return f'{num_bytes / scale:.1f} {unit} ({num_bytes} bytes)'
+  return f'{num_bytes} bytes'
+
+
+def disk_full_error(directory: str, error: BaseException, intact: str,
+                    needed: int | None = None) -> errors.WorkdirError:
   """The one message of a full disk: where, the cause, and what is intact.
 
   Args:
@@ -90,17 +99,21 @@ def disk_full_error(directory: str, error: BaseException,
     error: the disk-full error (`is_disk_full(error)`).
     intact: what survived and how a rerun goes on, e.g. 'the newest intact
       checkpoint is step 4 and a rerun resumes from it'.
+    needed: about how many bytes the write that failed needs (the files
+      still to write), when the caller knows; the message says it.
 
   Returns:
     The error to raise (from `error`).
   """
   filename = getattr(error, 'filename', None)
   where = f' at {filename}' if filename else ''
+  space = ('' if needed is None else
+           f'; about {size_text(int(needed))} still to write')
   return errors.WorkdirError(
       f'The disk is full writing to {os.fspath(directory)}{where} (No space '
-      f'left on device); {intact}. Fix: free space on that disk (or copy the '
-      'workdir to a disk with room and pass that --workdir), then run the '
-      'same command again.')
+      f'left on device{space}); {intact}. Fix: free space on that disk (or '
+      'copy the workdir to a disk with room and pass that --workdir), then '
+      'run the same command again.')
 
 
 def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:
@@ -129,6 +142,39 @@ def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any]) -> None:
       pass  # Never created, or not removable: the first error matters.
     raise
   os.replace(tmp, path)  # Atomic: readers see the old state or the whole file.
+
+
+class HashingWriter:
+  """A binary file object that hashes (SHA-256) what goes through it.
+
+  `atomic_write(path, lambda f: save(HashingWriter(f, digest), ...))` records
+  the digest of the bytes as they are written, so a later reader can tell a
+  damaged file from the one written.
+  """
+
+  def __init__(self, file: BinaryIO, digest: Any):
+    self._file = file
+    self._digest = digest
+
+  def write(self, data: bytes) -> int:
+    self._digest.update(data)
+    return self._file.write(data)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+
+def sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
+  """The SHA-256 of the file at `path` (hex), read in chunks.
+
+  Raises:
+    OSError: the file cannot be read (FileNotFoundError when missing).
+  """
+  digest = hashlib.sha256()
+  with open(os.fspath(path), 'rb') as f:
+    while chunk := f.read(chunk_bytes):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _finite_or_none(value: Any) -> Any:

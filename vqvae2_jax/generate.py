@@ -231,6 +231,11 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   batch = min(s.batch_size, -(-num_candidates // mesh.size) * mesh.size)
   start = time.time()
   for i, begin in enumerate(range(0, num_candidates, batch)):
+    if parallel.preempted():  # A run is written whole or not at all.
+      raise errors.Preempted(
+          f'sample: stopped by a preemption notice (SIGTERM) after {begin} '
+          f'of {num_candidates} maps; nothing was written to {out_dir}. Run '
+          'the same command again to sample them.', step=0)
     n = min(batch, num_candidates - begin)
     # Pad the last batch so every batch has one shape (one compilation).
     batch_labels = None
@@ -301,10 +306,22 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   # Every process computed the same samples; process 0 alone writes them,
   # and renames the run's directory when it is complete.
   if jax.process_index() == 0:
-    _write_run(out_dir, meta=meta, shown=shown, before=before,
-               levels=np.concatenate(view_rows), view=view,
-               grid_cols=grid_cols, codes=codes,
-               labels=labels if conditional else None)
+    levels = np.concatenate(view_rows)
+    try:
+      _write_run(out_dir, meta=meta, shown=shown, before=before,
+                 levels=levels, view=view, grid_cols=grid_cols, codes=codes,
+                 labels=labels if conditional else None)
+    except Exception as e:  # pylint: disable=broad-except
+      if not files.is_disk_full(e):
+        raise
+      # The run is written whole or not at all: its partial copy goes.
+      shutil.rmtree(out_dir + '.tmp', ignore_errors=True)
+      arrays = [*codes, shown, levels] + ([] if before is None else [before])
+      raise files.disk_full_error(
+          os.path.dirname(out_dir), e, f'the sample run {out_dir} was not '
+          'written (no partial files are left; earlier runs are as they '
+          'were) and a rerun samples it again',
+          needed=sum(np.asarray(a).nbytes for a in arrays)) from e
   if jax.process_count() > 1:  # No process goes on before the files exist.
     multihost_utils.sync_global_devices('samples written')
   console.say('Wrote %d samples to %s (%.2f s per map%s)', num_samples,

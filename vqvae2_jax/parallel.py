@@ -289,6 +289,57 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
       batch)
 
 
+# A preemption notice (SIGTERM) to a single process: set by the handler of
+# `preemption_notices` or `preemption_watch`, read by `preempted`.
+_NOTICE = threading.Event()
+_RUN_WATCHES = []  # One entry per active `preemption_notices`.
+
+
+def _take_notice(signum: int, frame: Any) -> None:
+  del signum, frame
+  _NOTICE.set()
+
+
+@contextlib.contextmanager
+def preemption_notices() -> Iterator[None]:
+  """Catches SIGTERM for a whole run, so that every phase can honour it.
+
+  The one mechanism behind a preemption notice in a single process: from
+  the start of `stages.run` to its end, SIGTERM only sets a flag (it no
+  longer kills the process). Training loops stop and checkpoint at their
+  next step (`preemption_watch`), code extraction after its next complete
+  shard, and the other phases (a stage's final evaluation, sampling, the
+  evaluation report, export) finish what they write and the run stops
+  before its next stage; each raises `errors.Preempted` (one line, exit 0).
+  With several processes JAX catches SIGTERM from `jax.distributed
+  .initialize` on and the training loops agree on a step with it; off the
+  main thread nothing is installed.
+  """
+  if (jax.process_count() > 1 or
+      threading.current_thread() is not threading.main_thread()):
+    yield
+    return
+  # A notice belongs to the run it came during: cleared here and at its end.
+  _NOTICE.clear()
+  previous = signal.signal(signal.SIGTERM, _take_notice)
+  _RUN_WATCHES.append(previous)
+  try:
+    yield
+  finally:
+    _RUN_WATCHES.pop()
+    signal.signal(signal.SIGTERM, previous)
+    _NOTICE.clear()
+
+
+def preempted() -> bool:
+  """Whether a preemption notice came to this (single) process in this run.
+
+  Always False with several processes (there JAX holds the notice, and
+  only `preemption_watch`'s sync point can agree on a step).
+  """
+  return jax.process_count() == 1 and _NOTICE.is_set()
+
+
 @contextlib.contextmanager
 def preemption_watch() -> Iterator[Callable[[int], bool]]:
   """Watches for a preemption notice (SIGTERM) while a training loop runs.
@@ -300,9 +351,11 @@ def preemption_watch() -> Iterator[Callable[[int], bool]]:
   (`multihost_utils.reached_preemption_sync_point`): from
   `jax.distributed.initialize` on, JAX catches SIGTERM on any process, and
   the processes settle on the count after the furthest one reached (1 when
-  the notice came before the first step). A single process catches SIGTERM
-  itself meanwhile (the previous handler is put back afterwards) and stops
-  at its next step.
+  the notice came before the first step). A single process stops at its
+  next step; a notice that came at the last step (during the final
+  evaluation) stays for `preempted` after the loop. Outside
+  `preemption_notices` the loop catches SIGTERM itself meanwhile (the
+  previous handler is put back afterwards).
   """
   if jax.process_count() > 1:
     yield multihost_utils.reached_preemption_sync_point
@@ -310,9 +363,12 @@ def preemption_watch() -> Iterator[Callable[[int], bool]]:
   if threading.current_thread() is not threading.main_thread():
     yield lambda step: False  # Signal handlers live on the main thread only.
     return
-  noticed = threading.Event()
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: noticed.set())
+  if _RUN_WATCHES:  # The run's handler is in place and its notice counts.
+    yield lambda step: _NOTICE.is_set()
+    return
+  _NOTICE.clear()
+  previous = signal.signal(signal.SIGTERM, _take_notice)
   try:
-    yield lambda step: noticed.is_set()
+    yield lambda step: _NOTICE.is_set()
   finally:
     signal.signal(signal.SIGTERM, previous)

@@ -22,6 +22,7 @@ are padded as the input pipeline pads them. Images come out as float32 in
 """
 
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -53,6 +54,67 @@ EXPORT_FORMAT = 'vqvae2_jax.export/1'  # Written into every exported file.
 
 class PipelineInputError(errors.UserError, ValueError):
   """Images, codes or labels a pipeline cannot take; the message says why."""
+
+
+class ExportDamagedError(PipelineInputError):
+  """An exported file whose parts differ from the ones it was written with."""
+
+
+# What each part of an exported file holds, for the damaged-file message.
+_EXPORT_PARTS = {'config': 'config', 'steps': 'checkpoint steps',
+                 'vqvae_fingerprint': 'VQ-VAE fingerprint',
+                 'vqvae_digest': 'VQ-VAE digest', 'vqvae': 'VQ-VAE weights',
+                 'prior_fingerprints': 'prior fingerprints'}
+
+
+def _export_digests(payload: dict[str, Any]) -> dict[str, str]:
+  """SHA-256 of each part of an export's payload (each prior on its own).
+
+  A part's digest is over its msgpack bytes, which a restored file
+  serialises back to exactly; so the digests recorded at export time tell
+  which part of a loaded file changed.
+  """
+  parts = {k: v for k, v in payload.items() if k in _EXPORT_PARTS}
+  parts.update({f'priors/{level}': v
+                for level, v in payload.get('priors', {}).items()})
+  return {name: hashlib.sha256(serialization.msgpack_serialize(v)).hexdigest()
+          for name, v in parts.items()}
+
+
+def _check_export_digests(path: str, payload: dict[str, Any]) -> None:
+  """Refuses a file whose parts differ from their recorded digests.
+
+  An export of before digests (no 'digests' entry) loads with one warning:
+  only its VQ-VAE weights can be checked (against 'vqvae_digest').
+
+  Raises:
+    ExportDamagedError: naming the file and the damaged part.
+  """
+  if 'digests' not in payload:
+    logging.warning(
+        '%s has no digests (exported by an earlier version): its prior '
+        'weights are not verified. To verify them, export it again with '
+        '--mode=export.', path)
+    return
+  try:
+    recorded = json.loads(payload['digests'])
+  except (TypeError, ValueError):
+    recorded = None
+  actual = _export_digests(payload)
+  if not isinstance(recorded, dict) or set(recorded) != set(actual):
+    raise ExportDamagedError(
+        f'{path} is damaged: its table of digests does not list its parts. '
+        'Fix: export it again (--mode=export) or copy it again from its '
+        'source.')
+  damaged = [name for name in sorted(actual) if actual[name] != recorded[name]]
+  if damaged:
+    what = ', '.join(
+        f'level {name.split("/")[1]} prior weights' if name.startswith(
+            'priors/') else _EXPORT_PARTS[name] for name in damaged)
+    raise ExportDamagedError(
+        f'{path} is damaged: its {what} differ from the SHA-256 recorded '
+        'when it was exported. Fix: export it again (--mode=export) or copy '
+        'it again from its source.')
 
 
 def load_config(config: str | ml_collections.ConfigDict
@@ -231,9 +293,10 @@ class Pipeline:
     A msgpack file (flax.serialization) that `Pipeline.load(path)` reads
     back with no workdir and no config file: the config as JSON, the
     VQ-VAE's variables with its fingerprint and digest, each prior's
-    variables with its fingerprint, and the checkpoint steps. Written
-    atomically (a temporary file renamed), so a failure leaves no partial
-    file.
+    variables with its fingerprint, the checkpoint steps, and the SHA-256
+    of each of these parts, which loading checks (a damaged file is refused,
+    naming the part). Written atomically (a temporary file renamed), so a
+    failure leaves no partial file.
     """
     provenance = loading.vqvae_provenance(self.config, self.vqvae_variables,
                                           self.steps.get('vqvae', 0))
@@ -251,9 +314,18 @@ class Pipeline:
             builders.prior_fingerprint(self.config, level, provenance)
             for level in range(len(self.priors))]),
     }
+    payload['digests'] = json.dumps(_export_digests(payload), sort_keys=True)
     data = serialization.msgpack_serialize(payload)
     if jax.process_index() == 0:  # One writer of the one file.
-      files.atomic_write(path, lambda f: f.write(data))
+      try:
+        files.atomic_write(path, lambda f: f.write(data))
+      except OSError as e:
+        if not files.is_disk_full(e):
+          raise
+        raise files.disk_full_error(
+            os.path.dirname(os.path.abspath(path)), e,
+            f'{path} was not written (no partial file is left) and nothing '
+            'else changed', needed=len(data)) from e
     return path
 
   @classmethod
@@ -270,6 +342,7 @@ class Pipeline:
       raise PipelineInputError(
           f'{path} is not an exported pipeline of format {EXPORT_FORMAT}. '
           'Fix: export it again with --mode=export of this version.')
+    _check_export_digests(path, payload)
     saved = ml_collections.ConfigDict(json.loads(payload['config']))
     if config is not None:
       raise PipelineInputError(

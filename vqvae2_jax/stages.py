@@ -17,6 +17,7 @@ import ml_collections
 
 from vqvae2_jax import config_validation
 from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
 from vqvae2_jax.evaluation import judges
@@ -80,6 +81,19 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   modes = pipeline_modes(config) if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):
     _record_config(config, workdir)
+  # From here on SIGTERM is a preemption notice that every phase honours.
+  with parallel.preemption_notices():
+    return _run_modes(modes, config, workdir)
+
+
+def _run_modes(modes: tuple[str, ...], config: ml_collections.ConfigDict,
+               workdir: str) -> dict:
+  """Runs `modes` in order; a preemption notice stops before the next one.
+
+  Raises:
+    errors.Preempted: a notice came during a stage that finished (or saved
+      what it had) and more stages were due; a rerun continues with them.
+  """
   results, seconds = {}, {}
   for i, m in enumerate(modes):
     if len(modes) > 1:
@@ -96,6 +110,11 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
       if path is not None and jax.process_index() == 0:
         console.write_log(path, records)
     seconds[m] = time.time() - start
+    if parallel.preempted() and i + 1 < len(modes):
+      raise errors.Preempted(
+          f'{m}: finished; stopped by a preemption notice (SIGTERM) before '
+          f'{modes[i + 1]}. Run the same command again to continue from '
+          f'{modes[i + 1]}.', step=0)
   if len(modes) > 1:
     for line in summary_lines(results, seconds, workdir):
       console.say('%s', line)
@@ -122,8 +141,10 @@ def _log_path(mode: str, result: Any, workdir: str,
     meta = os.path.join(result['dir'], 'meta.json')
     if os.path.exists(meta) and os.path.getmtime(meta) >= start - 1:
       return os.path.join(result['dir'], 'log.txt')
-  if mode == 'eval':
-    return os.path.join(workdir, 'eval', 'log.txt')
+  if mode == 'eval':  # Unless an up-to-date report was only read.
+    report = os.path.join(workdir, 'eval', 'report.json')
+    if os.path.exists(report) and os.path.getmtime(report) >= start - 1:
+      return os.path.join(workdir, 'eval', 'log.txt')
   if mode == 'data':
     return os.path.join(workdir, 'data', 'log.txt')
   return None

@@ -1,12 +1,15 @@
 """Extracted codes: the format (atomic shards, manifest, provenance) in
 `data.codes`; the batches over it are in test_code_iterators.py."""
 
+import hashlib
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
 
+from vqvae2_jax import errors
 from vqvae2_jax.data import codes
 
 _SHAPES = ((2, 3), (4, 6))  # Non-square on purpose.
@@ -137,6 +140,117 @@ def test_truncated_shard_is_reported(written):
   dataset = codes.CodeDataset(codes_dir, vqvae=_VQVAE)
   with pytest.raises(ValueError, match='00000-of-00005.*run --mode=codes'):
     dataset.split('train')
+
+
+
+def _flip_byte(path):
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) - 1)  # In the codes, past the header.
+    last = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([last[0] ^ 1]))
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _empty(path):
+  open(path, 'wb').close()
+
+
+_SHARD_DAMAGE = {'flipped byte': _flip_byte, 'truncated': _truncate,
+                 'empty': _empty, 'removed': os.remove}
+
+
+def test_digests_are_recorded_as_shards_are_written(written):
+  codes_dir, _ = written
+  recorded = codes.read_digests(codes_dir)
+  names = [f'{role}/{codes.shard_name(i, n)}'
+           for role, n in (('train', 5), ('eval', 2)) for i in range(n)]
+  assert sorted(recorded) == sorted(names)
+  for name in names:
+    with open(os.path.join(codes_dir, name), 'rb') as f:
+      assert recorded[name] == hashlib.sha256(f.read()).hexdigest()
+  assert codes.is_complete(codes_dir, _plan())
+
+
+@pytest.mark.parametrize('damage', sorted(_SHARD_DAMAGE))
+def test_a_damaged_shard_is_refused_in_one_line(written, damage):
+  codes_dir, _ = written
+  path = codes.shard_path(codes_dir, 'train', 2, 5)
+  _SHARD_DAMAGE[damage](path)
+  dataset = codes.CodeDataset(codes_dir, vqvae=_VQVAE)
+  with pytest.raises(codes.CodeShardDamagedError) as info:
+    dataset.split('train')
+  message = str(info.value)
+  assert isinstance(info.value, errors.UserError)
+  assert '\n' not in message
+  assert message.startswith(f'Code shard {path} ')
+  assert message.endswith('it extracts the damaged shard again.')
+  assert 'Fix: run --mode=codes' in message
+  dataset.split('eval')  # The intact split reads.
+
+
+@pytest.mark.parametrize('damage', sorted(_SHARD_DAMAGE))
+def test_a_damaged_shard_is_extracted_again(written, damage, caplog):
+  codes_dir, data = written
+  plan = _plan()
+  path = codes.shard_path(codes_dir, 'train', 2, 5)
+  with open(path, 'rb') as f:
+    intact = f.read()
+  _SHARD_DAMAGE[damage](path)
+  with caplog.at_level(logging.WARNING):
+    assert not codes.is_complete(codes_dir, plan)  # Not "nothing to do".
+  if damage != 'removed':
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if r.levelno >= logging.WARNING]
+    assert warning.startswith(f'Code shard {path} is damaged')
+  assert codes.prepare_directory(codes_dir, plan) == {'train': [2],
+                                                      'eval': []}
+  assert not os.path.exists(path)
+  _write_all(codes_dir, plan, data)  # Writes shard 2 only, then finalizes.
+  with open(path, 'rb') as f:
+    assert f.read() == intact
+  assert codes.is_complete(codes_dir, plan)
+  codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('train')
+
+
+def test_a_shard_whose_digest_was_not_recorded_is_written_again(written):
+  codes_dir, _ = written
+  recorded = codes.read_digests(codes_dir)
+  del recorded['eval/00001-of-00002.npy']  # Killed between rename and record.
+  with open(os.path.join(codes_dir, codes.DIGESTS), 'w') as f:
+    json.dump(recorded, f)
+  assert codes.prepare_directory(codes_dir, _plan()) == {'train': [],
+                                                         'eval': [1]}
+  with pytest.raises(RuntimeError, match='lacks shards'):
+    codes.finalize(codes_dir, _plan())
+
+
+def test_a_damaged_digests_file_verifies_nothing(written):
+  codes_dir, _ = written
+  with open(os.path.join(codes_dir, codes.DIGESTS), 'w') as f:
+    f.write('{"train/00000-of-00005.npy": ')  # Cut short.
+  with pytest.raises(codes.CodeShardDamagedError, match='no recorded digest'):
+    codes.CodeDataset(codes_dir, vqvae=_VQVAE).split('train')
+  assert codes.prepare_directory(codes_dir, _plan()) == {
+      'train': [0, 1, 2, 3, 4], 'eval': [0, 1]}
+
+def test_codes_of_before_digests_are_read_with_one_warning(written, caplog):
+  codes_dir, _ = written
+  os.remove(os.path.join(codes_dir, codes.DIGESTS))
+  codes._WARNED_UNVERIFIED.clear()
+  with caplog.at_level(logging.WARNING):
+    assert codes.is_complete(codes_dir, _plan())
+    dataset = codes.CodeDataset(codes_dir, vqvae=_VQVAE)
+    dataset.split('train')
+    dataset.split('eval')
+  (warning,) = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING]
+  assert warning.startswith(f'Codes in {codes_dir} have no digests.json')
+  assert '\n' not in warning
 
 
 def test_json_files_keep_their_bytes(written):

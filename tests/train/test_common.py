@@ -253,6 +253,8 @@ def test_a_full_disk_is_one_message_and_the_last_checkpoint_restores(
   message = str(info.value)
   assert 'The disk is full' in message and str(tmp_path / 'full') in message
   assert 'newest intact checkpoint is step 2' in message
+  # The state's arrays: a step 2 and an Adam state of 2 weights, an RNG key.
+  assert 'No space left on device; about 44 bytes still to write)' in message
   assert 'Fix: free space' in message
   assert not (tmp_path / 'full' / 'metrics.json').exists()
   # Space freed: the rerun resumes from step 2 and ends where an

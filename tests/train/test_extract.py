@@ -49,9 +49,9 @@ def reference(tmp_path_factory, config, save_vqvae_checkpoint):
 def test_codes_are_the_encoders_codes_of_each_split(config, reference):
   workdir, files = reference
   assert sorted(files) == [
-      'eval/00000-of-00002.npy', 'eval/00001-of-00002.npy', 'manifest.json',
-      'plan.json', 'train/00000-of-00003.npy', 'train/00001-of-00003.npy',
-      'train/00002-of-00003.npy']
+      'digests.json', 'eval/00000-of-00002.npy', 'eval/00001-of-00002.npy',
+      'manifest.json', 'plan.json', 'train/00000-of-00003.npy',
+      'train/00001-of-00003.npy', 'train/00002-of-00003.npy']
   mesh = parallel.create_mesh(config.mesh)
   model, variables, _ = loading.load_vqvae(config, workdir, mesh)
   dataset = codes_lib.CodeDataset(
@@ -96,7 +96,8 @@ def test_killed_extraction_resumes_to_identical_files(config, reference,
     extract.extract_codes(config, workdir)
   codes_dir = extract.codes_dir(workdir)
   partial = _files(codes_dir)
-  assert sorted(partial) == ['plan.json', 'train/00000-of-00003.npy']
+  assert sorted(partial) == ['digests.json', 'plan.json',
+                             'train/00000-of-00003.npy']
   with pytest.raises(FileNotFoundError, match='did not finish'):
     codes_lib.read_manifest(codes_dir)
 

@@ -9,6 +9,8 @@ Stage 2 trains on the integer codes of every image, extracted once by
                        K per level, and each split's size and sharding.
     train/00000-of-00006.npy ...   shards of the training split
     eval/00000-of-00001.npy  ...   shards of the held-out split
+    digests.json       each shard's SHA-256, as its bytes were written:
+                       {"train/00000-of-00006.npy": "<hex>", ...}
     manifest.json      a copy of plan.json, written last: the extraction is
                        complete exactly when this file exists.
 
@@ -21,6 +23,15 @@ finished shards. Readers memory-map the shards, so a split larger than memory
 streams from disk, and they refuse codes whose VQ-VAE differs from the
 current stage-1 checkpoint.
 
+Every shard's digest is recorded when it is written and checked whenever the
+codes are read, or found complete by `--mode=codes`: a damaged shard (a
+flipped byte, truncated, emptied, removed) is refused in one line naming it
+(`CodeShardDamagedError`), and `--mode=codes` extracts it again. A shard on
+disk without a recorded digest (a kill between its rename and the record) is
+extracted again too. Extractions made before digests existed (no
+digests.json) are read with one warning, unverified: their provenance is
+still checked, and deleting workdir/codes gets them verified.
+
 Files are plain local (or network-mounted) paths, written by process 0; on a
 multi-host set-up `workdir` must be on a filesystem every host sees.
 
@@ -29,6 +40,7 @@ The batches that stage 2 trains on are made from these readers by
 """
 
 from collections.abc import Mapping, Sequence
+import hashlib
 import os
 from typing import Any
 
@@ -41,6 +53,7 @@ from vqvae2_jax import files
 FORMAT_VERSION = 1
 PLAN = 'plan.json'
 MANIFEST = 'manifest.json'
+DIGESTS = 'digests.json'
 SPLITS = ('train', 'eval')  # The roles; the source split names are in the plan.
 # The temporary name `files.atomic_write` gives a file until it is complete.
 _TMP_SUFFIX = '.tmp'
@@ -95,8 +108,83 @@ def shard_path(codes_dir: str, split: str, index: int, num_shards: int) -> str:
 
 
 def write_shard(path: str, records: np.ndarray) -> None:
-  """Writes one shard atomically (temporary file, fsync, rename)."""
-  files.atomic_write(path, lambda f: np.save(f, records, allow_pickle=False))
+  """Writes one shard atomically (temporary file, fsync, rename).
+
+  The SHA-256 of the bytes written is then recorded in the codes
+  directory's digests.json (`path` is <codes dir>/<split>/<name>); a shard
+  renamed but not yet recorded counts as not written (`prepare_directory`).
+  """
+  digest = hashlib.sha256()
+  files.atomic_write(path, lambda f: np.save(
+      files.HashingWriter(f, digest), records, allow_pickle=False))
+  split_dir, name = os.path.split(os.path.abspath(path))
+  codes_dir, role = os.path.split(split_dir)
+  recorded = read_digests(codes_dir) or {}
+  recorded[f'{role}/{name}'] = digest.hexdigest()
+  files.write_json(os.path.join(codes_dir, DIGESTS), recorded)
+
+
+def read_digests(codes_dir: str) -> dict[str, str] | None:
+  """{'<split>/<shard name>': sha256 hex} recorded so far; None if no file.
+
+  A damaged digests.json records nothing ({}): every shard then counts as
+  unverified and is refused by readers and extracted again.
+  """
+  try:
+    return files.read_json(os.path.join(codes_dir, DIGESTS))
+  except ValueError:
+    return {}
+
+
+class CodeShardDamagedError(errors.UserError, ValueError):
+  """A code shard whose bytes are not those written (or that is missing)."""
+
+
+def check_shard(codes_dir: str, role: str, index: int, num_shards: int,
+                digests: Mapping[str, str]) -> None:
+  """Refuses a shard whose SHA-256 differs from the one recorded for it.
+
+  Args:
+    codes_dir: workdir/codes.
+    role, index, num_shards: which shard.
+    digests: from `read_digests`.
+
+  Raises:
+    CodeShardDamagedError: naming the file; missing, unreadable, or damaged.
+  """
+  path = shard_path(codes_dir, role, index, num_shards)
+  key = f'{role}/{shard_name(index, num_shards)}'
+  fix = ('Fix: run --mode=codes with the same --config and --workdir; it '
+         'extracts the damaged shard again.')
+  try:
+    actual = files.sha256_file(path)
+  except OSError as e:
+    raise CodeShardDamagedError(
+        f'Code shard {path} cannot be read ({e.strerror or e}). {fix}') from e
+  if key not in digests:
+    raise CodeShardDamagedError(
+        f'Code shard {path} has no recorded digest in {DIGESTS} (its write '
+        f'was interrupted). {fix}')
+  if actual != digests[key]:
+    raise CodeShardDamagedError(
+        f'Code shard {path} is damaged: its SHA-256 differs from the one '
+        f'recorded when it was written ({os.path.getsize(path)} bytes now). '
+        f'{fix}')
+
+
+def _shard_intact(codes_dir: str, role: str, index: int, num_shards: int,
+                  digests: Mapping[str, str] | None) -> bool:
+  """Whether the shard is on disk and (where digests exist) intact."""
+  if not os.path.exists(shard_path(codes_dir, role, index, num_shards)):
+    return False
+  if digests is None:
+    return True  # An extraction of before digests: unverified.
+  try:
+    check_shard(codes_dir, role, index, num_shards, digests)
+  except CodeShardDamagedError as e:
+    logging.warning('%s', str(e).split(' Fix: ')[0])
+    return False
+  return True
 
 
 def make_plan(*, vqvae: Mapping[str, Any], level_shapes: Sequence[Sequence[int]],
@@ -148,6 +236,8 @@ def prepare_directory(codes_dir: str, plan: Mapping[str, Any]
   plan = files.normalise_json(plan)
   os.makedirs(codes_dir, exist_ok=True)
   old = files.read_json(os.path.join(codes_dir, PLAN))
+  if old != plan and os.path.exists(os.path.join(codes_dir, DIGESTS)):
+    os.remove(os.path.join(codes_dir, DIGESTS))
   for role in SPLITS:
     split_dir = os.path.join(codes_dir, role)
     if not os.path.isdir(split_dir):
@@ -164,26 +254,53 @@ def prepare_directory(codes_dir: str, plan: Mapping[str, Any]
     if os.path.exists(manifest):
       os.remove(manifest)
     files.write_json(os.path.join(codes_dir, PLAN), plan)
+  # A shard counts as written when its recorded digest matches: a damaged
+  # one (or one killed before its digest was recorded) is written again.
+  digests = read_digests(codes_dir) or {}
   todo = {}
   for role, info in plan['splits'].items():
     n = info['num_shards']
     todo[role] = [i for i in range(n)
-                  if not os.path.exists(shard_path(codes_dir, role, i, n))]
+                  if not _shard_intact(codes_dir, role, i, n, digests)]
+    for i in todo[role]:
+      path = shard_path(codes_dir, role, i, n)
+      if os.path.exists(path):
+        os.remove(path)
   return todo
 
 
 def is_complete(codes_dir: str, plan: Mapping[str, Any]) -> bool:
-  """Whether `codes_dir` holds a finished extraction of exactly `plan`.
+  """Whether `codes_dir` holds a finished, intact extraction of `plan`.
 
-  Reads only (a finished extraction may sit in a read-only workdir).
+  Reads only (a finished extraction may sit in a read-only workdir). Every
+  shard's digest is checked; a damaged one is named in a warning and makes
+  the extraction incomplete, so that `--mode=codes` writes it again.
   """
   plan = files.normalise_json(plan)
   if (files.read_json(os.path.join(codes_dir, PLAN)) != plan or
       not os.path.exists(os.path.join(codes_dir, MANIFEST))):
     return False
-  return all(os.path.exists(shard_path(codes_dir, role, i, info['num_shards']))
-             for role, info in plan['splits'].items()
-             for i in range(info['num_shards']))
+  digests = read_digests(codes_dir)
+  if digests is None:
+    _warn_unverified(codes_dir)
+  # Not all(...) of a generator: every damaged shard is named.
+  return all([_shard_intact(codes_dir, role, i, info['num_shards'], digests)
+              for role, info in plan['splits'].items()
+              for i in range(info['num_shards'])])
+
+
+_WARNED_UNVERIFIED: set[str] = set()
+
+
+def _warn_unverified(codes_dir: str) -> None:
+  """One warning per directory: codes of before digests are not verified."""
+  if codes_dir in _WARNED_UNVERIFIED:
+    return
+  _WARNED_UNVERIFIED.add(codes_dir)
+  logging.warning(
+      'Codes in %s have no %s (extracted by an earlier version): their '
+      'shards are used unverified. To verify them, delete that directory '
+      'and run --mode=codes again.', codes_dir, DIGESTS)
 
 
 def count_shards(codes_dir: str, plan: Mapping[str, Any]) -> int:
@@ -193,12 +310,29 @@ def count_shards(codes_dir: str, plan: Mapping[str, Any]) -> int:
              for i in range(info['num_shards']))
 
 
+def missing_bytes(codes_dir: str, plan: Mapping[str, Any]) -> int:
+  """About how many bytes `plan`'s shards not yet on disk take."""
+  plan = files.normalise_json(plan)
+  itemsize = record_dtype(plan['level_shapes'],
+                          plan['num_embeddings']).itemsize
+  total = 0
+  for role, info in plan['splits'].items():
+    n, size = info['num_examples'], info['shard_size']
+    for i in range(info['num_shards']):
+      if not os.path.exists(shard_path(codes_dir, role, i,
+                                       info['num_shards'])):
+        total += 128 + itemsize * min(size, n - i * size)  # Header, records.
+  return total
+
+
 def finalize(codes_dir: str, plan: Mapping[str, Any]) -> None:
   """Marks the extraction complete by writing the manifest (last)."""
+  digests = read_digests(codes_dir) or {}
   for role, info in files.normalise_json(plan)['splits'].items():
     n = info['num_shards']
     missing = [i for i in range(n)
-               if not os.path.exists(shard_path(codes_dir, role, i, n))]
+               if not os.path.exists(shard_path(codes_dir, role, i, n)) or
+               f'{role}/{shard_name(i, n)}' not in digests]
     if missing:
       raise RuntimeError(f'Cannot finalize {codes_dir}: split {role!r} lacks '
                          f'shards {missing}.')
@@ -286,10 +420,15 @@ class CodeSplit:
     self._shard_size = int(info['shard_size'])
     num_shards = int(info['num_shards'])
     expected = record_dtype(self.level_shapes, self.num_embeddings)
+    digests = read_digests(codes_dir)
+    if digests is None:
+      _warn_unverified(codes_dir)
     self._shards = []
     for i in range(num_shards):
       path = shard_path(codes_dir, role, i, num_shards)
       size = min(self._shard_size, self.num_examples - i * self._shard_size)
+      if digests is not None:
+        check_shard(codes_dir, role, i, num_shards, digests)
       try:
         shard = np.load(path, mmap_mode='r', allow_pickle=False)
       except (OSError, ValueError, EOFError) as e:

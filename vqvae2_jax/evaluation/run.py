@@ -35,6 +35,8 @@ the domain classifier (`judges.ruler`).
 
 from collections.abc import Callable, Iterator, Mapping
 import functools
+import hashlib
+import json
 import math
 import os
 import time
@@ -339,9 +341,36 @@ def _prior_rows(config: ml_collections.ConfigDict, workdir: str
   return rows
 
 
+def report_inputs(config: ml_collections.ConfigDict, workdir: str
+                  ) -> dict[str, Any]:
+  """What a report was computed from: the config and each stage's last step.
+
+  Reads small files only. The config's digest leaves out eval.force (which
+  asks for a new report, not another one); the steps are those of the
+  finished stages' metrics.json (None where a stage has none).
+  """
+  settings = config.to_dict()
+  settings.get('eval', {}).pop('force', None)
+  text = json.dumps(files.normalise_json(settings), sort_keys=True)
+  stage_dirs = {'vqvae': loading.vqvae_dir(workdir),
+                'classifier': classifier_trainer.stage_dir(workdir)}
+  stage_dirs.update({f'prior_{level}': loading.prior_dir(workdir, level)
+                     for level in range(builders.num_levels(config))})
+  steps = {}
+  for name, directory in stage_dirs.items():
+    metrics = files.read_json(os.path.join(directory, 'metrics.json'))
+    steps[name] = None if metrics is None else metrics.get('step')
+  return {'config_sha256': hashlib.sha256(text.encode()).hexdigest(),
+          'stage_steps': steps}
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str
              ) -> dict[str, Any]:
   """--mode=eval: writes workdir/eval/report.json and report.md.
+
+  A report already there for the same config and the same finished stages
+  (`report_inputs`) is read, not computed again, so a finished workdir can
+  be evaluated on read-only storage; config.eval.force computes it again.
 
   Args:
     config: a validated config.
@@ -355,12 +384,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
       names the --mode that makes it.
   """
   start = time.time()
-  mesh = parallel.create_mesh(config.mesh)
   out_dir = eval_dir(workdir)
-  files.ensure_writable(out_dir, 'the evaluation report')
-  priors = _prior_rows(config, workdir)
-  vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
+  mesh = parallel.create_mesh(config.mesh)
+  priors = _prior_rows(config, workdir)  # Reads only; names a missing stage.
+  # Then the ruler: a damaged judge or weights file is refused even where a
+  # report exists, and the report must be of this ruler.
   features, about = feature_fn(config, workdir, mesh)
+  inputs = report_inputs(config, workdir)
+  report_path = os.path.join(out_dir, 'report.json')
+  try:
+    done = files.read_json(report_path)
+  except ValueError:  # A damaged report is computed again.
+    done = None
+  if (done is not None and done.get('inputs') == files.normalise_json(inputs)
+      and all(done.get(k) == v
+              for k, v in files.normalise_json(about).items())
+      and not config.eval.get('force', False)):
+    console.say('Evaluation report in %s is up to date (nothing to do; '
+                '--config.eval.force=True computes it again)', out_dir)
+    for line in summary_lines(done, out_dir):
+      console.say('%s', line)
+    return done
+  files.ensure_writable(out_dir, 'the evaluation report')
+  vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
   n = int(config.eval.num_samples)
   s = config.sampling
 
@@ -402,10 +448,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
         classifier_trainer.stage_dir(workdir), 'metrics.json')) or {}
     report['cas'] = _cas(config, workdir, mesh, vqvae, variables, domain)
   report['seconds'] = time.time() - start
+  report['inputs'] = inputs
   if jax.process_index() == 0:
-    files.write_json(os.path.join(out_dir, 'report.json'), report)
-    files.atomic_write(os.path.join(out_dir, 'report.md'),
-                       lambda f: f.write(report_markdown(report).encode()))
+    markdown = report_markdown(report).encode()
+    try:
+      # report.md first: report.json marks the report done (`inputs`).
+      files.atomic_write(os.path.join(out_dir, 'report.md'),
+                         lambda f: f.write(markdown))
+      files.write_json(report_path, report)
+    except OSError as e:
+      if not files.is_disk_full(e):
+        raise
+      raise files.disk_full_error(
+          out_dir, e, 'report.json was not written (an earlier one is as it '
+          'was) and a rerun computes the report again',
+          needed=len(markdown) + len(json.dumps(
+              files.normalise_json(report), indent=2))) from e
   logging.info('Eval report in %s:\n%s', out_dir, report_markdown(report))
   for line in summary_lines(report, out_dir):
     console.say('%s', line)

@@ -655,7 +655,8 @@ def run_training(stage: Stage) -> dict[str, Any]:
     # ValueError or wrapped, not always as OSError(ENOSPC).
     if not files.is_disk_full(e):
       raise
-    raise _disk_full(stage.directory, manager, e) from e
+    raise _disk_full(stage.directory, manager, e,
+                     _state_bytes(stage.programs)) from e
   finally:
     try:
       manager.wait_until_finished()
@@ -671,8 +672,17 @@ def run_training(stage: Stage) -> dict[str, Any]:
       log_file.close()
 
 
-def _disk_full(directory: str, manager: Any, error: BaseException
-               ) -> errors.WorkdirError:
+def _state_bytes(programs: TrainPrograms) -> int | None:
+  """About the bytes of one checkpoint: the state's arrays (shapes only)."""
+  try:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(restore_target(programs)))
+  except Exception:  # pylint: disable=broad-except
+    return None  # The message does without the figure.
+
+
+def _disk_full(directory: str, manager: Any, error: BaseException,
+               needed: int | None = None) -> errors.WorkdirError:
   """The one message of a full disk: where, and what is still intact."""
   try:  # Saves in flight finish (or fail) first; only finished ones count.
     manager.wait_until_finished()
@@ -687,7 +697,7 @@ def _disk_full(directory: str, manager: Any, error: BaseException
       directory, error,
       f'the newest intact checkpoint is step {steps[-1]} and a rerun resumes '
       'from it' if steps else 'no checkpoint had been written yet, so a rerun '
-      'starts from the beginning')
+      'starts from the beginning', needed=needed)
 
 
 def _finished_metrics(stage: Stage, metrics_path: str

@@ -24,6 +24,7 @@ import numpy as np
 
 from vqvae2_jax import builders
 from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
@@ -82,6 +83,11 @@ def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
   for index, batch in enumerate(batches):
     if not todo:
       break  # Everything left is on disk already.
+    if parallel.preempted():  # Shards are whole or absent: stop anywhere.
+      raise errors.Preempted(
+          f'codes: stopped by a preemption notice (SIGTERM); the complete '
+          f'code shards in {out_dir} are kept and a rerun extracts only the '
+          'rest. Run the same command again to continue.', step=0)
     positions = layout.eval_batch_positions(n, global_batch_size, index)
     shard_of = np.where(positions >= 0, positions // size, -1)
     if not todo.intersection(shard_of[positions >= 0].tolist()):
@@ -180,7 +186,8 @@ def extract_codes(config: ml_collections.ConfigDict,
     done = codes_lib.count_shards(out_dir, plan)
     raise files.disk_full_error(
         out_dir, e, f'the {done} complete code shard(s) are kept and a rerun '
-        'extracts only the rest') from e
+        'extracts only the rest',
+        needed=codes_lib.missing_bytes(out_dir, plan)) from e
   result = {'vqvae_step': step, 'extract_time_s': time.time() - before,
             'wall_time_s': time.time() - start_time,
             **{f'num_examples_{role}': info['num_examples']
