@@ -36,6 +36,10 @@ def recorded(monkeypatch):
         return {'dir': run_dir, 'num_samples': 10}
       if mode == 'vqvae':
         return {'eval/psnr': 20.0}
+      if mode == 'eval':  # A report written now: its log is written too.
+        os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+        with open(os.path.join(workdir, 'eval', 'report.json'), 'w') as f:
+          f.write('{}')
       return {'mode': mode}
     return stage
 
@@ -129,8 +133,14 @@ def test_log_paths_of_stages_that_do_not_train(tmp_path):
   assert log_path('codes', {'extract_time_s': 3.0}, workdir, 0) == (
       os.path.join(workdir, 'codes', 'log.txt'))
   assert log_path('codes', {'extract_time_s': 0}, workdir, 0) is None
+  # No report written this run (an up-to-date one was only read): no log.
+  assert log_path('eval', {}, workdir, 0) is None
+  (tmp_path / 'eval').mkdir()
+  (tmp_path / 'eval' / 'report.json').write_text('{}')
   assert log_path('eval', {}, workdir, 0) == os.path.join(workdir, 'eval',
                                                           'log.txt')
+  os.utime(tmp_path / 'eval' / 'report.json', (100, 100))
+  assert log_path('eval', {}, workdir, start=1000) is None
   assert log_path('data', {}, workdir, 0) == os.path.join(workdir, 'data',
                                                           'log.txt')
   run_dir = tmp_path / 'samples' / 'run'
