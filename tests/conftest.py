@@ -68,9 +68,8 @@ def save_vqvae_checkpoint():
   import jax.numpy as jnp
   from vqvae2_jax import builders
   from vqvae2_jax import checkpoints
-  from vqvae2_jax import loading
   from vqvae2_jax import parallel
-  from vqvae2_jax.train import common
+  from vqvae2_jax import workdir as workdir_lib
   from vqvae2_jax.train import vqvae_trainer
   # pylint: enable=g-import-not-at-top
 
@@ -88,7 +87,8 @@ def save_vqvae_checkpoint():
     params = jax.tree.map(lambda x: x * (1.0 + seed / 20.0), state.params)
     state = state.replace(step=jnp.asarray(step, jnp.int32), params=params)
     manager = checkpoints.create_manager(
-        common.checkpoint_dir(loading.vqvae_dir(workdir)), async_save=False)
+        workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae),
+        async_save=False)
     try:
       checkpoints.save(manager, step, state,
                        builders.vqvae_fingerprint(config))

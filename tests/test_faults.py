@@ -34,8 +34,8 @@ from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import sampling
 from vqvae2_jax import stages
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
-from vqvae2_jax.train import common
 from vqvae2_jax.train import extract
 
 
@@ -143,7 +143,7 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   workdir, _ = finished
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
-  shutil.rmtree(extract.codes_dir(copy))
+  shutil.rmtree(workdir_lib.Workdir(copy).codes)
   write_shard, written = codes_lib.write_shard, []
 
   def full_after_two(path, records):
@@ -156,7 +156,7 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   monkeypatch.setattr(codes_lib, 'write_shard', full_after_two)
   with pytest.raises(errors.WorkdirError) as info:
     extract.extract_codes(config, copy)
-  codes = extract.codes_dir(copy)
+  codes = workdir_lib.Workdir(copy).codes
   assert str(info.value).startswith(f'The disk is full writing to {codes}')
   assert ('the 2 complete code shard(s) are kept and a rerun extracts only '
           'the rest. Fix: free space') in str(info.value)
@@ -172,7 +172,7 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   extract.extract_codes(config, copy)
   assert written_again == ['00002-of-00003.npy', '00000-of-00002.npy',
                            '00001-of-00002.npy']
-  reference = extract.codes_dir(workdir)
+  reference = workdir_lib.Workdir(workdir).codes
   for role, name in [('train', '00002-of-00003.npy'),
                      ('eval', '00001-of-00002.npy')]:
     with open(os.path.join(codes, role, name), 'rb') as a, open(
@@ -336,7 +336,7 @@ def test_later_stages_load_the_newest_intact_checkpoint(
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, step=1)
   save_vqvae_checkpoint(config, workdir, seed=1, step=2)
-  ckpts = common.checkpoint_dir(loading.vqvae_dir(workdir))
+  ckpts = workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae)
   _DAMAGE[damage](os.path.join(ckpts, '2'))
   before = _files(ckpts)
   fingerprint = builders.vqvae_fingerprint(config)
@@ -360,7 +360,7 @@ def test_later_stages_with_every_checkpoint_damaged_is_one_line(
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, step=1)
   save_vqvae_checkpoint(config, workdir, seed=1, step=2)
-  ckpts = common.checkpoint_dir(loading.vqvae_dir(workdir))
+  ckpts = workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae)
   _empty_fingerprint(os.path.join(ckpts, '1'))
   _empty_fingerprint(os.path.join(ckpts, '2'))
   fingerprint = builders.vqvae_fingerprint(config)
@@ -382,7 +382,7 @@ def test_a_refused_run_leaves_config_json_as_it_was(
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, step=1)
   stages._record_config(config, workdir)  # As the run that trained it did.
-  path = os.path.join(workdir, stages.CONFIG_FILE)
+  path = workdir_lib.Workdir(workdir).config_json
   with open(path, 'rb') as f:
     recorded = f.read()
   other = config.copy_and_resolve_references()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vqvae2_jax import sampling
+from vqvae2_jax import workdir as workdir_lib
 
 
 @pytest.mark.parametrize('keep, n', [(1.0, 1), (0.5, 2), (0.25, 4),
@@ -79,12 +80,13 @@ def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
   """p(requested class | image), or max_c p(c | image) without a label."""
   # pylint: disable=g-import-not-at-top
   import jax
+  import jax.numpy as jnp
   from configs import fashion_mnist
+  from vqvae2_jax import builders
   from vqvae2_jax import checkpoints
   from vqvae2_jax import generate
   from vqvae2_jax import parallel
   from vqvae2_jax.train import classifier_trainer
-  from vqvae2_jax.train import common
   # pylint: enable=g-import-not-at-top
   config = fashion_mnist.get_config('tiny')
   mesh = parallel.create_mesh(config.mesh)
@@ -95,11 +97,11 @@ def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
   progs = classifier_trainer.programs(config, mesh)
   state = progs.init(jax.random.PRNGKey(1))
   manager = checkpoints.create_manager(
-      common.checkpoint_dir(classifier_trainer.stage_dir(str(tmp_path))),
+      workdir_lib.checkpoint_dir(workdir_lib.Workdir(tmp_path).classifier),
       async_save=False)
   try:
     checkpoints.save(manager, 5, state,
-                     classifier_trainer.classifier_fingerprint(config))
+                     builders.classifier_fingerprint(config))
     manager.wait_until_finished()
   finally:
     manager.close()
@@ -107,7 +109,7 @@ def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
   scorer, about = generate.classifier_scorer(config, str(tmp_path), mesh)
   assert about == {
       'step': 5,
-      'fingerprint': classifier_trainer.classifier_fingerprint(config)}
+      'fingerprint': builders.classifier_fingerprint(config)}
   rng = np.random.default_rng(0)
   n = 13  # Not a multiple of the 8 devices: the last batch is padded.
   size, channels = config.data.image_size, config.data.channels
@@ -115,7 +117,9 @@ def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
   labels = rng.integers(0, config.data.num_classes, n).astype(np.int32)
   padded = np.zeros((16, *images.shape[1:]), np.float32)
   padded[:n] = images
-  _, probs = progs.predict(state.params, jax.device_put(
+  predict = jax.jit(lambda params, x: jax.nn.softmax(progs.model.apply(
+      {'params': params}, x)[1].astype(jnp.float32), axis=-1))
+  probs = predict(state.params, jax.device_put(
       padded, parallel.data_sharding(mesh)))
   probs = np.asarray(probs, np.float64)[:n]
   assert not np.allclose(probs[np.arange(n), labels], probs.max(axis=-1))

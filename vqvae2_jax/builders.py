@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vqvae2_jax.data import layout
+from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import vqvae as vqvae_lib
 
@@ -115,6 +117,24 @@ def build_prior(config: ml_collections.ConfigDict,
       precision=config.prior.precision)
 
 
+def build_classifier(config: ml_collections.ConfigDict
+                     ) -> classifier_lib.Classifier:
+  """The domain classifier that config.classifier describes."""
+  c = config.classifier
+  return classifier_lib.Classifier(
+      num_classes=int(config.data.num_classes), width=int(c.width),
+      stage_sizes=tuple(int(s) for s in c.stage_sizes),
+      downsample_first=bool(c.downsample_first),
+      crop=_classifier_crop(config))
+
+
+def _classifier_crop(config: ml_collections.ConfigDict
+                     ) -> tuple[int, int, int, int] | None:
+  if not config.classifier.original_area_only:
+    return None
+  return layout.original_area(config.data)
+
+
 def vqvae_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The model-defining config values stored with every stage-1 checkpoint."""
   fingerprint = {}
@@ -153,6 +173,24 @@ def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
       **{f'prior.level_{level}.{f}': c[f] for f in _PRIOR_LEVEL_FIELDS},
       'codes.vqvae_step': int(vqvae['step']),
       'codes.vqvae_digest': vqvae['digest'],
+  }
+
+
+def classifier_fingerprint(config: ml_collections.ConfigDict
+                           ) -> dict[str, Any]:
+  """What a classifier checkpoint must agree on: its data and its model."""
+  c = config.classifier
+  crop = _classifier_crop(config)
+  return {
+      'data.name': config.data.name,
+      'data.image_folder': config.data.image_folder,
+      'data.image_size': int(config.data.image_size),
+      'data.channels': int(config.data.channels),
+      'data.num_classes': int(config.data.num_classes),
+      'classifier.width': int(c.width),
+      'classifier.stage_sizes': [int(s) for s in c.stage_sizes],
+      'classifier.downsample_first': bool(c.downsample_first),
+      'classifier.crop': None if crop is None else list(crop),
   }
 
 

@@ -29,11 +29,12 @@ from vqvae2_jax import builders
 from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import files
+from vqvae2_jax import images as images_lib
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import pipeline
 from vqvae2_jax import sampling
-from vqvae2_jax.train import common
+from vqvae2_jax import workdir as workdir_lib
 
 
 def sample_labels(num_classes: int, per_class: int,
@@ -83,23 +84,19 @@ def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
     FileNotFoundError: no classifier in workdir (the message names
       --mode=classifier).
   """
-  # Imported here: generate is imported by the classifier's own evaluation.
-  from vqvae2_jax.train import classifier_trainer  # pylint: disable=g-import-not-at-top
-  progs, params, step = classifier_trainer.load_classifier(config, workdir,
-                                                           mesh)
+  classifier = loading.load_classifier(config, workdir, mesh)
   batch_size = int(config.classifier.eval_batch_size)
 
   def scorer(images, codes, labels):
     del codes  # The classifier looks at the decoded images.
-    _, probs = classifier_trainer.predict_batches(progs, params, images, mesh,
-                                                  batch_size)
+    _, probs = loading.predict_batches(classifier, images, batch_size)
     if labels is None:
       return probs.max(axis=-1)
     return probs[np.arange(len(probs)), labels]
 
   return scorer, {
-      'step': step,
-      'fingerprint': classifier_trainer.classifier_fingerprint(config)}
+      'step': classifier.step,
+      'fingerprint': builders.classifier_fingerprint(config)}
 
 
 def _model_fields(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -118,15 +115,13 @@ def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     errors.ConfigError: the file's model differs from `config`'s.
   """
-  if os.path.isdir(os.path.join(loading.vqvae_dir(workdir), 'checkpoints')):
+  wd = workdir_lib.Workdir(workdir)
+  if os.path.isdir(workdir_lib.checkpoint_dir(wd.vqvae)):
     return None
-  export_dir = os.path.join(workdir, 'export')
-  names = sorted(n for n in (os.listdir(export_dir)
-                             if os.path.isdir(export_dir) else ())
-                 if n.endswith('.msgpack'))
-  if not names:
+  exported = wd.exported_files()
+  if not exported:
     return None
-  path = os.path.join(export_dir, names[-1])
+  path = exported[-1]
   pipe = pipeline.Pipeline.load(path, mesh=mesh)
   if _model_fields(config) != _model_fields(pipe.config):
     raise errors.ConfigError(
@@ -199,7 +194,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   per_class = int(s.num_samples_per_class)
   num_samples = per_class * num_classes if conditional else per_class
   name = run_name(config, vq_step, prior_steps, num_samples, conditional)
-  out_dir = os.path.join(os.path.abspath(workdir), 'samples', name)
+  out_dir = workdir_lib.Workdir(workdir).samples(name)
   meta_path = os.path.join(out_dir, 'meta.json')
   meta = files.read_json(meta_path)
   if meta is not None:
@@ -335,20 +330,21 @@ def _write_run(out_dir: str, *, meta: dict[str, Any], shown: np.ndarray,
   if os.path.exists(tmp_dir):
     shutil.rmtree(tmp_dir)
   os.makedirs(tmp_dir)
-  common.write_image_grid(os.path.join(tmp_dir, 'samples.png'), shown,
-                          grid_cols)
+  images_lib.write_image_grid(os.path.join(tmp_dir, 'samples.png'), shown,
+                              grid_cols)
   if before is not None:
-    common.write_image_grid(
+    images_lib.write_image_grid(
         os.path.join(tmp_dir, 'samples_without_rejection.png'), before,
         grid_cols)
-    write_side_by_side(os.path.join(tmp_dir, 'comparison.png'),
-                       common.image_grid(before, grid_cols),
-                       common.image_grid(shown, grid_cols))
-  common.write_image_grid(os.path.join(tmp_dir, 'levels.png'), levels, view)
-  writer = common.create_writer(tmp_dir)  # The grids in TensorBoard too.
+    images_lib.write_side_by_side(os.path.join(tmp_dir, 'comparison.png'),
+                                  images_lib.image_grid(before, grid_cols),
+                                  images_lib.image_grid(shown, grid_cols))
+  images_lib.write_image_grid(os.path.join(tmp_dir, 'levels.png'), levels,
+                              view)
+  writer = console.create_writer(tmp_dir)  # The grids in TensorBoard too.
   writer.write_images(0, {
-      'samples': common.image_grid(shown, grid_cols)[None],
-      'levels': common.image_grid(levels, view)[None]})
+      'samples': images_lib.image_grid(shown, grid_cols)[None],
+      'levels': images_lib.image_grid(levels, view)[None]})
   writer.close()
   arrays = {f'codes_{l}': c for l, c in enumerate(codes)}
   if labels is not None:
@@ -363,22 +359,3 @@ def _grid_images(images: np.ndarray, labels: np.ndarray, per_group: int
   """The first `per_group` images of each label, label by label."""
   return np.concatenate([images[labels == k][:per_group]
                          for k in np.unique(labels)])
-
-
-def write_side_by_side(path: str, left: np.ndarray, right: np.ndarray,
-                       gap: int = 8) -> None:
-  """Writes two uint8 [h, w, c] grids side by side, white between (PNG).
-
-  Process 0 only; the shorter grid is padded with white at the bottom.
-  """
-  if jax.process_index() != 0:
-    return
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  h = max(left.shape[0], right.shape[0])
-  c = left.shape[-1]
-  canvas = np.full((h, left.shape[1] + gap + right.shape[1], c), 255,
-                   np.uint8)
-  canvas[:left.shape[0], :left.shape[1]] = left
-  canvas[:right.shape[0], left.shape[1] + gap:] = right
-  with open(path, 'wb') as f:
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(f, format='PNG')

@@ -44,6 +44,7 @@ from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import sampling
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import layout
 
 PyTree = Any
@@ -164,7 +165,7 @@ class Pipeline:
     if os.path.isfile(workdir):
       return cls._from_file(workdir, config, mesh, precision)
     if config is None:
-      recorded = os.path.join(workdir, 'config.json')  # stages.CONFIG_FILE
+      recorded = workdir_lib.Workdir(workdir).config_json
       if not os.path.isfile(recorded):
         raise errors.ConfigError(
             f'{workdir} has no config.json (it is written by runs of this '
@@ -180,7 +181,7 @@ class Pipeline:
     if priors:
       provenance = loading.vqvae_provenance(config, variables, step)
       for level in range(builders.num_levels(config)):
-        if not os.path.isdir(loading.prior_dir(workdir, level)):
+        if not os.path.isdir(workdir_lib.Workdir(workdir).prior(level)):
           break
         model, prior_variables, prior_step = loading.load_prior(
             config, workdir, level, vqvae=provenance, mesh=mesh,
@@ -490,7 +491,7 @@ def export_workdir(config: ml_collections.ConfigDict,
                          for level in range(len(pipe.priors)))
   name = (f'{config.data.name.replace("/", "_").replace(":", "_")}'
           f'_vqvae{pipe.steps["vqvae"]}_prior{prior_steps}.msgpack')
-  path = os.path.join(os.path.abspath(workdir), 'export', name)
+  path = os.path.join(workdir_lib.Workdir(workdir).export, name)
   if not os.path.exists(path):
     files.ensure_writable(os.path.dirname(path), 'the exported pipeline')
     pipe.export(path)

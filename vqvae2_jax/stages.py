@@ -19,6 +19,7 @@ from vqvae2_jax import config_validation
 from vqvae2_jax import console
 from vqvae2_jax import files
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.evaluation import judges
 
 # mode -> (module, function). 'all' runs the stages in this order.
@@ -29,7 +30,7 @@ _STAGES = {
     'prior': ('vqvae2_jax.train.prior_trainer', 'train_priors'),
     'sample': ('vqvae2_jax.generate', 'sample_and_save'),
     'classifier': ('vqvae2_jax.train.classifier_trainer', 'train_and_evaluate'),
-    'eval': ('vqvae2_jax.evaluation.run', 'evaluate'),
+    'eval': ('vqvae2_jax.stages', 'evaluate'),
     'export': ('vqvae2_jax.pipeline', 'export_workdir'),
 }
 PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
@@ -76,6 +77,19 @@ def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]
   return fn
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=eval: `evaluation.run.evaluate`, given CAS's classifier trainer.
+
+  Here, not in evaluation/: only this module reaches into the trainers.
+  """
+  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.evaluation import run as eval_run
+  from vqvae2_jax.train import classifier_trainer
+  # pylint: enable=g-import-not-at-top
+  return eval_run.evaluate(
+      config, workdir, train_classifier=classifier_trainer.train_on_arrays)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates `config` and runs `mode` (every stage in order for 'all')."""
   parallel.split_host_cpu(config.mesh.get('cpu_devices', 0))
@@ -109,7 +123,6 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-CONFIG_FILE = 'config.json'  # In the workdir: what `Pipeline.load` reads.
 # Stages whose training loop writes its own <stage dir>/log.txt.
 _LOGGED_BY_TRAINING = ('vqvae', 'prior', 'classifier')
 
@@ -123,16 +136,17 @@ def _log_path(mode: str, result: Any, workdir: str,
   """
   if not isinstance(result, dict):
     return None
+  wd = workdir_lib.Workdir(workdir)
   if mode == 'codes' and result.get('extract_time_s'):
-    return os.path.join(workdir, 'codes', 'log.txt')
+    return workdir_lib.log_txt(wd.codes)
   if mode == 'sample' and result.get('dir'):
     meta = os.path.join(result['dir'], 'meta.json')
     if os.path.exists(meta) and os.path.getmtime(meta) >= start - 1:
-      return os.path.join(result['dir'], 'log.txt')
+      return workdir_lib.log_txt(result['dir'])
   if mode == 'eval':
-    return os.path.join(workdir, 'eval', 'log.txt')
+    return workdir_lib.log_txt(wd.eval)
   if mode == 'data':
-    return os.path.join(workdir, 'data', 'log.txt')
+    return workdir_lib.log_txt(wd.data)
   return None
 
 
@@ -146,7 +160,7 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   workdir; training and sampling settings are the latest accepted run's.
   A read-only workdir is left as it is.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = workdir_lib.Workdir(workdir).config_json
   text = config.to_json(indent=1, sort_keys=True)
   try:
     with open(path) as f:
@@ -183,24 +197,21 @@ def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   # pylint: disable=g-import-not-at-top
   from vqvae2_jax import builders
   from vqvae2_jax import checkpoints
-  from vqvae2_jax import loading
-  from vqvae2_jax.train import classifier_trainer
-  from vqvae2_jax.train import common
   # pylint: enable=g-import-not-at-top
+  wd = workdir_lib.Workdir(workdir)
   provenance = ('codes.vqvae_step', 'codes.vqvae_digest')
   expected = {
-      loading.vqvae_dir(workdir): builders.vqvae_fingerprint(config),
-      classifier_trainer.stage_dir(workdir):
-          classifier_trainer.classifier_fingerprint(config),
+      wd.vqvae: builders.vqvae_fingerprint(config),
+      wd.classifier: builders.classifier_fingerprint(config),
   }
   for level in range(builders.num_levels(config)):
     fingerprint = builders.prior_fingerprint(config, level,
                                              {'step': 0, 'digest': ''})
-    expected[loading.prior_dir(workdir, level)] = {
+    expected[wd.prior(level)] = {
         k: v for k, v in fingerprint.items() if k not in provenance}
   trained = False
   for stage_dir, fingerprint in expected.items():
-    directory = common.checkpoint_dir(stage_dir)
+    directory = workdir_lib.checkpoint_dir(stage_dir)
     if not os.path.isdir(directory):
       continue
     try:
@@ -215,9 +226,7 @@ def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
       checkpoints.check_fingerprint(saved, fingerprint, directory)
     except ValueError as e:  # errors.NoIntactCheckpointError included.
       return str(e)
-  export_dir = os.path.join(workdir, 'export')
-  if not trained and os.path.isdir(export_dir) and any(
-      n.endswith('.msgpack') for n in os.listdir(export_dir)):
+  if not trained and wd.exported_files():
     return 'the workdir holds an exported pipeline and no checkpoint'
   return None
 
@@ -243,7 +252,7 @@ def _figure(mode: str, result: Any, workdir: str) -> str:
     figure = f'PSNR {result["eval/psnr"]:.2f} dB' + (
         f' (original area {result["eval/psnr_area"]:.2f})'
         if 'eval/psnr_area' in result else '')
-    where = os.path.join(workdir, 'vqvae', 'images')
+    where = _shown(workdir_lib.Workdir(workdir).vqvae_images, workdir)
   elif mode == 'prior':
     bits = [f'{v["eval/bits_per_code"]:.3f}' for v in result.values()
             if isinstance(v, dict) and 'eval/bits_per_code' in v]
@@ -258,10 +267,16 @@ def _figure(mode: str, result: Any, workdir: str) -> str:
     figure = ', '.join(f'{label} {s[k]:.3g}' for k, label in (
         ('fid', 'FID'), ('inception_score', 'IS'), ('precision', 'precision'),
         ('recall', 'recall')) if isinstance(s.get(k), (int, float)))
-    where = os.path.join(workdir, 'eval', 'report.md')
+    where = _shown(workdir_lib.Workdir(workdir).report_md, workdir)
   elif mode == 'export' and result.get('path'):
     where = result['path']
   return '; '.join(x for x in (figure, where) if x)
+
+
+def _shown(path: str, workdir: str) -> str:
+  """`path`, inside `workdir`, under the workdir's name as the user gave it."""
+  return os.path.join(workdir,
+                      os.path.relpath(path, workdir_lib.Workdir(workdir).root))
 
 
 def summary_lines(results: dict, seconds: dict, workdir: str) -> list[str]:

@@ -49,27 +49,27 @@ import numpy as np
 
 from vqvae2_jax import builders
 from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import generate
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import judges
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import reconstruction
-from vqvae2_jax.train import classifier_trainer
 
 # Held-out features kept for KID and precision/recall (ImageNet's 50,000 x
 # 2048 Inception features: 800 MB in float64).
 _MAX_REAL_FEATURES = 50_000
 
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def eval_dir(workdir: str) -> str:
-  """workdir/eval, where the report goes."""
-  return os.path.join(os.path.abspath(workdir), 'eval')
+# Trains a classifier on in-memory examples and scores the held-out split
+# (the CAS recipe): (config, directory, images, labels, *, name, provenance,
+# mesh) -> final metrics; `train.classifier_trainer.train_on_arrays`.
+TrainClassifier = Callable[..., dict[str, Any]]
 
 
 def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
@@ -96,19 +96,16 @@ def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
   if ruler == 'judge':
     return _judge_fn(config.data.name, batch)
 
-  progs, params, step = classifier_trainer.load_classifier(config, workdir,
-                                                           mesh)
-  about = {'classifier_step': step,
-           'classifier_fingerprint': classifier_trainer.classifier_fingerprint(
-               config)}
+  classifier = loading.load_classifier(config, workdir, mesh)
+  about = {'classifier_step': classifier.step,
+           'classifier_fingerprint': builders.classifier_fingerprint(config)}
 
   def classify(images):
-    return classifier_trainer.predict_batches(progs, params, images, mesh,
-                                              batch)
+    return loading.predict_batches(classifier, images, batch)
 
   if ruler == 'classifier':
     about['features'] = 'domain classifier (pooled, %d-d)' % (
-        progs.model.width * 2**(len(progs.model.stage_sizes) - 1))
+        classifier.model.width * 2**(len(classifier.model.stage_sizes) - 1))
     return classify, about
 
   from vqvae2_jax.models import inception  # pylint: disable=g-import-not-at-top
@@ -277,7 +274,8 @@ def sample_images(config: ml_collections.ConfigDict, workdir: str,
                                 else labels[:num_samples]), meta
 
 
-def _cas(config, workdir, mesh, vqvae, variables, domain_metrics):
+def _cas(config, workdir, mesh, vqvae, variables, domain_metrics,
+         train_classifier: TrainClassifier):
   """Classification Accuracy Score: train on samples, test on real data."""
   e = config.eval
   num_classes = int(config.data.num_classes)
@@ -287,12 +285,12 @@ def _cas(config, workdir, mesh, vqvae, variables, domain_metrics):
                                                          num_classes)
   images, labels, meta = sample_images(
       config, workdir, per_class * num_classes, mesh, vqvae, variables)
-  out_dir = eval_dir(workdir)
+  wd = workdir_lib.Workdir(workdir)
   rows = {'real': {'accuracy': domain_metrics.get('eval/accuracy'),
                    'top5_accuracy': domain_metrics.get('eval/top5_accuracy'),
                    'train_examples': train_count}}
-  samples = classifier_trainer.train_on_arrays(
-      config, os.path.join(out_dir, 'cas_samples'), images, labels,
+  samples = train_classifier(
+      config, wd.cas('samples'), images, labels,
       name='CAS classifier on samples',
       provenance={'sample_run': os.path.basename(meta['dir'])}, mesh=mesh)
   rows['samples'] = {'accuracy': samples['eval/accuracy'],
@@ -307,8 +305,8 @@ def _cas(config, workdir, mesh, vqvae, variables, domain_metrics):
     recon = np.asarray(loading.to_host(recon_fn(variables, batch['image'])))
     recons.append(np.clip(recon[mask][:len(real_images)], -1.0, 1.0))
     recon_labels.append(real_labels)
-  recon_result = classifier_trainer.train_on_arrays(
-      config, os.path.join(out_dir, 'cas_reconstructions'),
+  recon_result = train_classifier(
+      config, wd.cas('reconstructions'),
       np.concatenate(recons), np.concatenate(recon_labels),
       name='CAS classifier on reconstructions',
       provenance={'reconstructions_of': config.data.train_split}, mesh=mesh)
@@ -323,12 +321,12 @@ def _prior_rows(config: ml_collections.ConfigDict, workdir: str
                 ) -> dict[str, Any]:
   rows = {}
   for level in range(builders.num_levels(config)):
-    m = files.read_json(os.path.join(loading.prior_dir(workdir, level),
-                                     'metrics.json'))
+    prior_dir = workdir_lib.Workdir(workdir).prior(level)
+    m = files.read_json(workdir_lib.metrics_json(prior_dir))
     if m is None:
       raise FileNotFoundError(
           f'No finished prior of level {level} in '
-          f'{loading.prior_dir(workdir, level)}. Fix: run --mode=prior with '
+          f'{prior_dir}. Fix: run --mode=prior with '
           'the same --workdir first.')
     rows[f'level_{level}'] = {
         'held_out_bits_per_code': m.get('eval/bits_per_code'),
@@ -338,13 +336,17 @@ def _prior_rows(config: ml_collections.ConfigDict, workdir: str
   return rows
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             train_classifier: TrainClassifier | None = None
              ) -> dict[str, Any]:
   """--mode=eval: writes workdir/eval/report.json and report.md.
 
   Args:
     config: a validated config.
     workdir: holds vqvae/, prior_<i>/ and classifier/ of finished stages.
+    train_classifier: how CAS trains its classifiers (`stages` passes
+      `train.classifier_trainer.train_on_arrays`); needed only with
+      config.eval.cas.
 
   Returns:
     The report (as report.json).
@@ -353,9 +355,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
     FileNotFoundError: a stage the report needs has not run; the message
       names the --mode that makes it.
   """
+  if config.eval.cas and train_classifier is None:
+    raise errors.ConfigError(
+        'config.eval.cas trains classifiers, and evaluate() was given no '
+        'train_classifier. Fix: run --mode=eval (or stages.evaluate), or pass '
+        'train_classifier=train.classifier_trainer.train_on_arrays.')
   start = time.time()
   mesh = parallel.create_mesh(config.mesh)
-  out_dir = eval_dir(workdir)
+  wd = workdir_lib.Workdir(workdir)
+  out_dir = wd.eval
   files.ensure_writable(out_dir, 'the evaluation report')
   priors = _prior_rows(config, workdir)
   vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
@@ -382,7 +390,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   sample_stats.add(*features(images))
 
   report = {
-      'workdir': os.path.abspath(workdir), 'vqvae_step': vq_step, **about,
+      'workdir': wd.root, 'vqvae_step': vq_step, **about,
       'held_out_split': config.data.eval_split,
       'held_out_examples': real.count,
       'reconstructions': recon_metrics,
@@ -397,13 +405,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
           real.probs).mean,
   }
   if config.eval.cas:
-    domain = files.read_json(os.path.join(
-        classifier_trainer.stage_dir(workdir), 'metrics.json')) or {}
-    report['cas'] = _cas(config, workdir, mesh, vqvae, variables, domain)
+    domain = files.read_json(workdir_lib.metrics_json(wd.classifier)) or {}
+    report['cas'] = _cas(config, workdir, mesh, vqvae, variables, domain,
+                         train_classifier)
   report['seconds'] = time.time() - start
   if jax.process_index() == 0:
-    files.write_json(os.path.join(out_dir, 'report.json'), report)
-    files.atomic_write(os.path.join(out_dir, 'report.md'),
+    files.write_json(wd.report_json, report)
+    files.atomic_write(wd.report_md,
                        lambda f: f.write(report_markdown(report).encode()))
   logging.info('Eval report in %s:\n%s', out_dir, report_markdown(report))
   for line in summary_lines(report, out_dir):

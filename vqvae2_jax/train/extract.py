@@ -11,7 +11,6 @@ extracts everything again.
 """
 
 from collections.abc import Callable, Iterator, Mapping
-import os
 import time
 from typing import Any
 
@@ -27,14 +26,11 @@ from vqvae2_jax import console
 from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data import layout
 
 _LOG_EVERY_SECS = 30.0
-
-
-def codes_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'codes')
 
 
 def make_encode_fn(model: Any, variables: Any, mesh: jax.sharding.Mesh
@@ -159,7 +155,7 @@ def extract_codes(config: ml_collections.ConfigDict,
                                                                  split),
                      'shard_size': shard_size}
               for role, split in sources.items()})
-  out_dir = codes_dir(workdir)
+  out_dir = workdir_lib.Workdir(workdir).codes
   if codes_lib.is_complete(out_dir, plan):  # Read only: nothing to write.
     console.say('Codes in %s are complete for VQ-VAE step %d; nothing to '
                 'do.', out_dir, step)
