@@ -37,7 +37,7 @@ assert not loaded, f'loaded: {{loaded}}'
 # (module, attribute read after the import or None).
 _MODULES = [
     ('vqvae2_jax', 'Pipeline'),  # The package's lazy attribute.
-    ('vqvae2_jax.pipeline', None),
+    ('vqvae2_jax.api', None),
     ('vqvae2_jax.sampling', None),
     ('vqvae2_jax.models.vqvae', None),
     ('vqvae2_jax.models.quantizer', None),

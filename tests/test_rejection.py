@@ -1,6 +1,6 @@
 """Rejection sampling's selection: candidates per sample, the running top-m
 per class, and the domain classifier's scores (the generate-level runs are
-in test_pipeline.py)."""
+in test_api.py)."""
 
 import numpy as np
 import pytest

@@ -32,7 +32,7 @@ from vqvae2_jax import files
 from vqvae2_jax import images as images_lib
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
-from vqvae2_jax import pipeline
+from vqvae2_jax import api
 from vqvae2_jax import sampling
 from vqvae2_jax import workdir as workdir_lib
 
@@ -122,7 +122,7 @@ def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
   if not exported:
     return None
   path = exported[-1]
-  pipe = pipeline.Pipeline.load(path, mesh=mesh)
+  pipe = api.Pipeline.load(path, mesh=mesh)
   if _model_fields(config) != _model_fields(pipe.config):
     raise errors.ConfigError(
         f'{path} holds a pipeline of another model config than --config. '
@@ -168,22 +168,16 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   s = config.sampling
   mesh = parallel.create_mesh(config.mesh)
   num_levels = builders.num_levels(config)
-  exported = _exported_pipeline(config, workdir, mesh)
-  if exported is not None:  # A workdir holding only --mode=export's file.
-    vqvae, vq_variables = exported.vqvae, exported.vqvae_variables
-    vq_step = exported.steps['vqvae']
-    priors = exported.priors
-    prior_steps = [exported.steps[f'prior_{l}'] for l in range(num_levels)]
-  else:
-    vqvae, vq_variables, vq_step = loading.load_vqvae(config, workdir, mesh)
-    provenance = loading.vqvae_provenance(config, vq_variables, vq_step)
-    priors, prior_steps = [], []
-    for level in range(num_levels):
-      model, variables, step = loading.load_prior(
-          config, workdir, level, vqvae=provenance, mesh=mesh,
-          use_polyak=s.use_polyak)
-      priors.append((model, variables))
-      prior_steps.append(step)
+  # A workdir holding only --mode=export's file, or its checkpoints: loaded
+  # as the API loads them.
+  pipe = _exported_pipeline(config, workdir, mesh)
+  if pipe is None:
+    pipe = api.Pipeline.load(workdir, config, mesh=mesh,
+                             use_polyak=s.use_polyak, require_priors=True)
+  vqvae, vq_variables = pipe.vqvae, pipe.vqvae_variables
+  vq_step = pipe.steps['vqvae']
+  priors = pipe.priors
+  prior_steps = [pipe.steps[f'prior_{l}'] for l in range(num_levels)]
   if s.dtype:  # Converted once, not at every batch.
     priors = [sampling.cast_prior(m, v, s.dtype) for m, v in priors]
 
@@ -352,6 +346,38 @@ def _write_run(out_dir: str, *, meta: dict[str, Any], shown: np.ndarray,
   np.savez(os.path.join(tmp_dir, 'codes.npz'), **arrays)
   files.write_json(os.path.join(tmp_dir, 'meta.json'), meta)
   os.rename(tmp_dir, out_dir)
+
+
+def read_run(run_dir: str, num_levels: int
+             ) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+  """A finished sample run's codes.npz.
+
+  Returns:
+    (every sample's codes per level [n, h_l, w_l], top first; the labels [n]
+    of a conditional run, else None).
+
+  Raises:
+    KeyError: the run holds fewer than `num_levels` levels.
+  """
+  with np.load(os.path.join(run_dir, 'codes.npz')) as data:
+    codes = [data[f'codes_{l}'] for l in range(num_levels)]
+    labels = data['labels'] if 'labels' in data else None
+  return codes, labels
+
+
+def sampled_codes(config: ml_collections.ConfigDict, workdir: str
+                  ) -> tuple[list[np.ndarray], Optional[np.ndarray],
+                             dict[str, Any]]:
+  """The samples of the run `config` names: reused when finished, else
+  drawn and written (`sample_and_save`).
+
+  Returns:
+    (every sample's codes per level [n, h_l, w_l], top first; their labels
+    [n] or None when unconditional; the run's meta.json).
+  """
+  meta = sample_and_save(config, workdir)
+  codes, labels = read_run(meta['dir'], builders.num_levels(config))
+  return codes, labels, meta
 
 
 def _grid_images(images: np.ndarray, labels: np.ndarray, per_group: int

@@ -1,4 +1,4 @@
-"""The pipeline's stages by name: what `--mode` dispatches to.
+"""The stages by name: what `--mode` dispatches to.
 
 Each stage is a function `(config, workdir)` that validates nothing itself
 (`run` validates once), resumes from what `workdir` holds, and returns a
@@ -31,18 +31,18 @@ _STAGES = {
     'sample': ('vqvae2_jax.generate', 'sample_and_save'),
     'classifier': ('vqvae2_jax.train.classifier_trainer', 'train_and_evaluate'),
     'eval': ('vqvae2_jax.stages', 'evaluate'),
-    'export': ('vqvae2_jax.pipeline', 'export_workdir'),
+    'export': ('vqvae2_jax.api', 'export_workdir'),
 }
-PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
-            'export')
+STAGE_ORDER = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
+               'export')
 MODES = tuple(_STAGES) + ('all',)
 
 
-def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+def modes_of_all(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The stages --mode=all runs for `config`, in order.
 
-  PIPELINE, except for the domain classifier: it runs only where something
-  uses it (rejection sampling scores candidates with it, CAS compares with
+  STAGE_ORDER, except for the domain classifier: it runs only where
+  something uses it (rejection sampling scores candidates with it, CAS compares with
   it, and the 'classifier' and 'inception' rulers take its probabilities),
   and before the samples when it scores them. With the shipped judge as the
   ruler and neither rejection nor CAS, its minutes are saved.
@@ -50,12 +50,12 @@ def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   rejection = float(config.sampling.rejection_keep) < 1.0
   judged = judges.config_ruler(config) == 'judge'
   if not (rejection or config.eval.cas or not judged):
-    return tuple(m for m in PIPELINE if m != 'classifier')
+    return tuple(m for m in STAGE_ORDER if m != 'classifier')
   if rejection:
-    rest = tuple(m for m in PIPELINE if m != 'classifier')
+    rest = tuple(m for m in STAGE_ORDER if m != 'classifier')
     at = rest.index('sample')
     return rest[:at] + ('classifier',) + rest[at:]
-  return PIPELINE
+  return STAGE_ORDER
 
 
 def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
@@ -98,7 +98,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
     console.follow()  # Process 0 speaks for all.
   config_validation.validate_config(config, num_devices=jax.device_count())
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
-  modes = pipeline_modes(config) if mode == 'all' else (mode,)
+  modes = modes_of_all(config) if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):
     _record_config(config, workdir)
   results, seconds = {}, {}

@@ -253,10 +253,7 @@ def sample_images(config: ml_collections.ConfigDict, workdir: str,
   run_config = config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.sampling.num_samples_per_class = per_class
-  meta = generate.sample_and_save(run_config, workdir)
-  with np.load(os.path.join(meta['dir'], 'codes.npz')) as data:
-    codes = [data[f'codes_{l}'] for l in range(builders.num_levels(config))]
-    labels = data['labels'] if 'labels' in data else None
+  codes, labels, meta = generate.sampled_codes(run_config, workdir)
   decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
   batch = max(int(config.eval.batch_size) // mesh.size, 1) * mesh.size
   images = []

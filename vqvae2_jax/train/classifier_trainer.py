@@ -16,7 +16,6 @@ Accuracy Score.
 from collections.abc import Callable, Iterator, Mapping
 import functools
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax

@@ -7,8 +7,9 @@ metrics.json and closing. A stage supplies a `Stage`: its jitted programs
 iterator and cadence. Also here: the optimizer and its schedule, the train
 state, sharded initialisation (`jax.eval_shape` -> shardings ->
 `jax.jit(init, out_shardings=...)`), the jitted step's shardings, metric
-writing and progress reports, norms and PNG image grids. Nothing here knows
-which model it trains.
+writing and progress reports, and norms. Nothing here knows which model it
+trains; the sharding rule is `parallel.state_shardings`, image grids are
+`images.py`'s.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence

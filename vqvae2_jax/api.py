@@ -130,7 +130,7 @@ class Pipeline:
   def load(cls, workdir: str,
            config: str | ml_collections.ConfigDict | None = None, *,
            mesh: Optional[Mesh] = None, use_polyak: bool = True,
-           priors: bool = True,
+           priors: bool = True, require_priors: bool = False,
            compilation_cache_dir: str = '',
            precision: Optional[str] = None) -> 'Pipeline':
     """The newest checkpoints of every finished stage in `workdir`, or an
@@ -144,6 +144,8 @@ class Pipeline:
       mesh: where to run (default: the config's mesh over all devices).
       use_polyak: the priors' Polyak-averaged weights where saved.
       priors: also load the priors (False: only the VQ-VAE).
+      require_priors: every level's prior must load (--mode=sample); else a
+        workdir without priors of every level loads without any.
       compilation_cache_dir: keep the compiled samplers and decoder in this
         directory (JAX's persistent compilation cache, for the whole
         process; see `parallel.use_compilation_cache`), so that the first
@@ -155,7 +157,8 @@ class Pipeline:
         float32, slower. The weights do not depend on it.
 
     Raises:
-      FileNotFoundError: no stage-1 checkpoint in `workdir`.
+      FileNotFoundError: no stage-1 checkpoint in `workdir` (or, with
+        `require_priors`, no prior checkpoint of a level).
       ValueError: checkpoints of another config, or priors trained on
         another VQ-VAE's codes.
     """
@@ -181,7 +184,8 @@ class Pipeline:
     if priors:
       provenance = loading.vqvae_provenance(config, variables, step)
       for level in range(builders.num_levels(config)):
-        if not os.path.isdir(workdir_lib.Workdir(workdir).prior(level)):
+        if not (require_priors or os.path.isdir(
+            workdir_lib.Workdir(workdir).prior(level))):
           break
         model, prior_variables, prior_step = loading.load_prior(
             config, workdir, level, vqvae=provenance, mesh=mesh,
