@@ -99,24 +99,13 @@ def test_check_codes_provenance_refuses_priors_of_other_codes(
     loading.check_codes_provenance(ckpt_dir, newer)
 
 
-def test_load_classifier_and_predict_batches(stage2_config, tmp_path):
-  # pylint: disable-next=g-import-not-at-top
-  from vqvae2_jax.train import classifier_trainer  # Writes the checkpoint.
+def test_load_classifier_and_predict_batches(stage2_config, tmp_path,
+                                             save_classifier_checkpoint):
   config = stage2_config
   mesh = parallel.create_mesh(config.mesh)
   with pytest.raises(FileNotFoundError, match='--mode=classifier'):
     loading.load_classifier(config, str(tmp_path), mesh)
-  state = classifier_trainer.programs(config, mesh).init(
-      jax.random.PRNGKey(1))
-  manager = checkpoints.create_manager(
-      workdir_lib.checkpoint_dir(workdir_lib.Workdir(tmp_path).classifier),
-      async_save=False)
-  try:
-    checkpoints.save(manager, 4, state,
-                     builders.classifier_fingerprint(config))
-    manager.wait_until_finished()
-  finally:
-    manager.close()
+  state = save_classifier_checkpoint(config, str(tmp_path), mesh, step=4)
   classifier = loading.load_classifier(config, str(tmp_path), mesh)
   assert classifier.step == 4
   assert classifier.model == builders.build_classifier(config)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from vqvae2_jax import sampling
-from vqvae2_jax import workdir as workdir_lib
 
 
 @pytest.mark.parametrize('keep, n', [(1.0, 1), (0.5, 2), (0.25, 4),
@@ -76,14 +75,14 @@ def test_top_per_class_unconditional_and_bad_input():
     sampling.TopPerClass({0: 1}).result()
 
 
-def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
+def test_classifier_scorer_scores_the_class_or_the_confidence(
+    tmp_path, save_classifier_checkpoint):
   """p(requested class | image), or max_c p(c | image) without a label."""
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
   from configs import fashion_mnist
   from vqvae2_jax import builders
-  from vqvae2_jax import checkpoints
   from vqvae2_jax import generate
   from vqvae2_jax import parallel
   from vqvae2_jax.train import classifier_trainer
@@ -95,16 +94,7 @@ def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
   # An untrained classifier saved as step 5: its probabilities are far from
   # uniform enough to tell a class's probability from the maximum.
   progs = classifier_trainer.programs(config, mesh)
-  state = progs.init(jax.random.PRNGKey(1))
-  manager = checkpoints.create_manager(
-      workdir_lib.checkpoint_dir(workdir_lib.Workdir(tmp_path).classifier),
-      async_save=False)
-  try:
-    checkpoints.save(manager, 5, state,
-                     builders.classifier_fingerprint(config))
-    manager.wait_until_finished()
-  finally:
-    manager.close()
+  state = save_classifier_checkpoint(config, str(tmp_path), mesh, step=5)
 
   scorer, about = generate.classifier_scorer(config, str(tmp_path), mesh)
   assert about == {

@@ -18,7 +18,8 @@ from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import vqvae as vqvae_lib
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The names config.model.dtype, prior.dtype and sampling.dtype may take.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that define the VQ-VAE's variables (and what its codes mean);
 # a checkpoint is only resumed or loaded under the same values. Training
 # knobs (EMA decay, dead-code window, dtype, remat, ...) may change between
@@ -38,10 +39,10 @@ _PRIOR_LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
 
 
 def _dtype(name: str, field: str) -> Any:
-  if name not in _DTYPES:
+  if name not in DTYPES:
     raise ValueError(f'config.{field} is {name!r}, not a known dtype. Fix: '
-                     f'use one of {tuple(_DTYPES)}.')
-  return _DTYPES[name]
+                     f'use one of {tuple(DTYPES)}.')
+  return DTYPES[name]
 
 
 def num_levels(config: ml_collections.ConfigDict) -> int:
@@ -56,8 +57,8 @@ def level_shapes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
   validation guarantees that it divides.
   """
   size = int(config.data.image_size)
-  return [(size // int(f), size // int(f))
-          for f in config.model.downsample_factors]
+  return vqvae_lib.latent_shapes(
+      [int(f) for f in config.model.downsample_factors], size, size)
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

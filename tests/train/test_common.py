@@ -184,6 +184,25 @@ def test_cadence_from_config(stage2_config):
       keep_checkpoints=p.keep_checkpoints)
 
 
+def test_settings_key_is_hashable_sorted_and_typed(stage2_config):
+  key = common.settings_key(stage2_config.prior, common.OPTIMIZER_FIELDS)
+  assert [name for name, _ in key] == sorted(common.OPTIMIZER_FIELDS)
+  assert hash(key) == hash(common.settings_key(
+      stage2_config.prior.copy_and_resolve_references(),
+      common.OPTIMIZER_FIELDS))
+  settings = dict(key)
+  assert settings['warmup_steps'] == stage2_config.prior.warmup_steps
+  assert isinstance(settings['learning_rate'], float)
+  assert isinstance(settings['cosine_decay'], bool)
+  # The keyword arguments of `create_optimizer`, as the trainers pass them.
+  _, schedule = common.create_optimizer(**settings)
+  assert float(schedule(0)) == (
+      0.0 if settings['warmup_steps'] else settings['learning_rate'])
+  other = stage2_config.prior.copy_and_resolve_references()
+  other.learning_rate = 2 * stage2_config.prior.learning_rate
+  assert common.settings_key(other, common.OPTIMIZER_FIELDS) != key
+
+
 def test_learning_rate_schedule():
   schedule = common.create_learning_rate_schedule(
       learning_rate=1.0, warmup_steps=10, num_train_steps=110)

@@ -38,15 +38,9 @@ PyTree = Any
 
 def _settings(config: ml_collections.ConfigDict
               ) -> tuple[tuple[str, Any], ...]:
-  c = config.classifier
-  return tuple(sorted({
-      'learning_rate': float(c.learning_rate),
-      'warmup_steps': int(c.warmup_steps),
-      'num_train_steps': int(c.num_train_steps),
-      'weight_decay': float(c.weight_decay),
-      'augment_shift': int(c.augment_shift),
-      'augment_flip': bool(c.augment_flip),
-  }.items()))
+  return common.settings_key(config.classifier, {
+      'learning_rate': float, 'warmup_steps': int, 'num_train_steps': int,
+      'weight_decay': float, 'augment_shift': int, 'augment_flip': bool})
 
 
 def make_init_fn(model: classifier_lib.Classifier,

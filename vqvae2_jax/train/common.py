@@ -131,6 +131,26 @@ def create_optimizer(*, learning_rate: float, warmup_steps: int,
   return optax.chain(*parts), schedule
 
 
+# The `create_optimizer` arguments a trainer's config section (e.g.
+# config.vqvae_train, config.prior) sets, each with its type.
+OPTIMIZER_FIELDS = {'learning_rate': float, 'warmup_steps': int,
+                    'num_train_steps': int, 'cosine_decay': bool,
+                    'grad_clip_norm': float}
+
+
+def settings_key(section: ml_collections.ConfigDict,
+                 fields: Mapping[str, Callable[[Any], Any]]
+                 ) -> tuple[tuple[str, Any], ...]:
+  """`section`'s `fields` (name -> type), sorted: hashable, a cache key.
+
+  The jitted programs of a stage are cached per model and these settings;
+  `dict(key)` gives the keyword arguments back (e.g. `create_optimizer`'s
+  with `OPTIMIZER_FIELDS`).
+  """
+  return tuple(sorted((name, cast(section[name]))
+                      for name, cast in fields.items()))
+
+
 def norm_metrics(grads: PyTree, params: PyTree, updates: PyTree
                  ) -> dict[str, jax.Array]:
   """Global L2 norms of the raw gradients, the new params and the updates."""

@@ -63,12 +63,7 @@ def levels_to_train(config: ml_collections.ConfigDict) -> list[int]:
 
 def _optimizer_args(config: ml_collections.ConfigDict
                     ) -> tuple[tuple[str, Any], ...]:
-  p = config.prior
-  return (('learning_rate', float(p.learning_rate)),
-          ('warmup_steps', int(p.warmup_steps)),
-          ('num_train_steps', int(p.num_train_steps)),
-          ('cosine_decay', bool(p.cosine_decay)),
-          ('grad_clip_norm', float(p.grad_clip_norm)))
+  return common.settings_key(config.prior, common.OPTIMIZER_FIELDS)
 
 
 def create_optimizer(config: ml_collections.ConfigDict

@@ -42,14 +42,7 @@ def create_optimizer(config: ml_collections.ConfigDict
 
 def _optimizer_settings(config: ml_collections.ConfigDict
                         ) -> tuple[tuple[str, Any], ...]:
-  train = config.vqvae_train
-  return tuple(sorted({
-      'learning_rate': float(train.learning_rate),
-      'warmup_steps': int(train.warmup_steps),
-      'num_train_steps': int(train.num_train_steps),
-      'cosine_decay': bool(train.cosine_decay),
-      'grad_clip_norm': float(train.grad_clip_norm),
-  }.items()))
+  return common.settings_key(config.vqvae_train, common.OPTIMIZER_FIELDS)
 
 
 def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
