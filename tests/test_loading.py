@@ -31,14 +31,6 @@ def test_variables_digest_tells_weights_apart():
   assert loading.variables_digest(recast) != digest  # Nor does dtype hide.
 
 
-def test_to_host_of_a_sharded_array():
-  mesh = parallel.create_mesh()
-  x = jax.device_put(np.arange(16.0).reshape(8, 2),
-                     parallel.data_sharding(mesh))
-  np.testing.assert_array_equal(loading.to_host(x),
-                                np.arange(16.0).reshape(8, 2))
-
-
 def test_load_vqvae_round_trip_and_provenance(stage2_config,
                                               save_vqvae_checkpoint,
                                               tmp_path):

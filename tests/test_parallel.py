@@ -155,3 +155,11 @@ def test_abstract_with_shardings_carries_them():
   assert abstract['w'] == jax.ShapeDtypeStruct(
       (4, 2), jnp.bfloat16, sharding=parallel.replicated(mesh))
   assert abstract['w'].sharding == shardings['w']
+
+
+def test_to_host_of_a_sharded_array():
+  mesh = parallel.create_mesh()
+  x = jax.device_put(np.arange(16.0).reshape(8, 2),
+                     parallel.data_sharding(mesh))
+  np.testing.assert_array_equal(parallel.to_host(x),
+                                np.arange(16.0).reshape(8, 2))

@@ -215,8 +215,8 @@ class Pipeline:
         'vqvae_fingerprint': json.dumps(provenance['fingerprint']),
         'vqvae_digest': provenance['digest'],
         # Replicated over every process's devices: each host's copy.
-        'vqvae': jax.tree.map(loading.to_host, self.vqvae_variables),
-        'priors': {str(level): jax.tree.map(loading.to_host, variables)
+        'vqvae': jax.tree.map(parallel.to_host, self.vqvae_variables),
+        'priors': {str(level): jax.tree.map(parallel.to_host, variables)
                    for level, (_, variables) in enumerate(self.priors)},
         'prior_fingerprints': json.dumps([
             builders.prior_fingerprint(self.config, level, provenance)

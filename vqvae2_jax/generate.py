@@ -219,26 +219,19 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   # No bigger than needed (rounded up to split over the mesh's devices).
   batch = min(s.batch_size, -(-num_candidates // mesh.size) * mesh.size)
   start = time.time()
-  for i, begin in enumerate(range(0, num_candidates, batch)):
-    n = min(batch, num_candidates - begin)
-    # Pad the last batch so every batch has one shape (one compilation).
-    batch_labels = None
-    if candidate_labels is not None:
-      batch_labels = np.zeros((batch,), np.int32)
-      batch_labels[:n] = candidate_labels[begin:begin + n]
-    codes = sampling.sample_hierarchy(
-        priors, level_shapes, batch_size=batch, labels=batch_labels,
-        rng=jax.random.fold_in(rng, i), temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll)
-    # Every process holds the whole batch (sampled over all devices).
-    codes = [loading.to_host(c)[:n] for c in codes]
-    images = loading.to_host(decode(vq_variables, codes))[:n]
+  begin = 0
+  for codes, images in sampling.decoded_batches(
+      priors, level_shapes, lambda codes: decode(vq_variables, codes),
+      num_maps=num_candidates, labels=candidate_labels, batch_size=batch,
+      rng=rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+      mesh=mesh, unroll=s.unroll):
+    n = len(images)
     labels = group_labels[begin:begin + n]
     if scorer is None:
       scores = np.zeros((n,))
     else:
       scores = np.asarray(scorer(
-          images, codes, None if batch_labels is None else batch_labels[:n]),
+          images, codes, None if candidate_labels is None else labels),
                           np.float64).reshape(-1)
     selector.add([*codes, images], labels, scores)
     if per_candidate > 1:
@@ -251,6 +244,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Sampled %d/%d %s (%.1f s, ETA %.0f s)', done,
                  num_candidates, 'candidates' if per_candidate > 1 else 'maps',
                  elapsed, elapsed / done * (num_candidates - done))
+    begin = done
   seconds = time.time() - start
   kept, labels, scores, _ = selector.result()
   codes, images = kept[:num_levels], kept[num_levels]
@@ -262,7 +256,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
       functools.partial(vqvae.apply, method=vqvae.decode_levels),
       static_argnums=2)
   for keep_levels in range(num_levels - 1, 0, -1):
-    view_rows.append(loading.to_host(decode_levels(
+    view_rows.append(parallel.to_host(decode_levels(
         vq_variables, [c[:view] for c in codes], tuple(range(keep_levels)))))
 
   meta = {'dir': out_dir, 'vqvae_step': vq_step, 'prior_steps': prior_steps,

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 from absl import logging
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
@@ -33,15 +32,6 @@ from vqvae2_jax.models import vqvae as vqvae_lib
 PyTree = Any
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-  """A replicated or process-local array as numpy on this host."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  if x.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def variables_digest(variables: Any) -> str:
   """SHA-256 of every variable's path, dtype, shape and bytes (16 hex digits).
 
@@ -51,7 +41,7 @@ def variables_digest(variables: Any) -> str:
   digest = hashlib.sha256()
   leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    value = np.ascontiguousarray(to_host(leaf))
+    value = np.ascontiguousarray(parallel.to_host(leaf))
     digest.update(f'{jax.tree_util.keystr(path)}|{value.dtype.str}|'
                   f'{value.shape}|'.encode())
     digest.update(value.tobytes())

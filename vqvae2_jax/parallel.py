@@ -315,6 +315,15 @@ def abstract_with_shardings(state_or_abstract: PyTree, shardings: PyTree
       state_or_abstract, shardings)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated or process-local array as numpy on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def num_batch_shards(mesh: Mesh) -> int:
   """How many ways a global batch is split (it must divide the batch)."""
   return mesh.devices.size

@@ -150,9 +150,9 @@ def _real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
   for batch in input_pipeline.create_eval_iterator(
       config.data, split=split, global_batch_size=config.eval.batch_size,
       mesh=mesh):
-    mask = np.asarray(loading.to_host(batch['mask']))
-    images = np.asarray(loading.to_host(batch['image']))[mask]
-    labels = np.asarray(loading.to_host(batch['label']))[mask]
+    mask = np.asarray(parallel.to_host(batch['mask']))
+    images = np.asarray(parallel.to_host(batch['image']))[mask]
+    labels = np.asarray(parallel.to_host(batch['label']))[mask]
     if limit is not None:
       images, labels = images[:limit - seen], labels[:limit - seen]
     seen += len(images)
@@ -192,8 +192,8 @@ def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
   for images, batch_labels, batch in _real_batches(
       config, mesh, config.data.eval_split):
     recon, sums = recon_fn(variables, batch['image'], batch['mask'])
-    mask = np.asarray(loading.to_host(batch['mask']))
-    recon = np.clip(np.asarray(loading.to_host(recon), np.float32)[mask],
+    mask = np.asarray(parallel.to_host(batch['mask']))
+    recon = np.clip(np.asarray(parallel.to_host(recon), np.float32)[mask],
                     -1.0, 1.0)
     total = reconstruction.add_sums(total, sums)
     real.add(*features(images))
@@ -298,8 +298,8 @@ def _cas(config, workdir, mesh, vqvae, variables, domain_metrics,
   recons, recon_labels = [], []
   for real_images, real_labels, batch in _real_batches(
       config, mesh, config.data.train_split, limit=len(images)):
-    mask = np.asarray(loading.to_host(batch['mask']))
-    recon = np.asarray(loading.to_host(recon_fn(variables, batch['image'])))
+    mask = np.asarray(parallel.to_host(batch['mask']))
+    recon = np.asarray(parallel.to_host(recon_fn(variables, batch['image'])))
     recons.append(np.clip(recon[mask][:len(real_images)], -1.0, 1.0))
     recon_labels.append(real_labels)
   recon_result = train_classifier(

@@ -82,7 +82,7 @@ def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
     shard_of = np.where(positions >= 0, positions // size, -1)
     if not todo.intersection(shard_of[positions >= 0].tolist()):
       continue  # Already written: skip the encoder.
-    levels, labels, mask = jax.tree.map(loading.to_host, encode(batch))
+    levels, labels, mask = jax.tree.map(parallel.to_host, encode(batch))
     if not np.array_equal(mask, positions >= 0):
       raise ValueError(
           f'Split {info["source"]!r}: batch {index} of the ordered pass has '
