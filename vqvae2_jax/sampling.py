@@ -342,10 +342,11 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
     _check_range(f'cond_codes[{j}]', x, model.cond_num_embeddings[j],
                  'pass codes of the level above, each below its codebook '
                  f'size {model.cond_num_embeddings[j]}.')
-  if model.num_classes:
-    if labels is None:
-      # The "no label" index: the unconditional path of a label-dropout model.
-      labels = jnp.full((shape[0],), model.num_classes, jnp.int32)
+  # None is the "no label" index: the unconditional path of a label-dropout
+  # model.
+  labels = pixelcnn.resolve_labels(labels, shape[0], model.num_classes,
+                                   SamplingInputError)
+  if labels is not None:
     labels = jnp.asarray(labels, jnp.int32)
     if labels.shape != (shape[0],):
       raise SamplingInputError(f'labels has shape {labels.shape}. Fix: pass one '
@@ -354,9 +355,6 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
                  f'use class indices 0..{model.num_classes - 1}, or '
                  f'{model.num_classes} (or labels=None) for the unconditional '
                  'path; -1 is not "no label".')
-  elif labels is not None:
-    raise SamplingInputError('labels given to a prior built with num_classes=0. '
-                     'Fix: pass labels=None.')
   return shape, cond_codes, labels
 
 
