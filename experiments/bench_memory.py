@@ -33,7 +33,7 @@ VQ-VAE), at each per-device batch size, one device's memory:
 
 With `--fsdp=n` the mesh is (data=1, fsdp=n) over n devices (fake CPU
 devices through XLA_FLAGS, as above): the state is split n ways (see
-`common.state_shardings`), the global batch is n times the per-device batch,
+`parallel.state_shardings`), the global batch is n times the per-device batch,
 and the figures are per device.
 """
 

@@ -60,9 +60,9 @@ def _abstract_batch(shapes: dict[str, tuple[tuple[int, ...], Any]],
 def _lower(step: Any, init_fn: Any, mesh: jax.sharding.Mesh,
            batch: Any) -> jax.stages.Lowered:
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  shardings = common.state_shardings(abstract, mesh)
+  shardings = parallel.state_shardings(abstract, mesh)
   jitted = common.jit_train_step(step, shardings, mesh)
-  return jitted.lower(common.abstract_with_shardings(abstract, shardings),
+  return jitted.lower(parallel.abstract_with_shardings(abstract, shardings),
                       batch)
 
 

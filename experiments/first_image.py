@@ -97,10 +97,10 @@ def make_export(config_path: str, path: str) -> dict[str, Any]:
   from experiments import compiled_steps
   from vqvae2_jax import builders
   from vqvae2_jax import parallel
-  from vqvae2_jax import pipeline
+  from vqvae2_jax import api
   # pylint: enable=g-import-not-at-top
   start = time.perf_counter()
-  config = pipeline.load_config(config_path)
+  config = api.load_config(config_path)
   # The host's CPU device: the file is written from host memory anyway, and
   # an accelerator would only add copies.
   cpu = jax.devices('cpu')[0]
@@ -122,7 +122,7 @@ def make_export(config_path: str, path: str) -> dict[str, Any]:
     params.append(sum(x.size for x in jax.tree.leaves(variables)))
     priors.append((model, variables))
   steps = {'vqvae': 0, **{f'prior_{level}': 0 for level in range(len(priors))}}
-  pipe = pipeline.Pipeline(config, vqvae, vqvae_variables, priors, steps,
+  pipe = api.Pipeline(config, vqvae, vqvae_variables, priors, steps,
                            mesh=parallel.create_mesh(devices=[cpu]))
   pipe.export(path)
   return {'path': path, 'bytes': os.path.getsize(path),
@@ -135,7 +135,7 @@ def _child(export: str, cache_dir: str, batch: int) -> dict[str, Any]:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from vqvae2_jax import pipeline
+  from vqvae2_jax import api
   # pylint: enable=g-import-not-at-top
   stamps['imported'] = time.time()
   seconds, counts = collections.Counter(), collections.Counter()
@@ -149,7 +149,7 @@ def _child(export: str, cache_dir: str, batch: int) -> dict[str, Any]:
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   jax.monitoring.register_event_listener(
       lambda event, **_: counts.update({event: 1}))
-  pipe = pipeline.Pipeline.load(export, compilation_cache_dir=cache_dir)
+  pipe = api.Pipeline.load(export, compilation_cache_dir=cache_dir)
   stamps['loaded'] = time.time()
   load_compiled = list(compiled)
   labels = (np.arange(batch) % pipe.num_classes if pipe.num_classes

@@ -25,12 +25,12 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from vqvae2_jax import images as images_lib
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import reconstruction
-from vqvae2_jax.train import common
 
 _GRID_IMAGES = 16
 
@@ -92,7 +92,7 @@ def level_table(config: ml_collections.ConfigDict, workdir: str,
       grid = [np.asarray(batch['image'][:_GRID_IMAGES])] + recons
     count += int(mask.sum())
   if png:
-    common.write_image_grid(png, np.concatenate(grid), _GRID_IMAGES)
+    images_lib.write_image_grid(png, np.concatenate(grid), _GRID_IMAGES)
   rows = []
   for name, keep in views.items():
     mse = totals[name][0] / count

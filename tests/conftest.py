@@ -37,6 +37,21 @@ def pytest_sessionfinish(session, exitstatus):
 # flags above are set.
 
 
+def _save_checkpoint(stage_dir, step, state, fingerprint):
+  """Writes `state` as checkpoint `step` of a stage, synchronously."""
+  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import checkpoints
+  from vqvae2_jax import workdir as workdir_lib
+  # pylint: enable=g-import-not-at-top
+  manager = checkpoints.create_manager(workdir_lib.checkpoint_dir(stage_dir),
+                                       async_save=False)
+  try:
+    checkpoints.save(manager, step, state, fingerprint)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
 @pytest.fixture(scope='session')
 def stage2_config():
   """fashion_mnist.py:tiny on 96 training and 40 held-out images, shards of 32.
@@ -67,10 +82,8 @@ def save_vqvae_checkpoint():
   import jax
   import jax.numpy as jnp
   from vqvae2_jax import builders
-  from vqvae2_jax import checkpoints
-  from vqvae2_jax import loading
   from vqvae2_jax import parallel
-  from vqvae2_jax.train import common
+  from vqvae2_jax import workdir as workdir_lib
   from vqvae2_jax.train import vqvae_trainer
   # pylint: enable=g-import-not-at-top
 
@@ -87,14 +100,31 @@ def save_vqvae_checkpoint():
     state = initial_state(config)
     params = jax.tree.map(lambda x: x * (1.0 + seed / 20.0), state.params)
     state = state.replace(step=jnp.asarray(step, jnp.int32), params=params)
-    manager = checkpoints.create_manager(
-        common.checkpoint_dir(loading.vqvae_dir(workdir)), async_save=False)
-    try:
-      checkpoints.save(manager, step, state,
-                       builders.vqvae_fingerprint(config))
-      manager.wait_until_finished()
-    finally:
-      manager.close()
+    _save_checkpoint(workdir_lib.Workdir(workdir).vqvae, step, state,
+                     builders.vqvae_fingerprint(config))
+
+  return save
+
+
+@pytest.fixture(scope='session')
+def save_classifier_checkpoint():
+  """A function that writes an untrained domain classifier as a checkpoint.
+
+  `save(config, workdir, mesh, *, step, seed=1)` returns the saved state.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from vqvae2_jax import builders
+  from vqvae2_jax import workdir as workdir_lib
+  from vqvae2_jax.train import classifier_trainer
+  # pylint: enable=g-import-not-at-top
+
+  def save(config, workdir, mesh, *, step, seed=1):
+    state = classifier_trainer.programs(config, mesh).init(
+        jax.random.PRNGKey(seed))
+    _save_checkpoint(workdir_lib.Workdir(workdir).classifier, step, state,
+                     builders.classifier_fingerprint(config))
+    return state
 
   return save
 

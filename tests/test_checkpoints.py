@@ -52,8 +52,8 @@ def _save(directory, state, polyak=None):
 
 def _abstract(tree, mesh):
   abstract = jax.eval_shape(lambda: tree)
-  return common.abstract_with_shardings(
-      abstract, common.state_shardings(abstract, mesh))
+  return parallel.abstract_with_shardings(
+      abstract, parallel.state_shardings(abstract, mesh))
 
 
 @pytest.mark.parametrize('polyak', [False, True])

@@ -165,9 +165,9 @@ def test_an_unknown_config_variant(tmp_path):
 
 def test_an_unknown_config_variant_from_the_api_is_a_user_error():
   from vqvae2_jax import errors  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError) as error:
-    pipeline.load_config(os.path.join(_ROOT, 'configs/fashion_mnist.py:small'))
+    api.load_config(os.path.join(_ROOT, 'configs/fashion_mnist.py:small'))
   assert "Unknown variant 'small'" in str(error.value)
   assert str(error.value).split('Fix: ')[1].startswith("use one of ('tiny',)")
 

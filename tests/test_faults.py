@@ -44,8 +44,8 @@ from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import sampling
 from vqvae2_jax import stages
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
-from vqvae2_jax.train import common
 from vqvae2_jax.train import extract
 
 
@@ -157,7 +157,7 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   workdir, _ = finished
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
-  shutil.rmtree(extract.codes_dir(copy))
+  shutil.rmtree(workdir_lib.Workdir(copy).codes)
   write_shard, written = codes_lib.write_shard, []
 
   def full_after_two(path, records):
@@ -170,7 +170,7 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   monkeypatch.setattr(codes_lib, 'write_shard', full_after_two)
   with pytest.raises(errors.WorkdirError) as info:
     extract.extract_codes(config, copy)
-  codes = extract.codes_dir(copy)
+  codes = workdir_lib.Workdir(copy).codes
   assert str(info.value).startswith(f'The disk is full writing to {codes}')
   assert ('the 2 complete code shard(s) are kept and a rerun extracts only '
           'the rest. Fix: free space') in str(info.value)
@@ -189,7 +189,7 @@ def test_a_disk_that_fills_during_code_extraction(finished, config, tmp_path,
   extract.extract_codes(config, copy)
   assert written_again == ['00002-of-00003.npy', '00000-of-00002.npy',
                            '00001-of-00002.npy']
-  reference = extract.codes_dir(workdir)
+  reference = workdir_lib.Workdir(workdir).codes
   for role, name in [('train', '00002-of-00003.npy'),
                      ('eval', '00001-of-00002.npy')]:
     with open(os.path.join(codes, role, name), 'rb') as a, open(
@@ -353,7 +353,7 @@ def test_later_stages_load_the_newest_intact_checkpoint(
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, step=1)
   save_vqvae_checkpoint(config, workdir, seed=1, step=2)
-  ckpts = common.checkpoint_dir(loading.vqvae_dir(workdir))
+  ckpts = workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae)
   _DAMAGE[damage](os.path.join(ckpts, '2'))
   before = _files(ckpts)
   fingerprint = builders.vqvae_fingerprint(config)
@@ -377,7 +377,7 @@ def test_later_stages_with_every_checkpoint_damaged_is_one_line(
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, step=1)
   save_vqvae_checkpoint(config, workdir, seed=1, step=2)
-  ckpts = common.checkpoint_dir(loading.vqvae_dir(workdir))
+  ckpts = workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae)
   _empty_fingerprint(os.path.join(ckpts, '1'))
   _empty_fingerprint(os.path.join(ckpts, '2'))
   fingerprint = builders.vqvae_fingerprint(config)
@@ -399,7 +399,7 @@ def test_a_refused_run_leaves_config_json_as_it_was(
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, step=1)
   stages._record_config(config, workdir)  # As the run that trained it did.
-  path = os.path.join(workdir, stages.CONFIG_FILE)
+  path = workdir_lib.Workdir(workdir).config_json
   with open(path, 'rb') as f:
     recorded = f.read()
   other = config.copy_and_resolve_references()
@@ -456,9 +456,9 @@ def test_every_process_resumes_from_the_same_intact_checkpoint(tmp_path):
 @pytest.fixture(scope='module')
 def exported(finished, config, tmp_path_factory):
   """The finished workdir exported to one file: (path, its bytes)."""
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp('export') / 'model.msgpack')
-  pipeline.Pipeline.load(finished[0], config).export(path)
+  api.Pipeline.load(finished[0], config).export(path)
   with open(path, 'rb') as f:
     return path, f.read()
 
@@ -469,7 +469,7 @@ def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
   from flax import serialization
   import jax
   import numpy as np
-  from vqvae2_jax import pipeline
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   # pylint: enable=g-import-not-at-top
   path, data = exported
   payload = serialization.msgpack_restore(data)
@@ -486,8 +486,8 @@ def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
   copy = str(tmp_path / 'damaged.msgpack')
   with open(copy, 'wb') as f:
     f.write(damaged)
-  with pytest.raises(pipeline.ExportDamagedError) as info:
-    pipeline.Pipeline.load(copy)
+  with pytest.raises(api.ExportDamagedError) as info:
+    api.Pipeline.load(copy)
   message = str(info.value)
   assert isinstance(info.value, errors.UserError)
   assert '\n' not in message
@@ -496,13 +496,13 @@ def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
       'recorded when it was exported. Fix: ')
   with open(path, 'rb') as f:
     assert f.read() == data  # The intact file is untouched and loads.
-  assert pipeline.Pipeline.load(path).steps['prior_1'] > 0
+  assert api.Pipeline.load(path).steps['prior_1'] > 0
 
 
 def test_an_export_of_before_digests_loads_with_one_warning(
     exported, tmp_path, caplog):
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   path, data = exported
   payload = serialization.msgpack_restore(data)
   del payload['digests']
@@ -510,8 +510,8 @@ def test_an_export_of_before_digests_loads_with_one_warning(
   with open(old, 'wb') as f:
     f.write(serialization.msgpack_serialize(payload))
   with caplog.at_level(logging.WARNING):
-    loaded = pipeline.Pipeline.load(old)
-  assert loaded.steps == pipeline.Pipeline.load(path).steps
+    loaded = api.Pipeline.load(old)
+  assert loaded.steps == api.Pipeline.load(path).steps
   (warning,) = [w for w in _warnings(caplog) if old in w]
   assert warning.startswith(f'{old} has no digests')
   assert '\n' not in warning
@@ -530,7 +530,7 @@ def test_codes_mode_extracts_a_damaged_shard_again(finished, config,
   workdir, _ = finished
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
-  codes = extract.codes_dir(copy)
+  codes = workdir_lib.Workdir(copy).codes
   path = codes_lib.shard_path(codes, 'train', 1, 3)
   _flip_last_byte(path)
   # The prior stage reading it is refused in one line naming the file.
@@ -546,7 +546,7 @@ def test_codes_mode_extracts_a_damaged_shard_again(finished, config,
              for w in _warnings(caplog))
   again = _files(codes)
   assert again.pop('log.txt')  # This run's log; the rest as extracted first.
-  reference = _files(extract.codes_dir(workdir))
+  reference = _files(workdir_lib.Workdir(workdir).codes)
   reference.pop('log.txt', None)
   assert again == reference
 
@@ -581,7 +581,7 @@ def test_sigterm_during_code_extraction(finished, config, tmp_path):
   workdir, _ = finished
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
-  codes = extract.codes_dir(copy)
+  codes = workdir_lib.Workdir(copy).codes
   shutil.rmtree(codes)
   line = _signalled_run('codes', copy, 'codes')
   assert line.endswith(
@@ -591,7 +591,7 @@ def test_sigterm_during_code_extraction(finished, config, tmp_path):
   # The first shard is whole and recorded; nothing else, nothing half.
   assert sorted(_files(codes)) == ['digests.json', 'plan.json',
                                    'train/00000-of-00003.npy']
-  reference = _files(extract.codes_dir(workdir))
+  reference = _files(workdir_lib.Workdir(workdir).codes)
   assert (_files(codes)['train/00000-of-00003.npy'] ==
           reference['train/00000-of-00003.npy'])
   stages.run('codes', config, copy)  # The rerun ends as if never stopped.
@@ -607,11 +607,11 @@ def test_sigterm_during_a_stages_final_evaluation(finished, config, tmp_path):
   shutil.copytree(workdir, copy)
   # Killed after its last checkpoint, before metrics.json: the next run
   # evaluates the stage again, and the notice comes during that evaluation.
-  metrics = os.path.join(loading.prior_dir(copy, 1), 'metrics.json')
+  metrics = os.path.join(workdir_lib.Workdir(copy).prior(1), 'metrics.json')
   os.remove(metrics)
   line = _signalled_run('prior_eval', copy, 'all')
-  after = stages.pipeline_modes(config)[
-      stages.pipeline_modes(config).index('prior') + 1]
+  after = stages.modes_of_all(config)[
+      stages.modes_of_all(config).index('prior') + 1]
   assert line.endswith(
       f'prior: finished; stopped by a preemption notice (SIGTERM) before '
       f'{after}. Run the same command again to continue from {after}.')
@@ -696,7 +696,7 @@ def test_all_on_a_finished_read_only_workdir_reads_its_report(
   for run_config in (forced, config):
     with pytest.raises(AssertionError, match='computed again'):
       stages.run('eval', run_config, copy)
-    metrics = os.path.join(loading.prior_dir(copy, 0), 'metrics.json')
+    metrics = os.path.join(workdir_lib.Workdir(copy).prior(0), 'metrics.json')
     recorded = files.read_json(metrics)
     files.write_json(metrics, {**recorded, 'step': recorded['step'] + 1})
   assert len(computed) == 2
@@ -732,12 +732,12 @@ def _full_after(nbytes):
 
 def test_a_disk_that_fills_while_exporting(exported, config, finished,
                                            tmp_path, monkeypatch):
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   _, data = exported
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'older.msgpack').write_bytes(b'an earlier export')
-  pipe = pipeline.Pipeline.load(finished[0], config)
+  pipe = api.Pipeline.load(finished[0], config)
   monkeypatch.setattr(files, 'atomic_write', _full_after(1000))
   path = str(out / 'model.msgpack')
   with pytest.raises(errors.WorkdirError) as info:

@@ -42,3 +42,15 @@ def test_write_json_is_valid_json_without_nan(tmp_path):
     raise ValueError(constant)
   assert json.loads(path.read_text(), parse_constant=refuse) == {
       'a': None, 'b': None, 'c': 1}
+
+
+def test_write_json_once_writes_on_process_zero_only(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'm.json')
+  files.write_json_once(path, {'a': float('nan'), 'b': 1.5})
+  with open(path) as f:
+    assert json.load(f) == {'a': None, 'b': 1.5}
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  other = str(tmp_path / 'other.json')
+  files.write_json_once(other, {'a': 1})
+  assert not os.path.exists(other)

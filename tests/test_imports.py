@@ -37,7 +37,7 @@ assert not loaded, f'loaded: {{loaded}}'
 # (module, attribute read after the import or None).
 _MODULES = [
     ('vqvae2_jax', 'Pipeline'),  # The package's lazy attribute.
-    ('vqvae2_jax.pipeline', None),
+    ('vqvae2_jax.api', None),
     ('vqvae2_jax.sampling', None),
     ('vqvae2_jax.models.vqvae', None),
     ('vqvae2_jax.models.quantizer', None),
@@ -50,6 +50,11 @@ _MODULES = [
     ('vqvae2_jax.builders', None),
     ('vqvae2_jax.loading', None),
     ('vqvae2_jax.generate', None),
+    ('vqvae2_jax.workdir', None),
+    ('vqvae2_jax.images', None),
+    ('vqvae2_jax.parallel', None),
+    ('vqvae2_jax.console', None),
+    ('vqvae2_jax.files', None),
     ('vqvae2_jax.train.vqvae_trainer', None),
     ('vqvae2_jax.train.prior_trainer', None),
     ('vqvae2_jax.train.classifier_trainer', None),

@@ -89,9 +89,9 @@ def test_every_mode_has_a_stage():
     stages.stage_function('nope')
 
 
-def test_pipeline_order():
-  assert stages.PIPELINE == ('vqvae', 'codes', 'prior', 'sample',
-                             'classifier', 'eval', 'export')
+def test_stage_order():
+  assert stages.STAGE_ORDER == ('vqvae', 'codes', 'prior', 'sample',
+                                'classifier', 'eval', 'export')
 
 
 def test_all_trains_the_classifier_only_where_it_is_used():
@@ -99,7 +99,7 @@ def test_all_trains_the_classifier_only_where_it_is_used():
   assert config.eval.features == 'auto' and not config.eval.cas
   assert config.sampling.rejection_keep == 1.0
   without = ('vqvae', 'codes', 'prior', 'sample', 'eval', 'export')
-  assert stages.pipeline_modes(config) == without
+  assert stages.modes_of_all(config) == without
   for field, value in (('eval.features', 'classifier'),
                        ('eval.features', 'inception'), ('eval.cas', True),
                        # No judge takes an image folder: 'auto' is the
@@ -108,9 +108,9 @@ def test_all_trains_the_classifier_only_where_it_is_used():
     changed = fashion_mnist.get_config('tiny')
     section, name = field.split('.')
     changed[section][name] = value
-    assert stages.pipeline_modes(changed) == stages.PIPELINE, field
+    assert stages.modes_of_all(changed) == stages.STAGE_ORDER, field
   # Rejection scores the samples with it: it is trained before them.
   config.sampling.rejection_keep = 0.5
-  assert stages.pipeline_modes(config) == (
+  assert stages.modes_of_all(config) == (
       'vqvae', 'codes', 'prior', 'classifier', 'sample', 'eval', 'export')
   assert fashion_mnist.get_config('tiny').prior.level == -1

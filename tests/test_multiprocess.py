@@ -44,6 +44,7 @@ import pytest
 from configs import fashion_mnist
 from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.train import common
 from vqvae2_jax.train import prior_trainer
 from vqvae2_jax.train import vqvae_trainer
@@ -120,7 +121,7 @@ def _children(launcher):
 
 def _saved_steps(stage_dir):
   """Finished checkpoint steps (orbax renames a step's directory when done)."""
-  directory = common.checkpoint_dir(stage_dir)
+  directory = workdir_lib.checkpoint_dir(stage_dir)
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
@@ -162,7 +163,7 @@ def _output(launcher, timeout):
 
 def _restore(stage_dir, programs):
   """(step, state) of the newest checkpoint in `stage_dir`, on 8 devices."""
-  with checkpoints.create_manager(common.checkpoint_dir(stage_dir),
+  with checkpoints.create_manager(workdir_lib.checkpoint_dir(stage_dir),
                                   read_only=True) as manager:
     step = manager.latest_step()
     return step, checkpoints.restore_step(manager, step,
@@ -339,10 +340,10 @@ def test_priors_equal_one_process(runs):
   mesh = parallel.create_mesh()
   for level in (0, 1):
     programs = prior_trainer.programs(runs['config'], level, mesh)
-    step, state = _restore(prior_trainer.stage_dir(runs['codes'], level),
+    step, state = _restore(workdir_lib.Workdir(runs['codes']).prior(level),
                            programs)
     ref_step, ref_state = _restore(
-        prior_trainer.stage_dir(runs['reference'], level), programs)
+        workdir_lib.Workdir(runs['reference']).prior(level), programs)
     assert step == ref_step == runs['config'].prior.num_train_steps
     if level == 0:  # The top prior has attention: the exemption applies.
       assert any(_NO_GRADIENT in jax.tree_util.keystr(p) for p, _ in

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -122,3 +123,43 @@ def test_compilation_cache_off_or_on_a_file():
     parallel.use_compilation_cache(os.path.join(
         os.path.dirname(os.path.dirname(__file__)), 'setup.py'))
   assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_fsdp_shardings_split_large_arrays():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2),
+                           parallel.DATA_AXES)
+  abstract = {'big': jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
+              'odd': jax.ShapeDtypeStruct((129, 129), jnp.float32),
+              'small': jax.ShapeDtypeStruct((128,), jnp.float32)}
+  shardings = parallel.state_shardings(abstract, mesh)
+  # The largest dimension that the 'fsdp' axis (2 devices) divides.
+  assert shardings['big'].spec == jax.sharding.PartitionSpec(
+      None, None, None, 'fsdp')
+  # Large, but no dimension divides: replicated, as are small arrays.
+  assert shardings['odd'].spec == jax.sharding.PartitionSpec()
+  assert shardings['small'].spec == jax.sharding.PartitionSpec()
+
+
+def test_without_an_fsdp_axis_everything_is_replicated():
+  mesh = parallel.create_mesh()
+  abstract = {'big': jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32)}
+  assert parallel.state_shardings(abstract, mesh)['big'] == (
+      parallel.replicated(mesh))
+
+
+def test_abstract_with_shardings_carries_them():
+  mesh = parallel.create_mesh()
+  state = {'w': jnp.zeros((4, 2), jnp.bfloat16)}
+  shardings = parallel.state_shardings(state, mesh)
+  abstract = parallel.abstract_with_shardings(state, shardings)
+  assert abstract['w'] == jax.ShapeDtypeStruct(
+      (4, 2), jnp.bfloat16, sharding=parallel.replicated(mesh))
+  assert abstract['w'].sharding == shardings['w']
+
+
+def test_to_host_of_a_sharded_array():
+  mesh = parallel.create_mesh()
+  x = jax.device_put(np.arange(16.0).reshape(8, 2),
+                     parallel.data_sharding(mesh))
+  np.testing.assert_array_equal(parallel.to_host(x),
+                                np.arange(16.0).reshape(8, 2))

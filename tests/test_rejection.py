@@ -1,6 +1,6 @@
 """Rejection sampling's selection: candidates per sample, the running top-m
 per class, and the domain classifier's scores (the generate-level runs are
-in test_pipeline.py)."""
+in test_api.py)."""
 
 import numpy as np
 import pytest
@@ -75,16 +75,17 @@ def test_top_per_class_unconditional_and_bad_input():
     sampling.TopPerClass({0: 1}).result()
 
 
-def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
+def test_classifier_scorer_scores_the_class_or_the_confidence(
+    tmp_path, save_classifier_checkpoint):
   """p(requested class | image), or max_c p(c | image) without a label."""
   # pylint: disable=g-import-not-at-top
   import jax
+  import jax.numpy as jnp
   from configs import fashion_mnist
-  from vqvae2_jax import checkpoints
+  from vqvae2_jax import builders
   from vqvae2_jax import generate
   from vqvae2_jax import parallel
   from vqvae2_jax.train import classifier_trainer
-  from vqvae2_jax.train import common
   # pylint: enable=g-import-not-at-top
   config = fashion_mnist.get_config('tiny')
   mesh = parallel.create_mesh(config.mesh)
@@ -93,21 +94,12 @@ def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
   # An untrained classifier saved as step 5: its probabilities are far from
   # uniform enough to tell a class's probability from the maximum.
   progs = classifier_trainer.programs(config, mesh)
-  state = progs.init(jax.random.PRNGKey(1))
-  manager = checkpoints.create_manager(
-      common.checkpoint_dir(classifier_trainer.stage_dir(str(tmp_path))),
-      async_save=False)
-  try:
-    checkpoints.save(manager, 5, state,
-                     classifier_trainer.classifier_fingerprint(config))
-    manager.wait_until_finished()
-  finally:
-    manager.close()
+  state = save_classifier_checkpoint(config, str(tmp_path), mesh, step=5)
 
   scorer, about = generate.classifier_scorer(config, str(tmp_path), mesh)
   assert about == {
       'step': 5,
-      'fingerprint': classifier_trainer.classifier_fingerprint(config)}
+      'fingerprint': builders.classifier_fingerprint(config)}
   rng = np.random.default_rng(0)
   n = 13  # Not a multiple of the 8 devices: the last batch is padded.
   size, channels = config.data.image_size, config.data.channels
@@ -115,7 +107,9 @@ def test_classifier_scorer_scores_the_class_or_the_confidence(tmp_path):
   labels = rng.integers(0, config.data.num_classes, n).astype(np.int32)
   padded = np.zeros((16, *images.shape[1:]), np.float32)
   padded[:n] = images
-  _, probs = progs.predict(state.params, jax.device_put(
+  predict = jax.jit(lambda params, x: jax.nn.softmax(progs.model.apply(
+      {'params': params}, x)[1].astype(jnp.float32), axis=-1))
+  probs = predict(state.params, jax.device_put(
       padded, parallel.data_sharding(mesh)))
   probs = np.asarray(probs, np.float64)[:n]
   assert not np.allclose(probs[np.arange(n), labels], probs.max(axis=-1))

@@ -288,6 +288,43 @@ def test_sample_hierarchy_draws_each_level_given_the_levels_above():
                               labels=labels, rng=key)
 
 
+def test_decoded_batches_are_the_hierarchy_batch_by_batch():
+  shapes = [(2, 2), (2, 4)]
+  ks = (5, 6)
+  priors = []
+  for level, (h, w) in enumerate(shapes):
+    model = pixelcnn_util.make_prior(
+        num_embeddings=ks[level], num_classes=3,
+        cond_num_embeddings=ks[:level], cond_stack_blocks=1 if level else 0)
+    cond = tuple(jnp.zeros((2, *s), jnp.int32) for s in shapes[:level])
+    priors.append((model, pixelcnn_util.random_variables(
+        model, jnp.zeros((2, h, w), jnp.int32), cond,
+        jnp.zeros((2,), jnp.int32), seed=level)))
+  labels = np.asarray([0, 1, 2, 3, 1], np.int32)  # 3 = "no label".
+  key = jax.random.key(2)
+
+  def decode(codes):  # A stand-in decoder: the bottom codes as images.
+    return jnp.asarray(codes[-1], jnp.float32)[..., None]
+
+  got = list(sampling.decoded_batches(
+      priors, shapes, decode, num_maps=5, labels=labels, batch_size=2,
+      rng=key, temperature=1.2))
+  assert [len(images) for _, images in got] == [2, 2, 1]
+  for i, (codes, images) in enumerate(got):
+    # Batch i: the hierarchy with key fold_in(key, i); the last batch is
+    # padded to 2 maps with label 0, and the padding dropped.
+    batch_labels = np.zeros((2,), np.int32)
+    chunk = labels[2 * i:2 * i + 2]
+    batch_labels[:len(chunk)] = chunk
+    want = sampling.sample_hierarchy(
+        priors, shapes, batch_size=2, labels=batch_labels,
+        rng=jax.random.fold_in(key, i), temperature=1.2)
+    for c, w in zip(codes, want):
+      assert isinstance(c, np.ndarray)
+      np.testing.assert_array_equal(c, np.asarray(w)[:len(chunk)])
+    np.testing.assert_array_equal(images[..., 0], codes[-1])
+
+
 @pytest.mark.parametrize('kind', ['top', 'lower'])
 def test_unrolled_sampler_draws_the_same_codes(kind):
   model, variables, shape, cond, labels, _ = _setup(kind)

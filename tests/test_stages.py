@@ -62,7 +62,7 @@ def test_all_runs_the_pipeline_in_order_and_records_the_config(
   workdir = str(tmp_path)
   with caplog.at_level(py_logging.INFO):
     results = stages.run('all', config, workdir)
-  modes = stages.pipeline_modes(config)
+  modes = stages.modes_of_all(config)
   assert [m for m, _ in recorded] == list(modes)
   assert all(w == workdir for _, w in recorded)
   assert list(results) == list(modes)

@@ -14,10 +14,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from vqvae2_jax import errors
+from vqvae2_jax.data import layout
+from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import vqvae as vqvae_lib
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The names config.model.dtype, prior.dtype and sampling.dtype may take.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that define the VQ-VAE's variables (and what its codes mean);
 # a checkpoint is only resumed or loaded under the same values. Training
 # knobs (EMA decay, dead-code window, dtype, remat, ...) may change between
@@ -37,10 +40,10 @@ _PRIOR_LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
 
 
 def _dtype(name: str, field: str) -> Any:
-  if name not in _DTYPES:
+  if name not in DTYPES:
     raise errors.ConfigError(f'config.{field} is {name!r}, not a known '
-                             f'dtype. Fix: use one of {tuple(_DTYPES)}.')
-  return _DTYPES[name]
+                             f'dtype. Fix: use one of {tuple(DTYPES)}.')
+  return DTYPES[name]
 
 
 def num_levels(config: ml_collections.ConfigDict) -> int:
@@ -55,8 +58,8 @@ def level_shapes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
   validation guarantees that it divides.
   """
   size = int(config.data.image_size)
-  return [(size // int(f), size // int(f))
-          for f in config.model.downsample_factors]
+  return vqvae_lib.latent_shapes(
+      [int(f) for f in config.model.downsample_factors], size, size)
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -116,6 +119,24 @@ def build_prior(config: ml_collections.ConfigDict,
       precision=config.prior.precision)
 
 
+def build_classifier(config: ml_collections.ConfigDict
+                     ) -> classifier_lib.Classifier:
+  """The domain classifier that config.classifier describes."""
+  c = config.classifier
+  return classifier_lib.Classifier(
+      num_classes=int(config.data.num_classes), width=int(c.width),
+      stage_sizes=tuple(int(s) for s in c.stage_sizes),
+      downsample_first=bool(c.downsample_first),
+      crop=_classifier_crop(config))
+
+
+def _classifier_crop(config: ml_collections.ConfigDict
+                     ) -> tuple[int, int, int, int] | None:
+  if not config.classifier.original_area_only:
+    return None
+  return layout.original_area(config.data)
+
+
 def vqvae_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The model-defining config values stored with every stage-1 checkpoint."""
   fingerprint = {}
@@ -154,6 +175,24 @@ def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
       **{f'prior.level_{level}.{f}': c[f] for f in _PRIOR_LEVEL_FIELDS},
       'codes.vqvae_step': int(vqvae['step']),
       'codes.vqvae_digest': vqvae['digest'],
+  }
+
+
+def classifier_fingerprint(config: ml_collections.ConfigDict
+                           ) -> dict[str, Any]:
+  """What a classifier checkpoint must agree on: its data and its model."""
+  c = config.classifier
+  crop = _classifier_crop(config)
+  return {
+      'data.name': config.data.name,
+      'data.image_folder': config.data.image_folder,
+      'data.image_size': int(config.data.image_size),
+      'data.channels': int(config.data.channels),
+      'data.num_classes': int(config.data.num_classes),
+      'classifier.width': int(c.width),
+      'classifier.stage_sizes': [int(s) for s in c.stage_sizes],
+      'classifier.downsample_first': bool(c.downsample_first),
+      'classifier.crop': None if crop is None else list(crop),
   }
 
 

@@ -511,7 +511,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree,
   Args:
     manager: from `create_manager`.
     target: the state pytree or its abstract form (`jax.ShapeDtypeStruct`s
-      with shardings, see `train.common.abstract_with_shardings`); arrays
+      with shardings, see `parallel.abstract_with_shardings`); arrays
       come back with those shardings.
     fingerprint: the current config's; must equal the stored one.
     set_aside: move damaged newer steps aside (see `restore_newest_intact`).

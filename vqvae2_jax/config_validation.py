@@ -10,24 +10,22 @@ from typing import Iterable
 
 import ml_collections
 
+from vqvae2_jax import builders
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.evaluation import judges
 from vqvae2_jax.models import quantizer as quantizer_lib
+from vqvae2_jax.models import vqvae as vqvae_lib
 
 _CHANNELS = (1, 3)
 _FEATURES = ('auto', 'judge', 'classifier', 'inception')
 _QUANTIZERS = ('ema', 'vq')
-_DTYPES = ('float32', 'bfloat16')
+_DTYPES = tuple(builders.DTYPES)
 _PRECISIONS = ('default', 'high', 'highest')
 
 
 def _fail(field: str, problem: str, fix: str) -> None:
   raise errors.ConfigError(f'config.{field}: {problem}. Fix: {fix}')
-
-
-def _is_power_of_two(n: int) -> bool:
-  return n >= 1 and (n & (n - 1)) == 0
 
 
 def _check_judge(data: ml_collections.ConfigDict) -> None:
@@ -59,13 +57,9 @@ def known_dataset(name: str) -> bool:
       with_community_datasets=False)
 
 
-def num_levels(config: ml_collections.ConfigDict) -> int:
-  return len(config.model.downsample_factors)
-
-
 def latent_sizes(config: ml_collections.ConfigDict) -> list[int]:
   """Side of each level's latent map, top first."""
-  return [config.data.image_size // f for f in config.model.downsample_factors]
+  return [h for h, _ in builders.level_shapes(config)]
 
 
 def validate_config(config: ml_collections.ConfigDict,
@@ -110,7 +104,7 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('model.downsample_factors', 'is empty',
           'list one downsampling factor per level, top first, e.g. (8, 4)')
   for i, f in enumerate(factors):
-    if not _is_power_of_two(f) or f < 2:
+    if not vqvae_lib.is_power_of_two(f) or f < 2:
       _fail(f'model.downsample_factors[{i}]', f'is {f}',
             'use powers of two >= 2 (each 2x step is one strided layer)')
     if data.image_size % f:

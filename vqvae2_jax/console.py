@@ -21,9 +21,13 @@ import os
 import re
 import sys
 import time
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, TYPE_CHECKING
 
 from absl import logging
+
+if TYPE_CHECKING:
+  # For annotations only: clu needs TensorFlow (`create_writer` imports it).
+  from clu import metric_writers
 
 _CONSOLE = 'vqvae2_console'  # Record attribute: meant for the console.
 # Routine warnings of libraries, not problems: read-only checkpoint managers
@@ -357,3 +361,12 @@ def _isatty(stream) -> bool:
     return stream.isatty()
   except (AttributeError, ValueError):
     return False
+
+
+def create_writer(logdir: str) -> 'metric_writers.MetricWriter':
+  """TensorBoard event files in `logdir` plus the log; process 0 only writes."""
+  # pylint: disable-next=g-import-not-at-top,redefined-outer-name
+  from clu import metric_writers
+  import jax  # pylint: disable=g-import-not-at-top
+  return metric_writers.create_default_writer(
+      logdir, just_logging=jax.process_index() > 0)

@@ -209,6 +209,13 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
   atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def write_json_once(path: str, data: Mapping[str, Any]) -> None:
+  """`write_json` on process 0 only (every process computes the same `data`)."""
+  import jax  # pylint: disable=g-import-not-at-top  # Not needed elsewhere.
+  if jax.process_index() == 0:
+    write_json(path, data)
+
+
 def read_json(path: str) -> dict[str, Any] | None:
   """The JSON object in `path`, or None if the file does not exist."""
   path = os.fspath(path)

@@ -25,15 +25,16 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
+from vqvae2_jax import api
 from vqvae2_jax import builders
 from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import files
+from vqvae2_jax import images as images_lib
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
-from vqvae2_jax import pipeline
 from vqvae2_jax import sampling
-from vqvae2_jax.train import common
+from vqvae2_jax import workdir as workdir_lib
 
 
 def sample_labels(num_classes: int, per_class: int,
@@ -83,23 +84,19 @@ def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
     FileNotFoundError: no classifier in workdir (the message names
       --mode=classifier).
   """
-  # Imported here: generate is imported by the classifier's own evaluation.
-  from vqvae2_jax.train import classifier_trainer  # pylint: disable=g-import-not-at-top
-  progs, params, step = classifier_trainer.load_classifier(config, workdir,
-                                                           mesh)
+  classifier = loading.load_classifier(config, workdir, mesh)
   batch_size = int(config.classifier.eval_batch_size)
 
   def scorer(images, codes, labels):
     del codes  # The classifier looks at the decoded images.
-    _, probs = classifier_trainer.predict_batches(progs, params, images, mesh,
-                                                  batch_size)
+    _, probs = loading.predict_batches(classifier, images, batch_size)
     if labels is None:
       return probs.max(axis=-1)
     return probs[np.arange(len(probs)), labels]
 
   return scorer, {
-      'step': step,
-      'fingerprint': classifier_trainer.classifier_fingerprint(config)}
+      'step': classifier.step,
+      'fingerprint': builders.classifier_fingerprint(config)}
 
 
 def _model_fields(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -118,16 +115,14 @@ def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     errors.ConfigError: the file's model differs from `config`'s.
   """
-  if os.path.isdir(os.path.join(loading.vqvae_dir(workdir), 'checkpoints')):
+  wd = workdir_lib.Workdir(workdir)
+  if os.path.isdir(workdir_lib.checkpoint_dir(wd.vqvae)):
     return None
-  export_dir = os.path.join(workdir, 'export')
-  names = sorted(n for n in (os.listdir(export_dir)
-                             if os.path.isdir(export_dir) else ())
-                 if n.endswith('.msgpack'))
-  if not names:
+  exported = wd.exported_files()
+  if not exported:
     return None
-  path = os.path.join(export_dir, names[-1])
-  pipe = pipeline.Pipeline.load(path, mesh=mesh)
+  path = exported[-1]
+  pipe = api.Pipeline.load(path, mesh=mesh)
   if _model_fields(config) != _model_fields(pipe.config):
     raise errors.ConfigError(
         f'{path} holds a pipeline of another model config than --config. '
@@ -173,22 +168,16 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   s = config.sampling
   mesh = parallel.create_mesh(config.mesh)
   num_levels = builders.num_levels(config)
-  exported = _exported_pipeline(config, workdir, mesh)
-  if exported is not None:  # A workdir holding only --mode=export's file.
-    vqvae, vq_variables = exported.vqvae, exported.vqvae_variables
-    vq_step = exported.steps['vqvae']
-    priors = exported.priors
-    prior_steps = [exported.steps[f'prior_{l}'] for l in range(num_levels)]
-  else:
-    vqvae, vq_variables, vq_step = loading.load_vqvae(config, workdir, mesh)
-    provenance = loading.vqvae_provenance(config, vq_variables, vq_step)
-    priors, prior_steps = [], []
-    for level in range(num_levels):
-      model, variables, step = loading.load_prior(
-          config, workdir, level, vqvae=provenance, mesh=mesh,
-          use_polyak=s.use_polyak)
-      priors.append((model, variables))
-      prior_steps.append(step)
+  # A workdir holding only --mode=export's file, or its checkpoints: loaded
+  # as the API loads them.
+  pipe = _exported_pipeline(config, workdir, mesh)
+  if pipe is None:
+    pipe = api.Pipeline.load(workdir, config, mesh=mesh,
+                             use_polyak=s.use_polyak, require_priors=True)
+  vqvae, vq_variables = pipe.vqvae, pipe.vqvae_variables
+  vq_step = pipe.steps['vqvae']
+  priors = pipe.priors
+  prior_steps = [pipe.steps[f'prior_{l}'] for l in range(num_levels)]
   if s.dtype:  # Converted once, not at every batch.
     priors = [sampling.cast_prior(m, v, s.dtype) for m, v in priors]
 
@@ -199,7 +188,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   per_class = int(s.num_samples_per_class)
   num_samples = per_class * num_classes if conditional else per_class
   name = run_name(config, vq_step, prior_steps, num_samples, conditional)
-  out_dir = os.path.join(os.path.abspath(workdir), 'samples', name)
+  out_dir = workdir_lib.Workdir(workdir).samples(name)
   meta_path = os.path.join(out_dir, 'meta.json')
   meta = files.read_json(meta_path)
   if meta is not None:
@@ -230,31 +219,28 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   # No bigger than needed (rounded up to split over the mesh's devices).
   batch = min(s.batch_size, -(-num_candidates // mesh.size) * mesh.size)
   start = time.time()
-  for i, begin in enumerate(range(0, num_candidates, batch)):
+  def stop_if_preempted(begin):
     if parallel.preempted():  # A run is written whole or not at all.
       raise errors.Preempted(
           f'sample: stopped by a preemption notice (SIGTERM) after {begin} '
           f'of {num_candidates} maps; nothing was written to {out_dir}. Run '
           'the same command again to sample them.', step=0)
-    n = min(batch, num_candidates - begin)
-    # Pad the last batch so every batch has one shape (one compilation).
-    batch_labels = None
-    if candidate_labels is not None:
-      batch_labels = np.zeros((batch,), np.int32)
-      batch_labels[:n] = candidate_labels[begin:begin + n]
-    codes = sampling.sample_hierarchy(
-        priors, level_shapes, batch_size=batch, labels=batch_labels,
-        rng=jax.random.fold_in(rng, i), temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll)
-    # Every process holds the whole batch (sampled over all devices).
-    codes = [loading.to_host(c)[:n] for c in codes]
-    images = loading.to_host(decode(vq_variables, codes))[:n]
+
+  begin = 0
+  stop_if_preempted(begin)
+  # The batches are made lazily: a notice stops the loop between two.
+  for codes, images in sampling.decoded_batches(
+      priors, level_shapes, lambda codes: decode(vq_variables, codes),
+      num_maps=num_candidates, labels=candidate_labels, batch_size=batch,
+      rng=rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+      mesh=mesh, unroll=s.unroll):
+    n = len(images)
     labels = group_labels[begin:begin + n]
     if scorer is None:
       scores = np.zeros((n,))
     else:
       scores = np.asarray(scorer(
-          images, codes, None if batch_labels is None else batch_labels[:n]),
+          images, codes, None if candidate_labels is None else labels),
                           np.float64).reshape(-1)
     selector.add([*codes, images], labels, scores)
     if per_candidate > 1:
@@ -267,6 +253,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Sampled %d/%d %s (%.1f s, ETA %.0f s)', done,
                  num_candidates, 'candidates' if per_candidate > 1 else 'maps',
                  elapsed, elapsed / done * (num_candidates - done))
+    begin = done
+    if begin < num_candidates:
+      stop_if_preempted(begin)
   seconds = time.time() - start
   kept, labels, scores, _ = selector.result()
   codes, images = kept[:num_levels], kept[num_levels]
@@ -278,7 +267,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
       functools.partial(vqvae.apply, method=vqvae.decode_levels),
       static_argnums=2)
   for keep_levels in range(num_levels - 1, 0, -1):
-    view_rows.append(loading.to_host(decode_levels(
+    view_rows.append(parallel.to_host(decode_levels(
         vq_variables, [c[:view] for c in codes], tuple(range(keep_levels)))))
 
   meta = {'dir': out_dir, 'vqvae_step': vq_step, 'prior_steps': prior_steps,
@@ -352,20 +341,21 @@ def _write_run(out_dir: str, *, meta: dict[str, Any], shown: np.ndarray,
   if os.path.exists(tmp_dir):
     shutil.rmtree(tmp_dir)
   os.makedirs(tmp_dir)
-  common.write_image_grid(os.path.join(tmp_dir, 'samples.png'), shown,
-                          grid_cols)
+  images_lib.write_image_grid(os.path.join(tmp_dir, 'samples.png'), shown,
+                              grid_cols)
   if before is not None:
-    common.write_image_grid(
+    images_lib.write_image_grid(
         os.path.join(tmp_dir, 'samples_without_rejection.png'), before,
         grid_cols)
-    write_side_by_side(os.path.join(tmp_dir, 'comparison.png'),
-                       common.image_grid(before, grid_cols),
-                       common.image_grid(shown, grid_cols))
-  common.write_image_grid(os.path.join(tmp_dir, 'levels.png'), levels, view)
-  writer = common.create_writer(tmp_dir)  # The grids in TensorBoard too.
+    images_lib.write_side_by_side(os.path.join(tmp_dir, 'comparison.png'),
+                                  images_lib.image_grid(before, grid_cols),
+                                  images_lib.image_grid(shown, grid_cols))
+  images_lib.write_image_grid(os.path.join(tmp_dir, 'levels.png'), levels,
+                              view)
+  writer = console.create_writer(tmp_dir)  # The grids in TensorBoard too.
   writer.write_images(0, {
-      'samples': common.image_grid(shown, grid_cols)[None],
-      'levels': common.image_grid(levels, view)[None]})
+      'samples': images_lib.image_grid(shown, grid_cols)[None],
+      'levels': images_lib.image_grid(levels, view)[None]})
   writer.close()
   arrays = {f'codes_{l}': c for l, c in enumerate(codes)}
   if labels is not None:
@@ -375,27 +365,40 @@ def _write_run(out_dir: str, *, meta: dict[str, Any], shown: np.ndarray,
   os.rename(tmp_dir, out_dir)
 
 
+def read_run(run_dir: str, num_levels: int
+             ) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+  """A finished sample run's codes.npz.
+
+  Returns:
+    (every sample's codes per level [n, h_l, w_l], top first; the labels [n]
+    of a conditional run, else None).
+
+  Raises:
+    KeyError: the run holds fewer than `num_levels` levels.
+  """
+  with np.load(os.path.join(run_dir, 'codes.npz')) as data:
+    codes = [data[f'codes_{l}'] for l in range(num_levels)]
+    labels = data['labels'] if 'labels' in data else None
+  return codes, labels
+
+
+def sampled_codes(config: ml_collections.ConfigDict, workdir: str
+                  ) -> tuple[list[np.ndarray], Optional[np.ndarray],
+                             dict[str, Any]]:
+  """The samples of the run `config` names: reused when finished, else
+  drawn and written (`sample_and_save`).
+
+  Returns:
+    (every sample's codes per level [n, h_l, w_l], top first; their labels
+    [n] or None when unconditional; the run's meta.json).
+  """
+  meta = sample_and_save(config, workdir)
+  codes, labels = read_run(meta['dir'], builders.num_levels(config))
+  return codes, labels, meta
+
+
 def _grid_images(images: np.ndarray, labels: np.ndarray, per_group: int
                  ) -> np.ndarray:
   """The first `per_group` images of each label, label by label."""
   return np.concatenate([images[labels == k][:per_group]
                          for k in np.unique(labels)])
-
-
-def write_side_by_side(path: str, left: np.ndarray, right: np.ndarray,
-                       gap: int = 8) -> None:
-  """Writes two uint8 [h, w, c] grids side by side, white between (PNG).
-
-  Process 0 only; the shorter grid is padded with white at the bottom.
-  """
-  if jax.process_index() != 0:
-    return
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  h = max(left.shape[0], right.shape[0])
-  c = left.shape[-1]
-  canvas = np.full((h, left.shape[1] + gap + right.shape[1], c), 255,
-                   np.uint8)
-  canvas[:left.shape[0], :left.shape[1]] = left
-  canvas[:right.shape[0], left.shape[1] + gap:] = right
-  with open(path, 'wb') as f:
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(f, format='PNG')

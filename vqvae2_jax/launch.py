@@ -42,6 +42,8 @@ from typing import IO
 from absl import app
 from absl import flags
 
+from vqvae2_jax import parallel
+
 _PROCESSES = flags.DEFINE_integer('processes', 2, 'JAX processes to start.',
                                   lower_bound=1)
 _DEVICES = flags.DEFINE_integer(
@@ -63,7 +65,6 @@ _STOP_GRACE = flags.DEFINE_float(
     'exit before the launcher kills them.', lower_bound=0.0)
 
 _POLL_SECONDS = 0.1
-_DEVICE_FLAG = '--xla_force_host_platform_device_count'
 
 
 def free_port() -> int:
@@ -78,14 +79,15 @@ def process_environment(base: Mapping[str, str], *, process_id: int,
                         devices_per_process: int) -> dict[str, str]:
   """The environment of process `process_id`: `base` plus its settings."""
   env = dict(base)
-  env['JAX_COORDINATOR_ADDRESS'] = f'127.0.0.1:{port}'
-  env['JAX_NUM_PROCESSES'] = str(num_processes)
-  env['JAX_PROCESS_ID'] = str(process_id)
+  # The settings `parallel.distributed_settings` reads in each process.
+  env[parallel.COORDINATOR_ENV] = f'127.0.0.1:{port}'
+  env[parallel.NUM_PROCESSES_ENV] = str(num_processes)
+  env[parallel.PROCESS_ID_ENV] = str(process_id)
   env['JAX_PLATFORMS'] = 'cpu'
+  flag = parallel.HOST_DEVICE_FLAG
   xla_flags = [f for f in env.get('XLA_FLAGS', '').split()
-               if not f.startswith(_DEVICE_FLAG)]
-  env['XLA_FLAGS'] = ' '.join(
-      xla_flags + [f'{_DEVICE_FLAG}={devices_per_process}'])
+               if not f.startswith(flag)]
+  env['XLA_FLAGS'] = ' '.join(xla_flags + [f'{flag}={devices_per_process}'])
   return env
 
 

@@ -3,20 +3,20 @@
 `load_vqvae` (codes, sampling, evaluation) and `load_prior` (sampling)
 restore the model variables only, never the optimizer state: a checkpoint
 still loads after a training-only setting changed (vqvae_train.grad_clip_norm,
-prior.grad_clip_norm, prior.polyak_decay, ...). Where each stage writes in a
-workdir is also defined here, and the provenance that ties extracted codes
-and priors to one VQ-VAE.
+prior.grad_clip_norm, prior.polyak_decay, ...). Also here: the provenance
+that ties extracted codes and priors to one VQ-VAE. Where each stage writes
+is `workdir.Workdir`'s.
 """
 
 from collections.abc import Mapping
 import functools
 import hashlib
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
@@ -25,31 +25,12 @@ from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
+from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import vqvae as vqvae_lib
-from vqvae2_jax.train import common
 
 PyTree = Any
-_CHECKPOINTS = 'checkpoints'
-
-
-def vqvae_dir(workdir: str) -> str:
-  """Stage 1's directory: workdir/vqvae."""
-  return os.path.join(os.path.abspath(workdir), 'vqvae')
-
-
-def prior_dir(workdir: str, level: int) -> str:
-  """The directory of level `level`'s prior: workdir/prior_<level>."""
-  return os.path.join(os.path.abspath(workdir), f'prior_{level}')
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A replicated or process-local array as numpy on this host."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  if x.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def variables_digest(variables: Any) -> str:
@@ -61,7 +42,7 @@ def variables_digest(variables: Any) -> str:
   digest = hashlib.sha256()
   leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    value = np.ascontiguousarray(to_host(leaf))
+    value = np.ascontiguousarray(parallel.to_host(leaf))
     digest.update(f'{jax.tree_util.keystr(path)}|{value.dtype.str}|'
                   f'{value.shape}|'.encode())
     digest.update(value.tobytes())
@@ -78,8 +59,8 @@ def vqvae_provenance(config: ml_collections.ConfigDict, variables: Any,
 
 def _abstract_on_mesh(abstract: PyTree, mesh: Mesh) -> PyTree:
   """`abstract` with the shardings the trainers give these arrays."""
-  return common.abstract_with_shardings(
-      abstract, common.state_shardings(abstract, mesh))
+  return parallel.abstract_with_shardings(
+      abstract, parallel.state_shardings(abstract, mesh))
 
 
 def _restore_latest_subtrees(ckpt_dir: str, fingerprint: Mapping[str, Any],
@@ -138,7 +119,7 @@ def load_vqvae(config: ml_collections.ConfigDict, workdir: str,
   params = abstract.pop('params')
   # The trainer keeps the other collections (codebook statistics) in 'extra'.
   target = {'params': params, 'extra': abstract}
-  ckpt_dir = os.path.join(vqvae_dir(workdir), _CHECKPOINTS)
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae)
   restored = _restore_latest_subtrees(
       ckpt_dir, builders.vqvae_fingerprint(config), lambda _: target)
   if restored is None:
@@ -220,7 +201,8 @@ def load_prior(config: ml_collections.ConfigDict, workdir: str, level: int, *,
       VQ-VAE's codes.
   """
   mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
-  ckpt_dir = os.path.join(prior_dir(workdir, level), _CHECKPOINTS)
+  ckpt_dir = workdir_lib.checkpoint_dir(
+      workdir_lib.Workdir(workdir).prior(level))
   fingerprint = builders.prior_fingerprint(config, level, vqvae)
   check_codes_provenance(ckpt_dir, fingerprint)
   model = builders.build_prior(config, level)
@@ -249,3 +231,123 @@ def load_prior(config: ml_collections.ConfigDict, workdir: str, level: int, *,
   subtrees, step = restored
   (weights,) = subtrees.values()
   return model, {'params': weights}, step
+
+
+class LoadedClassifier(NamedTuple):
+  """A trained domain classifier, ready to score images.
+
+  Attributes:
+    model: the module.
+    params: its 'params', placed on `mesh`.
+    step: the checkpoint's step.
+    mesh: where it runs.
+    predict: jitted (params, images [b, h, w, c]) -> (features [b, d],
+      probabilities [b, C]); b divides over the mesh's devices.
+  """
+  model: classifier_lib.Classifier
+  params: PyTree
+  step: int
+  mesh: Mesh
+  predict: Any
+
+
+_FIX_TRAIN_CLASSIFIER = ('train the classifier first with --mode=classifier '
+                         'and the same --workdir')
+
+
+def load_classifier(config: ml_collections.ConfigDict, workdir: str,
+                    mesh: Mesh | None = None) -> LoadedClassifier:
+  """The newest domain classifier's params (variables only).
+
+  Args:
+    config: the run's config; its data and classifier fields must match the
+      checkpoint's (a classifier of another dataset or image size is
+      refused, naming the differing fields).
+    workdir: reads workdir/classifier/checkpoints.
+    mesh: default: config.mesh.
+
+  Returns:
+    The classifier; `predict_batches` scores images with it.
+
+  Raises:
+    errors.MissingStageError: no classifier checkpoint.
+    errors.CheckpointMismatchError: written for another dataset, image size
+      or model.
+  """
+  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
+  ckpt_dir = workdir_lib.checkpoint_dir(
+      workdir_lib.Workdir(workdir).classifier)
+  if not os.path.isdir(ckpt_dir):
+    raise errors.MissingStageError(
+        f'No classifier checkpoint in {ckpt_dir}. Fix: '
+        f'{_FIX_TRAIN_CLASSIFIER}.')
+  model = builders.build_classifier(config)
+  abstract, predict = _classifier_programs(
+      model, builders.image_shape(config), mesh)
+  restored = _restore_latest_subtrees(
+      ckpt_dir, builders.classifier_fingerprint(config),
+      lambda _: {'params': abstract})
+  if restored is None:
+    raise errors.MissingStageError(
+        f'No classifier checkpoint in {ckpt_dir}. Fix: '
+        f'{_FIX_TRAIN_CLASSIFIER}.')
+  subtrees, step = restored
+  return LoadedClassifier(model=model, params=subtrees['params'], step=step,
+                          mesh=mesh, predict=predict)
+
+
+@functools.lru_cache(maxsize=8)
+def _classifier_programs(model: classifier_lib.Classifier,
+                         image_shape: tuple[int, int, int], mesh: Mesh
+                         ) -> tuple[PyTree, Any]:
+  """(the params' restore target, the jitted predict) of `model` on `mesh`.
+
+  Built once per model and mesh, so that every load of a classifier shares
+  one compilation. The params are laid out as the trainer lays them out
+  (`parallel.state_shardings`).
+  """
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, *image_shape), jnp.float32))
+  shardings = parallel.state_shardings(abstract['params'], mesh)
+  data = parallel.data_sharding(mesh)
+
+  def predict(params, images):
+    features, logits = model.apply({'params': params}, images)
+    return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  return (parallel.abstract_with_shardings(abstract['params'], shardings),
+          jax.jit(predict, in_shardings=(shardings, data),
+                  out_shardings=(data, data)))
+
+
+def predict_batches(classifier: LoadedClassifier, images: np.ndarray,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Features and probabilities of many images, batch by batch.
+
+  Args:
+    classifier: from `load_classifier`.
+    images: float32 [n, h, w, c] in [-1, 1], the same on every process.
+    batch_size: images per call, rounded down to a multiple of the mesh's
+      devices (at least one each); the last batch is padded and its padding
+      dropped.
+
+  Returns:
+    (features float64 [n, d], probabilities float64 [n, C]).
+  """
+  mesh = classifier.mesh
+  n = len(images)
+  batch_size = max(batch_size // mesh.size, 1) * mesh.size
+  feats, probs = [], []
+  for begin in range(0, n, batch_size):
+    chunk = np.asarray(images[begin:begin + batch_size], np.float32)
+    m = len(chunk)
+    if m < batch_size:
+      chunk = np.concatenate(
+          [chunk, np.zeros((batch_size - m, *chunk.shape[1:]), np.float32)])
+    f, p = classifier.predict(classifier.params, jax.device_put(
+        chunk, parallel.data_sharding(mesh)))
+    feats.append(np.asarray(jax.device_get(f), np.float64)[:m])
+    probs.append(np.asarray(jax.device_get(p), np.float64)[:m])
+  if not feats:
+    raise ValueError('No images to classify.')
+  return np.concatenate(feats), np.concatenate(probs)

@@ -2,12 +2,14 @@
 
 Every train step is a `jax.jit` over a `Mesh` with axes ('data', 'fsdp'):
 batches are split over both axes (all devices take part in data
-parallelism), parameters are replicated unless a caller shards them over
-'fsdp'. The same code runs on 1 CPU, 8 fake CPU devices, a GPU or a pod.
+parallelism), parameters are replicated except large arrays on a mesh
+whose 'fsdp' axis has more than one device (`state_shardings`, the FSDP
+rule). The same code runs on 1 CPU, 8 fake CPU devices, a GPU or a pod.
 """
 
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -26,6 +28,10 @@ import numpy as np
 from vqvae2_jax import errors
 
 DATA_AXES = ('data', 'fsdp')  # Batch dimension is split over both axes.
+# Arrays smaller than this stay replicated even on an 'fsdp' mesh: splitting
+# biases and small kernels costs more in communication than it saves.
+_MIN_FSDP_SIZE = 2**14
+PyTree = Any
 
 
 # The explicit multi-process settings, as the local launcher
@@ -269,6 +275,53 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding of a value held whole by every device."""
   return NamedSharding(mesh, P())
+
+
+def state_shardings(abstract_state: PyTree, mesh: Mesh) -> PyTree:
+  """Shardings for a (possibly abstract) state pytree on `mesh`.
+
+  Everything is replicated, except on a mesh whose 'fsdp' axis has more than
+  one device: there each large array is split along its largest dimension
+  that the axis divides (FSDP). Adam's moments have the params' shapes, so
+  they follow the same rule.
+
+  Args:
+    abstract_state: pytree of arrays or `jax.ShapeDtypeStruct`s.
+    mesh: the ('data', 'fsdp') mesh.
+
+  Returns:
+    A pytree of `NamedSharding`s with the structure of `abstract_state`.
+  """
+  fsdp = dict(mesh.shape).get('fsdp', 1)
+
+  def sharding(x):
+    shape = tuple(getattr(x, 'shape', ()))
+    if fsdp > 1 and math.prod(shape) >= _MIN_FSDP_SIZE:
+      for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+          spec = [None] * len(shape)
+          spec[axis] = 'fsdp'
+          return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+  return jax.tree.map(sharding, abstract_state)
+
+
+def abstract_with_shardings(state_or_abstract: PyTree, shardings: PyTree
+                            ) -> PyTree:
+  """`jax.ShapeDtypeStruct`s that carry `shardings` (a restore target)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state_or_abstract, shardings)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated or process-local array as numpy on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def num_batch_shards(mesh: Mesh) -> int:

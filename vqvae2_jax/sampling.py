@@ -45,7 +45,7 @@ and scores the candidates.
 
 import functools
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -342,10 +342,11 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
     _check_range(f'cond_codes[{j}]', x, model.cond_num_embeddings[j],
                  'pass codes of the level above, each below its codebook '
                  f'size {model.cond_num_embeddings[j]}.')
-  if model.num_classes:
-    if labels is None:
-      # The "no label" index: the unconditional path of a label-dropout model.
-      labels = jnp.full((shape[0],), model.num_classes, jnp.int32)
+  # None is the "no label" index: the unconditional path of a label-dropout
+  # model.
+  labels = pixelcnn.resolve_labels(labels, shape[0], model.num_classes,
+                                   SamplingInputError)
+  if labels is not None:
     labels = jnp.asarray(labels, jnp.int32)
     if labels.shape != (shape[0],):
       raise SamplingInputError(f'labels has shape {labels.shape}. Fix: pass one '
@@ -354,9 +355,6 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
                  f'use class indices 0..{model.num_classes - 1}, or '
                  f'{model.num_classes} (or labels=None) for the unconditional '
                  'path; -1 is not "no label".')
-  elif labels is not None:
-    raise SamplingInputError('labels given to a prior built with num_classes=0. '
-                     'Fix: pass labels=None.')
   return shape, cond_codes, labels
 
 
@@ -572,6 +570,48 @@ def cast_prior(model: pixelcnn.PixelCNNPrior, variables: PyTree, dtype: Any
     raise SamplingInputError(f'dtype is {dtype}. Fix: use a float dtype, e.g. '
                      "'bfloat16' or 'float32'.")
   return model.clone(dtype=dtype), _cast_floats(variables, dtype)
+
+
+def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
+                    level_shapes: Sequence[Sequence[int]],
+                    decode: Callable[[list[np.ndarray]], Array], *,
+                    num_maps: int, labels: Optional[np.ndarray],
+                    batch_size: int, rng: Array, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0,
+                    mesh: Optional[Mesh] = None, unroll: int = 1
+                    ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+  """`num_maps` samples of the whole hierarchy, decoded, batch by batch.
+
+  Batch i is `sample_hierarchy` with `fold_in(rng, i)`; the last batch is
+  padded to `batch_size` (one shape, one compilation: padded maps get label
+  0) and the padding dropped before decoding.
+
+  Args:
+    priors, level_shapes: as for `sample_hierarchy`.
+    decode: codes per level, top first ([n, h_l, w_l] on the host) -> images
+      [n, H, W, C].
+    num_maps: how many samples.
+    labels: [num_maps] int32 class of each sample, or None (unconditional).
+    batch_size: maps per batch; splits over the mesh's devices.
+    rng, temperature, top_k, top_p, mesh, unroll: as for `sample_hierarchy`.
+
+  Yields:
+    (codes per level [n, h_l, w_l] int32, top first; images [n, H, W, C]),
+    numpy arrays on every process, n = batch_size but in the last batch.
+  """
+  for i, begin in enumerate(range(0, num_maps, batch_size)):
+    n = min(batch_size, num_maps - begin)
+    batch_labels = None
+    if labels is not None:
+      batch_labels = np.zeros((batch_size,), np.int32)
+      batch_labels[:n] = labels[begin:begin + n]
+    codes = sample_hierarchy(
+        priors, level_shapes, batch_size=batch_size, labels=batch_labels,
+        rng=jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
+        top_p=top_p, mesh=mesh, unroll=unroll)
+    # Every process holds the whole batch (sampled over all devices).
+    codes = [parallel.to_host(c)[:n] for c in codes]
+    yield codes, parallel.to_host(decode(codes))[:n]
 
 
 # Rejection sampling: keep the candidates a classifier scores highest.

@@ -1,4 +1,4 @@
-"""The pipeline's stages by name: what `--mode` dispatches to.
+"""The stages by name: what `--mode` dispatches to.
 
 Each stage is a function `(config, workdir)` that validates nothing itself
 (`run` validates once), resumes from what `workdir` holds, and returns a
@@ -20,6 +20,7 @@ from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.evaluation import judges
 
 # mode -> (module, function). 'all' runs the stages in this order.
@@ -30,19 +31,19 @@ _STAGES = {
     'prior': ('vqvae2_jax.train.prior_trainer', 'train_priors'),
     'sample': ('vqvae2_jax.generate', 'sample_and_save'),
     'classifier': ('vqvae2_jax.train.classifier_trainer', 'train_and_evaluate'),
-    'eval': ('vqvae2_jax.evaluation.run', 'evaluate'),
-    'export': ('vqvae2_jax.pipeline', 'export_workdir'),
+    'eval': ('vqvae2_jax.stages', 'evaluate'),
+    'export': ('vqvae2_jax.api', 'export_workdir'),
 }
-PIPELINE = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
-            'export')
+STAGE_ORDER = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
+               'export')
 MODES = tuple(_STAGES) + ('all',)
 
 
-def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+def modes_of_all(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The stages --mode=all runs for `config`, in order.
 
-  PIPELINE, except for the domain classifier: it runs only where something
-  uses it (rejection sampling scores candidates with it, CAS compares with
+  STAGE_ORDER, except for the domain classifier: it runs only where
+  something uses it (rejection sampling scores candidates with it, CAS compares with
   it, and the 'classifier' and 'inception' rulers take its probabilities),
   and before the samples when it scores them. With the shipped judge as the
   ruler and neither rejection nor CAS, its minutes are saved.
@@ -50,12 +51,12 @@ def pipeline_modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   rejection = float(config.sampling.rejection_keep) < 1.0
   judged = judges.config_ruler(config) == 'judge'
   if not (rejection or config.eval.cas or not judged):
-    return tuple(m for m in PIPELINE if m != 'classifier')
+    return tuple(m for m in STAGE_ORDER if m != 'classifier')
   if rejection:
-    rest = tuple(m for m in PIPELINE if m != 'classifier')
+    rest = tuple(m for m in STAGE_ORDER if m != 'classifier')
     at = rest.index('sample')
     return rest[:at] + ('classifier',) + rest[at:]
-  return PIPELINE
+  return STAGE_ORDER
 
 
 def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
@@ -70,6 +71,19 @@ def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]
   return getattr(importlib.import_module(module_name), fn_name)
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=eval: `evaluation.run.evaluate`, given CAS's classifier trainer.
+
+  Here, not in evaluation/: only this module reaches into the trainers.
+  """
+  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax.evaluation import run as eval_run
+  from vqvae2_jax.train import classifier_trainer
+  # pylint: enable=g-import-not-at-top
+  return eval_run.evaluate(
+      config, workdir, train_classifier=classifier_trainer.train_on_arrays)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates `config` and runs `mode` (every stage in order for 'all')."""
   parallel.split_host_cpu(config.mesh.get('cpu_devices', 0))
@@ -78,7 +92,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
     console.follow()  # Process 0 speaks for all.
   config_validation.validate_config(config, num_devices=jax.device_count())
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
-  modes = pipeline_modes(config) if mode == 'all' else (mode,)
+  modes = modes_of_all(config) if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):
     _record_config(config, workdir)
   # From here on SIGTERM is a preemption notice that every phase honours.
@@ -121,7 +135,6 @@ def _run_modes(modes: tuple[str, ...], config: ml_collections.ConfigDict,
   return results
 
 
-CONFIG_FILE = 'config.json'  # In the workdir: what `Pipeline.load` reads.
 # Stages whose training loop writes its own <stage dir>/log.txt.
 _LOGGED_BY_TRAINING = ('vqvae', 'prior', 'classifier')
 
@@ -135,18 +148,19 @@ def _log_path(mode: str, result: Any, workdir: str,
   """
   if not isinstance(result, dict):
     return None
+  wd = workdir_lib.Workdir(workdir)
   if mode == 'codes' and result.get('extract_time_s'):
-    return os.path.join(workdir, 'codes', 'log.txt')
+    return workdir_lib.log_txt(wd.codes)
   if mode == 'sample' and result.get('dir'):
     meta = os.path.join(result['dir'], 'meta.json')
     if os.path.exists(meta) and os.path.getmtime(meta) >= start - 1:
-      return os.path.join(result['dir'], 'log.txt')
+      return workdir_lib.log_txt(result['dir'])
   if mode == 'eval':  # Unless an up-to-date report was only read.
-    report = os.path.join(workdir, 'eval', 'report.json')
+    report = wd.report_json
     if os.path.exists(report) and os.path.getmtime(report) >= start - 1:
-      return os.path.join(workdir, 'eval', 'log.txt')
+      return workdir_lib.log_txt(wd.eval)
   if mode == 'data':
-    return os.path.join(workdir, 'data', 'log.txt')
+    return workdir_lib.log_txt(wd.data)
   return None
 
 
@@ -160,7 +174,7 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   workdir; training and sampling settings are the latest accepted run's.
   A read-only workdir is left as it is.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = workdir_lib.Workdir(workdir).config_json
   text = config.to_json(indent=1, sort_keys=True)
   try:
     with open(path) as f:
@@ -197,24 +211,21 @@ def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   # pylint: disable=g-import-not-at-top
   from vqvae2_jax import builders
   from vqvae2_jax import checkpoints
-  from vqvae2_jax import loading
-  from vqvae2_jax.train import classifier_trainer
-  from vqvae2_jax.train import common
   # pylint: enable=g-import-not-at-top
+  wd = workdir_lib.Workdir(workdir)
   provenance = ('codes.vqvae_step', 'codes.vqvae_digest')
   expected = {
-      loading.vqvae_dir(workdir): builders.vqvae_fingerprint(config),
-      classifier_trainer.stage_dir(workdir):
-          classifier_trainer.classifier_fingerprint(config),
+      wd.vqvae: builders.vqvae_fingerprint(config),
+      wd.classifier: builders.classifier_fingerprint(config),
   }
   for level in range(builders.num_levels(config)):
     fingerprint = builders.prior_fingerprint(config, level,
                                              {'step': 0, 'digest': ''})
-    expected[loading.prior_dir(workdir, level)] = {
+    expected[wd.prior(level)] = {
         k: v for k, v in fingerprint.items() if k not in provenance}
   trained = False
   for stage_dir, fingerprint in expected.items():
-    directory = common.checkpoint_dir(stage_dir)
+    directory = workdir_lib.checkpoint_dir(stage_dir)
     if not os.path.isdir(directory):
       continue
     try:
@@ -229,9 +240,7 @@ def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
       checkpoints.check_fingerprint(saved, fingerprint, directory)
     except ValueError as e:  # errors.NoIntactCheckpointError included.
       return str(e)
-  export_dir = os.path.join(workdir, 'export')
-  if not trained and os.path.isdir(export_dir) and any(
-      n.endswith('.msgpack') for n in os.listdir(export_dir)):
+  if not trained and wd.exported_files():
     return 'the workdir holds an exported pipeline and no checkpoint'
   return None
 
@@ -257,7 +266,7 @@ def _figure(mode: str, result: Any, workdir: str) -> str:
     figure = f'PSNR {result["eval/psnr"]:.2f} dB' + (
         f' (original area {result["eval/psnr_area"]:.2f})'
         if 'eval/psnr_area' in result else '')
-    where = os.path.join(workdir, 'vqvae', 'images')
+    where = _shown(workdir_lib.Workdir(workdir).vqvae_images, workdir)
   elif mode == 'prior':
     bits = [f'{v["eval/bits_per_code"]:.3f}' for v in result.values()
             if isinstance(v, dict) and 'eval/bits_per_code' in v]
@@ -272,10 +281,16 @@ def _figure(mode: str, result: Any, workdir: str) -> str:
     figure = ', '.join(f'{label} {s[k]:.3g}' for k, label in (
         ('fid', 'FID'), ('inception_score', 'IS'), ('precision', 'precision'),
         ('recall', 'recall')) if isinstance(s.get(k), (int, float)))
-    where = os.path.join(workdir, 'eval', 'report.md')
+    where = _shown(workdir_lib.Workdir(workdir).report_md, workdir)
   elif mode == 'export' and result.get('path'):
     where = result['path']
   return '; '.join(x for x in (figure, where) if x)
+
+
+def _shown(path: str, workdir: str) -> str:
+  """`path`, inside `workdir`, under the workdir's name as the user gave it."""
+  return os.path.join(workdir,
+                      os.path.relpath(path, workdir_lib.Workdir(workdir).root))
 
 
 def summary_lines(results: dict, seconds: dict, workdir: str) -> list[str]:

@@ -68,7 +68,6 @@ def test_prior_rows_read_each_levels_metrics(tmp_path):
                              'train_bits_per_code': 2.25,
                              'uniform_bits_per_code': 4.0, 'step': 6}
   assert rows['level_1']['held_out_bits_per_code'] is None
-  assert run.eval_dir(workdir) == os.path.join(workdir, 'eval')
 
 
 def _report(**changes):

@@ -180,6 +180,20 @@ def test_clear_errors():
     init(_prior(attention_layers=3))
 
 
+def test_resolve_labels_is_the_no_label_index_or_a_refusal():
+  np.testing.assert_array_equal(pixelcnn.resolve_labels(None, 3, 10),
+                                [10, 10, 10])
+  given = jnp.asarray([0, 10], jnp.int32)
+  assert pixelcnn.resolve_labels(given, 2, 10) is given
+  assert pixelcnn.resolve_labels(None, 3, 0) is None
+
+  class Refused(ValueError):
+    pass
+
+  with pytest.raises(Refused, match=r'num_classes=0\. Fix: pass labels=None'):
+    pixelcnn.resolve_labels(given, 2, 0, Refused)
+
+
 def _assert_rel_close(cached, full, what):
   """max |cached - full| <= 1e-5 * max |full| (float32 rounding only)."""
   err = np.abs(np.asarray(cached) - np.asarray(full)).max()

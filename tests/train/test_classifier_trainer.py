@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
+from vqvae2_jax import builders
+from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.train import classifier_trainer
 from vqvae2_jax.train import common
 
@@ -29,12 +32,12 @@ def test_default_config_crops_to_the_source_area():
   # Padded Fashion-MNIST is cropped to its 28x28 source; a classifier that
   # looked at the whole canvas is a different one.
   config = fashion_mnist.get_config()
-  assert classifier_trainer.build_classifier(config).crop == (2, 2, 28, 28)
+  assert builders.build_classifier(config).crop == (2, 2, 28, 28)
   whole = fashion_mnist.get_config()
   whole.classifier.original_area_only = False
-  assert classifier_trainer.build_classifier(whole).crop is None
-  assert (classifier_trainer.classifier_fingerprint(config)
-          != classifier_trainer.classifier_fingerprint(whole))
+  assert builders.build_classifier(whole).crop is None
+  assert (builders.classifier_fingerprint(config)
+          != builders.classifier_fingerprint(whole))
 
 
 def test_batch_sums_hand_made():
@@ -105,7 +108,8 @@ def test_train_resume_load_and_refusals(tmp_path):
   for key in ('eval/accuracy', 'eval/top5_accuracy', 'eval/loss',
               'steps_per_sec', 'train/loss'):
     assert np.isfinite(result[key]), key
-  with open(f'{classifier_trainer.stage_dir(workdir)}/metrics.json') as f:
+  with open(workdir_lib.metrics_json(
+      workdir_lib.Workdir(workdir).classifier)) as f:
     assert json.load(f)['step'] == result['step']
 
   # Training longer resumes from the saved step; the loaded params are the
@@ -115,16 +119,16 @@ def test_train_resume_load_and_refusals(tmp_path):
   longer.classifier.checkpoint_every = 3
   assert classifier_trainer.train_and_evaluate(longer, workdir)['step'] == 9
   mesh = parallel.create_mesh(config.mesh)
-  progs, params, step = classifier_trainer.load_classifier(longer, workdir,
-                                                           mesh)
-  assert step == 9
+  classifier = loading.load_classifier(longer, workdir, mesh)
+  assert classifier.step == 9
   images = np.random.default_rng(0).uniform(-1, 1, (20, 32, 32, 1))
-  features, probs = classifier_trainer.predict_batches(
-      progs, params, images.astype(np.float32), mesh, batch_size=16)
+  features, probs = loading.predict_batches(
+      classifier, images.astype(np.float32), batch_size=16)
   assert features.shape == (20, 16) and probs.shape == (20, 10)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
-  _, direct = progs.model.apply({'params': jax.device_get(params)},
-                                jnp.asarray(images[:4], jnp.float32))
+  _, direct = classifier.model.apply(
+      {'params': jax.device_get(classifier.params)},
+      jnp.asarray(images[:4], jnp.float32))
   np.testing.assert_allclose(probs[:4], jax.nn.softmax(direct), rtol=1e-4,
                              atol=1e-6)
 
@@ -132,9 +136,9 @@ def test_train_resume_load_and_refusals(tmp_path):
   other = _config()
   other.data.image_size = 64
   with pytest.raises(ValueError, match='data.image_size'):
-    classifier_trainer.load_classifier(other, workdir, mesh)
+    loading.load_classifier(other, workdir, mesh)
   with pytest.raises(FileNotFoundError, match='--mode=classifier'):
-    classifier_trainer.load_classifier(config, str(tmp_path / 'none'), mesh)
+    loading.load_classifier(config, str(tmp_path / 'none'), mesh)
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):

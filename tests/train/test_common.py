@@ -184,15 +184,23 @@ def test_cadence_from_config(stage2_config):
       keep_checkpoints=p.keep_checkpoints)
 
 
-def test_fsdp_shardings_split_large_arrays():
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2),
-                           parallel.DATA_AXES)
-  abstract = {'big': jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
-              'small': jax.ShapeDtypeStruct((128,), jnp.float32)}
-  shardings = common.state_shardings(abstract, mesh)
-  assert shardings['big'].spec == jax.sharding.PartitionSpec(
-      None, None, None, 'fsdp')
-  assert shardings['small'].spec == jax.sharding.PartitionSpec()
+def test_settings_key_is_hashable_sorted_and_typed(stage2_config):
+  key = common.settings_key(stage2_config.prior, common.OPTIMIZER_FIELDS)
+  assert [name for name, _ in key] == sorted(common.OPTIMIZER_FIELDS)
+  assert hash(key) == hash(common.settings_key(
+      stage2_config.prior.copy_and_resolve_references(),
+      common.OPTIMIZER_FIELDS))
+  settings = dict(key)
+  assert settings['warmup_steps'] == stage2_config.prior.warmup_steps
+  assert isinstance(settings['learning_rate'], float)
+  assert isinstance(settings['cosine_decay'], bool)
+  # The keyword arguments of `create_optimizer`, as the trainers pass them.
+  _, schedule = common.create_optimizer(**settings)
+  assert float(schedule(0)) == (
+      0.0 if settings['warmup_steps'] else settings['learning_rate'])
+  other = stage2_config.prior.copy_and_resolve_references()
+  other.learning_rate = 2 * stage2_config.prior.learning_rate
+  assert common.settings_key(other, common.OPTIMIZER_FIELDS) != key
 
 
 def test_learning_rate_schedule():
@@ -219,22 +227,6 @@ def test_step_metrics_summary_and_non_finite_check():
   pending.append(4, {'loss': jnp.float32(np.inf)})
   with pytest.raises(common.NonFiniteError, match='step 4: loss=inf. keep'):
     pending.check_finite('keep')
-
-
-def test_image_grid_layout():
-  images = np.stack([np.full((4, 5, 1), v, np.float32)
-                     for v in (-1.0, 0.0, 1.0)])
-  grid = common.image_grid(images, num_cols=2, padding=1)
-  assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 1)
-  assert grid[1, 1, 0] == 0 and grid[1, 7, 0] == 128 and grid[6, 1, 0] == 255
-  assert grid[0, 0, 0] == 255  # Padding.
-
-
-def test_write_json_writes_nan_as_null(tmp_path):
-  path = str(tmp_path / 'm.json')
-  common.write_json(path, {'a': float('nan'), 'b': 1.5})
-  with open(path) as f:
-    assert json.load(f) == {'a': None, 'b': 1.5}
 
 
 def test_a_full_disk_is_one_message_and_the_last_checkpoint_restores(

@@ -10,6 +10,7 @@ import pytest
 from vqvae2_jax import builders
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.train import extract
@@ -43,7 +44,7 @@ def reference(tmp_path_factory, config, save_vqvae_checkpoint):
   assert result['vqvae_step'] == 1
   assert result['num_examples_train'] == 96
   assert result['num_examples_eval'] == 40
-  return workdir, _files(extract.codes_dir(workdir))
+  return workdir, _files(workdir_lib.Workdir(workdir).codes)
 
 
 def test_codes_are_the_encoders_codes_of_each_split(config, reference):
@@ -55,7 +56,7 @@ def test_codes_are_the_encoders_codes_of_each_split(config, reference):
   mesh = parallel.create_mesh(config.mesh)
   model, variables, _ = loading.load_vqvae(config, workdir, mesh)
   dataset = codes_lib.CodeDataset(
-      extract.codes_dir(workdir),
+      workdir_lib.Workdir(workdir).codes,
       vqvae=loading.current_vqvae_provenance(config, workdir, mesh))
   assert dataset.level_shapes == [(4, 4), (8, 8)]
   assert dataset.level_shapes == builders.level_shapes(config)
@@ -94,7 +95,7 @@ def test_killed_extraction_resumes_to_identical_files(config, reference,
   monkeypatch.setattr(codes_lib, 'write_shard', write_then_die)
   with pytest.raises(_Killed):
     extract.extract_codes(config, workdir)
-  codes_dir = extract.codes_dir(workdir)
+  codes_dir = workdir_lib.Workdir(workdir).codes
   partial = _files(codes_dir)
   assert sorted(partial) == ['digests.json', 'plan.json',
                              'train/00000-of-00003.npy']
@@ -123,7 +124,7 @@ def test_codes_from_a_different_vqvae_are_refused(config, tmp_path,
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, seed=0, step=1)
   extract.extract_codes(config, workdir)
-  codes_dir = extract.codes_dir(workdir)
+  codes_dir = workdir_lib.Workdir(workdir).codes
   # Stage 1 goes on (here: other weights at a later step).
   save_vqvae_checkpoint(config, workdir, seed=1, step=2)
   current = loading.current_vqvae_provenance(config, workdir)
@@ -151,7 +152,7 @@ def test_a_finished_extraction_is_only_read(config, reference, tmp_path,
   workdir, files = reference
   copy = tmp_path / 'finished'
   shutil.copytree(workdir, copy)
-  codes = extract.codes_dir(str(copy))
+  codes = workdir_lib.Workdir(copy).codes
   before = {p: os.stat(os.path.join(codes, p)).st_mtime_ns for p in files}
 
   def no_writes(*args, **kwargs):

@@ -13,6 +13,7 @@ from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.train import common
@@ -138,7 +139,7 @@ def _restored_state(config, workdir, level, vqvae):
   mesh = parallel.create_mesh(config.mesh)
   target = common.restore_target(prior_trainer.programs(config, level, mesh))
   manager = checkpoints.create_manager(
-      common.checkpoint_dir(prior_trainer.stage_dir(workdir, level)),
+      workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).prior(level)),
       read_only=True)
   try:
     fingerprint = builders.prior_fingerprint(config, level, vqvae)
@@ -161,7 +162,7 @@ def test_training_resumes_exactly(config, codes_workdir, tmp_path,
   shutil.copytree(codes_workdir, killed)
   results = prior_trainer.train_priors(config, whole)
   assert sorted(results) == ['level_1']
-  assert not os.path.exists(prior_trainer.stage_dir(whole, 0))
+  assert not os.path.exists(workdir_lib.Workdir(whole).prior(0))
 
   real_iterator = code_iterators.create_train_iterator
 
@@ -218,7 +219,7 @@ def _save_initial_prior(config, workdir, level, vqvae):
   if state.polyak is not None:  # Other numbers than the params.
     state = state.replace(polyak=jax.tree.map(lambda x: -x, state.polyak))
   manager = checkpoints.create_manager(
-      common.checkpoint_dir(prior_trainer.stage_dir(workdir, level)),
+      workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).prior(level)),
       async_save=False)
   try:
     checkpoints.save(manager, 1, state,

@@ -8,6 +8,7 @@ a mesh over jax.devices()[:1].
 
 import functools
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from configs import fashion_mnist
 from vqvae2_jax import checkpoints
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.train import common
 from vqvae2_jax.train import vqvae_trainer
@@ -42,7 +44,8 @@ def _restore_state(config, workdir, step=None):
   mesh = parallel.create_mesh(devices=jax.devices()[:1])
   target = common.restore_target(vqvae_trainer.programs(config, mesh))
   manager = checkpoints.create_manager(
-      str(vqvae_trainer.stage_dir(workdir) / 'checkpoints'), read_only=True)
+      workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae),
+      read_only=True)
   try:
     step = manager.latest_step() if step is None else step
     restored = checkpoints.restore_step(manager, step, target)
@@ -97,7 +100,7 @@ def test_sharded_step_matches_single_device(mesh_shape, single_device_run,
   many = jax.sharding.Mesh(
       np.asarray(jax.devices()).reshape(mesh_shape), parallel.DATA_AXES)
   # Let the tiny model's larger kernels be split over 'fsdp' (2 devices).
-  monkeypatch.setattr(common, '_MIN_FSDP_SIZE', 64)
+  monkeypatch.setattr(parallel, '_MIN_FSDP_SIZE', 64)
   state_n, metrics_n, restarted_n = _run_steps(config, many, batches)
   state_1, metrics_1, restarted_1 = single_device_run
   assert int(state_n.step) == len(batches)
@@ -120,7 +123,7 @@ def finished_run(tmp_path_factory):
 
 def test_end_to_end_writes_checkpoints_metrics_and_images(finished_run):
   config, workdir, metrics = finished_run
-  out = vqvae_trainer.stage_dir(workdir)
+  out = pathlib.Path(workdir_lib.Workdir(workdir).vqvae)
   steps = config.vqvae_train.num_train_steps
   assert metrics['step'] == steps
   ckpts = sorted(int(p.name) for p in (out / 'checkpoints').iterdir()
@@ -145,7 +148,7 @@ def test_rerun_of_finished_run_only_reads(finished_run):
   again = vqvae_trainer.train_and_evaluate(config, workdir)
   assert again == pytest.approx(metrics)
   assert again['steps_per_sec'] > 0
-  ckpts = vqvae_trainer.stage_dir(workdir) / 'checkpoints'
+  ckpts = pathlib.Path(workdir_lib.Workdir(workdir).vqvae) / 'checkpoints'
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == [
       '3', '6']
 
@@ -176,7 +179,7 @@ def test_resumed_run_ends_identical(finished_run, tmp_path, monkeypatch):
         input_pipeline.create_train_iterator, fail_at_step=5))
     with pytest.raises(RuntimeError, match='simulated crash'):
       vqvae_trainer.train_and_evaluate(config, workdir)
-  ckpt_dir = vqvae_trainer.stage_dir(workdir) / 'checkpoints'
+  ckpt_dir = pathlib.Path(workdir_lib.Workdir(workdir).vqvae) / 'checkpoints'
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == [
       '3']
   metrics = vqvae_trainer.train_and_evaluate(config, workdir)
@@ -196,7 +199,7 @@ def test_non_finite_loss_names_step_and_keeps_checkpoint(tmp_path,
       input_pipeline.create_train_iterator, fail_at_step=-1, nan_at_step=5))
   with pytest.raises(common.NonFiniteError, match=r'at step 5\b'):
     vqvae_trainer.train_and_evaluate(config, workdir)
-  ckpt_dir = vqvae_trainer.stage_dir(workdir) / 'checkpoints'
+  ckpt_dir = pathlib.Path(workdir_lib.Workdir(workdir).vqvae) / 'checkpoints'
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ['3']
   state = _restore_state(config, workdir)
   assert int(state.step) == 3

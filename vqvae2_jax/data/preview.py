@@ -14,9 +14,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from vqvae2_jax import files
+from vqvae2_jax import images as images_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
-from vqvae2_jax.train import common
 
 _PREVIEW_IMAGES = 64
 
@@ -39,8 +41,8 @@ def preview_data(config: ml_collections.ConfigDict,
       data, global_batch_size=batch_size, mesh=mesh, seed=config.seed))
   images = np.asarray(batch['image'])[:_PREVIEW_IMAGES]
   labels = np.asarray(batch['label'])[:_PREVIEW_IMAGES]
-  out_dir = os.path.join(os.path.abspath(workdir), 'data')
-  common.write_image_grid(os.path.join(out_dir, 'preview.png'), images,
+  out_dir = workdir_lib.Workdir(workdir).data
+  images_lib.write_image_grid(os.path.join(out_dir, 'preview.png'), images,
                           num_cols=16)
   summary = {
       'dataset': data.name,
@@ -51,6 +53,6 @@ def preview_data(config: ml_collections.ConfigDict,
       'preview_label_counts': np.bincount(
           labels, minlength=max(int(data.num_classes), 1)).tolist(),
   }
-  common.write_json(os.path.join(out_dir, 'summary.json'), summary)
+  files.write_json_once(os.path.join(out_dir, 'summary.json'), summary)
   logging.info('Data %s: %s; preview in %s', data.name, summary, out_dir)
   return summary

@@ -56,23 +56,22 @@ from vqvae2_jax import files
 from vqvae2_jax import generate
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import judges
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import reconstruction
-from vqvae2_jax.train import classifier_trainer
 
 # Held-out features kept for KID and precision/recall (ImageNet's 50,000 x
 # 2048 Inception features: 800 MB in float64).
 _MAX_REAL_FEATURES = 50_000
 
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def eval_dir(workdir: str) -> str:
-  """workdir/eval, where the report goes."""
-  return os.path.join(os.path.abspath(workdir), 'eval')
+# Trains a classifier on in-memory examples and scores the held-out split
+# (the CAS recipe): (config, directory, images, labels, *, name, provenance,
+# mesh) -> final metrics; `train.classifier_trainer.train_on_arrays`.
+TrainClassifier = Callable[..., dict[str, Any]]
 
 
 def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
@@ -99,19 +98,16 @@ def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
   if ruler == 'judge':
     return _judge_fn(config.data.name, batch)
 
-  progs, params, step = classifier_trainer.load_classifier(config, workdir,
-                                                           mesh)
-  about = {'classifier_step': step,
-           'classifier_fingerprint': classifier_trainer.classifier_fingerprint(
-               config)}
+  classifier = loading.load_classifier(config, workdir, mesh)
+  about = {'classifier_step': classifier.step,
+           'classifier_fingerprint': builders.classifier_fingerprint(config)}
 
   def classify(images):
-    return classifier_trainer.predict_batches(progs, params, images, mesh,
-                                              batch)
+    return loading.predict_batches(classifier, images, batch)
 
   if ruler == 'classifier':
     about['features'] = 'domain classifier (pooled, %d-d)' % (
-        progs.model.width * 2**(len(progs.model.stage_sizes) - 1))
+        classifier.model.width * 2**(len(classifier.model.stage_sizes) - 1))
     return classify, about
 
   from vqvae2_jax.models import inception  # pylint: disable=g-import-not-at-top
@@ -156,9 +152,9 @@ def _real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
   for batch in input_pipeline.create_eval_iterator(
       config.data, split=split, global_batch_size=config.eval.batch_size,
       mesh=mesh):
-    mask = np.asarray(loading.to_host(batch['mask']))
-    images = np.asarray(loading.to_host(batch['image']))[mask]
-    labels = np.asarray(loading.to_host(batch['label']))[mask]
+    mask = np.asarray(parallel.to_host(batch['mask']))
+    images = np.asarray(parallel.to_host(batch['image']))[mask]
+    labels = np.asarray(parallel.to_host(batch['label']))[mask]
     if limit is not None:
       images, labels = images[:limit - seen], labels[:limit - seen]
     seen += len(images)
@@ -198,8 +194,8 @@ def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
   for images, batch_labels, batch in _real_batches(
       config, mesh, config.data.eval_split):
     recon, sums = recon_fn(variables, batch['image'], batch['mask'])
-    mask = np.asarray(loading.to_host(batch['mask']))
-    recon = np.clip(np.asarray(loading.to_host(recon), np.float32)[mask],
+    mask = np.asarray(parallel.to_host(batch['mask']))
+    recon = np.clip(np.asarray(parallel.to_host(recon), np.float32)[mask],
                     -1.0, 1.0)
     total = reconstruction.add_sums(total, sums)
     real.add(*features(images))
@@ -259,10 +255,7 @@ def sample_images(config: ml_collections.ConfigDict, workdir: str,
   run_config = config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.sampling.num_samples_per_class = per_class
-  meta = generate.sample_and_save(run_config, workdir)
-  with np.load(os.path.join(meta['dir'], 'codes.npz')) as data:
-    codes = [data[f'codes_{l}'] for l in range(builders.num_levels(config))]
-    labels = data['labels'] if 'labels' in data else None
+  codes, labels, meta = generate.sampled_codes(run_config, workdir)
   decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
   batch = max(int(config.eval.batch_size) // mesh.size, 1) * mesh.size
   images = []
@@ -280,7 +273,8 @@ def sample_images(config: ml_collections.ConfigDict, workdir: str,
                                 else labels[:num_samples]), meta
 
 
-def _cas(config, workdir, mesh, vqvae, variables, domain_metrics):
+def _cas(config, workdir, mesh, vqvae, variables, domain_metrics,
+         train_classifier: TrainClassifier):
   """Classification Accuracy Score: train on samples, test on real data."""
   e = config.eval
   num_classes = int(config.data.num_classes)
@@ -290,12 +284,12 @@ def _cas(config, workdir, mesh, vqvae, variables, domain_metrics):
                                                          num_classes)
   images, labels, meta = sample_images(
       config, workdir, per_class * num_classes, mesh, vqvae, variables)
-  out_dir = eval_dir(workdir)
+  wd = workdir_lib.Workdir(workdir)
   rows = {'real': {'accuracy': domain_metrics.get('eval/accuracy'),
                    'top5_accuracy': domain_metrics.get('eval/top5_accuracy'),
                    'train_examples': train_count}}
-  samples = classifier_trainer.train_on_arrays(
-      config, os.path.join(out_dir, 'cas_samples'), images, labels,
+  samples = train_classifier(
+      config, wd.cas('samples'), images, labels,
       name='CAS classifier on samples',
       provenance={'sample_run': os.path.basename(meta['dir'])}, mesh=mesh)
   rows['samples'] = {'accuracy': samples['eval/accuracy'],
@@ -306,12 +300,12 @@ def _cas(config, workdir, mesh, vqvae, variables, domain_metrics):
   recons, recon_labels = [], []
   for real_images, real_labels, batch in _real_batches(
       config, mesh, config.data.train_split, limit=len(images)):
-    mask = np.asarray(loading.to_host(batch['mask']))
-    recon = np.asarray(loading.to_host(recon_fn(variables, batch['image'])))
+    mask = np.asarray(parallel.to_host(batch['mask']))
+    recon = np.asarray(parallel.to_host(recon_fn(variables, batch['image'])))
     recons.append(np.clip(recon[mask][:len(real_images)], -1.0, 1.0))
     recon_labels.append(real_labels)
-  recon_result = classifier_trainer.train_on_arrays(
-      config, os.path.join(out_dir, 'cas_reconstructions'),
+  recon_result = train_classifier(
+      config, wd.cas('reconstructions'),
       np.concatenate(recons), np.concatenate(recon_labels),
       name='CAS classifier on reconstructions',
       provenance={'reconstructions_of': config.data.train_split}, mesh=mesh)
@@ -326,12 +320,12 @@ def _prior_rows(config: ml_collections.ConfigDict, workdir: str
                 ) -> dict[str, Any]:
   rows = {}
   for level in range(builders.num_levels(config)):
-    m = files.read_json(os.path.join(loading.prior_dir(workdir, level),
-                                     'metrics.json'))
+    prior_dir = workdir_lib.Workdir(workdir).prior(level)
+    m = files.read_json(workdir_lib.metrics_json(prior_dir))
     if m is None:
       raise errors.MissingStageError(
           f'No finished prior of level {level} in '
-          f'{loading.prior_dir(workdir, level)}. Fix: run --mode=prior with '
+          f'{prior_dir}. Fix: run --mode=prior with '
           'the same --workdir first.')
     rows[f'level_{level}'] = {
         'held_out_bits_per_code': m.get('eval/bits_per_code'),
@@ -352,19 +346,20 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
   settings = config.to_dict()
   settings.get('eval', {}).pop('force', None)
   text = json.dumps(files.normalise_json(settings), sort_keys=True)
-  stage_dirs = {'vqvae': loading.vqvae_dir(workdir),
-                'classifier': classifier_trainer.stage_dir(workdir)}
-  stage_dirs.update({f'prior_{level}': loading.prior_dir(workdir, level)
+  wd = workdir_lib.Workdir(workdir)
+  stage_dirs = {'vqvae': wd.vqvae, 'classifier': wd.classifier}
+  stage_dirs.update({f'prior_{level}': wd.prior(level)
                      for level in range(builders.num_levels(config))})
   steps = {}
   for name, directory in stage_dirs.items():
-    metrics = files.read_json(os.path.join(directory, 'metrics.json'))
+    metrics = files.read_json(workdir_lib.metrics_json(directory))
     steps[name] = None if metrics is None else metrics.get('step')
   return {'config_sha256': hashlib.sha256(text.encode()).hexdigest(),
           'stage_steps': steps}
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             train_classifier: TrainClassifier | None = None
              ) -> dict[str, Any]:
   """--mode=eval: writes workdir/eval/report.json and report.md.
 
@@ -375,25 +370,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   Args:
     config: a validated config.
     workdir: holds vqvae/, prior_<i>/ and classifier/ of finished stages.
+    train_classifier: how CAS trains its classifiers (`stages` passes
+      `train.classifier_trainer.train_on_arrays`); needed only with
+      config.eval.cas.
 
   Returns:
     The report (as report.json).
 
   Raises:
-    errors.MissingStageError: a stage the report needs has not run; the message
-      names the --mode that makes it.
+    errors.MissingStageError: a stage the report needs has not run; the
+      message names the --mode that makes it.
   """
+  if config.eval.cas and train_classifier is None:
+    raise errors.ConfigError(
+        'config.eval.cas trains classifiers, and evaluate() was given no '
+        'train_classifier. Fix: run --mode=eval (or stages.evaluate), or pass '
+        'train_classifier=train.classifier_trainer.train_on_arrays.')
   start = time.time()
-  out_dir = eval_dir(workdir)
   mesh = parallel.create_mesh(config.mesh)
+  wd = workdir_lib.Workdir(workdir)
+  out_dir = wd.eval
   priors = _prior_rows(config, workdir)  # Reads only; names a missing stage.
   # Then the ruler: a damaged judge or weights file is refused even where a
   # report exists, and the report must be of this ruler.
   features, about = feature_fn(config, workdir, mesh)
   inputs = report_inputs(config, workdir)
-  report_path = os.path.join(out_dir, 'report.json')
   try:
-    done = files.read_json(report_path)
+    done = files.read_json(wd.report_json)
   except ValueError:  # A damaged report is computed again.
     done = None
   if (done is not None and done.get('inputs') == files.normalise_json(inputs)
@@ -429,7 +432,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   sample_stats.add(*features(images))
 
   report = {
-      'workdir': os.path.abspath(workdir), 'vqvae_step': vq_step, **about,
+      'workdir': wd.root, 'vqvae_step': vq_step, **about,
       'held_out_split': config.data.eval_split,
       'held_out_examples': real.count,
       'reconstructions': recon_metrics,
@@ -444,18 +447,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
           real.probs).mean,
   }
   if config.eval.cas:
-    domain = files.read_json(os.path.join(
-        classifier_trainer.stage_dir(workdir), 'metrics.json')) or {}
-    report['cas'] = _cas(config, workdir, mesh, vqvae, variables, domain)
+    domain = files.read_json(workdir_lib.metrics_json(wd.classifier)) or {}
+    report['cas'] = _cas(config, workdir, mesh, vqvae, variables, domain,
+                         train_classifier)
   report['seconds'] = time.time() - start
   report['inputs'] = inputs
   if jax.process_index() == 0:
     markdown = report_markdown(report).encode()
     try:
       # report.md first: report.json marks the report done (`inputs`).
-      files.atomic_write(os.path.join(out_dir, 'report.md'),
-                         lambda f: f.write(markdown))
-      files.write_json(report_path, report)
+      files.atomic_write(wd.report_md, lambda f: f.write(markdown))
+      files.write_json(wd.report_json, report)
     except OSError as e:
       if not files.is_disk_full(e):
         raise

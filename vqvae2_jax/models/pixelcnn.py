@@ -686,6 +686,33 @@ class ConditioningStack(nn.Module):
     return x
 
 
+def resolve_labels(labels: Optional[Array], batch: int, num_classes: int,
+                   error: type[Exception] = ValueError) -> Optional[Array]:
+  """The labels a prior is given: `labels`, or "no label" for every example.
+
+  Args:
+    labels: [batch] class labels (num_classes = "no label"), or None.
+    batch: the number of examples.
+    num_classes: the prior's; 0 for an unconditional prior.
+    error: what to raise (the sampler raises its input error).
+
+  Returns:
+    `labels`; the "no label" index num_classes for every example (int32
+    [batch]) when None; None for an unconditional prior.
+
+  Raises:
+    error: labels given to a prior built with num_classes=0.
+  """
+  if not num_classes:
+    if labels is not None:
+      raise error('labels given to a prior built with num_classes=0. Fix: '
+                  'pass labels=None.')
+    return None
+  if labels is None:
+    return jnp.full((batch,), num_classes, jnp.int32)
+  return labels
+
+
 class PixelCNNPrior(nn.Module):
   """Gated PixelCNN prior over one level's codes (see the module docstring).
 
@@ -800,16 +827,13 @@ class PixelCNNPrior(nn.Module):
           f'Got {len(cond_codes)} conditioning code maps for a prior built '
           f'with cond_num_embeddings={tuple(self.cond_num_embeddings)}; pass '
           'the codes of every upper level, top first.')
-    if labels is not None and not self.num_classes:
-      raise ValueError('labels given to a prior built with num_classes=0.')
+    labels = resolve_labels(labels, b, self.num_classes)
     if not self.conditioned:
       return None
     feats = jnp.zeros((b, height, width, self.num_channels), self.dtype)
     if self.cond_num_embeddings:
       feats = feats + self.cond_stack(cond_codes, (height, width))
     if self.num_classes:
-      if labels is None:
-        labels = jnp.full((b,), self.num_classes, jnp.int32)
       feats = feats + self.class_embed(labels)[:, None, None, :]
     return feats
 

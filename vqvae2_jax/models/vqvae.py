@@ -234,8 +234,15 @@ def _log2(n: int) -> int:
   return int(round(math.log2(n)))
 
 
-def _is_power_of_two(n: int) -> bool:
+def is_power_of_two(n: int) -> bool:
+  """Whether `n` is an int 1, 2, 4, 8, ... (a downsampling factor's form)."""
   return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
+
+
+def latent_shapes(downsample_factors: Sequence[int], height: int, width: int
+                  ) -> list[tuple[int, int]]:
+  """[(h, w)] of each level's code map, top first, for [h, w] images."""
+  return [(height // f, width // f) for f in downsample_factors]
 
 
 def check_downsample_factors(factors: Sequence[int]) -> None:
@@ -245,7 +252,7 @@ def check_downsample_factors(factors: Sequence[int]) -> None:
     raise ValueError('downsample_factors is empty: give one factor per level, '
                      'top (coarsest) first, e.g. (8, 4).')
   for i, f in enumerate(factors):
-    if not _is_power_of_two(f) or f < 2:
+    if not is_power_of_two(f) or f < 2:
       raise ValueError(f'downsample_factors[{i}] = {f!r}: each factor must be '
                        'a power of two >= 2 (one stride-2 conv per 2x).')
   for i in range(len(factors) - 1):
@@ -349,8 +356,8 @@ class VQVAE(nn.Module):
 
   def latent_shapes(self, image_shape: Sequence[int]) -> list[tuple[int, int]]:
     """[(h, w)] of each level's code map, top first, for [.., H, W, C] images."""
-    h, w = image_shape[-3], image_shape[-2]
-    return [(h // f, w // f) for f in self.downsample_factors]
+    return latent_shapes(self.downsample_factors, image_shape[-3],
+                         image_shape[-2])
 
   def _check_images(self, images: Array) -> None:
     if images.ndim != 4 or images.shape[-1] != self.channels:

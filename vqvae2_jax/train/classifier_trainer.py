@@ -16,7 +16,6 @@ Accuracy Score.
 from collections.abc import Callable, Iterator, Mapping
 import functools
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -26,75 +25,23 @@ import ml_collections
 import numpy as np
 import optax
 
+from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import code_iterators
-from vqvae2_jax.data import layout
 from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.train import common
 
 PyTree = Any
-_FIX_TRAIN = ('train the classifier first with --mode=classifier and the '
-              'same --workdir')
-
-
-def stage_dir(workdir: str) -> str:
-  """workdir/classifier, where --mode=classifier writes."""
-  return os.path.join(os.path.abspath(workdir), 'classifier')
-
-
-def build_classifier(config: ml_collections.ConfigDict
-                     ) -> classifier_lib.Classifier:
-  """The classifier that config.classifier describes."""
-  c = config.classifier
-  return classifier_lib.Classifier(
-      num_classes=int(config.data.num_classes), width=int(c.width),
-      stage_sizes=tuple(int(s) for s in c.stage_sizes),
-      downsample_first=bool(c.downsample_first), crop=_crop(config))
-
-
-def _crop(config: ml_collections.ConfigDict
-          ) -> tuple[int, int, int, int] | None:
-  if not config.classifier.original_area_only:
-    return None
-  return layout.original_area(config.data)
-
-
-def classifier_fingerprint(config: ml_collections.ConfigDict
-                           ) -> dict[str, Any]:
-  """What a classifier checkpoint must agree on: its data and its model."""
-  c = config.classifier
-  return {
-      'data.name': config.data.name,
-      'data.image_folder': config.data.image_folder,
-      'data.image_size': int(config.data.image_size),
-      'data.channels': int(config.data.channels),
-      'data.num_classes': int(config.data.num_classes),
-      'classifier.width': int(c.width),
-      'classifier.stage_sizes': [int(s) for s in c.stage_sizes],
-      'classifier.downsample_first': bool(c.downsample_first),
-      'classifier.crop': None if _crop(config) is None else list(
-          _crop(config)),
-  }
-
-
-def _image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  size = int(config.data.image_size)
-  return (size, size, int(config.data.channels))
 
 
 def _settings(config: ml_collections.ConfigDict
               ) -> tuple[tuple[str, Any], ...]:
-  c = config.classifier
-  return tuple(sorted({
-      'learning_rate': float(c.learning_rate),
-      'warmup_steps': int(c.warmup_steps),
-      'num_train_steps': int(c.num_train_steps),
-      'weight_decay': float(c.weight_decay),
-      'augment_shift': int(c.augment_shift),
-      'augment_flip': bool(c.augment_flip),
-  }.items()))
+  return common.settings_key(config.classifier, {
+      'learning_rate': float, 'warmup_steps': int, 'num_train_steps': int,
+      'weight_decay': float, 'augment_shift': int, 'augment_flip': bool})
 
 
 def make_init_fn(model: classifier_lib.Classifier,
@@ -195,13 +142,12 @@ class Programs(NamedTuple):
   init: Callable[[jax.Array], common.TrainState]
   train_step: Callable  # (state, batch) -> (state, metrics); state donated.
   eval_sums: Callable  # (params, batch) -> `batch_sums`.
-  predict: Callable  # (params, images) -> (features [b, d], probs [b, C]).
 
 
 def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> Programs:
   """The jitted functions that `config` needs on `mesh` (cached)."""
-  return _programs(build_classifier(config), _settings(config),
-                   _image_shape(config), mesh)
+  return _programs(builders.build_classifier(config), _settings(config),
+                   builders.image_shape(config), mesh)
 
 
 @functools.lru_cache(maxsize=8)
@@ -224,16 +170,10 @@ def _programs(model: classifier_lib.Classifier,
     _, logits = model.apply({'params': params}, batch['image'])
     return batch_sums(logits, batch['label'], batch['mask'])
 
-  def predict(params, images):
-    features, logits = model.apply({'params': params}, images)
-    return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
   return Programs(
       model=model, shardings=shardings, init=init, train_step=train_step,
       eval_sums=jax.jit(eval_sums, in_shardings=(shardings.params, data),
-                        out_shardings=replicated),
-      predict=jax.jit(predict, in_shardings=(shardings.params, data),
-                      out_shardings=(data, data)))
+                        out_shardings=replicated))
 
 
 def _train(config: ml_collections.ConfigDict, *, name: str, directory: str,
@@ -241,7 +181,8 @@ def _train(config: ml_collections.ConfigDict, *, name: str, directory: str,
            train_iterator: Callable[[int], Iterator[Any]],
            eval_batches: Callable[[], Iterator[Any]]) -> dict[str, Any]:
   """Runs the training loop of one classifier; returns its final metrics."""
-  checkpoints.check_directory(common.checkpoint_dir(directory), fingerprint)
+  checkpoints.check_directory(workdir_lib.checkpoint_dir(directory),
+                              fingerprint)
   progs = programs(config, mesh)
 
   def run_eval(step, state, is_last):
@@ -297,8 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         seed=config.seed, start_step=start_step)
 
   return _train(config, name='Classifier',
-                directory=stage_dir(workdir),
-                fingerprint=classifier_fingerprint(config), mesh=mesh,
+                directory=workdir_lib.Workdir(workdir).classifier,
+                fingerprint=builders.classifier_fingerprint(config), mesh=mesh,
                 train_iterator=train_iterator,
                 eval_batches=lambda: held_out_batches(config, mesh))
 
@@ -364,7 +305,7 @@ def train_on_arrays(config: ml_collections.ConfigDict, directory: str,
   mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)
-  fingerprint = {**classifier_fingerprint(config),
+  fingerprint = {**builders.classifier_fingerprint(config),
                  **{f'examples.{k}': v for k, v in provenance.items()},
                  'examples.count': len(images)}
 
@@ -377,82 +318,6 @@ def train_on_arrays(config: ml_collections.ConfigDict, directory: str,
                 fingerprint=fingerprint, mesh=mesh,
                 train_iterator=train_iterator,
                 eval_batches=lambda: held_out_batches(config, mesh))
-
-
-def load_classifier(config: ml_collections.ConfigDict, workdir: str,
-                    mesh: Mesh | None = None
-                    ) -> tuple[Programs, PyTree, int]:
-  """The newest domain classifier's params (variables only).
-
-  Args:
-    config: the run's config; its data and classifier fields must match the
-      checkpoint's (a classifier of another dataset or image size is
-      refused, naming the differing fields).
-    workdir: reads workdir/classifier/checkpoints.
-    mesh: default: config.mesh.
-
-  Returns:
-    (the jitted programs (`predict` gives features and probabilities),
-    params, step).
-
-  Raises:
-    errors.MissingStageError: no classifier checkpoint.
-    errors.CheckpointMismatchError: written for another dataset, image size
-      or model.
-  """
-  mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
-  ckpt_dir = common.checkpoint_dir(stage_dir(workdir))
-  if not os.path.isdir(ckpt_dir):
-    raise errors.MissingStageError(
-        f'No classifier checkpoint in {ckpt_dir}. Fix: {_FIX_TRAIN}.')
-  progs = programs(config, mesh)
-  target = {'params': common.restore_target(progs).params}
-  manager = checkpoints.create_manager(ckpt_dir, read_only=True)
-  try:
-    # The newest intact step: a damaged newer one is passed over.
-    restored = checkpoints.restore_newest_intact(
-        manager, classifier_fingerprint(config),
-        lambda step: checkpoints.restore_subtrees(manager, step, target))
-  finally:
-    manager.close()
-  if restored is None:
-    raise errors.MissingStageError(
-        f'No classifier checkpoint in {ckpt_dir}. Fix: {_FIX_TRAIN}.')
-  params, step = restored[0]['params'], restored[1]
-  return progs, params, step
-
-
-def predict_batches(progs: Programs, params: PyTree, images: np.ndarray,
-                    mesh: Mesh, batch_size: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Features and probabilities of many images, batch by batch.
-
-  Args:
-    progs, params: from `load_classifier`.
-    images: float32 [n, h, w, c] in [-1, 1], the same on every process.
-    mesh: the mesh `progs` was built for.
-    batch_size: images per call; a multiple of the mesh's devices (the last
-      batch is padded and its padding dropped).
-
-  Returns:
-    (features float64 [n, d], probabilities float64 [n, C]).
-  """
-  n = len(images)
-  batch_size = max(batch_size // mesh.size, 1) * mesh.size
-  feats, probs = [], []
-  for begin in range(0, n, batch_size):
-    chunk = np.asarray(images[begin:begin + batch_size], np.float32)
-    m = len(chunk)
-    if m < batch_size:
-      chunk = np.concatenate(
-          [chunk, np.zeros((batch_size - m, *chunk.shape[1:]), np.float32)])
-    f, p = progs.predict(params, jax.device_put(
-        chunk, parallel.data_sharding(mesh)))
-    feats.append(np.asarray(jax.device_get(f), np.float64)[:m])
-    probs.append(np.asarray(jax.device_get(p), np.float64)[:m])
-  if not feats:
-    raise ValueError('No images to classify.')
-  return np.concatenate(feats), np.concatenate(probs)
 
 
 def num_params(params: PyTree) -> int:

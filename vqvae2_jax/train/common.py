@@ -7,8 +7,9 @@ metrics.json and closing. A stage supplies a `Stage`: its jitted programs
 iterator and cadence. Also here: the optimizer and its schedule, the train
 state, sharded initialisation (`jax.eval_shape` -> shardings ->
 `jax.jit(init, out_shardings=...)`), the jitted step's shardings, metric
-writing and progress reports, norms and PNG image grids. Nothing here knows
-which model it trains.
+writing and progress reports, and norms. Nothing here knows which model it
+trains; the sharding rule is `parallel.state_shardings`, image grids are
+`images.py`'s.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,11 +21,10 @@ import time
 from typing import Any, Optional, Protocol, TYPE_CHECKING
 
 from absl import logging
-from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
@@ -34,6 +34,7 @@ from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import image_folder
 
 if TYPE_CHECKING:
@@ -44,9 +45,6 @@ if TYPE_CHECKING:
 
 PyTree = Any
 
-# Arrays smaller than this stay replicated even on an 'fsdp' mesh: splitting
-# biases and small kernels costs more in communication than it saves.
-_MIN_FSDP_SIZE = 2**14
 # XLA:CPU compiler options for functions that run once (initialisation).
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
@@ -134,6 +132,26 @@ def create_optimizer(*, learning_rate: float, warmup_steps: int,
   return optax.chain(*parts), schedule
 
 
+# The `create_optimizer` arguments a trainer's config section (e.g.
+# config.vqvae_train, config.prior) sets, each with its type.
+OPTIMIZER_FIELDS = {'learning_rate': float, 'warmup_steps': int,
+                    'num_train_steps': int, 'cosine_decay': bool,
+                    'grad_clip_norm': float}
+
+
+def settings_key(section: ml_collections.ConfigDict,
+                 fields: Mapping[str, Callable[[Any], Any]]
+                 ) -> tuple[tuple[str, Any], ...]:
+  """`section`'s `fields` (name -> type), sorted: hashable, a cache key.
+
+  The jitted programs of a stage are cached per model and these settings;
+  `dict(key)` gives the keyword arguments back (e.g. `create_optimizer`'s
+  with `OPTIMIZER_FIELDS`).
+  """
+  return tuple(sorted((name, cast(section[name]))
+                      for name, cast in fields.items()))
+
+
 def norm_metrics(grads: PyTree, params: PyTree, updates: PyTree
                  ) -> dict[str, jax.Array]:
   """Global L2 norms of the raw gradients, the new params and the updates."""
@@ -142,36 +160,6 @@ def norm_metrics(grads: PyTree, params: PyTree, updates: PyTree
       'param_norm': optax.global_norm(params),
       'update_norm': optax.global_norm(updates),
   }
-
-
-def state_shardings(abstract_state: PyTree, mesh: Mesh) -> PyTree:
-  """Shardings for a (possibly abstract) state pytree on `mesh`.
-
-  Everything is replicated, except on a mesh whose 'fsdp' axis has more than
-  one device: there each large array is split along its largest dimension
-  that the axis divides (FSDP). Adam's moments have the params' shapes, so
-  they follow the same rule.
-
-  Args:
-    abstract_state: pytree of arrays or `jax.ShapeDtypeStruct`s.
-    mesh: the ('data', 'fsdp') mesh.
-
-  Returns:
-    A pytree of `NamedSharding`s with the structure of `abstract_state`.
-  """
-  fsdp = dict(mesh.shape).get('fsdp', 1)
-
-  def sharding(x):
-    shape = tuple(getattr(x, 'shape', ()))
-    if fsdp > 1 and math.prod(shape) >= _MIN_FSDP_SIZE:
-      for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-        if shape[axis] % fsdp == 0:
-          spec = [None] * len(shape)
-          spec[axis] = 'fsdp'
-          return NamedSharding(mesh, P(*spec))
-    return parallel.replicated(mesh)
-
-  return jax.tree.map(sharding, abstract_state)
 
 
 def sharded_init(init_fn: Callable[..., PyTree], mesh: Mesh,
@@ -191,7 +179,7 @@ def sharded_init(init_fn: Callable[..., PyTree], mesh: Mesh,
     (jitted init_fn, shardings: a pytree like the state).
   """
   abstract_state = jax.eval_shape(init_fn, *example_args)
-  shardings = state_shardings(abstract_state, mesh)
+  shardings = parallel.state_shardings(abstract_state, mesh)
   # Runs once: LLVM's optimisations would cost more (~25 s for a small VQ-VAE
   # on XLA:CPU, mostly in the initializers' random-number code) than the
   # optimised program could ever save.
@@ -209,14 +197,6 @@ def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh,
   """`sharded_init`, called: returns (state, shardings)."""
   init, shardings = sharded_init(init_fn, mesh, *init_args)
   return init(*init_args), shardings
-
-
-def abstract_with_shardings(state_or_abstract: PyTree, shardings: PyTree
-                            ) -> PyTree:
-  """`jax.ShapeDtypeStruct`s that carry `shardings` (a restore target)."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state_or_abstract, shardings)
 
 
 def jit_train_step(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, Any]],
@@ -403,7 +383,7 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
         if progress_path is not None:
           done = step - start_step
           seconds = time.time() - loop_start - eval_seconds
-          write_json(progress_path, {
+          files.write_json_once(progress_path, {
               'step': step, 'steps_per_sec': done / seconds if seconds > 0
               else None, 'eval_time_s': eval_seconds,
               **scalars(train_summary, 'train')})
@@ -456,7 +436,7 @@ def restore_target(programs: TrainPrograms) -> PyTree:
   never builds an initial state it would throw away.
   """
   abstract = jax.eval_shape(programs.init, jax.random.PRNGKey(0))
-  return abstract_with_shardings(abstract, programs.shardings)
+  return parallel.abstract_with_shardings(abstract, programs.shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,11 +504,6 @@ class Stage:
   batch_size: Optional[int] = None
 
 
-def checkpoint_dir(stage_dir: str) -> str:
-  """Where a stage's orbax checkpoints live: <stage_dir>/checkpoints."""
-  return os.path.join(os.fspath(stage_dir), 'checkpoints')
-
-
 def run_training(stage: Stage) -> dict[str, Any]:
   """Trains a stage, resuming from its newest checkpoint; writes metrics.json.
 
@@ -561,8 +536,8 @@ def run_training(stage: Stage) -> dict[str, Any]:
   """
   start_time = time.time()
   cadence = stage.cadence
-  metrics_path = os.path.join(os.fspath(stage.directory), 'metrics.json')
-  progress_path = os.path.join(os.fspath(stage.directory), 'progress.json')
+  metrics_path = workdir_lib.metrics_json(stage.directory)
+  progress_path = workdir_lib.progress_json(stage.directory)
   finished = _finished_metrics(stage, metrics_path)
   if finished is not None:
     console.say('%s: finished at step %d earlier (nothing to do); metrics in '
@@ -573,13 +548,14 @@ def run_training(stage: Stage) -> dict[str, Any]:
   log_file = contextlib.ExitStack()
   if jax.process_index() == 0:  # One log file, however many processes.
     log_file.enter_context(console.log_file(
-        os.path.join(os.fspath(stage.directory), 'log.txt')))
+        workdir_lib.log_txt(stage.directory)))
   undecodable_before = image_folder.undecodable_files()
-  manager = checkpoints.create_manager(checkpoint_dir(stage.directory),
-                                       max_to_keep=cadence.keep_checkpoints)
+  manager = checkpoints.create_manager(
+      workdir_lib.checkpoint_dir(stage.directory),
+      max_to_keep=cadence.keep_checkpoints)
   writer = None
   try:
-    writer = create_writer(os.fspath(stage.directory))
+    writer = console.create_writer(os.fspath(stage.directory))
     # Resume order: the state (params, other variables, optimizer, RNG) from
     # the newest intact checkpoint, then the data iterator positioned at its
     # step. Damaged newer steps are moved aside (this run saves their step
@@ -646,7 +622,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
     # metrics.json marks the stage finished, so the last checkpoint must be
     # on disk first: a save that fails now (a full disk) fails the run.
     manager.wait_until_finished()
-    write_json(metrics_path, final)
+    files.write_json_once(metrics_path, final)
     logging.info('%s final metrics: %s', stage.name, final)
     console.say('%s', result_line(stage.name, final))
     return final
@@ -715,7 +691,7 @@ def _finished_metrics(stage: Stage, metrics_path: str
       k.startswith('train/') for k in metrics) or 'steps_per_sec' not in (
           metrics):
     return None
-  directory = checkpoint_dir(stage.directory)
+  directory = workdir_lib.checkpoint_dir(stage.directory)
   if not os.path.isdir(directory):
     return None
   with checkpoints.create_manager(directory, read_only=True) as manager:
@@ -740,13 +716,6 @@ def _prune(manager: Any, keep: Optional[int]) -> None:
     manager.delete(step)
 
 
-def create_writer(logdir: str) -> 'metric_writers.MetricWriter':
-  """TensorBoard event files in `logdir` plus the log; process 0 only writes."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  return metric_writers.create_default_writer(
-      logdir, just_logging=jax.process_index() > 0)
-
-
 def create_progress(num_train_steps: int,
                     writer: 'metric_writers.MetricWriter', every_steps: int
                     ) -> 'periodic_actions.ReportProgress':
@@ -755,54 +724,6 @@ def create_progress(num_train_steps: int,
   return periodic_actions.ReportProgress(
       num_train_steps=num_train_steps, writer=writer,
       every_steps=max(int(every_steps), 1), every_secs=None)
-
-
-def image_grid(images: np.ndarray, num_cols: int, padding: int = 2
-               ) -> np.ndarray:
-  """Tiles images into one picture, row by row.
-
-  Args:
-    images: float [n, h, w, c] in [-1, 1] (c = 1 or 3); values outside are
-      clipped.
-    num_cols: images per row.
-    padding: pixels of white between images and around the grid.
-
-  Returns:
-    uint8 [rows * (h + padding) + padding, cols * (w + padding) + padding, c].
-  """
-  images = np.asarray(images, np.float32)
-  n, h, w, c = images.shape
-  num_cols = max(1, min(int(num_cols), n))
-  num_rows = -(-n // num_cols)
-  pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-  grid = np.full((num_rows * (h + padding) + padding,
-                  num_cols * (w + padding) + padding, c), 255, np.uint8)
-  for i in range(n):
-    r, col = divmod(i, num_cols)
-    top, left = padding + r * (h + padding), padding + col * (w + padding)
-    grid[top:top + h, left:left + w] = pixels[i]
-  return grid
-
-
-def write_image_grid(path: str, images: np.ndarray, num_cols: int) -> None:
-  """Writes `image_grid(images, num_cols)` as a PNG file (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  grid = image_grid(images, num_cols)
-  if grid.shape[-1] == 1:
-    grid = grid[..., 0]
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
-    Image.fromarray(grid).save(f, format='PNG')
-  logging.info('Wrote image grid %s', path)
-
-
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-  """`files.write_json` on process 0 only (every process computes `data`)."""
-  if jax.process_index() == 0:
-    files.write_json(path, data)
 
 
 def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:

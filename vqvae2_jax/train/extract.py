@@ -11,7 +11,6 @@ extracts everything again.
 """
 
 from collections.abc import Callable, Iterator, Mapping
-import os
 import time
 from typing import Any
 
@@ -28,14 +27,11 @@ from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data import layout
 
 _LOG_EVERY_SECS = 30.0
-
-
-def codes_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'codes')
 
 
 def make_encode_fn(model: Any, variables: Any, mesh: jax.sharding.Mesh
@@ -92,7 +88,7 @@ def _extract_split(*, encode: Callable, batches: Iterator[Mapping[str, Any]],
     shard_of = np.where(positions >= 0, positions // size, -1)
     if not todo.intersection(shard_of[positions >= 0].tolist()):
       continue  # Already written: skip the encoder.
-    levels, labels, mask = jax.tree.map(loading.to_host, encode(batch))
+    levels, labels, mask = jax.tree.map(parallel.to_host, encode(batch))
     if not np.array_equal(mask, positions >= 0):
       raise ValueError(
           f'Split {info["source"]!r}: batch {index} of the ordered pass has '
@@ -165,7 +161,7 @@ def extract_codes(config: ml_collections.ConfigDict,
                                                                  split),
                      'shard_size': shard_size}
               for role, split in sources.items()})
-  out_dir = codes_dir(workdir)
+  out_dir = workdir_lib.Workdir(workdir).codes
   if codes_lib.is_complete(out_dir, plan):  # Read only: nothing to write.
     console.say('Codes in %s are complete for VQ-VAE step %d; nothing to '
                 'do.', out_dir, step)

@@ -29,12 +29,12 @@ from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.train import common
-from vqvae2_jax.train import extract
 
 PyTree = Any
 # Examples of the training split whose code frequencies define the unigram
@@ -55,11 +55,6 @@ class PriorTrainState(common.TrainState):
     return self.params if self.polyak is None else self.polyak
 
 
-def stage_dir(workdir: str, level: int) -> str:
-  """workdir/prior_<level>, where level `level`'s prior is trained."""
-  return loading.prior_dir(workdir, level)
-
-
 def levels_to_train(config: ml_collections.ConfigDict) -> list[int]:
   """config.prior.level, or every level top first when it is -1."""
   level = int(config.prior.level)
@@ -68,12 +63,7 @@ def levels_to_train(config: ml_collections.ConfigDict) -> list[int]:
 
 def _optimizer_args(config: ml_collections.ConfigDict
                     ) -> tuple[tuple[str, Any], ...]:
-  p = config.prior
-  return (('learning_rate', float(p.learning_rate)),
-          ('warmup_steps', int(p.warmup_steps)),
-          ('num_train_steps', int(p.num_train_steps)),
-          ('cosine_decay', bool(p.cosine_decay)),
-          ('grad_clip_norm', float(p.grad_clip_norm)))
+  return common.settings_key(config.prior, common.OPTIMIZER_FIELDS)
 
 
 def create_optimizer(config: ml_collections.ConfigDict
@@ -297,8 +287,8 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
     'wall_time_s').
   """
   p = config.prior
-  out_dir = stage_dir(workdir, level)
-  ckpt_dir = common.checkpoint_dir(out_dir)
+  out_dir = workdir_lib.Workdir(workdir).prior(level)
+  ckpt_dir = workdir_lib.checkpoint_dir(out_dir)
   fingerprint = builders.prior_fingerprint(config, level, vqvae)
   loading.check_codes_provenance(ckpt_dir, fingerprint)
   checkpoints.check_directory(ckpt_dir, fingerprint)
@@ -383,7 +373,8 @@ def train_priors(config: ml_collections.ConfigDict,
   levels = levels_to_train(config)
   mesh = parallel.create_mesh(config.mesh)
   vqvae = loading.current_vqvae_provenance(config, workdir, mesh)
-  dataset = codes_lib.CodeDataset(extract.codes_dir(workdir), vqvae=vqvae)
+  dataset = codes_lib.CodeDataset(workdir_lib.Workdir(workdir).codes,
+                                  vqvae=vqvae)
   return {f'level_{level}': train_level(config, workdir, level, dataset,
                                         vqvae, mesh)
           for level in levels}

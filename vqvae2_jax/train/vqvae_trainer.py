@@ -11,9 +11,9 @@ from the newest checkpoint and ends as an uninterrupted run would.
 
 from collections.abc import Callable, Iterator, Mapping
 import functools
+import os
 from typing import Any, NamedTuple
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -23,19 +23,15 @@ import optax
 
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
-from vqvae2_jax import loading
+from vqvae2_jax import images as images_lib
 from vqvae2_jax import parallel
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.models import vqvae as vqvae_lib
 from vqvae2_jax.train import common
 
 _GRID_IMAGES = 16  # Columns of the evaluation image grid.
-
-
-def stage_dir(workdir: str) -> epath.Path:
-  """workdir/vqvae, where this stage writes."""
-  return epath.Path(loading.vqvae_dir(workdir))
 
 
 def create_optimizer(config: ml_collections.ConfigDict
@@ -46,14 +42,7 @@ def create_optimizer(config: ml_collections.ConfigDict
 
 def _optimizer_settings(config: ml_collections.ConfigDict
                         ) -> tuple[tuple[str, Any], ...]:
-  train = config.vqvae_train
-  return tuple(sorted({
-      'learning_rate': float(train.learning_rate),
-      'warmup_steps': int(train.warmup_steps),
-      'num_train_steps': int(train.num_train_steps),
-      'cosine_decay': bool(train.cosine_decay),
-      'grad_clip_norm': float(train.grad_clip_norm),
-  }.items()))
+  return common.settings_key(config.vqvae_train, common.OPTIMIZER_FIELDS)
 
 
 def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
@@ -229,10 +218,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # without it (accelerator images).
   from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   train_cfg = config.vqvae_train
-  out_dir = stage_dir(workdir)
+  wd = workdir_lib.Workdir(workdir)
+  out_dir = wd.vqvae
   fingerprint = builders.vqvae_fingerprint(config)
   # A wrong --workdir fails here, before anything is built or compiled.
-  checkpoints.check_directory(common.checkpoint_dir(out_dir), fingerprint)
+  checkpoints.check_directory(workdir_lib.checkpoint_dir(out_dir),
+                              fingerprint)
   mesh = parallel.create_mesh(config.mesh)
   progs = programs(config, mesh)
 
@@ -248,14 +239,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     metrics, grid = evaluate(progs.eval_sums, progs.grid_rows,
                              state.variables(), eval_iter)
     num_cols = min(_GRID_IMAGES, grid.shape[0])
-    common.write_image_grid(str(out_dir / 'images' / f'recon_{step:07d}.png'),
-                            grid, num_cols=num_cols)
+    images_lib.write_image_grid(
+        os.path.join(wd.vqvae_images, f'recon_{step:07d}.png'), grid,
+        num_cols=num_cols)
     # Rows: inputs, reconstructions, then each level alone (top first).
     return {**common.scalars(metrics, 'eval'),
-            'images/reconstructions': common.image_grid(grid, num_cols)}
+            'images/reconstructions': images_lib.image_grid(grid, num_cols)}
 
   return common.run_training(common.Stage(
-      name='VQ-VAE', directory=str(out_dir), batch_size=train_cfg.batch_size,
+      name='VQ-VAE', directory=out_dir, batch_size=train_cfg.batch_size,
       fingerprint=fingerprint, programs=progs,
       init_rng=jax.random.PRNGKey(config.seed),
       cadence=common.Cadence.from_config(train_cfg),

@@ -46,6 +46,7 @@ from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import sampling
+from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import layout
 
 PyTree = Any
@@ -221,7 +222,7 @@ class Pipeline:
   def load(cls, workdir: str,
            config: str | ml_collections.ConfigDict | None = None, *,
            mesh: Optional[Mesh] = None, use_polyak: bool = True,
-           priors: bool = True,
+           priors: bool = True, require_priors: bool = False,
            compilation_cache_dir: str = '',
            precision: Optional[str] = None) -> 'Pipeline':
     """The newest checkpoints of every finished stage in `workdir`, or an
@@ -237,6 +238,8 @@ class Pipeline:
         no JAX code ran before, else one warning line says it is not so).
       use_polyak: the priors' Polyak-averaged weights where saved.
       priors: also load the priors (False: only the VQ-VAE).
+      require_priors: every level's prior must load (--mode=sample); else a
+        workdir without priors of every level loads without any.
       compilation_cache_dir: keep the compiled samplers and decoder in this
         directory (JAX's persistent compilation cache, for the whole
         process; see `parallel.use_compilation_cache`), so that the first
@@ -248,7 +251,8 @@ class Pipeline:
         float32, slower. The weights do not depend on it.
 
     Raises:
-      errors.MissingStageError: no stage-1 checkpoint in `workdir`.
+      errors.MissingStageError: no stage-1 checkpoint in `workdir` (or, with
+        `require_priors`, no prior checkpoint of a level).
       errors.CheckpointMismatchError: checkpoints of another config, or
         priors trained on another VQ-VAE's codes.
     """
@@ -258,7 +262,7 @@ class Pipeline:
     if os.path.isfile(workdir):
       return cls._from_file(workdir, config, mesh, precision)
     if config is None:
-      recorded = os.path.join(workdir, 'config.json')  # stages.CONFIG_FILE
+      recorded = workdir_lib.Workdir(workdir).config_json
       if not os.path.isfile(recorded):
         raise errors.ConfigError(
             f'{workdir} has no config.json (it is written by runs of this '
@@ -276,7 +280,8 @@ class Pipeline:
     if priors:
       provenance = loading.vqvae_provenance(config, variables, step)
       for level in range(builders.num_levels(config)):
-        if not os.path.isdir(loading.prior_dir(workdir, level)):
+        if not (require_priors or os.path.isdir(
+            workdir_lib.Workdir(workdir).prior(level))):
           break
         model, prior_variables, prior_step = loading.load_prior(
             config, workdir, level, vqvae=provenance, mesh=mesh,
@@ -307,8 +312,8 @@ class Pipeline:
         'vqvae_fingerprint': json.dumps(provenance['fingerprint']),
         'vqvae_digest': provenance['digest'],
         # Replicated over every process's devices: each host's copy.
-        'vqvae': jax.tree.map(loading.to_host, self.vqvae_variables),
-        'priors': {str(level): jax.tree.map(loading.to_host, variables)
+        'vqvae': jax.tree.map(parallel.to_host, self.vqvae_variables),
+        'priors': {str(level): jax.tree.map(parallel.to_host, variables)
                    for level, (_, variables) in enumerate(self.priors)},
         'prior_fingerprints': json.dumps([
             builders.prior_fingerprint(self.config, level, provenance)
@@ -599,7 +604,7 @@ def export_workdir(config: ml_collections.ConfigDict,
                          for level in range(len(pipe.priors)))
   name = (f'{config.data.name.replace("/", "_").replace(":", "_")}'
           f'_vqvae{pipe.steps["vqvae"]}_prior{prior_steps}.msgpack')
-  path = os.path.join(os.path.abspath(workdir), 'export', name)
+  path = os.path.join(workdir_lib.Workdir(workdir).export, name)
   if not os.path.exists(path):
     files.ensure_writable(os.path.dirname(path), 'the exported pipeline')
     pipe.export(path)

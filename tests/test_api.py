@@ -394,7 +394,7 @@ def _test_images(n=5):
 
 
 def test_api_encode_decode_reconstruct(pipe):
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   images, _ = _test_images()  # 5 images: padded to the 8 devices inside.
   codes = pipe.encode(images)
   assert [c.shape for c in codes] == [(5, 4, 4), (5, 8, 8)]
@@ -407,7 +407,7 @@ def test_api_encode_decode_reconstruct(pipe):
   for mine, theirs in zip(codes, aux['codes']):
     np.testing.assert_array_equal(mine, theirs)
   # uint8 images, and the 28x28 originals padded as the input pipeline does.
-  as_uint8 = pipeline.to_uint8(images)
+  as_uint8 = api.to_uint8(images)
   for other in (as_uint8, as_uint8[:, 2:30, 2:30], as_uint8[..., 0]):
     for mine, theirs in zip(pipe.encode(other), codes):
       np.testing.assert_array_equal(mine, theirs)
@@ -466,9 +466,9 @@ def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
     (lambda p, x: p.log_prob(x, labels=[0]), r'Labels have shape \(1,\)'),
 ])
 def test_api_bad_inputs_say_how_to_fix_them(pipe, call, message):
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   images, _ = _test_images(2)
-  with pytest.raises(pipeline.PipelineInputError, match=message):
+  with pytest.raises(api.PipelineInputError, match=message):
     call(pipe, images)
 
 
@@ -489,7 +489,7 @@ def test_tensorboard_has_the_image_grids(workdir):
 def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
                                                                 tmp_path):
   from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
-  from vqvae2_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   exported, = (workdir / 'export').glob('*.msgpack')  # Made by --mode=all.
   assert exported.name == 'fashion_mnist_vqvae6_prior6-6.msgpack'
   moved = tmp_path / 'model.msgpack'
@@ -518,9 +518,9 @@ def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
   # A damaged or foreign file is refused with a fix.
   damaged = tmp_path / 'damaged.msgpack'
   damaged.write_bytes(moved.read_bytes()[:1000])
-  with pytest.raises(pipeline.PipelineInputError, match='Fix:'):
+  with pytest.raises(api.PipelineInputError, match='Fix:'):
     Pipeline.load(str(damaged))
-  with pytest.raises(pipeline.PipelineInputError, match='own config'):
+  with pytest.raises(api.PipelineInputError, match='own config'):
     Pipeline.load(str(moved), _tiny_config())
 
 
