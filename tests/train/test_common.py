@@ -136,6 +136,45 @@ def test_run_training_inits_resumes_and_reruns(tmp_path):
           for p in os.listdir(whole)} == before
 
 
+def _past_the_end_warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno == logging.WARNING and 'past num_train_steps' in
+          r.getMessage()]
+
+
+def test_fewer_steps_than_the_workdir_holds_trains_nothing_and_says_so(
+    tmp_path, caplog):
+  directory = tmp_path / 'six'
+  six = _run(directory, 6, [], [])
+  before = {p: os.stat(directory / p).st_mtime_ns
+            for p in os.listdir(directory)}
+  caplog.clear()
+  calls, evals = [], []
+  three = _run(directory, 3, calls, evals)
+  # Finished at step 6: read, as a finished run is; nothing built or written.
+  assert three == six and calls == [] and evals == []
+  assert {p: os.stat(directory / p).st_mtime_ns
+          for p in os.listdir(directory)} == before
+  (line,) = _past_the_end_warnings(caplog)
+  assert line == (
+      f'toy: {directory} already holds step 6, past num_train_steps=3: '
+      'nothing is trained and step 6 is kept (to train 3 steps, use a new '
+      '--workdir).')
+  # Without metrics.json (a kill after the last save): the same line, then
+  # step 6 is evaluated, not trained.
+  os.remove(directory / 'metrics.json')
+  caplog.clear()
+  calls, evals = [], []
+  rerun = _run(directory, 3, calls, evals)
+  assert _real_inits(calls) == 0 and evals == [(6, True)]
+  assert rerun['step'] == 6 and rerun['eval/error'] == six['eval/error']
+  assert len(_past_the_end_warnings(caplog)) == 1
+  # The run's own length says nothing.
+  caplog.clear()
+  _run(directory, 6, [], [])
+  assert not _past_the_end_warnings(caplog)
+
+
 def _strict_json(path):
   def refuse(constant):
     raise ValueError(f'{constant} is not JSON')

@@ -523,7 +523,10 @@ def run_training(stage: Stage) -> dict[str, Any]:
 
     A finished stage (its last checkpoint and a complete metrics.json on
     disk) is only read: nothing is evaluated, opened for writing or written,
-    so a finished workdir can be shared read-only. A stage whose last
+    so a finished workdir can be shared read-only. A stage trained past
+    `cadence.num_steps` (a later step on disk) trains nothing: one warning
+    line says so, and its newest step stands (read, or evaluated when its
+    metrics.json is missing). A stage whose last
     checkpoint was saved but whose metrics.json was not (a kill in between)
     is evaluated again, and its training figures come from progress.json,
     written with every checkpoint.
@@ -540,8 +543,11 @@ def run_training(stage: Stage) -> dict[str, Any]:
   progress_path = workdir_lib.progress_json(stage.directory)
   finished = _finished_metrics(stage, metrics_path)
   if finished is not None:
-    console.say('%s: finished at step %d earlier (nothing to do); metrics in '
-                '%s', stage.name, cadence.num_steps, metrics_path)
+    if finished['step'] > cadence.num_steps:
+      _warn_past_the_end(stage, finished['step'])
+    else:
+      console.say('%s: finished at step %d earlier (nothing to do); metrics '
+                  'in %s', stage.name, cadence.num_steps, metrics_path)
     return finished
   files.ensure_writable(stage.directory, 'checkpoints and metrics')
   # The full log of the run (every library, INFO and up), beside metrics.json.
@@ -569,6 +575,8 @@ def run_training(stage: Stage) -> dict[str, Any]:
     if state is None:
       state = stage.programs.init(stage.init_rng)
     start_step = int(state.step)
+    if start_step > cadence.num_steps:
+      _warn_past_the_end(stage, start_step)
     console.say(
         '%s: %d steps%s%s on %d %s device(s); writes %s', stage.name,
         cadence.num_steps,
@@ -676,18 +684,30 @@ def _disk_full(directory: str, manager: Any, error: BaseException,
       'starts from the beginning', needed=needed)
 
 
+def _warn_past_the_end(stage: Stage, step: int) -> None:
+  """One warning line: the stage holds `step`, past the run's last step."""
+  logging.warning(
+      '%s: %s already holds step %d, past num_train_steps=%d: nothing is '
+      'trained and step %d is kept (to train %d steps, use a new --workdir).',
+      stage.name, stage.directory, step, stage.cadence.num_steps, step,
+      stage.cadence.num_steps)
+
+
 def _finished_metrics(stage: Stage, metrics_path: str
                       ) -> Optional[dict[str, Any]]:
   """metrics.json of a stage finished at its last step, else None.
 
   Reads only: the newest checkpoint step comes from a read-only manager
-  (when the directory exists), metrics.json must be valid, at the last step,
-  and hold the training figures. A last checkpoint that is visibly damaged
-  (`checkpoints.step_looks_intact`) makes the stage unfinished: the run
-  resumes from the newest intact step and trains the rest again.
+  (when the directory exists), metrics.json must be valid, at the last step
+  (or past it: a workdir trained longer than this run asks), at the newest
+  checkpoint's step, and hold the training figures. A last checkpoint that
+  is visibly damaged (`checkpoints.step_looks_intact`) makes the stage
+  unfinished: the run resumes from the newest intact step and trains the
+  rest again.
   """
   metrics = files.read_json(metrics_path)
-  if not metrics or metrics.get('step') != stage.cadence.num_steps or not any(
+  step = metrics.get('step') if metrics else None
+  if not isinstance(step, int) or step < stage.cadence.num_steps or not any(
       k.startswith('train/') for k in metrics) or 'steps_per_sec' not in (
           metrics):
     return None
@@ -696,8 +716,7 @@ def _finished_metrics(stage: Stage, metrics_path: str
     return None
   with checkpoints.create_manager(directory, read_only=True) as manager:
     last = manager.latest_step()
-    if last != stage.cadence.num_steps or not checkpoints.step_looks_intact(
-        manager, last):
+    if last != step or not checkpoints.step_looks_intact(manager, last):
       return None
   return metrics
 
