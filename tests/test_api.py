@@ -5,6 +5,7 @@ start-up of a new one."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -451,8 +452,37 @@ def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
 @pytest.mark.parametrize('call, message', [
     (lambda p, x: p.encode(x[..., :1].repeat(3, -1)), r'\[n, 32, 32, 1\]'),
     (lambda p, x: p.encode(x * 255.0), r'not \[-1, 1\]\. Fix: pass uint8'),
-    (lambda p, x: p.encode(x[:, :16, :16]), r'16x16\. Fix: resize'),
-    (lambda p, x: p.encode(x.astype(np.int64)), r'dtype int64\. Fix'),
+    (lambda p, x: p.encode(x[:, :16, :16]),
+     r"16x16, smaller than the model's 32x32 \(they are not upscaled\)\. "
+     r'Fix: pad or resize them to 32x32 \(or pass the 28x28 originals'),
+    (lambda p, x: p.encode(np.zeros((1, 1, 1, 1), np.uint8)),
+     r"Images are 1x1, smaller than the model's 32x32"),
+    (lambda p, x: p.log_prob(np.zeros((1, 30, 30, 1), np.uint8)),
+     r"Images are 30x30, smaller than the model's 32x32"),
+    (lambda p, x: p.encode(np.zeros((1, 64, 64, 1), np.uint8)),
+     r"Images are 64x64, not the model's 32x32\. Fix: resize or crop them "
+     r'to 32x32'),
+    (lambda p, x: p.encode(x.astype(np.int64)),
+     r'dtype int64\. Fix: .*pixel_range=\(low, high\)'),
+    (lambda p, x: p.encode(np.where(np.arange(2)[:, None, None, None] == 1,
+                                    np.nan, x)),
+     r'Images hold 1024 NaN or infinite pixel value\(s\), the first in '
+     r'image 1\. Fix: replace them'),
+    (lambda p, x: p.log_prob(np.where(x > 0.5, np.inf, x)),
+     r'NaN or infinite pixel value\(s\), the first in image 0\. Fix'),
+    (lambda p, x: p.encode((x + 1.0) / 2.0),
+     r'span \[0, 1\], no pixel below 0: they look like \[0, 1\] data, and '
+     r'the model takes \[-1, 1\]\. Fix: pass pixel_range=\(0, 1\)'),
+    (lambda p, x: p.log_prob((x + 1.0) / 2.0), r'look like \[0, 1\] data'),
+    (lambda p, x: p.encode(x * 1.1), r'span \[-1\.1, 1\.1\], not \[-1, 1\]'),
+    (lambda p, x: p.encode((x + 1.0) * 127.5),
+     r'span \[0, 255\], not \[-1, 1\]\. Fix: .*pixel_range=\(0, 255\)'),
+    (lambda p, x: p.encode((x + 1.0) * 127.5, pixel_range=(0, 1)),
+     r'Images span \[0, 255\], not \[0, 1\]\. Fix'),
+    (lambda p, x: p.encode(x, pixel_range=(1, 0)),
+     r'pixel_range is \(1, 0\)\. Fix: pass \(low, high\) with low < high'),
+    (lambda p, x: p.encode(x, pixel_range=np.zeros((3, 3))),
+     r'pixel_range is array\(\[\[0\., 0\., 0\.\], \[0\.'),
     (lambda p, x: p.decode([np.zeros((2, 2, 2), np.int32)]),
      r'Got 1 code maps\. Fix'),
     (lambda p, x: p.decode([np.zeros((2, 4, 4), np.int32),
@@ -463,13 +493,61 @@ def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
      r'level 1 have shape \(2, 4, 4\)\. Fix: pass \[n, 8, 8\]'),
     (lambda p, x: p.sample(labels=[10]), r'class indices in \[0, 10\)'),
     (lambda p, x: p.sample(), r'n is None\. Fix'),
+    (lambda p, x: p.sample(n=1.5),
+     r'n is 1\.5\. Fix: pass an integer n >= 1'),
+    (lambda p, x: p.sample(n=-1), r'n is -1\. Fix: pass an integer n >= 1'),
+    (lambda p, x: p.sample(n=True), r'n is True\. Fix'),
+    (lambda p, x: p.sample(n=2, key='a'),
+     r"key is 'a' \(str\)\. Fix: pass an integer seed \(64 bits at most\) "
+     r'or one key from jax\.random\.key\(seed\)'),
+    (lambda p, x: p.sample(n=2, key=1.5), r'key is 1\.5 \(float\)\. Fix'),
+    (lambda p, x: p.sample(n=2, key=2**70), r'key is 1180591620717411303424 '),
+    (lambda p, x: p.sample(n=2, key=jax.random.split(jax.random.PRNGKey(0))),
+     r'key is Array\(\[\[.*\(ArrayImpl\)\. Fix'),
     (lambda p, x: p.log_prob(x, labels=[0]), r'Labels have shape \(1,\)'),
 ])
 def test_api_bad_inputs_say_how_to_fix_them(pipe, call, message):
   from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   images, _ = _test_images(2)
-  with pytest.raises(api.PipelineInputError, match=message):
+  with pytest.raises(api.PipelineInputError, match=message) as info:
     call(pipe, images)
+  # One line that names the fix, as main prints a UserError.
+  assert isinstance(info.value, errors.UserError)
+  text = str(info.value)
+  assert '\n' not in text and '. Fix: ' in text and text.endswith('.'), text
+
+
+def test_api_pixel_ranges_and_integer_like_arguments(pipe):
+  images, labels = _test_images(2)  # Floats in [-1, 1], black at -1.
+  codes = pipe.encode(images)
+  # The range said: [0, 1] and [0, 255] floats, any integer dtype, and
+  # [-1, 1] floats without a pixel below 0 give the codes of those pixels.
+  grey = np.maximum(images, 0.0)  # [-1, 1] images, every pixel >= 0.
+  _, grey_aux = pipe.vqvae.apply(pipe.vqvae_variables, grey, train=False)
+  for given, pixel_range, want in (
+      ((images + 1.0) / 2.0, (0, 1), codes),
+      ((images + 1.0) * 127.5, (0.0, 255.0), codes),
+      (np.rint((images + 1.0) * 127.5).astype(np.int32), (0, 255), codes),
+      (grey, (-1, 1), grey_aux['codes'])):
+    for mine, theirs in zip(pipe.encode(given, pixel_range=pixel_range),
+                            want):
+      np.testing.assert_array_equal(mine, theirs)
+  np.testing.assert_array_equal(
+      pipe.log_prob((images + 1.0) / 2.0, labels, pixel_range=(0, 1)),
+      pipe.log_prob(images, labels))
+  # A decoder's small overshoot is taken as it is.
+  for mine, theirs in zip(pipe.encode(images * 1.04),
+                          pipe.encode(images * 1.04, pixel_range=(-1, 1))):
+    np.testing.assert_array_equal(mine, theirs)
+  # numpy and 0-d integers for n and the seed are the Python ints; a key
+  # is used as it is.
+  want, want_codes = pipe.sample(n=2, key=3)
+  for n, key in ((np.int32(2), np.int64(3)), (np.array(2), jax.numpy.int32(3)),
+                 (2, jax.random.PRNGKey(3)), (2, jax.random.key(3))):
+    got, got_codes = pipe.sample(n=n, key=key)
+    np.testing.assert_array_equal(got, want)
+    for a, b in zip(got_codes, want_codes):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_tensorboard_has_the_image_grids(workdir):
@@ -522,6 +600,54 @@ def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
     Pipeline.load(str(damaged))
   with pytest.raises(api.PipelineInputError, match='own config'):
     Pipeline.load(str(moved), _tiny_config())
+
+
+def _rewritten_export(source, target, digests=True, **parts):
+  """A copy of an exported file with `parts` replaced (digests made anew)."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
+  payload = serialization.msgpack_restore(source.read_bytes())
+  payload.update(parts)
+  payload.pop('digests')
+  if digests:
+    payload['digests'] = json.dumps(api._export_digests(payload),  # pylint: disable=protected-access
+                                    sort_keys=True)
+  target.write_bytes(serialization.msgpack_serialize(payload))
+  return target
+
+
+def test_export_with_a_config_that_is_not_json_is_one_line(workdir,
+                                                            tmp_path):
+  from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
+  exported, = (workdir / 'export').glob('*.msgpack')
+  # Damaged before its digests were taken (or in a file of before digests):
+  # the digests agree, the JSON does not parse.
+  for name, digests, parts, problem in (
+      ('cut.msgpack', True, {'config': '{"model": {"num_emb'},
+       "its 'config' part is not JSON \\(JSONDecodeError\\)"),
+      ('old.msgpack', False, {'config': 'not json'},
+       "its 'config' part is not JSON \\(JSONDecodeError\\)"),
+      ('list.msgpack', True, {'config': '[1, 2]'},
+       "its 'config' part is a JSON list, not a dict"),
+      ('steps.msgpack', True, {'steps': '{'},
+       "its 'steps' part is not JSON \\(JSONDecodeError\\)")):
+    path = _rewritten_export(exported, tmp_path / name, digests, **parts)
+    with pytest.raises(api.ExportDamagedError) as info:
+      Pipeline.load(str(path))
+    text = str(info.value)
+    assert re.fullmatch(
+        f'{re.escape(str(path))} is damaged: {problem}\\. Fix: export it '
+        'again \\(--mode=export\\) or copy it again from its source\\.',
+        text), text
+  # A workdir's config.json that is not a JSON object: one line naming it.
+  (tmp_path / 'config.json').write_text('{"model": ')
+  with pytest.raises(errors.ConfigError) as info:
+    Pipeline.load(str(tmp_path))
+  assert str(info.value).startswith(
+      f'{tmp_path / "config.json"} is damaged (not the JSON object a run '
+      'writes). Fix: pass the config it was trained with')
+  assert '\n' not in str(info.value)
 
 
 def test_sample_mode_works_from_an_exported_file_alone(workdir, tmp_path):

@@ -15,10 +15,15 @@ shape and runs on the config's mesh (all devices by default); batches that
 do not split over the devices are padded and the padding dropped.
 
 Images go in as uint8 [n, H, W, C] in [0, 255] (as read from files) or as
-floats already in [-1, 1] (as the input pipeline makes them); images of the
-dataset's original size on a padded canvas (28x28 Fashion-MNIST on 32x32)
-are padded as the input pipeline pads them. Images come out as float32 in
-[-1, 1] up to the decoder's small overshoot; `to_uint8` converts them.
+floats already in [-1, 1] (as the input pipeline makes them); any other
+range is named, `encode(images, pixel_range=(0, 1))`, and a float array
+with every pixel in [0, 1] is refused without it (it is [0, 1] data far
+more often than [-1, 1] images with no dark pixel). NaN or infinite
+pixels are refused. Images of the dataset's original size on a padded
+canvas (28x28 Fashion-MNIST on 32x32) are padded as the input pipeline
+pads them; any other size than the model's is refused, never resized.
+Images come out as float32 in [-1, 1] up to the decoder's small
+overshoot; `to_uint8` converts them.
 """
 
 import functools
@@ -26,6 +31,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import operator
 import os
 from typing import Any, Optional, Sequence
 
@@ -118,6 +124,33 @@ def _check_export_digests(path: str, payload: dict[str, Any]) -> None:
         'it again from its source.')
 
 
+def _export_json(path: str, payload: dict[str, Any], part: str,
+                 kind: type) -> Any:
+  """The JSON text of an exported file's `part`, parsed, of type `kind`.
+
+  The digests check a part against what was exported; this refuses one
+  that was damaged before (or a file of before digests) in one line, not
+  with a JSONDecodeError.
+
+  Raises:
+    ExportDamagedError: naming the file and the part.
+  """
+  try:
+    value = json.loads(payload[part])
+  except KeyError:
+    problem = f'it has no {part!r} part'
+  except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError.
+    problem = f'its {part!r} part is not JSON ({type(e).__name__})'
+  else:
+    if isinstance(value, kind):
+      return value
+    problem = (f'its {part!r} part is a JSON {type(value).__name__}, not a '
+               f'{kind.__name__}')
+  raise ExportDamagedError(
+      f'{path} is damaged: {problem}. Fix: export it again '
+      '(--mode=export) or copy it again from its source.')
+
+
 def load_config(config: str | ml_collections.ConfigDict
                 ) -> ml_collections.ConfigDict:
   """A validated config from a ConfigDict or 'path/to/config.py[:variant]'."""
@@ -179,6 +212,95 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   """float images in [-1, 1] -> uint8 [0, 255] (clipped, rounded)."""
   return np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0,
                  255).astype(np.uint8)
+
+
+# How far float pixels may lie beyond their range, as a fraction of its
+# span (0.05 in [-1, 1]): a decoder's small overshoot, not another range.
+_RANGE_TOLERANCE = 0.025
+
+
+def _shown(value: Any) -> str:
+  """`value`'s repr on one line, at most 60 characters (for a message)."""
+  text = ' '.join(repr(value).split())
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def _pixel_range(pixel_range: Any) -> tuple[float, float]:
+  """(low, high) from a caller's pixel_range.
+
+  Raises:
+    PipelineInputError: not two finite numbers with low < high.
+  """
+  try:
+    low, high = (float(v) for v in pixel_range)
+  except (TypeError, ValueError):
+    low = high = math.nan
+  if not (math.isfinite(low) and math.isfinite(high) and low < high):
+    raise PipelineInputError(
+        f'pixel_range is {_shown(pixel_range)}. Fix: pass (low, high) with '
+        'low < high, the range of the images\' pixel values, e.g. (0, 1) or '
+        '(0, 255).')
+  return low, high
+
+
+def _scaled_pixels(x: np.ndarray,
+                   pixel_range: Optional[Sequence[float]]) -> np.ndarray:
+  """Checked pixels -> float32 in [-1, 1] (see `Pipeline.encode`).
+
+  Args:
+    x: [n, h, w, c] images of a real dtype.
+    pixel_range: (low, high) of `x`'s values, or None: uint8 is [0, 255],
+      floats are [-1, 1] unless every pixel is in [0, 1] (refused: that is
+      what [0, 1] data looks like, and the caller says which it is).
+
+  Raises:
+    PipelineInputError: another dtype, a NaN or infinite pixel, values
+      outside the range (beyond `_RANGE_TOLERANCE`), or floats in [0, 1]
+      without a pixel_range.
+  """
+  floating = np.issubdtype(x.dtype, np.floating)
+  if pixel_range is not None:
+    low, high = _pixel_range(pixel_range)
+  elif x.dtype == np.uint8:
+    low, high = 0.0, 255.0
+  elif floating:
+    low, high = -1.0, 1.0
+  else:
+    low = high = None
+  if low is None or not (floating or np.issubdtype(x.dtype, np.integer)):
+    raise PipelineInputError(
+        f'Images of dtype {x.dtype}. Fix: pass uint8 in [0, 255] or floats '
+        'in [-1, 1], or name their range with pixel_range=(low, high).')
+  if floating:
+    finite = np.isfinite(x)
+    if not finite.all():
+      first = int(np.argmin(finite.reshape(len(x), -1).all(axis=1)))
+      raise PipelineInputError(
+          f'Images hold {int(x.size - finite.sum())} NaN or infinite pixel '
+          f'value(s), the first in image {first}. Fix: replace them (e.g. '
+          'np.nan_to_num) or leave those images out.')
+  if not x.size:
+    return x.astype(np.float32)
+  lo, hi = float(x.min()), float(x.max())
+  tolerance = _RANGE_TOLERANCE * (high - low)
+  if pixel_range is None and floating and lo >= 0.0 and hi <= 1.0 + tolerance:
+    raise PipelineInputError(
+        f'Float images span [{lo:g}, {hi:g}], no pixel below 0: they look '
+        'like [0, 1] data, and the model takes [-1, 1]. Fix: pass '
+        'pixel_range=(0, 1) to rescale them (or pixel_range=(-1, 1) if they '
+        'are [-1, 1] images).')
+  if lo < low - tolerance or hi > high + tolerance:
+    what = 'Float images' if pixel_range is None else 'Images'
+    hint = ('pixel_range=(0, 255)' if lo >= 0.0 and hi <= 255.0 else
+            'pixel_range=(low, high)')
+    raise PipelineInputError(
+        f'{what} span [{lo:g}, {hi:g}], not [{low:g}, {high:g}]. Fix: pass '
+        f'uint8 images, floats in [-1, 1], or name their range with {hint} '
+        '(clip a decoder\'s overshoot with np.clip).')
+  x = x.astype(np.float32)
+  if (low, high) != (-1.0, 1.0):
+    x = (x - np.float32(low)) * np.float32(2.0 / (high - low)) - 1.0
+  return x
 
 
 class Pipeline:
@@ -268,8 +390,17 @@ class Pipeline:
             f'{workdir} has no config.json (it is written by runs of this '
             'version). Fix: pass the config it was trained with, e.g. '
             "Pipeline.load(workdir, 'configs/fashion_mnist.py').")
-      with open(recorded) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+      try:
+        with open(recorded) as f:
+          config = json.load(f)
+      except ValueError:  # JSONDecodeError, UnicodeDecodeError.
+        config = None
+      if not isinstance(config, dict):
+        raise errors.ConfigError(
+            f'{recorded} is damaged (not the JSON object a run writes). Fix: '
+            'pass the config it was trained with, e.g. '
+            "Pipeline.load(workdir, 'configs/fashion_mnist.py').")
+      config = ml_collections.ConfigDict(config)
     config = _with_precision(load_config(config), precision)
     if mesh is None:
       _use_cpu_devices(config)
@@ -348,14 +479,15 @@ class Pipeline:
           f'{path} is not an exported pipeline of format {EXPORT_FORMAT}. '
           'Fix: export it again with --mode=export of this version.')
     _check_export_digests(path, payload)
-    saved = ml_collections.ConfigDict(json.loads(payload['config']))
+    saved = _export_json(path, payload, 'config', dict)
     if config is not None:
       raise PipelineInputError(
           f'{path} carries its own config. Fix: call Pipeline.load({path!r}) '
           'without one.')
-    config = _with_precision(load_config(saved), precision)
-    if builders.vqvae_fingerprint(config) != json.loads(
-        payload['vqvae_fingerprint']):
+    config = _with_precision(
+        load_config(ml_collections.ConfigDict(saved)), precision)
+    if builders.vqvae_fingerprint(config) != _export_json(
+        path, payload, 'vqvae_fingerprint', dict):
       raise PipelineInputError(
           f'{path}: its config does not match its VQ-VAE fingerprint (a '
           'damaged or edited file). Fix: export it again.')
@@ -372,48 +504,63 @@ class Pipeline:
                jax.device_put(payload['priors'][str(level)],
                               parallel.replicated(mesh)))
               for level in range(len(payload['priors']))]
-    return cls(config, vqvae, variables, priors, json.loads(payload['steps']),
-               mesh)
+    return cls(config, vqvae, variables, priors,
+               _export_json(path, payload, 'steps', dict), mesh)
 
   # Inputs.
 
-  def _images(self, images: Any) -> np.ndarray:
-    """Checked images -> float32 [n, H, W, C] in [-1, 1] on the canvas."""
+  def _images(self, images: Any,
+              pixel_range: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Checked images -> float32 [n, H, W, C] in [-1, 1] on the canvas.
+
+    Args:
+      images: see `encode`.
+      pixel_range: see `encode`.
+
+    Raises:
+      PipelineInputError: a shape, dtype, size or pixel value the model
+        cannot take (see `encode`).
+    """
     x = np.asarray(images)
     h, w, c = self.image_shape
-    if x.ndim == 3 and c == 1 and x.shape[1:] in ((h, w), self._area_hw()):
+    if x.ndim == 3 and c == 1 and (x.shape[1:] == (h, w) or (
+        self._area is not None and x.shape[1:] == self._area_hw())):
       x = x[..., None]  # [n, h, w] grayscale.
     if x.ndim != 4 or x.shape[-1] != c:
       raise PipelineInputError(
           f'Images have shape {x.shape}. Fix: pass [n, {h}, {w}, {c}] '
           f'({c} channel{"s" if c > 1 else ""}, as the model was trained).')
-    if x.dtype == np.uint8:
-      x = x.astype(np.float32) * (2.0 / 255.0) - 1.0
-    elif np.issubdtype(x.dtype, np.floating):
-      low, high = float(x.min(initial=0.0)), float(x.max(initial=0.0))
-      if low < -1.001 or high > 1.001:
-        raise PipelineInputError(
-            f'Float images span [{low:g}, {high:g}], not [-1, 1]. Fix: pass '
-            'uint8 images in [0, 255], or scale floats to [-1, 1] (x / 127.5 '
-            '- 1 for [0, 255], x * 2 - 1 for [0, 1]).')
-      x = x.astype(np.float32)
-    else:
-      raise PipelineInputError(
-          f'Images of dtype {x.dtype}. Fix: pass uint8 in [0, 255] or floats '
-          'in [-1, 1].')
+    self._check_size(x.shape[1], x.shape[2])
+    x = _scaled_pixels(x, pixel_range)
     if x.shape[1:3] == self._area_hw() and self._area is not None:
       # The dataset's original size: pad as the input pipeline does (black).
       top, left, ah, aw = self._area
       canvas = np.full((x.shape[0], h, w, c), -1.0, np.float32)
       canvas[:, top:top + ah, left:left + aw] = x
       x = canvas
-    if x.shape[1:3] != (h, w):
-      raise PipelineInputError(
-          f'Images are {x.shape[1]}x{x.shape[2]}. Fix: resize or pad them to '
-          f'the model\'s {h}x{w}' + (
-              f' (or pass the {self._area[2]}x{self._area[3]} originals)'
-              if self._area else '') + '.')
     return x
+
+  def _check_size(self, height: int, width: int) -> None:
+    """Refuses images of another size than the canvas or the originals.
+
+    Only the dataset's original size (28x28 Fashion-MNIST on a 32x32
+    canvas) is padded, as the input pipeline pads it; any other size would
+    need a resize or a crop that the model never saw in training, so the
+    caller chooses it. A smaller image is never upscaled.
+    """
+    h, w, _ = self.image_shape
+    if (height, width) in ((h, w), self._area_hw()):
+      return
+    originals = (f' (or pass the {self._area[2]}x{self._area[3]} originals, '
+                 'which are padded as in training)' if self._area else '')
+    if height < h or width < w:
+      raise PipelineInputError(
+          f'Images are {height}x{width}, smaller than the model\'s {h}x{w} '
+          f'(they are not upscaled). Fix: pad or resize them to {h}x{w}'
+          f'{originals}.')
+    raise PipelineInputError(
+        f'Images are {height}x{width}, not the model\'s {h}x{w}. Fix: resize '
+        f'or crop them to {h}x{w}{originals}.')
 
   def _area_hw(self) -> tuple[int, int] | None:
     return None if self._area is None else (self._area[2], self._area[3])
@@ -482,18 +629,34 @@ class Pipeline:
 
   # The API.
 
-  def encode(self, images: Any) -> list[np.ndarray]:
+  def encode(self, images: Any, *,
+             pixel_range: Optional[Sequence[float]] = None
+             ) -> list[np.ndarray]:
     """Images -> code maps per level, top first.
 
     Args:
       images: [n, H, W, C] uint8 in [0, 255] or float in [-1, 1] (also
-        [n, H, W] for one channel, and the dataset's original size on a
-        padded canvas).
+        [n, H, W] for one channel, and the dataset's original size, e.g.
+        28x28 on a 32x32 canvas, padded as in training). Other sizes are
+        refused, never resized. Float values may lie beyond [-1, 1] by
+        0.05 (a decoder's overshoot). A float array with no pixel below 0
+        and none above 1 is refused without `pixel_range`: that is [0, 1]
+        data, and its meaning in [-1, 1] (every pixel at least mid-grey)
+        is too rare to guess.
+      pixel_range: (low, high), the range of the images' values, rescaled
+        to [-1, 1]: (0, 1) for floats in [0, 1], (0, 255) for [0, 255]
+        floats, (-1, 1) to pass [-1, 1] floats that are all >= 0. Any
+        integer or float dtype; None: uint8 is [0, 255], floats [-1, 1].
 
     Returns:
       [n, h_l, w_l] int32 codes of each level, top first.
+
+    Raises:
+      PipelineInputError: a shape, size or dtype the model cannot take,
+        NaN or infinite pixels, values outside the range, floats in [0, 1]
+        without `pixel_range`, or a `pixel_range` that is not (low, high).
     """
-    x = self._images(images)
+    x = self._images(images, pixel_range)
     n = x.shape[0]
     codes = self._encode(self.vqvae_variables, self._padded(x))
     return [np.asarray(c)[:n] for c in codes]
@@ -506,9 +669,11 @@ class Pipeline:
                           [self._padded(c) for c in codes])
     return np.asarray(images)[:n]
 
-  def reconstruct(self, images: Any) -> np.ndarray:
-    """decode(encode(images)): float32 [n, H, W, C]."""
-    return self.decode(self.encode(images))
+  def reconstruct(self, images: Any, *,
+                  pixel_range: Optional[Sequence[float]] = None
+                  ) -> np.ndarray:
+    """decode(encode(images)): float32 [n, H, W, C] (see `encode`)."""
+    return self.decode(self.encode(images, pixel_range=pixel_range))
 
   def sample(self, labels: Any = None, n: Optional[int] = None, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -518,26 +683,31 @@ class Pipeline:
 
     Args:
       labels: [n] class indices, or None (the prior's unconditional path).
-      n: how many samples; needed when labels is None, else len(labels).
+      n: how many samples, an integer >= 1 (a numpy integer too); needed
+        when labels is None, else len(labels).
       temperature, top_k, top_p: the sampler's controls (1.0, 0, 1.0: the
         model as trained).
-      key: an int seed or a PRNG key; the same key gives the same samples.
+      key: an integer seed (a numpy integer too) or a PRNG key
+        (`jax.random.key` or `jax.random.PRNGKey`); the same key gives the
+        same samples, and a seed the samples of `jax.random.PRNGKey(seed)`.
 
     Returns:
       (images float32 [n, H, W, C], codes per level [n, h_l, w_l] int32).
+
+    Raises:
+      PipelineInputError: no priors, an `n` or `key` of another kind, or
+        labels that are not n class indices.
     """
     self._needs_priors('Sampling')
-    if labels is not None:
-      n = len(labels) if n is None else n
-    if n is None or n < 1:
-      raise PipelineInputError(
-          f'n is {n}. Fix: pass n >= 1 (or labels, one per sample).')
+    if labels is not None and n is None:
+      n = len(labels) if np.ndim(labels) else 1  # A scalar: refused below.
+    n = _count(n)
+    rng = _prng_key(key)
     labels = self._labels(labels, n)
     batch = self._padded(np.zeros((n,), np.int32)).shape[0]
     if labels is not None:
       labels = self._padded(labels)
       labels[n:] = labels[0]
-    rng = jax.random.PRNGKey(key) if isinstance(key, int) else key
     codes = sampling.sample_hierarchy(
         self.priors, self.level_shapes, batch_size=batch, labels=labels,
         rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -563,14 +733,72 @@ class Pipeline:
       bits.append(np.asarray(nats, np.float64)[:n] / math.log(2.0))
     return np.stack(bits)
 
-  def log_prob(self, images: Any, labels: Any = None) -> np.ndarray:
+  def log_prob(self, images: Any, labels: Any = None, *,
+               pixel_range: Optional[Sequence[float]] = None) -> np.ndarray:
     """-log2 p(codes of each image) under the priors: float64 [n], in bits.
 
     The likelihood of an image's codes (every level, top first) given its
     label (or the unconditional path for labels=None); divide by the code
-    count (sum of h_l * w_l) for bits per code.
+    count (sum of h_l * w_l) for bits per code. `images` and `pixel_range`
+    as in `encode` (which refuses what it refuses).
     """
-    return self.log_prob_codes(self.encode(images), labels).sum(axis=0)
+    return self.log_prob_codes(
+        self.encode(images, pixel_range=pixel_range), labels).sum(axis=0)
+
+
+def _integer(value: Any) -> Optional[int]:
+  """`value` as a Python int when it is an integer (not a bool), else None.
+
+  Python and numpy integers, and 0-d integer arrays (numpy or JAX).
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return None
+  if isinstance(value, (np.ndarray, jax.Array)):
+    if value.shape or not jax.dtypes.issubdtype(value.dtype, np.integer):
+      return None
+    return int(value)
+  try:
+    return operator.index(value)
+  except TypeError:
+    return None
+
+
+def _count(n: Any) -> int:
+  """`sample`'s n as an int >= 1.
+
+  Raises:
+    PipelineInputError: n is not an integer >= 1.
+  """
+  count = _integer(n)
+  if count is None or count < 1:
+    raise PipelineInputError(
+        f'n is {_shown(n)}. Fix: pass an integer n >= 1 (or labels, one per '
+        'sample).')
+  return count
+
+
+def _prng_key(key: Any) -> jax.Array:
+  """`sample`'s key: a PRNG key as given, or PRNGKey(seed) of an integer.
+
+  Raises:
+    PipelineInputError: neither an integer seed (of 64 bits) nor a key.
+  """
+  seed = _integer(key)
+  if seed is not None:
+    try:
+      return jax.random.PRNGKey(seed)
+    except OverflowError:
+      pass
+  elif isinstance(key, (np.ndarray, jax.Array)):
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+      if key.shape == ():
+        return key
+    elif key.dtype == np.uint32 and key.shape == (2,):  # PRNGKey's kind.
+      return jnp.asarray(key)
+  raise PipelineInputError(
+      f'key is {_shown(key)} ({type(key).__name__}). Fix: pass an integer '
+      'seed (64 bits at most) or one key from jax.random.key(seed) or '
+      'jax.random.PRNGKey(seed).')
 
 
 @functools.partial(jax.jit, static_argnums=0)
