@@ -462,6 +462,9 @@ def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
     (lambda p, x: p.encode(np.zeros((1, 64, 64, 1), np.uint8)),
      r"Images are 64x64, not the model's 32x32\. Fix: resize or crop them "
      r'to 32x32'),
+    (lambda p, x: p.encode([x[0], x[1, :28, :28]]),
+     r'Images do not stack into one array \(.*\)\. Fix: pass one array '
+     r'\[n, 32, 32, 1\]'),
     (lambda p, x: p.encode(x.astype(np.int64)),
      r'dtype int64\. Fix: .*pixel_range=\(low, high\)'),
     (lambda p, x: p.encode(np.where(np.arange(2)[:, None, None, None] == 1,

@@ -521,8 +521,13 @@ class Pipeline:
       PipelineInputError: a shape, dtype, size or pixel value the model
         cannot take (see `encode`).
     """
-    x = np.asarray(images)
     h, w, c = self.image_shape
+    try:
+      x = np.asarray(images)
+    except ValueError as e:  # Ragged: images of different shapes.
+      raise PipelineInputError(
+          f'Images do not stack into one array ({e}). Fix: pass one array '
+          f'[n, {h}, {w}, {c}], every image of the same size.') from e
     if x.ndim == 3 and c == 1 and (x.shape[1:] == (h, w) or (
         self._area is not None and x.shape[1:] == self._area_hw())):
       x = x[..., None]  # [n, h, w] grayscale.
