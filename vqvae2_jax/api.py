@@ -645,9 +645,9 @@ class Pipeline:
         28x28 on a 32x32 canvas, padded as in training). Other sizes are
         refused, never resized. Float values may lie beyond [-1, 1] by
         0.05 (a decoder's overshoot). A float array with no pixel below 0
-        and none above 1 is refused without `pixel_range`: that is [0, 1]
-        data, and its meaning in [-1, 1] (every pixel at least mid-grey)
-        is too rare to guess.
+        (and none above 1.05) is refused without `pixel_range`: that is
+        [0, 1] data, and its meaning in [-1, 1] (every pixel at least
+        mid-grey) is too rare to guess.
       pixel_range: (low, high), the range of the images' values, rescaled
         to [-1, 1]: (0, 1) for floats in [0, 1], (0, 255) for [0, 255]
         floats, (-1, 1) to pass [-1, 1] floats that are all >= 0. Any
