@@ -138,8 +138,8 @@ def test_an_empty_code_shard(coded_workdir, folder, tmp_path):
   result = _main(*_folder_flags(folder), f'--workdir={workdir}',
                  '--mode=prior')
   line = _the_error_line(result)
-  assert f'code shard {shards[0]}' in line, line
-  assert 'run --mode=codes again' in line, line
+  assert f'Code shard {shards[0]} is damaged' in line, line
+  assert 'Fix: run --mode=codes' in line, line
 
 
 def test_a_non_finite_loss(folder, tmp_path):
