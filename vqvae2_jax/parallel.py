@@ -9,7 +9,6 @@ parallelism), parameters are replicated unless a caller shards them over
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 import contextlib
 import os
-import re
 import signal
 import threading
 from typing import Any
@@ -147,7 +146,8 @@ def split_host_cpu(count: int) -> bool:
   On a machine with fewer than 2 * `count` cores, XLA's CPU client gets
   more threads for launching programs (`reserve_launch_threads`): without
   them the data-parallel steps deadlocked in XLA:CPU's all-reduce on a busy
-  machine.
+  machine. Devices made by XLA_FLAGS get none (set PJRT_NPROC=2n for n
+  devices there).
 
   Args:
     count: CPU devices wanted (config.mesh.cpu_devices); 0 keeps JAX's
@@ -159,13 +159,9 @@ def split_host_cpu(count: int) -> bool:
     user's or the launcher's choice wins), or when JAX's backends have
     started already (a notebook or test that ran JAX code first; logged).
   """
-  xla_flags = os.environ.get('XLA_FLAGS', '')
-  if HOST_DEVICE_FLAG in xla_flags:
-    flag = re.search(HOST_DEVICE_FLAG + r'=(\d+)', xla_flags)
-    if flag and not xla_bridge.backends_are_initialized():
-      reserve_launch_threads(int(flag.group(1)))  # The devices it makes.
-    return False
-  if count <= 0:
+  if count <= 0 or HOST_DEVICE_FLAG in os.environ.get('XLA_FLAGS', ''):
+    # Also no `reserve_launch_threads`: the variable it sets would reach
+    # every process started from this one (a test session's subprocesses).
     return False
   if xla_bridge.backends_are_initialized():
     if (jax.default_backend() == 'cpu' and
@@ -207,9 +203,9 @@ def reserve_launch_threads(count: int,
   the limit fills, deadlocked in 7 of 7 runs with 2 threads, 1 of 2 with
   3, none of 6 with 4; a step bound by its dispatch (64-wide) in 7 of 19
   runs with 2 threads, none of 7 with 3 or 4. Asynchronous dispatch off
-  did not help (3 of 3 deadlocked). 2 * `count` threads hold every launch waiting at once
-  beside every share of one collective (XLA runs one multi-device program
-  at a time; launches come from one Python thread).
+  did not help (3 of 3 deadlocked). 2 * `count` threads hold every launch
+  waiting at once beside every share of one collective (XLA runs one
+  multi-device program at a time; launches come from one Python thread).
 
   XLA reads the setting when JAX's CPU backend starts, so this must run
   before; a value the user set (PJRT_NPROC or NPROC) is kept. It sizes
