@@ -165,7 +165,7 @@ def test_two_cpu_devices_finish_beside_busy_cores():
   """The data-parallel steps of the default layout on 2 busy cores finish.
 
   With XLA's default of one launch thread per core (PJRT_NPROC=2 given to
-  this probe), it deadlocked in XLA:CPU's all-reduce in 4 of 4 runs; see
+  this probe), it deadlocked in XLA:CPU's all-reduce in 7 of 7 runs; see
   `reserve_launch_threads`. XLA ends a stuck collective after the timeout
   set here, so a deadlock fails the test in about 20 s instead of hanging
   it.

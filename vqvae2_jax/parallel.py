@@ -200,8 +200,8 @@ def reserve_launch_threads(count: int,
   idle), and XLA ended the process after 40 s. Measured on 2 cores with
   two busy processes beside (tests/test_parallel.py): a data-parallel step
   that Python dispatches faster than it runs (256-wide matrices), so that
-  the limit fills, deadlocked in 7 of 7 runs with 2 threads, 1 of 2 with
-  3, none of 6 with 4; a step bound by its dispatch (64-wide) in 7 of 19
+  the limit fills, deadlocked in 10 of 10 runs with 2 threads, 1 of 2 with
+  3, none of 12 with 4; a step bound by its dispatch (64-wide) in 7 of 19
   runs with 2 threads, none of 7 with 3 or 4. Asynchronous dispatch off
   did not help (3 of 3 deadlocked). 2 * `count` threads hold every launch
   waiting at once beside every share of one collective (XLA runs one
