@@ -163,3 +163,97 @@ def test_to_host_of_a_sharded_array():
                      parallel.data_sharding(mesh))
   np.testing.assert_array_equal(parallel.to_host(x),
                                 np.arange(16.0).reshape(8, 2))
+
+
+# The default CPU layout (2 devices) on 2 cores, as `stages.run` sets it up:
+# a jitted data-parallel step (its gradient sum is an all-reduce over the 2
+# devices) called in a loop with the parameters donated. Each step takes a
+# few milliseconds, so Python dispatches steps faster than they run and each
+# device's limit of programs in flight fills, as in the real train loops.
+_BUSY_LAYOUT_PROBE = r'''
+import os, sys
+cores = [int(c) for c in sys.argv[1].split(',')]
+os.sched_setaffinity(0, cores)  # Before XLA counts the cores.
+import jax, jax.numpy as jnp, numpy as np
+from vqvae2_jax import parallel
+assert parallel.split_host_cpu(2)
+mesh = parallel.create_mesh()
+
+def loss(w, x):
+  for _ in range(4):
+    x = jnp.tanh(x @ w)
+  return jnp.mean(x ** 2)
+
+def step(w, x):
+  value, grad = jax.value_and_grad(loss)(w, x)
+  return w - 0.01 * grad, value
+
+replicated = parallel.replicated(mesh)
+train_step = jax.jit(
+    step, in_shardings=(replicated, parallel.data_sharding(mesh)),
+    out_shardings=replicated, donate_argnums=0)
+w = jax.device_put(np.eye(256, dtype=np.float32), replicated)
+rng = np.random.default_rng(0)
+for _ in range(int(sys.argv[2])):
+  batch = parallel.shard_batch(rng.standard_normal((32, 256), np.float32),
+                              mesh)
+  w, value = train_step(w, batch)
+print(jax.device_count(), os.environ.get('PJRT_NPROC'), float(value))
+'''
+
+
+def test_two_cpu_devices_finish_beside_busy_cores():
+  """The data-parallel steps of the default layout on 2 busy cores finish.
+
+  With XLA's default of one launch thread per core (PJRT_NPROC=2 given to
+  this probe), it deadlocked in XLA:CPU's all-reduce in 7 of 7 runs; see
+  `reserve_launch_threads`. XLA ends a stuck collective after the timeout
+  set here, so a deadlock fails the test in about 20 s instead of hanging
+  it.
+  """
+  if not hasattr(os, 'sched_setaffinity'):
+    pytest.skip('needs Linux CPU affinity')
+  cores = sorted(os.sched_getaffinity(0))[:2]
+  if len(cores) < 2:
+    pytest.skip('needs 2 cores')
+  pin = ','.join(map(str, cores))
+  # Every core of the probe kept busy by another process.
+  busy = [subprocess.Popen(
+      [sys.executable, '-c',
+       f'import os; os.sched_setaffinity(0, [{pin}])\nwhile True: pass'])
+          for _ in cores]
+  env = {k: v for k, v in os.environ.items()
+         if k not in parallel.PJRT_THREADS_ENV}
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      '--xla_cpu_collective_call_terminate_timeout_seconds=10 '
+      '--xla_cpu_collective_call_warn_stuck_timeout_seconds=5'))
+  try:
+    done = subprocess.run(
+        [sys.executable, '-c', _BUSY_LAYOUT_PROBE, pin, '1000'], env=env,
+        capture_output=True, text=True, timeout=150)
+  finally:
+    for process in busy:
+      process.kill()
+      process.wait()
+  assert done.returncode == 0, done.stderr[-3000:]
+  devices, threads, _ = done.stdout.split('\n')[-2].split()
+  assert (devices, threads) == ('2', '4')
+
+
+@pytest.mark.parametrize('count,cores,environ,expected', [
+    (2, 2, {}, 4),  # The default layout on 2 cores.
+    (3, 4, {}, 6),
+    (2, 4, {}, None),  # Enough cores: XLA's own pool is big enough.
+    (1, 1, {}, None),  # One device has no collectives.
+    (2, 2, {'PJRT_NPROC': '2'}, None),  # The user's setting is kept.
+    (2, 2, {'NPROC': '3'}, None),
+])
+def test_reserve_launch_threads(monkeypatch, count, cores, environ, expected):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)),
+                      raising=False)
+  env = dict(environ)
+  assert parallel.reserve_launch_threads(count, env) == expected
+  if expected is None:
+    assert env == environ
+  else:
+    assert env == {'PJRT_NPROC': str(expected)}

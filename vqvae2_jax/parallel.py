@@ -7,7 +7,7 @@ whose 'fsdp' axis has more than one device (`state_shardings`, the FSDP
 rule). The same code runs on 1 CPU, 8 fake CPU devices, a GPU or a pod.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 import contextlib
 import math
 import os
@@ -149,14 +149,11 @@ def split_host_cpu(count: int) -> bool:
   that of a data-parallel run on `count` devices, the same on every CPU
   machine. Accelerator backends are unaffected.
 
-  Known problem: on a machine overloaded with other jobs (load 3-5 on 2
-  cores), evaluations with CAS on 2 CPU devices stopped four times in
-  XLA:CPU's all-reduce: one device's part of the classifier's train step
-  never started (0% CPU; its launch waited on XLA's per-device in-flight
-  semaphore), and XLA ended the process after 40 s. It happened with JAX's
-  asynchronous dispatch on and off, never on an idle machine. A rerun
-  resumes from the last checkpoint; `config.mesh.cpu_devices=0` (one
-  device) avoids it.
+  On a machine with fewer than 2 * `count` cores, XLA's CPU client gets
+  more threads for launching programs (`reserve_launch_threads`): without
+  them the data-parallel steps deadlocked in XLA:CPU's all-reduce on a busy
+  machine. Devices made by XLA_FLAGS get none (set PJRT_NPROC=2n for n
+  devices there).
 
   Args:
     count: CPU devices wanted (config.mesh.cpu_devices); 0 keeps JAX's
@@ -169,6 +166,8 @@ def split_host_cpu(count: int) -> bool:
     started already (a notebook or test that ran JAX code first; logged).
   """
   if count <= 0 or HOST_DEVICE_FLAG in os.environ.get('XLA_FLAGS', ''):
+    # Also no `reserve_launch_threads`: the variable it sets would reach
+    # every process started from this one (a test session's subprocesses).
     return False
   if xla_bridge.backends_are_initialized():
     if (jax.default_backend() == 'cpu' and
@@ -179,7 +178,68 @@ def split_host_cpu(count: int) -> bool:
                    jax.local_device_count(), HOST_DEVICE_FLAG, count)
     return False
   jax.config.update('jax_num_cpu_devices', int(count))
+  reserve_launch_threads(int(count))
   return True
+
+
+# How many threads XLA's CPU client starts for its launch pool (and its
+# intra-op pool): the first of these set, else the cores this process may use.
+PJRT_THREADS_ENV = ('PJRT_NPROC', 'NPROC')
+
+
+def reserve_launch_threads(count: int,
+                           environ: MutableMapping[str, str] | None = None
+                           ) -> int | None:
+  """Gives XLA's CPU client enough threads for `count` devices' collectives.
+
+  XLA:CPU runs each device's share of a multi-device program from one thread
+  pool, sized max(cores, devices). Both kinds of task in it can wait on
+  another: a device's launch waits while that device already has its
+  limit of programs in flight (32; 1 without asynchronous dispatch), and a
+  running share waits at an all-reduce until every device's share arrives.
+  With one thread per device (2 devices on 2 cores, the Fashion-MNIST
+  default), one thread ran device 0's share of a train step, stuck in the
+  all-reduce, and the other a launch for device 1, stuck on device 1's
+  limit; device 1's share, queued behind them, never ran (gdb: one
+  `InProcessCommunicator::AllReduce`, one `Semaphore::Acquire` in
+  `ExecuteLaunch`, the main thread in `PjitFunction::Call`, the machine
+  idle), and XLA ended the process after 40 s. Measured on 2 cores with
+  two busy processes beside (tests/test_parallel.py): a data-parallel step
+  that Python dispatches faster than it runs (256-wide matrices), so that
+  the limit fills, deadlocked in 10 of 10 runs with 2 threads, 1 of 2 with
+  3, none of 12 with 4; a step bound by its dispatch (64-wide) in 7 of 19
+  runs with 2 threads, none of 7 with 3 or 4. Asynchronous dispatch off
+  did not help (3 of 3 deadlocked). 2 * `count` threads hold every launch
+  waiting at once beside every share of one collective (XLA runs one
+  multi-device program at a time; launches come from one Python thread).
+
+  XLA reads the setting when JAX's CPU backend starts, so this must run
+  before; a value the user set (PJRT_NPROC or NPROC) is kept. It sizes
+  XLA's intra-op pool too, on machines with fewer than 2 * `count` cores
+  only: the Fashion-MNIST priors' state after 40 steps was bitwise the
+  same with 2 and 4 threads on 2 cores.
+
+  Args:
+    count: CPU devices JAX will make.
+    environ: the environment to change; None changes `os.environ` (what
+      XLA reads).
+
+  Returns:
+    The thread count set, or None when nothing was set (one device, enough
+    cores, or the user's own setting).
+  """
+  env = os.environ if environ is None else environ
+  if count <= 1 or any(env.get(name) for name in PJRT_THREADS_ENV):
+    return None
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux: what XLA counts there too.
+    cores = os.cpu_count() or 1
+  threads = 2 * count
+  if cores >= threads:
+    return None
+  env[PJRT_THREADS_ENV[0]] = str(threads)
+  return threads
 
 
 def use_compilation_cache(directory: str) -> bool:
