@@ -5,9 +5,9 @@
 #
 #   bash experiments/gpu_session.sh OUT_DIR [PART ...]
 #
-# PARTs (default: sampler peer batch16 graphs, at most 9 minutes):
-#   sampler      experiments/sampler_variants.py at batch 1: cond (the old
-#                per-position lax.cond), static, unroll8, bf16; both levels
+# PARTs (default: sampler peer batch16 first_image, at most 9m40s):
+#   sampler      experiments/sampler_variants.py at batch 1: static, cond
+#                (the old per-position lax.cond), bf16, unroll8; both levels
 #                of the ImageNet-256 priors and one whole image
 #   peer         the PyTorch reference's own sampling loop on the same GPU
 #                (experiments/peer_sampler_timer.py; needs its checkout in
@@ -30,7 +30,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:?usage: bash experiments/gpu_session.sh OUT_DIR [PART ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(sampler peer batch16 graphs)
+[ ${#parts[@]} -gt 0 ] || parts=(sampler peer batch16 first_image)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -57,19 +57,19 @@ run() {  # run NAME LIMIT_S COMMAND...: bounded, logged, filtered console.
 
 for part in "${parts[@]}"; do
   case $part in
-    sampler) run sampler 240 "$py" -m experiments.sampler_variants $smoke \
-        --variants=cond,static,unroll8,bf16 --batches=1 \
+    sampler) run sampler 220 "$py" -m experiments.sampler_variants $smoke \
+        --variants=static,cond,bf16,unroll8 --batches=1 \
         --json="$out/sampler.json" ;;
-    peer) run peer 110 "$peer_py" experiments/peer_sampler_timer.py \
+    peer) run peer 100 "$peer_py" experiments/peer_sampler_timer.py \
         $peer_smoke --peer_code=.peer/vq-vae-2-pytorch --full_top \
         --json="$out/peer.json" ;;
-    batch16) run batch16 110 "$py" -m experiments.sampler_variants $smoke \
+    batch16) run batch16 100 "$py" -m experiments.sampler_variants $smoke \
         --variants=static,bf16_unroll8 --batches=16 \
         --json="$out/batch16.json" ;;
     graphs) run graphs 90 env XLA_FLAGS="$graphs" \
         "$py" -m experiments.sampler_variants $smoke --variants=static,unroll8 \
         --batches=1 --label=graphs --json="$out/graphs.json" ;;
-    first_image) run first_image 180 "$py" -m experiments.first_image $smoke \
+    first_image) run first_image 160 "$py" -m experiments.first_image $smoke \
         --config=configs/imagenet256.py --make_export=/tmp/paper_export \
         --json="$out/first_image.json" ;;
     train) run train 400 "$py" -m experiments.accelerator_check $smoke \
