@@ -5,6 +5,8 @@ r"""The paper-size steps and sampler on an accelerator: speed, memory, MFU.
   python -m experiments.accelerator_check --parts=prior0,sampler \
       --sample_batches=16 --json=/tmp/check.json
   python -m experiments.accelerator_check --smoke         # CPU, seconds
+  python -m experiments.accelerator_check \
+      --recount=experiments/figures/h200/train_2026-12-04.json   # CPU
 
 Runs, in bfloat16 compute (float32 params), on the first device JAX sees,
 the parts named by --parts (default all, in this order):
@@ -24,8 +26,9 @@ init s (building the train state with the trainer's own init, or the
 sampler's and decoder's random weights), compile s (lowering and compiling;
 for a sampler level, its first call less a timed one), s/call, throughput;
 the model FLOP utilisation: the program's FLOPs, counted on its lowered
-module (`lowered.cost_analysis()`; the compiled program's count omits
-XLA:GPU's cuDNN convolutions), per second over the chip's peak dense
+module (`lowered.cost_analysis()`, or the CPU client's count of the same
+module where the backend gives none, as JAX's CUDA plugin does; the compiled
+program's count omits XLA:GPU's cuDNN convolutions), per second over the chip's peak dense
 bfloat16 FLOP/s from `PEAK_BF16_FLOPS` (by `device_kind`; unknown kinds,
 CPUs included, are reported without MFU); and the peak memory (XLA's buffer
 assignment of the compiled program, `compiled.memory_analysis()`; the
@@ -37,6 +40,11 @@ Weights are random, as speed does not depend on them: the train steps'
 from the trainers' inits; the sampler's and decoder's drawn on the host
 into shapes from `jax.eval_shape` (jitting a random init of the paper-size
 priors takes minutes on a GPU).
+
+`--recount=RUN.json` counts the FLOPs of an earlier run's train steps here,
+on abstract state (nothing is initialised or run: a CPU takes seconds), and
+recomputes their MFU from that run's seconds and peak: how the H200 run of
+2026-12-04, whose counts were missing, got its MFU column.
 
 `--smoke` runs the same code on toy sizes (64x64 images) in a few seconds
 on a CPU, which the tests do.
@@ -78,6 +86,10 @@ _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
                            'Compute dtype of every stage.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results here, '
                             'rewritten after each row.')
+_RECOUNT = flags.DEFINE_string(
+    'recount', '', "A --json file of an earlier run: count its train steps' "
+    'FLOPs here (lowered on abstract state: nothing runs, so a CPU will do) '
+    "and recompute their MFU from that run's seconds and peak.")
 
 # Peak dense bfloat16 FLOP/s of one JAX device, by a substring of its
 # device_kind (first match wins), from the vendors' data sheets. A TPU v2/v3
@@ -116,17 +128,46 @@ def lowered_flops(lowered: jax.stages.Lowered) -> Optional[float]:
   convolutions it runs as cuDNN custom calls (2.59 GFLOP for the paper-size
   stage-1 step, whose lowered module counts 0.876 TFLOP).
 
+  Backends reached through the PJRT C API (JAX's CUDA plugin among them:
+  jax 0.11.2 on an H200) give no cost analysis of a lowered module
+  (`Lowered.cost_analysis()` is None there), so the same module is counted
+  by the CPU client, which every JAX has: the count depends on the module,
+  not on the machine that will run it.
+
   Args:
     lowered: `jax.jit(f).lower(*args)`.
 
   Returns:
-    The FLOPs, or None where the backend gives no positive count.
+    The FLOPs, or None where neither count is positive.
   """
-  cost = lowered.cost_analysis()
+  return (_flops_of(lowered.cost_analysis())
+          or _flops_of(_cpu_cost_analysis(lowered)))
+
+
+def _flops_of(cost: Any) -> Optional[float]:
+  """The 'flops' of a cost analysis (a dict, or a list of them), if > 0."""
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0] if cost else None
   flops = (cost or {}).get('flops')
   return float(flops) if flops and flops > 0 else None
+
+
+def _cpu_cost_analysis(lowered: jax.stages.Lowered) -> Optional[dict]:
+  """XLA's cost analysis of the lowered module by the CPU client, or None.
+
+  Uses the function that `Lowered.cost_analysis()` calls for its own
+  backend (jaxlib's `hlo_module_cost_analysis`, not public API): None when
+  this JAX lacks it.
+  """
+  try:
+    # pylint: disable-next=g-import-not-at-top
+    from jax._src.lib import _jax
+    from jax.extend import backend as jax_backend
+    module = lowered.compiler_ir('hlo').as_hlo_module()
+    cpu = jax_backend.get_backend('cpu')
+    return _jax.hlo_module_cost_analysis(cpu, module)
+  except (ImportError, AttributeError, NotImplementedError, RuntimeError):
+    return None
 
 
 def device_peak_bytes(device: jax.Device) -> Optional[int]:
@@ -189,6 +230,27 @@ def _random_batch(config: ml_collections.ConfigDict, stage: str, batch: int,
                                 dtype=np.int32)}
 
 
+def _programs(config: ml_collections.ConfigDict, stage: str, mesh: Any,
+              level: int) -> tuple[Any, int]:
+  """The stage's trainer programs and the examples counted per image."""
+  if stage == 'vqvae':
+    return vqvae_trainer.programs(config, mesh), 1
+  h, w = builders.level_shapes(config)[level]
+  return prior_trainer.programs(config, level, mesh), h * w
+
+
+def step_flops(config: ml_collections.ConfigDict, stage: str, batch: int,
+               mesh: Any, level: int = 0) -> Optional[float]:
+  """FLOPs of one train step, lowered on abstract state: nothing is
+  initialised, compiled or run, so a paper-size step is counted on a CPU in
+  seconds (the count is the lowered module's, the same on every backend)."""
+  progs, _ = _programs(config, stage, mesh, level)
+  state = jax.eval_shape(progs.init, jax.random.PRNGKey(0))
+  data = parallel.shard_batch(_random_batch(config, stage, batch, level),
+                              mesh)
+  return lowered_flops(progs.train_step.lower(state, data))
+
+
 def check_step(name: str, config: ml_collections.ConfigDict, stage: str,
                batch: int, steps: int, mesh: Any, level: int = 0
                ) -> dict[str, Any]:
@@ -200,13 +262,7 @@ def check_step(name: str, config: ml_collections.ConfigDict, stage: str,
     'xla_peak_bytes'}.
   """
   start = time.perf_counter()
-  if stage == 'vqvae':
-    progs = vqvae_trainer.programs(config, mesh)
-    per_example = 1
-  else:
-    progs = prior_trainer.programs(config, level, mesh)
-    h, w = builders.level_shapes(config)[level]
-    per_example = h * w
+  progs, per_example = _programs(config, stage, mesh, level)
   state = jax.block_until_ready(progs.init(jax.random.PRNGKey(0)))
   init_s = time.perf_counter() - start
   data = parallel.shard_batch(_random_batch(config, stage, batch, level),
@@ -376,8 +432,39 @@ def format_row(r: dict[str, Any]) -> str:
           f'{_fmt(peak_gib, ".2f"):>12}')
 
 
+def recount(result: dict[str, Any], mesh: Any) -> dict[str, Any]:
+  """`result` (an earlier run's JSON) with its train steps' FLOPs counted
+  here and their MFU recomputed from its own seconds and peak."""
+  config = config_for(result['smoke'], result['dtype'], result['remat'])
+  for row in result['rows']:
+    if row['name'] == 'stage 1 train step':
+      row['flops'] = step_flops(config, 'vqvae', row['batch'], mesh)
+    elif row['name'].startswith('prior ') and row['name'].endswith(' step'):
+      level = int(row['name'].split()[1])
+      row['flops'] = step_flops(config, 'prior', row['batch'], mesh, level)
+    else:
+      continue
+    with_mfu(row, result['peak_bf16_flops'])
+  result['flops_counted_on'] = jax.devices()[0].platform
+  return result
+
+
 def main(argv):
   del argv
+  if _RECOUNT.value:
+    mesh = parallel.create_mesh(devices=jax.devices()[:1])
+    with open(_RECOUNT.value) as f:
+      result = recount(json.load(f), mesh)
+    print(f'{_RECOUNT.value}: {result["device_kind"]}, peak bf16 '
+          f'{(result["peak_bf16_flops"] or 0) / 1e12:.0f} TFLOP/s; FLOPs '
+          f'counted on {result["flops_counted_on"]}')
+    print(HEADER)
+    print('-' * len(HEADER))
+    for row in result['rows']:
+      print(format_row(row))
+    if _JSON.value:
+      write_json(_JSON.value, result)
+    return
   device = jax.devices()[0]
   mesh = parallel.create_mesh(devices=[device])
   config = config_for(_SMOKE.value, _DTYPE.value, _REMAT.value)

@@ -521,6 +521,67 @@ def test_accelerator_check_reads_either_form_of_cost_analysis():
     assert check.lowered_flops(Lowered(cost)) is None, cost
 
 
+def test_accelerator_check_counts_on_the_cpu_where_the_backend_cannot():
+  # JAX's CUDA plugin (PJRT C API) gives no cost analysis of a lowered
+  # module; the count must then come from the CPU client, and be the same.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from experiments import accelerator_check as check
+  # pylint: enable=g-import-not-at-top
+
+  def net(w, x):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.tanh(y).sum()
+
+  lowered = jax.jit(jax.grad(net)).lower(jnp.ones((3, 3, 4, 8)),
+                                        jnp.ones((2, 8, 8, 4)))
+
+  class PluginLowered:  # What jax 0.11.2's CUDA plugin returns.
+
+    def cost_analysis(self):
+      return None
+
+    def compiler_ir(self, dialect):
+      return lowered.compiler_ir(dialect)
+
+  direct = check.lowered_flops(lowered)
+  # The forward conv and its weight gradient, each 2 FLOPs per multiply-add
+  # of the taps inside the 8x8 map ((8 * 3 - 2)^2 per channel pair, SAME
+  # padding's taps excluded), and tanh's elementwise work beside them.
+  convs = 2 * 2 * 2 * (8 * 3 - 2)**2 * 4 * 8
+  assert convs < direct < 1.1 * convs, (direct, convs)
+  assert check.lowered_flops(PluginLowered()) == direct
+
+
+def test_accelerator_check_recounts_an_earlier_runs_flops():
+  # An earlier run's JSON (a GPU's, whose counts were missing) gets its train
+  # steps counted here on abstract state, and MFU from its own seconds.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from experiments import accelerator_check as check
+  from vqvae2_jax import parallel
+  # pylint: enable=g-import-not-at-top
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  rows = [{'name': 'stage 1 train step', 'batch': 2, 'seconds': 0.5,
+           'flops': None},
+          {'name': 'prior 1 train step', 'batch': 2, 'seconds': 0.25,
+           'flops': None},
+          {'name': 'decode', 'batch': 1, 'seconds': 0.1, 'flops': None}]
+  result = check.recount({'smoke': True, 'dtype': 'float32', 'remat': False,
+                          'peak_bf16_flops': 1e12, 'rows': rows}, mesh)
+  config = check.config_for(True, 'float32', False)
+  stage1 = check.step_flops(config, 'vqvae', 2, mesh)
+  prior1 = check.step_flops(config, 'prior', 2, mesh, 1)
+  assert stage1 and prior1 and stage1 != prior1
+  assert rows[0]['flops'] == stage1 and rows[1]['flops'] == prior1
+  assert rows[0]['mfu'] == pytest.approx(stage1 / 0.5 / 1e12)
+  assert rows[1]['tflops_per_s'] == pytest.approx(prior1 / 0.25 / 1e12)
+  assert rows[2]['flops'] is None and 'mfu' not in rows[2]
+  assert result['flops_counted_on'] == 'cpu'
+
+
 def test_accelerator_check_peak_table():
   # pylint: disable-next=g-import-not-at-top
   from experiments import accelerator_check as check
