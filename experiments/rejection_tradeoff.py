@@ -1,4 +1,4 @@
-r"""Quality against diversity: rejection sampling, temperature and top-p.
+r"""Quality against diversity: rejection sampling, temperature, top-p, guidance.
 
   python -m experiments.rejection_tradeoff --config=configs/fashion_mnist.py \
     --workdir=workdir/fashion_mnist --out=experiments/figures
@@ -6,7 +6,9 @@ r"""Quality against diversity: rejection sampling, temperature and top-p.
 Needs a finished workdir with a domain classifier (`--mode=all` with
 rejection, or `--mode=classifier`), which scores the candidates. For each
 point (rejection keep in {1, 0.5, 0.25, 0.1, 0.05} at temperature 1, then
-temperature in {0.9, 0.8, 0.7} and top-p in {0.95, 0.9} without rejection)
+temperature in {0.9, 0.8, 0.7}, top-p in {0.95, 0.9} and classifier-free
+guidance in {1.5, 2, 3} without rejection; empty lists skip a knob, and the
+classifier is needed only for keeps below 1)
 draws --num_samples class-balanced samples through --mode=sample's own
 function (so each point is a sample run under workdir/samples/, reused when
 rerun; --samples_workdir puts them elsewhere, for a workdir that is only
@@ -48,6 +50,9 @@ _TEMPERATURES = flags.DEFINE_list('temperatures', ['1.0', '0.9', '0.8', '0.7'],
                                   'Temperatures (keep 1).')
 _TOP_PS = flags.DEFINE_list('top_ps', ['1.0', '0.95', '0.9'],
                             'Nucleus masses (keep 1).')
+_GUIDANCES = flags.DEFINE_list(
+    'guidances', ['1.0', '1.5', '2.0', '3.0'],
+    'Classifier-free guidance scales (keep 1; needs label dropout).')
 _SAMPLES_WORKDIR = flags.DEFINE_string(
     'samples_workdir', None,
     'Where the sample runs go (default: --workdir): a workdir whose stages '
@@ -75,11 +80,13 @@ def linked_workdir(workdir: str, samples_workdir: str) -> str:
 
 def points() -> list[tuple[str, float, dict[str, float]]]:
   """(knob, value, sampling overrides) of every point, the baseline once."""
-  base = {'rejection_keep': 1.0, 'temperature': 1.0, 'top_p': 1.0}
+  base = {'rejection_keep': 1.0, 'temperature': 1.0, 'top_p': 1.0,
+          'guidance': 1.0}
   out, seen = [], set()
   for knob, values in (('rejection_keep', _KEEPS.value),
                        ('temperature', _TEMPERATURES.value),
-                       ('top_p', _TOP_PS.value)):
+                       ('top_p', _TOP_PS.value),
+                       ('guidance', _GUIDANCES.value)):
     for value in map(float, values):
       controls = {**base, knob: value}
       key = tuple(sorted(controls.items()))
@@ -114,7 +121,7 @@ def plot(rows: list[dict[str, float]], path: str) -> None:
   image = Image.new('RGB', (2 * w, h), 'white')
   draw = ImageDraw.Draw(image)
   colours = {'rejection_keep': (200, 30, 30), 'temperature': (30, 90, 200),
-             'top_p': (30, 150, 60)}
+             'top_p': (30, 150, 60), 'guidance': (150, 60, 170)}
 
   def axes(x0, title, xlabel, ylabel, xlim, ylim):
     draw.rectangle([x0 + margin, 30, x0 + w - 20, h - margin], outline='black')
@@ -147,16 +154,19 @@ def plot(rows: list[dict[str, float]], path: str) -> None:
   for r in rows:
     x, y = px(r['recall'], r['precision'])
     draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colours[r['knob']])
-    short = {'rejection_keep': 'keep', 'temperature': 't', 'top_p': 'p'}
+    short = {'rejection_keep': 'keep', 'temperature': 't', 'top_p': 'p',
+             'guidance': 'g'}
     draw.text((x + 5, y - 5), f'{short[r["knob"]]}{r["value"]:g}',
               fill=colours[r['knob']])
-  fx = axes(w, 'FID vs knob value (red keep, blue t, green top-p)', 'value',
-            'FID', (0.0, 1.0), padded([r['fid'] for r in rows]))
+  fx = axes(w, 'FID vs knob value (red keep, blue t, green top-p, purple '
+            'guidance / 3)', 'value', 'FID', (0.0, 1.0),
+            padded([r['fid'] for r in rows]))
   for knob, colour in colours.items():
     mine = sorted((r for r in rows if r['knob'] == knob or (
         r['value'] == 1.0 and r['knob'] == 'rejection_keep')),
                   key=lambda r: r['value'])
-    pts = [fx(r['value'], r['fid']) for r in mine]
+    scale = 3.0 if knob == 'guidance' else 1.0  # Its values reach 3.
+    pts = [fx(r['value'] / scale, r['fid']) for r in mine]
     if len(pts) > 1:
       draw.line(pts, fill=colour, width=2)
     for x, y in pts:

@@ -427,6 +427,16 @@ def test_api_samples_are_deterministic_per_key(pipe):
   assert not np.array_equal(other, images)
   unconditional, _ = pipe.sample(n=2, key=7, temperature=0.8, top_p=0.9)
   assert unconditional.shape == (2, 32, 32, 1)
+  # Guidance: off at 1.0; 0.0 is the unconditional path at every level.
+  _, guided = pipe.sample(labels=[0, 3, 9], key=7, guidance=1.0)
+  for a, b in zip(guided, codes):
+    np.testing.assert_array_equal(a, b)
+  _, at_zero = pipe.sample(labels=[0, 3, 9], key=7, guidance=0.0)
+  _, no_labels = pipe.sample(n=3, key=7)
+  for a, b in zip(at_zero, no_labels):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='Fix: pass labels'):
+    pipe.sample(n=2, key=7, guidance=2.0)
 
 
 def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):

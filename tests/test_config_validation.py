@@ -51,6 +51,8 @@ def _set(config, path, value):
     ('sampling.temperature', 0.0, 'sampling.temperature'),
     ('sampling.top_k', -1, 'sampling.top_k'),
     ('sampling.top_p', 0.0, 'sampling.top_p'),
+    ('sampling.guidance', -0.5, 'sampling.guidance'),
+    ('sampling.guidance', float('nan'), 'sampling.guidance'),
     ('sampling.rejection_keep', 0.0, 'sampling.rejection_keep'),
     ('sampling.rejection_keep', 1.5, 'sampling.rejection_keep'),
     ('sampling.rejection_keep', -0.1, 'sampling.rejection_keep'),

@@ -814,3 +814,30 @@ def test_prior_scaling_trains_and_scores_a_variant(
     assert r['step'] == config.prior.num_train_steps
     assert math.isclose(r['gap'], r['held_out'] - r['train'])
   assert row['num_params'] > 0 and row['train_minutes'] > 0
+
+
+def test_rejection_tradeoff_points_table_and_plot(tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from experiments import rejection_tradeoff as tradeoff
+  # pylint: enable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  points = tradeoff.points()
+  knobs = [(knob, value) for knob, value, _ in points]
+  # The baseline once (as keep 1), then every other value of each knob.
+  assert knobs == [('rejection_keep', v) for v in (1.0, 0.5, 0.25, 0.1, 0.05)] + [
+      ('temperature', v) for v in (0.9, 0.8, 0.7)] + [
+          ('top_p', v) for v in (0.95, 0.9)] + [
+              ('guidance', v) for v in (1.5, 2.0, 3.0)]
+  for knob, value, controls in points:
+    assert controls[knob] == value
+    assert sum(v != 1.0 for v in controls.values()) == (value != 1.0)
+  rows = [{'knob': knob, 'value': value, 'fid': 1.0 + i, 'precision': 0.5,
+           'recall': 0.1 * i, 'inception_score': 4.0, 'class_agreement': 0.6,
+           'samples_per_sec': 10.0} for i, (knob, value, _) in
+          enumerate(points)]
+  table = tradeoff.markdown(rows, 100, 1000, 'judge')
+  assert '| guidance | 3 | 13.000 |' in table  # The 13th point.
+  tradeoff.plot(rows, str(tmp_path / 'plot.png'))
+  assert (tmp_path / 'plot.png').stat().st_size > 1000

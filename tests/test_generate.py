@@ -38,6 +38,12 @@ def test_run_name_names_checkpoints_seed_controls_and_count():
   config.sampling.rejection_keep = 0.25
   assert generate.run_name(config, 300, [200, 100], 40, True).endswith(
       '_n40_keep0.25')
+  config.sampling.guidance = 2.5  # Named only when on: older runs keep theirs.
+  assert generate.run_name(config, 300, [200, 100], 40, True) == (
+      'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_g2.5_n40_keep0.25')
+  del config.sampling['guidance']  # A config recorded before the field.
+  assert generate.run_name(config, 300, [200, 100], 40, True) == (
+      'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_n40_keep0.25')
 
 
 def test_grid_images_takes_the_first_of_each_label():

@@ -373,3 +373,82 @@ def test_bfloat16_sampling_through_cast_prior():
   assert 0 <= int(drawn[0].min()) and int(drawn[0].max()) < 7
   with pytest.raises(ValueError, match='float dtype'):
     sampling.cast_prior(model, variables, 'int32')
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_guided_sampler_equals_reference(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  for temperature, top_k, top_p in CONTROLS[:3]:
+    kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                  rng=jax.random.key(7), temperature=temperature,
+                  top_k=top_k, top_p=top_p, guidance=3.0)
+    cached = sampling.sample_level(model, variables, **kwargs)
+    reference = sampling.reference_sample_level(model, variables, **kwargs)
+    np.testing.assert_array_equal(cached, reference,
+                                  err_msg=f'{(temperature, top_k, top_p)}')
+  plain = sampling.sample_level(model, variables,
+                                **{**kwargs, 'guidance': 1.0})
+  assert (np.asarray(plain) != np.asarray(cached)).any()
+
+
+def test_guidance_draws_from_the_guided_logits():
+  # Position (0, 0) depends on no code: its draw must be the one the same key
+  # makes from u + s * (c - u) of the full forward pass, with and without the
+  # labels.
+  model, variables, shape, cond, _, codes = _setup('lower')
+  batch = 16
+  shape = (batch, *shape[1:])
+  cond = tuple(jnp.tile(x, (batch // 2, 1, 1)) for x in cond)
+  labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
+  codes = jnp.tile(codes, (batch // 2, 1, 1))
+  forward = jax.jit(functools.partial(model.apply, train=False))
+  cond_logits = forward(variables, codes, cond_codes=cond, labels=labels)
+  uncond_logits = forward(variables, codes, cond_codes=cond, labels=None)
+  rng = jax.random.key(3)
+  for scale in (0.0, 2.0, 4.0):
+    sampled = sampling.sample_level(model, variables, shape=shape,
+                                    cond_codes=cond, labels=labels, rng=rng,
+                                    guidance=scale)
+    u, c = uncond_logits[:, 0, 0], cond_logits[:, 0, 0]
+    expected = sampling.sample_logits(
+        jax.random.fold_in(rng, 0), u + scale * (c - u), jnp.float32(1.0),
+        jnp.int32(0), jnp.float32(1.0), jnp.arange(batch, dtype=jnp.int32),
+        truncate=False)
+    np.testing.assert_array_equal(np.asarray(sampled)[:, 0, 0], expected,
+                                  err_msg=f'guidance {scale}')
+  # Guidance 0 is the unconditional path, at every position.
+  unconditional = sampling.sample_level(model, variables, shape=shape,
+                                        cond_codes=cond, labels=None, rng=rng)
+  np.testing.assert_array_equal(
+      sampling.sample_level(model, variables, shape=shape, cond_codes=cond,
+                            labels=labels, rng=rng, guidance=0.0),
+      unconditional)
+
+
+def test_guided_sampling_split_over_devices_equals_one_device():
+  model, variables, shape, cond, _, _ = _setup('top')
+  shape = (8, *shape[1:])
+  labels = jnp.asarray([0, 1, 2, 3, 2, 1, 0, 3], jnp.int32)
+  mesh = parallel.create_mesh(ml_collections.ConfigDict({'data': 4, 'fsdp': 2}))
+  kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                rng=jax.random.key(11), guidance=2.0)
+  np.testing.assert_array_equal(
+      sampling.sample_level(model, variables, **kwargs, mesh=mesh),
+      sampling.sample_level(model, variables, **kwargs))
+
+
+def test_guidance_errors():
+  model, variables, shape, cond, labels, _ = _setup('top')
+  kwargs = dict(shape=shape, cond_codes=cond, rng=jax.random.key(0))
+  with pytest.raises(sampling.SamplingInputError, match='Fix: pass labels'):
+    sampling.sample_level(model, variables, **kwargs, guidance=2.0)
+  for bad in (-1.0, float('nan'), float('inf')):
+    with pytest.raises(sampling.SamplingInputError, match='value >= 0'):
+      sampling.sample_level(model, variables, **kwargs, labels=labels,
+                            guidance=bad)
+  plain = pixelcnn_util.make_prior(**{**TOP, 'num_classes': 0})
+  codes = jnp.zeros(shape, jnp.int32)
+  plain_vars = pixelcnn_util.random_variables(plain, codes, (), None, seed=2)
+  with pytest.raises(sampling.SamplingInputError, match='without class'):
+    sampling.sample_level(plain, plain_vars, shape=shape, labels=None,
+                          rng=jax.random.key(0), guidance=1.5)

@@ -682,7 +682,7 @@ class Pipeline:
 
   def sample(self, labels: Any = None, n: Optional[int] = None, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             key: int | jax.Array = 0
+             guidance: float = 1.0, key: int | jax.Array = 0
              ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Samples images from the priors (exact ancestral sampling).
 
@@ -692,6 +692,9 @@ class Pipeline:
         when labels is None, else len(labels).
       temperature, top_k, top_p: the sampler's controls (1.0, 0, 1.0: the
         model as trained).
+      guidance: classifier-free guidance scale (needs labels); 1.0 is off,
+        above 1 follows the labels more closely, at twice the compute (see
+        `sampling.sample_level`).
       key: an integer seed (a numpy integer too) or a PRNG key
         (`jax.random.key` or `jax.random.PRNGKey`); the same key gives the
         same samples, and a seed the samples of `jax.random.PRNGKey(seed)`.
@@ -708,6 +711,10 @@ class Pipeline:
       n = len(labels) if np.ndim(labels) else 1  # A scalar: refused below.
     n = _count(n)
     rng = _prng_key(key)
+    if labels is None and guidance != 1.0:
+      raise PipelineInputError(
+          f'guidance is {guidance}, but no labels were given: guidance '
+          'follows class labels. Fix: pass labels, or guidance=1.0.')
     labels = self._labels(labels, n)
     batch = self._padded(np.zeros((n,), np.int32)).shape[0]
     if labels is not None:
@@ -717,7 +724,7 @@ class Pipeline:
         self.priors, self.level_shapes, batch_size=batch, labels=labels,
         rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
         mesh=self.mesh, unroll=self.config.sampling.unroll,
-        dtype=self.config.sampling.dtype or None)
+        dtype=self.config.sampling.dtype or None, guidance=guidance)
     codes = [np.asarray(c)[:n] for c in codes]
     return self.decode(codes), codes
 

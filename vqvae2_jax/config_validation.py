@@ -5,6 +5,7 @@ and says how to fix it, so a mistake costs seconds, not the first hour of a
 run; main prints it as one line.
 """
 
+import math
 import os
 from typing import Iterable
 
@@ -205,6 +206,10 @@ def validate_config(config: ml_collections.ConfigDict,
           'use 1 (a plain loop) or more positions per iteration')
   if not 0.0 < sampling.top_p <= 1.0:
     _fail('sampling.top_p', f'is {sampling.top_p}', 'use a value in (0, 1]')
+  guidance = sampling.get('guidance', 1.0)
+  if not (math.isfinite(guidance) and guidance >= 0):
+    _fail('sampling.guidance', f'is {guidance}',
+          'use a value >= 0 (1.0 is off)')
   if not 0.0 < sampling.rejection_keep <= 1.0:
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')

@@ -62,10 +62,17 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   """
   s = config.sampling
   keep = float(s.rejection_keep)
+  guidance = guidance_of(config)
   return (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
           f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
+          f'{f"g{guidance:g}_" if guidance != 1.0 else ""}'
           f'n{num_samples}{"" if conditional else "_uncond"}'
           f'{f"_keep{keep:g}" if keep < 1.0 else ""}')
+
+
+def guidance_of(config: ml_collections.ConfigDict) -> float:
+  """config.sampling.guidance; 1.0 (off) in configs recorded before it."""
+  return float(config.sampling.get('guidance', 1.0))
 
 
 def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
@@ -233,7 +240,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
       priors, level_shapes, lambda codes: decode(vq_variables, codes),
       num_maps=num_candidates, labels=candidate_labels, batch_size=batch,
       rng=rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-      mesh=mesh, unroll=s.unroll):
+      mesh=mesh, unroll=s.unroll, guidance=guidance_of(config)):
     n = len(images)
     labels = group_labels[begin:begin + n]
     if scorer is None:
@@ -274,7 +281,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
           'num_samples': num_samples, 'seconds': seconds,
           'seconds_per_map': seconds / num_samples,
           'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
-          'seed': config.seed, 'conditional': conditional,
+          'guidance': guidance_of(config), 'seed': config.seed, 'conditional': conditional,
           'rejection_keep': keep}
   if per_candidate > 1:
     meta.update({

@@ -19,12 +19,13 @@ Given a mesh, both split the batch over its devices (`jax.shard_map`); since
 every example's randomness is its own, the codes equal a one-device run's.
 
 Controls: temperature, top-k (0 disables), top-p / nucleus (1.0 disables),
-class labels (None samples the unconditional "no label" path), the batch size
-(shape[0]) and the PRNG key (same key, same samples). The Polyak weights are
+class labels (None samples the unconditional "no label" path), classifier-free
+guidance (1.0 disables; see `sample_level`), the batch size (shape[0]) and the
+PRNG key (same key, same samples). The Polyak weights are
 used by passing them as `variables={'params': polyak}`.
 
 Each sampler is compiled once per (prior, shape, conditioning shapes,
-filtering on or off, unroll); the values of the controls, the labels, keys
+filtering on or off, unroll, guidance on or off); the values of the controls, the labels, keys
 and weights are traced, so changing them does not recompile. Whether top-k
 or top-p filtering is on at all is fixed at compile time: a traced choice
 would be a `lax.cond` at every position, which on a GPU stops the device
@@ -171,26 +172,50 @@ def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   return outs
 
 
+def _guided_inputs(model: pixelcnn.PixelCNNPrior, cond_codes: tuple[Array, ...],
+                   labels: Array) -> tuple[tuple[Array, ...], Array]:
+  """The batch twice: first with its labels, then with "no label"."""
+  no_label = jnp.full_like(labels, model.num_classes)
+  return (tuple(jnp.concatenate([x, x]) for x in cond_codes),
+          jnp.concatenate([labels, no_label]))
+
+
+def guide(logits: Array, guidance: Array) -> Array:
+  """Classifier-free guidance: [2b, K] logits (b with labels, then b
+  without) to the b logits u + guidance * (c - u), in float32."""
+  logits = logits.astype(jnp.float32)
+  cond, uncond = jnp.split(logits, 2)
+  return uncond + guidance * (cond - uncond)
+
+
 def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-                 truncate: bool, unroll: int, variables: PyTree, rng: Array,
-                 example_ids: Array, cond_codes: tuple[Array, ...],
+                 truncate: bool, unroll: int, guided: bool, variables: PyTree,
+                 rng: Array, example_ids: Array, cond_codes: tuple[Array, ...],
                  labels: Optional[Array], temperature: Array, top_k: Array,
-                 top_p: Array) -> Array:
+                 top_p: Array, guidance: Array) -> Array:
   """Cached sampling of `shape`, this device's part of the batch.
 
   Position t = r * w + c of example i draws with fold_in(fold_in(rng, t), i).
-  `truncate`: whether top-k / top-p filtering is on (static).
+  `truncate`: whether top-k / top-p filtering is on (static). `guided`
+  (static): the maps run twice, with their labels and without, and each
+  draw is from `guide`'s logits; both copies get the drawn code.
   """
-  context = model.apply(variables, cond_codes, labels, shape,
+  run_shape = shape
+  if guided:
+    cond_codes, labels = _guided_inputs(model, cond_codes, labels)
+    run_shape = (2 * shape[0], *shape[1:])
+  context = model.apply(variables, cond_codes, labels, run_shape,
                         method=model.prepare)
 
   def choose(logits, r, c):
     key = jax.random.fold_in(rng, r * shape[2] + c)
+    if guided:
+      logits = guide(logits, guidance)
     code = sample_logits(key, logits, temperature, top_k, top_p, example_ids,
                          truncate)
-    return code, code
+    return (jnp.concatenate([code, code]) if guided else code), code
 
-  codes = _scan_map(model, variables, shape, context, choose,
+  codes = _scan_map(model, variables, run_shape, context, choose,
                     unroll)  # [h, w, b]
   return jnp.transpose(codes, (2, 0, 1))
 
@@ -232,10 +257,11 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
 def _reference_impl(model: pixelcnn.PixelCNNPrior,
                     shape: tuple[int, int, int], truncate: bool, unroll: int,
-                    variables: PyTree, rng: Array, example_ids: Array,
-                    cond_codes: tuple[Array, ...], labels: Optional[Array],
-                    temperature: Array, top_k: Array, top_p: Array,
-                    num_positions: Array) -> Array:
+                    guided: bool, variables: PyTree, rng: Array,
+                    example_ids: Array, cond_codes: tuple[Array, ...],
+                    labels: Optional[Array], temperature: Array, top_k: Array,
+                    top_p: Array, guidance: Array, num_positions: Array
+                    ) -> Array:
   """Reference sampling: the full prior on the partial map at every position.
 
   num_positions is traced (a while loop), so benchmarks can time a few
@@ -244,13 +270,19 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
   """
   del unroll
   b, _, width = shape
+  if guided:
+    cond_codes, labels = _guided_inputs(model, cond_codes, labels)
 
   def step(t, codes):
     r, c = t // width, t % width
-    logits = model.apply(variables, codes, cond_codes=cond_codes,
+    run_codes = jnp.concatenate([codes, codes]) if guided else codes
+    logits = model.apply(variables, run_codes, cond_codes=cond_codes,
                          labels=labels, train=False)
     logits = jax.lax.dynamic_slice(
-        logits, (0, r, c, 0), (b, 1, 1, logits.shape[-1]))[:, 0, 0]
+        logits, (0, r, c, 0), (len(run_codes), 1, 1, logits.shape[-1])
+    )[:, 0, 0]
+    if guided:
+      logits = guide(logits, guidance)
     code = sample_logits(jax.random.fold_in(rng, t), logits, temperature,
                          top_k, top_p, example_ids, truncate)
     return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, r, c))
@@ -262,9 +294,9 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
            reference: bool, mesh: Optional[Mesh], truncate: bool = False,
-           unroll: int = 1) -> Callable[..., Array]:
-  """One jitted sampler per (prior, shape, kind, mesh, filtering, unroll);
-  no retracing.
+           unroll: int = 1, guided: bool = False) -> Callable[..., Array]:
+  """One jitted sampler per (prior, shape, kind, mesh, filtering, unroll,
+  guidance on or off); no retracing.
 
   With a mesh, the batch is split over all its devices (`jax.shard_map`
   over the batch axes, as in training): each device samples its own
@@ -273,12 +305,12 @@ def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   impl = _reference_impl if reference else _cached_impl
   devices = 1 if mesh is None else mesh.size
   local_shape = (shape[0] // devices, *shape[1:])
-  fn = functools.partial(impl, model, local_shape, truncate, unroll)
+  fn = functools.partial(impl, model, local_shape, truncate, unroll, guided)
   if devices > 1:
     batch = P(parallel.DATA_AXES)
     # variables, rng, example_ids, cond_codes, labels, temperature, top_k,
-    # top_p (, num_positions).
-    specs = (P(), P(), batch, batch, batch, P(), P(), P())
+    # top_p, guidance (, num_positions).
+    specs = (P(), P(), batch, batch, batch, P(), P(), P(), P())
     # check_vma=False: the scans' carries start as zeros made on every
     # device alike and become per-device; nothing here communicates.
     fn = jax.shard_map(fn, mesh=mesh, out_specs=batch,
@@ -358,9 +390,13 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
   return shape, cond_codes, labels
 
 
-def _controls(temperature: float, top_k: int, top_p: float
-              ) -> tuple[Array, Array, Array]:
+def _controls(temperature: float, top_k: int, top_p: float,
+              guidance: float = 1.0) -> tuple[Array, Array, Array, Array]:
   """The controls as traced arrays, after checking them."""
+  if not (math.isfinite(guidance) and guidance >= 0):
+    raise SamplingInputError(
+        f'guidance is {guidance}. Fix: use a value >= 0 (1.0 is off: the '
+        'model as trained; above 1 follows the labels more closely).')
   if not temperature > 0:
     raise SamplingInputError(f'temperature is {temperature}. Fix: use a value > 0 '
                      '(1.0 samples the model as trained).')
@@ -370,7 +406,21 @@ def _controls(temperature: float, top_k: int, top_p: float
     raise SamplingInputError(f'top_p is {top_p}. Fix: use a value in (0, 1] (1.0 '
                      'is off).')
   return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
-          jnp.asarray(top_p, jnp.float32))
+          jnp.asarray(top_p, jnp.float32), jnp.asarray(guidance, jnp.float32))
+
+
+def _guides(model: pixelcnn.PixelCNNPrior, labels: Optional[Array],
+            guidance: float) -> bool:
+  """Whether classifier-free guidance is on (a compile-time choice); refuses
+  guidance where there are no labels to follow."""
+  if guidance == 1.0:
+    return False
+  if not model.num_classes or labels is None:
+    raise SamplingInputError(
+        f'guidance is {guidance}, but this prior samples without class '
+        'labels. Fix: pass labels (a prior trained with labels and label '
+        'dropout), or guidance=1.0.')
+  return True
 
 
 def _truncates(top_k: int, top_p: float) -> bool:
@@ -389,26 +439,28 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                     shape: Sequence[int], cond_codes: Sequence[Array] = (),
                     labels: Optional[Array] = None, reference: bool = False,
                     mesh: Optional[Mesh] = None, top_k: int = 0,
-                    top_p: float = 1.0, unroll: int = 1
-                    ) -> jax.stages.Compiled:
+                    top_p: float = 1.0, unroll: int = 1,
+                    guidance: float = 1.0) -> jax.stages.Compiled:
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
   with arguments of the same shapes, filtering on or off as `top_k` /
-  `top_p` say, and the same `unroll` reuses the compiled code; use it to
+  `top_p` say, the same `unroll` and guidance on or off reuses the
+  compiled code; use it to
   time compilation apart from sampling.
 
   Returns:
     The compiled program (e.g. for its `memory_analysis()`).
   """
+  guided = _guides(model, labels, guidance)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   args = (variables, jax.random.key(0), _example_ids(shape), cond_codes,
-          labels, *_controls(1.0, top_k, top_p))
+          labels, *_controls(1.0, top_k, top_p, guidance))
   if reference:
     args += (jnp.asarray(0, jnp.int32),)
   fn = _build(model, shape, reference, _sampling_mesh(mesh),
-              _truncates(top_k, top_p), _check_unroll(unroll))
+              _truncates(top_k, top_p), _check_unroll(unroll), guided)
   return fn.lower(*args).compile()
 
 
@@ -417,7 +469,7 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                  labels: Optional[Array] = None, rng: Array,
                  temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, mesh: Optional[Mesh] = None,
-                 unroll: int = 1) -> Array:
+                 unroll: int = 1, guidance: float = 1.0) -> Array:
   """Samples one level's code map with the cached sampler.
 
   Args:
@@ -438,15 +490,22 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
     unroll: positions sampled per iteration of the inner loop (the same
       codes for any value; more compiles longer and may run faster on an
       accelerator, where each iteration has a fixed cost).
+    guidance: classifier-free guidance scale; 1.0 (off) samples the model
+      as trained. Otherwise each position draws from the logits
+      u + guidance * (c - u), c with the labels and u with "no label" (the
+      path label dropout trains), at twice the compute: above 1, samples
+      follow their class more closely, at some cost in diversity. Needs
+      labels.
 
   Returns:
     [batch, h, w] int32 codes.
   """
+  guided = _guides(model, labels, guidance)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
-  controls = _controls(temperature, top_k, top_p)
+  controls = _controls(temperature, top_k, top_p, guidance)
   return _build(model, shape, False, _sampling_mesh(mesh),
-                _truncates(top_k, top_p), _check_unroll(unroll))(
+                _truncates(top_k, top_p), _check_unroll(unroll), guided)(
                     variables, rng, _example_ids(shape), cond_codes, labels,
                     *controls)
 
@@ -458,12 +517,13 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                            temperature: float = 1.0, top_k: int = 0,
                            top_p: float = 1.0,
                            num_positions: Optional[int] = None,
-                           mesh: Optional[Mesh] = None) -> Array:
+                           mesh: Optional[Mesh] = None,
+                           guidance: float = 1.0) -> Array:
   """Samples like `sample_level`, rerunning the full prior at every position.
 
   Args:
     model, variables, shape, cond_codes, labels, rng, temperature, top_k,
-      top_p, mesh: as for `sample_level`; the result is the same.
+      top_p, mesh, guidance: as for `sample_level`; the result is the same.
     num_positions: sample only the first n positions in raster order (the
       rest stay 0); for benchmarks, since every step costs one full forward
       pass. None samples the whole map. Changing it does not recompile.
@@ -471,16 +531,17 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   Returns:
     [batch, h, w] int32 codes.
   """
+  guided = _guides(model, labels, guidance)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
-  controls = _controls(temperature, top_k, top_p)
+  controls = _controls(temperature, top_k, top_p, guidance)
   total = shape[1] * shape[2]
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
     raise SamplingInputError(f'num_positions is {n}. Fix: use 0..{total} (or None '
                      'for the whole map).')
   return _build(model, shape, True, _sampling_mesh(mesh),
-                _truncates(top_k, top_p))(
+                _truncates(top_k, top_p), 1, guided)(
                     variables, rng, _example_ids(shape), cond_codes, labels,
                     *controls, jnp.asarray(n, jnp.int32))
 
@@ -499,8 +560,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      labels: Optional[Array], rng: Array,
                      temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, mesh: Optional[Mesh] = None,
-                     unroll: int = 1,
-                     dtype: Optional[Any] = None) -> list[Array]:
+                     unroll: int = 1, dtype: Optional[Any] = None,
+                     guidance: float = 1.0) -> list[Array]:
   """Ancestral sampling of every level, top first.
 
   z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level,
@@ -520,6 +581,7 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     dtype: sample with the priors' weights and compute in this dtype (e.g.
       'bfloat16': half the bytes read per position; other codes than
       float32 draws); None keeps each prior's own (see `cast_prior`).
+    guidance: as for `sample_level`, at every level that takes labels.
 
   Returns:
     Code maps [batch_size, h_l, w_l] int32, top first.
@@ -537,7 +599,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         model, variables, shape=(batch_size, h, w), cond_codes=tuple(codes),
         labels=labels if model.num_classes else None,
         rng=jax.random.fold_in(rng, level), temperature=temperature,
-        top_k=top_k, top_p=top_p, mesh=mesh, unroll=unroll))
+        top_k=top_k, top_p=top_p, mesh=mesh, unroll=unroll,
+        guidance=guidance if model.num_classes else 1.0))
   return codes
 
 
@@ -578,7 +641,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                     num_maps: int, labels: Optional[np.ndarray],
                     batch_size: int, rng: Array, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0,
-                    mesh: Optional[Mesh] = None, unroll: int = 1
+                    mesh: Optional[Mesh] = None, unroll: int = 1,
+                    guidance: float = 1.0
                     ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
   """`num_maps` samples of the whole hierarchy, decoded, batch by batch.
 
@@ -593,7 +657,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     num_maps: how many samples.
     labels: [num_maps] int32 class of each sample, or None (unconditional).
     batch_size: maps per batch; splits over the mesh's devices.
-    rng, temperature, top_k, top_p, mesh, unroll: as for `sample_hierarchy`.
+    rng, temperature, top_k, top_p, mesh, unroll, guidance: as for
+      `sample_hierarchy`.
 
   Yields:
     (codes per level [n, h_l, w_l] int32, top first; images [n, H, W, C]),
@@ -608,7 +673,7 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     codes = sample_hierarchy(
         priors, level_shapes, batch_size=batch_size, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
-        top_p=top_p, mesh=mesh, unroll=unroll)
+        top_p=top_p, mesh=mesh, unroll=unroll, guidance=guidance)
     # Every process holds the whole batch (sampled over all devices).
     codes = [parallel.to_host(c)[:n] for c in codes]
     yield codes, parallel.to_host(decode(codes))[:n]

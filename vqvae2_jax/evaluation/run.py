@@ -341,10 +341,14 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
 
   Reads small files only. The config's digest leaves out eval.force (which
   asks for a new report, not another one); the steps are those of the
-  finished stages' metrics.json (None where a stage has none).
+  finished stages' metrics.json (None where a stage has none). Fields
+  added since reports were first written leave the digest unchanged at
+  their defaults (sampling.guidance 1.0), so older reports stay current.
   """
   settings = config.to_dict()
   settings.get('eval', {}).pop('force', None)
+  if settings.get('sampling', {}).get('guidance', 1.0) == 1.0:
+    settings.get('sampling', {}).pop('guidance', None)
   text = json.dumps(files.normalise_json(settings), sort_keys=True)
   wd = workdir_lib.Workdir(workdir)
   stage_dirs = {'vqvae': wd.vqvae, 'classifier': wd.classifier}
@@ -440,6 +444,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'samples': {**sample_metrics(config, real, sample_stats, labels),
                   'sample_run': meta['dir'], 'temperature': s.temperature,
                   'top_k': s.top_k, 'top_p': s.top_p,
+                  'guidance': meta.get('guidance', 1.0),
                   'conditional': labels is not None},
       'real_vs_real': {**sample_metrics(config, real, floor_stats, None),
                        'split': config.data.train_split},
@@ -541,7 +546,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
       '', '## Samples vs the held-out split', '',
       f'Samples: {int(s["num_examples"])} at temperature {s["temperature"]}, '
       f'top-k {s["top_k"]}, top-p {s["top_p"]}, '
-      f'{"class-conditional (classes balanced)" if s["conditional"] else "unconditional"}'
+      + (f'guidance {s["guidance"]:g}, ' if s.get('guidance', 1.0) != 1.0
+         else '')
+      + f'{"class-conditional (classes balanced)" if s["conditional"] else "unconditional"}'
       f' (`{os.path.basename(s["sample_run"])}`); floor: '
       f'{int(f["num_examples"])} images of the `{f["split"]}` split.', '',
       '| metric | samples | real-vs-real floor |', '|---|---|---|']
