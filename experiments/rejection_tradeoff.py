@@ -24,14 +24,12 @@ two panels (precision against recall with each point labelled; FID against
 each knob's value).
 """
 
-import json
 import os
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import numpy as np
 
 from vqvae2_jax import files
 from vqvae2_jax import loading
