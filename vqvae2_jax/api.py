@@ -26,6 +26,7 @@ Images come out as float32 in [-1, 1] up to the decoder's small
 overshoot; `to_uint8` converts them.
 """
 
+import concurrent.futures
 import functools
 import hashlib
 import importlib.util
@@ -77,9 +78,9 @@ _EXPORT_PARTS = {'config': 'config', 'steps': 'checkpoint steps',
 def _export_digests(payload: dict[str, Any]) -> dict[str, str]:
   """SHA-256 of each part of an export's payload (each prior on its own).
 
-  A part's digest is over its msgpack bytes, which a restored file
-  serialises back to exactly; so the digests recorded at export time tell
-  which part of a loaded file changed.
+  A part's digest is over its msgpack bytes, which are the bytes it has in
+  the file (msgpack writes a value the same wherever it lies); so the
+  digests recorded at export time tell which part of a loaded file changed.
   """
   parts = {k: v for k, v in payload.items() if k in _EXPORT_PARTS}
   parts.update({f'priors/{level}': v
@@ -88,11 +89,36 @@ def _export_digests(payload: dict[str, Any]) -> dict[str, str]:
           for name, v in parts.items()}
 
 
-def _check_export_digests(path: str, payload: dict[str, Any]) -> None:
+def _file_digests(spans: dict[tuple[Any, ...], memoryview]
+                  ) -> dict[str, str]:
+  """`_export_digests` of a file, over its bytes (`files.read_msgpack`).
+
+  The same digests without serialising the payload again; the parts are
+  hashed side by side (hashlib lets go of the GIL), largest first.
+  """
+  parts = {key[0]: span for key, span in spans.items()
+           if len(key) == 1 and key[0] in _EXPORT_PARTS}
+  parts.update({f'priors/{key[1]}': span for key, span in spans.items()
+                if len(key) == 2 and key[0] == 'priors'})
+  names = sorted(parts, key=lambda name: -len(parts[name]))
+  with concurrent.futures.ThreadPoolExecutor(
+      min(len(names), os.cpu_count() or 1) or 1) as pool:
+    hexdigests = pool.map(lambda name: hashlib.sha256(parts[name]).hexdigest(),
+                          names)
+    return dict(zip(names, hexdigests))
+
+
+def _check_export_digests(path: str, payload: dict[str, Any],
+                          spans: dict[tuple[Any, ...], memoryview]) -> None:
   """Refuses a file whose parts differ from their recorded digests.
 
   An export of before digests (no 'digests' entry) loads with one warning:
   only its VQ-VAE weights can be checked (against 'vqvae_digest').
+
+  Args:
+    path: the file, for the messages.
+    payload: what it holds.
+    spans: where each part's bytes lie (`files.read_msgpack`, depth 2).
 
   Raises:
     ExportDamagedError: naming the file and the damaged part.
@@ -107,7 +133,7 @@ def _check_export_digests(path: str, payload: dict[str, Any]) -> None:
     recorded = json.loads(payload['digests'])
   except (TypeError, ValueError):
     recorded = None
-  actual = _export_digests(payload)
+  actual = _file_digests(spans)
   if not isinstance(recorded, dict) or set(recorded) != set(actual):
     raise ExportDamagedError(
         f'{path} is damaged: its table of digests does not list its parts. '
@@ -467,18 +493,20 @@ class Pipeline:
   @classmethod
   def _from_file(cls, path: str, config: Any, mesh: Optional[Mesh],
                  precision: Optional[str] = None) -> 'Pipeline':
-    with open(path, 'rb') as f:
-      try:
-        payload = serialization.msgpack_restore(f.read())
-      except Exception as e:  # pylint: disable=broad-except
-        raise PipelineInputError(
-            f'{path} is not an exported pipeline ({type(e).__name__}). Fix: '
-            'pass a workdir, or a file written by --mode=export.') from e
+    # One read; the weights are views of it, hashed where they lie.
+    try:
+      payload, spans = files.read_msgpack(path, span_depth=2)
+    except OSError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise PipelineInputError(
+          f'{path} is not an exported pipeline ({type(e).__name__}). Fix: '
+          'pass a workdir, or a file written by --mode=export.') from e
     if not isinstance(payload, dict) or payload.get('format') != EXPORT_FORMAT:
       raise PipelineInputError(
           f'{path} is not an exported pipeline of format {EXPORT_FORMAT}. '
           'Fix: export it again with --mode=export of this version.')
-    _check_export_digests(path, payload)
+    _check_export_digests(path, payload, spans)
     saved = _export_json(path, payload, 'config', dict)
     if config is not None:
       raise PipelineInputError(
