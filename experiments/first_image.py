@@ -147,6 +147,7 @@ def _child(export: str, cache_dir: str, batch: int,
   from vqvae2_jax import api
   # pylint: enable=g-import-not-at-top
   stamps['imported'] = time.time()
+  cpu = time.process_time()
   seconds, counts = collections.Counter(), collections.Counter()
   compiled = []  # Names of the programs compiled (or read back), in order.
 
@@ -160,9 +161,11 @@ def _child(export: str, cache_dir: str, batch: int,
       lambda event, **_: counts.update({event: 1}))
   pipe = api.Pipeline.load(export, compilation_cache_dir=cache_dir)
   stamps['loaded'] = time.time()
+  load_cpu_s = time.process_time() - cpu  # Every thread's.
   load_compiled = list(compiled)
   device = jax.devices()[0]
-  about = {'load_compiled': load_compiled, 'bytes': os.path.getsize(export),
+  about = {'load_compiled': load_compiled, 'load_cpu_s': load_cpu_s,
+           'bytes': os.path.getsize(export),
            'device': f'{device.device_kind} ({device.platform}) x '
                      f'{jax.device_count()}', 'jax': jax.__version__}
   if load_only:

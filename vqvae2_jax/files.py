@@ -390,17 +390,10 @@ def read_msgpack(path: str, span_depth: int = 1
     OSError: the file cannot be read.
     ValueError: the file is not one whole msgpack value of flax's types.
   """
-  with open(os.fspath(path), 'rb', buffering=0) as f:
-    size = os.fstat(f.fileno()).st_size
-    buffer = np.empty(size, np.uint8)  # Not zeroed: the file fills it.
-    view = memoryview(buffer)
-    done = 0
-    while done < size and (n := f.readinto(view[done:])):
-      done += n
-    if done != size or f.read(1):
-      raise ValueError(f'{path} changed size while it was read')
-  reader = _MsgpackReader(view.toreadonly(), span_depth)
+  with open(os.fspath(path), 'rb') as f:
+    data = f.read()  # bytes: read-only, so are the views.
+  reader = _MsgpackReader(memoryview(data), span_depth)
   tree, end = reader.value(0, ())
-  if end != size:
-    raise ValueError(f'{size - end} bytes follow the msgpack value')
+  if end != len(data):
+    raise ValueError(f'{len(data) - end} bytes follow the msgpack value')
   return tree, reader.spans
