@@ -4,6 +4,7 @@ r"""Seconds from a fresh process to its first sampled image, cold and warm.
   python -m experiments.first_image --config=configs/imagenet256.py \
     --make_export=/tmp/imagenet256_random.msgpack   # random weights, then timed
   python -m experiments.first_image --smoke         # tiny config, seconds
+  python -m experiments.first_image --export=FILE --runs=off,off --load_only
 
 Each run is a new Python process that imports the package, calls
 `Pipeline.load(export, compilation_cache_dir=...)` and
@@ -16,12 +17,16 @@ compiled: what sampling alone costs). The runs (--runs):
 * warm: the same directory again: the programs are read back.
 
 The table gives the seconds from starting the process to: its imports done,
-`Pipeline.load` done, the first image; then the second image's own seconds;
+`Pipeline.load` done, the first image; then the load's own seconds and the
+file's megabytes read per second of it (1 MB = 1e6 bytes; the file comes
+from the page cache when it was read recently, else from the disk); the
+second image's own seconds;
 the seconds JAX reported for tracing and lowering and for compiling (or
 reading back) programs, and the persistent cache's hits and misses. Loading
 compiles no model (shapes come from `jax.eval_shape`, weights from the
 file), so what stands between the load and the first image is compiling the
-samplers and the decoder, and sampling.
+samplers and the decoder, and sampling. --load_only stops each process
+after the load (a paper-size image takes minutes on a CPU).
 
 --make_export writes random weights for --config (no training) in the
 export format of --mode=export (`Pipeline.export`): the priors' weights are
@@ -63,6 +68,9 @@ _CACHE_DIR = flags.DEFINE_string(
 _SMOKE = flags.DEFINE_bool(
     'smoke', False, 'configs/fashion_mnist.py:tiny, random weights, in a '
     'temporary directory (the tests).')
+_LOAD_ONLY = flags.DEFINE_bool(
+    'load_only', False, 'Time the load only: each process ends after '
+    '`Pipeline.load` (no image).')
 _JSON = flags.DEFINE_string('json', '', 'Also write the rows here.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 1800, 'Seconds allowed per run.')
 # Internal: the measured process.
@@ -129,7 +137,8 @@ def make_export(config_path: str, path: str) -> dict[str, Any]:
           'seconds': time.perf_counter() - start, 'params': params}
 
 
-def _child(export: str, cache_dir: str, batch: int) -> dict[str, Any]:
+def _child(export: str, cache_dir: str, batch: int,
+           load_only: bool = False) -> dict[str, Any]:
   """The measured process: load, first image, second image."""
   stamps = {}
   # pylint: disable=g-import-not-at-top
@@ -138,6 +147,7 @@ def _child(export: str, cache_dir: str, batch: int) -> dict[str, Any]:
   from vqvae2_jax import api
   # pylint: enable=g-import-not-at-top
   stamps['imported'] = time.time()
+  cpu = time.process_time()
   seconds, counts = collections.Counter(), collections.Counter()
   compiled = []  # Names of the programs compiled (or read back), in order.
 
@@ -151,7 +161,15 @@ def _child(export: str, cache_dir: str, batch: int) -> dict[str, Any]:
       lambda event, **_: counts.update({event: 1}))
   pipe = api.Pipeline.load(export, compilation_cache_dir=cache_dir)
   stamps['loaded'] = time.time()
+  load_cpu_s = time.process_time() - cpu  # Every thread's.
   load_compiled = list(compiled)
+  device = jax.devices()[0]
+  about = {'load_compiled': load_compiled, 'load_cpu_s': load_cpu_s,
+           'bytes': os.path.getsize(export),
+           'device': f'{device.device_kind} ({device.platform}) x '
+                     f'{jax.device_count()}', 'jax': jax.__version__}
+  if load_only:
+    return {'stamps': stamps, **about}
   labels = (np.arange(batch) % pipe.num_classes if pipe.num_classes
             else None)
   images, codes = pipe.sample(labels=labels, n=batch, key=0)
@@ -162,26 +180,22 @@ def _child(export: str, cache_dir: str, batch: int) -> dict[str, Any]:
   hits, misses = counts[_HIT_EVENT], counts[_MISS_EVENT]
   pipe.sample(labels=labels, n=batch, key=1)
   stamps['second_image'] = time.time()
-  device = jax.devices()[0]
   return {'stamps': stamps, 'compile_s': compile_s, 'trace_s': trace_s,
-          'cache_hits': hits, 'cache_misses': misses,
-          'load_compiled': load_compiled,
+          'cache_hits': hits, 'cache_misses': misses, **about,
           'first_compiled': first_compiled,
           # Recompilations would show here: the same shapes, the same code.
           'second_compiled': compiled[len(load_compiled) + len(
               first_compiled):],
           'image_shape': list(images.shape),
-          'codes_sum': [int(np.sum(c, dtype=np.int64)) for c in codes],
-          'device': f'{device.device_kind} ({device.platform}) x '
-                    f'{jax.device_count()}', 'jax': jax.__version__}
+          'codes_sum': [int(np.sum(c, dtype=np.int64)) for c in codes]}
 
 
-def run_once(export: str, cache_dir: str, batch: int,
-             timeout: int) -> dict[str, Any]:
+def run_once(export: str, cache_dir: str, batch: int, timeout: int,
+             load_only: bool = False) -> dict[str, Any]:
   """One measured process; its figures in seconds from its start."""
   command = [sys.executable, '-m', 'experiments.first_image', '--child',
              f'--export={export}', f'--cache_dir={cache_dir}',
-             f'--batch={batch}']
+             f'--batch={batch}', f'--load_only={load_only}']
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(
@@ -198,7 +212,10 @@ def run_once(export: str, cache_dir: str, batch: int,
   stamps = result.pop('stamps')
   for name, stamp in stamps.items():
     result[f'{name}_s'] = stamp - start
-  result['second_image_s'] = stamps['second_image'] - stamps['first_image']
+  result['load_s'] = stamps['loaded'] - stamps['imported']
+  result['load_mb_per_s'] = result['bytes'] / 1e6 / result['load_s']
+  if 'second_image' in stamps:
+    result['second_image_s'] = stamps['second_image'] - stamps['first_image']
   result['process_s'] = end - start
   return result
 
@@ -214,13 +231,13 @@ def _dir_size(path: str) -> tuple[int, int]:
 
 
 def measure(export: str, runs: list[str], batch: int, cache_dir: str,
-            timeout: int) -> list[dict[str, Any]]:
+            timeout: int, load_only: bool = False) -> list[dict[str, Any]]:
   """The runs in order, each a fresh process; one row each."""
   rows = []
   for name in runs:
     row = {'run': name, 'batch': batch,
            **run_once(export, '' if name == 'off' else cache_dir, batch,
-                      timeout)}
+                      timeout, load_only)}
     if name != 'off':
       row['cache_files'], row['cache_bytes'] = _dir_size(cache_dir)
     rows.append(row)
@@ -228,19 +245,29 @@ def measure(export: str, runs: list[str], batch: int, cache_dir: str,
   return rows
 
 
-_HEADER = (f'{"run":5} {"batch":>5} {"imports s":>9} {"loaded s":>8} '
-           f'{"1st image s":>11} {"2nd image s":>11} {"trace s":>7} '
-           f'{"compile s":>9} {"hits":>5} {"misses":>6} {"cache MB":>8}')
+_COLUMNS = (  # (title, the row's field, digits after the point or None).
+    ('run', 'run', None), ('batch', 'batch', None),
+    ('imports s', 'imported_s', 1), ('loaded s', 'loaded_s', 1),
+    ('1st image s', 'first_image_s', 1), ('load s', 'load_s', 2),
+    ('load MB/s', 'load_mb_per_s', 0), ('2nd image s', 'second_image_s', 2),
+    ('trace s', 'trace_s', 1), ('compile s', 'compile_s', 1),
+    ('hits', 'cache_hits', None), ('misses', 'cache_misses', None),
+    ('cache MB', 'cache_mb', 1))
+_HEADER = 'run   ' + ' '.join(f'{title:>{len(title)}}'
+                              for title, _, _ in _COLUMNS[1:])
 
 
 def _format_row(row: dict[str, Any]) -> str:
-  cache = (f'{row["cache_bytes"] / 1e6:8.1f}' if 'cache_bytes' in row
-           else f'{"-":>8}')
-  return (f'{row["run"]:5} {row["batch"]:>5} {row["imported_s"]:>9.1f} '
-          f'{row["loaded_s"]:>8.1f} {row["first_image_s"]:>11.1f} '
-          f'{row["second_image_s"]:>11.2f} {row["trace_s"]:>7.1f} '
-          f'{row["compile_s"]:>9.1f} {row["cache_hits"]:>5} '
-          f'{row["cache_misses"]:>6} {cache}')
+  """One line of the table; '-' for what a run did not measure."""
+  row = dict(row, cache_mb=row['cache_bytes'] / 1e6 if 'cache_bytes' in row
+             else None)
+  cells = [f'{row["run"]:5}']
+  for title, field, digits in _COLUMNS[1:]:
+    value = row.get(field)
+    text = '-' if value is None else (
+        str(value) if digits is None else f'{value:.{digits}f}')
+    cells.append(f'{text:>{len(title)}}')
+  return ' '.join(cells)
 
 
 def _check_runs(runs: list[str]) -> None:
@@ -256,7 +283,8 @@ def _check_runs(runs: list[str]) -> None:
 def main(argv):
   del argv
   if _CHILD.value:
-    result = _child(_EXPORT.value, _CACHE_DIR.value, _BATCH.value)
+    result = _child(_EXPORT.value, _CACHE_DIR.value, _BATCH.value,
+                    _LOAD_ONLY.value)
     print(_RESULT + json.dumps(result), flush=True)
     return
   _check_runs(_RUNS.value)
@@ -287,10 +315,11 @@ def main(argv):
     print(_HEADER)
     print('-' * len(_HEADER))
     rows = measure(export, _RUNS.value, _BATCH.value, cache_dir,
-                   _TIMEOUT.value)
+                   _TIMEOUT.value, _LOAD_ONLY.value)
     print(f'on {rows[0]["device"]}, jax {rows[0]["jax"]}; trace s: tracing '
           'and lowering; compile s: compiling or reading back programs; '
-          'hits/misses: the persistent cache\'s (0/0 without one).')
+          'hits/misses: the persistent cache\'s (0/0 without one); load '
+          'MB/s: the file\'s megabytes per second of `Pipeline.load`.')
     if _JSON.value:
       with open(_JSON.value, 'w') as f:
         json.dump({'export': export, 'rows': rows}, f, indent=1)

@@ -692,6 +692,25 @@ def test_first_image_smoke_cold_then_warm_cache(tmp_path):
   assert warm['cache_misses'] == 0
   assert warm['compile_s'] < cold['compile_s']
   assert 'Wrote ' in out and 'warm' in out.splitlines()[-2]
+  for r in rows:  # The load's own seconds and the file's MB per second.
+    assert r['load_s'] == pytest.approx(r['loaded_s'] - r['imported_s'])
+    assert r['load_mb_per_s'] == pytest.approx(
+        r['bytes'] / 1e6 / r['load_s'])
+
+
+def test_first_image_load_only_times_the_load_alone(tmp_path):
+  out_json = tmp_path / 'load.json'
+  out = _run_script('experiments.first_image', '--smoke', '--runs=off',
+                    '--load_only', f'--json={out_json}')
+  (row,) = json.loads(out_json.read_text())['rows']
+  assert row['load_s'] > 0 and row['load_mb_per_s'] > 0
+  assert 'first_image_s' not in row and row['load_compiled'] == []
+  header, _, line = out.splitlines()[-4:-1]
+  cells = dict(zip(('run', 'batch', 'imports', 'loaded', 'first', 'load',
+                    'mb'), line.split()))
+  assert header.startswith('run   batch') and 'load MB/s' in header
+  assert cells['first'] == '-' and float(cells['load']) == pytest.approx(
+      row['load_s'], abs=0.01)
 
 
 def test_prior_scaling_presets_are_relative_to_the_recipe(stage2_config):

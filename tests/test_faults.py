@@ -499,6 +499,89 @@ def test_an_export_with_a_flipped_byte_in_its_prior_weights_is_refused(
   assert api.Pipeline.load(path).steps['prior_1'] > 0
 
 
+def test_an_export_loads_from_one_read_bit_for_bit(exported, monkeypatch):
+  """Loading reads the file once and never serialises it again (issue 29)."""
+  # pylint: disable=g-import-not-at-top
+  from flax import serialization
+  import jax
+  import numpy as np
+  from vqvae2_jax import api
+  # pylint: enable=g-import-not-at-top
+  path, data = exported
+  payload = serialization.msgpack_restore(data)
+  # The digests of the file's bytes are the ones of the payload serialised.
+  # pylint: disable=protected-access
+  digests = api._file_digests(files.read_msgpack(path, 2)[1])
+  assert digests == api._export_digests(payload) == json.loads(
+      payload['digests'])
+  # pylint: enable=protected-access
+
+  def refused(*args, **kwargs):
+    raise AssertionError('the export was (de)serialised by flax again')
+  monkeypatch.setattr(serialization, 'msgpack_restore', refused)
+  monkeypatch.setattr(serialization, 'msgpack_serialize', refused)
+  reads = []
+  read = files.read_msgpack
+  monkeypatch.setattr(files, 'read_msgpack',
+                      lambda *args, **kwargs: reads.append(args) or read(
+                          *args, **kwargs))
+  loaded = api.Pipeline.load(path)
+  assert len(reads) == 1
+  want = [payload['vqvae']] + [payload['priors'][str(level)]
+                               for level in range(len(payload['priors']))]
+  got = [loaded.vqvae_variables] + [v for _, v in loaded.priors]
+  assert len(got) == len(want) == 3
+  for a, b in zip(got, want):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      x = np.asarray(x)
+      assert (x.dtype, x.shape) == (y.dtype, y.shape)
+      assert x.tobytes() == y.tobytes()  # Bit for bit.
+
+
+def test_an_export_with_a_flipped_byte_in_any_part_is_refused(exported,
+                                                              tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from flax import serialization
+  import jax
+  import numpy as np
+  from vqvae2_jax import api
+  # pylint: enable=g-import-not-at-top
+  path, data = exported
+  payload = serialization.msgpack_restore(data)
+  largest = max((np.asarray(x) for x in jax.tree.leaves(payload['vqvae'])),
+                key=lambda x: x.size).tobytes()
+  config = payload['config'].encode()
+  for what, at in (('VQ-VAE weights', data.find(largest) + len(largest) // 3),
+                   ('config', data.find(config) + len(config) // 2),
+                   ('level 0 prior weights, level 1 prior weights', None)):
+    damaged = bytearray(data)
+    if at is None:  # The last byte of each prior's largest weight.
+      for level in ('0', '1'):
+        leaf = max((np.asarray(x) for x in jax.tree.leaves(
+            payload['priors'][level])), key=lambda x: x.size).tobytes()
+        damaged[data.find(leaf) + len(leaf) - 1] ^= 1
+    else:
+      assert at > 0
+      damaged[at] ^= 1
+    copy = tmp_path / 'damaged.msgpack'
+    copy.write_bytes(damaged)
+    with pytest.raises(api.ExportDamagedError) as info:
+      api.Pipeline.load(str(copy))
+    assert str(info.value).startswith(
+        f'{copy} is damaged: its {what} differ from the SHA-256 recorded '
+        'when it was exported. Fix: '), (what, str(info.value))
+  # A file cut short anywhere is refused in one line, never a traceback of
+  # the reader's.
+  for end in (1, 100, len(data) // 2, len(data) - 1):
+    copy.write_bytes(data[:end])
+    with pytest.raises(api.PipelineInputError) as info:
+      api.Pipeline.load(str(copy))
+    assert str(info.value) == (
+        f'{copy} is not an exported pipeline (ValueError). Fix: pass a '
+        'workdir, or a file written by --mode=export.')
+
+
 def test_an_export_of_before_digests_loads_with_one_warning(
     exported, tmp_path, caplog):
   from flax import serialization  # pylint: disable=g-import-not-at-top

@@ -26,6 +26,8 @@ Images come out as float32 in [-1, 1] up to the decoder's small
 overshoot; `to_uint8` converts them.
 """
 
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -33,7 +35,7 @@ import json
 import math
 import operator
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import logging
 from flax import serialization
@@ -77,9 +79,9 @@ _EXPORT_PARTS = {'config': 'config', 'steps': 'checkpoint steps',
 def _export_digests(payload: dict[str, Any]) -> dict[str, str]:
   """SHA-256 of each part of an export's payload (each prior on its own).
 
-  A part's digest is over its msgpack bytes, which a restored file
-  serialises back to exactly; so the digests recorded at export time tell
-  which part of a loaded file changed.
+  A part's digest is over its msgpack bytes, which are the bytes it has in
+  the file (msgpack writes a value the same wherever it lies); so the
+  digests recorded at export time tell which part of a loaded file changed.
   """
   parts = {k: v for k, v in payload.items() if k in _EXPORT_PARTS}
   parts.update({f'priors/{level}': v
@@ -88,40 +90,95 @@ def _export_digests(payload: dict[str, Any]) -> dict[str, str]:
           for name, v in parts.items()}
 
 
-def _check_export_digests(path: str, payload: dict[str, Any]) -> None:
+def _hash_parts(spans: dict[tuple[Any, ...], memoryview],
+                pool: concurrent.futures.Executor
+                ) -> dict[str, concurrent.futures.Future]:
+  """SHA-256 of each part of an export over its bytes in the file.
+
+  The digests of `_export_digests` (from `files.read_msgpack`'s spans,
+  depth 2) without serialising the payload again; hashed side by side in
+  `pool` (hashlib lets go of the GIL): the other parts first (small; the
+  priors' weights are checked last), then the priors', the largest first.
+  """
+  parts = {key[0]: span for key, span in spans.items()
+           if len(key) == 1 and key[0] in _EXPORT_PARTS}
+  priors = {f'priors/{key[1]}': span for key, span in spans.items()
+            if len(key) == 2 and key[0] == 'priors'}
+  order = list(parts) + sorted(priors, key=lambda name: -len(priors[name]))
+  parts.update(priors)
+  return {name: pool.submit(lambda b: hashlib.sha256(b).hexdigest(),
+                            parts[name]) for name in order}
+
+
+def _file_digests(spans: dict[tuple[Any, ...], memoryview]
+                  ) -> dict[str, str]:
+  """`_export_digests` of a file's payload, from its bytes."""
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    return {name: future.result()
+            for name, future in _hash_parts(spans, pool).items()}
+
+
+@contextlib.contextmanager
+def _export_digests_checked(path: str, payload: dict[str, Any],
+                            spans: dict[tuple[Any, ...], memoryview]
+                            ) -> Iterator[None]:
   """Refuses a file whose parts differ from their recorded digests.
+
+  Every part but the priors' weights is checked before the body; those are
+  hashed while it runs (it puts them on the devices) and checked when it
+  ends, also when it raised: a damaged part is the error then. So the body
+  may use every other part.
 
   An export of before digests (no 'digests' entry) loads with one warning:
   only its VQ-VAE weights can be checked (against 'vqvae_digest').
 
+  Args:
+    path: the file, for the messages.
+    payload: what it holds.
+    spans: where each part's bytes lie (`files.read_msgpack`, depth 2).
+
   Raises:
-    ExportDamagedError: naming the file and the damaged part.
+    ExportDamagedError: naming the file and every damaged part.
   """
   if 'digests' not in payload:
     logging.warning(
         '%s has no digests (exported by an earlier version): its prior '
         'weights are not verified. To verify them, export it again with '
         '--mode=export.', path)
+    yield
     return
   try:
     recorded = json.loads(payload['digests'])
   except (TypeError, ValueError):
     recorded = None
-  actual = _export_digests(payload)
-  if not isinstance(recorded, dict) or set(recorded) != set(actual):
-    raise ExportDamagedError(
-        f'{path} is damaged: its table of digests does not list its parts. '
-        'Fix: export it again (--mode=export) or copy it again from its '
-        'source.')
-  damaged = [name for name in sorted(actual) if actual[name] != recorded[name]]
-  if damaged:
-    what = ', '.join(
-        f'level {name.split("/")[1]} prior weights' if name.startswith(
-            'priors/') else _EXPORT_PARTS[name] for name in damaged)
-    raise ExportDamagedError(
-        f'{path} is damaged: its {what} differ from the SHA-256 recorded '
-        'when it was exported. Fix: export it again (--mode=export) or copy '
-        'it again from its source.')
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    actual = _hash_parts(spans, pool)
+    if not isinstance(recorded, dict) or set(recorded) != set(actual):
+      raise ExportDamagedError(
+          f'{path} is damaged: its table of digests does not list its '
+          'parts. Fix: export it again (--mode=export) or copy it again '
+          'from its source.')
+
+    def refuse_damaged(names):
+      damaged = [name for name in sorted(names)
+                 if actual[name].result() != recorded[name]]
+      if damaged:
+        what = ', '.join(
+            f'level {name.split("/")[1]} prior weights' if name.startswith(
+                'priors/') else _EXPORT_PARTS[name] for name in damaged)
+        raise ExportDamagedError(
+            f'{path} is damaged: its {what} differ from the SHA-256 '
+            'recorded when it was exported. Fix: export it again '
+            '(--mode=export) or copy it again from its source.')
+
+    try:
+      refuse_damaged([n for n in actual if not n.startswith('priors/')])
+    except ExportDamagedError:
+      refuse_damaged(actual)  # Naming every damaged part.
+    try:
+      yield
+    finally:
+      refuse_damaged(actual)
 
 
 def _export_json(path: str, payload: dict[str, Any], part: str,
@@ -467,45 +524,48 @@ class Pipeline:
   @classmethod
   def _from_file(cls, path: str, config: Any, mesh: Optional[Mesh],
                  precision: Optional[str] = None) -> 'Pipeline':
-    with open(path, 'rb') as f:
-      try:
-        payload = serialization.msgpack_restore(f.read())
-      except Exception as e:  # pylint: disable=broad-except
-        raise PipelineInputError(
-            f'{path} is not an exported pipeline ({type(e).__name__}). Fix: '
-            'pass a workdir, or a file written by --mode=export.') from e
+    # One read; the weights are views of it, hashed where they lie.
+    try:
+      payload, spans = files.read_msgpack(path, span_depth=2)
+    except OSError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise PipelineInputError(
+          f'{path} is not an exported pipeline ({type(e).__name__}). Fix: '
+          'pass a workdir, or a file written by --mode=export.') from e
     if not isinstance(payload, dict) or payload.get('format') != EXPORT_FORMAT:
       raise PipelineInputError(
           f'{path} is not an exported pipeline of format {EXPORT_FORMAT}. '
           'Fix: export it again with --mode=export of this version.')
-    _check_export_digests(path, payload)
-    saved = _export_json(path, payload, 'config', dict)
-    if config is not None:
-      raise PipelineInputError(
-          f'{path} carries its own config. Fix: call Pipeline.load({path!r}) '
-          'without one.')
-    config = _with_precision(
-        load_config(ml_collections.ConfigDict(saved)), precision)
-    if builders.vqvae_fingerprint(config) != _export_json(
-        path, payload, 'vqvae_fingerprint', dict):
-      raise PipelineInputError(
-          f'{path}: its config does not match its VQ-VAE fingerprint (a '
-          'damaged or edited file). Fix: export it again.')
-    if mesh is None:
-      _use_cpu_devices(config)
-      mesh = parallel.create_mesh(config.mesh)
-    vqvae = builders.build_vqvae(config)
-    variables = jax.device_put(payload['vqvae'], parallel.replicated(mesh))
-    if loading.variables_digest(variables) != payload['vqvae_digest']:
-      raise PipelineInputError(
-          f'{path}: the VQ-VAE weights do not match their digest (a damaged '
-          'file). Fix: export it again.')
-    priors = [(builders.build_prior(config, level),
-               jax.device_put(payload['priors'][str(level)],
-                              parallel.replicated(mesh)))
-              for level in range(len(payload['priors']))]
-    return cls(config, vqvae, variables, priors,
-               _export_json(path, payload, 'steps', dict), mesh)
+    # The priors' weights are hashed while they go to the devices.
+    with _export_digests_checked(path, payload, spans):
+      saved = _export_json(path, payload, 'config', dict)
+      if config is not None:
+        raise PipelineInputError(
+            f'{path} carries its own config. Fix: call Pipeline.load({path!r}) '
+            'without one.')
+      config = _with_precision(
+          load_config(ml_collections.ConfigDict(saved)), precision)
+      if builders.vqvae_fingerprint(config) != _export_json(
+          path, payload, 'vqvae_fingerprint', dict):
+        raise PipelineInputError(
+            f'{path}: its config does not match its VQ-VAE fingerprint (a '
+            'damaged or edited file). Fix: export it again.')
+      if mesh is None:
+        _use_cpu_devices(config)
+        mesh = parallel.create_mesh(config.mesh)
+      vqvae = builders.build_vqvae(config)
+      variables = jax.device_put(payload['vqvae'], parallel.replicated(mesh))
+      if loading.variables_digest(variables) != payload['vqvae_digest']:
+        raise PipelineInputError(
+            f'{path}: the VQ-VAE weights do not match their digest (a damaged '
+            'file). Fix: export it again.')
+      priors = [(builders.build_prior(config, level),
+                 jax.device_put(payload['priors'][str(level)],
+                                parallel.replicated(mesh)))
+                for level in range(len(payload['priors']))]
+      steps = _export_json(path, payload, 'steps', dict)
+    return cls(config, vqvae, variables, priors, steps, mesh)
 
   # Inputs.
 
