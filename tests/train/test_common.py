@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 from typing import Any, Callable, NamedTuple
 
@@ -134,6 +135,26 @@ def test_run_training_inits_resumes_and_reruns(tmp_path):
   assert again == uninterrupted
   assert {p: os.stat(whole / p).st_mtime_ns
           for p in os.listdir(whole)} == before
+
+
+def test_one_progress_report_with_steps_per_sec_in_tensorboard(tmp_path,
+                                                               caplog):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.INFO, logger='absl'):
+    _run(tmp_path, 6, [], [])
+  acc = event_accumulator.EventAccumulator(
+      str(tmp_path), size_guidance={'tensors': 0})
+  acc.Reload()
+  # One point per log interval (log_every=2), beside the training figures.
+  assert [e.step for e in acc.Tensors('steps_per_sec')] == [2, 4, 6]
+  assert [e.step for e in acc.Tensors('train/loss')] == [2, 4, 6]
+  assert 'uptime' not in acc.Tags()['tensors']
+  # The log holds the one progress line per interval, and no second report.
+  log = [r.getMessage() for r in caplog.records]
+  lines = [m for m in log if re.match(r'toy: step \d+/6 ', m)]
+  assert [m.split(' (')[0] for m in lines] == [
+      'toy: step 2/6', 'toy: step 4/6', 'toy: step 6/6']
+  assert not [m for m in log if re.search(r'\bETA\b', m) and m not in lines]
 
 
 def _past_the_end_warnings(caplog):

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
   # For annotations only: clu needs TensorFlow, so the functions that write
   # metrics import it, and the steps import without it (accelerator images).
   from clu import metric_writers
-  from clu import periodic_actions
 
 PyTree = Any
 
@@ -314,8 +313,9 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
                name: str = 'train') -> LoopResult:
   """The training loop of every stage: steps, logs, evaluations, checkpoints.
 
-  Steps `start_step + 1 .. num_steps`; logs the training metrics every
-  `log_every` steps, calls `run_eval(step, state, is_last)` every
+  Steps `start_step + 1 .. num_steps`; logs the training metrics and the
+  interval's steps/s (to `writer`) and updates the console's progress line
+  (`console.Progress`: steps/s, ETA) every `log_every` steps, calls `run_eval(step, state, is_last)` every
   `eval_every` steps and saves the state with `fingerprint` through the orbax
   `manager` every `checkpoint_every` steps, and all three at the last step.
   Before anything reads or saves the state, the metrics held since the last
@@ -343,7 +343,6 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       step every process agreed on (`parallel.preemption_watch`) was saved
       first, and a rerun resumes from it.
   """
-  progress = create_progress(num_steps, writer, log_every)
   line = console.Progress(name, start_step, num_steps)
   eval_metrics, train_summary, eval_seconds = None, {}, 0.0
   loop_start = time.time()
@@ -352,7 +351,6 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = train_step(state, next(train_iter))
       pending.append(step, metrics)
-      progress(step)
       is_last = step == num_steps
       # Every process asks at every step, so all stop at the same one. The
       # count starts at 1 in every run: a notice that came before the first
@@ -371,9 +369,11 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
             'written yet).')
       if do_log:
         train_summary = pending.pop_summary()
-        writer.write_scalars(step, scalars(train_summary, 'train'))
-        line.update(step, {k: train_summary[k] for k in _PROGRESS_KEYS
-                           if k in train_summary})
+        steps_per_sec = line.update(step, {k: train_summary[k]
+                                           for k in _PROGRESS_KEYS
+                                           if k in train_summary})
+        writer.write_scalars(step, {**scalars(train_summary, 'train'),
+                                    'steps_per_sec': steps_per_sec})
       if do_eval:
         eval_start = time.time()
         eval_metrics = run_eval(step, state, is_last)
@@ -733,16 +733,6 @@ def _prune(manager: Any, keep: Optional[int]) -> None:
   for step in steps[:-keep] if len(steps) > keep else []:
     logging.info('Deleting checkpoint %d (keep_checkpoints=%d).', step, keep)
     manager.delete(step)
-
-
-def create_progress(num_train_steps: int,
-                    writer: 'metric_writers.MetricWriter', every_steps: int
-                    ) -> 'periodic_actions.ReportProgress':
-  """Reports steps/s (to `writer`) and percentage done and ETA (to the log)."""
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  return periodic_actions.ReportProgress(
-      num_train_steps=num_train_steps, writer=writer,
-      every_steps=max(int(every_steps), 1), every_secs=None)
 
 
 def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
