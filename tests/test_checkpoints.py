@@ -8,6 +8,7 @@ import pytest
 from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
 
 
 def test_fingerprint_error_names_fields_and_fix():
@@ -24,9 +25,9 @@ def test_fingerprint_error_names_fields_and_fix():
 
 def _state(clip: bool, polyak: bool) -> common.TrainState:
   """A small state whose optimizer state's structure depends on `clip`."""
-  tx, _ = common.create_optimizer(learning_rate=0.1, warmup_steps=0,
-                                  num_train_steps=10,
-                                  grad_clip_norm=1.0 if clip else 0.0)
+  tx, _ = optimizer.create_optimizer(learning_rate=0.1, warmup_steps=0,
+                                     num_train_steps=10,
+                                     grad_clip_norm=1.0 if clip else 0.0)
   params = {'dense': {'kernel': jnp.arange(6.0).reshape(2, 3),
                       'bias': jnp.ones(3)}}
   extra = {'vq_stats': {'counts': jnp.full((4,), 2.0)}}

@@ -22,6 +22,7 @@ import pytest
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
 
 _TRUE_W = np.asarray([1.5, -2.0], np.float32)
 
@@ -34,8 +35,8 @@ class _ToyPrograms(NamedTuple):
 
 def _toy_programs(mesh, init_calls):
   """Least squares y = x . w with Adam; records each real (untraced) init."""
-  tx, schedule = common.create_optimizer(learning_rate=0.1, warmup_steps=1,
-                                         num_train_steps=6)
+  tx, schedule = optimizer.create_optimizer(learning_rate=0.1,
+                                            warmup_steps=1, num_train_steps=6)
 
   def init_fn(rng):
     params = {'w': jax.random.normal(rng, (2,))}
@@ -242,39 +243,6 @@ def test_cadence_from_config(stage2_config):
       num_steps=p.num_train_steps, log_every=p.log_every,
       eval_every=p.eval_every, checkpoint_every=p.checkpoint_every,
       keep_checkpoints=p.keep_checkpoints)
-
-
-def test_settings_key_is_hashable_sorted_and_typed(stage2_config):
-  key = common.settings_key(stage2_config.prior, common.OPTIMIZER_FIELDS)
-  assert [name for name, _ in key] == sorted(common.OPTIMIZER_FIELDS)
-  assert hash(key) == hash(common.settings_key(
-      stage2_config.prior.copy_and_resolve_references(),
-      common.OPTIMIZER_FIELDS))
-  settings = dict(key)
-  assert settings['warmup_steps'] == stage2_config.prior.warmup_steps
-  assert isinstance(settings['learning_rate'], float)
-  assert isinstance(settings['cosine_decay'], bool)
-  # The keyword arguments of `create_optimizer`, as the trainers pass them.
-  _, schedule = common.create_optimizer(**settings)
-  assert float(schedule(0)) == (
-      0.0 if settings['warmup_steps'] else settings['learning_rate'])
-  other = stage2_config.prior.copy_and_resolve_references()
-  other.learning_rate = 2 * stage2_config.prior.learning_rate
-  assert common.settings_key(other, common.OPTIMIZER_FIELDS) != key
-
-
-def test_learning_rate_schedule():
-  schedule = common.create_learning_rate_schedule(
-      learning_rate=1.0, warmup_steps=10, num_train_steps=110)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(5)) == pytest.approx(0.5)
-  assert float(schedule(10)) == pytest.approx(1.0)
-  assert float(schedule(60)) == pytest.approx(0.5)
-  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
-  flat = common.create_learning_rate_schedule(
-      learning_rate=1.0, warmup_steps=10, num_train_steps=110,
-      cosine_decay=False)
-  assert float(flat(100)) == 1.0
 
 
 def test_step_metrics_summary_and_non_finite_check():

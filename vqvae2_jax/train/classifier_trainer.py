@@ -33,13 +33,14 @@ from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import code_iterators
 from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
 
 PyTree = Any
 
 
 def _settings(config: ml_collections.ConfigDict
               ) -> tuple[tuple[str, Any], ...]:
-  return common.settings_key(config.classifier, {
+  return optimizer.settings_key(config.classifier, {
       'learning_rate': float, 'warmup_steps': int, 'num_train_steps': int,
       'weight_decay': float, 'augment_shift': int, 'augment_flip': bool})
 
@@ -155,7 +156,7 @@ def _programs(model: classifier_lib.Classifier,
               settings: tuple[tuple[str, Any], ...],
               image_shape: tuple[int, int, int], mesh: Mesh) -> Programs:
   s = dict(settings)
-  schedule = common.create_learning_rate_schedule(
+  schedule = optimizer.create_learning_rate_schedule(
       learning_rate=s['learning_rate'], warmup_steps=s['warmup_steps'],
       num_train_steps=s['num_train_steps'])
   tx = optax.adamw(schedule, weight_decay=s['weight_decay'])

@@ -35,6 +35,7 @@ from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
 
 PyTree = Any
 # Examples of the training split whose code frequencies define the unigram
@@ -63,13 +64,13 @@ def levels_to_train(config: ml_collections.ConfigDict) -> list[int]:
 
 def _optimizer_args(config: ml_collections.ConfigDict
                     ) -> tuple[tuple[str, Any], ...]:
-  return common.settings_key(config.prior, common.OPTIMIZER_FIELDS)
+  return optimizer.settings_key(config.prior, optimizer.OPTIMIZER_FIELDS)
 
 
 def create_optimizer(config: ml_collections.ConfigDict
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam on a warm-up/cosine schedule with clipping, from config.prior."""
-  return common.create_optimizer(**dict(_optimizer_args(config)))
+  return optimizer.create_optimizer(**dict(_optimizer_args(config)))
 
 
 def make_init_fn(model: pixelcnn.PixelCNNPrior,
@@ -225,7 +226,7 @@ def _programs(model: pixelcnn.PixelCNNPrior,
               level_shapes: tuple[tuple[int, ...], ...],
               label_drop_rate: float, polyak_decay: float,
               mesh: Mesh) -> Programs:
-  tx, schedule = common.create_optimizer(**dict(optimizer_args))
+  tx, schedule = optimizer.create_optimizer(**dict(optimizer_args))
   init_fn = make_init_fn(model, tx, level=level, level_shapes=level_shapes,
                          use_polyak=polyak_decay > 0)
   init, shardings = common.sharded_init(init_fn, mesh, jax.random.PRNGKey(0))

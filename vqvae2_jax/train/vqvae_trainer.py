@@ -30,6 +30,7 @@ from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.models import vqvae as vqvae_lib
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
 
 _GRID_IMAGES = 16  # Columns of the evaluation image grid.
 
@@ -37,12 +38,12 @@ _GRID_IMAGES = 16  # Columns of the evaluation image grid.
 def create_optimizer(config: ml_collections.ConfigDict
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer and schedule of `config.vqvae_train`."""
-  return common.create_optimizer(**dict(_optimizer_settings(config)))
+  return optimizer.create_optimizer(**dict(_optimizer_settings(config)))
 
 
 def _optimizer_settings(config: ml_collections.ConfigDict
                         ) -> tuple[tuple[str, Any], ...]:
-  return common.settings_key(config.vqvae_train, common.OPTIMIZER_FIELDS)
+  return optimizer.settings_key(config.vqvae_train, optimizer.OPTIMIZER_FIELDS)
 
 
 def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
@@ -188,7 +189,7 @@ def _programs(model: vqvae_lib.VQVAE,
               optimizer_settings: tuple[tuple[str, Any], ...],
               image_shape: tuple[int, int, int], mesh: Mesh,
               area: tuple[int, int, int, int] | None = None) -> Programs:
-  tx, schedule = common.create_optimizer(**dict(optimizer_settings))
+  tx, schedule = optimizer.create_optimizer(**dict(optimizer_settings))
   init, shardings = common.sharded_init(
       make_init_fn(model, tx, image_shape), mesh, jax.random.PRNGKey(0))
   train_step = common.jit_train_step(make_train_step(model, tx, schedule),
