@@ -7,8 +7,8 @@ import pytest
 
 from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
-from vqvae2_jax.train import common
 from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import train_state
 
 
 def test_fingerprint_error_names_fields_and_fix():
@@ -23,7 +23,7 @@ def test_fingerprint_error_names_fields_and_fix():
     checkpoints.check_fingerprint(None, {'a': 1}, '/ck')
 
 
-def _state(clip: bool, polyak: bool) -> common.TrainState:
+def _state(clip: bool, polyak: bool) -> train_state.TrainState:
   """A small state whose optimizer state's structure depends on `clip`."""
   tx, _ = optimizer.create_optimizer(learning_rate=0.1, warmup_steps=0,
                                      num_train_steps=10,
@@ -31,9 +31,9 @@ def _state(clip: bool, polyak: bool) -> common.TrainState:
   params = {'dense': {'kernel': jnp.arange(6.0).reshape(2, 3),
                       'bias': jnp.ones(3)}}
   extra = {'vq_stats': {'counts': jnp.full((4,), 2.0)}}
-  state = common.TrainState(step=jnp.asarray(7, jnp.int32), params=params,
-                            opt_state=tx.init(params), extra=extra,
-                            rng=jax.random.PRNGKey(1))
+  state = train_state.TrainState(step=jnp.asarray(7, jnp.int32),
+                                 params=params, opt_state=tx.init(params),
+                                 extra=extra, rng=jax.random.PRNGKey(1))
   return state, (jax.tree.map(lambda x: -x, params) if polyak else None)
 
 

@@ -23,12 +23,13 @@ from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.train import common
 from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import train_state
 
 _TRUE_W = np.asarray([1.5, -2.0], np.float32)
 
 
 class _ToyPrograms(NamedTuple):
-  init: Callable[[jax.Array], common.TrainState]
+  init: Callable[[jax.Array], train_state.TrainState]
   shardings: Any
   train_step: Callable
 
@@ -40,9 +41,9 @@ def _toy_programs(mesh, init_calls):
 
   def init_fn(rng):
     params = {'w': jax.random.normal(rng, (2,))}
-    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), extra={},
-                             rng=jax.random.PRNGKey(0))
+    return train_state.TrainState(step=jnp.zeros((), jnp.int32),
+                                  params=params, opt_state=tx.init(params),
+                                  extra={}, rng=jax.random.PRNGKey(0))
 
   def step_fn(state, batch):
     def loss_fn(params):
@@ -54,8 +55,8 @@ def _toy_programs(mesh, init_calls):
     return (state.replace(step=state.step + 1, params=params,
                           opt_state=opt_state), metrics)
 
-  jitted_init, shardings = common.sharded_init(init_fn, mesh,
-                                               jax.random.PRNGKey(0))
+  jitted_init, shardings = train_state.sharded_init(init_fn, mesh,
+                                                    jax.random.PRNGKey(0))
 
   def init(rng):
     traced = isinstance(rng, jax.core.Tracer)
@@ -65,7 +66,7 @@ def _toy_programs(mesh, init_calls):
     return init_fn(rng) if traced else jitted_init(rng)
 
   return _ToyPrograms(init, shardings,
-                      common.jit_train_step(step_fn, shardings, mesh))
+                      train_state.jit_train_step(step_fn, shardings, mesh))
 
 
 def _batches(start_step):
@@ -229,7 +230,7 @@ def test_kill_between_last_checkpoint_and_metrics(tmp_path):
 def test_restore_target_is_abstract_with_shardings():
   mesh = parallel.create_mesh(devices=jax.devices()[:1])
   calls = []
-  target = common.restore_target(_toy_programs(mesh, calls))
+  target = train_state.restore_target(_toy_programs(mesh, calls))
   assert calls == [True]  # Traced by `jax.eval_shape`, never run.
   assert isinstance(target.params['w'], jax.ShapeDtypeStruct)
   assert target.params['w'].shape == (2,)

@@ -22,6 +22,7 @@ from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.train import common
+from vqvae2_jax.train import train_state
 from vqvae2_jax.train import vqvae_trainer
 
 
@@ -42,7 +43,7 @@ _SHARDED_STEPS = 6
 def _restore_state(config, workdir, step=None):
   """The full TrainState of checkpoint `step` (default newest) on 1 device."""
   mesh = parallel.create_mesh(devices=jax.devices()[:1])
-  target = common.restore_target(vqvae_trainer.programs(config, mesh))
+  target = train_state.restore_target(vqvae_trainer.programs(config, mesh))
   manager = checkpoints.create_manager(
       workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae),
       read_only=True)

@@ -34,6 +34,7 @@ from vqvae2_jax.data import code_iterators
 from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.train import common
 from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import train_state
 
 PyTree = Any
 
@@ -48,16 +49,16 @@ def _settings(config: ml_collections.ConfigDict
 def make_init_fn(model: classifier_lib.Classifier,
                  tx: optax.GradientTransformation,
                  image_shape: tuple[int, int, int]
-                 ) -> Callable[[jax.Array], common.TrainState]:
+                 ) -> Callable[[jax.Array], train_state.TrainState]:
   """(rng) -> initial TrainState; `image_shape` is [h, w, c]."""
 
   def init_fn(rng):
     params_rng, state_rng = jax.random.split(rng)
     params = model.init(params_rng,
                         jnp.zeros((1, *image_shape), jnp.float32))['params']
-    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), extra={},
-                             rng=state_rng)
+    return train_state.TrainState(step=jnp.zeros((), jnp.int32),
+                                  params=params, opt_state=tx.init(params),
+                                  extra={}, rng=state_rng)
 
   return init_fn
 
@@ -139,8 +140,8 @@ def evaluate(eval_sums: Callable, params: PyTree,
 class Programs(NamedTuple):
   """A classifier's jitted functions on one mesh (built once per process)."""
   model: classifier_lib.Classifier
-  shardings: common.TrainState  # NamedShardings of the train state.
-  init: Callable[[jax.Array], common.TrainState]
+  shardings: train_state.TrainState  # NamedShardings of the train state.
+  init: Callable[[jax.Array], train_state.TrainState]
   train_step: Callable  # (state, batch) -> (state, metrics); state donated.
   eval_sums: Callable  # (params, batch) -> `batch_sums`.
 
@@ -160,9 +161,9 @@ def _programs(model: classifier_lib.Classifier,
       learning_rate=s['learning_rate'], warmup_steps=s['warmup_steps'],
       num_train_steps=s['num_train_steps'])
   tx = optax.adamw(schedule, weight_decay=s['weight_decay'])
-  init, shardings = common.sharded_init(make_init_fn(model, tx, image_shape),
-                                        mesh, jax.random.PRNGKey(0))
-  train_step = common.jit_train_step(
+  init, shardings = train_state.sharded_init(
+      make_init_fn(model, tx, image_shape), mesh, jax.random.PRNGKey(0))
+  train_step = train_state.jit_train_step(
       make_train_step(model, tx, schedule, augment_shift=s['augment_shift'],
                       augment_flip=s['augment_flip']), shardings, mesh)
   data, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)

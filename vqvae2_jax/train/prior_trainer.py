@@ -36,6 +36,7 @@ from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.train import common
 from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import train_state
 
 PyTree = Any
 # Examples of the training split whose code frequencies define the unigram
@@ -43,8 +44,8 @@ PyTree = Any
 _UNIGRAM_EXAMPLES = 50_000
 
 
-class PriorTrainState(common.TrainState):
-  """`common.TrainState` plus the Polyak (EMA) average of the params.
+class PriorTrainState(train_state.TrainState):
+  """`train_state.TrainState` plus the Polyak (EMA) average of the params.
 
   Attributes:
     polyak: a pytree like `params`, or None when config.prior.polyak_decay is
@@ -229,8 +230,9 @@ def _programs(model: pixelcnn.PixelCNNPrior,
   tx, schedule = optimizer.create_optimizer(**dict(optimizer_args))
   init_fn = make_init_fn(model, tx, level=level, level_shapes=level_shapes,
                          use_polyak=polyak_decay > 0)
-  init, shardings = common.sharded_init(init_fn, mesh, jax.random.PRNGKey(0))
-  train_step = common.jit_train_step(
+  init, shardings = train_state.sharded_init(init_fn, mesh,
+                                             jax.random.PRNGKey(0))
+  train_step = train_state.jit_train_step(
       make_train_step(model, tx, schedule, label_drop_rate=label_drop_rate,
                       polyak_decay=polyak_decay), shardings, mesh)
   return Programs(
@@ -297,7 +299,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
   progs = programs(config, level, mesh)
   model = progs.model
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-      common.restore_target(progs).params))
+      train_state.restore_target(progs).params))
   logging.info('Prior level %d: %d params on mesh %s', level, num_params,
                dict(mesh.shape))
   levels = tuple(range(level + 1))
