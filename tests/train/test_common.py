@@ -246,18 +246,6 @@ def test_cadence_from_config(stage2_config):
       keep_checkpoints=p.keep_checkpoints)
 
 
-def test_step_metrics_summary_and_non_finite_check():
-  pending = common.StepMetrics(sum_prefixes=('restarted',))
-  pending.append(1, {'loss': jnp.float32(1.0), 'restarted_level0': 2.0})
-  pending.append(2, {'loss': jnp.float32(3.0), 'restarted_level0': 1.0})
-  pending.check_finite()
-  assert pending.pop_summary() == {'loss': 2.0, 'restarted_level0': 3.0}
-  pending.append(3, {'loss': jnp.float32(1.0)})
-  pending.append(4, {'loss': jnp.float32(np.inf)})
-  with pytest.raises(common.NonFiniteError, match='step 4: loss=inf. keep'):
-    pending.check_finite('keep')
-
-
 def test_a_full_disk_is_one_message_and_the_last_checkpoint_restores(
     tmp_path, monkeypatch):
   save = common.checkpoints.save

@@ -21,7 +21,7 @@ from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
-from vqvae2_jax.train import common
+from vqvae2_jax.train import step_metrics
 from vqvae2_jax.train import train_state
 from vqvae2_jax.train import vqvae_trainer
 
@@ -198,7 +198,7 @@ def test_non_finite_loss_names_step_and_keeps_checkpoint(tmp_path,
   workdir = str(tmp_path)
   monkeypatch.setattr(input_pipeline, 'create_train_iterator', _interrupting(
       input_pipeline.create_train_iterator, fail_at_step=-1, nan_at_step=5))
-  with pytest.raises(common.NonFiniteError, match=r'at step 5\b'):
+  with pytest.raises(step_metrics.NonFiniteError, match=r'at step 5\b'):
     vqvae_trainer.train_and_evaluate(config, workdir)
   ckpt_dir = pathlib.Path(workdir_lib.Workdir(workdir).vqvae) / 'checkpoints'
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ['3']

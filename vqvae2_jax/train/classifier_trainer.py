@@ -34,6 +34,7 @@ from vqvae2_jax.data import code_iterators
 from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.train import common
 from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import step_metrics
 from vqvae2_jax.train import train_state
 
 PyTree = Any
@@ -90,10 +91,10 @@ def make_train_step(model: classifier_lib.Classifier,
     metrics = {'loss': loss,
                'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
                'learning_rate': schedule(state.step),
-               **common.norm_metrics(grads, params, updates)}
+               **step_metrics.norm_metrics(grads, params, updates)}
     return (state.replace(step=state.step + 1, params=params,
                           opt_state=opt_state),
-            jax.tree.map(common.to_float32, metrics))
+            jax.tree.map(step_metrics.to_float32, metrics))
 
   return train_step
 
@@ -189,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, *, name: str, directory: str,
 
   def run_eval(step, state, is_last):
     del step, is_last  # Every evaluation scores the whole held-out split.
-    return common.scalars(
+    return step_metrics.scalars(
         evaluate(progs.eval_sums, state.params, eval_batches()), 'eval')
 
   return common.run_training(common.Stage(

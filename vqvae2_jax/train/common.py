@@ -12,7 +12,7 @@ trains; the sharding rule is `parallel.state_shardings`, image grids are
 `images.py`'s.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
 import math
@@ -22,10 +22,8 @@ from typing import Any, Optional, TYPE_CHECKING
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from vqvae2_jax import checkpoints
 from vqvae2_jax import console
@@ -34,6 +32,7 @@ from vqvae2_jax import files
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import image_folder
+from vqvae2_jax.train import step_metrics
 from vqvae2_jax.train import train_state
 
 if TYPE_CHECKING:
@@ -42,79 +41,6 @@ if TYPE_CHECKING:
   from clu import metric_writers
 
 PyTree = Any
-
-def norm_metrics(grads: PyTree, params: PyTree, updates: PyTree
-                 ) -> dict[str, jax.Array]:
-  """Global L2 norms of the raw gradients, the new params and the updates."""
-  return {
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
-      'update_norm': optax.global_norm(updates),
-  }
-
-
-class NonFiniteError(errors.UserError, FloatingPointError):
-  """A training metric became NaN or infinite.
-
-  Also a FloatingPointError, for callers that catch those.
-  """
-
-
-class StepMetrics:
-  """Per-step metrics kept on device until a log, check or checkpoint.
-
-  Fetching a metric waits for its step to finish; holding them lets the host
-  run ahead of the device between log intervals.
-  """
-
-  def __init__(self, sum_prefixes: Sequence[str] = ()):
-    """Args: sum_prefixes: metrics summed (not averaged) over an interval."""
-    self._sum_prefixes = tuple(sum_prefixes)
-    self._steps: list[int] = []
-    self._metrics: list[Mapping[str, Any]] = []
-    self._checked = 0
-
-  def append(self, step: int, metrics: Mapping[str, Any]) -> None:
-    self._steps.append(step)
-    self._metrics.append(metrics)
-
-  def __len__(self) -> int:
-    return len(self._steps)
-
-  def check_finite(self, hint: str = '') -> None:
-    """Raises `NonFiniteError` naming the first step with a non-finite metric.
-
-    Args:
-      hint: appended to the message: "Fix: <what to change>" (e.g. which
-        setting to lower, and which checkpoint is still intact).
-    """
-    for i in range(self._checked, len(self._steps)):
-      values = jax.device_get(self._metrics[i])
-      self._metrics[i] = values
-      bad = sorted(k for k, v in values.items()
-                   if np.issubdtype(np.asarray(v).dtype, np.floating)
-                   and not np.all(np.isfinite(v)))
-      if bad:
-        shown = ', '.join(f'{k}={float(np.asarray(values[k]).ravel()[0])}'
-                          for k in bad)
-        raise NonFiniteError(
-            f'Non-finite training metrics at step {self._steps[i]}: {shown}. '
-            f'{hint}'.strip())
-    self._checked = len(self._steps)
-
-  def pop_summary(self) -> dict[str, float]:
-    """Means over the held steps (sums for `sum_prefixes`); then forgets them."""
-    if not self._steps:
-      return {}
-    values = [jax.device_get(m) for m in self._metrics]
-    summary = {}
-    for key in values[0]:
-      stacked = np.stack([np.asarray(v[key], np.float64) for v in values])
-      reduce = np.sum if key.startswith(self._sum_prefixes) else np.mean
-      summary[key] = float(reduce(stacked))
-    self._steps, self._metrics, self._checked = [], [], 0
-    return summary
-
 
 @dataclasses.dataclass
 class LoopResult:
@@ -148,7 +74,7 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
                run_eval: Callable[[int, Any, bool], dict[str, Any]],
                manager: Any, fingerprint: Mapping[str, Any],
                writer: 'metric_writers.MetricWriter',
-               pending: StepMetrics, nan_fix: str,
+               pending: step_metrics.StepMetrics, nan_fix: str,
                progress_path: Optional[str] = None,
                name: str = 'train') -> LoopResult:
   """The training loop of every stage: steps, logs, evaluations, checkpoints.
@@ -212,8 +138,9 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
         steps_per_sec = line.update(step, {k: train_summary[k]
                                            for k in _PROGRESS_KEYS
                                            if k in train_summary})
-        writer.write_scalars(step, {**scalars(train_summary, 'train'),
-                                    'steps_per_sec': steps_per_sec})
+        writer.write_scalars(
+            step, {**step_metrics.scalars(train_summary, 'train'),
+                   'steps_per_sec': steps_per_sec})
       if do_eval:
         eval_start = time.time()
         eval_metrics = run_eval(step, state, is_last)
@@ -226,7 +153,7 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
           files.write_json_once(progress_path, {
               'step': step, 'steps_per_sec': done / seconds if seconds > 0
               else None, 'eval_time_s': eval_seconds,
-              **scalars(train_summary, 'train')})
+              **step_metrics.scalars(train_summary, 'train')})
       if stop:
         line.close()
         manager.wait_until_finished()  # The checkpoint is on disk first.
@@ -358,7 +285,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
     errors.WorkdirError: the stage directory cannot be written, or the disk
       filled up (the message names the newest intact checkpoint, which a
       rerun resumes from).
-    NonFiniteError: a training metric was NaN or infinite.
+    step_metrics.NonFiniteError: a training metric was NaN or infinite.
   """
   start_time = time.time()
   cadence = stage.cadence
@@ -427,7 +354,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
         eval_every=cadence.eval_every,
         checkpoint_every=cadence.checkpoint_every, run_eval=run_eval,
         manager=manager, fingerprint=stage.fingerprint, writer=writer,
-        pending=StepMetrics(sum_prefixes=stage.sum_prefixes),
+        pending=step_metrics.StepMetrics(sum_prefixes=stage.sum_prefixes),
         nan_fix=stage.nan_fix, progress_path=progress_path, name=stage.name)
     eval_metrics = loop.eval_metrics
     if eval_metrics is None:  # Nothing left to train: evaluate what we have.
@@ -442,7 +369,8 @@ def run_training(stage: Stage) -> dict[str, Any]:
                'eval_time_s': loop.eval_seconds}
     final.update({'step': int(loop.state.step),
                   'wall_time_s': time.time() - start_time,
-                  **eval_metrics, **scalars(loop.train_summary, 'train')})
+                  **eval_metrics,
+                  **step_metrics.scalars(loop.train_summary, 'train')})
     if stage.final_metrics is not None:
       final.update(stage.final_metrics(final))
     undecodable = image_folder.undecodable_files() - undecodable_before
@@ -559,16 +487,3 @@ def _prune(manager: Any, keep: Optional[int]) -> None:
     manager.delete(step)
 
 
-def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
-  """`metrics` as Python floats with names '<prefix>/<key>'."""
-  return {f'{prefix}/{k}': float(v) for k, v in metrics.items()}
-
-
-def flatten_levels(name: str, values: Iterable[Any]) -> dict[str, Any]:
-  """{'<name>_level<i>': value} for per-level lists (top = level 0)."""
-  return {f'{name}_level{i}': v for i, v in enumerate(values)}
-
-
-def to_float32(x: Any) -> jax.Array:
-  """`x` as a float32 array (metrics of any dtype, for one summary format)."""
-  return jnp.asarray(x, jnp.float32)

@@ -36,6 +36,7 @@ from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.train import common
 from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import step_metrics
 from vqvae2_jax.train import train_state
 
 PyTree = Any
@@ -163,9 +164,9 @@ def make_train_step(model: pixelcnn.PixelCNNPrior,
         'loss': loss, 'bits_per_code': loss / math.log(2.0),
         'accuracy': sums['correct'] / sums['num_codes'],
         'learning_rate': schedule(state.step),
-        **common.norm_metrics(grads, params, updates),
+        **step_metrics.norm_metrics(grads, params, updates),
     }
-    return new_state, jax.tree.map(common.to_float32, metrics)
+    return new_state, jax.tree.map(step_metrics.to_float32, metrics)
 
   return train_step
 
@@ -332,7 +333,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
           progs.eval_cond, state.params, batches(eval_split))['bits_per_code']
     flat = {}
     for prefix, metrics in results.items():
-      flat.update(common.scalars(metrics, prefix))
+      flat.update(step_metrics.scalars(metrics, prefix))
     logging.info('Prior level %d step %d: held-out %.4f bits/code, train '
                  '%.4f bits/code', level, step, flat['eval/bits_per_code'],
                  flat['eval_train/bits_per_code'])
@@ -345,7 +346,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
         'level': level, 'num_params': num_params,
         'codes_per_sec': (float('nan') if steps_per_sec is None else
                           steps_per_sec * p.batch_size * codes_per_example),
-        **common.scalars(baselines(dataset, level), 'baseline')}
+        **step_metrics.scalars(baselines(dataset, level), 'baseline')}
 
   return common.run_training(common.Stage(
       name=f'Prior level {level}', directory=out_dir, fingerprint=fingerprint,

@@ -31,6 +31,7 @@ from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.models import vqvae as vqvae_lib
 from vqvae2_jax.train import common
 from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import step_metrics
 from vqvae2_jax.train import train_state
 
 _GRID_IMAGES = 16  # Columns of the evaluation image grid.
@@ -101,12 +102,12 @@ def make_train_step(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
     metrics = {
         'loss': loss, 'mse': mse, 'psnr': reconstruction.psnr(mse),
         'quantizer_loss': aux['loss'], 'learning_rate': schedule(state.step),
-        **common.norm_metrics(grads, params, updates),
+        **step_metrics.norm_metrics(grads, params, updates),
     }
     for name in ('commitment_loss', 'codebook_loss', 'perplexity',
                  'used_fraction', 'restarted'):
-      metrics.update(common.flatten_levels(name, aux[name]))
-    return new_state, jax.tree.map(common.to_float32, metrics)
+      metrics.update(step_metrics.flatten_levels(name, aux[name]))
+    return new_state, jax.tree.map(step_metrics.to_float32, metrics)
 
   return train_step
 
@@ -248,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         os.path.join(wd.vqvae_images, f'recon_{step:07d}.png'), grid,
         num_cols=num_cols)
     # Rows: inputs, reconstructions, then each level alone (top first).
-    return {**common.scalars(metrics, 'eval'),
+    return {**step_metrics.scalars(metrics, 'eval'),
             'images/reconstructions': images_lib.image_grid(grid, num_cols)}
 
   return common.run_training(common.Stage(
