@@ -563,3 +563,37 @@ def check_directory(directory: str, fingerprint: Mapping[str, Any]) -> None:
     latest_checked_step(manager, fingerprint)
   finally:
     manager.close()
+
+
+def disk_full_error(directory: str, manager: ocp.CheckpointManager,
+                    error: BaseException, needed: int | None = None
+                    ) -> errors.WorkdirError:
+  """The one message of a full disk: where, and what is still intact."""
+  try:  # Saves in flight finish (or fail) first; only finished ones count.
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    manager.reload()
+    steps = sorted(manager.all_steps())
+  except Exception:  # pylint: disable=broad-except
+    steps = []
+  return files.disk_full_error(
+      directory, error,
+      f'the newest intact checkpoint is step {steps[-1]} and a rerun resumes '
+      'from it' if steps else 'no checkpoint had been written yet, so a rerun '
+      'starts from the beginning', needed=needed)
+
+
+def prune(manager: ocp.CheckpointManager, keep: int | None) -> None:
+  """Deletes all but the newest `keep` checkpoints.
+
+  A kill between a save and orbax's deletion of the oldest checkpoint leaves
+  one too many; a resumed run that saves nothing more would keep it.
+  """
+  if keep is None:
+    return
+  steps = sorted(manager.all_steps())
+  for step in steps[:-keep] if len(steps) > keep else []:
+    logging.info('Deleting checkpoint %d (keep_checkpoints=%d).', step, keep)
+    manager.delete(step)

@@ -15,7 +15,6 @@ trains; the sharding rule is `parallel.state_shardings`, image grids are
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Optional, TYPE_CHECKING
@@ -322,7 +321,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
         stage.fingerprint, set_aside=True)
     # After the restore: pruning first could delete the intact steps that a
     # damaged newest one needs to fall back on.
-    _prune(manager, cadence.keep_checkpoints)
+    checkpoints.prune(manager, cadence.keep_checkpoints)
     if state is None:
       state = stage.programs.init(stage.init_rng)
     start_step = int(state.step)
@@ -391,8 +390,9 @@ def run_training(stage: Stage) -> dict[str, Any]:
     # ValueError or wrapped, not always as OSError(ENOSPC).
     if not files.is_disk_full(e):
       raise
-    raise _disk_full(stage.directory, manager, e,
-                     _state_bytes(stage.programs)) from e
+    raise checkpoints.disk_full_error(
+        stage.directory, manager, e,
+        train_state.state_bytes(stage.programs)) from e
   finally:
     try:
       manager.wait_until_finished()
@@ -406,34 +406,6 @@ def run_training(stage: Stage) -> dict[str, Any]:
       logging.debug('An unfinished save failed: %s', e)
     finally:
       log_file.close()
-
-
-def _state_bytes(programs: train_state.TrainPrograms) -> int | None:
-  """About the bytes of one checkpoint: the state's arrays (shapes only)."""
-  try:
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(train_state.restore_target(programs)))
-  except Exception:  # pylint: disable=broad-except
-    return None  # The message does without the figure.
-
-
-def _disk_full(directory: str, manager: Any, error: BaseException,
-               needed: int | None = None) -> errors.WorkdirError:
-  """The one message of a full disk: where, and what is still intact."""
-  try:  # Saves in flight finish (or fail) first; only finished ones count.
-    manager.wait_until_finished()
-  except Exception:  # pylint: disable=broad-except
-    pass
-  try:
-    manager.reload()
-    steps = sorted(manager.all_steps())
-  except Exception:  # pylint: disable=broad-except
-    steps = []
-  return files.disk_full_error(
-      directory, error,
-      f'the newest intact checkpoint is step {steps[-1]} and a rerun resumes '
-      'from it' if steps else 'no checkpoint had been written yet, so a rerun '
-      'starts from the beginning', needed=needed)
 
 
 def _warn_past_the_end(stage: Stage, step: int) -> None:
@@ -471,19 +443,5 @@ def _finished_metrics(stage: Stage, metrics_path: str
     if last != step or not checkpoints.step_looks_intact(manager, last):
       return None
   return metrics
-
-
-def _prune(manager: Any, keep: Optional[int]) -> None:
-  """Deletes all but the newest `keep` checkpoints.
-
-  A kill between a save and orbax's deletion of the oldest checkpoint leaves
-  one too many; a resumed run that saves nothing more would keep it.
-  """
-  if keep is None:
-    return
-  steps = sorted(manager.all_steps())
-  for step in steps[:-keep] if len(steps) > keep else []:
-    logging.info('Deleting checkpoint %d (keep_checkpoints=%d).', step, keep)
-    manager.delete(step)
 
 

@@ -8,11 +8,13 @@ state a checkpoint restores into. Nothing here knows which model it trains.
 """
 
 from collections.abc import Callable
+import math
 from typing import Any, Protocol
 
 import flax
 import jax
 from jax.sharding import Mesh
+import numpy as np
 
 from vqvae2_jax import parallel
 
@@ -117,3 +119,12 @@ def restore_target(programs: TrainPrograms) -> PyTree:
   """
   abstract = jax.eval_shape(programs.init, jax.random.PRNGKey(0))
   return parallel.abstract_with_shardings(abstract, programs.shardings)
+
+
+def state_bytes(programs: TrainPrograms) -> int | None:
+  """About the bytes of one checkpoint: the state's arrays (shapes only)."""
+  try:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(restore_target(programs)))
+  except Exception:  # pylint: disable=broad-except
+    return None  # The message does without the figure.
