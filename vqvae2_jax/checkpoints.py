@@ -10,9 +10,10 @@ Saves are orbax's: asynchronous, written to a temporary directory and renamed
 when complete (atomic), older steps deleted beyond `max_to_keep`.
 
 A save that fails on a full disk is reported once, by the trainer (a
-WorkdirError naming the newest intact checkpoint); orbax's own tracebacks of
-it, from each of its threads, are kept out of the output (see
-`_hide_disk_full_tracebacks`).
+WorkdirError naming the newest intact checkpoint, `disk_full_error`); orbax's
+own tracebacks of it, from each of its threads, are kept out of the output
+(see `_hide_disk_full_tracebacks`). `prune` deletes steps beyond
+`max_to_keep` that a kill left behind.
 
 A damaged checkpoint (a truncated or missing file, an empty fingerprint) is
 skipped: the newest checkpoint that reads back is restored, with one warning

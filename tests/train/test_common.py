@@ -1,4 +1,4 @@
-"""The training skeleton (`run_training`) and the helpers every stage shares.
+"""The training skeleton: `run_training` and its loop.
 
 The skeleton runs here on a toy stage (a least-squares fit), so that what
 it promises every stage (restore-or-init, resume, metrics.json, a rerun of

@@ -1,6 +1,7 @@
 """Tests of the stage-1 trainer: sharded step, end to end, resume, failures.
 
-The pieces every trainer shares are tested in test_common.py.
+The skeleton every trainer runs in is tested in test_common.py, the pieces
+they share in test_optimizer.py, test_train_state.py and test_step_metrics.py.
 
 conftest.py gives the session 8 fake CPU devices; the single-device runs use
 a mesh over jax.devices()[:1].

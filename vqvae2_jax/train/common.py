@@ -1,15 +1,18 @@
-"""The one training skeleton, and the pieces every stage's trainer shares.
+"""The one training skeleton: `run_training` and its loop.
 
 `run_training` is the driver of every stage: restore-or-init, the loop
-(steps, logs, evaluations, checkpoints, the non-finite check),
-metrics.json and closing. A stage supplies a `Stage`: its jitted programs
-(init, shardings, step), its evaluation, its fingerprint, directory,
-iterator and cadence. Also here: the optimizer and its schedule, the train
-state, sharded initialisation (`jax.eval_shape` -> shardings ->
-`jax.jit(init, out_shardings=...)`), the jitted step's shardings, metric
-writing and progress reports, and norms. Nothing here knows which model it
-trains; the sharding rule is `parallel.state_shardings`, image grids are
-`images.py`'s.
+(`train_loop`: steps, logs, evaluations, checkpoints, the non-finite check,
+the progress line), metrics.json and closing. A stage supplies a `Stage`:
+its jitted programs (init, shardings, step), its evaluation, its
+fingerprint, directory, iterator and `Cadence`. Nothing here knows which
+model it trains.
+
+Only the skeleton lives here; the pieces the trainers share have their own
+modules: the optimizer and its schedule (`optimizer.py`), the train state
+and its programs over a mesh (`train_state.py`), a step's metrics and the
+non-finite check (`step_metrics.py`); outside train/, orbax and damaged
+or full-disk checkpoints (`checkpoints.py`), the sharding rule
+(`parallel.py`), the metric writer and the progress line (`console.py`).
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,7 +42,6 @@ if TYPE_CHECKING:
   # metrics import it, and the steps import without it (accelerator images).
   from clu import metric_writers
 
-PyTree = Any
 
 @dataclasses.dataclass
 class LoopResult:
