@@ -101,3 +101,17 @@ def test_check_directory_refuses_other_fingerprint(tmp_path):
   checkpoints.check_directory(str(tmp_path), {'model': 'm'})
   with pytest.raises(ValueError, match="model: checkpoint 'm', config 'n'"):
     checkpoints.check_directory(str(tmp_path), {'model': 'n'})
+
+
+def test_prune_keeps_the_newest(tmp_path):
+  # A kill after a save and before orbax deleted the oldest step leaves more
+  # than `keep_checkpoints`; a rerun prunes them.
+  tree = {'w': jnp.ones(2)}
+  with checkpoints.create_manager(str(tmp_path), max_to_keep=None,
+                                  async_save=False) as manager:
+    for step in (2, 4, 6):
+      checkpoints.save(manager, step, tree, {'model': 'm'})
+    checkpoints.prune(manager, None)  # Keeps all.
+    assert sorted(manager.all_steps()) == [2, 4, 6]
+    checkpoints.prune(manager, 2)
+    assert sorted(manager.all_steps()) == [4, 6]

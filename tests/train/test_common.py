@@ -227,16 +227,6 @@ def test_kill_between_last_checkpoint_and_metrics(tmp_path):
     assert written[key] == pytest.approx(uninterrupted[key]), key
 
 
-def test_restore_target_is_abstract_with_shardings():
-  mesh = parallel.create_mesh(devices=jax.devices()[:1])
-  calls = []
-  target = train_state.restore_target(_toy_programs(mesh, calls))
-  assert calls == [True]  # Traced by `jax.eval_shape`, never run.
-  assert isinstance(target.params['w'], jax.ShapeDtypeStruct)
-  assert target.params['w'].shape == (2,)
-  assert target.params['w'].sharding == parallel.replicated(mesh)
-
-
 def test_cadence_from_config(stage2_config):
   cadence = common.Cadence.from_config(stage2_config.prior)
   p = stage2_config.prior
