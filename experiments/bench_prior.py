@@ -26,8 +26,8 @@ from configs import fashion_mnist
 from configs import imagenet256
 from vqvae2_jax import builders
 from vqvae2_jax import parallel
-from vqvae2_jax.train import common
 from vqvae2_jax.train import prior_trainer
+from vqvae2_jax.train import train_state
 
 # name -> (config module, level, timed steps).
 _MODELS = {
@@ -56,9 +56,9 @@ def time_prior(config, level: int, batch_size: int, steps: int) -> dict:
   init_fn = prior_trainer.make_init_fn(
       model, tx, level=level, level_shapes=shapes,
       use_polyak=config.prior.polyak_decay > 0)
-  state, shardings = common.create_sharded_state(init_fn, mesh,
-                                                 jax.random.PRNGKey(0))
-  step = common.jit_train_step(
+  state, shardings = train_state.create_sharded_state(init_fn, mesh,
+                                                       jax.random.PRNGKey(0))
+  step = train_state.jit_train_step(
       prior_trainer.make_train_step(
           model, tx, schedule,
           label_drop_rate=config.prior.label_drop_rate,

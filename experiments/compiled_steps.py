@@ -21,8 +21,8 @@ from vqvae2_jax import builders
 from vqvae2_jax import parallel
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import vqvae as vqvae_lib
-from vqvae2_jax.train import common
 from vqvae2_jax.train import prior_trainer
+from vqvae2_jax.train import train_state
 from vqvae2_jax.train import vqvae_trainer
 
 GIB = 2.0**30
@@ -61,7 +61,7 @@ def _lower(step: Any, init_fn: Any, mesh: jax.sharding.Mesh,
            batch: Any) -> jax.stages.Lowered:
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(abstract, mesh)
-  jitted = common.jit_train_step(step, shardings, mesh)
+  jitted = train_state.jit_train_step(step, shardings, mesh)
   return jitted.lower(parallel.abstract_with_shardings(abstract, shardings),
                       batch)
 

@@ -504,7 +504,8 @@ def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
     (lambda p, x: p.decode([np.zeros((2, 4, 4), np.int32),
                             np.zeros((2, 4, 4), np.int32)]),
      r'level 1 have shape \(2, 4, 4\)\. Fix: pass \[n, 8, 8\]'),
-    (lambda p, x: p.sample(labels=[10]), r'class indices in \[0, 10\)'),
+    (lambda p, x: p.sample(labels=[10]),
+     r'outside \[0, 9\]\. Fix: use class indices 0\.\.9, or labels=None'),
     (lambda p, x: p.sample(), r'n is None\. Fix'),
     (lambda p, x: p.sample(n=1.5),
      r'n is 1\.5\. Fix: pass an integer n >= 1'),
@@ -517,7 +518,10 @@ def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
     (lambda p, x: p.sample(n=2, key=2**70), r'key is 1180591620717411303424 '),
     (lambda p, x: p.sample(n=2, key=jax.random.split(jax.random.PRNGKey(0))),
      r'key is Array\(\[\[.*\(ArrayImpl\)\. Fix'),
-    (lambda p, x: p.log_prob(x, labels=[0]), r'Labels have shape \(1,\)'),
+    (lambda p, x: p.log_prob(x, labels=[0]),
+     r'labels has shape \(1,\)\. Fix: pass one label per image'),
+    (lambda p, x: p.log_prob(x, labels=[0.0, 1.0]),
+     r'labels have dtype float64\. Fix: pass integer'),
 ])
 def test_api_bad_inputs_say_how_to_fix_them(pipe, call, message):
   from vqvae2_jax import api  # pylint: disable=g-import-not-at-top

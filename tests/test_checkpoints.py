@@ -7,7 +7,8 @@ import pytest
 
 from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
-from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import train_state
 
 
 def test_fingerprint_error_names_fields_and_fix():
@@ -22,17 +23,17 @@ def test_fingerprint_error_names_fields_and_fix():
     checkpoints.check_fingerprint(None, {'a': 1}, '/ck')
 
 
-def _state(clip: bool, polyak: bool) -> common.TrainState:
+def _state(clip: bool, polyak: bool) -> train_state.TrainState:
   """A small state whose optimizer state's structure depends on `clip`."""
-  tx, _ = common.create_optimizer(learning_rate=0.1, warmup_steps=0,
-                                  num_train_steps=10,
-                                  grad_clip_norm=1.0 if clip else 0.0)
+  tx, _ = optimizer.create_optimizer(learning_rate=0.1, warmup_steps=0,
+                                     num_train_steps=10,
+                                     grad_clip_norm=1.0 if clip else 0.0)
   params = {'dense': {'kernel': jnp.arange(6.0).reshape(2, 3),
                       'bias': jnp.ones(3)}}
   extra = {'vq_stats': {'counts': jnp.full((4,), 2.0)}}
-  state = common.TrainState(step=jnp.asarray(7, jnp.int32), params=params,
-                            opt_state=tx.init(params), extra=extra,
-                            rng=jax.random.PRNGKey(1))
+  state = train_state.TrainState(step=jnp.asarray(7, jnp.int32),
+                                 params=params, opt_state=tx.init(params),
+                                 extra=extra, rng=jax.random.PRNGKey(1))
   return state, (jax.tree.map(lambda x: -x, params) if polyak else None)
 
 
@@ -100,3 +101,17 @@ def test_check_directory_refuses_other_fingerprint(tmp_path):
   checkpoints.check_directory(str(tmp_path), {'model': 'm'})
   with pytest.raises(ValueError, match="model: checkpoint 'm', config 'n'"):
     checkpoints.check_directory(str(tmp_path), {'model': 'n'})
+
+
+def test_prune_keeps_the_newest(tmp_path):
+  # A kill after a save and before orbax deleted the oldest step leaves more
+  # than `keep_checkpoints`; a rerun prunes them.
+  tree = {'w': jnp.ones(2)}
+  with checkpoints.create_manager(str(tmp_path), max_to_keep=None,
+                                  async_save=False) as manager:
+    for step in (2, 4, 6):
+      checkpoints.save(manager, step, tree, {'model': 'm'})
+    checkpoints.prune(manager, None)  # Keeps all.
+    assert sorted(manager.all_steps()) == [2, 4, 6]
+    checkpoints.prune(manager, 2)
+    assert sorted(manager.all_steps()) == [4, 6]

@@ -140,3 +140,16 @@ def test_progress_line_and_quarters_in_a_pipe(caplog):
   assert [r.getMessage().split(' (')[0] for r in shown] == [
       f'vqvae: step {s}/8' for s in (2, 4, 6, 8)]
   assert stream.getvalue() == ''
+
+
+def test_progress_update_returns_the_interval_steps_per_sec(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(console.time, 'time', lambda: now[0])
+  progress = console.Progress('prior', start_step=10, num_steps=50,
+                              stream=io.StringIO())
+  now[0] += 5.0
+  assert progress.update(20, {}) == pytest.approx(2.0)  # 10 steps in 5 s.
+  now[0] += 2.0
+  assert progress.update(30, {}) == pytest.approx(5.0)  # 10 more in 2 s.
+  # The line's rate and ETA are over the whole run: 20 steps in 7 s.
+  assert '2.9 steps/s' in progress.line(30, {})

@@ -45,8 +45,8 @@ from configs import fashion_mnist
 from vqvae2_jax import checkpoints
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
-from vqvae2_jax.train import common
 from vqvae2_jax.train import prior_trainer
+from vqvae2_jax.train import train_state
 from vqvae2_jax.train import vqvae_trainer
 
 pytestmark = pytest.mark.multiprocess
@@ -167,7 +167,7 @@ def _restore(stage_dir, programs):
                                   read_only=True) as manager:
     step = manager.latest_step()
     return step, checkpoints.restore_step(manager, step,
-                                          common.restore_target(programs))
+                                          train_state.restore_target(programs))
 
 
 _NO_GRADIENT = "['key']['bias']"  # See the module docstring.

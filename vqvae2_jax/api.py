@@ -56,6 +56,7 @@ from vqvae2_jax import parallel
 from vqvae2_jax import sampling
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import layout
+from vqvae2_jax.models import pixelcnn
 
 PyTree = Any
 EXPORT_FORMAT = 'vqvae2_jax.export/1'  # Written into every exported file.
@@ -656,24 +657,10 @@ class Pipeline:
 
   def _labels(self, labels: Any, n: int) -> Optional[np.ndarray]:
     """Checked labels -> int32 [n] (num_classes = no label), or None."""
-    if not self.num_classes:
-      if labels is not None:
-        raise PipelineInputError(
-            'Labels given to an unconditional pipeline (num_classes=0). '
-            'Fix: pass labels=None.')
-      return None
-    if labels is None:
-      return np.full((n,), self.num_classes, np.int32)
-    labels = np.asarray(labels)
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-      raise PipelineInputError(
-          f'Labels have shape {labels.shape} and dtype {labels.dtype}. Fix: '
-          f'pass {n} integer labels, one per image.')
-    if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-      raise PipelineInputError(
-          f'Labels must be class indices in [0, {self.num_classes}). Fix: '
-          'pass labels=None for "no label".')
-    return labels.astype(np.int32)
+    labels = pixelcnn.check_labels(labels, n, self.num_classes,
+                                   error=PipelineInputError,
+                                   no_label_ok=False, per='image')
+    return None if labels is None else np.array(labels, np.int32)
 
   # Batching: pad to a multiple of the devices, run, drop the padding.
 

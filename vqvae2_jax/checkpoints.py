@@ -10,9 +10,10 @@ Saves are orbax's: asynchronous, written to a temporary directory and renamed
 when complete (atomic), older steps deleted beyond `max_to_keep`.
 
 A save that fails on a full disk is reported once, by the trainer (a
-WorkdirError naming the newest intact checkpoint); orbax's own tracebacks of
-it, from each of its threads, are kept out of the output (see
-`_hide_disk_full_tracebacks`).
+WorkdirError naming the newest intact checkpoint, `disk_full_error`); orbax's
+own tracebacks of it, from each of its threads, are kept out of the output
+(see `_hide_disk_full_tracebacks`). `prune` deletes steps beyond
+`max_to_keep` that a kill left behind.
 
 A damaged checkpoint (a truncated or missing file, an empty fingerprint) is
 skipped: the newest checkpoint that reads back is restored, with one warning
@@ -563,3 +564,37 @@ def check_directory(directory: str, fingerprint: Mapping[str, Any]) -> None:
     latest_checked_step(manager, fingerprint)
   finally:
     manager.close()
+
+
+def disk_full_error(directory: str, manager: ocp.CheckpointManager,
+                    error: BaseException, needed: int | None = None
+                    ) -> errors.WorkdirError:
+  """The one message of a full disk: where, and what is still intact."""
+  try:  # Saves in flight finish (or fail) first; only finished ones count.
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    manager.reload()
+    steps = sorted(manager.all_steps())
+  except Exception:  # pylint: disable=broad-except
+    steps = []
+  return files.disk_full_error(
+      directory, error,
+      f'the newest intact checkpoint is step {steps[-1]} and a rerun resumes '
+      'from it' if steps else 'no checkpoint had been written yet, so a rerun '
+      'starts from the beginning', needed=needed)
+
+
+def prune(manager: ocp.CheckpointManager, keep: int | None) -> None:
+  """Deletes all but the newest `keep` checkpoints.
+
+  A kill between a save and orbax's deletion of the oldest checkpoint leaves
+  one too many; a resumed run that saves nothing more would keep it.
+  """
+  if keep is None:
+    return
+  steps = sorted(manager.all_steps())
+  for step in steps[:-keep] if len(steps) > keep else []:
+    logging.info('Deleting checkpoint %d (keep_checkpoints=%d).', step, keep)
+    manager.delete(step)

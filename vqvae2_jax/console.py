@@ -298,9 +298,10 @@ def _duration(seconds: float) -> str:
 class Progress:
   """One progress line per stage: step, figures, steps/s, ETA.
 
-  On a terminal (and a quiet console) the line is rewritten in place at
-  every `update`; otherwise it is printed when the run passes each quarter.
-  Every update also goes to the log file.
+  The one progress report of a training loop. On a terminal (and a quiet
+  console) the line is rewritten in place at every `update`; otherwise it is
+  printed when the run passes each quarter. Every update also goes to the
+  log file, and returns the steps/s of its interval for the metric writer.
   """
 
   def __init__(self, name: str, start_step: int, num_steps: int,
@@ -309,6 +310,7 @@ class Progress:
     self._start_step = start_step
     self._num_steps = num_steps
     self._start = time.time()
+    self._last_step, self._last_time = start_step, self._start
     self._stream = sys.stderr if stream is None else stream
     self._in_place = (is_quiet() and not is_following() and
                       _isatty(self._stream))
@@ -328,8 +330,21 @@ class Progress:
       parts.append(f'ETA {_duration(eta)}')
     return ', '.join(parts)
 
-  def update(self, step: int, figures: Mapping[str, float]) -> None:
-    text = self.line(step, figures)
+  def update(self, step: int, figures: Mapping[str, float]) -> float:
+    """Shows the line at `step` with `figures` (e.g. {'loss': ...}).
+
+    Returns:
+      Steps per second since the previous update (the first: since the
+      start, compilation included), for TensorBoard's 'steps_per_sec'.
+    """
+    now = time.time()
+    rate = ((step - self._last_step) / (now - self._last_time)
+            if now > self._last_time else 0.0)
+    self._last_step, self._last_time = step, now
+    self._show(step, self.line(step, figures))
+    return rate
+
+  def _show(self, step: int, text: str) -> None:
     if self._in_place:
       logging.info('%s', text)  # The log file only.
       padded = text.ljust(self._width)

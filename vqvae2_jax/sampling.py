@@ -376,17 +376,10 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
                  f'size {model.cond_num_embeddings[j]}.')
   # None is the "no label" index: the unconditional path of a label-dropout
   # model.
-  labels = pixelcnn.resolve_labels(labels, shape[0], model.num_classes,
-                                   SamplingInputError)
+  labels = pixelcnn.check_labels(labels, shape[0], model.num_classes,
+                                 error=SamplingInputError)
   if labels is not None:
     labels = jnp.asarray(labels, jnp.int32)
-    if labels.shape != (shape[0],):
-      raise SamplingInputError(f'labels has shape {labels.shape}. Fix: pass one '
-                       f'label per map, shape ({shape[0]},).')
-    _check_range('labels', labels, model.num_classes + 1,
-                 f'use class indices 0..{model.num_classes - 1}, or '
-                 f'{model.num_classes} (or labels=None) for the unconditional '
-                 'path; -1 is not "no label".')
   return shape, cond_codes, labels
 
 

@@ -194,6 +194,31 @@ def test_resolve_labels_is_the_no_label_index_or_a_refusal():
     pixelcnn.resolve_labels(given, 2, 0, Refused)
 
 
+def test_check_labels_is_the_one_check_of_given_labels():
+  class Refused(ValueError):
+    pass
+
+  check = functools.partial(pixelcnn.check_labels, error=Refused)
+  np.testing.assert_array_equal(check([0, 10], 2, 10), [0, 10])
+  np.testing.assert_array_equal(check(None, 2, 10), [10, 10])
+  assert check(None, 2, 0) is None
+  for labels, batch, num_classes, message in [
+      ([0, 1], 2, 0, r'num_classes=0\. Fix: pass labels=None'),
+      ([0], 2, 10, r'shape \(1,\)\. Fix: pass one label per map'),
+      ([0.0, 1.0], 2, 10, r'dtype float64\. Fix: pass integer'),
+      ([0, 11], 2, 10, r'\[0, 11\], outside \[0, 10\]\. Fix: use class '
+       r'indices 0\.\.9, or 10 \(or labels=None\)'),
+      ([-1, 0], 2, 10, r'-1 is not "no label"')]:
+    with pytest.raises(Refused, match=message):
+      check(labels, batch, num_classes)
+  # Without the "no label" index (the API's): only None means no label.
+  with pytest.raises(Refused, match=r'outside \[0, 9\]\. Fix: use class '
+                     r'indices 0\.\.9, or labels=None for "no label"\.'):
+    check([0, 10], 2, 10, no_label_ok=False, per='image')
+  # Traced labels: shape and dtype only (the values are not known yet).
+  jax.jit(lambda x: check(x, 2, 10))(jnp.asarray([0, 99], jnp.int32))
+
+
 def _assert_rel_close(cached, full, what):
   """max |cached - full| <= 1e-5 * max |full| (float32 rounding only)."""
   err = np.abs(np.asarray(cached) - np.asarray(full)).max()

@@ -1,4 +1,4 @@
-"""The training skeleton (`run_training`) and the helpers every stage shares.
+"""The training skeleton: `run_training` and its loop.
 
 The skeleton runs here on a toy stage (a least-squares fit), so that what
 it promises every stage (restore-or-init, resume, metrics.json, a rerun of
@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 from typing import Any, Callable, NamedTuple
 
@@ -21,26 +22,28 @@ import pytest
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import train_state
 
 _TRUE_W = np.asarray([1.5, -2.0], np.float32)
 
 
 class _ToyPrograms(NamedTuple):
-  init: Callable[[jax.Array], common.TrainState]
+  init: Callable[[jax.Array], train_state.TrainState]
   shardings: Any
   train_step: Callable
 
 
 def _toy_programs(mesh, init_calls):
   """Least squares y = x . w with Adam; records each real (untraced) init."""
-  tx, schedule = common.create_optimizer(learning_rate=0.1, warmup_steps=1,
-                                         num_train_steps=6)
+  tx, schedule = optimizer.create_optimizer(learning_rate=0.1,
+                                            warmup_steps=1, num_train_steps=6)
 
   def init_fn(rng):
     params = {'w': jax.random.normal(rng, (2,))}
-    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), extra={},
-                             rng=jax.random.PRNGKey(0))
+    return train_state.TrainState(step=jnp.zeros((), jnp.int32),
+                                  params=params, opt_state=tx.init(params),
+                                  extra={}, rng=jax.random.PRNGKey(0))
 
   def step_fn(state, batch):
     def loss_fn(params):
@@ -52,8 +55,8 @@ def _toy_programs(mesh, init_calls):
     return (state.replace(step=state.step + 1, params=params,
                           opt_state=opt_state), metrics)
 
-  jitted_init, shardings = common.sharded_init(init_fn, mesh,
-                                               jax.random.PRNGKey(0))
+  jitted_init, shardings = train_state.sharded_init(init_fn, mesh,
+                                                    jax.random.PRNGKey(0))
 
   def init(rng):
     traced = isinstance(rng, jax.core.Tracer)
@@ -63,7 +66,7 @@ def _toy_programs(mesh, init_calls):
     return init_fn(rng) if traced else jitted_init(rng)
 
   return _ToyPrograms(init, shardings,
-                      common.jit_train_step(step_fn, shardings, mesh))
+                      train_state.jit_train_step(step_fn, shardings, mesh))
 
 
 def _batches(start_step):
@@ -136,6 +139,26 @@ def test_run_training_inits_resumes_and_reruns(tmp_path):
           for p in os.listdir(whole)} == before
 
 
+def test_one_progress_report_with_steps_per_sec_in_tensorboard(tmp_path,
+                                                               caplog):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.INFO, logger='absl'):
+    _run(tmp_path, 6, [], [])
+  acc = event_accumulator.EventAccumulator(
+      str(tmp_path), size_guidance={'tensors': 0})
+  acc.Reload()
+  # One point per log interval (log_every=2), beside the training figures.
+  assert [e.step for e in acc.Tensors('steps_per_sec')] == [2, 4, 6]
+  assert [e.step for e in acc.Tensors('train/loss')] == [2, 4, 6]
+  assert 'uptime' not in acc.Tags()['tensors']
+  # The log holds the one progress line per interval, and no second report.
+  log = [r.getMessage() for r in caplog.records]
+  lines = [m for m in log if re.match(r'toy: step \d+/6 ', m)]
+  assert [m.split(' (')[0] for m in lines] == [
+      'toy: step 2/6', 'toy: step 4/6', 'toy: step 6/6']
+  assert not [m for m in log if re.search(r'\bETA\b', m) and m not in lines]
+
+
 def _past_the_end_warnings(caplog):
   return [r.getMessage() for r in caplog.records
           if r.levelno == logging.WARNING and 'past num_train_steps' in
@@ -204,16 +227,6 @@ def test_kill_between_last_checkpoint_and_metrics(tmp_path):
     assert written[key] == pytest.approx(uninterrupted[key]), key
 
 
-def test_restore_target_is_abstract_with_shardings():
-  mesh = parallel.create_mesh(devices=jax.devices()[:1])
-  calls = []
-  target = common.restore_target(_toy_programs(mesh, calls))
-  assert calls == [True]  # Traced by `jax.eval_shape`, never run.
-  assert isinstance(target.params['w'], jax.ShapeDtypeStruct)
-  assert target.params['w'].shape == (2,)
-  assert target.params['w'].sharding == parallel.replicated(mesh)
-
-
 def test_cadence_from_config(stage2_config):
   cadence = common.Cadence.from_config(stage2_config.prior)
   p = stage2_config.prior
@@ -221,51 +234,6 @@ def test_cadence_from_config(stage2_config):
       num_steps=p.num_train_steps, log_every=p.log_every,
       eval_every=p.eval_every, checkpoint_every=p.checkpoint_every,
       keep_checkpoints=p.keep_checkpoints)
-
-
-def test_settings_key_is_hashable_sorted_and_typed(stage2_config):
-  key = common.settings_key(stage2_config.prior, common.OPTIMIZER_FIELDS)
-  assert [name for name, _ in key] == sorted(common.OPTIMIZER_FIELDS)
-  assert hash(key) == hash(common.settings_key(
-      stage2_config.prior.copy_and_resolve_references(),
-      common.OPTIMIZER_FIELDS))
-  settings = dict(key)
-  assert settings['warmup_steps'] == stage2_config.prior.warmup_steps
-  assert isinstance(settings['learning_rate'], float)
-  assert isinstance(settings['cosine_decay'], bool)
-  # The keyword arguments of `create_optimizer`, as the trainers pass them.
-  _, schedule = common.create_optimizer(**settings)
-  assert float(schedule(0)) == (
-      0.0 if settings['warmup_steps'] else settings['learning_rate'])
-  other = stage2_config.prior.copy_and_resolve_references()
-  other.learning_rate = 2 * stage2_config.prior.learning_rate
-  assert common.settings_key(other, common.OPTIMIZER_FIELDS) != key
-
-
-def test_learning_rate_schedule():
-  schedule = common.create_learning_rate_schedule(
-      learning_rate=1.0, warmup_steps=10, num_train_steps=110)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(5)) == pytest.approx(0.5)
-  assert float(schedule(10)) == pytest.approx(1.0)
-  assert float(schedule(60)) == pytest.approx(0.5)
-  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
-  flat = common.create_learning_rate_schedule(
-      learning_rate=1.0, warmup_steps=10, num_train_steps=110,
-      cosine_decay=False)
-  assert float(flat(100)) == 1.0
-
-
-def test_step_metrics_summary_and_non_finite_check():
-  pending = common.StepMetrics(sum_prefixes=('restarted',))
-  pending.append(1, {'loss': jnp.float32(1.0), 'restarted_level0': 2.0})
-  pending.append(2, {'loss': jnp.float32(3.0), 'restarted_level0': 1.0})
-  pending.check_finite()
-  assert pending.pop_summary() == {'loss': 2.0, 'restarted_level0': 3.0}
-  pending.append(3, {'loss': jnp.float32(1.0)})
-  pending.append(4, {'loss': jnp.float32(np.inf)})
-  with pytest.raises(common.NonFiniteError, match='step 4: loss=inf. keep'):
-    pending.check_finite('keep')
 
 
 def test_a_full_disk_is_one_message_and_the_last_checkpoint_restores(

@@ -16,9 +16,9 @@ from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import code_iterators
 from vqvae2_jax.data import codes as codes_lib
-from vqvae2_jax.train import common
 from vqvae2_jax.train import extract
 from vqvae2_jax.train import prior_trainer
+from vqvae2_jax.train import train_state
 
 
 @pytest.fixture(scope='module')
@@ -66,9 +66,9 @@ def _run_steps(config, level, mesh, batches, num_steps):
   shapes = [(4, 4), (8, 8)]
   init_fn = prior_trainer.make_init_fn(model, tx, level=level,
                                        level_shapes=shapes, use_polyak=True)
-  state, shardings = common.create_sharded_state(init_fn, mesh,
-                                                 jax.random.PRNGKey(1))
-  step = common.jit_train_step(
+  state, shardings = train_state.create_sharded_state(init_fn, mesh,
+                                                       jax.random.PRNGKey(1))
+  step = train_state.jit_train_step(
       prior_trainer.make_train_step(model, tx, schedule, label_drop_rate=0.5,
                                     polyak_decay=0.999),
       shardings, mesh)
@@ -137,7 +137,8 @@ class _Killed(Exception):
 def _restored_state(config, workdir, level, vqvae):
   """The whole train state of level `level`'s newest checkpoint."""
   mesh = parallel.create_mesh(config.mesh)
-  target = common.restore_target(prior_trainer.programs(config, level, mesh))
+  target = train_state.restore_target(
+      prior_trainer.programs(config, level, mesh))
   manager = checkpoints.create_manager(
       workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).prior(level)),
       read_only=True)

@@ -1,6 +1,7 @@
 """Tests of the stage-1 trainer: sharded step, end to end, resume, failures.
 
-The pieces every trainer shares are tested in test_common.py.
+The skeleton every trainer runs in is tested in test_common.py, the pieces
+they share in test_optimizer.py, test_train_state.py and test_step_metrics.py.
 
 conftest.py gives the session 8 fake CPU devices; the single-device runs use
 a mesh over jax.devices()[:1].
@@ -21,7 +22,8 @@ from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
-from vqvae2_jax.train import common
+from vqvae2_jax.train import step_metrics
+from vqvae2_jax.train import train_state
 from vqvae2_jax.train import vqvae_trainer
 
 
@@ -42,7 +44,7 @@ _SHARDED_STEPS = 6
 def _restore_state(config, workdir, step=None):
   """The full TrainState of checkpoint `step` (default newest) on 1 device."""
   mesh = parallel.create_mesh(devices=jax.devices()[:1])
-  target = common.restore_target(vqvae_trainer.programs(config, mesh))
+  target = train_state.restore_target(vqvae_trainer.programs(config, mesh))
   manager = checkpoints.create_manager(
       workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae),
       read_only=True)
@@ -197,7 +199,7 @@ def test_non_finite_loss_names_step_and_keeps_checkpoint(tmp_path,
   workdir = str(tmp_path)
   monkeypatch.setattr(input_pipeline, 'create_train_iterator', _interrupting(
       input_pipeline.create_train_iterator, fail_at_step=-1, nan_at_step=5))
-  with pytest.raises(common.NonFiniteError, match=r'at step 5\b'):
+  with pytest.raises(step_metrics.NonFiniteError, match=r'at step 5\b'):
     vqvae_trainer.train_and_evaluate(config, workdir)
   ckpt_dir = pathlib.Path(workdir_lib.Workdir(workdir).vqvae) / 'checkpoints'
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ['3']

@@ -68,6 +68,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -710,6 +711,60 @@ def resolve_labels(labels: Optional[Array], batch: int, num_classes: int,
     return None
   if labels is None:
     return jnp.full((batch,), num_classes, jnp.int32)
+  return labels
+
+
+def check_labels(labels: Any, batch: int, num_classes: int, *,
+                 error: type[Exception] = ValueError,
+                 no_label_ok: bool = True, per: str = 'map'
+                 ) -> Optional[Array]:
+  """`resolve_labels` of labels a caller gave, checked first.
+
+  The one check of labels from outside a prior (the sampler's and the
+  API's): one integer class index per example, each in [0, num_classes),
+  or num_classes ("no label") where `no_label_ok`. Out-of-range labels do
+  not fail inside XLA (an embedding lookup past the table reads NaN), so
+  they are refused here; traced values (inside a caller's jit) are checked
+  for shape and dtype only.
+
+  Args:
+    labels: [batch] integer class labels (any array-like), or None.
+    batch: the number of examples.
+    num_classes: the prior's; 0 for an unconditional prior.
+    error: what to raise (the sampler's and the API's input errors).
+    no_label_ok: whether the "no label" index num_classes may be given
+      (the API takes only None for it).
+    per: what one label belongs to, for the message (e.g. 'map', 'image').
+
+  Returns:
+    As `resolve_labels`: the labels (an array), the "no label" index for
+    every example when None, or None for an unconditional prior.
+
+  Raises:
+    error: labels for an unconditional prior, or not [batch] integers in
+      range.
+  """
+  if labels is None or not num_classes:
+    return resolve_labels(labels, batch, num_classes, error)
+  if not isinstance(labels, jax.Array):
+    labels = np.asarray(labels)
+  if labels.shape != (batch,):
+    raise error(f'labels has shape {labels.shape}. Fix: pass one label per '
+                f'{per}, shape ({batch},).')
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise error(f'labels have dtype {labels.dtype}. Fix: pass integer class '
+                'indices.')
+  if isinstance(labels, jax.core.Tracer) or not labels.size:
+    return labels
+  high = num_classes + 1 if no_label_ok else num_classes
+  lo, hi = int(labels.min()), int(labels.max())
+  if lo < 0 or hi >= high:
+    fix = (f'{num_classes} (or labels=None) for the unconditional path; -1 '
+           'is not "no label".' if no_label_ok else
+           'labels=None for "no label".')
+    raise error(f'labels has values in [{lo}, {hi}], outside [0, '
+                f'{high - 1}]. Fix: use class indices 0..{num_classes - 1}, '
+                f'or {fix}')
   return labels
 
 

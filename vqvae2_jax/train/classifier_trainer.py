@@ -33,13 +33,16 @@ from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import code_iterators
 from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import step_metrics
+from vqvae2_jax.train import train_state
 
 PyTree = Any
 
 
 def _settings(config: ml_collections.ConfigDict
               ) -> tuple[tuple[str, Any], ...]:
-  return common.settings_key(config.classifier, {
+  return optimizer.settings_key(config.classifier, {
       'learning_rate': float, 'warmup_steps': int, 'num_train_steps': int,
       'weight_decay': float, 'augment_shift': int, 'augment_flip': bool})
 
@@ -47,16 +50,16 @@ def _settings(config: ml_collections.ConfigDict
 def make_init_fn(model: classifier_lib.Classifier,
                  tx: optax.GradientTransformation,
                  image_shape: tuple[int, int, int]
-                 ) -> Callable[[jax.Array], common.TrainState]:
+                 ) -> Callable[[jax.Array], train_state.TrainState]:
   """(rng) -> initial TrainState; `image_shape` is [h, w, c]."""
 
   def init_fn(rng):
     params_rng, state_rng = jax.random.split(rng)
     params = model.init(params_rng,
                         jnp.zeros((1, *image_shape), jnp.float32))['params']
-    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), extra={},
-                             rng=state_rng)
+    return train_state.TrainState(step=jnp.zeros((), jnp.int32),
+                                  params=params, opt_state=tx.init(params),
+                                  extra={}, rng=state_rng)
 
   return init_fn
 
@@ -88,10 +91,10 @@ def make_train_step(model: classifier_lib.Classifier,
     metrics = {'loss': loss,
                'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
                'learning_rate': schedule(state.step),
-               **common.norm_metrics(grads, params, updates)}
+               **step_metrics.norm_metrics(grads, params, updates)}
     return (state.replace(step=state.step + 1, params=params,
                           opt_state=opt_state),
-            jax.tree.map(common.to_float32, metrics))
+            jax.tree.map(step_metrics.to_float32, metrics))
 
   return train_step
 
@@ -138,8 +141,8 @@ def evaluate(eval_sums: Callable, params: PyTree,
 class Programs(NamedTuple):
   """A classifier's jitted functions on one mesh (built once per process)."""
   model: classifier_lib.Classifier
-  shardings: common.TrainState  # NamedShardings of the train state.
-  init: Callable[[jax.Array], common.TrainState]
+  shardings: train_state.TrainState  # NamedShardings of the train state.
+  init: Callable[[jax.Array], train_state.TrainState]
   train_step: Callable  # (state, batch) -> (state, metrics); state donated.
   eval_sums: Callable  # (params, batch) -> `batch_sums`.
 
@@ -155,13 +158,13 @@ def _programs(model: classifier_lib.Classifier,
               settings: tuple[tuple[str, Any], ...],
               image_shape: tuple[int, int, int], mesh: Mesh) -> Programs:
   s = dict(settings)
-  schedule = common.create_learning_rate_schedule(
+  schedule = optimizer.create_learning_rate_schedule(
       learning_rate=s['learning_rate'], warmup_steps=s['warmup_steps'],
       num_train_steps=s['num_train_steps'])
   tx = optax.adamw(schedule, weight_decay=s['weight_decay'])
-  init, shardings = common.sharded_init(make_init_fn(model, tx, image_shape),
-                                        mesh, jax.random.PRNGKey(0))
-  train_step = common.jit_train_step(
+  init, shardings = train_state.sharded_init(
+      make_init_fn(model, tx, image_shape), mesh, jax.random.PRNGKey(0))
+  train_step = train_state.jit_train_step(
       make_train_step(model, tx, schedule, augment_shift=s['augment_shift'],
                       augment_flip=s['augment_flip']), shardings, mesh)
   data, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
@@ -187,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, *, name: str, directory: str,
 
   def run_eval(step, state, is_last):
     del step, is_last  # Every evaluation scores the whole held-out split.
-    return common.scalars(
+    return step_metrics.scalars(
         evaluate(progs.eval_sums, state.params, eval_batches()), 'eval')
 
   return common.run_training(common.Stage(

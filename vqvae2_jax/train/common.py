@@ -1,33 +1,31 @@
-"""The one training skeleton, and the pieces every stage's trainer shares.
+"""The one training skeleton: `run_training` and its loop.
 
 `run_training` is the driver of every stage: restore-or-init, the loop
-(steps, logs, evaluations, checkpoints, the non-finite check),
-metrics.json and closing. A stage supplies a `Stage`: its jitted programs
-(init, shardings, step), its evaluation, its fingerprint, directory,
-iterator and cadence. Also here: the optimizer and its schedule, the train
-state, sharded initialisation (`jax.eval_shape` -> shardings ->
-`jax.jit(init, out_shardings=...)`), the jitted step's shardings, metric
-writing and progress reports, and norms. Nothing here knows which model it
-trains; the sharding rule is `parallel.state_shardings`, image grids are
-`images.py`'s.
+(`train_loop`: steps, logs, evaluations, checkpoints, the non-finite check,
+the progress line), metrics.json and closing. A stage supplies a `Stage`:
+its jitted programs (init, shardings, step), its evaluation, its
+fingerprint, directory, iterator and `Cadence`. Nothing here knows which
+model it trains.
+
+Only the skeleton lives here; the pieces the trainers share have their own
+modules: the optimizer and its schedule (`optimizer.py`), the train state
+and its programs over a mesh (`train_state.py`), a step's metrics and the
+non-finite check (`step_metrics.py`); outside train/, orbax and damaged
+or full-disk checkpoints (`checkpoints.py`), the sharding rule
+(`parallel.py`), the metric writer and the progress line (`console.py`).
 """
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
-import math
 import os
 import time
-from typing import Any, Optional, Protocol, TYPE_CHECKING
+from typing import Any, Optional, TYPE_CHECKING
 
 from absl import logging
-import flax
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-import optax
 
 from vqvae2_jax import checkpoints
 from vqvae2_jax import console
@@ -36,245 +34,13 @@ from vqvae2_jax import files
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import image_folder
+from vqvae2_jax.train import step_metrics
+from vqvae2_jax.train import train_state
 
 if TYPE_CHECKING:
   # For annotations only: clu needs TensorFlow, so the functions that write
   # metrics import it, and the steps import without it (accelerator images).
   from clu import metric_writers
-  from clu import periodic_actions
-
-PyTree = Any
-
-# XLA:CPU compiler options for functions that run once (initialisation).
-_FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything a stage's training carries from one step to the next.
-
-  Attributes:
-    step: int32 scalar, the number of optimizer steps taken.
-    params: the 'params' collection.
-    opt_state: the optax state of `params`.
-    extra: other mutable variable collections, by name (e.g. the codebook
-      statistics {'vq_stats': ...}); {} when the model has none.
-    rng: uint32 [2] base key; a step's randomness is `fold_in(rng, step)`, so
-      a resumed run draws the same numbers as an uninterrupted one.
-  """
-  step: jax.Array
-  params: PyTree
-  opt_state: PyTree
-  extra: dict[str, PyTree]
-  rng: jax.Array
-
-  def variables(self) -> dict[str, PyTree]:
-    """The variables to pass to `Module.apply`: params and `extra`."""
-    return {'params': self.params, **self.extra}
-
-  def step_rng(self) -> jax.Array:
-    """A key for this step only (fresh each step, reproducible on resume)."""
-    return jax.random.fold_in(self.rng, self.step)
-
-
-def create_learning_rate_schedule(*, learning_rate: float, warmup_steps: int,
-                                  num_train_steps: int,
-                                  cosine_decay: bool = True) -> optax.Schedule:
-  """Linear warm-up from 0 to `learning_rate`, then cosine decay to 0 or flat.
-
-  Args:
-    learning_rate: the peak learning rate.
-    warmup_steps: steps of the linear warm-up (0: start at the peak).
-    num_train_steps: the run's length; the cosine reaches 0 here.
-    cosine_decay: decay after warm-up; False keeps the peak.
-
-  Returns:
-    step -> learning rate.
-  """
-  warmup_steps = max(int(warmup_steps), 0)
-  if cosine_decay:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup_steps else learning_rate,
-        peak_value=learning_rate,
-        warmup_steps=warmup_steps,
-        # The cosine needs at least one step after warm-up.
-        decay_steps=max(int(num_train_steps), warmup_steps + 1),
-        end_value=0.0)
-  if not warmup_steps:
-    return optax.constant_schedule(learning_rate)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, warmup_steps),
-       optax.constant_schedule(learning_rate)], [warmup_steps])
-
-
-def create_optimizer(*, learning_rate: float, warmup_steps: int,
-                     num_train_steps: int, cosine_decay: bool = True,
-                     grad_clip_norm: float = 0.0,
-                     b1: float = 0.9, b2: float = 0.999
-                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam on the schedule above, after global-norm gradient clipping.
-
-  Args:
-    learning_rate, warmup_steps, num_train_steps, cosine_decay: the schedule
-      (see `create_learning_rate_schedule`).
-    grad_clip_norm: clip gradients to this global norm; 0 disables.
-    b1, b2: Adam's moment decays.
-
-  Returns:
-    (optimizer, learning-rate schedule).
-  """
-  schedule = create_learning_rate_schedule(
-      learning_rate=learning_rate, warmup_steps=warmup_steps,
-      num_train_steps=num_train_steps, cosine_decay=cosine_decay)
-  parts = []
-  if grad_clip_norm and grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(grad_clip_norm))
-  parts.append(optax.adam(schedule, b1=b1, b2=b2))
-  return optax.chain(*parts), schedule
-
-
-# The `create_optimizer` arguments a trainer's config section (e.g.
-# config.vqvae_train, config.prior) sets, each with its type.
-OPTIMIZER_FIELDS = {'learning_rate': float, 'warmup_steps': int,
-                    'num_train_steps': int, 'cosine_decay': bool,
-                    'grad_clip_norm': float}
-
-
-def settings_key(section: ml_collections.ConfigDict,
-                 fields: Mapping[str, Callable[[Any], Any]]
-                 ) -> tuple[tuple[str, Any], ...]:
-  """`section`'s `fields` (name -> type), sorted: hashable, a cache key.
-
-  The jitted programs of a stage are cached per model and these settings;
-  `dict(key)` gives the keyword arguments back (e.g. `create_optimizer`'s
-  with `OPTIMIZER_FIELDS`).
-  """
-  return tuple(sorted((name, cast(section[name]))
-                      for name, cast in fields.items()))
-
-
-def norm_metrics(grads: PyTree, params: PyTree, updates: PyTree
-                 ) -> dict[str, jax.Array]:
-  """Global L2 norms of the raw gradients, the new params and the updates."""
-  return {
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
-      'update_norm': optax.global_norm(updates),
-  }
-
-
-def sharded_init(init_fn: Callable[..., PyTree], mesh: Mesh,
-                 *example_args: Any) -> tuple[Callable[..., PyTree], PyTree]:
-  """Jits `init_fn` so that it writes the state straight into its shardings.
-
-  `jax.eval_shape` gives the state's shapes without computing anything, the
-  shardings follow from the shapes, and the jitted `init_fn` then writes each
-  array into its place on the mesh (no full copy on one device).
-
-  Args:
-    init_fn: (*args) -> state pytree; traced, so it must be pure.
-    mesh: the mesh to lay the state out on.
-    *example_args: arguments of `init_fn` (only their shapes are used).
-
-  Returns:
-    (jitted init_fn, shardings: a pytree like the state).
-  """
-  abstract_state = jax.eval_shape(init_fn, *example_args)
-  shardings = parallel.state_shardings(abstract_state, mesh)
-  # Runs once: LLVM's optimisations would cost more (~25 s for a small VQ-VAE
-  # on XLA:CPU, mostly in the initializers' random-number code) than the
-  # optimised program could ever save.
-  return jax.jit(init_fn, out_shardings=shardings,
-                 compiler_options=fast_compile_options()), shardings
-
-
-def fast_compile_options() -> dict[str, Any] | None:
-  """XLA options for functions that run rarely: compile fast, run slower."""
-  return dict(_FAST_COMPILE) if jax.default_backend() == 'cpu' else None
-
-
-def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh,
-                         *init_args: Any) -> tuple[PyTree, PyTree]:
-  """`sharded_init`, called: returns (state, shardings)."""
-  init, shardings = sharded_init(init_fn, mesh, *init_args)
-  return init(*init_args), shardings
-
-
-def jit_train_step(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, Any]],
-                   shardings: PyTree, mesh: Mesh) -> Callable:
-  """Jits `step_fn(state, batch) -> (state, metrics)` over `mesh`.
-
-  The batch is split over the mesh's data axes, the state keeps its
-  shardings and is donated (updated in place), and metrics come back
-  replicated.
-  """
-  return jax.jit(
-      step_fn,
-      in_shardings=(shardings, parallel.data_sharding(mesh)),
-      out_shardings=(shardings, parallel.replicated(mesh)),
-      donate_argnums=(0,))
-
-
-class NonFiniteError(errors.UserError, FloatingPointError):
-  """A training metric became NaN or infinite.
-
-  Also a FloatingPointError, for callers that catch those.
-  """
-
-
-class StepMetrics:
-  """Per-step metrics kept on device until a log, check or checkpoint.
-
-  Fetching a metric waits for its step to finish; holding them lets the host
-  run ahead of the device between log intervals.
-  """
-
-  def __init__(self, sum_prefixes: Sequence[str] = ()):
-    """Args: sum_prefixes: metrics summed (not averaged) over an interval."""
-    self._sum_prefixes = tuple(sum_prefixes)
-    self._steps: list[int] = []
-    self._metrics: list[Mapping[str, Any]] = []
-    self._checked = 0
-
-  def append(self, step: int, metrics: Mapping[str, Any]) -> None:
-    self._steps.append(step)
-    self._metrics.append(metrics)
-
-  def __len__(self) -> int:
-    return len(self._steps)
-
-  def check_finite(self, hint: str = '') -> None:
-    """Raises `NonFiniteError` naming the first step with a non-finite metric.
-
-    Args:
-      hint: appended to the message: "Fix: <what to change>" (e.g. which
-        setting to lower, and which checkpoint is still intact).
-    """
-    for i in range(self._checked, len(self._steps)):
-      values = jax.device_get(self._metrics[i])
-      self._metrics[i] = values
-      bad = sorted(k for k, v in values.items()
-                   if np.issubdtype(np.asarray(v).dtype, np.floating)
-                   and not np.all(np.isfinite(v)))
-      if bad:
-        shown = ', '.join(f'{k}={float(np.asarray(values[k]).ravel()[0])}'
-                          for k in bad)
-        raise NonFiniteError(
-            f'Non-finite training metrics at step {self._steps[i]}: {shown}. '
-            f'{hint}'.strip())
-    self._checked = len(self._steps)
-
-  def pop_summary(self) -> dict[str, float]:
-    """Means over the held steps (sums for `sum_prefixes`); then forgets them."""
-    if not self._steps:
-      return {}
-    values = [jax.device_get(m) for m in self._metrics]
-    summary = {}
-    for key in values[0]:
-      stacked = np.stack([np.asarray(v[key], np.float64) for v in values])
-      reduce = np.sum if key.startswith(self._sum_prefixes) else np.mean
-      summary[key] = float(reduce(stacked))
-    self._steps, self._metrics, self._checked = [], [], 0
-    return summary
 
 
 @dataclasses.dataclass
@@ -309,13 +75,14 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
                run_eval: Callable[[int, Any, bool], dict[str, Any]],
                manager: Any, fingerprint: Mapping[str, Any],
                writer: 'metric_writers.MetricWriter',
-               pending: StepMetrics, nan_fix: str,
+               pending: step_metrics.StepMetrics, nan_fix: str,
                progress_path: Optional[str] = None,
                name: str = 'train') -> LoopResult:
   """The training loop of every stage: steps, logs, evaluations, checkpoints.
 
-  Steps `start_step + 1 .. num_steps`; logs the training metrics every
-  `log_every` steps, calls `run_eval(step, state, is_last)` every
+  Steps `start_step + 1 .. num_steps`; logs the training metrics and the
+  interval's steps/s (to `writer`) and updates the console's progress line
+  (`console.Progress`: steps/s, ETA) every `log_every` steps, calls `run_eval(step, state, is_last)` every
   `eval_every` steps and saves the state with `fingerprint` through the orbax
   `manager` every `checkpoint_every` steps, and all three at the last step.
   Before anything reads or saves the state, the metrics held since the last
@@ -343,7 +110,6 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       step every process agreed on (`parallel.preemption_watch`) was saved
       first, and a rerun resumes from it.
   """
-  progress = create_progress(num_steps, writer, log_every)
   line = console.Progress(name, start_step, num_steps)
   eval_metrics, train_summary, eval_seconds = None, {}, 0.0
   loop_start = time.time()
@@ -352,7 +118,6 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = train_step(state, next(train_iter))
       pending.append(step, metrics)
-      progress(step)
       is_last = step == num_steps
       # Every process asks at every step, so all stop at the same one. The
       # count starts at 1 in every run: a notice that came before the first
@@ -371,9 +136,12 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
             'written yet).')
       if do_log:
         train_summary = pending.pop_summary()
-        writer.write_scalars(step, scalars(train_summary, 'train'))
-        line.update(step, {k: train_summary[k] for k in _PROGRESS_KEYS
-                           if k in train_summary})
+        steps_per_sec = line.update(step, {k: train_summary[k]
+                                           for k in _PROGRESS_KEYS
+                                           if k in train_summary})
+        writer.write_scalars(
+            step, {**step_metrics.scalars(train_summary, 'train'),
+                   'steps_per_sec': steps_per_sec})
       if do_eval:
         eval_start = time.time()
         eval_metrics = run_eval(step, state, is_last)
@@ -386,7 +154,7 @@ def train_loop(*, state: Any, train_step: Callable[[Any, Any], tuple[Any, Any]],
           files.write_json_once(progress_path, {
               'step': step, 'steps_per_sec': done / seconds if seconds > 0
               else None, 'eval_time_s': eval_seconds,
-              **scalars(train_summary, 'train')})
+              **step_metrics.scalars(train_summary, 'train')})
       if stop:
         line.close()
         manager.wait_until_finished()  # The checkpoint is on disk first.
@@ -420,23 +188,6 @@ def result_line(name: str, final: Mapping[str, Any]) -> str:
     if final.get('steps_per_sec'):
       timing += f' ({final["steps_per_sec"]:.1f} steps/s)'
   return f'{name}: step {final.get("step")}{timing}; {figures or "done"}'
-
-
-class TrainPrograms(Protocol):
-  """What `run_training` needs of a stage's jitted programs."""
-  init: Callable[[jax.Array], Any]  # (rng) -> the sharded initial state.
-  shardings: Any  # NamedShardings, a pytree like the state.
-  train_step: Callable[[Any, Any], tuple[Any, Any]]  # State donated.
-
-
-def restore_target(programs: TrainPrograms) -> PyTree:
-  """The abstract state of `programs.init`, carrying its shardings.
-
-  `jax.eval_shape` only: nothing is computed or allocated, so a resumed run
-  never builds an initial state it would throw away.
-  """
-  abstract = jax.eval_shape(programs.init, jax.random.PRNGKey(0))
-  return parallel.abstract_with_shardings(abstract, programs.shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,7 +244,7 @@ class Stage:
   name: str
   directory: str
   fingerprint: Mapping[str, Any]
-  programs: TrainPrograms
+  programs: train_state.TrainPrograms
   init_rng: jax.Array
   cadence: Cadence
   train_iterator: Callable[[int], Iterator[Any]]
@@ -535,7 +286,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
     errors.WorkdirError: the stage directory cannot be written, or the disk
       filled up (the message names the newest intact checkpoint, which a
       rerun resumes from).
-    NonFiniteError: a training metric was NaN or infinite.
+    step_metrics.NonFiniteError: a training metric was NaN or infinite.
   """
   start_time = time.time()
   cadence = stage.cadence
@@ -567,11 +318,12 @@ def run_training(stage: Stage) -> dict[str, Any]:
     # step. Damaged newer steps are moved aside (this run saves their step
     # numbers again). The initial state is built only when there is no
     # checkpoint.
-    state = checkpoints.restore_latest(manager, restore_target(stage.programs),
-                                       stage.fingerprint, set_aside=True)
+    state = checkpoints.restore_latest(
+        manager, train_state.restore_target(stage.programs),
+        stage.fingerprint, set_aside=True)
     # After the restore: pruning first could delete the intact steps that a
     # damaged newest one needs to fall back on.
-    _prune(manager, cadence.keep_checkpoints)
+    checkpoints.prune(manager, cadence.keep_checkpoints)
     if state is None:
       state = stage.programs.init(stage.init_rng)
     start_step = int(state.step)
@@ -603,7 +355,7 @@ def run_training(stage: Stage) -> dict[str, Any]:
         eval_every=cadence.eval_every,
         checkpoint_every=cadence.checkpoint_every, run_eval=run_eval,
         manager=manager, fingerprint=stage.fingerprint, writer=writer,
-        pending=StepMetrics(sum_prefixes=stage.sum_prefixes),
+        pending=step_metrics.StepMetrics(sum_prefixes=stage.sum_prefixes),
         nan_fix=stage.nan_fix, progress_path=progress_path, name=stage.name)
     eval_metrics = loop.eval_metrics
     if eval_metrics is None:  # Nothing left to train: evaluate what we have.
@@ -618,7 +370,8 @@ def run_training(stage: Stage) -> dict[str, Any]:
                'eval_time_s': loop.eval_seconds}
     final.update({'step': int(loop.state.step),
                   'wall_time_s': time.time() - start_time,
-                  **eval_metrics, **scalars(loop.train_summary, 'train')})
+                  **eval_metrics,
+                  **step_metrics.scalars(loop.train_summary, 'train')})
     if stage.final_metrics is not None:
       final.update(stage.final_metrics(final))
     undecodable = image_folder.undecodable_files() - undecodable_before
@@ -639,8 +392,9 @@ def run_training(stage: Stage) -> dict[str, Any]:
     # ValueError or wrapped, not always as OSError(ENOSPC).
     if not files.is_disk_full(e):
       raise
-    raise _disk_full(stage.directory, manager, e,
-                     _state_bytes(stage.programs)) from e
+    raise checkpoints.disk_full_error(
+        stage.directory, manager, e,
+        train_state.state_bytes(stage.programs)) from e
   finally:
     try:
       manager.wait_until_finished()
@@ -654,34 +408,6 @@ def run_training(stage: Stage) -> dict[str, Any]:
       logging.debug('An unfinished save failed: %s', e)
     finally:
       log_file.close()
-
-
-def _state_bytes(programs: TrainPrograms) -> int | None:
-  """About the bytes of one checkpoint: the state's arrays (shapes only)."""
-  try:
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(restore_target(programs)))
-  except Exception:  # pylint: disable=broad-except
-    return None  # The message does without the figure.
-
-
-def _disk_full(directory: str, manager: Any, error: BaseException,
-               needed: int | None = None) -> errors.WorkdirError:
-  """The one message of a full disk: where, and what is still intact."""
-  try:  # Saves in flight finish (or fail) first; only finished ones count.
-    manager.wait_until_finished()
-  except Exception:  # pylint: disable=broad-except
-    pass
-  try:
-    manager.reload()
-    steps = sorted(manager.all_steps())
-  except Exception:  # pylint: disable=broad-except
-    steps = []
-  return files.disk_full_error(
-      directory, error,
-      f'the newest intact checkpoint is step {steps[-1]} and a rerun resumes '
-      'from it' if steps else 'no checkpoint had been written yet, so a rerun '
-      'starts from the beginning', needed=needed)
 
 
 def _warn_past_the_end(stage: Stage, step: int) -> None:
@@ -721,40 +447,3 @@ def _finished_metrics(stage: Stage, metrics_path: str
   return metrics
 
 
-def _prune(manager: Any, keep: Optional[int]) -> None:
-  """Deletes all but the newest `keep` checkpoints.
-
-  A kill between a save and orbax's deletion of the oldest checkpoint leaves
-  one too many; a resumed run that saves nothing more would keep it.
-  """
-  if keep is None:
-    return
-  steps = sorted(manager.all_steps())
-  for step in steps[:-keep] if len(steps) > keep else []:
-    logging.info('Deleting checkpoint %d (keep_checkpoints=%d).', step, keep)
-    manager.delete(step)
-
-
-def create_progress(num_train_steps: int,
-                    writer: 'metric_writers.MetricWriter', every_steps: int
-                    ) -> 'periodic_actions.ReportProgress':
-  """Reports steps/s (to `writer`) and percentage done and ETA (to the log)."""
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  return periodic_actions.ReportProgress(
-      num_train_steps=num_train_steps, writer=writer,
-      every_steps=max(int(every_steps), 1), every_secs=None)
-
-
-def scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
-  """`metrics` as Python floats with names '<prefix>/<key>'."""
-  return {f'{prefix}/{k}': float(v) for k, v in metrics.items()}
-
-
-def flatten_levels(name: str, values: Iterable[Any]) -> dict[str, Any]:
-  """{'<name>_level<i>': value} for per-level lists (top = level 0)."""
-  return {f'{name}_level{i}': v for i, v in enumerate(values)}
-
-
-def to_float32(x: Any) -> jax.Array:
-  """`x` as a float32 array (metrics of any dtype, for one summary format)."""
-  return jnp.asarray(x, jnp.float32)

@@ -35,6 +35,9 @@ from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.evaluation import likelihood
 from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import step_metrics
+from vqvae2_jax.train import train_state
 
 PyTree = Any
 # Examples of the training split whose code frequencies define the unigram
@@ -42,8 +45,8 @@ PyTree = Any
 _UNIGRAM_EXAMPLES = 50_000
 
 
-class PriorTrainState(common.TrainState):
-  """`common.TrainState` plus the Polyak (EMA) average of the params.
+class PriorTrainState(train_state.TrainState):
+  """`train_state.TrainState` plus the Polyak (EMA) average of the params.
 
   Attributes:
     polyak: a pytree like `params`, or None when config.prior.polyak_decay is
@@ -63,13 +66,13 @@ def levels_to_train(config: ml_collections.ConfigDict) -> list[int]:
 
 def _optimizer_args(config: ml_collections.ConfigDict
                     ) -> tuple[tuple[str, Any], ...]:
-  return common.settings_key(config.prior, common.OPTIMIZER_FIELDS)
+  return optimizer.settings_key(config.prior, optimizer.OPTIMIZER_FIELDS)
 
 
 def create_optimizer(config: ml_collections.ConfigDict
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam on a warm-up/cosine schedule with clipping, from config.prior."""
-  return common.create_optimizer(**dict(_optimizer_args(config)))
+  return optimizer.create_optimizer(**dict(_optimizer_args(config)))
 
 
 def make_init_fn(model: pixelcnn.PixelCNNPrior,
@@ -161,9 +164,9 @@ def make_train_step(model: pixelcnn.PixelCNNPrior,
         'loss': loss, 'bits_per_code': loss / math.log(2.0),
         'accuracy': sums['correct'] / sums['num_codes'],
         'learning_rate': schedule(state.step),
-        **common.norm_metrics(grads, params, updates),
+        **step_metrics.norm_metrics(grads, params, updates),
     }
-    return new_state, jax.tree.map(common.to_float32, metrics)
+    return new_state, jax.tree.map(step_metrics.to_float32, metrics)
 
   return train_step
 
@@ -225,11 +228,12 @@ def _programs(model: pixelcnn.PixelCNNPrior,
               level_shapes: tuple[tuple[int, ...], ...],
               label_drop_rate: float, polyak_decay: float,
               mesh: Mesh) -> Programs:
-  tx, schedule = common.create_optimizer(**dict(optimizer_args))
+  tx, schedule = optimizer.create_optimizer(**dict(optimizer_args))
   init_fn = make_init_fn(model, tx, level=level, level_shapes=level_shapes,
                          use_polyak=polyak_decay > 0)
-  init, shardings = common.sharded_init(init_fn, mesh, jax.random.PRNGKey(0))
-  train_step = common.jit_train_step(
+  init, shardings = train_state.sharded_init(init_fn, mesh,
+                                             jax.random.PRNGKey(0))
+  train_step = train_state.jit_train_step(
       make_train_step(model, tx, schedule, label_drop_rate=label_drop_rate,
                       polyak_decay=polyak_decay), shardings, mesh)
   return Programs(
@@ -296,7 +300,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
   progs = programs(config, level, mesh)
   model = progs.model
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-      common.restore_target(progs).params))
+      train_state.restore_target(progs).params))
   logging.info('Prior level %d: %d params on mesh %s', level, num_params,
                dict(mesh.shape))
   levels = tuple(range(level + 1))
@@ -329,7 +333,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
           progs.eval_cond, state.params, batches(eval_split))['bits_per_code']
     flat = {}
     for prefix, metrics in results.items():
-      flat.update(common.scalars(metrics, prefix))
+      flat.update(step_metrics.scalars(metrics, prefix))
     logging.info('Prior level %d step %d: held-out %.4f bits/code, train '
                  '%.4f bits/code', level, step, flat['eval/bits_per_code'],
                  flat['eval_train/bits_per_code'])
@@ -342,7 +346,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
         'level': level, 'num_params': num_params,
         'codes_per_sec': (float('nan') if steps_per_sec is None else
                           steps_per_sec * p.batch_size * codes_per_example),
-        **common.scalars(baselines(dataset, level), 'baseline')}
+        **step_metrics.scalars(baselines(dataset, level), 'baseline')}
 
   return common.run_training(common.Stage(
       name=f'Prior level {level}', directory=out_dir, fingerprint=fingerprint,

@@ -30,6 +30,9 @@ from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.models import vqvae as vqvae_lib
 from vqvae2_jax.train import common
+from vqvae2_jax.train import optimizer
+from vqvae2_jax.train import step_metrics
+from vqvae2_jax.train import train_state
 
 _GRID_IMAGES = 16  # Columns of the evaluation image grid.
 
@@ -37,30 +40,30 @@ _GRID_IMAGES = 16  # Columns of the evaluation image grid.
 def create_optimizer(config: ml_collections.ConfigDict
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer and schedule of `config.vqvae_train`."""
-  return common.create_optimizer(**dict(_optimizer_settings(config)))
+  return optimizer.create_optimizer(**dict(_optimizer_settings(config)))
 
 
 def _optimizer_settings(config: ml_collections.ConfigDict
                         ) -> tuple[tuple[str, Any], ...]:
-  return common.settings_key(config.vqvae_train, common.OPTIMIZER_FIELDS)
+  return optimizer.settings_key(config.vqvae_train, optimizer.OPTIMIZER_FIELDS)
 
 
 def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
                  image_shape: tuple[int, int, int]
-                 ) -> Callable[[jax.Array], common.TrainState]:
+                 ) -> Callable[[jax.Array], train_state.TrainState]:
   """(rng) -> initial TrainState; `image_shape` is [h, w, c].
 
   The variables are `model.init`'s with the collections `loading.load_vqvae`
   expects: 'params', the rest (codebook statistics) in `extra`.
   """
 
-  def init_fn(rng: jax.Array) -> common.TrainState:
+  def init_fn(rng: jax.Array) -> train_state.TrainState:
     params_rng, vq_rng, state_rng = jax.random.split(rng, 3)
     variables = dict(model.init({'params': params_rng, 'vq': vq_rng},
                                 jnp.zeros((1, *image_shape), jnp.float32),
                                 train=False))
     params = variables.pop('params')
-    return common.TrainState(
+    return train_state.TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         opt_state=tx.init(params), extra=variables, rng=state_rng)
 
@@ -69,8 +72,10 @@ def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
 
 def make_train_step(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
                     schedule: optax.Schedule
-                    ) -> Callable[[common.TrainState, Mapping[str, jax.Array]],
-                                  tuple[common.TrainState, dict[str, Any]]]:
+                    ) -> Callable[[train_state.TrainState,
+                                   Mapping[str, jax.Array]],
+                                  tuple[train_state.TrainState,
+                                        dict[str, Any]]]:
   """One optimizer step on a global batch; loss = MSE + quantizer losses.
 
   The step sees global arrays (jit over the mesh), so every mean and every
@@ -97,12 +102,12 @@ def make_train_step(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
     metrics = {
         'loss': loss, 'mse': mse, 'psnr': reconstruction.psnr(mse),
         'quantizer_loss': aux['loss'], 'learning_rate': schedule(state.step),
-        **common.norm_metrics(grads, params, updates),
+        **step_metrics.norm_metrics(grads, params, updates),
     }
     for name in ('commitment_loss', 'codebook_loss', 'perplexity',
                  'used_fraction', 'restarted'):
-      metrics.update(common.flatten_levels(name, aux[name]))
-    return new_state, jax.tree.map(common.to_float32, metrics)
+      metrics.update(step_metrics.flatten_levels(name, aux[name]))
+    return new_state, jax.tree.map(step_metrics.to_float32, metrics)
 
   return train_step
 
@@ -138,7 +143,7 @@ def make_eval_fns(model: vqvae_lib.VQVAE, variable_shardings: Any, mesh: Mesh,
   return (jax.jit(eval_sums, in_shardings=in_shardings, out_shardings=out),
           # Runs once per evaluation on a few images: compile it quickly.
           jax.jit(grid_rows, in_shardings=in_shardings, out_shardings=out,
-                  compiler_options=common.fast_compile_options()))
+                  compiler_options=train_state.fast_compile_options()))
 
 
 def evaluate(eval_sums: Callable, grid_rows: Callable | None,
@@ -169,8 +174,9 @@ class Programs(NamedTuple):
   """
   model: vqvae_lib.VQVAE
   schedule: optax.Schedule
-  shardings: common.TrainState  # NamedShardings of the train state.
-  init: Callable[[jax.Array], common.TrainState]  # (rng) -> sharded state.
+  shardings: train_state.TrainState  # NamedShardings of the train state.
+  # (rng) -> the sharded state.
+  init: Callable[[jax.Array], train_state.TrainState]
   train_step: Callable  # (state, batch) -> (state, metrics); state donated.
   eval_sums: Callable  # (variables, batch) -> reconstruction sums.
   grid_rows: Callable  # (variables, batch) -> image rows for the grid.
@@ -188,11 +194,11 @@ def _programs(model: vqvae_lib.VQVAE,
               optimizer_settings: tuple[tuple[str, Any], ...],
               image_shape: tuple[int, int, int], mesh: Mesh,
               area: tuple[int, int, int, int] | None = None) -> Programs:
-  tx, schedule = common.create_optimizer(**dict(optimizer_settings))
-  init, shardings = common.sharded_init(
+  tx, schedule = optimizer.create_optimizer(**dict(optimizer_settings))
+  init, shardings = train_state.sharded_init(
       make_init_fn(model, tx, image_shape), mesh, jax.random.PRNGKey(0))
-  train_step = common.jit_train_step(make_train_step(model, tx, schedule),
-                                     shardings, mesh)
+  train_step = train_state.jit_train_step(
+      make_train_step(model, tx, schedule), shardings, mesh)
   eval_sums, grid_rows = make_eval_fns(
       model, {'params': shardings.params, **shardings.extra}, mesh, area)
   return Programs(model, schedule, shardings, init, train_step, eval_sums,
@@ -243,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         os.path.join(wd.vqvae_images, f'recon_{step:07d}.png'), grid,
         num_cols=num_cols)
     # Rows: inputs, reconstructions, then each level alone (top first).
-    return {**common.scalars(metrics, 'eval'),
+    return {**step_metrics.scalars(metrics, 'eval'),
             'images/reconstructions': images_lib.image_grid(grid, num_cols)}
 
   return common.run_training(common.Stage(
