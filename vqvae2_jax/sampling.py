@@ -25,8 +25,9 @@ PRNG key (same key, same samples). The Polyak weights are
 used by passing them as `variables={'params': polyak}`.
 
 Each sampler is compiled once per (prior, shape, conditioning shapes,
-filtering on or off, unroll, guidance on or off); the values of the controls, the labels, keys
-and weights are traced, so changing them does not recompile. Whether top-k
+filtering on or off, unroll, guidance on or off); the values of the
+controls, the labels, keys and weights are traced, so changing them does not
+recompile. Whether top-k
 or top-p filtering is on at all is fixed at compile time: a traced choice
 would be a `lax.cond` at every position, which on a GPU stops the device
 while the host reads the predicate back.
