@@ -860,3 +860,24 @@ def test_rejection_tradeoff_points_table_and_plot(tmp_path):
   assert '| guidance | 3 | 13.000 |' in table  # The 13th point.
   tradeoff.plot(rows, str(tmp_path / 'plot.png'))
   assert (tmp_path / 'plot.png').stat().st_size > 1000
+
+
+def test_stage1_ceiling_rows(tmp_path, monkeypatch, tiny_judge, stage2_config,
+                             save_vqvae_checkpoint):
+  # pylint: disable=g-import-not-at-top
+  from experiments import stage1_ceiling
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  config = stage2_config.copy_and_resolve_references()
+  save_vqvae_checkpoint(config, str(tmp_path))
+  rows = stage1_ceiling.ceilings(config, str(tmp_path), num_train=32)
+  recon, train = (rows['reconstructions_vs_held_out'],
+                  rows['train_vs_held_out'])
+  assert recon['num_examples'] == 40 and train['num_examples'] == 32
+  for row in (recon, train):
+    assert 0 <= row['precision'] <= 1 and 0 <= row['recall'] <= 1
+    assert 0 <= row['class_agreement'] <= 1 and row['fid'] >= 0
+  # An untrained VQ-VAE's reconstructions are far from the data; real
+  # training images much closer.
+  assert recon['fid'] > 2 * train['fid']

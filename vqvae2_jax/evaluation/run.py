@@ -65,7 +65,7 @@ from vqvae2_jax.evaluation import reconstruction
 
 # Held-out features kept for KID and precision/recall (ImageNet's 50,000 x
 # 2048 Inception features: 800 MB in float64).
-_MAX_REAL_FEATURES = 50_000
+MAX_REAL_FEATURES = 50_000
 
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Trains a classifier on in-memory examples and scores the held-out split
@@ -144,7 +144,7 @@ def _judge_fn(dataset: str, batch: int) -> tuple[FeatureFn, dict[str, Any]]:
   return judge, about
 
 
-def _real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
+def real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
                   limit: int | None = None
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, jax.Array]]:
   """(images, labels) on the host plus the sharded batch, padding dropped."""
@@ -166,8 +166,8 @@ def _real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
 def held_out_stats(config: ml_collections.ConfigDict, mesh: Mesh,
                    features: FeatureFn) -> metrics_lib.FeatureStats:
   """Features and probabilities of the whole held-out split."""
-  real = metrics_lib.FeatureStats(max_features=_MAX_REAL_FEATURES)
-  for images, _, _ in _real_batches(config, mesh, config.data.eval_split):
+  real = metrics_lib.FeatureStats(max_features=MAX_REAL_FEATURES)
+  for images, _, _ in real_batches(config, mesh, config.data.eval_split):
     real.add(*features(images))
   return real
 
@@ -191,7 +191,7 @@ def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
   real = metrics_lib.FeatureStats(max_features=max_features)
   recon_stats = metrics_lib.FeatureStats()
   labels, total = [], None
-  for images, batch_labels, batch in _real_batches(
+  for images, batch_labels, batch in real_batches(
       config, mesh, config.data.eval_split):
     recon, sums = recon_fn(variables, batch['image'], batch['mask'])
     mask = np.asarray(parallel.to_host(batch['mask']))
@@ -298,7 +298,7 @@ def _cas(config, workdir, mesh, vqvae, variables, domain_metrics,
   # Reconstructions of the training split, as many as the samples.
   recon_fn = jax.jit(lambda v, x: vqvae.apply(v, x, train=False)[0])
   recons, recon_labels = [], []
-  for real_images, real_labels, batch in _real_batches(
+  for real_images, real_labels, batch in real_batches(
       config, mesh, config.data.train_split, limit=len(images)):
     mask = np.asarray(parallel.to_host(batch['mask']))
     recon = np.asarray(parallel.to_host(recon_fn(variables, batch['image'])))
@@ -420,12 +420,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('Eval: held-out split (reconstructions, features)')
   real, recon, _, recon_metrics = _reconstruction_pass(
       config, mesh, vqvae, variables, features,
-      max_features=_MAX_REAL_FEATURES)
+      max_features=MAX_REAL_FEATURES)
   recon_metrics['rfid'] = metrics_lib.fid(real, recon)
 
   logging.info('Eval: real-vs-real floor (%d training images)', n)
   floor_stats = metrics_lib.FeatureStats(max_features=n)
-  for images, _, _ in _real_batches(config, mesh, config.data.train_split,
+  for images, _, _ in real_batches(config, mesh, config.data.train_split,
                                     limit=n):
     floor_stats.add(*features(images))
 
