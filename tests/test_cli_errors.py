@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests import files_util
 from vqvae2_jax import launch
 from vqvae2_jax.data import image_folder
 
@@ -96,26 +97,16 @@ def _copy(workdir, tmp_path):
   return copy
 
 
-def _tree(directory):
-  """{relative path: bytes} of every file under `directory`."""
-  tree = {}
-  for base, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(base, name)
-      with open(path, 'rb') as f:
-        tree[os.path.relpath(path, directory)] = f.read()
-  return tree
-
-
 def test_a_checkpoint_of_another_model_config(coded_workdir, folder, tmp_path):
   workdir = _copy(coded_workdir, tmp_path)
-  before = _tree(workdir)
+  before = files_util.read_tree(workdir)
   result = _main(*_folder_flags(folder), '--config.model.num_hiddens=32',
                  f'--workdir={workdir}', '--mode=sample')
   line = _the_error_line(result)
   assert 'written for a different model config' in line, line
   assert 'model.num_hiddens: checkpoint 16, config 32' in line, line
-  assert _tree(workdir) == before  # The refused run wrote nothing.
+  # The refused run wrote nothing.
+  assert files_util.read_tree(workdir) == before
 
 
 def test_codes_of_another_vqvae(coded_workdir, folder, folder_config,
