@@ -120,12 +120,11 @@ def config(stage2_config):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory, config):
-  """A workdir with finished vqvae/, codes/ and prior_<i>/: (path, results)."""
-  workdir = str(tmp_path_factory.mktemp('finished'))
-  results = {mode: stages.run(mode, config, workdir)[mode]
-             for mode in ('vqvae', 'codes', 'prior')}
-  return workdir, results
+def finished(stage2_workdir):
+  """A workdir with finished vqvae/, codes/ and prior_<i>/ of `config`:
+  (path, results). The session's (conftest.py): copy it before changing it.
+  """
+  return stage2_workdir
 
 
 def test_finished_stages_run_again_in_a_read_only_workdir(
@@ -637,11 +636,26 @@ def test_sigterm_during_sampling(finished, config, tmp_path):
 
 
 
-def test_sigterm_during_the_evaluation_report(finished, config, tmp_path):
+@pytest.fixture(scope='module')
+def eval_signalled(finished, tmp_path_factory):
+  """A copy of `finished` that ran --mode=all with a SIGTERM as its
+  evaluation report started: (path, the notice's line).
+
+  Shared by the module (its whole report and its samples save the read-only
+  test below computing them again): copy it before changing it.
+  """
   workdir, _ = finished
-  copy = str(tmp_path / 'run')
+  copy = str(tmp_path_factory.mktemp('eval_signalled') / 'run')
   shutil.copytree(workdir, copy)
   line = _signalled_run('eval', copy, 'all')  # Samples, then the notice.
+  return copy, line
+
+
+def test_sigterm_during_the_evaluation_report(eval_signalled, config,
+                                              tmp_path):
+  signalled, line = eval_signalled
+  copy = str(tmp_path / 'run')
+  shutil.copytree(signalled, copy)
   assert line.endswith(
       'eval: finished; stopped by a preemption notice (SIGTERM) before '
       'export. Run the same command again to continue from export.')
@@ -658,13 +672,13 @@ def test_sigterm_during_the_evaluation_report(finished, config, tmp_path):
 
 
 def test_all_on_a_finished_read_only_workdir_reads_its_report(
-    finished, config, tmp_path, monkeypatch):
+    eval_signalled, config, tmp_path, monkeypatch):
   # pylint: disable-next=g-import-not-at-top
   from vqvae2_jax.evaluation import run as eval_run
-  workdir, _ = finished
+  workdir, _ = eval_signalled  # Sampled and evaluated (the report is whole).
   copy = str(tmp_path / 'done')
   shutil.copytree(workdir, copy)
-  results = stages.run('all', config, copy)  # Samples, eval, export.
+  results = stages.run('all', config, copy)  # The export: now finished.
   report = files.read_json(os.path.join(copy, 'eval', 'report.json'))
   assert report['inputs'] == eval_run.report_inputs(config, copy)
   before = _tree(copy)
