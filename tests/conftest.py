@@ -70,6 +70,23 @@ def stage2_config():
 
 
 @pytest.fixture(scope='session')
+def stage2_workdir(tmp_path_factory, stage2_config):
+  """A workdir of `stage2_config` with finished vqvae/, codes/, prior_<i>/.
+
+  (path, {mode: the stage's result}). Trained once per session (stage 1,
+  codes, both priors) and shared read-only by the modules that need a
+  finished run (test_faults.py, test_experiments.py): copy it
+  (`shutil.copytree`) before changing or adding to it.
+  """
+  from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
+  config = stage2_config.copy_and_resolve_references()
+  workdir = str(tmp_path_factory.mktemp('stage2_workdir') / 'finished')
+  results = {mode: stages.run(mode, config, workdir)[mode]
+             for mode in ('vqvae', 'codes', 'prior')}
+  return workdir, results
+
+
+@pytest.fixture(scope='session')
 def save_vqvae_checkpoint():
   """A function that writes an untrained VQ-VAE as a stage-1 checkpoint.
 

@@ -5,8 +5,9 @@ Each error test runs `python -m vqvae2_jax.main` as a user would and checks that
 the error is one line "Error: ... Fix: ...", with no traceback (issue 27
 item 4, issue 28 item 7). The data is a folder of 16 small images, so no
 dataset is prepared; the stage-1 checkpoint is an untrained one written
-in-process (conftest's `save_vqvae_checkpoint`); one `--mode=codes` run
-per module extracts its codes, and tests that damage the workdir copy it.
+in-process (conftest's `save_vqvae_checkpoint`), and its codes are
+extracted in-process once per module; tests that damage the workdir copy
+it.
 """
 
 import os
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests import files_util
 from vqvae2_jax import launch
 from vqvae2_jax.data import image_folder
 
@@ -75,17 +77,17 @@ def folder_config(folder):
 
 
 @pytest.fixture(scope='module')
-def coded_workdir(tmp_path_factory, folder, folder_config,
-                  save_vqvae_checkpoint):
+def coded_workdir(tmp_path_factory, folder_config, save_vqvae_checkpoint):
   """A workdir with a stage-1 checkpoint (step 1) and its extracted codes.
 
-  Shared by the module: copy it (`_copy`) before changing it.
+  The codes are extracted in this process (what `--mode=codes` runs with
+  `_folder_flags(folder)`), saving a start-up. Shared by the module: copy
+  it (`_copy`) before changing it.
   """
+  from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('coded') / 'w'
   save_vqvae_checkpoint(folder_config, str(workdir), seed=0, step=1)
-  result = _main(*_folder_flags(folder), f'--workdir={workdir}',
-                 '--mode=codes')
-  assert result.returncode == 0, result.stderr[-3000:]
+  stages.run('codes', folder_config, str(workdir))
   assert os.path.isfile(workdir / 'codes' / 'manifest.json')
   return workdir
 
@@ -96,26 +98,16 @@ def _copy(workdir, tmp_path):
   return copy
 
 
-def _tree(directory):
-  """{relative path: bytes} of every file under `directory`."""
-  tree = {}
-  for base, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(base, name)
-      with open(path, 'rb') as f:
-        tree[os.path.relpath(path, directory)] = f.read()
-  return tree
-
-
 def test_a_checkpoint_of_another_model_config(coded_workdir, folder, tmp_path):
   workdir = _copy(coded_workdir, tmp_path)
-  before = _tree(workdir)
+  before = files_util.read_tree(workdir)
   result = _main(*_folder_flags(folder), '--config.model.num_hiddens=32',
                  f'--workdir={workdir}', '--mode=sample')
   line = _the_error_line(result)
   assert 'written for a different model config' in line, line
   assert 'model.num_hiddens: checkpoint 16, config 32' in line, line
-  assert _tree(workdir) == before  # The refused run wrote nothing.
+  # The refused run wrote nothing.
+  assert files_util.read_tree(workdir) == before
 
 
 def test_codes_of_another_vqvae(coded_workdir, folder, folder_config,

@@ -35,6 +35,7 @@ import sys
 
 import pytest
 
+from tests import files_util
 from tests.train import test_common as toy  # The toy stage of run_training.
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
@@ -119,12 +120,11 @@ def config(stage2_config):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory, config):
-  """A workdir with finished vqvae/, codes/ and prior_<i>/: (path, results)."""
-  workdir = str(tmp_path_factory.mktemp('finished'))
-  results = {mode: stages.run(mode, config, workdir)[mode]
-             for mode in ('vqvae', 'codes', 'prior')}
-  return workdir, results
+def finished(stage2_workdir):
+  """A workdir with finished vqvae/, codes/ and prior_<i>/ of `config`:
+  (path, results). The session's (conftest.py): copy it before changing it.
+  """
+  return stage2_workdir
 
 
 def test_finished_stages_run_again_in_a_read_only_workdir(
@@ -251,16 +251,6 @@ _DAMAGE = {
 }
 
 
-def _files(directory):
-  """{relative path: bytes} of every file under `directory`."""
-  out = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      with open(os.path.join(root, name), 'rb') as f:
-        out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
-  return out
-
-
 def _warnings(caplog):
   """The warnings a console shows (orbax's routine ones are not)."""
   return [r.getMessage() for r in caplog.records
@@ -282,7 +272,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint(
   ckpts = directory / 'checkpoints'
   assert sorted(os.listdir(ckpts)) == ['2', '4']
   _DAMAGE[damage](str(ckpts / '4'))
-  damaged = _files(ckpts / '4')
+  damaged = files_util.read_tree(ckpts / '4')
   calls = []
   with caplog.at_level(logging.WARNING):
     resumed = toy._run(directory, 6, calls, [], keep=2)
@@ -300,7 +290,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint(
   assert warning.endswith('Kept for inspection as 4.damaged-1.')
   # The damaged files are kept as they were, beside the new checkpoints.
   assert sorted(os.listdir(ckpts)) == ['4', '4.damaged-1', '6']
-  assert _files(ckpts / '4.damaged-1') == damaged
+  assert files_util.read_tree(ckpts / '4.damaged-1') == damaged
   # Those new checkpoints read back: a longer run resumes from step 6.
   calls = []
   caplog.clear()
@@ -334,7 +324,7 @@ def test_training_with_every_checkpoint_damaged_is_one_line(tmp_path):
   ckpts = directory / 'checkpoints'
   _truncate_data_files(str(ckpts / '2'))
   _empty_fingerprint(str(ckpts / '4'))
-  before = _files(ckpts)
+  before = files_util.read_tree(ckpts)
   calls = []
   with pytest.raises(errors.NoIntactCheckpointError) as info:
     toy._run(directory, 6, calls, [], keep=2)
@@ -344,7 +334,8 @@ def test_training_with_every_checkpoint_damaged_is_one_line(tmp_path):
       f'No checkpoint in {ckpts} reads back: step(s) 4, 2 are damaged')
   assert 'Fix: ' in message
   assert toy._real_inits(calls) == 0  # Not started again from scratch.
-  assert _files(ckpts) == before  # Nothing moved, nothing deleted.
+  # Nothing moved, nothing deleted.
+  assert files_util.read_tree(ckpts) == before
 
 
 @pytest.mark.parametrize('damage', sorted(_DAMAGE))
@@ -355,7 +346,7 @@ def test_later_stages_load_the_newest_intact_checkpoint(
   save_vqvae_checkpoint(config, workdir, seed=1, step=2)
   ckpts = workdir_lib.checkpoint_dir(workdir_lib.Workdir(workdir).vqvae)
   _DAMAGE[damage](os.path.join(ckpts, '2'))
-  before = _files(ckpts)
+  before = files_util.read_tree(ckpts)
   fingerprint = builders.vqvae_fingerprint(config)
   checkpoints.check_directory(ckpts, fingerprint)  # A trainer's first check.
   with caplog.at_level(logging.WARNING):
@@ -366,7 +357,7 @@ def test_later_stages_load_the_newest_intact_checkpoint(
   assert warning.startswith(
       f'Checkpoint step(s) 2 in {ckpts} are damaged (step 2: ')
   assert warning.endswith('); using step 1 instead.')
-  assert _files(ckpts) == before  # A reader moves nothing.
+  assert files_util.read_tree(ckpts) == before  # A reader moves nothing.
   # Every process would choose the same: the same files, the same step.
   assert loading.load_vqvae(config, workdir)[2] == 1
   del variables
@@ -627,9 +618,9 @@ def test_codes_mode_extracts_a_damaged_shard_again(finished, config,
   assert result['extract_time_s'] > 0
   assert any(w.startswith(f'Code shard {path} is damaged')
              for w in _warnings(caplog))
-  again = _files(codes)
+  again = files_util.read_tree(codes)
   assert again.pop('log.txt')  # This run's log; the rest as extracted first.
-  reference = _files(workdir_lib.Workdir(workdir).codes)
+  reference = files_util.read_tree(workdir_lib.Workdir(workdir).codes)
   reference.pop('log.txt', None)
   assert again == reference
 
@@ -672,13 +663,13 @@ def test_sigterm_during_code_extraction(finished, config, tmp_path):
       f'shards in {codes} are kept and a rerun extracts only the rest. Run '
       'the same command again to continue.')
   # The first shard is whole and recorded; nothing else, nothing half.
-  assert sorted(_files(codes)) == ['digests.json', 'plan.json',
-                                   'train/00000-of-00003.npy']
-  reference = _files(workdir_lib.Workdir(workdir).codes)
-  assert (_files(codes)['train/00000-of-00003.npy'] ==
+  assert sorted(files_util.read_tree(codes)) == [
+      'digests.json', 'plan.json', 'train/00000-of-00003.npy']
+  reference = files_util.read_tree(workdir_lib.Workdir(workdir).codes)
+  assert (files_util.read_tree(codes)['train/00000-of-00003.npy'] ==
           reference['train/00000-of-00003.npy'])
   stages.run('codes', config, copy)  # The rerun ends as if never stopped.
-  again = _files(codes)
+  again = files_util.read_tree(codes)
   again.pop('log.txt')
   reference.pop('log.txt', None)
   assert again == reference
@@ -714,13 +705,13 @@ def test_sigterm_during_sampling(finished, config, tmp_path):
   workdir, _ = finished
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
-  before = _files(copy)
+  before = files_util.read_tree(copy)
   line = _signalled_run('sample', copy, 'sample')
   # Stopped before the second batch (8 maps: one per device).
   assert ('sample: stopped by a preemption notice (SIGTERM) after 8 of 10 '
           in line)
   assert line.endswith('Run the same command again to sample them.')
-  after = _files(copy)
+  after = files_util.read_tree(copy)
   after.pop('config.json', None)
   before.pop('config.json', None)
   assert after == before  # Nothing half-written, nothing touched.
@@ -728,11 +719,26 @@ def test_sigterm_during_sampling(finished, config, tmp_path):
 
 
 
-def test_sigterm_during_the_evaluation_report(finished, config, tmp_path):
+@pytest.fixture(scope='module')
+def eval_signalled(finished, tmp_path_factory):
+  """A copy of `finished` that ran --mode=all with a SIGTERM as its
+  evaluation report started: (path, the notice's line).
+
+  Shared by the module (its whole report and its samples save the read-only
+  test below computing them again): copy it before changing it.
+  """
   workdir, _ = finished
-  copy = str(tmp_path / 'run')
+  copy = str(tmp_path_factory.mktemp('eval_signalled') / 'run')
   shutil.copytree(workdir, copy)
   line = _signalled_run('eval', copy, 'all')  # Samples, then the notice.
+  return copy, line
+
+
+def test_sigterm_during_the_evaluation_report(eval_signalled, config,
+                                              tmp_path):
+  signalled, line = eval_signalled
+  copy = str(tmp_path / 'run')
+  shutil.copytree(signalled, copy)
   assert line.endswith(
       'eval: finished; stopped by a preemption notice (SIGTERM) before '
       'export. Run the same command again to continue from export.')
@@ -749,13 +755,13 @@ def test_sigterm_during_the_evaluation_report(finished, config, tmp_path):
 
 
 def test_all_on_a_finished_read_only_workdir_reads_its_report(
-    finished, config, tmp_path, monkeypatch):
+    eval_signalled, config, tmp_path, monkeypatch):
   # pylint: disable-next=g-import-not-at-top
   from vqvae2_jax.evaluation import run as eval_run
-  workdir, _ = finished
+  workdir, _ = eval_signalled  # Sampled and evaluated (the report is whole).
   copy = str(tmp_path / 'done')
   shutil.copytree(workdir, copy)
-  results = stages.run('all', config, copy)  # Samples, eval, export.
+  results = stages.run('all', config, copy)  # The export: now finished.
   report = files.read_json(os.path.join(copy, 'eval', 'report.json'))
   assert report['inputs'] == eval_run.report_inputs(config, copy)
   before = _tree(copy)
@@ -787,7 +793,7 @@ def test_all_on_a_finished_read_only_workdir_reads_its_report(
   files.write_json(metrics, recorded)
   monkeypatch.undo()
   eval_dir = os.path.join(copy, 'eval')
-  kept = _files(eval_dir)
+  kept = files_util.read_tree(eval_dir)
   monkeypatch.setattr(files, 'atomic_write', _full_after(10))
   with pytest.raises(errors.WorkdirError) as info:
     stages.run('eval', forced, copy)
@@ -795,7 +801,7 @@ def test_all_on_a_finished_read_only_workdir_reads_its_report(
   assert '\n' not in message
   assert message.startswith(f'The disk is full writing to {eval_dir} ')
   assert 'bytes) still to write); report.json was not written' in message
-  assert _files(eval_dir) == kept
+  assert files_util.read_tree(eval_dir) == kept
 
 
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import files_util
 from vqvae2_jax import builders
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
@@ -14,16 +15,6 @@ from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.train import extract
-
-
-def _files(directory):
-  out = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
 
 
 class _Killed(Exception):
@@ -44,7 +35,7 @@ def reference(tmp_path_factory, config, save_vqvae_checkpoint):
   assert result['vqvae_step'] == 1
   assert result['num_examples_train'] == 96
   assert result['num_examples_eval'] == 40
-  return workdir, _files(workdir_lib.Workdir(workdir).codes)
+  return workdir, files_util.read_tree(workdir_lib.Workdir(workdir).codes)
 
 
 def test_codes_are_the_encoders_codes_of_each_split(config, reference):
@@ -96,7 +87,7 @@ def test_killed_extraction_resumes_to_identical_files(config, reference,
   with pytest.raises(_Killed):
     extract.extract_codes(config, workdir)
   codes_dir = workdir_lib.Workdir(workdir).codes
-  partial = _files(codes_dir)
+  partial = files_util.read_tree(codes_dir)
   assert sorted(partial) == ['digests.json', 'plan.json',
                              'train/00000-of-00003.npy']
   with pytest.raises(FileNotFoundError, match='did not finish'):
@@ -110,13 +101,13 @@ def test_killed_extraction_resumes_to_identical_files(config, reference,
   assert [os.path.relpath(p, codes_dir) for p in written] == [
       'train/00001-of-00003.npy', 'train/00002-of-00003.npy',
       'eval/00000-of-00002.npy', 'eval/00001-of-00002.npy']
-  assert _files(codes_dir) == want
+  assert files_util.read_tree(codes_dir) == want
 
   # A complete extraction is not redone.
   written.clear()
   extract.extract_codes(config, workdir)
   assert not written
-  assert _files(codes_dir) == want
+  assert files_util.read_tree(codes_dir) == want
 
 
 def test_codes_from_a_different_vqvae_are_refused(config, tmp_path,
@@ -163,4 +154,4 @@ def test_a_finished_extraction_is_only_read(config, reference, tmp_path,
   assert result['vqvae_step'] == 1 and result['num_examples_train'] == 96
   assert {p: os.stat(os.path.join(codes, p)).st_mtime_ns
           for p in files} == before
-  assert _files(codes) == files
+  assert files_util.read_tree(codes) == files
