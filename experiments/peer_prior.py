@@ -1,6 +1,6 @@
 r"""Stage 2 against the PyTorch reference's PixelSNAIL priors, on the same codes.
 
-  python -m experiments.peer_prior --workdir=/work/demo2/fashion_mnist \
+  python -m experiments.peer_prior --workdir=workdir/fashion_mnist \
     --out=/tmp/peer_prior --peer_python=$PEER_PYTHON --peer_code=$PEER_DIR \
     --seconds=300                        # about 50 minutes on 2 CPU cores
   python -m experiments.peer_prior ... --parts=train --rows=reference,ours
@@ -528,8 +528,8 @@ def format_tables(results: dict[str, Any]) -> str:
   out = []
   settings = results.get('settings', {})
   if settings:
-    out.append('Settings: ' + ', '.join(f'{k}={v}'
-                                        for k, v in settings.items()))
+    out.append('Settings: ' + ', '.join(  # The JSON has the workdir.
+        f'{k}={v}' for k, v in settings.items() if k != 'workdir'))
   for title, key, fn in (
       ('Held-out bits per code against training seconds', 'train',
        train_table),

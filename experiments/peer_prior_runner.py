@@ -31,7 +31,10 @@ experiments/peer_prior.py exports them) instead of its LMDB, in this process
 (no DataLoader workers); training stops after --seconds of train steps
 instead of 420 epochs; and held-out bits per code are measured at the
 --eval_at marks (eval mode, no dropout; cross-entropy over all held-out codes
-/ ln 2; not counted in the training seconds), which it never does.
+/ ln 2; not counted in the training seconds), which it never does. The
+codebook size is --n_class (the exported codes' K; train_pixelsnail.py
+writes 512, the size of its VQ-VAE's codebook), and torch runs --threads
+threads (2 by default, as experiments/peer_speed.py's timer).
 
 Modes: 'params' (parameter counts of both levels), 'train' (one level, JSON
 lines: one per evaluation, then a summary), 'speed' (train steps of one
