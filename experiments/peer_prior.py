@@ -587,7 +587,6 @@ def plot(train: dict[str, Any], path: str) -> None:
         draw.line(pts, fill=colour, width=2)
       for x, y in pts:
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-      draw.text((left + m + 8, 22 + 0 * i), '', fill=colour)
       draw.text((left + m + 8 + 120 * i, 24), row, fill=colour)
   files.atomic_write(path, lambda f: image.save(f, format='PNG'))
 
