@@ -117,8 +117,8 @@ def _define_flags():
       peer_n_res_block=flags.DEFINE_integer(
           'peer_n_res_block', 2, 'Reference residual blocks per PixelBlock.'),
       peer_threads=flags.DEFINE_integer(
-          'peer_threads', 2, "The reference's torch threads (on a loaded "
-          'machine 1 can be much faster: see docs/results.md).'),
+          'peer_threads', 2, "The reference's torch threads (1 was faster "
+          'on 2 cores at the default sizes: see docs/results.md).'),
       speed_rounds=flags.DEFINE_integer('speed_rounds', 3,
                                         'Alternating speed rounds.'),
       speed_seconds=flags.DEFINE_float('speed_seconds', 10.0,
