@@ -24,6 +24,7 @@ rosinality/vq-vae-2-pytorch at ef5f67c and a virtual environment with
 two flags.
 """
 
+import functools
 import json
 import os
 import statistics
@@ -42,19 +43,26 @@ from vqvae2_jax import hostmem
 from vqvae2_jax import parallel
 from vqvae2_jax.train import vqvae_trainer
 
-_PEER_PYTHON = flags.DEFINE_string(
-    'peer_python', os.environ.get('PEER_PYTHON'),
-    'A Python with torch and numpy (default: $PEER_PYTHON).')
-_PEER_CODE = flags.DEFINE_string(
-    'peer_code', os.environ.get('PEER_DIR'),
-    'Checkout of rosinality/vq-vae-2-pytorch (default: $PEER_DIR).')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
-_SECONDS = flags.DEFINE_float('seconds', 20.0,
-                              'Each side timed for at least this per round.')
-_CPU_DEVICES = flags.DEFINE_integer(
-    'cpu_devices', 2, 'Our side: the host CPU as this many JAX devices, the '
-    'step data parallel over them (0: one device).')
-_JSON = flags.DEFINE_string('json', None, 'Also write the rounds here.')
+
+def _define_flags():
+  """This script's flags (defined only when it runs, so that
+  experiments/peer_prior.py can import `check_peer`)."""
+  return dict(
+      peer_python=flags.DEFINE_string(
+          'peer_python', os.environ.get('PEER_PYTHON'),
+          'A Python with torch and numpy (default: $PEER_PYTHON).'),
+      peer_code=flags.DEFINE_string(
+          'peer_code', os.environ.get('PEER_DIR'),
+          'Checkout of rosinality/vq-vae-2-pytorch (default: $PEER_DIR).'),
+      rounds=flags.DEFINE_integer('rounds', 3, 'Alternating rounds.'),
+      seconds=flags.DEFINE_float(
+          'seconds', 20.0, 'Each side timed for at least this per round.'),
+      cpu_devices=flags.DEFINE_integer(
+          'cpu_devices', 2, 'Our side: the host CPU as this many JAX '
+          'devices, the step data parallel over them (0: one device).'),
+      json=flags.DEFINE_string('json', None, 'Also write the rounds here.'),
+  )
+
 
 _BATCH = 64
 _TIMER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -120,12 +128,13 @@ class OurStep:
     return steps * _BATCH / (time.perf_counter() - start)
 
 
-def main(argv):
+def main(argv, flag_values):
   del argv
-  check_peer(_PEER_PYTHON.value, _PEER_CODE.value)
+  f = {k: v.value for k, v in flag_values.items()}
+  check_peer(f['peer_python'], f['peer_code'])
   hostmem.tune_malloc()  # As --mode=vqvae does.
-  parallel.split_host_cpu(_CPU_DEVICES.value)  # Before JAX starts.
-  num_devices = min(max(1, _CPU_DEVICES.value), jax.device_count())
+  parallel.split_host_cpu(f['cpu_devices'])  # Before JAX starts.
+  num_devices = min(max(1, f['cpu_devices']), jax.device_count())
   ours = OurStep(num_devices)
   print(f'Stage-1 train step at the reference\'s size (1.38M params), batch '
         f'{_BATCH} of 32x32x1; ours on {num_devices} CPU device(s), the '
@@ -133,9 +142,9 @@ def main(argv):
   print(f'{"round":>5} {"ours img/s":>11} {"reference img/s":>16} '
         f'{"ours / reference":>17}', flush=True)
   rounds = []
-  for i in range(_ROUNDS.value):
-    mine = ours.images_per_s(_SECONDS.value)
-    theirs = peer_round(_PEER_PYTHON.value, _PEER_CODE.value, _SECONDS.value)
+  for i in range(f['rounds']):
+    mine = ours.images_per_s(f['seconds'])
+    theirs = peer_round(f['peer_python'], f['peer_code'], f['seconds'])
     rounds.append({'ours': mine, 'reference': theirs, 'ratio': mine / theirs})
     print(f'{i + 1:>5} {mine:>11.1f} {theirs:>16.1f} {mine / theirs:>17.2f}',
           flush=True)
@@ -143,12 +152,12 @@ def main(argv):
             for k in ('ours', 'reference', 'ratio')}
   print(f'{"median":>5} {median["ours"]:>11.1f} {median["reference"]:>16.1f} '
         f'{median["ratio"]:>17.2f}')
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if f['json']:
+    with open(f['json'], 'w') as out:
       json.dump({'rounds': rounds, 'median': median,
-                 'cpu_devices': num_devices, 'cores': os.cpu_count()}, f,
+                 'cpu_devices': num_devices, 'cores': os.cpu_count()}, out,
                 indent=1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(functools.partial(main, flag_values=_define_flags()))
