@@ -42,24 +42,6 @@ def test_each_process_gets_its_settings_and_devices(tmp_path):
                                  '--xla_force_host_platform_device_count=2']
 
 
-def test_each_process_gets_launch_threads_for_its_devices():
-  # Without them, a process's devices can deadlock in an all-reduce on a
-  # machine with fewer cores than twice its devices (parallel docstring).
-  base = {'PATH': '/bin'}
-  env = launch.process_environment(base, process_id=0, num_processes=2,
-                                   port=1, devices_per_process=4)
-  cores = len(os.sched_getaffinity(0))
-  assert env.get('PJRT_NPROC') == (None if cores >= 8 else '8')
-  assert 'PJRT_NPROC' not in base
-  one = launch.process_environment(base, process_id=0, num_processes=2,
-                                   port=1, devices_per_process=1)
-  assert 'PJRT_NPROC' not in one
-  own = launch.process_environment({'PJRT_NPROC': '3'}, process_id=1,
-                                   num_processes=2, port=1,
-                                   devices_per_process=4)
-  assert own['PJRT_NPROC'] == '3'  # The user's setting is kept.
-
-
 def test_a_failed_process_stops_the_others_and_is_named(capfd):
   # Process 1 fails at once; process 0 would run for a minute.
   code = ('import os, sys, time\n'

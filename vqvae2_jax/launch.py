@@ -88,9 +88,6 @@ def process_environment(base: Mapping[str, str], *, process_id: int,
   xla_flags = [f for f in env.get('XLA_FLAGS', '').split()
                if not f.startswith(flag)]
   env['XLA_FLAGS'] = ' '.join(xla_flags + [f'{flag}={devices_per_process}'])
-  # Each process's devices come from XLA_FLAGS, which the process itself
-  # does not reserve launch threads for: reserved here, per process.
-  parallel.reserve_launch_threads(devices_per_process, env)
   return env
 
 

@@ -152,8 +152,8 @@ def split_host_cpu(count: int) -> bool:
   On a machine with fewer than 2 * `count` cores, XLA's CPU client gets
   more threads for launching programs (`reserve_launch_threads`): without
   them the data-parallel steps deadlocked in XLA:CPU's all-reduce on a busy
-  machine. Devices made by XLA_FLAGS get none here (set PJRT_NPROC=2n for
-  n devices there); `vqvae2_jax.launch` reserves them for its processes.
+  machine. Devices made by XLA_FLAGS get none (set PJRT_NPROC=2n for n
+  devices there).
 
   Args:
     count: CPU devices wanted (config.mesh.cpu_devices); 0 keeps JAX's
