@@ -130,7 +130,8 @@ def lower_row(row: str, config, batch: int
     # The arguments `sampling.compile_sampler` gives the sampler.
     args = (variables, jax.random.key(0),
             jax.ShapeDtypeStruct((batch,), jnp.int32), cond, labels,
-            jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+            jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0),
+            jnp.float32(1.0))  # temperature, top_k, top_p, guidance.
     if kind == 'reference':
       args += (jnp.int32(0),)
     # pylint: disable-next=protected-access

@@ -133,7 +133,8 @@ def time_level(model, variables, shape, cond, labels, variant, repeats
   fn = sampling._build(model, shape, False, None,  # pylint: disable=protected-access
                        variant['truncate'], variant['unroll'])
   args = (variables, jax.random.key(1), jnp.arange(shape[0], dtype=jnp.int32),
-          cond, labels, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+          cond, labels, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0),
+          jnp.float32(1.0))  # temperature, top_k, top_p, guidance.
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start

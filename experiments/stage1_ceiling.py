@@ -16,6 +16,7 @@ by default):
   eval.num_samples images).
 """
 
+import functools
 import json
 
 from absl import app
@@ -29,11 +30,17 @@ from vqvae2_jax import parallel
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import run as eval_run
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir with stage 1.')
-_NUM_TRAIN = flags.DEFINE_integer('num_train', 10_000,
-                                  'Training images of the floor row.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _define_flags():
+  """This script's flags (defined only when it runs, so that tests can
+  import `ceilings` beside other experiments)."""
+  config = config_flags.DEFINE_config_file('config', None, 'Config file.')
+  workdir = flags.DEFINE_string('workdir', None, 'A workdir with stage 1.')
+  num_train = flags.DEFINE_integer('num_train', 10_000,
+                                   'Training images of the floor row.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  return config, workdir, num_train
 
 
 def ceilings(config, workdir: str, num_train: int) -> dict[str, dict]:
@@ -67,11 +74,12 @@ def ceilings(config, workdir: str, num_train: int) -> dict[str, dict]:
   }
 
 
-def main(argv):
+def main(argv, flag_values):
   del argv
-  print(json.dumps(ceilings(_CONFIG.value, _WORKDIR.value, _NUM_TRAIN.value),
+  config, workdir, num_train = flag_values
+  print(json.dumps(ceilings(config.value, workdir.value, num_train.value),
                    indent=1))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(functools.partial(main, flag_values=_define_flags()))
