@@ -10,7 +10,8 @@ setuptools.setup(
     license='Apache-2.0',
     packages=setuptools.find_packages(include=['vqvae2_jax', 'vqvae2_jax.*']),
     package_data={'vqvae2_jax': ['data/checksums/*.tsv',
-                                'evaluation/judges/*.msgpack']},
+                                'evaluation/judges/*.msgpack',
+                                'pretrained/*.msgpack']},
     python_requires='>=3.10',
     install_requires=[
         'absl-py',

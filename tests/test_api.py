@@ -621,6 +621,32 @@ def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
     Pipeline.load(str(moved), _tiny_config())
 
 
+def test_a_pretrained_name_loads_its_checked_file(pipe, workdir, tmp_path,
+                                                 monkeypatch):
+  from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import pretrained  # pylint: disable=g-import-not-at-top
+  exported, = (workdir / 'export').glob('*.msgpack')
+  copy = tmp_path / 'shipped.msgpack'
+  shutil.copy(exported, copy)
+  spec = pretrained.PretrainedSpec(
+      name='tiny_shipped', filename=str(copy),
+      sha256=pretrained.file_sha256(str(copy)), command='--mode=export',
+      class_agreement=0.1, num_samples=2)
+  monkeypatch.setitem(pretrained.PRETRAINED, 'tiny_shipped', spec)
+  monkeypatch.chdir(tmp_path)  # No file or directory of that name here.
+  loaded = Pipeline.load('tiny_shipped')
+  assert loaded.steps == pipe.steps
+  _, codes = pipe.sample(labels=[3], key=1)
+  _, codes2 = loaded.sample(labels=[3], key=1)
+  for a, b in zip(codes, codes2):
+    np.testing.assert_array_equal(a, b)
+  # A file that is not the pinned one is refused before it is read.
+  with open(copy, 'ab') as f:
+    f.write(b'\0')
+  with pytest.raises(pretrained.PretrainedFileError, match='sha256'):
+    Pipeline.load('tiny_shipped')
+
+
 def _rewritten_export(source, target, digests=True, **parts):
   """A copy of an exported file with `parts` replaced (digests made anew)."""
   from flax import serialization  # pylint: disable=g-import-not-at-top

@@ -53,6 +53,7 @@ from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import pretrained
 from vqvae2_jax import sampling
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import layout
@@ -409,7 +410,10 @@ class Pipeline:
     exported pipeline file (`export`; then `config` is not needed).
 
     Args:
-      workdir: the run's --workdir, or the path of an exported file.
+      workdir: the run's --workdir, the path of an exported file, or the
+        name of a shipped pretrained pipeline (`pretrained.PRETRAINED`,
+        e.g. 'fashion_mnist'; its digest is checked) where no such path
+        exists.
       config: the config it was trained with: a ConfigDict or a config
         file path ('configs/fashion_mnist.py', or with ':variant'); None
         reads workdir/config.json, which every run records.
@@ -439,6 +443,8 @@ class Pipeline:
     # Before anything compiles. Loading itself compiles no model: shapes come
     # from `jax.eval_shape`, weights from the checkpoint or file.
     parallel.use_compilation_cache(compilation_cache_dir)
+    if workdir in pretrained.PRETRAINED and not os.path.exists(workdir):
+      workdir = pretrained.checked_path(workdir)
     if os.path.isfile(workdir):
       return cls._from_file(workdir, config, mesh, precision)
     if config is None:
