@@ -10,6 +10,7 @@ from ml_collections import config_flags
 import pytest
 
 from configs import common
+from vqvae2_jax import builders
 from vqvae2_jax import config_validation
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,8 @@ _NAMES = sorted(
     if not os.path.basename(p).startswith('_')
     and os.path.basename(p) != 'common.py')
 # (file, argument after ':'): the files and their variants.
-_VARIANTS = [(name, None) for name in _NAMES] + [('fashion_mnist', 'tiny')]
+_VARIANTS = [(name, None) for name in _NAMES] + [('fashion_mnist', 'tiny'),
+                                                 ('fashion_mnist', 'quality')]
 
 
 def _load(name, variant=None):
@@ -54,6 +56,18 @@ def test_config_loads_and_validates(name, variant):
   module = importlib.import_module(f'configs.{name}')
   path = f'configs/{name}.py' + (f':{variant}' if variant else '')
   assert f'--config={path} ' in module.__doc__
+
+
+def test_quality_variant_changes_only_the_priors():
+  """Its priors train on a default workdir's VQ-VAE and codes."""
+  default, quality = _load('fashion_mnist'), _load('fashion_mnist', 'quality')
+  assert (builders.vqvae_fingerprint(quality) ==
+          builders.vqvae_fingerprint(default))
+  changed = {k for k, v in _flatten(quality).items()
+             if _flatten(default)[k] != v}
+  assert changed and all(k.startswith('prior.') for k in changed), changed
+  assert quality.prior.level_0.num_channels > default.prior.level_0.num_channels
+  assert quality.prior.num_train_steps > default.prior.num_train_steps
 
 
 def test_unknown_variant_names_the_fix():
