@@ -162,6 +162,20 @@ def apply_changes(config: ml_collections.ConfigDict, changes: Changes
   return out
 
 
+def prior_recipe(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every field of config.prior, flattened ('level_0.num_channels': 64):
+  what a row was trained with, whatever --config said then."""
+  def flat(section, prefix=''):
+    out = {}
+    for key, value in section.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        out.update(flat(value, f'{prefix}{key}.'))
+      else:
+        out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+    return out
+  return flat(config.prior)
+
+
 def link_stages(base: str, workdir: str) -> None:
   """Links the base workdir's VQ-VAE and codes into a variant's workdir."""
   os.makedirs(workdir, exist_ok=True)
@@ -314,15 +328,24 @@ def run_study(config: ml_collections.ConfigDict, base: str, out: str,
   table_path = os.path.join(out, 'prior_scaling.json')
   rows = files.read_json(table_path) or {}
   for name, (what, changes) in todo.items():
+    variant = apply_changes(config, changes)
+    recipe = prior_recipe(variant)
     done = rows.get(name)
+    if done and done.get('prior', recipe) != recipe:
+      # The same name and changes on another --config: not this row.
+      differ = sorted(k for k in recipe if done['prior'].get(k) != recipe[k])
+      raise app.UsageError(
+          f'{table_path} has a row {name!r} of another prior recipe '
+          f'(differing: {", ".join(differ)}). Fix: use another --out for '
+          'this --config, or name the variant anew with --set.')
     if (done and done['changes'] == changes and
         done['result']['samples']['num_examples'] == num_samples):
       print(f'{name}: already in {table_path}')
       continue
     print(f'--- {name}: {what} {changes or ""}')
-    result = run_fn(apply_changes(config, changes), base,
-                    os.path.join(out, name), num_samples)
-    rows[name] = {'what': what, 'changes': changes, 'result': result}
+    result = run_fn(variant, base, os.path.join(out, name), num_samples)
+    rows[name] = {'what': what, 'changes': changes, 'prior': recipe,
+                  'result': result}
     files.write_json(table_path, rows)  # Atomic: a kill loses one variant.
     print(format_table({name: rows[name]}).splitlines()[2])
   return {n: rows[n] for n in todo}

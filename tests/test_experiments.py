@@ -777,6 +777,7 @@ def _scaling_row(minutes, agreement):
 
 def test_prior_scaling_resumes_and_reruns_what_changed(stage2_config,
                                                         tmp_path, capsys):
+  from absl import app  # pylint: disable=g-import-not-at-top
   from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
   calls = []
 
@@ -808,6 +809,15 @@ def test_prior_scaling_resumes_and_reruns_what_changed(stage2_config,
   prior_scaling.plot(rows, str(tmp_path / 'p.png'))
   from PIL import Image  # pylint: disable=g-import-not-at-top
   assert Image.open(tmp_path / 'p.png').size == (640, 420)
+  # Each row records its whole prior recipe: the same names on another
+  # --config are refused, not taken for the rows already there.
+  assert rows['long']['prior']['num_train_steps'] == 2 * steps
+  other = stage2_config.copy_and_resolve_references()
+  other.prior.level_0.num_channels += 8
+  with pytest.raises(app.UsageError, match='level_0.num_channels.*Fix:'):
+    prior_scaling.run_study(other, 'b', str(tmp_path),
+                            prior_scaling.variant_changes(other, ['base'], []),
+                            6, run_fn=fake_run)
 
 
 def test_prior_scaling_trains_and_scores_a_variant(
