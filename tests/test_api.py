@@ -624,13 +624,14 @@ def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
 def test_a_pretrained_name_loads_its_checked_file(pipe, workdir, tmp_path,
                                                  monkeypatch):
   from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import files  # pylint: disable=g-import-not-at-top
   from vqvae2_jax import pretrained  # pylint: disable=g-import-not-at-top
   exported, = (workdir / 'export').glob('*.msgpack')
   copy = tmp_path / 'shipped.msgpack'
   shutil.copy(exported, copy)
   spec = pretrained.PretrainedSpec(
       name='tiny_shipped', filename=str(copy),
-      sha256=pretrained.file_sha256(str(copy)), command='--mode=export',
+      sha256=files.sha256_file(str(copy)), command='--mode=export',
       class_agreement=0.1, num_samples=2)
   monkeypatch.setitem(pretrained.PRETRAINED, 'tiny_shipped', spec)
   monkeypatch.chdir(tmp_path)  # No file or directory of that name here.

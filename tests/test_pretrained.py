@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from vqvae2_jax import files
 from vqvae2_jax import pretrained
 
 
@@ -16,7 +17,7 @@ def _spec(path, sha256):
 def test_checked_path_checks_the_digest(tmp_path, monkeypatch):
   path = tmp_path / 'toy.msgpack'
   path.write_bytes(b'weights')
-  spec = _spec(path, pretrained.file_sha256(str(path)))
+  spec = _spec(path, files.sha256_file(str(path)))
   monkeypatch.setitem(pretrained.PRETRAINED, 'toy', spec)
   assert pretrained.checked_path('toy') == str(path)
   # Another file under the same name is refused, naming both digests.

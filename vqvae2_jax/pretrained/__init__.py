@@ -11,10 +11,10 @@ new name, so a name always means the same weights.
 """
 
 import dataclasses
-import hashlib
 import os
 
 from vqvae2_jax import errors
+from vqvae2_jax import files
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,14 +55,6 @@ class PretrainedSpec:
 PRETRAINED: dict[str, PretrainedSpec] = {}
 
 
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def checked_path(name: str) -> str:
   """The path of pretrained pipeline `name`, after checking its digest.
 
@@ -81,7 +73,7 @@ def checked_path(name: str) -> str:
         f'The pretrained file {spec.path} is missing (installed without the '
         'package data?). Fix: install from a checkout with '
         '`pip install -e .`, or export it yourself: ' + spec.command)
-  found = file_sha256(spec.path)
+  found = files.sha256_file(spec.path)
   if found != spec.sha256:
     raise PretrainedFileError(
         f'{spec.path} has sha256 {found}, not the shipped {spec.sha256}. '

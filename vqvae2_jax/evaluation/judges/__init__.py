@@ -16,11 +16,11 @@ file.
 """
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
 from vqvae2_jax import errors
+from vqvae2_jax import files
 from vqvae2_jax.models import judge as judge_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -125,11 +125,7 @@ def config_ruler(config: Any) -> str:
 
 def file_sha256(path: str) -> str:
   """Hex sha256 of the file at `path`."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+  return files.sha256_file(path)
 
 
 def save(variables: dict[str, Any], path: str) -> str:
