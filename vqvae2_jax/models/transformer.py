@@ -100,7 +100,12 @@ class TransformerBlock(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               precision=self.precision)
     self.attn_norm = nn.LayerNorm(dtype=self.dtype)
-    self.qkv = dense(3 * self.channels)
+    self.query = dense(self.channels)
+    # No key bias: it adds the same number to every logit of a query's
+    # softmax, so it has no effect and an exactly-zero gradient, which Adam
+    # would turn into steps of pure rounding noise.
+    self.key = dense(self.channels, use_bias=False)
+    self.value = dense(self.channels)
     self.proj = dense(self.channels)
     self.mlp_norm = nn.LayerNorm(dtype=self.dtype)
     self.mlp_in = dense(self.mlp_ratio * self.channels)
@@ -109,10 +114,10 @@ class TransformerBlock(nn.Module):
 
   def _heads(self, x: Array) -> tuple[Array, Array, Array]:
     """[b, t, C] -> q, k, v, each [b, heads, t, d]."""
-    qkv = self.qkv(self.attn_norm(x))
-    qkv = qkv.reshape(*x.shape[:2], 3, self.num_heads, -1)
-    q, k, v = (jnp.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))
-    return q, k, v
+    y = self.attn_norm(x)
+    heads = lambda z: jnp.transpose(
+        z.reshape(*x.shape[:2], self.num_heads, -1), (0, 2, 1, 3))
+    return heads(self.query(y)), heads(self.key(y)), heads(self.value(y))
 
   def _finish(self, x: Array, attended: Array, train: bool) -> Array:
     """Residual projection and MLP; attended [b, heads, t, d] -> [b, t, C]."""
