@@ -5,12 +5,12 @@ r"""Gated PixelCNN against causal transformer priors, on the same codes.
   python -m experiments.prior_families --smoke --out=/tmp/families_smoke
 
 Both families train on the SAME extracted codes: the stage-1 VQ-VAE and codes
-of --base_workdir (made there first when missing), linked into
-<out>/<family>/ as `prior_scaling` does. The PixelCNN is the recipe of
---config; the transformer of each level gets the width that brings its
-parameter count nearest the PixelCNN's of that level (--transformer_layers
-blocks, the PixelCNN's heads, MLP ratio 4), so the comparison is per
-parameter.
+of --base_workdir (made there first when missing; otherwise only read),
+linked into <out>/<family>/ as `prior_scaling` does. The PixelCNN is the
+recipe of --config; the transformer of each level gets the width that
+brings its parameter count nearest the PixelCNN's of that level
+(--transformer_layers blocks, the PixelCNN's heads, MLP ratio 4), so the
+comparison is per parameter.
 
 Equal wall clock: before training, each level's jitted train step is timed
 on a batch of the level's shape (after its compilation), and the level trains
@@ -70,6 +70,8 @@ def _define_flags():
       flags.DEFINE_integer('transformer_layers', 4, 'Transformer blocks.'),
       flags.DEFINE_integer('num_samples', 0,
                            '--mode=eval samples per family; 0 skips eval.'),
+      flags.DEFINE_list('levels', None,
+                        'Levels to train and measure (default: every one).'),
       flags.DEFINE_list('sampling_batches', ['1', '16'],
                         'Batch sizes of the sampling-time rows.'),
       flags.DEFINE_bool('smoke', False,
@@ -161,12 +163,12 @@ def sampling_seconds(config: ml_collections.ConfigDict, level: int,
 
 
 def run_family(config: ml_collections.ConfigDict, base: str, workdir: str,
-               seconds: float, num_samples: int,
-               sampling_batches: list[int]) -> dict[str, Any]:
+               seconds: float, num_samples: int, sampling_batches: list[int],
+               levels_to_run: list[int]) -> dict[str, Any]:
   """Trains each level for `seconds` of train steps, then measures it."""
   prior_scaling.link_stages(base, workdir)
   levels = {}
-  for level in range(builders.num_levels(config)):
+  for level in levels_to_run:
     per_step = step_seconds(config, level)
     steps = max(2, int(seconds / per_step))
     run = config.copy_and_resolve_references()
@@ -278,7 +280,7 @@ def smoke_config() -> ml_collections.ConfigDict:
 
 def main(argv, flag_values):
   del argv
-  (config, base, out, seconds, layers, num_samples, batches,
+  (config, base, out, seconds, layers, num_samples, levels, batches,
    smoke) = (f.value for f in flag_values)
   if not out:
     raise app.UsageError('--out is required.')
@@ -287,11 +289,19 @@ def main(argv, flag_values):
   base = base or (os.path.join(out, 'base') if smoke else None)
   if not base:
     raise app.UsageError('--base_workdir is required (or --smoke).')
-  print(f'Base workdir {base}: stage 1 and codes (resumed when made)')
-  stages.run('vqvae', config, base)
-  stages.run('codes', config, base)
+  if all(os.path.isdir(os.path.join(base, d)) for d in ('vqvae', 'codes')):
+    # Only read (through links): a run here would rewrite its config.json.
+    print(f'Base workdir {base}: its stage 1 and codes')
+  else:
+    print(f'Base workdir {base}: stage 1 and codes (resumed when made)')
+    stages.run('vqvae', config, base)
+    stages.run('codes', config, base)
   configs = {'pixelcnn': config, 'transformer': transformer_config(config,
                                                                    layers)}
+  levels = ([int(l) for l in levels] if levels else
+            list(range(builders.num_levels(config))))
+  if num_samples and len(levels) < builders.num_levels(config):
+    raise app.UsageError('--num_samples needs every level (--levels unset).')
   rows = {}
   for family in FAMILIES:
     print(f'--- {family}')
@@ -299,11 +309,14 @@ def main(argv, flag_values):
         'changes': {k: configs[family].prior[k].to_dict() for k in
                     sorted(configs[family].prior) if k.startswith('level_')},
         **run_family(configs[family], base, os.path.join(out, family),
-                     seconds, num_samples, [int(b) for b in batches])}
-  rows_json = {'seconds': seconds, 'smoke': smoke, 'rows': rows}
+                     seconds, num_samples, [int(b) for b in batches],
+                     levels)}
+  rows_json = {'seconds': seconds, 'smoke': smoke,
+               'devices': jax.device_count(), 'rows': rows}
   files.write_json(os.path.join(out, 'prior_families.json'), rows_json)
   table = format_table(rows)
-  print(f'\nEqual train-step time: {seconds:g} s per family and level.')
+  print(f'\nEqual train-step time: {seconds:g} s per family and level, '
+        f'{jax.device_count()} JAX device(s).')
   print(table)
   files.atomic_write(os.path.join(out, 'prior_families.md'),
                      lambda f: f.write(table.encode()))
