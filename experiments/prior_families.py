@@ -286,6 +286,8 @@ def main(argv, flag_values):
     raise app.UsageError('--out is required.')
   if smoke:
     config, seconds = smoke_config(), min(seconds, 1.0)
+  # Before any JAX work (the width search below), as --mode runs do.
+  parallel.split_host_cpu(int(config.mesh.get('cpu_devices', 0)))
   base = base or (os.path.join(out, 'base') if smoke else None)
   if not base:
     raise app.UsageError('--base_workdir is required (or --smoke).')
