@@ -23,8 +23,8 @@ Design choices, and why:
   sampled position beyond one addition; cross-attention to the upper codes
   would cost a second attention per layer and position and is not built.
 * Blocks. Pre-norm (LayerNorm before attention and before the MLP, a final
-  LayerNorm before the logits): trains without warm-up tricks at the depths
-  used here. Dropout on the inputs and on both residual branches (RNG
+  LayerNorm before the logits), the usual stable arrangement of decoder-only
+  transformers; no key bias (it cannot change a softmax). Dropout on the inputs and on both residual branches (RNG
   stream 'dropout', training only). Attention softmax in float32 whatever the
   compute dtype; the logits are always float32.
 * Cache. Every block keeps the keys and values of the positions sampled so
@@ -37,6 +37,10 @@ Design choices, and why:
   transformer-specific branch.
 * Sizes. The position tables fix the map size at construction (`map_shape`);
   a map of another size is refused.
+* Training. Nothing here is transformer-specific outside this file: the
+  trainer's step, label dropout, Polyak weights, remat (`remat`), bfloat16
+  (`dtype`) and the parameter sharding (`parallel.py`'s rule over the data
+  and fsdp axes, which reads only shapes) are the PixelCNN's.
 
 Example (a Fashion-MNIST top prior, 4x4 codes):
 
