@@ -176,12 +176,14 @@ def prior_level(*, attention_layers: int = 0, cond_stack_blocks: int = 0
     The section, with the paper's sizes.
   """
   level = ml_collections.ConfigDict()
-  level.num_channels = 512  # Channels of the gated stacks.
-  level.num_layers = 20  # Gated residual blocks.
+  level.kind = 'pixelcnn'  # 'pixelcnn' (gated PixelCNN) or 'transformer' (causal, raster order).
+  level.num_channels = 512  # Channels of the gated stacks (the transformer's width).
+  level.num_layers = 20  # Gated residual blocks (transformer blocks).
   level.filter_size = 5  # Masked-convolution filter size.
-  level.dropout_rate = 0.1  # Dropout in the gated blocks.
+  level.dropout_rate = 0.1  # Dropout in the gated (transformer) blocks.
   level.attention_layers = attention_layers  # Causal self-attention blocks among the layers.
   level.num_heads = 8  # Heads of each attention block.
+  level.mlp_ratio = 4  # Transformer only: MLP hidden width / num_channels.
   level.cond_stack_blocks = cond_stack_blocks  # Residual blocks over the upper levels' codes.
   level.num_output_layers = 1  # 1x1 layers before the logits.
   return level

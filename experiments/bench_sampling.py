@@ -12,6 +12,10 @@ Rows (reduced ImageNet-256 priors that fit a 2-core CPU; the paper's are
   blocks, filter 5, 4 causal attention blocks of 8 heads among them.
 * lower64: the 64x64 lower prior: K=512, 1000 classes, 64 channels, 6 gated
   blocks, filter 5, a 4-block conditioning stack over the 32x32 top codes.
+* top32_transformer (not run by default): a causal transformer prior over
+  the same 32x32 map with top32's parameter count (8.07M against 7.99M:
+  320 wide, 6 blocks of 8 heads, MLP ratio 4), for the two prior families
+  per parameter (`models/transformer.py`).
 
 Both samplers run jitted and are compiled ahead of the timed call
 (`sampling.compile_sampler`; compile time is reported apart). The cached
@@ -66,6 +70,7 @@ from experiments import compiled_steps
 from vqvae2_jax import builders
 from vqvae2_jax import sampling
 from vqvae2_jax.models import pixelcnn
+from vqvae2_jax.models import transformer
 
 _ROWS = flags.DEFINE_list('rows', ['top32', 'lower64'], 'Rows to measure.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '16'],
@@ -103,6 +108,11 @@ ROWS = {
                    filter_size=5, dropout_rate=0.1, attention_layers=0,
                    num_heads=8, num_classes=1000, cond_num_embeddings=(512,),
                    cond_stack_blocks=4, num_output_layers=1)),
+    'top32_transformer': dict(
+        shape=(32, 32), upper=(), kind='transformer',
+        prior=dict(num_embeddings=512, num_channels=320, num_layers=6,
+                   map_shape=(32, 32), num_heads=8, mlp_ratio=4,
+                   dropout_rate=0.1, num_classes=1000)),
 }
 
 
@@ -120,7 +130,9 @@ def measure(name: str, batch: int, reference_positions: int
             ) -> dict[str, Any]:
   """Seconds per map of both samplers for one row and batch size."""
   row = ROWS[name]
-  model = pixelcnn.PixelCNNPrior(**row['prior'])
+  prior_class = (transformer.TransformerPrior
+                 if row.get('kind') == 'transformer' else pixelcnn.PixelCNNPrior)
+  model = prior_class(**row['prior'])
   shape = (batch, *row['shape'])
   rng = np.random.default_rng(0)
   cond = tuple(jnp.asarray(rng.integers(0, 512, (batch, *s)), jnp.int32)

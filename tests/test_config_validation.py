@@ -48,6 +48,7 @@ def _set(config, path, value):
     ('prior.level_0.attention_layers', 9, 'prior.level_0.attention_layers'),
     ('prior.level_0.num_heads', 3, 'prior.level_0.num_heads'),
     ('prior.level_1.filter_size', 1, 'prior.level_1.filter_size'),
+    ('prior.level_0.kind', 'pixelsnail', 'prior.level_0.kind'),
     ('sampling.temperature', 0.0, 'sampling.temperature'),
     ('sampling.top_k', -1, 'sampling.top_k'),
     ('sampling.top_p', 0.0, 'sampling.top_p'),
@@ -168,3 +169,22 @@ def test_range_bounds(field, low, high, value, ok):
                        match=rf'^config\.{field}: is {value}\. Fix: use a '
                        r'value .*e\.g\. 2$'):
       check(field, value, low, high, '2')
+
+
+def test_transformer_levels_are_checked_as_transformers():
+  config = _tiny()
+  config.prior.level_1.kind = 'transformer'
+  # The PixelCNN's own fields do not concern a transformer.
+  config.prior.level_1.filter_size = 1
+  config.prior.level_1.attention_layers = 9
+  config_validation.validate_config(config, check_dataset=False)
+  # Every transformer block attends: the heads must divide the width, even
+  # where a PixelCNN without attention would not care.
+  config.prior.level_1.num_heads = 3
+  with pytest.raises(errors.ConfigError,
+                     match=r'prior\.level_1\.num_heads.*Fix: '):
+    config_validation.validate_config(config, check_dataset=False)
+  config.prior.level_1.num_heads = 2
+  config.prior.level_1.mlp_ratio = 0
+  with pytest.raises(errors.ConfigError, match=r'prior\.level_1\.mlp_ratio'):
+    config_validation.validate_config(config, check_dataset=False)

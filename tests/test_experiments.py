@@ -892,3 +892,26 @@ def test_stage1_ceiling_rows(tmp_path, monkeypatch, tiny_judge, stage2_config,
   # An untrained VQ-VAE's reconstructions are far from the data; real
   # training images much closer.
   assert recon['fid'] > 2 * train['fid']
+
+
+def test_prior_families_smoke(stage2_workdir, tmp_path):
+  base = tmp_path / 'base'
+  shutil.copytree(stage2_workdir[0], base)
+  out = tmp_path / 'out'
+  stdout = _run_script('experiments.prior_families', '--smoke',
+                       f'--base_workdir={base}', f'--out={out}',
+                       '--levels=1', '--sampling_batches=2')
+  result = json.loads((out / 'prior_families.json').read_text())
+  rows = result['rows']
+  assert sorted(rows) == ['pixelcnn', 'transformer']
+  assert rows['transformer']['changes']['level_0']['kind'] == 'transformer'
+  for level in ('level_1',):  # The lower level: the conditioning stack too.
+    pix, tfm = (rows[f]['levels'][level] for f in ('pixelcnn', 'transformer'))
+    # Widths chosen for equal parameters: within 25% at these tiny sizes.
+    assert abs(tfm['num_params'] / pix['num_params'] - 1) < 0.25
+    for row in (pix, tfm):
+      assert row['steps'] >= 2 and row['train_codes_per_sec'] > 0
+      assert 0 < row['held_out'] < 10
+      assert set(row['sampling_seconds_per_map']) == {'2'}
+  assert '| transformer | 1 |' in stdout
+  assert (out / 'prior_families.png').stat().st_size > 1000

@@ -17,6 +17,7 @@ from vqvae2_jax import errors
 from vqvae2_jax.data import layout
 from vqvae2_jax.models import classifier as classifier_lib
 from vqvae2_jax.models import pixelcnn
+from vqvae2_jax.models import transformer
 from vqvae2_jax.models import vqvae as vqvae_lib
 
 # The names config.model.dtype, prior.dtype and sampling.dtype may take.
@@ -33,10 +34,21 @@ _VQVAE_FINGERPRINT_FIELDS = (
 # Fields that also change what the variables mean, recorded only away from
 # their default (so checkpoints written before they existed still match).
 _VQVAE_OPTIONAL_FINGERPRINT_FIELDS = {'model.l2_normalize_codes': False}
-# Fields of config.prior.level_<i> that define the prior's variables.
-_PRIOR_LEVEL_FIELDS = ('num_channels', 'num_layers', 'filter_size',
-                       'attention_layers', 'num_heads', 'cond_stack_blocks',
-                       'num_output_layers')
+# Fields of config.prior.level_<i> that define the prior's variables, per
+# kind. A PixelCNN's fingerprint has no 'kind' entry, so that checkpoints
+# written before transformers existed still match; a transformer's has one.
+_PRIOR_LEVEL_FIELDS = {
+    'pixelcnn': ('num_channels', 'num_layers', 'filter_size',
+                 'attention_layers', 'num_heads', 'cond_stack_blocks',
+                 'num_output_layers'),
+    'transformer': ('kind', 'num_channels', 'num_layers', 'num_heads',
+                    'mlp_ratio', 'cond_stack_blocks'),
+}
+# The prior kinds config.prior.level_<i>.kind may name.
+PRIOR_KINDS = tuple(_PRIOR_LEVEL_FIELDS)
+# Either prior module: both take the same arguments and expose the same
+# incremental interface (prepare, init_cache, step_row, step_position).
+Prior = pixelcnn.PixelCNNPrior | transformer.TransformerPrior
 
 
 def _dtype(name: str, field: str) -> Any:
@@ -92,16 +104,42 @@ def build_vqvae(config: ml_collections.ConfigDict) -> vqvae_lib.VQVAE:
       remat=bool(m.remat))
 
 
-def build_prior(config: ml_collections.ConfigDict,
-                level: int) -> pixelcnn.PixelCNNPrior:
+def prior_kind(config: ml_collections.ConfigDict, level: int) -> str:
+  """config.prior.level_<level>.kind; 'pixelcnn' for configs recorded
+  before the field existed."""
+  return config.prior[f'level_{level}'].get('kind', 'pixelcnn')
+
+
+def build_prior(config: ml_collections.ConfigDict, level: int) -> Prior:
   """The prior of level `level` (0 = top) that `config` describes.
 
   K comes from config.model.num_embeddings (every level's codebook), the
-  labels from config.data.num_classes, the model from config.prior.level_<i>;
-  a lower level is conditioned on the codes of every level above it.
+  labels from config.data.num_classes, the model (its kind and sizes) from
+  config.prior.level_<i>; a lower level is conditioned on the codes of every
+  level above it.
   """
   c = config.prior[f'level_{level}']
   k = int(config.model.num_embeddings)
+  kind = prior_kind(config, level)
+  if kind == 'transformer':
+    return transformer.TransformerPrior(
+        num_embeddings=k,
+        num_channels=c.num_channels,
+        num_layers=c.num_layers,
+        map_shape=tuple(level_shapes(config)[level]),
+        num_heads=c.num_heads,
+        mlp_ratio=int(c.get('mlp_ratio', 4)),
+        dropout_rate=c.dropout_rate,
+        num_classes=int(config.data.num_classes),
+        cond_num_embeddings=(k,) * level,
+        cond_stack_blocks=c.cond_stack_blocks if level else 0,
+        dtype=_dtype(config.prior.dtype, 'prior.dtype'),
+        remat=bool(config.prior.remat),
+        precision=config.prior.precision)
+  if kind != 'pixelcnn':
+    raise errors.ConfigError(
+        f'config.prior.level_{level}.kind is {kind!r}. Fix: use one of '
+        f'{PRIOR_KINDS}.')
   return pixelcnn.PixelCNNPrior(
       num_embeddings=k,
       num_channels=c.num_channels,
@@ -166,13 +204,14 @@ def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
     A JSON-able dict, stored with each of the level's checkpoints.
   """
   c = config.prior[f'level_{level}']
+  fields = _PRIOR_LEVEL_FIELDS[prior_kind(config, level)]
   return {
       'level': level,
       'level_shapes': [list(s) for s in level_shapes(config)[:level + 1]],
       'model.num_embeddings': int(config.model.num_embeddings),
       'data.num_classes': int(config.data.num_classes),
       'prior.dtype': config.prior.dtype,
-      **{f'prior.level_{level}.{f}': c[f] for f in _PRIOR_LEVEL_FIELDS},
+      **{f'prior.level_{level}.{f}': c[f] for f in fields},
       'codes.vqvae_step': int(vqvae['step']),
       'codes.vqvae_digest': vqvae['digest'],
   }

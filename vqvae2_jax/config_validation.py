@@ -175,6 +175,25 @@ def validate_config(config: ml_collections.ConfigDict,
           f'use -1 (all levels) or 0..{n - 1}')
   for i in range(n):
     level = prior[f'level_{i}']
+    kind = builders.prior_kind(config, i)
+    if kind not in builders.PRIOR_KINDS:
+      _fail(f'prior.level_{i}.kind', f'is {kind!r}',
+            f'use one of {builders.PRIOR_KINDS}')
+    if kind == 'transformer':
+      # filter_size, attention_layers and num_output_layers are the
+      # PixelCNN's; a transformer ignores them.
+      if level.num_channels % level.num_heads:
+        _fail(f'prior.level_{i}.num_heads',
+              f'{level.num_heads} does not divide '
+              f'num_channels={level.num_channels}',
+              'choose num_heads dividing num_channels (every transformer '
+              'block attends)')
+      if level.get('mlp_ratio', 4) < 1:
+        _fail(f'prior.level_{i}.mlp_ratio', f'is {level.mlp_ratio}',
+              'use a whole number >= 1, e.g. 4')
+      if i > 0 and level.cond_stack_blocks < 0:
+        _fail(f'prior.level_{i}.cond_stack_blocks', 'is negative', 'use >= 0')
+      continue
     if level.attention_layers > level.num_layers:
       _fail(f'prior.level_{i}.attention_layers',
             f'{level.attention_layers} > num_layers={level.num_layers}',

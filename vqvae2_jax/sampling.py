@@ -1,4 +1,4 @@
-"""Sampling code maps from the PixelCNN priors.
+"""Sampling code maps from the priors (gated PixelCNN or transformer).
 
 `sample_level` draws one level's code map with a `jax.lax.scan` over rows and,
 inside it, over columns, carrying the prior's per-layer caches (see
@@ -8,6 +8,10 @@ horizontal stack; at every position the horizontal stacks advance by one
 position and the attention blocks attend from the new position over their
 key/value caches. The conditioning stack and class embedding run once. A map
 therefore costs about one or two forward passes of the prior instead of h * w.
+A transformer prior (`models/transformer.py`) exposes the same four methods:
+its row step only remembers the row's last code, its position step runs one
+token through every block over their key/value caches; nothing here branches
+on the kind.
 
 `reference_sample_level` is the plain method, kept for tests and benchmarks:
 it reruns the whole prior on the partial map at every position. Both draw
@@ -356,6 +360,13 @@ def _check_inputs(model: pixelcnn.PixelCNNPrior, shape: Sequence[int],
                      f'{tuple(shape)}. Fix: pass the batch and the side of '
                      "the level's latent map, e.g. (8, 8, 8).")
   shape = tuple(int(s) for s in shape)
+  # A transformer prior's position tables fix its map size.
+  fixed = getattr(model, 'map_shape', None)
+  if fixed is not None and shape[1:] != tuple(fixed):
+    raise SamplingInputError(
+        f'shape {shape} has a {shape[1:]} map, but this transformer prior '
+        f'was built for {tuple(fixed)} maps. Fix: pass (batch, '
+        f'{fixed[0]}, {fixed[1]}), the map of the level it models.')
   if mesh is not None and shape[0] % mesh.size:
     raise SamplingInputError(
         f'The batch of {shape[0]} maps does not split over the {mesh.size} '

@@ -92,11 +92,13 @@ def _is_key_bias(path):
   return jax.tree_util.keystr(path).endswith("['key']['bias']")
 
 
-def test_train_step_on_8_devices_matches_one_device(config):
+@pytest.mark.parametrize('kind', builders.PRIOR_KINDS)
+def test_train_step_on_8_devices_matches_one_device(config, kind):
   """3 steps of the bottom prior, with every layer type, on 1 and 8 devices."""
   assert jax.device_count() == 8
   config = config.copy_and_resolve_references()
   config.prior.level_1.attention_layers = 1  # Attention + conditioning stack.
+  config.prior.level_1.kind = kind
   rng = np.random.default_rng(0)
   batches = [{'codes': [rng.integers(0, 16, (16, 4, 4), dtype=np.int32),
                         rng.integers(0, 16, (16, 8, 8), dtype=np.int32)],
@@ -150,13 +152,15 @@ def _restored_state(config, workdir, level, vqvae):
     manager.close()
 
 
+@pytest.mark.parametrize('kind', builders.PRIOR_KINDS)
 def test_training_resumes_exactly(config, codes_workdir, tmp_path,
-                                  monkeypatch):
+                                  monkeypatch, kind):
   # The bottom level (its conditioning on the top codes included): 6 steps
   # uninterrupted, and killed while fetching the batch of step 4 (step 3 was
   # checkpointed), then resumed.
   config = config.copy_and_resolve_references()
   config.prior.level = 1
+  config.prior.level_1.kind = kind
   config.prior.train_eval_examples = 24  # Of the training split's 96.
   whole, killed = str(tmp_path / 'whole'), str(tmp_path / 'killed')
   shutil.copytree(codes_workdir, whole)

@@ -206,7 +206,7 @@ def _attend(q: Array, k: Array, v: Array, mask: Array,
   return out.astype(v.dtype)
 
 
-def _attend_one(q: Array, k: Array, v: Array,
+def attend_one(q: Array, k: Array, v: Array,
                 parts: Sequence[tuple[Array, Array, Array]],
                 precision: Precision = None) -> Array:
   """`_attend` for one new query over cached keys/values plus its own.
@@ -614,7 +614,7 @@ class AttentionBlock(nn.Module):
     above = jnp.arange(cache['k'].shape[2]) < r * width
     parts = [(cache['k'], cache['v'], above),
              (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
-    attended = _attend_one(q, k, v, parts, self.precision)
+    attended = attend_one(q, k, v, parts, self.precision)
     out = self.finish(flat, attended[:, None], train=False)
     write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
         buf, x[:, :, None], c, axis=2)

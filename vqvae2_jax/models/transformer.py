@@ -1,0 +1,406 @@
+"""A causal transformer prior over one level's codes, with a KV cache.
+
+The other prior family beside the gated PixelCNN (`pixelcnn.py`): a
+decoder-only transformer over the level's codes in raster order, the model
+that taming-transformers-era tokenizers are paired with. It models the same
+p(z | z_upper, y), takes the same arguments and exposes the same incremental
+interface (`prepare` / `init_cache` / `step_row` / `step_position`), so the
+sampler, the trainer, `Pipeline.log_prob` and the export treat both kinds
+alike (`builders.build_prior` picks one per level).
+
+Design choices, and why:
+
+* Inputs. Position t = r * w + c reads the embedding of code t - 1 (a learned
+  start vector at t = 0), so its logits depend only on codes strictly before
+  it and position 0 predicts from the label and the upper levels alone. To
+  each input are added a learned 2-D position (a row embedding plus a column
+  embedding: h + w vectors instead of h * w, and the map's geometry is
+  explicit), the class embedding (num_classes + 1 entries; the last is "no
+  label", which label dropout trains, so one model also samples
+  unconditionally and guidance works as for the PixelCNN), and, for lower
+  levels, the PixelCNN's `ConditioningStack` over the upper levels' codes at
+  this position. Adding the conditioning to the inputs costs nothing per
+  sampled position beyond one addition; cross-attention to the upper codes
+  would cost a second attention per layer and position and is not built.
+* Blocks. Pre-norm (LayerNorm before attention and before the MLP, a final
+  LayerNorm before the logits), the usual stable arrangement of decoder-only
+  transformers; no key bias (it cannot change a softmax). Dropout on the inputs and on both residual branches (RNG
+  stream 'dropout', training only). Attention softmax in float32 whatever the
+  compute dtype; the logits are always float32.
+* Cache. Every block keeps the keys and values of the positions sampled so
+  far in two caches, as the PixelCNN's attention blocks do: the rows above
+  ([batch, heads, h * w, d], written a row at a time by `step_row`) and the
+  current row (written a position at a time). A step runs one token through
+  every block and attends over both with masks of the earlier positions;
+  `step_row` also remembers the last code of the finished row (the token
+  position (r, 0) reads), so the sampler's row/column scans need no
+  transformer-specific branch.
+* Sizes. The position tables fix the map size at construction (`map_shape`);
+  a map of another size is refused.
+* Training. Nothing here is transformer-specific outside this file: the
+  trainer's step, label dropout, Polyak weights, remat (`remat`), bfloat16
+  (`dtype`) and the parameter sharding (`parallel.py`'s rule over the data
+  and fsdp axes, which reads only shapes) are the PixelCNN's.
+
+Example (a Fashion-MNIST top prior, 4x4 codes):
+
+  prior = TransformerPrior(num_embeddings=512, num_channels=64, num_layers=4,
+                           num_heads=4, map_shape=(4, 4), num_classes=10)
+  variables = prior.init(key, codes, labels=y, train=False)
+  logits = prior.apply(variables, codes, labels=y, train=True,
+                       rngs={'dropout': key})   # [B, 4, 4, 512]
+"""
+
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vqvae2_jax.models import pixelcnn
+
+Array = jax.Array
+Dtype = Any
+Precision = Any
+
+
+def _causal_attend(q: Array, k: Array, v: Array, mask: Array,
+                   precision: Precision) -> Array:
+  """Softmax attention in float32: q [b, h, tq, d], k, v [b, h, tk, d],
+  mask [tq, tk] (True where a query may look) -> [b, h, tq, d] in v's dtype.
+
+  The full path's; a cached step uses `pixelcnn.attend_one`, the same sums
+  over the caches' parts (equal to float rounding).
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q.astype(jnp.float32),
+                      k.astype(jnp.float32), precision=precision) * scale
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(jnp.float32),
+                   precision=precision)
+  return out.astype(v.dtype)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm causal self-attention and MLP, with a one-token step.
+
+  Attributes:
+    channels: C, the model width.
+    num_heads: attention heads (divides C).
+    mlp_ratio: hidden width of the MLP is mlp_ratio * C.
+    dropout_rate: on both residual branches (training only).
+    dtype: compute dtype.
+    precision: of every matrix product (see `PixelCNNPrior.precision`).
+  """
+  channels: int
+  num_heads: int
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  def setup(self):
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              precision=self.precision)
+    self.attn_norm = nn.LayerNorm(dtype=self.dtype)
+    self.query = dense(self.channels)
+    # No key bias: it adds the same number to every logit of a query's
+    # softmax, so it has no effect and an exactly-zero gradient, which Adam
+    # would turn into steps of pure rounding noise.
+    self.key = dense(self.channels, use_bias=False)
+    self.value = dense(self.channels)
+    self.proj = dense(self.channels)
+    self.mlp_norm = nn.LayerNorm(dtype=self.dtype)
+    self.mlp_in = dense(self.mlp_ratio * self.channels)
+    self.mlp_out = dense(self.channels)
+    self.dropout = pixelcnn.Dropout(self.dropout_rate)
+
+  def _heads(self, x: Array) -> tuple[Array, Array, Array]:
+    """[b, t, C] -> q, k, v, each [b, heads, t, d]."""
+    y = self.attn_norm(x)
+    heads = lambda z: jnp.transpose(
+        z.reshape(*x.shape[:2], self.num_heads, -1), (0, 2, 1, 3))
+    return heads(self.query(y)), heads(self.key(y)), heads(self.value(y))
+
+  def _finish(self, x: Array, attended: Array, train: bool) -> Array:
+    """Residual projection and MLP; attended [b, heads, t, d] -> [b, t, C]."""
+    b, _, t, _ = attended.shape
+    merged = jnp.transpose(attended, (0, 2, 1, 3)).reshape(b, t, -1)
+    x = x + self.dropout(self.proj(merged), deterministic=not train)
+    y = self.mlp_out(nn.gelu(self.mlp_in(self.mlp_norm(x))))
+    return x + self.dropout(y, deterministic=not train)
+
+  def __call__(self, x: Array, train: bool) -> Array:
+    """Full path: [b, n, C] -> [b, n, C], position t sees positions <= t.
+
+    `train` may be positional, for `nn.remat`'s static_argnums.
+    """
+    n = x.shape[1]
+    q, k, v = self._heads(x)
+    mask = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
+    return self._finish(x, _causal_attend(q, k, v, mask, self.precision),
+                        train)
+
+  def init_cache(self, batch: int, height: int, width: int
+                 ) -> dict[str, Array]:
+    """Zero key/value caches for a [batch, height, width] map.
+
+    Two caches, as `pixelcnn.AttentionBlock`'s: the rows above (written a
+    whole row at a time by `step_row`) and the current row (written a
+    position at a time by `step`). A position step only reads the big
+    cache, so XLA does not copy it inside the loop over a row's positions
+    (writing it there made a 32x32 map sample about ten times slower).
+
+    Returns:
+      {'k', 'v': [batch, heads, height * width, d] the rows above;
+       'row_k', 'row_v': [batch, heads, width, d] the current row}.
+    """
+    d = self.channels // self.num_heads
+    big = (batch, self.num_heads, height * width, d)
+    row = (batch, self.num_heads, width, d)
+    return {'k': jnp.zeros(big, self.dtype), 'v': jnp.zeros(big, self.dtype),
+            'row_k': jnp.zeros(row, self.dtype),
+            'row_v': jnp.zeros(row, self.dtype)}
+
+  def step_row(self, cache: dict[str, Array], r: Array) -> dict[str, Array]:
+    """Starts row r: the row cache becomes row r - 1 of the big cache (at
+    r == 0 it holds zeros, written over zeros)."""
+    width = cache['row_k'].shape[2]
+    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+        buf, x, jnp.maximum(r - 1, 0) * width, axis=2)
+    return {**cache, 'k': write(cache['k'], cache['row_k']),
+            'v': write(cache['v'], cache['row_v'])}
+
+  def step(self, cache: dict[str, Array], x: Array, r: Array, c: Array
+           ) -> tuple[Array, dict[str, Array]]:
+    """The block at position (r, c), after `step_row(r)` and (r, 0..c-1).
+
+    Args:
+      cache: the cache after those steps.
+      x: [b, 1, C] input at (r, c).
+      r, c: int32 scalars.
+
+    Returns:
+      ([b, 1, C] output, the cache with (r, c)'s key and value in the row
+      cache).
+    """
+    q, k, v = (y[:, :, 0] for y in self._heads(x))  # [b, heads, d]
+    width = cache['row_k'].shape[2]
+    parts = [(cache['k'], cache['v'],
+              jnp.arange(cache['k'].shape[2]) < r * width),
+             (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
+    attended = pixelcnn.attend_one(q, k, v, parts, self.precision)
+    out = self._finish(x, attended[:, :, None], False)
+    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+        buf, new.astype(buf.dtype)[:, :, None], c, axis=2)
+    return out, {**cache, 'row_k': write(cache['row_k'], k),
+                 'row_v': write(cache['row_v'], v)}
+
+
+class TransformerPrior(nn.Module):
+  """Causal transformer prior over one level's codes (module docstring).
+
+  Attributes:
+    num_embeddings: K, codes of this level.
+    num_channels: C, the model width.
+    num_layers: transformer blocks.
+    map_shape: (h, w) of the level's code map (sizes the position tables).
+    num_heads: heads per block (divides num_channels).
+    mlp_ratio: MLP hidden width / C.
+    dropout_rate: on the inputs and both residual branches of every block.
+    num_classes: class labels; 0 = unconditional. Label index num_classes
+      means "no label".
+    cond_num_embeddings: K of each upper level, top first; () for the top.
+    cond_stack_blocks: residual blocks of the conditioning stack.
+    dtype: compute dtype; the logits are always float32.
+    remat: recompute each block (and the conditioning stack's blocks) in the
+      backward pass; same parameters, outputs and gradients.
+    precision: of every matrix product (see `PixelCNNPrior.precision`).
+  """
+  num_embeddings: int
+  num_channels: int
+  num_layers: int
+  map_shape: tuple[int, int]
+  num_heads: int = 1
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.0
+  num_classes: int = 0
+  cond_num_embeddings: Sequence[int] = ()
+  cond_stack_blocks: int = 0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  precision: Precision = None
+
+  def setup(self):
+    if self.num_layers < 1:
+      raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
+    if self.num_channels % self.num_heads:
+      raise ValueError(f'num_heads={self.num_heads} must divide '
+                       f'num_channels={self.num_channels}.')
+    c = self.num_channels
+    height, width = self.map_shape
+    block = TransformerBlock
+    if self.remat:
+      block = nn.remat(TransformerBlock, static_argnums=(2,))
+    self.embed = nn.Embed(self.num_embeddings, c, dtype=self.dtype)
+    self.start = self.param('start', nn.initializers.normal(0.02), (c,))
+    self.row_embed = nn.Embed(height, c, dtype=self.dtype,
+                              embedding_init=nn.initializers.normal(0.02))
+    self.col_embed = nn.Embed(width, c, dtype=self.dtype,
+                              embedding_init=nn.initializers.normal(0.02))
+    if self.num_classes:
+      self.class_embed = nn.Embed(self.num_classes + 1, c, dtype=self.dtype)
+    if self.cond_num_embeddings:
+      self.cond_stack = pixelcnn.ConditioningStack(
+          tuple(self.cond_num_embeddings), c, self.cond_stack_blocks,
+          dtype=self.dtype, remat=self.remat, precision=self.precision)
+    self.blocks = [block(c, self.num_heads, self.mlp_ratio, self.dropout_rate,
+                         dtype=self.dtype, precision=self.precision)
+                   for _ in range(self.num_layers)]
+    self.input_dropout = pixelcnn.Dropout(self.dropout_rate)
+    self.out_norm = nn.LayerNorm(dtype=self.dtype)
+    self.out_logits = nn.Dense(self.num_embeddings, dtype=jnp.float32,
+                               precision=self.precision)
+
+  def _check_shape(self, shape: Sequence[int]) -> None:
+    if tuple(shape[1:]) != tuple(self.map_shape):
+      raise ValueError(
+          f'A transformer prior built for {tuple(self.map_shape)} maps got a '
+          f'{tuple(shape[1:])} map; its position tables fix the size. Fix: '
+          'sample or score maps of the level it was trained on.')
+
+  def context(self, cond_codes: Sequence[Array], labels: Optional[Array],
+              shape: Sequence[int]) -> Array:
+    """What is added to every input but the token: positions, upper codes,
+    class.
+
+    Args:
+      cond_codes: one [batch, h_j, w_j] int32 map per upper level, top first.
+      labels: [batch] int32 (num_classes = "no label"), or None.
+      shape: (batch, h, w) of this level's map.
+
+    Returns:
+      [batch, h * w, C].
+    """
+    self._check_shape(shape)
+    b, height, width = shape
+    cond_codes = tuple(cond_codes)
+    if len(cond_codes) != len(self.cond_num_embeddings):
+      raise ValueError(
+          f'Got {len(cond_codes)} conditioning code maps for a prior built '
+          f'with cond_num_embeddings={tuple(self.cond_num_embeddings)}; pass '
+          'the codes of every upper level, top first.')
+    labels = pixelcnn.resolve_labels(labels, b, self.num_classes)
+    pos = (self.row_embed(jnp.arange(height))[:, None] +
+           self.col_embed(jnp.arange(width))[None, :])  # [h, w, C]
+    feats = jnp.broadcast_to(pos, (b, height, width, self.num_channels))
+    if self.cond_num_embeddings:
+      feats = feats + self.cond_stack(cond_codes, (height, width))
+    if self.num_classes:
+      feats = feats + self.class_embed(labels)[:, None, None, :]
+    return feats.reshape(b, height * width, self.num_channels)
+
+  def _logits(self, x: Array) -> Array:
+    return self.out_logits(self.out_norm(x)).astype(jnp.float32)
+
+  # Full path.
+
+  def forward_embedded(self, embedded: Array, context: Array, *,
+                       train: bool) -> Array:
+    """Logits from embedded codes (exposed for gradient-based causality tests).
+
+    Args:
+      embedded: [batch, h, w, C] code embeddings (not yet shifted).
+      context: the output of `context`.
+      train: apply dropout.
+
+    Returns:
+      [batch, h, w, K] float32 logits.
+    """
+    b, height, width, c = embedded.shape
+    flat = embedded.reshape(b, height * width, c)
+    start = jnp.broadcast_to(self.start.astype(flat.dtype), (b, 1, c))
+    tokens = jnp.concatenate([start, flat[:, :-1]], axis=1)
+    x = self.input_dropout(tokens + context, deterministic=not train)
+    for block in self.blocks:
+      x = block(x, train)
+    return self._logits(x).reshape(b, height, width, -1)
+
+  def __call__(self, codes: Array, *, cond_codes: Sequence[Array] = (),
+               labels: Optional[Array] = None, train: bool) -> Array:
+    """Logits of every position given the codes before it.
+
+    Args:
+      codes: [batch, h, w] int32 codes of this level.
+      cond_codes: [batch, h_j, w_j] int32 codes of every upper level, top
+        first (empty for the top prior).
+      labels: [batch] int32 class labels, num_classes for "no label"; None
+        means "no label" for every example.
+      train: apply dropout (RNG stream 'dropout').
+
+    Returns:
+      [batch, h, w, K] float32 logits; position (r, c) depends only on codes
+      strictly before it in raster order.
+    """
+    context = self.context(cond_codes, labels, codes.shape)
+    return self.forward_embedded(self.embed(codes), context, train=train)
+
+  # Incremental path (the sampler's interface, as `PixelCNNPrior`'s).
+
+  def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
+              shape: Sequence[int]) -> dict[str, Any]:
+    """Per-sample context computed once: {'context': [batch, h * w, C]}."""
+    return {'context': self.context(cond_codes, labels, shape)}
+
+  def init_cache(self, shape: Sequence[int]) -> dict[str, Any]:
+    """Zero caches for sampling a [batch, h, w] map.
+
+    Returns:
+      {'blocks': per block its key/value cache, 'last': [batch] int32 the
+       last code of the previous row (the token that position (r, 0) reads)}.
+    """
+    self._check_shape(shape)
+    b, height, width = shape
+    return {'blocks': [block.init_cache(b, height, width)
+                       for block in self.blocks],
+            'last': jnp.zeros((b,), jnp.int32)}
+
+  def step_row(self, cache: dict[str, Any], context: dict[str, Any],
+               prev_row: Array, r: Array) -> dict[str, Any]:
+    """Starts row r: moves row r - 1's keys and values to each block's big
+    cache and remembers code (r - 1, w - 1), the token of (r, 0) (which
+    `step_position` gets no `prev_code` for; unused at r == 0)."""
+    del context
+    return {'blocks': [block.step_row(entry, r)
+                       for block, entry in zip(self.blocks, cache['blocks'])],
+            'last': prev_row[:, -1].astype(jnp.int32)}
+
+  def step_position(self, cache: dict[str, Any], context: dict[str, Any],
+                    prev_code: Array, r: Array, c: Array
+                    ) -> tuple[Array, dict[str, Any]]:
+    """Logits at (r, c), after `step_row(r)` and the positions before it.
+
+    Args:
+      cache: after those steps.
+      context: from `prepare`.
+      prev_code: [batch] int32 code at (r, c - 1) (ignored when c == 0).
+      r, c: int32 scalars.
+
+    Returns:
+      ([batch, K] float32 logits, updated cache).
+    """
+    width = self.map_shape[1]
+    t = r * width + c
+    code = jnp.where(c > 0, prev_code, cache['last'])
+    token = self.embed(code)[:, None]
+    start = jnp.broadcast_to(self.start.astype(token.dtype), token.shape)
+    token = jnp.where(t > 0, token, start)
+    x = token + jax.lax.dynamic_slice_in_dim(context['context'], t, 1, axis=1)
+    blocks = []
+    for block, entry in zip(self.blocks, cache['blocks']):
+      x, entry = block.step(entry, x, r, c)
+      blocks.append(entry)
+    return self._logits(x)[:, 0], {**cache, 'blocks': blocks}
