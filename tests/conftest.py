@@ -24,13 +24,24 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # One tfds data_dir for the whole session, fresh each run: Fashion-MNIST is
 # prepared from the Debian files once (about a minute) and every test that
 # reads the default data_dir finds it; nothing is written to ~/.
-_TFDS_DIR = tempfile.mkdtemp(prefix='vqvae2_tfds_')
+# A data_dir handed down in VQVAE2_TESTS_TFDS_DIR is used instead and left
+# for whoever made it: scripts/test.sh shares one between its two pytest
+# runs, and pytest-xdist's workers inherit the one their controller made
+# (tfds_prepare's file lock lets one worker prepare while the other waits),
+# so the minute is spent once, not once per process.
+_SHARED_TFDS_DIR = 'VQVAE2_TESTS_TFDS_DIR'
+_TFDS_DIR = os.environ.get(_SHARED_TFDS_DIR)
+_OWN_TFDS_DIR = not _TFDS_DIR
+if _OWN_TFDS_DIR:
+  _TFDS_DIR = tempfile.mkdtemp(prefix='vqvae2_tfds_')
+  os.environ[_SHARED_TFDS_DIR] = _TFDS_DIR
 os.environ['TFDS_DATA_DIR'] = _TFDS_DIR
 
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  shutil.rmtree(_TFDS_DIR, ignore_errors=True)
+  if _OWN_TFDS_DIR:
+    shutil.rmtree(_TFDS_DIR, ignore_errors=True)
 
 
 # Shared fixtures. Imports stay inside them: jax must not load before the
