@@ -7,6 +7,7 @@
 #      compilation, so one process leaves a second core idle. Whole files go
 #      to one worker (--dist loadfile): a module's fixtures (a trained
 #      workdir, compiled programs) are built once, not once per worker.
+#      The slowest files go first (tests/conftest.py orders them).
 #   2. the multi-process tests (-m multiprocess) alone, one at a time: they
 #      time peers against each other (a peer 35 s late, a kill reported
 #      within 60 s), which a busy second worker would distort.
@@ -22,7 +23,7 @@ trap 'rm -rf "$VQVAE2_TESTS_TFDS_DIR"' EXIT
 
 status=0
 .venv/bin/python -m pytest -m 'not multiprocess' -n "${TEST_WORKERS:-2}" \
-  --dist loadfile "$@" || status=$?
+  --dist loadfile --no-loadscope-reorder "$@" || status=$?
 serial=0
 .venv/bin/python -m pytest -m multiprocess "$@" || serial=$?
 
