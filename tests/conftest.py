@@ -131,8 +131,9 @@ def stage2_workdir(tmp_path_factory, stage2_config):
 
   (path, {mode: the stage's result}). Trained once per session (stage 1,
   codes, both priors) and shared read-only by the modules that need a
-  finished run (test_faults.py, test_experiments.py): copy it
-  (`shutil.copytree`) before changing or adding to it.
+  finished run (test_faults.py): copy it (`shutil.copytree`) before
+  changing or adding to it. Tests that only need codes take the cheaper
+  `codes_workdir`.
   """
   from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
   config = stage2_config.copy_and_resolve_references()
