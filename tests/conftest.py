@@ -5,6 +5,7 @@ before any test module imports jax. Tests that want one device build their
 mesh over `jax.devices()[:1]`.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -24,13 +25,68 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # One tfds data_dir for the whole session, fresh each run: Fashion-MNIST is
 # prepared from the Debian files once (about a minute) and every test that
 # reads the default data_dir finds it; nothing is written to ~/.
-_TFDS_DIR = tempfile.mkdtemp(prefix='vqvae2_tfds_')
+# A data_dir handed down in VQVAE2_TESTS_TFDS_DIR is used instead and left
+# for whoever made it: scripts/test.sh shares one between its two pytest
+# runs, and pytest-xdist's workers inherit the one their controller made
+# (tfds_prepare's file lock lets one worker prepare while the other waits),
+# so the minute is spent once, not once per process.
+_SHARED_TFDS_DIR = 'VQVAE2_TESTS_TFDS_DIR'
+_TFDS_DIR = os.environ.get(_SHARED_TFDS_DIR)
+_OWN_TFDS_DIR = not _TFDS_DIR
+if _OWN_TFDS_DIR:
+  _TFDS_DIR = tempfile.mkdtemp(prefix='vqvae2_tfds_')
+  os.environ[_SHARED_TFDS_DIR] = _TFDS_DIR
 os.environ['TFDS_DATA_DIR'] = _TFDS_DIR
+
+
+# The files that take longest (their tests train workdirs, run notebooks or
+# experiment scripts; `pytest --durations`), slowest first. pytest-xdist's
+# workers (scripts/test.sh) hand them out before the rest, so that neither
+# worker ends the run on one of them alone while the other idles. A name
+# missing here only loses that head start.
+_SLOW_FILES = (
+    'tests/test_experiments.py',
+    'tests/test_api.py',
+    'tests/test_colabs.py',
+    'tests/test_faults.py',
+    'tests/test_peer_prior.py',
+    'tests/models/test_vqvae.py',
+    'tests/models/test_pixelcnn.py',
+    'tests/test_hostmem.py',
+    'tests/test_sampler_variants.py',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist, orders files: `_SLOW_FILES`, then by test count.
+
+  The count order is xdist's own (its --loadscope-reorder), which
+  scripts/test.sh turns off so that this order is the one used. Both
+  workers collect the same items, so they agree on it. A run without
+  xdist keeps pytest's order.
+  """
+  del config
+  if 'PYTEST_XDIST_WORKER' not in os.environ:
+    return
+  files = [item.nodeid.split('::')[0] for item in items]
+  counts = collections.Counter(files)
+  first = {}
+  for index, name in enumerate(files):
+    first.setdefault(name, index)
+
+  def rank(index):
+    name = files[index]
+    slow = _SLOW_FILES.index(name) if name in _SLOW_FILES else len(_SLOW_FILES)
+    return slow, -counts[name], first[name]
+
+  order = sorted(range(len(items)), key=rank)
+  items[:] = [items[i] for i in order]
 
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  shutil.rmtree(_TFDS_DIR, ignore_errors=True)
+  if _OWN_TFDS_DIR:
+    shutil.rmtree(_TFDS_DIR, ignore_errors=True)
 
 
 # Shared fixtures. Imports stay inside them: jax must not load before the
@@ -75,8 +131,9 @@ def stage2_workdir(tmp_path_factory, stage2_config):
 
   (path, {mode: the stage's result}). Trained once per session (stage 1,
   codes, both priors) and shared read-only by the modules that need a
-  finished run (test_faults.py, test_experiments.py): copy it
-  (`shutil.copytree`) before changing or adding to it.
+  finished run (test_faults.py): copy it (`shutil.copytree`) before
+  changing or adding to it. Tests that only need codes take the cheaper
+  `codes_workdir`.
   """
   from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
   config = stage2_config.copy_and_resolve_references()
@@ -121,6 +178,25 @@ def save_vqvae_checkpoint():
                      builders.vqvae_fingerprint(config))
 
   return save
+
+
+@pytest.fixture(scope='session')
+def codes_workdir(tmp_path_factory, stage2_config, save_vqvae_checkpoint):
+  """A workdir of `stage2_config` with an untrained vqvae/, its codes/ and
+  config.json, no priors.
+
+  For tests that need codes, not a trained stage 1 (test_peer_prior.py,
+  test_experiments.py): cheaper than `stage2_workdir`, which pytest-xdist
+  would otherwise train again on each worker running one of them. Shared
+  read-only: copy it before changing it.
+  """
+  from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('codes_workdir')
+  config = stage2_config.copy_and_resolve_references()
+  save_vqvae_checkpoint(config, str(workdir))
+  stages.run('codes', config, str(workdir))
+  assert (workdir / 'config.json').is_file()
+  return workdir
 
 
 @pytest.fixture(scope='session')

@@ -821,15 +821,15 @@ def test_prior_scaling_resumes_and_reruns_what_changed(stage2_config,
 
 
 def test_prior_scaling_trains_and_scores_a_variant(
-    stage2_config, stage2_workdir, tmp_path):
+    stage2_config, codes_workdir, tmp_path):
   from experiments import prior_scaling  # pylint: disable=g-import-not-at-top
   config = stage2_config.copy_and_resolve_references()
   config.eval.features = 'judge'
   config.prior.num_train_steps = 2
-  # The base: the session's finished stage 1 and codes (no priors).
+  # The base: the session's stage 1 and codes (no priors).
   base = str(tmp_path / 'base')
   for name in ('vqvae', 'codes'):
-    shutil.copytree(os.path.join(stage2_workdir[0], name),
+    shutil.copytree(os.path.join(codes_workdir, name),
                     os.path.join(base, name))
   row = prior_scaling.run_variant(config, base, str(tmp_path / 'v'), 10)
   # The variant read the base's stages and trained its own priors.

@@ -20,18 +20,6 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def codes_workdir(tmp_path_factory, stage2_config, save_vqvae_checkpoint):
-  """A workdir with an (untrained) VQ-VAE, its codes and config.json."""
-  from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('peer_prior_workdir')
-  config = stage2_config.copy_and_resolve_references()
-  save_vqvae_checkpoint(config, str(workdir))
-  stages.run('codes', config, str(workdir))
-  assert (workdir / 'config.json').is_file()
-  return workdir
-
-
 def test_export_round_trip_equals_the_workdirs_codes(codes_workdir,
                                                      tmp_path):
   from experiments import peer_prior  # pylint: disable=g-import-not-at-top
