@@ -54,6 +54,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
   assert len(images) >= 4, 'expected the preview, recon and sample grids'
   text = ''.join(o.get('text', '') for o in outputs)
   assert 'identical codes from both samplers' in text
+  assert '40 samples from the shipped model' in text
   assert 'candidates (acceptance 25%)' in text  # Rejection sampling ran.
   # The shortened run: the stages stopped at 20 steps, not the notebook's.
   assert f'{"step":28s} 20\n' in text
