@@ -440,6 +440,22 @@ def _check_unroll(unroll: int) -> int:
   return int(unroll)
 
 
+def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
+                  rng: Array, shape: Sequence[int],
+                  cond_codes: Sequence[Array], labels: Optional[Array],
+                  mesh: Optional[Mesh], temperature: float, top_k: int,
+                  top_p: float, guidance: float
+                  ) -> tuple[tuple[int, int, int], bool, tuple[Any, ...]]:
+  """A sampler call's inputs checked: (shape, whether guided, the compiled
+  program's arguments)."""
+  guided = _guides(model, labels, guidance)
+  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
+                                            mesh)
+  return shape, guided, (variables, rng, _example_ids(shape), cond_codes,
+                         labels, *_controls(temperature, top_k, top_p,
+                                            guidance))
+
+
 def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                     shape: Sequence[int], cond_codes: Sequence[Array] = (),
                     labels: Optional[Array] = None, reference: bool = False,
@@ -457,11 +473,9 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   Returns:
     The compiled program (e.g. for its `memory_analysis()`).
   """
-  guided = _guides(model, labels, guidance)
-  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
-                                            mesh)
-  args = (variables, jax.random.key(0), _example_ids(shape), cond_codes,
-          labels, *_controls(1.0, top_k, top_p, guidance))
+  shape, guided, args = _checked_call(
+      model, variables, jax.random.key(0), shape, cond_codes, labels, mesh,
+      1.0, top_k, top_p, guidance)
   if reference:
     args += (jnp.asarray(0, jnp.int32),)
   fn = _build(model, shape, reference, _sampling_mesh(mesh),
@@ -505,14 +519,11 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   Returns:
     [batch, h, w] int32 codes.
   """
-  guided = _guides(model, labels, guidance)
-  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
-                                            mesh)
-  controls = _controls(temperature, top_k, top_p, guidance)
+  shape, guided, args = _checked_call(
+      model, variables, rng, shape, cond_codes, labels, mesh, temperature,
+      top_k, top_p, guidance)
   return _build(model, shape, False, _sampling_mesh(mesh),
-                _truncates(top_k, top_p), _check_unroll(unroll), guided)(
-                    variables, rng, _example_ids(shape), cond_codes, labels,
-                    *controls)
+                _truncates(top_k, top_p), _check_unroll(unroll), guided)(*args)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -536,10 +547,9 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   Returns:
     [batch, h, w] int32 codes.
   """
-  guided = _guides(model, labels, guidance)
-  shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
-                                            mesh)
-  controls = _controls(temperature, top_k, top_p, guidance)
+  shape, guided, args = _checked_call(
+      model, variables, rng, shape, cond_codes, labels, mesh, temperature,
+      top_k, top_p, guidance)
   total = shape[1] * shape[2]
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
@@ -547,8 +557,7 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                      'for the whole map).')
   return _build(model, shape, True, _sampling_mesh(mesh),
                 _truncates(top_k, top_p), 1, guided)(
-                    variables, rng, _example_ids(shape), cond_codes, labels,
-                    *controls, jnp.asarray(n, jnp.int32))
+                    *args, jnp.asarray(n, jnp.int32))
 
 
 def clear_caches() -> None:
