@@ -1,8 +1,7 @@
 r"""Fashion-MNIST: the embedded default, sized for a 2-core CPU.
 
 The whole pipeline (VQ-VAE, code extraction, priors, samples, evaluation,
-export) took 17.5 minutes on 2 idle CPU cores with the domain classifier's
-3.3, which the default now skips (docs/benchmarks.md):
+export) takes 18.1 minutes on 2 idle CPU cores (docs/benchmarks.md):
 
   python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
     --workdir=/tmp/vqvae2_fmnist --mode=all
