@@ -687,6 +687,18 @@ class ConditioningStack(nn.Module):
     return x
 
 
+def check_cond_codes(cond_codes: Sequence[Array],
+                     cond_num_embeddings: Sequence[int]) -> tuple[Array, ...]:
+  """`cond_codes` as a tuple, one map per upper level (either prior kind)."""
+  cond_codes = tuple(cond_codes)
+  if len(cond_codes) != len(cond_num_embeddings):
+    raise ValueError(
+        f'Got {len(cond_codes)} conditioning code maps for a prior built '
+        f'with cond_num_embeddings={tuple(cond_num_embeddings)}; pass '
+        'the codes of every upper level, top first.')
+  return cond_codes
+
+
 def resolve_labels(labels: Optional[Array], batch: int, num_classes: int,
                    error: type[Exception] = ValueError) -> Optional[Array]:
   """The labels a prior is given: `labels`, or "no label" for every example.
@@ -876,12 +888,7 @@ class PixelCNNPrior(nn.Module):
       [batch, h, w, C], or None for an unconditioned prior.
     """
     b, height, width = shape
-    cond_codes = tuple(cond_codes)
-    if len(cond_codes) != len(self.cond_num_embeddings):
-      raise ValueError(
-          f'Got {len(cond_codes)} conditioning code maps for a prior built '
-          f'with cond_num_embeddings={tuple(self.cond_num_embeddings)}; pass '
-          'the codes of every upper level, top first.')
+    cond_codes = check_cond_codes(cond_codes, self.cond_num_embeddings)
     labels = resolve_labels(labels, b, self.num_classes)
     if not self.conditioned:
       return None

@@ -59,6 +59,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqvae2_jax import errors
 from vqvae2_jax.models import pixelcnn
 
 Array = jax.Array
@@ -82,6 +83,10 @@ def _causal_attend(q: Array, k: Array, v: Array, mask: Array,
   out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(jnp.float32),
                    precision=precision)
   return out.astype(v.dtype)
+
+
+class MapSizeError(errors.UserError, ValueError):
+  """A map of another size than the one a transformer prior was built for."""
 
 
 class TransformerBlock(nn.Module):
@@ -267,7 +272,7 @@ class TransformerPrior(nn.Module):
 
   def _check_shape(self, shape: Sequence[int]) -> None:
     if tuple(shape[1:]) != tuple(self.map_shape):
-      raise ValueError(
+      raise MapSizeError(
           f'A transformer prior built for {tuple(self.map_shape)} maps got a '
           f'{tuple(shape[1:])} map; its position tables fix the size. Fix: '
           'sample or score maps of the level it was trained on.')
@@ -287,12 +292,8 @@ class TransformerPrior(nn.Module):
     """
     self._check_shape(shape)
     b, height, width = shape
-    cond_codes = tuple(cond_codes)
-    if len(cond_codes) != len(self.cond_num_embeddings):
-      raise ValueError(
-          f'Got {len(cond_codes)} conditioning code maps for a prior built '
-          f'with cond_num_embeddings={tuple(self.cond_num_embeddings)}; pass '
-          'the codes of every upper level, top first.')
+    cond_codes = pixelcnn.check_cond_codes(cond_codes,
+                                           self.cond_num_embeddings)
     labels = pixelcnn.resolve_labels(labels, b, self.num_classes)
     pos = (self.row_embed(jnp.arange(height))[:, None] +
            self.col_embed(jnp.arange(width))[None, :])  # [h, w, C]
