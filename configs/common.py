@@ -185,5 +185,6 @@ def prior_level(*, attention_layers: int = 0, cond_stack_blocks: int = 0
   level.num_heads = 8  # Heads of each attention block.
   level.mlp_ratio = 4  # Transformer only: MLP hidden width / num_channels.
   level.cond_stack_blocks = cond_stack_blocks  # Residual blocks over the upper levels' codes.
+  level.cond_mode = 'add'  # Transformer only: upper codes 'add'ed to the inputs, or 'cross'-attended by every block.
   level.num_output_layers = 1  # 1x1 layers before the logits.
   return level

@@ -52,7 +52,10 @@ from vqvae2_jax import sampling
 from vqvae2_jax import stages
 from vqvae2_jax.train import prior_trainer
 
-FAMILIES = ('pixelcnn', 'transformer')
+# The families --families may name: 'transformer_cross' is the transformer
+# whose lower levels cross-attend to the upper codes (cond_mode 'cross')
+# instead of adding them to the inputs.
+FAMILIES = ('pixelcnn', 'transformer', 'transformer_cross')
 
 
 def _define_flags():
@@ -77,6 +80,8 @@ def _define_flags():
       flags.DEFINE_bool('smoke', False,
                         'fashion_mnist.py:tiny on a few images, a second per '
                         'level: checks that the script runs.'),
+      flags.DEFINE_list('families', ['pixelcnn', 'transformer'],
+                        f'Families to train, in order: of {FAMILIES}.'),
   )
 
 
@@ -89,10 +94,11 @@ def num_params(model: Any, level: int, shapes: list[tuple[int, int]],
   return sum(math.prod(x.shape) for x in jax.tree.leaves(variables))
 
 
-def transformer_config(config: ml_collections.ConfigDict,
-                       layers: int) -> ml_collections.ConfigDict:
+def transformer_config(config: ml_collections.ConfigDict, layers: int,
+                       cond_mode: str = 'add') -> ml_collections.ConfigDict:
   """`config` with a transformer on every level, each as wide as makes its
-  parameter count nearest the PixelCNN's of that level."""
+  parameter count nearest the PixelCNN's of that level; `cond_mode` for the
+  lower levels."""
   out = config.copy_and_resolve_references()
   shapes = builders.level_shapes(config)
   classes = int(config.data.num_classes)
@@ -103,6 +109,8 @@ def transformer_config(config: ml_collections.ConfigDict,
     heads = int(section.num_heads)
     section.kind = 'transformer'
     section.num_layers = layers
+    if level:
+      section.cond_mode = cond_mode
     best = None
     for width in range(heads, 1025, heads):
       section.num_channels = width
@@ -247,9 +255,11 @@ def plot(rows: dict[str, Any], path: str) -> None:
   levels = sorted({l for r in rows.values() for l in r['levels']})
   values = [r['levels'][l]['held_out'] for r in rows.values() for l in levels]
   top = max(values + [1e-9]) * 1.15
-  colours = {'pixelcnn': (200, 30, 30), 'transformer': (30, 90, 200)}
+  colours = {'pixelcnn': (200, 30, 30), 'transformer': (30, 90, 200),
+             'transformer_cross': (30, 160, 60)}
   draw.text((m, 8), 'held-out bits per code at equal train seconds '
-            '(red: PixelCNN, blue: transformer)', fill='black')
+            '(red: PixelCNN, blue: transformer, green: cross-attention)',
+            fill='black')
   draw.line([m, h - m, w - 10, h - m], fill='black')
   slot = (w - m - 10) / max(len(levels), 1)
   bar = slot / (len(rows) + 1)
@@ -281,9 +291,13 @@ def smoke_config() -> ml_collections.ConfigDict:
 def main(argv, flag_values):
   del argv
   (config, base, out, seconds, layers, num_samples, levels, batches,
-   smoke) = (f.value for f in flag_values)
+   smoke, families) = (f.value for f in flag_values)
   if not out:
     raise app.UsageError('--out is required.')
+  unknown = sorted(set(families) - set(FAMILIES))
+  if unknown or not families:
+    raise app.UsageError(f'--families={",".join(families)}: use names of '
+                         f'{FAMILIES}.')
   if smoke:
     config, seconds = smoke_config(), min(seconds, 1.0)
   # Before any JAX work (the width search below), as --mode runs do.
@@ -298,14 +312,15 @@ def main(argv, flag_values):
     print(f'Base workdir {base}: stage 1 and codes (resumed when made)')
     stages.run('vqvae', config, base)
     stages.run('codes', config, base)
-  configs = {'pixelcnn': config, 'transformer': transformer_config(config,
-                                                                   layers)}
+  configs = {family: config if family == 'pixelcnn' else transformer_config(
+      config, layers, 'cross' if family == 'transformer_cross' else 'add')
+             for family in families}
   levels = ([int(l) for l in levels] if levels else
             list(range(builders.num_levels(config))))
   if num_samples and len(levels) < builders.num_levels(config):
     raise app.UsageError('--num_samples needs every level (--levels unset).')
   rows = {}
-  for family in FAMILIES:
+  for family in families:
     print(f'--- {family}')
     rows[family] = {
         'changes': {k: configs[family].prior[k].to_dict() for k in

@@ -102,3 +102,20 @@ def test_remat_reaches_the_modules_but_not_the_fingerprints():
   assert builders.build_vqvae(config).remat
   assert builders.build_prior(config, 0).remat
   assert builders.build_prior(config, 1).remat
+
+
+def test_cross_attention_is_in_the_fingerprint_only_when_on():
+  config = _tiny()
+  config.prior.level_1.kind = 'transformer'
+  vqvae = {'step': 1, 'digest': 'd'}
+  before = builders.prior_fingerprint(config, 1, vqvae)
+  assert 'prior.level_1.cond_mode' not in before  # Old checkpoints match.
+  assert builders.build_prior(config, 1).cond_mode == 'add'
+  config.prior.level_1.cond_mode = 'cross'
+  assert builders.prior_fingerprint(config, 1, vqvae) == {
+      **before, 'prior.level_1.cond_mode': 'cross'}
+  assert builders.build_prior(config, 1).cross_attends
+  # A config recorded before the field existed builds the 'add' model.
+  del config.prior.level_1['cond_mode']
+  assert builders.prior_fingerprint(config, 1, vqvae) == before
+  assert builders.build_prior(config, 1).cond_mode == 'add'

@@ -188,3 +188,21 @@ def test_transformer_levels_are_checked_as_transformers():
   config.prior.level_1.mlp_ratio = 0
   with pytest.raises(errors.ConfigError, match=r'prior\.level_1\.mlp_ratio'):
     config_validation.validate_config(config, check_dataset=False)
+  config.prior.level_1.mlp_ratio = 2
+  config.prior.level_1.cond_mode = 'cross'
+  config_validation.validate_config(config, check_dataset=False)
+  config.prior.level_1.cond_mode = 'concat'
+  with pytest.raises(errors.ConfigError,
+                     match=r"prior\.level_1\.cond_mode: is 'concat'.*Fix: "):
+    config_validation.validate_config(config, check_dataset=False)
+
+
+@pytest.mark.parametrize('level,kind', [(0, 'transformer'), (1, 'pixelcnn')])
+def test_cross_attention_only_for_a_lower_transformer(level, kind):
+  config = _tiny()
+  config.prior[f'level_{level}'].kind = kind
+  config.prior[f'level_{level}'].cond_mode = 'cross'
+  with pytest.raises(errors.ConfigError,
+                     match=rf"prior\.level_{level}\.cond_mode: is 'cross'\. "
+                     r"Fix: leave it 'add'"):
+    config_validation.validate_config(config, check_dataset=False)

@@ -44,6 +44,9 @@ _PRIOR_LEVEL_FIELDS = {
     'transformer': ('kind', 'num_channels', 'num_layers', 'num_heads',
                     'mlp_ratio', 'cond_stack_blocks'),
 }
+# Fields of a lower level's transformer recorded only away from their
+# default (so checkpoints written before they existed still match).
+_TRANSFORMER_OPTIONAL_FIELDS = {'cond_mode': 'add'}
 # The prior kinds config.prior.level_<i>.kind may name.
 PRIOR_KINDS = tuple(_PRIOR_LEVEL_FIELDS)
 # Either prior module: both take the same arguments and expose the same
@@ -110,6 +113,15 @@ def prior_kind(config: ml_collections.ConfigDict, level: int) -> str:
   return config.prior[f'level_{level}'].get('kind', 'pixelcnn')
 
 
+def transformer_cond_mode(config: ml_collections.ConfigDict,
+                          level: int) -> str:
+  """config.prior.level_<level>.cond_mode of a transformer: 'add' for the
+  top level (nothing above it) and for configs recorded before the field."""
+  if not level:
+    return 'add'
+  return config.prior[f'level_{level}'].get('cond_mode', 'add')
+
+
 def build_prior(config: ml_collections.ConfigDict, level: int) -> Prior:
   """The prior of level `level` (0 = top) that `config` describes.
 
@@ -133,6 +145,7 @@ def build_prior(config: ml_collections.ConfigDict, level: int) -> Prior:
         num_classes=int(config.data.num_classes),
         cond_num_embeddings=(k,) * level,
         cond_stack_blocks=c.cond_stack_blocks if level else 0,
+        cond_mode=transformer_cond_mode(config, level),
         dtype=_dtype(config.prior.dtype, 'prior.dtype'),
         remat=bool(config.prior.remat),
         precision=config.prior.precision)
@@ -204,7 +217,13 @@ def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
     A JSON-able dict, stored with each of the level's checkpoints.
   """
   c = config.prior[f'level_{level}']
-  fields = _PRIOR_LEVEL_FIELDS[prior_kind(config, level)]
+  kind = prior_kind(config, level)
+  fields = _PRIOR_LEVEL_FIELDS[kind]
+  optional = {}
+  if kind == 'transformer':
+    mode = transformer_cond_mode(config, level)
+    if mode != _TRANSFORMER_OPTIONAL_FIELDS['cond_mode']:
+      optional[f'prior.level_{level}.cond_mode'] = mode
   return {
       'level': level,
       'level_shapes': [list(s) for s in level_shapes(config)[:level + 1]],
@@ -212,6 +231,7 @@ def prior_fingerprint(config: ml_collections.ConfigDict, level: int,
       'data.num_classes': int(config.data.num_classes),
       'prior.dtype': config.prior.dtype,
       **{f'prior.level_{level}.{f}': c[f] for f in fields},
+      **optional,
       'codes.vqvae_step': int(vqvae['step']),
       'codes.vqvae_digest': vqvae['digest'],
   }

@@ -16,6 +16,7 @@ from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.evaluation import judges
 from vqvae2_jax.models import quantizer as quantizer_lib
+from vqvae2_jax.models import transformer
 from vqvae2_jax.models import vqvae as vqvae_lib
 
 _CHANNELS = (1, 3)
@@ -179,6 +180,11 @@ def validate_config(config: ml_collections.ConfigDict,
     if kind not in builders.PRIOR_KINDS:
       _fail(f'prior.level_{i}.kind', f'is {kind!r}',
             f'use one of {builders.PRIOR_KINDS}')
+    mode = level.get('cond_mode', 'add')
+    if mode != 'add' and (kind != 'transformer' or i == 0):
+      _fail(f'prior.level_{i}.cond_mode', f'is {mode!r}',
+            "leave it 'add': cross-attention is built only for a lower "
+            "level's transformer (kind='transformer', level > 0)")
     if kind == 'transformer':
       # filter_size, attention_layers and num_output_layers are the
       # PixelCNN's; a transformer ignores them.
@@ -193,6 +199,10 @@ def validate_config(config: ml_collections.ConfigDict,
               'use a whole number >= 1, e.g. 4')
       if i > 0 and level.cond_stack_blocks < 0:
         _fail(f'prior.level_{i}.cond_stack_blocks', 'is negative', 'use >= 0')
+      mode = level.get('cond_mode', 'add')
+      if mode not in transformer.COND_MODES:
+        _fail(f'prior.level_{i}.cond_mode', f'is {mode!r}',
+              f'use one of {transformer.COND_MODES}')
       continue
     if level.attention_layers > level.num_layers:
       _fail(f'prior.level_{i}.attention_layers',

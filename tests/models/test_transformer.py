@@ -23,6 +23,10 @@ from vqvae2_jax.models import transformer
 TOP = dict(num_classes=3, map_shape=(3, 5))
 LOWER = dict(num_classes=3, cond_num_embeddings=(5, 6), cond_stack_blocks=1,
              map_shape=(4, 6))
+# The lower prior with cross-attention to the upper levels instead of their
+# map added to the inputs.
+CROSS = dict(LOWER, cond_mode='cross')
+KINDS = {'top': TOP, 'lower': LOWER, 'cross': CROSS}
 UPPER_SHAPES = ((2, 2, 3), (2, 4, 3))
 CONTROLS = [(1.0, 0, 1.0), (1.5, 3, 1.0), (0.7, 4, 0.9)]
 
@@ -36,7 +40,7 @@ def make_prior(**kwargs) -> transformer.TransformerPrior:
 
 
 def _setup(kind, batch=2):
-  model = make_prior(**(TOP if kind == 'top' else LOWER))
+  model = make_prior(**KINDS[kind])
   shape = (batch, *model.map_shape)
   rng = np.random.default_rng(1)
   cond = tuple(jnp.asarray(rng.integers(0, k, (batch, *s[1:])), jnp.int32)
@@ -48,7 +52,7 @@ def _setup(kind, batch=2):
   return model, variables, shape, cond, labels, codes
 
 
-@pytest.mark.parametrize('kind', ['top', 'lower'])
+@pytest.mark.parametrize('kind', ['top', 'lower', 'cross'])
 def test_cached_logits_equal_full_forward(kind):
   model, variables, _, cond, labels, codes = _setup(kind)
   full = jax.jit(functools.partial(model.apply, train=False))(
@@ -62,7 +66,7 @@ def test_cached_logits_equal_full_forward(kind):
   np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize('kind', ['top', 'lower'])
+@pytest.mark.parametrize('kind', ['top', 'lower', 'cross'])
 def test_cached_sampler_equals_reference(kind):
   model, variables, shape, cond, labels, _ = _setup(kind)
   for temperature, top_k, top_p in CONTROLS:
@@ -104,7 +108,8 @@ def _dependency_matrix(model, variables, codes, cond, labels, train):
   return jac.reshape(n, n)
 
 
-@pytest.mark.parametrize('kind,train', [('top', False), ('lower', True)])
+@pytest.mark.parametrize('kind,train', [('top', False), ('lower', True),
+                                        ('cross', True)])
 def test_causal_by_gradient(kind, train):
   model, variables, _, cond, labels, codes = _setup(kind)
   dep = _dependency_matrix(model, variables, codes, cond, labels, train)
@@ -117,8 +122,9 @@ def test_causal_by_gradient(kind, train):
       assert (dep[i, :i] > 0).all(), f'position {i} misses earlier codes'
 
 
-def test_depends_on_upper_codes_and_labels():
-  model, variables, _, cond, labels, codes = _setup('lower')
+@pytest.mark.parametrize('kind', ['lower', 'cross'])
+def test_depends_on_upper_codes_and_labels(kind):
+  model, variables, _, cond, labels, codes = _setup(kind)
   apply = jax.jit(functools.partial(model.apply, train=False))
   base = apply(variables, codes, cond_codes=cond, labels=labels)
   other_cond = (cond[0], (cond[1] + 1) % 6)
@@ -133,8 +139,9 @@ def test_depends_on_upper_codes_and_labels():
       base[:, 0, 0])
 
 
-def test_sampling_split_over_8_devices_equals_one_device():
-  model, variables, shape, cond, _, _ = _setup('lower', batch=8)
+@pytest.mark.parametrize('kind', ['lower', 'cross'])
+def test_sampling_split_over_8_devices_equals_one_device(kind):
+  model, variables, shape, cond, _, _ = _setup(kind, batch=8)
   labels = jnp.asarray([0, 1, 2, 3, 2, 1, 0, 3], jnp.int32)
   mesh = parallel.create_mesh(ml_collections.ConfigDict({'data': 4, 'fsdp': 2}))
   kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
@@ -145,8 +152,9 @@ def test_sampling_split_over_8_devices_equals_one_device():
   assert len(np.unique(np.asarray(one))) > 2
 
 
-def test_remat_keeps_outputs_and_gradients():
-  model, variables, _, cond, labels, codes = _setup('lower')
+@pytest.mark.parametrize('kind', ['lower', 'cross'])
+def test_remat_keeps_outputs_and_gradients(kind):
+  model, variables, _, cond, labels, codes = _setup(kind)
   remat = model.clone(remat=True)
   shapes = jax.eval_shape(lambda: remat.init(
       jax.random.key(0), codes, cond_codes=cond, labels=labels, train=False))
@@ -196,3 +204,24 @@ def test_bfloat16_prior_computes_and_samples_in_bfloat16():
                                 rng=jax.random.key(5))
   assert drawn.shape == shape and 0 <= int(drawn.min()) <= int(
       drawn.max()) < model.num_embeddings
+
+
+def test_cross_attention_adds_its_own_parameters_only():
+  """'cross' leaves the inputs free of the upper codes and adds per-block
+  cross-attention; a top prior has nothing to attend, so it is unchanged."""
+  add = _setup('lower')[1]['params']
+  cross = _setup('cross')[1]['params']
+  assert 'memory_norm' in cross and 'memory_norm' not in add
+  assert set(cross['blocks_0']) - set(add['blocks_0']) == {
+      'cross_norm', 'cross_query', 'cross_key', 'cross_value', 'cross_proj'}
+  top_cross = make_prior(**TOP, cond_mode='cross')
+  codes = jnp.zeros((1, *TOP['map_shape']), jnp.int32)
+  shapes = jax.eval_shape(lambda: top_cross.init(
+      jax.random.key(0), codes, train=False))
+  assert not top_cross.cross_attends
+  assert 'cross_query' not in shapes['params']['blocks_0']
+  with pytest.raises(ValueError, match='cond_mode must be one of'):
+    make_prior(**LOWER, cond_mode='concat').init(
+        jax.random.key(0), jnp.zeros((1, 4, 6), jnp.int32),
+        cond_codes=tuple(jnp.zeros((1, *s[1:]), jnp.int32)
+                         for s in UPPER_SHAPES), train=False)

@@ -19,9 +19,13 @@ Design choices, and why:
   label", which label dropout trains, so one model also samples
   unconditionally and guidance works as for the PixelCNN), and, for lower
   levels, the PixelCNN's `ConditioningStack` over the upper levels' codes at
-  this position. Adding the conditioning to the inputs costs nothing per
-  sampled position beyond one addition; cross-attention to the upper codes
-  would cost a second attention per layer and position and is not built.
+  this position (`cond_mode='add'`). Adding the conditioning to the inputs
+  costs nothing per sampled position beyond one addition. `cond_mode='cross'`
+  instead gives every block a cross-attention from its tokens to a memory:
+  the conditioning stack's map (at this level's size) plus the 2-D
+  positions, normalised once. Its keys and values are computed once per
+  sample in `prepare`, so a step pays one more attention per block, over
+  h * w memory positions (no mask: the upper codes are all known).
 * Blocks. Pre-norm (LayerNorm before attention and before the MLP, a final
   LayerNorm before the logits), the usual stable arrangement of decoder-only
   transformers; no key bias (it cannot change a softmax). Dropout on the inputs and on both residual branches (RNG
@@ -85,6 +89,10 @@ def _causal_attend(q: Array, k: Array, v: Array, mask: Array,
   return out.astype(v.dtype)
 
 
+# How the upper levels' codes enter a lower transformer prior.
+COND_MODES = ('add', 'cross')
+
+
 class MapSizeError(errors.UserError, ValueError):
   """A map of another size than the one a transformer prior was built for."""
 
@@ -104,6 +112,7 @@ class TransformerBlock(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dropout_rate: float = 0.0
+  cross_attention: bool = False
   dtype: Dtype = jnp.float32
   precision: Precision = None
 
@@ -118,28 +127,60 @@ class TransformerBlock(nn.Module):
     self.key = dense(self.channels, use_bias=False)
     self.value = dense(self.channels)
     self.proj = dense(self.channels)
+    if self.cross_attention:
+      self.cross_norm = nn.LayerNorm(dtype=self.dtype)
+      self.cross_query = dense(self.channels)
+      self.cross_key = dense(self.channels, use_bias=False)
+      self.cross_value = dense(self.channels)
+      self.cross_proj = dense(self.channels)
     self.mlp_norm = nn.LayerNorm(dtype=self.dtype)
     self.mlp_in = dense(self.mlp_ratio * self.channels)
     self.mlp_out = dense(self.channels)
     self.dropout = pixelcnn.Dropout(self.dropout_rate)
 
+  def _split(self, z: Array) -> Array:
+    """[b, t, C] -> [b, heads, t, d]."""
+    return jnp.transpose(z.reshape(*z.shape[:2], self.num_heads, -1),
+                         (0, 2, 1, 3))
+
   def _heads(self, x: Array) -> tuple[Array, Array, Array]:
     """[b, t, C] -> q, k, v, each [b, heads, t, d]."""
     y = self.attn_norm(x)
-    heads = lambda z: jnp.transpose(
-        z.reshape(*x.shape[:2], self.num_heads, -1), (0, 2, 1, 3))
-    return heads(self.query(y)), heads(self.key(y)), heads(self.value(y))
+    return (self._split(self.query(y)), self._split(self.key(y)),
+            self._split(self.value(y)))
 
-  def _finish(self, x: Array, attended: Array, train: bool) -> Array:
-    """Residual projection and MLP; attended [b, heads, t, d] -> [b, t, C]."""
+  def _residual(self, x: Array, attended: Array, proj: nn.Module,
+                train: bool) -> Array:
+    """x + dropout(proj(heads merged)); attended [b, heads, t, d]."""
     b, _, t, _ = attended.shape
     merged = jnp.transpose(attended, (0, 2, 1, 3)).reshape(b, t, -1)
-    x = x + self.dropout(self.proj(merged), deterministic=not train)
+    return x + self.dropout(proj(merged), deterministic=not train)
+
+  def memory_kv(self, memory: Array) -> tuple[Array, Array]:
+    """Cross-attention keys and values of a [b, m, C] (normalised) memory,
+    each [b, heads, m, d]; computed once per sample."""
+    return (self._split(self.cross_key(memory)),
+            self._split(self.cross_value(memory)))
+
+  def _finish(self, x: Array, attended: Array, memory_kv: Optional[tuple],
+              train: bool) -> Array:
+    """Self-attention residual, cross-attention (when built) and MLP;
+    attended [b, heads, t, d] -> [b, t, C]."""
+    x = self._residual(x, attended, self.proj, train)
+    if self.cross_attention:
+      k, v = memory_kv
+      q = self._split(self.cross_query(self.cross_norm(x)))
+      everything = jnp.ones((q.shape[2], k.shape[2]), bool)
+      x = self._residual(x, _causal_attend(q, k, v, everything,
+                                           self.precision),
+                         self.cross_proj, train)
     y = self.mlp_out(nn.gelu(self.mlp_in(self.mlp_norm(x))))
     return x + self.dropout(y, deterministic=not train)
 
-  def __call__(self, x: Array, train: bool) -> Array:
-    """Full path: [b, n, C] -> [b, n, C], position t sees positions <= t.
+  def __call__(self, x: Array, train: bool,
+               memory_kv: Optional[tuple] = None) -> Array:
+    """Full path: [b, n, C] -> [b, n, C], position t sees positions <= t
+    (and, with cross-attention, the whole memory of `memory_kv`).
 
     `train` may be positional, for `nn.remat`'s static_argnums.
     """
@@ -147,7 +188,7 @@ class TransformerBlock(nn.Module):
     q, k, v = self._heads(x)
     mask = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
     return self._finish(x, _causal_attend(q, k, v, mask, self.precision),
-                        train)
+                        memory_kv, train)
 
   def init_cache(self, batch: int, height: int, width: int
                  ) -> dict[str, Array]:
@@ -179,7 +220,8 @@ class TransformerBlock(nn.Module):
     return {**cache, 'k': write(cache['k'], cache['row_k']),
             'v': write(cache['v'], cache['row_v'])}
 
-  def step(self, cache: dict[str, Array], x: Array, r: Array, c: Array
+  def step(self, cache: dict[str, Array], x: Array, r: Array, c: Array,
+           memory_kv: Optional[tuple] = None
            ) -> tuple[Array, dict[str, Array]]:
     """The block at position (r, c), after `step_row(r)` and (r, 0..c-1).
 
@@ -187,6 +229,7 @@ class TransformerBlock(nn.Module):
       cache: the cache after those steps.
       x: [b, 1, C] input at (r, c).
       r, c: int32 scalars.
+      memory_kv: `memory_kv`'s output, with cross-attention.
 
     Returns:
       ([b, 1, C] output, the cache with (r, c)'s key and value in the row
@@ -198,7 +241,7 @@ class TransformerBlock(nn.Module):
               jnp.arange(cache['k'].shape[2]) < r * width),
              (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
     attended = pixelcnn.attend_one(q, k, v, parts, self.precision)
-    out = self._finish(x, attended[:, :, None], False)
+    out = self._finish(x, attended[:, :, None], memory_kv, False)
     write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
         buf, new.astype(buf.dtype)[:, :, None], c, axis=2)
     return out, {**cache, 'row_k': write(cache['row_k'], k),
@@ -220,6 +263,9 @@ class TransformerPrior(nn.Module):
       means "no label".
     cond_num_embeddings: K of each upper level, top first; () for the top.
     cond_stack_blocks: residual blocks of the conditioning stack.
+    cond_mode: how the upper levels enter: 'add' (the stack's map added to
+      the inputs) or 'cross' (every block cross-attends to it); ignored by a
+      top prior, which has no upper levels.
     dtype: compute dtype; the logits are always float32.
     remat: recompute each block (and the conditioning stack's blocks) in the
       backward pass; same parameters, outputs and gradients.
@@ -235,11 +281,20 @@ class TransformerPrior(nn.Module):
   num_classes: int = 0
   cond_num_embeddings: Sequence[int] = ()
   cond_stack_blocks: int = 0
+  cond_mode: str = 'add'
   dtype: Dtype = jnp.float32
   remat: bool = False
   precision: Precision = None
 
+  @property
+  def cross_attends(self) -> bool:
+    """Whether the blocks cross-attend to the upper levels."""
+    return self.cond_mode == 'cross' and bool(self.cond_num_embeddings)
+
   def setup(self):
+    if self.cond_mode not in COND_MODES:
+      raise ValueError(f'cond_mode must be one of {COND_MODES}, got '
+                       f'{self.cond_mode!r}.')
     if self.num_layers < 1:
       raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
     if self.num_channels % self.num_heads:
@@ -262,8 +317,11 @@ class TransformerPrior(nn.Module):
       self.cond_stack = pixelcnn.ConditioningStack(
           tuple(self.cond_num_embeddings), c, self.cond_stack_blocks,
           dtype=self.dtype, remat=self.remat, precision=self.precision)
+    if self.cross_attends:
+      self.memory_norm = nn.LayerNorm(dtype=self.dtype)
     self.blocks = [block(c, self.num_heads, self.mlp_ratio, self.dropout_rate,
-                         dtype=self.dtype, precision=self.precision)
+                         self.cross_attends, dtype=self.dtype,
+                         precision=self.precision)
                    for _ in range(self.num_layers)]
     self.input_dropout = pixelcnn.Dropout(self.dropout_rate)
     self.out_norm = nn.LayerNorm(dtype=self.dtype)
@@ -278,9 +336,8 @@ class TransformerPrior(nn.Module):
           'sample or score maps of the level it was trained on.')
 
   def context(self, cond_codes: Sequence[Array], labels: Optional[Array],
-              shape: Sequence[int]) -> Array:
-    """What is added to every input but the token: positions, upper codes,
-    class.
+              shape: Sequence[int]) -> dict[str, Array]:
+    """What every token is computed with: positions, upper codes, class.
 
     Args:
       cond_codes: one [batch, h_j, w_j] int32 map per upper level, top first.
@@ -288,7 +345,10 @@ class TransformerPrior(nn.Module):
       shape: (batch, h, w) of this level's map.
 
     Returns:
-      [batch, h * w, C].
+      {'context': [batch, h * w, C] added to every input but the token
+       (positions, class, and with cond_mode 'add' the upper codes);
+       with cross-attention also 'memory': [batch, h * w, C], the
+       normalised upper codes' map plus the positions}.
     """
     self._check_shape(shape)
     b, height, width = shape
@@ -298,18 +358,30 @@ class TransformerPrior(nn.Module):
     pos = (self.row_embed(jnp.arange(height))[:, None] +
            self.col_embed(jnp.arange(width))[None, :])  # [h, w, C]
     feats = jnp.broadcast_to(pos, (b, height, width, self.num_channels))
-    if self.cond_num_embeddings:
+    flat = lambda x: x.reshape(b, height * width, self.num_channels)
+    out = {}
+    if self.cross_attends:
+      out['memory'] = flat(self.memory_norm(
+          feats + self.cond_stack(cond_codes, (height, width))))
+    elif self.cond_num_embeddings:
       feats = feats + self.cond_stack(cond_codes, (height, width))
     if self.num_classes:
       feats = feats + self.class_embed(labels)[:, None, None, :]
-    return feats.reshape(b, height * width, self.num_channels)
+    out['context'] = flat(feats)
+    return out
+
+  def _memory_kvs(self, context: dict[str, Array]) -> list[Optional[tuple]]:
+    """Each block's cross-attention keys and values (Nones without)."""
+    if not self.cross_attends:
+      return [None] * self.num_layers
+    return [block.memory_kv(context['memory']) for block in self.blocks]
 
   def _logits(self, x: Array) -> Array:
     return self.out_logits(self.out_norm(x)).astype(jnp.float32)
 
   # Full path.
 
-  def forward_embedded(self, embedded: Array, context: Array, *,
+  def forward_embedded(self, embedded: Array, context: dict[str, Array], *,
                        train: bool) -> Array:
     """Logits from embedded codes (exposed for gradient-based causality tests).
 
@@ -325,9 +397,10 @@ class TransformerPrior(nn.Module):
     flat = embedded.reshape(b, height * width, c)
     start = jnp.broadcast_to(self.start.astype(flat.dtype), (b, 1, c))
     tokens = jnp.concatenate([start, flat[:, :-1]], axis=1)
-    x = self.input_dropout(tokens + context, deterministic=not train)
-    for block in self.blocks:
-      x = block(x, train)
+    x = self.input_dropout(tokens + context['context'],
+                           deterministic=not train)
+    for block, memory_kv in zip(self.blocks, self._memory_kvs(context)):
+      x = block(x, train, memory_kv)
     return self._logits(x).reshape(b, height, width, -1)
 
   def __call__(self, codes: Array, *, cond_codes: Sequence[Array] = (),
@@ -353,8 +426,13 @@ class TransformerPrior(nn.Module):
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
               shape: Sequence[int]) -> dict[str, Any]:
-    """Per-sample context computed once: {'context': [batch, h * w, C]}."""
-    return {'context': self.context(cond_codes, labels, shape)}
+    """Per-sample context computed once: `context`'s 'context' and, with
+    cross-attention, each block's memory keys and values ('memory_kv')."""
+    context = self.context(cond_codes, labels, shape)
+    out = {'context': context['context']}
+    if self.cross_attends:
+      out['memory_kv'] = self._memory_kvs(context)
+    return out
 
   def init_cache(self, shape: Sequence[int]) -> dict[str, Any]:
     """Zero caches for sampling a [batch, h, w] map.
@@ -401,7 +479,9 @@ class TransformerPrior(nn.Module):
     token = jnp.where(t > 0, token, start)
     x = token + jax.lax.dynamic_slice_in_dim(context['context'], t, 1, axis=1)
     blocks = []
-    for block, entry in zip(self.blocks, cache['blocks']):
-      x, entry = block.step(entry, x, r, c)
+    memory_kvs = context.get('memory_kv', [None] * self.num_layers)
+    for block, entry, memory_kv in zip(self.blocks, cache['blocks'],
+                                       memory_kvs):
+      x, entry = block.step(entry, x, r, c, memory_kv)
       blocks.append(entry)
     return self._logits(x)[:, 0], {**cache, 'blocks': blocks}
