@@ -179,7 +179,26 @@ class TransformerBlock(nn.Module):
     return {**cache, 'k': write(cache['k'], cache['row_k']),
             'v': write(cache['v'], cache['row_v'])}
 
-  def step(self, cache: dict[str, Array], x: Array, r: Array, c: Array
+  def fused_view(self) -> dict[str, Array]:
+    """The weights of a position step laid out for one query/key/value
+    product, derived from the parameters.
+
+    Returns:
+      {'w_qkv': [C, 3C] the query, key and value kernels side by side,
+       'b_qkv': [3C] their biases (zeros for the key)}.
+    """
+    dtype = self.dtype
+    params = [layer.variables['params']
+              for layer in (self.query, self.key, self.value)]
+    zeros = jnp.zeros((self.channels,), dtype)
+    return {'w_qkv': jnp.concatenate(
+                [p['kernel'].astype(dtype) for p in params], axis=1),
+            'b_qkv': jnp.concatenate(
+                [p['bias'].astype(dtype) if 'bias' in p else zeros
+                 for p in params])}
+
+  def step(self, cache: dict[str, Array], x: Array, r: Array, c: Array,
+           fused: Optional[dict[str, Array]] = None
            ) -> tuple[Array, dict[str, Array]]:
     """The block at position (r, c), after `step_row(r)` and (r, 0..c-1).
 
@@ -187,12 +206,20 @@ class TransformerBlock(nn.Module):
       cache: the cache after those steps.
       x: [b, 1, C] input at (r, c).
       r, c: int32 scalars.
+      fused: `fused_view()`, made once outside the sampler's loop (the
+        queries, keys and values as one product); None makes it here.
 
     Returns:
       ([b, 1, C] output, the cache with (r, c)'s key and value in the row
       cache).
     """
-    q, k, v = (y[:, :, 0] for y in self._heads(x))  # [b, heads, d]
+    if fused is None:
+      fused = self.fused_view()
+    b = x.shape[0]
+    qkv = jnp.dot(self.attn_norm(x)[:, 0], fused['w_qkv'],
+                  precision=self.precision) + fused['b_qkv']
+    q, k, v = (y.reshape(b, self.num_heads, -1)  # [b, heads, d]
+               for y in jnp.split(qkv, 3, axis=-1))
     width = cache['row_k'].shape[2]
     parts = [(cache['k'], cache['v'],
               jnp.arange(cache['k'].shape[2]) < r * width),
@@ -353,8 +380,11 @@ class TransformerPrior(nn.Module):
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
               shape: Sequence[int]) -> dict[str, Any]:
-    """Per-sample context computed once: {'context': [batch, h * w, C]}."""
-    return {'context': self.context(cond_codes, labels, shape)}
+    """Per-sample context computed once: {'context': [batch, h * w, C],
+    'blocks': each block's `fused_view()` (its weights laid out for a
+    position step)}."""
+    return {'context': self.context(cond_codes, labels, shape),
+            'blocks': [block.fused_view() for block in self.blocks]}
 
   def init_cache(self, shape: Sequence[int]) -> dict[str, Any]:
     """Zero caches for sampling a [batch, h, w] map.
@@ -401,7 +431,8 @@ class TransformerPrior(nn.Module):
     token = jnp.where(t > 0, token, start)
     x = token + jax.lax.dynamic_slice_in_dim(context['context'], t, 1, axis=1)
     blocks = []
-    for block, entry in zip(self.blocks, cache['blocks']):
-      x, entry = block.step(entry, x, r, c)
+    for block, entry, fused in zip(self.blocks, cache['blocks'],
+                                   context['blocks']):
+      x, entry = block.step(entry, x, r, c, fused)
       blocks.append(entry)
     return self._logits(x)[:, 0], {**cache, 'blocks': blocks}
