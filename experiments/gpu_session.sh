@@ -76,7 +76,7 @@ for part in "${parts[@]}"; do
         --config=configs/imagenet256.py --make_export=/tmp/paper_export \
         --json="$out/first_image.json" ;;
     ops) run ops 120 "$py" experiments/step_ops.py --ops=paper ${SMOKE:+--ops=small} \
-        --json="$out/ops.json" ;;
+        --ops_json="$out/ops.json" ;;
     train) run train 400 "$py" -m experiments.accelerator_check $smoke \
         --parts=stage1,prior0,prior1 --json="$out/train.json" ;;
     *) echo "unknown part $part (see the header of this script)"; exit 2 ;;

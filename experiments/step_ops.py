@@ -3,7 +3,7 @@ r"""Kernels per position step of the cached sampler, and its CPU speed.
   python -m experiments.step_ops --ops=paper          # paper-size priors
   python -m experiments.step_ops --ops=small --time=top32,lower64
   PYTHONPATH=. python experiments/step_ops.py --trees=/tmp/base,. \
-      --rounds=3 --ops=paper --time=top32,lower64      # before/after table
+      --time_rounds=3 --ops=paper --time=top32,lower64  # before/after
 
 On an accelerator a position step of the sampler is launch-bound: its cost
 is the number of kernels it runs, not their arithmetic (issue 29). This
@@ -15,14 +15,15 @@ one) and the fusions: each is one kernel on a GPU. Rows:
 
 * paper: the ImageNet-256 config's own priors, top (32x32, 20 gated blocks
   of 512 channels, 4 attention blocks) and lower (64x64, conditioning stack);
-* small: experiments/bench_sampling.py's reduced rows top32 and lower64.
+* small: experiments/bench_sampling.py's reduced rows top32 and lower64,
+  and its transformer of top32's size.
 
 --time: seconds per map (batch 1, the fastest of --time_repeats calls) of
 bench_sampling's reduced rows, the cached sampler on one CPU device.
 
 --trees: run the above once per source tree (a checkout of the package:
 its directory goes first on PYTHONPATH, in a fresh process), alternating
-trees for --rounds rounds so that a shared machine's load falls on both
+trees for --time_rounds rounds so that a shared machine's load falls on both
 alike, then print each figure per tree (the median over rounds for times)
 and the ratio of the last tree to the first. E.g. a baseline exported with
 `git archive <commit> | tar -x -C /tmp/base`.
@@ -30,6 +31,7 @@ and the ratio of the last tree to the first. E.g. a baseline exported with
 
 import collections
 import json
+import math
 import os
 import re
 import statistics
@@ -49,15 +51,18 @@ from experiments import bench_sampling
 from vqvae2_jax import builders
 from vqvae2_jax import sampling
 from vqvae2_jax.models import pixelcnn
+from vqvae2_jax.models import transformer
 
 _OPS = flags.DEFINE_list('ops', ['paper'],
                          'Op-count rows: paper and/or small (empty: none).')
 _TIME = flags.DEFINE_list('time', [],
                           'bench_sampling rows to time (top32, lower64).')
-_REPEATS = flags.DEFINE_integer('time_repeats', 3, 'Timed calls; fastest counts.')
+_REPEATS = flags.DEFINE_integer('time_repeats', 3,
+                                'Timed calls; fastest counts.')
 _TREES = flags.DEFINE_list('trees', [], 'Source trees to compare (see above).')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds (--trees).')
-_JSON = flags.DEFINE_string('json', '', 'Write the figures here too.')
+_ROUNDS = flags.DEFINE_integer('time_rounds', 3,
+                               'Alternating rounds (--trees).')
+_JSON = flags.DEFINE_string('ops_json', '', 'Write the figures here too.')
 
 # '  [ROOT ]%name = <type> opcode(' : the opcode of one instruction.
 _OPCODE = re.compile(r'=\s*(?:\([^=]*?\)|\S+)\s+([a-z][\w\-]*)\(')
@@ -104,7 +109,9 @@ def position_body_ops(hlo_text: str) -> dict[str, int]:
     {'dots': dot/convolution instructions plus fusions that hold one,
      'fusions': fusions (those with a product included), 'kernels': every
      instruction that runs something (fusions, products, copies, slices,
-     custom calls...), 'instructions': all of them}.
+     custom calls...), 'instructions': all of them, 'big_copies': copies
+     of arrays of more than 4 elements (a cache XLA could not update in
+     place)}.
   """
   comps = computations(hlo_text)
 
@@ -137,6 +144,8 @@ def position_body_ops(hlo_text: str) -> dict[str, int]:
     if op in _FREE:
       continue
     counts['kernels'] += 1
+    if op == 'copy' and _big(line):
+      counts['big_copies'] += 1
     if op == 'fusion':
       counts['fusions'] += 1
     if has_product_line(line, has_product):
@@ -144,7 +153,15 @@ def position_body_ops(hlo_text: str) -> dict[str, int]:
     elif op == 'custom-call' and re.search(r'matmul|conv|gemm', line):
       counts['dots'] += 1
   return {k: counts[k] for k in ('dots', 'fusions', 'kernels',
-                                 'instructions')}
+                                 'instructions', 'big_copies')}
+
+
+def _big(line: str) -> bool:
+  """Whether an instruction's result has more than 4 elements (a copy of
+  an array, not of a loop counter or of random-bit state)."""
+  match = re.search(r'=\s*\w+\[([\d,]*)\]', _COMMENT.sub('', line))
+  return bool(match) and math.prod(
+      int(x) for x in match.group(1).split(',') if x) > 4
 
 
 def _abstract_sampler_args(model, shape, upper, num_classes):
@@ -174,10 +191,12 @@ def count_rows(which: str) -> list[dict[str, Any]]:
                builders.build_prior(config, i), shapes[i], tuple(shapes[:i]))
               for i in range(len(shapes))]
   else:
-    priors = [(f'small_{name}', pixelcnn.PixelCNNPrior(**row['prior']),
+    priors = [(f'small_{name}',
+               (transformer.TransformerPrior
+                if row.get('kind') == 'transformer'
+                else pixelcnn.PixelCNNPrior)(**row['prior']),
                row['shape'], row['upper'])
-              for name, row in bench_sampling.ROWS.items()
-              if row.get('kind') != 'transformer']
+              for name, row in bench_sampling.ROWS.items()]
   for name, model, (h, w), upper in priors:
     start = time.perf_counter()
     ops = prior_step_ops(model, (1, h, w), upper)
@@ -191,7 +210,7 @@ def prior_step_ops(model: Any, shape: tuple[int, int, int],
   """`position_body_ops` of a prior's cached sampler (abstract weights).
 
   Args:
-    model: a PixelCNN prior.
+    model: a PixelCNN or transformer prior.
     shape: (batch, h, w) of the sampled map.
     upper: (h_j, w_j) of each upper level's map (its conditioning codes).
   """
@@ -249,7 +268,7 @@ def compare(trees: list[str]) -> None:
   """Runs `measure` in a fresh process per tree, alternating, and prints."""
   runs = {tree: [] for tree in trees}
   argv = [a for a in sys.argv[1:]
-          if not a.startswith(('--trees', '--rounds', '--json'))]
+          if not a.startswith(('--trees', '--time_rounds', '--ops_json'))]
   for rnd in range(_ROUNDS.value):
     for tree in trees:
       env = {**os.environ, 'PYTHONPATH': os.path.abspath(tree)}
@@ -257,7 +276,8 @@ def compare(trees: list[str]) -> None:
                                    if not a.startswith('--ops')] + ['--ops=']
       start = time.perf_counter()
       done = subprocess.run(
-          [sys.executable, os.path.abspath(__file__), *ops, '--json=/dev/stdout'],
+          [sys.executable, os.path.abspath(__file__), *ops,
+           '--ops_json=/dev/stdout'],
           env=env, check=True, capture_output=True, text=True)
       result = json.loads(done.stdout[done.stdout.index('{'):])
       runs[tree].append(result)
@@ -273,7 +293,7 @@ def compare(trees: list[str]) -> None:
     print(f'{"row":16} {"count":12} ' + ' '.join(f'{n[-12:]:>12}'
                                                for n in names) + '   ratio')
     for i, row in enumerate(runs[base][0]['ops']):
-      for key in ('dots', 'fusions', 'kernels'):
+      for key in ('dots', 'fusions', 'kernels', 'big_copies'):
         values = [runs[t][0]['ops'][i][key] for t in trees]
         print(f'{row["row"]:16} {key:12} '
               + ' '.join(f'{v:>12}' for v in values)

@@ -41,11 +41,10 @@ Each layer with state owns its incremental path beside its `__call__`:
 `GatedBlock` and `AttentionBlock` have `init_cache` / `step_row` /
 `step_position`, and the prior's methods of the same names are plain loops
 over them. `step_row` advances every vertical stack by one row (it needs only
-rows above) and moves the finished row of each attention block to its
-key/value cache; `step_position` advances every horizontal stack and
-attention block by one position (keeping, per gated block, the horizontal
-taps' sums so far of the next columns and, per attention block, the keys
-and values of the rows above and of the current row). The first block's
+rows above); `step_position` advances every horizontal stack and attention
+block by one position (keeping, per gated block, the horizontal taps' sums
+so far of the next columns and, per attention block, the keys and values
+of the positions so far). The first block's
 one-position shift is the block's own business (see `GatedBlock`). The
 conditioning stack and class embedding run once, in `prepare`, which also
 lays out each layer's weights for a position step (`fused_view`: the
@@ -208,40 +207,6 @@ def _attend(q: Array, k: Array, v: Array, mask: Array,
   weights = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(jnp.float32),
                    precision=precision)
-  return out.astype(v.dtype)
-
-
-def attend_one(q: Array, k: Array, v: Array,
-                parts: Sequence[tuple[Array, Array, Array]],
-                precision: Precision = None) -> Array:
-  """`_attend` for one new query over cached keys/values plus its own.
-
-  Args:
-    q, k, v: [batch, heads, d] query, key and value of the new position.
-    parts: (k_cache, v_cache, valid) triples: [batch, heads, n_i, d] caches
-      and [n_i] bool masks of the entries to attend to.
-    precision: of the products with the caches.
-
-  Returns:
-    [batch, heads, d] in the dtype of v.
-  """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  q = q.astype(jnp.float32)
-  logits = []
-  for k_cache, _, valid in parts:
-    part = jnp.einsum('bhd,bhkd->bhk', q, k_cache.astype(jnp.float32),
-                      precision=precision) * scale
-    logits.append(jnp.where(valid, part, jnp.finfo(jnp.float32).min))
-  logits.append(jnp.sum(q * k.astype(jnp.float32), axis=-1, keepdims=True)
-                * scale)
-  weights = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-  out = weights[..., -1:] * v.astype(jnp.float32)
-  start = 0
-  for k_cache, v_cache, _ in parts:
-    n = k_cache.shape[2]
-    out = out + jnp.einsum('bhk,bhkd->bhd', weights[..., start:start + n],
-                           v_cache.astype(jnp.float32), precision=precision)
-    start += n
   return out.astype(v.dtype)
 
 
@@ -611,82 +576,74 @@ class AttentionBlock(nn.Module):
                  ) -> dict[str, Array]:
     """Zero key/value caches for a [batch, height, width] map.
 
-    The keys and values live in two caches: the rows above (written a whole
-    row at a time by `step_row`) and the current row (written a position at
-    a time by `step_position`). A position step only reads the big cache, so
-    XLA never copies it inside the per-position loop. Heads-major, so that a
-    step reads the caches without transposing them.
+    Each position step writes its own key and value, then attends over the
+    cache with them in it (the entries after it masked). The batch and the
+    heads share the leading axis, so that the step's products read the
+    cache as it is stored: a cache read in another shape made XLA fuse the
+    write into each reader and copy the cache at every position, and a
+    cache read before it was written (the rows above kept apart from the
+    current row's, as this block once did) was copied too, since XLA could
+    not order the read before the write in place.
 
     Returns:
-      {'k', 'v': [batch, heads, height * width, d] the rows above (later
-       entries are ignored); 'row_k', 'row_v': [batch, heads, width, d] the
-       columns before the new one in the current row}.
+      {'k', 'v': [batch * heads, height * width, d], position (r, c) at
+       r * width + c}.
     """
     d = self.channels // self.num_heads
-    kv_shape = (batch, self.num_heads, height * width, d)
-    row_shape = (batch, self.num_heads, width, d)
-    return {'k': jnp.zeros(kv_shape, self.dtype),
-            'v': jnp.zeros(kv_shape, self.dtype),
-            'row_k': jnp.zeros(row_shape, self.dtype),
-            'row_v': jnp.zeros(row_shape, self.dtype)}
+    shape = (batch * self.num_heads, height * width, d)
+    return {'k': jnp.zeros(shape, self.dtype),
+            'v': jnp.zeros(shape, self.dtype)}
 
   def step_row(self, cache: dict[str, Array], r: Array) -> dict[str, Array]:
-    """Starts row r: copies the row cache into the big cache as row r - 1.
-
-    At r == 0 the row cache still holds zeros, like the big one, so writing
-    it as row 0 changes nothing; stale entries of the row cache are masked by
-    `step_position`.
-
-    Args:
-      cache: from `init_cache` or the steps of row r - 1.
-      r: int32 scalar row index.
-
-    Returns:
-      The cache with the keys and values of row r - 1 in the big cache.
-    """
-    width = cache['row_k'].shape[2]
-    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-        buf, x, jnp.maximum(r - 1, 0) * width, axis=2)
-    return {**cache, 'k': write(cache['k'], cache['row_k']),
-            'v': write(cache['v'], cache['row_v'])}
+    """Starts row r: nothing to do (each position writes its own keys and
+    values); kept so that every layer with a cache has the same steps."""
+    del r
+    return cache
 
   def step_position(self, cache: dict[str, Array], h: Array, r: Array,
-                    c: Array, fused: Optional[dict[str, Array]] = None
+                    c: Array, fused: dict[str, Array]
                     ) -> tuple[Array, dict[str, Array]]:
-    """The block at position (r, c), after `step_row(r)` and (r, 0..c-1).
+    """The block at position (r, c), after the positions before it.
 
-    The queries, keys and values are one product (`fused_view`).
+    Six matrix products: the queries, keys and values at once
+    (`fused_view`), the attention's two over the cache, the output
+    projection and the MLP's two.
 
     Args:
       cache: the cache after those steps.
       h: [batch, 1, 1, C] features at (r, c).
       r, c: int32 scalars.
-      fused: `fused_view(h, w)`, made once outside the sampler's loop; None
-        makes it here.
+      fused: `fused_view(height, width)`, made once outside the sampler's
+        loop (it also tells the map's width, which the cache does not).
 
     Returns:
-      ([batch, 1, 1, C], the cache with (r, c) written to the row cache).
+      ([batch, 1, 1, C], the cache with (r, c)'s keys and values written).
     """
     b, _, _, channels = h.shape
-    width = cache['row_k'].shape[2]
-    if fused is None:
-      fused = self.fused_view(cache['k'].shape[2] // width, width)
+    bh, n, d = cache['k'].shape
+    width = fused['pos_qkv'].shape[1]
+    t = r * width + c
     flat = h.reshape(b, 1, channels)
     qkv = jnp.dot(self.norm(flat)[:, 0], fused['w_qkv'],
                   precision=self.precision)
     pos = jax.lax.dynamic_slice(fused['pos_qkv'], (r, c, 0),
                                 (1, 1, qkv.shape[-1]))[0]
-    q, k, v = (y.reshape(b, self.num_heads, -1)  # [batch, heads, d]
+    q, k, v = (y.reshape(bh, d)  # [batch * heads, d]
                for y in jnp.split(qkv + pos, 3, axis=-1))
-    above = jnp.arange(cache['k'].shape[2]) < r * width
-    parts = [(cache['k'], cache['v'], above),
-             (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
-    attended = attend_one(q, k, v, parts, self.precision)
-    out = self.finish(flat, attended[:, None], train=False)
     write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-        buf, x[:, :, None], c, axis=2)
-    return out.reshape(h.shape), {**cache, 'row_k': write(cache['row_k'], k),
-                                  'row_v': write(cache['row_v'], v)}
+        buf, x[:, None].astype(buf.dtype), t, axis=1)
+    cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
+    # `_attend`'s arithmetic, for one query.
+    f32 = lambda x: x.astype(jnp.float32)
+    logits = jnp.einsum('xd,xkd->xk', f32(q), f32(cache['k']),
+                        precision=self.precision) * (1.0 / math.sqrt(d))
+    logits = jnp.where(jnp.arange(n) <= t, logits,
+                       jnp.finfo(jnp.float32).min)
+    attended = jnp.einsum('xk,xkd->xd', jax.nn.softmax(logits, axis=-1),
+                          f32(cache['v']), precision=self.precision)
+    attended = attended.astype(cache['v'].dtype).reshape(b, 1, -1, d)
+    out = self.finish(flat, attended, train=False)
+    return out.reshape(h.shape), cache
 
 
 class ConditioningStack(nn.Module):
@@ -1051,9 +1008,9 @@ class PixelCNNPrior(nn.Module):
 
     Returns:
       The cache with each gated block's row-r link (what its vertical stack
-      and the conditioning add to the horizontal gates), the horizontal
-      buffers cleared for the new row and row r - 1 of every attention block
-      moved to its big key/value cache.
+      and the conditioning add to the horizontal gates) and its ring of
+      horizontal sums cleared for the new row; the attention blocks' caches
+      as they were.
     """
     cond = context['cond']
     cond_row = (None if cond is None else
