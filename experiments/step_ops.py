@@ -66,8 +66,10 @@ _JSON = flags.DEFINE_string('ops_json', '', 'Write the figures here too.')
 
 # '  [ROOT ]%name = <type> opcode(' : the opcode of one instruction.
 _OPCODE = re.compile(r'=\s*(?:\([^=]*?\)|\S+)\s+([a-z][\w\-]*)\(')
+_LIBRARY_PRODUCT = re.compile(r'custom_call_target="[^"]*(?:gemm|matmul|conv)',
+                              re.IGNORECASE)
 _COMMENT = re.compile(r'/\*.*?\*/')
-_CALLS = re.compile(r'calls=%?([\w.\-]+)')
+_CALLS = re.compile(r'(?:calls|to_apply)=%?([\w.\-]+)')
 _BODY = re.compile(r'body=%?([\w.\-]+)')
 # Instructions that run no kernel of their own.
 _FREE = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant')
@@ -93,9 +95,17 @@ def _opcode(line: str) -> str:
   return match.group(1) if match else ''
 
 
+def _is_product(line: str) -> bool:
+  """A dot or convolution, or a library call for one (XLA:GPU's cuBLAS and
+  cuDNN custom calls)."""
+  op = _opcode(line)
+  return op in ('dot', 'convolution') or (
+      op == 'custom-call' and bool(_LIBRARY_PRODUCT.search(line)))
+
+
 def has_product_line(line: str, has_product: Any) -> bool:
   """Whether an instruction is a product or a fusion that holds one."""
-  if _opcode(line) in ('dot', 'convolution'):
+  if _is_product(line):
     return True
   called = _CALLS.search(line)
   return _opcode(line) == 'fusion' and bool(called) and has_product(
@@ -117,7 +127,7 @@ def position_body_ops(hlo_text: str) -> dict[str, int]:
 
   def has_product(name, seen=()):
     for line in comps.get(name, []):
-      if _opcode(line) in ('dot', 'convolution'):
+      if _is_product(line):
         return True
       called = _CALLS.search(line)
       if called and called.group(1) not in seen and has_product(
@@ -149,8 +159,6 @@ def position_body_ops(hlo_text: str) -> dict[str, int]:
     if op == 'fusion':
       counts['fusions'] += 1
     if has_product_line(line, has_product):
-      counts['dots'] += 1
-    elif op == 'custom-call' and re.search(r'matmul|conv|gemm', line):
       counts['dots'] += 1
   return {k: counts[k] for k in ('dots', 'fusions', 'kernels',
                                  'instructions', 'big_copies')}

@@ -952,6 +952,8 @@ def test_step_ops_counts_the_innermost_loop_with_products():
       '  %f = f32[4]{0} fusion(%d), kind=kLoop, calls=%fused',
       '  %g = f32[4]{0} fusion(%f), kind=kOutput, calls=%fused_dot',
       '  %c = f32[4]{0} copy(%g)',
+      '  %m = f32[4]{0} custom-call(%c), custom_call_target="__cublas$gemm"',
+      '  %k = f32[8]{0} copy(%m)',
       '  %r = (s32[], /*index=1*/f32[4]) while(%p), condition=%cc, body=%rng',
       '  ROOT %t = (s32[], f32[4]) tuple(%x, %c)',
       '}',
@@ -974,5 +976,5 @@ def test_step_ops_counts_the_innermost_loop_with_products():
       '  ROOT %w = (s32[], f32[4]) while(%p), condition=%c, body=%outer',
       '}'])
   assert step_ops.position_body_ops(hlo) == {
-      'dots': 2, 'fusions': 2, 'kernels': 5, 'instructions': 8,
-      'big_copies': 0}
+      'dots': 3, 'fusions': 2, 'kernels': 7, 'instructions': 10,
+      'big_copies': 1}
