@@ -18,6 +18,9 @@
 #   first_image  experiments/first_image.py: an exported paper-size model,
 #                seconds to the first image in a fresh process, cold and with
 #                a warm compilation cache
+#   ops          experiments/step_ops.py --ops=paper: the kernels of the
+#                sampler's position step (products, fusions, all) as the
+#                GPU compiles them, for the paper-size priors (compile only)
 #   train        experiments/accelerator_check.py --parts=stage1,prior0,prior1
 #                (the train steps' speed and MFU, FLOPs from the lowered module)
 #
@@ -72,6 +75,8 @@ for part in "${parts[@]}"; do
     first_image) run first_image 160 "$py" -m experiments.first_image $smoke \
         --config=configs/imagenet256.py --make_export=/tmp/paper_export \
         --json="$out/first_image.json" ;;
+    ops) run ops 120 "$py" experiments/step_ops.py --ops=paper ${SMOKE:+--ops=small} \
+        --ops_json="$out/ops.json" ;;
     train) run train 400 "$py" -m experiments.accelerator_check $smoke \
         --parts=stage1,prior0,prior1 --json="$out/train.json" ;;
     *) echo "unknown part $part (see the header of this script)"; exit 2 ;;

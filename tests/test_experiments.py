@@ -915,3 +915,66 @@ def test_prior_families_smoke(stage2_workdir, tmp_path):
       assert set(row['sampling_seconds_per_map']) == {'2'}
   assert '| transformer | 1 |' in stdout
   assert (out / 'prior_families.png').stat().st_size > 1000
+
+
+def test_step_ops_position_step_runs_few_products():
+  # The cached sampler's position step (issue 29: launch-bound on a GPU):
+  # per gated block two products (all horizontal taps at once, the output
+  # projection), per attention block six (queries, keys and values at
+  # once; two over the key/value cache; the output projection and the
+  # MLP's two), and the output stack. Before the fused view and the
+  # one-part cache: four more per attention block. Nothing is copied at
+  # every position but loop counters and random-bit state (the caches
+  # are updated in place).
+  from experiments import step_ops  # pylint: disable=g-import-not-at-top
+  from tests.models import pixelcnn_util  # pylint: disable=g-import-not-at-top
+  model = pixelcnn_util.make_prior(num_layers=3, attention_layers=2,
+                                   num_heads=2, num_classes=3, filter_size=5)
+  ops = step_ops.prior_step_ops(model, (2, 3, 5), ())
+  layers, attention, output = 3, 2, 2
+  assert ops['dots'] <= 2 * layers + 6 * attention + output, ops
+  assert ops['big_copies'] == 0, ops
+  assert ops['fusions'] <= ops['kernels'] <= ops['instructions'], ops
+  lower = pixelcnn_util.make_prior(num_layers=2, filter_size=5,
+                                   num_classes=3, cond_num_embeddings=(5,),
+                                   cond_stack_blocks=1)
+  ops = step_ops.prior_step_ops(lower, (1, 4, 6), ((2, 3),))
+  assert ops['dots'] <= 2 * 2 + output, ops
+
+
+def test_step_ops_counts_the_innermost_loop_with_products():
+  from experiments import step_ops  # pylint: disable=g-import-not-at-top
+  hlo = '\n'.join([
+      '%inner (p: (s32[], f32[4])) -> (s32[], f32[4]) {',
+      '  %p = (s32[], f32[4]) parameter(0)',
+      '  %a = f32[4]{0} get-tuple-element(%p), index=1',
+      '  %d = f32[1,4]{1,0} dot(%a, %a), lhs_contracting_dims={0}',
+      '  %f = f32[4]{0} fusion(%d), kind=kLoop, calls=%fused',
+      '  %g = f32[4]{0} fusion(%f), kind=kOutput, calls=%fused_dot',
+      '  %c = f32[4]{0} copy(%g)',
+      '  %m = f32[4]{0} custom-call(%c), custom_call_target="__cublas$gemm"',
+      '  %k = f32[8]{0} copy(%m)',
+      '  %r = (s32[], /*index=1*/f32[4]) while(%p), condition=%cc, body=%rng',
+      '  ROOT %t = (s32[], f32[4]) tuple(%x, %c)',
+      '}',
+      '%fused (x: f32[1,4]) -> f32[4] {',
+      '  ROOT %y = f32[4]{0} bitcast(%x)',
+      '}',
+      '%fused_dot (x: f32[4]) -> f32[4] {',
+      '  ROOT %y = f32[1]{0} dot(%x, %x)',
+      '}',
+      '%rng (p: (s32[])) -> (s32[]) {',
+      '  ROOT %p = (s32[]) parameter(0)',
+      '}',
+      '%outer (p: (s32[], f32[4])) -> (s32[], f32[4]) {',
+      '  %p = (s32[], f32[4]) parameter(0)',
+      '  ROOT %w = (s32[], /*index=1*/f32[4]) while(%p), condition=%c, '
+      'body=%inner',
+      '}',
+      'ENTRY %main (p: (s32[], f32[4])) -> (s32[], f32[4]) {',
+      '  %p = (s32[], f32[4]) parameter(0)',
+      '  ROOT %w = (s32[], f32[4]) while(%p), condition=%c, body=%outer',
+      '}'])
+  assert step_ops.position_body_ops(hlo) == {
+      'dots': 3, 'fusions': 2, 'kernels': 7, 'instructions': 10,
+      'big_copies': 1}

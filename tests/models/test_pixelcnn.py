@@ -282,6 +282,7 @@ def test_attention_block_steps_equal_full_path():
   full = jax.jit(lambda h: block.apply(variables, h, train=False))(h)
 
   cache = block.apply(variables, b, height, width, method=block.init_cache)
+  fused = block.apply(variables, height, width, method=block.fused_view)
   step_row = jax.jit(functools.partial(block.apply, variables,
                                        method=block.step_row))
   step_position = jax.jit(functools.partial(block.apply, variables,
@@ -290,7 +291,7 @@ def test_attention_block_steps_equal_full_path():
     cache = step_row(cache, jnp.int32(r))
     for c in range(width):
       out, cache = step_position(cache, h[:, r:r + 1, c:c + 1], jnp.int32(r),
-                                 jnp.int32(c))
+                                 jnp.int32(c), fused)
       _assert_rel_close(out[:, 0, 0], full[:, r, c], f'position ({r}, {c})')
 
 

@@ -41,14 +41,18 @@ Each layer with state owns its incremental path beside its `__call__`:
 `GatedBlock` and `AttentionBlock` have `init_cache` / `step_row` /
 `step_position`, and the prior's methods of the same names are plain loops
 over them. `step_row` advances every vertical stack by one row (it needs only
-rows above) and moves the finished row of each attention block to its
-key/value cache; `step_position` advances every horizontal stack and
-attention block by one position (keeping the last few inputs of each
-convolution and, per attention block, the keys and values of the rows above
-and of the current row). The first block's one-position shift is the
-block's own business (see `GatedBlock`). The conditioning stack and class
-embedding run once, in `prepare`. Both paths of a layer call the same
-submodules, so their outputs agree to float rounding.
+rows above); `step_position` advances every horizontal stack and attention
+block by one position (keeping, per gated block, the horizontal taps' sums
+so far of the next columns and, per attention block, the keys and values
+of the positions so far). The first block's
+one-position shift is the block's own business (see `GatedBlock`). The
+conditioning stack and class embedding run once, in `prepare`, which also
+lays out each layer's weights for a position step (`fused_view`: the
+horizontal convolution's taps as one matrix, the query, key and value
+kernels side by side, the position embedding's share of the queries and
+keys as a table), so that a step runs fewer, larger products: on an
+accelerator a step is launch-bound (issue 29). Both paths of a layer use
+the same parameters, so their outputs agree to float rounding.
 
 Example (the Fashion-MNIST bottom prior, 8x8 codes under a 4x4 top level):
 
@@ -206,40 +210,6 @@ def _attend(q: Array, k: Array, v: Array, mask: Array,
   return out.astype(v.dtype)
 
 
-def attend_one(q: Array, k: Array, v: Array,
-                parts: Sequence[tuple[Array, Array, Array]],
-                precision: Precision = None) -> Array:
-  """`_attend` for one new query over cached keys/values plus its own.
-
-  Args:
-    q, k, v: [batch, heads, d] query, key and value of the new position.
-    parts: (k_cache, v_cache, valid) triples: [batch, heads, n_i, d] caches
-      and [n_i] bool masks of the entries to attend to.
-    precision: of the products with the caches.
-
-  Returns:
-    [batch, heads, d] in the dtype of v.
-  """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  q = q.astype(jnp.float32)
-  logits = []
-  for k_cache, _, valid in parts:
-    part = jnp.einsum('bhd,bhkd->bhk', q, k_cache.astype(jnp.float32),
-                      precision=precision) * scale
-    logits.append(jnp.where(valid, part, jnp.finfo(jnp.float32).min))
-  logits.append(jnp.sum(q * k.astype(jnp.float32), axis=-1, keepdims=True)
-                * scale)
-  weights = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-  out = weights[..., -1:] * v.astype(jnp.float32)
-  start = 0
-  for k_cache, v_cache, _ in parts:
-    n = k_cache.shape[2]
-    out = out + jnp.einsum('bhk,bhkd->bhd', weights[..., start:start + n],
-                           v_cache.astype(jnp.float32), precision=precision)
-    start += n
-  return out.astype(v.dtype)
-
-
 class GatedBlock(nn.Module):
   """A gated residual block with a vertical and a horizontal masked stack.
 
@@ -357,17 +327,19 @@ class GatedBlock(nn.Module):
       link = link + self.h_cond(cond)
     return link
 
-  def _h_conv_one(self, window: Array) -> Array:
-    """`h_conv` at one position ([batch, 1, cols, C] -> [batch, 1, 1, 2C]),
-    as one matrix-vector product: the same sum as the VALID convolution,
-    which XLA:CPU runs about half as fast for a single output position."""
-    params = self.h_conv.variables['params']
-    kernel = params['kernel'].astype(self.dtype)  # [1, cols, C, 2C]
-    b = window.shape[0]
-    out = jnp.dot(window.reshape(b, -1).astype(self.dtype),
-                  kernel.reshape(-1, kernel.shape[-1]),
-                  precision=self.precision)
-    return (out + params['bias'].astype(self.dtype))[:, None, None]
+  def fused_view(self) -> dict[str, Array]:
+    """The weights of a position step, laid out for one product (see
+    `step_position`); derived from the parameters, which are unchanged.
+
+    Returns:
+      {'w_h': [C, cols * 2C] the horizontal convolution's taps, latest first:
+       columns [k * 2C, (k + 1) * 2C) give what the input at column c adds
+       to the gates of column c + k}.
+    """
+    kernel = self.h_conv.variables['params']['kernel'].astype(self.dtype)
+    taps = jnp.flip(kernel[0], axis=0)  # [cols, C, 2C], latest tap first.
+    return {'w_h': jnp.transpose(taps, (1, 0, 2)).reshape(
+        taps.shape[1], -1)}
 
   # Full path.
 
@@ -410,21 +382,23 @@ class GatedBlock(nn.Module):
     Returns:
       {'v_buf': [batch, rows - 1, width, C] the latest vertical inputs
        before the new row, 'link': [batch, 1, width, 2C] the current row's
-       `_row_link` (vertical and conditioning terms of the horizontal
-       gates), 'h_row': [batch, 1, cols - 1 + width, C] the horizontal
-       inputs of the current row, after cols - 1 zeros (the full path's
-       left pad): the input at column c sits at cols - 1 + c}.
+       `_row_link` plus the horizontal convolution's bias (what the
+       horizontal gates get besides the taps), 'ring': [batch, cols, 2C]
+       the taps' sums so far of the columns to come, column c' in slot
+       c' % cols}.
 
-    The row buffer is written one position at a time in place and read by
-    slicing; a sliding window of the last cols - 1 inputs, shifted at every
-    position, made XLA copy it at every step of the sampler's loop (one
-    more kernel per block and position on an accelerator).
+    The horizontal inputs are not kept: each is multiplied by all the taps
+    when it arrives (one product per position, `fused_view`), its terms for
+    the next columns added to the ring. A buffer of the last inputs,
+    written and sliced at every position, cost one more kernel per block
+    and position; a ring rather than a shifted window keeps XLA from
+    copying it at every position.
     """
     rows, _, cols = stack_kernel(self.filter_size, self.first)
     c = self.channels
     return {'v_buf': jnp.zeros((batch, rows - 1, width, c), self.dtype),
             'link': jnp.zeros((batch, 1, width, 2 * c), self.dtype),
-            'h_row': jnp.zeros((batch, 1, cols - 1 + width, c), self.dtype)}
+            'ring': jnp.zeros((batch, cols, 2 * c), self.dtype)}
 
   def step_row(self, cache: dict[str, Array], v: Array, cond: Optional[Array],
                r: Array) -> tuple[Array, dict[str, Array]]:
@@ -439,7 +413,7 @@ class GatedBlock(nn.Module):
 
     Returns:
       ([batch, 1, w, C] vertical output of row r, the cache holding row r's
-      `_row_link` and an empty horizontal buffer for the new row).
+      link and an empty ring for the new row).
     """
     _, half, _ = stack_kernel(self.filter_size, self.first)
     if self.first:
@@ -448,35 +422,55 @@ class GatedBlock(nn.Module):
     padded = jnp.pad(window, ((0, 0), (0, 0), (half, half), (0, 0)))
     out, pre = self.vertical(padded, None if self.first else v, cond,
                              train=False)
-    return out, {'v_buf': window[:, 1:], 'link': self._row_link(pre, cond),
-                 'h_row': jnp.zeros_like(cache['h_row'])}
+    bias = self.h_conv.variables['params']['bias'].astype(self.dtype)
+    return out, {'v_buf': window[:, 1:],
+                 'link': self._row_link(pre, cond) + bias,
+                 'ring': jnp.zeros_like(cache['ring'])}
 
-  def step_position(self, cache: dict[str, Array], h: Array, c: Array
+  def step_position(self, cache: dict[str, Array], h: Array, c: Array,
+                    fused: Optional[dict[str, Array]] = None
                     ) -> tuple[Array, dict[str, Array]]:
     """Horizontal stack at (r, c), after `step_row(r)` and (r, 0..c-1).
 
-    Only the horizontal convolution and the output projection run here;
-    the vertical and conditioning terms come from the row's cached link.
+    Two matrix-vector products: the new input times every tap of the
+    horizontal convolution at once (its terms for (r, c) and for the
+    columns after it), and the output projection. The vertical and
+    conditioning terms come from the row's cached link.
 
     Args:
       cache: the cache after those steps.
       h: [batch, 1, 1, C] the horizontal input at (r, c); for the first block
         the embedding at (r, c - 1) (ignored at c == 0).
       c: int32 scalar column index.
+      fused: `fused_view()`, made once outside the sampler's loop; None
+        makes it here.
 
     Returns:
       ([batch, 1, 1, C] horizontal output at (r, c), the updated cache).
     """
     _, _, cols = stack_kernel(self.filter_size, self.first)
+    if fused is None:
+      fused = self.fused_view()
     if self.first:
       h = jnp.where(c > 0, h, jnp.zeros_like(h))
-    h_row = jax.lax.dynamic_update_slice_in_dim(cache['h_row'], h,
-                                                cols - 1 + c, axis=2)
-    window = jax.lax.dynamic_slice_in_dim(h_row, c, cols, axis=2)
-    link = jax.lax.dynamic_slice_in_dim(cache['link'], c, 1, axis=2)
-    gates = self._h_conv_one(window) + link
-    out = self._horizontal_out(gates, None if self.first else h, train=False)
-    return out, {**cache, 'h_row': h_row}
+    b, c2 = h.shape[0], 2 * self.channels
+    taps = jnp.dot(h.reshape(b, -1).astype(self.dtype), fused['w_h'],
+                   precision=self.precision).reshape(b, cols, c2)
+    link = jax.lax.dynamic_index_in_dim(cache['link'][:, 0], c, axis=1,
+                                        keepdims=False)
+    # Slot s of the ring holds the taps' sum so far of the next column
+    # c' >= c with c' % cols == s. Column c - 1's slot, read by the step
+    # before, starts over for column c - 1 + cols. Every term lands in its
+    # slot in one elementwise update, and the gates read the updated ring,
+    # so XLA updates it in place.
+    slots = jnp.arange(cols)
+    ring = jnp.where((slots == (c - 1) % cols)[:, None], 0, cache['ring'])
+    ring = ring + jnp.take(taps, (slots - c) % cols, axis=1)
+    gates = jax.lax.dynamic_index_in_dim(ring, c % cols, axis=1,
+                                         keepdims=False) + link
+    out = self._horizontal_out(gates[:, None, None],
+                               None if self.first else h, train=False)
+    return out, {**cache, 'ring': ring}
 
 
 class AttentionBlock(nn.Module):
@@ -551,75 +545,105 @@ class AttentionBlock(nn.Module):
 
   # Incremental path (inference only: no dropout).
 
+  def fused_view(self, height: int, width: int) -> dict[str, Array]:
+    """The weights of a position step on a [height, width] map, laid out
+    for one query/key/value product; derived from the parameters.
+
+    Returns:
+      {'w_qkv': [C, 3C] the query, key and value kernels side by side,
+       'pos_qkv': [height, width, 3C] what each position adds to them:
+       its position embedding times the query and key kernels, and the
+       three biases}. (x + pos) W_q = x W_q + pos W_q up to rounding, so a
+      step's queries and keys need no product of their own with the
+      position embedding.
+    """
+    dtype = self.dtype
+    params = [layer.variables['params']
+              for layer in (self.query, self.key, self.value)]
+    kernels = [p['kernel'].astype(dtype) for p in params]
+    n = height * width
+    rows, cols = jnp.divmod(jnp.arange(n), width)
+    pos = position_embedding(rows, cols, self.channels).astype(dtype)
+    pos_qk = jnp.dot(pos, jnp.concatenate(kernels[:2], axis=1),
+                     precision=self.precision)
+    pos_qkv = jnp.concatenate(
+        [pos_qk, jnp.zeros((n, self.channels), dtype)], axis=1)
+    bias = jnp.concatenate([p['bias'].astype(dtype) for p in params])
+    return {'w_qkv': jnp.concatenate(kernels, axis=1),
+            'pos_qkv': (pos_qkv + bias).reshape(height, width, -1)}
+
   def init_cache(self, batch: int, height: int, width: int
                  ) -> dict[str, Array]:
     """Zero key/value caches for a [batch, height, width] map.
 
-    The keys and values live in two caches: the rows above (written a whole
-    row at a time by `step_row`) and the current row (written a position at
-    a time by `step_position`). A position step only reads the big cache, so
-    XLA never copies it inside the per-position loop. Heads-major, so that a
-    step reads the caches without transposing them.
+    Each position step writes its own key and value, then attends over the
+    cache with them in it (the entries after it masked). The batch and the
+    heads share the leading axis, so that the step's products read the
+    cache as it is stored: a cache read in another shape made XLA fuse the
+    write into each reader and copy the cache at every position, and a
+    cache read before it was written (the rows above kept apart from the
+    current row's, as this block once did) was copied too, since XLA could
+    not order the read before the write in place.
 
     Returns:
-      {'k', 'v': [batch, heads, height * width, d] the rows above (later
-       entries are ignored); 'row_k', 'row_v': [batch, heads, width, d] the
-       columns before the new one in the current row}.
+      {'k', 'v': [batch * heads, height * width, d], position (r, c) at
+       r * width + c}.
     """
     d = self.channels // self.num_heads
-    kv_shape = (batch, self.num_heads, height * width, d)
-    row_shape = (batch, self.num_heads, width, d)
-    return {'k': jnp.zeros(kv_shape, self.dtype),
-            'v': jnp.zeros(kv_shape, self.dtype),
-            'row_k': jnp.zeros(row_shape, self.dtype),
-            'row_v': jnp.zeros(row_shape, self.dtype)}
+    shape = (batch * self.num_heads, height * width, d)
+    return {'k': jnp.zeros(shape, self.dtype),
+            'v': jnp.zeros(shape, self.dtype)}
 
   def step_row(self, cache: dict[str, Array], r: Array) -> dict[str, Array]:
-    """Starts row r: copies the row cache into the big cache as row r - 1.
-
-    At r == 0 the row cache still holds zeros, like the big one, so writing
-    it as row 0 changes nothing; stale entries of the row cache are masked by
-    `step_position`.
-
-    Args:
-      cache: from `init_cache` or the steps of row r - 1.
-      r: int32 scalar row index.
-
-    Returns:
-      The cache with the keys and values of row r - 1 in the big cache.
-    """
-    width = cache['row_k'].shape[2]
-    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-        buf, x, jnp.maximum(r - 1, 0) * width, axis=2)
-    return {**cache, 'k': write(cache['k'], cache['row_k']),
-            'v': write(cache['v'], cache['row_v'])}
+    """Starts row r: nothing to do (each position writes its own keys and
+    values); kept so that every layer with a cache has the same steps."""
+    del r
+    return cache
 
   def step_position(self, cache: dict[str, Array], h: Array, r: Array,
-                    c: Array) -> tuple[Array, dict[str, Array]]:
-    """The block at position (r, c), after `step_row(r)` and (r, 0..c-1).
+                    c: Array, fused: dict[str, Array]
+                    ) -> tuple[Array, dict[str, Array]]:
+    """The block at position (r, c), after the positions before it.
+
+    Six matrix products: the queries, keys and values at once
+    (`fused_view`), the attention's two over the cache, the output
+    projection and the MLP's two.
 
     Args:
       cache: the cache after those steps.
       h: [batch, 1, 1, C] features at (r, c).
       r, c: int32 scalars.
+      fused: `fused_view(height, width)`, made once outside the sampler's
+        loop (it also tells the map's width, which the cache does not).
 
     Returns:
-      ([batch, 1, 1, C], the cache with (r, c) written to the row cache).
+      ([batch, 1, 1, C], the cache with (r, c)'s keys and values written).
     """
     b, _, _, channels = h.shape
+    bh, n, d = cache['k'].shape
+    width = fused['pos_qkv'].shape[1]
+    t = r * width + c
     flat = h.reshape(b, 1, channels)
-    q, k, v = self.qkv(flat, position_embedding(r[None], c[None], channels))
-    q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [batch, heads, d]
-    width = cache['row_k'].shape[2]
-    above = jnp.arange(cache['k'].shape[2]) < r * width
-    parts = [(cache['k'], cache['v'], above),
-             (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
-    attended = attend_one(q, k, v, parts, self.precision)
-    out = self.finish(flat, attended[:, None], train=False)
+    qkv = jnp.dot(self.norm(flat)[:, 0], fused['w_qkv'],
+                  precision=self.precision)
+    pos = jax.lax.dynamic_slice(fused['pos_qkv'], (r, c, 0),
+                                (1, 1, qkv.shape[-1]))[0]
+    q, k, v = (y.reshape(bh, d)  # [batch * heads, d]
+               for y in jnp.split(qkv + pos, 3, axis=-1))
     write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-        buf, x[:, :, None], c, axis=2)
-    return out.reshape(h.shape), {**cache, 'row_k': write(cache['row_k'], k),
-                                  'row_v': write(cache['row_v'], v)}
+        buf, x[:, None].astype(buf.dtype), t, axis=1)
+    cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
+    # `_attend`'s arithmetic, for one query.
+    f32 = lambda x: x.astype(jnp.float32)
+    logits = jnp.einsum('xd,xkd->xk', f32(q), f32(cache['k']),
+                        precision=self.precision) * (1.0 / math.sqrt(d))
+    logits = jnp.where(jnp.arange(n) <= t, logits,
+                       jnp.finfo(jnp.float32).min)
+    attended = jnp.einsum('xk,xkd->xd', jax.nn.softmax(logits, axis=-1),
+                          f32(cache['v']), precision=self.precision)
+    attended = attended.astype(cache['v'].dtype).reshape(b, 1, -1, d)
+    out = self.finish(flat, attended, train=False)
+    return out.reshape(h.shape), cache
 
 
 class ConditioningStack(nn.Module):
@@ -945,8 +969,20 @@ class PixelCNNPrior(nn.Module):
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
               shape: Sequence[int]) -> dict[str, Any]:
-    """Per-sample context computed once: the conditioning map (or None)."""
-    return {'cond': self.conditioning(cond_codes, labels, shape)}
+    """Per-sample context computed once, outside the sampler's loops.
+
+    Returns:
+      {'cond': the conditioning map (or None), 'gated': each gated block's
+       `fused_view()`, 'attention': each attention block's
+       `fused_view(h, w)`}: the weights of a position step laid out for
+      fewer, larger products, made once per sampler call rather than at
+      every position.
+    """
+    _, height, width = shape
+    return {'cond': self.conditioning(cond_codes, labels, shape),
+            'gated': [block.fused_view() for block in self.blocks],
+            'attention': [block.fused_view(height, width)
+                          for block in self.attention]}
 
   def init_cache(self, shape: Sequence[int]) -> dict[str, Any]:
     """Zero caches for sampling a [batch, h, w] map.
@@ -972,9 +1008,9 @@ class PixelCNNPrior(nn.Module):
 
     Returns:
       The cache with each gated block's row-r link (what its vertical stack
-      and the conditioning add to the horizontal gates), the horizontal
-      buffers cleared for the new row and row r - 1 of every attention block
-      moved to its big key/value cache.
+      and the conditioning add to the horizontal gates) and its ring of
+      horizontal sums cleared for the new row; the attention blocks' caches
+      as they were.
     """
     cond = context['cond']
     cond_row = (None if cond is None else
@@ -996,25 +1032,24 @@ class PixelCNNPrior(nn.Module):
 
     Args:
       cache: after `step_row(r)` and the positions (r, 0..c-1).
-      context: from `prepare` (unused: `step_row` put the conditioning of
-        the whole row into the blocks' caches).
+      context: from `prepare` (its fused weights; `step_row` put the
+        conditioning of the whole row into the blocks' caches).
       prev_code: [batch] int32 code at (r, c - 1) (ignored when c == 0).
       r, c: int32 scalars.
 
     Returns:
       ([batch, K] float32 logits, updated cache).
     """
-    del context  # The conditioning reached the blocks' caches in step_row.
     after = attention_positions(self.num_layers, self.attention_layers)
     # What the first block's shift brings to (r, c).
     h = self.embed(prev_code)[:, None, None]
     gated, attention = [], list(cache['attention'])
     for i, (block, entry) in enumerate(zip(self.blocks, cache['gated'])):
-      h, entry = block.step_position(entry, h, c)
+      h, entry = block.step_position(entry, h, c, context['gated'][i])
       gated.append(entry)
       if i in after:
         j = after[i]
         h, attention[j] = self.attention[j].step_position(
-            attention[j], h, r, c)
+            attention[j], h, r, c, context['attention'][j])
     logits = self._output(h)[:, 0, 0]
     return logits, {'gated': gated, 'attention': attention}

@@ -32,12 +32,11 @@ Design choices, and why:
   stream 'dropout', training only). Attention softmax in float32 whatever the
   compute dtype; the logits are always float32.
 * Cache. Every block keeps the keys and values of the positions sampled so
-  far in two caches, as the PixelCNN's attention blocks do: the rows above
-  ([batch, heads, h * w, d], written a row at a time by `step_row`) and the
-  current row (written a position at a time). A step runs one token through
-  every block and attends over both with masks of the earlier positions;
-  `step_row` also remembers the last code of the finished row (the token
-  position (r, 0) reads), so the sampler's row/column scans need no
+  far ([batch * heads, h * w, d]), as the PixelCNN's attention blocks do: a
+  step runs one token through every block, each writing the token's key
+  and value and then attending over its cache with a mask of the positions
+  so far; `step_row` only remembers the last code of the finished row (the
+  token position (r, 0) reads), so the sampler's row/column scans need no
   transformer-specific branch.
 * Sizes. The position tables fix the map size at construction (`map_shape`);
   a map of another size is refused.
@@ -76,8 +75,8 @@ def _causal_attend(q: Array, k: Array, v: Array, mask: Array,
   """Softmax attention in float32: q [b, h, tq, d], k, v [b, h, tk, d],
   mask [tq, tk] (True where a query may look) -> [b, h, tq, d] in v's dtype.
 
-  The full path's; a cached step uses `pixelcnn.attend_one`, the same sums
-  over the caches' parts (equal to float rounding).
+  The full path's; a cached step does the same sums for its one query over
+  its cache (equal to float rounding).
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
   logits = jnp.einsum('bhqd,bhkd->bhqk', q.astype(jnp.float32),
@@ -194,58 +193,75 @@ class TransformerBlock(nn.Module):
                  ) -> dict[str, Array]:
     """Zero key/value caches for a [batch, height, width] map.
 
-    Two caches, as `pixelcnn.AttentionBlock`'s: the rows above (written a
-    whole row at a time by `step_row`) and the current row (written a
-    position at a time by `step`). A position step only reads the big
-    cache, so XLA does not copy it inside the loop over a row's positions
-    (writing it there made a 32x32 map sample about ten times slower).
+    One cache, laid out as `pixelcnn.AttentionBlock`'s (see there why: a
+    step writes its position and then reads the cache as stored, so XLA
+    updates it in place and copies nothing inside the loop over a row's
+    positions).
 
     Returns:
-      {'k', 'v': [batch, heads, height * width, d] the rows above;
-       'row_k', 'row_v': [batch, heads, width, d] the current row}.
+      {'k', 'v': [batch * heads, height * width, d], position t at t}.
     """
     d = self.channels // self.num_heads
-    big = (batch, self.num_heads, height * width, d)
-    row = (batch, self.num_heads, width, d)
-    return {'k': jnp.zeros(big, self.dtype), 'v': jnp.zeros(big, self.dtype),
-            'row_k': jnp.zeros(row, self.dtype),
-            'row_v': jnp.zeros(row, self.dtype)}
+    shape = (batch * self.num_heads, height * width, d)
+    return {'k': jnp.zeros(shape, self.dtype),
+            'v': jnp.zeros(shape, self.dtype)}
 
-  def step_row(self, cache: dict[str, Array], r: Array) -> dict[str, Array]:
-    """Starts row r: the row cache becomes row r - 1 of the big cache (at
-    r == 0 it holds zeros, written over zeros)."""
-    width = cache['row_k'].shape[2]
-    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-        buf, x, jnp.maximum(r - 1, 0) * width, axis=2)
-    return {**cache, 'k': write(cache['k'], cache['row_k']),
-            'v': write(cache['v'], cache['row_v'])}
+  def fused_view(self) -> dict[str, Array]:
+    """The weights of a position step laid out for one query/key/value
+    product, derived from the parameters.
 
-  def step(self, cache: dict[str, Array], x: Array, r: Array, c: Array,
+    Returns:
+      {'w_qkv': [C, 3C] the query, key and value kernels side by side,
+       'b_qkv': [3C] their biases (zeros for the key)}.
+    """
+    dtype = self.dtype
+    params = [layer.variables['params']
+              for layer in (self.query, self.key, self.value)]
+    zeros = jnp.zeros((self.channels,), dtype)
+    return {'w_qkv': jnp.concatenate(
+                [p['kernel'].astype(dtype) for p in params], axis=1),
+            'b_qkv': jnp.concatenate(
+                [p['bias'].astype(dtype) if 'bias' in p else zeros
+                 for p in params])}
+
+  def step(self, cache: dict[str, Array], x: Array, t: Array,
+           fused: Optional[dict[str, Array]] = None,
            memory_kv: Optional[tuple] = None
            ) -> tuple[Array, dict[str, Array]]:
-    """The block at position (r, c), after `step_row(r)` and (r, 0..c-1).
+    """The block at position t (raster order), after positions 0..t-1.
 
     Args:
       cache: the cache after those steps.
-      x: [b, 1, C] input at (r, c).
-      r, c: int32 scalars.
+      x: [b, 1, C] input at t.
+      t: int32 scalar.
+      fused: `fused_view()`, made once outside the sampler's loop (the
+        queries, keys and values as one product); None makes it here.
       memory_kv: `memory_kv`'s output, with cross-attention.
 
     Returns:
-      ([b, 1, C] output, the cache with (r, c)'s key and value in the row
-      cache).
+      ([b, 1, C] output, the cache with t's key and value written).
     """
-    q, k, v = (y[:, :, 0] for y in self._heads(x))  # [b, heads, d]
-    width = cache['row_k'].shape[2]
-    parts = [(cache['k'], cache['v'],
-              jnp.arange(cache['k'].shape[2]) < r * width),
-             (cache['row_k'], cache['row_v'], jnp.arange(width) < c)]
-    attended = pixelcnn.attend_one(q, k, v, parts, self.precision)
-    out = self._finish(x, attended[:, :, None], memory_kv, False)
+    if fused is None:
+      fused = self.fused_view()
+    b = x.shape[0]
+    bh, n, d = cache['k'].shape
+    qkv = jnp.dot(self.attn_norm(x)[:, 0], fused['w_qkv'],
+                  precision=self.precision) + fused['b_qkv']
+    q, k, v = (y.reshape(bh, d)  # [b * heads, d]
+               for y in jnp.split(qkv, 3, axis=-1))
     write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-        buf, new.astype(buf.dtype)[:, :, None], c, axis=2)
-    return out, {**cache, 'row_k': write(cache['row_k'], k),
-                 'row_v': write(cache['row_v'], v)}
+        buf, new[:, None].astype(buf.dtype), t, axis=1)
+    cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
+    # `_causal_attend`'s arithmetic, for one query.
+    f32 = lambda y: y.astype(jnp.float32)
+    logits = jnp.einsum('xd,xkd->xk', f32(q), f32(cache['k']),
+                        precision=self.precision) * (1.0 / math.sqrt(d))
+    logits = jnp.where(jnp.arange(n) <= t, logits,
+                       jnp.finfo(jnp.float32).min)
+    attended = jnp.einsum('xk,xkd->xd', jax.nn.softmax(logits, axis=-1),
+                          f32(cache['v']), precision=self.precision)
+    attended = attended.astype(cache['v'].dtype).reshape(b, -1, 1, d)
+    return self._finish(x, attended, memory_kv, False), cache
 
 
 class TransformerPrior(nn.Module):
@@ -426,10 +442,13 @@ class TransformerPrior(nn.Module):
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
               shape: Sequence[int]) -> dict[str, Any]:
-    """Per-sample context computed once: `context`'s 'context' and, with
-    cross-attention, each block's memory keys and values ('memory_kv')."""
+    """Per-sample context computed once: {'context': [batch, h * w, C],
+    'blocks': each block's `fused_view()` (its weights laid out for a
+    position step)} and, with cross-attention, 'memory_kv': each block's
+    memory keys and values."""
     context = self.context(cond_codes, labels, shape)
-    out = {'context': context['context']}
+    out = {'context': context['context'],
+           'blocks': [block.fused_view() for block in self.blocks]}
     if self.cross_attends:
       out['memory_kv'] = self._memory_kvs(context)
     return out
@@ -449,13 +468,10 @@ class TransformerPrior(nn.Module):
 
   def step_row(self, cache: dict[str, Any], context: dict[str, Any],
                prev_row: Array, r: Array) -> dict[str, Any]:
-    """Starts row r: moves row r - 1's keys and values to each block's big
-    cache and remembers code (r - 1, w - 1), the token of (r, 0) (which
-    `step_position` gets no `prev_code` for; unused at r == 0)."""
-    del context
-    return {'blocks': [block.step_row(entry, r)
-                       for block, entry in zip(self.blocks, cache['blocks'])],
-            'last': prev_row[:, -1].astype(jnp.int32)}
+    """Starts row r: remembers code (r - 1, w - 1), the token of (r, 0)
+    (which `step_position` gets no `prev_code` for; unused at r == 0)."""
+    del context, r
+    return {**cache, 'last': prev_row[:, -1].astype(jnp.int32)}
 
   def step_position(self, cache: dict[str, Any], context: dict[str, Any],
                     prev_code: Array, r: Array, c: Array
@@ -480,8 +496,8 @@ class TransformerPrior(nn.Module):
     x = token + jax.lax.dynamic_slice_in_dim(context['context'], t, 1, axis=1)
     blocks = []
     memory_kvs = context.get('memory_kv', [None] * self.num_layers)
-    for block, entry, memory_kv in zip(self.blocks, cache['blocks'],
-                                       memory_kvs):
-      x, entry = block.step(entry, x, r, c, memory_kv)
+    for block, entry, fused, memory_kv in zip(
+        self.blocks, cache['blocks'], context['blocks'], memory_kvs):
+      x, entry = block.step(entry, x, t, fused, memory_kv)
       blocks.append(entry)
     return self._logits(x)[:, 0], {**cache, 'blocks': blocks}
