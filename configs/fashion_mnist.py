@@ -115,7 +115,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _make_quality(config: ml_collections.ConfigDict) -> None:
-  """Priors for users who can wait: 1.5x wider, 4x longer, same stage 1.
+  """Priors for users who can wait: 1.5x wider, 4x longer, same stage 1;
+  samples drawn with classifier-free guidance 1.5.
 
   The same VQ-VAE and codes as the default (a default workdir's codes serve
   both). The prior scaling study (experiments/prior_scaling.py,
@@ -130,6 +131,12 @@ def _make_quality(config: ml_collections.ConfigDict) -> None:
   prior.checkpoint_every = 1000
   for level in (prior.level_0, prior.level_1):
     level.num_channels = 96
+  # Classifier-free guidance 1.5 (experiments/rejection_tradeoff.py, 10,000
+  # samples by the judge): class agreement 81.4% -> 91.8%, precision 0.842
+  # -> 0.855, IS 7.13 -> 7.99, FID 2.41 -> 1.71, for recall 0.386 -> 0.378
+  # and twice the sampling compute. 2 and 3 raise IS past the real images'
+  # and lower recall more.
+  config.sampling.guidance = 1.5
 
 
 def _make_tiny(config: ml_collections.ConfigDict) -> None:

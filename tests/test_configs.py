@@ -58,14 +58,17 @@ def test_config_loads_and_validates(name, variant):
   assert f'--config={path} ' in module.__doc__
 
 
-def test_quality_variant_changes_only_the_priors():
-  """Its priors train on a default workdir's VQ-VAE and codes."""
+def test_quality_variant_changes_only_the_priors_and_guidance():
+  """Its priors train on a default workdir's VQ-VAE and codes; its samples
+  are drawn with guidance (the priors' label dropout makes that possible)."""
   default, quality = _load('fashion_mnist'), _load('fashion_mnist', 'quality')
   assert (builders.vqvae_fingerprint(quality) ==
           builders.vqvae_fingerprint(default))
   changed = {k for k, v in _flatten(quality).items()
              if _flatten(default)[k] != v}
-  assert changed and all(k.startswith('prior.') for k in changed), changed
+  assert changed and all(k.startswith('prior.') or k == 'sampling.guidance'
+                         for k in changed), changed
+  assert quality.sampling.guidance > 1 and quality.prior.label_drop_rate > 0
   assert quality.prior.level_0.num_channels > default.prior.level_0.num_channels
   assert quality.prior.num_train_steps > default.prior.num_train_steps
 
