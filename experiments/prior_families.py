@@ -266,8 +266,9 @@ def plot(rows: dict[str, Any], path: str) -> None:
 
 
 def smoke_config() -> ml_collections.ConfigDict:
-  """fashion_mnist.py:tiny on 96 train and 40 held-out images (the tests'
-  stage-2 workdir, which a smoke run may take as --base_workdir)."""
+  """fashion_mnist.py:tiny on 96 train and 40 held-out images: the tests'
+  `stage2_config` (tests/conftest.py), whose workdirs a smoke run may take
+  as --base_workdir."""
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('tiny')
   config.data.train_split = 'train[:96]'
