@@ -711,7 +711,8 @@ class Study:
                   'batch': self.f['batch'], 'reference': self.peer}
       if self._done('speed', name, settings):
         continue
-      ours = OurStep(config, level, self.shapes, self.mesh)
+      ours = OurStep(self._trained_config(config, f'ours/{name}'), level,
+                     self.shapes, self.mesh)
       rounds = []
       for i in range(self.f['speed_rounds']):
         mine = ours.codes_per_s(self.f['speed_seconds'])
@@ -727,6 +728,21 @@ class Study:
           'rounds': rounds, 'median': median,
           'params': {'ours': count_params(config, level),
                      'reference': params[name]}})
+
+  def _trained_config(self, config: ml_collections.ConfigDict,
+                      key: str) -> ml_collections.ConfigDict:
+    """`config` with the schedule length the train part used for `key`.
+
+    The step's speed does not depend on it, but its programs are then the
+    ones `train_ours` compiled (`prior_trainer.programs` is cached) when
+    both parts run in one process: not compiled again.
+    """
+    planned = self.results.get('train', {}).get(key, {}).get('planned_steps')
+    if not planned:
+      return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.prior.num_train_steps = planned
+    return config
 
   def _our_priors(self, row: str):
     config = self.our_config(row)

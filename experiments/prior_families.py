@@ -20,8 +20,9 @@ compilation and the held-out evaluation come on top and are reported apart.
 
 A row per family and level: parameters, steps, train codes/s (timed step),
 held-out bits per code (Polyak weights, with labels), cached sampling seconds
-per map at batch 1 and 16 (`sampling.sample_level` after compilation, random
-weights of the same shapes: the time does not depend on their values); and,
+per map at batch 1 and 16 (`sampling.sample_level` after compilation, the
+step timer's barely trained weights: the time does not depend on their
+values); and,
 with --num_samples > 0, --mode=eval's sample metrics (the config's ruler).
 
 Writes <out>/prior_families.json, .md (the table) and .png (held-out bits
@@ -136,8 +137,14 @@ def _batch(config: ml_collections.ConfigDict, level: int) -> dict[str, Any]:
 
 
 def step_seconds(config: ml_collections.ConfigDict, level: int,
-                 steps: int = 10) -> float:
-  """Seconds of one compiled train step of level `level`'s prior."""
+                 steps: int = 10) -> tuple[float, Any]:
+  """Seconds of one compiled train step of level `level`'s prior.
+
+  Returns:
+    (seconds, the timed steps' variables on the default device): weights of
+    the prior's shapes for `sampling_seconds`, whose time does not depend on
+    their values (one init fewer to compile).
+  """
   mesh = parallel.create_mesh(config.mesh)
   progs = prior_trainer.programs(config, level, mesh)
   state = progs.init(jax.random.PRNGKey(0))
@@ -148,18 +155,23 @@ def step_seconds(config: ml_collections.ConfigDict, level: int,
   for _ in range(steps):
     state, metrics = progs.train_step(state, batch)
   jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / steps
+  seconds = (time.perf_counter() - start) / steps
+  # Off the mesh's devices: the sampler runs on one, as --mode=sample's.
+  variables = jax.device_put(jax.device_get(
+      {'params': state.params, **state.extra}))
+  return seconds, variables
 
 
 def sampling_seconds(config: ml_collections.ConfigDict, level: int,
-                     batch: int) -> float:
-  """Seconds per map of the cached sampler of level `level` at `batch`."""
+                     batch: int, variables: Any) -> float:
+  """Seconds per map of the cached sampler of level `level` at `batch`.
+
+  `variables`: the prior's (`step_seconds`'): random or barely trained
+  weights time the same as trained ones.
+  """
   model = builders.build_prior(config, level)
   shapes = builders.level_shapes(config)
   classes = int(config.data.num_classes)
-  codes, cond, labels = builders.prior_init_inputs(level, shapes, classes)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), codes, cond_codes=cond, labels=labels)
   cond = tuple(jnp.zeros((batch, *s), jnp.int32) for s in shapes[:level])
   labels = jnp.zeros((batch,), jnp.int32) if classes else None
   kwargs = dict(shape=(batch, *shapes[level]), cond_codes=cond, labels=labels)
@@ -177,7 +189,7 @@ def run_family(config: ml_collections.ConfigDict, base: str, workdir: str,
   prior_scaling.link_stages(base, workdir)
   levels = {}
   for level in levels_to_run:
-    per_step = step_seconds(config, level)
+    per_step, variables = step_seconds(config, level)
     steps = max(2, int(seconds / per_step))
     run = config.copy_and_resolve_references()
     p = run.prior
@@ -197,7 +209,7 @@ def run_family(config: ml_collections.ConfigDict, base: str, workdir: str,
         'held_out': result['eval/bits_per_code'],
         'train': result['eval_train/bits_per_code'],
         'sampling_seconds_per_map': {
-            str(b): sampling_seconds(config, level, b)
+            str(b): sampling_seconds(config, level, b, variables)
             for b in sampling_batches},
     }
   row = {'levels': levels}
@@ -276,8 +288,9 @@ def plot(rows: dict[str, Any], path: str) -> None:
 
 
 def smoke_config() -> ml_collections.ConfigDict:
-  """fashion_mnist.py:tiny on 96 train and 40 held-out images (the tests'
-  stage-2 workdir, which a smoke run may take as --base_workdir)."""
+  """fashion_mnist.py:tiny on 96 train and 40 held-out images: the tests'
+  `stage2_config` (tests/conftest.py), whose workdirs a smoke run may take
+  as --base_workdir."""
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('tiny')
   config.data.train_split = 'train[:96]'

@@ -894,9 +894,12 @@ def test_stage1_ceiling_rows(tmp_path, monkeypatch, tiny_judge, stage2_config,
   assert recon['fid'] > 2 * train['fid']
 
 
-def test_prior_families_smoke(stage2_workdir, tmp_path):
+def test_prior_families_smoke(codes_workdir, tmp_path):
+  # The base: an untrained stage 1 and its codes, which the session builds
+  # anyway (the families train and time priors on any codes); not the
+  # trained `stage2_workdir`, which only test_faults.py's worker then trains.
   base = tmp_path / 'base'
-  shutil.copytree(stage2_workdir[0], base)
+  shutil.copytree(codes_workdir, base)
   out = tmp_path / 'out'
   stdout = _run_script('experiments.prior_families', '--smoke',
                        f'--base_workdir={base}', f'--out={out}',
