@@ -920,6 +920,28 @@ def test_prior_families_smoke(codes_workdir, tmp_path):
   assert (out / 'prior_families.png').stat().st_size > 1000
 
 
+def test_prior_families_cross_attention_family_is_sized_like_the_others():
+  # --families=...,transformer_cross: the lower levels cross-attend, the top
+  # (nothing above it) is the plain transformer; widths for equal params.
+  # pylint: disable=g-import-not-at-top
+  from experiments import prior_families
+  from vqvae2_jax import builders
+  # pylint: enable=g-import-not-at-top
+  config = prior_families.smoke_config()
+  cross = prior_families.transformer_config(config, 2, 'cross')
+  add = prior_families.transformer_config(config, 2)
+  assert cross.prior.level_1.cond_mode == 'cross'
+  assert add.prior.level_1.cond_mode == 'add'
+  assert builders.build_prior(cross, 1).cross_attends
+  assert not builders.build_prior(cross, 0).cross_attends
+  shapes = builders.level_shapes(config)
+  count = lambda c: prior_families.num_params(
+      builders.build_prior(c, 1), 1, shapes, int(config.data.num_classes))
+  target = count(config)
+  assert abs(count(cross) / target - 1) < 0.25
+  assert 'transformer_cross' in prior_families.FAMILIES
+
+
 def test_step_ops_position_step_runs_few_products():
   # The cached sampler's position step (issue 29: launch-bound on a GPU):
   # per gated block two products (all horizontal taps at once, the output
