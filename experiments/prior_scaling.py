@@ -13,13 +13,14 @@ fields changed, relative to it (VARIANTS: 'wide' doubles the channels of
 --config, whatever they are), so the same table can be made at the tiny size.
 
 After training, --mode=eval scores --num_samples class-balanced samples
-(temperature 1, no rejection) with the config's ruler: Fashion-MNIST's
-shipped judge (eval.features='auto'), never the classifier that scores
-rejection. A row: train and held-out bits per code of each level and their
-gap (overfitting), the judge's class agreement, precision, recall, FID and IS
-of the samples beside the real-vs-real floor, parameters, and training
-minutes (wall clock of --mode=prior, both levels; they depend on what else
-the machine runs, so compare them within one study on an idle machine).
+(temperature 1, no rejection, no guidance: the model as trained) with the
+config's ruler: Fashion-MNIST's shipped judge (eval.features='auto'), never
+the classifier that scores rejection. A row: train and held-out bits per
+code of each level and their gap (overfitting), the judge's class agreement,
+precision, recall, FID and IS of the samples beside the real-vs-real floor,
+parameters, and training minutes (wall clock of --mode=prior, both levels;
+they depend on what else the machine runs, so compare them within one study
+on an idle machine).
 
 Rows are added to <out>/prior_scaling.json as each variant finishes, and a
 variant already there with the same changes and sample count is not run
@@ -200,6 +201,7 @@ def run_variant(config: ml_collections.ConfigDict, base: str, workdir: str,
     eval_config.sampling.temperature = 1.0
     eval_config.sampling.top_k = 0
     eval_config.sampling.top_p = 1.0
+    eval_config.sampling.guidance = 1.0  # The model as trained.
   report = stages.run('eval', eval_config, workdir)['eval']
   row = {'train_minutes': train_s / 60,
          'num_params': sum(m['num_params'] for m in trained.values()),
@@ -365,7 +367,7 @@ def main(argv, flag_values):
   stages.run('codes', config, base)
   shown = run_study(config, base, out, todo, num_samples)
   table = format_table(shown)
-  print(f'\n{num_samples} samples per variant, temperature 1, no rejection:')
+  print(f'\n{num_samples} samples per variant, temperature 1, no rejection, no guidance:')
   print(table)
   files.atomic_write(os.path.join(out, 'prior_scaling.md'),
                      lambda f: f.write(table.encode()))
