@@ -439,6 +439,17 @@ def test_api_samples_are_deterministic_per_key(pipe):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='Fix: pass labels'):
     pipe.sample(n=2, key=7, guidance=2.0)
+  # No guidance given: the config's (as --mode=sample draws), with labels;
+  # without labels the plain unconditional path.
+  saved = pipe.config.sampling.guidance
+  try:
+    pipe.config.sampling.guidance = 0.0
+    _, by_config = pipe.sample(labels=[0, 3, 9], key=7)
+    for a, b in zip(by_config, no_labels):
+      np.testing.assert_array_equal(a, b)
+    pipe.sample(n=2, key=7)  # Not refused: guidance needs labels.
+  finally:
+    pipe.config.sampling.guidance = saved
 
 
 def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):
