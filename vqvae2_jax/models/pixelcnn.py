@@ -210,6 +210,37 @@ def _attend(q: Array, k: Array, v: Array, mask: Array,
   return out.astype(v.dtype)
 
 
+def cache_attend(cache: dict[str, Array], q: Array, k: Array, v: Array,
+                 t: Array, precision: Any) -> tuple[Array, dict[str, Array]]:
+  """One position's attention step over a key/value cache.
+
+  Writes position t's key and value into the cache first (XLA then updates
+  it in place: nothing is copied inside the sampler's loop), then attends
+  with `_attend`'s arithmetic for one query over positions 0..t.
+
+  Args:
+    cache: {'k', 'v': [batch * heads, n, d]}, positions in raster order.
+    q, k, v: [batch * heads, d], position t's query, key and value.
+    t: int32 scalar.
+    precision: of both products.
+
+  Returns:
+    ([batch * heads, d] attended, in the cache's dtype; the cache with t
+    written).
+  """
+  n, d = cache['k'].shape[1:]
+  write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+      buf, x[:, None].astype(buf.dtype), t, axis=1)
+  cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
+  f32 = lambda x: x.astype(jnp.float32)
+  logits = jnp.einsum('xd,xkd->xk', f32(q), f32(cache['k']),
+                      precision=precision) * (1.0 / math.sqrt(d))
+  logits = jnp.where(jnp.arange(n) <= t, logits, jnp.finfo(jnp.float32).min)
+  attended = jnp.einsum('xk,xkd->xd', jax.nn.softmax(logits, axis=-1),
+                        f32(cache['v']), precision=precision)
+  return attended.astype(cache['v'].dtype), cache
+
+
 class GatedBlock(nn.Module):
   """A gated residual block with a vertical and a horizontal masked stack.
 
@@ -620,7 +651,7 @@ class AttentionBlock(nn.Module):
       ([batch, 1, 1, C], the cache with (r, c)'s keys and values written).
     """
     b, _, _, channels = h.shape
-    bh, n, d = cache['k'].shape
+    bh, _, d = cache['k'].shape
     width = fused['pos_qkv'].shape[1]
     t = r * width + c
     flat = h.reshape(b, 1, channels)
@@ -630,18 +661,8 @@ class AttentionBlock(nn.Module):
                                 (1, 1, qkv.shape[-1]))[0]
     q, k, v = (y.reshape(bh, d)  # [batch * heads, d]
                for y in jnp.split(qkv + pos, 3, axis=-1))
-    write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-        buf, x[:, None].astype(buf.dtype), t, axis=1)
-    cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
-    # `_attend`'s arithmetic, for one query.
-    f32 = lambda x: x.astype(jnp.float32)
-    logits = jnp.einsum('xd,xkd->xk', f32(q), f32(cache['k']),
-                        precision=self.precision) * (1.0 / math.sqrt(d))
-    logits = jnp.where(jnp.arange(n) <= t, logits,
-                       jnp.finfo(jnp.float32).min)
-    attended = jnp.einsum('xk,xkd->xd', jax.nn.softmax(logits, axis=-1),
-                          f32(cache['v']), precision=self.precision)
-    attended = attended.astype(cache['v'].dtype).reshape(b, 1, -1, d)
+    attended, cache = cache_attend(cache, q, k, v, t, self.precision)
+    attended = attended.reshape(b, 1, -1, d)
     out = self.finish(flat, attended, train=False)
     return out.reshape(h.shape), cache
 

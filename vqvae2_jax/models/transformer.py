@@ -244,23 +244,15 @@ class TransformerBlock(nn.Module):
     if fused is None:
       fused = self.fused_view()
     b = x.shape[0]
-    bh, n, d = cache['k'].shape
+    bh, _, d = cache['k'].shape
     qkv = jnp.dot(self.attn_norm(x)[:, 0], fused['w_qkv'],
                   precision=self.precision) + fused['b_qkv']
     q, k, v = (y.reshape(bh, d)  # [b * heads, d]
                for y in jnp.split(qkv, 3, axis=-1))
-    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-        buf, new[:, None].astype(buf.dtype), t, axis=1)
-    cache = {'k': write(cache['k'], k), 'v': write(cache['v'], v)}
     # `_causal_attend`'s arithmetic, for one query.
-    f32 = lambda y: y.astype(jnp.float32)
-    logits = jnp.einsum('xd,xkd->xk', f32(q), f32(cache['k']),
-                        precision=self.precision) * (1.0 / math.sqrt(d))
-    logits = jnp.where(jnp.arange(n) <= t, logits,
-                       jnp.finfo(jnp.float32).min)
-    attended = jnp.einsum('xk,xkd->xd', jax.nn.softmax(logits, axis=-1),
-                          f32(cache['v']), precision=self.precision)
-    attended = attended.astype(cache['v'].dtype).reshape(b, -1, 1, d)
+    attended, cache = pixelcnn.cache_attend(cache, q, k, v, t,
+                                            self.precision)
+    attended = attended.reshape(b, -1, 1, d)
     return self._finish(x, attended, memory_kv, False), cache
 
 
