@@ -221,7 +221,16 @@ def test_eval_with_cas(workdir, tmp_path):
       (copy / 'classifier' / 'metrics.json').read_text())['eval/accuracy']
   for row in cas.values():
     assert 0.0 <= row['accuracy'] <= row['top5_accuracy'] <= 1.0
-  assert (copy / 'eval' / 'cas_samples' / 'metrics.json').exists()
+  runs = sorted(p.name for p in (copy / 'eval').glob('cas_samples_*'))
+  assert len(runs) == 1
+  assert (copy / 'eval' / runs[0] / 'metrics.json').exists()
+  # Other sampling settings: another sample run, its own CAS classifier;
+  # the first one's is kept, not refused as another config's.
+  config.sampling.temperature = 0.9
+  again = stages.run('eval', config, str(copy))['eval']['cas']
+  assert again['samples']['train_examples'] == 20
+  assert len(list((copy / 'eval').glob('cas_samples_*'))) == 2
+  assert (copy / 'eval' / runs[0] / 'metrics.json').exists()
 
 
 def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):

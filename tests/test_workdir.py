@@ -27,6 +27,7 @@ def test_every_path_has_the_name_existing_workdirs_use(tmp_path):
   assert wd.report_json == f'{root}/eval/report.json'
   assert wd.report_md == f'{root}/eval/report.md'
   assert wd.cas('samples') == f'{root}/eval/cas_samples'
+  assert wd.cas('samples', 'run') == f'{root}/eval/cas_samples_run'
   assert wd.cas('reconstructions') == f'{root}/eval/cas_reconstructions'
   assert wd.export == f'{root}/export'
 

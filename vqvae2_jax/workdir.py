@@ -102,10 +102,12 @@ class Workdir:
     """The evaluation report as Markdown tables."""
     return os.path.join(self.eval, 'report.md')
 
-  def cas(self, examples: str) -> str:
-    """A CAS classifier's directory: trained on 'samples' or on
-    'reconstructions'."""
-    return os.path.join(self.eval, f'cas_{examples}')
+  def cas(self, examples: str, run: str = '') -> str:
+    """A CAS classifier's directory: trained on 'samples' (of sample run
+    `run`, so that each run's classifier is kept and another run's does not
+    block it) or on 'reconstructions'."""
+    return os.path.join(self.eval,
+                        f'cas_{examples}' + (f'_{run}' if run else ''))
 
   @property
   def export(self) -> str:

@@ -288,10 +288,11 @@ def _cas(config, workdir, mesh, vqvae, variables, domain_metrics,
   rows = {'real': {'accuracy': domain_metrics.get('eval/accuracy'),
                    'top5_accuracy': domain_metrics.get('eval/top5_accuracy'),
                    'train_examples': train_count}}
+  run = os.path.basename(meta['dir'])
   samples = train_classifier(
-      config, wd.cas('samples'), images, labels,
-      name='CAS classifier on samples',
-      provenance={'sample_run': os.path.basename(meta['dir'])}, mesh=mesh)
+      config, wd.cas('samples', run), images, labels,
+      name='CAS classifier on samples', provenance={'sample_run': run},
+      mesh=mesh)
   rows['samples'] = {'accuracy': samples['eval/accuracy'],
                      'top5_accuracy': samples['eval/top5_accuracy'],
                      'train_examples': len(images)}
