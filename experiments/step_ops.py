@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import imagenet256
-from experiments import bench_sampling
 from vqvae2_jax import builders
 from vqvae2_jax import sampling
 from vqvae2_jax.models import pixelcnn
@@ -199,6 +198,9 @@ def count_rows(which: str) -> list[dict[str, Any]]:
                builders.build_prior(config, i), shapes[i], tuple(shapes[:i]))
               for i in range(len(shapes))]
   else:
+    # Imported here: its flags share names with other experiments' (e.g.
+    # bench_vqvae's --rows), which a test process may have imported.
+    from experiments import bench_sampling  # pylint: disable=g-import-not-at-top
     priors = [(f'small_{name}',
                (transformer.TransformerPrior
                 if row.get('kind') == 'transformer'
@@ -230,6 +232,7 @@ def prior_step_ops(model: Any, shape: tuple[int, int, int],
 
 def time_rows(names: list[str], repeats: int) -> list[dict[str, Any]]:
   """Seconds per map (batch 1) of bench_sampling's reduced rows."""
+  from experiments import bench_sampling  # pylint: disable=g-import-not-at-top
   rows = []
   for name in names:
     row = bench_sampling.ROWS[name]
