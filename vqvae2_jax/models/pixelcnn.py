@@ -74,6 +74,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqvae2_jax import errors
+
 Array = jax.Array
 Dtype = Any
 PyTree = Any
@@ -732,14 +734,19 @@ class ConditioningStack(nn.Module):
     return x
 
 
+class CondCodesError(errors.UserError, ValueError):
+  """A prior given another number of upper levels' code maps than it was
+  built for."""
+
+
 def check_cond_codes(cond_codes: Sequence[Array],
                      cond_num_embeddings: Sequence[int]) -> tuple[Array, ...]:
   """`cond_codes` as a tuple, one map per upper level (either prior kind)."""
   cond_codes = tuple(cond_codes)
   if len(cond_codes) != len(cond_num_embeddings):
-    raise ValueError(
+    raise CondCodesError(
         f'Got {len(cond_codes)} conditioning code maps for a prior built '
-        f'with cond_num_embeddings={tuple(cond_num_embeddings)}; pass '
+        f'with cond_num_embeddings={tuple(cond_num_embeddings)}. Fix: pass '
         'the codes of every upper level, top first.')
   return cond_codes
 

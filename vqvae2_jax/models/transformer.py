@@ -301,8 +301,10 @@ class TransformerPrior(nn.Module):
 
   def setup(self):
     if self.cond_mode not in COND_MODES:
-      raise ValueError(f'cond_mode must be one of {COND_MODES}, got '
-                       f'{self.cond_mode!r}.')
+      raise errors.ConfigError(
+          f'cond_mode must be one of {COND_MODES}, got {self.cond_mode!r}. '
+          "Fix: use 'add' (the upper codes added to the inputs) or 'cross' "
+          '(cross-attention to them).')
     if self.num_layers < 1:
       raise ValueError(f'num_layers must be >= 1, got {self.num_layers}.')
     if self.num_channels % self.num_heads:
