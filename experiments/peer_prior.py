@@ -2,7 +2,7 @@ r"""Stage 2 against the PyTorch reference's PixelSNAIL priors, on the same codes
 
   python -m experiments.peer_prior --workdir=workdir/fashion_mnist \
     --out=/tmp/peer_prior --peer_python=$PEER_PYTHON --peer_code=$PEER_DIR \
-    --seconds=300                        # about 50 minutes on 2 CPU cores
+    --seconds=300                        # about 45 minutes on 2 CPU cores
   python -m experiments.peer_prior ... --parts=train --rows=reference,ours
 
 The codes are those --mode=codes extracted in --workdir (read only; a
@@ -117,8 +117,9 @@ def _define_flags():
       peer_n_res_block=flags.DEFINE_integer(
           'peer_n_res_block', 2, 'Reference residual blocks per PixelBlock.'),
       peer_threads=flags.DEFINE_integer(
-          'peer_threads', 2, "The reference's torch threads (1 was faster "
-          'on 2 cores at the default sizes: see docs/results.md).'),
+          'peer_threads', 2, "The reference's torch threads (2 was faster "
+          'than 1 on an idle 2-core machine, 1 on a loaded one: see '
+          'docs/results.md).'),
       speed_rounds=flags.DEFINE_integer('speed_rounds', 3,
                                         'Alternating speed rounds.'),
       speed_seconds=flags.DEFINE_float('speed_seconds', 10.0,
