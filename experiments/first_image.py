@@ -11,7 +11,8 @@ Each run is a new Python process that imports the package, calls
 `sample(n=--batch)`, and then samples once more (the same programs, already
 compiled: what sampling alone costs). The runs (--runs):
 
-* off: no persistent compilation cache (JAX's default);
+* off: no persistent compilation cache (JAX's default; a
+  JAX_COMPILATION_CACHE_DIR in the environment is not passed on);
 * cold: an empty cache directory: every program is compiled, then written
   to the cache;
 * warm: the same directory again: the programs are read back.
@@ -198,6 +199,8 @@ def run_once(export: str, cache_dir: str, batch: int, timeout: int,
              f'--batch={batch}', f'--load_only={load_only}']
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
+  if not cache_dir:  # 'off' means no cache, even one the environment names.
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
   env['PYTHONPATH'] = os.pathsep.join(
       p for p in (root, env.get('PYTHONPATH', '')) if p)
   start = time.time()

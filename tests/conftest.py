@@ -38,6 +38,30 @@ if _OWN_TFDS_DIR:
   os.environ[_SHARED_TFDS_DIR] = _TFDS_DIR
 os.environ['TFDS_DATA_DIR'] = _TFDS_DIR
 
+# A persistent JAX compilation cache for the session, fresh each run: a
+# program compiled once (the tiny config's train steps, samplers, decoder)
+# is read back by later tests in the same process and by the processes the
+# tests start (`python -m vqvae2_jax.main ...`, experiment scripts), which
+# inherit it through JAX_COMPILATION_CACHE_DIR. Every program is kept, as
+# `parallel.use_compilation_cache` does. Each test process (each xdist
+# worker) has a directory of its own under one root: JAX writes an entry
+# without a lock or a rename, so two processes must not write one directory
+# at the same time. The processes a test starts run while it waits, and of a
+# multi-process run's peers only process 0 writes (JAX's rule). The root is
+# made and removed like the tfds data_dir above. Tests that count the cache's
+# hits and misses pass a directory of their own (`use_compilation_cache`
+# replaces this one), or none (experiments/first_image.py's 'off' run drops
+# the variable).
+_SHARED_JAX_CACHE = 'VQVAE2_TESTS_JAX_CACHE_DIR'
+_JAX_CACHE_ROOT = os.environ.get(_SHARED_JAX_CACHE)
+_OWN_JAX_CACHE = not _JAX_CACHE_ROOT
+if _OWN_JAX_CACHE:
+  _JAX_CACHE_ROOT = tempfile.mkdtemp(prefix='vqvae2_jax_cache_')
+  os.environ[_SHARED_JAX_CACHE] = _JAX_CACHE_ROOT
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
+    _JAX_CACHE_ROOT, os.environ.get('PYTEST_XDIST_WORKER', 'main'))
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+
 
 # The files that take longest (their tests train workdirs, run notebooks or
 # experiment scripts; `pytest --durations`), slowest first. pytest-xdist's
@@ -87,6 +111,8 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_TFDS_DIR:
     shutil.rmtree(_TFDS_DIR, ignore_errors=True)
+  if _OWN_JAX_CACHE:
+    shutil.rmtree(_JAX_CACHE_ROOT, ignore_errors=True)
 
 
 # Shared fixtures. Imports stay inside them: jax must not load before the
