@@ -22,6 +22,18 @@ if '--xla_force_host_platform_device_count' not in _flags:
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
+
+def _session_dir(variable: str, prefix: str) -> tuple[str, bool]:
+  """(the directory handed down in `variable`, False), or a fresh one made
+  here and handed down to this process's children (True: remove it at the
+  end of the session)."""
+  handed_down = os.environ.get(variable)
+  if handed_down:
+    return handed_down, False
+  os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+  return os.environ[variable], True
+
+
 # One tfds data_dir for the whole session, fresh each run: Fashion-MNIST is
 # prepared from the Debian files once (about a minute) and every test that
 # reads the default data_dir finds it; nothing is written to ~/.
@@ -30,12 +42,7 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # runs, and pytest-xdist's workers inherit the one their controller made
 # (tfds_prepare's file lock lets one worker prepare while the other waits),
 # so the minute is spent once, not once per process.
-_SHARED_TFDS_DIR = 'VQVAE2_TESTS_TFDS_DIR'
-_TFDS_DIR = os.environ.get(_SHARED_TFDS_DIR)
-_OWN_TFDS_DIR = not _TFDS_DIR
-if _OWN_TFDS_DIR:
-  _TFDS_DIR = tempfile.mkdtemp(prefix='vqvae2_tfds_')
-  os.environ[_SHARED_TFDS_DIR] = _TFDS_DIR
+_TFDS_DIR, _OWN_TFDS_DIR = _session_dir('VQVAE2_TESTS_TFDS_DIR', 'vqvae2_tfds_')
 os.environ['TFDS_DATA_DIR'] = _TFDS_DIR
 
 # A persistent JAX compilation cache for the session, fresh each run: a
@@ -52,12 +59,8 @@ os.environ['TFDS_DATA_DIR'] = _TFDS_DIR
 # hits and misses pass a directory of their own (`use_compilation_cache`
 # replaces this one), or none (experiments/first_image.py's 'off' run drops
 # the variable).
-_SHARED_JAX_CACHE = 'VQVAE2_TESTS_JAX_CACHE_DIR'
-_JAX_CACHE_ROOT = os.environ.get(_SHARED_JAX_CACHE)
-_OWN_JAX_CACHE = not _JAX_CACHE_ROOT
-if _OWN_JAX_CACHE:
-  _JAX_CACHE_ROOT = tempfile.mkdtemp(prefix='vqvae2_jax_cache_')
-  os.environ[_SHARED_JAX_CACHE] = _JAX_CACHE_ROOT
+_JAX_CACHE_ROOT, _OWN_JAX_CACHE = _session_dir('VQVAE2_TESTS_JAX_CACHE_DIR',
+                                               'vqvae2_jax_cache_')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
     _JAX_CACHE_ROOT, os.environ.get('PYTEST_XDIST_WORKER', 'main'))
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
