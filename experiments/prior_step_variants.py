@@ -1,8 +1,21 @@
 """Variants of our prior train step, timed back to back in one process.
 
-  cd /work/wt-speed && PYTHONPATH=. nice -n 5 .venv/bin/python /tmp/speed/bench.py \
-      --level=0 --variants=base,dev1,nodrop --rounds=5 --seconds=4
-  ... --profile=base   (per-op trace breakdown instead)
+  PYTHONPATH=. python experiments/prior_step_variants.py \
+      --workdir=workdir/fashion_mnist --level=0 --variants=nnconv,base \
+      --rounds=6 --seconds=2
+  ... --profile=base --out=/tmp/prior_step   (per-op trace breakdown instead)
+
+The step is issue 30's (experiments/peer_prior.py's 'ours' row: the
+workdir's prior recipe widened to the reference's parameter count, 120
+channels on the top level, 116 on the bottom one, batch 32, 2 CPU devices).
+Each variant (`+` joins several) edits the config or swaps a module while
+the step is traced: 'base' is the code as it is; 'nnconv' runs the gated
+blocks' convolutions as `nn.Conv` (the code before `pixelcnn.PatchConv`);
+'dev1' one CPU device; 'nodrop', 'nopolyak', 'noclip', 'nometrics' drop a
+part; the dropout-mask variants draw the masks otherwise. Rounds alternate
+the variants; the table gives each one's codes per second (wall and per CPU
+second of this process) and its ratio to the first variant. A one-off
+measurement tool, kept as it was used (no test).
 """
 
 import argparse
@@ -41,7 +54,8 @@ from vqvae2_jax.train import prior_trainer  # noqa: E402
 from vqvae2_jax.train import step_metrics  # noqa: E402
 from vqvae2_jax.train import train_state  # noqa: E402
 
-WORKDIR = '/work/demo2/fashion_mnist'
+WORKDIR = 'workdir/fashion_mnist'  # --workdir sets it.
+OUT = tempfile.gettempdir()  # --out sets it.
 WIDTH = {0: 120, 1: 116}
 BATCH = 32
 
@@ -356,7 +370,7 @@ def profile(level, name, steps):
   s = Step(name, level)
   text = s.compiled.as_text()
   instructions = profile_step.hlo_instructions(text)
-  with open(f'/tmp/speed/hlo_{level}_{name}.txt', 'w') as f:
+  with open(os.path.join(OUT, f'hlo_{level}_{name}.txt'), 'w') as f:
     f.write(text)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
@@ -376,7 +390,6 @@ def profile(level, name, steps):
       continue
     text = instructions[op]
     cat, opname = category(text)
-    kind = re.match(r'(\S+) (\w[\w\-]*)\(', text)
     by_cat[cat] += us / 1e3 / steps
     by_op.append((us / 1e3 / steps, op, cat, text[:90], opname[-80:]))
   total = sum(by_cat.values())
@@ -385,7 +398,7 @@ def profile(level, name, steps):
   for cat, ms in by_cat.most_common():
     print(f'  {cat:<32} {ms:8.2f} ms  {ms / total:6.1%}')
   by_op.sort(reverse=True)
-  with open(f'/tmp/speed/ops_{level}_{name}.json', 'w') as f:
+  with open(os.path.join(OUT, f'ops_{level}_{name}.json'), 'w') as f:
     json.dump({'wall_ms': wall * 1e3, 'ops': by_op}, f)
   kinds = collections.Counter()
   for ms, op, cat, text, opname in by_op:
@@ -403,6 +416,9 @@ def profile(level, name, steps):
 
 def main():
   parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', default=WORKDIR,
+                      help='A finished demo workdir (its config.json).')
+  parser.add_argument('--out', default=OUT, help='Where --profile writes.')
   parser.add_argument('--level', type=int, default=0)
   parser.add_argument('--variants', default='base')
   parser.add_argument('--rounds', type=int, default=5)
@@ -410,6 +426,9 @@ def main():
   parser.add_argument('--profile', default='')
   parser.add_argument('--steps', type=int, default=10)
   args = parser.parse_args()
+  global WORKDIR, OUT
+  WORKDIR, OUT = args.workdir, args.out
+  os.makedirs(OUT, exist_ok=True)
   print(f'jax {jax.__version__}, {jax.device_count()} devices, '
         f'load {os.getloadavg()}', flush=True)
   if args.profile:
