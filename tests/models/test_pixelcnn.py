@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +151,27 @@ def test_dropout_only_in_training():
                                 run(False, jax.random.key(2)))
   assert np.abs(np.asarray(run(True, jax.random.key(1))
                            - run(True, jax.random.key(2)))).max() > 0
+
+
+@pytest.mark.parametrize('kernel_size', [(2, 3), (1, 2), (1, 1)])
+def test_patch_conv_is_a_valid_conv(kernel_size):
+  # Same parameters (names, shapes, initial values) and, up to rounding,
+  # the same outputs and gradients as nn.Conv(padding='VALID').
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 6, 4)),
+                  jnp.float32)
+  ours = pixelcnn.PatchConv(8, kernel_size, precision='highest')
+  theirs = nn.Conv(8, kernel_size, padding='VALID', precision='highest',
+                   kernel_init=pixelcnn.conv_kernel_init)
+  key = jax.random.key(0)
+  params = ours.init(key, x)
+  jax.tree.map(np.testing.assert_array_equal, params, theirs.init(key, x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # A nonzero bias too.
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1))(
+      params, x) for m in (ours, theirs)]
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-4), *grads)
 
 
 def test_attention_layers_are_spread():
