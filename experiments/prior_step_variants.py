@@ -415,6 +415,7 @@ def profile(level, name, steps):
 
 
 def main():
+  global WORKDIR, OUT
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', default=WORKDIR,
                       help='A finished demo workdir (its config.json).')
@@ -426,7 +427,6 @@ def main():
   parser.add_argument('--profile', default='')
   parser.add_argument('--steps', type=int, default=10)
   args = parser.parse_args()
-  global WORKDIR, OUT
   WORKDIR, OUT = args.workdir, args.out
   os.makedirs(OUT, exist_ok=True)
   print(f'jax {jax.__version__}, {jax.device_count()} devices, '
