@@ -89,36 +89,40 @@ def threefry2x32_unrolled(k1, k2, x1, x2):
   return x1, x2
 
 
-def keep_mask_unrolled(key, keep, n):
+def _raw_key(key):
+  """uint32[2] key data of a typed or raw threefry key."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
-  k1, k2 = key[0], key[1]
-  counts = lax.iota(np.uint32, n)
-  b1, b2 = threefry2x32_unrolled(k1, k2, jnp.zeros_like(counts), counts)
-  bits = b1 ^ b2
+  return key
+
+
+def _below(bits, keep):
+  """`jax.random.uniform`'s float from 32 random bits (23 mantissa bits),
+  compared with `keep`."""
   u = lax.bitcast_convert_type(
       lax.shift_right_logical(bits, np.uint32(9)) | np.uint32(0x3F800000),
       jnp.float32) - jnp.float32(1.0)
   return u < jnp.float32(keep)
+
+
+def keep_mask_unrolled(key, keep, n):
+  key = _raw_key(key)
+  counts = lax.iota(np.uint32, n)
+  b1, b2 = threefry2x32_unrolled(key[0], key[1], jnp.zeros_like(counts),
+                                 counts)
+  return _below(b1 ^ b2, keep)
 
 
 def keep_mask_pair(key, keep, n):
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  half = (n + 1) // 2
-  counts = lax.iota(np.uint32, half)
+  key = _raw_key(key)
+  counts = lax.iota(np.uint32, (n + 1) // 2)
   b1, b2 = threefry2x32_unrolled(key[0], key[1], jnp.zeros_like(counts),
                                  counts)
-  bits = jnp.concatenate([b1, b2])[:n]
-  u = lax.bitcast_convert_type(
-      lax.shift_right_logical(bits, np.uint32(9)) | np.uint32(0x3F800000),
-      jnp.float32) - jnp.float32(1.0)
-  return u < jnp.float32(keep)
+  return _below(jnp.concatenate([b1, b2])[:n], keep)
 
 
 def keep_mask_rbg(key, keep, n):
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
+  key = _raw_key(key)
   data = jax.random.bits(jax.random.wrap_key_data(key), (4,), jnp.uint32)
   rkey = jax.random.wrap_key_data(data, impl='rbg')
   bits = jax.random.bits(rkey, (n,), jnp.uint32)
