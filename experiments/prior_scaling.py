@@ -33,6 +33,7 @@ against training minutes).
 import functools
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -126,13 +127,16 @@ VARIANTS: dict[str, tuple[str, Callable[[ml_collections.ConfigDict],
 
 
 def parse_set(spec: str) -> tuple[str, Changes]:
-  """'name:a.b=1,c.d=x' -> ('name', {'a.b': 1, 'c.d': 'x'})."""
+  """'name:a.b=1,c.d=x,e=[1,2]' -> ('name', {'a.b': 1, 'c.d': 'x',
+  'e': [1, 2]})."""
   name, sep, body = spec.partition(':')
   if not sep or not name or not body:
     raise app.UsageError(
         f"--set={spec!r}: expected 'name:field=value[,field=value...]'.")
   changes = {}
-  for item in body.split(','):
+  # A comma starts the next field only before 'name=', so that JSON lists
+  # ('model.downsample_factors=[8,2]') keep theirs.
+  for item in re.split(r',(?=\s*[A-Za-z_][\w.]*=)', body):
     field, eq, value = item.partition('=')
     if not eq or not field.strip():
       raise app.UsageError(f'--set={spec!r}: {item!r} is not field=value.')
@@ -156,10 +160,13 @@ def apply_changes(config: ml_collections.ConfigDict, changes: Changes
       section = section[part]
     if name not in section:
       raise app.UsageError(f'Unknown config field {field!r}.')
+    old = section[name]
+    if isinstance(old, tuple):
+      value = tuple(value)  # JSON gives a list; the field keeps its type.
+    elif isinstance(old, (int, float)) and not isinstance(old, bool):
+      value = type(old)(value)
     with section.unlocked():
-      section[name] = type(section[name])(value) if isinstance(
-          section[name], (int, float)) and not isinstance(
-              section[name], bool) else value
+      section[name] = value
   return out
 
 
