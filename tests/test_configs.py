@@ -22,8 +22,9 @@ _NAMES = sorted(
     if not os.path.basename(p).startswith('_')
     and os.path.basename(p) != 'common.py')
 # (file, argument after ':'): the files and their variants.
-_VARIANTS = [(name, None) for name in _NAMES] + [('fashion_mnist', 'tiny'),
-                                                 ('fashion_mnist', 'quality')]
+_VARIANTS = [(name, None) for name in _NAMES] + [
+    ('fashion_mnist', 'tiny'), ('fashion_mnist', 'quality'),
+    ('fashion_mnist', 'fine')]
 
 
 def _load(name, variant=None):
@@ -71,6 +72,20 @@ def test_quality_variant_changes_only_the_priors_and_guidance():
   assert quality.sampling.guidance > 1 and quality.prior.label_drop_rate > 0
   assert quality.prior.level_0.num_channels > default.prior.level_0.num_channels
   assert quality.prior.num_train_steps > default.prior.num_train_steps
+
+
+def test_fine_variant_changes_only_the_bottom_map():
+  """The default's recipe with the bottom level's codes at 16x16."""
+  default, fine = _load('fashion_mnist'), _load('fashion_mnist', 'fine')
+  changed = {k for k, v in _flatten(fine).items()
+             if _flatten(default)[k] != v}
+  assert changed == {'model.downsample_factors'}
+  assert builders.level_shapes(default) == [(4, 4), (8, 8)]
+  assert builders.level_shapes(fine) == [(4, 4), (16, 16)]
+  # Its stage 1 is another model: a default workdir's checkpoints and codes
+  # are refused, not reused.
+  assert (builders.vqvae_fingerprint(fine) !=
+          builders.vqvae_fingerprint(default))
 
 
 def test_unknown_variant_names_the_fix():
