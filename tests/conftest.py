@@ -81,6 +81,7 @@ _SLOW_FILES = (
     'tests/models/test_pixelcnn.py',
     'tests/test_hostmem.py',
     'tests/test_sampler_variants.py',
+    'tests/test_stage1_scaling.py',
 )
 
 
