@@ -66,6 +66,26 @@ def _lower(step: Any, init_fn: Any, mesh: jax.sharding.Mesh,
                       batch)
 
 
+def prior_step_functions(config: ml_collections.ConfigDict, level: int
+                         ) -> tuple[Any, Any]:
+  """(init_fn, train step) of the prior trainer for `level`, built anew.
+
+  Not `prior_trainer.programs`, which caches per model: a caller that swaps
+  a module class while tracing (experiments/prior_step_variants.py) needs
+  a fresh step each time.
+  """
+  model = builders.build_prior(config, level)
+  tx, schedule = prior_trainer.create_optimizer(config)
+  p = config.prior
+  init_fn = prior_trainer.make_init_fn(
+      model, tx, level=level, level_shapes=builders.level_shapes(config),
+      use_polyak=p.polyak_decay > 0)
+  step = prior_trainer.make_train_step(
+      model, tx, schedule, label_drop_rate=float(p.label_drop_rate),
+      polyak_decay=float(p.polyak_decay))
+  return init_fn, step
+
+
 def lower_prior_step(config: ml_collections.ConfigDict, level: int,
                      global_batch: int, mesh: jax.sharding.Mesh
                      ) -> tuple[jax.stages.Lowered, int]:
@@ -74,16 +94,8 @@ def lower_prior_step(config: ml_collections.ConfigDict, level: int,
   Returns:
     (lowered step, parameter count).
   """
-  model = builders.build_prior(config, level)
-  tx, schedule = prior_trainer.create_optimizer(config)
+  init_fn, step = prior_step_functions(config, level)
   shapes = builders.level_shapes(config)
-  p = config.prior
-  init_fn = prior_trainer.make_init_fn(
-      model, tx, level=level, level_shapes=shapes,
-      use_polyak=p.polyak_decay > 0)
-  step = prior_trainer.make_train_step(
-      model, tx, schedule, label_drop_rate=p.label_drop_rate,
-      polyak_decay=p.polyak_decay)
   codes = [jax.ShapeDtypeStruct((global_batch, *s), jnp.int32,
                                 sharding=parallel.data_sharding(mesh))
            for s in shapes[:level + 1]]

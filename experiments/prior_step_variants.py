@@ -46,11 +46,11 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import compiled_steps  # noqa: E402
 from experiments import peer_prior  # noqa: E402
 from experiments import profile_step  # noqa: E402
 from vqvae2_jax import builders  # noqa: E402
 from vqvae2_jax.models import pixelcnn  # noqa: E402
-from vqvae2_jax.train import prior_trainer  # noqa: E402
 from vqvae2_jax.train import step_metrics  # noqa: E402
 from vqvae2_jax.train import train_state  # noqa: E402
 
@@ -250,18 +250,10 @@ class Step:
     self.mesh = parallel.create_mesh(
         ml_collections.ConfigDict({'data': 1, 'fsdp': 2}) if fsdp else None,
         devices=jax.devices()[:devices])
-    model = builders.build_prior(config, level)
-    tx, schedule = prior_trainer.create_optimizer(config)
+    init_fn, step = compiled_steps.prior_step_functions(config, level)
     shapes = builders.level_shapes(config)
-    p = config.prior
-    init_fn = prior_trainer.make_init_fn(
-        model, tx, level=level, level_shapes=shapes,
-        use_polyak=p.polyak_decay > 0)
     init, shardings = train_state.sharded_init(init_fn, self.mesh,
                                                jax.random.PRNGKey(0))
-    step = prior_trainer.make_train_step(
-        model, tx, schedule, label_drop_rate=float(p.label_drop_rate),
-        polyak_decay=float(p.polyak_decay))
     jitted = train_state.jit_train_step(step, shardings, self.mesh)
     self.state = init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
