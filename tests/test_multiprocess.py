@@ -8,7 +8,10 @@ process 1 is killed with SIGKILL (the launcher must stop the other one and
 name it), then process 0 gets a preemption notice (SIGTERM: both save at
 the same step and exit 0), and the third launch finishes it. Meanwhile (it
 mostly sleeps) a small program checks that a process arriving 35 s late at
-the first collectives is waited for (tests/multiprocess_late_peer.py). The
+the first collectives is waited for (tests/multiprocess_late_peer.py).
+Another small program (tests/multiprocess_checkpoint_race.py) checks that a
+process arriving after its peer created a checkpoint directory opens the
+same orbax managers as the peer did. The
 later stages read the reference's earlier stages, so each stage is compared
 on the same input:
 
@@ -279,6 +282,20 @@ def test_a_process_35_s_late_at_the_first_collectives_is_waited_for(
   assert late_peer.returncode == 0, logs
   for i in range(2):
     assert f'process {i}: sum over 8 devices 8' in logs, logs
+
+
+def test_a_late_process_agrees_whether_the_checkpoint_directory_exists(
+    tmp_path):
+  directory = str(tmp_path / 'stage' / 'checkpoints')
+  launcher = _launch(str(tmp_path / 'logs'), f'--directory={directory}',
+                     module='tests.multiprocess_checkpoint_race',
+                     stage_flags=False)
+  output = _output(launcher, 120)
+  logs = _logs(launcher, output)
+  assert launcher.returncode == 0, logs
+  for i in range(2):
+    assert f'process {i}: created {directory}' in logs, logs
+  assert os.path.isdir(directory)
 
 
 def test_a_killed_process_stops_the_launch_naming_it(runs):

@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 
 from vqvae2_jax import errors
 from vqvae2_jax import files
+from vqvae2_jax import parallel
 
 PyTree = Any
 _STATE = 'state'
@@ -139,6 +140,17 @@ def _hide_disk_full_tracebacks() -> None:
   asyncio_logger = py_logging.getLogger('asyncio')
   if _DAMAGED_READ_FILTER not in asyncio_logger.filters:
     asyncio_logger.addFilter(_DAMAGED_READ_FILTER)
+
+
+def directory_exists(directory: str | os.PathLike[str]) -> bool:
+  """Whether `directory` exists, as process 0 sees it, on every process.
+
+  Call it (on every process) wherever the answer decides whether to open a
+  manager: each manager's creation is an orbax barrier on every process,
+  and a process that looks after another one created the directory would
+  open one that its peers skip, and wait at a barrier they never reach.
+  """
+  return parallel.primary_view(epath.Path(directory).exists())
 
 
 def create_manager(directory: str, *, max_to_keep: int | None = 2,
@@ -557,7 +569,7 @@ def check_directory(directory: str, fingerprint: Mapping[str, Any]) -> None:
   is damaged is passed over (see `latest_checked_step`).
   """
   directory = epath.Path(directory).absolute()
-  if not directory.exists():
+  if not directory_exists(directory):
     return
   manager = create_manager(str(directory), read_only=True)
   try:

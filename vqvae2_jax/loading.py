@@ -77,7 +77,7 @@ def _restore_latest_subtrees(ckpt_dir: str, fingerprint: Mapping[str, Any],
     errors.CheckpointMismatchError: written for a different model config.
     errors.NoIntactCheckpointError: no checkpoint in `ckpt_dir` reads back.
   """
-  if not os.path.isdir(ckpt_dir):
+  if not checkpoints.directory_exists(ckpt_dir):
     return None
   manager = checkpoints.create_manager(ckpt_dir, read_only=True)
 
@@ -153,7 +153,7 @@ def check_codes_provenance(ckpt_dir: str,
     ckpt_dir: a prior's checkpoint directory (may not exist yet).
     fingerprint: the prior's current `builders.prior_fingerprint`.
   """
-  if not os.path.isdir(ckpt_dir):
+  if not checkpoints.directory_exists(ckpt_dir):
     return
   manager = checkpoints.create_manager(ckpt_dir, read_only=True)
   try:
@@ -277,7 +277,7 @@ def load_classifier(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.create_mesh(config.mesh) if mesh is None else mesh
   ckpt_dir = workdir_lib.checkpoint_dir(
       workdir_lib.Workdir(workdir).classifier)
-  if not os.path.isdir(ckpt_dir):
+  if not checkpoints.directory_exists(ckpt_dir):
     raise errors.MissingStageError(
         f'No classifier checkpoint in {ckpt_dir}. Fix: '
         f'{_FIX_TRAIN_CLASSIFIER}.')

@@ -384,6 +384,21 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def primary_view(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (a collective: all must call it).
+
+  For a decision read from the shared filesystem ("does this checkpoint
+  directory exist yet?") that leads to collectives or orbax barriers:
+  processes that read it at different moments may see different answers
+  (process 0 creating the directory in between), and then reach different
+  barriers. Taking process 0's answer keeps them in step.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(
+      np.asarray(bool(flag), np.int32)))
+
+
 def num_batch_shards(mesh: Mesh) -> int:
   """How many ways a global batch is split (it must divide the batch)."""
   return mesh.devices.size

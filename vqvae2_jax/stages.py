@@ -178,11 +178,14 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   text = config.to_json(indent=1, sort_keys=True)
   try:
     with open(path) as f:
-      if f.read() == text:
-        return
+      recorded = f.read() == text
   except OSError:
-    pass
-  # On every process: orbax's reads may wait for all of them.
+    recorded = False
+  # Process 0's answer on every process: process 0 may write the file while
+  # another one reads it, and `_refusal` opens orbax managers, whose
+  # barriers every process must reach.
+  if parallel.primary_view(recorded):
+    return
   refusal = _refusal(config, workdir)
   if refusal is not None:
     logging.info('Not recording the config in %s: %s', path, refusal)
@@ -226,7 +229,7 @@ def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   trained = False
   for stage_dir, fingerprint in expected.items():
     directory = workdir_lib.checkpoint_dir(stage_dir)
-    if not os.path.isdir(directory):
+    if not checkpoints.directory_exists(directory):
       continue
     try:
       with checkpoints.create_manager(directory, read_only=True) as manager:

@@ -438,7 +438,7 @@ def _finished_metrics(stage: Stage, metrics_path: str
           metrics):
     return None
   directory = workdir_lib.checkpoint_dir(stage.directory)
-  if not os.path.isdir(directory):
+  if not checkpoints.directory_exists(directory):
     return None
   with checkpoints.create_manager(directory, read_only=True) as manager:
     last = manager.latest_step()
