@@ -94,7 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   prior.checkpoint_every = 5000  # Steps between checkpoints.
   prior.keep_checkpoints = 2  # Checkpoints kept on disk.
   prior.eval_batch_size = 256  # Global batch size for evaluation.
-  prior.train_eval_examples = 0  # Train examples scored per eval; 0: all.
+  # Training examples scored per eval (the first ones), beside the whole
+  # held-out split; 0: all. As many as a small held-out split shows
+  # overfitting as well as all of them would, at a fraction of the cost.
+  prior.train_eval_examples = 10_000
   prior.codes_per_shard = 10_000  # Examples per file of extracted codes (--mode=codes).
   # One section per model level; a config with more levels adds
   # prior.level_<i> = prior_level(...) for each.
