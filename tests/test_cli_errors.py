@@ -151,7 +151,7 @@ def test_an_unknown_config_variant(tmp_path):
   line = _the_error_line(result)
   assert line.startswith("Error: --config=configs/fashion_mnist.py:small: "
                          "Unknown variant 'small'"), line
-  assert "Fix: use one of ('tiny', 'quality', 'fine')" in line, line
+  assert "Fix: use one of ('tiny', 'quality', 'fine', 'long')" in line, line
   assert not (tmp_path / 'w').exists()
 
 
@@ -161,7 +161,7 @@ def test_an_unknown_config_variant_from_the_api_is_a_user_error():
   with pytest.raises(errors.ConfigError) as error:
     api.load_config(os.path.join(_ROOT, 'configs/fashion_mnist.py:small'))
   assert "Unknown variant 'small'" in str(error.value)
-  assert str(error.value).split('Fix: ')[1].startswith("use one of ('tiny', 'quality', 'fine')")
+  assert str(error.value).split('Fix: ')[1].startswith("use one of ('tiny', 'quality', 'fine', 'long')")
 
 
 def test_an_unknown_config_variant_with_verbosity_shows_the_traceback(
