@@ -1,7 +1,7 @@
 r"""Fashion-MNIST: the embedded default, sized for a 2-core CPU.
 
 The whole pipeline (VQ-VAE, code extraction, priors, samples, evaluation,
-export) takes 18.1 minutes on 2 idle CPU cores (docs/benchmarks.md):
+export) takes 17.9 minutes on 2 idle CPU cores (docs/benchmarks.md):
 
   python -m vqvae2_jax.main --config=configs/fashion_mnist.py \
     --workdir=/tmp/vqvae2_fmnist --mode=all
