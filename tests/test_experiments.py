@@ -1003,3 +1003,45 @@ def test_step_ops_counts_the_innermost_loop_with_products():
   assert step_ops.position_body_ops(hlo) == {
       'dots': 3, 'fusions': 2, 'kernels': 7, 'instructions': 10,
       'big_copies': 1}
+
+
+def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
+    tmp_path, monkeypatch, tiny_judge, stage2_config, codes_workdir):
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from experiments import prior_attribution
+  from vqvae2_jax import api
+  from vqvae2_jax import stages
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  config = stage2_config.copy_and_resolve_references()
+  config.prior.num_train_steps = 2
+  workdir = tmp_path / 'w'
+  shutil.copytree(codes_workdir, workdir)
+  stages.run('prior', config, str(workdir))
+  # The sampled lower level is conditioned on the kept upper codes, which
+  # come back as they were; the same key draws the same codes.
+  pipe = api.Pipeline.load(str(workdir), config, require_priors=True)
+  _, codes, labels = prior_attribution.held_out_codes(pipe, pipe.mesh, 12)
+  assert [len(c) for c in codes] == [12, 12] and len(labels) == 12
+  draw = lambda kept, g: prior_attribution.complete_codes(
+      pipe, kept, labels, guidance=g, rng=jax.random.PRNGKey(3), batch_size=8)
+  kept_top = draw(codes[:1], 1.0)
+  np.testing.assert_array_equal(kept_top[0], codes[0])
+  assert kept_top[1].shape == codes[1].shape
+  np.testing.assert_array_equal(draw(codes[:1], 1.0)[1], kept_top[1])
+  both = draw([], 2.0)
+  assert [c.shape for c in both] == [c.shape for c in codes]
+  assert not np.array_equal(both[0], codes[0])  # Sampled, not kept.
+
+  result = prior_attribution.attribution(config, str(workdir), [1.0, 2.0],
+                                         limit=20, report=lambda line: None)
+  assert result['held_out_examples'] == 20
+  assert result['reconstructions']['num_examples'] == 20
+  assert sorted(result['guidance']) == ['1.0', '2.0']
+  for rows in result['guidance'].values():
+    assert [r['sampled_from_level'] for r in rows] == [1, 0]
+    for row in rows:
+      assert row['num_examples'] == 20
+      assert 0 <= row['recall'] <= 1 and 0 <= row['class_agreement'] <= 1

@@ -1,0 +1,168 @@
+r"""Which prior loses what the samples lack: the top one or the lower ones.
+
+  python -m experiments.prior_attribution --config=configs/fashion_mnist.py:long \
+    --workdir=W --guidance=1,1.5 --out=attribution.json
+
+Samples fall short of the real data through stage 1 (its reconstructions
+bound them) and through each level's prior. This separates the two by
+keeping the true codes of the levels above some level and sampling that
+level and the ones below it, for every held-out image, with its true
+label. The rows, each scored by the config's ruler (Fashion-MNIST's shipped
+judge by default) against the whole held-out split:
+
+* `reconstructions`: every level's true codes, decoded (stage 1 alone);
+* `sampled from level l`: the held-out image's codes of levels 0..l-1 kept,
+  levels l.. sampled by the priors (the lowest level first, so the last
+  row, l = 0, is the plain samples of the held-out labels).
+
+Going down the table, each row adds one more level's prior: what a row
+loses against the one above it is that level's prior's share. Pairing
+makes the first rows' precision and recall pass the real-data floor (as
+reconstructions do): compare rows with each other, not with the floor.
+
+Rows are printed as they finish and written to --out as JSON (the rows of
+each guidance, and what the ruler and checkpoints were).
+"""
+
+import functools
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from vqvae2_jax import api
+from vqvae2_jax import files
+from vqvae2_jax import parallel
+from vqvae2_jax import sampling
+from vqvae2_jax.evaluation import metrics as metrics_lib
+from vqvae2_jax.evaluation import run as eval_run
+
+
+def _define_flags():
+  """This script's flags (defined only when it runs, so that tests can
+  import `attribution` beside other experiments)."""
+  config = config_flags.DEFINE_config_file('config', None, 'Config file.')
+  workdir = flags.DEFINE_string('workdir', None,
+                                'A workdir with stage 1 and every prior.')
+  guidance = flags.DEFINE_list(
+      'guidance', None, "Guidance scales (default: the config's).")
+  limit = flags.DEFINE_integer(
+      'limit', 0, 'Held-out images used (the first ones); 0: all.')
+  out = flags.DEFINE_string('out', None, 'JSON file of the rows.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  return config, workdir, guidance, limit, out
+
+
+def held_out_codes(pipe: api.Pipeline, mesh, limit: int | None
+                   ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+  """(held-out images, their codes per level top first, their labels)."""
+  config = pipe.config
+  encode = jax.jit(functools.partial(pipe.vqvae.apply,
+                                     method=pipe.vqvae.encode))
+  images, codes, labels = [], [], []
+  for batch_images, batch_labels, batch in eval_run.real_batches(
+      config, mesh, config.data.eval_split, limit=limit):
+    mask = np.asarray(parallel.to_host(batch['mask']))
+    batch_codes = [np.asarray(parallel.to_host(c))[mask][:len(batch_images)]
+                   for c in encode(pipe.vqvae_variables, batch['image'])]
+    images.append(batch_images)
+    codes.append(batch_codes)
+    labels.append(batch_labels)
+  return (np.concatenate(images),
+          [np.concatenate(level) for level in zip(*codes)],
+          np.concatenate(labels))
+
+
+def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
+                   labels: np.ndarray, *, guidance: float, rng: jax.Array,
+                   batch_size: int) -> list[np.ndarray]:
+  """`kept` (the codes of the levels above some level, top first) completed
+  by sampling every lower level with the priors, batch by batch.
+
+  Batch i draws level l with fold_in(fold_in(rng, i), l), the last batch
+  padded (with copies of its first example) to one compiled shape.
+  """
+  n = len(labels)
+  num_levels = len(pipe.priors)
+  out = [[] for _ in range(num_levels)]
+  for i, begin in enumerate(range(0, n, batch_size)):
+    m = min(batch_size, n - begin)
+    take = np.concatenate([np.arange(begin, begin + m),
+                           np.full(batch_size - m, begin)])
+    batch_labels = labels[take].astype(np.int32)
+    codes = [c[take] for c in kept]
+    key = jax.random.fold_in(rng, i)
+    for level in range(len(kept), num_levels):
+      model, variables = pipe.priors[level]
+      h, w = pipe.level_shapes[level]
+      conditional = bool(model.num_classes)
+      codes.append(np.asarray(parallel.to_host(sampling.sample_level(
+          model, variables, shape=(batch_size, h, w),
+          cond_codes=tuple(codes),
+          labels=batch_labels if conditional else None,
+          rng=jax.random.fold_in(key, level), mesh=pipe.mesh,
+          guidance=guidance if conditional else 1.0))))
+    for level in range(num_levels):
+      out[level].append(np.asarray(codes[level])[:m])
+  return [np.concatenate(level) for level in out]
+
+
+def attribution(config, workdir: str, guidances: list[float],
+                limit: int | None = None,
+                report=print) -> dict:
+  """The rows (see the module docstring), per guidance."""
+  pipe = api.Pipeline.load(workdir, config, require_priors=True)
+  mesh = pipe.mesh
+  features, about = eval_run.feature_fn(config, workdir, mesh)
+  images, codes, labels = held_out_codes(pipe, mesh, limit)
+  real = metrics_lib.FeatureStats(max_features=eval_run.MAX_REAL_FEATURES)
+  real.add(*features(images))
+  batch_size = max(int(config.sampling.batch_size) // mesh.size, 1) * mesh.size
+  decode_batch = max(int(config.eval.batch_size) // mesh.size, 1) * mesh.size
+
+  def score(name, level_codes):
+    fake = metrics_lib.FeatureStats(max_features=len(labels))
+    for begin in range(0, len(labels), decode_batch):
+      chunk = [c[begin:begin + decode_batch] for c in level_codes]
+      fake.add(*features(np.clip(pipe.decode(chunk), -1.0, 1.0)))
+    row = {'row': name, **eval_run.sample_metrics(config, real, fake, labels)}
+    report(json.dumps(row))
+    return row
+
+  result = {'workdir': workdir, 'steps': pipe.steps, **about,
+            'held_out_examples': len(labels),
+            'reconstructions': score('reconstructions', codes),
+            'guidance': {}}
+  rng = jax.random.PRNGKey(config.seed)
+  for g in guidances:
+    rows = []
+    for level in reversed(range(len(pipe.priors))):
+      start = time.time()
+      sampled = complete_codes(pipe, codes[:level], labels, guidance=g,
+                               rng=jax.random.fold_in(rng, level),
+                               batch_size=batch_size)
+      row = score(f'guidance {g}: sampled from level {level}', sampled)
+      row.update(sampled_from_level=level, seconds=time.time() - start)
+      rows.append(row)
+    result['guidance'][str(g)] = rows
+  return result
+
+
+def main(argv, flag_values):
+  del argv
+  config, workdir, guidance, limit, out = flag_values
+  config = config.value
+  guidances = ([float(g) for g in guidance.value] if guidance.value
+               else [float(config.sampling.guidance)])
+  result = attribution(config, workdir.value, guidances, limit.value or None)
+  if out.value:
+    files.write_json(out.value, result)
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(functools.partial(main, flag_values=_define_flags()))
