@@ -344,16 +344,6 @@ def _no_intact(directory: str, damaged: list[tuple[int, Exception]]
       'train this stage again from the start.')
 
 
-def _agreed(ok: bool) -> bool:
-  """True when `ok` holds on every process (each may read other shards)."""
-  if jax.process_count() == 1:
-    return ok
-  # pylint: disable-next=g-import-not-at-top
-  from jax.experimental import multihost_utils
-  flags = multihost_utils.process_allgather(np.asarray(ok, np.int32))
-  return bool(np.all(flags))
-
-
 def restore_newest_intact(manager: ocp.CheckpointManager,
                           fingerprint: Mapping[str, Any],
                           restore: Callable[[int], Any], *,
@@ -394,7 +384,7 @@ def restore_newest_intact(manager: ocp.CheckpointManager,
     except Exception as e:  # pylint: disable=broad-except
       _reraise_if_not_damage(e)
       error = e
-    if _agreed(error is None):
+    if parallel.all_agree(error is None):
       check_fingerprint(saved, fingerprint, directory)
       try:
         _check_state_metadata(directory, step)
@@ -402,7 +392,7 @@ def restore_newest_intact(manager: ocp.CheckpointManager,
       except Exception as e:  # pylint: disable=broad-except
         _reraise_if_not_damage(e)
         error = e
-      if _agreed(error is None):
+      if parallel.all_agree(error is None):
         if damaged:
           _set_aside_damaged(manager, damaged, step, set_aside)
         return result, step

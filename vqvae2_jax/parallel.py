@@ -399,6 +399,18 @@ def primary_view(flag: bool) -> bool:
       np.asarray(bool(flag), np.int32)))
 
 
+def all_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective: all must call it).
+
+  For a step that may fail on one process only (each reads its own shards
+  of a checkpoint): all then take the same branch.
+  """
+  if jax.process_count() == 1:
+    return bool(ok)
+  flags = multihost_utils.process_allgather(np.asarray(bool(ok), np.int32))
+  return bool(np.all(flags))
+
+
 def num_batch_shards(mesh: Mesh) -> int:
   """How many ways a global batch is split (it must divide the batch)."""
   return mesh.devices.size
