@@ -60,21 +60,13 @@ def _define_flags():
 def held_out_codes(pipe: api.Pipeline, mesh, limit: int | None
                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
   """(held-out images, their codes per level top first, their labels)."""
-  config = pipe.config
-  encode = jax.jit(functools.partial(pipe.vqvae.apply,
-                                     method=pipe.vqvae.encode))
-  images, codes, labels = [], [], []
-  for batch_images, batch_labels, batch in eval_run.real_batches(
-      config, mesh, config.data.eval_split, limit=limit):
-    mask = np.asarray(parallel.to_host(batch['mask']))
-    batch_codes = [np.asarray(parallel.to_host(c))[mask][:len(batch_images)]
-                   for c in encode(pipe.vqvae_variables, batch['image'])]
+  images, labels = [], []
+  for batch_images, batch_labels, _ in eval_run.real_batches(
+      pipe.config, mesh, pipe.config.data.eval_split, limit=limit):
     images.append(batch_images)
-    codes.append(batch_codes)
     labels.append(batch_labels)
-  return (np.concatenate(images),
-          [np.concatenate(level) for level in zip(*codes)],
-          np.concatenate(labels))
+  images = np.concatenate(images)
+  return images, pipe.encode(images), np.concatenate(labels)
 
 
 def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
@@ -83,31 +75,24 @@ def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
   """`kept` (the codes of the levels above some level, top first) completed
   by sampling every lower level with the priors, batch by batch.
 
-  Batch i draws level l with fold_in(fold_in(rng, i), l), the last batch
-  padded (with copies of its first example) to one compiled shape.
+  Batch i is `sampling.sample_hierarchy` with fold_in(rng, i), the last
+  batch padded (with copies of its first example) to one compiled shape.
   """
   n = len(labels)
-  num_levels = len(pipe.priors)
-  out = [[] for _ in range(num_levels)]
+  out = [[] for _ in pipe.priors]
   for i, begin in enumerate(range(0, n, batch_size)):
     m = min(batch_size, n - begin)
     take = np.concatenate([np.arange(begin, begin + m),
                            np.full(batch_size - m, begin)])
-    batch_labels = labels[take].astype(np.int32)
-    codes = [c[take] for c in kept]
-    key = jax.random.fold_in(rng, i)
-    for level in range(len(kept), num_levels):
-      model, variables = pipe.priors[level]
-      h, w = pipe.level_shapes[level]
-      conditional = bool(model.num_classes)
-      codes.append(np.asarray(parallel.to_host(sampling.sample_level(
-          model, variables, shape=(batch_size, h, w),
-          cond_codes=tuple(codes),
-          labels=batch_labels if conditional else None,
-          rng=jax.random.fold_in(key, level), mesh=pipe.mesh,
-          guidance=guidance if conditional else 1.0))))
-    for level in range(num_levels):
-      out[level].append(np.asarray(codes[level])[:m])
+    codes = sampling.sample_hierarchy(
+        pipe.priors, pipe.level_shapes, batch_size=batch_size,
+        labels=labels[take].astype(np.int32), rng=jax.random.fold_in(rng, i),
+        mesh=pipe.mesh, guidance=guidance,
+        upper_codes=[c[take] for c in kept])
+    for level, level_codes in enumerate(codes):
+      if level >= len(kept):  # Sampled over the mesh; kept ones are numpy.
+        level_codes = parallel.to_host(level_codes)
+      out[level].append(np.asarray(level_codes)[:m])
   return [np.concatenate(level) for level in out]
 
 

@@ -575,11 +575,13 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, mesh: Optional[Mesh] = None,
                      unroll: int = 1, dtype: Optional[Any] = None,
-                     guidance: float = 1.0) -> list[Array]:
+                     guidance: float = 1.0,
+                     upper_codes: Sequence[Array] = ()) -> list[Array]:
   """Ancestral sampling of every level, top first.
 
   z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level,
-  each with `sample_level`.
+  each with `sample_level`. Given `upper_codes`, the first levels are those
+  and only the levels below them are sampled, conditioned on them.
 
   Args:
     priors: (model, variables) of each level, top first.
@@ -596,17 +598,22 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
       'bfloat16': half the bytes read per position; other codes than
       float32 draws); None keeps each prior's own (see `cast_prior`).
     guidance: as for `sample_level`, at every level that takes labels.
+    upper_codes: [batch_size, h_l, w_l] int32 codes of the first levels,
+      top first, kept as they are; () samples every level.
 
   Returns:
-    Code maps [batch_size, h_l, w_l] int32, top first.
+    Code maps [batch_size, h_l, w_l] int32, top first (`upper_codes`
+    first).
   """
   if len(priors) != len(level_shapes):
     raise SamplingInputError(f'Got {len(priors)} priors for {len(level_shapes)} '
                      'levels. Fix: pass one (model, variables) per level, '
                      'top first.')
-  codes = []
+  codes = list(upper_codes)
   for level, ((model, variables), (h, w)) in enumerate(
       zip(priors, level_shapes)):
+    if level < len(codes):
+      continue
     if dtype is not None:
       model, variables = cast_prior(model, variables, dtype)
     codes.append(sample_level(
