@@ -86,6 +86,10 @@ _MODULES = [
     ('vqvae2_jax.train.prior_trainer', None),
     ('vqvae2_jax.train.classifier_trainer', None),
     ('vqvae2_jax.train.extract', None),
+    # The command line: a config mistake is reported before TensorFlow
+    # would load (it loads with the first stage that reads data).
+    ('vqvae2_jax.stages', None),
+    ('vqvae2_jax.main', None),
     ('experiments.accelerator_check', None),
     ('experiments.train_judge', None),
     ('experiments.compiled_steps', None),
@@ -121,3 +125,33 @@ def test_imports_without_tensorflow(module, attribute, imported):
   assert results[module] is None, (
       f'{module} needs one of {_BLOCKED} at import time; import it inside '
       f'the function that reads data or writes metrics.\n{results[module]}')
+
+
+
+# Runs `python -m vqvae2_jax.main` and says which of TensorFlow, clu and
+# TensorBoard it loaded, however it ended.
+_MAIN_LOADS = """
+import runpy, sys
+sys.argv = ['vqvae2_jax.main'] + sys.argv[1:]
+try:
+  runpy.run_module('vqvae2_jax.main', run_name='__main__', alter_sys=True)
+finally:
+  loaded = sorted({m.split('.')[0] for m in sys.modules} &
+                  {'tensorflow', 'clu', 'tensorboard'})
+  print('loaded:', loaded, file=sys.stderr)
+"""
+
+
+def test_a_config_mistake_is_reported_before_tensorflow_loads(tmp_path):
+  # TensorFlow takes seconds to import; the command line loads it with the
+  # first stage that reads data or writes metrics, not before checking the
+  # config.
+  done = subprocess.run(
+      [sys.executable, '-c', _MAIN_LOADS,
+       '--config=configs/fashion_mnist.py:tiny', f'--workdir={tmp_path}/w',
+       '--mode=vqvae', '--config.prior.log_every=0'],
+      cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode != 0
+  assert 'Error: config.prior.log_every: is 0' in done.stderr, done.stderr
+  assert 'loaded: []' in done.stderr, done.stderr
+  assert not (tmp_path / 'w').exists()

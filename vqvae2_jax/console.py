@@ -15,13 +15,14 @@ printed at each quarter of the run (every log interval goes to the log file).
 """
 
 import contextlib
+import functools
 import io
 import logging as py_logging
 import os
 import re
 import sys
 import time
-from typing import Iterator, Mapping, Optional, TYPE_CHECKING
+from typing import Any, Iterator, Mapping, Optional, TYPE_CHECKING
 
 from absl import logging
 
@@ -378,8 +379,25 @@ def _isatty(stream) -> bool:
     return False
 
 
+@functools.cache
+def tensorflow() -> Any:
+  """TensorFlow, imported on first use: quietly (`native_stderr_muted`), and
+  kept off GPUs and TPUs, which JAX owns (tf.data and the metric files run
+  on the host). Where data is read or metrics are written; nothing else in
+  the project needs TensorFlow."""
+  with native_stderr_muted():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # Already initialised, or no such kind.
+      pass
+  return tf
+
+
 def create_writer(logdir: str) -> 'metric_writers.MetricWriter':
   """TensorBoard event files in `logdir` plus the log; process 0 only writes."""
+  tensorflow()  # clu's writers import it: quietly and on the host.
   # pylint: disable-next=g-import-not-at-top,redefined-outer-name
   from clu import metric_writers
   import jax  # pylint: disable=g-import-not-at-top

@@ -135,12 +135,10 @@ def main(argv):
     console.quiet()
   elif FLAGS.verbosity == 1:
     console.project_details()
-  # Before JAX and TensorFlow start their threads (see hostmem).
+  # Before JAX and TensorFlow start their threads (see hostmem). TensorFlow
+  # is imported only by a stage that reads data or writes metrics
+  # (`console.tensorflow`), so a config mistake fails in a few seconds.
   hostmem.tune_malloc()
-  # tf.data runs on the host; keep TensorFlow off any accelerator JAX uses.
-  with console.native_stderr_muted():
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('Mode %s, workdir %s', FLAGS.mode, FLAGS.workdir)
   try:
     stages.run(FLAGS.mode, config, FLAGS.workdir)

@@ -47,14 +47,16 @@ import jax
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
+from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.data import image_folder
 from vqvae2_jax.data import layout
 from vqvae2_jax.data import tfds_prepare
+
+tf = console.tensorflow()  # Quietly, and off GPUs and TPUs.
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 Batch = dict[str, jax.Array]
 
@@ -280,7 +282,6 @@ def _mix_tf(seed: int, value: tf.Tensor) -> tf.Tensor:
 def _source(data_config: ml_collections.ConfigDict, split: str, *,
             train: bool, share: tuple[int, int] | None = None) -> _Source:
   """Share `share` = (index, count) of `split`; None: this process's."""
-  _keep_tensorflow_off_accelerators()
   if share is None:
     share = (jax.process_index(), jax.process_count())
   if data_config.name == 'image_folder':
@@ -600,12 +601,3 @@ def _prefetch(iterator: Iterator[Batch], size: int) -> Iterator[Batch]:
   while queue:
     yield queue.popleft()
 
-
-@functools.cache
-def _keep_tensorflow_off_accelerators() -> None:
-  """tf.data runs on the host; TensorFlow must not claim GPU/TPU memory."""
-  for kind in ('GPU', 'TPU'):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):  # Already initialised, or no such kind.
-      pass
