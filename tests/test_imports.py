@@ -127,7 +127,6 @@ def test_imports_without_tensorflow(module, attribute, imported):
       f'the function that reads data or writes metrics.\n{results[module]}')
 
 
-
 # Runs `python -m vqvae2_jax.main` and says which of TensorFlow, clu and
 # TensorBoard it loaded, however it ended.
 _MAIN_LOADS = """

@@ -600,4 +600,3 @@ def _prefetch(iterator: Iterator[Batch], size: int) -> Iterator[Batch]:
       yield queue.popleft()
   while queue:
     yield queue.popleft()
-
