@@ -79,7 +79,7 @@ def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
   batch padded (with copies of its first example) to one compiled shape.
   """
   n = len(labels)
-  out = [[] for _ in pipe.priors]
+  out = [[] for _ in pipe.priors[len(kept):]]  # The sampled levels.
   for i, begin in enumerate(range(0, n, batch_size)):
     m = min(batch_size, n - begin)
     take = np.concatenate([np.arange(begin, begin + m),
@@ -89,11 +89,9 @@ def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
         labels=labels[take].astype(np.int32), rng=jax.random.fold_in(rng, i),
         mesh=pipe.mesh, guidance=guidance,
         upper_codes=[c[take] for c in kept])
-    for level, level_codes in enumerate(codes):
-      if level >= len(kept):  # Sampled over the mesh; kept ones are numpy.
-        level_codes = parallel.to_host(level_codes)
-      out[level].append(np.asarray(level_codes)[:m])
-  return [np.concatenate(level) for level in out]
+    for level, level_codes in enumerate(codes[len(kept):]):
+      out[level].append(np.asarray(parallel.to_host(level_codes))[:m])
+  return list(kept) + [np.concatenate(level) for level in out]
 
 
 def attribution(config, workdir: str, guidances: list[float],
