@@ -212,76 +212,26 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   candidate_labels = sample_labels(num_classes, per_class * per_candidate,
                                    conditional)
   num_candidates = num_samples * per_candidate
-  group_labels = (np.full(num_candidates, -1, np.int32)
-                  if candidate_labels is None else candidate_labels)
-  selector = sampling.TopPerClass(
-      {int(c): per_class for c in np.unique(group_labels)})
   grid_cols = min(per_class, _GRID_PER_CLASS) if conditional else 10
   grid_per_group = grid_cols if conditional else 10 * grid_cols
-  unfiltered = {}  # label -> the first candidates' images, for the grid.
-
-  level_shapes = builders.level_shapes(config)
   decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
-  rng = jax.random.PRNGKey(config.seed)
-  # No bigger than needed (rounded up to split over the mesh's devices).
-  batch = min(s.batch_size, -(-num_candidates // mesh.size) * mesh.size)
-  start = time.time()
-  def stop_if_preempted(begin):
-    if parallel.preempted():  # A run is written whole or not at all.
-      raise errors.Preempted(
-          f'sample: stopped by a preemption notice (SIGTERM) after {begin} '
-          f'of {num_candidates} maps; nothing was written to {out_dir}. Run '
-          'the same command again to sample them.', step=0)
-
-  begin = 0
-  stop_if_preempted(begin)
-  # The batches are made lazily: a notice stops the loop between two.
-  for codes, images in sampling.decoded_batches(
-      priors, level_shapes, lambda codes: decode(vq_variables, codes),
-      num_maps=num_candidates, labels=candidate_labels, batch_size=batch,
-      rng=rng, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-      mesh=mesh, unroll=s.unroll, guidance=guidance_of(config)):
-    n = len(images)
-    labels = group_labels[begin:begin + n]
-    if scorer is None:
-      scores = np.zeros((n,))
-    else:
-      scores = np.asarray(scorer(
-          images, codes, None if candidate_labels is None else labels),
-                          np.float64).reshape(-1)
-    selector.add([*codes, images], labels, scores)
-    if per_candidate > 1:
-      for label, image in zip(labels, images):
-        shown = unfiltered.setdefault(int(label), [])
-        if len(shown) < grid_per_group:
-          shown.append(image)
-    done = begin + n
-    elapsed = time.time() - start
-    logging.info('Sampled %d/%d %s (%.1f s, ETA %.0f s)', done,
-                 num_candidates, 'candidates' if per_candidate > 1 else 'maps',
-                 elapsed, elapsed / done * (num_candidates - done))
-    begin = done
-    if begin < num_candidates:
-      stop_if_preempted(begin)
-  seconds = time.time() - start
+  selector, unfiltered, seconds = _draw_candidates(
+      config, priors, lambda codes: decode(vq_variables, codes), mesh,
+      labels=candidate_labels, num_candidates=num_candidates,
+      per_class=per_class, scorer=scorer,
+      shown_per_group=grid_per_group if per_candidate > 1 else 0,
+      out_dir=out_dir)
   kept, labels, scores, _ = selector.result()
   codes, images = kept[:num_levels], kept[num_levels]
-
-  # Per-level view of the first samples: all levels, then the top l levels.
   view = min(num_samples, 8)
-  view_rows = [images[:view]]
-  decode_levels = jax.jit(
-      functools.partial(vqvae.apply, method=vqvae.decode_levels),
-      static_argnums=2)
-  for keep_levels in range(num_levels - 1, 0, -1):
-    view_rows.append(parallel.to_host(decode_levels(
-        vq_variables, [c[:view] for c in codes], tuple(range(keep_levels)))))
+  view_rows = _level_rows(vqvae, vq_variables, images, codes, view)
 
   meta = {'dir': out_dir, 'vqvae_step': vq_step, 'prior_steps': prior_steps,
           'num_samples': num_samples, 'seconds': seconds,
           'seconds_per_map': seconds / num_samples,
           'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
-          'guidance': guidance_of(config), 'seed': config.seed, 'conditional': conditional,
+          'guidance': guidance_of(config), 'seed': config.seed,
+          'conditional': conditional,
           'rejection_keep': keep}
   if per_candidate > 1:
     meta.update({
@@ -302,22 +252,10 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   # Every process computed the same samples; process 0 alone writes them,
   # and renames the run's directory when it is complete.
   if jax.process_index() == 0:
-    levels = np.concatenate(view_rows)
-    try:
-      _write_run(out_dir, meta=meta, shown=shown, before=before,
-                 levels=levels, view=view, grid_cols=grid_cols, codes=codes,
-                 labels=labels if conditional else None)
-    except Exception as e:  # pylint: disable=broad-except
-      if not files.is_disk_full(e):
-        raise
-      # The run is written whole or not at all: its partial copy goes.
-      shutil.rmtree(out_dir + '.tmp', ignore_errors=True)
-      arrays = [*codes, shown, levels] + ([] if before is None else [before])
-      raise files.disk_full_error(
-          os.path.dirname(out_dir), e, f'the sample run {out_dir} was not '
-          'written (no partial files are left; earlier runs are as they '
-          'were) and a rerun samples it again',
-          needed=sum(np.asarray(a).nbytes for a in arrays)) from e
+    _write_run_whole(out_dir, meta=meta, shown=shown, before=before,
+                     levels=np.concatenate(view_rows), view=view,
+                     grid_cols=grid_cols, codes=codes,
+                     labels=labels if conditional else None)
   if jax.process_count() > 1:  # No process goes on before the files exist.
     multihost_utils.sync_global_devices('samples written')
   console.say('Wrote %d samples to %s (%.2f s per map%s)', num_samples,
@@ -325,6 +263,126 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
                f', kept {num_samples} of {num_candidates} candidates'
                if per_candidate > 1 else '')
   return meta
+
+
+def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
+                     decode: Callable[[list[Any]], Any], mesh: Mesh, *,
+                     labels: Optional[np.ndarray], num_candidates: int,
+                     per_class: int, scorer: Optional[Scorer],
+                     shown_per_group: int, out_dir: str
+                     ) -> tuple[sampling.TopPerClass, dict[int, list[Any]],
+                                float]:
+  """Draws, decodes and scores the candidates batch by batch.
+
+  Args:
+    config: the run's config (its sampling controls and seed).
+    priors: (model, variables) per level, top first.
+    decode: codes per level -> images.
+    mesh: the devices the batches are split over.
+    labels: each candidate's class, in class order, or None (unconditional).
+    num_candidates: how many maps to draw.
+    per_class: samples kept per class (or in all, when unconditional).
+    scorer: scores each batch's candidates, or None (all score 0: the
+      candidates are the samples).
+    shown_per_group: how many of each class's first candidates to keep
+      for the grid without rejection (0: none).
+    out_dir: the run's directory, named when a preemption stops the loop.
+
+  Returns:
+    (the selector holding each class's best-scoring candidates, label ->
+    its first candidates' images, the seconds the loop took).
+
+  Raises:
+    errors.Preempted: a preemption notice came between two batches (nothing
+      is written).
+  """
+  s = config.sampling
+  group_labels = (np.full(num_candidates, -1, np.int32)
+                  if labels is None else labels)
+  selector = sampling.TopPerClass(
+      {int(c): per_class for c in np.unique(group_labels)})
+  unfiltered = {}
+  # No bigger than needed (rounded up to split over the mesh's devices).
+  batch = min(s.batch_size, -(-num_candidates // mesh.size) * mesh.size)
+  noun = 'candidates' if shown_per_group else 'maps'
+  start = time.time()
+
+  def stop_if_preempted(begin):
+    if parallel.preempted():  # A run is written whole or not at all.
+      raise errors.Preempted(
+          f'sample: stopped by a preemption notice (SIGTERM) after {begin} '
+          f'of {num_candidates} maps; nothing was written to {out_dir}. Run '
+          'the same command again to sample them.', step=0)
+
+  begin = 0
+  stop_if_preempted(begin)
+  # The batches are made lazily: a notice stops the loop between two.
+  for codes, images in sampling.decoded_batches(
+      priors, builders.level_shapes(config), decode,
+      num_maps=num_candidates, labels=labels, batch_size=batch,
+      rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
+      top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
+      guidance=guidance_of(config)):
+    n = len(images)
+    batch_labels = group_labels[begin:begin + n]
+    if scorer is None:
+      scores = np.zeros((n,))
+    else:
+      scores = np.asarray(scorer(
+          images, codes, None if labels is None else batch_labels),
+                          np.float64).reshape(-1)
+    selector.add([*codes, images], batch_labels, scores)
+    if shown_per_group:
+      for label, image in zip(batch_labels, images):
+        shown = unfiltered.setdefault(int(label), [])
+        if len(shown) < shown_per_group:
+          shown.append(image)
+    begin += n
+    elapsed = time.time() - start
+    logging.info('Sampled %d/%d %s (%.1f s, ETA %.0f s)', begin,
+                 num_candidates, noun, elapsed,
+                 elapsed / begin * (num_candidates - begin))
+    if begin < num_candidates:
+      stop_if_preempted(begin)
+  return selector, unfiltered, time.time() - start
+
+
+def _level_rows(vqvae: Any, variables: Any, images: np.ndarray,
+                codes: Sequence[np.ndarray], view: int) -> list[np.ndarray]:
+  """levels.png's rows: the first `view` samples from every level, then
+  decoded from the top l levels alone, for l = L-1 down to 1."""
+  decode_levels = jax.jit(
+      functools.partial(vqvae.apply, method=vqvae.decode_levels),
+      static_argnums=2)
+  rows = [images[:view]]
+  for keep_levels in range(len(codes) - 1, 0, -1):
+    rows.append(parallel.to_host(decode_levels(
+        variables, [c[:view] for c in codes], tuple(range(keep_levels)))))
+  return rows
+
+
+def _write_run_whole(out_dir: str, **run: Any) -> None:
+  """`_write_run`, leaving no partial copy when the disk fills.
+
+  Raises:
+    errors.WorkdirError: the disk filled; the message says how much the run
+      needs and that a rerun samples it.
+  """
+  try:
+    _write_run(out_dir, **run)
+  except Exception as e:  # pylint: disable=broad-except
+    if not files.is_disk_full(e):
+      raise
+    # The run is written whole or not at all: its partial copy goes.
+    shutil.rmtree(out_dir + '.tmp', ignore_errors=True)
+    arrays = [*run['codes'], run['shown'], run['levels']]
+    if run['before'] is not None:
+      arrays.append(run['before'])
+    raise files.disk_full_error(
+        os.path.dirname(out_dir), e, f'the sample run {out_dir} was not '
+        'written (no partial files are left; earlier runs are as they '
+        'were) and a rerun samples it again',
+        needed=sum(np.asarray(a).nbytes for a in arrays)) from e
 
 
 def _write_run(out_dir: str, *, meta: dict[str, Any], shown: np.ndarray,
