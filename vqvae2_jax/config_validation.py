@@ -75,9 +75,19 @@ def validate_config(config: ml_collections.ConfigDict,
       divisibility checks (e.g. when validating on another machine).
     check_dataset: look the dataset name up in the tfds registry.
   """
-  data, model, prior = config.data, config.model, config.prior
+  _check_data(config.data, check_dataset)
+  _check_ranges(config)
+  _check_model(config)
+  _check_schedules(config)
+  _check_priors(config)
+  _check_sampling(config.sampling)
+  _check_classifier(config)
+  _check_eval(config)
+  _check_machine(config)
+  _check_batches(config, num_devices)
 
-  # Data.
+
+def _check_data(data: ml_collections.ConfigDict, check_dataset: bool) -> None:
   if not data.name:
     _fail('data.name', 'is empty',
           "set a tfds dataset name or 'image_folder' (configs/common.py "
@@ -97,10 +107,12 @@ def validate_config(config: ml_collections.ConfigDict,
   if data.num_classes < 0:
     _fail('data.num_classes', f'is {data.num_classes}',
           'use 0 for unlabelled data or the number of classes')
-  _check_ranges(config)
 
-  # Model: levels listed top first, each a power-of-two downsampling that
-  # divides the image, each level finer than the one above.
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  """Levels listed top first, each a power-of-two downsampling that divides
+  the image, each level finer than the one above; the quantizer."""
+  model, image_size = config.model, config.data.image_size
   factors = tuple(model.downsample_factors)
   if not factors:
     _fail('model.downsample_factors', 'is empty',
@@ -109,12 +121,12 @@ def validate_config(config: ml_collections.ConfigDict,
     if not vqvae_lib.is_power_of_two(f) or f < 2:
       _fail(f'model.downsample_factors[{i}]', f'is {f}',
             'use powers of two >= 2 (each 2x step is one strided layer)')
-    if data.image_size % f:
+    if image_size % f:
       _fail('model.downsample_factors',
-            f'image size {data.image_size} is not divisible by level {i}\'s '
+            f'image size {image_size} is not divisible by level {i}\'s '
             f'downsampling {f}',
             'choose data.image_size divisible by every factor (e.g. '
-            f'{(data.image_size // f + 1) * f})')
+            f'{(image_size // f + 1) * f})')
   for i in range(1, len(factors)):
     if factors[i] >= factors[i - 1]:
       _fail('model.downsample_factors',
@@ -133,7 +145,9 @@ def validate_config(config: ml_collections.ConfigDict,
   if not 0.0 < model.ema_decay < 1.0:
     _fail('model.ema_decay', f'is {model.ema_decay}', 'use a value in (0, 1), e.g. 0.99')
 
-  # Every training stage's schedule and cadence.
+
+def _check_schedules(config: ml_collections.ConfigDict) -> None:
+  """Every training stage's schedule, cadence and optimizer."""
   for section in _TRAINING_SECTIONS:
     stage = config[section]
     for name, example in (('num_train_steps', 3000), ('log_every', 100),
@@ -145,8 +159,6 @@ def validate_config(config: ml_collections.ConfigDict,
     if not stage.learning_rate > 0:
       _fail(f'{section}.learning_rate', f'is {stage.learning_rate}',
             'use a positive peak learning rate, e.g. 3e-4')
-
-  # Optimizers of every stage.
   for section in _TRAINING_SECTIONS:
     optimizer = config[section]
     if optimizer.warmup_steps < 0:
@@ -156,8 +168,11 @@ def validate_config(config: ml_collections.ConfigDict,
       _fail(f'{section}.grad_clip_norm', f'is {optimizer.grad_clip_norm}',
             'use 0 (no clipping) or a positive norm, e.g. 1.0')
 
-  # Priors: exactly one level_<i> section per model level.
-  n = len(factors)
+
+def _check_priors(config: ml_collections.ConfigDict) -> None:
+  """Exactly one level_<i> section per model level, each buildable."""
+  prior = config.prior
+  n = len(config.model.downsample_factors)
   sections = sorted(k for k in prior.keys() if k.startswith('level_'))
   expected = [f'level_{i}' for i in range(n)]
   if sections != sorted(expected):
@@ -175,51 +190,51 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('prior.level', f'is {prior.level} for a {n}-level model',
           f'use -1 (all levels) or 0..{n - 1}')
   for i in range(n):
-    level = prior[f'level_{i}']
-    kind = builders.prior_kind(config, i)
-    if kind not in builders.PRIOR_KINDS:
-      _fail(f'prior.level_{i}.kind', f'is {kind!r}',
-            f'use one of {builders.PRIOR_KINDS}')
-    mode = level.get('cond_mode', 'add')
-    if mode != 'add' and (kind != 'transformer' or i == 0):
-      _fail(f'prior.level_{i}.cond_mode', f'is {mode!r}',
-            "leave it 'add': cross-attention is built only for a lower "
-            "level's transformer (kind='transformer', level > 0)")
-    if kind == 'transformer':
-      # filter_size, attention_layers and num_output_layers are the
-      # PixelCNN's; a transformer ignores them.
-      if level.num_channels % level.num_heads:
-        _fail(f'prior.level_{i}.num_heads',
-              f'{level.num_heads} does not divide '
-              f'num_channels={level.num_channels}',
-              'choose num_heads dividing num_channels (every transformer '
-              'block attends)')
-      if level.get('mlp_ratio', 4) < 1:
-        _fail(f'prior.level_{i}.mlp_ratio', f'is {level.mlp_ratio}',
-              'use a whole number >= 1, e.g. 4')
-      if i > 0 and level.cond_stack_blocks < 0:
-        _fail(f'prior.level_{i}.cond_stack_blocks', 'is negative', 'use >= 0')
-      mode = level.get('cond_mode', 'add')
-      if mode not in transformer.COND_MODES:
-        _fail(f'prior.level_{i}.cond_mode', f'is {mode!r}',
-              f'use one of {transformer.COND_MODES}')
-      continue
+    _check_prior_level(config, i)
+
+
+def _check_prior_level(config: ml_collections.ConfigDict, i: int) -> None:
+  level, field = config.prior[f'level_{i}'], f'prior.level_{i}'
+  kind = builders.prior_kind(config, i)
+  if kind not in builders.PRIOR_KINDS:
+    _fail(f'{field}.kind', f'is {kind!r}', f'use one of {builders.PRIOR_KINDS}')
+  mode = level.get('cond_mode', 'add')
+  if mode != 'add' and (kind != 'transformer' or i == 0):
+    _fail(f'{field}.cond_mode', f'is {mode!r}',
+          "leave it 'add': cross-attention is built only for a lower "
+          "level's transformer (kind='transformer', level > 0)")
+  if kind == 'transformer':
+    # filter_size, attention_layers and num_output_layers are the
+    # PixelCNN's; a transformer ignores them.
+    if level.num_channels % level.num_heads:
+      _fail(f'{field}.num_heads',
+            f'{level.num_heads} does not divide '
+            f'num_channels={level.num_channels}',
+            'choose num_heads dividing num_channels (every transformer '
+            'block attends)')
+    if level.get('mlp_ratio', 4) < 1:
+      _fail(f'{field}.mlp_ratio', f'is {level.mlp_ratio}',
+            'use a whole number >= 1, e.g. 4')
+  else:
     if level.attention_layers > level.num_layers:
-      _fail(f'prior.level_{i}.attention_layers',
+      _fail(f'{field}.attention_layers',
             f'{level.attention_layers} > num_layers={level.num_layers}',
             'use at most num_layers attention layers')
     if level.attention_layers and level.num_channels % level.num_heads:
-      _fail(f'prior.level_{i}.num_heads',
+      _fail(f'{field}.num_heads',
             f'{level.num_heads} does not divide num_channels={level.num_channels}',
             'choose num_heads dividing num_channels')
     if level.filter_size < 2:
-      _fail(f'prior.level_{i}.filter_size', f'is {level.filter_size}',
+      _fail(f'{field}.filter_size', f'is {level.filter_size}',
             'use a filter size >= 2 (3 or 5)')
-    if i > 0 and level.cond_stack_blocks < 0:
-      _fail(f'prior.level_{i}.cond_stack_blocks', 'is negative', 'use >= 0')
+  if i > 0 and level.cond_stack_blocks < 0:
+    _fail(f'{field}.cond_stack_blocks', 'is negative', 'use >= 0')
+  if mode not in transformer.COND_MODES:
+    _fail(f'{field}.cond_mode', f'is {mode!r}',
+          f'use one of {transformer.COND_MODES}')
 
-  # Sampling.
-  sampling = config.sampling
+
+def _check_sampling(sampling: ml_collections.ConfigDict) -> None:
   if sampling.temperature <= 0:
     _fail('sampling.temperature', f'is {sampling.temperature}', 'use a value > 0')
   if sampling.num_samples_per_class < 1:
@@ -243,8 +258,10 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')
 
-  # The domain classifier and evaluation.
-  classifier = config.classifier
+
+def _check_classifier(config: ml_collections.ConfigDict) -> None:
+  """The domain classifier: its group norms and its halvings of the image."""
+  classifier, image_size = config.classifier, config.data.image_size
   if classifier.width < 8 or classifier.width % 8:
     _fail('classifier.width', f'is {classifier.width}',
           'use a multiple of 8 (its group norms have 8 groups), e.g. 32')
@@ -252,42 +269,50 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('classifier.stage_sizes', f'is {tuple(classifier.stage_sizes)}',
           'list >= 1 residual blocks per stage, e.g. (1, 1, 1)')
   halvings = len(classifier.stage_sizes) - (not classifier.downsample_first)
-  if data.image_size % 2**halvings:
+  if image_size % 2**halvings:
     _fail('classifier.stage_sizes',
           f'{len(classifier.stage_sizes)} stages halve the image '
-          f'{halvings} times, but data.image_size={data.image_size} does not '
+          f'{halvings} times, but data.image_size={image_size} does not '
           f'divide by {2**halvings}', 'use fewer stages')
   if classifier.augment_shift < 0:
     _fail('classifier.augment_shift', f'is {classifier.augment_shift}',
           'use 0 (off) or a number of pixels, e.g. 2')
+
+
+def _check_eval(config: ml_collections.ConfigDict) -> None:
   evaluation = config.eval
   if evaluation.features not in _FEATURES:
     _fail('eval.features', f'is {evaluation.features!r}',
           f'use one of {_FEATURES}')
   if evaluation.features == 'judge':
-    _check_judge(data)
+    _check_judge(config.data)
   if evaluation.num_samples < 2:
     _fail('eval.num_samples', f'is {evaluation.num_samples}',
           'score at least 2 samples (10,000 is the usual count)')
   if evaluation.precision_recall_k < 1:
     _fail('eval.precision_recall_k', f'is {evaluation.precision_recall_k}',
           'use k >= 1 (3 is the usual value)')
-
   if evaluation.cas_samples_per_class < 0:
     _fail('eval.cas_samples_per_class', f'is {evaluation.cas_samples_per_class}',
           'use 0 (as many as the real train split) or a positive number')
 
+
+def _check_machine(config: ml_collections.ConfigDict) -> None:
+  """The compilation cache's directory and the CPU device count."""
   cache_dir = config.get('compilation_cache_dir', '')
   if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     _fail('compilation_cache_dir', f'{cache_dir!r} is a file, not a directory',
           "name a directory (made if missing), or '' for no cache")
-
   if int(config.mesh.get('cpu_devices', 0)) < 0:
     _fail('mesh.cpu_devices', f'is {config.mesh.cpu_devices}',
           'use 0 (JAX\'s one CPU device) or a device count, e.g. the number '
           'of cores')
 
-  # Batches: positive, split evenly over the devices.
+
+def _check_batches(config: ml_collections.ConfigDict,
+                   num_devices: int | None) -> None:
+  """Batches positive and, given the device count, split evenly over a
+  mesh that lays the devices out."""
   for field in _batch_fields(config):
     section, name = field.split('.')
     if config[section][name] < 1:
@@ -295,24 +320,25 @@ def validate_config(config: ml_collections.ConfigDict,
             f'use a positive multiple of the device count'
             f'{f" ({num_devices})" if num_devices else ""}, e.g. '
             f'{8 * (num_devices or 1)}')
-  if num_devices is not None:
-    mesh = config.mesh
-    data, fsdp = int(mesh.data), int(mesh.fsdp)
-    try:  # The layout rule itself, so validation and the mesh never differ.
-      parallel.mesh_shape(mesh, num_devices)
-    except ValueError:
-      divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-      _fail('mesh', f'data={data} x fsdp={fsdp} cannot lay out the '
-            f'{num_devices} devices',
-            f'give fsdp one of {divisors} with data=-1 (the rest), e.g. '
-            f'--config.mesh.data=-1 --config.mesh.fsdp=1')
-    for field in _batch_fields(config):
-      section, name = field.split('.')
-      value = config[section][name]
-      if value % num_devices:
-        _fail(field, f'{value} is not divisible by the {num_devices} devices',
-              f'use a multiple of {num_devices}, e.g. '
-              f'{max(1, round(value / num_devices)) * num_devices}')
+  if num_devices is None:
+    return
+  mesh = config.mesh
+  data, fsdp = int(mesh.data), int(mesh.fsdp)
+  try:  # The layout rule itself, so validation and the mesh never differ.
+    parallel.mesh_shape(mesh, num_devices)
+  except ValueError:
+    divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    _fail('mesh', f'data={data} x fsdp={fsdp} cannot lay out the '
+          f'{num_devices} devices',
+          f'give fsdp one of {divisors} with data=-1 (the rest), e.g. '
+          f'--config.mesh.data=-1 --config.mesh.fsdp=1')
+  for field in _batch_fields(config):
+    section, name = field.split('.')
+    value = config[section][name]
+    if value % num_devices:
+      _fail(field, f'{value} is not divisible by the {num_devices} devices',
+            f'use a multiple of {num_devices}, e.g. '
+            f'{max(1, round(value / num_devices)) * num_devices}')
 
 
 _TRAINING_SECTIONS = ('vqvae_train', 'prior', 'classifier')
