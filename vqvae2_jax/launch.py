@@ -160,26 +160,10 @@ def launch(command: Sequence[str], *, num_processes: int,
   base = os.environ if env is None else env
   if output_dir:
     os.makedirs(output_dir, exist_ok=True)
-  children, copiers = [], []
-  for i in range(num_processes):
-    output = open(log_path(output_dir, i), 'wb') if output_dir else None
-    with output or contextlib.nullcontext():  # The child keeps its own copy.
-      children.append(subprocess.Popen(
-          list(command),
-          env=process_environment(base, process_id=i,
-                                  num_processes=num_processes, port=port,
-                                  devices_per_process=devices_per_process),
-          stdout=output or (None if gloo_lines else subprocess.PIPE),
-          stderr=(subprocess.STDOUT if output else
-                  None if gloo_lines else subprocess.PIPE),
-          # Own process groups: a Ctrl-C in the terminal reaches the
-          # launcher only, which passes it on as a preemption notice.
-          start_new_session=True))
-    for stream, fd in ((children[-1].stdout, 1), (children[-1].stderr, 2)):
-      if stream is not None:
-        copiers.append(threading.Thread(
-            target=_copy_lines, args=(stream, fd, _GLOO_PREFIX), daemon=True))
-        copiers[-1].start()
+  children, copiers = _start(
+      command, num_processes=num_processes, port=port,
+      devices_per_process=devices_per_process, base_env=base,
+      output_dir=output_dir, gloo_lines=gloo_lines)
 
   notified = []  # When the first notice was passed on.
 
@@ -233,6 +217,39 @@ def launch(command: Sequence[str], *, num_processes: int,
       signal.signal(s, handler)
     _kill(children)
     _join(copiers)
+
+
+def _start(command: Sequence[str], *, num_processes: int, port: int,
+           devices_per_process: int, base_env: Mapping[str, str],
+           output_dir: str | None, gloo_lines: bool
+           ) -> tuple[list[subprocess.Popen], list[threading.Thread]]:
+  """Starts the processes of `launch`, each in its own process group.
+
+  Returns:
+    (the processes, the threads copying their piped output to ours: none
+    for those writing to a file of `output_dir`).
+  """
+  children, copiers = [], []
+  for i in range(num_processes):
+    output = open(log_path(output_dir, i), 'wb') if output_dir else None
+    with output or contextlib.nullcontext():  # The child keeps its own copy.
+      children.append(subprocess.Popen(
+          list(command),
+          env=process_environment(base_env, process_id=i,
+                                  num_processes=num_processes, port=port,
+                                  devices_per_process=devices_per_process),
+          stdout=output or (None if gloo_lines else subprocess.PIPE),
+          stderr=(subprocess.STDOUT if output else
+                  None if gloo_lines else subprocess.PIPE),
+          # Own process groups: a Ctrl-C in the terminal reaches the
+          # launcher only, which passes it on as a preemption notice.
+          start_new_session=True))
+    for stream, fd in ((children[-1].stdout, 1), (children[-1].stderr, 2)):
+      if stream is not None:
+        copiers.append(threading.Thread(
+            target=_copy_lines, args=(stream, fd, _GLOO_PREFIX), daemon=True))
+        copiers[-1].start()
+  return children, copiers
 
 
 def _join(copiers: Sequence[threading.Thread]) -> None:
