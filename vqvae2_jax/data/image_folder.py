@@ -141,44 +141,11 @@ def load_split(root: str, split: str, num_classes: int,
     directory = root
   files = _list_images(directory)
 
-  class_names = ()
-  if num_classes > 0:
-    class_names = tuple(sorted({f.split(os.sep, 1)[0] for f in files
-                                if os.sep in f}))
-    if len(class_names) != num_classes:
-      raise errors.ConfigError(
-          f'config.data.num_classes is {num_classes} but {directory} has '
-          f'{len(class_names)} class subdirectories '
-          f'{list(class_names[:20])}. Fix: put each class in its own '
-          'subdirectory, or set --config.data.num_classes='
-          f'{len(class_names)} (0 for unlabelled data).')
-    top_level = [f for f in files if os.sep not in f]
-    if top_level:
-      logging.warning('Image folder %s: ignoring %d files outside the class '
-                      'subdirectories (e.g. %s).', directory, len(top_level),
-                      top_level[0])
-      files = [f for f in files if os.sep in f]
-
+  class_names, files = _class_names(directory, files, num_classes)
   readable, too_large = _readable(directory, files)
   skipped = sorted(set(files) - set(readable))
-  too_large_fix = ''
-  if too_large:
-    too_large_fix = (
-        f'{len(too_large)} image(s) over PIL\'s decompression-bomb limit '
-        f'(e.g. {too_large[0][0]}: {too_large[0][1]}). Fix: downscale them, '
-        'or raise the limit with --config.data.max_image_pixels='
-        f'{max(pixels for _, _, pixels in too_large)} (PIL refuses images '
-        'over twice it) if you trust the files')
-    logging.warning('Image folder %s: skipped %s.', directory, too_large_fix)
   unreadable = sorted(set(skipped) - {f for f, _, _ in too_large})
-  for path in unreadable:  # Every one in the log; the warning counts them.
-    logging.info('Image folder %s: unreadable, skipped: %s', directory, path)
-  if unreadable:
-    logging.warning(
-        'Image folder %s: skipped %d unreadable file(s) of %d: %s%s',
-        directory, len(unreadable), len(files),
-        ', '.join(unreadable[:_MAX_LOGGED]),
-        ' ...' if len(unreadable) > _MAX_LOGGED else '')
+  too_large_fix = _log_skipped(directory, len(files), unreadable, too_large)
   # Hash order: random-like slices, independent of the file system.
   readable.sort(key=lambda f: (hashlib.sha1(f.encode('utf-8')).hexdigest(), f))
   n = len(readable)
@@ -203,6 +170,57 @@ def load_split(root: str, split: str, num_classes: int,
                      paths=tuple(os.path.join(directory, f) for f in readable),
                      labels=labels, class_names=class_names,
                      num_skipped=len(skipped))
+
+
+def _class_names(directory: str, files: list[str], num_classes: int
+                 ) -> tuple[tuple[str, ...], list[str]]:
+  """The class subdirectories' names, sorted (none when unlabelled), and the
+  files in them (all of `files` when unlabelled).
+
+  Raises:
+    errors.ConfigError: the subdirectories do not number `num_classes`.
+  """
+  if num_classes <= 0:
+    return (), files
+  class_names = tuple(sorted({f.split(os.sep, 1)[0] for f in files
+                              if os.sep in f}))
+  if len(class_names) != num_classes:
+    raise errors.ConfigError(
+        f'config.data.num_classes is {num_classes} but {directory} has '
+        f'{len(class_names)} class subdirectories '
+        f'{list(class_names[:20])}. Fix: put each class in its own '
+        'subdirectory, or set --config.data.num_classes='
+        f'{len(class_names)} (0 for unlabelled data).')
+  top_level = [f for f in files if os.sep not in f]
+  if top_level:
+    logging.warning('Image folder %s: ignoring %d files outside the class '
+                    'subdirectories (e.g. %s).', directory, len(top_level),
+                    top_level[0])
+  return class_names, [f for f in files if os.sep in f]
+
+
+def _log_skipped(directory: str, num_files: int, unreadable: list[str],
+                 too_large: list[tuple[str, str, int]]) -> str:
+  """Warns of the files skipped; returns the fix for the too-large ones
+  ('' when none is)."""
+  too_large_fix = ''
+  if too_large:
+    too_large_fix = (
+        f'{len(too_large)} image(s) over PIL\'s decompression-bomb limit '
+        f'(e.g. {too_large[0][0]}: {too_large[0][1]}). Fix: downscale them, '
+        'or raise the limit with --config.data.max_image_pixels='
+        f'{max(pixels for _, _, pixels in too_large)} (PIL refuses images '
+        'over twice it) if you trust the files')
+    logging.warning('Image folder %s: skipped %s.', directory, too_large_fix)
+  for path in unreadable:  # Every one in the log; the warning counts them.
+    logging.info('Image folder %s: unreadable, skipped: %s', directory, path)
+  if unreadable:
+    logging.warning(
+        'Image folder %s: skipped %d unreadable file(s) of %d: %s%s',
+        directory, len(unreadable), num_files,
+        ', '.join(unreadable[:_MAX_LOGGED]),
+        ' ...' if len(unreadable) > _MAX_LOGGED else '')
+  return too_large_fix
 
 
 def _list_images(directory: str) -> list[str]:
