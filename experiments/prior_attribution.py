@@ -20,6 +20,9 @@ loses against the one above it is that level's prior's share. Pairing
 makes the first rows' precision and recall pass the real-data floor (as
 reconstructions do): compare rows with each other, not with the floor.
 
+A --guidance entry with colons guides each level by its own scale, top
+first (--guidance=1.3:1 guides the top prior only): where guidance acts.
+
 Rows are printed as they finish and written to --out as JSON (the rows of
 each guidance, and what the ruler and checkpoints were).
 """
@@ -49,7 +52,9 @@ def _define_flags():
   workdir = flags.DEFINE_string('workdir', None,
                                 'A workdir with stage 1 and every prior.')
   guidance = flags.DEFINE_list(
-      'guidance', None, "Guidance scales (default: the config's).")
+      'guidance', None, "Guidance scales (default: the config's); an entry "
+      'with colons gives each level its own, top first (1.3:1: the top at '
+      '1.3, the bottom unguided).')
   limit = flags.DEFINE_integer(
       'limit', 0, 'Held-out images used (the first ones); 0: all.')
   out = flags.DEFINE_string('out', None, 'JSON file of the rows.')
@@ -69,32 +74,59 @@ def held_out_codes(pipe: api.Pipeline, mesh, limit: int | None
   return images, pipe.encode(images), np.concatenate(labels)
 
 
+Guidance = float | tuple[float, ...]
+
+
+def parse_guidance(text: str) -> Guidance:
+  """'1.5' -> 1.5 (every level); '1.3:1' -> (1.3, 1.0), one per level."""
+  values = tuple(float(g) for g in text.split(':'))
+  return values if len(values) > 1 else values[0]
+
+
+def _label(guidance: Guidance) -> str:
+  if isinstance(guidance, tuple):
+    return ':'.join(f'{g:g}' for g in guidance)
+  return str(guidance)
+
+
 def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
-                   labels: np.ndarray, *, guidance: float, rng: jax.Array,
+                   labels: np.ndarray, *, guidance: Guidance, rng: jax.Array,
                    batch_size: int) -> list[np.ndarray]:
   """`kept` (the codes of the levels above some level, top first) completed
   by sampling every lower level with the priors, batch by batch.
 
-  Batch i is `sampling.sample_hierarchy` with fold_in(rng, i), the last
-  batch padded (with copies of its first example) to one compiled shape.
+  Batch i is `sampling.sample_hierarchy` with fold_in(rng, i), one level at
+  a time (the same codes as one call when every level's guidance is the
+  same), the last batch padded (with copies of its first example) to one
+  compiled shape. `guidance`: one scale for every level, or one per level,
+  top first.
   """
+  num_levels = len(pipe.priors)
+  per_level = (guidance if isinstance(guidance, tuple)
+               else (guidance,) * num_levels)
+  if len(per_level) != num_levels:
+    raise ValueError(f'Guidance {_label(guidance)} names {len(per_level)} '
+                     f'levels, not {num_levels}. Fix: give one scale, or one '
+                     'per level, top first.')
   n = len(labels)
   out = [[] for _ in pipe.priors[len(kept):]]  # The sampled levels.
   for i, begin in enumerate(range(0, n, batch_size)):
     m = min(batch_size, n - begin)
     take = np.concatenate([np.arange(begin, begin + m),
                            np.full(batch_size - m, begin)])
-    codes = sampling.sample_hierarchy(
-        pipe.priors, pipe.level_shapes, batch_size=batch_size,
-        labels=labels[take].astype(np.int32), rng=jax.random.fold_in(rng, i),
-        mesh=pipe.mesh, guidance=guidance,
-        upper_codes=[c[take] for c in kept])
+    codes = [c[take] for c in kept]
+    for level in range(len(kept), num_levels):
+      codes = sampling.sample_hierarchy(
+          pipe.priors[:level + 1], pipe.level_shapes[:level + 1],
+          batch_size=batch_size, labels=labels[take].astype(np.int32),
+          rng=jax.random.fold_in(rng, i), mesh=pipe.mesh,
+          guidance=per_level[level], upper_codes=codes)
     for level, level_codes in enumerate(codes[len(kept):]):
       out[level].append(np.asarray(parallel.to_host(level_codes))[:m])
   return list(kept) + [np.concatenate(level) for level in out]
 
 
-def attribution(config, workdir: str, guidances: list[float],
+def attribution(config, workdir: str, guidances: list[Guidance],
                 limit: int | None = None,
                 report=print) -> dict:
   """The rows (see the module docstring), per guidance."""
@@ -128,10 +160,11 @@ def attribution(config, workdir: str, guidances: list[float],
       sampled = complete_codes(pipe, codes[:level], labels, guidance=g,
                                rng=jax.random.fold_in(rng, level),
                                batch_size=batch_size)
-      row = score(f'guidance {g}: sampled from level {level}', sampled)
+      row = score(f'guidance {_label(g)}: sampled from level {level}',
+                  sampled)
       row.update(sampled_from_level=level, seconds=time.time() - start)
       rows.append(row)
-    result['guidance'][str(g)] = rows
+    result['guidance'][_label(g)] = rows
   return result
 
 
@@ -139,7 +172,7 @@ def main(argv, flag_values):
   del argv
   config, workdir, guidance, limit, out = flag_values
   config = config.value
-  guidances = ([float(g) for g in guidance.value] if guidance.value
+  guidances = ([parse_guidance(g) for g in guidance.value] if guidance.value
                else [float(config.sampling.guidance)])
   result = attribution(config, workdir.value, guidances, limit.value or None)
   if out.value:

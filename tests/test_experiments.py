@@ -1034,12 +1034,24 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
   both = draw([], 2.0)
   assert [c.shape for c in both] == [c.shape for c in codes]
   assert not np.array_equal(both[0], codes[0])  # Sampled, not kept.
+  # Guidance per level: the same scale everywhere draws the same codes; a
+  # scale given to the bottom alone leaves the top's draw as it was.
+  for got, want in zip(draw([], (2.0, 2.0)), both):
+    np.testing.assert_array_equal(got, want)
+  top_only = draw([], (2.0, 1.0))
+  np.testing.assert_array_equal(top_only[0], both[0])
+  assert not np.array_equal(top_only[1], both[1])
+  assert prior_attribution.parse_guidance('1.3:1') == (1.3, 1.0)
+  assert prior_attribution.parse_guidance('1.5') == 1.5
+  with pytest.raises(ValueError, match='names 3 levels, not 2. Fix'):
+    draw([], (1.0, 1.0, 1.0))
 
-  result = prior_attribution.attribution(config, str(workdir), [1.0, 2.0],
-                                         limit=20, report=lambda line: None)
+  result = prior_attribution.attribution(
+      config, str(workdir), [1.0, 2.0, (2.0, 1.0)], limit=20,
+      report=lambda line: None)
   assert result['held_out_examples'] == 20
   assert result['reconstructions']['num_examples'] == 20
-  assert sorted(result['guidance']) == ['1.0', '2.0']
+  assert sorted(result['guidance']) == ['1.0', '2.0', '2:1']
   for rows in result['guidance'].values():
     assert [r['sampled_from_level'] for r in rows] == [1, 0]
     for row in rows:
