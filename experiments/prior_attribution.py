@@ -95,32 +95,21 @@ def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
   """`kept` (the codes of the levels above some level, top first) completed
   by sampling every lower level with the priors, batch by batch.
 
-  Batch i is `sampling.sample_hierarchy` with fold_in(rng, i), one level at
-  a time (the same codes as one call when every level's guidance is the
-  same), the last batch padded (with copies of its first example) to one
-  compiled shape. `guidance`: one scale for every level, or one per level,
-  top first.
+  Batch i is `sampling.sample_hierarchy` with fold_in(rng, i), the last
+  batch padded (with copies of its first example) to one compiled shape.
+  `guidance`: one scale for every level, or one per level, top first.
   """
-  num_levels = len(pipe.priors)
-  per_level = (guidance if isinstance(guidance, tuple)
-               else (guidance,) * num_levels)
-  if len(per_level) != num_levels:
-    raise ValueError(f'Guidance {_label(guidance)} names {len(per_level)} '
-                     f'levels, not {num_levels}. Fix: give one scale, or one '
-                     'per level, top first.')
   n = len(labels)
   out = [[] for _ in pipe.priors[len(kept):]]  # The sampled levels.
   for i, begin in enumerate(range(0, n, batch_size)):
     m = min(batch_size, n - begin)
     take = np.concatenate([np.arange(begin, begin + m),
                            np.full(batch_size - m, begin)])
-    codes = [c[take] for c in kept]
-    for level in range(len(kept), num_levels):
-      codes = sampling.sample_hierarchy(
-          pipe.priors[:level + 1], pipe.level_shapes[:level + 1],
-          batch_size=batch_size, labels=labels[take].astype(np.int32),
-          rng=jax.random.fold_in(rng, i), mesh=pipe.mesh,
-          guidance=per_level[level], upper_codes=codes)
+    codes = sampling.sample_hierarchy(
+        pipe.priors, pipe.level_shapes, batch_size=batch_size,
+        labels=labels[take].astype(np.int32), rng=jax.random.fold_in(rng, i),
+        mesh=pipe.mesh, guidance=guidance,
+        upper_codes=[c[take] for c in kept])
     for level, level_codes in enumerate(codes[len(kept):]):
       out[level].append(np.asarray(parallel.to_host(level_codes))[:m])
   return list(kept) + [np.concatenate(level) for level in out]

@@ -575,7 +575,7 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, mesh: Optional[Mesh] = None,
                      unroll: int = 1, dtype: Optional[Any] = None,
-                     guidance: float = 1.0,
+                     guidance: float | Sequence[float] = 1.0,
                      upper_codes: Sequence[Array] = ()) -> list[Array]:
   """Ancestral sampling of every level, top first.
 
@@ -597,7 +597,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     dtype: sample with the priors' weights and compute in this dtype (e.g.
       'bfloat16': half the bytes read per position; other codes than
       float32 draws); None keeps each prior's own (see `cast_prior`).
-    guidance: as for `sample_level`, at every level that takes labels.
+    guidance: as for `sample_level`, at every level that takes labels; or
+      one scale per level, top first.
     upper_codes: [batch_size, h_l, w_l] int32 codes of the first levels,
       top first, kept as they are; () samples every level.
 
@@ -609,6 +610,12 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     raise SamplingInputError(f'Got {len(priors)} priors for {len(level_shapes)} '
                      'levels. Fix: pass one (model, variables) per level, '
                      'top first.')
+  per_level = (tuple(guidance) if isinstance(guidance, Sequence)
+               else (guidance,) * len(priors))
+  if len(per_level) != len(priors):
+    raise SamplingInputError(
+        f'Guidance {guidance} names {len(per_level)} levels, not '
+        f'{len(priors)}. Fix: pass one scale, or one per level, top first.')
   codes = list(upper_codes)
   for level, ((model, variables), (h, w)) in enumerate(
       zip(priors, level_shapes)):
@@ -621,7 +628,7 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         labels=labels if model.num_classes else None,
         rng=jax.random.fold_in(rng, level), temperature=temperature,
         top_k=top_k, top_p=top_p, mesh=mesh, unroll=unroll,
-        guidance=guidance if model.num_classes else 1.0))
+        guidance=per_level[level] if model.num_classes else 1.0))
   return codes
 
 
