@@ -448,6 +448,15 @@ def test_api_samples_are_deterministic_per_key(pipe):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='Fix: pass labels'):
     pipe.sample(n=2, key=7, guidance=2.0)
+  # One scale per level, top first: each level as its scale alone draws it.
+  _, top_only = pipe.sample(labels=[0, 3, 9], key=7, guidance=(0.0, 1.0))
+  np.testing.assert_array_equal(top_only[0], no_labels[0])
+  assert not np.array_equal(top_only[1], no_labels[1])
+  _, bottom_only = pipe.sample(labels=[0, 3, 9], key=7, guidance=[1.0, 0.0])
+  np.testing.assert_array_equal(bottom_only[0], codes[0])
+  assert not np.array_equal(bottom_only[1], codes[1])
+  with pytest.raises(ValueError, match='guidance is 1:2, but no labels'):
+    pipe.sample(n=2, key=7, guidance=(1.0, 2.0))
   # No guidance given: the config's (as --mode=sample draws), with labels;
   # without labels the plain unconditional path.
   saved = pipe.config.sampling.guidance
@@ -457,8 +466,13 @@ def test_api_samples_are_deterministic_per_key(pipe):
     for a, b in zip(by_config, no_labels):
       np.testing.assert_array_equal(a, b)
     pipe.sample(n=2, key=7)  # Not refused: guidance needs labels.
+    pipe.config.sampling.guidance_per_level = (0.0, 1.0)  # Wins over it.
+    _, by_level = pipe.sample(labels=[0, 3, 9], key=7)
+    for a, b in zip(by_level, top_only):
+      np.testing.assert_array_equal(a, b)
   finally:
     pipe.config.sampling.guidance = saved
+    pipe.config.sampling.guidance_per_level = ()
 
 
 def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):

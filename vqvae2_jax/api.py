@@ -735,7 +735,8 @@ class Pipeline:
 
   def sample(self, labels: Any = None, n: Optional[int] = None, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             guidance: Optional[float] = None, key: int | jax.Array = 0
+             guidance: Optional[float | Sequence[float]] = None,
+             key: int | jax.Array = 0
              ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Samples images from the priors (exact ancestral sampling).
 
@@ -747,9 +748,9 @@ class Pipeline:
         model as trained).
       guidance: classifier-free guidance scale (needs labels); 1.0 is off,
         above 1 follows the labels more closely, at twice the compute (see
-        `sampling.sample_level`). None: the config's
-        `sampling.guidance` when labels are given (as `--mode=sample`
-        draws), else 1.0.
+        `sampling.sample_level`); or one scale per level, top first. None:
+        the config's (`sampling.guidance`, or `guidance_per_level` where
+        set) when labels are given, as `--mode=sample` draws; else 1.0.
       key: an integer seed (a numpy integer too) or a PRNG key
         (`jax.random.key` or `jax.random.PRNGKey`); the same key gives the
         same samples, and a seed the samples of `jax.random.PRNGKey(seed)`.
@@ -768,11 +769,12 @@ class Pipeline:
     rng = _prng_key(key)
     if guidance is None:
       guidance = (1.0 if labels is None else
-                  float(self.config.sampling.get('guidance', 1.0)))
-    if labels is None and guidance != 1.0:
+                  builders.sampling_guidance(self.config))
+    if labels is None and np.any(np.asarray(guidance) != 1.0):
       raise PipelineInputError(
-          f'guidance is {guidance}, but no labels were given: guidance '
-          'follows class labels. Fix: pass labels, or guidance=1.0.')
+          f'guidance is {builders.guidance_text(guidance)}, but no labels '
+          'were given: guidance follows class labels. Fix: pass labels, or '
+          'guidance=1.0.')
     labels = self._labels(labels, n)
     batch = self._padded(np.zeros((n,), np.int32)).shape[0]
     if labels is not None:

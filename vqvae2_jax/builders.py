@@ -6,7 +6,7 @@ all build their models here, so that a module never reads a config and the
 latent shapes are computed once.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -75,6 +75,29 @@ def level_shapes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
   size = int(config.data.image_size)
   return vqvae_lib.latent_shapes(
       [int(f) for f in config.model.downsample_factors], size, size)
+
+
+def sampling_guidance(config: ml_collections.ConfigDict
+                      ) -> float | tuple[float, ...]:
+  """The sampler's classifier-free guidance, as `sampling.sample_hierarchy`
+  takes it: `sampling.guidance_per_level` where set (one scale per level,
+  top first), else `sampling.guidance` at every level.
+
+  One float when every level has the same scale, so equal settings name
+  the same sample run; 1.0 (off) in configs recorded before the fields.
+  """
+  s = config.sampling
+  per_level = tuple(float(g) for g in s.get('guidance_per_level', ()))
+  if len(set(per_level)) > 1:
+    return per_level
+  return per_level[0] if per_level else float(s.get('guidance', 1.0))
+
+
+def guidance_text(guidance: float | Sequence[float], sep: str = ':') -> str:
+  """A guidance of `sampling_guidance` as text: '1.3', or '1.3:2' per level."""
+  if isinstance(guidance, Sequence):
+    return sep.join(f'{float(g):g}' for g in guidance)
+  return f'{float(guidance):g}'
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -80,7 +80,7 @@ def validate_config(config: ml_collections.ConfigDict,
   _check_model(config)
   _check_schedules(config)
   _check_priors(config)
-  _check_sampling(config.sampling)
+  _check_sampling(config)
   _check_classifier(config)
   _check_eval(config)
   _check_machine(config)
@@ -234,7 +234,8 @@ def _check_prior_level(config: ml_collections.ConfigDict, i: int) -> None:
           f'use one of {transformer.COND_MODES}')
 
 
-def _check_sampling(sampling: ml_collections.ConfigDict) -> None:
+def _check_sampling(config: ml_collections.ConfigDict) -> None:
+  sampling = config.sampling
   if sampling.temperature <= 0:
     _fail('sampling.temperature', f'is {sampling.temperature}', 'use a value > 0')
   if sampling.num_samples_per_class < 1:
@@ -254,6 +255,18 @@ def _check_sampling(sampling: ml_collections.ConfigDict) -> None:
   if not (math.isfinite(guidance) and guidance >= 0):
     _fail('sampling.guidance', f'is {guidance}',
           'use a value >= 0 (1.0 is off)')
+  per_level = sampling.get('guidance_per_level', ())
+  levels = builders.num_levels(config)
+  if per_level and len(per_level) != levels:
+    _fail('sampling.guidance_per_level', f'is {per_level}: '
+          f'{len(per_level)} scale(s) for {levels} levels',
+          f'give one scale per level, top first (e.g. '
+          f'{",".join(["1.5"] * levels)}), or () for sampling.guidance at '
+          'every level')
+  for g in per_level:
+    if not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
+      _fail('sampling.guidance_per_level', f'is {per_level}',
+            'use scales >= 0, one per level, top first (1.0 is off)')
   if not 0.0 < sampling.rejection_keep <= 1.0:
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')

@@ -57,22 +57,20 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
              conditional: bool) -> str:
   """The sample run's directory name: checkpoints, seed, controls, count.
 
-  `_keep<k>` is added when rejection sampling keeps a fraction k < 1, so
-  other rates write beside the plain run.
+  `_g<scale>` (`_g<top>-<bottom>` per level) is added when guidance is on,
+  and `_keep<k>` when rejection sampling keeps a fraction k < 1, so other
+  settings write beside the plain run.
   """
   s = config.sampling
   keep = float(s.rejection_keep)
-  guidance = guidance_of(config)
+  guidance = builders.sampling_guidance(config)
+  guided = (f'g{builders.guidance_text(guidance, "-")}_'
+            if guidance != 1.0 else '')
   return (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
           f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
-          f'{f"g{guidance:g}_" if guidance != 1.0 else ""}'
+          f'{guided}'
           f'n{num_samples}{"" if conditional else "_uncond"}'
           f'{f"_keep{keep:g}" if keep < 1.0 else ""}')
-
-
-def guidance_of(config: ml_collections.ConfigDict) -> float:
-  """config.sampling.guidance; 1.0 (off) in configs recorded before it."""
-  return float(config.sampling.get('guidance', 1.0))
 
 
 def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
@@ -230,7 +228,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
           'num_samples': num_samples, 'seconds': seconds,
           'seconds_per_map': seconds / num_samples,
           'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
-          'guidance': guidance_of(config), 'seed': config.seed,
+          'guidance': builders.sampling_guidance(config),
+          'seed': config.seed,
           'conditional': conditional,
           'rejection_keep': keep}
   if per_candidate > 1:
@@ -322,7 +321,7 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
       num_maps=num_candidates, labels=labels, batch_size=batch,
       rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
       top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
-      guidance=guidance_of(config)):
+      guidance=builders.sampling_guidance(config)):
     n = len(images)
     batch_labels = group_labels[begin:begin + n]
     if scorer is None:

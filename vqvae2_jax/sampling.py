@@ -670,7 +670,7 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                     batch_size: int, rng: Array, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0,
                     mesh: Optional[Mesh] = None, unroll: int = 1,
-                    guidance: float = 1.0
+                    guidance: float | Sequence[float] = 1.0
                     ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
   """`num_maps` samples of the whole hierarchy, decoded, batch by batch.
 

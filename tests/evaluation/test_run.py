@@ -106,6 +106,24 @@ def test_report_markdown_tables():
   with_cas = run.report_markdown(_report(cas={'samples': {
       'train_examples': 100, 'accuracy': 0.8125, 'top5_accuracy': 0.96875}}))
   assert '| samples | 100 | 0.8125 | 0.9688 |' in with_cas
+  assert 'guidance' not in text
+  guided = _report()
+  guided['samples']['guidance'] = [1.3, 2.0]  # Per level, as JSON reads it.
+  assert 'top-p 1.0, guidance 1.3:2, class-conditional' in (
+      run.report_markdown(guided))
+
+
+def test_report_inputs_name_guidance_only_when_on(tmp_path):
+  """Reports written before the guidance fields stay current at their
+  defaults; a guidance per level is another report."""
+  config = fashion_mnist.get_config('tiny')
+  digest = lambda: run.report_inputs(config, str(tmp_path))['config_sha256']
+  plain = digest()
+  del config.sampling['guidance_per_level']
+  del config.sampling['guidance']
+  assert digest() == plain
+  config.sampling.guidance_per_level = (1.3, 2.0)
+  assert digest() != plain
 
 
 def test_summary_lines_give_the_figures_beside_their_floor():

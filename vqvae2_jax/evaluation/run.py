@@ -344,12 +344,16 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
   asks for a new report, not another one); the steps are those of the
   finished stages' metrics.json (None where a stage has none). Fields
   added since reports were first written leave the digest unchanged at
-  their defaults (sampling.guidance 1.0), so older reports stay current.
+  their defaults (sampling.guidance 1.0, guidance_per_level ()), so older
+  reports stay current.
   """
   settings = config.to_dict()
   settings.get('eval', {}).pop('force', None)
-  if settings.get('sampling', {}).get('guidance', 1.0) == 1.0:
-    settings.get('sampling', {}).pop('guidance', None)
+  sampling = settings.get('sampling', {})
+  if sampling.get('guidance', 1.0) == 1.0:
+    sampling.pop('guidance', None)
+  if not sampling.get('guidance_per_level', ()):
+    sampling.pop('guidance_per_level', None)
   text = json.dumps(files.normalise_json(settings), sort_keys=True)
   wd = workdir_lib.Workdir(workdir)
   stage_dirs = {'vqvae': wd.vqvae, 'classifier': wd.classifier}
@@ -547,8 +551,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
       '', '## Samples vs the held-out split', '',
       f'Samples: {int(s["num_examples"])} at temperature {s["temperature"]}, '
       f'top-k {s["top_k"]}, top-p {s["top_p"]}, '
-      + (f'guidance {s["guidance"]:g}, ' if s.get('guidance', 1.0) != 1.0
-         else '')
+      + (f'guidance {builders.guidance_text(s["guidance"])}, '
+         if s.get('guidance', 1.0) != 1.0 else '')
       + f'{"class-conditional (classes balanced)" if s["conditional"] else "unconditional"}'
       f' (`{os.path.basename(s["sample_run"])}`); floor: '
       f'{int(f["num_examples"])} images of the `{f["split"]}` split.', '',
