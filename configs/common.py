@@ -99,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   # overfitting as well as all of them would, at a fraction of the cost.
   prior.train_eval_examples = 10_000
   prior.codes_per_shard = 10_000  # Examples per file of extracted codes (--mode=codes).
+  prior.export_dtype = 'float32'  # Priors' weights in --mode=export's file: 'float32' or 'float16' (half the bytes; computed in float32 from the rounded weights).
   # One section per model level; a config with more levels adds
   # prior.level_<i> = prior_level(...) for each.
   prior.level_0 = prior_level(attention_layers=4)

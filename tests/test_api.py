@@ -655,6 +655,53 @@ def test_export_loads_without_the_workdir_and_samples_the_same(pipe, workdir,
     Pipeline.load(str(moved), _tiny_config())
 
 
+def test_a_float16_export_halves_the_priors_and_loads_them_in_float32(
+    pipe, workdir, tmp_path):
+  from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
+  full, half = tmp_path / 'full.msgpack', tmp_path / 'half.msgpack'
+  pipe.export(str(full))
+  pipe.export(str(half), prior_dtype='float16')
+  prior_bytes = sum(np.asarray(x).nbytes for _, v in pipe.priors
+                    for x in jax.tree.leaves(v))
+  saved = full.stat().st_size - half.stat().st_size
+  assert abs(saved - prior_bytes / 2) < 0.01 * prior_bytes, (
+      saved, prior_bytes)
+  loaded = Pipeline.load(str(half))
+  for (_, ours), (_, theirs) in zip(pipe.priors, loaded.priors):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      assert b.dtype == np.float32  # Computed as trained, rounded.
+      np.testing.assert_array_equal(
+          np.asarray(b), np.asarray(a).astype(np.float16).astype(np.float32))
+  np.testing.assert_array_equal(  # The VQ-VAE is stored as trained.
+      jax.tree.leaves(loaded.vqvae_variables)[0],
+      jax.tree.leaves(pipe.vqvae_variables)[0])
+  test_images, labels = _test_images(3)
+  np.testing.assert_allclose(loaded.log_prob(test_images, labels),
+                             pipe.log_prob(test_images, labels), rtol=1e-3)
+  assert not np.array_equal(loaded.log_prob(test_images, labels),
+                            pipe.log_prob(test_images, labels))
+  # Refusals: an unknown dtype (nothing written), a weight float16 cannot
+  # hold, and a file whose recorded dtype was rewritten.
+  with pytest.raises(api.PipelineInputError, match="prior_dtype is 'int8'"):
+    pipe.export(str(tmp_path / 'no.msgpack'), prior_dtype='int8')
+  assert not (tmp_path / 'no.msgpack').exists()
+  with pytest.raises(api.PipelineInputError, match="prior_dtype='float32'"):
+    api._stored_prior({'w': jax.numpy.array([1e5])}, 'float16')  # pylint: disable=protected-access
+  odd = _rewritten_export(half, tmp_path / 'odd.msgpack', prior_dtype='x')
+  with pytest.raises(api.ExportDamagedError, match="stored as 'x'"):
+    Pipeline.load(str(odd))
+  # --mode=export: config.prior.export_dtype names the file.
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  config = _tiny_config()
+  config.prior.export_dtype = 'float16'
+  result = api.export_workdir(config, str(copy))
+  assert os.path.basename(result['path']) == (
+      'fashion_mnist_vqvae6_prior6-6_float16.msgpack')
+  assert abs(result['bytes'] - half.stat().st_size) < 1000  # Configs differ.
+
+
 def test_a_pretrained_name_loads_its_checked_file(pipe, workdir, tmp_path,
                                                  monkeypatch):
   from vqvae2_jax import Pipeline  # pylint: disable=g-import-not-at-top

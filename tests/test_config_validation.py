@@ -41,6 +41,7 @@ def _set(config, path, value):
     ('prior.grad_clip_norm', -0.5, 'prior.grad_clip_norm'),
     ('prior.dtype', 'float16', 'prior.dtype'),
     ('prior.precision', 'fastest', 'prior.precision'),
+    ('prior.export_dtype', 'bfloat16', 'prior.export_dtype'),
     ('sampling.dtype', 'float16', 'sampling.dtype'),
     ('sampling.unroll', 0, 'sampling.unroll'),
     ('prior.level', 2, 'prior.level'),

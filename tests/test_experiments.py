@@ -1057,3 +1057,19 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
     for row in rows:
       assert row['num_examples'] == 20
       assert 0 <= row['recall'] <= 1 and 0 <= row['class_agreement'] <= 1
+
+  # The same priors stored in float16 (experiments/export_dtype.py, on the
+  # workdir trained above): smaller, the same bits to rounding, and the
+  # float32 file's own samples as the reference.
+  from experiments import export_dtype  # pylint: disable=g-import-not-at-top
+  printed = []
+  result = export_dtype.compare(config, str(workdir), num_samples=10,
+                                limit=20, print_row=printed.append)
+  full, half = result['rows']
+  assert printed == result['rows'] and result['held_out_examples'] == 20
+  assert [full['dtype'], half['dtype']] == ['float32', 'float16']
+  assert half['megabytes'] < full['megabytes']
+  assert full['samples_equal'] == 1.0 and 0 <= half['samples_equal'] <= 1
+  np.testing.assert_allclose(half['held_out_bits_per_code'],
+                             full['held_out_bits_per_code'], rtol=1e-3)
+  assert full['held_out_bits_per_code'] != half['held_out_bits_per_code']

@@ -75,7 +75,36 @@ class ExportDamagedError(PipelineInputError):
 _EXPORT_PARTS = {'config': 'config', 'steps': 'checkpoint steps',
                  'vqvae_fingerprint': 'VQ-VAE fingerprint',
                  'vqvae_digest': 'VQ-VAE digest', 'vqvae': 'VQ-VAE weights',
-                 'prior_fingerprints': 'prior fingerprints'}
+                 'prior_fingerprints': 'prior fingerprints',
+                 'prior_dtype': "priors' stored dtype"}
+
+
+def _stored_prior(variables: PyTree, dtype: str) -> PyTree:
+  """A prior's variables on the host as an export stores them (`dtype`)."""
+  if dtype not in builders.EXPORT_DTYPES:
+    raise PipelineInputError(
+        f'prior_dtype is {dtype!r}. Fix: use one of {builders.EXPORT_DTYPES}.')
+  host = jax.tree.map(parallel.to_host, variables)
+  if dtype == 'float32':
+    return host
+  limit = float(np.finfo(np.float16).max)
+
+  def half(x):
+    if not np.issubdtype(x.dtype, np.floating):
+      return x
+    if x.size and float(np.max(np.abs(x))) > limit:
+      raise PipelineInputError(
+          f'A prior weight of magnitude {float(np.max(np.abs(x))):.3g} is '
+          f'beyond float16 (at most {limit:g}). Fix: export with '
+          "prior_dtype='float32'.")
+    return x.astype(np.float16)
+  return jax.tree.map(half, host)
+
+
+def _loaded_prior(stored: PyTree) -> PyTree:
+  """A prior's variables as stored -> as computed (float16 to float32)."""
+  return jax.tree.map(
+      lambda x: x.astype(np.float32) if x.dtype == np.float16 else x, stored)
 
 
 def _export_digests(payload: dict[str, Any]) -> dict[str, str]:
@@ -487,7 +516,7 @@ class Pipeline:
         loaded = []  # Sampling and scoring need every level.
     return cls(config, vqvae, variables, loaded, steps, mesh)
 
-  def export(self, path: str) -> str:
+  def export(self, path: str, prior_dtype: str = 'float32') -> str:
     """Writes config, variables and provenance of every stage to one file.
 
     A msgpack file (flax.serialization) that `Pipeline.load(path)` reads
@@ -497,6 +526,18 @@ class Pipeline:
     of each of these parts, which loading checks (a damaged file is refused,
     naming the part). Written atomically (a temporary file renamed), so a
     failure leaves no partial file.
+
+    Args:
+      path: the file to write.
+      prior_dtype: how the priors' floating-point weights are stored:
+        'float32' (as trained), or 'float16' (half their bytes; loading
+        computes in float32 from the rounded weights, so the file's
+        samples are those of weights within 2**-11 of the trained ones,
+        not the trained weights' own). The VQ-VAE is stored as trained.
+
+    Raises:
+      PipelineInputError: an unknown `prior_dtype`, or a weight beyond
+        float16's range.
     """
     provenance = loading.vqvae_provenance(self.config, self.vqvae_variables,
                                           self.steps.get('vqvae', 0))
@@ -508,12 +549,14 @@ class Pipeline:
         'vqvae_digest': provenance['digest'],
         # Replicated over every process's devices: each host's copy.
         'vqvae': jax.tree.map(parallel.to_host, self.vqvae_variables),
-        'priors': {str(level): jax.tree.map(parallel.to_host, variables)
+        'priors': {str(level): _stored_prior(variables, prior_dtype)
                    for level, (_, variables) in enumerate(self.priors)},
         'prior_fingerprints': json.dumps([
             builders.prior_fingerprint(self.config, level, provenance)
             for level in range(len(self.priors))]),
     }
+    if prior_dtype != 'float32':  # float32 files stay as they were.
+      payload['prior_dtype'] = prior_dtype
     payload['digests'] = json.dumps(_export_digests(payload), sort_keys=True)
     data = serialization.msgpack_serialize(payload)
     if jax.process_index() == 0:  # One writer of the one file.
@@ -567,8 +610,14 @@ class Pipeline:
         raise PipelineInputError(
             f'{path}: the VQ-VAE weights do not match their digest (a damaged '
             'file). Fix: export it again.')
+      stored = payload.get('prior_dtype', 'float32')
+      if stored not in builders.EXPORT_DTYPES:
+        raise ExportDamagedError(
+            f'{path}: its priors are stored as {stored!r}, not one of '
+            f'{builders.EXPORT_DTYPES} (a damaged file, or one of a newer '
+            'version). Fix: export it again with this version.')
       priors = [(builders.build_prior(config, level),
-                 jax.device_put(payload['priors'][str(level)],
+                 jax.device_put(_loaded_prior(payload['priors'][str(level)]),
                                 parallel.replicated(mesh)))
                 for level in range(len(payload['priors']))]
       steps = _export_json(path, payload, 'steps', dict)
@@ -889,8 +938,10 @@ def export_workdir(config: ml_collections.ConfigDict,
   """--mode=export: every finished stage of `workdir` as one file.
 
   Writes workdir/export/<dataset>_vqvae<step>_prior<steps>.msgpack (see
-  `Pipeline.export`), which `Pipeline.load(path)` reads with no workdir or
-  config file. An existing file of the same steps is left as it is.
+  `Pipeline.export`; `_float16` before `.msgpack` where
+  config.prior.export_dtype stores the priors' weights so), which
+  `Pipeline.load(path)` reads with no workdir or config file. An existing
+  file of the same steps is left as it is.
 
   Returns:
     {'path', 'bytes', 'steps'}.
@@ -902,12 +953,14 @@ def export_workdir(config: ml_collections.ConfigDict,
         'run --mode=prior (or --mode=all) first.')
   prior_steps = '-'.join(str(pipe.steps[f'prior_{level}'])
                          for level in range(len(pipe.priors)))
+  dtype = config.prior.get('export_dtype', 'float32')
   name = (f'{config.data.name.replace("/", "_").replace(":", "_")}'
-          f'_vqvae{pipe.steps["vqvae"]}_prior{prior_steps}.msgpack')
+          f'_vqvae{pipe.steps["vqvae"]}_prior{prior_steps}'
+          f'{"" if dtype == "float32" else "_" + dtype}.msgpack')
   path = os.path.join(workdir_lib.Workdir(workdir).export, name)
   if not os.path.exists(path):
     files.ensure_writable(os.path.dirname(path), 'the exported pipeline')
-    pipe.export(path)
+    pipe.export(path, prior_dtype=dtype)
   size = os.path.getsize(path)
   console.say('Exported pipeline: %s (%.1f MB); from Python: '
               'vqvae2_jax.Pipeline.load(%r)', path, size / 1e6, path)

@@ -22,6 +22,9 @@ from vqvae2_jax.models import vqvae as vqvae_lib
 
 # The names config.model.dtype, prior.dtype and sampling.dtype may take.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The names prior.export_dtype may take: how an exported file stores the
+# priors' floating-point weights (they are computed in float32 either way).
+EXPORT_DTYPES = ('float32', 'float16')
 # Config fields that define the VQ-VAE's variables (and what its codes mean);
 # a checkpoint is only resumed or loaded under the same values. Training
 # knobs (EMA decay, dead-code window, dtype, remat, ...) may change between

@@ -180,6 +180,9 @@ def _check_priors(config: ml_collections.ConfigDict) -> None:
           f'define exactly {expected} (level_0 is the top)')
   if prior.dtype not in _DTYPES:
     _fail('prior.dtype', f'is {prior.dtype!r}', f'use one of {_DTYPES}')
+  if prior.get('export_dtype', 'float32') not in builders.EXPORT_DTYPES:
+    _fail('prior.export_dtype', f'is {prior.export_dtype!r}',
+          f'use one of {builders.EXPORT_DTYPES}')
   if prior.precision not in _PRECISIONS:
     _fail('prior.precision', f'is {prior.precision!r}',
           f'use one of {_PRECISIONS}')

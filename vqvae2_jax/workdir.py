@@ -15,7 +15,7 @@ A workdir holds:
   samples/<run>/      --mode=sample: samples.png, codes.npz, meta.json, ...
   classifier/         --mode=classifier: as vqvae/
   eval/               --mode=eval: report.json, report.md, cas_<examples>/
-  export/             --mode=export: <dataset>_vqvae<step>_prior<steps>.msgpack
+  export/             --mode=export: <data>_vqvae<s>_prior<s>[_float16].msgpack
 
 Every stage's directory (e.g. vqvae/) keeps its orbax checkpoints in
 checkpoints/, its final metrics in metrics.json and its log in log.txt.

@@ -1,0 +1,110 @@
+r"""What storing the priors' weights in float16 changes, on a workdir.
+
+Exports the workdir's pipeline twice (`Pipeline.export`, prior_dtype
+'float32' and 'float16') into a temporary directory, loads each file back
+and prints, per file: its size, the priors' held-out bits per code (the
+whole held-out split, encoded by the same VQ-VAE), and for --num_samples
+class-balanced samples drawn with one key at the config's guidance, the
+share of samples whose codes equal the float32 file's at every level (and
+per level). Rows are printed as they finish and written to --out.
+
+  python -m experiments.export_dtype --config=configs/fashion_mnist.py:long \
+    --workdir=W --num_samples=1000 --out=export_dtype.json
+"""
+
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+from vqvae2_jax import api
+from vqvae2_jax import builders
+from vqvae2_jax import files
+from vqvae2_jax import parallel
+from vqvae2_jax.evaluation import run as eval_run
+
+
+def _define_flags():
+  """This script's flags (defined only when it runs, so that tests can
+  import `compare` beside other experiments)."""
+  config = config_flags.DEFINE_config_file('config', None, 'Config file.')
+  workdir = flags.DEFINE_string('workdir', None,
+                                'A workdir with stage 1 and every prior.')
+  num_samples = flags.DEFINE_integer(
+      'num_samples', 1000, 'Class-balanced samples drawn from each file.')
+  limit = flags.DEFINE_integer(
+      'limit', 0, 'Held-out images scored (the first ones); 0: all.')
+  out = flags.DEFINE_string('out', None, 'JSON file of the rows.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  return config, workdir, num_samples, limit, out
+
+
+def compare(config, workdir: str, num_samples: int, limit: int | None,
+            print_row=print) -> dict:
+  """The rows of each stored dtype (see the module docstring)."""
+  pipe = api.Pipeline.load(workdir, config, require_priors=True)
+  mesh = parallel.create_mesh(pipe.config.mesh)
+  images, labels = [], []
+  for batch_images, batch_labels, _ in eval_run.real_batches(
+      pipe.config, mesh, pipe.config.data.eval_split, limit=limit):
+    images.append(batch_images)
+    labels.append(batch_labels)
+  held_out_labels = np.concatenate(labels)
+  codes = pipe.encode(np.concatenate(images))
+  positions = [c[0].size for c in codes]
+  num_classes = int(pipe.config.data.num_classes)
+  sample_labels = (np.arange(num_samples) % num_classes).astype(np.int32)
+  guidance = builders.sampling_guidance(pipe.config)
+  rows, reference = [], None
+  with tempfile.TemporaryDirectory() as tmp:
+    for dtype in builders.EXPORT_DTYPES:
+      path = os.path.join(tmp, f'{dtype}.msgpack')
+      pipe.export(path, prior_dtype=dtype)
+      loaded = api.Pipeline.load(path)
+      start = time.time()
+      bits = loaded.log_prob_codes(codes, held_out_labels)
+      _, sampled = loaded.sample(sample_labels, guidance=guidance, key=0)
+      if reference is None:
+        reference = sampled
+      same = [np.all(a == b, axis=(1, 2)) for a, b in zip(sampled, reference)]
+      row = {'dtype': dtype, 'megabytes': os.path.getsize(path) / 1e6,
+             'held_out_bits_per_code': [
+                 float(b.mean() / p) for b, p in zip(bits, positions)],
+             'samples_equal': float(np.mean(np.all(same, axis=0))),
+             'samples_equal_per_level': [float(s.mean()) for s in same],
+             'seconds': time.time() - start}
+      rows.append(row)
+      print_row(row)
+  return {'workdir': workdir, 'steps': pipe.steps,
+          'held_out_examples': len(held_out_labels),
+          'num_samples': num_samples,
+          'guidance': guidance, 'rows': rows}
+
+
+def _print(row):
+  bits = ' / '.join(f'{b:.5f}' for b in row['held_out_bits_per_code'])
+  per_level = ' / '.join(f'{s:.1%}' for s in row['samples_equal_per_level'])
+  print(f'| {row["dtype"]} | {row["megabytes"]:.1f} | {bits} | '
+        f'{row["samples_equal"]:.1%} ({per_level}) |', flush=True)
+
+
+def main(flag_values):
+  config, workdir, num_samples, limit, out = flag_values
+  print('| stored priors | MB | held-out bits per code (levels, top first) | '
+        'samples equal to float32\'s (per level) |\n|---|---|---|---|',
+        flush=True)
+  result = compare(config.value, workdir.value, num_samples.value,
+                   limit.value or None, _print)
+  if out.value:
+    files.atomic_write(out.value, lambda f: f.write(
+        json.dumps(result, indent=1).encode()))
+
+
+if __name__ == '__main__':
+  _flags = _define_flags()
+  app.run(lambda argv: main(_flags))
