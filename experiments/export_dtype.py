@@ -2,14 +2,17 @@ r"""What storing the priors' weights in float16 changes, on a workdir.
 
 Exports the workdir's pipeline twice (`Pipeline.export`, prior_dtype
 'float32' and 'float16') into a temporary directory, loads each file back
-and prints, per file: its size, the priors' held-out bits per code (the
-whole held-out split, encoded by the same VQ-VAE), and for --num_samples
-class-balanced samples drawn with one key at the config's guidance, the
-share of samples whose codes equal the float32 file's at every level (and
-per level). Rows are printed as they finish and written to --out.
+and prints, per file: its size; the priors' held-out bits per code (the
+whole held-out split, encoded by the same VQ-VAE); and --num_samples
+class-balanced samples drawn as --mode=sample draws them (the config's
+seed, batch size, controls and guidance), scored as --mode=eval scores
+them against the held-out split (the config's ruler: FID, precision,
+recall, class agreement, IS), with the share of samples whose codes equal
+the float32 file's at every level. Rows are printed as they finish and
+written to --out.
 
   python -m experiments.export_dtype --config=configs/fashion_mnist.py:long \
-    --workdir=W --num_samples=1000 --out=export_dtype.json
+    --workdir=W --num_samples=10000 --out=export_dtype.json
 """
 
 import json
@@ -19,13 +22,17 @@ import time
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from vqvae2_jax import api
 from vqvae2_jax import builders
 from vqvae2_jax import files
-from vqvae2_jax import parallel
+from vqvae2_jax import generate
+from vqvae2_jax import sampling
+from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import run as eval_run
 
 
@@ -48,18 +55,22 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
             print_row=print) -> dict:
   """The rows of each stored dtype (see the module docstring)."""
   pipe = api.Pipeline.load(workdir, config, require_priors=True)
-  mesh = parallel.create_mesh(pipe.config.mesh)
+  config, mesh = pipe.config, pipe.mesh
+  features, about = eval_run.feature_fn(config, workdir, mesh)
+  real = metrics_lib.FeatureStats(max_features=eval_run.MAX_REAL_FEATURES)
   images, labels = [], []
   for batch_images, batch_labels, _ in eval_run.real_batches(
-      pipe.config, mesh, pipe.config.data.eval_split, limit=limit):
+      config, mesh, config.data.eval_split, limit=limit):
     images.append(batch_images)
     labels.append(batch_labels)
+    real.add(*features(batch_images))
   held_out_labels = np.concatenate(labels)
   codes = pipe.encode(np.concatenate(images))
   positions = [c[0].size for c in codes]
-  num_classes = int(pipe.config.data.num_classes)
-  sample_labels = (np.arange(num_samples) % num_classes).astype(np.int32)
-  guidance = builders.sampling_guidance(pipe.config)
+  num_classes = int(config.data.num_classes)
+  sample_labels = generate.sample_labels(
+      num_classes, -(-num_samples // num_classes), True)[:num_samples]
+  s = config.sampling
   rows, reference = [], None
   with tempfile.TemporaryDirectory() as tmp:
     for dtype in builders.EXPORT_DTYPES:
@@ -68,36 +79,52 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
       loaded = api.Pipeline.load(path)
       start = time.time()
       bits = loaded.log_prob_codes(codes, held_out_labels)
-      _, sampled = loaded.sample(sample_labels, guidance=guidance, key=0)
+      fake = metrics_lib.FeatureStats(max_features=num_samples)
+      sampled = []
+      for batch_codes, batch_images in sampling.decoded_batches(
+          loaded.priors, loaded.level_shapes,
+          lambda c: jnp.clip(jnp.asarray(loaded.decode(c)), -1.0, 1.0),
+          num_maps=num_samples, labels=sample_labels,
+          batch_size=min(s.batch_size, -(-num_samples // mesh.size)
+                         * mesh.size),
+          rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
+          top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
+          guidance=builders.sampling_guidance(config)):
+        fake.add(*features(batch_images))
+        sampled.append(batch_codes)
+      sampled = [np.concatenate(level) for level in zip(*sampled)]
       if reference is None:
         reference = sampled
       same = [np.all(a == b, axis=(1, 2)) for a, b in zip(sampled, reference)]
       row = {'dtype': dtype, 'megabytes': os.path.getsize(path) / 1e6,
              'held_out_bits_per_code': [
                  float(b.mean() / p) for b, p in zip(bits, positions)],
+             **eval_run.sample_metrics(config, real, fake, sample_labels),
              'samples_equal': float(np.mean(np.all(same, axis=0))),
-             'samples_equal_per_level': [float(s.mean()) for s in same],
+             'samples_equal_per_level': [float(x.mean()) for x in same],
              'seconds': time.time() - start}
       rows.append(row)
       print_row(row)
-  return {'workdir': workdir, 'steps': pipe.steps,
+  return {'workdir': workdir, 'steps': pipe.steps, **about,
           'held_out_examples': len(held_out_labels),
-          'num_samples': num_samples,
-          'guidance': guidance, 'rows': rows}
+          'guidance': builders.sampling_guidance(config), 'rows': rows}
 
 
 def _print(row):
   bits = ' / '.join(f'{b:.5f}' for b in row['held_out_bits_per_code'])
-  per_level = ' / '.join(f'{s:.1%}' for s in row['samples_equal_per_level'])
+  per_level = ' / '.join(f'{x:.1%}' for x in row['samples_equal_per_level'])
   print(f'| {row["dtype"]} | {row["megabytes"]:.1f} | {bits} | '
-        f'{row["samples_equal"]:.1%} ({per_level}) |', flush=True)
+        f'{row["class_agreement"]:.2%} | {row["precision"]:.4f} | '
+        f'{row["recall"]:.4f} | {row["fid"]:.4f} | '
+        f'{row["inception_score"]:.3f} | {row["samples_equal"]:.1%} '
+        f'({per_level}) |', flush=True)
 
 
 def main(flag_values):
   config, workdir, num_samples, limit, out = flag_values
-  print('| stored priors | MB | held-out bits per code (levels, top first) | '
-        'samples equal to float32\'s (per level) |\n|---|---|---|---|',
-        flush=True)
+  print('| stored priors | MB | held-out bits per code (top first) | class '
+        'agr. | precision | recall | FID | IS | samples equal to float32\'s '
+        '(per level) |\n|---|---|---|---|---|---|---|---|---|', flush=True)
   result = compare(config.value, workdir.value, num_samples.value,
                    limit.value or None, _print)
   if out.value:

@@ -1070,6 +1070,8 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
   assert [full['dtype'], half['dtype']] == ['float32', 'float16']
   assert half['megabytes'] < full['megabytes']
   assert full['samples_equal'] == 1.0 and 0 <= half['samples_equal'] <= 1
+  assert full['num_examples'] == half['num_examples'] == 10
+  assert 0 <= half['class_agreement'] <= 1 and 0 <= half['recall'] <= 1
   np.testing.assert_allclose(half['held_out_bits_per_code'],
                              full['held_out_bits_per_code'], rtol=1e-3)
   assert full['held_out_bits_per_code'] != half['held_out_bits_per_code']
