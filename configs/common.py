@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.top_k = 0  # Keep the k most likely codes; 0 disables.
   sampling.top_p = 1.0  # Nucleus mass; 1.0 disables.
   sampling.guidance = 1.0  # Classifier-free guidance scale (needs labels and label dropout); 1.0 disables.
-  sampling.guidance_per_level = ()  # One guidance scale per level, top first (e.g. 1.3,2); () uses sampling.guidance at every level.
+  sampling.guidance_per_level = ()  # One guidance scale per level, top first (e.g. 1.3,2), in place of sampling.guidance (then 1.0); () uses sampling.guidance at every level.
   sampling.conditional = True  # Sample with class labels when the data has them.
   sampling.use_polyak = True  # Use the priors' Polyak weights when present.
   sampling.dtype = ''  # Sampler's weights and compute: '' (the priors' own) or 'bfloat16' (half the bytes per step).

@@ -78,7 +78,11 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
       pipe.export(path, prior_dtype=dtype)
       loaded = api.Pipeline.load(path)
       start = time.time()
-      bits = loaded.log_prob_codes(codes, held_out_labels)
+      batch = int(config.prior.eval_batch_size)  # Bounded memory.
+      bits = np.concatenate([
+          loaded.log_prob_codes([c[i:i + batch] for c in codes],
+                                held_out_labels[i:i + batch])
+          for i in range(0, len(held_out_labels), batch)], axis=1)
       fake = metrics_lib.FeatureStats(max_features=num_samples)
       sampled = []
       for batch_codes, batch_images in sampling.decoded_batches(

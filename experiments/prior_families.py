@@ -219,6 +219,7 @@ def run_family(config: ml_collections.ConfigDict, base: str, workdir: str,
     eval_config.eval.cas = False
     eval_config.sampling.rejection_keep = 1.0
     eval_config.sampling.guidance = 1.0  # The model as trained.
+    eval_config.sampling.guidance_per_level = ()
     report = stages.run('eval', eval_config, workdir)['eval']
     row['samples'] = {k: report['samples'].get(k) for k in (
         'num_examples', 'class_agreement', 'precision', 'recall', 'fid',

@@ -209,6 +209,7 @@ def run_variant(config: ml_collections.ConfigDict, base: str, workdir: str,
     eval_config.sampling.top_k = 0
     eval_config.sampling.top_p = 1.0
     eval_config.sampling.guidance = 1.0  # The model as trained.
+    eval_config.sampling.guidance_per_level = ()
   report = stages.run('eval', eval_config, workdir)['eval']
   row = {'train_minutes': train_s / 60,
          'num_params': sum(m['num_params'] for m in trained.values()),

@@ -188,6 +188,7 @@ def main(argv):
     point_config = config.copy_and_resolve_references()
     with point_config.unlocked():
       point_config.sampling.update(controls)
+      point_config.sampling.guidance_per_level = ()  # Its guidance alone.
     logging.info('Point %s = %g', knob, value)
     images, labels, meta = eval_run.sample_images(point_config, workdir, n,
                                                   mesh, vqvae, variables)

@@ -210,3 +210,13 @@ def test_cross_attention_only_for_a_lower_transformer(level, kind):
                      match=rf"prior\.level_{level}\.cond_mode: is 'cross'\. "
                      r"Fix: leave it 'add'"):
     config_validation.validate_config(config, check_dataset=False)
+
+
+def test_one_guidance_or_one_per_level_not_both():
+  config = _tiny()
+  config.sampling.guidance_per_level = (1.3, 2.0)
+  config_validation.validate_config(config)  # The tiny config's guidance is 1.0.
+  config.sampling.guidance = 1.5
+  with pytest.raises(errors.ConfigError,
+                     match=r'sampling.guidance: is 1.5 while .*Fix: set one'):
+    config_validation.validate_config(config)

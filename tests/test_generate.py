@@ -41,16 +41,15 @@ def test_run_name_names_checkpoints_seed_controls_and_count():
   config.sampling.guidance = 2.5  # Named only when on: older runs keep theirs.
   assert generate.run_name(config, 300, [200, 100], 40, True) == (
       'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_g2.5_n40_keep0.25')
-  # One scale per level wins over sampling.guidance; the same scale at
+  # One scale per level, in place of sampling.guidance; the same scale at
   # every level names (and draws) the run of that one scale.
+  config.sampling.guidance = 1.0
   config.sampling.guidance_per_level = (1.3, 2.0)
   assert generate.run_name(config, 300, [200, 100], 40, True) == (
       'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_g1.3-2_n40_keep0.25')
   config.sampling.guidance_per_level = (2.5, 2.5)
-  config.sampling.guidance = 1.0
   assert generate.run_name(config, 300, [200, 100], 40, True) == (
       'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_g2.5_n40_keep0.25')
-  config.sampling.guidance = 2.5
   del config.sampling['guidance_per_level']
   del config.sampling['guidance']  # A config recorded before the fields.
   assert generate.run_name(config, 300, [200, 100], 40, True) == (

@@ -270,6 +270,12 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
     if not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
       _fail('sampling.guidance_per_level', f'is {per_level}',
             'use scales >= 0, one per level, top first (1.0 is off)')
+  if per_level and guidance != 1.0:  # Which one was meant?
+    _fail('sampling.guidance', f'is {guidance} while '
+          f'sampling.guidance_per_level={per_level} guides each level',
+          'set one: sampling.guidance_per_level=() for '
+          f'{guidance} at every level, or sampling.guidance=1.0 to keep '
+          'the scale per level')
   if not 0.0 < sampling.rejection_keep <= 1.0:
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')

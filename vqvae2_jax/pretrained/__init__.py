@@ -94,7 +94,8 @@ PRETRAINED: dict[str, PretrainedSpec] = {
         command='; '.join(
             'python -m vqvae2_jax.main --config=configs/fashion_mnist.py:long '
             '--config.prior.level_0.num_channels=64 '
-            f'--config.sampling.guidance=1.4 --workdir=W --mode={mode}'
+            "--config.sampling.guidance=1.4 '--config.sampling."
+            f"guidance_per_level=()' --workdir=W --mode={mode}"
             for mode in ('vqvae', 'codes', 'prior', 'export')),
         class_agreement=0.9247,
         num_samples=10_000,
