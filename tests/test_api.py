@@ -157,6 +157,22 @@ def test_sample_again_skips_and_other_controls_write_beside(workdir):
                                   np.load(greedy7 / 'codes.npz')[name])
 
 
+def test_sample_with_a_guidance_per_level_guides_only_those_levels(
+    workdir, tmp_path):
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  plain = _sample(copy)
+  guided = _sample(copy, guidance=1.0, guidance_per_level=(1.0, 2.0))
+  assert '_g1-2_' in os.path.basename(guided['dir'])
+  assert list(guided['guidance']) == [1.0, 2.0]
+  plain_codes = np.load(os.path.join(plain['dir'], 'codes.npz'))
+  guided_codes = np.load(os.path.join(guided['dir'], 'codes.npz'))
+  # The top level drew as unguided; the bottom followed its scale.
+  np.testing.assert_array_equal(guided_codes['codes_0'],
+                                plain_codes['codes_0'])
+  assert not np.array_equal(guided_codes['codes_1'], plain_codes['codes_1'])
+
+
 def test_codes_and_sample_load_after_training_knobs_change(workdir, tmp_path):
   # Settings that shape the optimizer state or the prior's train state
   # (clipping, Polyak averaging) changed after training: the later stages
