@@ -67,8 +67,8 @@ def test_quality_variant_changes_only_the_priors_and_guidance():
           builders.vqvae_fingerprint(default))
   changed = {k for k, v in _flatten(quality).items()
              if _flatten(default)[k] != v}
-  assert changed and all(k.startswith('prior.') or k == 'sampling.guidance'
-                         for k in changed), changed
+  assert changed and all(k.startswith('prior.') or k.startswith(
+      'sampling.guidance') for k in changed), changed
   assert quality.sampling.guidance > 1 and quality.prior.label_drop_rate > 0
   assert quality.prior.level_0.num_channels > default.prior.level_0.num_channels
   assert quality.prior.num_train_steps > default.prior.num_train_steps
@@ -80,8 +80,10 @@ def test_fine_variant_changes_the_bottom_map_and_the_prior_steps():
   default, fine = _load('fashion_mnist'), _load('fashion_mnist', 'fine')
   changed = {k for k, v in _flatten(fine).items()
              if _flatten(default)[k] != v}
-  assert changed == {'model.downsample_factors', 'prior.num_train_steps'}
+  assert changed == {'model.downsample_factors', 'prior.num_train_steps',
+                     'sampling.guidance', 'sampling.guidance_per_level'}
   assert fine.prior.num_train_steps == 2 * default.prior.num_train_steps
+  assert builders.sampling_guidance(fine) == 2.0  # As it was measured.
   assert builders.level_shapes(default) == [(4, 4), (8, 8)]
   assert builders.level_shapes(fine) == [(4, 4), (16, 16)]
   # Its stage 1 is another model: a default workdir's checkpoints and codes
@@ -93,13 +95,14 @@ def test_fine_variant_changes_the_bottom_map_and_the_prior_steps():
 def test_long_variant_trains_the_default_models_longer():
   """The default's models, stage 1 for 3x its steps and the priors for 8x,
   both priors twice as wide, sampled at guidance 1.3 at the top and 2 at
-  the bottom: the recipe measured in docs/results.md."""
+  the bottom (each under the default's): the recipe measured in
+  docs/results.md."""
   default, long = _load('fashion_mnist'), _load('fashion_mnist', 'long')
   changed = {k for k, v in _flatten(long).items()
              if _flatten(default)[k] != v}
   assert changed == {'vqvae_train.num_train_steps', 'prior.num_train_steps',
                      'prior.level_0.num_channels',
-                     'prior.level_1.num_channels', 'sampling.guidance',
+                     'prior.level_1.num_channels',
                      'sampling.guidance_per_level'}
   for level in ('level_0', 'level_1'):
     assert (long.prior[level].num_channels ==
@@ -107,9 +110,10 @@ def test_long_variant_trains_the_default_models_longer():
   assert (long.vqvae_train.num_train_steps ==
           3 * default.vqvae_train.num_train_steps)
   assert long.prior.num_train_steps == 8 * default.prior.num_train_steps
-  # The top level's scale under the default's, the bottom's at it.
-  top, bottom = builders.sampling_guidance(long)
-  assert 1 < top < default.sampling.guidance == bottom
+  # Each level's scale under the default's.
+  for mine, its in zip(builders.sampling_guidance(long),
+                       builders.sampling_guidance(default)):
+    assert 1 < mine < its
   # The same stage 1: the latent maps and its checkpoint fingerprint.
   assert builders.level_shapes(long) == builders.level_shapes(default)
   assert (builders.vqvae_fingerprint(long) ==
