@@ -39,9 +39,9 @@ steps (not 3000), the priors for 16000 (not 2000) and 128 channels wide
 bottom. Its samples are the best measured here: better FID, precision and
 recall than the quality and fine variants', for about two hours of
 training on 2 cores (`_make_long`; docs/results.md, "Which prior loses
-the recall"). It needs its own
-workdir: on a default one, stage 1 would go on from step 3000 on another
-learning-rate schedule, which is not the measured recipe:
+the recall"). It needs its own workdir: on a default one, stage 1 would go
+on from step 3000 on another learning-rate schedule, which is not the
+measured recipe:
 
   python -m vqvae2_jax.main --config=configs/fashion_mnist.py:long \
     --workdir=/tmp/vqvae2_fmnist_long --mode=all
