@@ -531,9 +531,10 @@ class Pipeline:
       path: the file to write.
       prior_dtype: how the priors' floating-point weights are stored:
         'float32' (as trained), or 'float16' (half their bytes; loading
-        computes in float32 from the rounded weights, so the file's
-        samples are those of weights within 2**-11 of the trained ones,
-        not the trained weights' own). The VQ-VAE is stored as trained.
+        computes in float32 from the weights rounded to float16, about 3
+        significant digits, so the file's samples are those of the
+        rounded weights, not the trained weights' own). The VQ-VAE is
+        stored as trained.
 
     Raises:
       PipelineInputError: an unknown `prior_dtype`, or a weight beyond
