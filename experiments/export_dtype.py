@@ -68,8 +68,11 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
   codes = pipe.encode(np.concatenate(images))
   positions = [c[0].size for c in codes]
   num_classes = int(config.data.num_classes)
+  conditional = bool(config.sampling.conditional and num_classes)
   sample_labels = generate.sample_labels(
-      num_classes, -(-num_samples // num_classes), True)[:num_samples]
+      num_classes, -(-num_samples // max(num_classes, 1)), conditional)
+  if sample_labels is not None:
+    sample_labels = sample_labels[:num_samples]
   s = config.sampling
   rows, reference = [], None
   with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +84,8 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
       batch = int(config.prior.eval_batch_size)  # Bounded memory.
       bits = np.concatenate([
           loaded.log_prob_codes([c[i:i + batch] for c in codes],
-                                held_out_labels[i:i + batch])
+                                held_out_labels[i:i + batch]
+                                if num_classes else None)
           for i in range(0, len(held_out_labels), batch)], axis=1)
       fake = metrics_lib.FeatureStats(max_features=num_samples)
       sampled = []
@@ -93,7 +97,8 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
                          * mesh.size),
           rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
           top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
-          guidance=builders.sampling_guidance(config)):
+          guidance=builders.sampling_guidance(config) if conditional
+          else 1.0):
         fake.add(*features(batch_images))
         sampled.append(batch_codes)
       sampled = [np.concatenate(level) for level in zip(*sampled)]
@@ -117,8 +122,10 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
 def _print(row):
   bits = ' / '.join(f'{b:.5f}' for b in row['held_out_bits_per_code'])
   per_level = ' / '.join(f'{x:.1%}' for x in row['samples_equal_per_level'])
+  agreement = row.get('class_agreement')  # Unconditional: none.
   print(f'| {row["dtype"]} | {row["megabytes"]:.1f} | {bits} | '
-        f'{row["class_agreement"]:.2%} | {row["precision"]:.4f} | '
+        f'{"-" if agreement is None else f"{agreement:.2%}"} | '
+        f'{row["precision"]:.4f} | '
         f'{row["recall"]:.4f} | {row["fid"]:.4f} | '
         f'{row["inception_score"]:.3f} | {row["samples_equal"]:.1%} '
         f'({per_level}) |', flush=True)

@@ -1075,3 +1075,8 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
   np.testing.assert_allclose(half['held_out_bits_per_code'],
                              full['held_out_bits_per_code'], rtol=1e-3)
   assert full['held_out_bits_per_code'] != half['held_out_bits_per_code']
+  unconditional = config.copy_and_resolve_references()
+  unconditional.sampling.conditional = False
+  rows = export_dtype.compare(unconditional, str(workdir), num_samples=10,
+                              limit=20, print_row=export_dtype._print)  # pylint: disable=protected-access
+  assert 'class_agreement' not in rows['rows'][0]
