@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import prior_attribution
 from vqvae2_jax import api
 from vqvae2_jax import builders
 from vqvae2_jax import files
@@ -57,15 +58,10 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
   pipe = api.Pipeline.load(workdir, config, require_priors=True)
   config, mesh = pipe.config, pipe.mesh
   features, about = eval_run.feature_fn(config, workdir, mesh)
+  images, codes, held_out_labels = prior_attribution.held_out_codes(
+      pipe, mesh, limit)
   real = metrics_lib.FeatureStats(max_features=eval_run.MAX_REAL_FEATURES)
-  images, labels = [], []
-  for batch_images, batch_labels, _ in eval_run.real_batches(
-      config, mesh, config.data.eval_split, limit=limit):
-    images.append(batch_images)
-    labels.append(batch_labels)
-    real.add(*features(batch_images))
-  held_out_labels = np.concatenate(labels)
-  codes = pipe.encode(np.concatenate(images))
+  real.add(*features(images))
   positions = [c[0].size for c in codes]
   num_classes = int(config.data.num_classes)
   conditional = bool(config.sampling.conditional and num_classes)

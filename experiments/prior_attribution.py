@@ -38,6 +38,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from vqvae2_jax import api
+from vqvae2_jax import builders
 from vqvae2_jax import files
 from vqvae2_jax import parallel
 from vqvae2_jax import sampling
@@ -84,8 +85,10 @@ def parse_guidance(text: str) -> Guidance:
 
 
 def _label(guidance: Guidance) -> str:
+  """'1.0' for one scale (the keys of rows written so far), '1.3:1' per
+  level."""
   if isinstance(guidance, tuple):
-    return ':'.join(f'{g:g}' for g in guidance)
+    return builders.guidance_text(guidance)
   return str(guidance)
 
 
