@@ -23,7 +23,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
@@ -31,8 +30,6 @@ from experiments import prior_attribution
 from vqvae2_jax import api
 from vqvae2_jax import builders
 from vqvae2_jax import files
-from vqvae2_jax import generate
-from vqvae2_jax import sampling
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import run as eval_run
 
@@ -64,11 +61,6 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
   real.add(*features(images))
   positions = [c[0].size for c in codes]
   num_classes = int(config.data.num_classes)
-  conditional = bool(config.sampling.conditional and num_classes)
-  sample_labels = generate.sample_labels(
-      num_classes, -(-num_samples // max(num_classes, 1)), conditional)
-  if sample_labels is not None:
-    sample_labels = sample_labels[:num_samples]
   s = config.sampling
   rows, reference = [], None
   with tempfile.TemporaryDirectory() as tmp:
@@ -83,21 +75,10 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
                                 held_out_labels[i:i + batch]
                                 if num_classes else None)
           for i in range(0, len(held_out_labels), batch)], axis=1)
-      fake = metrics_lib.FeatureStats(max_features=num_samples)
-      sampled = []
-      for batch_codes, batch_images in sampling.decoded_batches(
-          loaded.priors, loaded.level_shapes,
-          lambda c: jnp.clip(jnp.asarray(loaded.decode(c)), -1.0, 1.0),
-          num_maps=num_samples, labels=sample_labels,
-          batch_size=min(s.batch_size, -(-num_samples // mesh.size)
-                         * mesh.size),
-          rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
-          top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
-          guidance=builders.sampling_guidance(config) if conditional
-          else 1.0):
-        fake.add(*features(batch_images))
-        sampled.append(batch_codes)
-      sampled = [np.concatenate(level) for level in zip(*sampled)]
+      fake, sample_labels, sampled = eval_run.pipeline_samples(
+          loaded, num_samples, features, rng=jax.random.PRNGKey(config.seed),
+          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+          guidance=builders.sampling_guidance(config))
       if reference is None:
         reference = sampled
       same = [np.all(a == b, axis=(1, 2)) for a, b in zip(sampled, reference)]

@@ -16,6 +16,7 @@ from PIL import Image
 import pytest
 
 from configs import fashion_mnist
+from vqvae2_jax import api
 from vqvae2_jax import builders
 from vqvae2_jax import errors
 from vqvae2_jax import generate
@@ -25,6 +26,7 @@ from vqvae2_jax import sampling
 from vqvae2_jax import stages
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.evaluation import judges
+from vqvae2_jax.evaluation import run as eval_run
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TINY = ['--config=configs/fashion_mnist.py:tiny',
@@ -269,6 +271,59 @@ def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):
   assert before['samples']['fid'] != report['samples']['fid']
   text = (copy / 'eval' / 'report.md').read_text()
   assert tiny_judge.sha256 in text and 'Ruler of the sample metrics' in text
+  # Pipeline.evaluate: the report's sample and floor figures, from the
+  # workdir and from its exported file (the same samples, the same ruler).
+  (exported,) = (copy / 'export').glob('*.msgpack')
+  from_file = api.Pipeline.load(str(exported))
+  from_workdir = api.Pipeline.load(str(copy), config)
+  for got in (from_workdir.evaluate(10),
+              from_file.evaluate(10, features='judge')):
+    assert got['judge_sha256'] == tiny_judge.sha256
+    assert got['held_out_examples'] == report['held_out_examples'] == 64
+    assert got['samples']['guidance'] == 1.0 and got['samples']['conditional']
+    for section in ('samples', 'real_vs_real'):
+      for key in ('num_examples', 'fid', 'kid', 'inception_score',
+                  'precision', 'recall'):
+        np.testing.assert_allclose(got[section][key], report[section][key],
+                                   rtol=1e-6, err_msg=f'{section} {key}')
+    assert got['samples']['class_agreement'] == (
+        report['samples']['class_agreement'])
+  # Other controls draw other samples; the floor stays.
+  guided = from_workdir.evaluate(10, guidance=3.0, key=1)
+  assert guided['samples']['guidance'] == 3.0
+  assert guided['samples']['fid'] != report['samples']['fid']
+  assert guided['real_vs_real']['fid'] == got['real_vs_real']['fid']
+  # 20 and 13 samples (two of each class drawn; of 13, the first of each
+  # class kept and three of the second): the report's codes in its order
+  # (the Inception Score's splits follow the order), and its figures.
+  features, _ = eval_run.feature_fn(config, str(copy), from_workdir.mesh)
+  for n in (20, 13):
+    more = config.copy_and_resolve_references()
+    more.eval.num_samples = n
+    want = stages.run('eval', more, str(copy))['eval']['samples']
+    drawn = np.load(os.path.join(want['sample_run'], 'codes.npz'))
+    keep = (eval_run.balanced_subset(2, 10, n) if n < 20 else
+            np.arange(20))
+    _, labels, codes = eval_run.pipeline_samples(
+        from_workdir, n, features, rng=jax.random.PRNGKey(config.seed),
+        temperature=1.0, top_k=0, top_p=1.0, guidance=1.0)
+    np.testing.assert_array_equal(labels, drawn['labels'][keep])
+    assert sorted(np.bincount(labels, minlength=10)) == (
+        [1] * 7 + [2] * 3 if n == 13 else [2] * 10)
+    for level, got_codes in enumerate(codes):
+      np.testing.assert_array_equal(got_codes, drawn[f'codes_{level}'][keep])
+    got = from_workdir.evaluate(n)['samples']
+    for key in ('num_examples', 'fid', 'inception_score', 'precision',
+                'recall', 'class_agreement'):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-6,
+                                 err_msg=f'{n} {key}')
+  # The file's own ruler (the fixture's domain classifier) needs a workdir.
+  with pytest.raises(errors.ConfigError, match="features='judge'"):
+    from_file.evaluate(10)
+  with pytest.raises(errors.ConfigError, match='Fix: one of auto'):
+    from_file.evaluate(10, features='pixels')
+  with pytest.raises(api.PipelineInputError, match='num_samples is 0'):
+    from_file.evaluate(0)
   # A file that is not the recorded one is refused before any work.
   data = bytearray(open(tiny_judge.path, 'rb').read())
   data[-1] ^= 1

@@ -153,3 +153,8 @@ def test_progress_update_returns_the_interval_steps_per_sec(monkeypatch):
   assert progress.update(30, {}) == pytest.approx(5.0)  # 10 more in 2 s.
   # The line's rate and ETA are over the whole run: 20 steps in 7 s.
   assert '2.9 steps/s' in progress.line(30, {})
+  samples = console.Progress('Evaluate', 0, 50, stream=io.StringIO(),
+                             unit='sample')
+  now[0] += 4.0
+  assert samples.line(20, {}).startswith('Evaluate: sample 20/50 (40%), '
+                                         '5.0 samples/s, ETA 6s')

@@ -306,8 +306,9 @@ class Progress:
   """
 
   def __init__(self, name: str, start_step: int, num_steps: int,
-               stream=None):
+               stream=None, unit: str = 'step'):
     self._name = name
+    self._unit = unit  # 'step': "step 5/10, 2.0 steps/s".
     self._start_step = start_step
     self._num_steps = num_steps
     self._start = time.time()
@@ -323,10 +324,10 @@ class Progress:
     elapsed = time.time() - self._start
     rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
     eta = (self._num_steps - step) / rate if rate > 0 else 0.0
-    parts = [f'{self._name}: step {step}/{self._num_steps} '
+    parts = [f'{self._name}: {self._unit} {step}/{self._num_steps} '
              f'({100.0 * step / max(self._num_steps, 1):.0f}%)']
     parts += [f'{k} {v:.4g}' for k, v in figures.items()]
-    parts.append(f'{rate:.1f} steps/s')
+    parts.append(f'{rate:.1f} {self._unit}s/s')
     if step < self._num_steps:
       parts.append(f'ETA {_duration(eta)}')
     return ', '.join(parts)

@@ -56,6 +56,7 @@ from vqvae2_jax import files
 from vqvae2_jax import generate
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
+from vqvae2_jax import sampling
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import layout
@@ -264,13 +265,135 @@ def sample_images(config: ml_collections.ConfigDict, workdir: str,
     images.append(np.clip(np.asarray(decode(variables, chunk), np.float32),
                           -1.0, 1.0))
   images = np.concatenate(images)
-  # Balanced subset of exactly num_samples: the first of each class, in turn.
   if labels is not None and len(images) > num_samples:
-    order = np.argsort(np.tile(np.arange(per_class), num_classes)[
-        :len(labels)], kind='stable')[:num_samples]
+    order = balanced_subset(per_class, num_classes, num_samples)
     images, labels = images[order], labels[order]
   return images[:num_samples], (None if labels is None
                                 else labels[:num_samples]), meta
+
+
+def balanced_subset(per_class: int, num_classes: int,
+                    num_samples: int) -> np.ndarray:
+  """Which `num_samples` of a class-by-class draw of `per_class` each to keep.
+
+  The first of each class, in turn, so that the classes stay balanced when
+  `num_samples` is not a multiple of `num_classes`.
+  """
+  return np.argsort(np.tile(np.arange(per_class), num_classes),
+                    kind='stable')[:num_samples]
+
+
+def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
+                     rng: jax.Array, temperature: float, top_k: int,
+                     top_p: float, guidance: float | tuple[float, ...]
+                     ) -> tuple[metrics_lib.FeatureStats, np.ndarray | None,
+                                list[np.ndarray]]:
+  """`num_samples` samples of a loaded `api.Pipeline`, drawn as --mode=eval
+  draws them, and their features.
+
+  Classes balanced as `sample_images` balances them (ceil(n / classes) of
+  each drawn class by class, the first of each kept in turn), in batches of
+  config.sampling.batch_size as --mode=sample makes them (batch i from
+  `fold_in(rng, i)`), so that the config's seed, controls and guidance give
+  --mode=eval's samples. The plain sampler: no rejection.
+
+  Returns:
+    (their features and probabilities, the requested labels [n] or None
+    when unconditional, their codes per level [n, h_l, w_l], top first).
+  """
+  config, mesh = pipe.config, pipe.mesh
+  num_classes = int(config.data.num_classes)
+  conditional = bool(config.sampling.conditional and num_classes)
+  per_class = math.ceil(num_samples / num_classes) if conditional else (
+      num_samples)
+  labels = generate.sample_labels(num_classes, per_class, conditional)
+  num_maps = num_samples if labels is None else len(labels)
+  batch = min(int(config.sampling.batch_size),
+              -(-num_maps // mesh.size) * mesh.size)
+  progress = console.Progress('Evaluate', 0, num_maps, unit='sample')
+  feats, probs, codes, done = [], [], [], 0
+  try:
+    for batch_codes, images in sampling.decoded_batches(
+        pipe.priors, pipe.level_shapes,
+        lambda c: jnp.clip(jnp.asarray(pipe.decode(c)), -1.0, 1.0),
+        num_maps=num_maps, labels=labels, batch_size=batch, rng=rng,
+        temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
+        unroll=config.sampling.unroll,
+        guidance=guidance if conditional else 1.0):
+      f, p = features(np.asarray(images, np.float32))
+      feats.append(f)
+      probs.append(p)
+      codes.append(batch_codes)
+      done += len(images)
+      progress.update(done, {})
+  finally:
+    progress.close()
+  order = (balanced_subset(per_class, num_classes, num_samples)
+           if num_maps > num_samples else np.arange(num_samples))
+  stats = metrics_lib.FeatureStats(max_features=num_samples)
+  stats.add(np.concatenate(feats)[order], np.concatenate(probs)[order])
+  codes = [np.concatenate(level)[order] for level in zip(*codes)]
+  return stats, None if labels is None else labels[order], codes
+
+
+RULERS = ('auto', 'judge', 'classifier', 'inception')  # config.eval.features
+
+
+def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
+                      temperature: float, top_k: int, top_p: float,
+                      guidance: float | tuple[float, ...],
+                      features: str | None = None) -> dict[str, Any]:
+  """`api.Pipeline.evaluate`: the sample section of --mode=eval's report
+  for a loaded pipeline (a workdir's, an exported file's or a shipped one).
+
+  The ruler (`features`, else config.eval.features: the judge, or the
+  domain classifier, which needs the pipeline's workdir) scores
+  `pipeline_samples` and as many training images (the real-vs-real floor)
+  against the whole held-out split.
+
+  Raises:
+    errors.ConfigError: an unknown ruler, or one that needs the domain
+      classifier for a pipeline without a workdir (a file).
+  """
+  start = time.time()
+  config, mesh = pipe.config, pipe.mesh
+  if features is not None:
+    if features not in RULERS:
+      raise errors.ConfigError(
+          f'features is {features!r}. Fix: one of {", ".join(RULERS)} (see '
+          'config.eval.features).')
+    config = config.copy_and_resolve_references()
+    config.eval.features = features
+  ruler = judges.config_ruler(config)
+  if ruler != 'judge' and pipe.workdir is None:
+    raise errors.ConfigError(
+        f'The ruler is {ruler!r}, which takes the class probabilities from '
+        'the domain classifier of a workdir, and this pipeline was loaded '
+        'from a file, which holds none. Fix: evaluate(features=\'judge\') '
+        'where a judge ships for the data, or load the workdir instead.')
+  features_of, about = feature_fn(config, pipe.workdir, mesh)
+  logging.info('Evaluate: held-out split (features)')
+  real = held_out_stats(config, mesh, features_of)
+  logging.info('Evaluate: real-vs-real floor (%d training images)',
+               num_samples)
+  floor = metrics_lib.FeatureStats(max_features=num_samples)
+  for images, _, _ in real_batches(config, mesh, config.data.train_split,
+                                    limit=num_samples):
+    floor.add(*features_of(images))
+  fake, labels, _ = pipeline_samples(
+      pipe, num_samples, features_of, rng=rng, temperature=temperature,
+      top_k=top_k, top_p=top_p, guidance=guidance)
+  return {
+      **about, 'held_out_split': config.data.eval_split,
+      'held_out_examples': real.count,
+      'samples': {**sample_metrics(config, real, fake, labels),
+                  'temperature': temperature, 'top_k': top_k,
+                  'top_p': top_p,
+                  'guidance': guidance if labels is not None else 1.0,
+                  'conditional': labels is not None},
+      'real_vs_real': {**sample_metrics(config, real, floor, None),
+                       'split': config.data.train_split},
+      'seconds': time.time() - start}
 
 
 def _cas(config, workdir, mesh, vqvae, variables, domain_metrics,
