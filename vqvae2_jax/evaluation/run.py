@@ -295,7 +295,8 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
   each drawn class by class, the first of each kept in turn), in batches of
   config.sampling.batch_size as --mode=sample makes them (batch i from
   `fold_in(rng, i)`), so that the config's seed, controls and guidance give
-  --mode=eval's samples. The plain sampler: no rejection.
+  --mode=eval's samples (from the pipeline's weights as loaded, computing
+  in config.sampling.dtype where set). The plain sampler: no rejection.
 
   Returns:
     (their features and probabilities, the requested labels [n] or None
@@ -310,11 +311,15 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
   num_maps = num_samples if labels is None else len(labels)
   batch = min(int(config.sampling.batch_size),
               -(-num_maps // mesh.size) * mesh.size)
+  priors = pipe.priors
+  if config.sampling.dtype:  # As --mode=sample draws (`generate`).
+    priors = [sampling.cast_prior(m, v, config.sampling.dtype)
+              for m, v in priors]
   progress = console.Progress('Evaluate', 0, num_maps, unit='sample')
   feats, probs, codes, done = [], [], [], 0
   try:
     for batch_codes, images in sampling.decoded_batches(
-        pipe.priors, pipe.level_shapes,
+        priors, pipe.level_shapes,
         lambda c: jnp.clip(jnp.asarray(pipe.decode(c)), -1.0, 1.0),
         num_maps=num_maps, labels=labels, batch_size=batch, rng=rng,
         temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
