@@ -324,6 +324,25 @@ def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):
     from_file.evaluate(10, features='pixels')
   with pytest.raises(api.PipelineInputError, match='num_samples is 0'):
     from_file.evaluate(0)
+  # --mode=eval in a workdir holding only the exported file: the report of
+  # the trained workdir, the priors' held-out bits measured from the file.
+  only = tmp_path / 'export_only'
+  (only / 'export').mkdir(parents=True)
+  shutil.copy(exported, only / 'export')
+  alone = stages.run('eval', config, str(only))['eval']
+  assert alone['inputs']['exported_pipeline']['file'] == exported.name
+  assert alone['vqvae_step'] == report['vqvae_step']
+  for section in ('reconstructions', 'samples', 'real_vs_real'):
+    for key, value in report[section].items():
+      if isinstance(value, float):
+        np.testing.assert_allclose(alone[section][key], value, rtol=1e-6,
+                                   err_msg=f'{section} {key}')
+  for level, row in report['priors'].items():
+    assert alone['priors'][level]['step'] == row['step']
+    assert alone['priors'][level]['train_bits_per_code'] is None
+    np.testing.assert_allclose(alone['priors'][level]['held_out_bits_per_code'],
+                               row['held_out_bits_per_code'], rtol=1e-6)
+  assert 'Priors (bits per code)' in (only / 'eval' / 'report.md').read_text()
   # A file that is not the recorded one is refused before any work.
   data = bytearray(open(tiny_judge.path, 'rb').read())
   data[-1] ^= 1

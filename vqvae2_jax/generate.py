@@ -112,7 +112,7 @@ def _model_fields(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
       for level in range(builders.num_levels(config))]
 
 
-def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
+def exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
                        mesh: Any) -> Any:
   """The newest workdir/export/*.msgpack when the workdir has no stage-1
   checkpoints (a pipeline downloaded rather than trained), else None.
@@ -133,7 +133,7 @@ def _exported_pipeline(config: ml_collections.ConfigDict, workdir: str,
         f'{path} holds a pipeline of another model config than --config. '
         'Fix: pass the config it was trained with (its config is inside: '
         f'vqvae2_jax.Pipeline.load({path!r}).config).')
-  logging.info('Sampling from the exported pipeline %s.', path)
+  logging.info('Using the exported pipeline %s.', path)
   return pipe
 
 
@@ -175,7 +175,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   num_levels = builders.num_levels(config)
   # A workdir holding only --mode=export's file, or its checkpoints: loaded
   # as the API loads them.
-  pipe = _exported_pipeline(config, workdir, mesh)
+  pipe = exported_pipeline(config, workdir, mesh)
   if pipe is None:
     pipe = api.Pipeline.load(workdir, config, mesh=mesh,
                              use_polyak=s.use_polyak, require_priors=True)

@@ -4,14 +4,16 @@ r"""--mode=eval: how good are the reconstructions, the priors and the samples.
     --workdir=/tmp/vqvae2_fmnist --mode=eval
 
 Loads what the workdir holds (stage 1, the priors, sample runs, and the
-domain classifier of --mode=classifier unless the judge is the ruler) and
-writes workdir/eval/report.json and report.md:
+domain classifier of --mode=classifier unless the judge is the ruler; or,
+in a workdir holding only --mode=export's file under export/, that
+pipeline, as --mode=sample reads it) and writes workdir/eval/report.json
+and report.md:
 
 - reconstructions of the held-out split: MSE and PSNR (also over the
   dataset's original area, e.g. the 28x28 centre of padded Fashion-MNIST),
   per-level code usage and perplexity, rFID (reconstructions vs originals);
 - priors: bits per code per level, held-out and train split (from their
-  metrics.json);
+  metrics.json; of an exported file, the held-out bits measured here);
 - samples (config.eval.num_samples, drawn with config.sampling's controls,
   classes balanced; a finished sample run of the same settings is reused):
   FID, KID, Inception Score, improved precision and recall, and class
@@ -464,6 +466,27 @@ def _prior_rows(config: ml_collections.ConfigDict, workdir: str
   return rows
 
 
+def _exported_prior_rows(config: ml_collections.ConfigDict, pipe: Any
+                         ) -> dict[str, Any]:
+  """`_prior_rows` of an exported pipeline (no training metrics): its
+  priors' held-out bits per code, the held-out split encoded by its VQ-VAE
+  and scored with the true labels where the data has classes."""
+  num_classes = int(config.data.num_classes)
+  bits, count = 0.0, 0
+  for images, labels, _ in real_batches(config, pipe.mesh,
+                                        config.data.eval_split):
+    bits = bits + pipe.log_prob_codes(
+        pipe.encode(images), labels if num_classes else None).sum(axis=1)
+    count += len(images)
+  uniform = math.log2(int(config.model.num_embeddings))
+  return {f'level_{level}': {
+      'held_out_bits_per_code': float(bits[level]) / count / math.prod(
+          pipe.level_shapes[level]),
+      'train_bits_per_code': None, 'uniform_bits_per_code': uniform,
+      'step': pipe.steps[f'prior_{level}']}
+          for level in range(len(pipe.priors))}
+
+
 def report_inputs(config: ml_collections.ConfigDict, workdir: str
                   ) -> dict[str, Any]:
   """What a report was computed from: the config and each stage's last step.
@@ -491,8 +514,15 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
   for name, directory in stage_dirs.items():
     metrics = files.read_json(workdir_lib.metrics_json(directory))
     steps[name] = None if metrics is None else metrics.get('step')
-  return {'config_sha256': hashlib.sha256(text.encode()).hexdigest(),
-          'stage_steps': steps}
+  inputs = {'config_sha256': hashlib.sha256(text.encode()).hexdigest(),
+            'stage_steps': steps}
+  exported = wd.exported_files()
+  if exported and not os.path.isdir(workdir_lib.checkpoint_dir(wd.vqvae)):
+    # A workdir of an exported pipeline only (`generate.exported_pipeline`).
+    inputs['exported_pipeline'] = {
+        'file': os.path.basename(exported[-1]),
+        'sha256': files.sha256_file(exported[-1])}
+  return inputs
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -527,7 +557,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = parallel.create_mesh(config.mesh)
   wd = workdir_lib.Workdir(workdir)
   out_dir = wd.eval
-  priors = _prior_rows(config, workdir)  # Reads only; names a missing stage.
+  # A workdir holding only --mode=export's file (as --mode=sample reads it).
+  exported = generate.exported_pipeline(config, workdir, mesh)
+  if exported is None:
+    priors = _prior_rows(config, workdir)  # Reads only; names what's missing.
+  elif len(exported.priors) < builders.num_levels(config):
+    raise errors.MissingStageError(
+        f'The exported pipeline in {wd.export} has no priors to sample. Fix: '
+        'export a workdir with trained priors (--mode=export).')
   # Then the ruler: a damaged judge or weights file is refused even where a
   # report exists, and the report must be of this ruler.
   features, about = feature_fn(config, workdir, mesh)
@@ -546,7 +583,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       console.say('%s', line)
     return done
   files.ensure_writable(out_dir, 'the evaluation report')
-  vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
+  if exported is None:
+    vqvae, variables, vq_step = loading.load_vqvae(config, workdir, mesh)
+  else:
+    vqvae, variables = exported.vqvae, exported.vqvae_variables
+    vq_step = exported.steps['vqvae']
+    logging.info('Eval: the priors\' held-out bits per code')
+    priors = _exported_prior_rows(config, exported)
   n = int(config.eval.num_samples)
   s = config.sampling
 
