@@ -252,11 +252,13 @@ def test_pipeline_load_is_quiet_and_uses_the_configs_cpu_devices(
         warning), warning
 
 
+# Each line one write: with gloo_lines the two processes share our stdout,
+# and print's text and newline, two writes, could interleave between them.
 _GLOO_LIKE = (
-    'import os, sys; print("first", flush=True); '
+    'import os; os.write(1, b"first\\n"); '
     'os.write(1, b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected '
     'number of connected peer ranks is : 1\\n"); '
-    'print("warning line", file=sys.stderr, flush=True); print("last")')
+    'os.write(2, b"warning line\\n"); os.write(1, b"last\\n")')
 
 
 @pytest.mark.parametrize('asked', [False, True])
