@@ -293,17 +293,18 @@ def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):
   assert guided['samples']['guidance'] == 3.0
   assert guided['samples']['fid'] != report['samples']['fid']
   assert guided['real_vs_real']['fid'] == got['real_vs_real']['fid']
-  # 20 and 13 samples (two of each class drawn; of 13, the first of each
-  # class kept and three of the second): the report's codes in its order
-  # (the Inception Score's splits follow the order).
+  # 20 and 13 samples: both draw two of each class, the report's run of 20
+  # (13 keep the first of each class and three of the second, as the
+  # report's 13 would): its codes in its order (the Inception Score's
+  # splits follow the order).
+  more = config.copy_and_resolve_references()
+  more.eval.num_samples = 20
+  want = stages.run('eval', more, str(copy))['eval']['samples']
+  assert want['num_examples'] == 20
+  drawn = np.load(os.path.join(want['sample_run'], 'codes.npz'))
   features, _ = eval_run.feature_fn(config, str(copy), from_workdir.mesh)
-  for n in (20, 13):
-    more = config.copy_and_resolve_references()
-    more.eval.num_samples = n
-    want = stages.run('eval', more, str(copy))['eval']['samples']
-    drawn = np.load(os.path.join(want['sample_run'], 'codes.npz'))
-    keep = (eval_run.balanced_subset(2, 10, n) if n < 20 else
-            np.arange(20))
+  for n, keep in ((20, np.arange(20)),
+                  (13, eval_run.balanced_subset(2, 10, 13))):
     _, labels, codes = eval_run.pipeline_samples(
         from_workdir, n, features, rng=jax.random.PRNGKey(config.seed),
         temperature=1.0, top_k=0, top_p=1.0, guidance=1.0)
@@ -312,7 +313,6 @@ def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):
         [1] * 7 + [2] * 3 if n == 13 else [2] * 10)
     for level, got_codes in enumerate(codes):
       np.testing.assert_array_equal(got_codes, drawn[f'codes_{level}'][keep])
-    assert want['num_examples'] == n
   # The file's own ruler (the fixture's domain classifier) needs a workdir.
   with pytest.raises(errors.ConfigError, match="features='judge'"):
     from_file.evaluate(10)
