@@ -175,6 +175,17 @@ def held_out_stats(config: ml_collections.ConfigDict, mesh: Mesh,
   return real
 
 
+def floor_stats(config: ml_collections.ConfigDict, mesh: Mesh,
+                features: FeatureFn, n: int) -> metrics_lib.FeatureStats:
+  """The real-vs-real floor's features: the first `n` training images."""
+  logging.info('Eval: real-vs-real floor (%d training images)', n)
+  floor = metrics_lib.FeatureStats(max_features=n)
+  for images, _, _ in real_batches(config, mesh, config.data.train_split,
+                                    limit=n):
+    floor.add(*features(images))
+  return floor
+
+
 def _reconstruction_pass(config, mesh, vqvae, variables, features: FeatureFn,
                          max_features: int):
   """One pass over the held-out split: originals, reconstructions, metrics.
@@ -381,12 +392,7 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
   features_of, about = feature_fn(config, pipe.workdir, mesh)
   logging.info('Evaluate: held-out split (features)')
   real = held_out_stats(config, mesh, features_of)
-  logging.info('Evaluate: real-vs-real floor (%d training images)',
-               num_samples)
-  floor = metrics_lib.FeatureStats(max_features=num_samples)
-  for images, _, _ in real_batches(config, mesh, config.data.train_split,
-                                    limit=num_samples):
-    floor.add(*features_of(images))
+  floor = floor_stats(config, mesh, features_of, num_samples)
   fake, labels, _ = pipeline_samples(
       pipe, num_samples, features_of, rng=rng, temperature=temperature,
       top_k=top_k, top_p=top_p, guidance=guidance)
@@ -599,11 +605,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       max_features=MAX_REAL_FEATURES)
   recon_metrics['rfid'] = metrics_lib.fid(real, recon)
 
-  logging.info('Eval: real-vs-real floor (%d training images)', n)
-  floor_stats = metrics_lib.FeatureStats(max_features=n)
-  for images, _, _ in real_batches(config, mesh, config.data.train_split,
-                                    limit=n):
-    floor_stats.add(*features(images))
+  floor = floor_stats(config, mesh, features, n)
 
   logging.info('Eval: %d samples', n)
   images, labels, meta = sample_images(config, workdir, n, mesh, vqvae,
@@ -622,7 +624,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   'top_k': s.top_k, 'top_p': s.top_p,
                   'guidance': meta.get('guidance', 1.0),
                   'conditional': labels is not None},
-      'real_vs_real': {**sample_metrics(config, real, floor_stats, None),
+      'real_vs_real': {**sample_metrics(config, real, floor, None),
                        'split': config.data.train_split},
       'held_out_inception_score': metrics_lib.inception_score(
           real.probs).mean,
