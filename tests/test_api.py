@@ -251,7 +251,8 @@ def test_eval_with_cas(workdir, tmp_path):
   assert (copy / 'eval' / runs[0] / 'metrics.json').exists()
 
 
-def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):
+def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge,
+                             capsys):
   copy = tmp_path / 'judged'
   shutil.copytree(workdir, copy)
   shutil.rmtree(copy / 'classifier')  # The judge's eval needs none.
@@ -276,8 +277,12 @@ def test_eval_with_the_judge(workdir, tmp_path, monkeypatch, tiny_judge):
   (exported,) = (copy / 'export').glob('*.msgpack')
   from_file = api.Pipeline.load(str(exported))
   from_workdir = api.Pipeline.load(str(copy), config)
-  for got in (from_workdir.evaluate(10),
-              from_file.evaluate(10, features='judge')):
+  capsys.readouterr()
+  evaluated = (from_workdir.evaluate(10),
+               from_file.evaluate(10, features='judge'))
+  # From Python too, each shows its progress (`console.python_console`).
+  assert capsys.readouterr().err.count('Evaluate: sample 10/10 (100%)') == 2
+  for got in evaluated:
     assert got['judge_sha256'] == tiny_judge.sha256
     assert got['held_out_examples'] == report['held_out_examples'] == 64
     assert got['samples']['guidance'] == 1.0 and got['samples']['conditional']

@@ -2,12 +2,16 @@
 
 import io
 import logging as py_logging
+import os
+import subprocess
+import sys
 
 from absl import logging
 import pytest
 
 from vqvae2_jax import console
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def absl_handler():
@@ -158,3 +162,75 @@ def test_progress_update_returns_the_interval_steps_per_sec(monkeypatch):
   now[0] += 4.0
   assert samples.line(20, {}).startswith('Evaluate: sample 20/50 (40%), '
                                          '5.0 samples/s, ETA 6s')
+
+
+# A notebook or script: a bare interpreter where nothing set up absl's
+# handler. The stage is a stand-in ('codes', whose log stages.run writes).
+_FROM_PYTHON = r'''
+import sys, types
+from absl import logging
+from configs import fashion_mnist
+from vqvae2_jax import console, stages
+
+class OutStream:  # What a Jupyter or Colab cell's stderr is.
+  def __init__(self):
+    self.text = ''
+  def write(self, text):
+    self.text += text
+  def flush(self):
+    pass
+OutStream.__module__ = 'ipykernel.iostream'
+
+def work(config, workdir):
+  console.say('extracting into %s', workdir)
+  logging.info('a detail of the stage')
+  logging.warning('Given directory is read only: %s', workdir)
+  logging.warning('a real warning')
+  stream = OutStream() if mode == 'notebook' else None
+  progress = console.Progress('Codes', 0, 8, stream=stream)
+  for step in range(1, 9):
+    progress.update(step, {})
+  if stream is not None:
+    sys.stderr.write('IN PLACE: ' + repr(stream.text) + '\n')
+  return {'extract_time_s': 1.0}
+
+mode = sys.argv[2]
+sys.modules['stand_in'] = types.SimpleNamespace(work=work)
+stages._STAGES['codes'] = ('stand_in', 'work')  # pylint: disable=protected-access
+if mode == 'silent':
+  console.show_in_python(False)
+stages.run('codes', fashion_mnist.get_config('tiny'), sys.argv[1])
+logging.info('after the stage')
+sys.stderr.write(f'verbosity {logging.get_verbosity()}\n')
+'''
+
+
+@pytest.mark.parametrize('mode', ['script', 'notebook', 'silent'])
+def test_stages_from_python_show_the_console_and_keep_the_log(tmp_path, mode):
+  result = subprocess.run(
+      [sys.executable, '-c', _FROM_PYTHON, str(tmp_path), mode],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=True)
+  shown = result.stderr
+  log = (tmp_path / 'codes' / 'log.txt').read_text()
+  # The log file holds every record of the stage, whatever is shown.
+  for line in ('extracting into', 'a detail of the stage', 'a real warning',
+               'Codes: step 1/8', 'Codes: step 8/8'):
+    assert line in log, (line, log)
+  # absl's level is the interpreter's again afterwards (WARNING).
+  assert shown.endswith(f'verbosity {logging.WARNING}\n'), shown
+  assert 'a detail' not in shown and 'after the stage' not in shown
+  assert 'read only' not in shown  # Routine, as on the command line.
+  if mode == 'silent':
+    assert shown == f'verbosity {logging.WARNING}\n'
+    return
+  assert f'extracting into {tmp_path}\n' in shown
+  assert 'a real warning' in shown
+  quarters = [l.split(' (')[0] for l in shown.splitlines()
+              if l.startswith('Codes: ')]
+  if mode == 'script':  # Not a terminal: a line at each quarter.
+    assert quarters == [f'Codes: step {s}/8' for s in (2, 4, 6, 8)]
+  else:  # A notebook cell: the line is redrawn in place.
+    assert quarters == []
+    drawn = shown.split('IN PLACE: ')[1].splitlines()[0]
+    assert drawn.count('\\r') == 8 and drawn.endswith("\\n'"), drawn
+    assert 'Codes: step 8/8 (100%)' in drawn

@@ -870,6 +870,7 @@ class Pipeline:
     return self.log_prob_codes(
         self.encode(images, pixel_range=pixel_range), labels).sum(axis=0)
 
+  @console.python_console()  # Its progress line and summary, from Python.
   def evaluate(self, num_samples: int = 10_000, *,
                guidance: Optional[float | Sequence[float]] = None,
                temperature: Optional[float] = None,

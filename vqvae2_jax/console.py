@@ -12,6 +12,12 @@ TensorFlow, which `--verbosity=2` adds, as absl would show them.
 
 On a terminal the progress line updates in place; in a pipe or a file it is
 printed at each quarter of the run (every log interval goes to the log file).
+
+From Python (a notebook, a script) there is no command line to set this up,
+and absl's handler is not in use: `python_console` gives `stages.run` and
+the `Pipeline`'s long calls the same console on stderr (the progress line
+in place in a notebook too) and complete log files; `show_in_python(False)`
+turns it off.
 """
 
 import contextlib
@@ -152,7 +158,7 @@ def native_stderr_muted() -> Iterator[None]:
   For TensorFlow's import, whose C++ start-up banners ignore
   TF_CPP_MIN_LOG_LEVEL. Python errors still propagate (and print after).
   """
-  if not (is_quiet() or
+  if not (is_quiet() or _in_python_console or
           _PROJECT_DETAILS in logging.get_absl_handler().filters):
     yield
     return
@@ -212,6 +218,67 @@ def is_following() -> bool:
 
 def is_quiet() -> bool:
   return _FILTER in logging.get_absl_handler().filters
+
+
+_show_in_python = True
+_in_python_console = False  # Inside `python_console`.
+
+
+def show_in_python(enabled: bool = True) -> None:
+  """Whether `python_console` shows anything (default True): False keeps
+  the project silent from Python; the stages' log files are still kept."""
+  global _show_in_python
+  _show_in_python = bool(enabled)
+
+
+def _python_shows() -> bool:
+  return _in_python_console and _show_in_python
+
+
+class _PythonConsole(py_logging.StreamHandler):
+  """What `quiet` passes (say lines, warnings that are not routine), as
+  plain text on the stream current at each record (a notebook gives each
+  cell its own), unless silenced or following (`follow`)."""
+
+  def __init__(self):
+    super().__init__()
+    self.addFilter(_FILTER)
+    self.setFormatter(_ConsoleFormatter())
+
+  def emit(self, record: py_logging.LogRecord) -> None:
+    if _show_in_python and not is_following():
+      self.setStream(sys.stderr)
+      super().emit(record)
+
+
+@contextlib.contextmanager
+def python_console() -> Iterator[None]:
+  """The command line's console and log files meanwhile, from Python.
+
+  Under `main` (absl's handler in use) or inside another `python_console`
+  this does nothing. Otherwise nothing would show: absl keeps WARNING in a
+  bare interpreter, so the stages' INFO records (their headers, progress,
+  results) reach neither the screen nor workdir/<stage>/log.txt. Meanwhile
+  absl logs at INFO (restored afterwards), and a handler on stderr shows
+  what `quiet` shows unless `show_in_python(False)`; everything logged
+  still goes to the stage's log file.
+  """
+  global _in_python_console
+  root = py_logging.getLogger()
+  if _in_python_console or logging.get_absl_handler() in root.handlers:
+    yield
+    return
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(max(verbosity, logging.INFO))  # DEBUG is 1.
+  handler = _PythonConsole()
+  root.addHandler(handler)
+  _in_python_console = True
+  try:
+    yield
+  finally:
+    _in_python_console = False
+    root.removeHandler(handler)
+    logging.set_verbosity(verbosity)
 
 
 class _FileHandler(py_logging.FileHandler):
@@ -314,8 +381,8 @@ class Progress:
     self._start = time.time()
     self._last_step, self._last_time = start_step, self._start
     self._stream = sys.stderr if stream is None else stream
-    self._in_place = (is_quiet() and not is_following() and
-                      _isatty(self._stream))
+    self._in_place = ((is_quiet() or _python_shows()) and
+                      not is_following() and _interactive(self._stream))
     self._next_quarter = 1
     self._width = 0
 
@@ -373,7 +440,11 @@ class Progress:
       self._width = 0
 
 
-def _isatty(stream) -> bool:
+def _interactive(stream) -> bool:
+  """A terminal, or a notebook's output (Jupyter, Colab: both redraw a line
+  that starts with a carriage return)."""
+  if type(stream).__module__.startswith('ipykernel'):
+    return True
   try:
     return stream.isatty()
   except (AttributeError, ValueError):

@@ -84,6 +84,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, workdir, train_classifier=classifier_trainer.train_on_arrays)
 
 
+@console.python_console()  # From Python: the command line's console and logs.
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Validates `config` and runs `mode` (every stage in order for 'all')."""
   parallel.split_host_cpu(config.mesh.get('cpu_devices', 0))
