@@ -58,3 +58,9 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
   assert 'candidates (acceptance 25%)' in text  # Rejection sampling ran.
   # The shortened run: the stages stopped at 20 steps, not the notebook's.
   assert f'{"step":28s} 20\n' in text
+  # From Python each stage shows its console (`console.python_console`),
+  # the progress line redrawn in place in the cell.
+  shown = ''.join(o.get('text', '') for o in outputs
+                  if o.get('name') == 'stderr')
+  assert 'VQ-VAE: 20 steps of batch 32' in shown
+  assert '\rVQ-VAE: step 20/20 (100%)' in shown

@@ -195,17 +195,22 @@ def work(config, workdir):
   return {'extract_time_s': 1.0}
 
 mode = sys.argv[2]
+if mode == 'basicconfig':  # As a notebook often has: a handler on stderr.
+  import logging as py_logging
+  py_logging.basicConfig()
 sys.modules['stand_in'] = types.SimpleNamespace(work=work)
 stages._STAGES['codes'] = ('stand_in', 'work')  # pylint: disable=protected-access
 if mode == 'silent':
   console.show_in_python(False)
 stages.run('codes', fashion_mnist.get_config('tiny'), sys.argv[1])
 logging.info('after the stage')
-sys.stderr.write(f'verbosity {logging.get_verbosity()}\n')
+absl_level = logging.get_absl_logger().level
+sys.stderr.write(f'verbosity {logging.get_verbosity()} {absl_level}\n')
 '''
 
 
-@pytest.mark.parametrize('mode', ['script', 'notebook', 'silent'])
+@pytest.mark.parametrize('mode', ['script', 'notebook', 'silent',
+                                  'basicconfig'])
 def test_stages_from_python_show_the_console_and_keep_the_log(tmp_path, mode):
   result = subprocess.run(
       [sys.executable, '-c', _FROM_PYTHON, str(tmp_path), mode],
@@ -216,18 +221,22 @@ def test_stages_from_python_show_the_console_and_keep_the_log(tmp_path, mode):
   for line in ('extracting into', 'a detail of the stage', 'a real warning',
                'Codes: step 1/8', 'Codes: step 8/8'):
     assert line in log, (line, log)
-  # absl's level is the interpreter's again afterwards (WARNING).
-  assert shown.endswith(f'verbosity {logging.WARNING}\n'), shown
+  # absl's level is the interpreter's again afterwards (WARNING, its
+  # logger's own level unset: it follows the root logger's).
+  end = f'verbosity {logging.WARNING} {py_logging.NOTSET}\n'
+  assert shown.endswith(end), shown
   assert 'a detail' not in shown and 'after the stage' not in shown
   assert 'read only' not in shown  # Routine, as on the command line.
   if mode == 'silent':
-    assert shown == f'verbosity {logging.WARNING}\n'
+    assert shown == end
     return
-  assert f'extracting into {tmp_path}\n' in shown
-  assert 'a real warning' in shown
+  # Each console line once (basicConfig's handler gets no copy).
+  assert shown.count(f'extracting into {tmp_path}\n') == 1, shown
+  assert shown.count('a real warning') == 1, shown
+  assert 'INFO:absl' not in shown
   quarters = [l.split(' (')[0] for l in shown.splitlines()
               if l.startswith('Codes: ')]
-  if mode == 'script':  # Not a terminal: a line at each quarter.
+  if mode != 'notebook':  # Not a terminal: a line at each quarter.
     assert quarters == [f'Codes: step {s}/8' for s in (2, 4, 6, 8)]
   else:  # A notebook cell: the line is redrawn in place.
     assert quarters == []

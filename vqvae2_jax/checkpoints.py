@@ -45,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vqvae2_jax import console
 from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import parallel
@@ -169,9 +170,6 @@ def create_manager(directory: str, *, max_to_keep: int | None = 2,
   """
   _hide_disk_full_tracebacks()
   directory = epath.Path(directory).absolute()
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save)
   # Replica-parallel saving splits every replicated array into one slice per
   # replica, and slicing compiles one small XLA program per slice shape: the
   # first save of a small model on 8 CPU devices took ~15 s, the rest
@@ -181,8 +179,12 @@ def create_manager(directory: str, *, max_to_keep: int | None = 2,
           type_handler_registry=_type_handlers()),
       _FINGERPRINT: ocp.JsonCheckpointHandler(),
   }
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers=handlers)
+  with console.routine_warnings_hidden():  # orbax's notes on read_only.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers=handlers)
 
 
 def _type_handlers() -> Any:

@@ -251,6 +251,35 @@ class _PythonConsole(py_logging.StreamHandler):
       super().emit(record)
 
 
+class _NotTwice(py_logging.Filter):
+  """On the root handlers found when `python_console` starts: drops the
+  absl records they would not have received (below absl's level before);
+  on those that print to stdout or stderr (a notebook's or the user's
+  `logging.basicConfig`) also what the console shows itself (no line
+  twice) and libraries' routine warnings. Others (pytest's capture, a
+  user's log file) get what they got before."""
+
+  def __init__(self, absl_level: int, prints: bool):
+    super().__init__()
+    self._absl_level = absl_level
+    self._prints = prints
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.name == 'absl' and record.levelno < self._absl_level:
+      return False
+    if not self._prints:
+      return True
+    if _show_in_python and not is_following() and _FILTER.filter(record):
+      return False
+    return _ROUTINE_FILTER.filter(record)
+
+
+def _prints(handler: py_logging.Handler) -> bool:
+  return (isinstance(handler, py_logging.StreamHandler) and
+          getattr(handler, 'stream', None) in (
+              sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__))
+
+
 @contextlib.contextmanager
 def python_console() -> Iterator[None]:
   """The command line's console and log files meanwhile, from Python.
@@ -261,15 +290,22 @@ def python_console() -> Iterator[None]:
   results) reach neither the screen nor workdir/<stage>/log.txt. Meanwhile
   absl logs at INFO (restored afterwards), and a handler on stderr shows
   what `quiet` shows unless `show_in_python(False)`; everything logged
-  still goes to the stage's log file.
+  still goes to the stage's log file. Handlers already on the root logger
+  get none of the new INFO records, and those that print (a notebook's
+  `logging.basicConfig`) no copy of a console line (`_NotTwice`); with
+  this handler on the root logger, `basicConfig` adds none meanwhile.
   """
   global _in_python_console
   root = py_logging.getLogger()
   if _in_python_console or logging.get_absl_handler() in root.handlers:
     yield
     return
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(max(verbosity, logging.INFO))  # DEBUG is 1.
+  absl_logger = py_logging.getLogger('absl')
+  level, before = absl_logger.level, absl_logger.getEffectiveLevel()
+  others = [(h, _NotTwice(before, _prints(h))) for h in root.handlers]
+  for other, not_twice in others:
+    other.addFilter(not_twice)
+  absl_logger.setLevel(min(before, py_logging.INFO))
   handler = _PythonConsole()
   root.addHandler(handler)
   _in_python_console = True
@@ -278,7 +314,9 @@ def python_console() -> Iterator[None]:
   finally:
     _in_python_console = False
     root.removeHandler(handler)
-    logging.set_verbosity(verbosity)
+    absl_logger.setLevel(level)  # NOTSET stays NOTSET (follows the root).
+    for other, not_twice in others:
+      other.removeFilter(not_twice)
 
 
 class _FileHandler(py_logging.FileHandler):
