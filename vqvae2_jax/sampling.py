@@ -17,7 +17,9 @@ on the kind.
 it reruns the whole prior on the partial map at every position. Both draw
 position t = r * w + c of example i with the key `fold_in(fold_in(rng, t), i)`
 and the same filtering arithmetic, so for the same arguments they return the
-same codes.
+same codes (the cached sampler draws a row's Gumbel noise before the row's
+positions, `jax.random.categorical`'s noise and expression: no random-bit
+kernels in its position step).
 
 Given a mesh, both split the batch over its devices (`jax.shard_map`); since
 every example's randomness is its own, the codes equal a one-device run's.
@@ -115,6 +117,13 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array,
   return _truncate(logits) if truncate else logits
 
 
+def gumbel_max(noise: Array, logits: Array) -> Array:
+  """[batch] int32 codes: what `jax.random.categorical` draws from [batch,
+  K] float32 logits when `noise` is its Gumbel noise (its own expression,
+  so the same codes)."""
+  return jnp.argmax(noise + logits, axis=-1).astype(jnp.int32)
+
+
 def sample_logits(rng: Array, logits: Array, temperature: Array, top_k: Array,
                   top_p: Array, example_ids: Array,
                   truncate: Optional[bool] = None) -> Array:
@@ -130,8 +139,10 @@ def sample_logits(rng: Array, logits: Array, temperature: Array, top_k: Array,
 
 def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
               shape: tuple[int, int, int], context: PyTree,
-              choose: Callable[[Array, Array, Array], tuple[Array, PyTree]],
-              unroll: int = 1) -> PyTree:
+              choose: Callable[..., tuple[Array, PyTree]],
+              unroll: int = 1,
+              row_inputs: Optional[Callable[[Array], PyTree]] = None
+              ) -> PyTree:
   """Runs the cached path over a map in raster order.
 
   A scan over rows (each advancing the vertical stacks by a row) and, inside,
@@ -142,9 +153,12 @@ def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
     model, variables: the prior.
     shape: (batch, h, w).
     context: `model.prepare(...)` output.
-    choose: (logits [batch, K], r, c) -> (code [batch] int32 at (r, c), out),
-      e.g. a draw from the logits, or the known code (teacher forcing).
+    choose: (logits [batch, K], r, c[, x]) -> (code [batch] int32 at
+      (r, c), out), e.g. a draw from the logits, or the known code (teacher
+      forcing); x is position c's part of `row_inputs(r)` where given.
     unroll: positions per iteration of the loop over a row's columns.
+    row_inputs: r -> a tree of [w, ...] arrays made once per row, before
+      its loop over positions (e.g. their random draws), or None.
 
   Returns:
     The `out`s stacked to [h, w, ...].
@@ -159,16 +173,20 @@ def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
     cache = model.apply(variables, cache, context, prev_row, r,
                         method=model.step_row)
 
-    def position_step(carry, c):
+    def position_step(carry, xs):
       cache, prev_code = carry
+      c, x = xs
       logits, cache = model.apply(variables, cache, context, prev_code, r, c,
                                   method=model.step_position)
-      code, out = choose(logits, r, c)
+      code, out = (choose(logits, r, c) if row_inputs is None
+                   else choose(logits, r, c, x))
       return (cache, code), (code, out)
 
+    columns = jnp.arange(width, dtype=jnp.int32)
     (cache, _), (row, outs) = jax.lax.scan(
         position_step, (cache, jnp.zeros((b,), jnp.int32)),
-        jnp.arange(width, dtype=jnp.int32), unroll=unroll)
+        (columns, None if row_inputs is None else row_inputs(r)),
+        unroll=unroll)
     codes = jax.lax.dynamic_update_slice(codes, row.T[:, None, :], (0, r, 0))
     return (cache, codes), outs
 
@@ -212,16 +230,27 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   context = model.apply(variables, cond_codes, labels, run_shape,
                         method=model.prepare)
 
-  def choose(logits, r, c):
-    key = jax.random.fold_in(rng, r * shape[2] + c)
+  def row_noise(r):  # [w, b, K]
+    """The Gumbel noise `sample_logits` draws at each position of row r,
+    drawn for the whole row before its loop: the same draws, with no
+    random-bit kernels in the position step."""
+    def at(c):
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(
+          jax.random.fold_in(rng, r * shape[2] + c), example_ids)
+      return jax.vmap(lambda key: jax.random.gumbel(
+          key, (model.num_embeddings,), jnp.float32))(keys)
+    return jax.vmap(at)(jnp.arange(shape[2], dtype=jnp.int32))
+
+  def choose(logits, r, c, noise):
+    del r, c
     if guided:
       logits = guide(logits, guidance)
-    code = sample_logits(key, logits, temperature, top_k, top_p, example_ids,
-                         truncate)
+    code = gumbel_max(noise, filter_logits(logits, temperature, top_k, top_p,
+                                           truncate))
     return (jnp.concatenate([code, code]) if guided else code), code
 
   codes = _scan_map(model, variables, run_shape, context, choose,
-                    unroll)  # [h, w, b]
+                    unroll, row_inputs=row_noise)  # [h, w, b]
   return jnp.transpose(codes, (2, 0, 1))
 
 
