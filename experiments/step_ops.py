@@ -70,6 +70,7 @@ _LIBRARY_PRODUCT = re.compile(r'custom_call_target="[^"]*(?:gemm|matmul|conv)',
 _COMMENT = re.compile(r'/\*.*?\*/')
 _CALLS = re.compile(r'(?:calls|to_apply)=%?([\w.\-]+)')
 _BODY = re.compile(r'body=%?([\w.\-]+)')
+_RANDOM = re.compile(r'threefry|random_bits|_gumbel|random_wrap|random_unwrap')  # op_name
 # Instructions that run no kernel of their own.
 _FREE = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant')
 
@@ -120,7 +121,8 @@ def position_body_ops(hlo_text: str) -> dict[str, int]:
      instruction that runs something (fusions, products, copies, slices,
      custom calls...), 'instructions': all of them, 'big_copies': copies
      of arrays of more than 4 elements (a cache XLA could not update in
-     place)}.
+     place), 'random_bits': instructions of the random draws (threefry,
+     Gumbel noise, by their metadata)}.
   """
   comps = computations(hlo_text)
 
@@ -159,8 +161,10 @@ def position_body_ops(hlo_text: str) -> dict[str, int]:
       counts['fusions'] += 1
     if has_product_line(line, has_product):
       counts['dots'] += 1
+    if _RANDOM.search(line):
+      counts['random_bits'] += 1
   return {k: counts[k] for k in ('dots', 'fusions', 'kernels',
-                                 'instructions', 'big_copies')}
+                                 'instructions', 'big_copies', 'random_bits')}
 
 
 def _big(line: str) -> bool:

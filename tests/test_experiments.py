@@ -949,8 +949,9 @@ def test_step_ops_position_step_runs_few_products():
   # once; two over the key/value cache; the output projection and the
   # MLP's two), and the output stack. Before the fused view and the
   # one-part cache: four more per attention block. Nothing is copied at
-  # every position but loop counters and random-bit state (the caches
-  # are updated in place).
+  # every position but loop counters (the caches are updated in place),
+  # and no random bits are drawn there (a row's noise is drawn before its
+  # positions: 13 such instructions per step before).
   from experiments import step_ops  # pylint: disable=g-import-not-at-top
   from tests.models import pixelcnn_util  # pylint: disable=g-import-not-at-top
   model = pixelcnn_util.make_prior(num_layers=3, attention_layers=2,
@@ -958,7 +959,7 @@ def test_step_ops_position_step_runs_few_products():
   ops = step_ops.prior_step_ops(model, (2, 3, 5), ())
   layers, attention, output = 3, 2, 2
   assert ops['dots'] <= 2 * layers + 6 * attention + output, ops
-  assert ops['big_copies'] == 0, ops
+  assert ops['big_copies'] == 0 and ops['random_bits'] == 0, ops
   assert ops['fusions'] <= ops['kernels'] <= ops['instructions'], ops
   lower = pixelcnn_util.make_prior(num_layers=2, filter_size=5,
                                    num_classes=3, cond_num_embeddings=(5,),
@@ -979,7 +980,8 @@ def test_step_ops_counts_the_innermost_loop_with_products():
       '  %c = f32[4]{0} copy(%g)',
       '  %m = f32[4]{0} custom-call(%c), custom_call_target="__cublas$gemm"',
       '  %k = f32[8]{0} copy(%m)',
-      '  %r = (s32[], /*index=1*/f32[4]) while(%p), condition=%cc, body=%rng',
+      '  %r = (s32[], /*index=1*/f32[4]) while(%p), condition=%cc, body=%rng,'
+      ' metadata={op_name="jit(f)/jit(_threefry_fold_in)/while"}',
       '  ROOT %t = (s32[], f32[4]) tuple(%x, %c)',
       '}',
       '%fused (x: f32[1,4]) -> f32[4] {',
@@ -1002,7 +1004,7 @@ def test_step_ops_counts_the_innermost_loop_with_products():
       '}'])
   assert step_ops.position_body_ops(hlo) == {
       'dots': 3, 'fusions': 2, 'kernels': 7, 'instructions': 10,
-      'big_copies': 1}
+      'big_copies': 1, 'random_bits': 1}
 
 
 def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
