@@ -216,6 +216,22 @@ def test_samples_follow_the_filtered_distribution():
     assert 0.5 * np.abs(freq - expected).sum() < 0.04, (freq, expected)
 
 
+def test_draws_are_those_of_jax_random_categorical():
+  # `sample_logits` (and the cached sampler's noise drawn a row at a time)
+  # writes out categorical's Gumbel-max with the same keys: the codes of
+  # the versions that called it (the shipped models' figures), filtered
+  # codes (-inf) included.
+  rng = jax.random.key(7)
+  ids = jnp.arange(9) + 4
+  for i, (temperature, top_k, top_p) in enumerate(CONTROLS):
+    logits = 3.0 * jax.random.normal(jax.random.fold_in(rng, i), (9, 64))
+    filtered = sampling.filter_logits(logits, temperature, top_k, top_p)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
+    np.testing.assert_array_equal(
+        sampling.sample_logits(rng, logits, temperature, top_k, top_p, ids),
+        jax.vmap(jax.random.categorical)(keys, filtered))
+
+
 def test_filter_logits():
   logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))
   kept = lambda *args: np.isfinite(

@@ -17,9 +17,9 @@ on the kind.
 it reruns the whole prior on the partial map at every position. Both draw
 position t = r * w + c of example i with the key `fold_in(fold_in(rng, t), i)`
 and the same filtering arithmetic, so for the same arguments they return the
-same codes (the cached sampler draws a row's Gumbel noise before the row's
-positions, `jax.random.categorical`'s noise and expression: no random-bit
-kernels in its position step).
+same codes (`sample_logits`; the cached sampler draws the Gumbel noise of
+a row's positions before the row: no random-bit kernels in its position
+step).
 
 Given a mesh, both split the batch over its devices (`jax.shard_map`); since
 every example's randomness is its own, the codes equal a one-device run's.
@@ -117,24 +117,30 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array,
   return _truncate(logits) if truncate else logits
 
 
+def gumbel_noise(rng: Array, example_ids: Array, k: int) -> Array:
+  """[batch, k] float32 Gumbel noise, example i's from
+  `fold_in(rng, example_ids[i])`, so an example's draw does not depend on
+  which other examples share its batch or device."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
+  return jax.vmap(lambda key: jax.random.gumbel(key, (k,), jnp.float32))(keys)
+
+
 def gumbel_max(noise: Array, logits: Array) -> Array:
-  """[batch] int32 codes: what `jax.random.categorical` draws from [batch,
-  K] float32 logits when `noise` is its Gumbel noise (its own expression,
-  so the same codes)."""
+  """[batch] int32 codes drawn from [batch, K] float32 logits with their
+  `gumbel_noise`: the expression of `jax.random.categorical` (0.10) with
+  the same keys, so the same codes as it draws, written out so that the
+  samplers can draw the noise of many positions at once."""
   return jnp.argmax(noise + logits, axis=-1).astype(jnp.int32)
 
 
 def sample_logits(rng: Array, logits: Array, temperature: Array, top_k: Array,
                   top_p: Array, example_ids: Array,
                   truncate: Optional[bool] = None) -> Array:
-  """Draws [batch] int32 codes from [batch, K] logits (see `filter_logits`).
-
-  Example i draws with `fold_in(rng, example_ids[i])`, so an example's code
-  does not depend on which other examples share its batch or device.
-  """
+  """Draws [batch] int32 codes from [batch, K] logits (see `filter_logits`);
+  example i with `fold_in(rng, example_ids[i])` (`gumbel_noise`)."""
   filtered = filter_logits(logits, temperature, top_k, top_p, truncate)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
-  return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  return gumbel_max(gumbel_noise(rng, example_ids, filtered.shape[-1]),
+                    filtered)
 
 
 def _scan_map(model: pixelcnn.PixelCNNPrior, variables: PyTree,
@@ -231,15 +237,11 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
                         method=model.prepare)
 
   def row_noise(r):  # [w, b, K]
-    """The Gumbel noise `sample_logits` draws at each position of row r,
-    drawn for the whole row before its loop: the same draws, with no
-    random-bit kernels in the position step."""
-    def at(c):
-      keys = jax.vmap(jax.random.fold_in, (None, 0))(
-          jax.random.fold_in(rng, r * shape[2] + c), example_ids)
-      return jax.vmap(lambda key: jax.random.gumbel(
-          key, (model.num_embeddings,), jnp.float32))(keys)
-    return jax.vmap(at)(jnp.arange(shape[2], dtype=jnp.int32))
+    """The noise `sample_logits` would draw at each position of row r, for
+    the whole row before its loop: no random-bit kernels in the step."""
+    return jax.vmap(lambda c: gumbel_noise(
+        jax.random.fold_in(rng, r * shape[2] + c), example_ids,
+        model.num_embeddings))(jnp.arange(shape[2], dtype=jnp.int32))
 
   def choose(logits, r, c, noise):
     del r, c
