@@ -70,7 +70,8 @@ _LIBRARY_PRODUCT = re.compile(r'custom_call_target="[^"]*(?:gemm|matmul|conv)',
 _COMMENT = re.compile(r'/\*.*?\*/')
 _CALLS = re.compile(r'(?:calls|to_apply)=%?([\w.\-]+)')
 _BODY = re.compile(r'body=%?([\w.\-]+)')
-_RANDOM = re.compile(r'threefry|random_bits|_gumbel|random_wrap|random_unwrap')  # op_name
+# Random draws, by their op_name metadata.
+_RANDOM = re.compile(r'threefry|random_bits|_gumbel|random_wrap|random_unwrap')
 # Instructions that run no kernel of their own.
 _FREE = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant')
 

@@ -13,6 +13,7 @@ from vqvae2_jax import console
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 @pytest.fixture
 def absl_handler():
   """absl's handler with the console's filters off; its filters and
