@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 5000  # Steps between checkpoints.
   train.keep_checkpoints = 2  # Checkpoints kept on disk.
   train.eval_batch_size = 256  # Global batch size for evaluation.
+  train.from_export = ''  # An exported file or shipped name: its VQ-VAE starts stage 1 (at its step; the optimizer afresh).
 
   # Stage 2: priors over the codes. Shared training settings here; the model
   # of each level in prior.level_<i>, i = 0 for the top level.

@@ -9,6 +9,7 @@ a mesh over jax.devices()[:1].
 
 import functools
 import json
+import os
 import pathlib
 
 import jax
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
+from vqvae2_jax import api
 from vqvae2_jax import checkpoints
+from vqvae2_jax import errors
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
@@ -153,6 +156,42 @@ def test_rerun_of_finished_run_only_reads(finished_run):
   ckpts = pathlib.Path(workdir_lib.Workdir(workdir).vqvae) / 'checkpoints'
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == [
       '3', '6']
+
+
+def test_stage_1_from_an_exported_file(finished_run, tmp_path):
+  # A pipeline's exported VQ-VAE starts stage 1 of another workdir: the
+  # same weights and provenance (so the same codes), the same held-out
+  # metrics as the run it came from.
+  config, workdir, metrics = finished_run
+  path = str(tmp_path / 'stage1.msgpack')
+  api.Pipeline.load(workdir, config, priors=False).export(path)
+  imported = config.copy_and_resolve_references()
+  imported.vqvae_train.from_export = path
+  other = str(tmp_path / 'other')
+  got = vqvae_trainer.train_and_evaluate(imported, other)
+  assert got['step'] == metrics['step']
+  evals = [k for k in metrics if k.startswith('eval/')]
+  assert evals and got == pytest.approx(
+      {**got, **{k: metrics[k] for k in evals}}, rel=1e-6)
+  assert (loading.current_vqvae_provenance(config, other) ==
+          loading.current_vqvae_provenance(config, workdir))
+  # A rerun resumes from the workdir's checkpoint: the file is not read.
+  os.remove(path)
+  again = vqvae_trainer.train_and_evaluate(imported, other)
+  assert {k: again[k] for k in ['step', *evals]} == pytest.approx(
+      {k: got[k] for k in ['step', *evals]})
+  # More steps train on from the file's weights (the optimizer afresh).
+  api.Pipeline.load(workdir, config, priors=False).export(path)
+  longer = imported.copy_and_resolve_references()
+  longer.vqvae_train.num_train_steps = metrics['step'] + 2
+  more = vqvae_trainer.train_and_evaluate(longer, str(tmp_path / 'longer'))
+  assert more['step'] == metrics['step'] + 2
+  assert np.isfinite(more['train/loss'])
+  # A file of another model is refused, naming the fix.
+  wrong = imported.copy_and_resolve_references()
+  wrong.model.num_hiddens *= 2
+  with pytest.raises(errors.ConfigError, match='another model config'):
+    vqvae_trainer.train_and_evaluate(wrong, str(tmp_path / 'wrong'))
 
 
 def _interrupting(create, *, fail_at_step, nan_at_step=None):

@@ -23,6 +23,8 @@ import optax
 
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import images as images_lib
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
@@ -205,6 +207,56 @@ def _programs(model: vqvae_lib.VQVAE,
                   grid_rows)
 
 
+def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
+                       mesh: Mesh, directory: str,
+                       fingerprint: Mapping[str, Any]) -> None:
+  """Writes the VQ-VAE of config.vqvae_train.from_export as this stage's
+  checkpoint, unless the stage has one already (a rerun resumes from it).
+
+  The file's weights and codebook statistics at its step, with a fresh
+  optimizer state: trained to the file's step, the stage is finished (it
+  is evaluated, and codes and priors follow as after training); more steps
+  train on from those weights.
+
+  Raises:
+    errors.ConfigError: the file holds a VQ-VAE of another model config.
+  """
+  ckpt_dir = workdir_lib.checkpoint_dir(directory)
+  if checkpoints.directory_exists(ckpt_dir):
+    manager = checkpoints.create_manager(ckpt_dir, read_only=True)
+    try:
+      if manager.latest_step() is not None:
+        return
+    finally:
+      manager.close()
+  # Here, not at the top: nothing in train/ needs the API otherwise.
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
+  source = config.vqvae_train.from_export
+  pipe = api.Pipeline.load(source, mesh=mesh, priors=False)
+  if builders.vqvae_fingerprint(pipe.config) != dict(fingerprint):
+    raise errors.ConfigError(
+        f'config.vqvae_train.from_export: {source} holds a VQ-VAE of another '
+        'model config than --config. Fix: pass the config it was trained '
+        f'with (its config is inside: vqvae2_jax.Pipeline.load({source!r})'
+        '.config), or leave from_export empty to train stage 1.')
+  step = int(pipe.steps.get('vqvae', 0))
+  state = progs.init(jax.random.PRNGKey(config.seed))
+  variables = dict(pipe.vqvae_variables)
+  placed = lambda new, old: jax.device_put(np.asarray(new), old.sharding)
+  state = state.replace(
+      step=jnp.asarray(step, jnp.int32),
+      params=jax.tree.map(placed, variables.pop('params'), state.params),
+      extra=jax.tree.map(placed, variables, state.extra))
+  manager = checkpoints.create_manager(ckpt_dir, async_save=False)
+  try:
+    checkpoints.save(manager, step, state, fingerprint)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  console.say('VQ-VAE: stage 1 from %s (its step %d; the optimizer starts '
+              'afresh if training goes on)', source, step)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains the VQ-VAE, resuming from workdir/vqvae if it holds checkpoints.
@@ -232,6 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                               fingerprint)
   mesh = parallel.create_mesh(config.mesh)
   progs = programs(config, mesh)
+  if train_cfg.from_export:
+    _start_from_export(config, progs, mesh, out_dir, fingerprint)
 
   def train_iterator(start_step):
     return input_pipeline.create_train_iterator(
