@@ -242,7 +242,8 @@ def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
   step = int(pipe.steps.get('vqvae', 0))
   state = progs.init(jax.random.PRNGKey(config.seed))
   variables = dict(pipe.vqvae_variables)
-  placed = lambda new, old: jax.device_put(np.asarray(new), old.sharding)
+  placed = lambda new, old: jax.device_put(parallel.to_host(new),
+                                            old.sharding)
   state = state.replace(
       step=jnp.asarray(step, jnp.int32),
       params=jax.tree.map(placed, variables.pop('params'), state.params),
