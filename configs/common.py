@@ -99,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   # held-out split; 0: all. As many as a small held-out split shows
   # overfitting as well as all of them would, at a fraction of the cost.
   prior.train_eval_examples = 10_000
+  prior.from_export = ''  # An exported file or shipped name: its prior of each level trained starts it (at its step; the optimizer afresh).
   prior.codes_per_shard = 10_000  # Examples per file of extracted codes (--mode=codes).
   prior.export_dtype = 'float32'  # Priors' weights in --mode=export's file: 'float32' or 'float16' (half the bytes; computed in float32 from the rounded weights).
   # One section per model level; a config with more levels adds

@@ -138,13 +138,8 @@ def _save_checkpoint(stage_dir, step, state, fingerprint):
   from vqvae2_jax import checkpoints
   from vqvae2_jax import workdir as workdir_lib
   # pylint: enable=g-import-not-at-top
-  manager = checkpoints.create_manager(workdir_lib.checkpoint_dir(stage_dir),
-                                       async_save=False)
-  try:
-    checkpoints.save(manager, step, state, fingerprint)
-    manager.wait_until_finished()
-  finally:
-    manager.close()
+  checkpoints.save_now(workdir_lib.checkpoint_dir(stage_dir), step, state,
+                       fingerprint)
 
 
 @pytest.fixture(scope='session')

@@ -203,6 +203,30 @@ def _normalise(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
   return json.loads(json.dumps(dict(fingerprint), sort_keys=True))
 
 
+def has_checkpoint(directory: str) -> bool:
+  """Whether `directory` holds a checkpoint of any step (on every process
+  alike: `directory_exists`)."""
+  if not directory_exists(directory):
+    return False
+  manager = create_manager(directory, read_only=True)
+  try:
+    return manager.latest_step() is not None
+  finally:
+    manager.close()
+
+
+def save_now(directory: str, step: int, state: PyTree,
+             fingerprint: Mapping[str, Any]) -> None:
+  """Saves `state` and `fingerprint` as checkpoint `step` of `directory`
+  and returns once it is on disk."""
+  manager = create_manager(directory, async_save=False)
+  try:
+    save(manager, step, state, fingerprint)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
          fingerprint: Mapping[str, Any]) -> None:
   """Saves `state` and `fingerprint` as checkpoint `step` (asynchronously)."""

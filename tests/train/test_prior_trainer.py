@@ -273,3 +273,38 @@ def test_load_prior_reads_weights_whatever_the_training_knobs(config,
     loading.load_prior(plain, other, 0, vqvae={'step': 4, 'digest': 'abc'})
   with pytest.raises(FileNotFoundError, match='--mode=prior'):
     loading.load_prior(plain, str(tmp_path / 'none'), 0, vqvae=vqvae)
+
+
+def test_priors_from_an_exported_file(config, stage2_workdir, codes_workdir,
+                                      tmp_path):
+  # A pipeline's exported stage 1 and top prior start a new workdir: the
+  # top prior's weights and held-out bits are those of the run the file
+  # came from, without training it.
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import errors  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
+  workdir, results = stage2_workdir
+  path = str(tmp_path / 'pipeline.msgpack')
+  api.Pipeline.load(workdir, config).export(path)
+  imported = config.copy_and_resolve_references()
+  imported.vqvae_train.from_export = path
+  imported.prior.from_export = path
+  imported.prior.level = 0
+  other = str(tmp_path / 'other')
+  for mode in ('vqvae', 'codes', 'prior'):
+    got = stages.run(mode, imported, other)[mode]
+  want = results['prior']['level_0']
+  assert got['level_0']['step'] == want['step']
+  for key in ('eval/bits_per_code', 'eval/bits_per_code_uncond'):
+    assert got['level_0'][key] == pytest.approx(want[key], rel=1e-6), key
+  vqvae = loading.current_vqvae_provenance(config, other)
+  assert vqvae == loading.current_vqvae_provenance(config, workdir)
+  _, theirs, _ = loading.load_prior(config, workdir, 0, vqvae=vqvae)
+  _, ours, _ = loading.load_prior(config, other, 0, vqvae=vqvae)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  # Codes of another stage 1 (an untrained one): the file's prior is
+  # refused, naming the fix.
+  elsewhere = str(tmp_path / 'elsewhere')
+  shutil.copytree(codes_workdir, elsewhere)
+  with pytest.raises(errors.ConfigError, match='holds no prior of level 0'):
+    stages.run('prior', imported.copy_and_resolve_references(), elsewhere)

@@ -27,6 +27,8 @@ import optax
 
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import console
+from vqvae2_jax import errors
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
@@ -267,6 +269,54 @@ def baselines(dataset: codes_lib.CodeDataset, level: int) -> dict[str, float]:
           **likelihood.unigram_bits(train_codes, eval_codes, k)}
 
 
+def _start_from_export(config: ml_collections.ConfigDict, level: int,
+                       progs: Programs, mesh: Mesh, ckpt_dir: str,
+                       fingerprint: Mapping[str, Any]) -> None:
+  """Writes the prior of `level` in config.prior.from_export as this level's
+  checkpoint, unless it has one already (a rerun resumes from it).
+
+  The file's weights (its sampling weights: the Polyak average where the
+  run kept one) as both the weights and their Polyak average, at the file's
+  step, with a fresh optimizer state: trained to that step, the level is
+  finished (it is evaluated); more steps train on from those weights.
+
+  Raises:
+    errors.ConfigError: the file holds no prior of this level for these
+      codes (another model, or another VQ-VAE than the workdir's stage 1).
+  """
+  if checkpoints.has_checkpoint(ckpt_dir):
+    return
+  # Here, not at the top: nothing in train/ needs the API otherwise.
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
+  source = config.prior.from_export
+  pipe = api.Pipeline.load(source, mesh=mesh)
+  provenance = loading.vqvae_provenance(pipe.config, pipe.vqvae_variables,
+                                        pipe.steps.get('vqvae', 0))
+  if (level >= len(pipe.priors) or dict(fingerprint) !=
+      builders.prior_fingerprint(pipe.config, level, provenance)):
+    raise errors.ConfigError(
+        f'config.prior.from_export: {source} holds no prior of level {level} '
+        'for these codes (its model config differs from --config, or its '
+        "VQ-VAE from this workdir's stage 1). Fix: pass the config it was "
+        f'trained with and start stage 1 from the same file '
+        f'(--config.vqvae_train.from_export={source} in a new --workdir), or '
+        'leave prior.from_export empty.')
+  step = int(pipe.steps.get(f'prior_{level}', 0))
+  state = progs.init(jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                        level))
+  variables = dict(pipe.priors[level][1])
+  placed = lambda new, old: jax.device_put(parallel.to_host(new),
+                                            old.sharding)
+  params = jax.tree.map(placed, variables.pop('params'), state.params)
+  state = state.replace(
+      step=jnp.asarray(step, jnp.int32), params=params,
+      extra=jax.tree.map(placed, variables, state.extra),
+      polyak=None if state.polyak is None else params)
+  checkpoints.save_now(ckpt_dir, step, state, fingerprint)
+  console.say('Prior level %d: from %s (its step %d; the optimizer starts '
+              'afresh if training goes on)', level, source, step)
+
+
 def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
                 dataset: codes_lib.CodeDataset, vqvae: Mapping[str, Any],
                 mesh: Mesh) -> dict[str, Any]:
@@ -298,6 +348,8 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
   checkpoints.check_directory(ckpt_dir, fingerprint)
 
   progs = programs(config, level, mesh)
+  if p.from_export:
+    _start_from_export(config, level, progs, mesh, ckpt_dir, fingerprint)
   model = progs.model
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
       train_state.restore_target(progs).params))

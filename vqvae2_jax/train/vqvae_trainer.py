@@ -222,13 +222,8 @@ def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
     errors.ConfigError: the file holds a VQ-VAE of another model config.
   """
   ckpt_dir = workdir_lib.checkpoint_dir(directory)
-  if checkpoints.directory_exists(ckpt_dir):
-    manager = checkpoints.create_manager(ckpt_dir, read_only=True)
-    try:
-      if manager.latest_step() is not None:
-        return
-    finally:
-      manager.close()
+  if checkpoints.has_checkpoint(ckpt_dir):
+    return
   # Here, not at the top: nothing in train/ needs the API otherwise.
   from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   source = config.vqvae_train.from_export
@@ -248,12 +243,7 @@ def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
       step=jnp.asarray(step, jnp.int32),
       params=jax.tree.map(placed, variables.pop('params'), state.params),
       extra=jax.tree.map(placed, variables, state.extra))
-  manager = checkpoints.create_manager(ckpt_dir, async_save=False)
-  try:
-    checkpoints.save(manager, step, state, fingerprint)
-    manager.wait_until_finished()
-  finally:
-    manager.close()
+  checkpoints.save_now(ckpt_dir, step, state, fingerprint)
   console.say('VQ-VAE: stage 1 from %s (its step %d; the optimizer starts '
               'afresh if training goes on)', source, step)
 
