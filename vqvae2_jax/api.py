@@ -431,7 +431,6 @@ class Pipeline:
         in_shardings=(None, data), out_shardings=data)
 
   @classmethod
-  @console.routine_warnings_hidden()  # orbax's notes on read-only managers.
   def load(cls, workdir: str,
            config: str | ml_collections.ConfigDict | None = None, *,
            mesh: Optional[Mesh] = None, use_polyak: bool = True,

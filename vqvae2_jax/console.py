@@ -135,9 +135,10 @@ _ROUTINE_FILTER = _RoutineFilter()
 def routine_warnings_hidden() -> Iterator[None]:
   """Drops libraries' routine warnings meanwhile, wherever they would go.
 
-  For library calls outside the command line (`Pipeline.load`), where
-  nothing filters the console: orbax warns that each read-only checkpoint
-  manager it is asked for is read-only. Other warnings pass.
+  For library calls outside the command line, where nothing may filter
+  the console: orbax warns that each read-only checkpoint manager it is
+  asked for is read-only (`checkpoints.create_manager` makes every manager
+  under it). Other warnings pass.
   """
   logger = py_logging.getLogger('absl')  # orbax logs through absl.
   added = _ROUTINE_FILTER not in logger.filters

@@ -15,7 +15,7 @@ uninterrupted run would.
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -270,8 +270,8 @@ def baselines(dataset: codes_lib.CodeDataset, level: int) -> dict[str, float]:
 
 
 def _start_from_export(config: ml_collections.ConfigDict, level: int,
-                       progs: Programs, mesh: Mesh, ckpt_dir: str,
-                       fingerprint: Mapping[str, Any]) -> None:
+                       progs: Programs, exported: Callable[[], Any],
+                       ckpt_dir: str, fingerprint: Mapping[str, Any]) -> None:
   """Writes the prior of `level` in config.prior.from_export as this level's
   checkpoint, unless it has one already (a rerun resumes from it).
 
@@ -280,16 +280,16 @@ def _start_from_export(config: ml_collections.ConfigDict, level: int,
   step, with a fresh optimizer state: trained to that step, the level is
   finished (it is evaluated); more steps train on from those weights.
 
+  `exported()` is the file's `api.Pipeline`, loaded on first use.
+
   Raises:
     errors.ConfigError: the file holds no prior of this level for these
       codes (another model, or another VQ-VAE than the workdir's stage 1).
   """
   if checkpoints.has_checkpoint(ckpt_dir):
     return
-  # Here, not at the top: nothing in train/ needs the API otherwise.
-  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   source = config.prior.from_export
-  pipe = api.Pipeline.load(source, mesh=mesh)
+  pipe = exported()
   provenance = loading.vqvae_provenance(pipe.config, pipe.vqvae_variables,
                                         pipe.steps.get('vqvae', 0))
   if (level >= len(pipe.priors) or dict(fingerprint) !=
@@ -302,16 +302,11 @@ def _start_from_export(config: ml_collections.ConfigDict, level: int,
         f'(--config.vqvae_train.from_export={source} in a new --workdir), or '
         'leave prior.from_export empty.')
   step = int(pipe.steps.get(f'prior_{level}', 0))
-  state = progs.init(jax.random.fold_in(jax.random.PRNGKey(config.seed),
-                                        level))
-  variables = dict(pipe.priors[level][1])
-  placed = lambda new, old: jax.device_put(parallel.to_host(new),
-                                            old.sharding)
-  params = jax.tree.map(placed, variables.pop('params'), state.params)
-  state = state.replace(
-      step=jnp.asarray(step, jnp.int32), params=params,
-      extra=jax.tree.map(placed, variables, state.extra),
-      polyak=None if state.polyak is None else params)
+  state = train_state.with_weights(
+      progs.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), level)),
+      pipe.priors[level][1], step)
+  if state.polyak is not None:
+    state = state.replace(polyak=state.params)
   checkpoints.save_now(ckpt_dir, step, state, fingerprint)
   console.say('Prior level %d: from %s (its step %d; the optimizer starts '
               'afresh if training goes on)', level, source, step)
@@ -319,7 +314,8 @@ def _start_from_export(config: ml_collections.ConfigDict, level: int,
 
 def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
                 dataset: codes_lib.CodeDataset, vqvae: Mapping[str, Any],
-                mesh: Mesh) -> dict[str, Any]:
+                mesh: Mesh, exported: Optional[Callable[[], Any]] = None
+                ) -> dict[str, Any]:
   """Trains (or resumes) the prior of one level; returns its final metrics.
 
   Args:
@@ -329,6 +325,8 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
     dataset: the provenance-checked codes.
     vqvae: provenance of the current VQ-VAE (stored in the fingerprint).
     mesh: the device mesh.
+    exported: with config.prior.from_export, its `api.Pipeline` (loaded on
+      first use, once for every level).
 
   Returns:
     'eval/...' (held-out split, whole; with the Polyak weights when used,
@@ -349,7 +347,10 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
 
   progs = programs(config, level, mesh)
   if p.from_export:
-    _start_from_export(config, level, progs, mesh, ckpt_dir, fingerprint)
+    _start_from_export(
+        config, level, progs,
+        exported or functools.partial(_exported, p.from_export, mesh),
+        ckpt_dir, fingerprint)
   model = progs.model
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
       train_state.restore_target(progs).params))
@@ -431,6 +432,15 @@ def train_priors(config: ml_collections.ConfigDict,
   vqvae = loading.current_vqvae_provenance(config, workdir, mesh)
   dataset = codes_lib.CodeDataset(workdir_lib.Workdir(workdir).codes,
                                   vqvae=vqvae)
+  # The file priors start from, read once for every level.
+  exported = functools.cache(lambda: _exported(config.prior.from_export,
+                                               mesh))
   return {f'level_{level}': train_level(config, workdir, level, dataset,
-                                        vqvae, mesh)
+                                        vqvae, mesh, exported)
           for level in levels}
+
+
+def _exported(source: str, mesh: Mesh) -> Any:
+  # Here, not at the top: nothing in train/ needs the API otherwise.
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
+  return api.Pipeline.load(source, mesh=mesh)

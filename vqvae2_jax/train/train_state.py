@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import flax
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
@@ -50,6 +51,20 @@ class TrainState(flax.struct.PyTreeNode):
   def step_rng(self) -> jax.Array:
     """A key for this step only (fresh each step, reproducible on resume)."""
     return jax.random.fold_in(self.rng, self.step)
+
+
+def with_weights(state: TrainState, variables: dict[str, PyTree],
+                 step: int) -> TrainState:
+  """`state` at `step` with `variables` ({'params', **extra}, e.g. from an
+  exported file) in place of its own, on the state's shardings; the rest
+  (the optimizer's state, rng) stays `state`'s."""
+  variables = dict(variables)
+  placed = lambda new, old: jax.device_put(parallel.to_host(new),
+                                            old.sharding)
+  return state.replace(
+      step=jnp.asarray(step, jnp.int32),
+      params=jax.tree.map(placed, variables.pop('params'), state.params),
+      extra=jax.tree.map(placed, variables, state.extra))
 
 
 def sharded_init(init_fn: Callable[..., PyTree], mesh: Mesh,

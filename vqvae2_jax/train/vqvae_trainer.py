@@ -235,14 +235,8 @@ def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
         f'with (its config is inside: vqvae2_jax.Pipeline.load({source!r})'
         '.config), or leave from_export empty to train stage 1.')
   step = int(pipe.steps.get('vqvae', 0))
-  state = progs.init(jax.random.PRNGKey(config.seed))
-  variables = dict(pipe.vqvae_variables)
-  placed = lambda new, old: jax.device_put(parallel.to_host(new),
-                                            old.sharding)
-  state = state.replace(
-      step=jnp.asarray(step, jnp.int32),
-      params=jax.tree.map(placed, variables.pop('params'), state.params),
-      extra=jax.tree.map(placed, variables, state.extra))
+  state = train_state.with_weights(progs.init(jax.random.PRNGKey(config.seed)),
+                                   pipe.vqvae_variables, step)
   checkpoints.save_now(ckpt_dir, step, state, fingerprint)
   console.say('VQ-VAE: stage 1 from %s (its step %d; the optimizer starts '
               'afresh if training goes on)', source, step)
