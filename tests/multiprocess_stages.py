@@ -3,11 +3,13 @@ r"""Runs stages in several workdirs in one process, for the multi-process tests.
   python -m vqvae2_jax.launch --processes=2 --devices_per_process=4 \
     --module=tests.multiprocess_stages -- \
     --config=configs/fashion_mnist.py:tiny \
-    --run=/tmp/a:vqvae --run=/tmp/b:codes,prior
+    --run=/tmp/a:vqvae --run=/tmp/b:codes,prior --run=/tmp/c:vqvae,prior@F
 
 Each --run=<workdir>:<modes> runs its modes in order as `vqvae2_jax.main
 --mode=<mode>` would, so one start-up of TensorFlow and JAX per process
-serves several stages.
+serves several stages. A run ending in @<file> starts stage 1 and the
+priors from that exported file (`--config.vqvae_train.from_export=<file>
+--config.prior.from_export=<file>`).
 """
 
 from absl import app
@@ -25,9 +27,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   for run in FLAGS.run:
+    run, _, exported = run.partition('@')
     workdir, modes = run.rsplit(':', 1)
+    config = FLAGS.config
+    if exported:
+      config = config.copy_and_resolve_references()
+      config.vqvae_train.from_export = config.prior.from_export = exported
     for mode in modes.split(','):
-      stages.run(mode, FLAGS.config, workdir)
+      stages.run(mode, config, workdir)
 
 
 if __name__ == '__main__':

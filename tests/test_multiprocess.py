@@ -21,6 +21,9 @@ on the same input:
   mp_codes  codes, prior (vqvae/ copied)  codes/ files, prior_<i>/ states
   mp_sample sample (vqvae/, codes/ and    samples/<run>/codes.npz
             prior_<i>/ copied)
+  mp_import vqvae, prior from the         vqvae/ weights, prior_<i>/ sampling
+            reference's exported file     weights (exactly)
+            (codes/ copied)
 
 States are equal when every float array's max |a - b| / max |b| is at
 most 1e-5 and every integer array is identical. One parameter is exempt:
@@ -220,10 +223,10 @@ def runs(tmp_path_factory, late_peer):
   # and 2, which spend much of their time starting up and waiting.
   reference_run = _launch(
       str(root / 'logs_reference'),
-      f'--run={reference}:vqvae,codes,prior,sample',
+      f'--run={reference}:vqvae,codes,prior,sample,export',
       module='tests.multiprocess_stages', processes=1, devices_per_process=8)
-  mp_vqvae, mp_codes, mp_sample = (str(root / n) for n in (
-      'mp_vqvae', 'mp_codes', 'mp_sample'))
+  mp_vqvae, mp_codes, mp_sample, mp_import = (str(root / n) for n in (
+      'mp_vqvae', 'mp_codes', 'mp_sample', 'mp_import'))
   events = {}
   stage_dir = os.path.join(mp_vqvae, 'vqvae')
 
@@ -261,17 +264,23 @@ def runs(tmp_path_factory, late_peer):
   _copy_stages(reference, mp_codes, ['vqvae'])
   os.makedirs(mp_sample)
   _copy_stages(reference, mp_sample, ['vqvae', 'codes', 'prior_0', 'prior_1'])
+  (exported,) = glob.glob(os.path.join(reference, 'export', '*.msgpack'))
+  os.makedirs(mp_import)
+  _copy_stages(reference, mp_import, ['codes'])
 
-  # 3. One more launch finishes stage 1 and runs the later stages on the
-  # reference's inputs.
+  # 3. One more launch finishes stage 1, runs the later stages on the
+  # reference's inputs, and starts stage 1 and the priors from the
+  # reference's exported file.
   launcher = _launch(str(root / 'logs_finish'), f'--run={mp_vqvae}:vqvae',
                      f'--run={mp_codes}:codes,prior',
                      f'--run={mp_sample}:sample',
+                     f'--run={mp_import}:vqvae,prior@{exported}',
                      module='tests.multiprocess_stages')
   output = _output(launcher, 600)
   assert launcher.returncode == 0, _logs(launcher, output)
   return {'config': config, 'reference': reference, 'vqvae': mp_vqvae,
-          'codes': mp_codes, 'sample': mp_sample, 'events': events}
+          'codes': mp_codes, 'sample': mp_sample, 'import': mp_import,
+          'events': events}
 
 
 def test_a_process_35_s_late_at_the_first_collectives_is_waited_for(
@@ -383,3 +392,29 @@ def test_samples_are_identical_and_written_once(runs):
       'events' if n.startswith('events.out.tfevents') else n
       for n in os.listdir(d))
   assert kinds(samples[0]) == kinds(reference)
+
+
+def test_stages_from_an_export_hold_its_weights_once(runs):
+  """--config.{vqvae_train,prior}.from_export on 2 processes: each stage's
+  one checkpoint holds the file's weights at the file's step, and the stage
+  is finished (evaluated, metrics.json written)."""
+  mesh = parallel.create_mesh()
+  wd, ref = workdir_lib.Workdir(runs['import']), workdir_lib.Workdir(
+      runs['reference'])
+  stages = [(wd.vqvae, ref.vqvae, vqvae_trainer.programs(runs['config'],
+                                                           mesh))]
+  stages += [(wd.prior(level), ref.prior(level),
+              prior_trainer.programs(runs['config'], level, mesh))
+             for level in (0, 1)]
+  for stage_dir, ref_dir, programs in stages:
+    assert len(_saved_steps(stage_dir)) == 1, stage_dir
+    assert os.path.exists(os.path.join(stage_dir, 'metrics.json')), stage_dir
+    step, state = _restore(stage_dir, programs)
+    ref_step, ref_state = _restore(ref_dir, programs)
+    assert step == ref_step, stage_dir
+    # The file holds the sampling weights: a prior's Polyak average.
+    want = getattr(ref_state, 'eval_params', lambda: ref_state.params)()
+    jax.tree.map(np.testing.assert_array_equal, state.params, want)
+    jax.tree.map(np.testing.assert_array_equal, state.extra, ref_state.extra)
+    if getattr(state, 'polyak', None) is not None:  # A prior's, the same.
+      jax.tree.map(np.testing.assert_array_equal, state.polyak, want)

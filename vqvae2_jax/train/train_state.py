@@ -13,7 +13,6 @@ from typing import Any, Protocol
 
 import flax
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
@@ -62,7 +61,7 @@ def with_weights(state: TrainState, variables: dict[str, PyTree],
   placed = lambda new, old: jax.device_put(parallel.to_host(new),
                                             old.sharding)
   return state.replace(
-      step=jnp.asarray(step, jnp.int32),
+      step=jax.device_put(np.asarray(step, np.int32), state.step.sharding),
       params=jax.tree.map(placed, variables.pop('params'), state.params),
       extra=jax.tree.map(placed, variables, state.extra))
 
