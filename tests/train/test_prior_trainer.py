@@ -302,9 +302,21 @@ def test_priors_from_an_exported_file(config, stage2_workdir, codes_workdir,
   _, theirs, _ = loading.load_prior(config, workdir, 0, vqvae=vqvae)
   _, ours, _ = loading.load_prior(config, other, 0, vqvae=vqvae)
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  # A level of another width: refused, naming the field and both values.
+  wider = imported.copy_and_resolve_references()
+  wider.prior.level = 1
+  width = config.prior.level_1.num_channels
+  wider.prior.level_1.num_channels = width + 8
+  with pytest.raises(errors.ConfigError, match=(
+      r'differ in prior\.level_1\.num_channels \(file: '
+      rf'{width}, here: {width + 8}\)\. Fix: pass the config')):
+    stages.run('prior', wider, other)
+  assert not os.path.exists(os.path.join(other, 'prior_1'))
   # Codes of another stage 1 (an untrained one): the file's prior is
   # refused, naming the fix.
   elsewhere = str(tmp_path / 'elsewhere')
   shutil.copytree(codes_workdir, elsewhere)
-  with pytest.raises(errors.ConfigError, match='holds no prior of level 0'):
+  with pytest.raises(errors.ConfigError, match=(
+      r'holds no prior of level 0 for these codes: .*codes\.vqvae_'
+      r'.*Fix: start stage 1 from the same file')):
     stages.run('prior', imported.copy_and_resolve_references(), elsewhere)

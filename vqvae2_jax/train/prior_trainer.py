@@ -283,8 +283,9 @@ def _start_from_export(config: ml_collections.ConfigDict, level: int,
   `exported()` is the file's `api.Pipeline`, loaded on first use.
 
   Raises:
-    errors.ConfigError: the file holds no prior of this level for these
-      codes (another model, or another VQ-VAE than the workdir's stage 1).
+    errors.ConfigError: the file holds no prior of this level, or one for
+      another VQ-VAE than the workdir's stage 1, or of another model config
+      (the message names the fields that differ).
   """
   if checkpoints.has_checkpoint(ckpt_dir):
     return
@@ -292,15 +293,32 @@ def _start_from_export(config: ml_collections.ConfigDict, level: int,
   pipe = exported()
   provenance = loading.vqvae_provenance(pipe.config, pipe.vqvae_variables,
                                         pipe.steps.get('vqvae', 0))
-  if (level >= len(pipe.priors) or dict(fingerprint) !=
-      builders.prior_fingerprint(pipe.config, level, provenance)):
+  theirs = (builders.prior_fingerprint(pipe.config, level, provenance)
+            if level < len(pipe.priors) else None)
+  if theirs is None:
     raise errors.ConfigError(
         f'config.prior.from_export: {source} holds no prior of level {level} '
-        'for these codes (its model config differs from --config, or its '
-        "VQ-VAE from this workdir's stage 1). Fix: pass the config it was "
-        f'trained with and start stage 1 from the same file '
+        f'(it has {len(pipe.priors)} level(s)). Fix: import the levels it '
+        'has (--config.prior.level=N) and train this one without '
+        'prior.from_export.')
+  keys = [k for k in sorted(set(theirs) | set(fingerprint))
+          if theirs.get(k) != fingerprint.get(k)]
+  differ = [f'{k} (file: {theirs.get(k)!r}, here: {fingerprint.get(k)!r})'
+            for k in keys]
+  if any(k.startswith('codes.') for k in keys):
+    raise errors.ConfigError(
+        f'config.prior.from_export: {source} holds no prior of level {level} '
+        f"for these codes: its VQ-VAE is not this workdir's stage 1 "
+        f'({"; ".join(differ)}). Fix: start stage 1 from the same file '
         f'(--config.vqvae_train.from_export={source} in a new --workdir), or '
         'leave prior.from_export empty.')
+  if differ:
+    raise errors.ConfigError(
+        f'config.prior.from_export: {source} holds no prior of level {level} '
+        f'for this config: they differ in {"; ".join(differ)}. Fix: pass '
+        'the config it was trained with, or import only the levels that '
+        'agree (--config.prior.level=N) and train this one without '
+        'prior.from_export.')
   step = int(pipe.steps.get(f'prior_{level}', 0))
   state = train_state.with_weights(
       progs.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), level)),
