@@ -1082,3 +1082,55 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
   rows = export_dtype.compare(unconditional, str(workdir), num_samples=10,
                               limit=20, print_row=export_dtype._print)  # pylint: disable=protected-access
   assert 'class_agreement' not in rows['rows'][0]
+
+
+def test_recall_breakdown_splits_recall_by_typicality_and_class():
+  # pylint: disable=g-import-not-at-top
+  from experiments import recall_breakdown
+  from vqvae2_jax.evaluation import metrics
+  # pylint: enable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(400, 2))
+  labels = np.arange(400) % 4
+  same = recall_breakdown.breakdown(real, labels, real.copy(), k=3,
+                                    num_classes=4)
+  assert same['recall'] == same['precision'] == 1.0
+  assert same['recall_by_typicality'] == [1.0] * 4
+  assert same['recall_by_class'] == [1.0] * 4
+  assert same['radius_ratio'] == 1.0
+  # Samples that are only the most typical half of the data (the images of
+  # the smaller k-NN radii, in dense regions): each of those is covered
+  # (it is a sample), few of the least typical quarter, and the samples'
+  # neighbourhoods are smaller than the data's.
+  radii = metrics.manifolds(real, real, k=3).real_radii
+  typical = real[radii < np.median(radii)]
+  row = recall_breakdown.breakdown(real, labels, typical, k=3,
+                                   num_classes=4)
+  first, second, _, last = row['recall_by_typicality']
+  assert first == second == 1.0 and last < 0.5
+  assert row['recall'] == pytest.approx(
+      np.mean(row['recall_by_typicality']), abs=0.01)
+  assert row['precision'] == 1.0 and row['radius_ratio'] < 1.0
+  edges = row['radius_quartile_edges']
+  assert len(edges) == 5 and edges == sorted(edges)
+
+
+def test_recall_breakdown_rows(monkeypatch, tiny_judge, stage2_workdir,
+                               stage2_config):
+  # pylint: disable=g-import-not-at-top
+  from experiments import recall_breakdown
+  from vqvae2_jax import api
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  workdir, _ = stage2_workdir
+  pipe = api.Pipeline.load(workdir, stage2_config)
+  result = recall_breakdown.rows(pipe, 20, guidance=1.5)
+  assert result['guidance'] == 1.5 and result['num_samples'] == 20
+  for name in ('samples', 'reconstructions', 'train'):
+    row = result[name]
+    assert 0 <= row['recall'] <= 1 and 0 <= row['precision'] <= 1, name
+    assert len(row['recall_by_typicality']) == 4, name
+    # A class without held-out images here (40 of them) has no recall.
+    assert len(row['recall_by_class']) == 10, name
+    assert row['radius_ratio'] > 0, name

@@ -45,6 +45,16 @@ class PrecisionRecall(NamedTuple):
   recall: float
 
 
+class Manifolds(NamedTuple):
+  """Per point, what `precision_recall` averages: whether each fake point
+  lies in the real manifold and each real point in the fake one, and each
+  point's radius (distance to its k-th nearest neighbour in its own set)."""
+  fake_inside: np.ndarray  # bool [n_fake]
+  real_inside: np.ndarray  # bool [n_real]
+  real_radii: np.ndarray  # float64 [n_real]
+  fake_radii: np.ndarray  # float64 [n_fake]
+
+
 def _as_matrix(x: Any, name: str) -> np.ndarray:
   """x as a float64 [n, d] host array, or a ValueError naming it."""
   x = np.asarray(x, np.float64)
@@ -392,7 +402,16 @@ def _knn_radii(x: np.ndarray, x_sq: np.ndarray, k: int,
 
 def precision_recall(real_features: Any, fake_features: Any, k: int = 3,
                      batch_size: int = 1024) -> PrecisionRecall:
-  """Improved precision and recall (Kynkaanniemi et al. 2019).
+  """Improved precision and recall (Kynkaanniemi et al. 2019): the means of
+  `manifolds`' fake_inside and real_inside (its arguments and errors)."""
+  m = manifolds(real_features, fake_features, k, batch_size)
+  return PrecisionRecall(float(m.fake_inside.mean()),
+                         float(m.real_inside.mean()))
+
+
+def manifolds(real_features: Any, fake_features: Any, k: int = 3,
+              batch_size: int = 1024) -> Manifolds:
+  """Per point, improved precision and recall (Kynkaanniemi et al. 2019).
 
   Each set's manifold is the union of balls around its points, each ball's
   radius the distance to the point's k-th nearest neighbour in its own set.
@@ -410,7 +429,7 @@ def precision_recall(real_features: Any, fake_features: Any, k: int = 3,
     batch_size: rows per distance block.
 
   Returns:
-    PrecisionRecall.
+    Manifolds.
   """
   real = _as_matrix(real_features, 'real_features')
   fake = _as_matrix(fake_features, 'fake_features')
@@ -437,7 +456,7 @@ def precision_recall(real_features: Any, fake_features: Any, k: int = 3,
                               real_sq)  # [b, n_real]
     fake_inside[start:stop] = np.any(dist <= real_radii[None, :], axis=1)
     real_inside |= np.any(dist <= fake_radii[start:stop, None], axis=0)
-  return PrecisionRecall(float(fake_inside.mean()), float(real_inside.mean()))
+  return Manifolds(fake_inside, real_inside, real_radii, fake_radii)
 
 
 def class_agreement(probs: Any, requested_labels: Any,
