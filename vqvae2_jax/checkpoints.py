@@ -260,23 +260,34 @@ def check_fingerprint(saved: Mapping[str, Any] | None,
         f'The checkpoints in {directory} carry no config fingerprint, so they '
         'cannot be checked against this config. Fix: use another --workdir, '
         'or delete that directory to start again.')
-  saved = _normalise(saved)
-  if saved == current:
+  diffs = fingerprint_differences(saved, current).values()
+  if not diffs:
     return
-  missing = object()
-  diffs = []
-  for key in sorted(set(saved) | set(current)):
-    old, new = saved.get(key, missing), current.get(key, missing)
-    if old != new:
-      old = '(absent)' if old is missing else repr(old)
-      new = '(absent)' if new is missing else repr(new)
-      diffs.append(f'{key}: checkpoint {old}, config {new}')
   raise errors.CheckpointMismatchError(
       f'The checkpoints in {directory} were written for a different model '
       f'config; differing fields: {"; ".join(diffs)}. Fix: pass another '
       '--workdir for this config, or run with the config that wrote them '
       '(e.g. override the fields above with --config.<field>=<checkpoint '
       'value>).')
+
+
+def fingerprint_differences(saved: Mapping[str, Any],
+                            current: Mapping[str, Any],
+                            saved_name: str = 'checkpoint',
+                            current_name: str = 'config') -> dict[str, str]:
+  """Each field in which two fingerprints differ, sorted, with both values
+  for a message: {key: '<key>: <saved_name> <value>, <current_name> <value>'}
+  ('(absent)' for a field one lacks)."""
+  saved, current = _normalise(saved), _normalise(current)
+  missing = object()
+  diffs = {}
+  for key in sorted(set(saved) | set(current)):
+    old, new = saved.get(key, missing), current.get(key, missing)
+    if old != new:
+      old = '(absent)' if old is missing else repr(old)
+      new = '(absent)' if new is missing else repr(new)
+      diffs[key] = f'{key}: {saved_name} {old}, {current_name} {new}'
+  return diffs
 
 
 def restore_fingerprint(manager: ocp.CheckpointManager,

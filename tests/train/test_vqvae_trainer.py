@@ -187,10 +187,13 @@ def test_stage_1_from_an_exported_file(finished_run, tmp_path):
   more = vqvae_trainer.train_and_evaluate(longer, str(tmp_path / 'longer'))
   assert more['step'] == metrics['step'] + 2
   assert np.isfinite(more['train/loss'])
-  # A file of another model is refused, naming the fix.
+  # A file of another model is refused, naming the field and the fix.
   wrong = imported.copy_and_resolve_references()
   wrong.model.num_hiddens *= 2
-  with pytest.raises(errors.ConfigError, match='another model config'):
+  hiddens = config.model.num_hiddens
+  with pytest.raises(errors.ConfigError, match=(
+      rf'another model config than --config \(model\.num_hiddens: file '
+      rf'{hiddens}, here {2 * hiddens}\)\. Fix: pass the config')):
     vqvae_trainer.train_and_evaluate(wrong, str(tmp_path / 'wrong'))
 
 

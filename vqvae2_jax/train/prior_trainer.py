@@ -301,24 +301,22 @@ def _start_from_export(config: ml_collections.ConfigDict, level: int,
         f'(it has {len(pipe.priors)} level(s)). Fix: import the levels it '
         'has (--config.prior.level=N) and train this one without '
         'prior.from_export.')
-  keys = [k for k in sorted(set(theirs) | set(fingerprint))
-          if theirs.get(k) != fingerprint.get(k)]
-  differ = [f'{k} (file: {theirs.get(k)!r}, here: {fingerprint.get(k)!r})'
-            for k in keys]
-  if any(k.startswith('codes.') for k in keys):
+  differ = checkpoints.fingerprint_differences(theirs, fingerprint, 'file',
+                                               'here')
+  if any(k.startswith('codes.') for k in differ):
     raise errors.ConfigError(
         f'config.prior.from_export: {source} holds no prior of level {level} '
         f"for these codes: its VQ-VAE is not this workdir's stage 1 "
-        f'({"; ".join(differ)}). Fix: start stage 1 from the same file '
-        f'(--config.vqvae_train.from_export={source} in a new --workdir), or '
-        'leave prior.from_export empty.')
+        f'({"; ".join(differ.values())}). Fix: start stage 1 from the same '
+        f'file (--config.vqvae_train.from_export={source} in a new '
+        '--workdir), or leave prior.from_export empty.')
   if differ:
     raise errors.ConfigError(
         f'config.prior.from_export: {source} holds no prior of level {level} '
-        f'for this config: they differ in {"; ".join(differ)}. Fix: pass '
-        'the config it was trained with, or import only the levels that '
-        'agree (--config.prior.level=N) and train this one without '
-        'prior.from_export.')
+        f'for this config: they differ in {"; ".join(differ.values())}. '
+        'Fix: pass the config it was trained with, or import only the '
+        'levels that agree (--config.prior.level=N) and train this one '
+        'without prior.from_export.')
   step = int(pipe.steps.get(f'prior_{level}', 0))
   state = train_state.with_weights(
       progs.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), level)),

@@ -228,12 +228,15 @@ def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
   from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   source = config.vqvae_train.from_export
   pipe = api.Pipeline.load(source, mesh=mesh, priors=False)
-  if builders.vqvae_fingerprint(pipe.config) != dict(fingerprint):
+  differ = checkpoints.fingerprint_differences(
+      builders.vqvae_fingerprint(pipe.config), fingerprint, 'file', 'here')
+  if differ:
     raise errors.ConfigError(
         f'config.vqvae_train.from_export: {source} holds a VQ-VAE of another '
-        'model config than --config. Fix: pass the config it was trained '
-        f'with (its config is inside: vqvae2_jax.Pipeline.load({source!r})'
-        '.config), or leave from_export empty to train stage 1.')
+        f'model config than --config ({"; ".join(differ.values())}). Fix: '
+        'pass the config it was trained with (its config is inside: '
+        f'vqvae2_jax.Pipeline.load({source!r}).config), or leave '
+        'from_export empty to train stage 1.')
   step = int(pipe.steps.get('vqvae', 0))
   state = train_state.with_weights(progs.init(jax.random.PRNGKey(config.seed)),
                                    pipe.vqvae_variables, step)
