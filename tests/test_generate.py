@@ -50,8 +50,19 @@ def test_run_name_names_checkpoints_seed_controls_and_count():
   config.sampling.guidance_per_level = (2.5, 2.5)
   assert generate.run_name(config, 300, [200, 100], 40, True) == (
       'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_g2.5_n40_keep0.25')
-  del config.sampling['guidance_per_level']
-  del config.sampling['guidance']  # A config recorded before the fields.
+  # Other weights draw other samples: the raw weights in place of their
+  # Polyak average, and the sampler in bfloat16.
+  config.sampling.use_polyak = False
+  assert generate.run_name(config, 300, [200, 100], 40, True).endswith(
+      '_g2.5_n40_keep0.25_raw')
+  config.sampling.dtype = 'bfloat16'
+  assert generate.run_name(config, 300, [200, 100], 40, True).endswith(
+      '_g2.5_n40_keep0.25_raw_bfloat16')
+  config.sampling.use_polyak = True
+  assert generate.run_name(config, 300, [200, 100], 40, True).endswith(
+      '_g2.5_n40_keep0.25_bfloat16')
+  for field in ('guidance_per_level', 'guidance', 'use_polyak', 'dtype'):
+    del config.sampling[field]  # A config recorded before the fields.
   assert generate.run_name(config, 300, [200, 100], 40, True) == (
       'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_n40_keep0.25')
 

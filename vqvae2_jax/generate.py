@@ -58,11 +58,16 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   """The sample run's directory name: checkpoints, seed, controls, count.
 
   `_g<scale>` (`_g<top>-<bottom>` per level) is added when guidance is on,
-  and `_keep<k>` when rejection sampling keeps a fraction k < 1, so other
-  settings write beside the plain run.
+  `_keep<k>` when rejection sampling keeps a fraction k < 1, `_raw` when
+  the priors' raw weights stand in for their Polyak average
+  (sampling.use_polyak False) and `_<dtype>` when the sampler computes in
+  sampling.dtype, so other settings write beside the plain run (whose
+  name stays that of runs made before these fields).
   """
   s = config.sampling
   keep = float(s.rejection_keep)
+  weights = ('' if s.get('use_polyak', True) else '_raw') + (
+      f'_{s.dtype}' if s.get('dtype') else '')
   guidance = builders.sampling_guidance(config)
   guided = (f'g{builders.guidance_text(guidance, "-")}_'
             if guidance != 1.0 else '')
@@ -70,7 +75,7 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
           f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
           f'{guided}'
           f'n{num_samples}{"" if conditional else "_uncond"}'
-          f'{f"_keep{keep:g}" if keep < 1.0 else ""}')
+          f'{f"_keep{keep:g}" if keep < 1.0 else ""}{weights}')
 
 
 def classifier_scorer(config: ml_collections.ConfigDict, workdir: str,
