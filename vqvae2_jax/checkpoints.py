@@ -254,7 +254,6 @@ def check_fingerprint(saved: Mapping[str, Any] | None,
     current: the fingerprint of the config in use.
     directory: the checkpoint directory, for the message.
   """
-  current = _normalise(current)
   if saved is None:
     raise errors.CheckpointMismatchError(
         f'The checkpoints in {directory} carry no config fingerprint, so they '
