@@ -18,7 +18,14 @@ Each row gives recall, precision, recall in each quartile of the held-out
 images' own k-NN radius among themselves (first: the most typical images,
 in dense regions; last: the least typical), recall per class (the images'
 true labels), and the set's median k-NN radius over the held-out images'
-(below 1: the set is more tightly clustered than the data). --pipeline is
+(below 1: the set is more tightly clustered than the data).
+
+`bits` scores codes with the priors (with their labels; bits per code of
+each level, top first): the held-out images' codes, their mean in each
+typicality quartile, and the quantiles of each image's bits per code,
+beside the samples' own codes. Samples drawn at the model's own
+temperature with no guidance that hold fewer bits than the held-out codes
+are simpler than the data, by the priors' own measure. --pipeline is
 anything `Pipeline.load` takes: a workdir, an exported file, a shipped name.
 """
 
@@ -36,6 +43,7 @@ from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import run as eval_run
 
 QUARTILES = 4
+BITS_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def _define_flags():
@@ -55,14 +63,21 @@ def _define_flags():
   }
 
 
+def typicality(radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(quartile of each k-NN radius, 0 the smallest: the most typical
+  images; the QUARTILES + 1 edges)."""
+  edges = np.quantile(radii, np.linspace(0, 1, QUARTILES + 1))
+  # Quartile i holds the radii in [edges[i], edges[i + 1]), the last closed.
+  bins = np.clip(np.searchsorted(edges, radii, side='right') - 1, 0,
+                 QUARTILES - 1)
+  return bins, edges
+
+
 def breakdown(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray,
               k: int, num_classes: int) -> dict[str, object]:
   """One row (see the module docstring) of `fake` against `real` features."""
   m = metrics_lib.manifolds(real, fake, k)
-  edges = np.quantile(m.real_radii, np.linspace(0, 1, QUARTILES + 1))
-  # Quartile i holds the radii in [edges[i], edges[i + 1]), the last closed.
-  bins = np.clip(np.searchsorted(edges, m.real_radii, side='right') - 1, 0,
-                 QUARTILES - 1)
+  bins, edges = typicality(m.real_radii)
   return {
       'recall': float(m.real_inside.mean()),
       'precision': float(m.fake_inside.mean()),
@@ -77,16 +92,43 @@ def breakdown(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray,
   }
 
 
+def bits_per_code(pipe: api.Pipeline, codes: list[np.ndarray],
+                  labels: np.ndarray | None, batch_size: int = 1000
+                  ) -> np.ndarray:
+  """[levels, n] bits per code of each map under the priors."""
+  n = len(codes[0])
+  bits = np.concatenate([pipe.log_prob_codes(
+      [c[i:i + batch_size] for c in codes],
+      None if labels is None else labels[i:i + batch_size])
+                         for i in range(0, n, batch_size)], axis=1)
+  return bits / np.array([h * w for h, w in pipe.level_shapes])[:, None]
+
+
+def bits_summary(bits: np.ndarray,
+                 bins: np.ndarray | None = None) -> dict[str, object]:
+  """Per level: the mean bits per code, the quantiles (BITS_QUANTILES) of
+  each map's, and (given typicality `bins` of the maps) each quartile's
+  mean."""
+  out = {'per_code': [float(b.mean()) for b in bits],
+         'quantiles': [[float(q) for q in np.quantile(b, BITS_QUANTILES)]
+                       for b in bits]}
+  if bins is not None:
+    out['by_typicality'] = [[float(b[bins == i].mean())
+                             for i in range(QUARTILES)] for b in bits]
+  return out
+
+
 def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
          temperature=None) -> dict[str, object]:
   """The three rows of `pipe` (see the module docstring)."""
   config, mesh = pipe.config, pipe.mesh
   features, about = eval_run.feature_fn(config, pipe.workdir, mesh)
-  held_out, recon, labels = [], [], []
+  held_out, recon, labels, codes = [], [], [], []
   for images, batch_labels, _ in eval_run.real_batches(
       config, mesh, config.data.eval_split):
     held_out.append(features(images)[0])
-    recon.append(features(np.clip(pipe.reconstruct(images), -1.0, 1.0))[0])
+    codes.append(pipe.encode(images))
+    recon.append(features(np.clip(pipe.decode(codes[-1]), -1.0, 1.0))[0])
     labels.append(batch_labels)
   train = [features(images)[0] for images, _, _ in eval_run.real_batches(
       config, mesh, config.data.train_split, limit=num_samples)]
@@ -94,19 +136,27 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
   guidance = (builders.sampling_guidance(config) if guidance is None
               else guidance)
   temperature = s.temperature if temperature is None else temperature
-  samples, _, _ = eval_run.pipeline_samples(
+  samples, sample_labels, sample_codes = eval_run.pipeline_samples(
       pipe, num_samples, features, rng=jax.random.PRNGKey(config.seed),
       temperature=temperature, top_k=s.top_k, top_p=s.top_p,
       guidance=guidance)
   held_out, labels = np.concatenate(held_out), np.concatenate(labels)
-  row = functools.partial(breakdown, held_out, labels,
-                          k=config.eval.precision_recall_k,
+  k = config.eval.precision_recall_k
+  row = functools.partial(breakdown, held_out, labels, k=k,
                           num_classes=int(config.data.num_classes))
+  conditional = sample_labels is not None
+  bins, _ = typicality(metrics_lib.manifolds(held_out, held_out, k).real_radii)
+  held_out_bits = bits_per_code(
+      pipe, [np.concatenate(c) for c in zip(*codes)],
+      labels if conditional else None)
   return {**about, 'num_samples': num_samples, 'guidance': guidance,
           'temperature': temperature,
           'samples': row(samples.features),
           'reconstructions': row(np.concatenate(recon)),
-          'train': row(np.concatenate(train))}
+          'train': row(np.concatenate(train)),
+          'bits': {'held_out': bits_summary(held_out_bits, bins),
+                   'samples': bits_summary(bits_per_code(
+                       pipe, sample_codes, sample_labels))}}
 
 
 def main(argv, flag_values):

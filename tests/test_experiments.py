@@ -1121,6 +1121,7 @@ def test_recall_breakdown_rows(monkeypatch, tiny_judge, stage2_workdir,
   from experiments import recall_breakdown
   from vqvae2_jax import api
   from vqvae2_jax.evaluation import judges
+  from vqvae2_jax.evaluation import run as eval_run
   # pylint: enable=g-import-not-at-top
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
   workdir, _ = stage2_workdir
@@ -1134,3 +1135,24 @@ def test_recall_breakdown_rows(monkeypatch, tiny_judge, stage2_workdir,
     # A class without held-out images here (40 of them) has no recall.
     assert len(row['recall_by_class']) == 10, name
     assert row['radius_ratio'] > 0, name
+  # Bits per code under the priors, one entry per level: the held-out
+  # images' mean is their codes' log_prob_codes (with their labels) over
+  # the level's positions, counted here on its own.
+  images, labels = [], []
+  for batch, batch_labels, _ in eval_run.real_batches(
+      stage2_config, pipe.mesh, stage2_config.data.eval_split):
+    images.append(batch)
+    labels.append(batch_labels)
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  expected = pipe.log_prob_codes(pipe.encode(images), labels).mean(axis=1)
+  positions = [h * w for h, w in pipe.level_shapes]
+  bits = result['bits']
+  np.testing.assert_allclose(bits['held_out']['per_code'],
+                             expected / positions, rtol=1e-5)
+  for name in ('held_out', 'samples'):
+    assert len(bits[name]['per_code']) == len(positions) == 2, name
+    for quantiles in bits[name]['quantiles']:
+      assert len(quantiles) == 5 and quantiles == sorted(quantiles), name
+  by_quartile = bits['held_out']['by_typicality']
+  assert [len(q) for q in by_quartile] == [4, 4]
+  assert 'by_typicality' not in bits['samples']
