@@ -25,8 +25,13 @@ each level, top first): the held-out images' codes, their mean in each
 typicality quartile, and the quantiles of each image's bits per code,
 beside the samples' own codes. Samples drawn at the model's own
 temperature with no guidance that hold fewer bits than the held-out codes
-are simpler than the data, by the priors' own measure. --pipeline is
-anything `Pipeline.load` takes: a workdir, an exported file, a shipped name.
+are simpler than the data, by the priors' own measure.
+
+--grid=PATH also writes a PNG: on the left, held-out images inside the
+samples' manifold (covered); on the right, images outside it (missed);
+one class a row, the first --grid_per_class of each in the split's order.
+--pipeline is anything `Pipeline.load` takes: a workdir, an exported
+file, a shipped name.
 """
 
 import functools
@@ -39,6 +44,7 @@ import numpy as np
 
 from vqvae2_jax import api
 from vqvae2_jax import builders
+from vqvae2_jax import images as images_lib
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import run as eval_run
 
@@ -60,6 +66,11 @@ def _define_flags():
       'temperature': flags.DEFINE_float(
           'temperature', None, "The sampler's; the config's when unset."),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
+      'grid': flags.DEFINE_string(
+          'grid', None, 'Also write the covered / missed held-out images '
+          'here (PNG).'),
+      'grid_per_class': flags.DEFINE_integer(
+          'grid_per_class', 8, 'Images of each class on each side of --grid.'),
   }
 
 
@@ -118,14 +129,35 @@ def bits_summary(bits: np.ndarray,
   return out
 
 
+def covered_and_missed(images: np.ndarray, labels: np.ndarray,
+                       inside: np.ndarray, num_classes: int, per_class: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """Two grids' images, one class a row of `per_class` (the first of the
+  class, in order): those `inside` (covered), those not (missed). A row
+  with too few images is filled with blank (-1) ones."""
+  blank = np.full((per_class, *images.shape[1:]), -1.0, np.float32)
+
+  def row(mask):
+    chosen = images[np.flatnonzero(mask)[:per_class]]
+    return np.concatenate([chosen, blank[len(chosen):]])
+
+  covered = [row((labels == c) & inside) for c in range(num_classes)]
+  missed = [row((labels == c) & ~inside) for c in range(num_classes)]
+  return np.concatenate(covered), np.concatenate(missed)
+
+
 def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
-         temperature=None) -> dict[str, object]:
-  """The three rows of `pipe` (see the module docstring)."""
+         temperature=None, grid: str | None = None,
+         grid_per_class: int = 8) -> dict[str, object]:
+  """The three rows of `pipe` (see the module docstring); `grid`: also
+  write the covered / missed held-out images there (PNG)."""
   config, mesh = pipe.config, pipe.mesh
   features, about = eval_run.feature_fn(config, pipe.workdir, mesh)
-  held_out, recon, labels, codes = [], [], [], []
+  held_out, recon, labels, codes, pictures = [], [], [], [], []
   for images, batch_labels, _ in eval_run.real_batches(
       config, mesh, config.data.eval_split):
+    if grid:
+      pictures.append(images)
     held_out.append(features(images)[0])
     codes.append(pipe.encode(images))
     recon.append(features(np.clip(pipe.decode(codes[-1]), -1.0, 1.0))[0])
@@ -149,6 +181,14 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
   held_out_bits = bits_per_code(
       pipe, [np.concatenate(c) for c in zip(*codes)],
       labels if conditional else None)
+  if grid:
+    inside = metrics_lib.manifolds(held_out, samples.features, k).real_inside
+    covered, missed = covered_and_missed(
+        np.concatenate(pictures), labels, inside,
+        max(int(config.data.num_classes), 1), grid_per_class)
+    images_lib.write_side_by_side(
+        grid, images_lib.image_grid(covered, grid_per_class),
+        images_lib.image_grid(missed, grid_per_class))
   return {**about, 'num_samples': num_samples, 'guidance': guidance,
           'temperature': temperature,
           'samples': row(samples.features),
@@ -167,7 +207,8 @@ def main(argv, flag_values):
     guidance = tuple(float(g) for g in guidance)
     guidance = guidance[0] if len(guidance) == 1 else guidance
   result = rows(api.Pipeline.load(f['pipeline']), f['num_samples'],
-                guidance=guidance, temperature=f['temperature'])
+                guidance=guidance, temperature=f['temperature'],
+                grid=f['grid'], grid_per_class=f['grid_per_class'])
   text = json.dumps(result, indent=1)
   print(text)
   if f['out']:

@@ -1115,10 +1115,11 @@ def test_recall_breakdown_splits_recall_by_typicality_and_class():
   assert len(edges) == 5 and edges == sorted(edges)
 
 
-def test_recall_breakdown_rows(monkeypatch, tiny_judge, stage2_workdir,
-                               stage2_config):
+def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
+                               stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
   from experiments import recall_breakdown
+  from PIL import Image
   from vqvae2_jax import api
   from vqvae2_jax.evaluation import judges
   from vqvae2_jax.evaluation import run as eval_run
@@ -1126,7 +1127,9 @@ def test_recall_breakdown_rows(monkeypatch, tiny_judge, stage2_workdir,
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
   workdir, _ = stage2_workdir
   pipe = api.Pipeline.load(workdir, stage2_config)
-  result = recall_breakdown.rows(pipe, 20, guidance=1.5)
+  grid = tmp_path / 'covered_missed.png'
+  result = recall_breakdown.rows(pipe, 20, guidance=1.5, grid=str(grid),
+                                 grid_per_class=3)
   assert result['guidance'] == 1.5 and result['num_samples'] == 20
   for name in ('samples', 'reconstructions', 'train'):
     row = result[name]
@@ -1156,3 +1159,29 @@ def test_recall_breakdown_rows(monkeypatch, tiny_judge, stage2_workdir,
   by_quartile = bits['held_out']['by_typicality']
   assert [len(q) for q in by_quartile] == [4, 4]
   assert 'by_typicality' not in bits['samples']
+  # The grid: two panels of 10 class rows by 3 images, 8 white pixels apart.
+  h, w = images.shape[1:3]
+  picture = np.asarray(Image.open(grid))
+  assert picture.shape == (10 * (h + 2) + 2, 2 * (3 * (w + 2) + 2) + 8)
+
+
+def test_covered_and_missed_rows_by_class():
+  # pylint: disable=g-import-not-at-top
+  from experiments import recall_breakdown
+  # pylint: enable=g-import-not-at-top
+  # Image i is filled with i / 10, so the grids say which were chosen.
+  images = np.repeat(np.arange(10, dtype=np.float32)[:, None, None, None] / 10,
+                     4, axis=1).repeat(4, axis=2)
+  labels = np.array([0, 1, 0, 1, 0, 1, 0, 0, 1, 1])
+  inside = np.array([1, 1, 0, 0, 1, 1, 1, 0, 0, 1], bool)
+  covered, missed = recall_breakdown.covered_and_missed(
+      images, labels, inside, num_classes=2, per_class=2)
+  chosen = lambda grid: [round(float(x), 1) for x in grid[:, 0, 0, 0]]
+  # Class 0's covered: 0, 4 (6 is past per_class); class 1's: 1, 5.
+  assert chosen(covered) == [0.0, 0.4, 0.1, 0.5]
+  # Class 0's missed: 2, 7; class 1's: 3, 8.
+  assert chosen(missed) == [0.2, 0.7, 0.3, 0.8]
+  # Too few images of a class: blank (-1) ones fill its row.
+  covered, _ = recall_breakdown.covered_and_missed(
+      images, labels, inside, num_classes=3, per_class=2)
+  assert chosen(covered)[4:] == [-1.0, -1.0]
