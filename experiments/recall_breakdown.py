@@ -87,7 +87,13 @@ def typicality(radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def breakdown(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray,
               k: int, num_classes: int) -> dict[str, object]:
   """One row (see the module docstring) of `fake` against `real` features."""
-  m = metrics_lib.manifolds(real, fake, k)
+  return manifold_row(metrics_lib.manifolds(real, fake, k), real_labels,
+                      num_classes)
+
+
+def manifold_row(m: metrics_lib.Manifolds, real_labels: np.ndarray,
+                 num_classes: int) -> dict[str, object]:
+  """`breakdown`'s row from the sets' `metrics.manifolds`."""
   bins, edges = typicality(m.real_radii)
   return {
       'recall': float(m.real_inside.mean()),
@@ -174,24 +180,26 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
       guidance=guidance)
   held_out, labels = np.concatenate(held_out), np.concatenate(labels)
   k = config.eval.precision_recall_k
+  num_classes = int(config.data.num_classes)
   row = functools.partial(breakdown, held_out, labels, k=k,
-                          num_classes=int(config.data.num_classes))
-  conditional = sample_labels is not None
-  bins, _ = typicality(metrics_lib.manifolds(held_out, held_out, k).real_radii)
+                          num_classes=num_classes)
+  # The samples' manifolds serve their row, the held-out images'
+  # typicality (their radii among themselves) and the grid.
+  sampled = metrics_lib.manifolds(held_out, samples.features, k)
+  bins, _ = typicality(sampled.real_radii)
   held_out_bits = bits_per_code(
       pipe, [np.concatenate(c) for c in zip(*codes)],
-      labels if conditional else None)
+      None if sample_labels is None else labels)
   if grid:
-    inside = metrics_lib.manifolds(held_out, samples.features, k).real_inside
     covered, missed = covered_and_missed(
-        np.concatenate(pictures), labels, inside,
-        max(int(config.data.num_classes), 1), grid_per_class)
+        np.concatenate(pictures), labels, sampled.real_inside,
+        max(num_classes, 1), grid_per_class)
     images_lib.write_side_by_side(
         grid, images_lib.image_grid(covered, grid_per_class),
         images_lib.image_grid(missed, grid_per_class))
   return {**about, 'num_samples': num_samples, 'guidance': guidance,
           'temperature': temperature,
-          'samples': row(samples.features),
+          'samples': manifold_row(sampled, labels, num_classes),
           'reconstructions': row(np.concatenate(recon)),
           'train': row(np.concatenate(train)),
           'bits': {'held_out': bits_summary(held_out_bits, bins),
