@@ -253,6 +253,36 @@ def save_classifier_checkpoint():
 
 
 @pytest.fixture
+def forbid_random_init(monkeypatch):
+  """`forbid(trainer)`: the trainer module's programs' random init may then
+  only be traced (as `train_state.restore_target`'s `jax.eval_shape` does):
+  run on a key, it fails the test. For stages that start from given weights.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  import jax
+
+  def forbid(trainer):
+    programs = trainer.programs
+
+    def guarded_programs(*args, **kwargs):
+      progs = programs(*args, **kwargs)
+
+      def init(rng):
+        if not isinstance(rng, jax.core.Tracer):
+          raise AssertionError('a random init ran for weights that are '
+                               'then replaced')
+        # Traced: the plain function (a jit with compiler options may not
+        # be nested).
+        return progs.init.__wrapped__(rng)
+
+      return progs._replace(init=init)
+
+    monkeypatch.setattr(trainer, 'programs', guarded_programs)
+
+  return forbid
+
+
+@pytest.fixture
 def tiny_judge(tmp_path):
   """A random judge of a few hundred parameters, saved with its digest.
 

@@ -19,6 +19,7 @@ from vqvae2_jax.data import codes as codes_lib
 from vqvae2_jax.train import extract
 from vqvae2_jax.train import prior_trainer
 from vqvae2_jax.train import train_state
+from vqvae2_jax.train import vqvae_trainer
 
 
 @pytest.fixture(scope='module')
@@ -276,10 +277,10 @@ def test_load_prior_reads_weights_whatever_the_training_knobs(config,
 
 
 def test_priors_from_an_exported_file(config, stage2_workdir, codes_workdir,
-                                      tmp_path):
+                                      tmp_path, forbid_random_init):
   # A pipeline's exported stage 1 and top prior start a new workdir: the
   # top prior's weights and held-out bits are those of the run the file
-  # came from, without training it.
+  # came from, without training it (nor drawing a random init of either).
   from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   from vqvae2_jax import errors  # pylint: disable=g-import-not-at-top
   from vqvae2_jax import stages  # pylint: disable=g-import-not-at-top
@@ -291,6 +292,8 @@ def test_priors_from_an_exported_file(config, stage2_workdir, codes_workdir,
   imported.prior.from_export = path
   imported.prior.level = 0
   other = str(tmp_path / 'other')
+  forbid_random_init(vqvae_trainer)
+  forbid_random_init(prior_trainer)
   for mode in ('vqvae', 'codes', 'prior'):
     got = stages.run(mode, imported, other)[mode]
   want = results['prior']['level_0']

@@ -158,11 +158,14 @@ def test_rerun_of_finished_run_only_reads(finished_run):
       '3', '6']
 
 
-def test_stage_1_from_an_exported_file(finished_run, tmp_path):
+def test_stage_1_from_an_exported_file(finished_run, tmp_path,
+                                      forbid_random_init):
   # A pipeline's exported VQ-VAE starts stage 1 of another workdir: the
   # same weights and provenance (so the same codes), the same held-out
-  # metrics as the run it came from.
+  # metrics as the run it came from, and no random init for weights the
+  # file replaces.
   config, workdir, metrics = finished_run
+  forbid_random_init(vqvae_trainer)
   path = str(tmp_path / 'stage1.msgpack')
   api.Pipeline.load(workdir, config, priors=False).export(path)
   imported = config.copy_and_resolve_references()

@@ -77,6 +77,27 @@ def create_optimizer(config: ml_collections.ConfigDict
   return optimizer.create_optimizer(**dict(_optimizer_args(config)))
 
 
+def make_state_fn(tx: optax.GradientTransformation, *, use_polyak: bool
+                  ) -> Callable[..., PriorTrainState]:
+  """(params, extra, rng) -> the PriorTrainState at step 0 around given
+  weights: a fresh optimizer state, the Polyak average (when kept) equal to
+  `params`, `rng` its base key."""
+
+  def state_fn(params, extra, rng) -> PriorTrainState:
+    return PriorTrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        opt_state=tx.init(params), extra=extra, rng=rng,
+        polyak=params if use_polyak else None)
+
+  return state_fn
+
+
+def _split_init_key(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(params, dropout, state) keys of the init from `rng`."""
+  params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+  return params_rng, dropout_rng, state_rng
+
+
 def make_init_fn(model: pixelcnn.PixelCNNPrior,
                  tx: optax.GradientTransformation, *, level: int,
                  level_shapes: Sequence[Sequence[int]], use_polyak: bool
@@ -86,19 +107,17 @@ def make_init_fn(model: pixelcnn.PixelCNNPrior,
   `level_shapes`: (h, w) of every level, top first. The state's 'params'
   and 'polyak' fields are what `loading.load_prior` reads.
   """
+  state_fn = make_state_fn(tx, use_polyak=use_polyak)
 
   def init_fn(rng):
-    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    params_rng, dropout_rng, state_rng = _split_init_key(rng)
     codes, cond, labels = builders.prior_init_inputs(level, level_shapes,
                                                      model.num_classes)
     variables = dict(model.init({'params': params_rng, 'dropout': dropout_rng},
                                 codes, cond_codes=cond, labels=labels,
                                 train=False))
     params = variables.pop('params')
-    return PriorTrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        opt_state=tx.init(params), extra=variables, rng=state_rng,
-        polyak=params if use_polyak else None)
+    return state_fn(params, variables, state_rng)
 
   return init_fn
 
@@ -207,6 +226,9 @@ class Programs(NamedTuple):
   schedule: optax.Schedule
   shardings: PriorTrainState  # NamedShardings of the train state.
   init: Callable[[jax.Array], PriorTrainState]  # (rng) -> sharded state.
+  # (variables, rng, step) -> the sharded state around given weights, with
+  # no random init (`train_state.jit_from_weights`).
+  from_weights: Callable[..., PriorTrainState]
   train_step: Callable  # (state, batch) -> (state, metrics); state donated.
   eval_cond: Callable  # (params, batch) -> likelihood sums, with labels.
   eval_uncond: Callable  # (params, batch) -> likelihood sums, "no label".
@@ -240,6 +262,8 @@ def _programs(model: pixelcnn.PixelCNNPrior,
                       polyak_decay=polyak_decay), shardings, mesh)
   return Programs(
       model=model, schedule=schedule, shardings=shardings, init=init,
+      from_weights=train_state.jit_from_weights(
+          make_state_fn(tx, use_polyak=polyak_decay > 0), shardings),
       train_step=train_step,
       eval_cond=make_eval_fn(model, shardings.params, mesh, use_labels=True),
       eval_uncond=make_eval_fn(model, shardings.params, mesh,
@@ -318,11 +342,11 @@ def _start_from_export(config: ml_collections.ConfigDict, level: int,
         'levels that agree (--config.prior.level=N) and train this one '
         'without prior.from_export.')
   step = int(pipe.steps.get(f'prior_{level}', 0))
-  state = train_state.with_weights(
-      progs.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), level)),
-      pipe.priors[level][1], step)
-  if state.polyak is not None:
-    state = state.replace(polyak=state.params)
+  # The state key the init of this level would give; the file's weights
+  # (and Polyak average, when kept).
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), level)
+  state = progs.from_weights(pipe.priors[level][1], _split_init_key(rng)[2],
+                             step)
   checkpoints.save_now(ckpt_dir, step, state, fingerprint)
   console.say('Prior level %d: from %s (its step %d; the optimizer starts '
               'afresh if training goes on)', level, source, step)

@@ -52,18 +52,39 @@ class TrainState(flax.struct.PyTreeNode):
     return jax.random.fold_in(self.rng, self.step)
 
 
-def with_weights(state: TrainState, variables: dict[str, PyTree],
-                 step: int) -> TrainState:
-  """`state` at `step` with `variables` ({'params', **extra}, e.g. from an
-  exported file) in place of its own, on the state's shardings; the rest
-  (the optimizer's state, rng) stays `state`'s."""
-  variables = dict(variables)
-  placed = lambda new, old: jax.device_put(parallel.to_host(new),
-                                            old.sharding)
-  return state.replace(
-      step=jax.device_put(np.asarray(step, np.int32), state.step.sharding),
-      params=jax.tree.map(placed, variables.pop('params'), state.params),
-      extra=jax.tree.map(placed, variables, state.extra))
+def jit_from_weights(state_fn: Callable[[PyTree, dict[str, PyTree], jax.Array],
+                                        TrainState],
+                     shardings: TrainState) -> Callable[..., TrainState]:
+  """(variables, rng, step) -> a state holding `variables`' weights.
+
+  `state_fn(params, extra, rng)` builds a stage's state around given weights
+  (a fresh optimizer state, its Polyak average, ...), as its init does after
+  `model.init`. The returned function places `variables` ({'params',
+  **extra}, e.g. from an exported file, the same on every process) on the
+  state's shardings and builds the rest there, at `step`: nothing random is
+  drawn and no initializer runs (a paper-size prior's jitted random init
+  compiled for about 75 s on an H200, docs/benchmarks.md, for weights that
+  would be replaced).
+  """
+  build = jax.jit(state_fn, out_shardings=shardings,
+                  compiler_options=fast_compile_options())
+
+  def from_weights(variables: dict[str, PyTree], rng: jax.Array,
+                   step: int) -> TrainState:
+    variables = dict(variables)
+
+    def place(new, sharding):
+      host = (parallel.to_host(new) if isinstance(new, jax.Array)
+              else np.asarray(new))
+      return jax.device_put(host, sharding)
+
+    params = jax.tree.map(place, variables.pop('params'), shardings.params)
+    extra = jax.tree.map(place, variables, shardings.extra)
+    state = build(params, extra, rng)
+    return state.replace(step=jax.device_put(np.asarray(step, np.int32),
+                                             shardings.step))
+
+  return from_weights
 
 
 def sharded_init(init_fn: Callable[..., PyTree], mesh: Mesh,

@@ -50,6 +50,25 @@ def _optimizer_settings(config: ml_collections.ConfigDict
   return optimizer.settings_key(config.vqvae_train, optimizer.OPTIMIZER_FIELDS)
 
 
+def make_state_fn(tx: optax.GradientTransformation
+                  ) -> Callable[..., train_state.TrainState]:
+  """(params, extra, rng) -> the TrainState at step 0 around given weights:
+  a fresh optimizer state, `rng` its base key."""
+
+  def state_fn(params, extra, rng) -> train_state.TrainState:
+    return train_state.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        opt_state=tx.init(params), extra=extra, rng=rng)
+
+  return state_fn
+
+
+def _split_init_key(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(params, codebook, state) keys of the init from `rng`."""
+  params_rng, vq_rng, state_rng = jax.random.split(rng, 3)
+  return params_rng, vq_rng, state_rng
+
+
 def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
                  image_shape: tuple[int, int, int]
                  ) -> Callable[[jax.Array], train_state.TrainState]:
@@ -58,16 +77,15 @@ def make_init_fn(model: vqvae_lib.VQVAE, tx: optax.GradientTransformation,
   The variables are `model.init`'s with the collections `loading.load_vqvae`
   expects: 'params', the rest (codebook statistics) in `extra`.
   """
+  state_fn = make_state_fn(tx)
 
   def init_fn(rng: jax.Array) -> train_state.TrainState:
-    params_rng, vq_rng, state_rng = jax.random.split(rng, 3)
+    params_rng, vq_rng, state_rng = _split_init_key(rng)
     variables = dict(model.init({'params': params_rng, 'vq': vq_rng},
                                 jnp.zeros((1, *image_shape), jnp.float32),
                                 train=False))
     params = variables.pop('params')
-    return train_state.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        opt_state=tx.init(params), extra=variables, rng=state_rng)
+    return state_fn(params, variables, state_rng)
 
   return init_fn
 
@@ -179,6 +197,9 @@ class Programs(NamedTuple):
   shardings: train_state.TrainState  # NamedShardings of the train state.
   # (rng) -> the sharded state.
   init: Callable[[jax.Array], train_state.TrainState]
+  # (variables, rng, step) -> the sharded state around given weights, with
+  # no random init (`train_state.jit_from_weights`).
+  from_weights: Callable[..., train_state.TrainState]
   train_step: Callable  # (state, batch) -> (state, metrics); state donated.
   eval_sums: Callable  # (variables, batch) -> reconstruction sums.
   grid_rows: Callable  # (variables, batch) -> image rows for the grid.
@@ -203,8 +224,9 @@ def _programs(model: vqvae_lib.VQVAE,
       make_train_step(model, tx, schedule), shardings, mesh)
   eval_sums, grid_rows = make_eval_fns(
       model, {'params': shardings.params, **shardings.extra}, mesh, area)
-  return Programs(model, schedule, shardings, init, train_step, eval_sums,
-                  grid_rows)
+  from_weights = train_state.jit_from_weights(make_state_fn(tx), shardings)
+  return Programs(model, schedule, shardings, init, from_weights, train_step,
+                  eval_sums, grid_rows)
 
 
 def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
@@ -238,8 +260,10 @@ def _start_from_export(config: ml_collections.ConfigDict, progs: Programs,
         f'vqvae2_jax.Pipeline.load({source!r}).config), or leave '
         'from_export empty to train stage 1.')
   step = int(pipe.steps.get('vqvae', 0))
-  state = train_state.with_weights(progs.init(jax.random.PRNGKey(config.seed)),
-                                   pipe.vqvae_variables, step)
+  # The state key the init of config.seed would give; the file's weights.
+  state = progs.from_weights(
+      pipe.vqvae_variables,
+      _split_init_key(jax.random.PRNGKey(config.seed))[2], step)
   checkpoints.save_now(ckpt_dir, step, state, fingerprint)
   console.say('VQ-VAE: stage 1 from %s (its step %d; the optimizer starts '
               'afresh if training goes on)', source, step)
