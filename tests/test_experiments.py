@@ -1185,3 +1185,62 @@ def test_covered_and_missed_rows_by_class():
   covered, _ = recall_breakdown.covered_and_missed(
       images, labels, inside, num_classes=3, per_class=2)
   assert chosen(covered)[4:] == [-1.0, -1.0]
+
+
+def test_mirror_codes_appends_the_mirrored_images_codes(codes_workdir,
+                                                        tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from experiments import mirror_codes
+  from vqvae2_jax import api
+  from vqvae2_jax import errors
+  from vqvae2_jax.data import codes as codes_lib
+  from vqvae2_jax.evaluation import run as eval_run
+  # pylint: enable=g-import-not-at-top
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(codes_workdir, workdir)
+  codes_dir = os.path.join(workdir, 'codes')
+  before = codes_lib.CodeDataset(codes_dir, None).split('train')
+  n = before.num_examples
+  levels = (0, 1)
+  original = before.read(np.arange(n), levels)
+  classes = (0, 3, 6)
+  got = mirror_codes.mirror_codes(workdir, classes)
+
+  pipe = api.Pipeline.load(workdir, priors=False)
+  images, labels = [], []
+  for batch_images, batch_labels, _ in eval_run.real_batches(
+      pipe.config, pipe.mesh, pipe.config.data.train_split):
+    images.append(batch_images)
+    labels.append(batch_labels)
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  keep = np.isin(labels, classes)
+  assert 0 < keep.sum() < n
+  want = pipe.encode(np.flip(images[keep], axis=2))
+  assert got['original'] == n and got['mirrored'] == keep.sum()
+  assert got['num_examples'] == n + keep.sum()
+
+  # Read back through the codes reader (every shard's digest checked): the
+  # originals first, in place, then the mirrored images' codes and labels.
+  after = codes_lib.CodeDataset(codes_dir, None).split('train')
+  assert after.num_examples == n + keep.sum()
+  assert after.num_shards == got['num_shards'] > before.num_shards
+  read = after.read(np.arange(after.num_examples), levels)
+  np.testing.assert_array_equal(read['label'][:n], original['label'])
+  np.testing.assert_array_equal(read['label'][n:], labels[keep])
+  for level in levels:
+    np.testing.assert_array_equal(read['codes'][level][:n],
+                                  original['codes'][level])
+    np.testing.assert_array_equal(read['codes'][level][n:],
+                                  np.asarray(want[level]))
+  held_out = codes_lib.CodeDataset(codes_dir, None).split('eval')
+  assert held_out.num_examples == codes_lib.CodeDataset(
+      os.path.join(codes_workdir, 'codes'), None).split('eval').num_examples
+
+  # Twice is refused, as is a workdir whose priors trained on the codes.
+  with pytest.raises(errors.UserError, match='already holds mirrored codes'):
+    mirror_codes.mirror_codes(workdir, classes)
+  other = str(tmp_path / 'other')
+  shutil.copytree(codes_workdir, other)
+  os.makedirs(os.path.join(other, 'prior_0'))
+  with pytest.raises(errors.UserError, match='already has priors'):
+    mirror_codes.mirror_codes(other, classes)
