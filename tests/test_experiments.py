@@ -1244,3 +1244,49 @@ def test_mirror_codes_appends_the_mirrored_images_codes(codes_workdir,
   os.makedirs(os.path.join(other, 'prior_0'))
   with pytest.raises(errors.UserError, match='already has priors'):
     mirror_codes.mirror_codes(other, classes)
+
+
+def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
+    monkeypatch, tiny_judge, stage2_workdir, stage2_config):
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from experiments import bottom_rows
+  from experiments import prior_attribution
+  from vqvae2_jax import api
+  from vqvae2_jax import sampling
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  workdir, _ = stage2_workdir
+  pipe = api.Pipeline.load(workdir, stage2_config)
+  _, codes, labels = prior_attribution.held_out_codes(pipe, pipe.mesh, 8)
+  upper, true = codes[:-1], np.asarray(codes[-1])
+  n, height, width = true.shape
+  model, variables = pipe.priors[-1]
+  rng = jax.random.PRNGKey(3)
+  # No rows kept: the cached sampler's own draws (batch 0 draws with
+  # fold_in(rng, 0)) given the true upper codes.
+  drawn = bottom_rows.complete_rows(pipe, upper, true, labels, 0, rng, n)
+  want = np.asarray(sampling.sample_level(
+      model, variables, shape=(n, height, width),
+      cond_codes=tuple(np.asarray(c, np.int32) for c in upper),
+      labels=labels.astype(np.int32), rng=jax.random.fold_in(rng, 0)))
+  np.testing.assert_array_equal(drawn, want)
+  assert not np.array_equal(drawn, true)
+  # A prefix of the sampler's own rows: the sampler's map again. A prefix
+  # of the true codes: kept, the rest drawn; every row kept: the codes.
+  np.testing.assert_array_equal(
+      bottom_rows.complete_rows(pipe, upper, want, labels, 1, rng, n), want)
+  half = bottom_rows.complete_rows(pipe, upper, true, labels, 1, rng, n)
+  np.testing.assert_array_equal(half[:, :1], true[:, :1])
+  assert not np.array_equal(half[:, 1:], true[:, 1:])
+  np.testing.assert_array_equal(
+      bottom_rows.complete_rows(pipe, upper, true, labels, height, rng, 3),
+      true)
+  # Scored rows, one per R; an R past the map is refused.
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  result = bottom_rows.bottom_rows(pipe, workdir, [0, height], limit=20,
+                                   report=lambda _: None)
+  assert [r['rows_kept'] for r in result['rows']] == [0, height]
+  assert all(0 <= r['recall'] <= 1 for r in result['rows'])
+  with pytest.raises(ValueError, match='outside'):
+    bottom_rows.bottom_rows(pipe, workdir, [height + 1], limit=8)
