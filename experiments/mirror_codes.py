@@ -52,6 +52,16 @@ def _define_flags():
   }
 
 
+def training_images(pipe: api.Pipeline) -> tuple[np.ndarray, np.ndarray]:
+  """The config's training images and labels, in the codes' order."""
+  images, labels = [], []
+  for batch_images, batch_labels, _ in eval_run.real_batches(
+      pipe.config, pipe.mesh, pipe.config.data.train_split):
+    images.append(batch_images)
+    labels.append(batch_labels)
+  return np.concatenate(images), np.concatenate(labels)
+
+
 def mirror_codes(workdir: str, classes: Sequence[int]) -> dict[str, Any]:
   """Appends the codes of the mirrored training images of `classes`.
 
@@ -89,12 +99,7 @@ def mirror_codes(workdir: str, classes: Sequence[int]) -> dict[str, Any]:
   assert len(records) == n, (len(records), n)
 
   pipe = api.Pipeline.load(workdir, priors=False)
-  images, labels = [], []
-  for batch_images, batch_labels, _ in eval_run.real_batches(
-      pipe.config, pipe.mesh, pipe.config.data.train_split):
-    images.append(batch_images)
-    labels.append(batch_labels)
-  images, labels = np.concatenate(images), np.concatenate(labels)
+  images, labels = training_images(pipe)
   levels = [f'level_{i}' for i in range(len(dataset.num_embeddings))]
   # The images must be the codes' images, in their order: the first ones'
   # codes again, exactly.

@@ -1194,7 +1194,6 @@ def test_mirror_codes_appends_the_mirrored_images_codes(codes_workdir,
   from vqvae2_jax import api
   from vqvae2_jax import errors
   from vqvae2_jax.data import codes as codes_lib
-  from vqvae2_jax.evaluation import run as eval_run
   # pylint: enable=g-import-not-at-top
   workdir = str(tmp_path / 'w')
   shutil.copytree(codes_workdir, workdir)
@@ -1207,12 +1206,7 @@ def test_mirror_codes_appends_the_mirrored_images_codes(codes_workdir,
   got = mirror_codes.mirror_codes(workdir, classes)
 
   pipe = api.Pipeline.load(workdir, priors=False)
-  images, labels = [], []
-  for batch_images, batch_labels, _ in eval_run.real_batches(
-      pipe.config, pipe.mesh, pipe.config.data.train_split):
-    images.append(batch_images)
-    labels.append(batch_labels)
-  images, labels = np.concatenate(images), np.concatenate(labels)
+  images, labels = mirror_codes.training_images(pipe)
   keep = np.isin(labels, classes)
   assert 0 < keep.sum() < n
   want = pipe.encode(np.flip(images[keep], axis=2))
