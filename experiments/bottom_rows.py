@@ -112,43 +112,42 @@ def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
   return np.concatenate(out)
 
 
-def bottom_rows(pipe: api.Pipeline, pipeline: str, rows: Sequence[int],
+def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
                 limit: int | None = None, report=print) -> dict[str, Any]:
-  """The rows (see the module docstring) of `pipe`, loaded from `pipeline`
-  (the workdir whose domain classifier a 'classifier' ruler reads)."""
+  """The rows (see the module docstring) of `pipe`."""
+  height = pipe.level_shapes[-1][0]
+  for r in rows:  # Before minutes of work on the rows in range.
+    if not 0 <= r <= height:
+      raise ValueError(f'--rows {r} is outside [0, {height}]: the lowest '
+                       f'level\'s map has {height} rows.')
   config, mesh = pipe.config, pipe.mesh
-  features, about = eval_run.feature_fn(config, pipeline, mesh)
+  features, about = eval_run.feature_fn(config, pipe.workdir, mesh)
   images, codes, labels = prior_attribution.held_out_codes(pipe, mesh, limit)
   real = metrics_lib.FeatureStats(max_features=eval_run.MAX_REAL_FEATURES)
   real.add(*features(images))
   batch = int(config.eval.batch_size)
   upper, known = codes[:-1], np.asarray(codes[-1])
-  height = known.shape[1]
   out = []
   for r in rows:
-    if not 0 <= r <= height:
-      raise ValueError(f'--rows {r} is outside [0, {height}]: the lowest '
-                       f'level\'s map has {height} rows.')
     drawn = complete_rows(pipe, upper, known, labels, r,
                           jax.random.PRNGKey(config.seed), batch)
-    fake = metrics_lib.FeatureStats(max_features=len(labels))
-    for begin in range(0, len(labels), batch):
-      chunk = [c[begin:begin + batch] for c in (*upper, drawn)]
-      fake.add(*features(np.clip(pipe.decode(chunk), -1.0, 1.0)))
+    fake = prior_attribution.decoded_features(pipe, features,
+                                              [*upper, drawn], batch)
     row = {'rows_kept': r, **eval_run.sample_metrics(config, real, fake,
                                                      labels)}
     report(json.dumps(row))
     out.append(row)
-  return {'pipeline': pipeline, 'steps': pipe.steps, **about,
+  return {'steps': pipe.steps, **about,
           'held_out_examples': len(labels), 'rows': out}
 
 
 def main(argv, flag_values):
   del argv
   pipeline = flag_values['pipeline'].value
-  result = bottom_rows(api.Pipeline.load(pipeline, require_priors=True),
-                       pipeline, [int(r) for r in flag_values['rows'].value],
-                       flag_values['limit'].value or None)
+  result = {'pipeline': pipeline, **bottom_rows(
+      api.Pipeline.load(pipeline, require_priors=True),
+      [int(r) for r in flag_values['rows'].value],
+      flag_values['limit'].value or None)}
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)

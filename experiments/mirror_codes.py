@@ -125,11 +125,9 @@ def mirror_codes(workdir: str, classes: Sequence[int]) -> dict[str, Any]:
   merged = np.concatenate([records, extra])
   size = int(manifest['splits']['train']['shard_size'])
   num_shards = -(-len(merged) // size)
-  for i in range(train.num_shards):
-    os.remove(codes_lib.shard_path(codes_dir, 'train', i, train.num_shards))
-  digests = {k: v for k, v in (codes_lib.read_digests(codes_dir) or {}).items()
-             if not k.startswith('train/')}
-  files.write_json(os.path.join(codes_dir, codes_lib.DIGESTS), digests)
+  # The new shards first, then the manifest that names them, and only then
+  # the old shards go (their names carry the old count): a run killed
+  # before the manifest leaves the extraction as it was.
   for i in range(num_shards):
     codes_lib.write_shard(
         codes_lib.shard_path(codes_dir, 'train', i, num_shards),
@@ -141,6 +139,15 @@ def mirror_codes(workdir: str, classes: Sequence[int]) -> dict[str, Any]:
                                          num_shards=num_shards)
     described[_MARK] = sorted(int(c) for c in classes)
     files.write_json(path, described)
+  if num_shards != train.num_shards:
+    old = [codes_lib.shard_name(i, train.num_shards)
+           for i in range(train.num_shards)]
+    for name in old:
+      os.remove(os.path.join(codes_dir, 'train', name))
+    digests = codes_lib.read_digests(codes_dir) or {}
+    files.write_json(os.path.join(codes_dir, codes_lib.DIGESTS),
+                     {k: v for k, v in digests.items()
+                      if k not in {f'train/{name}' for name in old}})
   return {'original': n, 'mirrored': len(extra), 'num_examples': len(merged),
           'num_shards': num_shards, 'classes': sorted(int(c) for c in classes),
           'changed': changed}

@@ -118,6 +118,18 @@ def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
   return list(kept) + [np.concatenate(level) for level in out]
 
 
+def decoded_features(pipe: api.Pipeline, features, level_codes, batch: int
+                     ) -> metrics_lib.FeatureStats:
+  """The ruler's features of the images `level_codes` (every level's maps,
+  top first) decode to, `batch` maps at a time."""
+  n = len(level_codes[0])
+  fake = metrics_lib.FeatureStats(max_features=n)
+  for begin in range(0, n, batch):
+    chunk = [c[begin:begin + batch] for c in level_codes]
+    fake.add(*features(np.clip(pipe.decode(chunk), -1.0, 1.0)))
+  return fake
+
+
 def attribution(config, workdir: str, guidances: list[Guidance],
                 limit: int | None = None,
                 report=print) -> dict:
@@ -132,10 +144,7 @@ def attribution(config, workdir: str, guidances: list[Guidance],
   decode_batch = max(int(config.eval.batch_size) // mesh.size, 1) * mesh.size
 
   def score(name, level_codes):
-    fake = metrics_lib.FeatureStats(max_features=len(labels))
-    for begin in range(0, len(labels), decode_batch):
-      chunk = [c[begin:begin + decode_batch] for c in level_codes]
-      fake.add(*features(np.clip(pipe.decode(chunk), -1.0, 1.0)))
+    fake = decoded_features(pipe, features, level_codes, decode_batch)
     row = {'row': name, **eval_run.sample_metrics(config, real, fake, labels)}
     report(json.dumps(row))
     return row

@@ -1278,9 +1278,9 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
       true)
   # Scored rows, one per R; an R past the map is refused.
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
-  result = bottom_rows.bottom_rows(pipe, workdir, [0, height], limit=20,
+  result = bottom_rows.bottom_rows(pipe, [0, height], limit=20,
                                    report=lambda _: None)
   assert [r['rows_kept'] for r in result['rows']] == [0, height]
   assert all(0 <= r['recall'] <= 1 for r in result['rows'])
   with pytest.raises(ValueError, match='outside'):
-    bottom_rows.bottom_rows(pipe, workdir, [height + 1], limit=8)
+    bottom_rows.bottom_rows(pipe, [height + 1], limit=8)
