@@ -88,13 +88,16 @@ def _completer(model, shape: tuple[int, int, int]):
 
 def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
                   known: np.ndarray, labels: np.ndarray, rows: int,
-                  rng: jax.Array, batch_size: int) -> np.ndarray:
+                  rng: jax.Array, batch_size: int,
+                  prior: tuple[Any, Any] | None = None) -> np.ndarray:
   """The lowest level's maps: `known`'s first `rows` rows, the rest drawn.
 
   Batch i draws with fold_in(rng, i); the last batch is padded (with copies
-  of its first example) to one compiled shape.
+  of its first example) to one compiled shape. `prior`: (model, variables)
+  drawing in place of the pipeline's own prior of that level (another one
+  trained on the same codes, or `prior_mixture.MixedPrior`'s).
   """
-  model, variables = pipe.priors[len(upper)]
+  model, variables = prior or pipe.priors[len(upper)]
   n, height, width = known.shape
   complete = _completer(model, (batch_size, height, width))
   out = []

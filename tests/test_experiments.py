@@ -1284,3 +1284,82 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
   assert all(0 <= r['recall'] <= 1 for r in result['rows'])
   with pytest.raises(ValueError, match='outside'):
     bottom_rows.bottom_rows(pipe, [height + 1], limit=8)
+
+
+def test_prior_mixture_mixes_the_members_position_by_position(
+    monkeypatch, tiny_judge, stage2_workdir, stage2_config):
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from experiments import bottom_rows
+  from experiments import prior_attribution
+  from experiments import prior_mixture
+  from vqvae2_jax import api
+  from vqvae2_jax import errors
+  from vqvae2_jax import sampling
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  workdir, _ = stage2_workdir
+  pipe = api.Pipeline.load(workdir, stage2_config)
+  images, codes, labels = prior_attribution.held_out_codes(pipe, pipe.mesh, 8)
+  upper, true = codes[:-1], np.asarray(codes[-1])
+  n, height, width = true.shape
+  model, variables = pipe.priors[-1]
+  # A second member: the same prior with other weights.
+  other = (model, jax.tree.map(lambda x: x * 1.5, variables))
+  rng = jax.random.PRNGKey(3)
+  # One member alone draws what the prior draws.
+  alone = prior_mixture.MixedPrior([(model, variables)])
+  np.testing.assert_array_equal(
+      bottom_rows.complete_rows(pipe, upper, true, labels, 0, rng, n,
+                                prior=(alone, alone.variables)),
+      bottom_rows.complete_rows(pipe, upper, true, labels, 0, rng, n))
+
+  # The cached path of two members, teacher-forced on the true codes, gives
+  # log(mean of the members' softmax) of each one's full path.
+  mixed = prior_mixture.MixedPrior([(model, variables), other])
+  upper_in = tuple(jnp.asarray(c, jnp.int32) for c in upper)
+  labels_in = jnp.asarray(labels, jnp.int32)
+  shape = (n, height, width)
+  context = mixed.apply(mixed.variables, upper_in, labels_in, shape,
+                        method=mixed.prepare)
+  # pylint: disable-next=protected-access
+  cached = sampling._scan_map(
+      mixed, mixed.variables, shape, context,
+      lambda logits, r, c, x: (x, logits),
+      row_inputs=lambda r: jnp.asarray(true, jnp.int32)[:, r, :].T)
+  cached = np.asarray(jnp.transpose(cached, (2, 0, 1, 3)))  # [n, h, w, K]
+  full = [np.asarray(prior_mixture._code_log_probs(m)(  # pylint: disable=protected-access
+      v, jnp.asarray(true, jnp.int32), upper_in, labels_in))
+          for m, v in ((model, variables), other)]
+  want = np.logaddexp(full[0], full[1]) - np.log(2.0)
+  np.testing.assert_allclose(cached, want, atol=2e-5)
+  assert np.abs(full[0] - full[1]).max() > 0.1  # The members differ.
+
+  # Held-out bits: each member's and the mixture's, which is below their
+  # mean (Jensen).
+  bits = prior_mixture.held_out_bits([(model, variables), other], upper,
+                                     true, labels, 3)
+  picked = [np.take_along_axis(f, true[..., None], -1)[..., 0] for f in full]
+  np.testing.assert_allclose(
+      bits['members'], [-p.mean() / np.log(2.0) for p in picked], rtol=1e-5)
+  np.testing.assert_allclose(
+      bits['mixture'],
+      -(np.logaddexp(*picked) - np.log(2.0)).mean() / np.log(2.0), rtol=1e-5)
+  assert bits['mixture'] < np.mean(bits['members'])
+
+  # Rows: each member, then the mixture; a member alone draws bottom_rows'
+  # R = 0 row, and a pipeline with other codes is refused.
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  result = prior_mixture.mixture_rows(pipe, [('a', pipe), ('b', pipe)],
+                                      limit=20, report=lambda _: None)
+  assert [r['priors'] for r in result['rows']] == [['a'], ['b'], ['a', 'b']]
+  base = bottom_rows.bottom_rows(pipe, [0], limit=20, report=lambda _: None)
+  assert result['rows'][0]['recall'] == base['rows'][0]['recall']
+  assert result['rows'][0]['fid'] == base['rows'][0]['fid']
+
+  class Shifted:
+    encode = staticmethod(lambda x: [c + 1 for c in pipe.encode(x)])
+  with pytest.raises(errors.UserError, match='other codes'):
+    prior_mixture._check_same_codes(  # pylint: disable=protected-access
+        'x', Shifted, images, codes)
