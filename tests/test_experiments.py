@@ -1240,20 +1240,30 @@ def test_mirror_codes_appends_the_mirrored_images_codes(codes_workdir,
     mirror_codes.mirror_codes(other, classes)
 
 
+def _lowest_level_held_out(stage2_workdir, stage2_config, limit=8):
+  """(pipeline, held-out images, their upper codes, lowest-level maps,
+  labels) of the stage-2 workdir's first `limit` held-out images."""
+  # pylint: disable=g-import-not-at-top
+  from experiments import prior_attribution
+  from vqvae2_jax import api
+  # pylint: enable=g-import-not-at-top
+  workdir, _ = stage2_workdir
+  pipe = api.Pipeline.load(workdir, stage2_config)
+  images, codes, labels = prior_attribution.held_out_codes(pipe, pipe.mesh,
+                                                           limit)
+  return pipe, images, codes[:-1], np.asarray(codes[-1]), labels
+
+
 def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
     monkeypatch, tiny_judge, stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
   import jax
   from experiments import bottom_rows
-  from experiments import prior_attribution
-  from vqvae2_jax import api
   from vqvae2_jax import sampling
   from vqvae2_jax.evaluation import judges
   # pylint: enable=g-import-not-at-top
-  workdir, _ = stage2_workdir
-  pipe = api.Pipeline.load(workdir, stage2_config)
-  _, codes, labels = prior_attribution.held_out_codes(pipe, pipe.mesh, 8)
-  upper, true = codes[:-1], np.asarray(codes[-1])
+  pipe, _, upper, true, labels = _lowest_level_held_out(stage2_workdir,
+                                                        stage2_config)
   n, height, width = true.shape
   model, variables = pipe.priors[-1]
   rng = jax.random.PRNGKey(3)
@@ -1292,17 +1302,14 @@ def test_prior_mixture_mixes_the_members_position_by_position(
   import jax
   import jax.numpy as jnp
   from experiments import bottom_rows
-  from experiments import prior_attribution
   from experiments import prior_mixture
-  from vqvae2_jax import api
   from vqvae2_jax import errors
   from vqvae2_jax import sampling
   from vqvae2_jax.evaluation import judges
   # pylint: enable=g-import-not-at-top
-  workdir, _ = stage2_workdir
-  pipe = api.Pipeline.load(workdir, stage2_config)
-  images, codes, labels = prior_attribution.held_out_codes(pipe, pipe.mesh, 8)
-  upper, true = codes[:-1], np.asarray(codes[-1])
+  pipe, images, upper, true, labels = _lowest_level_held_out(
+      stage2_workdir, stage2_config)
+  codes = [*upper, true]
   n, height, width = true.shape
   model, variables = pipe.priors[-1]
   # A second member: the same prior with other weights.
