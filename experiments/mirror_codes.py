@@ -29,12 +29,12 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import prior_attribution
 from vqvae2_jax import api
 from vqvae2_jax import errors
 from vqvae2_jax import files
 from vqvae2_jax import workdir as workdir_lib
 from vqvae2_jax.data import codes as codes_lib
-from vqvae2_jax.evaluation import run as eval_run
 
 # Fashion-MNIST's classes whose images are about left-right symmetric.
 SYMMETRIC_CLASSES = (0, 1, 2, 3, 4, 6, 8)
@@ -54,12 +54,7 @@ def _define_flags():
 
 def training_images(pipe: api.Pipeline) -> tuple[np.ndarray, np.ndarray]:
   """The config's training images and labels, in the codes' order."""
-  images, labels = [], []
-  for batch_images, batch_labels, _ in eval_run.real_batches(
-      pipe.config, pipe.mesh, pipe.config.data.train_split):
-    images.append(batch_images)
-    labels.append(batch_labels)
-  return np.concatenate(images), np.concatenate(labels)
+  return prior_attribution.split_images(pipe, pipe.config.data.train_split)
 
 
 def mirror_codes(workdir: str, classes: Sequence[int]) -> dict[str, Any]:

@@ -63,16 +63,24 @@ def _define_flags():
   return config, workdir, guidance, limit, out
 
 
+def split_images(pipe: api.Pipeline, split: str, mesh=None,
+                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of a split of the config's data, in order (the
+  first `limit`; all for None)."""
+  images, labels = [], []
+  for batch_images, batch_labels, _ in eval_run.real_batches(
+      pipe.config, mesh or pipe.mesh, split, limit=limit):
+    images.append(batch_images)
+    labels.append(batch_labels)
+  return np.concatenate(images), np.concatenate(labels)
+
+
 def held_out_codes(pipe: api.Pipeline, mesh, limit: int | None
                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
   """(held-out images, their codes per level top first, their labels)."""
-  images, labels = [], []
-  for batch_images, batch_labels, _ in eval_run.real_batches(
-      pipe.config, mesh, pipe.config.data.eval_split, limit=limit):
-    images.append(batch_images)
-    labels.append(batch_labels)
-  images = np.concatenate(images)
-  return images, pipe.encode(images), np.concatenate(labels)
+  images, labels = split_images(pipe, pipe.config.data.eval_split, mesh,
+                                limit)
+  return images, pipe.encode(images), labels
 
 
 Guidance = float | tuple[float, ...]

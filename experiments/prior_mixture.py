@@ -103,18 +103,6 @@ def mix_logits(logits: Sequence[jax.Array]) -> jax.Array:
   return jax.scipy.special.logsumexp(logp, axis=0) - jnp.log(len(logits))
 
 
-@functools.lru_cache(maxsize=8)
-def _code_log_probs(model):
-  """jit (variables, codes, upper codes, labels) -> log softmax [b, h, w, K]
-  of the full (teacher-forced) path."""
-  def log_probs(variables, codes, upper, labels):
-    logits = model.apply(variables, codes, cond_codes=upper,
-                         labels=labels if model.num_classes else None,
-                         train=False)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jax.jit(log_probs)
-
-
 def held_out_bits(priors: Sequence[tuple[Any, Any]],
                   upper: Sequence[np.ndarray], known: np.ndarray,
                   labels: np.ndarray, batch_size: int) -> dict[str, Any]:
@@ -123,15 +111,15 @@ def held_out_bits(priors: Sequence[tuple[Any, Any]],
   {'members': [...], 'mixture': ...}."""
   picked = []  # [members, n, h, w]: log p of each true code, in nats.
   for model, variables in priors:
-    log_probs = _code_log_probs(model)
     chunks = []
     for begin in range(0, len(known), batch_size):
-      codes = jnp.asarray(known[begin:begin + batch_size], jnp.int32)
-      logp = log_probs(variables, codes,
-                       tuple(jnp.asarray(c[begin:begin + batch_size],
-                                         jnp.int32) for c in upper),
-                       jnp.asarray(labels[begin:begin + batch_size],
-                                   jnp.int32))
+      chunk = slice(begin, begin + batch_size)
+      codes = jnp.asarray(known[chunk], jnp.int32)
+      # pylint: disable-next=protected-access
+      logp = api._code_log_probs(
+          model, variables, codes,
+          tuple(jnp.asarray(c[chunk], jnp.int32) for c in upper),
+          jnp.asarray(labels[chunk], jnp.int32))
       chunks.append(np.asarray(jnp.take_along_axis(
           logp, codes[..., None], axis=-1)[..., 0], np.float64))
     picked.append(np.concatenate(chunks))

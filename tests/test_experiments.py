@@ -1303,6 +1303,7 @@ def test_prior_mixture_mixes_the_members_position_by_position(
   import jax.numpy as jnp
   from experiments import bottom_rows
   from experiments import prior_mixture
+  from vqvae2_jax import api
   from vqvae2_jax import errors
   from vqvae2_jax import sampling
   from vqvae2_jax.evaluation import judges
@@ -1336,8 +1337,8 @@ def test_prior_mixture_mixes_the_members_position_by_position(
       lambda logits, r, c, x: (x, logits),
       row_inputs=lambda r: jnp.asarray(true, jnp.int32)[:, r, :].T)
   cached = np.asarray(jnp.transpose(cached, (2, 0, 1, 3)))  # [n, h, w, K]
-  full = [np.asarray(prior_mixture._code_log_probs(m)(  # pylint: disable=protected-access
-      v, jnp.asarray(true, jnp.int32), upper_in, labels_in))
+  full = [np.asarray(api._code_log_probs(  # pylint: disable=protected-access
+      m, v, jnp.asarray(true, jnp.int32), upper_in, labels_in))
           for m, v in ((model, variables), other)]
   want = np.logaddexp(full[0], full[1]) - np.log(2.0)
   np.testing.assert_allclose(cached, want, atol=2e-5)

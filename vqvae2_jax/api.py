@@ -996,12 +996,19 @@ def _prng_key(key: Any) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _level_nats(model, variables, codes, cond_codes, labels):
-  """Negative log-likelihood in nats of each map, [b]."""
+def _code_log_probs(model, variables, codes, cond_codes, labels):
+  """Log-probabilities of every code at every position of a level's maps
+  under its prior (the full, teacher-forced path): float32 [b, h, w, K]."""
   logits = model.apply(variables, codes, cond_codes=cond_codes,
                        labels=labels if model.num_classes else None,
                        train=False)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _level_nats(model, variables, codes, cond_codes, labels):
+  """Negative log-likelihood in nats of each map, [b]."""
+  logp = _code_log_probs(model, variables, codes, cond_codes, labels)
   picked = jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0]
   return -jnp.sum(picked, axis=(1, 2))
 
