@@ -27,6 +27,12 @@ beside the samples' own codes. Samples drawn at the model's own
 temperature with no guidance that hold fewer bits than the held-out codes
 are simpler than the data, by the priors' own measure.
 
+`copying` asks whether the samples (and the reconstructions) lie nearer
+the training images than held-out images do (`metrics.copying`, every
+training image the reference): `closer` 0.5 and `near_share` 0.05 are new
+data's; a prior that copies its training examples would lift both towards
+1 (and its recall towards the floor's, whose images are training images).
+
 --grid=PATH also writes a PNG: on the left, held-out images inside the
 samples' manifold (covered); on the right, images outside it (missed);
 one class a row, the first --grid_per_class of each in the split's order.
@@ -109,6 +115,19 @@ def manifold_row(m: metrics_lib.Manifolds, real_labels: np.ndarray,
   }
 
 
+def copying_row(train: np.ndarray, held_out: np.ndarray,
+                features: np.ndarray) -> dict[str, float]:
+  """`metrics.copying`'s figures of `features` (with the quartiles of their
+  distance to the nearest training image over the held-out images')."""
+  c = metrics_lib.copying(train, held_out, features)
+  return {'closer': c.closer, 'near_share': c.near_share,
+          'distance_ratio': c.distance_ratio,
+          'distance_quartiles_ratio': [
+              float(a / b) for a, b in zip(
+                  np.quantile(c.distances, (0.25, 0.5, 0.75)),
+                  np.quantile(c.held_out_distances, (0.25, 0.5, 0.75)))]}
+
+
 def bits_per_code(pipe: api.Pipeline, codes: list[np.ndarray],
                   labels: np.ndarray | None, batch_size: int = 1000
                   ) -> np.ndarray:
@@ -168,8 +187,9 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
     codes.append(pipe.encode(images))
     recon.append(features(np.clip(pipe.decode(codes[-1]), -1.0, 1.0))[0])
     labels.append(batch_labels)
-  train = [features(images)[0] for images, _, _ in eval_run.real_batches(
-      config, mesh, config.data.train_split, limit=num_samples)]
+  train = np.concatenate([features(images)[0] for images, _, _ in
+                          eval_run.real_batches(config, mesh,
+                                                config.data.train_split)])
   s = config.sampling
   guidance = (builders.sampling_guidance(config) if guidance is None
               else guidance)
@@ -179,6 +199,7 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
       temperature=temperature, top_k=s.top_k, top_p=s.top_p,
       guidance=guidance)
   held_out, labels = np.concatenate(held_out), np.concatenate(labels)
+  recon = np.concatenate(recon)
   k = config.eval.precision_recall_k
   num_classes = int(config.data.num_classes)
   row = functools.partial(breakdown, held_out, labels, k=k,
@@ -200,8 +221,12 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
   return {**about, 'num_samples': num_samples, 'guidance': guidance,
           'temperature': temperature,
           'samples': manifold_row(sampled, labels, num_classes),
-          'reconstructions': row(np.concatenate(recon)),
-          'train': row(np.concatenate(train)),
+          'reconstructions': row(recon),
+          'train': row(train[:num_samples]),
+          'copying': {'train_images': len(train),
+                      'samples': copying_row(train, held_out,
+                                             samples.features),
+                      'reconstructions': copying_row(train, held_out, recon)},
           'bits': {'held_out': bits_summary(held_out_bits, bins),
                    'samples': bits_summary(bits_per_code(
                        pipe, sample_codes, sample_labels))}}

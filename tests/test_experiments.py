@@ -1138,6 +1138,15 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
     # A class without held-out images here (40 of them) has no recall.
     assert len(row['recall_by_class']) == 10, name
     assert row['radius_ratio'] > 0, name
+  # Copying: against every training image.
+  train_count = sum(len(b) for b, _, _ in eval_run.real_batches(
+      stage2_config, pipe.mesh, stage2_config.data.train_split))
+  assert result['copying']['train_images'] == train_count > 20
+  for name in ('samples', 'reconstructions'):
+    row = result['copying'][name]
+    assert 0 <= row['closer'] <= 1 and 0 <= row['near_share'] <= 1, name
+    assert row['distance_ratio'] > 0, name
+    assert len(row['distance_quartiles_ratio']) == 3, name
   # Bits per code under the priors, one entry per level: the held-out
   # images' mean is their codes' log_prob_codes (with their labels) over
   # the level's positions, counted here on its own.

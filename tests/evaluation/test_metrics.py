@@ -296,6 +296,50 @@ def test_precision_recall_rejects_bad_k():
     metrics.precision_recall(np.zeros((3, 2)), np.ones((5, 2)), k=3)
 
 
+def test_nearest_distances_match_brute_force():
+  rng = np.random.default_rng(11)
+  queries, reference = rng.normal(size=(50, 6)), rng.normal(size=(70, 6))
+  expected = distance.cdist(queries, reference).min(axis=1)
+  for batch_size in (7, 1024):
+    np.testing.assert_allclose(
+        metrics.nearest_distances(queries, reference, batch_size), expected,
+        rtol=1e-10)
+  with pytest.raises(ValueError, match='one extractor'):
+    metrics.nearest_distances(queries, reference[:, :5])
+  with pytest.raises(ValueError, match='positive size'):
+    metrics.nearest_distances(queries, reference, batch_size=0)
+
+
+def test_copying_tells_copies_new_data_and_strays_apart():
+  rng = np.random.default_rng(12)
+  train = rng.normal(size=(2000, 4))
+  held_out = rng.normal(size=(1000, 4))
+  # New draws of the data: like the held-out points.
+  new = metrics.copying(train, held_out, rng.normal(size=(1000, 4)))
+  assert new.closer == pytest.approx(0.5, abs=0.04)
+  assert new.near_share == pytest.approx(0.05, abs=0.02)
+  assert new.distance_ratio == pytest.approx(1.0, abs=0.08)
+  # Training points a little perturbed: nearer than any held-out point.
+  copies = train[:1000] + 1e-3 * rng.normal(size=(1000, 4))
+  copied = metrics.copying(train, held_out, copies)
+  assert copied.closer > 0.99 and copied.near_share > 0.99
+  assert copied.distance_ratio < 0.01
+  # Half copies, half new: in between.
+  half = metrics.copying(train, held_out, np.concatenate(
+      [copies[:500], rng.normal(size=(500, 4))]))
+  assert 0.7 < half.closer < 0.8 and 0.45 < half.near_share < 0.6
+  # Points off the data: further than held-out points.
+  strays = metrics.copying(train, held_out, rng.normal(size=(1000, 4)) + 3)
+  assert strays.closer < 0.1 and strays.distance_ratio > 2
+  # The held-out points against themselves: 0.5 exactly (ties count half).
+  own = metrics.copying(train, held_out, held_out)
+  assert own.closer == 0.5 and own.distance_ratio == 1.0
+  np.testing.assert_array_equal(own.distances, own.held_out_distances)
+  np.testing.assert_allclose(
+      new.held_out_distances, distance.cdist(held_out, train).min(axis=1),
+      rtol=1e-10)
+
+
 # Class agreement
 
 

@@ -12,6 +12,8 @@ and scipy in float64:
   averaged over random subsets.
 * `inception_score`: Salimans et al. 2016, from any classifier's softmax.
 * `precision_recall`: Kynkaanniemi et al. 2019, k-NN manifolds of each set.
+* `copying`: whether samples sit nearer the training images than new data
+  does (after Meehan et al. 2020's data-copying test).
 * `class_agreement`: how often the classifier agrees with the class a
   conditional sample was asked for.
 """
@@ -457,6 +459,79 @@ def manifolds(real_features: Any, fake_features: Any, k: int = 3,
     fake_inside[start:stop] = np.any(dist <= real_radii[None, :], axis=1)
     real_inside |= np.any(dist <= fake_radii[start:stop, None], axis=0)
   return Manifolds(fake_inside, real_inside, real_radii, fake_radii)
+
+
+class Copying(NamedTuple):
+  """How near a set lies to the training data, against held-out data.
+
+  Each point's distance to its nearest training point; `closer` is the
+  probability that a point of the set is nearer its nearest training point
+  than a held-out point is (ties count half: the Mann-Whitney U statistic
+  over the product of the set sizes). Held-out data gives 0.5 and
+  `near_share` 0.05 by construction; a set that copies training points
+  gives about 1 and a `distance_ratio` far below 1; one that lies away
+  from the data, below 0.5 and above 1.
+  """
+  closer: float
+  # Share of the set nearer a training point than the held-out points' 5th
+  # percentile of that distance.
+  near_share: float
+  # Median distance of the set over the held-out points' median.
+  distance_ratio: float
+  distances: np.ndarray  # float64 [n_set]
+  held_out_distances: np.ndarray  # float64 [n_held_out]
+
+
+def nearest_distances(queries: Any, reference: Any,
+                      batch_size: int = 1024) -> np.ndarray:
+  """Euclidean distance of each query row to its nearest reference row,
+  [n_queries] float64, in blocks of `batch_size` queries."""
+  queries = _as_matrix(queries, 'queries')
+  reference = _as_matrix(reference, 'reference')
+  if queries.shape[1] != reference.shape[1]:
+    raise MetricsInputError(
+        f'queries have dimension {queries.shape[1]}, reference '
+        f'{reference.shape[1]}. Fix: compare features of one extractor.')
+  if not len(reference):
+    raise MetricsInputError('reference is empty. Fix: pass its features.')
+  if batch_size < 1:
+    raise MetricsInputError(
+        f'batch_size={batch_size}. Fix: pass a positive size.')
+  q_sq = np.einsum('ij,ij->i', queries, queries)
+  r_sq = np.einsum('ij,ij->i', reference, reference)
+  out = np.empty(len(queries))
+  for start in range(0, len(queries), batch_size):
+    stop = min(start + batch_size, len(queries))
+    out[start:stop] = _squared_distances(
+        queries[start:stop], reference, q_sq[start:stop], r_sq).min(axis=1)
+  return np.sqrt(out)
+
+
+def copying(train_features: Any, held_out_features: Any, features: Any,
+            batch_size: int = 1024) -> Copying:
+  """How near `features` (samples, say) lie to `train_features` (the
+  training data of the model that made them), against
+  `held_out_features` (data it never saw): see `Copying`.
+
+  Meehan et al. 2020 test the same distances (per cell of the data, as a
+  z-score); here they are summed up over the whole set, which a model that
+  copies some of the data and misses elsewhere can hide: read it beside
+  recall.
+  """
+  held_out = nearest_distances(held_out_features, train_features, batch_size)
+  dist = nearest_distances(features, train_features, batch_size)
+  if not len(held_out) or not len(dist):
+    raise MetricsInputError(
+        f'{len(dist)} points and {len(held_out)} held-out points. Fix: '
+        'pass at least one of each.')
+  ranked = np.sort(held_out)
+  further = len(ranked) - np.searchsorted(ranked, dist, side='right')
+  ties = (np.searchsorted(ranked, dist, side='right') -
+          np.searchsorted(ranked, dist, side='left'))
+  closer = float(np.mean(further + 0.5 * ties) / len(ranked))
+  near = np.quantile(held_out, 0.05)
+  return Copying(closer, float(np.mean(dist < near)),
+                 float(np.median(dist) / np.median(held_out)), dist, held_out)
 
 
 def class_agreement(probs: Any, requested_labels: Any,
