@@ -33,6 +33,11 @@ training image the reference): `closer` 0.5 and `near_share` 0.05 are new
 data's; a prior that copies its training examples would lift both towards
 1 (and its recall towards the floor's, whose images are training images).
 
+`cycle` asks whether stage 1 would give a set's codes back: the share of
+each level's codes that decoding the maps and encoding the images returns,
+for the held-out images' codes and for the samples'. A prior whose samples
+were distributed as the data's codes would match the held-out share.
+
 --grid=PATH also writes a PNG: on the left, held-out images inside the
 samples' manifold (covered); on the right, images outside it (missed);
 one class a row, the first --grid_per_class of each in the split's order.
@@ -128,6 +133,18 @@ def copying_row(train: np.ndarray, held_out: np.ndarray,
                   np.quantile(c.held_out_distances, (0.25, 0.5, 0.75)))]}
 
 
+def cycle_agreement(pipe: api.Pipeline, codes: list[np.ndarray],
+                    batch_size: int = 1000) -> list[float]:
+  """Per level, the share of `codes` (top first, [n, h, w] each) that
+  encode(decode(codes)) returns."""
+  same = np.zeros(len(codes))
+  for i in range(0, len(codes[0]), batch_size):
+    batch = [c[i:i + batch_size] for c in codes]
+    again = pipe.encode(np.clip(pipe.decode(batch), -1.0, 1.0))
+    same += [np.sum(a == b) for a, b in zip(again, batch)]
+  return [float(s / c.size) for s, c in zip(same, codes)]
+
+
 def bits_per_code(pipe: api.Pipeline, codes: list[np.ndarray],
                   labels: np.ndarray | None, batch_size: int = 1000
                   ) -> np.ndarray:
@@ -208,9 +225,9 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
   # typicality (their radii among themselves) and the grid.
   sampled = metrics_lib.manifolds(held_out, samples.features, k)
   bins, _ = typicality(sampled.real_radii)
-  held_out_bits = bits_per_code(
-      pipe, [np.concatenate(c) for c in zip(*codes)],
-      None if sample_labels is None else labels)
+  codes = [np.concatenate(c) for c in zip(*codes)]
+  held_out_bits = bits_per_code(pipe, codes,
+                                None if sample_labels is None else labels)
   if grid:
     covered, missed = covered_and_missed(
         np.concatenate(pictures), labels, sampled.real_inside,
@@ -227,6 +244,8 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
                       'samples': copying_row(train, held_out,
                                              samples.features),
                       'reconstructions': copying_row(train, held_out, recon)},
+          'cycle': {'held_out': cycle_agreement(pipe, codes),
+                    'samples': cycle_agreement(pipe, sample_codes)},
           'bits': {'held_out': bits_summary(held_out_bits, bins),
                    'samples': bits_summary(bits_per_code(
                        pipe, sample_codes, sample_labels))}}

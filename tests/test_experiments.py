@@ -1158,6 +1158,14 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
   images, labels = np.concatenate(images), np.concatenate(labels)
   expected = pipe.log_prob_codes(pipe.encode(images), labels).mean(axis=1)
   positions = [h * w for h, w in pipe.level_shapes]
+  # Stage 1's round trip of the held-out codes, counted here on its own.
+  held_codes = pipe.encode(images)
+  again = pipe.encode(np.clip(pipe.decode(held_codes), -1, 1))
+  np.testing.assert_allclose(
+      result['cycle']['held_out'],
+      [np.mean(a == b) for a, b in zip(again, held_codes)])
+  assert len(result['cycle']['samples']) == 2
+  assert all(0 <= s <= 1 for s in result['cycle']['samples'])
   bits = result['bits']
   np.testing.assert_allclose(bits['held_out']['per_code'],
                              expected / positions, rtol=1e-5)
