@@ -469,8 +469,8 @@ class Copying(NamedTuple):
   than a held-out point is (ties count half: the Mann-Whitney U statistic
   over the product of the set sizes). Held-out data gives 0.5 and
   `near_share` 0.05 by construction; a set that copies training points
-  gives about 1 and a `distance_ratio` far below 1; one that lies away
-  from the data, below 0.5 and above 1.
+  gives `closer` near 1 and a `distance_ratio` far below 1; one that lies
+  away from the data, `closer` below 0.5 and a ratio above 1.
   """
   closer: float
   # Share of the set nearer a training point than the held-out points' 5th
@@ -525,9 +525,9 @@ def copying(train_features: Any, held_out_features: Any, features: Any,
         f'{len(dist)} points and {len(held_out)} held-out points. Fix: '
         'pass at least one of each.')
   ranked = np.sort(held_out)
-  further = len(ranked) - np.searchsorted(ranked, dist, side='right')
-  ties = (np.searchsorted(ranked, dist, side='right') -
-          np.searchsorted(ranked, dist, side='left'))
+  right = np.searchsorted(ranked, dist, side='right')
+  further = len(ranked) - right
+  ties = right - np.searchsorted(ranked, dist, side='left')
   closer = float(np.mean(further + 0.5 * ties) / len(ranked))
   near = np.quantile(held_out, 0.05)
   return Copying(closer, float(np.mean(dist < near)),
