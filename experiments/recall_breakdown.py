@@ -225,8 +225,8 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
   # typicality (their radii among themselves) and the grid.
   sampled = metrics_lib.manifolds(held_out, samples.features, k)
   bins, _ = typicality(sampled.real_radii)
-  codes = [np.concatenate(c) for c in zip(*codes)]
-  held_out_bits = bits_per_code(pipe, codes,
+  held_out_codes = [np.concatenate(c) for c in zip(*codes)]
+  held_out_bits = bits_per_code(pipe, held_out_codes,
                                 None if sample_labels is None else labels)
   if grid:
     covered, missed = covered_and_missed(
@@ -244,7 +244,7 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
                       'samples': copying_row(train, held_out,
                                              samples.features),
                       'reconstructions': copying_row(train, held_out, recon)},
-          'cycle': {'held_out': cycle_agreement(pipe, codes),
+          'cycle': {'held_out': cycle_agreement(pipe, held_out_codes),
                     'samples': cycle_agreement(pipe, sample_codes)},
           'bits': {'held_out': bits_summary(held_out_bits, bins),
                    'samples': bits_summary(bits_per_code(

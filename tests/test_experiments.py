@@ -1156,10 +1156,10 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
     images.append(batch)
     labels.append(batch_labels)
   images, labels = np.concatenate(images), np.concatenate(labels)
-  expected = pipe.log_prob_codes(pipe.encode(images), labels).mean(axis=1)
+  held_codes = pipe.encode(images)
+  expected = pipe.log_prob_codes(held_codes, labels).mean(axis=1)
   positions = [h * w for h, w in pipe.level_shapes]
   # Stage 1's round trip of the held-out codes, counted here on its own.
-  held_codes = pipe.encode(images)
   again = pipe.encode(np.clip(pipe.decode(held_codes), -1, 1))
   np.testing.assert_allclose(
       result['cycle']['held_out'],

@@ -71,6 +71,24 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
   return x
 
 
+def _two_sets(a: Any, b: Any, name_a: str, name_b: str
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """`_as_matrix` of both, or a ValueError where their dimensions differ."""
+  x, y = _as_matrix(a, name_a), _as_matrix(b, name_b)
+  if x.shape[1] != y.shape[1]:
+    raise MetricsInputError(
+        f'{name_a} have dimension {x.shape[1]}, {name_b} {y.shape[1]}. '
+        'Fix: compare features of one extractor.')
+  return x, y
+
+
+def _check_batch_size(batch_size: int) -> None:
+  """A MetricsInputError unless batch_size >= 1."""
+  if batch_size < 1:
+    raise MetricsInputError(
+        f'batch_size={batch_size}. Fix: pass a positive size.')
+
+
 class FeatureStats:
   """Running mean and covariance of feature batches, on the host in float64.
 
@@ -313,12 +331,7 @@ def kid(features_a: Any, features_b: Any, num_subsets: int = 100,
     MeanStd of the per-subset estimates (std over subsets, not the standard
     error of the mean).
   """
-  x = _as_matrix(features_a, 'features_a')
-  y = _as_matrix(features_b, 'features_b')
-  if x.shape[1] != y.shape[1]:
-    raise MetricsInputError(
-        f'features_a have dimension {x.shape[1]}, features_b {y.shape[1]}. '
-        'Fix: compare features of one extractor.')
+  x, y = _two_sets(features_a, features_b, 'features_a', 'features_b')
   m = min(subset_size, len(x), len(y))
   if m < 2 or num_subsets < 1:
     raise MetricsInputError(
@@ -433,19 +446,13 @@ def manifolds(real_features: Any, fake_features: Any, k: int = 3,
   Returns:
     Manifolds.
   """
-  real = _as_matrix(real_features, 'real_features')
-  fake = _as_matrix(fake_features, 'fake_features')
-  if real.shape[1] != fake.shape[1]:
-    raise MetricsInputError(
-        f'real_features have dimension {real.shape[1]}, fake_features '
-        f'{fake.shape[1]}. Fix: compare features of one extractor.')
+  real, fake = _two_sets(real_features, fake_features, 'real_features',
+                         'fake_features')
   if not 1 <= k < min(len(real), len(fake)):
     raise MetricsInputError(
         f'k={k} with {len(real)} real and {len(fake)} fake rows. Fix: use '
         '1 <= k < the size of the smaller set.')
-  if batch_size < 1:
-    raise MetricsInputError(
-        f'batch_size={batch_size}. Fix: pass a positive size.')
+  _check_batch_size(batch_size)
   real_sq = np.einsum('ij,ij->i', real, real)
   fake_sq = np.einsum('ij,ij->i', fake, fake)
   real_radii = _knn_radii(real, real_sq, k, batch_size)
@@ -486,17 +493,10 @@ def nearest_distances(queries: Any, reference: Any,
                       batch_size: int = 1024) -> np.ndarray:
   """Euclidean distance of each query row to its nearest reference row,
   [n_queries] float64, in blocks of `batch_size` queries."""
-  queries = _as_matrix(queries, 'queries')
-  reference = _as_matrix(reference, 'reference')
-  if queries.shape[1] != reference.shape[1]:
-    raise MetricsInputError(
-        f'queries have dimension {queries.shape[1]}, reference '
-        f'{reference.shape[1]}. Fix: compare features of one extractor.')
+  queries, reference = _two_sets(queries, reference, 'queries', 'reference')
   if not len(reference):
     raise MetricsInputError('reference is empty. Fix: pass its features.')
-  if batch_size < 1:
-    raise MetricsInputError(
-        f'batch_size={batch_size}. Fix: pass a positive size.')
+  _check_batch_size(batch_size)
   q_sq = np.einsum('ij,ij->i', queries, queries)
   r_sq = np.einsum('ij,ij->i', reference, reference)
   out = np.empty(len(queries))
