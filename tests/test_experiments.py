@@ -1118,11 +1118,11 @@ def test_recall_breakdown_splits_recall_by_typicality_and_class():
 def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
                                stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
+  from experiments import prior_attribution
   from experiments import recall_breakdown
   from PIL import Image
   from vqvae2_jax import api
   from vqvae2_jax.evaluation import judges
-  from vqvae2_jax.evaluation import run as eval_run
   # pylint: enable=g-import-not-at-top
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
   workdir, _ = stage2_workdir
@@ -1139,8 +1139,9 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
     assert len(row['recall_by_class']) == 10, name
     assert row['radius_ratio'] > 0, name
   # Copying: against every training image.
-  train_count = sum(len(b) for b, _, _ in eval_run.real_batches(
-      stage2_config, pipe.mesh, stage2_config.data.train_split))
+  _, train_labels = prior_attribution.split_images(
+      pipe, stage2_config.data.train_split)
+  train_count = len(train_labels)
   assert result['copying']['train_images'] == train_count > 20
   for name in ('samples', 'reconstructions'):
     row = result['copying'][name]
@@ -1150,12 +1151,8 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
   # Bits per code under the priors, one entry per level: the held-out
   # images' mean is their codes' log_prob_codes (with their labels) over
   # the level's positions, counted here on its own.
-  images, labels = [], []
-  for batch, batch_labels, _ in eval_run.real_batches(
-      stage2_config, pipe.mesh, stage2_config.data.eval_split):
-    images.append(batch)
-    labels.append(batch_labels)
-  images, labels = np.concatenate(images), np.concatenate(labels)
+  images, labels = prior_attribution.split_images(
+      pipe, stage2_config.data.eval_split)
   held_codes = pipe.encode(images)
   expected = pipe.log_prob_codes(held_codes, labels).mean(axis=1)
   positions = [h * w for h, w in pipe.level_shapes]
