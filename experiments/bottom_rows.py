@@ -15,6 +15,11 @@ item where the data had a patterned one, say), the first rows kept would
 recover most of the loss; if it loses it where it draws, each row kept
 recovers about its share.
 
+--split=train (with --limit, as many images as the held-out split has)
+does the same for the training images, scored against themselves: a
+prior that lost recall by overfitting its training codes would draw the
+training images' variants better than the held-out ones'.
+
 The draws are the cached sampler's: position t = r * w + c of example i
 draws with the noise `sampling.sample_level` uses at guidance 1, so with
 a prefix equal to the sampler's own first rows the completion is the
@@ -49,6 +54,10 @@ def _define_flags():
           'Rows of the lowest level\'s true codes kept, one result each.'),
       'limit': flags.DEFINE_integer(
           'limit', 0, 'Held-out images used (the first ones); 0: all.'),
+      'split': flags.DEFINE_string(
+          'split', None, "The images' split (the config's eval split when "
+          'unset): the training split asks whether the prior draws its own '
+          'training images any better.'),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
   }
 
@@ -116,8 +125,10 @@ def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
 
 
 def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
-                limit: int | None = None, report=print) -> dict[str, Any]:
-  """The rows (see the module docstring) of `pipe`."""
+                limit: int | None = None, report=print,
+                split: str | None = None) -> dict[str, Any]:
+  """The rows (see the module docstring) of `pipe`; of `split`'s images
+  (scored against themselves) in place of the held-out ones where given."""
   height = pipe.level_shapes[-1][0]
   for r in rows:  # Before minutes of work on the rows in range.
     if not 0 <= r <= height:
@@ -125,7 +136,9 @@ def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
                        f'level\'s map has {height} rows.')
   config, mesh = pipe.config, pipe.mesh
   features, about = eval_run.feature_fn(config, pipe.workdir, mesh)
-  images, codes, labels = prior_attribution.held_out_codes(pipe, mesh, limit)
+  split = split or config.data.eval_split
+  images, codes, labels = prior_attribution.held_out_codes(pipe, mesh, limit,
+                                                           split)
   real = metrics_lib.FeatureStats(max_features=eval_run.MAX_REAL_FEATURES)
   real.add(*features(images))
   batch = int(config.eval.batch_size)
@@ -140,7 +153,7 @@ def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
                                                      labels)}
     report(json.dumps(row))
     out.append(row)
-  return {'steps': pipe.steps, **about,
+  return {'steps': pipe.steps, **about, 'split': split,
           'held_out_examples': len(labels), 'rows': out}
 
 
@@ -150,7 +163,8 @@ def main(argv, flag_values):
   result = {'pipeline': pipeline, **bottom_rows(
       api.Pipeline.load(pipeline, require_priors=True),
       [int(r) for r in flag_values['rows'].value],
-      flag_values['limit'].value or None)}
+      flag_values['limit'].value or None,
+      split=flag_values['split'].value)}
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)

@@ -75,11 +75,13 @@ def split_images(pipe: api.Pipeline, split: str, mesh=None,
   return np.concatenate(images), np.concatenate(labels)
 
 
-def held_out_codes(pipe: api.Pipeline, mesh, limit: int | None
+def held_out_codes(pipe: api.Pipeline, mesh, limit: int | None,
+                   split: str | None = None
                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-  """(held-out images, their codes per level top first, their labels)."""
-  images, labels = split_images(pipe, pipe.config.data.eval_split, mesh,
-                                limit)
+  """(held-out images, their codes per level top first, their labels); of
+  `split` in place of the config's eval split where given."""
+  images, labels = split_images(pipe, split or pipe.config.data.eval_split,
+                                mesh, limit)
   return images, pipe.encode(images), labels
 
 

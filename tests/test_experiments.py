@@ -1273,8 +1273,11 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
   # pylint: disable=g-import-not-at-top
   import jax
   from experiments import bottom_rows
+  from experiments import prior_attribution
   from vqvae2_jax import sampling
   from vqvae2_jax.evaluation import judges
+  from vqvae2_jax.evaluation import metrics as metrics_lib
+  from vqvae2_jax.evaluation import run as eval_run
   # pylint: enable=g-import-not-at-top
   pipe, _, upper, true, labels = _lowest_level_held_out(stage2_workdir,
                                                         stage2_config)
@@ -1308,6 +1311,22 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
   assert all(0 <= r['recall'] <= 1 for r in result['rows'])
   with pytest.raises(ValueError, match='outside'):
     bottom_rows.bottom_rows(pipe, [height + 1], limit=8)
+  # Another split: its own images, scored against themselves (every row
+  # kept: their reconstructions).
+  trained = bottom_rows.bottom_rows(pipe, [height], limit=20,
+                                    report=lambda _: None, split='train')
+  assert trained['split'] == 'train'
+  assert result['split'] == pipe.config.data.eval_split != 'train'
+  images, codes, train_labels = prior_attribution.held_out_codes(
+      pipe, pipe.mesh, 20, 'train')
+  features, _ = eval_run.feature_fn(pipe.config, pipe.workdir, pipe.mesh)
+  real = metrics_lib.FeatureStats(max_features=eval_run.MAX_REAL_FEATURES)
+  real.add(*features(images))
+  want_row = eval_run.sample_metrics(
+      pipe.config, real, prior_attribution.decoded_features(
+          pipe, features, codes, int(pipe.config.eval.batch_size)),
+      train_labels)
+  assert trained['rows'][0] == {'rows_kept': height, **want_row}
 
 
 def test_prior_mixture_mixes_the_members_position_by_position(
