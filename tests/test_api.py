@@ -159,6 +159,22 @@ def test_sample_again_skips_and_other_controls_write_beside(workdir):
                                   np.load(greedy7 / 'codes.npz')[name])
 
 
+def test_sample_with_a_contrast_writes_its_own_run(workdir, tmp_path):
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  plain = _sample(copy)
+  contrasted = _sample(copy, contrast=(0.0, 3.0))
+  assert '_c0-3_' in os.path.basename(contrasted['dir'])
+  assert list(contrasted['contrast']) == [0.0, 3.0]
+  assert list(plain['contrast']) == [0.0, 0.0]
+  plain_codes = np.load(os.path.join(plain['dir'], 'codes.npz'))
+  codes = np.load(os.path.join(contrasted['dir'], 'codes.npz'))
+  # The top level drew as without; the bottom level's are the API's draws
+  # with the same contrast.
+  np.testing.assert_array_equal(codes['codes_0'], plain_codes['codes_0'])
+  assert not np.array_equal(codes['codes_1'], plain_codes['codes_1'])
+
+
 def test_sample_with_a_guidance_per_level_guides_only_those_levels(
     workdir, tmp_path):
   copy = tmp_path / 'copy'
@@ -564,6 +580,54 @@ def test_api_samples_are_deterministic_per_key(pipe):
   finally:
     pipe.config.sampling.guidance = saved
     pipe.config.sampling.guidance_per_level = ()
+
+
+def test_api_contrast_divides_by_stage_ones_code_frequencies(pipe):
+  frequencies = pipe.code_frequencies()
+  k = pipe.priors[1][0].num_embeddings
+  assert len(frequencies) == 2
+  for level, f in enumerate(frequencies):
+    assert f.shape == (k,) and abs(f.sum() - 1) < 1e-9 and f.min() >= 0
+    counts = np.asarray(pipe.vqvae_variables['vq_stats'][
+        f'quantizers_{level}']['cluster_size'], np.float64)
+    np.testing.assert_allclose(f, counts / counts.sum())
+  bias = pipe.code_bias((0.0, 0.5))
+  assert bias[0] is None
+  np.testing.assert_allclose(
+      bias[1], -0.5 * np.log(np.maximum(frequencies[1], 0.01 / k)),
+      rtol=1e-5)
+  assert pipe.code_bias(0.0) == [None, None]
+  assert all(b is not None for b in pipe.code_bias(0.5))
+  with pytest.raises(ValueError, match='names 3 levels'):
+    pipe.code_bias((0.0, 0.5, 0.5))
+  labels = [0, 3, 9, 4]
+  _, codes = pipe.sample(labels=labels, key=7)
+  _, off = pipe.sample(labels=labels, key=7, contrast=0.0)
+  for a, b in zip(off, codes):
+    np.testing.assert_array_equal(a, b)
+  # The bottom level drawn with its bias, given the top level drawn without.
+  _, got = pipe.sample(labels=labels, key=7, contrast=(0.0, 2.0))
+  np.testing.assert_array_equal(got[0], codes[0])
+  assert not np.array_equal(got[1], codes[1])
+  model, variables = pipe.priors[1]
+  np.testing.assert_array_equal(got[1], np.asarray(sampling.sample_level(
+      model, variables, shape=codes[1].shape, cond_codes=(got[0],),
+      labels=np.asarray(labels, np.int32),
+      rng=jax.random.fold_in(jax.random.PRNGKey(7), 1),
+      code_bias=bias_at(pipe, 2.0)))[:4])
+  # No contrast given: the config's.
+  try:
+    pipe.config.sampling.contrast = (0.0, 2.0)
+    _, by_config = pipe.sample(labels=labels, key=7)
+    for a, b in zip(by_config, got):
+      np.testing.assert_array_equal(a, b)
+  finally:
+    pipe.config.sampling.contrast = ()
+
+
+def bias_at(pipe, contrast):
+  """The bottom level's bias at `contrast`."""
+  return pipe.code_bias((0.0, contrast))[1]
 
 
 def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):

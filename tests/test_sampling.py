@@ -451,6 +451,11 @@ def test_guided_sampling_split_over_devices_equals_one_device():
   np.testing.assert_array_equal(
       sampling.sample_level(model, variables, **kwargs, mesh=mesh),
       sampling.sample_level(model, variables, **kwargs))
+  # With a code bias too (a replicated argument of its own).
+  kwargs['code_bias'] = jnp.linspace(-2.0, 2.0, model.num_embeddings)
+  np.testing.assert_array_equal(
+      sampling.sample_level(model, variables, **kwargs, mesh=mesh),
+      sampling.sample_level(model, variables, **kwargs))
 
 
 def test_guidance_errors():
@@ -468,3 +473,131 @@ def test_guidance_errors():
   with pytest.raises(sampling.SamplingInputError, match='without class'):
     sampling.sample_level(plain, plain_vars, shape=shape, labels=None,
                           rng=jax.random.key(0), guidance=1.5)
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_biased_sampler_equals_reference(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  bias = jnp.asarray(np.random.default_rng(5).normal(
+      0, 2, model.num_embeddings), jnp.float32)
+  for temperature, top_k, top_p in CONTROLS[:3]:
+    for guidance in (1.0, 2.0):
+      kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                    rng=jax.random.key(7), temperature=temperature,
+                    top_k=top_k, top_p=top_p, guidance=guidance,
+                    code_bias=bias)
+      cached = sampling.sample_level(model, variables, **kwargs)
+      reference = sampling.reference_sample_level(model, variables, **kwargs)
+      np.testing.assert_array_equal(
+          cached, reference, err_msg=f'{(temperature, top_k, top_p, guidance)}')
+  # A bias of zeros draws what no bias draws; this one draws otherwise.
+  plain = sampling.sample_level(model, variables,
+                                **{**kwargs, 'code_bias': None})
+  np.testing.assert_array_equal(
+      sampling.sample_level(model, variables, **{
+          **kwargs, 'code_bias': jnp.zeros(model.num_embeddings)}), plain)
+  assert (np.asarray(plain) != np.asarray(cached)).any()
+
+
+def test_code_bias_draws_from_the_biased_logits():
+  # Position (0, 0) depends on no code: its draw is the one the same key
+  # makes from the guided logits plus the bias, before the temperature.
+  model, variables, shape, cond, _, codes = _setup('lower')
+  batch = 16
+  shape = (batch, *shape[1:])
+  cond = tuple(jnp.tile(x, (batch // 2, 1, 1)) for x in cond)
+  labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
+  codes = jnp.tile(codes, (batch // 2, 1, 1))
+  forward = jax.jit(functools.partial(model.apply, train=False))
+  c = forward(variables, codes, cond_codes=cond, labels=labels)[:, 0, 0]
+  u = forward(variables, codes, cond_codes=cond, labels=None)[:, 0, 0]
+  rng = jax.random.key(3)
+  bias = jnp.linspace(-3.0, 3.0, model.num_embeddings)
+  sampled = sampling.sample_level(
+      model, variables, shape=shape, cond_codes=cond, labels=labels, rng=rng,
+      guidance=2.0, temperature=1.5, code_bias=bias)
+  expected = sampling.sample_logits(
+      jax.random.fold_in(rng, 0), u + 2.0 * (c - u) + bias, jnp.float32(1.5),
+      jnp.int32(0), jnp.float32(1.0), jnp.arange(batch, dtype=jnp.int32),
+      truncate=False)
+  np.testing.assert_array_equal(np.asarray(sampled)[:, 0, 0], expected)
+  # A bias far above the logits' spread picks its code everywhere.
+  forced = jnp.zeros(model.num_embeddings).at[3].set(1e4)
+  np.testing.assert_array_equal(
+      sampling.sample_level(model, variables, shape=shape, cond_codes=cond,
+                            labels=labels, rng=rng, code_bias=forced), 3)
+
+
+def test_contrast_bias():
+  counts = np.array([600.0, 300.0, 100.0, 0.0])
+  bias = np.asarray(sampling.contrast_bias(counts, 0.5))
+  # -c log p, the share of a code used under 1% of a uniform code's share
+  # floored there.
+  np.testing.assert_allclose(
+      bias, -0.5 * np.log([0.6, 0.3, 0.1, 0.0025]), rtol=1e-6)
+  np.testing.assert_array_equal(sampling.contrast_bias(counts, 0.0), 0.0)
+  # Softmax(logits + bias) = p_prior / p^c, renormalised.
+  logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+  biased = jax.nn.softmax(logits + bias)
+  want = np.exp(logits) / np.maximum(counts / counts.sum(), 0.0025) ** 0.5
+  np.testing.assert_allclose(biased, want / want.sum(), rtol=1e-5)
+  for bad in (-0.5, float('nan'), float('inf')):
+    with pytest.raises(sampling.SamplingInputError, match='value >= 0'):
+      sampling.contrast_bias(counts, bad)
+  for bad in (np.zeros(4), -counts, counts[None], [1.0, float('nan')]):
+    with pytest.raises(sampling.SamplingInputError, match='code counts'):
+      sampling.contrast_bias(bad, 0.5)
+
+
+def test_code_bias_errors_and_compilation():
+  model, variables, shape, cond, labels, _ = _setup('top')
+  kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                rng=jax.random.key(0))
+  with pytest.raises(sampling.SamplingInputError, match='one value per code'):
+    sampling.sample_level(model, variables, **kwargs,
+                          code_bias=jnp.zeros(model.num_embeddings + 1))
+  with pytest.raises(sampling.SamplingInputError, match='not finite'):
+    sampling.sample_level(model, variables, **kwargs, code_bias=jnp.full(
+        model.num_embeddings, -jnp.inf))
+  # The bias's values are traced: another bias is no new compilation.
+  sampling.clear_caches()
+  compiled = sampling.compile_sampler(
+      model, variables, shape=shape, cond_codes=cond, labels=labels,
+      code_bias=jnp.zeros(model.num_embeddings))
+  assert compiled is not None
+  before = sampling._build.cache_info().currsize  # pylint: disable=protected-access
+  for scale in (1.0, 2.0):
+    sampling.sample_level(model, variables, **kwargs,
+                          code_bias=jnp.full(model.num_embeddings, scale))
+  assert sampling._build.cache_info().currsize == before  # pylint: disable=protected-access
+  sampling.clear_caches()
+
+
+def test_sample_hierarchy_biases_each_level_by_its_own():
+  top = pixelcnn_util.make_prior(num_layers=2, num_classes=3)
+  lower = pixelcnn_util.make_prior(num_layers=2, num_classes=3,
+                                   cond_num_embeddings=(top.num_embeddings,))
+  shapes = ((2, 3), (4, 6))
+  labels = jnp.asarray([0, 2], jnp.int32)
+  top_vars = pixelcnn_util.random_variables(
+      top, jnp.zeros((2, *shapes[0]), jnp.int32), (), labels, seed=3)
+  lower_vars = pixelcnn_util.random_variables(
+      lower, jnp.zeros((2, *shapes[1]), jnp.int32),
+      (jnp.zeros((2, *shapes[0]), jnp.int32),), labels, seed=4)
+  priors = [(top, top_vars), (lower, lower_vars)]
+  rng = jax.random.key(9)
+  bias = jnp.asarray(np.random.default_rng(0).normal(
+      0, 3, lower.num_embeddings), jnp.float32)
+  kwargs = dict(batch_size=2, labels=labels, rng=rng)
+  got = sampling.sample_hierarchy(priors, shapes, **kwargs,
+                                  code_bias=(None, bias))
+  plain = sampling.sample_hierarchy(priors, shapes, **kwargs)
+  # The top level is drawn as without a bias; the lower one, given it, with
+  # its own.
+  np.testing.assert_array_equal(got[0], plain[0])
+  np.testing.assert_array_equal(got[1], sampling.sample_level(
+      lower, lower_vars, shape=(2, *shapes[1]), cond_codes=(got[0],),
+      labels=labels, rng=jax.random.fold_in(rng, 1), code_bias=bias))
+  assert (np.asarray(got[1]) != np.asarray(plain[1])).any()
+  with pytest.raises(sampling.SamplingInputError, match='one bias'):
+    sampling.sample_hierarchy(priors, shapes, **kwargs, code_bias=(bias,))

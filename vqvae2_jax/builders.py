@@ -96,6 +96,15 @@ def sampling_guidance(config: ml_collections.ConfigDict
   return per_level[0] if per_level else float(s.get('guidance', 1.0))
 
 
+def sampling_contrast(config: ml_collections.ConfigDict
+                      ) -> tuple[float, ...]:
+  """`sampling.contrast` with one value per level, top first (0.0: off;
+  every level 0.0 in configs recorded before the field)."""
+  values = tuple(float(c) for c in config.sampling.get('contrast', ()))
+  levels = num_levels(config)
+  return values * levels if len(values) == 1 else values or (0.0,) * levels
+
+
 def guidance_text(guidance: float | Sequence[float], sep: str = ':') -> str:
   """A guidance of `sampling_guidance` as text: '1.3', or '1.3:2' per level."""
   if isinstance(guidance, Sequence):

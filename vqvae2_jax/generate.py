@@ -58,7 +58,7 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   """The sample run's directory name: checkpoints, seed, controls, count.
 
   `_g<scale>` (`_g<top>-<bottom>` per level) is added when guidance is on,
-  `_keep<k>` when rejection sampling keeps a fraction k < 1, `_raw` when
+  `_c<top>-<bottom>` (a value per level) when sampling.contrast is, `_keep<k>` when rejection sampling keeps a fraction k < 1, `_raw` when
   the priors' raw weights stand in for their Polyak average
   (sampling.use_polyak False) and `_<dtype>` when the sampler computes in
   sampling.dtype, so other settings write beside the plain run (whose
@@ -71,9 +71,12 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   guidance = builders.sampling_guidance(config)
   guided = (f'g{builders.guidance_text(guidance, "-")}_'
             if guidance != 1.0 else '')
+  contrast = builders.sampling_contrast(config)
+  contrasted = (f'c{builders.guidance_text(contrast, "-")}_'
+                if any(contrast) else '')
   return (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
           f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
-          f'{guided}'
+          f'{guided}{contrasted}'
           f'n{num_samples}{"" if conditional else "_uncond"}'
           f'{f"_keep{keep:g}" if keep < 1.0 else ""}{weights}')
 
@@ -220,6 +223,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   decode = jax.jit(functools.partial(vqvae.apply, method=vqvae.decode_codes))
   selector, unfiltered, seconds = _draw_candidates(
       config, priors, lambda codes: decode(vq_variables, codes), mesh,
+      code_bias=pipe.code_bias(builders.sampling_contrast(config)),
       labels=candidate_labels, num_candidates=num_candidates,
       per_class=per_class, scorer=scorer,
       shown_per_group=grid_per_group if per_candidate > 1 else 0,
@@ -234,6 +238,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
           'seconds_per_map': seconds / num_samples,
           'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
           'guidance': builders.sampling_guidance(config),
+          'contrast': builders.sampling_contrast(config),
           'seed': config.seed,
           'conditional': conditional,
           'rejection_keep': keep}
@@ -273,7 +278,8 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
                      decode: Callable[[list[Any]], Any], mesh: Mesh, *,
                      labels: Optional[np.ndarray], num_candidates: int,
                      per_class: int, scorer: Optional[Scorer],
-                     shown_per_group: int, out_dir: str
+                     shown_per_group: int, out_dir: str,
+                     code_bias: Sequence[Any] = ()
                      ) -> tuple[sampling.TopPerClass, dict[int, list[Any]],
                                 float]:
   """Draws, decodes and scores the candidates batch by batch.
@@ -291,6 +297,8 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
     shown_per_group: how many of each class's first candidates to keep
       for the grid without rejection (0: none).
     out_dir: the run's directory, named when a preemption stops the loop.
+    code_bias: the sampler's logit bias per level (`api.Pipeline.code_bias`
+      of sampling.contrast), or ().
 
   Returns:
     (the selector holding each class's best-scoring candidates, label ->
@@ -326,7 +334,7 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
       num_maps=num_candidates, labels=labels, batch_size=batch,
       rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
       top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
-      guidance=builders.sampling_guidance(config)):
+      guidance=builders.sampling_guidance(config), code_bias=code_bias):
     n = len(images)
     batch_labels = group_labels[begin:begin + n]
     if scorer is None:

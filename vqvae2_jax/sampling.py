@@ -26,14 +26,16 @@ every example's randomness is its own, the codes equal a one-device run's.
 
 Controls: temperature, top-k (0 disables), top-p / nucleus (1.0 disables),
 class labels (None samples the unconditional "no label" path), classifier-free
-guidance (1.0 disables; see `sample_level`), the batch size (shape[0]) and the
-PRNG key (same key, same samples). The Polyak weights are
-used by passing them as `variables={'params': polyak}`.
+guidance (1.0 disables; see `sample_level`), a bias per code added to the
+logits (`contrast_bias` makes one that contrasts the prior with its level's
+code frequencies), the batch size (shape[0]) and the PRNG key (same key,
+same samples). The Polyak weights are used by passing them as
+`variables={'params': polyak}`.
 
 Each sampler is compiled once per (prior, shape, conditioning shapes,
-filtering on or off, unroll, guidance on or off); the values of the
-controls, the labels, keys and weights are traced, so changing them does not
-recompile. Whether top-k
+filtering on or off, unroll, guidance on or off, a code bias or none); the
+values of the controls, the bias, the labels, keys and weights are traced,
+so changing them does not recompile. Whether top-k
 or top-p filtering is on at all is fixed at compile time: a traced choice
 would be a `lax.cond` at every position, which on a GPU stops the device
 while the host reads the predicate back.
@@ -217,17 +219,62 @@ def guide(logits: Array, guidance: Array) -> Array:
   return uncond + guidance * (cond - uncond)
 
 
+def bias_logits(logits: Array, code_bias: Optional[Array]) -> Array:
+  """[b, K] logits plus a [K] bias per code (float32); None: unchanged."""
+  if code_bias is None:
+    return logits
+  return logits.astype(jnp.float32) + code_bias
+
+
+def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
+  """The [K] logit bias that contrasts a prior with its level's code
+  frequencies: -contrast * log p(k), p the counts normalised.
+
+  Each draw then comes from p_prior(k | context) / p(k)^contrast
+  (renormalised): contrast 0 is the prior as trained; above 0 it lowers the
+  codes the level uses everywhere (plain areas, the background) against
+  those it uses rarely (the detail). A code used under 1% of a uniform
+  code's share counts as used that often, so that contrast cannot lift the
+  codes stage 1 left (nearly) unused, which the prior has never seen.
+
+  Args:
+    code_counts: [K] non-negative usage of each code (e.g. stage 1's
+      `cluster_size`: `api.Pipeline.code_frequencies`).
+    contrast: >= 0.
+
+  Raises:
+    SamplingInputError: a negative or non-finite contrast, or counts that
+      are not a non-negative [K] vector with a positive sum.
+  """
+  if not (math.isfinite(contrast) and contrast >= 0):
+    raise SamplingInputError(
+        f'contrast is {contrast}. Fix: use a value >= 0 (0 is off: the '
+        'prior as trained).')
+  counts = np.asarray(code_counts, np.float64)
+  if (counts.ndim != 1 or not np.all(np.isfinite(counts)) or
+      np.any(counts < 0) or not counts.sum() > 0):
+    raise SamplingInputError(
+        f'code_counts must be a [K] vector of non-negative usage with a '
+        f'positive sum, got shape {counts.shape}. Fix: pass the level\'s '
+        'code counts (api.Pipeline.code_frequencies).')
+  share = np.maximum(counts / counts.sum(), 0.01 / len(counts))
+  return jnp.asarray(-contrast * np.log(share), jnp.float32)
+
+
 def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
                  truncate: bool, unroll: int, guided: bool, variables: PyTree,
                  rng: Array, example_ids: Array, cond_codes: tuple[Array, ...],
                  labels: Optional[Array], temperature: Array, top_k: Array,
-                 top_p: Array, guidance: Array) -> Array:
+                 top_p: Array, guidance: Array,
+                 code_bias: Optional[Array]) -> Array:
   """Cached sampling of `shape`, this device's part of the batch.
 
   Position t = r * w + c of example i draws with fold_in(fold_in(rng, t), i).
   `truncate`: whether top-k / top-p filtering is on (static). `guided`
   (static): the maps run twice, with their labels and without, and each
   draw is from `guide`'s logits; both copies get the drawn code.
+  `code_bias`: [K] added to every position's logits (after guidance), or
+  None.
   """
   run_shape = shape
   if guided:
@@ -247,7 +294,8 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
     del r, c
     if guided:
       logits = guide(logits, guidance)
-    code = gumbel_max(noise, filter_logits(logits, temperature, top_k, top_p,
+    code = gumbel_max(noise, filter_logits(bias_logits(logits, code_bias),
+                                           temperature, top_k, top_p,
                                            truncate))
     return (jnp.concatenate([code, code]) if guided else code), code
 
@@ -296,7 +344,8 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
                     guided: bool, variables: PyTree, rng: Array,
                     example_ids: Array, cond_codes: tuple[Array, ...],
                     labels: Optional[Array], temperature: Array, top_k: Array,
-                    top_p: Array, guidance: Array, num_positions: Array
+                    top_p: Array, guidance: Array,
+                    code_bias: Optional[Array], num_positions: Array
                     ) -> Array:
   """Reference sampling: the full prior on the partial map at every position.
 
@@ -319,7 +368,8 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
     )[:, 0, 0]
     if guided:
       logits = guide(logits, guidance)
-    code = sample_logits(jax.random.fold_in(rng, t), logits, temperature,
+    code = sample_logits(jax.random.fold_in(rng, t),
+                         bias_logits(logits, code_bias), temperature,
                          top_k, top_p, example_ids, truncate)
     return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, r, c))
 
@@ -330,23 +380,34 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
            reference: bool, mesh: Optional[Mesh], truncate: bool = False,
-           unroll: int = 1, guided: bool = False) -> Callable[..., Array]:
+           unroll: int = 1, guided: bool = False,
+           biased: bool = False) -> Callable[..., Array]:
   """One jitted sampler per (prior, shape, kind, mesh, filtering, unroll,
-  guidance on or off); no retracing.
+  guidance on or off, code bias on or off); no retracing.
 
-  With a mesh, the batch is split over all its devices (`jax.shard_map`
-  over the batch axes, as in training): each device samples its own
-  examples, the parameters replicated.
+  Its arguments: variables, rng, example_ids, cond_codes, labels,
+  temperature, top_k, top_p, guidance, then the [K] code bias when
+  `biased`, then num_positions for the reference sampler. With a mesh, the
+  batch is split over all its devices (`jax.shard_map` over the batch axes,
+  as in training): each device samples its own examples, the parameters
+  replicated.
   """
   impl = _reference_impl if reference else _cached_impl
   devices = 1 if mesh is None else mesh.size
   local_shape = (shape[0] // devices, *shape[1:])
   fn = functools.partial(impl, model, local_shape, truncate, unroll, guided)
+  if not biased:  # No bias argument, and no bias in the program.
+    unbiased = fn
+
+    @functools.wraps(impl)
+    def fn(*args):
+      return unbiased(*args[:9], None, *args[9:])
   if devices > 1:
     batch = P(parallel.DATA_AXES)
     # variables, rng, example_ids, cond_codes, labels, temperature, top_k,
-    # top_p, guidance (, num_positions).
-    specs = (P(), P(), batch, batch, batch, P(), P(), P(), P())
+    # top_p, guidance (, code_bias) (, num_positions).
+    specs = (P(), P(), batch, batch, batch, P(), P(), P(), P()) + (
+        (P(),) if biased else ())
     # check_vma=False: the scans' carries start as zeros made on every
     # device alike and become per-device; nothing here communicates.
     fn = jax.shard_map(fn, mesh=mesh, out_specs=batch,
@@ -471,20 +532,40 @@ def _check_unroll(unroll: int) -> int:
   return int(unroll)
 
 
+def _check_bias(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array]
+                ) -> tuple[Array, ...]:
+  """() for no bias, else (the [K] float32 bias,) after checking it."""
+  if code_bias is None:
+    return ()
+  bias = jnp.asarray(code_bias, jnp.float32)
+  if bias.shape != (model.num_embeddings,):
+    raise SamplingInputError(
+        f'code_bias has shape {bias.shape}. Fix: pass one value per code, '
+        f'[{model.num_embeddings}] (e.g. `contrast_bias`), or None.')
+  if not isinstance(bias, jax.core.Tracer) and not bool(
+      jnp.all(jnp.isfinite(bias))):
+    raise SamplingInputError(
+        'code_bias has values that are not finite. Fix: pass finite values '
+        '(`contrast_bias` floors the rare codes\' share for this).')
+  return (bias,)
+
+
 def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
                   rng: Array, shape: Sequence[int],
                   cond_codes: Sequence[Array], labels: Optional[Array],
                   mesh: Optional[Mesh], temperature: float, top_k: int,
-                  top_p: float, guidance: float
+                  top_p: float, guidance: float,
+                  code_bias: Optional[Array] = None
                   ) -> tuple[tuple[int, int, int], bool, tuple[Any, ...]]:
   """A sampler call's inputs checked: (shape, whether guided, the compiled
-  program's arguments)."""
+  program's arguments; with a bias, `_build(biased=True)`'s)."""
   guided = _guides(model, labels, guidance)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   return shape, guided, (variables, rng, _example_ids(shape), cond_codes,
                          labels, *_controls(temperature, top_k, top_p,
-                                            guidance))
+                                            guidance),
+                         *_check_bias(model, code_bias))
 
 
 def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -492,13 +573,14 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                     labels: Optional[Array] = None, reference: bool = False,
                     mesh: Optional[Mesh] = None, top_k: int = 0,
                     top_p: float = 1.0, unroll: int = 1,
-                    guidance: float = 1.0) -> jax.stages.Compiled:
+                    guidance: float = 1.0,
+                    code_bias: Optional[Array] = None) -> jax.stages.Compiled:
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
   with arguments of the same shapes, filtering on or off as `top_k` /
-  `top_p` say, the same `unroll` and guidance on or off reuses the
-  compiled code; use it to
+  `top_p` say, the same `unroll`, guidance on or off and a code bias or
+  none reuses the compiled code; use it to
   time compilation apart from sampling.
 
   Returns:
@@ -506,11 +588,12 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   """
   shape, guided, args = _checked_call(
       model, variables, jax.random.key(0), shape, cond_codes, labels, mesh,
-      1.0, top_k, top_p, guidance)
+      1.0, top_k, top_p, guidance, code_bias)
   if reference:
     args += (jnp.asarray(0, jnp.int32),)
   fn = _build(model, shape, reference, _sampling_mesh(mesh),
-              _truncates(top_k, top_p), _check_unroll(unroll), guided)
+              _truncates(top_k, top_p), _check_unroll(unroll), guided,
+              code_bias is not None)
   return fn.lower(*args).compile()
 
 
@@ -519,7 +602,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                  labels: Optional[Array] = None, rng: Array,
                  temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, mesh: Optional[Mesh] = None,
-                 unroll: int = 1, guidance: float = 1.0) -> Array:
+                 unroll: int = 1, guidance: float = 1.0,
+                 code_bias: Optional[Array] = None) -> Array:
   """Samples one level's code map with the cached sampler.
 
   Args:
@@ -546,15 +630,20 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       path label dropout trains), at twice the compute: above 1, samples
       follow their class more closely, at some cost in diversity. Needs
       labels.
+    code_bias: [K] float added to every position's logits, after guidance
+      and before temperature and filtering (e.g. `contrast_bias`); None
+      (off) samples the model as trained. Its values are traced: changing
+      them does not recompile.
 
   Returns:
     [batch, h, w] int32 codes.
   """
   shape, guided, args = _checked_call(
       model, variables, rng, shape, cond_codes, labels, mesh, temperature,
-      top_k, top_p, guidance)
+      top_k, top_p, guidance, code_bias)
   return _build(model, shape, False, _sampling_mesh(mesh),
-                _truncates(top_k, top_p), _check_unroll(unroll), guided)(*args)
+                _truncates(top_k, top_p), _check_unroll(unroll), guided,
+                code_bias is not None)(*args)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -565,12 +654,14 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                            top_p: float = 1.0,
                            num_positions: Optional[int] = None,
                            mesh: Optional[Mesh] = None,
-                           guidance: float = 1.0) -> Array:
+                           guidance: float = 1.0,
+                           code_bias: Optional[Array] = None) -> Array:
   """Samples like `sample_level`, rerunning the full prior at every position.
 
   Args:
     model, variables, shape, cond_codes, labels, rng, temperature, top_k,
-      top_p, mesh, guidance: as for `sample_level`; the result is the same.
+      top_p, mesh, guidance, code_bias: as for `sample_level`; the result is
+      the same.
     num_positions: sample only the first n positions in raster order (the
       rest stay 0); for benchmarks, since every step costs one full forward
       pass. None samples the whole map. Changing it does not recompile.
@@ -580,14 +671,14 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   """
   shape, guided, args = _checked_call(
       model, variables, rng, shape, cond_codes, labels, mesh, temperature,
-      top_k, top_p, guidance)
+      top_k, top_p, guidance, code_bias)
   total = shape[1] * shape[2]
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
     raise SamplingInputError(f'num_positions is {n}. Fix: use 0..{total} (or None '
                      'for the whole map).')
   return _build(model, shape, True, _sampling_mesh(mesh),
-                _truncates(top_k, top_p), 1, guided)(
+                _truncates(top_k, top_p), 1, guided, code_bias is not None)(
                     *args, jnp.asarray(n, jnp.int32))
 
 
@@ -607,7 +698,9 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      top_p: float = 1.0, mesh: Optional[Mesh] = None,
                      unroll: int = 1, dtype: Optional[Any] = None,
                      guidance: float | Sequence[float] = 1.0,
-                     upper_codes: Sequence[Array] = ()) -> list[Array]:
+                     upper_codes: Sequence[Array] = (),
+                     code_bias: Sequence[Optional[Array]] = ()
+                     ) -> list[Array]:
   """Ancestral sampling of every level, top first.
 
   z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level,
@@ -632,6 +725,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
       one scale per level, top first.
     upper_codes: [batch_size, h_l, w_l] int32 codes of the first levels,
       top first, kept as they are; () samples every level.
+    code_bias: one [K] bias (or None) per level, top first, as for
+      `sample_level` (e.g. `api.Pipeline.code_bias`); () biases no level.
 
   Returns:
     Code maps [batch_size, h_l, w_l] int32, top first (`upper_codes`
@@ -647,6 +742,10 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     raise SamplingInputError(
         f'Guidance {guidance} names {len(per_level)} levels, not '
         f'{len(priors)}. Fix: pass one scale, or one per level, top first.')
+  if code_bias and len(code_bias) != len(priors):
+    raise SamplingInputError(
+        f'code_bias names {len(code_bias)} levels, not {len(priors)}. Fix: '
+        'pass one bias (or None) per level, top first, or ().')
   codes = list(upper_codes)
   for level, ((model, variables), (h, w)) in enumerate(
       zip(priors, level_shapes)):
@@ -659,7 +758,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         labels=labels if model.num_classes else None,
         rng=jax.random.fold_in(rng, level), temperature=temperature,
         top_k=top_k, top_p=top_p, mesh=mesh, unroll=unroll,
-        guidance=per_level[level] if model.num_classes else 1.0))
+        guidance=per_level[level] if model.num_classes else 1.0,
+        code_bias=code_bias[level] if code_bias else None))
   return codes
 
 
@@ -701,7 +801,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                     batch_size: int, rng: Array, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0,
                     mesh: Optional[Mesh] = None, unroll: int = 1,
-                    guidance: float | Sequence[float] = 1.0
+                    guidance: float | Sequence[float] = 1.0,
+                    code_bias: Sequence[Optional[Array]] = ()
                     ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
   """`num_maps` samples of the whole hierarchy, decoded, batch by batch.
 
@@ -716,8 +817,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     num_maps: how many samples.
     labels: [num_maps] int32 class of each sample, or None (unconditional).
     batch_size: maps per batch; splits over the mesh's devices.
-    rng, temperature, top_k, top_p, mesh, unroll, guidance: as for
-      `sample_hierarchy`.
+    rng, temperature, top_k, top_p, mesh, unroll, guidance, code_bias: as
+      for `sample_hierarchy`.
 
   Yields:
     (codes per level [n, h_l, w_l] int32, top first; images [n, H, W, C]),
@@ -732,7 +833,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     codes = sample_hierarchy(
         priors, level_shapes, batch_size=batch_size, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
-        top_p=top_p, mesh=mesh, unroll=unroll, guidance=guidance)
+        top_p=top_p, mesh=mesh, unroll=unroll, guidance=guidance,
+        code_bias=code_bias)
     # Every process holds the whole batch (sampled over all devices).
     codes = [parallel.to_host(c)[:n] for c in codes]
     yield codes, parallel.to_host(decode(codes))[:n]

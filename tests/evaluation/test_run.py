@@ -124,6 +124,11 @@ def test_report_inputs_name_guidance_only_when_on(tmp_path):
   assert digest() == plain
   config.sampling.guidance_per_level = (1.3, 2.0)
   assert digest() != plain
+  config.sampling.guidance_per_level = ()
+  del config.sampling['contrast']
+  assert digest() == plain
+  config.sampling.contrast = (0.0, 0.5)
+  assert digest() != plain
 
 
 def test_summary_lines_give_the_figures_beside_their_floor():

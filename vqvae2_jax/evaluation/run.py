@@ -298,7 +298,8 @@ def balanced_subset(per_class: int, num_classes: int,
 
 def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
                      rng: jax.Array, temperature: float, top_k: int,
-                     top_p: float, guidance: float | tuple[float, ...]
+                     top_p: float, guidance: float | tuple[float, ...],
+                     contrast: float | tuple[float, ...] = 0.0
                      ) -> tuple[metrics_lib.FeatureStats, np.ndarray | None,
                                 list[np.ndarray]]:
   """`num_samples` samples of a loaded `api.Pipeline`, drawn as --mode=eval
@@ -307,7 +308,8 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
   Classes balanced as `sample_images` balances them (ceil(n / classes) of
   each drawn class by class, the first of each kept in turn), in batches of
   config.sampling.batch_size as --mode=sample makes them (batch i from
-  `fold_in(rng, i)`), so that the config's seed, controls and guidance give
+  `fold_in(rng, i)`), so that the config's seed, controls, guidance and
+  contrast (`api.Pipeline.code_bias`) give
   --mode=eval's samples (from the pipeline's weights as loaded, computing
   in config.sampling.dtype where set). The plain sampler: no rejection.
 
@@ -337,7 +339,8 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
         num_maps=num_maps, labels=labels, batch_size=batch, rng=rng,
         temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
         unroll=config.sampling.unroll,
-        guidance=guidance if conditional else 1.0):
+        guidance=guidance if conditional else 1.0,
+        code_bias=pipe.code_bias(contrast)):
       f, p = features(np.asarray(images, np.float32))
       feats.append(f)
       probs.append(p)
@@ -360,6 +363,7 @@ RULERS = ('auto', 'judge', 'classifier', 'inception')  # config.eval.features
 def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
                       temperature: float, top_k: int, top_p: float,
                       guidance: float | tuple[float, ...],
+                      contrast: float | tuple[float, ...] = 0.0,
                       features: str | None = None) -> dict[str, Any]:
   """`api.Pipeline.evaluate`: the sample section of --mode=eval's report
   for a loaded pipeline (a workdir's, an exported file's or a shipped one).
@@ -395,7 +399,7 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
   floor = floor_stats(config, mesh, features_of, num_samples)
   fake, labels, _ = pipeline_samples(
       pipe, num_samples, features_of, rng=rng, temperature=temperature,
-      top_k=top_k, top_p=top_p, guidance=guidance)
+      top_k=top_k, top_p=top_p, guidance=guidance, contrast=contrast)
   return {
       **about, 'held_out_split': config.data.eval_split,
       'held_out_examples': real.count,
@@ -403,6 +407,7 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
                   'temperature': temperature, 'top_k': top_k,
                   'top_p': top_p,
                   'guidance': guidance if labels is not None else 1.0,
+                  'contrast': contrast,
                   'conditional': labels is not None},
       'real_vs_real': {**sample_metrics(config, real, floor, None),
                        'split': config.data.train_split},
@@ -501,8 +506,8 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
   asks for a new report, not another one); the steps are those of the
   finished stages' metrics.json (None where a stage has none). Fields
   added since reports were first written leave the digest unchanged at
-  their defaults (sampling.guidance 1.0, guidance_per_level ()), so older
-  reports stay current.
+  their defaults (sampling.guidance 1.0, guidance_per_level (), contrast
+  ()), so older reports stay current.
   """
   settings = config.to_dict()
   settings.get('eval', {}).pop('force', None)
@@ -511,6 +516,8 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
     sampling.pop('guidance', None)
   if not sampling.get('guidance_per_level', ()):
     sampling.pop('guidance_per_level', None)
+  if not sampling.get('contrast', ()):
+    sampling.pop('contrast', None)
   text = json.dumps(files.normalise_json(settings), sort_keys=True)
   wd = workdir_lib.Workdir(workdir)
   stage_dirs = {'vqvae': wd.vqvae, 'classifier': wd.classifier}
@@ -623,6 +630,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   'sample_run': meta['dir'], 'temperature': s.temperature,
                   'top_k': s.top_k, 'top_p': s.top_p,
                   'guidance': meta.get('guidance', 1.0),
+                  'contrast': meta.get('contrast', ()),
                   'conditional': labels is not None},
       'real_vs_real': {**sample_metrics(config, real, floor, None),
                        'split': config.data.train_split},
@@ -726,6 +734,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
       f'top-k {s["top_k"]}, top-p {s["top_p"]}, '
       + (f'guidance {builders.guidance_text(s["guidance"])}, '
          if s.get('guidance', 1.0) != 1.0 else '')
+      + (f'contrast {builders.guidance_text(s["contrast"])}, '
+         if any(s.get('contrast', ())) else '')
       + f'{"class-conditional (classes balanced)" if s["conditional"] else "unconditional"}'
       f' (`{os.path.basename(s["sample_run"])}`); floor: '
       f'{int(f["num_examples"])} images of the `{f["split"]}` split.', '',
