@@ -1404,3 +1404,27 @@ def test_prior_mixture_mixes_the_members_position_by_position(
   with pytest.raises(errors.UserError, match='other codes'):
     prior_mixture._check_same_codes(  # pylint: disable=protected-access
         'x', Shifted, images, codes)
+
+
+def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
+    monkeypatch, tiny_judge, stage2_workdir, stage2_config):
+  # pylint: disable=g-import-not-at-top
+  from experiments import contrast_sweep
+  from vqvae2_jax import api
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  workdir, _ = stage2_workdir
+  pipe = api.Pipeline.load(workdir, stage2_config)
+  rows = contrast_sweep.sweep(pipe, [0.0, (0.0, 2.0)], [1.0, (1.0, 2.0)], 20,
+                              report=lambda _: None)
+  assert [(r['guidance'], r['contrast']) for r in rows] == [
+      ('1', '0'), ('1', '0:2'), ('1:2', '0'), ('1:2', '0:2')]
+  # Each row is evaluate()'s at its setting; contrast 0 is the plain
+  # sampler's, and a contrast draws other samples.
+  plain = pipe.evaluate(20, guidance=(1.0, 2.0))['samples']
+  assert rows[2]['fid'] == plain['fid'] and rows[2]['recall'] == (
+      plain['recall'])
+  contrasted = pipe.evaluate(20, guidance=(1.0, 2.0),
+                             contrast=(0.0, 2.0))['samples']
+  assert rows[3]['fid'] == contrasted['fid'] != plain['fid']
