@@ -9,8 +9,8 @@ three sets scored by the config's ruler (the shipped judge by default)
 against the whole held-out split:
 
 * samples: --num_samples of the pipeline's, drawn as `Pipeline.evaluate`
-  draws them (the config's seed and controls, or --guidance and
-  --temperature);
+  draws them (the config's seed and controls, or --guidance,
+  --temperature and --contrast);
 * reconstructions: the held-out images encoded and decoded;
 * train: as many training images as samples (the real-vs-real floor).
 
@@ -76,6 +76,10 @@ def _define_flags():
           "config's when unset."),
       'temperature': flags.DEFINE_float(
           'temperature', None, "The sampler's; the config's when unset."),
+      'contrast': flags.DEFINE_list(
+          'contrast', None, "The sampler's contrast with stage 1's code "
+          "frequencies: one value, or one per level (top first); the "
+          "config's when unset."),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
       'grid': flags.DEFINE_string(
           'grid', None, 'Also write the covered / missed held-out images '
@@ -190,7 +194,7 @@ def covered_and_missed(images: np.ndarray, labels: np.ndarray,
 
 def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
          temperature=None, grid: str | None = None,
-         grid_per_class: int = 8) -> dict[str, object]:
+         grid_per_class: int = 8, contrast=None) -> dict[str, object]:
   """The three rows of `pipe` (see the module docstring); `grid`: also
   write the covered / missed held-out images there (PNG)."""
   config, mesh = pipe.config, pipe.mesh
@@ -211,10 +215,12 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
   guidance = (builders.sampling_guidance(config) if guidance is None
               else guidance)
   temperature = s.temperature if temperature is None else temperature
+  contrast = (builders.sampling_contrast(config) if contrast is None
+              else contrast)
   samples, sample_labels, sample_codes = eval_run.pipeline_samples(
       pipe, num_samples, features, rng=jax.random.PRNGKey(config.seed),
       temperature=temperature, top_k=s.top_k, top_p=s.top_p,
-      guidance=guidance)
+      guidance=guidance, contrast=contrast)
   held_out, labels = np.concatenate(held_out), np.concatenate(labels)
   recon = np.concatenate(recon)
   k = config.eval.precision_recall_k
@@ -236,7 +242,7 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
         grid, images_lib.image_grid(covered, grid_per_class),
         images_lib.image_grid(missed, grid_per_class))
   return {**about, 'num_samples': num_samples, 'guidance': guidance,
-          'temperature': temperature,
+          'temperature': temperature, 'contrast': contrast,
           'samples': manifold_row(sampled, labels, num_classes),
           'reconstructions': row(recon),
           'train': row(train[:num_samples]),
@@ -258,9 +264,13 @@ def main(argv, flag_values):
   if guidance is not None:
     guidance = tuple(float(g) for g in guidance)
     guidance = guidance[0] if len(guidance) == 1 else guidance
+  contrast = f['contrast']
+  if contrast is not None:
+    contrast = tuple(float(c) for c in contrast)
   result = rows(api.Pipeline.load(f['pipeline']), f['num_samples'],
                 guidance=guidance, temperature=f['temperature'],
-                grid=f['grid'], grid_per_class=f['grid_per_class'])
+                grid=f['grid'], grid_per_class=f['grid_per_class'],
+                contrast=contrast)
   text = json.dumps(result, indent=1)
   print(text)
   if f['out']:

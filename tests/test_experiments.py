@@ -1123,14 +1123,22 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
   from PIL import Image
   from vqvae2_jax import api
   from vqvae2_jax.evaluation import judges
+  from vqvae2_jax.evaluation import run as eval_run
   # pylint: enable=g-import-not-at-top
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
   workdir, _ = stage2_workdir
   pipe = api.Pipeline.load(workdir, stage2_config)
   grid = tmp_path / 'covered_missed.png'
+  drawn_with = []
+  draw = eval_run.pipeline_samples
+  monkeypatch.setattr(eval_run, 'pipeline_samples', lambda *a, **kw: (
+      drawn_with.append(kw), draw(*a, **kw))[1])
   result = recall_breakdown.rows(pipe, 20, guidance=1.5, grid=str(grid),
-                                 grid_per_class=3)
+                                 grid_per_class=3, contrast=(0.0, 1.0))
   assert result['guidance'] == 1.5 and result['num_samples'] == 20
+  assert result['contrast'] == (0.0, 1.0)
+  assert [(kw['guidance'], kw['contrast']) for kw in drawn_with] == [
+      (1.5, (0.0, 1.0))]
   for name in ('samples', 'reconstructions', 'train'):
     row = result[name]
     assert 0 <= row['recall'] <= 1 and 0 <= row['precision'] <= 1, name
