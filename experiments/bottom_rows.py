@@ -20,6 +20,12 @@ does the same for the training images, scored against themselves: a
 prior that lost recall by overfitting its training codes would draw the
 training images' variants better than the held-out ones'.
 
+--teacher_forced draws each position given the true codes before it (the
+cache carries the true map, not the drawn one): with R = 0, every
+position's draw from the prior's conditional given the true past, so no
+early choice can lead the later ones astray. --contrast draws with the
+lowest level's `sampling.contrast`.
+
 The draws are the cached sampler's: position t = r * w + c of example i
 draws with the noise `sampling.sample_level` uses at guidance 1, so with
 a prefix equal to the sampler's own first rows the completion is the
@@ -58,18 +64,26 @@ def _define_flags():
           'split', None, "The images' split (the config's eval split when "
           'unset): the training split asks whether the prior draws its own '
           'training images any better.'),
+      'contrast': flags.DEFINE_float(
+          'contrast', 0.0, "The lowest level's contrast with stage 1's "
+          'code frequencies (`sampling.contrast`); 0: off.'),
+      'teacher_forced': flags.DEFINE_bool(
+          'teacher_forced', False, 'Draw each position given the true codes '
+          'before it, not the drawn ones (no error carried forward).'),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
   }
 
 
 @functools.lru_cache(maxsize=4)
 def _completer(model, shape: tuple[int, int, int]):
-  """jit (variables, upper codes, known lowest codes, labels, rows, rng) ->
-  the lowest level's maps, its first `rows` rows the known ones."""
+  """jit (variables, upper codes, known lowest codes, labels, rows, rng,
+  code bias [K], teacher forced) -> the lowest level's maps, its first
+  `rows` rows the known ones; teacher forced, every position after them is
+  drawn given the known codes before it (not the drawn ones)."""
   _, _, width = shape
   ids = jnp.arange(shape[0], dtype=jnp.int32)
 
-  def complete(variables, upper, known, labels, rows, rng):
+  def complete(variables, upper, known, labels, rows, rng, bias, forced):
     context = model.apply(variables, upper, labels, shape,
                           method=model.prepare)
 
@@ -83,9 +97,9 @@ def _completer(model, shape: tuple[int, int, int]):
       del c
       noise, true = x
       drawn = sampling.gumbel_max(noise, sampling.filter_logits(
-          logits, 1.0, 0, 1.0, truncate=False))
+          sampling.bias_logits(logits, bias), 1.0, 0, 1.0, truncate=False))
       code = jnp.where(r < rows, true, drawn)
-      return code, code
+      return jnp.where(forced, true, code), code
 
     # pylint: disable-next=protected-access
     codes = sampling._scan_map(model, variables, shape, context, choose,
@@ -98,17 +112,25 @@ def _completer(model, shape: tuple[int, int, int]):
 def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
                   known: np.ndarray, labels: np.ndarray, rows: int,
                   rng: jax.Array, batch_size: int,
-                  prior: tuple[Any, Any] | None = None) -> np.ndarray:
+                  prior: tuple[Any, Any] | None = None,
+                  code_bias: Any = None,
+                  teacher_forced: bool = False) -> np.ndarray:
   """The lowest level's maps: `known`'s first `rows` rows, the rest drawn.
 
   Batch i draws with fold_in(rng, i); the last batch is padded (with copies
   of its first example) to one compiled shape. `prior`: (model, variables)
   drawing in place of the pipeline's own prior of that level (another one
   trained on the same codes, or `prior_mixture.MixedPrior`'s).
+  `code_bias`: [K] added to the logits of every drawn position (e.g. the
+  level's `api.Pipeline.code_bias`); None adds nothing. `teacher_forced`:
+  each drawn position sees `known`'s codes before it, not the drawn ones
+  (with rows = 0, every position drawn given the true past).
   """
   model, variables = prior or pipe.priors[len(upper)]
   n, height, width = known.shape
   complete = _completer(model, (batch_size, height, width))
+  bias = (jnp.zeros((model.num_embeddings,), jnp.float32)
+          if code_bias is None else jnp.asarray(code_bias, jnp.float32))
   out = []
   for i, begin in enumerate(range(0, n, batch_size)):
     m = min(batch_size, n - begin)
@@ -119,16 +141,20 @@ def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
     codes = complete(variables, tuple(jnp.asarray(c[take], jnp.int32)
                                       for c in upper),
                      jnp.asarray(known[take], jnp.int32), labels_in,
-                     jnp.asarray(rows, jnp.int32), jax.random.fold_in(rng, i))
+                     jnp.asarray(rows, jnp.int32), jax.random.fold_in(rng, i),
+                     bias, jnp.asarray(teacher_forced))
     out.append(np.asarray(codes)[:m])
   return np.concatenate(out)
 
 
 def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
                 limit: int | None = None, report=print,
-                split: str | None = None) -> dict[str, Any]:
+                split: str | None = None, contrast: float = 0.0,
+                teacher_forced: bool = False) -> dict[str, Any]:
   """The rows (see the module docstring) of `pipe`; of `split`'s images
-  (scored against themselves) in place of the held-out ones where given."""
+  (scored against themselves) in place of the held-out ones where given;
+  drawn with the lowest level's `contrast` and `teacher_forced` as
+  `complete_rows` takes them."""
   height = pipe.level_shapes[-1][0]
   for r in rows:  # Before minutes of work on the rows in range.
     if not 0 <= r <= height:
@@ -143,10 +169,12 @@ def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
   real.add(*features(images))
   batch = int(config.eval.batch_size)
   upper, known = codes[:-1], np.asarray(codes[-1])
+  code_bias = pipe.code_bias((0.0,) * len(upper) + (contrast,))[-1]
   out = []
   for r in rows:
     drawn = complete_rows(pipe, upper, known, labels, r,
-                          jax.random.PRNGKey(config.seed), batch)
+                          jax.random.PRNGKey(config.seed), batch,
+                          code_bias=code_bias, teacher_forced=teacher_forced)
     fake = prior_attribution.decoded_features(pipe, features,
                                               [*upper, drawn], batch)
     row = {'rows_kept': r, **eval_run.sample_metrics(config, real, fake,
@@ -154,6 +182,7 @@ def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
     report(json.dumps(row))
     out.append(row)
   return {'steps': pipe.steps, **about, 'split': split,
+          'contrast': contrast, 'teacher_forced': teacher_forced,
           'held_out_examples': len(labels), 'rows': out}
 
 
@@ -164,7 +193,9 @@ def main(argv, flag_values):
       api.Pipeline.load(pipeline, require_priors=True),
       [int(r) for r in flag_values['rows'].value],
       flag_values['limit'].value or None,
-      split=flag_values['split'].value)}
+      split=flag_values['split'].value,
+      contrast=flag_values['contrast'].value,
+      teacher_forced=flag_values['teacher_forced'].value)}
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)

@@ -1280,6 +1280,7 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
     monkeypatch, tiny_judge, stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
   import jax
+  import jax.numpy as jnp
   from experiments import bottom_rows
   from experiments import prior_attribution
   from vqvae2_jax import sampling
@@ -1311,6 +1312,35 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
   np.testing.assert_array_equal(
       bottom_rows.complete_rows(pipe, upper, true, labels, height, rng, 3),
       true)
+  # Teacher forced (no rows kept): each position is the draw, with the same
+  # noise, from the full prior's logits on the true map (plus the bias).
+  forward = model.apply(variables, jnp.asarray(true),
+                        cond_codes=tuple(jnp.asarray(c) for c in upper),
+                        labels=jnp.asarray(labels, jnp.int32), train=False)
+  bias = jnp.linspace(-2.0, 2.0, model.num_embeddings)
+  ids = jnp.arange(n, dtype=jnp.int32)
+  batch_rng = jax.random.fold_in(rng, 0)
+  for code_bias in (None, bias):
+    want = np.stack([np.stack([np.asarray(sampling.gumbel_max(
+        sampling.gumbel_noise(jax.random.fold_in(batch_rng, r * width + c),
+                              ids, model.num_embeddings),
+        forward[:, r, c] + (0.0 if code_bias is None else code_bias)))
+                               for c in range(width)], 1)
+                     for r in range(height)], 1)
+    forced = bottom_rows.complete_rows(pipe, upper, true, labels, 0, rng, n,
+                                       code_bias=code_bias,
+                                       teacher_forced=True)
+    np.testing.assert_array_equal(forced, want)
+  assert not np.array_equal(forced, drawn)
+  # The bias alone, not teacher forced: the sampler's draws with it.
+  np.testing.assert_array_equal(
+      bottom_rows.complete_rows(pipe, upper, true, labels, 0, rng, n,
+                                code_bias=bias),
+      sampling.sample_level(
+          model, variables, shape=(n, height, width),
+          cond_codes=tuple(np.asarray(c, np.int32) for c in upper),
+          labels=labels.astype(np.int32), rng=jax.random.fold_in(rng, 0),
+          code_bias=bias))
   # Scored rows, one per R; an R past the map is refused.
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
   result = bottom_rows.bottom_rows(pipe, [0, height], limit=20,
