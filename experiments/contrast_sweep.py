@@ -12,7 +12,8 @@ for every level, or one per level top first, `T:B`), `Pipeline.evaluate`
 draws --num_samples class-balanced samples as --mode=eval draws them and
 the config's ruler (the shipped judge) scores them against the held-out
 split: one row each, printed as it finishes, with the same draws' key in
-every row (so contrast 0 at the config's guidance is `evaluate()`'s row).
+every row (so contrast 0 at the config's guidance is `evaluate()`'s row;
+--seed draws others).
 --pipeline is anything `Pipeline.load` takes.
 """
 
@@ -41,19 +42,22 @@ def _define_flags():
           'when unset.'),
       'num_samples': flags.DEFINE_integer('num_samples', 10_000,
                                           'Samples per row.'),
+      'seed': flags.DEFINE_integer(
+          'seed', None, "The draws' seed; the config's when unset."),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
   }
 
 
 def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
-          report=print) -> list[dict]:
-  """One row per (guidance, contrast): `Pipeline.evaluate`'s samples."""
+          report=print, seed: int | None = None) -> list[dict]:
+  """One row per (guidance, contrast): `Pipeline.evaluate`'s samples
+  (drawn with `seed`, the config's when None)."""
   rows = []
   for guidance in guidances:
     for contrast in contrasts:
       start = time.time()
       result = pipe.evaluate(num_samples, guidance=guidance,
-                             contrast=contrast)
+                             contrast=contrast, key=seed)
       row = {'guidance': builders.guidance_text(guidance),
              'contrast': builders.guidance_text(contrast),
              **{k: v for k, v in result['samples'].items()
@@ -75,10 +79,12 @@ def main(argv, flag_values):
                else [builders.sampling_guidance(pipe.config)])
   contrasts = [prior_attribution.parse_guidance(c)
                for c in flag_values['contrast'].value]
+  seed = flag_values['seed'].value
   result = {'pipeline': pipeline, 'steps': pipe.steps,
             'num_samples': flag_values['num_samples'].value,
+            'seed': pipe.config.seed if seed is None else seed,
             'rows': sweep(pipe, contrasts, guidances,
-                          flag_values['num_samples'].value)}
+                          flag_values['num_samples'].value, seed=seed)}
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)

@@ -1466,3 +1466,8 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
   contrasted = pipe.evaluate(20, guidance=(1.0, 2.0),
                              contrast=(0.0, 2.0))['samples']
   assert rows[3]['fid'] == contrasted['fid'] != plain['fid']
+  (seeded,) = contrast_sweep.sweep(pipe, [(0.0, 2.0)], [(1.0, 2.0)], 20,
+                                   report=lambda _: None, seed=5)
+  assert seeded['fid'] == pipe.evaluate(
+      20, guidance=(1.0, 2.0), contrast=(0.0, 2.0), key=5)['samples']['fid']
+  assert seeded['fid'] != rows[3]['fid']
