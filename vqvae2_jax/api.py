@@ -853,10 +853,10 @@ class Pipeline:
         the config's (`sampling.guidance`, or `guidance_per_level` where
         set) when labels are given, as `--mode=sample` draws; else 1.0.
       contrast: draw each code from p(code | context) / freq(code)^c, freq
-        stage 1's code frequencies (`code_bias`): 0 is off, 0.5 on the
-        bottom level of `:long` lifts recall by 0.03 at the same precision
-        (docs/results.md); one value for every level or one per level, top
-        first. None: the config's (`sampling.contrast`).
+        stage 1's code frequencies (`code_bias`): 0 is off; 0.75 on the
+        bottom level of `:long` lifts recall by 0.04 to 0.05 at the same
+        precision (docs/results.md); one value for every level or one per
+        level, top first. None: the config's (`sampling.contrast`).
       key: an integer seed (a numpy integer too) or a PRNG key
         (`jax.random.key` or `jax.random.PRNGKey`); the same key gives the
         same samples, and a seed the samples of `jax.random.PRNGKey(seed)`.
