@@ -13,8 +13,13 @@ draws --num_samples class-balanced samples as --mode=eval draws them and
 the config's ruler (the shipped judge) scores them against the held-out
 split: one row each, printed as it finishes, with the same draws' key in
 every row (so contrast 0 at the config's guidance is `evaluate()`'s row;
---seed draws others).
---pipeline is anything `Pipeline.load` takes.
+--seed draws others). --pipeline is anything `Pipeline.load` takes.
+
+--grid=PATH also writes a PNG: --grid_per_class samples of each class
+drawn with no contrast (left) and with the last --contrast (right), at
+the first guidance, with the same key: where the top level has no
+contrast, each pair shares its top codes, and the right side shows what
+the contrast changes below them.
 """
 
 import functools
@@ -25,8 +30,11 @@ from absl import app
 from absl import flags
 
 from experiments import prior_attribution
+import numpy as np
+
 from vqvae2_jax import api
 from vqvae2_jax import builders
+from vqvae2_jax import images as images_lib
 
 
 def _define_flags():
@@ -45,6 +53,11 @@ def _define_flags():
       'seed': flags.DEFINE_integer(
           'seed', None, "The draws' seed; the config's when unset."),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
+      'grid': flags.DEFINE_string(
+          'grid', None, 'Also write samples without and with the last '
+          'contrast here (PNG).'),
+      'grid_per_class': flags.DEFINE_integer(
+          'grid_per_class', 8, 'Samples of each class on each side of --grid.'),
   }
 
 
@@ -69,6 +82,22 @@ def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
   return rows
 
 
+def grid(pipe: api.Pipeline, path: str, contrast, guidance, per_class: int,
+         seed: int | None = None) -> None:
+  """Writes `per_class` samples of each class (one class a row) without
+  contrast (left) and with `contrast` (right), drawn with the same key."""
+  key = pipe.config.seed if seed is None else seed
+  labels, n = None, per_class
+  if pipe.num_classes:
+    labels, n = np.repeat(np.arange(pipe.num_classes), per_class), None
+  plain, _ = pipe.sample(labels, n, guidance=guidance, contrast=0.0, key=key)
+  contrasted, _ = pipe.sample(labels, n, guidance=guidance,
+                              contrast=contrast, key=key)
+  images_lib.write_side_by_side(path,
+                                images_lib.image_grid(plain, per_class),
+                                images_lib.image_grid(contrasted, per_class))
+
+
 def main(argv, flag_values):
   del argv
   pipeline = flag_values['pipeline'].value
@@ -88,6 +117,9 @@ def main(argv, flag_values):
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)
+  if flag_values['grid'].value:
+    grid(pipe, flag_values['grid'].value, contrasts[-1], guidances[0],
+         flag_values['grid_per_class'].value, seed)
 
 
 if __name__ == '__main__':

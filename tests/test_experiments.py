@@ -1445,10 +1445,12 @@ def test_prior_mixture_mixes_the_members_position_by_position(
 
 
 def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
-    monkeypatch, tiny_judge, stage2_workdir, stage2_config):
+    monkeypatch, tmp_path, tiny_judge, stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
   from experiments import contrast_sweep
+  from PIL import Image
   from vqvae2_jax import api
+  from vqvae2_jax import images as images_lib
   from vqvae2_jax.evaluation import judges
   # pylint: enable=g-import-not-at-top
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
@@ -1471,3 +1473,21 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
   assert seeded['fid'] == pipe.evaluate(
       20, guidance=(1.0, 2.0), contrast=(0.0, 2.0), key=5)['samples']['fid']
   assert seeded['fid'] != rows[3]['fid']
+  # The grid: samples without (left) and with the contrast (right), one
+  # class a row, the same key; the top level drew alike on both sides.
+  path = tmp_path / 'grid.png'
+  contrast_sweep.grid(pipe, str(path), (0.0, 2.0), (1.0, 2.0), 2)
+  picture = np.asarray(Image.open(path))
+  h, w = pipe.image_shape[:2]
+  classes = pipe.num_classes
+  assert picture.shape[0] == classes * (h + 2) + 2
+  assert picture.shape[1] == 2 * (2 * (w + 2) + 2) + 8
+  labels = np.repeat(np.arange(classes), 2)
+  plain, plain_codes = pipe.sample(labels, guidance=(1.0, 2.0), key=0)
+  _, codes = pipe.sample(labels, guidance=(1.0, 2.0), contrast=(0.0, 2.0),
+                         key=0)
+  np.testing.assert_array_equal(codes[0], plain_codes[0])
+  left = picture[:, :2 * (w + 2) + 2]
+  np.testing.assert_array_equal(left, images_lib.image_grid(plain, 2)[..., 0]
+                                if left.ndim == 2 else
+                                images_lib.image_grid(plain, 2))
