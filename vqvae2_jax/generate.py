@@ -58,7 +58,8 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   """The sample run's directory name: checkpoints, seed, controls, count.
 
   `_g<scale>` (`_g<top>-<bottom>` per level) is added when guidance is on,
-  `_c<top>-<bottom>` (a value per level) when sampling.contrast is, `_keep<k>` when rejection sampling keeps a fraction k < 1, `_raw` when
+  `_c<top>-<bottom>` (a value per level) when sampling.contrast is,
+  `_keep<k>` when rejection sampling keeps a fraction k < 1, `_raw` when
   the priors' raw weights stand in for their Polyak average
   (sampling.use_polyak False) and `_<dtype>` when the sampler computes in
   sampling.dtype, so other settings write beside the plain run (whose
