@@ -407,25 +407,32 @@ def test_guided_sampler_equals_reference(kind):
   assert (np.asarray(plain) != np.asarray(cached)).any()
 
 
-def test_guidance_draws_from_the_guided_logits():
-  # Position (0, 0) depends on no code: its draw must be the one the same key
-  # makes from u + s * (c - u) of the full forward pass, with and without the
-  # labels.
+def _first_position_logits(batch=16):
+  """The lower prior on `batch` maps with labels, and the full forward
+  pass's logits at position (0, 0), which depends on no code: with the
+  labels (c) and without (u)."""
   model, variables, shape, cond, _, codes = _setup('lower')
-  batch = 16
   shape = (batch, *shape[1:])
   cond = tuple(jnp.tile(x, (batch // 2, 1, 1)) for x in cond)
   labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
   codes = jnp.tile(codes, (batch // 2, 1, 1))
   forward = jax.jit(functools.partial(model.apply, train=False))
-  cond_logits = forward(variables, codes, cond_codes=cond, labels=labels)
-  uncond_logits = forward(variables, codes, cond_codes=cond, labels=None)
+  c = forward(variables, codes, cond_codes=cond, labels=labels)[:, 0, 0]
+  u = forward(variables, codes, cond_codes=cond, labels=None)[:, 0, 0]
+  return model, variables, shape, cond, labels, c, u
+
+
+def test_guidance_draws_from_the_guided_logits():
+  # Position (0, 0) depends on no code: its draw must be the one the same key
+  # makes from u + s * (c - u) of the full forward pass, with and without the
+  # labels.
+  model, variables, shape, cond, labels, c, u = _first_position_logits()
+  batch = shape[0]
   rng = jax.random.key(3)
   for scale in (0.0, 2.0, 4.0):
     sampled = sampling.sample_level(model, variables, shape=shape,
                                     cond_codes=cond, labels=labels, rng=rng,
                                     guidance=scale)
-    u, c = uncond_logits[:, 0, 0], cond_logits[:, 0, 0]
     expected = sampling.sample_logits(
         jax.random.fold_in(rng, 0), u + scale * (c - u), jnp.float32(1.0),
         jnp.int32(0), jnp.float32(1.0), jnp.arange(batch, dtype=jnp.int32),
@@ -502,15 +509,8 @@ def test_biased_sampler_equals_reference(kind):
 def test_code_bias_draws_from_the_biased_logits():
   # Position (0, 0) depends on no code: its draw is the one the same key
   # makes from the guided logits plus the bias, before the temperature.
-  model, variables, shape, cond, _, codes = _setup('lower')
-  batch = 16
-  shape = (batch, *shape[1:])
-  cond = tuple(jnp.tile(x, (batch // 2, 1, 1)) for x in cond)
-  labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
-  codes = jnp.tile(codes, (batch // 2, 1, 1))
-  forward = jax.jit(functools.partial(model.apply, train=False))
-  c = forward(variables, codes, cond_codes=cond, labels=labels)[:, 0, 0]
-  u = forward(variables, codes, cond_codes=cond, labels=None)[:, 0, 0]
+  model, variables, shape, cond, labels, c, u = _first_position_logits()
+  batch = shape[0]
   rng = jax.random.key(3)
   bias = jnp.linspace(-3.0, 3.0, model.num_embeddings)
   sampled = sampling.sample_level(
