@@ -1456,23 +1456,28 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
   workdir, _ = stage2_workdir
   pipe = api.Pipeline.load(workdir, stage2_config)
-  rows = contrast_sweep.sweep(pipe, [0.0, (0.0, 2.0)], [1.0, (1.0, 2.0)], 20,
-                              report=lambda _: None)
+  # Each row is evaluate()'s at its setting (the calls recorded); a
+  # contrast draws other samples.
+  calls = []
+  evaluate = pipe.evaluate
+
+  def recorded(*args, **kwargs):
+    result = evaluate(*args, **kwargs)
+    calls.append((kwargs, result['samples']))
+    return result
+
+  monkeypatch.setattr(pipe, 'evaluate', recorded)
+  rows = contrast_sweep.sweep(pipe, [0.0, (0.0, 2.0)], [(1.0, 2.0)], 20,
+                              report=lambda _: None, seed=5)
   assert [(r['guidance'], r['contrast']) for r in rows] == [
-      ('1', '0'), ('1', '0:2'), ('1:2', '0'), ('1:2', '0:2')]
-  # Each row is evaluate()'s at its setting; contrast 0 is the plain
-  # sampler's, and a contrast draws other samples.
-  plain = pipe.evaluate(20, guidance=(1.0, 2.0))['samples']
-  assert rows[2]['fid'] == plain['fid'] and rows[2]['recall'] == (
-      plain['recall'])
-  contrasted = pipe.evaluate(20, guidance=(1.0, 2.0),
-                             contrast=(0.0, 2.0))['samples']
-  assert rows[3]['fid'] == contrasted['fid'] != plain['fid']
-  (seeded,) = contrast_sweep.sweep(pipe, [(0.0, 2.0)], [(1.0, 2.0)], 20,
-                                   report=lambda _: None, seed=5)
-  assert seeded['fid'] == pipe.evaluate(
-      20, guidance=(1.0, 2.0), contrast=(0.0, 2.0), key=5)['samples']['fid']
-  assert seeded['fid'] != rows[3]['fid']
+      ('1:2', '0'), ('1:2', '0:2')]
+  assert [kw for kw, _ in calls] == [
+      dict(guidance=(1.0, 2.0), contrast=c, key=5) for c in (0.0, (0.0, 2.0))]
+  for row, (_, samples) in zip(rows, calls):
+    assert row['fid'] == samples['fid'] and row['recall'] == (
+        samples['recall'])
+  assert rows[0]['fid'] != rows[1]['fid']
+  monkeypatch.setattr(pipe, 'evaluate', evaluate)
   # The grid: samples without (left) and with the contrast (right), one
   # class a row, the same key; the top level drew alike on both sides.
   path = tmp_path / 'grid.png'
