@@ -169,8 +169,7 @@ def test_sample_with_a_contrast_writes_its_own_run(workdir, tmp_path):
   assert list(plain['contrast']) == [0.0, 0.0]
   plain_codes = np.load(os.path.join(plain['dir'], 'codes.npz'))
   codes = np.load(os.path.join(contrasted['dir'], 'codes.npz'))
-  # The top level drew as without; the bottom level's are the API's draws
-  # with the same contrast.
+  # The top level drew as without; the bottom level drew otherwise.
   np.testing.assert_array_equal(codes['codes_0'], plain_codes['codes_0'])
   assert not np.array_equal(codes['codes_1'], plain_codes['codes_1'])
 
@@ -614,7 +613,7 @@ def test_api_contrast_divides_by_stage_ones_code_frequencies(pipe):
       model, variables, shape=codes[1].shape, cond_codes=(got[0],),
       labels=np.asarray(labels, np.int32),
       rng=jax.random.fold_in(jax.random.PRNGKey(7), 1),
-      code_bias=bias_at(pipe, 2.0)))[:4])
+      code_bias=pipe.code_bias((0.0, 2.0))[1]))[:4])
   # No contrast given: the config's.
   try:
     pipe.config.sampling.contrast = (0.0, 2.0)
@@ -623,11 +622,6 @@ def test_api_contrast_divides_by_stage_ones_code_frequencies(pipe):
       np.testing.assert_array_equal(a, b)
   finally:
     pipe.config.sampling.contrast = ()
-
-
-def bias_at(pipe, contrast):
-  """The bottom level's bias at `contrast`."""
-  return pipe.code_bias((0.0, contrast))[1]
 
 
 def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):

@@ -1493,6 +1493,4 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
                          key=0)
   np.testing.assert_array_equal(codes[0], plain_codes[0])
   left = picture[:, :2 * (w + 2) + 2]
-  np.testing.assert_array_equal(left, images_lib.image_grid(plain, 2)[..., 0]
-                                if left.ndim == 2 else
-                                images_lib.image_grid(plain, 2))
+  np.testing.assert_array_equal(left, images_lib.image_grid(plain, 2)[..., 0])

@@ -820,9 +820,7 @@ class Pipeline:
     `contrast`: one value for every level, or one per level, top first.
     """
     levels = len(self.level_shapes)
-    values = (tuple(float(c) for c in contrast)
-              if isinstance(contrast, Sequence) else (float(contrast),))
-    values = values * levels if len(values) == 1 else values
+    values = builders.per_level(contrast, levels)
     if len(values) != levels:
       raise PipelineInputError(
           f'contrast {tuple(contrast)} names {len(values)} levels, not '

@@ -96,13 +96,23 @@ def sampling_guidance(config: ml_collections.ConfigDict
   return per_level[0] if per_level else float(s.get('guidance', 1.0))
 
 
+def per_level(values: float | Sequence[float], levels: int
+              ) -> tuple[float, ...]:
+  """A setting of one value for every level, or one per level, top first,
+  as one float per level (other counts are returned as they are, for the
+  caller to refuse)."""
+  values = (tuple(float(v) for v in values) if isinstance(values, Sequence)
+            else (float(values),))
+  return values * levels if len(values) == 1 else values
+
+
 def sampling_contrast(config: ml_collections.ConfigDict
                       ) -> tuple[float, ...]:
   """`sampling.contrast` with one value per level, top first (0.0: off;
   every level 0.0 in configs recorded before the field)."""
-  values = tuple(float(c) for c in config.sampling.get('contrast', ()))
   levels = num_levels(config)
-  return values * levels if len(values) == 1 else values or (0.0,) * levels
+  return (per_level(tuple(config.sampling.get('contrast', ())), levels)
+          or (0.0,) * levels)
 
 
 def guidance_text(guidance: float | Sequence[float], sep: str = ':') -> str:
