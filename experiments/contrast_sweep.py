@@ -15,6 +15,12 @@ split: one row each, printed as it finishes, with the same draws' key in
 every row (so contrast 0 at the config's guidance is `evaluate()`'s row;
 --seed draws others). --pipeline is anything `Pipeline.load` takes.
 
+--marginals=N also draws N class-balanced samples at each row's setting and
+reports how far their codes' frequencies lie from stage 1's (per level,
+top first: KL(stage 1 || samples) in nats, and the samples' unigram
+entropy in bits beside stage 1's): what the contrast does to the codes'
+overall use, apart from what it does in each context.
+
 --grid=PATH also writes a PNG: --grid_per_class samples of each class
 drawn with no contrast (left) and with the last --contrast (right), at
 the first guidance, with the same key: where the top level has no
@@ -30,6 +36,7 @@ from absl import app
 from absl import flags
 
 from experiments import prior_attribution
+import jax
 import numpy as np
 
 from vqvae2_jax import api
@@ -58,13 +65,52 @@ def _define_flags():
           'contrast here (PNG).'),
       'grid_per_class': flags.DEFINE_integer(
           'grid_per_class', 8, 'Samples of each class on each side of --grid.'),
+      'marginals': flags.DEFINE_integer(
+          'marginals', 0, "Also each row's samples' code frequencies against "
+          "stage 1's, over this many samples (0: not measured)."),
   }
 
 
+def entropy_bits(shares: np.ndarray) -> float:
+  """The entropy of a distribution over codes, in bits."""
+  shares = shares[shares > 0]
+  return float(-np.sum(shares * np.log2(shares)))
+
+
+def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
+              seed: int | None = None, batch: int = 1000) -> dict:
+  """How the codes of `num_samples` class-balanced samples are spread, per
+  level (top first), against stage 1's code frequencies: {'kl_nats':
+  KL(stage 1 || samples), the samples' shares smoothed by half a count per
+  code; 'entropy_bits': the samples' unigram entropy}. Batch i is drawn
+  with fold_in(PRNGKey(seed), i) (the config's seed when None)."""
+  freqs = pipe.code_frequencies()
+  counts = [np.zeros(len(f)) for f in freqs]
+  key = jax.random.PRNGKey(pipe.config.seed if seed is None else seed)
+  classes = pipe.num_classes
+  for i, start in enumerate(range(0, num_samples, batch)):
+    n = min(batch, num_samples - start)
+    labels = (np.arange(start, start + n) % classes) if classes else None
+    _, codes = pipe.sample(labels, n, guidance=guidance if classes else 1.0,
+                           contrast=contrast, key=jax.random.fold_in(key, i))
+    for level, c in enumerate(codes):
+      counts[level] += np.bincount(c.ravel(), minlength=len(counts[level]))
+  kl, entropy = [], []
+  for f, c in zip(freqs, counts):
+    q = (c + 0.5) / (c.sum() + 0.5 * len(c))
+    used = f > 0
+    kl.append(float(np.sum(f[used] * np.log(f[used] / q[used]))))
+    entropy.append(entropy_bits(c / c.sum()))
+  return {'kl_nats': kl, 'entropy_bits': entropy}
+
+
 def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
-          report=print, seed: int | None = None) -> list[dict]:
+          report=print, seed: int | None = None,
+          marginal_samples: int = 0) -> list[dict]:
   """One row per (guidance, contrast): `Pipeline.evaluate`'s samples
-  (drawn with `seed`, the config's when None)."""
+  (drawn with `seed`, the config's when None), and with
+  `marginal_samples` > 0 the `marginals` of that many samples
+  ('code_kl_nats', 'code_entropy_bits')."""
   rows = []
   for guidance in guidances:
     for contrast in contrasts:
@@ -77,6 +123,10 @@ def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
                 if k not in ('guidance', 'contrast')},
              'real_vs_real_recall': result['real_vs_real']['recall'],
              'seconds': time.time() - start}
+      if marginal_samples:
+        spread = marginals(pipe, contrast, guidance, marginal_samples, seed)
+        row.update(code_kl_nats=spread['kl_nats'],
+                   code_entropy_bits=spread['entropy_bits'])
       report(json.dumps(row))
       rows.append(row)
   return rows
@@ -113,7 +163,11 @@ def main(argv, flag_values):
             'num_samples': flag_values['num_samples'].value,
             'seed': pipe.config.seed if seed is None else seed,
             'rows': sweep(pipe, contrasts, guidances,
-                          flag_values['num_samples'].value, seed=seed)}
+                          flag_values['num_samples'].value, seed=seed,
+                          marginal_samples=flag_values['marginals'].value)}
+  if flag_values['marginals'].value:
+    result['stage1_code_entropy_bits'] = [
+        entropy_bits(f) for f in pipe.code_frequencies()]
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)

@@ -3,6 +3,7 @@ then sampling again (skipped: nothing is overwritten) and with other
 controls (a new directory beside the first), in this process to save the
 start-up of a new one."""
 
+import dataclasses
 import json
 import os
 import re
@@ -862,15 +863,28 @@ def test_a_pretrained_name_loads_its_checked_file(pipe, workdir, tmp_path,
   spec = pretrained.PretrainedSpec(
       name='tiny_shipped', filename=str(copy),
       sha256=files.sha256_file(str(copy)), command='--mode=export',
-      class_agreement=0.1, num_samples=2)
+      class_agreement=0.1, num_samples=2,
+      sampling={'contrast': (0.0, 2.0)})
   monkeypatch.setitem(pretrained.PRETRAINED, 'tiny_shipped', spec)
   monkeypatch.chdir(tmp_path)  # No file or directory of that name here.
   loaded = Pipeline.load('tiny_shipped')
   assert loaded.steps == pipe.steps
-  _, codes = pipe.sample(labels=[3], key=1)
+  # By name it samples at the spec's settings; by its path, at the file's.
+  assert tuple(loaded.config.sampling.contrast) == (0.0, 2.0)
+  as_exported = Pipeline.load(str(copy))
+  assert tuple(as_exported.config.sampling.get('contrast', ())) == ()
+  _, codes = pipe.sample(labels=[3], key=1, contrast=(0.0, 2.0))
   _, codes2 = loaded.sample(labels=[3], key=1)
+  _, plain = as_exported.sample(labels=[3], key=1)
   for a, b in zip(codes, codes2):
     np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(codes[-1], plain[-1])
+  # A setting the config refuses is refused on load, naming the field.
+  monkeypatch.setitem(pretrained.PRETRAINED, 'tiny_shipped',
+                      dataclasses.replace(spec, sampling={'contrast': (-1.0,)}))
+  with pytest.raises(errors.ConfigError, match='sampling.contrast'):
+    Pipeline.load('tiny_shipped')
+  monkeypatch.setitem(pretrained.PRETRAINED, 'tiny_shipped', spec)
   # A file that is not the pinned one is refused before it is read.
   with open(copy, 'ab') as f:
     f.write(b'\0')

@@ -59,17 +59,20 @@ def test_config_loads_and_validates(name, variant):
   assert f'--config={path} ' in module.__doc__
 
 
-def test_quality_variant_changes_only_the_priors_and_guidance():
+def test_quality_variant_changes_only_the_priors_and_sampling():
   """Its priors train on a default workdir's VQ-VAE and codes; its samples
-  are drawn with guidance (the priors' label dropout makes that possible)."""
+  are drawn with guidance (the priors' label dropout makes that possible)
+  and a bottom contrast."""
   default, quality = _load('fashion_mnist'), _load('fashion_mnist', 'quality')
   assert (builders.vqvae_fingerprint(quality) ==
           builders.vqvae_fingerprint(default))
   changed = {k for k, v in _flatten(quality).items()
              if _flatten(default)[k] != v}
   assert changed and all(k.startswith('prior.') or k.startswith(
-      'sampling.guidance') for k in changed), changed
+      'sampling.guidance') or k == 'sampling.contrast' for k in changed), (
+          changed)
   assert all(g > 1 for g in builders.sampling_guidance(quality))
+  assert builders.sampling_contrast(quality) == (0.0, 0.75)
   assert quality.prior.label_drop_rate > 0
   assert quality.prior.level_0.num_channels > default.prior.level_0.num_channels
   assert quality.prior.num_train_steps > default.prior.num_train_steps
@@ -104,7 +107,7 @@ def test_long_variant_trains_the_default_models_longer():
   assert changed == {'vqvae_train.num_train_steps', 'prior.num_train_steps',
                      'prior.level_0.num_channels',
                      'prior.level_1.num_channels',
-                     'sampling.guidance_per_level'}
+                     'sampling.guidance_per_level', 'sampling.contrast'}
   for level in ('level_0', 'level_1'):
     assert (long.prior[level].num_channels ==
             2 * default.prior[level].num_channels)
@@ -115,6 +118,9 @@ def test_long_variant_trains_the_default_models_longer():
   for mine, its in zip(builders.sampling_guidance(long),
                        builders.sampling_guidance(default)):
     assert 1 < mine < its
+  # Contrast at the bottom level only; the default samples without.
+  assert builders.sampling_contrast(long) == (0.0, 0.75)
+  assert builders.sampling_contrast(default) == (0.0, 0.0)
   # The same stage 1: the latent maps and its checkpoint fingerprint.
   assert builders.level_shapes(long) == builders.level_shapes(default)
   assert (builders.vqvae_fingerprint(long) ==

@@ -1448,6 +1448,7 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
     monkeypatch, tmp_path, tiny_judge, stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
   from experiments import contrast_sweep
+  import jax
   from PIL import Image
   from vqvae2_jax import api
   from vqvae2_jax import images as images_lib
@@ -1478,6 +1479,26 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
         samples['recall'])
   assert rows[0]['fid'] != rows[1]['fid']
   monkeypatch.setattr(pipe, 'evaluate', evaluate)
+  # --marginals: the samples' code shares against stage 1's, the same
+  # draws as sample() with batch i's key fold_in(PRNGKey(seed), i).
+  spread = contrast_sweep.marginals(pipe, (0.0, 2.0), (1.0, 2.0), 30, seed=5,
+                                    batch=20)
+  labels = np.arange(30) % pipe.num_classes
+  key = jax.random.PRNGKey(5)
+  drawn = [pipe.sample(labels[:20], guidance=(1.0, 2.0), contrast=(0.0, 2.0),
+                       key=jax.random.fold_in(key, 0))[1],
+           pipe.sample(labels[20:], guidance=(1.0, 2.0), contrast=(0.0, 2.0),
+                       key=jax.random.fold_in(key, 1))[1]]
+  for level, f in enumerate(pipe.code_frequencies()):
+    c = np.bincount(np.concatenate([d[level].ravel() for d in drawn]),
+                    minlength=len(f))
+    q = (c + 0.5) / (c.sum() + 0.5 * len(f))
+    kl = np.sum(np.where(f > 0, f * np.log(np.maximum(f, 1e-300) / q), 0.0))
+    np.testing.assert_allclose(spread['kl_nats'][level], kl, rtol=1e-9)
+    shares = c[c > 0] / c.sum()
+    np.testing.assert_allclose(spread['entropy_bits'][level],
+                               -np.sum(shares * np.log2(shares)), rtol=1e-9)
+    assert spread['kl_nats'][level] > 0
   # The grid: samples without (left) and with the contrast (right), one
   # class a row, the same key; the top level drew alike on both sides.
   path = tmp_path / 'grid.png'

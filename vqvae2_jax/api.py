@@ -36,7 +36,7 @@ import json
 import math
 import operator
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from absl import logging
 from flax import serialization
@@ -267,6 +267,21 @@ def load_config(config: str | ml_collections.ConfigDict
   return config
 
 
+def _with_sampling(config: ml_collections.ConfigDict,
+                   sampling: Mapping[str, Any] | None
+                   ) -> ml_collections.ConfigDict:
+  """`config`, or a copy with these config.sampling fields set and
+  validated."""
+  if not sampling:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for name, value in sampling.items():
+      config.sampling[name] = value
+  config_validation.validate_config(config, check_dataset=False)
+  return config
+
+
 def _with_precision(config: ml_collections.ConfigDict,
                     precision: Optional[str]) -> ml_collections.ConfigDict:
   """`config`, or a copy with config.prior.precision set and validated."""
@@ -443,7 +458,8 @@ class Pipeline:
     Args:
       workdir: the run's --workdir, the path of an exported file, or the
         name of a shipped pretrained pipeline (`pretrained.PRETRAINED`,
-        e.g. 'fashion_mnist'; its digest is checked) where no such path
+        e.g. 'fashion_mnist'; its digest is checked, and it samples at its
+        spec's settings, `PretrainedSpec.sampling`) where no such path
         exists.
       config: the config it was trained with: a ConfigDict or a config
         file path ('configs/fashion_mnist.py', or with ':variant'); None
@@ -475,7 +491,9 @@ class Pipeline:
     # from `jax.eval_shape`, weights from the checkpoint or file.
     parallel.use_compilation_cache(compilation_cache_dir)
     if workdir in pretrained.PRETRAINED and not os.path.exists(workdir):
-      workdir = pretrained.checked_path(workdir)
+      spec = pretrained.PRETRAINED[workdir]
+      return cls._from_file(pretrained.checked_path(workdir), config, mesh,
+                            precision, sampling=spec.sampling)
     if os.path.isfile(workdir):
       return cls._from_file(workdir, config, mesh, precision)
     if config is None:
@@ -576,7 +594,10 @@ class Pipeline:
 
   @classmethod
   def _from_file(cls, path: str, config: Any, mesh: Optional[Mesh],
-                 precision: Optional[str] = None) -> 'Pipeline':
+                 precision: Optional[str] = None,
+                 sampling: Mapping[str, Any] | None = None) -> 'Pipeline':
+    """An exported file; `sampling`: config.sampling fields set over its
+    config's (a shipped spec's)."""
     # One read; the weights are views of it, hashed where they lie.
     try:
       payload, spans = files.read_msgpack(path, span_depth=2)
@@ -597,8 +618,8 @@ class Pipeline:
         raise PipelineInputError(
             f'{path} carries its own config. Fix: call Pipeline.load({path!r}) '
             'without one.')
-      config = _with_precision(
-          load_config(ml_collections.ConfigDict(saved)), precision)
+      config = _with_precision(_with_sampling(
+          load_config(ml_collections.ConfigDict(saved)), sampling), precision)
       if builders.vqvae_fingerprint(config) != _export_json(
           path, payload, 'vqvae_fingerprint', dict):
         raise PipelineInputError(

@@ -4,14 +4,17 @@ r"""Shipped pretrained pipelines: exported files that load by name.
 (an `api.Pipeline.export` file: config, VQ-VAE and priors in one msgpack),
 after checking its sha256 against the one pinned here, so a user samples in
 seconds before training anything. Each spec says the command that made the
-file and the figures the README quotes for it (measured by the shipped
-judge), which a test checks on a small batch of the file's own samples.
-A file is committed once, when its recipe is final: a new recipe gets a
-new name, so a name always means the same weights.
+file, the sampling settings it loads with and the figures the README
+quotes for it at them (measured by the shipped judge), which a test checks
+on a small batch of the file's own samples. A file is committed once, when
+its recipe is final: a new recipe gets a new name, so a name always means
+the same weights; a better way to sample them is a change of the spec's
+`sampling`, not of the file.
 """
 
 import dataclasses
 import os
+from typing import Any, Mapping
 
 from vqvae2_jax import errors
 from vqvae2_jax import files
@@ -33,11 +36,13 @@ class PretrainedSpec:
     sha256: hex digest the file must have.
     command: the commands that made it (training, then --mode=export).
     class_agreement: the judge's class agreement of its class-balanced
-      samples (temperature 1, no rejection, guidance `guidance`) as the
-      README quotes it, over `num_samples` samples.
+      samples (temperature 1, no rejection; guidance and contrast as it
+      loads) as the README quotes it, over `num_samples` samples.
     num_samples: how many samples `class_agreement` was measured on.
-    guidance: the classifier-free guidance of those samples: one scale,
-      or one per level, top first (the file's config samples at it).
+    sampling: `config.sampling` fields that `Pipeline.load(name)` sets over
+      the file's own config (e.g. `guidance_per_level`, `contrast`): the
+      settings its samples default to. Loading the file by its path keeps
+      the file's config as exported.
   """
   name: str
   filename: str
@@ -45,7 +50,7 @@ class PretrainedSpec:
   command: str
   class_agreement: float
   num_samples: int
-  guidance: float | tuple[float, ...] = 1.0
+  sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def path(self) -> str:
@@ -63,7 +68,10 @@ PRETRAINED: dict[str, PretrainedSpec] = {
     # variant's guidance 1.5 (`sample(..., guidance=1.5)`): 91.8%, 0.855,
     # 0.378, 1.71, 7.99 (docs/results.md, the quality variant's trade-off);
     # at its guidance since, 1.5 top and 2 bottom (`guidance=(1.5, 2)`):
-    # 92.6%, 0.857, 0.377, 1.57, 8.08.
+    # 92.6%, 0.857, 0.377, 1.57, 8.08; and as it loads since stop 52, at
+    # that guidance with contrast 0.75 at the bottom level (`contrast=(0,
+    # 0.75)`; experiments/figures/contrast_quality.json): 92.7%, 0.846,
+    # 0.442, 1.41, 8.03.
     'fashion_mnist': PretrainedSpec(
         name='fashion_mnist',
         filename='fashion_mnist.msgpack',
@@ -78,11 +86,11 @@ PRETRAINED: dict[str, PretrainedSpec] = {
             "prior.checkpoint_every=1000'; python -m vqvae2_jax.main "
             '--config=configs/fashion_mnist.py:quality --workdir=O/quality '
             # The file's config samples as the variant did when it was
-            # made, without guidance (the spec's `guidance` is passed).
+            # made, without guidance (`sampling` sets it on load).
             "'--config.sampling.guidance_per_level=()' --mode=export"),
-        class_agreement=0.9182,
+        class_agreement=0.9271,
         num_samples=10_000,
-        guidance=1.5),
+        sampling={'guidance_per_level': (1.5, 2.0), 'contrast': (0.0, 0.75)}),
     # configs/fashion_mnist.py:long as of stop 41, the top prior 64 channels
     # wide (:long now widens it to 128: 'fashion_mnist_long128'): stage 1 trained 9000 steps, the priors
     # 16000, the bottom prior 128 channels (3.58M prior parameters;
@@ -102,8 +110,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
             f"guidance_per_level=()' --workdir=W --mode={mode}"
             for mode in ('vqvae', 'codes', 'prior', 'export')),
         class_agreement=0.9247,
-        num_samples=10_000,
-        guidance=1.4),
+        num_samples=10_000),  # Its file's config samples at guidance 1.4.
     # configs/fashion_mnist.py:long as of stop 43: stage 1 trained 9000
     # steps, both priors 128 channels wide and trained 16000 steps (5.51M
     # prior parameters; held-out bits 3.73 / 4.59), samples drawn with
@@ -114,7 +121,13 @@ PRETRAINED: dict[str, PretrainedSpec] = {
     # experiments/figures/export_dtype_long.json): class agreement 92.95%,
     # precision 0.892, recall 0.569, FID 0.73, IS 8.29, against the float32
     # weights' 92.94%, 0.893, 0.571, 0.73, 8.29 (97.5% of the samples the
-    # same codes). The best shipped.
+    # same codes). As it loads since stop 52, with contrast 0.75 at the
+    # bottom level as well (`contrast=(0, 0.75)`; `python -m
+    # experiments.contrast_sweep --pipeline=fashion_mnist_long128
+    # --contrast=0:0.75 --guidance=1.3:2`, rows in
+    # experiments/figures/contrast_long128.json): 93.29%, 0.893, 0.617, 0.60,
+    # 8.21 (sampling seeds 1 and 2: 92.71% / 93.41%, recall 0.619 / 0.619,
+    # FID 0.60 / 0.57). The best shipped.
     'fashion_mnist_long128': PretrainedSpec(
         name='fashion_mnist_long128',
         filename='fashion_mnist_long128.msgpack',
@@ -125,9 +138,10 @@ PRETRAINED: dict[str, PretrainedSpec] = {
             f'--workdir=W --mode={mode}'
             for mode in ('vqvae', 'codes', 'prior',
                          'export --config.prior.export_dtype=float16')),
-        class_agreement=0.9295,
+        class_agreement=0.9329,
         num_samples=10_000,
-        guidance=(1.3, 2.0)),
+        # The file's config has the guidance (1.3, 2.0); contrast came after.
+        sampling={'contrast': (0.0, 0.75)}),
 }
 
 
