@@ -1,4 +1,5 @@
-r"""Sample quality against the sampler's contrast with stage 1's code frequencies.
+r"""Sample quality against the sampler's contrast and discount with stage 1's
+code frequencies.
 
   python -m experiments.contrast_sweep --pipeline=fashion_mnist_long128 \
     --contrast=0,0:0.5,0:1 --guidance=1,1.3:2 --out=contrast.json
@@ -15,6 +16,10 @@ split: one row each, printed as it finishes, with the same draws' key in
 every row (so contrast 0 at the config's guidance is `evaluate()`'s row;
 --seed draws others). --pipeline is anything `Pipeline.load` takes.
 
+--discount adds the other use of the frequencies, `sampling.discount` d:
+each code drawn from max(p(code | context) - d * freq(code), 0),
+renormalised; one row per (guidance, contrast, discount).
+
 --marginals=N also draws N class-balanced samples at each row's setting and
 reports how far their codes' frequencies lie from stage 1's (per level,
 top first: KL(stage 1 || samples) in nats, and the samples' unigram
@@ -22,13 +27,14 @@ entropy in bits beside stage 1's): what the contrast does to the codes'
 overall use, apart from what it does in each context.
 
 --grid=PATH also writes a PNG: --grid_per_class samples of each class
-drawn with no contrast (left) and with the last --contrast (right), at
-the first guidance, with the same key: where the top level has no
-contrast, each pair shares its top codes, and the right side shows what
-the contrast changes below them.
+drawn with neither (left) and with the last --contrast and --discount
+(right), at the first guidance, with the same key: where the top level
+has neither, each pair shares its top codes, and the right side shows
+what they change below them.
 """
 
 import functools
+import itertools
 import json
 import time
 
@@ -52,6 +58,9 @@ def _define_flags():
       'contrast': flags.DEFINE_list(
           'contrast', ['0', '0:0.5'], 'Contrasts: one value for every '
           'level, or one per level, top first (T:B).'),
+      'discount': flags.DEFINE_list(
+          'discount', ['0'], 'Discounts: one value for every level, or one '
+          'per level, top first (T:B).'),
       'guidance': flags.DEFINE_list(
           'guidance', None, "Guidance scales (T:B per level); the config's "
           'when unset.'),
@@ -78,7 +87,8 @@ def entropy_bits(shares: np.ndarray) -> float:
 
 
 def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
-              seed: int | None = None, batch: int = 1000) -> dict:
+              seed: int | None = None, batch: int = 1000,
+              discount=0.0) -> dict:
   """How the codes of `num_samples` class-balanced samples are spread, per
   level (top first), against stage 1's code frequencies: {'kl_nats':
   KL(stage 1 || samples), the samples' shares smoothed by half a count per
@@ -92,7 +102,8 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
     n = min(batch, num_samples - start)
     labels = (np.arange(start, start + n) % classes) if classes else None
     _, codes = pipe.sample(labels, n, guidance=guidance if classes else 1.0,
-                           contrast=contrast, key=jax.random.fold_in(key, i))
+                           contrast=contrast, discount=discount,
+                           key=jax.random.fold_in(key, i))
     for level, c in enumerate(codes):
       counts[level] += np.bincount(c.ravel(), minlength=len(counts[level]))
   kl, entropy = [], []
@@ -106,43 +117,47 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
 
 def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
           report=print, seed: int | None = None,
-          marginal_samples: int = 0) -> list[dict]:
-  """One row per (guidance, contrast): `Pipeline.evaluate`'s samples
-  (drawn with `seed`, the config's when None), and with
+          marginal_samples: int = 0, discounts=(0.0,)) -> list[dict]:
+  """One row per (guidance, contrast, discount): `Pipeline.evaluate`'s
+  samples (drawn with `seed`, the config's when None), and with
   `marginal_samples` > 0 the `marginals` of that many samples
   ('code_kl_nats', 'code_entropy_bits')."""
   rows = []
-  for guidance in guidances:
-    for contrast in contrasts:
-      start = time.time()
-      result = pipe.evaluate(num_samples, guidance=guidance,
-                             contrast=contrast, key=seed)
-      row = {'guidance': builders.guidance_text(guidance),
-             'contrast': builders.guidance_text(contrast),
-             **{k: v for k, v in result['samples'].items()
-                if k not in ('guidance', 'contrast')},
-             'real_vs_real_recall': result['real_vs_real']['recall'],
-             'seconds': time.time() - start}
-      if marginal_samples:
-        spread = marginals(pipe, contrast, guidance, marginal_samples, seed)
-        row.update(code_kl_nats=spread['kl_nats'],
-                   code_entropy_bits=spread['entropy_bits'])
-      report(json.dumps(row))
-      rows.append(row)
+  for guidance, contrast, discount in itertools.product(
+      guidances, contrasts, discounts):
+    start = time.time()
+    result = pipe.evaluate(num_samples, guidance=guidance,
+                           contrast=contrast, discount=discount, key=seed)
+    row = {'guidance': builders.guidance_text(guidance),
+           'contrast': builders.guidance_text(contrast),
+           'discount': builders.guidance_text(discount),
+           **{k: v for k, v in result['samples'].items()
+              if k not in ('guidance', 'contrast', 'discount')},
+           'real_vs_real_recall': result['real_vs_real']['recall'],
+           'seconds': time.time() - start}
+    if marginal_samples:
+      spread = marginals(pipe, contrast, guidance, marginal_samples, seed,
+                         discount=discount)
+      row.update(code_kl_nats=spread['kl_nats'],
+                 code_entropy_bits=spread['entropy_bits'])
+    report(json.dumps(row))
+    rows.append(row)
   return rows
 
 
 def grid(pipe: api.Pipeline, path: str, contrast, guidance, per_class: int,
-         seed: int | None = None) -> None:
-  """Writes `per_class` samples of each class (one class a row) without
-  contrast (left) and with `contrast` (right), drawn with the same key."""
+         seed: int | None = None, discount=0.0) -> None:
+  """Writes `per_class` samples of each class (one class a row) with
+  neither contrast nor discount (left) and with `contrast` and `discount`
+  (right), drawn with the same key."""
   key = pipe.config.seed if seed is None else seed
   labels, n = None, per_class
   if pipe.num_classes:
     labels, n = np.repeat(np.arange(pipe.num_classes), per_class), None
-  plain, _ = pipe.sample(labels, n, guidance=guidance, contrast=0.0, key=key)
+  plain, _ = pipe.sample(labels, n, guidance=guidance, contrast=0.0,
+                         discount=0.0, key=key)
   contrasted, _ = pipe.sample(labels, n, guidance=guidance,
-                              contrast=contrast, key=key)
+                              contrast=contrast, discount=discount, key=key)
   images_lib.write_side_by_side(path,
                                 images_lib.image_grid(plain, per_class),
                                 images_lib.image_grid(contrasted, per_class))
@@ -158,13 +173,16 @@ def main(argv, flag_values):
                else [builders.sampling_guidance(pipe.config)])
   contrasts = [prior_attribution.parse_guidance(c)
                for c in flag_values['contrast'].value]
+  discounts = [prior_attribution.parse_guidance(d)
+               for d in flag_values['discount'].value]
   seed = flag_values['seed'].value
   result = {'pipeline': pipeline, 'steps': pipe.steps,
             'num_samples': flag_values['num_samples'].value,
             'seed': pipe.config.seed if seed is None else seed,
             'rows': sweep(pipe, contrasts, guidances,
                           flag_values['num_samples'].value, seed=seed,
-                          marginal_samples=flag_values['marginals'].value)}
+                          marginal_samples=flag_values['marginals'].value,
+                          discounts=discounts)}
   if flag_values['marginals'].value:
     result['stage1_code_entropy_bits'] = [
         entropy_bits(f) for f in pipe.code_frequencies()]
@@ -173,7 +191,7 @@ def main(argv, flag_values):
       json.dump(result, f, indent=1, sort_keys=True, default=str)
   if flag_values['grid'].value:
     grid(pipe, flag_values['grid'].value, contrasts[-1], guidances[0],
-         flag_values['grid_per_class'].value, seed)
+         flag_values['grid_per_class'].value, seed, discounts[-1])
 
 
 if __name__ == '__main__':

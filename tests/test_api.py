@@ -173,6 +173,14 @@ def test_sample_with_a_contrast_writes_its_own_run(workdir, tmp_path):
   # The top level drew as without; the bottom level drew otherwise.
   np.testing.assert_array_equal(codes['codes_0'], plain_codes['codes_0'])
   assert not np.array_equal(codes['codes_1'], plain_codes['codes_1'])
+  # A discount likewise: its own run, recorded, the bottom level only.
+  discounted = _sample(copy, discount=(0.0, 4.0))
+  assert '_d0-4_' in os.path.basename(discounted['dir'])
+  assert list(discounted['discount']) == [0.0, 4.0]
+  assert list(plain['discount']) == [0.0, 0.0]
+  codes = np.load(os.path.join(discounted['dir'], 'codes.npz'))
+  np.testing.assert_array_equal(codes['codes_0'], plain_codes['codes_0'])
+  assert not np.array_equal(codes['codes_1'], plain_codes['codes_1'])
 
 
 def test_sample_with_a_guidance_per_level_guides_only_those_levels(
@@ -623,6 +631,39 @@ def test_api_contrast_divides_by_stage_ones_code_frequencies(pipe):
       np.testing.assert_array_equal(a, b)
   finally:
     pipe.config.sampling.contrast = ()
+
+
+def test_api_discount_takes_stage_ones_code_frequencies_off(pipe):
+  frequencies = pipe.code_frequencies()
+  discount = pipe.code_discount((0.0, 3.0))
+  assert discount[0] is None
+  np.testing.assert_allclose(discount[1], 3.0 * frequencies[1], rtol=1e-6)
+  assert pipe.code_discount(0.0) == [None, None]
+  with pytest.raises(ValueError, match='names 3 levels'):
+    pipe.code_discount((0.0, 3.0, 3.0))
+  labels = [0, 3, 9, 4]
+  _, codes = pipe.sample(labels=labels, key=7)
+  _, got = pipe.sample(labels=labels, key=7, discount=(0.0, 3.0))
+  np.testing.assert_array_equal(got[0], codes[0])
+  assert not np.array_equal(got[1], codes[1])
+  # As the sampler draws it on the pipeline's mesh (the batch padded to
+  # split over it): a discount's draws can depend on the device split at
+  # float rounding (`sampling.discount_logits`), a bias's cannot.
+  padded = np.asarray(labels * 2, np.int32)
+  with_mesh = sampling.sample_hierarchy(
+      pipe.priors, pipe.level_shapes, batch_size=len(padded), labels=padded,
+      rng=jax.random.PRNGKey(7), mesh=pipe.mesh, code_discount=discount)
+  assert pipe.mesh.size == len(padded)
+  for a, b in zip(got, with_mesh):
+    np.testing.assert_array_equal(a, np.asarray(b)[:4])
+  # No discount given: the config's.
+  try:
+    pipe.config.sampling.discount = (0.0, 3.0)
+    _, by_config = pipe.sample(labels=labels, key=7)
+    for a, b in zip(by_config, got):
+      np.testing.assert_array_equal(a, b)
+  finally:
+    pipe.config.sampling.discount = ()
 
 
 def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):

@@ -1473,11 +1473,20 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
   assert [(r['guidance'], r['contrast']) for r in rows] == [
       ('1:2', '0'), ('1:2', '0:2')]
   assert [kw for kw, _ in calls] == [
-      dict(guidance=(1.0, 2.0), contrast=c, key=5) for c in (0.0, (0.0, 2.0))]
+      dict(guidance=(1.0, 2.0), contrast=c, discount=0.0, key=5)
+      for c in (0.0, (0.0, 2.0))]
   for row, (_, samples) in zip(rows, calls):
     assert row['fid'] == samples['fid'] and row['recall'] == (
         samples['recall'])
   assert rows[0]['fid'] != rows[1]['fid']
+  # --discount: rows of its own, evaluated with it.
+  rows = contrast_sweep.sweep(pipe, [0.0], [(1.0, 2.0)], 20,
+                              report=lambda _: None, seed=5,
+                              discounts=[(0.0, 3.0)])
+  assert calls[-1][0] == dict(guidance=(1.0, 2.0), contrast=0.0,
+                              discount=(0.0, 3.0), key=5)
+  assert rows[0]['discount'] == '0:3' and rows[0]['fid'] == (
+      calls[-1][1]['fid'])
   monkeypatch.setattr(pipe, 'evaluate', evaluate)
   # --marginals: the samples' code shares against stage 1's, the same
   # draws as sample() with batch i's key fold_in(PRNGKey(seed), i).

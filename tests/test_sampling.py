@@ -458,11 +458,15 @@ def test_guided_sampling_split_over_devices_equals_one_device():
   np.testing.assert_array_equal(
       sampling.sample_level(model, variables, **kwargs, mesh=mesh),
       sampling.sample_level(model, variables, **kwargs))
-  # With a code bias too (a replicated argument of its own).
-  kwargs['code_bias'] = jnp.linspace(-2.0, 2.0, model.num_embeddings)
-  np.testing.assert_array_equal(
-      sampling.sample_level(model, variables, **kwargs, mesh=mesh),
-      sampling.sample_level(model, variables, **kwargs))
+  # With a code bias too (a replicated argument of its own), and then a
+  # discount (another), alone and beside it.
+  bias = jnp.linspace(-2.0, 2.0, model.num_embeddings)
+  discount = jnp.full((model.num_embeddings,), 2.0 / model.num_embeddings)
+  for adjust in ({'code_bias': bias}, {'code_discount': discount},
+                 {'code_bias': bias, 'code_discount': discount}):
+    np.testing.assert_array_equal(
+        sampling.sample_level(model, variables, **kwargs, **adjust, mesh=mesh),
+        sampling.sample_level(model, variables, **kwargs, **adjust))
 
 
 def test_guidance_errors():
@@ -573,6 +577,111 @@ def test_code_bias_errors_and_compilation():
   sampling.clear_caches()
 
 
+def _random_discount(k, scale, seed=4):
+  """`scale` times random code shares, as `frequency_discount` makes."""
+  shares = np.random.default_rng(seed).dirichlet(np.ones(k))
+  return jnp.asarray(scale * shares, jnp.float32)
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_discounted_sampler_equals_reference(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  discount = _random_discount(model.num_embeddings, 3.0)
+  bias = jnp.asarray(np.random.default_rng(5).normal(
+      0, 1, model.num_embeddings), jnp.float32)
+  for temperature, top_k, top_p in CONTROLS[:3]:
+    for guidance, code_bias in ((1.0, None), (2.0, bias)):
+      kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                    rng=jax.random.key(7), temperature=temperature,
+                    top_k=top_k, top_p=top_p, guidance=guidance,
+                    code_bias=code_bias, code_discount=discount)
+      cached = sampling.sample_level(model, variables, **kwargs)
+      reference = sampling.reference_sample_level(model, variables, **kwargs)
+      np.testing.assert_array_equal(
+          cached, reference,
+          err_msg=f'{(temperature, top_k, top_p, guidance)}')
+  plain = sampling.sample_level(model, variables,
+                                **{**kwargs, 'code_discount': None})
+  assert (np.asarray(plain) != np.asarray(cached)).any()
+
+
+def test_code_discount_draws_from_the_discounted_probabilities():
+  # Position (0, 0) depends on no code: its draw is the one the same key
+  # makes from max(p - d, 0), p the guided and biased logits' softmax,
+  # before the temperature.
+  model, variables, shape, cond, labels, c, u = _first_position_logits()
+  batch = shape[0]
+  rng = jax.random.key(3)
+  k = model.num_embeddings
+  bias = jnp.linspace(-1.0, 1.0, k)
+  discount = _random_discount(k, 2.0)
+  sampled = sampling.sample_level(
+      model, variables, shape=shape, cond_codes=cond, labels=labels, rng=rng,
+      guidance=2.0, temperature=1.5, code_bias=bias, code_discount=discount)
+  guided = u + 2.0 * (c - u) + bias
+  excess = jax.nn.softmax(guided, axis=-1) - discount
+  assert bool(jnp.all(jnp.any(excess > 0, axis=-1)))
+  expected = sampling.sample_logits(
+      jax.random.fold_in(rng, 0), jnp.where(
+          excess > 0, jnp.log(jnp.maximum(excess, 1e-30)), -jnp.inf),
+      jnp.float32(1.5), jnp.int32(0), jnp.float32(1.0),
+      jnp.arange(batch, dtype=jnp.int32), truncate=False)
+  np.testing.assert_array_equal(np.asarray(sampled)[:, 0, 0], expected)
+  # Only codes whose probability exceeds their discount are drawn.
+  drawn = np.asarray(sampled)[:, 0, 0]
+  assert np.all(np.asarray(excess)[np.arange(batch), drawn] > 0)
+  # A discount above every probability leaves the code that falls least
+  # short: with one discount for all, the most likely code.
+  everywhere = sampling.sample_level(
+      model, variables, shape=shape, cond_codes=cond, labels=labels, rng=rng,
+      code_discount=jnp.ones(k))
+  np.testing.assert_array_equal(np.asarray(everywhere)[:, 0, 0],
+                                np.argmax(np.asarray(c), axis=-1))
+
+
+def test_frequency_discount():
+  counts = np.array([600.0, 300.0, 100.0, 0.0])
+  discount = np.asarray(sampling.frequency_discount(counts, 0.5))
+  np.testing.assert_allclose(discount, [0.3, 0.15, 0.05, 0.0], rtol=1e-6)
+  np.testing.assert_array_equal(sampling.frequency_discount(counts, 0.0), 0.0)
+  # The draw's distribution: max(p - d, 0), renormalised.
+  p = np.array([0.4, 0.3, 0.2, 0.1])
+  kept = np.asarray(jax.nn.softmax(sampling.discount_logits(
+      jnp.log(p)[None], jnp.asarray(discount))))[0]
+  want = np.maximum(p - discount, 0.0)
+  np.testing.assert_allclose(kept, want / want.sum(), rtol=1e-5)
+  logits = jnp.log(p)[None]
+  assert sampling.discount_logits(logits, None) is logits  # None: unchanged.
+  for bad in (-0.5, float('nan'), float('inf')):
+    with pytest.raises(sampling.SamplingInputError, match='value >= 0'):
+      sampling.frequency_discount(counts, bad)
+  for bad in (np.zeros(4), -counts, counts[None], [1.0, float('nan')]):
+    with pytest.raises(sampling.SamplingInputError, match='code counts'):
+      sampling.frequency_discount(bad, 0.5)
+
+
+def test_code_discount_errors_and_compilation():
+  model, variables, shape, cond, labels, _ = _setup('top')
+  k = model.num_embeddings
+  kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                rng=jax.random.key(0))
+  for bad, match in ((jnp.zeros(k + 1), 'one value per code'),
+                     (jnp.full(k, jnp.nan), 'not finite'),
+                     (jnp.full(k, -0.1), 'negative')):
+    with pytest.raises(sampling.SamplingInputError, match=match):
+      sampling.sample_level(model, variables, **kwargs, code_discount=bad)
+  # The discount's values are traced: another one is no new compilation.
+  sampling.clear_caches()
+  sampling.compile_sampler(model, variables, shape=shape, cond_codes=cond,
+                           labels=labels, code_discount=jnp.zeros(k))
+  before = sampling._build.cache_info().currsize  # pylint: disable=protected-access
+  for scale in (1.0, 4.0):
+    sampling.sample_level(model, variables, **kwargs,
+                          code_discount=_random_discount(k, scale))
+  assert sampling._build.cache_info().currsize == before  # pylint: disable=protected-access
+  sampling.clear_caches()
+
+
 def test_sample_hierarchy_biases_each_level_by_its_own():
   top = pixelcnn_util.make_prior(num_layers=2, num_classes=3)
   lower = pixelcnn_util.make_prior(num_layers=2, num_classes=3,
@@ -601,3 +710,15 @@ def test_sample_hierarchy_biases_each_level_by_its_own():
   assert (np.asarray(got[1]) != np.asarray(plain[1])).any()
   with pytest.raises(sampling.SamplingInputError, match='one bias'):
     sampling.sample_hierarchy(priors, shapes, **kwargs, code_bias=(bias,))
+  # A discount likewise, level by level.
+  discount = _random_discount(lower.num_embeddings, 3.0)
+  got = sampling.sample_hierarchy(priors, shapes, **kwargs,
+                                  code_discount=(None, discount))
+  np.testing.assert_array_equal(got[0], plain[0])
+  np.testing.assert_array_equal(got[1], sampling.sample_level(
+      lower, lower_vars, shape=(2, *shapes[1]), cond_codes=(got[0],),
+      labels=labels, rng=jax.random.fold_in(rng, 1), code_discount=discount))
+  assert (np.asarray(got[1]) != np.asarray(plain[1])).any()
+  with pytest.raises(sampling.SamplingInputError, match='one discount'):
+    sampling.sample_hierarchy(priors, shapes, **kwargs,
+                              code_discount=(discount,))

@@ -852,10 +852,31 @@ class Pipeline:
     return [sampling.contrast_bias(f, c) if c else None
             for f, c in zip(frequencies, values)]
 
+  def code_discount(self, discount: float | Sequence[float]
+                    ) -> list[Optional[jax.Array]]:
+    """The sampler's discount of each level (`sampling.frequency_discount`
+    of `code_frequencies`; None where the level's discount is 0), as
+    `sampling.sample_hierarchy` takes it.
+
+    `discount`: one value for every level, or one per level, top first.
+    """
+    levels = len(self.level_shapes)
+    values = builders.per_level(discount, levels)
+    if len(values) != levels:
+      raise PipelineInputError(
+          f'discount {tuple(discount)} names {len(values)} levels, not '
+          f'{levels}. Fix: pass one value, or one per level, top first.')
+    if not any(values):
+      return [None] * levels
+    frequencies = self.code_frequencies()
+    return [sampling.frequency_discount(f, d) if d else None
+            for f, d in zip(frequencies, values)]
+
   def sample(self, labels: Any = None, n: Optional[int] = None, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              guidance: Optional[float | Sequence[float]] = None,
              contrast: Optional[float | Sequence[float]] = None,
+             discount: Optional[float | Sequence[float]] = None,
              key: int | jax.Array = 0
              ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Samples images from the priors (exact ancestral sampling).
@@ -876,6 +897,12 @@ class Pipeline:
         bottom level of `:long` lifts recall by 0.04 to 0.05 at the same
         precision (docs/results.md); one value for every level or one per
         level, top first. None: the config's (`sampling.contrast`).
+      discount: draw each code from max(p(code | context) - d *
+        freq(code), 0), renormalised (`code_discount`): 0 is off; a code is
+        drawn only where its context makes it more than d times as likely
+        as its overall share (docs/results.md); one value for every level
+        or one per level, top first. None: the config's
+        (`sampling.discount`).
       key: an integer seed (a numpy integer too) or a PRNG key
         (`jax.random.key` or `jax.random.PRNGKey`); the same key gives the
         same samples, and a seed the samples of `jax.random.PRNGKey(seed)`.
@@ -907,12 +934,15 @@ class Pipeline:
       labels[n:] = labels[0]
     if contrast is None:
       contrast = builders.sampling_contrast(self.config)
+    if discount is None:
+      discount = builders.sampling_discount(self.config)
     codes = sampling.sample_hierarchy(
         self.priors, self.level_shapes, batch_size=batch, labels=labels,
         rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
         mesh=self.mesh, unroll=self.config.sampling.unroll,
         dtype=self.config.sampling.dtype or None, guidance=guidance,
-        code_bias=self.code_bias(contrast))
+        code_bias=self.code_bias(contrast),
+        code_discount=self.code_discount(discount))
     codes = [np.asarray(c)[:n] for c in codes]
     return self.decode(codes), codes
 
@@ -951,6 +981,7 @@ class Pipeline:
                temperature: Optional[float] = None,
                top_k: Optional[int] = None, top_p: Optional[float] = None,
                contrast: Optional[float | Sequence[float]] = None,
+               discount: Optional[float | Sequence[float]] = None,
                key: Optional[int | jax.Array] = None,
                features: Optional[str] = None) -> dict[str, Any]:
     """Sample quality as --mode=eval measures it, for any loaded pipeline.
@@ -970,9 +1001,9 @@ class Pipeline:
 
     Args:
       num_samples: how many samples (and floor images), an integer >= 1.
-      guidance, temperature, top_k, top_p, contrast: the sampler's
-        controls (see `sample`); None takes the config's (`sampling`), as
-        --mode=eval does.
+      guidance, temperature, top_k, top_p, contrast, discount: the
+        sampler's controls (see `sample`); None takes the config's
+        (`sampling`), as --mode=eval does.
       key: an integer seed or a PRNG key (as for `sample`); None: the
         config's seed.
       features: the ruler, as config.eval.features names it ('judge',
@@ -1017,7 +1048,9 @@ class Pipeline:
         guidance=(builders.sampling_guidance(self.config) if guidance is None
                   else guidance),
         contrast=(builders.sampling_contrast(self.config) if contrast is None
-                  else contrast), features=features)
+                  else contrast),
+        discount=(builders.sampling_discount(self.config) if discount is None
+                  else discount), features=features)
 
 
 def _integer(value: Any) -> Optional[int]:

@@ -115,6 +115,15 @@ def sampling_contrast(config: ml_collections.ConfigDict
           or (0.0,) * levels)
 
 
+def sampling_discount(config: ml_collections.ConfigDict
+                      ) -> tuple[float, ...]:
+  """`sampling.discount` with one value per level, top first (0.0: off;
+  every level 0.0 in configs recorded before the field)."""
+  levels = num_levels(config)
+  return (per_level(tuple(config.sampling.get('discount', ())), levels)
+          or (0.0,) * levels)
+
+
 def guidance_text(guidance: float | Sequence[float], sep: str = ':') -> str:
   """A guidance of `sampling_guidance` as text: '1.3', or '1.3:2' per level."""
   if isinstance(guidance, Sequence):

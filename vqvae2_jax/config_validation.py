@@ -276,16 +276,18 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
           'set one: sampling.guidance_per_level=() for '
           f'{guidance} at every level, or sampling.guidance=1.0 to keep '
           'the scale per level')
-  contrast = tuple(sampling.get('contrast', ()))
-  if len(contrast) not in (0, 1, levels):
-    _fail('sampling.contrast', f'is {contrast}: {len(contrast)} values for '
-          f'{levels} levels', 'give one value for every level (e.g. 0.5), '
-          'one per level, top first (e.g. '
-          f'{",".join(["0"] * (levels - 1) + ["0.5"])}), or () for none')
-  for c in contrast:
-    if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
-      _fail('sampling.contrast', f'is {contrast}',
-            'use values >= 0 (0 is off: the priors as trained)')
+  for name, example in (('contrast', 0.5), ('discount', 4)):
+    values = tuple(sampling.get(name, ()))
+    if len(values) not in (0, 1, levels):
+      _fail(f'sampling.{name}', f'is {values}: {len(values)} values for '
+            f'{levels} levels', f'give one value for every level (e.g. '
+            f'{example}), one per level, top first (e.g. '
+            f'{",".join(["0"] * (levels - 1) + [str(example)])}), or () for '
+            'none')
+    for v in values:
+      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        _fail(f'sampling.{name}', f'is {values}',
+              'use values >= 0 (0 is off: the priors as trained)')
   if not 0.0 < sampling.rejection_keep <= 1.0:
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')

@@ -59,6 +59,7 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
 
   `_g<scale>` (`_g<top>-<bottom>` per level) is added when guidance is on,
   `_c<top>-<bottom>` (a value per level) when sampling.contrast is,
+  `_d<top>-<bottom>` when sampling.discount is,
   `_keep<k>` when rejection sampling keeps a fraction k < 1, `_raw` when
   the priors' raw weights stand in for their Polyak average
   (sampling.use_polyak False) and `_<dtype>` when the sampler computes in
@@ -75,6 +76,10 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   contrast = builders.sampling_contrast(config)
   contrasted = (f'c{builders.guidance_text(contrast, "-")}_'
                 if any(contrast) else '')
+  discount = builders.sampling_discount(config)
+  if any(discount):
+    contrasted += f'd{builders.guidance_text(discount, "-")}_'
+
   return (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
           f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
           f'{guided}{contrasted}'
@@ -225,6 +230,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
   selector, unfiltered, seconds = _draw_candidates(
       config, priors, lambda codes: decode(vq_variables, codes), mesh,
       code_bias=pipe.code_bias(builders.sampling_contrast(config)),
+      code_discount=pipe.code_discount(builders.sampling_discount(config)),
       labels=candidate_labels, num_candidates=num_candidates,
       per_class=per_class, scorer=scorer,
       shown_per_group=grid_per_group if per_candidate > 1 else 0,
@@ -240,6 +246,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
           'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p,
           'guidance': builders.sampling_guidance(config),
           'contrast': builders.sampling_contrast(config),
+          'discount': builders.sampling_discount(config),
           'seed': config.seed,
           'conditional': conditional,
           'rejection_keep': keep}
@@ -280,7 +287,8 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
                      labels: Optional[np.ndarray], num_candidates: int,
                      per_class: int, scorer: Optional[Scorer],
                      shown_per_group: int, out_dir: str,
-                     code_bias: Sequence[Any] = ()
+                     code_bias: Sequence[Any] = (),
+                     code_discount: Sequence[Any] = ()
                      ) -> tuple[sampling.TopPerClass, dict[int, list[Any]],
                                 float]:
   """Draws, decodes and scores the candidates batch by batch.
@@ -300,6 +308,8 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
     out_dir: the run's directory, named when a preemption stops the loop.
     code_bias: the sampler's logit bias per level (`api.Pipeline.code_bias`
       of sampling.contrast), or ().
+    code_discount: its discount per level (`api.Pipeline.code_discount` of
+      sampling.discount), or ().
 
   Returns:
     (the selector holding each class's best-scoring candidates, label ->
@@ -335,7 +345,8 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
       num_maps=num_candidates, labels=labels, batch_size=batch,
       rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
       top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
-      guidance=builders.sampling_guidance(config), code_bias=code_bias):
+      guidance=builders.sampling_guidance(config), code_bias=code_bias,
+      code_discount=code_discount):
     n = len(images)
     batch_labels = group_labels[begin:begin + n]
     if scorer is None:

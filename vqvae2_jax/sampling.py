@@ -22,19 +22,22 @@ a row's positions before the row: no random-bit kernels in its position
 step).
 
 Given a mesh, both split the batch over its devices (`jax.shard_map`); since
-every example's randomness is its own, the codes equal a one-device run's.
+every example's randomness is its own, the codes equal a one-device run's
+(with a code discount, up to float rounding: `discount_logits`).
 
 Controls: temperature, top-k (0 disables), top-p / nucleus (1.0 disables),
 class labels (None samples the unconditional "no label" path), classifier-free
 guidance (1.0 disables; see `sample_level`), a bias per code added to the
 logits (`contrast_bias` makes one that contrasts the prior with its level's
-code frequencies), the batch size (shape[0]) and the PRNG key (same key,
-same samples). The Polyak weights are used by passing them as
+code frequencies), a discount per code taken off each position's
+probabilities (`frequency_discount` makes one from the code frequencies),
+the batch size (shape[0]) and the PRNG key (same key, same samples). The Polyak weights are used by passing them as
 `variables={'params': polyak}`.
 
 Each sampler is compiled once per (prior, shape, conditioning shapes,
-filtering on or off, unroll, guidance on or off, a code bias or none); the
-values of the controls, the bias, the labels, keys and weights are traced,
+filtering on or off, unroll, guidance on or off, a code bias or none, a
+code discount or none); the values of the controls, the bias and discount,
+the labels, keys and weights are traced,
 so changing them does not recompile. Whether top-k
 or top-p filtering is on at all is fixed at compile time: a traced choice
 would be a `lax.cond` at every position, which on a GPU stops the device
@@ -226,6 +229,77 @@ def bias_logits(logits: Array, code_bias: Optional[Array]) -> Array:
   return logits.astype(jnp.float32) + code_bias
 
 
+def discount_logits(logits: Array, code_discount: Optional[Array]) -> Array:
+  """[b, K] logits to those of max(p - d, 0), renormalised: p their softmax,
+  d a [K] discount per code (float32); None: unchanged.
+
+  Where no code's probability exceeds its discount, the code that falls
+  least short of it is drawn (the distribution is then that code alone).
+
+  Near the threshold a code's weight is the difference of two nearly equal
+  numbers, so its draw can turn on the softmax's last bits: the cached and
+  reference samplers agree, and the same mesh draws the same codes, but
+  unlike a bias, a discount's codes can differ between device splits where
+  the compiler rounds the softmax differently for each (seen with XLA's
+  CPU backend unoptimised, on a barely trained prior whose codes all sit
+  near their thresholds).
+  """
+  if code_discount is None:
+    return logits
+  excess = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) - code_discount
+  best = jnp.max(excess, axis=-1, keepdims=True)
+  keep = (excess > 0) | ((best <= 0) & (excess == best))
+  return jnp.where(keep, jnp.log(jnp.where(excess > 0, excess, 1.0)),
+                   -jnp.inf)
+
+
+def adjust_logits(logits: Array, code_bias: Optional[Array],
+                  code_discount: Optional[Array]) -> Array:
+  """`bias_logits`, then `discount_logits`: what every sampler does to a
+  position's (guided) logits before temperature and filtering."""
+  return discount_logits(bias_logits(logits, code_bias), code_discount)
+
+
+def _code_shares(code_counts: Array | np.ndarray) -> np.ndarray:
+  """[K] counts as float64 shares summing to 1, after checking them."""
+  counts = np.asarray(code_counts, np.float64)
+  if (counts.ndim != 1 or not np.all(np.isfinite(counts)) or
+      np.any(counts < 0) or not counts.sum() > 0):
+    raise SamplingInputError(
+        f'code_counts must be a [K] vector of non-negative usage with a '
+        f'positive sum, got shape {counts.shape}. Fix: pass the level\'s '
+        'code counts (api.Pipeline.code_frequencies).')
+  return counts / counts.sum()
+
+
+def frequency_discount(code_counts: Array | np.ndarray,
+                       discount: float) -> Array:
+  """The [K] discount `discount` * p(k), p the counts normalised.
+
+  Each draw then comes from max(p_prior(k | context) - discount * p(k), 0),
+  renormalised: a code is drawn only where the context makes it more than
+  `discount` times as likely as its share of all the level's codes, and in
+  proportion to that excess. 0 is the prior as trained; above 0 it removes
+  the part of each conditional that follows the codes' overall use (the
+  common codes a prior falls back on where it cannot tell), which raises
+  the codes a context favours, rare or not.
+
+  Args:
+    code_counts: [K] non-negative usage of each code (e.g. stage 1's
+      `cluster_size`: `api.Pipeline.code_frequencies`).
+    discount: >= 0.
+
+  Raises:
+    SamplingInputError: a negative or non-finite discount, or counts that
+      are not a non-negative [K] vector with a positive sum.
+  """
+  if not (math.isfinite(discount) and discount >= 0):
+    raise SamplingInputError(
+        f'discount is {discount}. Fix: use a value >= 0 (0 is off: the '
+        'prior as trained).')
+  return jnp.asarray(discount * _code_shares(code_counts), jnp.float32)
+
+
 def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
   """The [K] logit bias that contrasts a prior with its level's code
   frequencies: -contrast * log p(k), p the counts normalised.
@@ -250,14 +324,8 @@ def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
     raise SamplingInputError(
         f'contrast is {contrast}. Fix: use a value >= 0 (0 is off: the '
         'prior as trained).')
-  counts = np.asarray(code_counts, np.float64)
-  if (counts.ndim != 1 or not np.all(np.isfinite(counts)) or
-      np.any(counts < 0) or not counts.sum() > 0):
-    raise SamplingInputError(
-        f'code_counts must be a [K] vector of non-negative usage with a '
-        f'positive sum, got shape {counts.shape}. Fix: pass the level\'s '
-        'code counts (api.Pipeline.code_frequencies).')
-  share = np.maximum(counts / counts.sum(), 0.01 / len(counts))
+  shares = _code_shares(code_counts)
+  share = np.maximum(shares, 0.01 / len(shares))
   return jnp.asarray(-contrast * np.log(share), jnp.float32)
 
 
@@ -266,7 +334,8 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
                  rng: Array, example_ids: Array, cond_codes: tuple[Array, ...],
                  labels: Optional[Array], temperature: Array, top_k: Array,
                  top_p: Array, guidance: Array,
-                 code_bias: Optional[Array]) -> Array:
+                 code_bias: Optional[Array],
+                 code_discount: Optional[Array]) -> Array:
   """Cached sampling of `shape`, this device's part of the batch.
 
   Position t = r * w + c of example i draws with fold_in(fold_in(rng, t), i).
@@ -274,7 +343,8 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   (static): the maps run twice, with their labels and without, and each
   draw is from `guide`'s logits; both copies get the drawn code.
   `code_bias`: [K] added to every position's logits (after guidance), or
-  None.
+  None; `code_discount`: [K] taken off its probabilities after that
+  (`discount_logits`), or None.
   """
   run_shape = shape
   if guided:
@@ -294,9 +364,9 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
     del r, c
     if guided:
       logits = guide(logits, guidance)
-    code = gumbel_max(noise, filter_logits(bias_logits(logits, code_bias),
-                                           temperature, top_k, top_p,
-                                           truncate))
+    code = gumbel_max(noise, filter_logits(
+        adjust_logits(logits, code_bias, code_discount), temperature, top_k,
+        top_p, truncate))
     return (jnp.concatenate([code, code]) if guided else code), code
 
   codes = _scan_map(model, variables, run_shape, context, choose,
@@ -345,7 +415,8 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
                     example_ids: Array, cond_codes: tuple[Array, ...],
                     labels: Optional[Array], temperature: Array, top_k: Array,
                     top_p: Array, guidance: Array,
-                    code_bias: Optional[Array], num_positions: Array
+                    code_bias: Optional[Array],
+                    code_discount: Optional[Array], num_positions: Array
                     ) -> Array:
   """Reference sampling: the full prior on the partial map at every position.
 
@@ -369,8 +440,8 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
     if guided:
       logits = guide(logits, guidance)
     code = sample_logits(jax.random.fold_in(rng, t),
-                         bias_logits(logits, code_bias), temperature,
-                         top_k, top_p, example_ids, truncate)
+                         adjust_logits(logits, code_bias, code_discount),
+                         temperature, top_k, top_p, example_ids, truncate)
     return jax.lax.dynamic_update_slice(codes, code[:, None, None], (0, r, c))
 
   return jax.lax.fori_loop(0, num_positions, step,
@@ -380,34 +451,38 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 @functools.lru_cache(maxsize=64)
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
            reference: bool, mesh: Optional[Mesh], truncate: bool = False,
-           unroll: int = 1, guided: bool = False,
-           biased: bool = False) -> Callable[..., Array]:
+           unroll: int = 1, guided: bool = False, biased: bool = False,
+           discounted: bool = False) -> Callable[..., Array]:
   """One jitted sampler per (prior, shape, kind, mesh, filtering, unroll,
-  guidance on or off, code bias on or off); no retracing.
+  guidance on or off, code bias on or off, code discount on or off); no
+  retracing.
 
   Its arguments: variables, rng, example_ids, cond_codes, labels,
   temperature, top_k, top_p, guidance, then the [K] code bias when
-  `biased`, then num_positions for the reference sampler. With a mesh, the
-  batch is split over all its devices (`jax.shard_map` over the batch axes,
-  as in training): each device samples its own examples, the parameters
-  replicated.
+  `biased`, the [K] code discount when `discounted`, then num_positions
+  for the reference sampler. With a mesh, the batch is split over all its
+  devices (`jax.shard_map` over the batch axes, as in training): each
+  device samples its own examples, the parameters replicated.
   """
   impl = _reference_impl if reference else _cached_impl
   devices = 1 if mesh is None else mesh.size
   local_shape = (shape[0] // devices, *shape[1:])
   fn = functools.partial(impl, model, local_shape, truncate, unroll, guided)
-  if not biased:  # No bias argument, and no bias in the program.
-    unbiased = fn
+  if not (biased and discounted):  # No argument, and nothing in the program.
+    full = fn
 
     def fn(*args):
-      return unbiased(*args[:9], None, *args[9:])
+      given = iter(args[9:])
+      adjust = (next(given) if biased else None,
+                next(given) if discounted else None)
+      return full(*args[:9], *adjust, *given)
     fn.__name__ = impl.__name__  # What profiles and dumps call the program.
   if devices > 1:
     batch = P(parallel.DATA_AXES)
     # variables, rng, example_ids, cond_codes, labels, temperature, top_k,
-    # top_p, guidance (, code_bias) (, num_positions).
+    # top_p, guidance (, code_bias) (, code_discount) (, num_positions).
     specs = (P(), P(), batch, batch, batch, P(), P(), P(), P()) + (
-        (P(),) if biased else ())
+        (P(),) * (int(biased) + int(discounted)))
     # check_vma=False: the scans' carries start as zeros made on every
     # device alike and become per-device; nothing here communicates.
     fn = jax.shard_map(fn, mesh=mesh, out_specs=batch,
@@ -532,22 +607,32 @@ def _check_unroll(unroll: int) -> int:
   return int(unroll)
 
 
-def _check_bias(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array]
-                ) -> tuple[Array, ...]:
-  """() for no bias, else (the [K] float32 bias,) after checking it."""
-  if code_bias is None:
-    return ()
-  bias = jnp.asarray(code_bias, jnp.float32)
-  if bias.shape != (model.num_embeddings,):
-    raise SamplingInputError(
-        f'code_bias has shape {bias.shape}. Fix: pass one value per code, '
-        f'[{model.num_embeddings}] (e.g. `contrast_bias`), or None.')
-  if not isinstance(bias, jax.core.Tracer) and not bool(
-      jnp.all(jnp.isfinite(bias))):
-    raise SamplingInputError(
-        'code_bias has values that are not finite. Fix: pass finite values '
-        '(`contrast_bias` floors the rare codes\' share for this).')
-  return (bias,)
+def _check_bias(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array],
+                code_discount: Optional[Array] = None) -> tuple[Array, ...]:
+  """The [K] float32 bias and discount that are given, after checking
+  them: (), (bias,), (discount,) or (bias, discount)."""
+  checked = []
+  for name, values, maker in (('code_bias', code_bias, 'contrast_bias'),
+                              ('code_discount', code_discount,
+                               'frequency_discount')):
+    if values is None:
+      continue
+    values = jnp.asarray(values, jnp.float32)
+    if values.shape != (model.num_embeddings,):
+      raise SamplingInputError(
+          f'{name} has shape {values.shape}. Fix: pass one value per code, '
+          f'[{model.num_embeddings}] (e.g. `{maker}`), or None.')
+    if not isinstance(values, jax.core.Tracer):
+      if not bool(jnp.all(jnp.isfinite(values))):
+        raise SamplingInputError(
+            f'{name} has values that are not finite. Fix: pass finite '
+            f'values (`{maker}` makes them).')
+      if name == 'code_discount' and bool(jnp.any(values < 0)):
+        raise SamplingInputError(
+            'code_discount has negative values. Fix: pass values >= 0 '
+            '(`frequency_discount` makes them).')
+    checked.append(values)
+  return tuple(checked)
 
 
 def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
@@ -555,17 +640,19 @@ def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
                   cond_codes: Sequence[Array], labels: Optional[Array],
                   mesh: Optional[Mesh], temperature: float, top_k: int,
                   top_p: float, guidance: float,
-                  code_bias: Optional[Array] = None
+                  code_bias: Optional[Array] = None,
+                  code_discount: Optional[Array] = None
                   ) -> tuple[tuple[int, int, int], bool, tuple[Any, ...]]:
   """A sampler call's inputs checked: (shape, whether guided, the compiled
-  program's arguments; with a bias, `_build(biased=True)`'s)."""
+  program's arguments; with a bias or discount, `_build(biased=...,
+  discounted=...)`'s)."""
   guided = _guides(model, labels, guidance)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   return shape, guided, (variables, rng, _example_ids(shape), cond_codes,
                          labels, *_controls(temperature, top_k, top_p,
                                             guidance),
-                         *_check_bias(model, code_bias))
+                         *_check_bias(model, code_bias, code_discount))
 
 
 def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -574,13 +661,15 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                     mesh: Optional[Mesh] = None, top_k: int = 0,
                     top_p: float = 1.0, unroll: int = 1,
                     guidance: float = 1.0,
-                    code_bias: Optional[Array] = None) -> jax.stages.Compiled:
+                    code_bias: Optional[Array] = None,
+                    code_discount: Optional[Array] = None
+                    ) -> jax.stages.Compiled:
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
   with arguments of the same shapes, filtering on or off as `top_k` /
-  `top_p` say, the same `unroll`, guidance on or off and a code bias or
-  none reuses the compiled code; use it to
+  `top_p` say, the same `unroll`, guidance on or off, a code bias or none
+  and a code discount or none reuses the compiled code; use it to
   time compilation apart from sampling.
 
   Returns:
@@ -588,12 +677,12 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   """
   shape, guided, args = _checked_call(
       model, variables, jax.random.key(0), shape, cond_codes, labels, mesh,
-      1.0, top_k, top_p, guidance, code_bias)
+      1.0, top_k, top_p, guidance, code_bias, code_discount)
   if reference:
     args += (jnp.asarray(0, jnp.int32),)
   fn = _build(model, shape, reference, _sampling_mesh(mesh),
               _truncates(top_k, top_p), _check_unroll(unroll), guided,
-              code_bias is not None)
+              code_bias is not None, code_discount is not None)
   return fn.lower(*args).compile()
 
 
@@ -603,7 +692,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                  temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, mesh: Optional[Mesh] = None,
                  unroll: int = 1, guidance: float = 1.0,
-                 code_bias: Optional[Array] = None) -> Array:
+                 code_bias: Optional[Array] = None,
+                 code_discount: Optional[Array] = None) -> Array:
   """Samples one level's code map with the cached sampler.
 
   Args:
@@ -634,16 +724,21 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       and before temperature and filtering (e.g. `contrast_bias`); None
       (off) samples the model as trained. Its values are traced: changing
       them does not recompile.
+    code_discount: [K] float >= 0 taken off every position's probabilities
+      after the bias, negatives dropped and the rest renormalised
+      (`discount_logits`; e.g. `frequency_discount`), before temperature
+      and filtering; None (off) samples the model as trained. Traced, as
+      the bias.
 
   Returns:
     [batch, h, w] int32 codes.
   """
   shape, guided, args = _checked_call(
       model, variables, rng, shape, cond_codes, labels, mesh, temperature,
-      top_k, top_p, guidance, code_bias)
+      top_k, top_p, guidance, code_bias, code_discount)
   return _build(model, shape, False, _sampling_mesh(mesh),
                 _truncates(top_k, top_p), _check_unroll(unroll), guided,
-                code_bias is not None)(*args)
+                code_bias is not None, code_discount is not None)(*args)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -655,13 +750,14 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                            num_positions: Optional[int] = None,
                            mesh: Optional[Mesh] = None,
                            guidance: float = 1.0,
-                           code_bias: Optional[Array] = None) -> Array:
+                           code_bias: Optional[Array] = None,
+                           code_discount: Optional[Array] = None) -> Array:
   """Samples like `sample_level`, rerunning the full prior at every position.
 
   Args:
     model, variables, shape, cond_codes, labels, rng, temperature, top_k,
-      top_p, mesh, guidance, code_bias: as for `sample_level`; the result is
-      the same.
+      top_p, mesh, guidance, code_bias, code_discount: as for
+      `sample_level`; the result is the same.
     num_positions: sample only the first n positions in raster order (the
       rest stay 0); for benchmarks, since every step costs one full forward
       pass. None samples the whole map. Changing it does not recompile.
@@ -671,15 +767,15 @@ def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   """
   shape, guided, args = _checked_call(
       model, variables, rng, shape, cond_codes, labels, mesh, temperature,
-      top_k, top_p, guidance, code_bias)
+      top_k, top_p, guidance, code_bias, code_discount)
   total = shape[1] * shape[2]
   n = total if num_positions is None else int(num_positions)
   if not 0 <= n <= total:
     raise SamplingInputError(f'num_positions is {n}. Fix: use 0..{total} (or None '
                      'for the whole map).')
   return _build(model, shape, True, _sampling_mesh(mesh),
-                _truncates(top_k, top_p), 1, guided, code_bias is not None)(
-                    *args, jnp.asarray(n, jnp.int32))
+                _truncates(top_k, top_p), 1, guided, code_bias is not None,
+                code_discount is not None)(*args, jnp.asarray(n, jnp.int32))
 
 
 def clear_caches() -> None:
@@ -699,7 +795,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      unroll: int = 1, dtype: Optional[Any] = None,
                      guidance: float | Sequence[float] = 1.0,
                      upper_codes: Sequence[Array] = (),
-                     code_bias: Sequence[Optional[Array]] = ()
+                     code_bias: Sequence[Optional[Array]] = (),
+                     code_discount: Sequence[Optional[Array]] = ()
                      ) -> list[Array]:
   """Ancestral sampling of every level, top first.
 
@@ -727,6 +824,9 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
       top first, kept as they are; () samples every level.
     code_bias: one [K] bias (or None) per level, top first, as for
       `sample_level` (e.g. `api.Pipeline.code_bias`); () biases no level.
+    code_discount: one [K] discount (or None) per level, top first, as for
+      `sample_level` (e.g. `api.Pipeline.code_discount`); () discounts no
+      level.
 
   Returns:
     Code maps [batch_size, h_l, w_l] int32, top first (`upper_codes`
@@ -742,10 +842,12 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     raise SamplingInputError(
         f'Guidance {guidance} names {len(per_level)} levels, not '
         f'{len(priors)}. Fix: pass one scale, or one per level, top first.')
-  if code_bias and len(code_bias) != len(priors):
-    raise SamplingInputError(
-        f'code_bias names {len(code_bias)} levels, not {len(priors)}. Fix: '
-        'pass one bias (or None) per level, top first, or ().')
+  for name, given in (('code_bias', code_bias),
+                      ('code_discount', code_discount)):
+    if given and len(given) != len(priors):
+      raise SamplingInputError(
+          f'{name} names {len(given)} levels, not {len(priors)}. Fix: pass '
+          f'one {name[5:]} (or None) per level, top first, or ().')
   codes = list(upper_codes)
   for level, ((model, variables), (h, w)) in enumerate(
       zip(priors, level_shapes)):
@@ -759,7 +861,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         rng=jax.random.fold_in(rng, level), temperature=temperature,
         top_k=top_k, top_p=top_p, mesh=mesh, unroll=unroll,
         guidance=per_level[level] if model.num_classes else 1.0,
-        code_bias=code_bias[level] if code_bias else None))
+        code_bias=code_bias[level] if code_bias else None,
+        code_discount=code_discount[level] if code_discount else None))
   return codes
 
 
@@ -802,7 +905,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                     top_k: int = 0, top_p: float = 1.0,
                     mesh: Optional[Mesh] = None, unroll: int = 1,
                     guidance: float | Sequence[float] = 1.0,
-                    code_bias: Sequence[Optional[Array]] = ()
+                    code_bias: Sequence[Optional[Array]] = (),
+                    code_discount: Sequence[Optional[Array]] = ()
                     ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
   """`num_maps` samples of the whole hierarchy, decoded, batch by batch.
 
@@ -817,8 +921,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     num_maps: how many samples.
     labels: [num_maps] int32 class of each sample, or None (unconditional).
     batch_size: maps per batch; splits over the mesh's devices.
-    rng, temperature, top_k, top_p, mesh, unroll, guidance, code_bias: as
-      for `sample_hierarchy`.
+    rng, temperature, top_k, top_p, mesh, unroll, guidance, code_bias,
+      code_discount: as for `sample_hierarchy`.
 
   Yields:
     (codes per level [n, h_l, w_l] int32, top first; images [n, H, W, C]),
@@ -834,7 +938,7 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         priors, level_shapes, batch_size=batch_size, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
         top_p=top_p, mesh=mesh, unroll=unroll, guidance=guidance,
-        code_bias=code_bias)
+        code_bias=code_bias, code_discount=code_discount)
     # Every process holds the whole batch (sampled over all devices).
     codes = [parallel.to_host(c)[:n] for c in codes]
     yield codes, parallel.to_host(decode(codes))[:n]

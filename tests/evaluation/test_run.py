@@ -129,6 +129,11 @@ def test_report_inputs_name_guidance_only_when_on(tmp_path):
   assert digest() == plain
   config.sampling.contrast = (0.0, 0.5)
   assert digest() != plain
+  config.sampling.contrast = ()
+  del config.sampling['discount']
+  assert digest() == plain
+  config.sampling.discount = (0.0, 4.0)
+  assert digest() != plain
 
 
 def test_summary_lines_give_the_figures_beside_their_floor():

@@ -299,7 +299,8 @@ def balanced_subset(per_class: int, num_classes: int,
 def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
                      rng: jax.Array, temperature: float, top_k: int,
                      top_p: float, guidance: float | tuple[float, ...],
-                     contrast: float | tuple[float, ...] = 0.0
+                     contrast: float | tuple[float, ...] = 0.0,
+                     discount: float | tuple[float, ...] = 0.0
                      ) -> tuple[metrics_lib.FeatureStats, np.ndarray | None,
                                 list[np.ndarray]]:
   """`num_samples` samples of a loaded `api.Pipeline`, drawn as --mode=eval
@@ -309,7 +310,8 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
   each drawn class by class, the first of each kept in turn), in batches of
   config.sampling.batch_size as --mode=sample makes them (batch i from
   `fold_in(rng, i)`), so that the config's seed, controls, guidance and
-  contrast (`api.Pipeline.code_bias`) give
+  contrast (`api.Pipeline.code_bias`) and discount
+  (`api.Pipeline.code_discount`) give
   --mode=eval's samples (from the pipeline's weights as loaded, computing
   in config.sampling.dtype where set). The plain sampler: no rejection.
 
@@ -340,7 +342,8 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
         temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
         unroll=config.sampling.unroll,
         guidance=guidance if conditional else 1.0,
-        code_bias=pipe.code_bias(contrast)):
+        code_bias=pipe.code_bias(contrast),
+        code_discount=pipe.code_discount(discount)):
       f, p = features(np.asarray(images, np.float32))
       feats.append(f)
       probs.append(p)
@@ -364,6 +367,7 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
                       temperature: float, top_k: int, top_p: float,
                       guidance: float | tuple[float, ...],
                       contrast: float | tuple[float, ...] = 0.0,
+                      discount: float | tuple[float, ...] = 0.0,
                       features: str | None = None) -> dict[str, Any]:
   """`api.Pipeline.evaluate`: the sample section of --mode=eval's report
   for a loaded pipeline (a workdir's, an exported file's or a shipped one).
@@ -399,7 +403,8 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
   floor = floor_stats(config, mesh, features_of, num_samples)
   fake, labels, _ = pipeline_samples(
       pipe, num_samples, features_of, rng=rng, temperature=temperature,
-      top_k=top_k, top_p=top_p, guidance=guidance, contrast=contrast)
+      top_k=top_k, top_p=top_p, guidance=guidance, contrast=contrast,
+      discount=discount)
   return {
       **about, 'held_out_split': config.data.eval_split,
       'held_out_examples': real.count,
@@ -407,7 +412,7 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
                   'temperature': temperature, 'top_k': top_k,
                   'top_p': top_p,
                   'guidance': guidance if labels is not None else 1.0,
-                  'contrast': contrast,
+                  'contrast': contrast, 'discount': discount,
                   'conditional': labels is not None},
       'real_vs_real': {**sample_metrics(config, real, floor, None),
                        'split': config.data.train_split},
@@ -507,7 +512,7 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
   finished stages' metrics.json (None where a stage has none). Fields
   added since reports were first written leave the digest unchanged at
   their defaults (sampling.guidance 1.0, guidance_per_level (), contrast
-  ()), so older reports stay current.
+  (), discount ()), so older reports stay current.
   """
   settings = config.to_dict()
   settings.get('eval', {}).pop('force', None)
@@ -516,8 +521,9 @@ def report_inputs(config: ml_collections.ConfigDict, workdir: str
     sampling.pop('guidance', None)
   if not sampling.get('guidance_per_level', ()):
     sampling.pop('guidance_per_level', None)
-  if not sampling.get('contrast', ()):
-    sampling.pop('contrast', None)
+  for name in ('contrast', 'discount'):
+    if not sampling.get(name, ()):
+      sampling.pop(name, None)
   text = json.dumps(files.normalise_json(settings), sort_keys=True)
   wd = workdir_lib.Workdir(workdir)
   stage_dirs = {'vqvae': wd.vqvae, 'classifier': wd.classifier}
@@ -631,6 +637,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   'top_k': s.top_k, 'top_p': s.top_p,
                   'guidance': meta.get('guidance', 1.0),
                   'contrast': meta.get('contrast', ()),
+                  'discount': meta.get('discount', ()),
                   'conditional': labels is not None},
       'real_vs_real': {**sample_metrics(config, real, floor, None),
                        'split': config.data.train_split},
@@ -736,6 +743,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
          if s.get('guidance', 1.0) != 1.0 else '')
       + (f'contrast {builders.guidance_text(s["contrast"])}, '
          if any(s.get('contrast', ())) else '')
+      + (f'discount {builders.guidance_text(s["discount"])}, '
+         if any(s.get('discount', ())) else '')
       + f'{"class-conditional (classes balanced)" if s["conditional"] else "unconditional"}'
       f' (`{os.path.basename(s["sample_run"])}`); floor: '
       f'{int(f["num_examples"])} images of the `{f["split"]}` split.', '',
