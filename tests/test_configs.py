@@ -62,17 +62,15 @@ def test_config_loads_and_validates(name, variant):
 def test_quality_variant_changes_only_the_priors_and_sampling():
   """Its priors train on a default workdir's VQ-VAE and codes; its samples
   are drawn with guidance (the priors' label dropout makes that possible)
-  and a bottom contrast."""
+  and the default's bottom discount."""
   default, quality = _load('fashion_mnist'), _load('fashion_mnist', 'quality')
   assert (builders.vqvae_fingerprint(quality) ==
           builders.vqvae_fingerprint(default))
   changed = {k for k, v in _flatten(quality).items()
              if _flatten(default)[k] != v}
   assert changed and all(k.startswith('prior.') or k.startswith(
-      'sampling.guidance') or k == 'sampling.contrast' for k in changed), (
-          changed)
+      'sampling.guidance') for k in changed), changed
   assert all(g > 1 for g in builders.sampling_guidance(quality))
-  assert builders.sampling_contrast(quality) == (0.0, 0.75)
   assert quality.prior.label_drop_rate > 0
   assert quality.prior.level_0.num_channels > default.prior.level_0.num_channels
   assert quality.prior.num_train_steps > default.prior.num_train_steps
@@ -85,9 +83,11 @@ def test_fine_variant_changes_the_bottom_map_and_the_prior_steps():
   changed = {k for k, v in _flatten(fine).items()
              if _flatten(default)[k] != v}
   assert changed == {'model.downsample_factors', 'prior.num_train_steps',
-                     'sampling.guidance', 'sampling.guidance_per_level'}
+                     'sampling.guidance', 'sampling.guidance_per_level',
+                     'sampling.discount'}
   assert fine.prior.num_train_steps == 2 * default.prior.num_train_steps
-  assert builders.sampling_guidance(fine) == 2.0  # As it was measured.
+  assert builders.sampling_guidance(fine) == 2.0  # As it was measured,
+  assert builders.sampling_discount(fine) == (0.0, 0.0)  # and without.
   assert builders.level_shapes(default) == [(4, 4), (8, 8)]
   assert builders.level_shapes(fine) == [(4, 4), (16, 16)]
   # Its stage 1 is another model: a default workdir's checkpoints and codes
@@ -98,16 +98,16 @@ def test_fine_variant_changes_the_bottom_map_and_the_prior_steps():
 
 def test_long_variant_trains_the_default_models_longer():
   """The default's models, stage 1 for 3x its steps and the priors for 8x,
-  both priors twice as wide, sampled at guidance 1.3 at the top and 2 at
-  the bottom (each under the default's): the recipe measured in
-  docs/results.md."""
+  both priors twice as wide, sampled at guidance 1.15 at the top and 2 at
+  the bottom (each under the default's) with a bottom discount: the recipe
+  measured in docs/results.md."""
   default, long = _load('fashion_mnist'), _load('fashion_mnist', 'long')
   changed = {k for k, v in _flatten(long).items()
              if _flatten(default)[k] != v}
   assert changed == {'vqvae_train.num_train_steps', 'prior.num_train_steps',
                      'prior.level_0.num_channels',
                      'prior.level_1.num_channels',
-                     'sampling.guidance_per_level', 'sampling.contrast'}
+                     'sampling.guidance_per_level'}
   for level in ('level_0', 'level_1'):
     assert (long.prior[level].num_channels ==
             2 * default.prior[level].num_channels)
@@ -118,9 +118,9 @@ def test_long_variant_trains_the_default_models_longer():
   for mine, its in zip(builders.sampling_guidance(long),
                        builders.sampling_guidance(default)):
     assert 1 < mine < its
-  # Contrast at the bottom level only; the default samples without.
-  assert builders.sampling_contrast(long) == (0.0, 0.75)
-  assert builders.sampling_contrast(default) == (0.0, 0.0)
+  # The default's discount, at the bottom level only.
+  assert builders.sampling_discount(long) == (0.0, 8.0)
+  assert builders.sampling_discount(default) == (0.0, 8.0)
   # The same stage 1: the latent maps and its checkpoint fingerprint.
   assert builders.level_shapes(long) == builders.level_shapes(default)
   assert (builders.vqvae_fingerprint(long) ==
