@@ -840,17 +840,7 @@ class Pipeline:
 
     `contrast`: one value for every level, or one per level, top first.
     """
-    levels = len(self.level_shapes)
-    values = builders.per_level(contrast, levels)
-    if len(values) != levels:
-      raise PipelineInputError(
-          f'contrast {tuple(contrast)} names {len(values)} levels, not '
-          f'{levels}. Fix: pass one value, or one per level, top first.')
-    if not any(values):
-      return [None] * levels
-    frequencies = self.code_frequencies()
-    return [sampling.contrast_bias(f, c) if c else None
-            for f, c in zip(frequencies, values)]
+    return self._of_frequencies('contrast', contrast, sampling.contrast_bias)
 
   def code_discount(self, discount: float | Sequence[float]
                     ) -> list[Optional[jax.Array]]:
@@ -860,17 +850,24 @@ class Pipeline:
 
     `discount`: one value for every level, or one per level, top first.
     """
+    return self._of_frequencies('discount', discount,
+                                sampling.frequency_discount)
+
+  def _of_frequencies(self, name: str, setting: float | Sequence[float],
+                      make) -> list[Optional[jax.Array]]:
+    """`make(code frequencies, value)` of each level whose value of
+    `setting` (one for every level, or one per level) is not 0, else None.
+    """
     levels = len(self.level_shapes)
-    values = builders.per_level(discount, levels)
+    values = builders.per_level(setting, levels)
     if len(values) != levels:
       raise PipelineInputError(
-          f'discount {tuple(discount)} names {len(values)} levels, not '
+          f'{name} {tuple(setting)} names {len(values)} levels, not '
           f'{levels}. Fix: pass one value, or one per level, top first.')
     if not any(values):
       return [None] * levels
-    frequencies = self.code_frequencies()
-    return [sampling.frequency_discount(f, d) if d else None
-            for f, d in zip(frequencies, values)]
+    return [make(f, v) if v else None
+            for f, v in zip(self.code_frequencies(), values)]
 
   def sample(self, labels: Any = None, n: Optional[int] = None, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

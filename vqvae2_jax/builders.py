@@ -106,22 +106,25 @@ def per_level(values: float | Sequence[float], levels: int
   return values * levels if len(values) == 1 else values
 
 
-def sampling_contrast(config: ml_collections.ConfigDict
-                      ) -> tuple[float, ...]:
-  """`sampling.contrast` with one value per level, top first (0.0: off;
+def _sampling_per_level(config: ml_collections.ConfigDict, name: str
+                        ) -> tuple[float, ...]:
+  """`sampling.<name>` with one value per level, top first (0.0: off;
   every level 0.0 in configs recorded before the field)."""
   levels = num_levels(config)
-  return (per_level(tuple(config.sampling.get('contrast', ())), levels)
+  return (per_level(tuple(config.sampling.get(name, ())), levels)
           or (0.0,) * levels)
+
+
+def sampling_contrast(config: ml_collections.ConfigDict
+                      ) -> tuple[float, ...]:
+  """`sampling.contrast`, one value per level (`_sampling_per_level`)."""
+  return _sampling_per_level(config, 'contrast')
 
 
 def sampling_discount(config: ml_collections.ConfigDict
                       ) -> tuple[float, ...]:
-  """`sampling.discount` with one value per level, top first (0.0: off;
-  every level 0.0 in configs recorded before the field)."""
-  levels = num_levels(config)
-  return (per_level(tuple(config.sampling.get('discount', ())), levels)
-          or (0.0,) * levels)
+  """`sampling.discount`, one value per level (`_sampling_per_level`)."""
+  return _sampling_per_level(config, 'discount')
 
 
 def guidance_text(guidance: float | Sequence[float], sep: str = ':') -> str:

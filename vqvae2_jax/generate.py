@@ -74,15 +74,14 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   guided = (f'g{builders.guidance_text(guidance, "-")}_'
             if guidance != 1.0 else '')
   contrast = builders.sampling_contrast(config)
-  contrasted = (f'c{builders.guidance_text(contrast, "-")}_'
-                if any(contrast) else '')
   discount = builders.sampling_discount(config)
-  if any(discount):
-    contrasted += f'd{builders.guidance_text(discount, "-")}_'
-
+  adjusted = (f'c{builders.guidance_text(contrast, "-")}_'
+              if any(contrast) else '') + (
+                  f'd{builders.guidance_text(discount, "-")}_'
+                  if any(discount) else '')
   return (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
           f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
-          f'{guided}{contrasted}'
+          f'{guided}{adjusted}'
           f'n{num_samples}{"" if conditional else "_uncond"}'
           f'{f"_keep{keep:g}" if keep < 1.0 else ""}{weights}')
 

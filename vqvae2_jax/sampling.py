@@ -31,14 +31,14 @@ guidance (1.0 disables; see `sample_level`), a bias per code added to the
 logits (`contrast_bias` makes one that contrasts the prior with its level's
 code frequencies), a discount per code taken off each position's
 probabilities (`frequency_discount` makes one from the code frequencies),
-the batch size (shape[0]) and the PRNG key (same key, same samples). The Polyak weights are used by passing them as
-`variables={'params': polyak}`.
+the batch size (shape[0]) and the PRNG key (same key, same samples). The
+Polyak weights are used by passing them as `variables={'params': polyak}`.
 
 Each sampler is compiled once per (prior, shape, conditioning shapes,
 filtering on or off, unroll, guidance on or off, a code bias or none, a
 code discount or none); the values of the controls, the bias and discount,
-the labels, keys and weights are traced,
-so changing them does not recompile. Whether top-k
+the labels, keys and weights are traced, so changing them does not
+recompile. Whether top-k
 or top-p filtering is on at all is fixed at compile time: a traced choice
 would be a `lax.cond` at every position, which on a GPU stops the device
 while the host reads the predicate back.
@@ -260,8 +260,14 @@ def adjust_logits(logits: Array, code_bias: Optional[Array],
   return discount_logits(bias_logits(logits, code_bias), code_discount)
 
 
-def _code_shares(code_counts: Array | np.ndarray) -> np.ndarray:
-  """[K] counts as float64 shares summing to 1, after checking them."""
+def _code_shares(code_counts: Array | np.ndarray, name: str,
+                 value: float) -> np.ndarray:
+  """[K] counts as float64 shares summing to 1, after checking them and
+  the setting `name` (>= 0) they are for."""
+  if not (math.isfinite(value) and value >= 0):
+    raise SamplingInputError(
+        f'{name} is {value}. Fix: use a value >= 0 (0 is off: the prior as '
+        'trained).')
   counts = np.asarray(code_counts, np.float64)
   if (counts.ndim != 1 or not np.all(np.isfinite(counts)) or
       np.any(counts < 0) or not counts.sum() > 0):
@@ -284,20 +290,11 @@ def frequency_discount(code_counts: Array | np.ndarray,
   common codes a prior falls back on where it cannot tell), which raises
   the codes a context favours, rare or not.
 
-  Args:
-    code_counts: [K] non-negative usage of each code (e.g. stage 1's
-      `cluster_size`: `api.Pipeline.code_frequencies`).
-    discount: >= 0.
-
-  Raises:
-    SamplingInputError: a negative or non-finite discount, or counts that
-      are not a non-negative [K] vector with a positive sum.
+  `code_counts` and `discount` (>= 0) are checked as `contrast_bias`
+  checks its own.
   """
-  if not (math.isfinite(discount) and discount >= 0):
-    raise SamplingInputError(
-        f'discount is {discount}. Fix: use a value >= 0 (0 is off: the '
-        'prior as trained).')
-  return jnp.asarray(discount * _code_shares(code_counts), jnp.float32)
+  return jnp.asarray(
+      discount * _code_shares(code_counts, 'discount', discount), jnp.float32)
 
 
 def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
@@ -320,11 +317,7 @@ def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
     SamplingInputError: a negative or non-finite contrast, or counts that
       are not a non-negative [K] vector with a positive sum.
   """
-  if not (math.isfinite(contrast) and contrast >= 0):
-    raise SamplingInputError(
-        f'contrast is {contrast}. Fix: use a value >= 0 (0 is off: the '
-        'prior as trained).')
-  shares = _code_shares(code_counts)
+  shares = _code_shares(code_counts, 'contrast', contrast)
   share = np.maximum(shares, 0.01 / len(shares))
   return jnp.asarray(-contrast * np.log(share), jnp.float32)
 
