@@ -23,8 +23,8 @@ training images' variants better than the held-out ones'.
 --teacher_forced draws each position given the true codes before it (the
 cache carries the true map, not the drawn one): with R = 0, every
 position's draw from the prior's conditional given the true past, so no
-early choice can lead the later ones astray. --contrast draws with the
-lowest level's `sampling.contrast`.
+early choice can lead the later ones astray. --contrast and --discount
+draw with the lowest level's `sampling.contrast` and `sampling.discount`.
 
 The draws are the cached sampler's: position t = r * w + c of example i
 draws with the noise `sampling.sample_level` uses at guidance 1, so with
@@ -67,6 +67,9 @@ def _define_flags():
       'contrast': flags.DEFINE_float(
           'contrast', 0.0, "The lowest level's contrast with stage 1's "
           'code frequencies (`sampling.contrast`); 0: off.'),
+      'discount': flags.DEFINE_float(
+          'discount', 0.0, "The lowest level's discount by stage 1's code "
+          'frequencies (`sampling.discount`); 0: off.'),
       'teacher_forced': flags.DEFINE_bool(
           'teacher_forced', False, 'Draw each position given the true codes '
           'before it, not the drawn ones (no error carried forward).'),
@@ -75,15 +78,18 @@ def _define_flags():
 
 
 @functools.lru_cache(maxsize=4)
-def _completer(model, shape: tuple[int, int, int]):
+def _completer(model, shape: tuple[int, int, int], discounted: bool = False):
   """jit (variables, upper codes, known lowest codes, labels, rows, rng,
-  code bias [K], teacher forced) -> the lowest level's maps, its first
+  code bias [K], teacher forced, code discount [K] or None (`discounted`
+  says which, as the samplers compile it)) -> the lowest level's maps,
+  its first
   `rows` rows the known ones; teacher forced, every position after them is
   drawn given the known codes before it (not the drawn ones)."""
   _, _, width = shape
   ids = jnp.arange(shape[0], dtype=jnp.int32)
 
-  def complete(variables, upper, known, labels, rows, rng, bias, forced):
+  def complete(variables, upper, known, labels, rows, rng, bias, forced,
+               discount):
     context = model.apply(variables, upper, labels, shape,
                           method=model.prepare)
 
@@ -97,7 +103,9 @@ def _completer(model, shape: tuple[int, int, int]):
       del c
       noise, true = x
       drawn = sampling.gumbel_max(noise, sampling.filter_logits(
-          sampling.bias_logits(logits, bias), 1.0, 0, 1.0, truncate=False))
+          sampling.adjust_logits(logits, bias,
+                                 discount if discounted else None),
+          1.0, 0, 1.0, truncate=False))
       code = jnp.where(r < rows, true, drawn)
       return jnp.where(forced, true, code), code
 
@@ -114,7 +122,8 @@ def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
                   rng: jax.Array, batch_size: int,
                   prior: tuple[Any, Any] | None = None,
                   code_bias: Any = None,
-                  teacher_forced: bool = False) -> np.ndarray:
+                  teacher_forced: bool = False,
+                  code_discount: Any = None) -> np.ndarray:
   """The lowest level's maps: `known`'s first `rows` rows, the rest drawn.
 
   Batch i draws with fold_in(rng, i); the last batch is padded (with copies
@@ -122,13 +131,19 @@ def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
   drawing in place of the pipeline's own prior of that level (another one
   trained on the same codes, or `prior_mixture.MixedPrior`'s).
   `code_bias`: [K] added to the logits of every drawn position (e.g. the
-  level's `api.Pipeline.code_bias`); None adds nothing. `teacher_forced`:
+  level's `api.Pipeline.code_bias`); None adds nothing. `code_discount`:
+  [K] taken off their probabilities after it (`sampling.discount_logits`;
+  e.g. `api.Pipeline.code_discount`'s); None takes nothing. `teacher_forced`:
   each drawn position sees `known`'s codes before it, not the drawn ones
   (with rows = 0, every position drawn given the true past).
   """
   model, variables = prior or pipe.priors[len(upper)]
   n, height, width = known.shape
-  complete = _completer(model, (batch_size, height, width))
+  complete = _completer(model, (batch_size, height, width),
+                        code_discount is not None)
+  discount = (jnp.zeros((model.num_embeddings,), jnp.float32)
+              if code_discount is None
+              else jnp.asarray(code_discount, jnp.float32))
   bias = (jnp.zeros((model.num_embeddings,), jnp.float32)
           if code_bias is None else jnp.asarray(code_bias, jnp.float32))
   out = []
@@ -142,7 +157,7 @@ def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
                                       for c in upper),
                      jnp.asarray(known[take], jnp.int32), labels_in,
                      jnp.asarray(rows, jnp.int32), jax.random.fold_in(rng, i),
-                     bias, jnp.asarray(teacher_forced))
+                     bias, jnp.asarray(teacher_forced), discount)
     out.append(np.asarray(codes)[:m])
   return np.concatenate(out)
 
@@ -150,11 +165,12 @@ def complete_rows(pipe: api.Pipeline, upper: Sequence[np.ndarray],
 def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
                 limit: int | None = None, report=print,
                 split: str | None = None, contrast: float = 0.0,
-                teacher_forced: bool = False) -> dict[str, Any]:
+                teacher_forced: bool = False,
+                discount: float = 0.0) -> dict[str, Any]:
   """The rows (see the module docstring) of `pipe`; of `split`'s images
   (scored against themselves) in place of the held-out ones where given;
-  drawn with the lowest level's `contrast` and `teacher_forced` as
-  `complete_rows` takes them."""
+  drawn with the lowest level's `contrast`, `discount` and
+  `teacher_forced` as `complete_rows` takes them."""
   height = pipe.level_shapes[-1][0]
   for r in rows:  # Before minutes of work on the rows in range.
     if not 0 <= r <= height:
@@ -170,11 +186,13 @@ def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
   batch = int(config.eval.batch_size)
   upper, known = codes[:-1], np.asarray(codes[-1])
   code_bias = pipe.code_bias((0.0,) * len(upper) + (contrast,))[-1]
+  code_discount = pipe.code_discount((0.0,) * len(upper) + (discount,))[-1]
   out = []
   for r in rows:
     drawn = complete_rows(pipe, upper, known, labels, r,
                           jax.random.PRNGKey(config.seed), batch,
-                          code_bias=code_bias, teacher_forced=teacher_forced)
+                          code_bias=code_bias, teacher_forced=teacher_forced,
+                          code_discount=code_discount)
     fake = prior_attribution.decoded_features(pipe, features,
                                               [*upper, drawn], batch)
     row = {'rows_kept': r, **eval_run.sample_metrics(config, real, fake,
@@ -182,7 +200,8 @@ def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
     report(json.dumps(row))
     out.append(row)
   return {'steps': pipe.steps, **about, 'split': split,
-          'contrast': contrast, 'teacher_forced': teacher_forced,
+          'contrast': contrast, 'discount': discount,
+          'teacher_forced': teacher_forced,
           'held_out_examples': len(labels), 'rows': out}
 
 
@@ -195,6 +214,7 @@ def main(argv, flag_values):
       flag_values['limit'].value or None,
       split=flag_values['split'].value,
       contrast=flag_values['contrast'].value,
+      discount=flag_values['discount'].value,
       teacher_forced=flag_values['teacher_forced'].value)}
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:

@@ -1341,6 +1341,16 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
           cond_codes=tuple(np.asarray(c, np.int32) for c in upper),
           labels=labels.astype(np.int32), rng=jax.random.fold_in(rng, 0),
           code_bias=bias))
+  # A discount likewise: the sampler's draws with it.
+  discount = jnp.full((model.num_embeddings,), 2.0 / model.num_embeddings)
+  discounted = bottom_rows.complete_rows(pipe, upper, true, labels, 0, rng, n,
+                                         code_discount=discount)
+  np.testing.assert_array_equal(discounted, sampling.sample_level(
+      model, variables, shape=(n, height, width),
+      cond_codes=tuple(np.asarray(c, np.int32) for c in upper),
+      labels=labels.astype(np.int32), rng=jax.random.fold_in(rng, 0),
+      code_discount=discount))
+  assert not np.array_equal(discounted, drawn)
   # Scored rows, one per R; an R past the map is refused.
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
   result = bottom_rows.bottom_rows(pipe, [0, height], limit=20,
