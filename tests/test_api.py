@@ -624,13 +624,19 @@ def test_api_contrast_divides_by_stage_ones_code_frequencies(pipe):
       rng=jax.random.fold_in(jax.random.PRNGKey(7), 1),
       code_bias=pipe.code_bias((0.0, 2.0))[1]))[:4])
   # No contrast given: the config's.
+  _assert_config_samples(pipe, 'contrast', (0.0, 2.0), labels, got)
+
+
+def _assert_config_samples(pipe, field, value, labels, want):
+  """With config.sampling.<field> set to `value` (then reset to ()),
+  `pipe.sample(labels, key=7)` draws the codes `want`."""
   try:
-    pipe.config.sampling.contrast = (0.0, 2.0)
+    pipe.config.sampling[field] = value
     _, by_config = pipe.sample(labels=labels, key=7)
-    for a, b in zip(by_config, got):
+    for a, b in zip(by_config, want):
       np.testing.assert_array_equal(a, b)
   finally:
-    pipe.config.sampling.contrast = ()
+    pipe.config.sampling[field] = ()
 
 
 def test_api_discount_takes_stage_ones_code_frequencies_off(pipe):
@@ -657,13 +663,7 @@ def test_api_discount_takes_stage_ones_code_frequencies_off(pipe):
   for a, b in zip(got, with_mesh):
     np.testing.assert_array_equal(a, np.asarray(b)[:4])
   # No discount given: the config's.
-  try:
-    pipe.config.sampling.discount = (0.0, 3.0)
-    _, by_config = pipe.sample(labels=labels, key=7)
-    for a, b in zip(by_config, got):
-      np.testing.assert_array_equal(a, b)
-  finally:
-    pipe.config.sampling.discount = ()
+  _assert_config_samples(pipe, 'discount', (0.0, 3.0), labels, got)
 
 
 def test_api_log_prob_is_the_priors_held_out_cross_entropy(pipe, workdir):

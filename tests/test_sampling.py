@@ -545,12 +545,18 @@ def test_contrast_bias():
   biased = jax.nn.softmax(logits + bias)
   want = np.exp(logits) / np.maximum(counts / counts.sum(), 0.0025) ** 0.5
   np.testing.assert_allclose(biased, want / want.sum(), rtol=1e-5)
+  _assert_refuses_bad_settings_and_counts(sampling.contrast_bias, counts)
+
+
+def _assert_refuses_bad_settings_and_counts(make, counts):
+  """`make(counts, value)` refuses values that are not >= 0 and counts
+  that are not a non-negative [K] vector with a positive sum."""
   for bad in (-0.5, float('nan'), float('inf')):
     with pytest.raises(sampling.SamplingInputError, match='value >= 0'):
-      sampling.contrast_bias(counts, bad)
+      make(counts, bad)
   for bad in (np.zeros(4), -counts, counts[None], [1.0, float('nan')]):
     with pytest.raises(sampling.SamplingInputError, match='code counts'):
-      sampling.contrast_bias(bad, 0.5)
+      make(bad, 0.5)
 
 
 def test_code_bias_errors_and_compilation():
@@ -652,12 +658,7 @@ def test_frequency_discount():
   np.testing.assert_allclose(kept, want / want.sum(), rtol=1e-5)
   logits = jnp.log(p)[None]
   assert sampling.discount_logits(logits, None) is logits  # None: unchanged.
-  for bad in (-0.5, float('nan'), float('inf')):
-    with pytest.raises(sampling.SamplingInputError, match='value >= 0'):
-      sampling.frequency_discount(counts, bad)
-  for bad in (np.zeros(4), -counts, counts[None], [1.0, float('nan')]):
-    with pytest.raises(sampling.SamplingInputError, match='code counts'):
-      sampling.frequency_discount(bad, 0.5)
+  _assert_refuses_bad_settings_and_counts(sampling.frequency_discount, counts)
 
 
 def test_code_discount_errors_and_compilation():

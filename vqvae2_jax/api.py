@@ -267,28 +267,22 @@ def load_config(config: str | ml_collections.ConfigDict
   return config
 
 
-def _with_sampling(config: ml_collections.ConfigDict,
-                   sampling: Mapping[str, Any] | None
+def _with_settings(config: ml_collections.ConfigDict,
+                   precision: Optional[str] = None,
+                   sampling: Mapping[str, Any] | None = None
                    ) -> ml_collections.ConfigDict:
-  """`config`, or a copy with these config.sampling fields set and
-  validated."""
-  if not sampling:
+  """`config`, or one validated copy with config.prior.precision (where
+  not None) and these config.sampling fields (a shipped spec's) set."""
+  fields = {('sampling', name): value
+            for name, value in (sampling or {}).items()}
+  if precision is not None:
+    fields['prior', 'precision'] = precision
+  if not fields:
     return config
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    for name, value in sampling.items():
-      config.sampling[name] = value
-  config_validation.validate_config(config, check_dataset=False)
-  return config
-
-
-def _with_precision(config: ml_collections.ConfigDict,
-                    precision: Optional[str]) -> ml_collections.ConfigDict:
-  """`config`, or a copy with config.prior.precision set and validated."""
-  if precision is None:
-    return config
-  config = config.copy_and_resolve_references()
-  config.prior.precision = precision
+    for (section, name), value in fields.items():
+      config[section][name] = value
   config_validation.validate_config(config, check_dataset=False)
   return config
 
@@ -514,7 +508,7 @@ class Pipeline:
             'pass the config it was trained with, e.g. '
             "Pipeline.load(workdir, 'configs/fashion_mnist.py').")
       config = ml_collections.ConfigDict(config)
-    config = _with_precision(load_config(config), precision)
+    config = _with_settings(load_config(config), precision)
     if mesh is None:
       _use_cpu_devices(config)
       mesh = parallel.create_mesh(config.mesh)
@@ -618,8 +612,8 @@ class Pipeline:
         raise PipelineInputError(
             f'{path} carries its own config. Fix: call Pipeline.load({path!r}) '
             'without one.')
-      config = _with_precision(_with_sampling(
-          load_config(ml_collections.ConfigDict(saved)), sampling), precision)
+      config = _with_settings(load_config(ml_collections.ConfigDict(saved)),
+                              precision, sampling)
       if builders.vqvae_fingerprint(config) != _export_json(
           path, payload, 'vqvae_fingerprint', dict):
         raise PipelineInputError(
