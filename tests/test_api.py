@@ -551,8 +551,26 @@ def test_api_samples_are_deterministic_per_key(pipe):
   np.testing.assert_array_equal(pipe.decode(codes), images)
   other, _ = pipe.sample(labels=[0, 3, 9], key=8)
   assert not np.array_equal(other, images)
-  unconditional, _ = pipe.sample(n=2, key=7, temperature=0.8, top_p=0.9)
+  unconditional, filtered = pipe.sample(n=2, key=7, temperature=0.8,
+                                        top_p=0.9)
   assert unconditional.shape == (2, 32, 32, 1)
+  # No temperature, top_k or top_p given: the config's, as --mode=sample
+  # and evaluate draw.
+  _, hotter = pipe.sample(labels=[0, 3, 9], key=7, temperature=1.7)
+  assert not np.array_equal(hotter[1], codes[1])
+  _assert_config_samples(pipe, 'temperature', 1.7, [0, 3, 9], hotter)
+  _, top_two = pipe.sample(labels=[0, 3, 9], key=7, top_k=2)
+  assert not np.array_equal(top_two[1], codes[1])
+  _assert_config_samples(pipe, 'top_k', 2, [0, 3, 9], top_two)
+  _, unfiltered = pipe.sample(n=2, key=7, temperature=0.8)
+  assert not np.array_equal(unfiltered[1], filtered[1])
+  try:
+    pipe.config.sampling.top_p = 0.9
+    _, by_config = pipe.sample(n=2, key=7, temperature=0.8)
+  finally:
+    pipe.config.sampling.top_p = 1.0
+  for a, b in zip(by_config, filtered):
+    np.testing.assert_array_equal(a, b)
   # Guidance: off at 1.0; 0.0 is the unconditional path at every level.
   _, guided = pipe.sample(labels=[0, 3, 9], key=7, guidance=1.0)
   for a, b in zip(guided, codes):
@@ -628,15 +646,16 @@ def test_api_contrast_divides_by_stage_ones_code_frequencies(pipe):
 
 
 def _assert_config_samples(pipe, field, value, labels, want):
-  """With config.sampling.<field> set to `value` (then reset to ()),
+  """With config.sampling.<field> set to `value` (then put back),
   `pipe.sample(labels, key=7)` draws the codes `want`."""
+  saved = pipe.config.sampling[field]
   try:
     pipe.config.sampling[field] = value
     _, by_config = pipe.sample(labels=labels, key=7)
     for a, b in zip(by_config, want):
       np.testing.assert_array_equal(a, b)
   finally:
-    pipe.config.sampling[field] = ()
+    pipe.config.sampling[field] = saved
 
 
 def test_api_discount_takes_stage_ones_code_frequencies_off(pipe):

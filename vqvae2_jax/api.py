@@ -864,7 +864,8 @@ class Pipeline:
             for f, v in zip(self.code_frequencies(), values)]
 
   def sample(self, labels: Any = None, n: Optional[int] = None, *,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             temperature: Optional[float] = None,
+             top_k: Optional[int] = None, top_p: Optional[float] = None,
              guidance: Optional[float | Sequence[float]] = None,
              contrast: Optional[float | Sequence[float]] = None,
              discount: Optional[float | Sequence[float]] = None,
@@ -877,7 +878,9 @@ class Pipeline:
       n: how many samples, an integer >= 1 (a numpy integer too); needed
         when labels is None, else len(labels).
       temperature, top_k, top_p: the sampler's controls (1.0, 0, 1.0: the
-        model as trained).
+        model as trained). None: the config's (`sampling.temperature`,
+        `sampling.top_k`, `sampling.top_p`), as `--mode=sample` and
+        `evaluate` draw.
       guidance: classifier-free guidance scale (needs labels); 1.0 is off,
         above 1 follows the labels more closely, at twice the compute (see
         `sampling.sample_level`); or one scale per level, top first. None:
@@ -923,6 +926,10 @@ class Pipeline:
     if labels is not None:
       labels = self._padded(labels)
       labels[n:] = labels[0]
+    s = self.config.sampling
+    temperature = s.temperature if temperature is None else temperature
+    top_k = s.top_k if top_k is None else top_k
+    top_p = s.top_p if top_p is None else top_p
     if contrast is None:
       contrast = builders.sampling_contrast(self.config)
     if discount is None:
