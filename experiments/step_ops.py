@@ -2,6 +2,7 @@ r"""Kernels per position step of the cached sampler, and its CPU speed.
 
   python -m experiments.step_ops --ops=paper          # paper-size priors
   python -m experiments.step_ops --ops=small --time=top32,lower64
+  python -m experiments.step_ops --ops=paper --programs=plain,guided,guided_discounted
   PYTHONPATH=. python experiments/step_ops.py --trees=/tmp/base,. \
       --time_rounds=3 --ops=paper --time=top32,lower64  # before/after
 
@@ -17,6 +18,12 @@ one) and the fusions: each is one kernel on a GPU. Rows:
   of 512 channels, 4 attention blocks) and lower (64x64, conditioning stack);
 * small: experiments/bench_sampling.py's reduced rows top32 and lower64,
   and its transformer of top32's size.
+
+--programs: which sampler program to count: plain (the default), guided
+(classifier-free guidance: the conditional and unconditional halves of the
+batch in one step, `sampling.guide`) or guided_discounted (and a code
+discount, `sampling.discount_logits`: the draw that the shipped
+Fashion-MNIST files make); a row per prior and program.
 
 --time: seconds per map (batch 1, the fastest of --time_repeats calls) of
 bench_sampling's reduced rows, the cached sampler on one CPU device.
@@ -62,6 +69,12 @@ _TREES = flags.DEFINE_list('trees', [], 'Source trees to compare (see above).')
 _ROUNDS = flags.DEFINE_integer('time_rounds', 3,
                                'Alternating rounds (--trees).')
 _JSON = flags.DEFINE_string('ops_json', '', 'Write the figures here too.')
+PROGRAMS = ('plain', 'guided', 'guided_discounted')
+_PROGRAMS = flags.DEFINE_list(
+    'programs', ['plain'], 'Sampler programs to count (--ops): plain, '
+    'guided (classifier-free guidance), guided_discounted (and '
+    'sampling.discount, as the shipped Fashion-MNIST files sample); rows '
+    'other than plain are named with the program.')
 
 # '  [ROOT ]%name = <type> opcode(' : the opcode of one instruction.
 _OPCODE = re.compile(r'=\s*(?:\([^=]*?\)|\S+)\s+([a-z][\w\-]*)\(')
@@ -193,8 +206,10 @@ def _abstract_sampler_args(model, shape, upper, num_classes):
           s((), jnp.float32))
 
 
-def count_rows(which: str) -> list[dict[str, Any]]:
-  """The position-step kernels of each prior of `which` (paper or small)."""
+def count_rows(which: str, programs: tuple[str, ...] = ('plain',)
+               ) -> list[dict[str, Any]]:
+  """The position-step kernels of each prior of `which` (paper or small),
+  one row per sampler program of `programs` (PROGRAMS)."""
   rows = []
   if which == 'paper':
     config = imagenet256.get_config()
@@ -213,25 +228,42 @@ def count_rows(which: str) -> list[dict[str, Any]]:
                row['shape'], row['upper'])
               for name, row in bench_sampling.ROWS.items()]
   for name, model, (h, w), upper in priors:
-    start = time.perf_counter()
-    ops = prior_step_ops(model, (1, h, w), upper)
-    rows.append({'row': name, 'compile_s': time.perf_counter() - start,
-                 **ops})
+    for program in programs:
+      if program != 'plain' and not model.num_classes:
+        continue  # Guidance follows labels.
+      start = time.perf_counter()
+      ops = prior_step_ops(model, (1, h, w), upper, program)
+      rows.append({'row': name if program == 'plain'
+                          else f'{name}_{program}',
+                   'compile_s': time.perf_counter() - start, **ops})
   return rows
 
 
 def prior_step_ops(model: Any, shape: tuple[int, int, int],
-                   upper: tuple[tuple[int, int], ...]) -> dict[str, int]:
+                   upper: tuple[tuple[int, int], ...],
+                   program: str = 'plain') -> dict[str, int]:
   """`position_body_ops` of a prior's cached sampler (abstract weights).
 
   Args:
     model: a PixelCNN or transformer prior.
     shape: (batch, h, w) of the sampled map.
     upper: (h_j, w_j) of each upper level's map (its conditioning codes).
+    program: one of PROGRAMS: the plain sampler, or with classifier-free
+      guidance, or with guidance and a code discount (`sampling.discount`,
+      as the shipped Fashion-MNIST files sample).
   """
+  if program not in PROGRAMS:
+    raise ValueError(f'Unknown program {program!r}; one of {PROGRAMS}.')
+  guided = program != 'plain'
+  discounted = program == 'guided_discounted'
+  if guided and not model.num_classes:
+    raise ValueError('Guidance needs a class-conditional prior.')
   args = _abstract_sampler_args(model, shape, upper, model.num_classes)
+  if discounted:
+    args += (jax.ShapeDtypeStruct((model.num_embeddings,), jnp.float32),)
   compiled = sampling._build(  # pylint: disable=protected-access
-      model, shape, False, None).lower(*args).compile()
+      model, shape, False, None, guided=guided,
+      discounted=discounted).lower(*args).compile()
   return position_body_ops(compiled.as_text())
 
 
@@ -274,7 +306,7 @@ def time_rows(names: list[str], repeats: int) -> list[dict[str, Any]]:
 def measure() -> dict[str, Any]:
   out = {'ops': [], 'time': []}
   for which in _OPS.value:
-    out['ops'] += count_rows(which)
+    out['ops'] += count_rows(which, tuple(_PROGRAMS.value))
   if _TIME.value:
     out['time'] = time_rows(_TIME.value, _REPEATS.value)
   return out

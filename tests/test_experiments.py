@@ -966,6 +966,18 @@ def test_step_ops_position_step_runs_few_products():
                                    cond_stack_blocks=1)
   ops = step_ops.prior_step_ops(lower, (1, 4, 6), ((2, 3),))
   assert ops['dots'] <= 2 * 2 + output, ops
+  # Guidance runs both halves of the batch through the same products; a
+  # discount adds elementwise work and reductions over the codes, no
+  # product and no copy.
+  guided = step_ops.prior_step_ops(lower, (1, 4, 6), ((2, 3),), 'guided')
+  discounted = step_ops.prior_step_ops(lower, (1, 4, 6), ((2, 3),),
+                                       'guided_discounted')
+  assert guided['dots'] == discounted['dots'] == ops['dots'], (
+      ops, guided, discounted)
+  assert discounted['kernels'] > guided['kernels'], (guided, discounted)
+  assert discounted['big_copies'] == discounted['random_bits'] == 0
+  with pytest.raises(ValueError, match='Unknown program'):
+    step_ops.prior_step_ops(lower, (1, 4, 6), ((2, 3),), 'discounted')
 
 
 def test_step_ops_counts_the_innermost_loop_with_products():
