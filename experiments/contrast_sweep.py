@@ -20,6 +20,18 @@ every row (so contrast 0 at the config's guidance is `evaluate()`'s row;
 each code drawn from max(p(code | context) - d * freq(code), 0),
 renormalised; one row per (guidance, contrast, discount).
 
+--discount_rule: controls of the discount's shape, each for this process
+(the library keeps `excess`). With p a code's probability in its context
+and t = d * freq(code) its threshold, each code is drawn with weight:
+
+* excess (the default): p - t where p > t, `sampling.discount_logits`;
+* flat: p - d / K where p > d / K, K the codebook's size: one threshold for
+  every code, their average at stage 1's shares (what the frequencies add);
+* keep: p where p > t (the threshold alone, nothing subtracted);
+* squared: (p - t)^2 / p where p > t (a steeper fade at the threshold).
+
+Where no code clears its threshold, every rule draws the code nearest it.
+
 --marginals=N also draws N class-balanced samples at each row's setting and
 reports how far their codes' frequencies lie from stage 1's (per level,
 top first: KL(stage 1 || samples) in nats, and the samples' unigram
@@ -33,6 +45,7 @@ has neither, each pair shares its top codes, and the right side shows
 what they change below them.
 """
 
+import contextlib
 import functools
 import itertools
 import json
@@ -43,11 +56,15 @@ from absl import flags
 
 from experiments import prior_attribution
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vqvae2_jax import api
 from vqvae2_jax import builders
 from vqvae2_jax import images as images_lib
+from vqvae2_jax import sampling
+
+RULES = ('excess', 'flat', 'keep', 'squared')
 
 
 def _define_flags():
@@ -74,10 +91,62 @@ def _define_flags():
           'contrast here (PNG).'),
       'grid_per_class': flags.DEFINE_integer(
           'grid_per_class', 8, 'Samples of each class on each side of --grid.'),
+      'discount_rule': flags.DEFINE_enum(
+          'discount_rule', 'excess', RULES, "The discount's shape: the "
+          "library's (excess) or a control (see the module's docstring)."),
       'marginals': flags.DEFINE_integer(
           'marginals', 0, "Also each row's samples' code frequencies against "
           "stage 1's, over this many samples (0: not measured)."),
   }
+
+
+def _rule_logits(weight):
+  """A `sampling.discount_logits` that draws each code with weight(p, t)
+  where p > t (t its discount), else the code nearest its threshold."""
+
+  def discount_logits(logits, code_discount):
+    if code_discount is None:
+      return logits
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    excess = p - code_discount
+    best = jnp.max(excess, axis=-1, keepdims=True)
+    keep = (excess > 0) | ((best <= 0) & (excess == best))
+    above = excess > 0
+    return jnp.where(keep, jnp.log(jnp.where(
+        above, weight(jnp.where(above, p, 1.0), code_discount), 1.0)),
+                     -jnp.inf)
+  return discount_logits
+
+
+_RULE_LOGITS = {
+    'keep': _rule_logits(lambda p, t: p),
+    'squared': _rule_logits(lambda p, t: (p - t) ** 2 / p),
+}
+
+
+@contextlib.contextmanager
+def discount_rule(pipe: api.Pipeline, rule: str):
+  """Within it, `pipe` samples its discount by `rule` (RULES; the
+  module's docstring): 'flat' sets its code frequencies to 1 / K each,
+  'keep' and 'squared' replace `sampling.discount_logits` for the process
+  (the compiled samplers are dropped on entry and exit, so none is kept
+  across the change)."""
+  if rule not in RULES:
+    raise ValueError(f'Unknown discount rule {rule!r}; one of {RULES}.')
+  saved = sampling.discount_logits
+  if rule == 'flat':
+    pipe.code_frequencies = lambda: [
+        np.full(len(f), 1.0 / len(f))
+        for f in api.Pipeline.code_frequencies(pipe)]
+  if rule in _RULE_LOGITS:
+    sampling.discount_logits = _RULE_LOGITS[rule]
+  sampling._build.cache_clear()  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    sampling.discount_logits = saved
+    sampling._build.cache_clear()  # pylint: disable=protected-access
+    vars(pipe).pop('code_frequencies', None)
 
 
 def entropy_bits(shares: np.ndarray) -> float:
@@ -94,7 +163,7 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
   KL(stage 1 || samples), the samples' shares smoothed by half a count per
   code; 'entropy_bits': the samples' unigram entropy}. Batch i is drawn
   with fold_in(PRNGKey(seed), i) (the config's seed when None)."""
-  freqs = pipe.code_frequencies()
+  freqs = api.Pipeline.code_frequencies(pipe)  # Stage 1's, whatever the rule.
   counts = [np.zeros(len(f)) for f in freqs]
   key = jax.random.PRNGKey(pipe.config.seed if seed is None else seed)
   classes = pipe.num_classes
@@ -117,11 +186,14 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
 
 def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
           report=print, seed: int | None = None,
-          marginal_samples: int = 0, discounts=(0.0,)) -> list[dict]:
+          marginal_samples: int = 0, discounts=(0.0,),
+          rule: str = 'excess') -> list[dict]:
   """One row per (guidance, contrast, discount): `Pipeline.evaluate`'s
   samples (drawn with `seed`, the config's when None), and with
   `marginal_samples` > 0 the `marginals` of that many samples
-  ('code_kl_nats', 'code_entropy_bits')."""
+  ('code_kl_nats', 'code_entropy_bits'). `rule`: the discount rule the
+  caller samples under (`discount_rule`), named in each row but the
+  library's."""
   rows = []
   for guidance, contrast, discount in itertools.product(
       guidances, contrasts, discounts):
@@ -135,6 +207,8 @@ def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
               if k not in ('guidance', 'contrast', 'discount')},
            'real_vs_real_recall': result['real_vs_real']['recall'],
            'seconds': time.time() - start}
+    if rule != 'excess':
+      row['discount_rule'] = rule
     if marginal_samples:
       spread = marginals(pipe, contrast, guidance, marginal_samples, seed,
                          discount=discount)
@@ -176,22 +250,25 @@ def main(argv, flag_values):
   discounts = [prior_attribution.parse_guidance(d)
                for d in flag_values['discount'].value]
   seed = flag_values['seed'].value
+  rule = flag_values['discount_rule'].value
+  with discount_rule(pipe, rule):
+    rows = sweep(pipe, contrasts, guidances,
+                 flag_values['num_samples'].value, seed=seed,
+                 marginal_samples=flag_values['marginals'].value,
+                 discounts=discounts, rule=rule)
+    if flag_values['grid'].value:
+      grid(pipe, flag_values['grid'].value, contrasts[-1], guidances[0],
+           flag_values['grid_per_class'].value, seed, discounts[-1])
   result = {'pipeline': pipeline, 'steps': pipe.steps,
             'num_samples': flag_values['num_samples'].value,
             'seed': pipe.config.seed if seed is None else seed,
-            'rows': sweep(pipe, contrasts, guidances,
-                          flag_values['num_samples'].value, seed=seed,
-                          marginal_samples=flag_values['marginals'].value,
-                          discounts=discounts)}
+            'rows': rows}
   if flag_values['marginals'].value:
     result['stage1_code_entropy_bits'] = [
         entropy_bits(f) for f in pipe.code_frequencies()]
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)
-  if flag_values['grid'].value:
-    grid(pipe, flag_values['grid'].value, contrasts[-1], guidances[0],
-         flag_values['grid_per_class'].value, seed, discounts[-1])
 
 
 if __name__ == '__main__':

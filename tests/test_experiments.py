@@ -1546,3 +1546,63 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
   np.testing.assert_array_equal(codes[0], plain_codes[0])
   left = picture[:, :2 * (w + 2) + 2]
   np.testing.assert_array_equal(left, images_lib.image_grid(plain, 2)[..., 0])
+
+
+def test_contrast_sweep_discount_rules_are_controls_of_one_process(
+    stage2_workdir, stage2_config):
+  # pylint: disable=g-import-not-at-top
+  from experiments import contrast_sweep
+  from vqvae2_jax import api
+  from vqvae2_jax import sampling
+  # pylint: enable=g-import-not-at-top
+  # Each rule's weights where p clears its threshold t; else the code
+  # nearest it alone.
+  p = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]], np.float32)
+  t = np.array([0.1, 0.35, 0.05], np.float32)
+  want = {'excess': [0.4, 0.0, 0.15], 'keep': [0.5, 0.0, 0.2],
+          'squared': [0.4 ** 2 / 0.5, 0.0, 0.15 ** 2 / 0.2]}
+  rules = dict(contrast_sweep._RULE_LOGITS, excess=sampling.discount_logits)  # pylint: disable=protected-access
+  for rule, weights in want.items():
+    got = np.exp(np.asarray(rules[rule](np.log(p), t)))
+    np.testing.assert_allclose(got[0], weights, rtol=1e-5, atol=1e-7)
+    nearest = np.exp(np.asarray(rules[rule](np.log(p), t + 0.6)))
+    np.testing.assert_array_equal(nearest[0] > 0, [True, False, False])
+  workdir, _ = stage2_workdir
+  pipe = api.Pipeline.load(workdir, stage2_config)
+  frequencies = pipe.code_frequencies()
+  labels = [0, 3, 9, 4]
+  _, excess = pipe.sample(labels, discount=(0.0, 3.0), key=7)
+  library_rule = sampling.discount_logits
+  # flat: one threshold d / K for every code; the marginals still measure
+  # against stage 1's shares.
+  with contrast_sweep.discount_rule(pipe, 'flat'):
+    k = len(frequencies[1])
+    np.testing.assert_allclose(pipe.code_discount((0.0, 3.0))[1],
+                               np.full(k, 3.0 / k), rtol=1e-6)
+    _, flat = pipe.sample(labels, discount=(0.0, 3.0), key=7)
+  assert not np.array_equal(flat[1], excess[1])
+  np.testing.assert_allclose(pipe.code_discount((0.0, 3.0))[1],
+                             3.0 * frequencies[1], rtol=1e-6)
+  # keep: the samplers compiled before it are dropped (the same call draws
+  # other codes under it), and the library's rule is back after it.
+  with contrast_sweep.discount_rule(pipe, 'keep'):
+    assert sampling.discount_logits is contrast_sweep._RULE_LOGITS['keep']  # pylint: disable=protected-access
+    _, kept = pipe.sample(labels, discount=(0.0, 3.0), key=7)
+  np.testing.assert_array_equal(kept[0], excess[0])
+  assert not np.array_equal(kept[1], excess[1])
+  assert sampling.discount_logits is library_rule
+  _, again = pipe.sample(labels, discount=(0.0, 3.0), key=7)
+  for a, b in zip(again, excess):
+    np.testing.assert_array_equal(a, b)
+  # A control's rows name it; the library's rule's rows do not.
+  pipe.evaluate = lambda *_, **__: {'samples': {'fid': 1.0},
+                                    'real_vs_real': {'recall': 0.5}}
+  for rule in ('squared', 'excess'):
+    rows = contrast_sweep.sweep(pipe, [0.0], [(1.0, 2.0)], 20,
+                                report=lambda _: None, discounts=[(0.0, 3.0)],
+                                rule=rule)
+    assert rows[0].get('discount_rule') == (
+        None if rule == 'excess' else rule), rows
+  with pytest.raises(ValueError, match='Unknown discount rule'):
+    with contrast_sweep.discount_rule(pipe, 'hard'):
+      pass
