@@ -18,7 +18,8 @@ every row (so contrast 0 at the config's guidance is `evaluate()`'s row;
 
 --discount adds the other use of the frequencies, `sampling.discount` d:
 each code drawn from max(p(code | context) - d * freq(code), 0),
-renormalised; one row per (guidance, contrast, discount).
+renormalised; one row per (guidance, contrast, discount), and per
+--temperature where given (applied after the discount, at every level).
 
 --discount_rule: controls of the discount's shape, each for this process
 (the library keeps `excess`). With p a code's probability in its context
@@ -81,6 +82,9 @@ def _define_flags():
       'guidance': flags.DEFINE_list(
           'guidance', None, "Guidance scales (T:B per level); the config's "
           'when unset.'),
+      'temperature': flags.DEFINE_list(
+          'temperature', None, "Softmax temperatures (every level); the "
+          "config's when unset."),
       'num_samples': flags.DEFINE_integer('num_samples', 10_000,
                                           'Samples per row.'),
       'seed': flags.DEFINE_integer(
@@ -157,7 +161,7 @@ def entropy_bits(shares: np.ndarray) -> float:
 
 def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
               seed: int | None = None, batch: int = 1000,
-              discount=0.0) -> dict:
+              discount=0.0, temperature: float | None = None) -> dict:
   """How the codes of `num_samples` class-balanced samples are spread, per
   level (top first), against stage 1's code frequencies: {'kl_nats':
   KL(stage 1 || samples), the samples' shares smoothed by half a count per
@@ -172,6 +176,7 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
     labels = (np.arange(start, start + n) % classes) if classes else None
     _, codes = pipe.sample(labels, n, guidance=guidance if classes else 1.0,
                            contrast=contrast, discount=discount,
+                           temperature=temperature,
                            key=jax.random.fold_in(key, i))
     for level, c in enumerate(codes):
       counts[level] += np.bincount(c.ravel(), minlength=len(counts[level]))
@@ -187,19 +192,22 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
 def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
           report=print, seed: int | None = None,
           marginal_samples: int = 0, discounts=(0.0,),
-          rule: str = 'excess') -> list[dict]:
-  """One row per (guidance, contrast, discount): `Pipeline.evaluate`'s
+          rule: str = 'excess', temperatures=(None,)) -> list[dict]:
+  """One row per (guidance, temperature, contrast, discount) (a
+  temperature of None: the config's): `Pipeline.evaluate`'s
   samples (drawn with `seed`, the config's when None), and with
   `marginal_samples` > 0 the `marginals` of that many samples
   ('code_kl_nats', 'code_entropy_bits'). `rule`: the discount rule the
   caller samples under (`discount_rule`), named in each row but the
   library's."""
   rows = []
-  for guidance, contrast, discount in itertools.product(
-      guidances, contrasts, discounts):
+  for guidance, temperature, contrast, discount in itertools.product(
+      guidances, temperatures, contrasts, discounts):
     start = time.time()
+    given = {} if temperature is None else {'temperature': temperature}
     result = pipe.evaluate(num_samples, guidance=guidance,
-                           contrast=contrast, discount=discount, key=seed)
+                           contrast=contrast, discount=discount, key=seed,
+                           **given)
     row = {'guidance': builders.guidance_text(guidance),
            'contrast': builders.guidance_text(contrast),
            'discount': builders.guidance_text(discount),
@@ -211,7 +219,7 @@ def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
       row['discount_rule'] = rule
     if marginal_samples:
       spread = marginals(pipe, contrast, guidance, marginal_samples, seed,
-                         discount=discount)
+                         discount=discount, temperature=temperature)
       row.update(code_kl_nats=spread['kl_nats'],
                  code_entropy_bits=spread['entropy_bits'])
     report(json.dumps(row))
@@ -255,7 +263,9 @@ def main(argv, flag_values):
     rows = sweep(pipe, contrasts, guidances,
                  flag_values['num_samples'].value, seed=seed,
                  marginal_samples=flag_values['marginals'].value,
-                 discounts=discounts, rule=rule)
+                 discounts=discounts, rule=rule,
+                 temperatures=[float(t) for t in
+                               flag_values['temperature'].value or [None]])
     if flag_values['grid'].value:
       grid(pipe, flag_values['grid'].value, contrasts[-1], guidances[0],
            flag_values['grid_per_class'].value, seed, discounts[-1])

@@ -1509,6 +1509,14 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
                               discount=(0.0, 3.0), key=5)
   assert rows[0]['discount'] == '0:3' and rows[0]['fid'] == (
       calls[-1][1]['fid'])
+  # --temperature: a row per temperature, evaluated at it.
+  rows = contrast_sweep.sweep(pipe, [0.0], [(1.0, 2.0)], 20,
+                              report=lambda _: None, seed=5,
+                              discounts=[(0.0, 3.0)], temperatures=[1.5])
+  assert calls[-1][0] == dict(guidance=(1.0, 2.0), contrast=0.0,
+                              discount=(0.0, 3.0), key=5, temperature=1.5)
+  assert rows[0]['temperature'] == 1.5 and rows[0]['fid'] != (
+      calls[-2][1]['fid'])
   monkeypatch.setattr(pipe, 'evaluate', evaluate)
   # --marginals: the samples' code shares against stage 1's, the same
   # draws as sample() with batch i's key fold_in(PRNGKey(seed), i).
