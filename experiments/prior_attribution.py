@@ -22,6 +22,17 @@ reconstructions do): compare rows with each other, not with the floor.
 
 A --guidance entry with colons guides each level by its own scale, top
 first (--guidance=1.3:1 guides the top prior only): where guidance acts.
+The priors draw with the config's `sampling.contrast` and
+`sampling.discount` (by stage 1's code frequencies), or --contrast and
+--discount (one value, or one per level top first: 0:8). Until stop 53
+they drew without either: --contrast=0 --discount=0 gives the rows
+measured then.
+
+--pipeline takes anything `Pipeline.load` takes (a shipped name such as
+fashion_mnist_long128, an exported file) in place of --config and
+--workdir, and samples at its config's settings:
+
+  python -m experiments.prior_attribution --pipeline=fashion_mnist_long128
 
 Rows are printed as they finish and written to --out as JSON (the rows of
 each guidance, and what the ruler and checkpoints were).
@@ -52,6 +63,15 @@ def _define_flags():
   config = config_flags.DEFINE_config_file('config', None, 'Config file.')
   workdir = flags.DEFINE_string('workdir', None,
                                 'A workdir with stage 1 and every prior.')
+  pipeline = flags.DEFINE_string(
+      'pipeline', None, 'In place of --config and --workdir: a shipped '
+      'name or exported file (anything Pipeline.load takes).')
+  contrast = flags.DEFINE_string(
+      'contrast', None, "sampling.contrast (T:B per level); the config's "
+      'when unset.')
+  discount = flags.DEFINE_string(
+      'discount', None, "sampling.discount (T:B per level); the config's "
+      'when unset.')
   guidance = flags.DEFINE_list(
       'guidance', None, "Guidance scales (default: the config's); an entry "
       'with colons gives each level its own, top first (1.3:1: the top at '
@@ -59,8 +79,7 @@ def _define_flags():
   limit = flags.DEFINE_integer(
       'limit', 0, 'Held-out images used (the first ones); 0: all.')
   out = flags.DEFINE_string('out', None, 'JSON file of the rows.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  return config, workdir, guidance, limit, out
+  return config, workdir, guidance, limit, out, pipeline, contrast, discount
 
 
 def split_images(pipe: api.Pipeline, split: str, mesh=None,
@@ -104,14 +123,18 @@ def _label(guidance: Guidance) -> str:
 
 def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
                    labels: np.ndarray, *, guidance: Guidance, rng: jax.Array,
-                   batch_size: int) -> list[np.ndarray]:
+                   batch_size: int, contrast: Guidance = 0.0,
+                   discount: Guidance = 0.0) -> list[np.ndarray]:
   """`kept` (the codes of the levels above some level, top first) completed
   by sampling every lower level with the priors, batch by batch.
 
   Batch i is `sampling.sample_hierarchy` with fold_in(rng, i), the last
   batch padded (with copies of its first example) to one compiled shape.
-  `guidance`: one scale for every level, or one per level, top first.
+  `guidance`, `contrast`, `discount`: one value for every level, or one per
+  level, top first (`Pipeline.sample`'s; 0 is off for the last two).
   """
+  code_bias = pipe.code_bias(contrast)
+  code_discount = pipe.code_discount(discount)
   n = len(labels)
   out = [[] for _ in pipe.priors[len(kept):]]  # The sampled levels.
   for i, begin in enumerate(range(0, n, batch_size)):
@@ -121,8 +144,8 @@ def complete_codes(pipe: api.Pipeline, kept: list[np.ndarray],
     codes = sampling.sample_hierarchy(
         pipe.priors, pipe.level_shapes, batch_size=batch_size,
         labels=labels[take].astype(np.int32), rng=jax.random.fold_in(rng, i),
-        mesh=pipe.mesh, guidance=guidance,
-        upper_codes=[c[take] for c in kept])
+        mesh=pipe.mesh, guidance=guidance, code_bias=code_bias,
+        code_discount=code_discount, upper_codes=[c[take] for c in kept])
     for level, level_codes in enumerate(codes[len(kept):]):
       out[level].append(np.asarray(parallel.to_host(level_codes))[:m])
   return list(kept) + [np.concatenate(level) for level in out]
@@ -140,13 +163,26 @@ def decoded_features(pipe: api.Pipeline, features, level_codes, batch: int
   return fake
 
 
-def attribution(config, workdir: str, guidances: list[Guidance],
-                limit: int | None = None,
-                report=print) -> dict:
-  """The rows (see the module docstring), per guidance."""
+def attribution(config, workdir: str, guidances: list[Guidance] | None,
+                limit: int | None = None, report=print,
+                contrast: Guidance | None = None,
+                discount: Guidance | None = None) -> dict:
+  """The rows (see the module docstring), per guidance.
+
+  `config` None: `workdir` is anything `Pipeline.load` takes, sampled at
+  its own config. `guidances` None: the config's. `contrast`, `discount`
+  None: the config's (`sampling.contrast`, `sampling.discount`).
+  """
   pipe = api.Pipeline.load(workdir, config, require_priors=True)
+  config = pipe.config
+  if guidances is None:
+    guidances = [builders.sampling_guidance(config)]
+  if contrast is None:
+    contrast = builders.sampling_contrast(config)
+  if discount is None:
+    discount = builders.sampling_discount(config)
   mesh = pipe.mesh
-  features, about = eval_run.feature_fn(config, workdir, mesh)
+  features, about = eval_run.feature_fn(config, pipe.workdir, mesh)
   images, codes, labels = held_out_codes(pipe, mesh, limit)
   real = metrics_lib.FeatureStats(max_features=eval_run.MAX_REAL_FEATURES)
   real.add(*features(images))
@@ -160,6 +196,8 @@ def attribution(config, workdir: str, guidances: list[Guidance],
     return row
 
   result = {'workdir': workdir, 'steps': pipe.steps, **about,
+            'contrast': builders.guidance_text(contrast),
+            'discount': builders.guidance_text(discount),
             'held_out_examples': len(labels),
             'reconstructions': score('reconstructions', codes),
             'guidance': {}}
@@ -170,7 +208,8 @@ def attribution(config, workdir: str, guidances: list[Guidance],
       start = time.time()
       sampled = complete_codes(pipe, codes[:level], labels, guidance=g,
                                rng=jax.random.fold_in(rng, level),
-                               batch_size=batch_size)
+                               batch_size=batch_size, contrast=contrast,
+                               discount=discount)
       row = score(f'guidance {_label(g)}: sampled from level {level}',
                   sampled)
       row.update(sampled_from_level=level, seconds=time.time() - start)
@@ -181,11 +220,21 @@ def attribution(config, workdir: str, guidances: list[Guidance],
 
 def main(argv, flag_values):
   del argv
-  config, workdir, guidance, limit, out = flag_values
-  config = config.value
+  config, workdir, guidance, limit, out, pipeline, contrast, discount = (
+      flag_values)
+  by_pipeline = pipeline.value is not None
+  if by_pipeline == (config.value is not None or workdir.value is not None
+                     ) or not (by_pipeline or (config.value and workdir.value)):
+    raise app.UsageError('Give --pipeline, or both --config and --workdir.')
   guidances = ([parse_guidance(g) for g in guidance.value] if guidance.value
-               else [float(config.sampling.guidance)])
-  result = attribution(config, workdir.value, guidances, limit.value or None)
+               else None)
+  result = attribution(
+      config.value, pipeline.value or workdir.value, guidances,
+      limit.value or None,
+      contrast=None if contrast.value is None else parse_guidance(
+          contrast.value),
+      discount=None if discount.value is None else parse_guidance(
+          discount.value))
   if out.value:
     files.write_json(out.value, result)
   print(json.dumps(result, indent=1))

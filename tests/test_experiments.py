@@ -6,7 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
+from absl import app
 import numpy as np
 import pytest
 
@@ -1060,9 +1062,30 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
   with pytest.raises(ValueError, match='names 3 levels, not 2. Fix'):
     draw([], (1.0, 1.0, 1.0))
 
+  # A discount (or contrast) where given: the kept level as it was, the
+  # sampled one drawn otherwise, the same again with the same key.
+  discounted = prior_attribution.complete_codes(
+      pipe, codes[:1], labels, guidance=1.0, rng=jax.random.PRNGKey(3),
+      batch_size=8, discount=(0.0, 3.0))
+  np.testing.assert_array_equal(discounted[0], codes[0])
+  assert not np.array_equal(discounted[1], kept_top[1])
+  again = prior_attribution.complete_codes(
+      pipe, codes[:1], labels, guidance=1.0, rng=jax.random.PRNGKey(3),
+      batch_size=8, discount=(0.0, 3.0))
+  np.testing.assert_array_equal(again[1], discounted[1])
+  # --pipeline, or --config with --workdir; not both, not half.
+  flag = types.SimpleNamespace
+  for given in [('c', 'w', 'p'), (None, 'w', None), (None, None, None)]:
+    with pytest.raises(app.UsageError, match='Give --pipeline'):
+      prior_attribution.main([], (flag(value=given[0]), flag(value=given[1]),
+                                  flag(value=None), flag(value=0),
+                                  flag(value=None), flag(value=given[2]),
+                                  flag(value=None), flag(value=None)))
+
   result = prior_attribution.attribution(
       config, str(workdir), [1.0, 2.0, (2.0, 1.0)], limit=20,
       report=lambda line: None)
+  assert result['discount'] == result['contrast'] == '0:0'  # The config's.
   assert result['held_out_examples'] == 20
   assert result['reconstructions']['num_examples'] == 20
   assert sorted(result['guidance']) == ['1.0', '2.0', '2:1']
