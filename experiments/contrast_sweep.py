@@ -153,6 +153,11 @@ def discount_rule(pipe: api.Pipeline, rule: str):
     vars(pipe).pop('code_frequencies', None)
 
 
+def temperatures(values: list[str] | None) -> list[float | None]:
+  """--temperature's values as floats; unset, [None] (the config's)."""
+  return [float(t) for t in values] if values else [None]
+
+
 def entropy_bits(shares: np.ndarray) -> float:
   """The entropy of a distribution over codes, in bits."""
   shares = shares[shares > 0]
@@ -264,8 +269,7 @@ def main(argv, flag_values):
                  flag_values['num_samples'].value, seed=seed,
                  marginal_samples=flag_values['marginals'].value,
                  discounts=discounts, rule=rule,
-                 temperatures=[float(t) for t in
-                               flag_values['temperature'].value or [None]])
+                 temperatures=temperatures(flag_values['temperature'].value))
     if flag_values['grid'].value:
       grid(pipe, flag_values['grid'].value, contrasts[-1], guidances[0],
            flag_values['grid_per_class'].value, seed, discounts[-1])

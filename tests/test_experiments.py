@@ -1532,7 +1532,10 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
                               discount=(0.0, 3.0), key=5)
   assert rows[0]['discount'] == '0:3' and rows[0]['fid'] == (
       calls[-1][1]['fid'])
-  # --temperature: a row per temperature, evaluated at it.
+  # --temperature: a row per temperature, evaluated at it; unset, the
+  # config's.
+  assert contrast_sweep.temperatures(None) == [None]
+  assert contrast_sweep.temperatures(['1', '1.1']) == [1.0, 1.1]
   rows = contrast_sweep.sweep(pipe, [0.0], [(1.0, 2.0)], 20,
                               report=lambda _: None, seed=5,
                               discounts=[(0.0, 3.0)], temperatures=[1.5])
@@ -1540,6 +1543,18 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
                               discount=(0.0, 3.0), key=5, temperature=1.5)
   assert rows[0]['temperature'] == 1.5 and rows[0]['fid'] != (
       calls[-2][1]['fid'])
+  # The command line: its flags as main reads them, the JSON it writes.
+  flag = lambda value: types.SimpleNamespace(value=value)
+  out = tmp_path / 'sweep.json'
+  contrast_sweep.main([], {
+      'pipeline': flag(workdir), 'contrast': flag(['0']),
+      'discount': flag(['0:3']), 'guidance': flag(['1:2']),
+      'temperature': flag(None), 'num_samples': flag(20), 'seed': flag(5),
+      'out': flag(str(out)), 'grid': flag(None), 'grid_per_class': flag(2),
+      'marginals': flag(0), 'discount_rule': flag('flat')})
+  written = json.loads(out.read_text())
+  assert [(r['discount'], r['discount_rule'], r['temperature'])
+          for r in written['rows']] == [('0:3', 'flat', 1.0)]
   monkeypatch.setattr(pipe, 'evaluate', evaluate)
   # --marginals: the samples' code shares against stage 1's, the same
   # draws as sample() with batch i's key fold_in(PRNGKey(seed), i).
