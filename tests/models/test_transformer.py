@@ -85,6 +85,15 @@ def test_cached_sampler_equals_reference(kind):
   np.testing.assert_array_equal(
       sampling.sample_level(model, variables, **kwargs, unroll=2),
       sampling.reference_sample_level(model, variables, **kwargs))
+  # A code discount (`sampling.discount`) beside guidance: the same draw
+  # in both samplers, and another than without it.
+  discount = jnp.full((model.num_embeddings,), 1.5 / model.num_embeddings)
+  discounted = sampling.sample_level(model, variables, **kwargs,
+                                     code_discount=discount)
+  np.testing.assert_array_equal(discounted, sampling.reference_sample_level(
+      model, variables, **kwargs, code_discount=discount))
+  assert not np.array_equal(discounted, sampling.sample_level(
+      model, variables, **kwargs))
 
 
 def _dependency_matrix(model, variables, codes, cond, labels, train):
