@@ -18,6 +18,9 @@
 #   first_image  experiments/first_image.py: an exported paper-size model,
 #                seconds to the first image in a fresh process, cold and with
 #                a warm compilation cache
+#   discount     sampler_variants at batch 1, the lower level: static,
+#                guided and discounted (the programs the shipped
+#                Fashion-MNIST files sample with: what a discount costs)
 #   ops          experiments/step_ops.py --ops=paper: the kernels of the
 #                sampler's position step (products, fusions, all) as the
 #                GPU compiles them, for the paper-size priors (compile only)
@@ -75,6 +78,9 @@ for part in "${parts[@]}"; do
     first_image) run first_image 160 "$py" -m experiments.first_image $smoke \
         --config=configs/imagenet256.py --make_export=/tmp/paper_export \
         --json="$out/first_image.json" ;;
+    discount) run discount 200 "$py" -m experiments.sampler_variants $smoke \
+        --variants=static,guided,discounted --batches=1 --levels=1 \
+        --json="$out/discount.json" ;;
     ops) run ops 120 "$py" experiments/step_ops.py --ops=paper ${SMOKE:+--ops=small} \
         --ops_json="$out/ops.json" ;;
     train) run train 400 "$py" -m experiments.accelerator_check $smoke \

@@ -16,7 +16,7 @@ decoding) per variant. Rows print, and the --json file is rewritten, as each
 finishes, so a run cut at a time limit keeps what it measured.
 
 Variants (all draw the same codes as `sampling.sample_level`'s default but
-`bf16*`, which samples with bfloat16 weights):
+`bf16*`, which samples with bfloat16 weights, and `guided*`, `discounted*`):
 
 * cond: filtering decided on traced values, a `lax.cond` at every position
   (the sampler before the filter choice was made static; on a GPU the host
@@ -24,6 +24,11 @@ Variants (all draw the same codes as `sampling.sample_level`'s default but
 * static: filtering fixed at compile time (off here), as `sample_level` does.
 * unroll<n>: static, n positions per iteration of the loop over columns.
 * bf16, bf16_unroll<n>: static, bfloat16 weights (`sampling.cast_prior`).
+* guided, discounted (and _unroll<n>): static, with classifier-free guidance
+  (both halves of the batch in one step), and with guidance and a code
+  discount of 8 / K per code (`sampling.discount`): the programs the
+  shipped Fashion-MNIST files sample with, at the paper's size. They draw
+  other codes than the rest (guidance 1.15).
 
 Weights are random (numpy, N(0, 0.02^2)): speed does not depend on them.
 XLA flags must be set before JAX starts, so a run measures one set of flags;
@@ -78,17 +83,22 @@ def smoke_config():
 
 
 def parse_variant(name: str) -> dict[str, Any]:
-  """'bf16_unroll8' -> {'truncate': False, 'unroll': 8, 'dtype': bf16}."""
-  match = re.fullmatch(r'(cond|static|bf16)?_?(?:unroll(\d+))?', name)
+  """'bf16_unroll8' -> {'truncate': False, 'unroll': 8, 'dtype': bf16,
+  'guided': False, 'discounted': False}."""
+  match = re.fullmatch(
+      r'(cond|static|bf16|guided|discounted)?_?(?:unroll(\d+))?', name)
   if not match or not name:
     raise app.UsageError(f'Unknown variant {name!r}. Fix: use cond, static, '
-                     'unroll<n>, bf16 or bf16_unroll<n>.')
+                         'unroll<n>, bf16, guided or discounted, the last '
+                         'three with _unroll<n> or not.')
   kind, unroll = match.group(1), int(match.group(2) or 1)
   if kind == 'cond' and unroll != 1:
     raise app.UsageError(f'The variant {name!r}: cond is measured without '
                          'unroll. Fix: use cond alone, or unroll<n>.')
   return {'truncate': None if kind == 'cond' else False, 'unroll': unroll,
-          'dtype': jnp.bfloat16 if kind == 'bf16' else None}
+          'dtype': jnp.bfloat16 if kind == 'bf16' else None,
+          'guided': kind in ('guided', 'discounted'),
+          'discounted': kind == 'discounted'}
 
 
 def device_peak_gib() -> Optional[float]:
@@ -131,10 +141,16 @@ def time_level(model, variables, shape, cond, labels, variant, repeats
   if variant['dtype'] is not None:
     model, variables = sampling.cast_prior(model, variables, variant['dtype'])
   fn = sampling._build(model, shape, False, None,  # pylint: disable=protected-access
-                       variant['truncate'], variant['unroll'])
+                       variant['truncate'], variant['unroll'],
+                       guided=variant['guided'],
+                       discounted=variant['discounted'])
+  k = model.num_embeddings
   args = (variables, jax.random.key(1), jnp.arange(shape[0], dtype=jnp.int32),
           cond, labels, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0),
-          jnp.float32(1.0))  # temperature, top_k, top_p, guidance.
+          # temperature, top_k, top_p, guidance (, the code discount).
+          jnp.float32(1.15 if variant['guided'] else 1.0)) + (
+              (jnp.full((k,), 8.0 / k, jnp.float32),)
+              if variant['discounted'] else ())
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
@@ -173,7 +189,7 @@ def main(argv):
         f'{device_peak_gib()} GiB', flush=True)
   decode = jax.jit(lambda v, c: vqvae.apply(v, c, method=vqvae.decode_codes))
   rows = []
-  header = (f'{"variant":14} {"level":>5} {"batch":>5} {"compile s":>9} '
+  header = (f'{"variant":18} {"level":>5} {"batch":>5} {"compile s":>9} '
             f'{"s/map":>8} {"us/pos":>7} {"XLA temp GiB":>12} '
             f'{"dev peak GiB":>12}')
   print(header)
@@ -182,7 +198,7 @@ def main(argv):
   def emit(row):
     rows.append({'label': label, **row})
     peak = row.get('device_peak_gib')
-    print(f'{row["variant"]:14} {row["level"]:>5} {row["batch"]:>5} '
+    print(f'{row["variant"]:18} {row["level"]:>5} {row["batch"]:>5} '
           f'{row.get("compile_s", 0):>9.1f} {row["seconds"]:>8.3f} '
           f'{row.get("per_position_us", 0):>7.0f} '
           f'{row.get("xla_temp_gib", 0):>12.3f} '
