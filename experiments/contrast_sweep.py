@@ -203,8 +203,8 @@ def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
   samples (drawn with `seed`, the config's when None), and with
   `marginal_samples` > 0 the `marginals` of that many samples
   ('code_kl_nats', 'code_entropy_bits'). `rule`: the discount rule the
-  caller samples under (`discount_rule`), named in each row but the
-  library's."""
+  caller samples under (`discount_rule`), named in each row unless it is
+  the library's."""
   rows = []
   for guidance, temperature, contrast, discount in itertools.product(
       guidances, temperatures, contrasts, discounts):

@@ -222,9 +222,8 @@ def main(argv, flag_values):
   del argv
   config, workdir, guidance, limit, out, pipeline, contrast, discount = (
       flag_values)
-  by_pipeline = pipeline.value is not None
-  if by_pipeline == (config.value is not None or workdir.value is not None
-                     ) or not (by_pipeline or (config.value and workdir.value)):
+  by_workdir = (config.value is not None, workdir.value is not None)
+  if by_workdir != ((False, False) if pipeline.value else (True, True)):
     raise app.UsageError('Give --pipeline, or both --config and --workdir.')
   guidances = ([parse_guidance(g) for g in guidance.value] if guidance.value
                else None)
