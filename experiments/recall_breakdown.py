@@ -10,7 +10,7 @@ against the whole held-out split:
 
 * samples: --num_samples of the pipeline's, drawn as `Pipeline.evaluate`
   draws them (the config's seed and controls, or --guidance,
-  --temperature and --contrast);
+  --temperature, --contrast and --discount);
 * reconstructions: the held-out images encoded and decoded;
 * train: as many training images as samples (the real-vs-real floor).
 
@@ -80,6 +80,10 @@ def _define_flags():
           'contrast', None, "The sampler's contrast with stage 1's code "
           "frequencies: one value, or one per level (top first); the "
           "config's when unset."),
+      'discount': flags.DEFINE_list(
+          'discount', None, "The sampler's discount by stage 1's code "
+          "frequencies (sampling.discount): one value, or one per level "
+          "(top first); the config's when unset."),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
       'grid': flags.DEFINE_string(
           'grid', None, 'Also write the covered / missed held-out images '
@@ -194,7 +198,8 @@ def covered_and_missed(images: np.ndarray, labels: np.ndarray,
 
 def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
          temperature=None, grid: str | None = None,
-         grid_per_class: int = 8, contrast=None) -> dict[str, object]:
+         grid_per_class: int = 8, contrast=None,
+         discount=None) -> dict[str, object]:
   """The three rows of `pipe` (see the module docstring); `grid`: also
   write the covered / missed held-out images there (PNG)."""
   config, mesh = pipe.config, pipe.mesh
@@ -217,10 +222,12 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
   temperature = s.temperature if temperature is None else temperature
   contrast = (builders.sampling_contrast(config) if contrast is None
               else contrast)
+  discount = (builders.sampling_discount(config) if discount is None
+              else discount)
   samples, sample_labels, sample_codes = eval_run.pipeline_samples(
       pipe, num_samples, features, rng=jax.random.PRNGKey(config.seed),
       temperature=temperature, top_k=s.top_k, top_p=s.top_p,
-      guidance=guidance, contrast=contrast)
+      guidance=guidance, contrast=contrast, discount=discount)
   held_out, labels = np.concatenate(held_out), np.concatenate(labels)
   recon = np.concatenate(recon)
   k = config.eval.precision_recall_k
@@ -243,6 +250,7 @@ def rows(pipe: api.Pipeline, num_samples: int, guidance=None,
         images_lib.image_grid(missed, grid_per_class))
   return {**about, 'num_samples': num_samples, 'guidance': guidance,
           'temperature': temperature, 'contrast': contrast,
+          'discount': discount,
           'samples': manifold_row(sampled, labels, num_classes),
           'reconstructions': row(recon),
           'train': row(train[:num_samples]),
@@ -264,13 +272,13 @@ def main(argv, flag_values):
   if guidance is not None:
     guidance = tuple(float(g) for g in guidance)
     guidance = guidance[0] if len(guidance) == 1 else guidance
-  contrast = f['contrast']
-  if contrast is not None:
-    contrast = tuple(float(c) for c in contrast)
+  contrast, discount = (
+      None if f[name] is None else tuple(float(c) for c in f[name])
+      for name in ('contrast', 'discount'))
   result = rows(api.Pipeline.load(f['pipeline']), f['num_samples'],
                 guidance=guidance, temperature=f['temperature'],
                 grid=f['grid'], grid_per_class=f['grid_per_class'],
-                contrast=contrast)
+                contrast=contrast, discount=discount)
   text = json.dumps(result, indent=1)
   print(text)
   if f['out']:

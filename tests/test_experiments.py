@@ -1169,11 +1169,13 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
   monkeypatch.setattr(eval_run, 'pipeline_samples', lambda *a, **kw: (
       drawn_with.append(kw), draw(*a, **kw))[1])
   result = recall_breakdown.rows(pipe, 20, guidance=1.5, grid=str(grid),
-                                 grid_per_class=3, contrast=(0.0, 1.0))
+                                 grid_per_class=3, contrast=(0.0, 1.0),
+                                 discount=(0.0, 3.0))
   assert result['guidance'] == 1.5 and result['num_samples'] == 20
   assert result['contrast'] == (0.0, 1.0)
-  assert [(kw['guidance'], kw['contrast']) for kw in drawn_with] == [
-      (1.5, (0.0, 1.0))]
+  assert result['discount'] == (0.0, 3.0)
+  assert [(kw['guidance'], kw['contrast'], kw['discount'])
+          for kw in drawn_with] == [(1.5, (0.0, 1.0), (0.0, 3.0))]
   for name in ('samples', 'reconstructions', 'train'):
     row = result[name]
     assert 0 <= row['recall'] <= 1 and 0 <= row['precision'] <= 1, name
