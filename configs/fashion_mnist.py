@@ -205,8 +205,8 @@ def _make_quality(config: ml_collections.ConfigDict) -> None:
   config.sampling.guidance_per_level = (1.3, 2.0)
   # The default's bottom discount of 8 times stage 1's code frequencies
   # takes the top guidance down to keep the rule (1.5 passes it with the
-  # discount: 93.4%). 10,000 samples by the judge on
-  # the shipped file (experiments/contrast_sweep.py; docs/results.md,
+  # discount: 93.4%). 10,000 samples by the judge on the shipped file
+  # (experiments/contrast_sweep.py; docs/results.md,
   # "Which prior loses the recall"), against 1.5:2 without: recall 0.377
   # -> 0.447, FID 1.57 -> 1.12, precision 0.857 -> 0.864, class agreement
   # 92.6% -> 91.5%, IS 8.08 -> 8.10.

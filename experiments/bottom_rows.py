@@ -80,11 +80,10 @@ def _define_flags():
 @functools.lru_cache(maxsize=4)
 def _completer(model, shape: tuple[int, int, int], discounted: bool = False):
   """jit (variables, upper codes, known lowest codes, labels, rows, rng,
-  code bias [K], teacher forced, code discount [K] or None (`discounted`
-  says which, as the samplers compile it)) -> the lowest level's maps,
-  its first
-  `rows` rows the known ones; teacher forced, every position after them is
-  drawn given the known codes before it (not the drawn ones)."""
+  code bias [K], teacher forced, code discount [K], used only where
+  `discounted`, as the samplers compile it) -> the lowest level's maps, its
+  first `rows` rows the known ones; teacher forced, every position after
+  them is drawn given the known codes before it (not the drawn ones)."""
   _, _, width = shape
   ids = jnp.arange(shape[0], dtype=jnp.int32)
 

@@ -600,7 +600,7 @@ def _check_unroll(unroll: int) -> int:
   return int(unroll)
 
 
-def _check_bias(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array],
+def _check_adjustments(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array],
                 code_discount: Optional[Array] = None) -> tuple[Array, ...]:
   """The [K] float32 bias and discount that are given, after checking
   them: (), (bias,), (discount,) or (bias, discount)."""
@@ -645,7 +645,7 @@ def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   return shape, guided, (variables, rng, _example_ids(shape), cond_codes,
                          labels, *_controls(temperature, top_k, top_p,
                                             guidance),
-                         *_check_bias(model, code_bias, code_discount))
+                         *_check_adjustments(model, code_bias, code_discount))
 
 
 def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,

@@ -69,7 +69,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
     # 0.378, 1.71, 7.99 (docs/results.md, the quality variant's trade-off);
     # at its guidance since, 1.5 top and 2 bottom (`guidance=(1.5, 2)`):
     # 92.6%, 0.857, 0.377, 1.57, 8.08; and as it loads since stop 52, at
-    # :quality's sampling since, guidance 1.3 top and 2 bottom with a
+    # :quality's present sampling, guidance 1.3 top and 2 bottom with a
     # bottom discount of 8 times the code frequencies (`guidance=(1.3, 2),
     # discount=(0, 8)`; experiments/figures/discount_quality.json): 91.5%,
     # 0.864, 0.447, 1.12, 8.10.
