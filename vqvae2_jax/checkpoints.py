@@ -103,6 +103,9 @@ def _closed_loop_hook(previous: Any) -> Any:
 
 # '<checkpoint dir>/<step>/' of every step found damaged in this process.
 _DAMAGED_STEPS: set[str] = set()
+# The step `restore_newest_intact` is reading: asyncio may report its
+# abandoned reads before their failure reaches the caller.
+_READING: set[str] = set()
 
 
 class _DamagedReadFilter(py_logging.Filter):
@@ -116,11 +119,12 @@ class _DamagedReadFilter(py_logging.Filter):
   """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    if not _DAMAGED_STEPS or logging.level_debug():
+    steps = _DAMAGED_STEPS | _READING
+    if not steps or logging.level_debug():
       return True
     error = record.exc_info[1] if record.exc_info else None
     text = record.getMessage() + ('' if error is None else str(error))
-    return not any(step in text for step in _DAMAGED_STEPS)
+    return not any(step in text for step in steps)
 
 
 _DAMAGED_READ_FILTER = _DamagedReadFilter()
@@ -414,26 +418,31 @@ def restore_newest_intact(manager: ocp.CheckpointManager,
   directory = str(manager.directory)
   damaged = []
   for step in sorted(manager.all_steps(), reverse=True):
-    error, result = None, None
+    step_dir = os.path.join(directory, str(step), '')
+    _READING.add(step_dir)
     try:
-      saved = restore_fingerprint(manager, step)
-    except Exception as e:  # pylint: disable=broad-except
-      _reraise_if_not_damage(e)
-      error = e
-    if parallel.all_agree(error is None):
-      check_fingerprint(saved, fingerprint, directory)
+      error, result = None, None
       try:
-        _check_state_metadata(directory, step)
-        result = restore(step)
+        saved = restore_fingerprint(manager, step)
       except Exception as e:  # pylint: disable=broad-except
         _reraise_if_not_damage(e)
         error = e
       if parallel.all_agree(error is None):
-        if damaged:
-          _set_aside_damaged(manager, damaged, step, set_aside)
-        return result, step
-    damaged.append((step, error or ValueError('damaged on another process')))
-    _DAMAGED_STEPS.add(os.path.join(directory, str(step), ''))
+        check_fingerprint(saved, fingerprint, directory)
+        try:
+          _check_state_metadata(directory, step)
+          result = restore(step)
+        except Exception as e:  # pylint: disable=broad-except
+          _reraise_if_not_damage(e)
+          error = e
+        if parallel.all_agree(error is None):
+          if damaged:
+            _set_aside_damaged(manager, damaged, step, set_aside)
+          return result, step
+      damaged.append((step, error or ValueError('damaged on another process')))
+      _DAMAGED_STEPS.add(step_dir)
+    finally:
+      _READING.discard(step_dir)
   if damaged:
     raise _no_intact(directory, damaged) from damaged[0][1]
   return None
