@@ -5,7 +5,7 @@ Exports the workdir's pipeline twice (`Pipeline.export`, prior_dtype
 and prints, per file: its size; the priors' held-out bits per code (the
 whole held-out split, encoded by the same VQ-VAE); and --num_samples
 class-balanced samples drawn as --mode=sample draws them (the config's
-seed, batch size, controls and guidance), scored as --mode=eval scores
+seed, batch size, controls, guidance, contrast and discount), scored as --mode=eval scores
 them against the held-out split (the config's ruler: FID, precision,
 recall, class agreement, IS), with the share of samples whose codes equal
 the float32 file's at every level. Rows are printed as they finish and
@@ -78,7 +78,9 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
       fake, sample_labels, sampled = eval_run.pipeline_samples(
           loaded, num_samples, features, rng=jax.random.PRNGKey(config.seed),
           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-          guidance=builders.sampling_guidance(config))
+          guidance=builders.sampling_guidance(config),
+          contrast=builders.sampling_contrast(config),
+          discount=builders.sampling_discount(config))
       if reference is None:
         reference = sampled
       same = [np.all(a == b, axis=(1, 2)) for a, b in zip(sampled, reference)]
@@ -93,7 +95,9 @@ def compare(config, workdir: str, num_samples: int, limit: int | None,
       print_row(row)
   return {'workdir': workdir, 'steps': pipe.steps, **about,
           'held_out_examples': len(held_out_labels),
-          'guidance': builders.sampling_guidance(config), 'rows': rows}
+          'guidance': builders.sampling_guidance(config),
+          'contrast': builders.sampling_contrast(config),
+          'discount': builders.sampling_discount(config), 'rows': rows}
 
 
 def _print(row):

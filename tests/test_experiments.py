@@ -1099,9 +1099,19 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
   # workdir trained above): smaller, the same bits to rounding, and the
   # float32 file's own samples as the reference.
   from experiments import export_dtype  # pylint: disable=g-import-not-at-top
-  printed = []
-  result = export_dtype.compare(config, str(workdir), num_samples=10,
+  from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+  printed, drawn = [], []
+  draw = eval_run.pipeline_samples
+  monkeypatch.setattr(eval_run, 'pipeline_samples', lambda *a, **k: (
+      drawn.append(k), draw(*a, **k))[1])
+  discounted = config.copy_and_resolve_references()
+  discounted.sampling.discount = (0.0, 3.0)  # Drawn with it, as sample does.
+  discounted.sampling.contrast = (0.5, 0.0)
+  result = export_dtype.compare(discounted, str(workdir), num_samples=10,
                                 limit=20, print_row=printed.append)
+  assert [(k['discount'], k['contrast']) for k in drawn] == [
+      ((0.0, 3.0), (0.5, 0.0))] * 2
+  assert (result['discount'], result['contrast']) == ((0.0, 3.0), (0.5, 0.0))
   full, half = result['rows']
   assert printed == result['rows'] and result['held_out_examples'] == 20
   assert [full['dtype'], half['dtype']] == ['float32', 'float16']
