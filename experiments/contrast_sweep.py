@@ -17,19 +17,23 @@ every row (so contrast 0 at the config's guidance is `evaluate()`'s row;
 --seed draws others). --pipeline is anything `Pipeline.load` takes.
 
 --discount adds the other use of the frequencies, `sampling.discount` d:
-each code drawn from max(p(code | context) - d * freq(code), 0),
-renormalised; one row per (guidance, contrast, discount), and per
---temperature where given (applied after the discount, at every level).
+each code whose p(code | context) exceeds its threshold t = d *
+freq(code) drawn with weight (p - t)^2 / p, renormalised; one row per
+(guidance, contrast, discount), and per --temperature where given (applied
+after the discount, at every level).
 
---discount_rule: controls of the discount's shape, each for this process
-(the library keeps `excess`). With p a code's probability in its context
-and t = d * freq(code) its threshold, each code is drawn with weight:
+--discount_rule: the library's rule or a control of the discount's shape,
+each for this process. With p a code's probability in its context and t
+its threshold, each code is drawn with weight:
 
-* excess (the default): p - t where p > t, `sampling.discount_logits`;
+* squared (the default): (p - t)^2 / p where p > t, the library's
+  (`sampling.discount_logits`);
+* excess: p - t where p > t (the library's rule until stop 54; the rows
+  measured before name no rule);
 * flat: p - d / K where p > d / K, K the codebook's size: one threshold for
-  every code, their average at stage 1's shares (what the frequencies add);
-* keep: p where p > t (the threshold alone, nothing subtracted);
-* squared: (p - t)^2 / p where p > t (a steeper fade at the threshold).
+  every code, their average at stage 1's shares (what the frequencies add),
+  weighed as `excess` weighs;
+* keep: p where p > t (the threshold alone, nothing subtracted).
 
 Where no code clears its threshold, every rule draws the code nearest it.
 
@@ -65,7 +69,8 @@ from vqvae2_jax import builders
 from vqvae2_jax import images as images_lib
 from vqvae2_jax import sampling
 
-RULES = ('excess', 'flat', 'keep', 'squared')
+RULES = ('squared', 'excess', 'flat', 'keep')
+LIBRARY_RULE = 'squared'  # `sampling.discount_logits`.
 
 
 def _define_flags():
@@ -96,8 +101,8 @@ def _define_flags():
       'grid_per_class': flags.DEFINE_integer(
           'grid_per_class', 8, 'Samples of each class on each side of --grid.'),
       'discount_rule': flags.DEFINE_enum(
-          'discount_rule', 'excess', RULES, "The discount's shape: the "
-          "library's (excess) or a control (see the module's docstring)."),
+          'discount_rule', LIBRARY_RULE, RULES, "The discount's shape: the "
+          "library's (squared) or a control (see the module's docstring)."),
       'marginals': flags.DEFINE_integer(
           'marginals', 0, "Also each row's samples' code frequencies against "
           "stage 1's, over this many samples (0: not measured)."),
@@ -123,8 +128,9 @@ def _rule_logits(weight):
 
 
 _RULE_LOGITS = {
+    'excess': _rule_logits(lambda p, t: p - t),
+    'flat': _rule_logits(lambda p, t: p - t),  # With flat thresholds.
     'keep': _rule_logits(lambda p, t: p),
-    'squared': _rule_logits(lambda p, t: (p - t) ** 2 / p),
 }
 
 
@@ -132,9 +138,9 @@ _RULE_LOGITS = {
 def discount_rule(pipe: api.Pipeline, rule: str):
   """Within it, `pipe` samples its discount by `rule` (RULES; the
   module's docstring): 'flat' sets its code frequencies to 1 / K each,
-  'keep' and 'squared' replace `sampling.discount_logits` for the process
-  (the compiled samplers are dropped on entry and exit, so none is kept
-  across the change)."""
+  and every rule but the library's replaces `sampling.discount_logits` for
+  the process (the compiled samplers are dropped on entry and exit, so
+  none is kept across the change)."""
   if rule not in RULES:
     raise ValueError(f'Unknown discount rule {rule!r}; one of {RULES}.')
   saved = sampling.discount_logits
@@ -197,14 +203,13 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
 def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
           report=print, seed: int | None = None,
           marginal_samples: int = 0, discounts=(0.0,),
-          rule: str = 'excess', temperatures=(None,)) -> list[dict]:
+          rule: str = LIBRARY_RULE, temperatures=(None,)) -> list[dict]:
   """One row per (guidance, temperature, contrast, discount) (a
   temperature of None: the config's): `Pipeline.evaluate`'s
   samples (drawn with `seed`, the config's when None), and with
   `marginal_samples` > 0 the `marginals` of that many samples
   ('code_kl_nats', 'code_entropy_bits'). `rule`: the discount rule the
-  caller samples under (`discount_rule`), named in each row unless it is
-  the library's."""
+  caller samples under (`discount_rule`), named in each row."""
   rows = []
   for guidance, temperature, contrast, discount in itertools.product(
       guidances, temperatures, contrasts, discounts):
@@ -219,9 +224,7 @@ def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
            **{k: v for k, v in result['samples'].items()
               if k not in ('guidance', 'contrast', 'discount')},
            'real_vs_real_recall': result['real_vs_real']['recall'],
-           'seconds': time.time() - start}
-    if rule != 'excess':
-      row['discount_rule'] = rule
+           'discount_rule': rule, 'seconds': time.time() - start}
     if marginal_samples:
       spread = marginals(pipe, contrast, guidance, marginal_samples, seed,
                          discount=discount, temperature=temperature)

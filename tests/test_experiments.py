@@ -1617,9 +1617,11 @@ def test_contrast_sweep_discount_rules_are_controls_of_one_process(
   # nearest it alone.
   p = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]], np.float32)
   t = np.array([0.1, 0.35, 0.05], np.float32)
-  want = {'excess': [0.4, 0.0, 0.15], 'keep': [0.5, 0.0, 0.2],
+  want = {'excess': [0.4, 0.0, 0.15], 'flat': [0.4, 0.0, 0.15],
+          'keep': [0.5, 0.0, 0.2],
           'squared': [0.4 ** 2 / 0.5, 0.0, 0.15 ** 2 / 0.2]}
-  rules = dict(contrast_sweep._RULE_LOGITS, excess=sampling.discount_logits)  # pylint: disable=protected-access
+  rules = dict(contrast_sweep._RULE_LOGITS, squared=sampling.discount_logits)  # pylint: disable=protected-access
+  assert sorted(rules) == sorted(contrast_sweep.RULES)
   for rule, weights in want.items():
     got = np.exp(np.asarray(rules[rule](np.log(p), t)))
     np.testing.assert_allclose(got[0], weights, rtol=1e-5, atol=1e-7)
@@ -1629,8 +1631,11 @@ def test_contrast_sweep_discount_rules_are_controls_of_one_process(
   pipe = api.Pipeline.load(workdir, stage2_config)
   frequencies = pipe.code_frequencies()
   labels = [0, 3, 9, 4]
-  _, excess = pipe.sample(labels, discount=(0.0, 3.0), key=7)
+  _, library = pipe.sample(labels, discount=(0.0, 3.0), key=7)
   library_rule = sampling.discount_logits
+  with contrast_sweep.discount_rule(pipe, 'excess'):
+    _, excess = pipe.sample(labels, discount=(0.0, 3.0), key=7)
+  assert not np.array_equal(excess[1], library[1])
   # flat: one threshold d / K for every code; the marginals still measure
   # against stage 1's shares.
   with contrast_sweep.discount_rule(pipe, 'flat'):
@@ -1646,21 +1651,23 @@ def test_contrast_sweep_discount_rules_are_controls_of_one_process(
   with contrast_sweep.discount_rule(pipe, 'keep'):
     assert sampling.discount_logits is contrast_sweep._RULE_LOGITS['keep']  # pylint: disable=protected-access
     _, kept = pipe.sample(labels, discount=(0.0, 3.0), key=7)
-  np.testing.assert_array_equal(kept[0], excess[0])
-  assert not np.array_equal(kept[1], excess[1])
+  np.testing.assert_array_equal(kept[0], library[0])
+  assert not np.array_equal(kept[1], library[1])
   assert sampling.discount_logits is library_rule
   _, again = pipe.sample(labels, discount=(0.0, 3.0), key=7)
-  for a, b in zip(again, excess):
+  for a, b in zip(again, library):
     np.testing.assert_array_equal(a, b)
-  # A control's rows name it; the library's rule's rows do not.
+  # Every row names its rule, the library's too.
   pipe.evaluate = lambda *_, **__: {'samples': {'fid': 1.0},
                                     'real_vs_real': {'recall': 0.5}}
   for rule in ('squared', 'excess'):
     rows = contrast_sweep.sweep(pipe, [0.0], [(1.0, 2.0)], 20,
                                 report=lambda _: None, discounts=[(0.0, 3.0)],
                                 rule=rule)
-    assert rows[0].get('discount_rule') == (
-        None if rule == 'excess' else rule), rows
+    assert rows[0]['discount_rule'] == rule, rows
+  assert contrast_sweep.sweep(
+      pipe, [0.0], [1.0], 20, report=lambda _: None)[0]['discount_rule'] == (
+          'squared')
   with pytest.raises(ValueError, match='Unknown discount rule'):
     with contrast_sweep.discount_rule(pipe, 'hard'):
       pass

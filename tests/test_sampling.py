@@ -613,8 +613,8 @@ def test_discounted_sampler_equals_reference(kind):
 
 def test_code_discount_draws_from_the_discounted_probabilities():
   # Position (0, 0) depends on no code: its draw is the one the same key
-  # makes from max(p - d, 0), p the guided and biased logits' softmax,
-  # before the temperature.
+  # makes from (p - d)^2 / p where p > d, p the guided and biased logits'
+  # softmax, before the temperature.
   model, variables, shape, cond, labels, c, u = _first_position_logits()
   batch = shape[0]
   rng = jax.random.key(3)
@@ -625,11 +625,12 @@ def test_code_discount_draws_from_the_discounted_probabilities():
       model, variables, shape=shape, cond_codes=cond, labels=labels, rng=rng,
       guidance=2.0, temperature=1.5, code_bias=bias, code_discount=discount)
   guided = u + 2.0 * (c - u) + bias
-  excess = jax.nn.softmax(guided, axis=-1) - discount
+  p = jax.nn.softmax(guided, axis=-1)
+  excess = p - discount
   assert bool(jnp.all(jnp.any(excess > 0, axis=-1)))
   expected = sampling.sample_logits(
       jax.random.fold_in(rng, 0), jnp.where(
-          excess > 0, jnp.log(jnp.maximum(excess, 1e-30)), -jnp.inf),
+          excess > 0, jnp.log(jnp.maximum(excess, 1e-30) ** 2 / p), -jnp.inf),
       jnp.float32(1.5), jnp.int32(0), jnp.float32(1.0),
       jnp.arange(batch, dtype=jnp.int32), truncate=False)
   np.testing.assert_array_equal(np.asarray(sampled)[:, 0, 0], expected)
@@ -650,12 +651,19 @@ def test_frequency_discount():
   discount = np.asarray(sampling.frequency_discount(counts, 0.5))
   np.testing.assert_allclose(discount, [0.3, 0.15, 0.05, 0.0], rtol=1e-6)
   np.testing.assert_array_equal(sampling.frequency_discount(counts, 0.0), 0.0)
-  # The draw's distribution: max(p - d, 0), renormalised.
+  # The draw's distribution: (p - d)^2 / p where p > d, renormalised.
   p = np.array([0.4, 0.3, 0.2, 0.1])
   kept = np.asarray(jax.nn.softmax(sampling.discount_logits(
       jnp.log(p)[None], jnp.asarray(discount))))[0]
-  want = np.maximum(p - discount, 0.0)
+  want = np.maximum(p - discount, 0.0) ** 2 / p
   np.testing.assert_allclose(kept, want / want.sum(), rtol=1e-5)
+  # An excess whose square underflows float32 still weighs: the code 5e-31
+  # above its threshold is drawn, not the one below its own.
+  logits = jnp.asarray([[0.0, -69.0]])
+  rare = float(jax.nn.softmax(logits)[0, 1])  # About 1e-30.
+  tiny = np.asarray(jax.nn.softmax(sampling.discount_logits(
+      logits, jnp.asarray([2.0, rare / 2]))))
+  np.testing.assert_array_equal(tiny, [[0.0, 1.0]])
   logits = jnp.log(p)[None]
   assert sampling.discount_logits(logits, None) is logits  # None: unchanged.
   _assert_refuses_bad_settings_and_counts(sampling.frequency_discount, counts)
