@@ -175,7 +175,8 @@ def test_sample_with_a_contrast_writes_its_own_run(workdir, tmp_path):
   assert not np.array_equal(codes['codes_1'], plain_codes['codes_1'])
   # A discount likewise: its own run, recorded, the bottom level only.
   discounted = _sample(copy, discount=(0.0, 4.0))
-  assert '_d0-4_' in os.path.basename(discounted['dir'])
+  assert '_ds0-4_' in os.path.basename(discounted['dir'])
+  assert discounted['discount_rule'] == 'squared'
   assert list(discounted['discount']) == [0.0, 4.0]
   assert list(plain['discount']) == [0.0, 0.0]
   codes = np.load(os.path.join(discounted['dir'], 'codes.npz'))

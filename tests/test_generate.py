@@ -65,9 +65,9 @@ def test_run_name_names_checkpoints_seed_controls_and_count():
   # A discount likewise, after the contrast.
   config.sampling.discount = (0.0, 4.0)
   assert generate.run_name(config, 300, [200, 100], 40, True) == (
-      'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_g2.5_d0-4_n40_keep0.25')
+      'vqvae300_prior200-100_seed7_t0.9_k5_p0.95_g2.5_ds0-4_n40_keep0.25')
   config.sampling.contrast = (0.5,)
-  assert '_g2.5_c0.5-0.5_d0-4_n40' in generate.run_name(
+  assert '_g2.5_c0.5-0.5_ds0-4_n40' in generate.run_name(
       config, 300, [200, 100], 40, True)
   config.sampling.contrast = ()
   config.sampling.discount = (0.0,)

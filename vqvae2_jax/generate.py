@@ -59,7 +59,9 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
 
   `_g<scale>` (`_g<top>-<bottom>` per level) is added when guidance is on,
   `_c<top>-<bottom>` (a value per level) when sampling.contrast is,
-  `_d<top>-<bottom>` when sampling.discount is,
+  `_ds<top>-<bottom>` when sampling.discount is (`s`: the squared rule,
+  `sampling.discount_logits`; runs named `_d` were drawn by the rule
+  before it and are not reused),
   `_keep<k>` when rejection sampling keeps a fraction k < 1, `_raw` when
   the priors' raw weights stand in for their Polyak average
   (sampling.use_polyak False) and `_<dtype>` when the sampler computes in
@@ -77,7 +79,7 @@ def run_name(config: ml_collections.ConfigDict, vq_step: int,
   discount = builders.sampling_discount(config)
   adjusted = (f'c{builders.guidance_text(contrast, "-")}_'
               if any(contrast) else '') + (
-                  f'd{builders.guidance_text(discount, "-")}_'
+                  f'ds{builders.guidance_text(discount, "-")}_'
                   if any(discount) else '')
   return (f'vqvae{vq_step}_prior{"-".join(map(str, prior_steps))}_'
           f'seed{config.seed}_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_'
@@ -246,6 +248,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str,
           'guidance': builders.sampling_guidance(config),
           'contrast': builders.sampling_contrast(config),
           'discount': builders.sampling_discount(config),
+          'discount_rule': sampling.DISCOUNT_RULE,
           'seed': config.seed,
           'conditional': conditional,
           'rejection_keep': keep}

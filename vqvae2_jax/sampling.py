@@ -229,6 +229,11 @@ def bias_logits(logits: Array, code_bias: Optional[Array]) -> Array:
   return logits.astype(jnp.float32) + code_bias
 
 
+# How `discount_logits` weighs the codes above their thresholds: named in
+# sample runs (`generate.run_name`, meta.json).
+DISCOUNT_RULE = 'squared'
+
+
 def discount_logits(logits: Array, code_discount: Optional[Array]) -> Array:
   """[b, K] logits to those of the codes above their discount, each weighed
   (p - d)^2 / p and renormalised: p their softmax, d a [K] discount per code
