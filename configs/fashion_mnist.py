@@ -144,16 +144,19 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # IS 7.66 (docs/results.md).
   config.sampling.guidance = 1.0  # In place of it:
   config.sampling.guidance_per_level = (2.0, 4.0)
-  # Each bottom code drawn from max(p(code | context) - 8 freq(code), 0),
-  # renormalised (freq: stage 1's use of it; `sampling.frequency_discount`):
-  # only codes the context favours more than 8 times their overall share,
-  # in proportion to the excess, which takes off what each conditional
-  # borrows from the common codes where it cannot tell. At 2:4, 10,000
-  # samples by the judge (experiments/contrast_sweep.py; docs/results.md,
-  # "Which prior loses the recall"): FID 3.24 -> 2.44, precision 0.804 ->
-  # 0.821, recall 0.195 -> 0.267, class agreement 91.1% -> 92.3%, IS 7.66
-  # -> 7.97 (a discount of 5: 2.53, 0.822, 0.258); the guidance still keeps
-  # the rule. The variants below sample with it too, the fine one aside.
+  # Each bottom code whose p(code | context) exceeds 8 freq(code) (freq:
+  # stage 1's use of it; `sampling.frequency_discount`) drawn with weight
+  # (p - 8 freq)^2 / p, renormalised: only codes the context favours more
+  # than 8 times their overall share, the less the nearer they are to it,
+  # which takes off what each conditional borrows from the common codes
+  # where it cannot tell. At 2:4, 10,000 samples by the judge
+  # (experiments/contrast_sweep.py; docs/results.md, "Which prior loses the
+  # recall"): FID 3.24 -> 2.38, precision 0.804 -> 0.823, recall 0.195 ->
+  # 0.282, class agreement 91.1% -> 92.6%, IS 7.66 -> 7.98 (weighed by the
+  # excess p - 8 freq alone, the rule until stop 54: 2.44, 0.821, 0.267,
+  # 92.3%; a discount of 5 by it: 2.53, 0.822, 0.258); the guidance still
+  # keeps the rule. The variants below sample with it too, the fine one
+  # aside.
   config.sampling.discount = (0.0, 8.0)
   config.eval.num_samples = 1000
   # The shipped judge measures samples (evaluation/judges): the same ruler
@@ -208,8 +211,9 @@ def _make_quality(config: ml_collections.ConfigDict) -> None:
   # discount: 93.4%). 10,000 samples by the judge on the shipped file
   # (experiments/contrast_sweep.py; docs/results.md,
   # "Which prior loses the recall"), against 1.5:2 without: recall 0.377
-  # -> 0.447, FID 1.57 -> 1.12, precision 0.857 -> 0.864, class agreement
-  # 92.6% -> 91.5%, IS 8.08 -> 8.10.
+  # -> 0.454, FID 1.57 -> 1.06, precision 0.857 -> 0.867, class agreement
+  # 92.6% -> 91.9%, IS 8.08 -> 8.12 (by the rule until stop 54: 0.447,
+  # 1.12, 0.864, 91.5%).
 
 
 def _make_fine(config: ml_collections.ConfigDict) -> None:
@@ -273,13 +277,15 @@ def _make_long(config: ml_collections.ConfigDict) -> None:
   config.sampling.guidance_per_level = (1.15, 2.0)
   # The default's bottom discount (8 times stage 1's code frequencies)
   # makes samples more class-typical too, so the top guidance comes down to
-  # keep the rule: 1.15 (1.2 passes it: 93.43%). 10,000 samples by the judge against 1.3:2 without it (the
-  # shipped rows; experiments/contrast_sweep.py, docs/results.md, "Which
-  # prior loses the recall"): recall 0.569 -> 0.649, FID 0.73 -> 0.42,
-  # precision 0.892 -> 0.893, class agreement 92.95% -> 92.58%, IS 8.29 ->
-  # 8.26 (a bottom discount of 10: FID 0.41, precision 0.882; 5: recall
-  # 0.632, FID 0.47). Contrast 0.75 at the bottom (`sampling.contrast`,
-  # :long's from stop 51 to 52) reached recall 0.617, FID 0.60 at 1.3:2.
+  # keep the rule: 1.15 (1.2 passes it: 93.43%). 10,000 samples by the
+  # judge against 1.3:2 without it (the shipped rows;
+  # experiments/contrast_sweep.py, docs/results.md, "Which prior loses the
+  # recall"): recall 0.569 -> 0.647, FID 0.73 -> 0.40, precision 0.892 ->
+  # 0.891, class agreement 92.95% -> 92.53%, IS 8.29 -> 8.26 (by the rule
+  # until stop 54: 0.649, 0.42, 0.893, 92.58%; with it, a bottom discount
+  # of 10: FID 0.41, precision 0.882; 5: recall 0.632, FID 0.47). Contrast
+  # 0.75 at the bottom (`sampling.contrast`, :long's from stop 51 to 52)
+  # reached recall 0.617, FID 0.60 at 1.3:2.
 
 
 def _make_tiny(config: ml_collections.ConfigDict) -> None:
