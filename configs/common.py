@@ -117,7 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.guidance = 1.0  # Classifier-free guidance scale (needs labels and label dropout); 1.0 disables.
   sampling.guidance_per_level = ()  # One guidance scale per level, top first (e.g. 1.3,2), in place of sampling.guidance (then 1.0); () uses sampling.guidance at every level.
   sampling.contrast = ()  # Contrast with stage 1's code frequencies: draws from p(code | context) / freq(code)^c (sampling.contrast_bias); one c for every level (e.g. 0.5) or one per level, top first (e.g. 0,0.5); () is off.
-  sampling.discount = ()  # Discount by stage 1's code frequencies: draws from max(p(code | context) - d * freq(code), 0), renormalised (sampling.frequency_discount); one d for every level (e.g. 4) or one per level, top first (e.g. 0,4); () is off.
+  sampling.discount = ()  # Discount by stage 1's code frequencies: draws only the codes whose p(code | context) exceeds t = d * freq(code), each with weight (p - t)^2 / p, renormalised (sampling.frequency_discount); one d for every level (e.g. 4) or one per level, top first (e.g. 0,4); () is off.
   sampling.conditional = True  # Sample with class labels when the data has them.
   sampling.use_polyak = True  # Use the priors' Polyak weights when present.
   sampling.dtype = ''  # Sampler's weights and compute: '' (the priors' own) or 'bfloat16' (half the bytes per step).

@@ -5,11 +5,11 @@ Exports the workdir's pipeline twice (`Pipeline.export`, prior_dtype
 and prints, per file: its size; the priors' held-out bits per code (the
 whole held-out split, encoded by the same VQ-VAE); and --num_samples
 class-balanced samples drawn as --mode=sample draws them (the config's
-seed, batch size, controls, guidance, contrast and discount), scored as --mode=eval scores
-them against the held-out split (the config's ruler: FID, precision,
-recall, class agreement, IS), with the share of samples whose codes equal
-the float32 file's at every level. Rows are printed as they finish and
-written to --out.
+seed, batch size, controls, guidance, contrast and discount), scored as
+--mode=eval scores them against the held-out split (the config's ruler:
+FID, precision, recall, class agreement, IS), with the share of samples
+whose codes equal the float32 file's at every level. Rows are printed as
+they finish and written to --out.
 
   python -m experiments.export_dtype --config=configs/fashion_mnist.py:long \
     --workdir=W --num_samples=10000 --out=export_dtype.json

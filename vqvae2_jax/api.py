@@ -891,8 +891,9 @@ class Pipeline:
         bottom level of `:long` lifts recall by 0.04 to 0.05 at the same
         precision (docs/results.md); one value for every level or one per
         level, top first. None: the config's (`sampling.contrast`).
-      discount: draw each code from max(p(code | context) - d *
-        freq(code), 0), renormalised (`code_discount`): 0 is off; a code is
+      discount: draw only the codes whose p(code | context) exceeds t =
+        d * freq(code), each with weight (p - t)^2 / p, renormalised
+        (`code_discount`, `sampling.discount_logits`): 0 is off; a code is
         drawn only where its context makes it more than d times as likely
         as its overall share (docs/results.md); one value for every level
         or one per level, top first. None: the config's
