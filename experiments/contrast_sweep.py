@@ -22,20 +22,8 @@ freq(code) drawn with weight (p - t)^2 / p, renormalised; one row per
 (guidance, contrast, discount), and per --temperature where given (applied
 after the discount, at every level).
 
---discount_rule: the library's rule or a control of the discount's shape,
-each for this process. With p a code's probability in its context and t
-its threshold, each code is drawn with weight:
-
-* squared (the default): (p - t)^2 / p where p > t, the library's
-  (`sampling.discount_logits`);
-* excess: p - t where p > t (the library's rule until stop 54; the rows
-  measured before name no rule);
-* flat: p - d / K where p > d / K, K the codebook's size: one threshold for
-  every code, their average at stage 1's shares (what the frequencies add),
-  weighed as `excess` weighs;
-* keep: p where p > t (the threshold alone, nothing subtracted).
-
-Where no code clears its threshold, every rule draws the code nearest it.
+--discount_rule: the library's rule (squared, the default) or a control
+of the discount's shape, for this process (`experiments.discount_rules`).
 
 --marginals=N also draws N class-balanced samples at each row's setting and
 reports how far their codes' frequencies lie from stage 1's (per level,
@@ -50,7 +38,6 @@ has neither, each pair shares its top codes, and the right side shows
 what they change below them.
 """
 
-import contextlib
 import functools
 import itertools
 import json
@@ -59,19 +46,14 @@ import time
 from absl import app
 from absl import flags
 
+from experiments import discount_rules
 from experiments import prior_attribution
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vqvae2_jax import api
 from vqvae2_jax import builders
 from vqvae2_jax import images as images_lib
-from vqvae2_jax import sampling
-
-RULES = ('squared', 'excess', 'flat', 'keep')
-LIBRARY_RULE = 'squared'  # `sampling.discount_logits`.
-
 
 def _define_flags():
   """This script's flags (defined only when it runs)."""
@@ -100,63 +82,11 @@ def _define_flags():
           'contrast here (PNG).'),
       'grid_per_class': flags.DEFINE_integer(
           'grid_per_class', 8, 'Samples of each class on each side of --grid.'),
-      'discount_rule': flags.DEFINE_enum(
-          'discount_rule', LIBRARY_RULE, RULES, "The discount's shape: the "
-          "library's (squared) or a control (see the module's docstring)."),
+      'discount_rule': discount_rules.define_flag(),
       'marginals': flags.DEFINE_integer(
           'marginals', 0, "Also each row's samples' code frequencies against "
           "stage 1's, over this many samples (0: not measured)."),
   }
-
-
-def _rule_logits(weight):
-  """A `sampling.discount_logits` that draws each code with weight(p, t)
-  where p > t (t its discount), else the code nearest its threshold."""
-
-  def discount_logits(logits, code_discount):
-    if code_discount is None:
-      return logits
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    excess = p - code_discount
-    best = jnp.max(excess, axis=-1, keepdims=True)
-    keep = (excess > 0) | ((best <= 0) & (excess == best))
-    above = excess > 0
-    return jnp.where(keep, jnp.log(jnp.where(
-        above, weight(jnp.where(above, p, 1.0), code_discount), 1.0)),
-                     -jnp.inf)
-  return discount_logits
-
-
-_RULE_LOGITS = {
-    'excess': _rule_logits(lambda p, t: p - t),
-    'flat': _rule_logits(lambda p, t: p - t),  # With flat thresholds.
-    'keep': _rule_logits(lambda p, t: p),
-}
-
-
-@contextlib.contextmanager
-def discount_rule(pipe: api.Pipeline, rule: str):
-  """Within it, `pipe` samples its discount by `rule` (RULES; the
-  module's docstring): 'flat' sets its code frequencies to 1 / K each,
-  and every rule but the library's replaces `sampling.discount_logits` for
-  the process (the compiled samplers are dropped on entry and exit, so
-  none is kept across the change)."""
-  if rule not in RULES:
-    raise ValueError(f'Unknown discount rule {rule!r}; one of {RULES}.')
-  saved = sampling.discount_logits
-  if rule == 'flat':
-    pipe.code_frequencies = lambda: [
-        np.full(len(f), 1.0 / len(f))
-        for f in api.Pipeline.code_frequencies(pipe)]
-  if rule in _RULE_LOGITS:
-    sampling.discount_logits = _RULE_LOGITS[rule]
-  sampling._build.cache_clear()  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    sampling.discount_logits = saved
-    sampling._build.cache_clear()  # pylint: disable=protected-access
-    vars(pipe).pop('code_frequencies', None)
 
 
 def temperatures(values: list[str] | None) -> list[float | None]:
@@ -203,7 +133,7 @@ def marginals(pipe: api.Pipeline, contrast, guidance, num_samples: int,
 def sweep(pipe: api.Pipeline, contrasts, guidances, num_samples: int,
           report=print, seed: int | None = None,
           marginal_samples: int = 0, discounts=(0.0,),
-          rule: str = LIBRARY_RULE, temperatures=(None,)) -> list[dict]:
+          rule: str = discount_rules.LIBRARY_RULE, temperatures=(None,)) -> list[dict]:
   """One row per (guidance, temperature, contrast, discount) (a
   temperature of None: the config's): `Pipeline.evaluate`'s
   samples (drawn with `seed`, the config's when None), and with
@@ -267,7 +197,7 @@ def main(argv, flag_values):
                for d in flag_values['discount'].value]
   seed = flag_values['seed'].value
   rule = flag_values['discount_rule'].value
-  with discount_rule(pipe, rule):
+  with discount_rules.discount_rule(pipe, rule):
     rows = sweep(pipe, contrasts, guidances,
                  flag_values['num_samples'].value, seed=seed,
                  marginal_samples=flag_values['marginals'].value,

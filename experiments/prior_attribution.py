@@ -24,9 +24,11 @@ A --guidance entry with colons guides each level by its own scale, top
 first (--guidance=1.3:1 guides the top prior only): where guidance acts.
 The priors draw with the config's `sampling.contrast` and
 `sampling.discount` (by stage 1's code frequencies), or --contrast and
---discount (one value, or one per level top first: 0:8). Until stop 53
-they drew without either: --contrast=0 --discount=0 gives the rows
-measured then.
+--discount (one value, or one per level top first: 0:8), the discount by
+--discount_rule (`experiments.discount_rules`: the library's squared rule
+by default; stop 53's rows were drawn by `excess`). Until stop 53 they
+drew without either: --contrast=0 --discount=0 gives the rows measured
+then.
 
 --pipeline takes anything `Pipeline.load` takes (a shipped name such as
 fashion_mnist_long128, an exported file) in place of --config and
@@ -44,6 +46,7 @@ import time
 
 from absl import app
 from absl import flags
+from experiments import discount_rules
 import jax
 from ml_collections import config_flags
 import numpy as np
@@ -79,7 +82,9 @@ def _define_flags():
   limit = flags.DEFINE_integer(
       'limit', 0, 'Held-out images used (the first ones); 0: all.')
   out = flags.DEFINE_string('out', None, 'JSON file of the rows.')
-  return config, workdir, guidance, limit, out, pipeline, contrast, discount
+  rule = discount_rules.define_flag()
+  return (config, workdir, guidance, limit, out, pipeline, contrast, discount,
+          rule)
 
 
 def split_images(pipe: api.Pipeline, split: str, mesh=None,
@@ -166,14 +171,24 @@ def decoded_features(pipe: api.Pipeline, features, level_codes, batch: int
 def attribution(config, workdir: str, guidances: list[Guidance] | None,
                 limit: int | None = None, report=print,
                 contrast: Guidance | None = None,
-                discount: Guidance | None = None) -> dict:
+                discount: Guidance | None = None,
+                rule: str = discount_rules.LIBRARY_RULE) -> dict:
   """The rows (see the module docstring), per guidance.
 
   `config` None: `workdir` is anything `Pipeline.load` takes, sampled at
   its own config. `guidances` None: the config's. `contrast`, `discount`
-  None: the config's (`sampling.contrast`, `sampling.discount`).
+  None: the config's (`sampling.contrast`, `sampling.discount`). `rule`:
+  the discount's (`discount_rules.RULES`).
   """
   pipe = api.Pipeline.load(workdir, config, require_priors=True)
+  with discount_rules.discount_rule(pipe, rule):
+    return _attribution(pipe, workdir, guidances, limit, report, contrast,
+                        discount, rule)
+
+
+def _attribution(pipe, workdir, guidances, limit, report, contrast, discount,
+                 rule) -> dict:
+  """`attribution` of a loaded pipeline, under its discount rule."""
   config = pipe.config
   if guidances is None:
     guidances = [builders.sampling_guidance(config)]
@@ -198,6 +213,7 @@ def attribution(config, workdir: str, guidances: list[Guidance] | None,
   result = {'workdir': workdir, 'steps': pipe.steps, **about,
             'contrast': builders.guidance_text(contrast),
             'discount': builders.guidance_text(discount),
+            'discount_rule': rule,
             'held_out_examples': len(labels),
             'reconstructions': score('reconstructions', codes),
             'guidance': {}}
@@ -220,8 +236,8 @@ def attribution(config, workdir: str, guidances: list[Guidance] | None,
 
 def main(argv, flag_values):
   del argv
-  config, workdir, guidance, limit, out, pipeline, contrast, discount = (
-      flag_values)
+  (config, workdir, guidance, limit, out, pipeline, contrast, discount,
+   rule) = flag_values
   by_workdir = (config.value is not None, workdir.value is not None)
   if by_workdir != ((False, False) if pipeline.value else (True, True)):
     raise app.UsageError('Give --pipeline, or both --config and --workdir.')
@@ -233,7 +249,7 @@ def main(argv, flag_values):
       contrast=None if contrast.value is None else parse_guidance(
           contrast.value),
       discount=None if discount.value is None else parse_guidance(
-          discount.value))
+          discount.value), rule=rule.value)
   if out.value:
     files.write_json(out.value, result)
   print(json.dumps(result, indent=1))

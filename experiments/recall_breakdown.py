@@ -42,7 +42,9 @@ were distributed as the data's codes would match the held-out share.
 samples' manifold (covered); on the right, images outside it (missed);
 one class a row, the first --grid_per_class of each in the split's order.
 --pipeline is anything `Pipeline.load` takes: a workdir, an exported
-file, a shipped name.
+file, a shipped name. --discount_rule: the discount's rule
+(`experiments.discount_rules`: the library's squared rule by default;
+stop 53's rows were drawn by `excess`).
 """
 
 import functools
@@ -50,6 +52,7 @@ import json
 
 from absl import app
 from absl import flags
+from experiments import discount_rules
 import jax
 import numpy as np
 
@@ -90,6 +93,7 @@ def _define_flags():
           'here (PNG).'),
       'grid_per_class': flags.DEFINE_integer(
           'grid_per_class', 8, 'Images of each class on each side of --grid.'),
+      'discount_rule': discount_rules.define_flag(),
   }
 
 
@@ -275,10 +279,13 @@ def main(argv, flag_values):
   contrast, discount = (
       None if f[name] is None else tuple(float(c) for c in f[name])
       for name in ('contrast', 'discount'))
-  result = rows(api.Pipeline.load(f['pipeline']), f['num_samples'],
-                guidance=guidance, temperature=f['temperature'],
-                grid=f['grid'], grid_per_class=f['grid_per_class'],
-                contrast=contrast, discount=discount)
+  pipe = api.Pipeline.load(f['pipeline'])
+  with discount_rules.discount_rule(pipe, f['discount_rule']):
+    result = rows(pipe, f['num_samples'], guidance=guidance,
+                  temperature=f['temperature'], grid=f['grid'],
+                  grid_per_class=f['grid_per_class'], contrast=contrast,
+                  discount=discount)
+  result['discount_rule'] = f['discount_rule']
   text = json.dumps(result, indent=1)
   print(text)
   if f['out']:

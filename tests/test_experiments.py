@@ -1080,12 +1080,17 @@ def test_prior_attribution_keeps_the_upper_codes_and_scores_each_row(
       prior_attribution.main([], (flag(value=given[0]), flag(value=given[1]),
                                   flag(value=None), flag(value=0),
                                   flag(value=None), flag(value=given[2]),
-                                  flag(value=None), flag(value=None)))
+                                  flag(value=None), flag(value=None),
+                                  flag(value='squared')))
 
   result = prior_attribution.attribution(
       config, str(workdir), [1.0, 2.0, (2.0, 1.0)], limit=20,
       report=lambda line: None)
   assert result['discount'] == result['contrast'] == '0:0'  # The config's.
+  assert result['discount_rule'] == 'squared'  # The library's.
+  with pytest.raises(ValueError, match='Unknown discount rule'):
+    prior_attribution.attribution(config, str(workdir), None, limit=20,
+                                  rule='hard')
   assert result['held_out_examples'] == 20
   assert result['reconstructions']['num_examples'] == 20
   assert sorted(result['guidance']) == ['1.0', '2.0', '2:1']
@@ -1232,6 +1237,24 @@ def test_recall_breakdown_rows(monkeypatch, tmp_path, tiny_judge,
   h, w = images.shape[1:3]
   picture = np.asarray(Image.open(grid))
   assert picture.shape == (10 * (h + 2) + 2, 2 * (3 * (w + 2) + 2) + 8)
+  # The command line: the rows drawn under --discount_rule, named in the
+  # JSON; the library's rule back after it.
+  from experiments import discount_rules  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import sampling  # pylint: disable=g-import-not-at-top
+  under = []
+  monkeypatch.setattr(recall_breakdown, 'rows', lambda *_, **kw: (
+      under.append((sampling.discount_logits, kw['discount'])), {})[1])
+  flag = lambda value: types.SimpleNamespace(value=value)
+  out = tmp_path / 'breakdown.json'
+  recall_breakdown.main([], {
+      'pipeline': flag(workdir), 'num_samples': flag(20),
+      'guidance': flag(None), 'temperature': flag(None),
+      'contrast': flag(None), 'discount': flag(['0', '3']),
+      'out': flag(str(out)), 'grid': flag(None), 'grid_per_class': flag(3),
+      'discount_rule': flag('excess')})
+  assert under == [(discount_rules._RULE_LOGITS['excess'], (0.0, 3.0))]  # pylint: disable=protected-access
+  assert json.loads(out.read_text()) == {'discount_rule': 'excess'}
+  assert sampling.discount_logits is not under[0][0]
 
 
 def test_covered_and_missed_rows_by_class():
@@ -1606,10 +1629,11 @@ def test_contrast_sweep_rows_are_the_evaluations_of_each_setting(
   np.testing.assert_array_equal(left, images_lib.image_grid(plain, 2)[..., 0])
 
 
-def test_contrast_sweep_discount_rules_are_controls_of_one_process(
+def test_discount_rules_are_controls_of_one_process(
     stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
   from experiments import contrast_sweep
+  from experiments import discount_rules
   from vqvae2_jax import api
   from vqvae2_jax import sampling
   # pylint: enable=g-import-not-at-top
@@ -1620,8 +1644,8 @@ def test_contrast_sweep_discount_rules_are_controls_of_one_process(
   want = {'excess': [0.4, 0.0, 0.15], 'flat': [0.4, 0.0, 0.15],
           'keep': [0.5, 0.0, 0.2],
           'squared': [0.4 ** 2 / 0.5, 0.0, 0.15 ** 2 / 0.2]}
-  rules = dict(contrast_sweep._RULE_LOGITS, squared=sampling.discount_logits)  # pylint: disable=protected-access
-  assert sorted(rules) == sorted(contrast_sweep.RULES)
+  rules = dict(discount_rules._RULE_LOGITS, squared=sampling.discount_logits)  # pylint: disable=protected-access
+  assert sorted(rules) == sorted(discount_rules.RULES)
   for rule, weights in want.items():
     got = np.exp(np.asarray(rules[rule](np.log(p), t)))
     np.testing.assert_allclose(got[0], weights, rtol=1e-5, atol=1e-7)
@@ -1633,12 +1657,12 @@ def test_contrast_sweep_discount_rules_are_controls_of_one_process(
   labels = [0, 3, 9, 4]
   _, library = pipe.sample(labels, discount=(0.0, 3.0), key=7)
   library_rule = sampling.discount_logits
-  with contrast_sweep.discount_rule(pipe, 'excess'):
+  with discount_rules.discount_rule(pipe, 'excess'):
     _, excess = pipe.sample(labels, discount=(0.0, 3.0), key=7)
   assert not np.array_equal(excess[1], library[1])
   # flat: one threshold d / K for every code; the marginals still measure
   # against stage 1's shares.
-  with contrast_sweep.discount_rule(pipe, 'flat'):
+  with discount_rules.discount_rule(pipe, 'flat'):
     k = len(frequencies[1])
     np.testing.assert_allclose(pipe.code_discount((0.0, 3.0))[1],
                                np.full(k, 3.0 / k), rtol=1e-6)
@@ -1648,8 +1672,8 @@ def test_contrast_sweep_discount_rules_are_controls_of_one_process(
                              3.0 * frequencies[1], rtol=1e-6)
   # keep: the samplers compiled before it are dropped (the same call draws
   # other codes under it), and the library's rule is back after it.
-  with contrast_sweep.discount_rule(pipe, 'keep'):
-    assert sampling.discount_logits is contrast_sweep._RULE_LOGITS['keep']  # pylint: disable=protected-access
+  with discount_rules.discount_rule(pipe, 'keep'):
+    assert sampling.discount_logits is discount_rules._RULE_LOGITS['keep']  # pylint: disable=protected-access
     _, kept = pipe.sample(labels, discount=(0.0, 3.0), key=7)
   np.testing.assert_array_equal(kept[0], library[0])
   assert not np.array_equal(kept[1], library[1])
@@ -1669,5 +1693,5 @@ def test_contrast_sweep_discount_rules_are_controls_of_one_process(
       pipe, [0.0], [1.0], 20, report=lambda _: None)[0]['discount_rule'] == (
           'squared')
   with pytest.raises(ValueError, match='Unknown discount rule'):
-    with contrast_sweep.discount_rule(pipe, 'hard'):
+    with discount_rules.discount_rule(pipe, 'hard'):
       pass
