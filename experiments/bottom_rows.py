@@ -24,7 +24,10 @@ training images' variants better than the held-out ones'.
 cache carries the true map, not the drawn one): with R = 0, every
 position's draw from the prior's conditional given the true past, so no
 early choice can lead the later ones astray. --contrast and --discount
-draw with the lowest level's `sampling.contrast` and `sampling.discount`.
+draw with the lowest level's `sampling.contrast` and `sampling.discount`,
+the discount by --discount_rule (`experiments.discount_rules`: the
+library's squared rule by default; stop 52's rows were drawn by
+`excess`).
 
 The draws are the cached sampler's: position t = r * w + c of example i
 draws with the noise `sampling.sample_level` uses at guidance 1, so with
@@ -43,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import discount_rules
 from experiments import prior_attribution
 from vqvae2_jax import api
 from vqvae2_jax import sampling
@@ -74,6 +78,7 @@ def _define_flags():
           'teacher_forced', False, 'Draw each position given the true codes '
           'before it, not the drawn ones (no error carried forward).'),
       'out': flags.DEFINE_string('out', None, 'Also write the JSON here.'),
+      'discount_rule': discount_rules.define_flag(),
   }
 
 
@@ -207,14 +212,20 @@ def bottom_rows(pipe: api.Pipeline, rows: Sequence[int],
 def main(argv, flag_values):
   del argv
   pipeline = flag_values['pipeline'].value
-  result = {'pipeline': pipeline, **bottom_rows(
-      api.Pipeline.load(pipeline, require_priors=True),
-      [int(r) for r in flag_values['rows'].value],
-      flag_values['limit'].value or None,
-      split=flag_values['split'].value,
-      contrast=flag_values['contrast'].value,
-      discount=flag_values['discount'].value,
-      teacher_forced=flag_values['teacher_forced'].value)}
+  pipe = api.Pipeline.load(pipeline, require_priors=True)
+  rule = flag_values['discount_rule'].value
+  with discount_rules.discount_rule(pipe, rule):
+    _completer.cache_clear()  # Compiled under the rule it draws by.
+    try:
+      result = {'pipeline': pipeline, 'discount_rule': rule, **bottom_rows(
+          pipe, [int(r) for r in flag_values['rows'].value],
+          flag_values['limit'].value or None,
+          split=flag_values['split'].value,
+          contrast=flag_values['contrast'].value,
+          discount=flag_values['discount'].value,
+          teacher_forced=flag_values['teacher_forced'].value)}
+    finally:
+      _completer.cache_clear()
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)

@@ -1347,7 +1347,7 @@ def _lowest_level_held_out(stage2_workdir, stage2_config, limit=8):
 
 
 def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
-    monkeypatch, tiny_judge, stage2_workdir, stage2_config):
+    monkeypatch, tmp_path, tiny_judge, stage2_workdir, stage2_config):
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
@@ -1445,6 +1445,25 @@ def test_bottom_rows_keeps_a_prefix_and_draws_the_rest_as_the_sampler(
           pipe, features, codes, int(pipe.config.eval.batch_size)),
       train_labels)
   assert trained['rows'][0] == {'rows_kept': height, **want_row}
+  # The command line: the rows drawn under --discount_rule with completers
+  # compiled under it, named in the JSON; the library's rule back after.
+  from experiments import discount_rules  # pylint: disable=g-import-not-at-top
+  bottom_rows.complete_rows(pipe, upper, true, labels, 0, rng, n)
+  under = []
+  monkeypatch.setattr(bottom_rows, 'bottom_rows', lambda *_, **kw: (
+      under.append((sampling.discount_logits, kw['discount'],
+                    bottom_rows._completer.cache_info().currsize)), {})[1])  # pylint: disable=protected-access
+  flag = lambda value: types.SimpleNamespace(value=value)
+  out = tmp_path / 'rows.json'
+  bottom_rows.main([], {
+      'pipeline': flag(stage2_workdir[0]), 'rows': flag(['0']),
+      'limit': flag(8), 'split': flag(None), 'contrast': flag(0.0),
+      'discount': flag(3.0), 'teacher_forced': flag(False),
+      'out': flag(str(out)), 'discount_rule': flag('excess')})
+  assert under == [(discount_rules._RULE_LOGITS['excess'], 3.0, 0)]  # pylint: disable=protected-access
+  assert json.loads(out.read_text()) == {
+      'pipeline': stage2_workdir[0], 'discount_rule': 'excess'}
+  assert sampling.discount_logits is not under[0][0]
 
 
 def test_prior_mixture_mixes_the_members_position_by_position(
