@@ -10,7 +10,9 @@ its context, each code above its threshold is drawn with weight:
 * flat: p - d / K where p > d / K, K the codebook's size: one threshold for
   every code, their average at stage 1's shares (what the frequencies
   add), weighed as `excess` weighs;
-* keep: p (the threshold alone, nothing subtracted).
+* keep: p (the threshold alone, nothing subtracted);
+* cubed, quartic: (p - t)^3 / p^2, (p - t)^4 / p^3 (steeper fades at the
+  threshold than the library's).
 
 Where no code clears its threshold, every rule draws the code nearest it.
 `contrast_sweep`, `prior_attribution` and `recall_breakdown` take
@@ -27,7 +29,7 @@ import numpy as np
 from vqvae2_jax import api
 from vqvae2_jax import sampling
 
-RULES = ('squared', 'excess', 'flat', 'keep')
+RULES = ('squared', 'excess', 'flat', 'keep', 'cubed', 'quartic')
 LIBRARY_RULE = 'squared'  # `sampling.discount_logits`.
 
 
@@ -60,6 +62,8 @@ _RULE_LOGITS = {
     'excess': _rule_logits(lambda p, t: p - t),
     'flat': _rule_logits(lambda p, t: p - t),  # With flat thresholds.
     'keep': _rule_logits(lambda p, t: p),
+    'cubed': _rule_logits(lambda p, t: (p - t) ** 3 / p ** 2),
+    'quartic': _rule_logits(lambda p, t: (p - t) ** 4 / p ** 3),
 }
 
 

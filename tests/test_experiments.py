@@ -1662,7 +1662,9 @@ def test_discount_rules_are_controls_of_one_process(
   t = np.array([0.1, 0.35, 0.05], np.float32)
   want = {'excess': [0.4, 0.0, 0.15], 'flat': [0.4, 0.0, 0.15],
           'keep': [0.5, 0.0, 0.2],
-          'squared': [0.4 ** 2 / 0.5, 0.0, 0.15 ** 2 / 0.2]}
+          'squared': [0.4 ** 2 / 0.5, 0.0, 0.15 ** 2 / 0.2],
+          'cubed': [0.4 ** 3 / 0.5 ** 2, 0.0, 0.15 ** 3 / 0.2 ** 2],
+          'quartic': [0.4 ** 4 / 0.5 ** 3, 0.0, 0.15 ** 4 / 0.2 ** 3]}
   rules = dict(discount_rules._RULE_LOGITS, squared=sampling.discount_logits)  # pylint: disable=protected-access
   assert sorted(rules) == sorted(discount_rules.RULES)
   for rule, weights in want.items():
