@@ -214,18 +214,14 @@ def main(argv, flag_values):
   pipeline = flag_values['pipeline'].value
   pipe = api.Pipeline.load(pipeline, require_priors=True)
   rule = flag_values['discount_rule'].value
-  with discount_rules.discount_rule(pipe, rule):
-    _completer.cache_clear()  # Compiled under the rule it draws by.
-    try:
-      result = {'pipeline': pipeline, 'discount_rule': rule, **bottom_rows(
-          pipe, [int(r) for r in flag_values['rows'].value],
-          flag_values['limit'].value or None,
-          split=flag_values['split'].value,
-          contrast=flag_values['contrast'].value,
-          discount=flag_values['discount'].value,
-          teacher_forced=flag_values['teacher_forced'].value)}
-    finally:
-      _completer.cache_clear()
+  with discount_rules.discount_rule(pipe, rule, compiled=(_completer,)):
+    result = {'pipeline': pipeline, 'discount_rule': rule, **bottom_rows(
+        pipe, [int(r) for r in flag_values['rows'].value],
+        flag_values['limit'].value or None,
+        split=flag_values['split'].value,
+        contrast=flag_values['contrast'].value,
+        discount=flag_values['discount'].value,
+        teacher_forced=flag_values['teacher_forced'].value)}
   if flag_values['out'].value:
     with open(flag_values['out'].value, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True, default=str)

@@ -20,6 +20,7 @@ Where no code clears its threshold, every rule draws the code nearest it.
 """
 
 import contextlib
+from typing import Any
 
 from absl import flags
 import jax
@@ -68,12 +69,14 @@ _RULE_LOGITS = {
 
 
 @contextlib.contextmanager
-def discount_rule(pipe: api.Pipeline, rule: str):
+def discount_rule(pipe: api.Pipeline, rule: str,
+                  compiled: tuple[Any, ...] = ()):
   """Within it, `pipe` samples its discount by `rule` (RULES; the
   module's docstring): 'flat' sets its code frequencies to 1 / K each,
   and every rule but the library's replaces `sampling.discount_logits` for
-  the process (the compiled samplers are dropped on entry and exit, so
-  none is kept across the change)."""
+  the process. The compiled samplers, and the caller's own lru-cached
+  programs in `compiled`, are dropped on entry and exit, so none is kept
+  across the change."""
   if rule not in RULES:
     raise ValueError(f'Unknown discount rule {rule!r}; one of {RULES}.')
   saved = sampling.discount_logits
@@ -83,10 +86,13 @@ def discount_rule(pipe: api.Pipeline, rule: str):
         for f in api.Pipeline.code_frequencies(pipe)]
   if rule in _RULE_LOGITS:
     sampling.discount_logits = _RULE_LOGITS[rule]
-  sampling._build.cache_clear()  # pylint: disable=protected-access
+  caches = (sampling._build, *compiled)  # pylint: disable=protected-access
+  for cache in caches:
+    cache.cache_clear()
   try:
     yield
   finally:
     sampling.discount_logits = saved
-    sampling._build.cache_clear()  # pylint: disable=protected-access
+    for cache in caches:
+      cache.cache_clear()
     vars(pipe).pop('code_frequencies', None)
