@@ -14,6 +14,7 @@ paying JAX's start-up.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,3 +155,71 @@ def test_a_config_mistake_is_reported_before_tensorflow_loads(tmp_path):
   assert 'Error: config.prior.log_every: is 0' in done.stderr, done.stderr
   assert 'loaded: []' in done.stderr, done.stderr
   assert not (tmp_path / 'w').exists()
+
+
+# Runs the stages that read no images in an interpreter where TensorFlow,
+# tfds, clu and TensorBoard are absent (found by no finder, as on an image
+# with JAX alone: `import` raises ModuleNotFoundError and
+# `importlib.util.find_spec` says None), then asks for one that reads images.
+# Prints one JSON line: what loaded of them, and the refusal's message.
+_ABSENT_RUN = """
+import json, sys
+BLOCKED = {blocked!r}
+FINDERS = list(sys.meta_path)
+class Absent:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      return None
+    for finder in FINDERS:
+      spec = finder.find_spec(name, path, target)
+      if spec is not None:
+        return spec
+    return None
+  def invalidate_caches(self):
+    for finder in FINDERS:
+      getattr(finder, 'invalidate_caches', lambda: None)()
+sys.meta_path[:] = [Absent()]
+from experiments import prior_families
+from vqvae2_jax import errors, stages
+config = prior_families.smoke_config()
+config.prior.num_train_steps = 2
+config.prior.log_every = 1
+for mode in ('prior', 'sample', 'export'):
+  stages.run(mode, config, sys.argv[1])
+try:
+  stages.run('eval', config, sys.argv[1])
+  refusal = None
+except errors.MissingPackageError as e:
+  refusal = str(e)
+print(json.dumps({{'loaded': sorted({{m.split('.')[0] for m in sys.modules}}
+                                    & set(BLOCKED)), 'refusal': refusal}}))
+"""
+
+
+def test_priors_samples_and_export_run_without_tensorflow(codes_workdir,
+                                                          tmp_path):
+  # A GPU or TPU image with JAX alone trains the priors on extracted codes,
+  # samples and exports; the curves go to scalars.jsonl in place of
+  # TensorBoard's files, and a stage that reads images says what to install.
+  workdir = tmp_path / 'w'
+  shutil.copytree(codes_workdir, workdir)
+  done = subprocess.run(
+      [sys.executable, '-c', _ABSENT_RUN.format(blocked=_BLOCKED),
+       str(workdir)], cwd=_ROOT, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.splitlines()[-1])
+  assert result['loaded'] == []
+  assert 'pip install tensorflow-datasets' in result['refusal'], result
+  assert 'No TensorBoard files' in done.stderr
+  for level in (0, 1):
+    stage = workdir / f'prior_{level}'
+    rows = [json.loads(l) for l in
+            (stage / 'scalars.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows if 'train/loss' in r] == [1, 2]
+    assert any('eval/bits_per_code' in r for r in rows), rows
+    assert not list(stage.glob('events.out.tfevents*'))
+    assert json.loads((stage / 'metrics.json').read_text())['step'] == 2
+  (run,) = (workdir / 'samples').iterdir()
+  assert (run / 'samples.png').read_bytes()[:4] == b'\x89PNG'
+  assert list((workdir / 'export').glob('*.msgpack'))

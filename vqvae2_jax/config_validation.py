@@ -52,7 +52,14 @@ def known_dataset(name: str) -> bool:
   """Whether `name` is 'image_folder' or a registered tfds dataset."""
   if name == 'image_folder':
     return True
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    raise errors.MissingPackageError(
+        f'data.name={name!r} is looked up in tfds, which is not installed '
+        f'({e}; --mode=prior, sample and export do not look it up). Fix: '
+        'pip install tensorflow-datasets tensorflow-cpu (or pip '
+        'install -e . in a checkout).') from e
   # The registered builders only: the community list is fetched from
   # gs://, which prints credential warnings on machines without them.
   return name.split(':')[0].split('/')[0] in tfds.list_builders(

@@ -23,6 +23,7 @@ turns it off.
 import contextlib
 import functools
 import io
+import json
 import logging as py_logging
 import os
 import re
@@ -31,6 +32,8 @@ import time
 from typing import Any, Iterator, Mapping, Optional, TYPE_CHECKING
 
 from absl import logging
+
+from vqvae2_jax import workdir as workdir_lib
 
 if TYPE_CHECKING:
   # For annotations only: clu needs TensorFlow (`create_writer` imports it).
@@ -507,10 +510,59 @@ def tensorflow() -> Any:
 
 
 def create_writer(logdir: str) -> 'metric_writers.MetricWriter':
-  """TensorBoard event files in `logdir` plus the log; process 0 only writes."""
-  tensorflow()  # clu's writers import it: quietly and on the host.
-  # pylint: disable-next=g-import-not-at-top,redefined-outer-name
-  from clu import metric_writers
+  """TensorBoard event files in `logdir` plus the log; process 0 only writes.
+
+  Where clu or TensorFlow is not installed (an accelerator image with JAX
+  alone), a `JsonLinesWriter` instead: the scalars in the log and in
+  `workdir.scalars_jsonl(logdir)`, the images left out (each stage also
+  writes its grids as PNG files); one warning says so.
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  try:
+    tensorflow()  # clu's writers import it: quietly and on the host.
+    # pylint: disable-next=g-import-not-at-top,redefined-outer-name
+    from clu import metric_writers
+  except ImportError as e:
+    _warn_without_tensorboard(str(e))
+    return JsonLinesWriter(logdir if jax.process_index() == 0 else None)
   return metric_writers.create_default_writer(
       logdir, just_logging=jax.process_index() > 0)
+
+
+@functools.cache
+def _warn_without_tensorboard(reason: str) -> None:
+  logging.warning(
+      'No TensorBoard files (%s): each stage logs its scalars to log.txt and '
+      'scalars.jsonl instead. Fix: pip install tensorflow-cpu clu for '
+      'TensorBoard.', reason)
+
+
+class JsonLinesWriter:
+  """clu's `MetricWriter` calls without clu: scalars to the log and, given a
+  directory, appended to its scalars.jsonl (one line a write, flushed);
+  images are skipped, hyperparameters logged."""
+
+  def __init__(self, logdir: Optional[str]):
+    self._path = None
+    if logdir is not None:
+      self._path = workdir_lib.scalars_jsonl(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    values = {k: float(v) for k, v in scalars.items()}
+    logging.info('[%d] %s', step,
+                 ', '.join(f'{k}={v:.6g}' for k, v in values.items()))
+    if self._path is not None:
+      with open(self._path, 'a') as f:
+        f.write(json.dumps({'step': int(step), **values}) + '\n')
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    del step, images  # The stages write their grids as PNG files too.
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    logging.info('Hyperparameters: %s', dict(hparams))
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass

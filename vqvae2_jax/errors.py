@@ -33,6 +33,12 @@ class MissingStageError(UserError, FileNotFoundError):
   """
 
 
+class MissingPackageError(UserError, ImportError):
+  """A package that reading images needs (TensorFlow, tfds) is not installed:
+  an accelerator image with JAX alone. The message names the modes that run
+  without it."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """Checkpoints written for another config, or trained on other codes.
 

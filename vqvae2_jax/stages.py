@@ -37,6 +37,9 @@ _STAGES = {
 STAGE_ORDER = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
                'export')
 MODES = tuple(_STAGES) + ('all',)
+# The stages that read no images (codes and weights only): they need neither
+# TensorFlow nor tfds (tests/test_imports.py runs them without).
+_WITHOUT_IMAGES = ('prior', 'sample', 'export')
 
 
 def modes_of_all(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -68,7 +71,31 @@ def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]
   if mode not in _STAGES:
     raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
   module_name, fn_name = _STAGES[mode]
-  return getattr(importlib.import_module(module_name), fn_name)
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    raise _missing_package(mode, e) from e
+  return getattr(module, fn_name)
+
+
+# What the stages that read images import, and what installs it.
+_IMAGE_PACKAGES = {'tensorflow': 'tensorflow-cpu',
+                   'tensorflow_datasets': 'tensorflow-datasets',
+                   'clu': 'clu'}
+
+
+def _missing_package(mode: str, e: ModuleNotFoundError) -> Exception:
+  """errors.MissingPackageError for a package of `_IMAGE_PACKAGES` that is
+  not installed, naming what to install; `e` itself for any other module."""
+  root = (e.name or '').split('.')[0]
+  if root not in _IMAGE_PACKAGES:
+    return e
+  return errors.MissingPackageError(
+      f'--mode={mode} reads the dataset with TensorFlow and tfds, and '
+      f'{root} is not installed (an image with JAX alone?); --mode='
+      f'{", ".join(_WITHOUT_IMAGES)} run without them, from a workdir\'s '
+      f'codes and weights. Fix: pip install {_IMAGE_PACKAGES[root]} (or '
+      'pip install -e . in a checkout, which installs every dependency).')
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -91,7 +118,12 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.maybe_initialize_distributed()
   if jax.process_index() > 0:
     console.follow()  # Process 0 speaks for all.
-  config_validation.validate_config(config, num_devices=jax.device_count())
+  # The dataset's name is looked up in tfds only where images are read: the
+  # priors, samples and export run from a workdir's codes and weights, and on
+  # an accelerator image without TensorFlow or tfds.
+  config_validation.validate_config(
+      config, num_devices=jax.device_count(),
+      check_dataset=mode not in _WITHOUT_IMAGES)
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
   modes = modes_of_all(config) if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):

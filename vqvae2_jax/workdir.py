@@ -18,7 +18,9 @@ A workdir holds:
   export/             --mode=export: <data>_vqvae<s>_prior<s>[_float16].msgpack
 
 Every stage's directory (e.g. vqvae/) keeps its orbax checkpoints in
-checkpoints/, its final metrics in metrics.json and its log in log.txt.
+checkpoints/, its final metrics in metrics.json and its log in log.txt;
+its curves in TensorBoard's event files, or in scalars.jsonl where
+TensorFlow and clu are not installed.
 These names are those of every workdir written so far: old workdirs keep
 working. Paths are absolute strings.
 """
@@ -140,3 +142,10 @@ def progress_json(stage_dir: 'str | os.PathLike[str]') -> str:
 def log_txt(stage_dir: 'str | os.PathLike[str]') -> str:
   """A stage's full log: <stage_dir>/log.txt."""
   return os.path.join(os.fspath(stage_dir), 'log.txt')
+
+
+def scalars_jsonl(stage_dir: 'str | os.PathLike[str]') -> str:
+  """A stage's logged scalars, one JSON line per write, where TensorBoard's
+  event files cannot be written (no TensorFlow or clu, e.g. an accelerator
+  image): <stage_dir>/scalars.jsonl."""
+  return os.path.join(os.fspath(stage_dir), 'scalars.jsonl')
