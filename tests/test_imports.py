@@ -180,19 +180,28 @@ class Absent:
       getattr(finder, 'invalidate_caches', lambda: None)()
 sys.meta_path[:] = [Absent()]
 from experiments import prior_families
+import vqvae2_jax
 from vqvae2_jax import errors, stages
 config = prior_families.smoke_config()
 config.prior.num_train_steps = 2
 config.prior.log_every = 1
+# Image folders need no tfds to be named: their stage 1 refuses as it reads.
+image_folder = config.copy_and_resolve_references()
+image_folder.data.name = 'image_folder'
+image_folder.data.image_folder = sys.argv[1]
 for mode in ('prior', 'sample', 'export'):
   stages.run(mode, config, sys.argv[1])
-try:
-  stages.run('eval', config, sys.argv[1])
-  refusal = None
-except errors.MissingPackageError as e:
-  refusal = str(e)
+refusals = []
+for refused in (lambda: stages.run('eval', config, sys.argv[1]),
+                lambda: stages.run('vqvae', image_folder, sys.argv[1]),
+                lambda: vqvae2_jax.Pipeline.load(sys.argv[1]).evaluate(10)):
+  try:
+    refused()
+    refusals.append(None)
+  except errors.MissingPackageError as e:
+    refusals.append(str(e))
 print(json.dumps({{'loaded': sorted({{m.split('.')[0] for m in sys.modules}}
-                                    & set(BLOCKED)), 'refusal': refusal}}))
+                                    & set(BLOCKED)), 'refusals': refusals}}))
 """
 
 
@@ -210,7 +219,11 @@ def test_priors_samples_and_export_run_without_tensorflow(codes_workdir,
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.splitlines()[-1])
   assert result['loaded'] == []
-  assert 'pip install tensorflow-datasets' in result['refusal'], result
+  eval_mode, vqvae_mode, evaluate = result['refusals']
+  assert 'pip install tensorflow-datasets' in eval_mode, result
+  assert vqvae_mode.startswith('--mode=vqvae reads the dataset'), result
+  assert 'Fix: pip install tensorflow-cpu tensorflow-datasets' in vqvae_mode
+  assert evaluate.startswith('Pipeline.evaluate reads the dataset'), result
   assert 'No TensorBoard files' in done.stderr
   for level in (0, 1):
     stage = workdir / f'prior_{level}'

@@ -1020,6 +1020,8 @@ class Pipeline:
         kind.
       errors.ConfigError: an unknown ruler, or one that needs the domain
         classifier of a workdir for a pipeline loaded from a file.
+      errors.MissingPackageError: TensorFlow or tfds, which read the
+        dataset, is not installed.
     """
     self._needs_priors('Evaluating')
     n = _integer(num_samples)
@@ -1038,7 +1040,13 @@ class Pipeline:
           'guidance out.')
     rng = _prng_key(self.config.seed if key is None else key)
     # The eval reads data (tf.data): imported here, not with the API.
-    from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+    try:
+      from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+    except ModuleNotFoundError as e:
+      missing = errors.missing_image_package('Pipeline.evaluate', e)
+      if missing is None:
+        raise
+      raise missing from e
     return eval_run.evaluate_pipeline(
         self, n, rng=rng,
         temperature=s.temperature if temperature is None else temperature,

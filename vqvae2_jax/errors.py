@@ -39,6 +39,28 @@ class MissingPackageError(UserError, ImportError):
   without it."""
 
 
+# What reading a dataset imports: tf.data and tfds (and clu, whose
+# TensorBoard writer the stages fall back from without it).
+IMAGE_PACKAGES = ('tensorflow', 'tensorflow_datasets', 'clu')
+
+
+def missing_image_package(doing: str, e: ModuleNotFoundError
+                          ) -> 'MissingPackageError | None':
+  """A MissingPackageError saying that `doing` (e.g. '--mode=eval') reads
+  the dataset and what to install, where `e` is about a package of
+  IMAGE_PACKAGES; None for any other module (re-raise `e`)."""
+  root = (e.name or '').split('.')[0]
+  if root not in IMAGE_PACKAGES:
+    return None
+  return MissingPackageError(
+      f'{doing} reads the dataset with TensorFlow and tfds, and {root} is '
+      'not installed (an image with JAX alone?); --mode=prior, sample and '
+      "export run without them, from a workdir's codes and weights, as do "
+      "the Pipeline's load, sample, encode and decode. Fix: pip install "
+      'tensorflow-cpu tensorflow-datasets (or pip install -e . in a '
+      'checkout, which installs every dependency).')
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """Checkpoints written for another config, or trained on other codes.
 

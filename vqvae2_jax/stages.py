@@ -71,31 +71,20 @@ def stage_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]
   if mode not in _STAGES:
     raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
   module_name, fn_name = _STAGES[mode]
+  return getattr(importlib.import_module(module_name), fn_name)
+
+
+def _run_stage(mode: str, config: ml_collections.ConfigDict,
+               workdir: str) -> Any:
+  """Runs one stage; one that reads images where TensorFlow or tfds is not
+  installed raises errors.MissingPackageError (they load with its data)."""
   try:
-    module = importlib.import_module(module_name)
+    return stage_function(mode)(config, workdir)
   except ModuleNotFoundError as e:
-    raise _missing_package(mode, e) from e
-  return getattr(module, fn_name)
-
-
-# What the stages that read images import, and what installs it.
-_IMAGE_PACKAGES = {'tensorflow': 'tensorflow-cpu',
-                   'tensorflow_datasets': 'tensorflow-datasets',
-                   'clu': 'clu'}
-
-
-def _missing_package(mode: str, e: ModuleNotFoundError) -> Exception:
-  """errors.MissingPackageError for a package of `_IMAGE_PACKAGES` that is
-  not installed, naming what to install; `e` itself for any other module."""
-  root = (e.name or '').split('.')[0]
-  if root not in _IMAGE_PACKAGES:
-    return e
-  return errors.MissingPackageError(
-      f'--mode={mode} reads the dataset with TensorFlow and tfds, and '
-      f'{root} is not installed (an image with JAX alone?); --mode='
-      f'{", ".join(_WITHOUT_IMAGES)} run without them, from a workdir\'s '
-      f'codes and weights. Fix: pip install {_IMAGE_PACKAGES[root]} (or '
-      'pip install -e . in a checkout, which installs every dependency).')
+    missing = errors.missing_image_package(f'--mode={mode}', e)
+    if missing is None:
+      raise
+    raise missing from e
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -149,10 +138,10 @@ def _run_modes(modes: tuple[str, ...], config: ml_collections.ConfigDict,
       logging.info('=== Stage %s ===', m)
     start = time.time()
     if m in _LOGGED_BY_TRAINING:  # Writes <stage dir>/log.txt itself.
-      results[m] = stage_function(m)(config, workdir)
+      results[m] = _run_stage(m, config, workdir)
     else:
       with console.buffered_log() as records:
-        results[m] = stage_function(m)(config, workdir)
+        results[m] = _run_stage(m, config, workdir)
       path = _log_path(m, results[m], workdir, start)
       if path is not None and jax.process_index() == 0:
         console.write_log(path, records)
