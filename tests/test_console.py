@@ -1,6 +1,7 @@
 """The console: what a person sees, and the log files that keep the rest."""
 
 import io
+import json
 import logging as py_logging
 import os
 import subprocess
@@ -244,3 +245,24 @@ def test_stages_from_python_show_the_console_and_keep_the_log(tmp_path, mode):
     drawn = shown.split('IN PLACE: ')[1].splitlines()[0]
     assert drawn.count('\\r') == 8 and drawn.endswith("\\n'"), drawn
     assert 'Codes: step 8/8 (100%)' in drawn
+
+
+def test_json_lines_writer_appends_scalars_and_drops_an_unfinished_line(
+    tmp_path, caplog):
+  # The writer of a machine without clu and TensorFlow (an accelerator
+  # image): a run killed while writing a line leaves it unfinished; the
+  # resumed run's writer cuts it off, keeping every finished line.
+  path = tmp_path / 'scalars.jsonl'
+  path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+  writer = console.JsonLinesWriter(str(tmp_path))
+  with caplog.at_level(py_logging.INFO):
+    writer.write_scalars(2, {'loss': 2.25, 'bits': 3})
+  writer.write_images(2, {'grid': None})
+  writer.flush()
+  writer.close()
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [
+      {'step': 1, 'loss': 2.5}, {'step': 2, 'loss': 2.25, 'bits': 3.0}]
+  assert '[2] loss=2.25, bits=3' in caplog.text
+  # Other processes' writers (no directory) only log.
+  console.JsonLinesWriter(None).write_scalars(3, {'loss': 2.0})
+  assert len(path.read_text().splitlines()) == 2

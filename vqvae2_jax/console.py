@@ -540,12 +540,14 @@ def _warn_without_tensorboard(reason: str) -> None:
 class JsonLinesWriter:
   """clu's `MetricWriter` calls without clu: scalars to the log and, given a
   directory, appended to its scalars.jsonl (one line a write, flushed);
-  images are skipped, hyperparameters logged."""
+  images are skipped, hyperparameters logged. A run resumed after one that
+  was killed while writing drops that run's unfinished last line first."""
 
   def __init__(self, logdir: Optional[str]):
     self._path = None
     if logdir is not None:
       self._path = workdir_lib.scalars_jsonl(logdir)
+      _drop_unfinished_line(self._path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {k: float(v) for k, v in scalars.items()}
@@ -565,4 +567,16 @@ class JsonLinesWriter:
     pass
 
   def close(self) -> None:
+    pass
+
+
+def _drop_unfinished_line(path: str) -> None:
+  """Truncates `path` after its last newline, if it exists and goes on."""
+  try:
+    with open(path, 'rb+') as f:
+      data = f.read()
+      end = data.rfind(b'\n') + 1
+      if end < len(data):
+        f.truncate(end)
+  except FileNotFoundError:
     pass
