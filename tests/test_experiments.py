@@ -1716,3 +1716,71 @@ def test_discount_rules_are_controls_of_one_process(
   with pytest.raises(ValueError, match='Unknown discount rule'):
     with discount_rules.discount_rule(pipe, 'hard'):
       pass
+
+
+def test_sampling_probes_change_what_they_name_and_restore_it(
+    monkeypatch, tmp_path, tiny_judge, stage2_workdir, stage2_config):
+  # pylint: disable=g-import-not-at-top
+  from experiments import sampling_probes as probes
+  from vqvae2_jax import api
+  from vqvae2_jax import sampling
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  assert probes.parse('temperature:1.1:1') == ('temperature', (1.1, 1.0))
+  for bad in ('none:1', 'project', 'hotter:2'):
+    with pytest.raises(app.UsageError):
+      probes.parse(bad)
+  shares = probes.class_code_shares(np.array([[0, 1], [1, 1], [2, 2]]),
+                                    np.array([0, 1, 1]), 4, 2)
+  np.testing.assert_allclose(shares, [[.5, .5, 0, 0], [0, .5, .5, 0]])
+  workdir, _ = stage2_workdir
+  pipe = api.Pipeline.load(workdir, stage2_config)
+  # A temperature per level: what each level's sampler is given.
+  seen = []
+
+  def sample_level(*args, **kwargs):
+    seen.append((len(kwargs['cond_codes']), kwargs['temperature']))
+    return sample_level.plain(*args, **kwargs)
+
+  sample_level.plain = sampling.sample_level
+  monkeypatch.setattr(sampling, 'sample_level', sample_level)
+  with probes.level_temperatures((0.5, 2.0)):
+    pipe.sample(labels=[0, 1], guidance=1.0, discount=0.0)
+  assert seen == [(0, 0.5), (1, 2.0)]
+  assert sampling.sample_level is sample_level
+  # The class discount: the lowest level's thresholds from the batch's class.
+  given = []
+
+  def sample_hierarchy(*args, **kwargs):
+    given.append(kwargs['code_discount'])
+    return sample_hierarchy.plain(*args, **kwargs)
+
+  sample_hierarchy.plain = sampling.sample_hierarchy
+  monkeypatch.setattr(sampling, 'sample_hierarchy', sample_hierarchy)
+  num_codes = pipe.priors[-1][0].num_embeddings
+  table = np.full((10, num_codes), 1.0 / num_codes)
+  table[3, :4] += 0.5
+  table[3] /= table[3].sum()
+  with probes.class_discount(table, 3.0):
+    pipe.sample(labels=[3, 3], guidance=1.0, discount=0.0)
+    with pytest.raises(ValueError, match='one class a batch'):
+      pipe.sample(labels=[1, 3], guidance=1.0, discount=0.0)
+  assert given[0][0] is None
+  np.testing.assert_allclose(given[0][-1], 3.0 * table[3], rtol=1e-6)
+  assert sampling.sample_hierarchy is sample_hierarchy
+  # Projection: decoded, encoded and decoded again; the method after.
+  _, codes = pipe.sample(labels=[0, 1], guidance=1.0, discount=0.0)
+  once = pipe.decode(codes)
+  with probes.projected(pipe, 1):
+    projected = pipe.decode(codes)
+  np.testing.assert_array_equal(
+      projected, pipe.decode(pipe.encode(np.clip(once, -1.0, 1.0))))
+  assert not np.array_equal(projected, once)
+  assert pipe.decode.__func__ is api.Pipeline.decode
+  # Rows: each probe's evaluation with one key; temperatures of 1 are none.
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  rows = probes.probe_rows(pipe, ['none', 'temperature:1:1', 'project:1'],
+                           20, seed=3, report=lambda _: None)
+  assert [r['probe'] for r in rows] == ['none', 'temperature:1:1',
+                                        'project:1']
+  assert rows[0]['fid'] == rows[1]['fid'] != rows[2]['fid']
