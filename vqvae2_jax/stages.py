@@ -7,6 +7,7 @@ stage's dependencies load only when it runs.
 """
 
 import importlib
+import importlib.util
 import os
 import time
 from typing import Any, Callable
@@ -107,12 +108,14 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.maybe_initialize_distributed()
   if jax.process_index() > 0:
     console.follow()  # Process 0 speaks for all.
-  # The dataset's name is looked up in tfds only where images are read: the
-  # priors, samples and export run from a workdir's codes and weights, and on
-  # an accelerator image without TensorFlow or tfds.
+  # The dataset's name is looked up in tfds where tfds is installed; without
+  # it (an accelerator image with JAX alone) only where images are read: the
+  # priors, samples and export run from a workdir's codes and weights.
   config_validation.validate_config(
       config, num_devices=jax.device_count(),
-      check_dataset=mode not in _WITHOUT_IMAGES)
+      check_dataset=(mode not in _WITHOUT_IMAGES or
+                     importlib.util.find_spec('tensorflow_datasets')
+                     is not None))
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
   modes = modes_of_all(config) if mode == 'all' else (mode,)
   if mode not in ('data', 'export'):
