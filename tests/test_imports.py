@@ -161,7 +161,7 @@ def test_a_config_mistake_is_reported_before_tensorflow_loads(tmp_path):
 # tfds, clu and TensorBoard are absent (found by no finder, as on an image
 # with JAX alone: `import` raises ModuleNotFoundError and
 # `importlib.util.find_spec` says None), then asks for one that reads images.
-# Prints one JSON line: what loaded of them, and the refusal's message.
+# Prints one JSON line: what loaded of them, and the refusals' messages.
 _ABSENT_RUN = """
 import json, sys
 BLOCKED = {blocked!r}
@@ -193,7 +193,8 @@ for mode in ('prior', 'sample', 'export'):
   stages.run(mode, config, sys.argv[1])
 refusals = []
 for refused in (lambda: stages.run('eval', config, sys.argv[1]),
-                lambda: stages.run('vqvae', image_folder, sys.argv[1]),
+                lambda: stages.run('vqvae', image_folder,
+                                   sys.argv[1] + '-images'),
                 lambda: vqvae2_jax.Pipeline.load(sys.argv[1]).evaluate(10)):
   try:
     refused()
