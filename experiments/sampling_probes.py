@@ -180,14 +180,16 @@ def main(argv, flag_values):
   probes = [parse(p) for p in f['probes']]  # Refused before loading.
   pipe = api.Pipeline.load(f['pipeline'], require_priors=True)
   classes = int(pipe.config.data.num_classes)
-  if f['num_samples'] % (classes * f['batch_size']):
+  by_class = any(name == 'class_discount' for name, _ in probes)
+  if by_class and not (classes and pipe.config.sampling.conditional):
+    raise app.UsageError('class_discount needs a pipeline that samples by '
+                         'class.')
+  if f['num_samples'] % (max(classes, 1) * f['batch_size']):
     raise app.UsageError(
         f'--num_samples={f["num_samples"]} is not a whole number of batches '
         f'of --batch_size={f["batch_size"]} per class ({classes} classes).')
   pipe.config.sampling.batch_size = f['batch_size']
-  shares = None
-  if any(name == 'class_discount' for name, _ in probes):
-    shares = training_shares(pipe, f['data_dir'])
+  shares = training_shares(pipe, f['data_dir']) if by_class else None
   rows = probe_rows(pipe, f['probes'], f['num_samples'], f['seed'], shares)
   if f['out']:
     with open(f['out'], 'w') as fh:
