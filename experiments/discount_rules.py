@@ -23,7 +23,6 @@ import contextlib
 from typing import Any
 
 from absl import flags
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,11 +47,7 @@ def _rule_logits(weight):
   def discount_logits(logits, code_discount):
     if code_discount is None:
       return logits
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    excess = p - code_discount
-    best = jnp.max(excess, axis=-1, keepdims=True)
-    keep = (excess > 0) | ((best <= 0) & (excess == best))
-    above = excess > 0
+    p, _, above, keep = sampling.discount_support(logits, code_discount)
     return jnp.where(keep, jnp.log(jnp.where(
         above, weight(jnp.where(above, p, 1.0), code_discount), 1.0)),
                      -jnp.inf)

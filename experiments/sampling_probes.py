@@ -27,6 +27,7 @@ import functools
 import json
 import time
 from typing import Any, Iterator
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -75,11 +76,8 @@ def projected(pipe: api.Pipeline, rounds: int) -> Iterator[None]:
       images = decode(pipe.encode(np.clip(images, -1.0, 1.0)))
     return images
 
-  pipe.decode = project
-  try:
+  with mock.patch.object(pipe, 'decode', project):
     yield
-  finally:
-    del pipe.decode  # The class's method again.
 
 
 @contextlib.contextmanager
@@ -91,11 +89,8 @@ def level_temperatures(temperatures: tuple[float, ...]) -> Iterator[None]:
     kwargs['temperature'] = temperatures[len(kwargs['cond_codes'])]
     return sample_level(*args, **kwargs)
 
-  sampling.sample_level = at_level
-  try:
+  with mock.patch.object(sampling, 'sample_level', at_level):
     yield
-  finally:
-    sampling.sample_level = sample_level
 
 
 def class_code_shares(codes: np.ndarray, labels: np.ndarray,
@@ -128,11 +123,8 @@ def class_discount(shares: np.ndarray, discount: float) -> Iterator[None]:
     return sample_hierarchy(priors, level_shapes, labels=labels,
                             code_discount=code_discount, **kwargs)
 
-  sampling.sample_hierarchy = by_class
-  try:
+  with mock.patch.object(sampling, 'sample_hierarchy', by_class):
     yield
-  finally:
-    sampling.sample_hierarchy = sample_hierarchy
 
 
 def training_shares(pipe: api.Pipeline, data_dir: str | None

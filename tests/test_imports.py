@@ -3,9 +3,9 @@
 A GPU or TPU image often has JAX and not TensorFlow: the models, the sampler,
 the Pipeline, the train steps and the experiments that run there must import
 without it. Each case imports one module in a fresh interpreter whose import
-system refuses TensorFlow, tfds, clu and TensorBoard, as if they were absent.
+system finds no TensorFlow, tfds, clu or TensorBoard, as if they were absent.
 
-One child interpreter installs the refusal and imports JAX, Flax and numpy
+One child interpreter hides them and imports JAX, Flax and numpy
 (no module of this project), then forks once per case: each case imports its
 module in a fork of that state, alone, as a fresh interpreter would (a
 circular or missing import is not hidden by another case's), without each
@@ -23,20 +23,36 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu', 'tensorboard')
 
-# Runs in the child: refuse the blocked packages (any submodule too) and
-# import the libraries every case shares; then, in a fork per case, import
-# the module (and the attribute, for lazy package attributes) and check that
-# nothing blocked was loaded all the same (e.g. behind a try/except). Each
-# fork prints one JSON line: the case, and its traceback or None.
-_CHILD = """
-import importlib, json, os, sys, traceback
+# Makes the blocked packages (any submodule too) absent, as on an image
+# without them: no finder finds them, so `import` raises ModuleNotFoundError
+# and `importlib.util.find_spec` says None (which etils and orbax ask at run
+# time). The start of each child below (formatted with `blocked`).
+_ABSENT = """
+import sys
 BLOCKED = {blocked!r}
-class Refuse:
+FINDERS = list(sys.meta_path)
+class Absent:
   def find_spec(self, name, path=None, target=None):
     if name.split('.')[0] in BLOCKED:
-      raise ImportError(f'{{name}} is blocked by tests/test_imports.py')
+      return None
+    for finder in FINDERS:
+      spec = finder.find_spec(name, path, target)
+      if spec is not None:
+        return spec
     return None
-sys.meta_path.insert(0, Refuse())
+  def invalidate_caches(self):
+    for finder in FINDERS:
+      getattr(finder, 'invalidate_caches', lambda: None)()
+sys.meta_path[:] = [Absent()]
+"""
+
+# Runs in the child: make the blocked packages absent and import the
+# libraries every case shares; then, in a fork per case, import the module
+# (and the attribute, for lazy package attributes) and check that nothing
+# blocked was loaded all the same (e.g. behind a try/except). Each fork
+# prints one JSON line: the case, and its traceback or None.
+_CHILD = _ABSENT + """
+import importlib, json, os, traceback
 import jax, flax.linen, numpy
 assert not [m for m in sys.modules if m.split('.')[0] in ('vqvae2_jax',
                                                          'experiments')]
@@ -162,23 +178,8 @@ def test_a_config_mistake_is_reported_before_tensorflow_loads(tmp_path):
 # with JAX alone: `import` raises ModuleNotFoundError and
 # `importlib.util.find_spec` says None), then asks for one that reads images.
 # Prints one JSON line: what loaded of them, and the refusals' messages.
-_ABSENT_RUN = """
-import json, sys
-BLOCKED = {blocked!r}
-FINDERS = list(sys.meta_path)
-class Absent:
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in BLOCKED:
-      return None
-    for finder in FINDERS:
-      spec = finder.find_spec(name, path, target)
-      if spec is not None:
-        return spec
-    return None
-  def invalidate_caches(self):
-    for finder in FINDERS:
-      getattr(finder, 'invalidate_caches', lambda: None)()
-sys.meta_path[:] = [Absent()]
+_ABSENT_RUN = _ABSENT + """
+import json
 from experiments import prior_families
 import vqvae2_jax
 from vqvae2_jax import errors, stages

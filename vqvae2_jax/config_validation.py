@@ -57,9 +57,9 @@ def known_dataset(name: str) -> bool:
   except ModuleNotFoundError as e:
     raise errors.MissingPackageError(
         f'data.name={name!r} is looked up in tfds, which is not installed '
-        f'({e}; --mode=prior, sample and export do not look it up). Fix: '
-        'pip install tensorflow-datasets tensorflow-cpu (or pip '
-        'install -e . in a checkout).') from e
+        f'({e}; {errors.MODES_WITHOUT_IMAGES_TEXT} do not look it up). '
+        'Fix: pip install tensorflow-datasets tensorflow-cpu (or pip install '
+        '-e . in a checkout).') from e
   # The registered builders only: the community list is fetched from
   # gs://, which prints credential warnings on machines without them.
   return name.split(':')[0].split('/')[0] in tfds.list_builders(

@@ -42,6 +42,12 @@ class MissingPackageError(UserError, ImportError):
 # What reading a dataset imports: tf.data and tfds (and clu, whose
 # TensorBoard writer the stages fall back from without it).
 IMAGE_PACKAGES = ('tensorflow', 'tensorflow_datasets', 'clu')
+# The modes that read no images (a workdir's codes and weights only): they
+# run without IMAGE_PACKAGES (`stages.run`).
+MODES_WITHOUT_IMAGES = ('prior', 'sample', 'export')
+MODES_WITHOUT_IMAGES_TEXT = (  # '--mode=prior, sample and export'
+    f'--mode={", ".join(MODES_WITHOUT_IMAGES[:-1])} and '
+    f'{MODES_WITHOUT_IMAGES[-1]}')
 
 
 def missing_image_package(doing: str, e: ModuleNotFoundError
@@ -54,8 +60,8 @@ def missing_image_package(doing: str, e: ModuleNotFoundError
     return None
   return MissingPackageError(
       f'{doing} reads the dataset with TensorFlow and tfds, and {root} is '
-      'not installed (an image with JAX alone?); --mode=prior, sample and '
-      "export run without them, from a workdir's codes and weights, as do "
+      f'not installed (an image with JAX alone?); {MODES_WITHOUT_IMAGES_TEXT} '
+      "run without them, from a workdir's codes and weights, as do "
       "the Pipeline's load, sample, encode and decode. Fix: pip install "
       'tensorflow-cpu tensorflow-datasets (or pip install -e . in a '
       'checkout, which installs every dependency).')

@@ -258,15 +258,26 @@ def discount_logits(logits: Array, code_discount: Optional[Array]) -> Array:
   """
   if code_discount is None:
     return logits
+  p, excess, above, keep = discount_support(logits, code_discount)
+  # log((p - d)^2 / p), in logs: the square of a small excess underflows.
+  weight = (2.0 * jnp.log(jnp.where(above, excess, 1.0)) -
+            jnp.log(jnp.where(above, p, 1.0)))
+  return jnp.where(keep, weight, -jnp.inf)
+
+
+def discount_support(logits: Array, code_discount: Array
+                     ) -> tuple[Array, Array, Array, Array]:
+  """What every discount rule draws from: (p, the softmax of the [b, K]
+  logits; its excess p - d over the [K] discount; above, excess > 0; keep,
+  the codes drawn: those above, or where none is, the one nearest its
+  threshold). A rule weighs the codes above; `discount_logits` is the
+  library's (experiments/discount_rules.py holds controls)."""
   p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   excess = p - code_discount
   best = jnp.max(excess, axis=-1, keepdims=True)
   above = excess > 0
   keep = above | ((best <= 0) & (excess == best))
-  # log((p - d)^2 / p), in logs: the square of a small excess underflows.
-  weight = (2.0 * jnp.log(jnp.where(above, excess, 1.0)) -
-            jnp.log(jnp.where(above, p, 1.0)))
-  return jnp.where(keep, weight, -jnp.inf)
+  return p, excess, above, keep
 
 
 def adjust_logits(logits: Array, code_bias: Optional[Array],

@@ -38,9 +38,6 @@ _STAGES = {
 STAGE_ORDER = ('vqvae', 'codes', 'prior', 'sample', 'classifier', 'eval',
                'export')
 MODES = tuple(_STAGES) + ('all',)
-# The stages that read no images (codes and weights only): they need neither
-# TensorFlow nor tfds (tests/test_imports.py runs them without).
-_WITHOUT_IMAGES = ('prior', 'sample', 'export')
 
 
 def modes_of_all(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -113,7 +110,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   # priors, samples and export run from a workdir's codes and weights.
   config_validation.validate_config(
       config, num_devices=jax.device_count(),
-      check_dataset=(mode not in _WITHOUT_IMAGES or
+      check_dataset=(mode not in errors.MODES_WITHOUT_IMAGES or
                      importlib.util.find_spec('tensorflow_datasets')
                      is not None))
   parallel.use_compilation_cache(config.get('compilation_cache_dir', ''))
