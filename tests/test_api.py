@@ -383,6 +383,55 @@ def _sum_of_top_codes(images, codes, labels):
   return codes[0].reshape(len(codes[0]), -1).sum(axis=-1).astype(np.float64)
 
 
+
+def test_evaluate_against_a_saved_real_features_file(workdir, tmp_path,
+                                                     monkeypatch, tiny_judge):
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  config = _tiny_config()
+  config.eval.features = 'judge'
+  config.eval.batch_size = 24  # The 64 held-out images in 3 batches.
+  pipe = api.Pipeline.load(str(workdir), config)
+  out = tmp_path / 'real'
+  path = out / 'real.npz'
+  header = pipe.write_real_features(path, 30)
+  assert header['judge_sha256'] == tiny_judge.sha256
+  assert (header['held_out_examples'], header['floor_examples']) == (64, 30)
+  # The figures the images give, bit for bit: the floor cut inside its
+  # first batch (10) and its second (26), as the data's own pass cuts it.
+  for n in (10, 26):
+    from_data = pipe.evaluate(n, key=2)
+    from_file = pipe.evaluate(n, key=2, real_features=path)
+    del from_data['seconds'], from_file['seconds']
+    assert from_file == from_data, n
+    assert from_file['real_vs_real']['num_examples'] == n
+  # Refused, saying what to do: more samples than the floor holds, another
+  # ruler, a damaged or missing file.
+  with pytest.raises(errors.UserError, match='floor of 30 training images.*'
+                     'Fix: write it again with num_samples=31'):
+    pipe.evaluate(31, real_features=path)
+  with pytest.raises(errors.UserError, match="features: file 'judge"):
+    pipe.evaluate(10, real_features=path, features='classifier')
+  damaged = out / 'damaged.npz'
+  damaged.write_bytes(path.read_bytes()[:1000])
+  with pytest.raises(errors.UserError, match='not a readable real-features'):
+    pipe.evaluate(10, real_features=damaged)
+  with pytest.raises(errors.UserError, match='No real-features file'):
+    pipe.evaluate(10, real_features=out / 'none.npz')
+  with pytest.raises(api.PipelineInputError, match='num_samples is 0'):
+    pipe.write_real_features(path, 0)
+  # A write that fails leaves the file before it whole.
+  before = path.read_bytes()
+  monkeypatch.setattr(eval_run, 'floor_stats', _fail)
+  with pytest.raises(RuntimeError, match='stopped'):
+    pipe.write_real_features(path, 30)
+  assert path.read_bytes() == before
+  assert sorted(os.listdir(out)) == ['damaged.npz', 'real.npz']
+
+
+def _fail(*args, **kwargs):
+  del args, kwargs
+  raise RuntimeError('stopped')
+
 def test_keep_one_is_the_plain_sampler(workdir, tmp_path):
   copy = tmp_path / 'plain'
   shutil.copytree(workdir, copy)

@@ -202,8 +202,12 @@ for refused in (lambda: stages.run('eval', config, sys.argv[1]),
     refusals.append(None)
   except errors.MissingPackageError as e:
     refusals.append(str(e))
+# Sample quality against real images' features written where TF is.
+evaluated = vqvae2_jax.Pipeline.load(sys.argv[1]).evaluate(
+    10, real_features=sys.argv[2])
 print(json.dumps({{'loaded': sorted({{m.split('.')[0] for m in sys.modules}}
-                                    & set(BLOCKED)), 'refusals': refusals}}))
+                                    & set(BLOCKED)), 'refusals': refusals,
+                   'evaluated': evaluated}}))
 """
 
 
@@ -212,11 +216,17 @@ def test_priors_samples_and_export_run_without_tensorflow(codes_workdir,
   # A GPU or TPU image with JAX alone trains the priors on extracted codes,
   # samples and exports; the curves go to scalars.jsonl in place of
   # TensorBoard's files, and a stage that reads images says what to install.
+  from experiments import prior_families  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import api  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'w'
   shutil.copytree(codes_workdir, workdir)
+  # The real images' features, written here where TensorFlow reads them.
+  config = prior_families.smoke_config()
+  real = tmp_path / 'real.npz'
+  api.Pipeline.load(str(workdir), config).write_real_features(real, 10)
   done = subprocess.run(
       [sys.executable, '-c', _ABSENT_RUN.format(blocked=_BLOCKED),
-       str(workdir)], cwd=_ROOT, capture_output=True, text=True,
+       str(workdir), str(real)], cwd=_ROOT, capture_output=True, text=True,
       timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.splitlines()[-1])
@@ -225,7 +235,13 @@ def test_priors_samples_and_export_run_without_tensorflow(codes_workdir,
   assert 'pip install tensorflow-datasets' in eval_mode, result
   assert vqvae_mode.startswith('--mode=vqvae reads the dataset'), result
   assert 'Fix: pip install tensorflow-cpu tensorflow-datasets' in vqvae_mode
-  assert evaluate.startswith('Pipeline.evaluate reads the dataset'), result
+  assert evaluate.startswith('Pipeline.evaluate without real_features'), (
+      result)
+  # Its figures are those of the images themselves, read here.
+  from_data = api.Pipeline.load(str(workdir), config).evaluate(10)
+  del from_data['seconds'], result['evaluated']['seconds']
+  assert result['evaluated'] == json.loads(json.dumps(from_data))
+  assert result['evaluated']['samples']['num_examples'] == 10
   assert 'No TensorBoard files' in done.stderr
   for level in (0, 1):
     stage = workdir / f'prior_{level}'

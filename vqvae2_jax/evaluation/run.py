@@ -60,10 +60,10 @@ from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import sampling
 from vqvae2_jax import workdir as workdir_lib
-from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.data import layout
 from vqvae2_jax.evaluation import judges
 from vqvae2_jax.evaluation import metrics as metrics_lib
+from vqvae2_jax.evaluation import real_features as real_features_lib
 from vqvae2_jax.evaluation import reconstruction
 
 # Held-out features kept for KID and precision/recall (ImageNet's 50,000 x
@@ -151,6 +151,9 @@ def real_batches(config: ml_collections.ConfigDict, mesh: Mesh, split: str,
                   limit: int | None = None
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, jax.Array]]:
   """(images, labels) on the host plus the sharded batch, padding dropped."""
+  # tf.data reads them: imported here, so that evaluating against a saved
+  # real-features file needs no TensorFlow.
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   seen = 0
   for batch in input_pipeline.create_eval_iterator(
       config.data, split=split, global_batch_size=config.eval.batch_size,
@@ -363,26 +366,17 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
 RULERS = ('auto', 'judge', 'classifier', 'inception')  # config.eval.features
 
 
-def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
-                      temperature: float, top_k: int, top_p: float,
-                      guidance: float | tuple[float, ...],
-                      contrast: float | tuple[float, ...] = 0.0,
-                      discount: float | tuple[float, ...] = 0.0,
-                      features: str | None = None) -> dict[str, Any]:
-  """`api.Pipeline.evaluate`: the sample section of --mode=eval's report
-  for a loaded pipeline (a workdir's, an exported file's or a shipped one).
-
-  The ruler (`features`, else config.eval.features: the judge, or the
-  domain classifier, which needs the pipeline's workdir) scores
-  `pipeline_samples` and as many training images (the real-vs-real floor)
-  against the whole held-out split.
+def _pipeline_ruler(pipe: Any, features: str | None
+                    ) -> tuple[ml_collections.ConfigDict, FeatureFn,
+                               dict[str, Any]]:
+  """(the config with the ruler `features` set, its FeatureFn, what it is)
+  for a loaded pipeline; `features` None keeps the config's.
 
   Raises:
     errors.ConfigError: an unknown ruler, or one that needs the domain
       classifier for a pipeline without a workdir (a file).
   """
-  start = time.time()
-  config, mesh = pipe.config, pipe.mesh
+  config = pipe.config
   if features is not None:
     if features not in RULERS:
       raise errors.ConfigError(
@@ -397,10 +391,73 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
         'the domain classifier of a workdir, and this pipeline was loaded '
         'from a file, which holds none. Fix: evaluate(features=\'judge\') '
         'where a judge ships for the data, or load the workdir instead.')
-  features_of, about = feature_fn(config, pipe.workdir, mesh)
-  logging.info('Evaluate: held-out split (features)')
-  real = held_out_stats(config, mesh, features_of)
-  floor = floor_stats(config, mesh, features_of, num_samples)
+  features_of, about = feature_fn(config, pipe.workdir, pipe.mesh)
+  return config, features_of, about
+
+
+def _real_header(config: ml_collections.ConfigDict,
+                 about: Mapping[str, Any]) -> dict[str, Any]:
+  """What a real-features file records of the ruler and the data."""
+  return {'dataset': config.data.name,
+          'held_out_split': config.data.eval_split,
+          'floor_split': config.data.train_split, **about}
+
+
+def write_real_features(pipe: Any, path: str, num_floor: int, *,
+                        features: str | None = None) -> dict[str, Any]:
+  """`api.Pipeline.write_real_features`: the ruler's outputs for the whole
+  held-out split and the first `num_floor` training images, batch by batch
+  as `evaluate_pipeline` scores them, written to `path`
+  (`real_features.write`). Returns the file's header."""
+  config, features_of, about = _pipeline_ruler(pipe, features)
+  header = _real_header(config, about)
+  parts = {}
+  logging.info('Real features: held-out split')
+  record, parts['held_out'] = real_features_lib.recorder(features_of)
+  held_out_stats(config, pipe.mesh, record)
+  record, parts['floor'] = real_features_lib.recorder(features_of)
+  floor_stats(config, pipe.mesh, record, num_floor)
+  real_features_lib.write(path, header, parts)
+  return {**header, 'held_out_examples': sum(len(f) for f, _ in
+                                              parts['held_out']),
+          'floor_examples': sum(len(f) for f, _ in parts['floor'])}
+
+
+def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
+                      temperature: float, top_k: int, top_p: float,
+                      guidance: float | tuple[float, ...],
+                      contrast: float | tuple[float, ...] = 0.0,
+                      discount: float | tuple[float, ...] = 0.0,
+                      features: str | None = None,
+                      real_features: str | None = None) -> dict[str, Any]:
+  """`api.Pipeline.evaluate`: the sample section of --mode=eval's report
+  for a loaded pipeline (a workdir's, an exported file's or a shipped one).
+
+  The ruler (`features`, else config.eval.features: the judge, or the
+  domain classifier, which needs the pipeline's workdir) scores
+  `pipeline_samples` and as many training images (the real-vs-real floor)
+  against the whole held-out split; the real images' side comes from the
+  file `real_features` where given (`write_real_features`), else from the
+  dataset.
+
+  Raises:
+    errors.ConfigError: an unknown ruler, or one that needs the domain
+      classifier for a pipeline without a workdir (a file).
+    real_features_lib.RealFeaturesError: a file of another ruler or data,
+      or with fewer floor images than `num_samples`.
+  """
+  start = time.time()
+  mesh = pipe.mesh
+  config, features_of, about = _pipeline_ruler(pipe, features)
+  if real_features is not None:
+    logging.info('Evaluate: real images from %s', real_features)
+    real, floor = real_features_lib.load(
+        real_features, _real_header(config, about), num_samples,
+        MAX_REAL_FEATURES)
+  else:
+    logging.info('Evaluate: held-out split (features)')
+    real = held_out_stats(config, mesh, features_of)
+    floor = floor_stats(config, mesh, features_of, num_samples)
   fake, labels, _ = pipeline_samples(
       pipe, num_samples, features_of, rng=rng, temperature=temperature,
       top_k=top_k, top_p=top_p, guidance=guidance, contrast=contrast,
@@ -422,6 +479,7 @@ def evaluate_pipeline(pipe: Any, num_samples: int, *, rng: jax.Array,
 def _cas(config, workdir, mesh, vqvae, variables, domain_metrics,
          train_classifier: TrainClassifier):
   """Classification Accuracy Score: train on samples, test on real data."""
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   e = config.eval
   num_classes = int(config.data.num_classes)
   train_count = input_pipeline.num_examples(config.data,
