@@ -26,6 +26,12 @@
 #                GPU compiles them, for the paper-size priors (compile only)
 #   train        experiments/accelerator_check.py --parts=stage1,prior0,prior1
 #                (the train steps' speed and MFU, FLOPs from the lowered module)
+#   bottom       experiments/bottom_study.py: Fashion-MNIST bottom priors of
+#                :long, wider and longer than a CPU trains, each trained and
+#                measured by the judge (10,000 samples) as its row finishes;
+#                needs the bundle `python -m experiments.bottom_study
+#                --prepare` writes in workdir_bottom/ (carry it, and .whl/);
+#                BOTTOM_VARIANTS (default shipped,256x32000,512x32000)
 #
 # Every part writes OUT_DIR/<part>.log and its JSON beside it. Wheels of
 # packages the machine lacks (ml_collections) may be put in .whl/ first.
@@ -83,6 +89,9 @@ for part in "${parts[@]}"; do
         --json="$out/discount.json" ;;
     ops) run ops 120 "$py" experiments/step_ops.py --ops=paper ${SMOKE:+--ops=small} \
         --ops_json="$out/ops.json" ;;
+    bottom) run bottom 420 "$py" -m experiments.bottom_study \
+        --bundle=workdir_bottom --out="$out/bottom" \
+        --variants="${BOTTOM_VARIANTS:-shipped,256x32000,512x32000}" ;;
     train) run train 400 "$py" -m experiments.accelerator_check $smoke \
         --parts=stage1,prior0,prior1 --json="$out/train.json" ;;
     *) echo "unknown part $part (see the header of this script)"; exit 2 ;;

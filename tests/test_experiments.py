@@ -1784,3 +1784,60 @@ def test_sampling_probes_change_what_they_name_and_restore_it(
   assert [r['probe'] for r in rows] == ['none', 'temperature:1:1',
                                         'project:1']
   assert rows[0]['fid'] == rows[1]['fid'] != rows[2]['fid']
+
+
+def test_bottom_study_prepares_a_bundle_and_trains_and_measures_variants(
+    monkeypatch, tmp_path, tiny_judge, stage2_workdir, stage2_config):
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from experiments import bottom_study as study
+  from vqvae2_jax import api
+  from vqvae2_jax.evaluation import judges
+  # pylint: enable=g-import-not-at-top
+  assert study.parse_variant('96x16000x12') == {'width': 96, 'steps': 16000,
+                                                'layers': 12}
+  assert study.parse_variant('shipped') is None
+  for bad in ('256', '256x0', 'wide', '1x2x3x4'):
+    with pytest.raises(app.UsageError, match='WIDTHxSTEPS'):
+      study.parse_variant(bad)
+  monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
+  workdir, _ = stage2_workdir
+  shipped = str(tmp_path / 'file.msgpack')
+  api.Pipeline.load(workdir, stage2_config).export(shipped)
+  bundle, out = str(tmp_path / 'bundle'), str(tmp_path / 'out')
+  lines = []
+  header = study.prepare(stage2_config, shipped, bundle, 20,
+                         report=lines.append)
+  assert header['judge_sha256'] == tiny_judge.sha256
+  assert sorted(os.listdir(bundle)) == ['base', 'real.npz']
+  assert sorted(os.listdir(os.path.join(bundle, 'base'))) == [
+      'codes', 'config.json', 'vqvae']
+  with pytest.raises(app.UsageError, match='No bundle at'):
+    study.run_rows(stage2_config, shipped, str(tmp_path), out, ['shipped'],
+                   10)
+  # The file's own priors, and a bottom prior of width 16 trained 2 steps
+  # below the file's stage 1 and top prior.
+  results = study.run_rows(stage2_config, shipped, bundle, out,
+                           ['shipped', '16x2'], 10, report=lines.append)
+  rows = results['rows']
+  assert list(rows) == ['shipped', '16x2']
+  # A row is what the library measures against the data itself.
+  want = api.Pipeline.load(shipped).evaluate(10)['samples']
+  for key in ('fid', 'precision', 'recall', 'class_agreement'):
+    assert rows['shipped'][key] == want[key], key
+  trained = rows['16x2']
+  assert trained['steps'] == 2 and trained['held_out_bits'] > 0
+  assert trained['fid'] != rows['shipped']['fid']
+  variant = api.Pipeline.load(os.path.join(out, '16x2'))
+  assert variant.config.prior.level_1.num_channels == 16
+  top_of = lambda p: jax.tree.leaves(p.priors[0][1])
+  for got, base in zip(top_of(variant), top_of(api.Pipeline.load(shipped))):
+    np.testing.assert_array_equal(got, base)
+  assert lines[-1].startswith('| 16x2 | ')
+  with open(os.path.join(out, 'bottom_study.json')) as f:
+    assert json.load(f)['rows'] == json.loads(json.dumps(rows))
+  # Run again: every row is already there.
+  lines.clear()
+  study.run_rows(stage2_config, shipped, bundle, out, ['shipped', '16x2'], 10,
+                 report=lines.append)
+  assert all('already in' in line for line in lines) and len(lines) == 2
