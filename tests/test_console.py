@@ -265,4 +265,12 @@ def test_json_lines_writer_appends_scalars_and_drops_an_unfinished_line(
   assert '[2] loss=2.25, bits=3' in caplog.text
   # Other processes' writers (no directory) only log.
   console.JsonLinesWriter(None).write_scalars(3, {'loss': 2.0})
+  console.JsonLinesWriter(None).drop_after(0)
   assert len(path.read_text().splitlines()) == 2
+  # A run resumed at the checkpoint of step 1 forgets the later lines.
+  writer.drop_after(2)
+  assert len(path.read_text().splitlines()) == 2
+  writer.drop_after(1)
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [
+      {'step': 1, 'loss': 2.5}]
+  assert os.listdir(tmp_path) == ['scalars.jsonl']

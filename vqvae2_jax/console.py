@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Optional, TYPE_CHECKING
 
 from absl import logging
 
+from vqvae2_jax import files
 from vqvae2_jax import workdir as workdir_lib
 
 if TYPE_CHECKING:
@@ -541,13 +542,26 @@ class JsonLinesWriter:
   """clu's `MetricWriter` calls without clu: scalars to the log and, given a
   directory, appended to its scalars.jsonl (one line a write, flushed);
   images are skipped, hyperparameters logged. A run resumed after one that
-  was killed while writing drops that run's unfinished last line first."""
+  was killed while writing drops that run's unfinished last line first, and
+  (`drop_after`) the lines it wrote after its last checkpoint."""
 
   def __init__(self, logdir: Optional[str]):
     self._path = None
     if logdir is not None:
       self._path = workdir_lib.scalars_jsonl(logdir)
       _drop_unfinished_line(self._path)
+
+  def drop_after(self, step: int) -> None:
+    """Forgets the lines of steps after `step`, the checkpoint a run resumes
+    from: the killed run's, which this one writes again (TensorBoard drops
+    such events of its files itself). The file is rewritten atomically."""
+    if self._path is None or not os.path.exists(self._path):
+      return
+    with open(self._path, 'rb') as f:
+      lines = f.read().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)['step'] <= step]
+    if len(kept) < len(lines):
+      files.atomic_write(self._path, lambda f: f.writelines(kept))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {k: float(v) for k, v in scalars.items()}

@@ -11,6 +11,7 @@ import pytest
 
 from vqvae2_jax import builders
 from vqvae2_jax import checkpoints
+from vqvae2_jax import console
 from vqvae2_jax import loading
 from vqvae2_jax import parallel
 from vqvae2_jax import workdir as workdir_lib
@@ -157,8 +158,10 @@ def _restored_state(config, workdir, level, vqvae):
 def test_training_resumes_exactly(config, codes_workdir, tmp_path,
                                   monkeypatch, kind):
   # The bottom level (its conditioning on the top codes included): 6 steps
-  # uninterrupted, and killed while fetching the batch of step 4 (step 3 was
-  # checkpointed), then resumed.
+  # uninterrupted, and killed while fetching the batch of step 5 (step 3 was
+  # checkpointed, step 4 logged), then resumed. The curves go to
+  # scalars.jsonl, as on a machine without clu.
+  monkeypatch.setattr(console, 'create_writer', console.JsonLinesWriter)
   config = config.copy_and_resolve_references()
   config.prior.level = 1
   config.prior.level_1.kind = kind
@@ -174,7 +177,7 @@ def test_training_resumes_exactly(config, codes_workdir, tmp_path,
 
   def dying_iterator(*args, **kwargs):
     it = real_iterator(*args, **kwargs)
-    for _ in range(3):
+    for _ in range(4):
       yield next(it)
     raise _Killed()
 
@@ -194,6 +197,19 @@ def test_training_resumes_exactly(config, codes_workdir, tmp_path,
               'eval/bits_per_code_uncond', 'eval/bits_per_code_raw',
               'train/loss'):
     assert resumed['level_1'][key] == results['level_1'][key]
+  # The resumed curves have the uninterrupted ones' lines: the killed run's
+  # step 4, after its last checkpoint, is not there twice. (Its loss is the
+  # mean of the steps since the last line that the resumed run took: step
+  # 4 alone, not 3 and 4.)
+  curves = []
+  for workdir in (whole, killed):
+    path = workdir_lib.scalars_jsonl(workdir_lib.Workdir(workdir).prior(1))
+    with open(path) as f:
+      curves.append([json.loads(line) for line in f])
+  assert [(r['step'], sorted(r)) for r in curves[0]] == [
+      (r['step'], sorted(r)) for r in curves[1]]
+  assert [r['step'] for r in curves[0] if 'train/loss' in r] == [2, 4, 6]
+  assert curves[0][0]['train/loss'] == curves[1][0]['train/loss']  # Step 2.
 
   metrics = results['level_1']
   assert metrics['baseline/uniform_bits_per_code'] == 4.0

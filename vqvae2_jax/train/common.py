@@ -327,6 +327,8 @@ def run_training(stage: Stage) -> dict[str, Any]:
     if state is None:
       state = stage.programs.init(stage.init_rng)
     start_step = int(state.step)
+    if isinstance(writer, console.JsonLinesWriter):
+      writer.drop_after(start_step)
     if start_step > cadence.num_steps:
       _warn_past_the_end(stage, start_step)
     console.say(
