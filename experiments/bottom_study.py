@@ -11,7 +11,7 @@ writes BUNDLE/base, a workdir holding the shipped `fashion_mnist_long128`
 file's stage 1 as its checkpoint and the codes of every image (docs/usage.md,
 "Stages from an exported file"), and BUNDLE/real.npz, the judge's outputs
 for the held-out split and 10,000 training images
-(`Pipeline.write_real_features`): 28 MB, 80 s here. On the device (carry
+(`Pipeline.write_real_features`): 28.4 MB, 70 s here. On the device (carry
 BUNDLE, and an ml_collections wheel in .whl/: experiments/gpu_session.sh's
 part `bottom`; the file's top prior is read from the package there):
 
@@ -30,11 +30,11 @@ is printed and written to OUT/bottom_study.json as it finishes; rows already
 there are not run again.
 
 What travels to a lent device is the working tree (tracked files, and what
-a call carries) up to 64 MiB, and the tracked tree alone is 58 MiB, 52 of
-them the three shipped files. This part reads one of them, so for its call
-take the other two out of the tree (`git rm -q --cached` them and move them
-out of the checkout; `git reset -q` and moving them back restores it): the
-tree is then 22 MB, with the bundle 50 MB.
+a call carries) up to 64 MiB, and the tracked tree alone is 57.8 MiB, 53.6
+of them the three shipped files. This study reads one of them, so for its
+call take the other two out of the tree (`git rm -q --cached` them and move
+them out of the checkout; moving them back and `git reset -q` restores it):
+the tree is then 20.5 MiB, with the bundle (27.1 MiB) 47.6 MiB.
 """
 
 import functools
@@ -187,8 +187,7 @@ def run_rows(config: ml_collections.ConfigDict, pipeline: str, bundle: str,
         'carry it here.')
   path = os.path.join(out, 'bottom_study.json')
   results = files.read_json(path) or {'rows': {}}
-  results.update(num_samples=num_samples, pipeline=pipeline,
-                 config=str(config.get('name', '')))
+  results.update(num_samples=num_samples, pipeline=pipeline)
   for name, variant in parsed:
     if name in results['rows']:
       report(f'{name}: already in {path}')

@@ -36,8 +36,8 @@
 # Every part writes OUT_DIR/<part>.log and its JSON beside it. Wheels of
 # packages the machine lacks (ml_collections) may be put in .whl/ first.
 # What travels to a lent machine is capped at 64 MiB and the tracked tree
-# is 58 MiB (the shipped files 52): carry .whl/ and .peer/ (a few MB); for
-# `bottom` take two shipped files out first (experiments/bottom_study.py).
+# is 57.8 MiB (the three shipped files 53.6): carry .whl/ and .peer/ (a few
+# MB); for `bottom` take two shipped files out (experiments/bottom_study.py).
 # SMOKE=1 runs the JAX parts on toy sizes (a CPU, seconds): a check of this
 # script, not a measurement.
 set -uo pipefail

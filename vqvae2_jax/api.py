@@ -1076,8 +1076,8 @@ class Pipeline:
     batch. `evaluate(real_features=path)` reads them instead of the
     dataset, on any machine, and gives the figures the images give; so a
     GPU image without TensorFlow can measure samples against data read
-    here. About 20 s for Fashion-MNIST's 10,000 + 10,000 on a 2-core CPU
-    (5 MB with the judge).
+    here. About 15 s for Fashion-MNIST's 10,000 + 10,000 on a 2-core CPU
+    (11 MB with the judge).
 
     Args:
       path: the file; written atomically, replacing one there.

@@ -81,20 +81,25 @@ def write(path: str, header: Mapping[str, Any],
 
 
 def read_header(path: str) -> tuple[dict[str, Any], Any]:
-  """(the header, the open npz) of a real-features file, or an error."""
+  """(the header, the open npz: close it) of a real-features file, or an
+  error."""
   if not os.path.isfile(path):
     raise RealFeaturesError(
         f'No real-features file at {path}. Fix: write it where the dataset '
         'can be read, with Pipeline.write_real_features(path), and copy it '
         'here.')
+  data = None
   try:
     data = np.load(path, allow_pickle=False)
     header = json.loads(bytes(data['header']).decode())
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    if data is not None:
+      data.close()
     raise RealFeaturesError(
         f'{path} is not a readable real-features file ({e}). Fix: write it '
         'again with Pipeline.write_real_features(path).') from e
   if header.get('version') != VERSION:
+    data.close()
     raise RealFeaturesError(
         f'{path} is of format version {header.get("version")}, this code '
         f'reads {VERSION}. Fix: write it again with '
@@ -112,25 +117,25 @@ def load(path: str, expected: Mapping[str, Any], num_floor: int,
   differ from the file's are named in the error.
   """
   header, data = read_header(path)
-  expected = json.loads(json.dumps(dict(expected), sort_keys=True))
-  differ = [k for k in MATCHED
-            if header.get(k) != expected.get(k)]
-  if differ:
-    shown = '; '.join(f'{k}: file {header.get(k)!r}, this pipeline '
-                      f'{expected.get(k)!r}' for k in differ)
-    raise RealFeaturesError(
-        f'{path} holds the real images of another ruler or dataset ({shown}). '
-        'Fix: write it with this pipeline and ruler '
-        '(Pipeline.write_real_features).')
-  held_out = _replay(data, 'held_out', max_features, None)
-  have = int(np.sum(data['floor_batches']))
-  if num_floor > have:
-    raise RealFeaturesError(
-        f'{path} holds the floor of {have} training images, and '
-        f'{num_floor} samples were asked for (the floor has as many). Fix: '
-        f'write it again with num_samples={num_floor} or more, or evaluate '
-        f'at most {have} samples.')
-  return held_out, _replay(data, 'floor', num_floor, num_floor)
+  with data:
+    expected = json.loads(json.dumps(dict(expected), sort_keys=True))
+    differ = [k for k in MATCHED if header.get(k) != expected.get(k)]
+    if differ:
+      shown = '; '.join(f'{k}: file {header.get(k)!r}, this pipeline '
+                        f'{expected.get(k)!r}' for k in differ)
+      raise RealFeaturesError(
+          f'{path} holds the real images of another ruler or dataset '
+          f'({shown}). Fix: write it with this pipeline and ruler '
+          '(Pipeline.write_real_features).')
+    have = int(np.sum(data['floor_batches']))
+    if num_floor > have:
+      raise RealFeaturesError(
+          f'{path} holds the floor of {have} training images, and '
+          f'{num_floor} samples were asked for (the floor has as many). '
+          f'Fix: write it again with num_samples={num_floor} or more, or '
+          f'evaluate at most {have} samples.')
+    return (_replay(data, 'held_out', max_features, None),
+            _replay(data, 'floor', num_floor, num_floor))
 
 
 def _replay(data: Any, part: str, max_features: int,

@@ -417,7 +417,8 @@ def write_real_features(pipe: Any, path: str, num_floor: int, *,
   held_out_stats(config, pipe.mesh, record)
   record, parts['floor'] = real_features_lib.recorder(features_of)
   floor_stats(config, pipe.mesh, record, num_floor)
-  real_features_lib.write(path, header, parts)
+  if jax.process_index() == 0:  # Every process computed the same.
+    real_features_lib.write(path, header, parts)
   return {**header, 'held_out_examples': sum(len(f) for f, _ in
                                               parts['held_out']),
           'floor_examples': sum(len(f) for f, _ in parts['floor'])}
