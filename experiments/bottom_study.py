@@ -32,9 +32,16 @@ there are not run again.
 What travels to a lent device is the working tree (tracked files, and what
 a call carries) up to 64 MiB, and the tracked tree alone is 57.8 MiB, 53.6
 of them the three shipped files. This study reads one of them, so for its
-call take the other two out of the tree (`git rm -q --cached` them and move
-them out of the checkout; moving them back and `git reset -q` restores it):
-the tree is then 20.5 MiB, with the bundle (27.1 MiB) 47.6 MiB.
+call take the other two out of the tree, and put them back after it:
+
+  P=vqvae2_jax/pretrained; mkdir -p /tmp/held
+  git rm -q --cached $P/fashion_mnist.msgpack $P/fashion_mnist_long.msgpack
+  mv $P/fashion_mnist.msgpack $P/fashion_mnist_long.msgpack /tmp/held/
+  # the device call: bash experiments/gpu_session.sh OUT bottom, carrying
+  # workdir_bottom and .whl
+  mv /tmp/held/*.msgpack $P/ && git reset -q
+
+The tree is then 20.5 MiB, with the bundle (27.1 MiB) 47.6 MiB.
 """
 
 import functools
