@@ -39,7 +39,7 @@ call take the other two out of the tree, and put them back after it:
   mv $P/fashion_mnist.msgpack $P/fashion_mnist_long.msgpack /tmp/held/
   # the device call: bash experiments/gpu_session.sh OUT bottom, carrying
   # workdir_bottom and .whl
-  mv /tmp/held/*.msgpack $P/ && git reset -q
+  mv /tmp/held/*.msgpack $P/ && git reset -q -- $P
 
 The tree is then 20.5 MiB, with the bundle (27.1 MiB) 47.6 MiB.
 """
