@@ -27,7 +27,8 @@ in a copy of BUNDLE/base under OUT whose top prior comes from the file, as
 config's settings (`:long`'s guidance and discount), so rows are comparable
 with each other and with the eval's figures at the same sample count. A row
 is printed and written to OUT/bottom_study.json as it finishes; rows already
-there are not run again.
+there at the same --num_samples are not run again, and a variant killed
+while training resumes from its last checkpoint.
 
 What travels to a lent device is the working tree (tracked files, and what
 a call carries) up to 64 MiB, and the tracked tree alone is 57.8 MiB, 53.6
@@ -148,8 +149,11 @@ def train_variant(config: ml_collections.ConfigDict, pipeline: str,
   base = workdir_lib.Workdir(os.path.join(bundle, 'base'))
   for source in (base.vqvae, base.codes):
     target = os.path.join(workdir, os.path.relpath(source, base.root))
-    if not os.path.exists(target):
-      shutil.copytree(source, target)
+    if not os.path.exists(target):  # Whole or not at all: copied, renamed.
+      partial = target + '.partial'
+      shutil.rmtree(partial, ignore_errors=True)
+      shutil.copytree(source, partial)
+      os.replace(partial, target)
   run = variant_config(config, variant)
   for level in range(run.prior.level):
     above = base_config(config, pipeline)
@@ -184,7 +188,8 @@ def run_rows(config: ml_collections.ConfigDict, pipeline: str, bundle: str,
              out: str, variants: list[str], num_samples: int,
              report=print) -> dict[str, Any]:
   """Every variant's row, in order, each written to OUT/bottom_study.json
-  as it finishes; those already there are kept, not run again."""
+  as it finishes; those already there at `num_samples` are kept, not run
+  again (one of another count is evaluated again; its training resumes)."""
   parsed = [(name, parse_variant(name)) for name in variants]
   real = os.path.join(bundle, 'real.npz')
   if not os.path.isfile(os.path.join(bundle, 'base', 'config.json')):
@@ -196,7 +201,8 @@ def run_rows(config: ml_collections.ConfigDict, pipeline: str, bundle: str,
   results = files.read_json(path) or {'rows': {}}
   results.update(num_samples=num_samples, pipeline=pipeline)
   for name, variant in parsed:
-    if name in results['rows']:
+    done = results['rows'].get(name)
+    if done and done['num_examples'] == num_samples:
       report(f'{name}: already in {path}')
       continue
     if variant is None:

@@ -1836,8 +1836,15 @@ def test_bottom_study_prepares_a_bundle_and_trains_and_measures_variants(
   assert lines[-1].startswith('| 16x2 | ')
   with open(os.path.join(out, 'bottom_study.json')) as f:
     assert json.load(f)['rows'] == json.loads(json.dumps(rows))
-  # Run again: every row is already there.
+  # Run again: every row is already there; at another sample count a row
+  # is evaluated again, its prior not trained again.
   lines.clear()
   study.run_rows(stage2_config, shipped, bundle, out, ['shipped', '16x2'], 10,
                  report=lines.append)
   assert all('already in' in line for line in lines) and len(lines) == 2
+  again = study.run_rows(stage2_config, shipped, bundle, out, ['16x2'], 20,
+                         report=lines.append)['rows']['16x2']
+  assert again['num_examples'] == 20 and again['held_out_bits'] == (
+      trained['held_out_bits'])
+  assert not [p for p in os.listdir(os.path.join(out, '16x2'))
+              if p.endswith('.partial')]
