@@ -74,6 +74,20 @@ def test_tiny_judge_round_trip_and_architecture_check(tiny_judge):
   _one_line_error(excinfo, 'does not fit')
 
 
+def test_the_judge_computes_in_full_float32_on_every_backend(tiny_judge):
+  # Its convolutions and products are lowered at the highest precision, so
+  # a GPU's default (TF32) does not move the features a CPU gives.
+  from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+  module, variables, _ = judges.load_spec(tiny_judge)
+  images = np.zeros((2, 32, 32, 1), np.float32)
+  text = eval_run.judge_program(module).lower(variables, images).as_text()
+  products = [line for line in text.splitlines()
+              if 'stablehlo.convolution' in line or 'dot_general' in line]
+  assert products and all('HIGHEST' in line for line in products), products
+  plain = jax.jit(module.apply).lower(variables, images).as_text()
+  assert 'HIGHEST' not in plain  # What the default would lower to.
+
+
 def test_shipped_judge_scores_its_recorded_accuracy():
   """The first 2,000 test images: a few seconds on a CPU."""
   # The Debian files are part of every set-up (scripts/setup.sh).

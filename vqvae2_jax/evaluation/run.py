@@ -126,14 +126,29 @@ def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
   return both, about
 
 
-def _judge_fn(dataset: str, batch: int) -> tuple[FeatureFn, dict[str, Any]]:
-  """The shipped judge's features and softmax, its digest checked."""
-  module, variables, spec = judges.load(dataset)
+def judge_program(module: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """Jitted (variables, images) -> (the judge's features, its softmax).
+
+  Its products run in full float32 on every backend: a GPU's default
+  (TF32) would move the features by about 1e-3 against a CPU's, and the
+  figures of one judge (and the real-features files written on one
+  machine and read on another) are comparable only if it computes the
+  same everywhere.
+  """
 
   @jax.jit
   def apply(variables, images):
-    features, logits = module.apply(variables, images)
+    with jax.default_matmul_precision('highest'):
+      features, logits = module.apply(variables, images)
     return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  return apply
+
+
+def _judge_fn(dataset: str, batch: int) -> tuple[FeatureFn, dict[str, Any]]:
+  """The shipped judge's features and softmax, its digest checked."""
+  module, variables, spec = judges.load(dataset)
+  apply = judge_program(module)
 
   def judge(images):
     out = [jax.device_get(apply(variables, jnp.asarray(images[i:i + batch])))
