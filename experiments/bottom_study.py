@@ -16,7 +16,7 @@ BUNDLE, and an ml_collections wheel in .whl/: experiments/gpu_session.sh's
 part `bottom`; the file's top prior is read from the package there):
 
   python -m experiments.bottom_study --bundle=workdir_bottom --out=OUT \
-    --variants=shipped,256x16000,256x32000
+    --variants=shipped,256x32000,512x32000
 
 Each variant is a row: 'shipped' evaluates the file's own bottom prior
 (128 channels, 16,000 steps); WIDTHxSTEPS[xLAYERS] trains a bottom prior of
@@ -72,8 +72,9 @@ def _define_flags():
                     'the data), then stop.')
   flags.DEFINE_string('pipeline', SHIPPED, 'The exported file or shipped '
                       'name whose stage 1 and top prior the base holds.')
-  flags.DEFINE_list('variants', ['shipped', '256x16000'], "Rows: 'shipped' "
-                    '(the file\'s own priors) or WIDTHxSTEPS[xLAYERS].')
+  flags.DEFINE_list('variants', ['shipped', '256x32000', '512x32000'],
+                    "Rows: 'shipped' (the file's own priors) or "
+                    'WIDTHxSTEPS[xLAYERS].')
   flags.DEFINE_integer('num_samples', 10000, 'Samples per row (and floor '
                        'images written by --prepare).')
   flags.DEFINE_string('out', '', 'Where variants train and the JSON goes.')

@@ -31,7 +31,8 @@
 #                measured by the judge (10,000 samples) as its row finishes;
 #                needs the bundle `python -m experiments.bottom_study
 #                --prepare` writes in workdir_bottom/ (carry it, and .whl/);
-#                BOTTOM_VARIANTS (default shipped,256x32000,512x32000)
+#                BOTTOM_VARIANTS=... picks the rows (the script's default:
+#                shipped,256x32000,512x32000)
 #
 # Every part writes OUT_DIR/<part>.log and its JSON beside it. Wheels of
 # packages the machine lacks (ml_collections) may be put in .whl/ first.
@@ -94,7 +95,7 @@ for part in "${parts[@]}"; do
         --ops_json="$out/ops.json" ;;
     bottom) run bottom 420 "$py" -m experiments.bottom_study \
         --bundle=workdir_bottom --out="$out/bottom" \
-        --variants="${BOTTOM_VARIANTS:-shipped,256x32000,512x32000}" ;;
+        ${BOTTOM_VARIANTS:+--variants=$BOTTOM_VARIANTS} ;;
     train) run train 400 "$py" -m experiments.accelerator_check $smoke \
         --parts=stage1,prior0,prior1 --json="$out/train.json" ;;
     *) echo "unknown part $part (see the header of this script)"; exit 2 ;;
