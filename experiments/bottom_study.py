@@ -176,13 +176,11 @@ def train_variant(config: ml_collections.ConfigDict, pipeline: str,
 def evaluate_row(pipeline: Any, real: str, num_samples: int) -> dict:
   """The sample figures of a loaded pipeline at its config's settings."""
   got = pipeline.evaluate(num_samples, real_features=real)
-  s = got['samples']
-  return {k: s.get(k) for k in ('fid', 'precision', 'recall',
-                                'class_agreement', 'inception_score',
-                                'num_examples', 'guidance', 'discount')} | {
-                                    'floor_recall': got['real_vs_real'][
-                                        'recall'],
-                                    'eval_s': got['seconds']}
+  keys = ('fid', 'precision', 'recall', 'class_agreement', 'inception_score',
+          'num_examples', 'guidance', 'discount')
+  return {**{k: got['samples'].get(k) for k in keys},
+          'floor_recall': got['real_vs_real']['recall'],
+          'eval_s': got['seconds']}
 
 
 def run_rows(config: ml_collections.ConfigDict, pipeline: str, bundle: str,

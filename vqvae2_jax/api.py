@@ -1049,24 +1049,25 @@ class Pipeline:
           'has no classes): guidance follows class labels. Fix: leave '
           'guidance out.')
     rng = _prng_key(self.config.seed if key is None else key)
-    eval_run = _eval_run('Pipeline.evaluate')
-    if real_features is None:
-      _check_image_packages(
-          'Pipeline.evaluate without real_features (a file that '
-          'Pipeline.write_real_features writes where the data is read)')
-    return eval_run.evaluate_pipeline(
-        self, n, rng=rng,
-        temperature=s.temperature if temperature is None else temperature,
-        top_k=s.top_k if top_k is None else top_k,
-        top_p=s.top_p if top_p is None else top_p,
-        guidance=(builders.sampling_guidance(self.config) if guidance is None
-                  else guidance),
-        contrast=(builders.sampling_contrast(self.config) if contrast is None
-                  else contrast),
-        discount=(builders.sampling_discount(self.config) if discount is None
-                  else discount), features=features,
-        real_features=None if real_features is None else os.fspath(
-            real_features))
+    # Imported when first used (it loads the metrics and the judge).
+    from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+    doing = 'Pipeline.evaluate' if real_features is not None else (
+        'Pipeline.evaluate without real_features (a file that '
+        'Pipeline.write_real_features writes where the data is read)')
+    with errors.reading_images(doing):
+      return eval_run.evaluate_pipeline(
+          self, n, rng=rng,
+          temperature=s.temperature if temperature is None else temperature,
+          top_k=s.top_k if top_k is None else top_k,
+          top_p=s.top_p if top_p is None else top_p,
+          guidance=(builders.sampling_guidance(self.config)
+                    if guidance is None else guidance),
+          contrast=(builders.sampling_contrast(self.config)
+                    if contrast is None else contrast),
+          discount=(builders.sampling_discount(self.config)
+                    if discount is None else discount), features=features,
+          real_features=None if real_features is None else os.fspath(
+              real_features))
 
   def write_real_features(self, path: str, num_samples: int = 10_000, *,
                           features: Optional[str] = None) -> dict[str, Any]:
@@ -1096,32 +1097,10 @@ class Pipeline:
       raise PipelineInputError(
           f'num_samples is {_shown(num_samples)}. Fix: pass an integer >= 1 '
           '(as many as the samples the file is to evaluate).')
-    eval_run = _eval_run('Pipeline.write_real_features')
-    _check_image_packages('Pipeline.write_real_features')
-    return eval_run.write_real_features(self, os.fspath(path), n,
-                                        features=features)
-
-
-def _eval_run(doing: str) -> Any:
-  """`evaluation.run`, imported when first needed (it loads the metrics and
-  the judge); a missing package it needs as the user's error."""
-  try:
     from vqvae2_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    missing = errors.missing_image_package(doing, e)
-    if missing is None:
-      raise
-    raise missing from e
-  return eval_run
-
-
-def _check_image_packages(doing: str) -> None:
-  """Raises `errors.MissingPackageError` where the packages that read a
-  dataset (TensorFlow, tfds) cannot be imported."""
-  for name in ('tensorflow', 'tensorflow_datasets'):
-    if importlib.util.find_spec(name) is None:
-      raise errors.missing_image_package(
-          doing, ModuleNotFoundError(f'No module named {name!r}', name=name))
+    with errors.reading_images('Pipeline.write_real_features'):
+      return eval_run.write_real_features(self, os.fspath(path), n,
+                                          features=features)
 
 
 def _integer(value: Any) -> Optional[int]:

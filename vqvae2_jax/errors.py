@@ -5,6 +5,9 @@ Every message reads "<what is wrong>. Fix: <what to do>." Raise one of these
 permissions); programming errors stay ordinary exceptions with tracebacks.
 """
 
+import contextlib
+from typing import Iterator
+
 
 class UserError(Exception):
   """An error whose message tells the user what to change."""
@@ -48,6 +51,20 @@ MODES_WITHOUT_IMAGES = ('prior', 'sample', 'export')
 MODES_WITHOUT_IMAGES_TEXT = (  # '--mode=prior, sample and export'
     f'--mode={", ".join(MODES_WITHOUT_IMAGES[:-1])} and '
     f'{MODES_WITHOUT_IMAGES[-1]}')
+
+
+@contextlib.contextmanager
+def reading_images(doing: str) -> Iterator[None]:
+  """Runs its body, which may read a dataset: a package of IMAGE_PACKAGES
+  that is not installed is raised as `missing_image_package`'s error
+  (what `doing` needs and what to install); other errors pass unchanged."""
+  try:
+    yield
+  except ModuleNotFoundError as e:
+    missing = missing_image_package(doing, e)
+    if missing is None:
+      raise
+    raise missing from e
 
 
 def missing_image_package(doing: str, e: ModuleNotFoundError

@@ -76,13 +76,8 @@ def _run_stage(mode: str, config: ml_collections.ConfigDict,
                workdir: str) -> Any:
   """Runs one stage; one that reads images where TensorFlow or tfds is not
   installed raises errors.MissingPackageError (they load with its data)."""
-  try:
+  with errors.reading_images(f'--mode={mode}'):
     return stage_function(mode)(config, workdir)
-  except ModuleNotFoundError as e:
-    missing = errors.missing_image_package(f'--mode={mode}', e)
-    if missing is None:
-      raise
-    raise missing from e
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -18,7 +18,8 @@ another ruler or dataset, or with fewer floor images than samples asked
 for, is refused with the fix.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+import contextlib
 import json
 import os
 from typing import Any
@@ -80,31 +81,36 @@ def write(path: str, header: Mapping[str, Any],
   files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def read_header(path: str) -> tuple[dict[str, Any], Any]:
-  """(the header, the open npz: close it) of a real-features file, or an
-  error."""
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[tuple[dict[str, Any], Any]]:
+  """(the header, the npz) of a real-features file, closed on leaving; a
+  missing, unreadable or other-version file is an error."""
   if not os.path.isfile(path):
     raise RealFeaturesError(
         f'No real-features file at {path}. Fix: write it where the dataset '
         'can be read, with Pipeline.write_real_features(path), and copy it '
         'here.')
-  data = None
   try:
     data = np.load(path, allow_pickle=False)
-    header = json.loads(bytes(data['header']).decode())
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-    if data is not None:
-      data.close()
-    raise RealFeaturesError(
-        f'{path} is not a readable real-features file ({e}). Fix: write it '
-        'again with Pipeline.write_real_features(path).') from e
-  if header.get('version') != VERSION:
-    data.close()
-    raise RealFeaturesError(
-        f'{path} is of format version {header.get("version")}, this code '
-        f'reads {VERSION}. Fix: write it again with '
-        'Pipeline.write_real_features(path).')
-  return header, data
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise _unreadable(path, e) from e
+  with data:
+    try:
+      header = json.loads(bytes(data['header']).decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      raise _unreadable(path, e) from e
+    if header.get('version') != VERSION:
+      raise RealFeaturesError(
+          f'{path} is of format version {header.get("version")}, this code '
+          f'reads {VERSION}. Fix: write it again with '
+          'Pipeline.write_real_features(path).')
+    yield header, data
+
+
+def _unreadable(path: str, e: Exception) -> RealFeaturesError:
+  return RealFeaturesError(
+      f'{path} is not a readable real-features file ({e}). Fix: write it '
+      'again with Pipeline.write_real_features(path).')
 
 
 def load(path: str, expected: Mapping[str, Any], num_floor: int,
@@ -116,9 +122,8 @@ def load(path: str, expected: Mapping[str, Any], num_floor: int,
   expected: the evaluating pipeline's header fields (`MATCHED`); any that
   differ from the file's are named in the error.
   """
-  header, data = read_header(path)
-  with data:
-    expected = json.loads(json.dumps(dict(expected), sort_keys=True))
+  expected = json.loads(json.dumps(dict(expected), sort_keys=True))
+  with _opened(path) as (header, data):
     differ = [k for k in MATCHED if header.get(k) != expected.get(k)]
     if differ:
       shown = '; '.join(f'{k}: file {header.get(k)!r}, this pipeline '
