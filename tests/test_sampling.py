@@ -23,6 +23,7 @@ UPPER_SHAPES = ((2, 2, 3), (2, 4, 3))
 
 # What jax.monitoring reports each time a function is traced for jax.jit.
 _TRACE_EVENT = '/jax/core/compile/jaxpr_trace_duration'
+_LOWER_EVENT = '/jax/core/compile/jaxpr_to_mlir_module_duration'
 
 CONTROLS = [  # (temperature, top_k, top_p)
     (1.0, 0, 1.0),
@@ -122,12 +123,14 @@ def test_sampler_compiles_once():
   model, variables, shape, cond, labels, _ = _setup('lower')
   other_variables = jax.tree.map(lambda x: x * 0.5, variables)  # E.g. Polyak.
   labels_list = list(np.asarray(labels))
-  traced = []
+  traced, lowered = [], []
 
   def on_event(event, duration, **kwargs):
     del duration
     if event == _TRACE_EVENT:
       traced.append(kwargs.get('fun_name'))
+    if event == _LOWER_EVENT:
+      lowered.append(kwargs.get('fun_name'))
 
   sampling.clear_caches()
   jax.monitoring.register_event_duration_secs_listener(on_event)
@@ -147,14 +150,21 @@ def test_sampler_compiles_once():
         dict(rng=jax.random.key(2), top_p=0.5, labels=labels),
         dict(rng=jax.random.key(3), labels=labels_list),
         dict(rng=jax.random.key(4), variables=other_variables),
+        dict(rng=jax.random.PRNGKey(5)),  # A raw key: the same program.
     ]
-    del traced[:]
+    del traced[:], lowered[:]
     for run in runs:
       run = {'variables': variables, **run}
       sampling.sample_level(model, shape=shape, cond_codes=list(cond), **run)
     # The controls' values, labels, keys and weights are traced arguments:
-    # no retrace, filtered or not.
+    # no retrace, filtered or not; and the calls run what compile_sampler
+    # compiled, a raw key too (it was a program of its own, compiled again).
     assert not sampler.intersection(traced), traced
+    assert not {f'jit({name})' for name in sampler}.intersection(lowered)
+    # Either kind of key draws the same codes.
+    np.testing.assert_array_equal(*[sampling.sample_level(
+        model, variables, shape=shape, cond_codes=cond, labels=labels,
+        rng=rng) for rng in (jax.random.PRNGKey(6), jax.random.key(6))])
     # After clear_caches the sampler is traced again.
     sampling.clear_caches()
     del traced[:]

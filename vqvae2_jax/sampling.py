@@ -668,6 +668,10 @@ def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   program's arguments; with a bias or discount, `_build(biased=...,
   discounted=...)`'s)."""
   guided = _guides(model, labels, guidance)
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    # A raw uint32 key (`jax.random.PRNGKey`) as the typed key of the same
+    # data: the same draws, and one program for either kind of key.
+    rng = jax.random.wrap_key_data(rng)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   return shape, guided, (variables, rng, _example_ids(shape), cond_codes,
@@ -688,7 +692,7 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
-  with arguments of the same shapes, filtering on or off as `top_k` /
+  with arguments of the same shapes (and a key of either kind), filtering on or off as `top_k` /
   `top_p` say, the same `unroll`, guidance on or off, a code bias or none
   and a code discount or none reuses the compiled code; use it to
   time compilation apart from sampling.
