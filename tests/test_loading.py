@@ -123,3 +123,19 @@ def test_load_classifier_and_predict_batches(stage2_config, tmp_path,
   other.classifier.width = 2 * config.classifier.width
   with pytest.raises(ValueError, match='classifier.width'):
     loading.load_classifier(other, str(tmp_path), mesh)
+
+
+def test_the_classifier_computes_in_full_float32_on_every_backend(
+    stage2_config):
+  # As the judge: where the domain classifier is the ruler, a GPU's default
+  # (TF32) products must not move its figures against a CPU's.
+  model = builders.build_classifier(stage2_config)
+  mesh = parallel.create_mesh(None, jax.devices()[:1])
+  abstract, predict = loading._classifier_programs(  # pylint: disable=protected-access
+      model, builders.image_shape(stage2_config), mesh)
+  images = jax.ShapeDtypeStruct((2, *builders.image_shape(stage2_config)),
+                                jnp.float32)
+  text = predict.lower(abstract, images).as_text()
+  products = [line for line in text.splitlines()
+              if 'stablehlo.convolution' in line or 'dot_general' in line]
+  assert products and all('HIGHEST' in line for line in products), products
