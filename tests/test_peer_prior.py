@@ -114,10 +114,10 @@ def _run(*args, timeout=900):
   return done
 
 
-def _study_args(workdir, out, python, code, seconds=2):
+def _study_args(workdir, out, python, code, seconds=1):
   return [f'--workdir={workdir}', f'--out={out}', f'--peer_python={python}',
           f'--peer_code={code}', f'--seconds={seconds}', '--evals=2',
-          '--batch=8', '--our_steps=50', '--speed_rounds=2',
+          '--batch=8', '--our_steps=20', '--speed_rounds=2',
           '--speed_seconds=0.2', '--sample_batches=1,2',
           '--sample_repeats=1', '--num_samples=20', '--sample_batch=10',
           '--peer_channel=16', '--peer_n_block=1', '--peer_n_res_block=1']
@@ -159,7 +159,7 @@ def test_study_end_to_end_with_a_stand_in_reference(codes_workdir, tmp_path):
   assert len(train_calls) == 2
   assert all(f'--codes={out / "codes"}' in l and '--batch=8' in l and
              '--channel=16' in l and '--n_class=16' in l and
-             '--eval_at=1,2' in l for l in train_calls)
+             '--eval_at=0.5,1' in l for l in train_calls)
   # Speed: alternating rounds; the ratio is ours over the reference.
   for level in ('top', 'bottom'):
     s = results['speed'][level]
