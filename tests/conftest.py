@@ -9,6 +9,8 @@ import collections
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -29,9 +31,28 @@ if '--xla_backend_optimization_level' not in _flags:
 # XLA:CPU's older emitters for fused loops compile these small programs in
 # about half the time of its fusion emitters (a tiny prior's train step:
 # 1.1 s against 2.1 s; two test files: 85 s of CPU against 118 s). The same
-# HLO is computed either way.
-if '--xla_cpu_use_fusion_emitters' not in _flags:
-  _flags += ' --xla_cpu_use_fusion_emitters=false'
+# HLO is computed either way. XLA aborts on a flag it does not know, and a
+# later jaxlib may drop this one, so a child process tries it first; the
+# answer is handed down to xdist's workers and the processes tests start.
+_LOOP_EMITTERS = '--xla_cpu_use_fusion_emitters=false'
+
+
+def _xla_accepts_loop_emitters() -> bool:
+  tried = os.environ.get('VQVAE2_TESTS_LOOP_EMITTERS')
+  if tried is None:
+    done = subprocess.run(
+        [sys.executable, '-c', 'import jax; jax.devices()'],
+        env={**os.environ, 'XLA_FLAGS': _LOOP_EMITTERS,
+             'JAX_PLATFORMS': 'cpu'},
+        capture_output=True, timeout=300, check=False)
+    tried = os.environ['VQVAE2_TESTS_LOOP_EMITTERS'] = str(
+        int(done.returncode == 0))
+  return tried == '1'
+
+
+if ('--xla_cpu_use_fusion_emitters' not in _flags and
+    _xla_accepts_loop_emitters()):
+  _flags += ' ' + _LOOP_EMITTERS
 os.environ['XLA_FLAGS'] = _flags.strip()
 # Keep TensorFlow (tf.data) off any accelerator and quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
