@@ -37,7 +37,6 @@ import numpy as np
 from vqvae2_jax import config_validation
 from vqvae2_jax import hostmem
 from vqvae2_jax import parallel
-from vqvae2_jax.data import input_pipeline
 from vqvae2_jax.evaluation import reconstruction
 from vqvae2_jax.train import vqvae_trainer
 
@@ -106,6 +105,10 @@ def run(config: ml_collections.ConfigDict, eval_steps: Sequence[int],
     image decoded from the top level alone (the others replaced by their
     mean code, as experiments/level_mse.py does).
   """
+  # tf.data only here, where images are read: the scripts that import this
+  # module for its step timings (bench_vqvae, peer_speed, profile_step) run
+  # where TensorFlow is not installed.
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   config_validation.validate_config(config)
   eval_steps = sorted(int(s) for s in eval_steps)
   mesh = parallel.create_mesh(config.mesh)
@@ -149,6 +152,7 @@ def run(config: ml_collections.ConfigDict, eval_steps: Sequence[int],
 def top_only_psnr(model, variables, config: ml_collections.ConfigDict,
                   mesh) -> float:
   """PSNR of the whole eval split decoded from the top level alone."""
+  from vqvae2_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   total, count = 0.0, 0
   for batch in input_pipeline.create_eval_iterator(
       config.data, global_batch_size=config.vqvae_train.eval_batch_size,

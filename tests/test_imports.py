@@ -113,6 +113,12 @@ _MODULES = [
     ('experiments.bench_sampling', None),
     ('experiments.bench_memory', None),
     ('experiments.sampler_variants', None),
+    # Step timings (peer_protocol reads images only where it trains).
+    ('experiments.bench_vqvae', None),
+    ('experiments.profile_step', None),
+    ('experiments.peer_speed', None),
+    ('experiments.prior_step_variants', None),
+    ('experiments.peer_prior', None),
 ]
 
 
