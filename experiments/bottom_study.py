@@ -167,7 +167,10 @@ def train_variant(config: ml_collections.ConfigDict, pipeline: str,
   metrics = files.read_json(workdir_lib.metrics_json(
       workdir_lib.Workdir(workdir).prior(level))) or {}
   return workdir, {
-      'train_s': seconds, 'steps': variant['steps'],
+      # The stage's wall time, its evaluations included; steps_per_sec is
+      # the training steps' alone (compilation included).
+      'train_s': seconds, 'steps_per_sec': metrics.get('steps_per_sec'),
+      'steps': variant['steps'],
       'held_out_bits': metrics.get('eval/bits_per_code'),
       'train_bits': metrics.get('eval_train/bits_per_code'),
       'params': metrics.get('num_params')}
@@ -224,7 +227,9 @@ def row_line(name: str, row: dict) -> str:
   return (f'| {name} | {"" if bits is None else f"{bits:.3f}"} | '
           f'{row["class_agreement"]:.2%} | {row["precision"]:.3f} | '
           f'{row["recall"]:.3f} | {row["fid"]:.3f} | '
-          f'{row["inception_score"]:.2f} | {row["train_s"]:.0f} s |')
+          f'{row["inception_score"]:.2f} | {row["train_s"]:.0f} s'
+          + (f' ({row["steps_per_sec"]:.1f} steps/s)'
+             if row.get('steps_per_sec') else '') + ' |')
 
 
 def main(argv, flag_values):

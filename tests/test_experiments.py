@@ -1827,13 +1827,14 @@ def test_bottom_study_prepares_a_bundle_and_trains_and_measures_variants(
     assert rows['shipped'][key] == want[key], key
   trained = rows['16x2']
   assert trained['steps'] == 2 and trained['held_out_bits'] > 0
+  assert 0 < trained['steps_per_sec'] and trained['train_s'] > 0
   assert trained['fid'] != rows['shipped']['fid']
   variant = api.Pipeline.load(os.path.join(out, '16x2'))
   assert variant.config.prior.level_1.num_channels == 16
   top_of = lambda p: jax.tree.leaves(p.priors[0][1])
   for got, base in zip(top_of(variant), top_of(api.Pipeline.load(shipped))):
     np.testing.assert_array_equal(got, base)
-  assert lines[-1].startswith('| 16x2 | ')
+  assert lines[-1].startswith('| 16x2 | ') and 'steps/s)' in lines[-1]
   with open(os.path.join(out, 'bottom_study.json')) as f:
     assert json.load(f)['rows'] == json.loads(json.dumps(rows))
   # Run again: every row is already there; at another sample count a row
