@@ -101,3 +101,15 @@ def test_labels_for_an_unconditional_prior_are_refused():
                      r'0\.\.16'):
     sampling.reference_sample_level(model, variables, shape=(2, 4, 4),
                                     rng=jax.random.key(0), num_positions=17)
+
+
+@pytest.mark.parametrize('rng', [0, jnp.zeros((3,), jnp.uint32),
+                                 jax.random.split(jax.random.key(0))],
+                         ids=['int', 'uint32[3]', 'two keys'])
+def test_anything_but_one_key_is_refused(rng):
+  model, variables, _, cond = _conditional_lower_prior()
+  for sample in (sampling.sample_level, sampling.reference_sample_level):
+    with pytest.raises(sampling.SamplingInputError,
+                       match=r'not one PRNG key\. Fix: pass jax\.random\.key'):
+      sample(model, variables, shape=(2, 4, 4), cond_codes=cond,
+             labels=np.array([0, 1]), rng=rng)

@@ -656,6 +656,22 @@ def _check_adjustments(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array]
   return tuple(checked)
 
 
+def _typed_key(rng: Any) -> Array:
+  """`rng` as one typed PRNG key. A raw uint32 key (`jax.random.PRNGKey`)
+  becomes the typed key of the same data: the same draws, and one program
+  for either kind of key."""
+  dtype, shape = getattr(rng, 'dtype', None), np.shape(rng)
+  if dtype is not None:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+      return rng
+    if dtype == np.uint32 and shape == (2,):
+      return jax.random.wrap_key_data(rng)
+  raise SamplingInputError(
+      f'rng is {type(rng).__name__} of shape {shape} and dtype {dtype}, not '
+      'one PRNG key. Fix: pass jax.random.key(seed) (or '
+      'jax.random.PRNGKey(seed)).')
+
+
 def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
                   rng: Array, shape: Sequence[int],
                   cond_codes: Sequence[Array], labels: Optional[Array],
@@ -668,10 +684,7 @@ def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   program's arguments; with a bias or discount, `_build(biased=...,
   discounted=...)`'s)."""
   guided = _guides(model, labels, guidance)
-  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    # A raw uint32 key (`jax.random.PRNGKey`) as the typed key of the same
-    # data: the same draws, and one program for either kind of key.
-    rng = jax.random.wrap_key_data(rng)
+  rng = _typed_key(rng)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   return shape, guided, (variables, rng, _example_ids(shape), cond_codes,
