@@ -34,9 +34,10 @@ if '--xla_backend_optimization_level' not in _flags:
 # HLO is computed either way. Only with LLVM's optimisations off: with them
 # on, as a user runs, the fusion emitters compile and run faster (the
 # default config's lower prior step: 8.1 s and 107 ms against 11.6 s and
-# 128 ms), so the library leaves XLA's default alone. XLA aborts on a flag it does not know, and a
-# later jaxlib may drop this one, so a child process tries it first; the
-# answer is handed down to xdist's workers and the processes tests start.
+# 128 ms), so the library leaves XLA's default alone. XLA aborts on a flag
+# it does not know, and a later jaxlib may drop this one, so a child process
+# tries it first; the answer is handed down to xdist's workers and the
+# processes tests start.
 _LOOP_EMITTERS = '--xla_cpu_use_fusion_emitters=false'
 
 

@@ -705,10 +705,10 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
-  with arguments of the same shapes (and a key of either kind), filtering on or off as `top_k` /
-  `top_p` say, the same `unroll`, guidance on or off, a code bias or none
-  and a code discount or none reuses the compiled code; use it to
-  time compilation apart from sampling.
+  with arguments of the same shapes (and a key of either kind), filtering on
+  or off as `top_k` / `top_p` say, the same `unroll`, guidance on or off, a
+  code bias or none and a code discount or none reuses the compiled code;
+  use it to time compilation apart from sampling.
 
   Returns:
     The compiled program (e.g. for its `memory_analysis()`).
@@ -742,7 +742,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
     cond_codes: [batch, h_j, w_j] int32 codes of every upper level, top first.
     labels: [batch] int32 class labels (num_classes = "no label"), or None for
       the unconditional path.
-    rng: PRNG key; the same key gives the same samples.
+    rng: one PRNG key (`jax.random.key`, or `jax.random.PRNGKey`: the same
+      draws); the same key gives the same samples.
     temperature: softmax temperature (> 0).
     top_k: keep the k most likely codes at each position; 0 disables.
     top_p: nucleus mass in (0, 1]; 1.0 disables.
