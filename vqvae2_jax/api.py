@@ -1146,12 +1146,11 @@ def _prng_key(key: Any) -> jax.Array:
       return jax.random.PRNGKey(seed)
     except OverflowError:
       pass
-  elif isinstance(key, (np.ndarray, jax.Array)):
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-      if key.shape == ():
-        return key
-    elif key.dtype == np.uint32 and key.shape == (2,):  # PRNGKey's kind.
-      return jnp.asarray(key)
+  else:
+    try:
+      return sampling.typed_key(key)
+    except sampling.SamplingInputError:
+      pass
   raise PipelineInputError(
       f'key is {_shown(key)} ({type(key).__name__}). Fix: pass an integer '
       'seed (64 bits at most) or one key from jax.random.key(seed) or '

@@ -304,9 +304,10 @@ def _classifier_programs(model: classifier_lib.Classifier,
 
   Built once per model and mesh, so that every load of a classifier shares
   one compilation. The params are laid out as the trainer lays them out
-  (`parallel.state_shardings`). Its products run in full float32 on every
-  backend, as the judge's (`evaluation.run.judge_program`): where it is the
-  sample metrics' ruler, its figures then mean the same on a CPU and a GPU.
+  (`parallel.state_shardings`). It computes in full float32 on every
+  backend, as the judge does (`classifier.features_and_probabilities`):
+  where it is the sample metrics' ruler, its figures mean the same on a CPU
+  and a GPU.
   """
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros((1, *image_shape), jnp.float32))
@@ -314,9 +315,8 @@ def _classifier_programs(model: classifier_lib.Classifier,
   data = parallel.data_sharding(mesh)
 
   def predict(params, images):
-    with jax.default_matmul_precision('highest'):
-      features, logits = model.apply({'params': params}, images)
-    return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return classifier_lib.features_and_probabilities(
+        model, {'params': params}, images)
 
   return (parallel.abstract_with_shardings(abstract['params'], shardings),
           jax.jit(predict, in_shardings=(shardings, data),

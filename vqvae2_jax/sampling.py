@@ -656,10 +656,14 @@ def _check_adjustments(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array]
   return tuple(checked)
 
 
-def _typed_key(rng: Any) -> Array:
+def typed_key(rng: Any) -> Array:
   """`rng` as one typed PRNG key. A raw uint32 key (`jax.random.PRNGKey`)
   becomes the typed key of the same data: the same draws, and one program
-  for either kind of key."""
+  for either kind of key.
+
+  Raises:
+    SamplingInputError: `rng` is not one key of either kind.
+  """
   dtype, shape = getattr(rng, 'dtype', None), np.shape(rng)
   if dtype is not None:
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
@@ -684,7 +688,7 @@ def _checked_call(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   program's arguments; with a bias or discount, `_build(biased=...,
   discounted=...)`'s)."""
   guided = _guides(model, labels, guidance)
-  rng = _typed_key(rng)
+  rng = typed_key(rng)
   shape, cond_codes, labels = _check_inputs(model, shape, cond_codes, labels,
                                             mesh)
   return shape, guided, (variables, rng, _example_ids(shape), cond_codes,

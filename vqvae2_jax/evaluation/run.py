@@ -65,6 +65,7 @@ from vqvae2_jax.evaluation import judges
 from vqvae2_jax.evaluation import metrics as metrics_lib
 from vqvae2_jax.evaluation import real_features as real_features_lib
 from vqvae2_jax.evaluation import reconstruction
+from vqvae2_jax.models import classifier as classifier_lib
 
 # Held-out features kept for KID and precision/recall (ImageNet's 50,000 x
 # 2048 Inception features: 800 MB in float64).
@@ -127,22 +128,11 @@ def feature_fn(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
 
 
 def judge_program(module: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """Jitted (variables, images) -> (the judge's features, its softmax).
-
-  Its products run in full float32 on every backend: a GPU's default
-  (TF32) would move the features by about 1e-3 against a CPU's, and the
-  figures of one judge (and the real-features files written on one
-  machine and read on another) are comparable only if it computes the
-  same everywhere.
+  """Jitted (variables, images) -> (the judge's features, its softmax), in
+  full float32 on every backend (`classifier.features_and_probabilities`).
   """
-
-  @jax.jit
-  def apply(variables, images):
-    with jax.default_matmul_precision('highest'):
-      features, logits = module.apply(variables, images)
-    return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-  return apply
+  return jax.jit(functools.partial(classifier_lib.features_and_probabilities,
+                                   module))
 
 
 def _judge_fn(dataset: str, batch: int) -> tuple[FeatureFn, dict[str, Any]]:

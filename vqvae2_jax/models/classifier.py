@@ -13,7 +13,7 @@ to train in minutes on a CPU), the pooled features are [b, 128] and the
 logits [b, num_classes].
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -157,3 +157,19 @@ def augment(rng: Array, images: Array, *, max_shift: int, flip: bool
     do_flip = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
     images = jnp.where(do_flip, images[:, :, ::-1], images)
   return images
+
+
+def features_and_probabilities(module: nn.Module, variables: Any,
+                               images: Array) -> tuple[Array, Array]:
+  """(pooled features, float32 softmax) of a classifier's images (the
+  domain classifier, or the judge built on it), for a ruler.
+
+  Its products run in full float32 on every backend: a GPU's default
+  (TF32) would move the features by about 1e-3 against a CPU's, and a
+  ruler's figures (and the real-features files written on one machine and
+  read on another) are comparable only if it computes the same everywhere.
+  On a CPU the result is that of the default precision, bit for bit.
+  """
+  with jax.default_matmul_precision('highest'):
+    features, logits = module.apply(variables, images)
+  return features, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
