@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   prior.grad_clip_norm = 1.0  # Global gradient-norm clip; 0 disables.
   prior.polyak_decay = 0.9999  # EMA of weights for eval/sampling; 0 disables.
   prior.label_drop_rate = 0.1  # Label dropout, so one model also samples unconditionally.
+  prior.code_weight = ()  # Loss weight of each target code, freq(code)^-c over the level's training codes (likelihood.code_weight_table: sampling.contrast trained in); one c for every level or one per level, top first (e.g. 0,0.75); () is plain cross-entropy.
   prior.log_every = 100  # Steps between metric logs.
   prior.eval_every = 10_000  # Steps between held-out evaluations (whole split).
   prior.checkpoint_every = 5000  # Steps between checkpoints.

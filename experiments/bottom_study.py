@@ -19,7 +19,7 @@ part `bottom`; the file's top prior is read from the package there):
     --variants=shipped,256x32000,512x32000
 
 Each variant is a row: 'shipped' evaluates the file's own bottom prior
-(128 channels, 16,000 steps); WIDTHxSTEPS[xLAYERS] trains a bottom prior of
+(128 channels, 16,000 steps); WIDTHxSTEPS[xLAYERS][wPOWER] trains a bottom prior of
 that width, steps and gated layers (`--mode=prior --config.prior.level=1`,
 in a copy of BUNDLE/base under OUT whose top prior comes from the file, as
 `--config.prior.from_export` writes it), then evaluates it. Every evaluation is
@@ -74,28 +74,34 @@ def _define_flags():
                       'name whose stage 1 and top prior the base holds.')
   flags.DEFINE_list('variants', ['shipped', '256x32000', '512x32000'],
                     "Rows: 'shipped' (the file's own priors) or "
-                    'WIDTHxSTEPS[xLAYERS].')
+                    'WIDTHxSTEPS[xLAYERS][wPOWER].')
   flags.DEFINE_integer('num_samples', 10000, 'Samples per row (and floor '
                        'images written by --prepare).')
   flags.DEFINE_string('out', '', 'Where variants train and the JSON goes.')
   return flags.FLAGS
 
 
-def parse_variant(spec: str) -> dict[str, int] | None:
-  """'256x16000' -> {'width': 256, 'steps': 16000}, 'x8' adds 'layers';
-  'shipped' -> None."""
+def parse_variant(spec: str) -> dict[str, Any] | None:
+  """'256x16000' -> {'width': 256, 'steps': 16000}, 'x8' adds 'layers',
+  'w0.75' at the end 'code_weight' (`prior.code_weight` of the bottom
+  level); 'shipped' -> None."""
   if spec == 'shipped':
     return None
-  parts = spec.split('x')
+  sizes, weighed, weight = spec.partition('w')
   try:
-    values = [int(p) for p in parts]
+    values = [int(p) for p in sizes.split('x')]
+    power = float(weight) if weighed else 0.0
   except ValueError:
-    values = []
-  if len(values) not in (2, 3) or min(values) < 1:
+    values, power = [], 0.0
+  if len(values) not in (2, 3) or min(values) < 1 or not power >= 0:
     raise app.UsageError(
-        f'Variant {spec!r}: write shipped or WIDTHxSTEPS[xLAYERS], positive '
-        'integers, e.g. 256x16000 or 96x16000x12.')
-  return dict(zip(('width', 'steps', 'layers'), values))
+        f'Variant {spec!r}: write shipped or WIDTHxSTEPS[xLAYERS][wPOWER], '
+        'positive integers and a power >= 0, e.g. 256x16000, 96x16000x12 or '
+        '128x16000w0.75.')
+  variant = dict(zip(('width', 'steps', 'layers'), values))
+  if weighed:
+    variant['code_weight'] = power
+  return variant
 
 
 def base_config(config: ml_collections.ConfigDict, pipeline: str
@@ -137,6 +143,8 @@ def variant_config(config: ml_collections.ConfigDict,
   if 'layers' in variant:
     level.num_layers = variant['layers']
   config.prior.num_train_steps = variant['steps']
+  if 'code_weight' in variant:
+    config.prior.code_weight = (0.0,) * last + (variant['code_weight'],)
   return config
 
 

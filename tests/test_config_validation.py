@@ -61,6 +61,8 @@ def _set(config, path, value):
     ('sampling.contrast', (0.0, 0.5, 0.5), 'sampling.contrast'),
     ('sampling.contrast', (-0.5,), 'sampling.contrast'),
     ('sampling.contrast', (0.0, float('inf')), 'sampling.contrast'),
+    ('prior.code_weight', (0.0, 0.5, 0.5), 'prior.code_weight'),
+    ('prior.code_weight', (-0.5,), 'prior.code_weight'),
     ('sampling.discount', (0.0, 4.0, 4.0), 'sampling.discount'),
     ('sampling.discount', (-1.0,), 'sampling.discount'),
     ('sampling.discount', (0.0, float('nan')), 'sampling.discount'),

@@ -1796,8 +1796,11 @@ def test_bottom_study_prepares_a_bundle_and_trains_and_measures_variants(
   # pylint: enable=g-import-not-at-top
   assert study.parse_variant('96x16000x12') == {'width': 96, 'steps': 16000,
                                                 'layers': 12}
+  assert study.parse_variant('128x16000w0.75') == {
+      'width': 128, 'steps': 16000, 'code_weight': 0.75}
   assert study.parse_variant('shipped') is None
-  for bad in ('256', '256x0', 'wide', '1x2x3x4'):
+  for bad in ('256', '256x0', 'wide', '1x2x3x4', '16x2w', '16x2w-1',
+              '16x2wide', '16x2wnan'):
     with pytest.raises(app.UsageError, match='WIDTHxSTEPS'):
       study.parse_variant(bad)
   monkeypatch.setitem(judges.JUDGES, 'fashion_mnist', tiny_judge)
@@ -1816,36 +1819,40 @@ def test_bottom_study_prepares_a_bundle_and_trains_and_measures_variants(
     study.run_rows(stage2_config, shipped, str(tmp_path), out, ['shipped'],
                    10)
   # The file's own priors, and a bottom prior of width 16 trained 2 steps
-  # below the file's stage 1 and top prior.
+  # below the file's stage 1 and top prior, its loss weighed by the codes'
+  # frequencies.
   results = study.run_rows(stage2_config, shipped, bundle, out,
-                           ['shipped', '16x2'], 10, report=lines.append)
+                           ['shipped', '16x2w0.5'], 10, report=lines.append)
   rows = results['rows']
-  assert list(rows) == ['shipped', '16x2']
+  assert list(rows) == ['shipped', '16x2w0.5']
   # A row is what the library measures against the data itself.
   want = api.Pipeline.load(shipped).evaluate(10)['samples']
   for key in ('fid', 'precision', 'recall', 'class_agreement'):
     assert rows['shipped'][key] == want[key], key
-  trained = rows['16x2']
+  trained = rows['16x2w0.5']
   assert trained['steps'] == 2 and trained['held_out_bits'] > 0
   assert 0 < trained['steps_per_sec'] and trained['train_s'] > 0
   assert trained['fid'] != rows['shipped']['fid']
-  variant = api.Pipeline.load(os.path.join(out, '16x2'))
+  variant = api.Pipeline.load(os.path.join(out, '16x2w0.5'))
   assert variant.config.prior.level_1.num_channels == 16
+  assert tuple(variant.config.prior.code_weight) == (0.0, 0.5)
+  with open(os.path.join(out, '16x2w0.5', 'prior_1', 'metrics.json')) as f:
+    assert json.load(f)['code_weight'] == 0.5
   top_of = lambda p: jax.tree.leaves(p.priors[0][1])
   for got, base in zip(top_of(variant), top_of(api.Pipeline.load(shipped))):
     np.testing.assert_array_equal(got, base)
-  assert lines[-1].startswith('| 16x2 | ') and 'steps/s)' in lines[-1]
+  assert lines[-1].startswith('| 16x2w0.5 | ') and 'steps/s)' in lines[-1]
   with open(os.path.join(out, 'bottom_study.json')) as f:
     assert json.load(f)['rows'] == json.loads(json.dumps(rows))
   # Run again: every row is already there; at another sample count a row
   # is evaluated again, its prior not trained again.
   lines.clear()
-  study.run_rows(stage2_config, shipped, bundle, out, ['shipped', '16x2'], 10,
-                 report=lines.append)
+  study.run_rows(stage2_config, shipped, bundle, out,
+                 ['shipped', '16x2w0.5'], 10, report=lines.append)
   assert all('already in' in line for line in lines) and len(lines) == 2
-  again = study.run_rows(stage2_config, shipped, bundle, out, ['16x2'], 20,
-                         report=lines.append)['rows']['16x2']
+  again = study.run_rows(stage2_config, shipped, bundle, out, ['16x2w0.5'],
+                         20, report=lines.append)['rows']['16x2w0.5']
   assert again['num_examples'] == 20 and again['held_out_bits'] == (
       trained['held_out_bits'])
-  assert not [p for p in os.listdir(os.path.join(out, '16x2'))
+  assert not [p for p in os.listdir(os.path.join(out, '16x2w0.5'))
               if p.endswith('.partial')]

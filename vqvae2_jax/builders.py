@@ -127,6 +127,15 @@ def sampling_discount(config: ml_collections.ConfigDict
   return _sampling_per_level(config, 'discount')
 
 
+def prior_code_weight(config: ml_collections.ConfigDict
+                      ) -> tuple[float, ...]:
+  """`prior.code_weight`, one power per level, top first (0.0: plain
+  cross-entropy; every level 0.0 in configs recorded before the field)."""
+  levels = num_levels(config)
+  return (per_level(tuple(config.prior.get('code_weight', ())), levels)
+          or (0.0,) * levels)
+
+
 def guidance_text(guidance: float | Sequence[float], sep: str = ':') -> str:
   """A guidance of `sampling_guidance` as text: '1.3', or '1.3:2' per level."""
   if isinstance(guidance, Sequence):

@@ -199,6 +199,8 @@ def _check_priors(config: ml_collections.ConfigDict) -> None:
   if not -1 <= prior.level < n:
     _fail('prior.level', f'is {prior.level} for a {n}-level model',
           f'use -1 (all levels) or 0..{n - 1}')
+  _check_per_level('prior.code_weight', tuple(prior.get('code_weight', ())),
+                   n, 0.75, 'plain cross-entropy')
   for i in range(n):
     _check_prior_level(config, i)
 
@@ -244,6 +246,21 @@ def _check_prior_level(config: ml_collections.ConfigDict, i: int) -> None:
           f'use one of {transformer.COND_MODES}')
 
 
+def _check_per_level(field: str, values: tuple, levels: int, example: float,
+                     zero: str) -> None:
+  """A setting of () for none, one value >= 0 for every level, or one per
+  level, top first; `zero` says what 0 means."""
+  if len(values) not in (0, 1, levels):
+    _fail(field, f'is {values}: {len(values)} values for {levels} levels',
+          f'give one value for every level (e.g. {example}), one per level, '
+          f'top first (e.g. '
+          f'{",".join(["0"] * (levels - 1) + [str(example)])}), or () for '
+          'none')
+  for v in values:
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+      _fail(field, f'is {values}', f'use values >= 0 (0 is off: {zero})')
+
+
 def _check_sampling(config: ml_collections.ConfigDict) -> None:
   sampling = config.sampling
   if sampling.temperature <= 0:
@@ -284,17 +301,8 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
           f'{guidance} at every level, or sampling.guidance=1.0 to keep '
           'the scale per level')
   for name, example in (('contrast', 0.5), ('discount', 4)):
-    values = tuple(sampling.get(name, ()))
-    if len(values) not in (0, 1, levels):
-      _fail(f'sampling.{name}', f'is {values}: {len(values)} values for '
-            f'{levels} levels', f'give one value for every level (e.g. '
-            f'{example}), one per level, top first (e.g. '
-            f'{",".join(["0"] * (levels - 1) + [str(example)])}), or () for '
-            'none')
-    for v in values:
-      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-        _fail(f'sampling.{name}', f'is {values}',
-              'use values >= 0 (0 is off: the priors as trained)')
+    _check_per_level(f'sampling.{name}', tuple(sampling.get(name, ())),
+                     levels, example, 'the priors as trained')
   if not 0.0 < sampling.rejection_keep <= 1.0:
     _fail('sampling.rejection_keep', f'is {sampling.rejection_keep}',
           'use a fraction in (0, 1]; 1.0 turns rejection sampling off')

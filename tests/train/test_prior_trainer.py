@@ -62,7 +62,7 @@ def test_label_dropout_and_polyak_ramp():
       0.999)
 
 
-def _run_steps(config, level, mesh, batches, num_steps):
+def _run_steps(config, level, mesh, batches, num_steps, code_weights=None):
   model = builders.build_prior(config, level)
   tx, schedule = prior_trainer.create_optimizer(config)
   shapes = [(4, 4), (8, 8)]
@@ -72,7 +72,8 @@ def _run_steps(config, level, mesh, batches, num_steps):
                                                        jax.random.PRNGKey(1))
   step = train_state.jit_train_step(
       prior_trainer.make_train_step(model, tx, schedule, label_drop_rate=0.5,
-                                    polyak_decay=0.999),
+                                    polyak_decay=0.999,
+                                    code_weights=code_weights),
       shardings, mesh)
   batches = [parallel.shard_batch(b, mesh) for b in batches[:num_steps]]
   # Unoptimised machine code compiles in half the time; both meshes get it.
@@ -132,6 +133,35 @@ def test_train_step_on_8_devices_matches_one_device(config, kind):
   # The steps did something, and the Polyak weights trail the params.
   assert not np.allclose(jax.tree.leaves(eight[0].params)[-1],
                          jax.tree.leaves(eight[0].polyak)[-1])
+
+
+def test_a_weighted_loss_weighs_each_target_and_reports_plain_bits(config):
+  """prior.code_weight's step: 'loss' is the weighted mean, 'bits_per_code'
+  the plain one, on the same logits (the first step's)."""
+  rng = np.random.default_rng(0)
+  batches = [{'codes': [rng.integers(0, 16, (8, 4, 4), dtype=np.int32),
+                        rng.integers(0, 16, (8, 8, 8), dtype=np.int32)],
+              'label': rng.integers(0, 10, 8, dtype=np.int32)}]
+  mesh = parallel.create_mesh(devices=jax.devices()[:1])
+  k = int(config.model.num_embeddings)
+  plain = _run_steps(config, 1, mesh, batches, 1)[1][0]
+  ones = _run_steps(config, 1, mesh, batches, 1, np.ones(k))[1][0]
+  twice = _run_steps(config, 1, mesh, batches, 1, np.full(k, 2.0))[1][0]
+  # Code 3 weighs 100, the others 1: the loss grows by 99 times the summed
+  # cross-entropy of the targets that are code 3 (about 1/16 of them, each
+  # near the mean) over the count of all.
+  tilted = np.ones(k)
+  tilted[3] = 100.0
+  assert np.any(batches[0]['codes'][1] == 3)
+  skewed = _run_steps(config, 1, mesh, batches, 1, tilted)[1][0]
+  assert ones == plain
+  assert twice['loss'] == pytest.approx(2 * plain['loss'], rel=1e-6)
+  for got in (twice, skewed):
+    assert got['bits_per_code'] == plain['bits_per_code']
+    assert got['loss'] != plain['loss']
+  assert plain['loss'] == pytest.approx(plain['bits_per_code'] * np.log(2),
+                                        rel=1e-6)
+  assert skewed['loss'] > 3 * plain['loss']
 
 
 class _Killed(Exception):

@@ -18,17 +18,22 @@ import optax
 
 
 def batch_sums(logits: jax.Array, targets: jax.Array,
-               mask: jax.Array | None = None) -> dict[str, jax.Array]:
+               mask: jax.Array | None = None,
+               code_weights: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
   """Sums of one batch's negative log-likelihood over unmasked examples.
 
   Args:
     logits: float [b, h, w, K].
     targets: int32 [b, h, w], the codes.
     mask: bool [b]; False for padding examples (None: all valid).
+    code_weights: float [K], a weight per target code (`code_weight_table`);
+      given, the sums also hold 'weighted_nll'.
 
   Returns:
     'nll' (sum over codes, in nats), 'correct' (codes whose argmax logit is
-    the target), 'num_codes' and 'num_examples', float32 scalars.
+    the target), 'num_codes' and 'num_examples', float32 scalars; with
+    code_weights, 'weighted_nll' (each code's nll times its target's weight).
   """
   nll = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), targets)
@@ -38,9 +43,41 @@ def batch_sums(logits: jax.Array, targets: jax.Array,
   weights = jnp.broadcast_to(
       mask.reshape(-1, *([1] * (targets.ndim - 1))), targets.shape
   ).astype(jnp.float32)
-  return {'nll': jnp.sum(nll * weights), 'correct': jnp.sum(correct * weights),
+  sums = {'nll': jnp.sum(nll * weights),
+          'correct': jnp.sum(correct * weights),
           'num_codes': jnp.sum(weights),
           'num_examples': jnp.sum(mask.astype(jnp.float32))}
+  if code_weights is not None:
+    per_code = jnp.asarray(code_weights, jnp.float32)[targets]
+    sums['weighted_nll'] = jnp.sum(nll * per_code * weights)
+  return sums
+
+
+def code_weight_table(codes: np.ndarray, num_embeddings: int,
+                      power: float) -> np.ndarray:
+  """The weight of each code in a prior's loss: freq(code)^-power.
+
+  freq are the frequencies of `codes` (add-one smoothed, as the unigram
+  baseline's), and the table is scaled so that the mean weight over
+  `codes` is 1: the weighted loss is then on the scale of the plain one.
+  A loss weighing code k by w(k) is lowest where p(k | context) is
+  proportional to w(k) p_data(k | context): with power c, the sampler's
+  contrast c (`sampling.contrast_bias`) trained in.
+
+  Args:
+    codes: int [...], the training codes of one level.
+    num_embeddings: K.
+    power: c >= 0; 0 weighs every code 1.
+
+  Returns:
+    float32 [K].
+  """
+  counts = np.bincount(np.asarray(codes).ravel(),
+                       minlength=num_embeddings).astype(np.float64)
+  freq = (counts + 1.0) / (counts.sum() + num_embeddings)
+  weights = freq ** -float(power)
+  mean = np.sum(counts * weights) / max(counts.sum(), 1.0)
+  return (weights / mean).astype(np.float32)
 
 
 def add_sums(total: Mapping[str, Any] | None,

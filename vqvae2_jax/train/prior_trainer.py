@@ -143,7 +143,8 @@ def drop_labels(labels: jax.Array, rng: jax.Array, rate: float,
 
 def make_train_step(model: pixelcnn.PixelCNNPrior,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    *, label_drop_rate: float, polyak_decay: float
+                    *, label_drop_rate: float, polyak_decay: float,
+                    code_weights: Sequence[float] | None = None
                     ) -> Callable[[PriorTrainState, Mapping[str, Any]],
                                   tuple[PriorTrainState, dict[str, Any]]]:
   """One optimizer step of cross-entropy on a global batch of codes.
@@ -151,9 +152,13 @@ def make_train_step(model: pixelcnn.PixelCNNPrior,
   The batch holds the codes of the trained level last in 'codes' (the levels
   above it first, as conditioning) and 'label'. Randomness (label dropout,
   dropout) comes from `state.step_rng()`, so it is the same on any mesh and
-  after a resume.
+  after a resume. With `code_weights` ([K], `likelihood.code_weight_table`)
+  each code's cross-entropy is weighed by its target's weight: 'loss' is
+  the weighted mean, 'bits_per_code' stays the plain one.
   """
   num_classes = model.num_classes
+  if code_weights is not None:
+    code_weights = np.asarray(code_weights, np.float32)
 
   def train_step(state, batch):
     *cond, target = batch['codes']
@@ -167,8 +172,9 @@ def make_train_step(model: pixelcnn.PixelCNNPrior,
       logits = model.apply({'params': params, **state.extra}, target,
                            cond_codes=tuple(cond), labels=labels, train=True,
                            rngs={'dropout': dropout_rng})
-      sums = likelihood.batch_sums(logits, target)
-      return sums['nll'] / sums['num_codes'], sums
+      sums = likelihood.batch_sums(logits, target, code_weights=code_weights)
+      objective = sums['weighted_nll' if code_weights is not None else 'nll']
+      return objective / sums['num_codes'], sums
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
@@ -182,7 +188,8 @@ def make_train_step(model: pixelcnn.PixelCNNPrior,
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, polyak=polyak)
     metrics = {
-        'loss': loss, 'bits_per_code': loss / math.log(2.0),
+        'loss': loss,
+        'bits_per_code': sums['nll'] / sums['num_codes'] / math.log(2.0),
         'accuracy': sums['correct'] / sums['num_codes'],
         'learning_rate': schedule(state.step),
         **step_metrics.norm_metrics(grads, params, updates),
@@ -235,15 +242,22 @@ class Programs(NamedTuple):
 
 
 def programs(config: ml_collections.ConfigDict, level: int,
-             mesh: Mesh) -> Programs:
-  """The jitted functions of level `level`'s prior on `mesh` (cached)."""
+             mesh: Mesh, code_weights: np.ndarray | None = None
+             ) -> Programs:
+  """The jitted functions of level `level`'s prior on `mesh` (cached).
+
+  code_weights: [K], the loss's weight of each code
+  (`likelihood.code_weight_table`); None: plain cross-entropy.
+  """
   p = config.prior
   return _programs(
       builders.build_prior(config, level), _optimizer_args(config),
       level=level,
       level_shapes=tuple(tuple(s) for s in builders.level_shapes(config)),
       label_drop_rate=float(p.label_drop_rate),
-      polyak_decay=float(p.polyak_decay), mesh=mesh)
+      polyak_decay=float(p.polyak_decay), mesh=mesh,
+      code_weights=(None if code_weights is None else
+                    tuple(float(w) for w in np.asarray(code_weights))))
 
 
 @functools.lru_cache(maxsize=4)
@@ -251,7 +265,8 @@ def _programs(model: pixelcnn.PixelCNNPrior,
               optimizer_args: tuple[tuple[str, Any], ...], *, level: int,
               level_shapes: tuple[tuple[int, ...], ...],
               label_drop_rate: float, polyak_decay: float,
-              mesh: Mesh) -> Programs:
+              mesh: Mesh, code_weights: tuple[float, ...] | None
+              ) -> Programs:
   tx, schedule = optimizer.create_optimizer(**dict(optimizer_args))
   init_fn = make_init_fn(model, tx, level=level, level_shapes=level_shapes,
                          use_polyak=polyak_decay > 0)
@@ -259,7 +274,8 @@ def _programs(model: pixelcnn.PixelCNNPrior,
                                              jax.random.PRNGKey(0))
   train_step = train_state.jit_train_step(
       make_train_step(model, tx, schedule, label_drop_rate=label_drop_rate,
-                      polyak_decay=polyak_decay), shardings, mesh)
+                      polyak_decay=polyak_decay, code_weights=code_weights),
+      shardings, mesh)
   return Programs(
       model=model, schedule=schedule, shardings=shardings, init=init,
       from_weights=train_state.jit_from_weights(
@@ -281,11 +297,18 @@ def evaluate(eval_fn: Callable, params: PyTree,
   return likelihood.summarize(total)
 
 
+def _training_codes(dataset: codes_lib.CodeDataset, level: int) -> np.ndarray:
+  """The level's codes of the first training examples (up to 50,000): the
+  frequencies of the unigram baseline and of `prior.code_weight`."""
+  train = dataset.split('train')
+  n = min(train.num_examples, _UNIGRAM_EXAMPLES)
+  return train.read(np.arange(n), (level,))['codes'][0]
+
+
 def baselines(dataset: codes_lib.CodeDataset, level: int) -> dict[str, float]:
   """Context-free baselines of a level on the held-out codes."""
-  train, held_out = dataset.split('train'), dataset.split('eval')
-  n = min(train.num_examples, _UNIGRAM_EXAMPLES)
-  train_codes = train.read(np.arange(n), (level,))['codes'][0]
+  held_out = dataset.split('eval')
+  train_codes = _training_codes(dataset, level)
   eval_codes = held_out.read(np.arange(held_out.num_examples),
                              (level,))['codes'][0]
   k = dataset.num_embeddings[level]
@@ -385,7 +408,15 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
   loading.check_codes_provenance(ckpt_dir, fingerprint)
   checkpoints.check_directory(ckpt_dir, fingerprint)
 
-  progs = programs(config, level, mesh)
+  power = builders.prior_code_weight(config)[level]
+  code_weights = None
+  if power:
+    code_weights = likelihood.code_weight_table(
+        _training_codes(dataset, level), dataset.num_embeddings[level], power)
+    logging.info('Prior level %d: loss weighs code k by freq(k)^-%g (weights '
+                 '%.3g to %.3g)', level, power, code_weights.min(),
+                 code_weights.max())
+  progs = programs(config, level, mesh, code_weights)
   if p.from_export:
     _start_from_export(
         config, level, progs,
@@ -436,7 +467,7 @@ def train_level(config: ml_collections.ConfigDict, workdir: str, level: int,
     codes_per_example = math.prod(builders.level_shapes(config)[level])
     steps_per_sec = final.get('steps_per_sec')
     return {
-        'level': level, 'num_params': num_params,
+        'level': level, 'num_params': num_params, 'code_weight': power,
         'codes_per_sec': (float('nan') if steps_per_sec is None else
                           steps_per_sec * p.batch_size * codes_per_example),
         **step_metrics.scalars(baselines(dataset, level), 'baseline')}
