@@ -19,10 +19,12 @@ part `bottom`; the file's top prior is read from the package there):
     --variants=shipped,256x32000,512x32000
 
 Each variant is a row: 'shipped' evaluates the file's own bottom prior
-(128 channels, 16,000 steps); WIDTHxSTEPS[xLAYERS][wPOWER] trains a bottom prior of
-that width, steps and gated layers (`--mode=prior --config.prior.level=1`,
-in a copy of BUNDLE/base under OUT whose top prior comes from the file, as
-`--config.prior.from_export` writes it), then evaluates it. Every evaluation is
+(128 channels, 16,000 steps); WIDTHxSTEPS[xLAYERS][wPOWER] trains a bottom
+prior of that width, steps, gated layers and loss weight
+(`prior.code_weight`, none without `w`) with `--mode=prior
+--config.prior.level=1`, in a copy of BUNDLE/base under OUT whose top prior
+comes from the file (as `--config.prior.from_export` writes it), then
+evaluates it. Every evaluation is
 `Pipeline.evaluate(--num_samples, real_features=BUNDLE/real.npz)` at the
 config's settings (`:long`'s guidance and discount), so rows are comparable
 with each other and with the eval's figures at the same sample count. A row

@@ -62,7 +62,8 @@ def code_weight_table(codes: np.ndarray, num_embeddings: int,
   `codes` is 1: the weighted loss is then on the scale of the plain one.
   A loss weighing code k by w(k) is lowest where p(k | context) is
   proportional to w(k) p_data(k | context): with power c, the sampler's
-  contrast c (`sampling.contrast_bias`) trained in.
+  contrast c (`sampling.contrast_bias`) trained in, up to the frequencies
+  (these codes' here, stage 1's usage counts there).
 
   Args:
     codes: int [...], the training codes of one level.
