@@ -106,34 +106,32 @@ def per_level(values: float | Sequence[float], levels: int
   return values * levels if len(values) == 1 else values
 
 
-def _sampling_per_level(config: ml_collections.ConfigDict, name: str
-                        ) -> tuple[float, ...]:
-  """`sampling.<name>` with one value per level, top first (0.0: off;
+def _setting_per_level(config: ml_collections.ConfigDict, section: str,
+                       name: str) -> tuple[float, ...]:
+  """`<section>.<name>` with one value per level, top first (0.0: off;
   every level 0.0 in configs recorded before the field)."""
   levels = num_levels(config)
-  return (per_level(tuple(config.sampling.get(name, ())), levels)
+  return (per_level(tuple(config[section].get(name, ())), levels)
           or (0.0,) * levels)
 
 
 def sampling_contrast(config: ml_collections.ConfigDict
                       ) -> tuple[float, ...]:
-  """`sampling.contrast`, one value per level (`_sampling_per_level`)."""
-  return _sampling_per_level(config, 'contrast')
+  """`sampling.contrast`, one value per level (`_setting_per_level`)."""
+  return _setting_per_level(config, 'sampling', 'contrast')
 
 
 def sampling_discount(config: ml_collections.ConfigDict
                       ) -> tuple[float, ...]:
-  """`sampling.discount`, one value per level (`_sampling_per_level`)."""
-  return _sampling_per_level(config, 'discount')
+  """`sampling.discount`, one value per level (`_setting_per_level`)."""
+  return _setting_per_level(config, 'sampling', 'discount')
 
 
 def prior_code_weight(config: ml_collections.ConfigDict
                       ) -> tuple[float, ...]:
-  """`prior.code_weight`, one power per level, top first (0.0: plain
-  cross-entropy; every level 0.0 in configs recorded before the field)."""
-  levels = num_levels(config)
-  return (per_level(tuple(config.prior.get('code_weight', ())), levels)
-          or (0.0,) * levels)
+  """`prior.code_weight`, one power per level (`_setting_per_level`; 0.0:
+  plain cross-entropy)."""
+  return _setting_per_level(config, 'prior', 'code_weight')
 
 
 def guidance_text(guidance: float | Sequence[float], sep: str = ':') -> str:

@@ -73,12 +73,21 @@ def code_weight_table(codes: np.ndarray, num_embeddings: int,
   Returns:
     float32 [K].
   """
-  counts = np.bincount(np.asarray(codes).ravel(),
-                       minlength=num_embeddings).astype(np.float64)
-  freq = (counts + 1.0) / (counts.sum() + num_embeddings)
-  weights = freq ** -float(power)
+  counts = _counts(codes, num_embeddings)
+  weights = _smoothed_frequencies(counts) ** -float(power)
   mean = np.sum(counts * weights) / max(counts.sum(), 1.0)
   return (weights / mean).astype(np.float32)
+
+
+def _counts(codes: np.ndarray, num_embeddings: int) -> np.ndarray:
+  """float64 [K]: how often each code occurs in `codes`."""
+  return np.bincount(np.asarray(codes).ravel(),
+                     minlength=num_embeddings).astype(np.float64)
+
+
+def _smoothed_frequencies(counts: np.ndarray) -> np.ndarray:
+  """The codes' frequencies with one more of each (add-one smoothing)."""
+  return (counts + 1.0) / (counts.sum() + len(counts))
 
 
 def add_sums(total: Mapping[str, Any] | None,
@@ -120,12 +129,9 @@ def unigram_bits(train_codes: np.ndarray, eval_codes: np.ndarray,
     'unigram_bits_per_code' (cross-entropy of `eval_codes` under the
     frequencies) and 'unigram_entropy_bits' (entropy of the frequencies).
   """
-  counts = np.bincount(np.asarray(train_codes).ravel(),
-                       minlength=num_embeddings).astype(np.float64) + 1.0
-  log_probs = np.log2(counts / counts.sum())
-  eval_counts = np.bincount(np.asarray(eval_codes).ravel(),
-                            minlength=num_embeddings)
-  probs = counts / counts.sum()
+  probs = _smoothed_frequencies(_counts(train_codes, num_embeddings))
+  log_probs = np.log2(probs)
+  eval_counts = _counts(eval_codes, num_embeddings)
   return {
       'unigram_bits_per_code': float(-np.sum(eval_counts * log_probs)
                                      / max(eval_counts.sum(), 1)),
