@@ -110,7 +110,7 @@ def _dependency_matrix(model, variables, codes, cond, labels, train):
 
   embedded = model.apply(variables, codes,
                          method=lambda m, x: m.embed(x))
-  jac = jax.jacrev(logits_of)(embedded)  # [h, w, K, b, h, w, C]
+  jac = jax.jit(jax.jacrev(logits_of))(embedded)  # [h, w, K, b, h, w, C]
   jac = np.abs(np.asarray(jac[:, :, :, 0])).sum(axis=(2, 5))
   n = height * width
   del b
@@ -175,9 +175,10 @@ def test_remat_keeps_outputs_and_gradients(kind):
                      rngs={'dropout': jax.random.key(4)})
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-  lp, gp = jax.value_and_grad(functools.partial(loss, model))(
+  # Jitted: one program each, not a compilation per operation.
+  lp, gp = jax.jit(jax.value_and_grad(functools.partial(loss, model)))(
       variables['params'])
-  lr, gr = jax.value_and_grad(functools.partial(loss, remat))(
+  lr, gr = jax.jit(jax.value_and_grad(functools.partial(loss, remat)))(
       variables['params'])
   np.testing.assert_allclose(lr, lp, rtol=1e-6)
   jax.tree.map(lambda r, p: np.testing.assert_allclose(r, p, rtol=1e-5,
