@@ -386,7 +386,7 @@ def test_later_stages_with_every_checkpoint_damaged_is_one_line(
 
 
 def test_a_refused_run_leaves_config_json_as_it_was(
-    config, save_vqvae_checkpoint, tmp_path):
+    config, save_vqvae_checkpoint, tmp_path, caplog):
   workdir = str(tmp_path)
   save_vqvae_checkpoint(config, workdir, step=1)
   stages._record_config(config, workdir)  # As the run that trained it did.
@@ -403,9 +403,29 @@ def test_a_refused_run_leaves_config_json_as_it_was(
   # recorded as before.
   accepted = config.copy_and_resolve_references()
   accepted.vqvae_train.learning_rate *= 2
-  stages._record_config(accepted, workdir)
+  accepted.prior.code_weight = (0.5, 0.75)
+  accepted.sampling.temperature = 0.9  # Not a training setting.
+  with caplog.at_level(logging.INFO):
+    stages._record_config(accepted, workdir)
   with open(path, 'rb') as f:
     assert f.read() == accepted.to_json(indent=1, sort_keys=True).encode()
+  # ... and the training settings that changed are named, since a stage
+  # that resumes trains on with them (the fingerprint does not hold them).
+  said = [r.getMessage() for r in caplog.records
+          if getattr(r, 'vqvae2_console', False)]
+  lr = config.vqvae_train.learning_rate
+  assert said == [
+      f"Training settings differ from this workdir's last run ({path}); a "
+      'stage that resumes trains on with the new ones: prior.code_weight: '
+      f'[] -> [0.5, 0.75]; vqvae_train.learning_rate: {lr} -> {2 * lr}']
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    stages._record_config(accepted, workdir)  # The same again: nothing.
+    sampling_only = accepted.copy_and_resolve_references()
+    sampling_only.sampling.top_k = 3
+    stages._record_config(sampling_only, workdir)
+  assert not [r for r in caplog.records
+              if getattr(r, 'vqvae2_console', False)]
 
 
 @pytest.mark.multiprocess

@@ -8,6 +8,7 @@ stage's dependencies load only when it runs.
 
 import importlib
 import importlib.util
+import json
 import os
 import time
 from typing import Any, Callable
@@ -209,10 +210,59 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   if jax.process_index() != 0:
     return
+  changes = _training_changes(path, text)
+  if changes:
+    shown = changes[:_CHANGES_SHOWN]
+    more = len(changes) - len(shown)
+    console.say(
+        'Training settings differ from this workdir\'s last run (%s); a '
+        'stage that resumes trains on with the new ones: %s%s', path,
+        '; '.join(shown), f'; and {more} more' if more > 0 else '')
   try:
     files.atomic_write(path, lambda f: f.write(text.encode()))
   except OSError as e:
     logging.info('Not recording the config in %s: %s', path, e)
+
+
+# The config's parts that a training stage trains with. The checkpoints'
+# fingerprints hold the model's fields only (a resume with another model is
+# refused); these may change between runs, and a stage that resumes then
+# trains on with the new values (another learning rate, step count or
+# `prior.code_weight`), so a run names them when it records its config.
+_TRAINING_SECTIONS = ('seed', 'data', 'model', 'vqvae_train', 'prior',
+                      'classifier')
+_CHANGES_SHOWN = 8
+
+
+def _flatten(value: Any, prefix: str = '') -> dict[str, Any]:
+  """{'section.field': value} of a config's JSON, nested sections joined."""
+  if not isinstance(value, dict):
+    return {prefix: value}
+  flat = {}
+  for key, item in value.items():
+    flat.update(_flatten(item, f'{prefix}.{key}' if prefix else key))
+  return flat
+
+
+def _training_changes(path: str, text: str) -> list[str]:
+  """'field: recorded -> new' of each training setting (`_TRAINING_SECTIONS`)
+  in which config JSON `text` differs from the one recorded at `path`,
+  sorted; [] when nothing is recorded or the file is not a config's JSON."""
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    return []
+  if not isinstance(recorded, dict):
+    return []
+  current = json.loads(text)
+  old, new = ({k: v for k, v in _flatten(c).items()
+               if k.split('.')[0] in _TRAINING_SECTIONS}
+              for c in (recorded, current))
+  shown = lambda c, field: json.dumps(c[field]) if field in c else '(unset)'
+  return [f'{field}: {shown(old, field)} -> {shown(new, field)}'
+          for field in sorted(set(old) | set(new))
+          if field not in old or field not in new or old[field] != new[field]]
 
 
 def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
