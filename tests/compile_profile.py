@@ -3,9 +3,11 @@
 Most of the suite's time is JAX turning Python into programs, not running
 them. Loaded with `-p tests.compile_profile` and VQVAE2_COMPILE_PROFILE
 naming a file, every test process (each pytest-xdist worker) appends one
-JSON line per test to that file: its programs compiled by XLA, how many of
-them were small (under 50 ms, typically one operation run outside `jit`),
-and the seconds spent tracing, lowering to MLIR and compiling. The
+JSON line per test that compiled anything to that file: its programs
+compiled by XLA, how many of them were small (under 50 ms, typically one
+operation run outside `jit`), and the seconds spent tracing, lowering to
+MLIR and compiling (a program read from the compilation cache counts as
+compiled, in the time it took to read). The
 processes a test starts (`python -m ...`) are not counted: their time is in
 the test's duration only. Then
 
@@ -28,7 +30,7 @@ import sys
 
 _FILE = 'VQVAE2_COMPILE_PROFILE'
 _SMALL_SECONDS = 0.05
-# jax._src.dispatch's debug line for each XLA compilation (jax 0.4 to 0.10).
+# jax._src.dispatch's debug line for each XLA compilation (as of jax 0.10).
 _COMPILED = re.compile(r'Finished XLA compilation of (.*) in ([\d.]+) sec')
 _EVENTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace_s',
            '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower_s'}
