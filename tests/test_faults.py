@@ -426,6 +426,18 @@ def test_a_refused_run_leaves_config_json_as_it_was(
     stages._record_config(sampling_only, workdir)
   assert not [r for r in caplog.records
               if getattr(r, 'vqvae2_console', False)]
+  # Past 8 changes the line counts the rest.
+  many = sampling_only.copy_and_resolve_references()
+  for field in ('learning_rate', 'warmup_steps', 'num_train_steps',
+                'checkpoint_every', 'log_every', 'eval_every',
+                'keep_checkpoints', 'grad_clip_norm', 'batch_size',
+                'eval_batch_size'):
+    many.vqvae_train[field] *= 2
+  with caplog.at_level(logging.INFO):
+    stages._record_config(many, workdir)
+  (line,) = [r.getMessage() for r in caplog.records
+             if getattr(r, 'vqvae2_console', False)]
+  assert line.count('vqvae_train.') == 8 and line.endswith('; and 2 more')
 
 
 @pytest.mark.multiprocess
