@@ -196,9 +196,10 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   text = config.to_json(indent=1, sort_keys=True)
   try:
     with open(path) as f:
-      recorded = f.read() == text
+      previous = f.read()
   except OSError:
-    recorded = False
+    previous = None
+  recorded = previous == text
   # Process 0's answer on every process: process 0 may write the file while
   # another one reads it, and `_refusal` opens orbax managers, whose
   # barriers every process must reach.
@@ -210,7 +211,7 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   if jax.process_index() != 0:
     return
-  changes = _training_changes(path, text)
+  changes = _training_changes(previous, text)
   if changes:
     shown = changes[:_CHANGES_SHOWN]
     more = len(changes) - len(shown)
@@ -244,25 +245,26 @@ def _flatten(value: Any, prefix: str = '') -> dict[str, Any]:
   return flat
 
 
-def _training_changes(path: str, text: str) -> list[str]:
+def _training_changes(previous: str | None, text: str) -> list[str]:
   """'field: recorded -> new' of each training setting (`_TRAINING_SECTIONS`)
-  in which config JSON `text` differs from the one recorded at `path`,
-  sorted; [] when nothing is recorded or the file is not a config's JSON."""
+  in which config JSON `text` differs from the recorded `previous`, sorted;
+  [] when nothing is recorded or it is not a config's JSON."""
+  # pylint: disable=g-import-not-at-top
+  from vqvae2_jax import checkpoints  # Lazy, as in `_refusal`.
+  # pylint: enable=g-import-not-at-top
   try:
-    with open(path) as f:
-      recorded = json.load(f)
-  except (OSError, ValueError):
+    recorded = json.loads(previous) if previous is not None else None
+  except ValueError:
     return []
   if not isinstance(recorded, dict):
     return []
-  current = json.loads(text)
   old, new = ({k: v for k, v in _flatten(c).items()
                if k.split('.')[0] in _TRAINING_SECTIONS}
-              for c in (recorded, current))
+              for c in (recorded, json.loads(text)))
   shown = lambda c, field: json.dumps(c[field]) if field in c else '(unset)'
+  # The fields that differ: the fingerprints' comparison, on flat dicts.
   return [f'{field}: {shown(old, field)} -> {shown(new, field)}'
-          for field in sorted(set(old) | set(new))
-          if field not in old or field not in new or old[field] != new[field]]
+          for field in checkpoints.fingerprint_differences(old, new)]
 
 
 def _refusal(config: ml_collections.ConfigDict, workdir: str) -> str | None:
