@@ -405,7 +405,8 @@ def test_a_refused_run_leaves_config_json_as_it_was(
   accepted.vqvae_train.learning_rate *= 2
   accepted.prior.code_weight = (0.5, 0.75)
   accepted.sampling.temperature = 0.9  # Not a training setting.
-  with caplog.at_level(logging.INFO):
+  # The absl logger's own level too: an earlier test may have raised it.
+  with caplog.at_level(logging.INFO, logger='absl'):
     stages._record_config(accepted, workdir)
   with open(path, 'rb') as f:
     assert f.read() == accepted.to_json(indent=1, sort_keys=True).encode()
@@ -419,7 +420,7 @@ def test_a_refused_run_leaves_config_json_as_it_was(
       'stage that resumes trains on with the new ones: prior.code_weight: '
       f'[] -> [0.5, 0.75]; vqvae_train.learning_rate: {lr} -> {2 * lr}']
   caplog.clear()
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     stages._record_config(accepted, workdir)  # The same again: nothing.
     sampling_only = accepted.copy_and_resolve_references()
     sampling_only.sampling.top_k = 3
@@ -433,7 +434,7 @@ def test_a_refused_run_leaves_config_json_as_it_was(
                 'keep_checkpoints', 'grad_clip_norm', 'batch_size',
                 'eval_batch_size'):
     many.vqvae_train[field] *= 2
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     stages._record_config(many, workdir)
   (line,) = [r.getMessage() for r in caplog.records
              if getattr(r, 'vqvae2_console', False)]
