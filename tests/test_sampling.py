@@ -364,6 +364,91 @@ def test_unrolled_sampler_draws_the_same_codes(kind):
     sampling.sample_level(model, variables, **kwargs, unroll=0)
 
 
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_kernel_step_logits_equal_full_forward(kind):
+  """Each gated block's step in one Pallas kernel (Pallas's interpreter on
+  a CPU): the cached logits still follow the full forward pass, with 1, 2
+  and 4 programs a block (8 channels; tiles 8, 4, 2), and with a batch of
+  3, which the sampler pads to 4 for Triton's power-of-two tensors."""
+  model, variables, _, cond, labels, codes = _setup(kind)
+  full = np.asarray(jax.jit(functools.partial(model.apply, train=False))(
+      variables, codes, cond_codes=cond, labels=labels))
+  scale = np.abs(full).max()
+  for step_kernel in ('pallas', 'pallas4', 'pallas2'):
+    cached = np.asarray(sampling.cached_logits(
+        model, variables, codes, cond_codes=cond, labels=labels,
+        step_kernel=step_kernel))
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale,
+                               err_msg=step_kernel)
+  three = lambda x: jnp.concatenate([x, x[:1]])
+  full3 = np.asarray(model.apply(variables, three(codes),
+                                 cond_codes=tuple(map(three, cond)),
+                                 labels=three(labels), train=False))
+  cached3 = np.asarray(sampling.cached_logits(
+      model, variables, three(codes), cond_codes=tuple(map(three, cond)),
+      labels=three(labels), step_kernel='pallas4'))
+  assert cached3.shape == full3.shape
+  np.testing.assert_allclose(cached3, full3, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize('kind', ['top', 'lower'])
+def test_kernel_sampler_draws_the_same_codes(kind):
+  model, variables, shape, cond, labels, _ = _setup(kind)
+  counts = jnp.arange(1, model.num_embeddings + 1, dtype=jnp.float32)
+  for extra in (dict(top_p=0.9), dict(guidance=2.0),
+                dict(guidance=1.5, code_discount=sampling.frequency_discount(
+                    counts, 2.0))):
+    kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                  rng=jax.random.key(5), **extra)
+    plain = sampling.sample_level(model, variables, **kwargs)
+    kernel = sampling.sample_level(model, variables, **kwargs,
+                                   step_kernel='pallas4')
+    np.testing.assert_array_equal(kernel, plain, err_msg=str(extra))
+  # A batch of 3 (padded to 4 inside) draws the first 3 maps' codes.
+  kwargs = dict(shape=(3, *shape[1:]), rng=jax.random.key(6),
+                cond_codes=tuple(jnp.concatenate([c, c[:1]]) for c in cond),
+                labels=jnp.concatenate([labels, labels[:1]]))
+  np.testing.assert_array_equal(
+      sampling.sample_level(model, variables, **kwargs, step_kernel='pallas'),
+      sampling.sample_level(model, variables, **kwargs))
+
+
+def test_kernel_sampler_lowers_for_gpus(monkeypatch):
+  """The sampler with the kernel step lowers for a GPU on this CPU: one
+  Triton kernel per gated block in the position step, the batch of 3
+  padded to Triton's power of two."""
+  from vqvae2_jax.models import gated_kernel  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gated_kernel, '_interpret', lambda: False)
+  model, variables, shape, cond, labels, _ = _setup('top')
+  for batch in (2, 3):
+    three = lambda x: x if batch == 2 else jnp.concatenate([x, x[:1]])  # pylint: disable=cell-var-from-loop
+    shape_b, guided, args = sampling._checked_call(
+        model, variables, jax.random.key(0), (batch, *shape[1:]),
+        tuple(map(three, cond)), three(labels), None, 1.0, 0, 1.0, 1.0)
+    program = sampling._build(
+        model, shape_b, False, None, False, 1, guided, False, False,
+        sampling.kernel_tile(model, 'pallas4'))
+    text = program.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+    assert text.count('__gpu$xla.gpu.triton') == model.num_layers
+
+
+def test_kernel_step_errors():
+  model, variables, shape, cond, labels, _ = _setup('lower')
+  kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
+                rng=jax.random.key(0))
+  for name, match in (('cuda', 'xla .the default.'), ('xla4', 'pallas<T>'),
+                      ('pallas3', 'power of two dividing the 8 channels'),
+                      ('pallas16', 'power of two dividing the 8 channels')):
+    with pytest.raises(sampling.SamplingInputError, match=match):
+      sampling.sample_level(model, variables, **kwargs, step_kernel=name)
+  from vqvae2_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  prior = transformer.TransformerPrior(num_embeddings=7, num_channels=8,
+                                       num_layers=1, map_shape=(2, 2))
+  with pytest.raises(sampling.SamplingInputError, match='TransformerPrior'):
+    sampling.kernel_tile(prior, 'pallas')
+  assert sampling.kernel_tile(prior, 'xla') == 0
+
+
 def test_static_filter_choice_equals_the_traced_one():
   logits = jnp.asarray(np.random.default_rng(4).normal(size=(3, 11)) * 3,
                        jnp.float32)

@@ -58,6 +58,7 @@ and scores the candidates.
 
 import functools
 import math
+import re
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
@@ -67,6 +68,7 @@ import numpy as np
 
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
+from vqvae2_jax.models import gated_kernel
 from vqvae2_jax.models import pixelcnn
 
 Array = jax.Array
@@ -351,7 +353,8 @@ def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
 
 
 def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-                 truncate: bool, unroll: int, guided: bool, variables: PyTree,
+                 truncate: bool, unroll: int, guided: bool, tile: int,
+                 variables: PyTree,
                  rng: Array, example_ids: Array, cond_codes: tuple[Array, ...],
                  labels: Optional[Array], temperature: Array, top_k: Array,
                  top_p: Array, guidance: Array,
@@ -365,14 +368,21 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   draw is from `guide`'s logits; both copies get the drawn code.
   `code_bias`: [K] added to every position's logits (after guidance), or
   None; `code_discount`: [K] taken off its probabilities after that
-  (`discount_logits`), or None.
+  (`discount_logits`), or None. `tile` (static): 0, or the gated blocks'
+  Pallas kernel with T channels a program (`kernel_tile`).
   """
+  if _pads(tile, shape[0]):
+    padded = _padded_batch(shape[0])
+    codes = _cached_impl(
+        model, (padded, *shape[1:]), truncate, unroll, guided, tile,
+        variables, rng, *_pad_batch(padded, example_ids, cond_codes, labels),
+        temperature, top_k, top_p, guidance, code_bias, code_discount)
+    return codes[:shape[0]]
   run_shape = shape
   if guided:
     cond_codes, labels = _guided_inputs(model, cond_codes, labels)
     run_shape = (2 * shape[0], *shape[1:])
-  context = model.apply(variables, cond_codes, labels, run_shape,
-                        method=model.prepare)
+  context = _prepare(model, variables, cond_codes, labels, run_shape, tile)
 
   def row_noise(r):  # [w, b, K]
     """The noise `sample_logits` would draw at each position of row r, for
@@ -395,9 +405,39 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   return jnp.transpose(codes, (2, 0, 1))
 
 
+def _pads(tile: int, batch: int) -> bool:
+  """Whether a sampler pads its batch: Triton's tensors (the Pallas step's)
+  have power-of-two sizes, so a kernel's batch is padded once per map, not
+  at every step (on every backend alike, so that tests see it)."""
+  return bool(tile) and bool(batch & (batch - 1))
+
+
+def _padded_batch(batch: int) -> int:
+  return 1 << (batch - 1).bit_length()
+
+
+def _pad_batch(padded: int, *trees: PyTree) -> tuple[PyTree, ...]:
+  """Each array of `trees` padded to `padded` examples with copies of its
+  last one (their outputs are dropped)."""
+  def pad(x):
+    return jnp.concatenate(
+        [x, jnp.repeat(x[-1:], padded - x.shape[0], axis=0)])
+  return tuple(jax.tree.map(pad, tree) for tree in trees)
+
+
+def _prepare(model: pixelcnn.PixelCNNPrior, variables: PyTree,
+             cond_codes: tuple[Array, ...], labels: Optional[Array],
+             shape: tuple[int, int, int], tile: int) -> PyTree:
+  """`model.prepare`, with the gated blocks' kernel where `tile` > 0."""
+  kwargs = {'kernel_tile': tile} if tile else {}
+  return model.apply(variables, cond_codes, labels, shape,
+                     method=model.prepare, **kwargs)
+
+
 def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
                   codes: Array, *, cond_codes: Sequence[Array] = (),
-                  labels: Optional[Array] = None) -> Array:
+                  labels: Optional[Array] = None,
+                  step_kernel: str = 'xla') -> Array:
   """Logits of a given map computed position by position by the cached path.
 
   The incremental counterpart of `model.apply(variables, codes, ...,
@@ -406,6 +446,7 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   Args:
     model, variables, cond_codes, labels: as for `sample_level`.
     codes: [batch, h, w] int32 codes (fed back as if they had been sampled).
+    step_kernel: as for `sample_level`.
 
   Returns:
     [batch, h, w, K] float32 logits.
@@ -416,23 +457,30 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   _check_range('codes', codes, model.num_embeddings,
                f'pass codes below the codebook size {model.num_embeddings}.')
 
+  tile = kernel_tile(model, step_kernel)
+  batch = shape[0]
+  if _pads(tile, batch):
+    shape = (_padded_batch(batch), *shape[1:])
+
   @jax.jit
   def run(variables, codes, cond_codes, labels):
-    context = model.apply(variables, cond_codes, labels, shape,
-                          method=model.prepare)
+    if _pads(tile, batch):
+      codes, cond_codes, labels = _pad_batch(shape[0], codes, cond_codes,
+                                             labels)
+    context = _prepare(model, variables, cond_codes, labels, shape, tile)
 
     def choose(logits, r, c):
       return codes[:, r, c], logits
 
     logits = _scan_map(model, variables, shape, context, choose)
-    return jnp.transpose(logits, (2, 0, 1, 3))
+    return jnp.transpose(logits, (2, 0, 1, 3))[:batch]
 
   return run(variables, jnp.asarray(codes, jnp.int32), cond_codes, labels)
 
 
 def _reference_impl(model: pixelcnn.PixelCNNPrior,
                     shape: tuple[int, int, int], truncate: bool, unroll: int,
-                    guided: bool, variables: PyTree, rng: Array,
+                    guided: bool, tile: int, variables: PyTree, rng: Array,
                     example_ids: Array, cond_codes: tuple[Array, ...],
                     labels: Optional[Array], temperature: Array, top_k: Array,
                     top_p: Array, guidance: Array,
@@ -442,10 +490,10 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
   """Reference sampling: the full prior on the partial map at every position.
 
   num_positions is traced (a while loop), so benchmarks can time a few
-  positions with the function that samples whole maps. `unroll` is unused
-  (every step is a whole forward pass).
+  positions with the function that samples whole maps. `unroll` and
+  `tile` are unused (every step is a whole forward pass).
   """
-  del unroll
+  del unroll, tile
   b, _, width = shape
   if guided:
     cond_codes, labels = _guided_inputs(model, cond_codes, labels)
@@ -473,10 +521,10 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
            reference: bool, mesh: Optional[Mesh], truncate: bool = False,
            unroll: int = 1, guided: bool = False, biased: bool = False,
-           discounted: bool = False) -> Callable[..., Array]:
+           discounted: bool = False, tile: int = 0) -> Callable[..., Array]:
   """One jitted sampler per (prior, shape, kind, mesh, filtering, unroll,
-  guidance on or off, code bias on or off, code discount on or off); no
-  retracing.
+  guidance on or off, code bias on or off, code discount on or off, step
+  kernel); no retracing.
 
   Its arguments: variables, rng, example_ids, cond_codes, labels,
   temperature, top_k, top_p, guidance, then the [K] code bias when
@@ -488,7 +536,8 @@ def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   impl = _reference_impl if reference else _cached_impl
   devices = 1 if mesh is None else mesh.size
   local_shape = (shape[0] // devices, *shape[1:])
-  fn = functools.partial(impl, model, local_shape, truncate, unroll, guided)
+  fn = functools.partial(impl, model, local_shape, truncate, unroll, guided,
+                         tile)
   if not (biased and discounted):  # No argument, and nothing in the program.
     full = fn
 
@@ -628,6 +677,39 @@ def _check_unroll(unroll: int) -> int:
   return int(unroll)
 
 
+STEP_KERNELS = ('xla', 'pallas')  # And 'pallas<T>': T channels a program.
+DEFAULT_TILE = 16  # Channels per program of a 'pallas' step (at most C).
+
+
+def kernel_tile(model: Any, step_kernel: str) -> int:
+  """The tile of `step_kernel` for `model`'s position steps, 0 for 'xla'.
+
+  'pallas' runs each gated block's step as one Pallas kernel
+  (`models/gated_kernel.py`) with programs of min(16, C) channels,
+  'pallas<T>' with T; only gated PixelCNN priors have one.
+
+  Raises:
+    SamplingInputError: an unknown name, a tile the channels do not take,
+      or a prior without gated blocks.
+  """
+  match = re.fullmatch(r'(xla|pallas)(\d*)', str(step_kernel))
+  if not match or (match.group(1) == 'xla' and match.group(2)):
+    raise SamplingInputError(
+        f'step_kernel is {step_kernel!r}. Fix: use xla (the default), '
+        'pallas, or pallas<T> (T channels per program, a power of two).')
+  if match.group(1) == 'xla':
+    return 0
+  if not isinstance(model, pixelcnn.PixelCNNPrior):
+    raise SamplingInputError(
+        f'step_kernel={step_kernel!r} is for gated PixelCNN priors; this '
+        f'one is a {type(model).__name__}. Fix: use step_kernel=xla.')
+  tile = int(match.group(2) or min(DEFAULT_TILE, model.num_channels))
+  try:
+    return gated_kernel.tile_for(model.num_channels, tile)
+  except ValueError as e:
+    raise SamplingInputError(f'step_kernel={step_kernel!r}: {e}') from None
+
+
 def _check_adjustments(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array],
                 code_discount: Optional[Array] = None) -> tuple[Array, ...]:
   """The [K] float32 bias and discount that are given, after checking
@@ -704,14 +786,15 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                     top_p: float = 1.0, unroll: int = 1,
                     guidance: float = 1.0,
                     code_bias: Optional[Array] = None,
-                    code_discount: Optional[Array] = None
-                    ) -> jax.stages.Compiled:
+                    code_discount: Optional[Array] = None,
+                    step_kernel: str = 'xla') -> jax.stages.Compiled:
   """Compiles a sampler ahead of its first call, without sampling.
 
   The next `sample_level` (or `reference_sample_level` when `reference`) call
   with arguments of the same shapes (and a key of either kind), filtering on
   or off as `top_k` / `top_p` say, the same `unroll`, guidance on or off, a
-  code bias or none and a code discount or none reuses the compiled code;
+  code bias or none, a code discount or none and the same `step_kernel`
+  reuses the compiled code;
   use it to time compilation apart from sampling.
 
   Returns:
@@ -724,7 +807,8 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
     args += (jnp.asarray(0, jnp.int32),)
   fn = _build(model, shape, reference, _sampling_mesh(mesh),
               _truncates(top_k, top_p), _check_unroll(unroll), guided,
-              code_bias is not None, code_discount is not None)
+              code_bias is not None, code_discount is not None,
+              0 if reference else kernel_tile(model, step_kernel))
   return fn.lower(*args).compile()
 
 
@@ -735,7 +819,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
                  top_p: float = 1.0, mesh: Optional[Mesh] = None,
                  unroll: int = 1, guidance: float = 1.0,
                  code_bias: Optional[Array] = None,
-                 code_discount: Optional[Array] = None) -> Array:
+                 code_discount: Optional[Array] = None,
+                 step_kernel: str = 'xla') -> Array:
   """Samples one level's code map with the cached sampler.
 
   Args:
@@ -772,6 +857,14 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       (`discount_logits`; e.g. `frequency_discount`), before temperature
       and filtering; None (off) samples the model as trained. Traced, as
       the bias.
+    step_kernel: 'xla' (the default): a position step is XLA's operations;
+      'pallas' or 'pallas<T>': each gated block's step is one Pallas
+      kernel of C / T programs (`models/gated_kernel.py`; T = 16 unless
+      given), for GPUs, where a step is launch-bound at small batches. It
+      computes in float32 with its own order of sums: the logits agree
+      with 'xla' at precision 'highest' to float rounding. Elsewhere it
+      runs in Pallas's interpreter (slowly: for tests). Gated PixelCNN
+      priors only.
 
   Returns:
     [batch, h, w] int32 codes.
@@ -781,7 +874,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       top_k, top_p, guidance, code_bias, code_discount)
   return _build(model, shape, False, _sampling_mesh(mesh),
                 _truncates(top_k, top_p), _check_unroll(unroll), guided,
-                code_bias is not None, code_discount is not None)(*args)
+                code_bias is not None, code_discount is not None,
+                kernel_tile(model, step_kernel))(*args)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
@@ -839,8 +933,8 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                      guidance: float | Sequence[float] = 1.0,
                      upper_codes: Sequence[Array] = (),
                      code_bias: Sequence[Optional[Array]] = (),
-                     code_discount: Sequence[Optional[Array]] = ()
-                     ) -> list[Array]:
+                     code_discount: Sequence[Optional[Array]] = (),
+                     step_kernel: str = 'xla') -> list[Array]:
   """Ancestral sampling of every level, top first.
 
   z_0 ~ p(z_0 | y), then z_l ~ p(z_l | z_0..z_{l-1}, y) for each lower level,
@@ -870,6 +964,9 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     code_discount: one [K] discount (or None) per level, top first, as for
       `sample_level` (e.g. `api.Pipeline.code_discount`); () discounts no
       level.
+    step_kernel: as for `sample_level`, at every level ('pallas' steps a
+      transformer prior's level with XLA's operations: it has no gated
+      blocks).
 
   Returns:
     Code maps [batch_size, h_l, w_l] int32, top first (`upper_codes`
@@ -905,7 +1002,9 @@ def sample_hierarchy(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         top_k=top_k, top_p=top_p, mesh=mesh, unroll=unroll,
         guidance=per_level[level] if model.num_classes else 1.0,
         code_bias=code_bias[level] if code_bias else None,
-        code_discount=code_discount[level] if code_discount else None))
+        code_discount=code_discount[level] if code_discount else None,
+        step_kernel=(step_kernel if isinstance(model, pixelcnn.PixelCNNPrior)
+                     else 'xla')))
   return codes
 
 
@@ -949,7 +1048,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
                     mesh: Optional[Mesh] = None, unroll: int = 1,
                     guidance: float | Sequence[float] = 1.0,
                     code_bias: Sequence[Optional[Array]] = (),
-                    code_discount: Sequence[Optional[Array]] = ()
+                    code_discount: Sequence[Optional[Array]] = (),
+                    step_kernel: str = 'xla'
                     ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
   """`num_maps` samples of the whole hierarchy, decoded, batch by batch.
 
@@ -965,7 +1065,7 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
     labels: [num_maps] int32 class of each sample, or None (unconditional).
     batch_size: maps per batch; splits over the mesh's devices.
     rng, temperature, top_k, top_p, mesh, unroll, guidance, code_bias,
-      code_discount: as for `sample_hierarchy`.
+      code_discount, step_kernel: as for `sample_hierarchy`.
 
   Yields:
     (codes per level [n, h_l, w_l] int32, top first; images [n, H, W, C]),
@@ -981,7 +1081,8 @@ def decoded_batches(priors: Sequence[tuple[pixelcnn.PixelCNNPrior, PyTree]],
         priors, level_shapes, batch_size=batch_size, labels=batch_labels,
         rng=jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
         top_p=top_p, mesh=mesh, unroll=unroll, guidance=guidance,
-        code_bias=code_bias, code_discount=code_discount)
+        code_bias=code_bias, code_discount=code_discount,
+        step_kernel=step_kernel)
     # Every process holds the whole batch (sampled over all devices).
     codes = [parallel.to_host(c)[:n] for c in codes]
     yield codes, parallel.to_host(decode(codes))[:n]

@@ -75,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqvae2_jax import errors
+from vqvae2_jax.models import gated_kernel
 
 Array = jax.Array
 Dtype = Any
@@ -549,6 +550,38 @@ class GatedBlock(nn.Module):
                                          keepdims=False) + link
     out = self._horizontal_out(gates[:, None, None],
                                None if self.first else h, train=False)
+    return out, {**cache, 'ring': ring}
+
+  def kernel_view(self, tile: int) -> dict[str, Array]:
+    """The weights of `step_kernel`, laid out per program
+    (`gated_kernel.layout`), and the output projection's bias."""
+    h_out = self.h_out.variables['params']
+    return {**gated_kernel.layout(self.fused_view()['w_h'],
+                                  h_out['kernel'].astype(self.dtype), tile),
+            'bias': h_out['bias'].astype(self.dtype)}
+
+  def step_kernel(self, cache: dict[str, Array], x: gated_kernel.Pending,
+                  c: Array, view: dict[str, Array]
+                  ) -> tuple[gated_kernel.Pending, dict[str, Array]]:
+    """`step_position` in one Pallas kernel (`models/gated_kernel.py`).
+
+    Args:
+      cache: as for `step_position`.
+      x: the block's input, summed or not (for the first block the
+        embedding at (r, c - 1), ignored at c == 0).
+      c: int32 scalar column index.
+      view: `kernel_view(tile)`, made once outside the sampler's loop.
+
+    Returns:
+      (the block's output, as the residual, bias and partial sums that the
+      next block's kernel adds up; the updated cache).
+    """
+    if self.first:
+      x = gated_kernel.Pending(
+          jnp.where(c > 0, x.total(), 0.0), None, None)
+    h, parts, ring = gated_kernel.gated_position(
+        x, c, view, cache['ring'], cache['link'])
+    out = gated_kernel.Pending(None if self.first else h, view['bias'], parts)
     return out, {**cache, 'ring': ring}
 
 
@@ -1042,21 +1075,36 @@ class PixelCNNPrior(nn.Module):
   # each of which owns its cache and steps.
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
-              shape: Sequence[int]) -> dict[str, Any]:
+              shape: Sequence[int], kernel_tile: int = 0) -> dict[str, Any]:
     """Per-sample context computed once, outside the sampler's loops.
+
+    Args:
+      cond_codes, labels: as for `__call__`.
+      shape: (batch, h, w) of the map.
+      kernel_tile: 0 for position steps in XLA's operations; T > 0 for each
+        gated block's step in one Pallas kernel of C / T programs
+        (`GatedBlock.step_kernel`; a power of two dividing C).
 
     Returns:
       {'cond': the conditioning map (or None), 'gated': each gated block's
-       `fused_view()`, 'attention': each attention block's
-       `fused_view(h, w)`}: the weights of a position step laid out for
-      fewer, larger products, made once per sampler call rather than at
-      every position.
+       `fused_view()` (or `kernel_view(T)`), 'attention': each attention
+       block's `fused_view(h, w)`} and, with a kernel, 'kernel': True: the
+      weights of a position step laid out for fewer, larger products, made
+      once per sampler call rather than at every position.
     """
     _, height, width = shape
-    return {'cond': self.conditioning(cond_codes, labels, shape),
-            'gated': [block.fused_view() for block in self.blocks],
-            'attention': [block.fused_view(height, width)
-                          for block in self.attention]}
+    if kernel_tile:
+      gated_kernel.tile_for(self.num_channels, kernel_tile)  # Validates.
+      gated = [block.kernel_view(kernel_tile) for block in self.blocks]
+    else:
+      gated = [block.fused_view() for block in self.blocks]
+    context = {'cond': self.conditioning(cond_codes, labels, shape),
+               'gated': gated,
+               'attention': [block.fused_view(height, width)
+                             for block in self.attention]}
+    if kernel_tile:
+      context['kernel'] = True
+    return context
 
   def init_cache(self, shape: Sequence[int]) -> dict[str, Any]:
     """Zero caches for sampling a [batch, h, w] map.
@@ -1114,6 +1162,8 @@ class PixelCNNPrior(nn.Module):
     Returns:
       ([batch, K] float32 logits, updated cache).
     """
+    if context.get('kernel'):
+      return self._step_kernels(cache, context, prev_code, r, c)
     after = attention_positions(self.num_layers, self.attention_layers)
     # What the first block's shift brings to (r, c).
     h = self.embed(prev_code)[:, None, None]
@@ -1127,3 +1177,23 @@ class PixelCNNPrior(nn.Module):
             attention[j], h, r, c, context['attention'][j])
     logits = self._output(h)[:, 0, 0]
     return logits, {'gated': gated, 'attention': attention}
+
+  def _step_kernels(self, cache: dict[str, Any], context: dict[str, Any],
+                    prev_code: Array, r: Array, c: Array
+                    ) -> tuple[Array, dict[str, Any]]:
+    """`step_position` with each gated block in one Pallas kernel; the
+    attention blocks and the output layers as XLA's operations."""
+    after = attention_positions(self.num_layers, self.attention_layers)
+    x = gated_kernel.Pending(self.embed(prev_code), None, None)
+    gated, attention = [], list(cache['attention'])
+    for i, (block, entry) in enumerate(zip(self.blocks, cache['gated'])):
+      x, entry = block.step_kernel(entry, x, c, context['gated'][i])
+      gated.append(entry)
+      if i in after:
+        j = after[i]
+        h, attention[j] = self.attention[j].step_position(
+            attention[j], x.total().astype(self.dtype)[:, None, None], r, c,
+            context['attention'][j])
+        x = gated_kernel.Pending(h[:, 0, 0], None, None)
+    logits = self._output(x.total().astype(self.dtype)[:, None, None])
+    return logits[:, 0, 0], {'gated': gated, 'attention': attention}

@@ -1,0 +1,234 @@
+"""One Pallas kernel per gated block for the sampler's position step.
+
+On a GPU the cached sampler's position step is launch-bound (issue 29): at
+batch 1 the H200 took about 0.4 ms a step at the paper's lower prior
+whatever the step computed, for about 112 small kernels, 5 or 6 per gated
+block (the taps' product, the ring's update, the gates, the output
+projection, the residual). `gated_position` does one block's whole
+horizontal step in one kernel, so a step of the lower prior is about 20
+kernels and the output layers.
+
+Between blocks a kernel hands on not the block's output but its pieces:
+program p of block i computes the gated activations of channels
+[p * T, (p + 1) * T) and their share of the output projection, a [batch,
+C] partial sum (`parts[p]`); block i + 1 adds the partial sums, the
+projection's bias and block i's residual into its input, in every program
+(the partial sums are small and read from the L2 cache). No program waits
+for another, the summation order is fixed (the same codes every run), and
+no block needs a second kernel for its projection.
+
+Program p of a block, with h the block's input ([batch, C]):
+
+  taps[k]  = h @ w_h[:, tap k, gate channels of tile p]      (k < cols)
+  ring     = the block's ring (`GatedBlock.init_cache`) with tap k's terms
+             added to the slot of column c + k, column c - 1's slot cleared
+  gates    = ring[slot of c] + link[c]     (vertical stack, conditioning, bias)
+  g        = tanh(gates_a) * sigmoid(gates_b)               [batch, T]
+  parts[p] = g @ w_out[tile p rows, :]                      [batch, C]
+
+It computes in float32 whatever the weights' dtype, with elementwise
+products and sums rather than matrix units (at batch 1 there is no matrix
+to tile); the sums run in another order than XLA's products, so the logits
+agree with the XLA step to float rounding, not bit for bit.
+
+The kernel is written for Pallas's Triton lowering (GPUs); elsewhere it runs
+in Pallas's interpreter, which computes the same thing slowly (the tests
+run it that way on a CPU).
+"""
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Pending(NamedTuple):
+  """A block's input, not yet summed: residual + bias + sum(parts).
+
+  `residual` ([batch, C]) or None; `bias` ([C]) and `parts` ([P, batch, C])
+  both or neither. A plain input is `Pending(h, None, None)`.
+  """
+  residual: Optional[Array]
+  bias: Optional[Array]
+  parts: Optional[Array]
+
+  def total(self) -> Array:
+    """The input itself, [batch, C] float32 (outside a kernel)."""
+    out = 0.0
+    if self.residual is not None:
+      out = out + self.residual.astype(jnp.float32)
+    if self.parts is not None:
+      out = (out + self.bias.astype(jnp.float32)
+             + jnp.sum(self.parts, axis=0))
+    return out
+
+
+def layout(w_h: Array, w_out: Array, tile: int) -> dict[str, Array]:
+  """A block's weights laid out per program (made once per sampler call).
+
+  Args:
+    w_h: [C, cols * 2C] the horizontal taps (`GatedBlock.fused_view`).
+    w_out: [C, C] the output projection's kernel.
+    tile: T, channels per program (divides C).
+
+  Returns:
+    {'w_h': [C / T, cols, 2, C, T] program p's taps of gate channels
+     p * T + j (first half) and C + p * T + j (second half): contiguous per
+     program, and per tap and half a [C, T] matrix; 'w_out': [C / T, T, C]
+     the projection's rows of its channels}.
+  """
+  c = w_out.shape[0]
+  cols = w_h.shape[1] // (2 * c)
+  taps = w_h.reshape(c, cols, 2, c // tile, tile)
+  return {'w_h': jnp.transpose(taps, (3, 1, 2, 0, 4)),
+          'w_out': w_out.reshape(c // tile, tile, c)}
+
+
+def tile_for(channels: int, tile: int) -> int:
+  """The tile to use: `tile`, checked (a power of two dividing C)."""
+  if tile < 1 or tile & (tile - 1) or channels % tile:
+    raise ValueError(
+        f'The Pallas step needs a tile that is a power of two dividing the '
+        f'{channels} channels; got {tile}. Pass another tile.')
+  return tile
+
+
+def _chunk(channels: int, batch: int, tile: int) -> int:
+  """Input channels summed per loop iteration: a [batch, chunk, T]
+  product of about 1,024 values (registers, on a GPU)."""
+  chunk = channels
+  while chunk > 1 and batch * chunk * tile > 1024:
+    chunk //= 2
+  return chunk
+
+
+def _kernel(*refs, cols: int, chunk: int, has_residual: bool,
+            has_parts: bool):
+  """Program p of one block's position step (see the module docstring)."""
+  refs = list(refs)
+  c_ref = refs.pop(0)
+  residual_ref = refs.pop(0) if has_residual else None
+  bias_ref, parts_ref = ((refs.pop(0), refs.pop(0)) if has_parts
+                         else (None, None))
+  (w_ref, ring_ref, link_ref, w_out_ref,
+   h_out_ref, parts_out_ref, ring_out_ref) = refs
+  b, _, _, t = ring_ref.shape
+  channels = h_out_ref.shape[1]
+  f32 = jnp.float32
+  col = c_ref[0]
+  slot = jax.lax.rem(col, cols)
+
+  def taps_of_chunk(i, taps):
+    """Adds input channels [i * chunk, (i + 1) * chunk) to every tap."""
+    window = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+    h = jnp.zeros((b, chunk), f32)
+    if has_residual:
+      h = h + residual_ref[:, window].astype(f32)
+    if has_parts:
+      h = (h + bias_ref[window].astype(f32)[None]
+           + jnp.sum(parts_ref[:, :, window].astype(f32), axis=0))
+    h_out_ref[:, window] = h  # Every program stores the same values.
+    # Tap k's two halves (tanh's gates, then sigmoid's), k major.
+    return tuple(
+        taps[2 * k + half] + jnp.sum(
+            h[:, :, None] * w_ref[0, k, half, window].astype(f32)[None],
+            axis=1)
+        for k in range(cols) for half in (0, 1))
+
+  zero = jnp.zeros((b, t), f32)
+  taps = jax.lax.fori_loop(0, channels // chunk, taps_of_chunk,
+                           (zero,) * (2 * cols))
+  # Slot s holds the sums so far of the next column c' >= c with
+  # c' % cols == s; tap k of column c lands in slot (c + k) % cols, and
+  # the slot of column c - 1 starts over (for column c - 1 + cols).
+  cleared = jax.lax.rem(slot + cols - 1, cols)
+  gates = []
+  for half in (0, 1):
+    gate = link_ref[:, col, half].astype(f32)
+    for s in range(cols):
+      lands = jax.lax.rem(s - slot + cols, cols)  # The tap landing in slot s.
+      new = jnp.where(s == cleared, zero, ring_ref[:, s, half].astype(f32))
+      for k in range(cols):
+        new = new + jnp.where(lands == k, taps[2 * k + half], zero)
+      ring_out_ref[:, s, half] = new.astype(ring_out_ref.dtype)
+      gate = gate + jnp.where(slot == s, new, zero)
+    gates.append(gate)
+  gated = jnp.tanh(gates[0]) * jax.nn.sigmoid(gates[1])  # [b, T]
+  for j in range(channels // chunk):
+    window = pl.ds(j * chunk, chunk)
+    parts_out_ref[0, :, window] = jnp.sum(
+        gated[:, :, None] * w_out_ref[0, :, window].astype(f32)[None],
+        axis=1)
+
+
+def _interpret() -> bool:
+  """Whether kernels run in Pallas's interpreter: everywhere but on GPUs
+  (tests patch it to lower the GPU program on a CPU)."""
+  return jax.default_backend() != 'gpu'
+
+
+def gated_position(x: Pending, col: Array, weights: dict[str, Array],
+                   ring: Array, link: Array, *, interpret: Optional[bool] = None
+                   ) -> tuple[Array, Array, Array]:
+  """One gated block's horizontal step at column `col`, one kernel.
+
+  Args:
+    x: the block's input (for the first block the embedding at (r, c - 1),
+      zeros at c == 0: `Pending(h, None, None)`).
+    col: int32 scalar, the column c.
+    weights: `layout(...)` of the block.
+    ring: [batch, cols, 2C] the block's ring (`GatedBlock.init_cache`).
+    link: [batch, 1, w, 2C] the row's link.
+    interpret: run Pallas's interpreter; None: unless on a GPU.
+
+  Returns:
+    (h [batch, C] float32 the block's input, summed; parts [C / T, batch, C]
+    float32 the output projection's partial sums of each program, without
+    its bias or the residual; the updated ring, in place).
+  """
+  n_tiles, cols, _, channels, tile = weights['w_h'].shape
+  batch, width = link.shape[0], link.shape[2]
+  if interpret is None:
+    interpret = _interpret()
+  chunk = _chunk(channels, batch, tile)
+  has_residual = x.residual is not None
+  has_parts = x.parts is not None
+  whole = lambda *shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))
+  inputs, specs = [jnp.reshape(col, (1,)).astype(jnp.int32)], [whole(1)]
+  if has_residual:
+    inputs.append(x.residual)
+    specs.append(whole(batch, channels))
+  if has_parts:
+    inputs += [x.bias, x.parts]
+    specs += [whole(channels), whole(x.parts.shape[0], batch, channels)]
+  ring_index = len(inputs) + 1
+  inputs += [weights['w_h'], ring.reshape(batch, cols, 2, channels),
+             link.reshape(batch, width, 2, channels), weights['w_out']]
+  specs += [
+      pl.BlockSpec((1, cols, 2, channels, tile), lambda p: (p, 0, 0, 0, 0)),
+      pl.BlockSpec((batch, cols, 2, tile), lambda p: (0, 0, 0, p)),
+      pl.BlockSpec((batch, width, 2, tile), lambda p: (0, 0, 0, p)),
+      pl.BlockSpec((1, tile, channels), lambda p: (p, 0, 0))]
+  kernel = functools.partial(_kernel, cols=cols, chunk=chunk,
+                             has_residual=has_residual, has_parts=has_parts)
+  h, parts, new_ring = pl.pallas_call(
+      kernel, grid=(n_tiles,),
+      out_shape=(jax.ShapeDtypeStruct((batch, channels), jnp.float32),
+                 jax.ShapeDtypeStruct((n_tiles, batch, channels), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, cols, 2, channels), ring.dtype)),
+      in_specs=specs,
+      out_specs=(whole(batch, channels),
+                 pl.BlockSpec((1, batch, channels), lambda p: (p, 0, 0)),
+                 pl.BlockSpec((batch, cols, 2, tile), lambda p: (0, 0, 0, p))),
+      input_output_aliases={ring_index: 2}, interpret=interpret,
+      # Triton, not Pallas's default Mosaic GPU lowering (Hopper's
+      # warpgroups and shared-memory pipelines, built for matrix tiles).
+      compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+      name='gated_position')(*inputs)
+  return h, parts, new_ring.reshape(ring.shape)
+
