@@ -6,13 +6,16 @@
 #   bash experiments/gpu_session.sh OUT_DIR [PART ...]
 #
 # PARTs (default: sampler peer batch16 first_image, at most 9m40s):
-#   sampler      experiments/sampler_variants.py at batch 1: static, cond
-#                (the old per-position lax.cond), bf16, unroll8; both levels
-#                of the ImageNet-256 priors and one whole image
+#   sampler      experiments/sampler_variants.py at batch 1: static, pallas
+#                and pallas8 (each gated block's position step one Pallas
+#                kernel, 16 or 8 channels a program), unroll8; both levels
+#                of the ImageNet-256 priors and one whole image (cond and
+#                bf16, measured on the H200: part `sampler_old`)
 #   peer         the PyTorch reference's own sampling loop on the same GPU
 #                (experiments/peer_sampler_timer.py; needs its checkout in
 #                .peer/vq-vae-2-pytorch and PEER_PYTHON, see docs/reference.md)
-#   batch16      sampler_variants at batch 16: static, bf16_unroll8
+#   batch16      sampler_variants at batch 16: static, pallas, bf16_unroll8
+#   sampler_old  sampler_variants at batch 1: cond, bf16
 #   graphs       sampler_variants at batch 1 with XLA's command buffers
 #                (CUDA graphs) extended to while loops and conditionals
 #   first_image  experiments/first_image.py: an exported paper-size model,
@@ -74,13 +77,16 @@ run() {  # run NAME LIMIT_S COMMAND...: bounded, logged, filtered console.
 for part in "${parts[@]}"; do
   case $part in
     sampler) run sampler 220 "$py" -m experiments.sampler_variants $smoke \
-        --variants=static,cond,bf16,unroll8 --batches=1 \
+        --variants=static,pallas,pallas8,unroll8 --batches=1 \
         --json="$out/sampler.json" ;;
+    sampler_old) run sampler_old 160 "$py" -m experiments.sampler_variants \
+        $smoke --variants=cond,bf16 --batches=1 \
+        --json="$out/sampler_old.json" ;;
     peer) run peer 100 "$peer_py" experiments/peer_sampler_timer.py \
         $peer_smoke --peer_code=.peer/vq-vae-2-pytorch --full_top \
         --json="$out/peer.json" ;;
     batch16) run batch16 100 "$py" -m experiments.sampler_variants $smoke \
-        --variants=static,bf16_unroll8 --batches=16 \
+        --variants=static,pallas,bf16_unroll8 --batches=16 \
         --json="$out/batch16.json" ;;
     graphs) run graphs 90 env XLA_FLAGS="$graphs" \
         "$py" -m experiments.sampler_variants $smoke --variants=static,unroll8 \

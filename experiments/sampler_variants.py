@@ -16,7 +16,8 @@ decoding) per variant. Rows print, and the --json file is rewritten, as each
 finishes, so a run cut at a time limit keeps what it measured.
 
 Variants (all draw the same codes as `sampling.sample_level`'s default but
-`bf16*`, which samples with bfloat16 weights, and `guided*`, `discounted*`):
+`bf16*`, which samples with bfloat16 weights, and `guided*`, `discounted*`;
+`pallas*` to float rounding):
 
 * cond: filtering decided on traced values, a `lax.cond` at every position
   (the sampler before the filter choice was made static; on a GPU the host
@@ -24,6 +25,10 @@ Variants (all draw the same codes as `sampling.sample_level`'s default but
 * static: filtering fixed at compile time (off here), as `sample_level` does.
 * unroll<n>: static, n positions per iteration of the loop over columns.
 * bf16, bf16_unroll<n>: static, bfloat16 weights (`sampling.cast_prior`).
+* pallas, pallas<T> (and _unroll<n>): static, each gated block's position
+  step one Pallas kernel of C / T programs (`step_kernel='pallas'`; T = 16
+  unless given); the attention blocks and the output layers as `static`.
+  The same codes as `static` up to float rounding (its own order of sums).
 * guided, discounted (and _unroll<n>): static, with classifier-free guidance
   (both halves of the batch in one step), and with guidance and a code
   discount of 8 / K per code (`sampling.discount`): the programs the
@@ -84,13 +89,15 @@ def smoke_config():
 
 def parse_variant(name: str) -> dict[str, Any]:
   """'bf16_unroll8' -> {'truncate': False, 'unroll': 8, 'dtype': bf16,
-  'guided': False, 'discounted': False}."""
+  'guided': False, 'discounted': False, 'step_kernel': 'xla'}."""
   match = re.fullmatch(
-      r'(cond|static|bf16|guided|discounted)?_?(?:unroll(\d+))?', name)
+      r'(cond|static|bf16|guided|discounted|pallas\d*)?_?(?:unroll(\d+))?',
+      name)
   if not match or not name:
     raise app.UsageError(f'Unknown variant {name!r}. Fix: use cond, static, '
-                         'unroll<n>, bf16, guided or discounted, the last '
-                         'three with _unroll<n> or not.')
+                         'unroll<n>, bf16, guided, discounted or '
+                         'pallas[<T>], the last four with _unroll<n> or '
+                         'not.')
   kind, unroll = match.group(1), int(match.group(2) or 1)
   if kind == 'cond' and unroll != 1:
     raise app.UsageError(f'The variant {name!r}: cond is measured without '
@@ -98,7 +105,8 @@ def parse_variant(name: str) -> dict[str, Any]:
   return {'truncate': None if kind == 'cond' else False, 'unroll': unroll,
           'dtype': jnp.bfloat16 if kind == 'bf16' else None,
           'guided': kind in ('guided', 'discounted'),
-          'discounted': kind == 'discounted'}
+          'discounted': kind == 'discounted',
+          'step_kernel': kind if kind and kind.startswith('pallas') else 'xla'}
 
 
 def device_peak_gib() -> Optional[float]:
@@ -143,7 +151,9 @@ def time_level(model, variables, shape, cond, labels, variant, repeats
   fn = sampling._build(model, shape, False, None,  # pylint: disable=protected-access
                        variant['truncate'], variant['unroll'],
                        guided=variant['guided'],
-                       discounted=variant['discounted'])
+                       discounted=variant['discounted'],
+                       tile=sampling.kernel_tile(model,
+                                                 variant['step_kernel']))
   k = model.num_embeddings
   args = (variables, jax.random.key(1), jnp.arange(shape[0], dtype=jnp.int32),
           cond, labels, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0),

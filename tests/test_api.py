@@ -612,6 +612,8 @@ def test_api_samples_are_deterministic_per_key(pipe):
   _, top_two = pipe.sample(labels=[0, 3, 9], key=7, top_k=2)
   assert not np.array_equal(top_two[1], codes[1])
   _assert_config_samples(pipe, 'top_k', 2, [0, 3, 9], top_two)
+  # Each gated block's step in one Pallas kernel: the same draws.
+  _assert_config_samples(pipe, 'step_kernel', 'pallas', [0, 3, 9], codes)
   _, unfiltered = pipe.sample(n=2, key=7, temperature=0.8)
   assert not np.array_equal(unfiltered[1], filtered[1])
   try:

@@ -13,7 +13,8 @@ def test_variants_draw_the_same_codes_and_write_rows(tmp_path):
   out_json = tmp_path / 'variants.json'
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.sampler_variants', '--smoke',
-       '--variants=cond,static,unroll3,bf16,guided,discounted', '--batches=2',
+       '--variants=cond,static,unroll3,bf16,guided,discounted,pallas4',
+       '--batches=2',
        '--repeats=1',
        f'--json={out_json}'],
       cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
@@ -22,7 +23,7 @@ def test_variants_draw_the_same_codes_and_write_rows(tmp_path):
   levels = [r for r in rows if r['level'] != 'image']
   assert [(r['variant'], r['level']) for r in levels] == [
       (v, l) for v in ('cond', 'static', 'unroll3', 'bf16', 'guided',
-                       'discounted') for l in (0, 1)]
+                       'discounted', 'pallas4') for l in (0, 1)]
   for row in levels:
     assert row['seconds'] > 0 and row['compile_s'] > 0 and row['batch'] == 2
   # The float32 variants draw exactly the same codes at every level.
@@ -30,12 +31,14 @@ def test_variants_draw_the_same_codes_and_write_rows(tmp_path):
     digests = {r['variant']: r['codes_digest'] for r in levels
                if r['level'] == level}
     assert digests['static'] == digests['cond'] == digests['unroll3'], digests
+    # The Pallas step (4 programs a block, interpreted here) too.
+    assert digests['pallas4'] == digests['static'], digests
   # The shipped files' programs: guidance, then a discount, draw others.
   assert any(r['codes_digest'] != s['codes_digest']
              for r, s in zip([r for r in levels if r['variant'] == 'discounted'],
                              [r for r in levels if r['variant'] == 'guided']))
   images = [r for r in rows if r['level'] == 'image']
-  assert len(images) == 6
+  assert len(images) == 7
   for row in images:
     assert row['seconds_per_image'] > 0 and row['decode_s'] > 0
   # Each row is printed as it finishes.

@@ -941,7 +941,8 @@ class Pipeline:
         mesh=self.mesh, unroll=self.config.sampling.unroll,
         dtype=self.config.sampling.dtype or None, guidance=guidance,
         code_bias=self.code_bias(contrast),
-        code_discount=self.code_discount(discount))
+        code_discount=self.code_discount(discount),
+        step_kernel=s.get('step_kernel', 'xla'))
     codes = [np.asarray(c)[:n] for c in codes]
     return self.decode(codes), codes
 

@@ -7,6 +7,7 @@ run; main prints it as one line.
 
 import math
 import os
+import re
 from typing import Iterable
 
 import ml_collections
@@ -278,6 +279,22 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
           'use 1 (a plain loop) or more positions per iteration')
   if not 0.0 < sampling.top_p <= 1.0:
     _fail('sampling.top_p', f'is {sampling.top_p}', 'use a value in (0, 1]')
+  step_kernel = sampling.get('step_kernel', 'xla')
+  match = re.fullmatch(r'xla|pallas(\d*)', str(step_kernel))
+  if not match:
+    _fail('sampling.step_kernel', f'is {step_kernel!r}',
+          "use 'xla' (the default), 'pallas' or 'pallas<T>' (T channels "
+          "per program, a power of two dividing the priors' channels)")
+  tile = int(match.group(1) or 0)
+  for level in range(len(config.model.downsample_factors)):
+    section = config.prior.get(f'level_{level}')
+    if (tile and section is not None
+        and section.get('kind', 'pixelcnn') == 'pixelcnn'
+        and (tile & (tile - 1) or section.num_channels % tile)):
+      _fail('sampling.step_kernel', f'is {step_kernel!r}, but '
+            f'prior.level_{level}.num_channels is {section.num_channels}',
+            f'use pallas (a tile that divides it) or pallas<T> with T a '
+            f'power of two dividing {section.num_channels}')
   guidance = sampling.get('guidance', 1.0)
   if not (math.isfinite(guidance) and guidance >= 0):
     _fail('sampling.guidance', f'is {guidance}',

@@ -348,7 +348,7 @@ def _draw_candidates(config: ml_collections.ConfigDict, priors: Sequence[Any],
       rng=jax.random.PRNGKey(config.seed), temperature=s.temperature,
       top_k=s.top_k, top_p=s.top_p, mesh=mesh, unroll=s.unroll,
       guidance=builders.sampling_guidance(config), code_bias=code_bias,
-      code_discount=code_discount):
+      code_discount=code_discount, step_kernel=s.get('step_kernel', 'xla')):
     n = len(images)
     batch_labels = group_labels[begin:begin + n]
     if scorer is None:

@@ -678,15 +678,16 @@ def _check_unroll(unroll: int) -> int:
 
 
 STEP_KERNELS = ('xla', 'pallas')  # And 'pallas<T>': T channels a program.
-DEFAULT_TILE = 16  # Channels per program of a 'pallas' step (at most C).
+DEFAULT_TILE = 16  # Channels per program of a 'pallas' step, at most.
 
 
 def kernel_tile(model: Any, step_kernel: str) -> int:
   """The tile of `step_kernel` for `model`'s position steps, 0 for 'xla'.
 
   'pallas' runs each gated block's step as one Pallas kernel
-  (`models/gated_kernel.py`) with programs of min(16, C) channels,
-  'pallas<T>' with T; only gated PixelCNN priors have one.
+  (`models/gated_kernel.py`) with programs of T channels, the largest
+  power of two up to 16 dividing C; 'pallas<T>' with T. Only gated PixelCNN
+  priors have one.
 
   Raises:
     SamplingInputError: an unknown name, a tile the channels do not take,
@@ -703,7 +704,11 @@ def kernel_tile(model: Any, step_kernel: str) -> int:
     raise SamplingInputError(
         f'step_kernel={step_kernel!r} is for gated PixelCNN priors; this '
         f'one is a {type(model).__name__}. Fix: use step_kernel=xla.')
-  tile = int(match.group(2) or min(DEFAULT_TILE, model.num_channels))
+  tile = int(match.group(2) or 0)
+  if not tile:  # The largest power of two up to 16 that divides C.
+    tile = DEFAULT_TILE
+    while model.num_channels % tile:
+      tile //= 2
   try:
     return gated_kernel.tile_for(model.num_channels, tile)
   except ValueError as e:
@@ -859,8 +864,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       the bias.
     step_kernel: 'xla' (the default): a position step is XLA's operations;
       'pallas' or 'pallas<T>': each gated block's step is one Pallas
-      kernel of C / T programs (`models/gated_kernel.py`; T = 16 unless
-      given), for GPUs, where a step is launch-bound at small batches. It
+      kernel of C / T programs (`models/gated_kernel.py`; T = 16 where it
+      divides C, unless given), for GPUs, where a step is launch-bound at small batches. It
       computes in float32 with its own order of sums: the logits agree
       with 'xla' at precision 'highest' to float rounding. Elsewhere it
       runs in Pallas's interpreter (slowly: for tests). Gated PixelCNN

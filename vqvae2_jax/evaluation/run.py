@@ -351,7 +351,8 @@ def pipeline_samples(pipe: Any, num_samples: int, features: FeatureFn, *,
         unroll=config.sampling.unroll,
         guidance=guidance if conditional else 1.0,
         code_bias=pipe.code_bias(contrast),
-        code_discount=pipe.code_discount(discount)):
+        code_discount=pipe.code_discount(discount),
+        step_kernel=config.sampling.get('step_kernel', 'xla')):
       f, p = features(np.asarray(images, np.float32))
       feats.append(f)
       probs.append(p)
