@@ -26,7 +26,8 @@
 #                Fashion-MNIST files sample with: what a discount costs)
 #   ops          experiments/step_ops.py --ops=paper: the kernels of the
 #                sampler's position step (products, fusions, all) as the
-#                GPU compiles them, for the paper-size priors (compile only)
+#                GPU compiles them, for the paper-size priors, XLA's step
+#                and the Pallas one (compile only)
 #   train        experiments/accelerator_check.py --parts=stage1,prior0,prior1
 #                (the train steps' speed and MFU, FLOPs from the lowered module)
 #   bottom       experiments/bottom_study.py: Fashion-MNIST bottom priors of
@@ -60,6 +61,8 @@ smoke=${SMOKE:+--smoke}
 py=${PYTHON:-python3}  # The Python with JAX.
 peer_py=${PEER_PYTHON:-$py}  # The Python with torch (for `peer`).
 peer_smoke=${SMOKE:+--small --device=cpu --steps=1 --batches=1}
+ops_programs=plain,pallas  # The Pallas step is counted on a GPU only.
+[ -z "${SMOKE:-}" ] || ops_programs=plain
 graphs='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL'
 
 run() {  # run NAME LIMIT_S COMMAND...: bounded, logged, filtered console.
@@ -97,7 +100,8 @@ for part in "${parts[@]}"; do
     discount) run discount 200 "$py" -m experiments.sampler_variants $smoke \
         --variants=static,guided,discounted --batches=1 --levels=1 \
         --json="$out/discount.json" ;;
-    ops) run ops 120 "$py" experiments/step_ops.py --ops=paper ${SMOKE:+--ops=small} \
+    ops) run ops 160 "$py" experiments/step_ops.py --ops=paper ${SMOKE:+--ops=small} \
+        --programs="$ops_programs" \
         --ops_json="$out/ops.json" ;;
     bottom) run bottom 420 "$py" -m experiments.bottom_study \
         --bundle=workdir_bottom --out="$out/bottom" \

@@ -980,6 +980,9 @@ def test_step_ops_position_step_runs_few_products():
   assert discounted['big_copies'] == discounted['random_bits'] == 0
   with pytest.raises(ValueError, match='Unknown program'):
     step_ops.prior_step_ops(lower, (1, 4, 6), ((2, 3),), 'discounted')
+  # The Pallas step is interpreted off a GPU: nothing to count here.
+  with pytest.raises(ValueError, match='on a GPU only'):
+    step_ops.prior_step_ops(lower, (1, 4, 6), ((2, 3),), 'pallas')
 
 
 def test_step_ops_counts_the_innermost_loop_with_products():
