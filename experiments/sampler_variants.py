@@ -207,12 +207,16 @@ def main(argv):
 
   def emit(row):
     rows.append({'label': label, **row})
-    peak = row.get('device_peak_gib')
-    print(f'{row["variant"]:18} {row["level"]:>5} {row["batch"]:>5} '
-          f'{row.get("compile_s", 0):>9.1f} {row["seconds"]:>8.3f} '
-          f'{row.get("per_position_us", 0):>7.0f} '
-          f'{row.get("xla_temp_gib", 0):>12.3f} '
-          f'{"-" if peak is None else f"{peak:.2f}":>12}', flush=True)
+    if 'error' in row:
+      print(f'{row["variant"]:18} {row["level"]:>5} {row["batch"]:>5} '
+            f'FAILED {row["error"]}', flush=True)
+    else:
+      peak = row.get('device_peak_gib')
+      print(f'{row["variant"]:18} {row["level"]:>5} {row["batch"]:>5} '
+            f'{row.get("compile_s", 0):>9.1f} {row["seconds"]:>8.3f} '
+            f'{row.get("per_position_us", 0):>7.0f} '
+            f'{row.get("xla_temp_gib", 0):>12.3f} '
+            f'{"-" if peak is None else f"{peak:.2f}":>12}', flush=True)
     if _JSON.value:
       tmp = _JSON.value + '.tmp'
       with open(tmp, 'w') as f:
@@ -220,14 +224,23 @@ def main(argv):
                    'params': params, 'rows': rows}, f, indent=1)
       os.replace(tmp, _JSON.value)
 
+  failed = []
   for name, variant in variants:
     for batch in [int(b) for b in _BATCHES.value]:
       per_level = []
       for level in [int(x) for x in _LEVELS.value]:
         model, variables = priors[level]
         shape, cond, labels = level_inputs(config, level, batch)
-        row = time_level(model, variables, shape, cond, labels, variant,
-                         _REPEATS.value)
+        try:
+          row = time_level(model, variables, shape, cond, labels, variant,
+                           _REPEATS.value)
+        except Exception as e:  # pylint: disable=broad-except
+          # A variant that fails (e.g. a kernel this GPU cannot compile)
+          # costs its own rows only: the next variants still run.
+          failed.append(name)
+          emit({'variant': name, 'level': level, 'batch': batch,
+                'error': f'{type(e).__name__}: {str(e)[:500]}'})
+          break
         per_level.append(row['seconds'])
         emit({'variant': name, 'level': level, 'batch': batch, **row,
               'device_peak_gib': device_peak_gib()})
@@ -243,6 +256,9 @@ def main(argv):
         emit({'variant': name, 'level': 'image', 'batch': batch,
               'seconds': total, 'seconds_per_image': total / batch,
               'decode_s': decode_s, 'device_peak_gib': device_peak_gib()})
+  if failed:
+    raise SystemExit(f'Variants that failed (their rows say why): '
+                     f'{sorted(set(failed))}.')
 
 
 if __name__ == '__main__':

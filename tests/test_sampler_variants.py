@@ -55,3 +55,21 @@ def test_unknown_variant_is_refused():
   assert result.returncode != 0
   assert "The variant 'cond_unroll2'" in result.stderr, result.stderr[-2000:]
   assert 'static' not in result.stdout  # Refused before anything ran.
+
+
+def test_a_failing_variant_costs_its_own_rows_only(tmp_path):
+  """pallas3 cannot tile the smoke priors' 16 channels: its row says why,
+  the variant after it still runs, and the script ends with an error."""
+  out_json = tmp_path / 'variants.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.sampler_variants', '--smoke',
+       '--variants=pallas3,static', '--levels=0', '--batches=1',
+       '--repeats=1', '--image=false', f'--json={out_json}'],
+      cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode != 0
+  assert "failed (their rows say why): ['pallas3']" in result.stderr
+  rows = json.loads(out_json.read_text())['rows']
+  assert [(r['variant'], 'error' in r) for r in rows] == [
+      ('pallas3', True), ('static', False)]
+  assert 'power of two dividing the 16 channels' in rows[0]['error']
+  assert 'pallas3                0     1 FAILED' in result.stdout
