@@ -47,8 +47,10 @@ On an accelerator a position step is a few hundred small kernels, so its
 fixed costs matter more than its arithmetic: `unroll` runs that many
 positions per iteration of the inner loop, and `cast_prior` (or
 `sample_hierarchy(dtype=...)`) samples with bfloat16 weights, half the bytes
-read per step. Neither changes the codes a float32 sampler draws when left
-at its default.
+read per step, and `step_kernel='pallas'` runs each gated block's position
+step as one Pallas kernel (`models/gated_kernel.py`) instead of 5 or 6 of
+XLA's. None changes the codes a float32 sampler draws when left at its
+default.
 
 Rejection sampling (the paper's classifier-based m-out-of-n scheme):
 `candidates_per_sample` and `TopPerClass` keep the best-scoring candidates

@@ -51,8 +51,12 @@ lays out each layer's weights for a position step (`fused_view`: the
 horizontal convolution's taps as one matrix, the query, key and value
 kernels side by side, the position embedding's share of the queries and
 keys as a table), so that a step runs fewer, larger products: on an
-accelerator a step is launch-bound (issue 29). Both paths of a layer use
-the same parameters, so their outputs agree to float rounding.
+accelerator a step is launch-bound (issue 29). With
+`prepare(..., kernel_tile=T)` each gated block's position step is one Pallas
+kernel instead (`GatedBlock.kernel_view` / `step_kernel`,
+`models/gated_kernel.py`), which hands the next block its output as
+partial sums. Both paths of a layer use the same parameters, so their
+outputs agree to float rounding.
 
 Example (the Fashion-MNIST bottom prior, 8x8 codes under a 4x4 top level):
 
