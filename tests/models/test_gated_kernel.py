@@ -26,7 +26,6 @@ def _block(channels, first, filter_size=5):
 
 
 @pytest.mark.parametrize('channels,batch,tile', [
-    (8, 2, 4),     # 2 programs, one chunk of input channels.
     (64, 16, 16),  # 4 programs, each summing 16 chunks of 4 channels.
     (32, 1, 8),    # Batch 1: 4 programs, one chunk.
 ])
@@ -47,16 +46,19 @@ def test_kernel_step_equals_the_blocks_step_along_a_row(channels, batch, tile,
   view = apply(tile, method=block.kernel_view)
   fused = apply(method=block.fused_view)
   assert view['w_h'].shape[0] == channels // tile
+  # Jitted: one compilation each for the whole row.
+  xla_step = jax.jit(lambda cache, h, c: apply(
+      cache, h, c, fused, method=block.step_position))
+  kernel_step = jax.jit(lambda cache, x, c: apply(
+      cache, x, c, view, method=block.step_kernel))
   xla_cache = kernel_cache = cache
   for c in range(width):
     h = jnp.asarray(rng.normal(size=(batch, channels)), jnp.float32)
-    want, xla_cache = apply(xla_cache, h[:, None, None], jnp.int32(c), fused,
-                            method=block.step_position)
+    want, xla_cache = xla_step(xla_cache, h[:, None, None], jnp.int32(c))
     # The input in pieces, as a block before would hand it on.
     parts = jnp.stack([h * 0.25, h * 0.5, h * 0.25])
     pieces = gated_kernel.Pending(None, jnp.zeros((channels,)), parts)
-    got, kernel_cache = apply(kernel_cache, pieces, jnp.int32(c), view,
-                              method=block.step_kernel)
+    got, kernel_cache = kernel_step(kernel_cache, pieces, jnp.int32(c))
     assert got.parts.shape == (channels // tile, batch, channels)
     assert (got.residual is None) == first
     np.testing.assert_allclose(got.total(), want[:, 0, 0], rtol=2e-5,
