@@ -104,6 +104,9 @@ def test_sampling_split_over_8_devices_equals_one_device(kind):
   split = sampling.sample_level(model, variables, **kwargs, mesh=mesh)
   np.testing.assert_array_equal(split, one)
   assert len(np.unique(np.asarray(one))) > 2
+  if kind == 'lower':  # The Pallas step inside the split too.
+    np.testing.assert_array_equal(sampling.sample_level(
+        model, variables, **kwargs, mesh=mesh, step_kernel='pallas'), one)
   reference = sampling.reference_sample_level(model, variables, **kwargs,
                                               mesh=mesh)
   np.testing.assert_array_equal(reference, one)
