@@ -325,8 +325,8 @@ def frequency_discount(code_counts: Array | np.ndarray,
   `code_counts` and `discount` (>= 0) are checked as `contrast_bias`
   checks its own.
   """
-  return jnp.asarray(
-      discount * _code_shares(code_counts, 'discount', discount), jnp.float32)
+  return jax.device_put(np.asarray(  # float32 on the host: no program.
+      discount * _code_shares(code_counts, 'discount', discount), np.float32))
 
 
 def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
@@ -351,7 +351,7 @@ def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
   """
   shares = _code_shares(code_counts, 'contrast', contrast)
   share = np.maximum(shares, 0.01 / len(shares))
-  return jnp.asarray(-contrast * np.log(share), jnp.float32)
+  return jax.device_put(np.asarray(-contrast * np.log(share), np.float32))
 
 
 def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
@@ -571,8 +571,14 @@ def _sampling_mesh(mesh: Optional[Mesh]) -> Optional[Mesh]:
 
 
 def _example_ids(shape: tuple[int, int, int]) -> Array:
-  """[batch] int32 indices: what each example's randomness is folded with."""
-  return jnp.arange(shape[0], dtype=jnp.int32)
+  """[batch] int32 indices: what each example's randomness is folded with
+  (made on the host: no program to compile for it)."""
+  return jax.device_put(np.arange(shape[0], dtype=np.int32))
+
+
+@jax.jit
+def _min_max(values: Array) -> tuple[Array, Array]:
+  return jnp.min(values), jnp.max(values)
 
 
 def _check_range(name: str, values: Array, high: int, fix: str) -> None:
@@ -583,7 +589,10 @@ def _check_range(name: str, values: Array, high: int, fix: str) -> None:
   """
   if isinstance(values, jax.core.Tracer) or not values.size:
     return
-  lo, hi = int(jnp.min(values)), int(jnp.max(values))
+  # One program and one read back for a device array; none for the host's.
+  lo, hi = (int(v) for v in (
+      (values.min(), values.max()) if isinstance(values, np.ndarray)
+      else jax.device_get(_min_max(values))))
   if lo < 0 or hi >= high:
     raise SamplingInputError(f'{name} has values in [{lo}, {hi}], outside [0, '
                      f'{high - 1}]. Fix: {fix}')
@@ -649,8 +658,10 @@ def _controls(temperature: float, top_k: int, top_p: float,
   if not 0.0 < top_p <= 1.0:
     raise SamplingInputError(f'top_p is {top_p}. Fix: use a value in (0, 1] (1.0 '
                      'is off).')
-  return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
-          jnp.asarray(top_p, jnp.float32), jnp.asarray(guidance, jnp.float32))
+  # Made on the host and put on the device: no conversion program each.
+  return tuple(jax.device_put(x) for x in (
+      np.float32(temperature), np.int32(top_k), np.float32(top_p),
+      np.float32(guidance)))
 
 
 def _guides(model: pixelcnn.PixelCNNPrior, labels: Optional[Array],
@@ -727,17 +738,21 @@ def _check_adjustments(model: pixelcnn.PixelCNNPrior, code_bias: Optional[Array]
                                'frequency_discount')):
     if values is None:
       continue
-    values = jnp.asarray(values, jnp.float32)
+    # Checked on the host ([K] values): no small programs to compile.
+    host = (None if isinstance(values, jax.core.Tracer)
+            else np.asarray(values, np.float32))
+    values = (jnp.asarray(values, jnp.float32) if host is None
+              else jax.device_put(host))
     if values.shape != (model.num_embeddings,):
       raise SamplingInputError(
           f'{name} has shape {values.shape}. Fix: pass one value per code, '
           f'[{model.num_embeddings}] (e.g. `{maker}`), or None.')
-    if not isinstance(values, jax.core.Tracer):
-      if not bool(jnp.all(jnp.isfinite(values))):
+    if host is not None:
+      if not np.all(np.isfinite(host)):
         raise SamplingInputError(
             f'{name} has values that are not finite. Fix: pass finite '
             f'values (`{maker}` makes them).')
-      if name == 'code_discount' and bool(jnp.any(values < 0)):
+      if name == 'code_discount' and np.any(host < 0):
         raise SamplingInputError(
             'code_discount has negative values. Fix: pass values >= 0 '
             '(`frequency_discount` makes them).')
