@@ -27,7 +27,8 @@ Variants (all draw the same codes as `sampling.sample_level`'s default but
 * bf16, bf16_unroll<n>: static, bfloat16 weights (`sampling.cast_prior`).
 * pallas, pallas<T> (and _unroll<n>): static, each gated block's position
   step one Pallas kernel of C / T programs (`step_kernel='pallas'`; T = 16
-  unless given); the attention blocks and the output layers as `static`.
+  where it divides C, unless given); the attention blocks and the output
+  layers as `static`.
   The same codes as `static` up to float rounding (its own order of sums).
 * guided, discounted (and _unroll<n>): static, with classifier-free guidance
   (both halves of the batch in one step), and with guidance and a code

@@ -690,7 +690,6 @@ def _check_unroll(unroll: int) -> int:
   return int(unroll)
 
 
-STEP_KERNELS = ('xla', 'pallas')  # And 'pallas<T>': T channels a program.
 DEFAULT_TILE = 16  # Channels per program of a 'pallas' step, at most.
 
 
@@ -882,11 +881,11 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
     step_kernel: 'xla' (the default): a position step is XLA's operations;
       'pallas' or 'pallas<T>': each gated block's step is one Pallas
       kernel of C / T programs (`models/gated_kernel.py`; T = 16 where it
-      divides C, unless given), for GPUs, where a step is launch-bound at small batches. It
-      computes in float32 with its own order of sums: the logits agree
-      with 'xla' at precision 'highest' to float rounding. Elsewhere it
-      runs in Pallas's interpreter (slowly: for tests). Gated PixelCNN
-      priors only.
+      divides C, unless given), for GPUs, where a step is launch-bound at
+      small batches. It computes in float32 with its own order of sums:
+      the logits agree with 'xla' at precision 'highest' to float
+      rounding. Elsewhere it runs in Pallas's interpreter (slowly: for
+      tests). Gated PixelCNN priors only.
 
   Returns:
     [batch, h, w] int32 codes.

@@ -231,4 +231,3 @@ def gated_position(x: Pending, col: Array, weights: dict[str, Array],
       compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
       name='gated_position')(*inputs)
   return h, parts, new_ring.reshape(ring.shape)
-
