@@ -2,9 +2,9 @@
 
 On a GPU the cached sampler's position step is launch-bound (issue 29): at
 batch 1 the H200 took about 0.4 ms a step at the paper's lower prior
-whatever the step computed, for about 112 small kernels, 5 or 6 per gated
-block (the taps' product, the ring's update, the gates, the output
-projection, the residual). `gated_position` does one block's whole
+whatever the step computed, a step of about 112 small kernels (counted in
+the compiled CPU program), 5 or 6 per gated block (the taps' product, the
+ring's update, the gates, the output projection, the residual). `gated_position` does one block's whole
 horizontal step in one kernel, so a step of the lower prior is about 20
 kernels and the output layers.
 
