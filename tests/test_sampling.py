@@ -419,26 +419,25 @@ def test_unrolled_sampler_draws_the_same_codes(kind):
 @pytest.mark.parametrize('kind', ['top', 'lower'])
 def test_kernel_step_logits_equal_full_forward(kind):
   """Each gated block's step in one Pallas kernel (Pallas's interpreter on
-  a CPU): the cached logits still follow the full forward pass, with 1 and
-  4 programs a block (8 channels; tiles 8 and 2), and with a batch of 3,
-  which the sampler pads to 4 for Triton's power-of-two tensors."""
+  a CPU): the cached logits still follow the full forward pass, with 4
+  programs a block (8 channels, tile 2), and with 1 program (tile 8) and
+  a batch of 3, which the sampler pads to 4 for Triton's power-of-two
+  tensors."""
   model, variables, _, cond, labels, codes = _setup(kind)
   full = np.asarray(jax.jit(functools.partial(model.apply, train=False))(
       variables, codes, cond_codes=cond, labels=labels))
   scale = np.abs(full).max()
-  for step_kernel in ('pallas', 'pallas2'):
-    cached = np.asarray(sampling.cached_logits(
-        model, variables, codes, cond_codes=cond, labels=labels,
-        step_kernel=step_kernel))
-    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale,
-                               err_msg=step_kernel)
+  cached = np.asarray(sampling.cached_logits(
+      model, variables, codes, cond_codes=cond, labels=labels,
+      step_kernel='pallas2'))
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale)
   three = lambda x: jnp.concatenate([x, x[:1]])
   full3 = np.asarray(model.apply(variables, three(codes),
                                  cond_codes=tuple(map(three, cond)),
                                  labels=three(labels), train=False))
   cached3 = np.asarray(sampling.cached_logits(
       model, variables, three(codes), cond_codes=tuple(map(three, cond)),
-      labels=three(labels), step_kernel='pallas4'))
+      labels=three(labels), step_kernel='pallas'))
   assert cached3.shape == full3.shape
   np.testing.assert_allclose(cached3, full3, rtol=1e-5, atol=1e-5 * scale)
 
@@ -447,7 +446,7 @@ def test_kernel_step_logits_equal_full_forward(kind):
 def test_kernel_sampler_draws_the_same_codes(kind):
   model, variables, shape, cond, labels, _ = _setup(kind)
   counts = jnp.arange(1, model.num_embeddings + 1, dtype=jnp.float32)
-  for extra in (dict(top_p=0.9), dict(guidance=2.0),
+  for extra in (dict(top_p=0.9),
                 dict(guidance=1.5, code_discount=sampling.frequency_discount(
                     counts, 2.0))):
     kwargs = dict(shape=shape, cond_codes=cond, labels=labels,
@@ -456,6 +455,8 @@ def test_kernel_sampler_draws_the_same_codes(kind):
     kernel = sampling.sample_level(model, variables, **kwargs,
                                    step_kernel='pallas4')
     np.testing.assert_array_equal(kernel, plain, err_msg=str(extra))
+  if kind == 'top':
+    return
   # A batch of 3 (padded to 4 inside) draws the first 3 maps' codes.
   kwargs = dict(shape=(3, *shape[1:]), rng=jax.random.key(6),
                 cond_codes=tuple(jnp.concatenate([c, c[:1]]) for c in cond),
