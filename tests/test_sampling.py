@@ -520,10 +520,12 @@ def test_bfloat16_sampling_through_cast_prior():
   assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
   # The cached path of the bfloat16 prior follows its own full path to
   # bfloat16 rounding (8 bits of mantissa), and stays near float32's.
-  full32 = np.asarray(model.apply(variables, codes, cond_codes=cond,
-                                  labels=labels, train=False))
-  full16 = np.asarray(bf16_model.apply(bf16_vars, codes, cond_codes=cond,
-                                       labels=labels, train=False))
+  # Jitted: run eagerly, each operation was a program of its own.
+  full32 = np.asarray(jax.jit(functools.partial(model.apply, train=False))(
+      variables, codes, cond_codes=cond, labels=labels))
+  full16 = np.asarray(jax.jit(functools.partial(bf16_model.apply,
+                                                train=False))(
+      bf16_vars, codes, cond_codes=cond, labels=labels))
   cached16 = np.asarray(sampling.cached_logits(
       bf16_model, bf16_vars, codes, cond_codes=cond, labels=labels))
   scale = np.abs(full32).max()

@@ -31,23 +31,27 @@ def test_residual_block_starts_as_the_identity_and_halves_with_stride_2():
 
 
 def test_model_shapes_and_stage_strides():
+  # Shapes only (`jax.eval_shape`): nothing is compiled or run.
   model = classifier_lib.Classifier(num_classes=7, width=8,
                                     stage_sizes=(1, 2, 1))
-  images = jnp.zeros((3, 32, 32, 1))
-  variables = model.init(jax.random.PRNGKey(0), images)
-  features, logits = model.apply(variables, images)
+  images = jax.ShapeDtypeStruct((3, 32, 32, 1), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  variables = jax.eval_shape(model.init, key, images)
+  features, logits = jax.eval_shape(model.apply, variables, images)
   assert features.shape == (3, 32) and logits.shape == (3, 7)
   # The first stage keeps the map when downsample_first is off: more work,
   # same output shapes.
   full = classifier_lib.Classifier(num_classes=7, width=8,
                                    stage_sizes=(1, 2, 1),
                                    downsample_first=False)
-  intermediates = full.apply(full.init(jax.random.PRNGKey(0), images), images,
-                             capture_intermediates=True)[1]['intermediates']
+  intermediates = jax.eval_shape(
+      lambda v, x: full.apply(v, x, capture_intermediates=True),
+      jax.eval_shape(full.init, key, images), images)[1]['intermediates']
   assert intermediates['ResidualBlock_0']['__call__'][0].shape == (
       3, 32, 32, 8)
   with pytest.raises(ValueError, match='images'):
-    model.apply(variables, jnp.zeros((32, 32, 1)))
+    jax.eval_shape(model.apply, variables,
+                   jax.ShapeDtypeStruct((32, 32, 1), jnp.float32))
 
 
 def test_crop_looks_only_at_the_source_area():
