@@ -7,7 +7,6 @@ run; main prints it as one line.
 
 import math
 import os
-import re
 from typing import Iterable
 
 import ml_collections
@@ -16,6 +15,7 @@ from vqvae2_jax import builders
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.evaluation import judges
+from vqvae2_jax.models import gated_kernel
 from vqvae2_jax.models import quantizer as quantizer_lib
 from vqvae2_jax.models import transformer
 from vqvae2_jax.models import vqvae as vqvae_lib
@@ -280,7 +280,7 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < sampling.top_p <= 1.0:
     _fail('sampling.top_p', f'is {sampling.top_p}', 'use a value in (0, 1]')
   step_kernel = sampling.get('step_kernel', 'xla')
-  match = re.fullmatch(r'xla|pallas(\d*)', str(step_kernel))
+  match = gated_kernel.STEP_KERNEL.fullmatch(str(step_kernel))
   if not match:
     _fail('sampling.step_kernel', f'is {step_kernel!r}',
           "use 'xla' (the default), 'pallas' or 'pallas<T>' (T channels "
@@ -288,9 +288,12 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
   tile = int(match.group(1) or 0)
   for level in range(len(config.model.downsample_factors)):
     section = config.prior.get(f'level_{level}')
-    if (tile and section is not None
-        and section.get('kind', 'pixelcnn') == 'pixelcnn'
-        and (tile & (tile - 1) or section.num_channels % tile)):
+    if not (tile and section is not None
+            and section.get('kind', 'pixelcnn') == 'pixelcnn'):
+      continue
+    try:
+      gated_kernel.tile_for(section.num_channels, tile)
+    except gated_kernel.TileError:
       _fail('sampling.step_kernel', f'is {step_kernel!r}, but '
             f'prior.level_{level}.num_channels is {section.num_channels}',
             f'use pallas (a tile that divides it) or pallas<T> with T a '

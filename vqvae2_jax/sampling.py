@@ -60,7 +60,6 @@ and scores the candidates.
 
 import functools
 import math
-import re
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
@@ -705,25 +704,25 @@ def kernel_tile(model: Any, step_kernel: str) -> int:
     SamplingInputError: an unknown name, a tile the channels do not take,
       or a prior without gated blocks.
   """
-  match = re.fullmatch(r'(xla|pallas)(\d*)', str(step_kernel))
-  if not match or (match.group(1) == 'xla' and match.group(2)):
+  match = gated_kernel.STEP_KERNEL.fullmatch(str(step_kernel))
+  if not match:
     raise SamplingInputError(
         f'step_kernel is {step_kernel!r}. Fix: use xla (the default), '
         'pallas, or pallas<T> (T channels per program, a power of two).')
-  if match.group(1) == 'xla':
+  if match.group(0) == 'xla':
     return 0
   if not isinstance(model, pixelcnn.PixelCNNPrior):
     raise SamplingInputError(
         f'step_kernel={step_kernel!r} is for gated PixelCNN priors; this '
         f'one is a {type(model).__name__}. Fix: use step_kernel=xla.')
-  tile = int(match.group(2) or 0)
+  tile = int(match.group(1) or 0)
   if not tile:  # The largest power of two up to 16 that divides C.
     tile = DEFAULT_TILE
     while model.num_channels % tile:
       tile //= 2
   try:
     return gated_kernel.tile_for(model.num_channels, tile)
-  except ValueError as e:
+  except gated_kernel.TileError as e:
     raise SamplingInputError(f'step_kernel={step_kernel!r}: {e}') from None
 
 

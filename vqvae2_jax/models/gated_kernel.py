@@ -37,6 +37,7 @@ run it that way on a CPU).
 """
 
 import functools
+import re
 from typing import NamedTuple, Optional
 
 import jax
@@ -44,7 +45,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
+from vqvae2_jax import errors
+
 Array = jax.Array
+
+# The names of a sampler's position step: 'xla', 'pallas' or 'pallas<T>'
+# (group 1: T, or empty).
+STEP_KERNEL = re.compile(r'xla|pallas(\d*)')
+
+
+class TileError(errors.UserError, ValueError):
+  """A tile the kernel cannot use (the message names the fix)."""
 
 
 class Pending(NamedTuple):
@@ -92,9 +103,9 @@ def layout(w_h: Array, w_out: Array, tile: int) -> dict[str, Array]:
 def tile_for(channels: int, tile: int) -> int:
   """The tile to use: `tile`, checked (a power of two dividing C)."""
   if tile < 1 or tile & (tile - 1) or channels % tile:
-    raise ValueError(
+    raise TileError(
         f'The Pallas step needs a tile that is a power of two dividing the '
-        f'{channels} channels; got {tile}. Pass another tile.')
+        f'{channels} channels; got {tile}. Fix: pass another tile.')
   return tile
 
 
