@@ -123,6 +123,18 @@ def test_validation_errors_name_field_and_fix(path, value, field):
   assert isinstance(info.value, errors.ConfigError)  # main: one line.
 
 
+def test_the_pallas_step_needs_heads_of_a_power_of_two():
+  config = _tiny()
+  config.sampling.step_kernel = 'pallas'
+  config_validation.validate_config(config, num_devices=8)  # 16 / 2 heads.
+  config.prior.level_0.num_channels = 24  # 12 a head; tile 8 divides 24.
+  with pytest.raises(errors.ConfigError,
+                     match=r'config\.sampling\.step_kernel: .*24 / 2.*Fix:'):
+    config_validation.validate_config(config, num_devices=8)
+  config.sampling.step_kernel = 'xla'
+  config_validation.validate_config(config, num_devices=8)
+
+
 def test_image_folder_needs_a_path():
   config = _tiny()
   config.data.name = 'image_folder'

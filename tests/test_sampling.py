@@ -468,10 +468,10 @@ def test_kernel_sampler_draws_the_same_codes(kind):
 
 def test_kernel_sampler_lowers_for_gpus(monkeypatch):
   """The sampler with the kernel step lowers for a GPU on this CPU: one
-  Triton kernel per gated block in the position step, the batch of 3
-  padded to Triton's power of two."""
+  Triton kernel per gated block in the position step and two per
+  attention block, the batch of 3 padded to Triton's power of two."""
   from vqvae2_jax.models import gated_kernel  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(gated_kernel, '_interpret', lambda: False)
+  monkeypatch.setattr(gated_kernel, 'interpreted', lambda: False)
   model, variables, shape, cond, labels, _ = _setup('top')
   for batch in (2, 3):
     three = lambda x: x if batch == 2 else jnp.concatenate([x, x[:1]])  # pylint: disable=cell-var-from-loop
@@ -482,7 +482,8 @@ def test_kernel_sampler_lowers_for_gpus(monkeypatch):
         model, shape_b, False, None, False, 1, guided, False, False,
         sampling.kernel_tile(model, 'pallas4'))
     text = program.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
-    assert text.count('__gpu$xla.gpu.triton') == model.num_layers
+    assert model.attention_layers == 2
+    assert text.count('__gpu$xla.gpu.triton') == model.num_layers + 2 * 2
 
 
 def test_kernel_step_errors():
@@ -500,6 +501,11 @@ def test_kernel_step_errors():
   with pytest.raises(sampling.SamplingInputError, match='TransformerPrior'):
     sampling.kernel_tile(prior, 'pallas')
   assert sampling.kernel_tile(prior, 'xla') == 0
+  # Attention heads of 6 channels: Triton's tensors are powers of two.
+  six = pixelcnn_util.make_prior(num_channels=12, **TOP)
+  assert sampling.kernel_tile(six, 'xla') == 0
+  with pytest.raises(sampling.SamplingInputError, match='6 each'):
+    sampling.kernel_tile(six, 'pallas')
 
 
 def test_static_filter_choice_equals_the_traced_one():

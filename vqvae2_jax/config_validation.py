@@ -15,6 +15,7 @@ from vqvae2_jax import builders
 from vqvae2_jax import errors
 from vqvae2_jax import parallel
 from vqvae2_jax.evaluation import judges
+from vqvae2_jax.models import attention_kernel
 from vqvae2_jax.models import gated_kernel
 from vqvae2_jax.models import quantizer as quantizer_lib
 from vqvae2_jax.models import transformer
@@ -288,16 +289,25 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
   tile = int(match.group(1) or 0)
   for level in range(len(config.model.downsample_factors)):
     section = config.prior.get(f'level_{level}')
-    if not (tile and section is not None
+    if not (match.group(0) != 'xla' and section is not None
             and section.get('kind', 'pixelcnn') == 'pixelcnn'):
       continue
     try:
-      gated_kernel.tile_for(section.num_channels, tile)
+      if tile:
+        gated_kernel.tile_for(section.num_channels, tile)
     except gated_kernel.TileError:
       _fail('sampling.step_kernel', f'is {step_kernel!r}, but '
             f'prior.level_{level}.num_channels is {section.num_channels}',
             f'use pallas (a tile that divides it) or pallas<T> with T a '
             f'power of two dividing {section.num_channels}')
+    try:
+      if section.get('attention_layers', 0):
+        attention_kernel.check_heads(section.num_channels, section.num_heads)
+    except gated_kernel.TileError:
+      _fail('sampling.step_kernel', f'is {step_kernel!r}, but '
+            f'prior.level_{level} has heads of {section.num_channels} / '
+            f'{section.num_heads} channels, not a power of two',
+            "use 'xla', or heads of 2^k channels")
   guidance = sampling.get('guidance', 1.0)
   if not (math.isfinite(guidance) and guidance >= 0):
     _fail('sampling.guidance', f'is {guidance}',

@@ -49,7 +49,8 @@ positions per iteration of the inner loop, and `cast_prior` (or
 `sample_hierarchy(dtype=...)`) samples with bfloat16 weights, half the bytes
 read per step, and `step_kernel='pallas'` runs each gated block's position
 step as one Pallas kernel (`models/gated_kernel.py`) instead of 5 or 6 of
-XLA's. None changes the codes a float32 sampler draws when left at its
+XLA's, and each attention block's as two (`models/attention_kernel.py`)
+instead of about 30. None changes the codes a float32 sampler draws when left at its
 default.
 
 Rejection sampling (the paper's classifier-based m-out-of-n scheme):
@@ -369,8 +370,8 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   draw is from `guide`'s logits; both copies get the drawn code.
   `code_bias`: [K] added to every position's logits (after guidance), or
   None; `code_discount`: [K] taken off its probabilities after that
-  (`discount_logits`), or None. `tile` (static): 0, or the gated blocks'
-  Pallas kernel with T channels a program (`kernel_tile`).
+  (`discount_logits`), or None. `tile` (static): 0, or the blocks'
+  Pallas kernels with T channels a program (`kernel_tile`).
   """
   if _pads(tile, shape[0]):
     padded = _padded_batch(shape[0])
@@ -697,12 +698,14 @@ def kernel_tile(model: Any, step_kernel: str) -> int:
 
   'pallas' runs each gated block's step as one Pallas kernel
   (`models/gated_kernel.py`) with programs of T channels, the largest
-  power of two up to 16 dividing C; 'pallas<T>' with T. Only gated PixelCNN
-  priors have one.
+  power of two up to 16 dividing C, and each attention block's as two
+  (`models/attention_kernel.py`: a program per head, then 2C / T for the
+  MLP); 'pallas<T>' with T. Only gated PixelCNN priors have one.
 
   Raises:
     SamplingInputError: an unknown name, a tile the channels do not take,
-      or a prior without gated blocks.
+      heads of a size that is not a power of two, or a prior without gated
+      blocks.
   """
   match = gated_kernel.STEP_KERNEL.fullmatch(str(step_kernel))
   if not match:
@@ -721,7 +724,7 @@ def kernel_tile(model: Any, step_kernel: str) -> int:
     while model.num_channels % tile:
       tile //= 2
   try:
-    return gated_kernel.tile_for(model.num_channels, tile)
+    return model.check_kernel_tile(tile)
   except gated_kernel.TileError as e:
     raise SamplingInputError(f'step_kernel={step_kernel!r}: {e}') from None
 
@@ -880,7 +883,8 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
     step_kernel: 'xla' (the default): a position step is XLA's operations;
       'pallas' or 'pallas<T>': each gated block's step is one Pallas
       kernel of C / T programs (`models/gated_kernel.py`; T = 16 where it
-      divides C, unless given), for GPUs, where a step is launch-bound at
+      divides C, unless given) and each attention block's two (a program
+      per head, then 2C / T: `models/attention_kernel.py`), for GPUs, where a step is launch-bound at
       small batches. It computes in float32 with its own order of sums:
       the logits agree with 'xla' at precision 'highest' to float
       rounding. Elsewhere it runs in Pallas's interpreter (slowly: for

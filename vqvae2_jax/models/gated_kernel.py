@@ -4,9 +4,10 @@ On a GPU the cached sampler's position step is launch-bound (issue 29): at
 batch 1 the H200 took about 0.4 ms a step at the paper's lower prior
 whatever the step computed, a step of about 112 small kernels (counted in
 the compiled CPU program), 5 or 6 per gated block (the taps' product, the
-ring's update, the gates, the output projection, the residual). `gated_position` does one block's whole
-horizontal step in one kernel, so a step of the lower prior is about 20
-kernels and the output layers.
+ring's update, the gates, the output projection, the residual).
+`gated_position` does one block's whole horizontal step in one kernel, so
+a step of the lower prior is about 20 kernels and the output layers
+(`attention_kernel` does the attention blocks' in the same manner).
 
 Between blocks a kernel hands on not the block's output but its pieces:
 program p of block i computes the gated activations of channels
@@ -109,23 +110,63 @@ def tile_for(channels: int, tile: int) -> int:
   return tile
 
 
-def _chunk(channels: int, batch: int, tile: int) -> int:
-  """Input channels summed per loop iteration: a [batch, chunk, T]
-  product of about 1,024 values (registers, on a GPU)."""
-  chunk = channels
+def chunk_for(channels: int, batch: int, tile: int) -> int:
+  """Input channels summed per loop iteration: a power of two dividing
+  `channels` (Triton's tensors are powers of two) whose [batch, chunk, T]
+  product is at most about 1,024 values (registers, on a GPU)."""
+  chunk = channels & -channels
   while chunk > 1 and batch * chunk * tile > 1024:
     chunk //= 2
   return chunk
 
 
-def _kernel(*refs, cols: int, chunk: int, has_residual: bool,
-            has_parts: bool):
+def whole(*shape: int) -> pl.BlockSpec:
+  """A kernel operand of this shape that every program sees whole."""
+  return pl.BlockSpec(shape, lambda p: (0,) * len(shape))
+
+
+def pending_inputs(x: Pending, batch: int, channels: int
+                   ) -> tuple[list[Array], list[pl.BlockSpec]]:
+  """A kernel's operands for its input `x` (whole, in every program), in
+  the order `pending_chunk` takes their refs."""
+  inputs, specs = [], []
+  if x.residual is not None:
+    inputs.append(x.residual)
+    specs.append(whole(batch, channels))
+  if x.parts is not None:
+    inputs += [x.bias, x.parts]
+    specs += [whole(channels), whole(x.parts.shape[0], batch, channels)]
+  return inputs, specs
+
+
+def pop_pending(refs: list, x_pieces: tuple[bool, bool]) -> tuple:
+  """Takes the refs of `pending_inputs` off the front of `refs`:
+  (residual or None, bias or None, parts or None)."""
+  has_residual, has_parts = x_pieces
+  residual = refs.pop(0) if has_residual else None
+  bias, parts = (refs.pop(0), refs.pop(0)) if has_parts else (None, None)
+  return residual, bias, parts
+
+
+def pending_chunk(pieces: tuple, window: pl.Slice, batch: int) -> Array:
+  """Channels `window` of the input, summed from its pieces' refs (inside a
+  kernel): [batch, len(window)] float32."""
+  residual, bias, parts = pieces
+  f32 = jnp.float32
+  h = jnp.zeros((batch, window.size), f32)
+  if residual is not None:
+    h = h + residual[:, window].astype(f32)
+  if parts is not None:
+    h = (h + bias[window].astype(f32)[None]
+         + jnp.sum(parts[:, :, window].astype(f32), axis=0))
+  return h
+
+
+def _kernel(*refs, cols: int, chunk: int, x_pieces: tuple[bool, bool]):
   """Program p of one block's position step (see the module docstring)."""
   refs = list(refs)
   c_ref = refs.pop(0)
-  residual_ref = refs.pop(0) if has_residual else None
-  bias_ref, parts_ref = ((refs.pop(0), refs.pop(0)) if has_parts
-                         else (None, None))
+  pieces = pop_pending(refs, x_pieces)
   (w_ref, ring_ref, link_ref, w_out_ref,
    h_out_ref, parts_out_ref, ring_out_ref) = refs
   b, _, _, t = ring_ref.shape
@@ -137,12 +178,7 @@ def _kernel(*refs, cols: int, chunk: int, has_residual: bool,
   def taps_of_chunk(i, taps):
     """Adds input channels [i * chunk, (i + 1) * chunk) to every tap."""
     window = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
-    h = jnp.zeros((b, chunk), f32)
-    if has_residual:
-      h = h + residual_ref[:, window].astype(f32)
-    if has_parts:
-      h = (h + bias_ref[window].astype(f32)[None]
-           + jnp.sum(parts_ref[:, :, window].astype(f32), axis=0))
+    h = pending_chunk(pieces, window, b)
     h_out_ref[:, window] = h  # Every program stores the same values.
     # Tap k's two halves (tanh's gates, then sigmoid's), k major.
     return tuple(
@@ -177,7 +213,7 @@ def _kernel(*refs, cols: int, chunk: int, has_residual: bool,
         axis=1)
 
 
-def _interpret() -> bool:
+def interpreted() -> bool:
   """Whether kernels run in Pallas's interpreter: everywhere but on GPUs
   (tests patch it to lower the GPU program on a CPU)."""
   return jax.default_backend() != 'gpu'
@@ -205,18 +241,11 @@ def gated_position(x: Pending, col: Array, weights: dict[str, Array],
   n_tiles, cols, _, channels, tile = weights['w_h'].shape
   batch, width = link.shape[0], link.shape[2]
   if interpret is None:
-    interpret = _interpret()
-  chunk = _chunk(channels, batch, tile)
-  has_residual = x.residual is not None
-  has_parts = x.parts is not None
-  whole = lambda *shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))
-  inputs, specs = [jnp.reshape(col, (1,)).astype(jnp.int32)], [whole(1)]
-  if has_residual:
-    inputs.append(x.residual)
-    specs.append(whole(batch, channels))
-  if has_parts:
-    inputs += [x.bias, x.parts]
-    specs += [whole(channels), whole(x.parts.shape[0], batch, channels)]
+    interpret = interpreted()
+  chunk = chunk_for(channels, batch, tile)
+  inputs, specs = pending_inputs(x, batch, channels)
+  inputs = [jnp.reshape(col, (1,)).astype(jnp.int32)] + inputs
+  specs = [whole(1)] + specs
   ring_index = len(inputs) + 1
   inputs += [weights['w_h'], ring.reshape(batch, cols, 2, channels),
              link.reshape(batch, width, 2, channels), weights['w_out']]
@@ -225,8 +254,9 @@ def gated_position(x: Pending, col: Array, weights: dict[str, Array],
       pl.BlockSpec((batch, cols, 2, tile), lambda p: (0, 0, 0, p)),
       pl.BlockSpec((batch, width, 2, tile), lambda p: (0, 0, 0, p)),
       pl.BlockSpec((1, tile, channels), lambda p: (p, 0, 0))]
-  kernel = functools.partial(_kernel, cols=cols, chunk=chunk,
-                             has_residual=has_residual, has_parts=has_parts)
+  kernel = functools.partial(
+      _kernel, cols=cols, chunk=chunk,
+      x_pieces=(x.residual is not None, x.parts is not None))
   h, parts, new_ring = pl.pallas_call(
       kernel, grid=(n_tiles,),
       out_shape=(jax.ShapeDtypeStruct((batch, channels), jnp.float32),

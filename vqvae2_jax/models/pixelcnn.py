@@ -79,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqvae2_jax import errors
+from vqvae2_jax.models import attention_kernel
 from vqvae2_jax.models import gated_kernel
 
 Array = jax.Array
@@ -751,6 +752,50 @@ class AttentionBlock(nn.Module):
     out = self.finish(flat, attended, train=False)
     return out.reshape(h.shape), cache
 
+  def kernel_view(self, height: int, width: int, tile: int
+                  ) -> dict[str, Any]:
+    """The weights of `step_kernel` on a [height, width] map: laid out per
+    head for the attention (`attention_kernel.attention_layout`) and per
+    program of T hidden channels for the MLP, the layer norms' and the
+    residual branches' biases."""
+    fused = self.fused_view(height, width)
+    params = lambda layer: layer.variables['params']
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(self.dtype), tree)
+    proj, mlp_in, mlp_out = (params(layer) for layer in
+                             (self.proj, self.mlp_in, self.mlp_out))
+    return cast({
+        'norm': params(self.norm), 'mlp_norm': params(self.mlp_norm),
+        'attention': attention_kernel.attention_layout(
+            fused['w_qkv'], fused['pos_qkv'], proj['kernel'],
+            self.num_heads),
+        'proj_bias': proj['bias'],
+        'mlp': attention_kernel.mlp_layout(
+            mlp_in['kernel'], mlp_in['bias'], mlp_out['kernel'], tile),
+        'mlp_bias': mlp_out['bias']})
+
+  def step_kernel(self, cache: dict[str, Array], x: gated_kernel.Pending,
+                  r: Array, c: Array, view: dict[str, Any]
+                  ) -> tuple[gated_kernel.Pending, dict[str, Array]]:
+    """`step_position` in two Pallas kernels (`models/attention_kernel.py`).
+
+    Args:
+      cache: as for `step_position`.
+      x: the block's input, summed or not.
+      r, c: int32 scalars.
+      view: `kernel_view(height, width, tile)`, made once outside the
+        sampler's loop.
+
+    Returns:
+      (the block's output as the residual, bias and partial sums that the
+      next kernel adds up; the cache with (r, c)'s keys and values).
+    """
+    h, parts, cache = attention_kernel.attend(
+        x, r, c, view['norm'], view['attention'], cache)
+    h, parts = attention_kernel.mlp(
+        gated_kernel.Pending(h, view['proj_bias'], parts), view['mlp_norm'],
+        view['mlp'])
+    return gated_kernel.Pending(h, view['mlp_bias'], parts), cache
+
 
 class ConditioningStack(nn.Module):
   """Features of the upper levels' codes at this level's resolution.
@@ -1087,28 +1132,41 @@ class PixelCNNPrior(nn.Module):
       shape: (batch, h, w) of the map.
       kernel_tile: 0 for position steps in XLA's operations; T > 0 for each
         gated block's step in one Pallas kernel of C / T programs
-        (`GatedBlock.step_kernel`; a power of two dividing C).
+        (`GatedBlock.step_kernel`; a power of two dividing C) and each
+        attention block's in two (`AttentionBlock.step_kernel`: a program
+        per head, then 2C / T for the MLP).
 
     Returns:
       {'cond': the conditioning map (or None), 'gated': each gated block's
        `fused_view()` (or `kernel_view(T)`), 'attention': each attention
-       block's `fused_view(h, w)`} and, with a kernel, 'kernel': True: the
+       block's `fused_view(h, w)` (or `kernel_view(h, w, T)`)} and, with a
+       kernel, 'kernel': True: the
       weights of a position step laid out for fewer, larger products, made
       once per sampler call rather than at every position.
     """
     _, height, width = shape
     if kernel_tile:
-      gated_kernel.tile_for(self.num_channels, kernel_tile)  # Validates.
+      self.check_kernel_tile(kernel_tile)
       gated = [block.kernel_view(kernel_tile) for block in self.blocks]
+      attention = [block.kernel_view(height, width, kernel_tile)
+                   for block in self.attention]
     else:
       gated = [block.fused_view() for block in self.blocks]
+      attention = [block.fused_view(height, width)
+                   for block in self.attention]
     context = {'cond': self.conditioning(cond_codes, labels, shape),
-               'gated': gated,
-               'attention': [block.fused_view(height, width)
-                             for block in self.attention]}
+               'gated': gated, 'attention': attention}
     if kernel_tile:
       context['kernel'] = True
     return context
+
+  def check_kernel_tile(self, tile: int) -> int:
+    """`tile`, if the Pallas position step can use it for this prior;
+    raises `gated_kernel.TileError` (naming the fix) if not."""
+    gated_kernel.tile_for(self.num_channels, tile)
+    if self.attention_layers:
+      attention_kernel.check_heads(self.num_channels, self.num_heads)
+    return tile
 
   def init_cache(self, shape: Sequence[int]) -> dict[str, Any]:
     """Zero caches for sampling a [batch, h, w] map.
@@ -1185,8 +1243,9 @@ class PixelCNNPrior(nn.Module):
   def _step_kernels(self, cache: dict[str, Any], context: dict[str, Any],
                     prev_code: Array, r: Array, c: Array
                     ) -> tuple[Array, dict[str, Any]]:
-    """`step_position` with each gated block in one Pallas kernel; the
-    attention blocks and the output layers as XLA's operations."""
+    """`step_position` with each gated block in one Pallas kernel and each
+    attention block in two; the embedding and the output layers as XLA's
+    operations."""
     after = attention_positions(self.num_layers, self.attention_layers)
     x = gated_kernel.Pending(self.embed(prev_code), None, None)
     gated, attention = [], list(cache['attention'])
@@ -1195,9 +1254,7 @@ class PixelCNNPrior(nn.Module):
       gated.append(entry)
       if i in after:
         j = after[i]
-        h, attention[j] = self.attention[j].step_position(
-            attention[j], x.total().astype(self.dtype)[:, None, None], r, c,
-            context['attention'][j])
-        x = gated_kernel.Pending(h[:, 0, 0], None, None)
+        x, attention[j] = self.attention[j].step_kernel(
+            attention[j], x, r, c, context['attention'][j])
     logits = self._output(x.total().astype(self.dtype)[:, None, None])
     return logits[:, 0, 0], {'gated': gated, 'attention': attention}
