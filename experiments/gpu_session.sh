@@ -7,15 +7,18 @@
 #
 # PARTs (default: sampler peer batch16 first_image, at most 9m40s):
 #   sampler      experiments/sampler_variants.py at batch 1: static, pallas
-#                and pallas8 (each gated block's position step one Pallas
-#                kernel, 16 or 8 channels a program), unroll8; both levels
-#                of the ImageNet-256 priors and one whole image (cond and
-#                bf16, measured on the H200: part `sampler_old`)
+#                (each gated block's position step one Pallas kernel of 16
+#                channels a program, each attention block's two),
+#                pallas_gated (the attention blocks in XLA), unroll8; both
+#                levels of the ImageNet-256 priors and one whole image (cond
+#                and bf16, measured on the H200: part `sampler_old`)
 #   peer         the PyTorch reference's own sampling loop on the same GPU
 #                (experiments/peer_sampler_timer.py; needs its checkout in
 #                .peer/vq-vae-2-pytorch and PEER_PYTHON, see docs/reference.md)
 #   batch16      sampler_variants at batch 16: static, pallas, bf16_unroll8
 #   sampler_old  sampler_variants at batch 1: cond, bf16
+#   tiles        sampler_variants at batch 1: pallas8, pallas32 (the Pallas
+#                step at 8 and 32 channels a program)
 #   graphs       sampler_variants at batch 1 with XLA's command buffers
 #                (CUDA graphs) extended to while loops and conditionals
 #   first_image  experiments/first_image.py: an exported paper-size model,
@@ -27,7 +30,7 @@
 #   ops          experiments/step_ops.py --ops=paper: the kernels of the
 #                sampler's position step (products, fusions, all) as the
 #                GPU compiles them, for the paper-size priors, XLA's step
-#                and the Pallas one (compile only)
+#                and the Pallas ones (compile only)
 #   train        experiments/accelerator_check.py --parts=stage1,prior0,prior1
 #                (the train steps' speed and MFU, FLOPs from the lowered module)
 #   bottom       experiments/bottom_study.py: Fashion-MNIST bottom priors of
@@ -61,7 +64,9 @@ smoke=${SMOKE:+--smoke}
 py=${PYTHON:-python3}  # The Python with JAX.
 peer_py=${PEER_PYTHON:-$py}  # The Python with torch (for `peer`).
 peer_smoke=${SMOKE:+--small --device=cpu --steps=1 --batches=1}
-ops_programs=plain,pallas  # The Pallas step is counted on a GPU only.
+ops_programs=plain,pallas,pallas_gated  # Pallas steps: on a GPU only.
+tiles=pallas8,pallas32
+[ -z "${SMOKE:-}" ] || tiles=pallas8,pallas4  # The toy priors' 16 channels.
 [ -z "${SMOKE:-}" ] || ops_programs=plain
 graphs='--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL'
 
@@ -80,11 +85,13 @@ run() {  # run NAME LIMIT_S COMMAND...: bounded, logged, filtered console.
 for part in "${parts[@]}"; do
   case $part in
     sampler) run sampler 220 "$py" -m experiments.sampler_variants $smoke \
-        --variants=static,pallas,pallas8,unroll8 --batches=1 \
+        --variants=static,pallas,pallas_gated,unroll8 --batches=1 \
         --json="$out/sampler.json" ;;
     sampler_old) run sampler_old 160 "$py" -m experiments.sampler_variants \
         $smoke --variants=cond,bf16 --batches=1 \
         --json="$out/sampler_old.json" ;;
+    tiles) run tiles 160 "$py" -m experiments.sampler_variants $smoke \
+        --variants="$tiles" --batches=1 --json="$out/tiles.json" ;;
     peer) run peer 100 "$peer_py" experiments/peer_sampler_timer.py \
         $peer_smoke --peer_code=.peer/vq-vae-2-pytorch --full_top \
         --json="$out/peer.json" ;;

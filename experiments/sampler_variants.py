@@ -27,8 +27,9 @@ Variants (all draw the same codes as `sampling.sample_level`'s default but
 * bf16, bf16_unroll<n>: static, bfloat16 weights (`sampling.cast_prior`).
 * pallas, pallas<T> (and _unroll<n>): static, each gated block's position
   step one Pallas kernel of C / T programs (`step_kernel='pallas'`; T = 16
-  where it divides C, unless given); the attention blocks and the output
-  layers as `static`.
+  where it divides C, unless given), each attention block's two; the
+  output layers as `static`. pallas_gated, pallas<T>_gated: the attention
+  blocks as `static` (what the attention blocks' kernels save).
   The same codes as `static` up to float rounding (its own order of sums).
 * guided, discounted (and _unroll<n>): static, with classifier-free guidance
   (both halves of the batch in one step), and with guidance and a code
@@ -92,13 +93,14 @@ def parse_variant(name: str) -> dict[str, Any]:
   """'bf16_unroll8' -> {'truncate': False, 'unroll': 8, 'dtype': bf16,
   'guided': False, 'discounted': False, 'step_kernel': 'xla'}."""
   match = re.fullmatch(
-      r'(cond|static|bf16|guided|discounted|pallas\d*)?_?(?:unroll(\d+))?',
+      r'(cond|static|bf16|guided|discounted|pallas\d*(?:_gated)?)?_?'
+      r'(?:unroll(\d+))?',
       name)
   if not match or not name:
     raise app.UsageError(f'Unknown variant {name!r}. Fix: use cond, static, '
                          'unroll<n>, bf16, guided, discounted or '
-                         'pallas[<T>], the last four with _unroll<n> or '
-                         'not.')
+                         'pallas[<T>][_gated], the last four with '
+                         '_unroll<n> or not.')
   kind, unroll = match.group(1), int(match.group(2) or 1)
   if kind == 'cond' and unroll != 1:
     raise app.UsageError(f'The variant {name!r}: cond is measured without '
@@ -153,8 +155,8 @@ def time_level(model, variables, shape, cond, labels, variant, repeats
                        variant['truncate'], variant['unroll'],
                        guided=variant['guided'],
                        discounted=variant['discounted'],
-                       tile=sampling.kernel_tile(model,
-                                                 variant['step_kernel']))
+                       step=sampling.step_kernel_of(
+                           model, variant['step_kernel']))
   k = model.num_embeddings
   args = (variables, jax.random.key(1), jnp.arange(shape[0], dtype=jnp.int32),
           cond, labels, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0),

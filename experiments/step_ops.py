@@ -23,10 +23,11 @@ one) and the fusions: each is one kernel on a GPU. Rows:
 (classifier-free guidance: the conditional and unconditional halves of the
 batch in one step, `sampling.guide`), guided_discounted (and a code
 discount, `sampling.discount_logits`: the draw that the shipped
-Fashion-MNIST files make) or pallas (`step_kernel='pallas'`: a Pallas
-kernel per gated block; counted on a GPU only, since elsewhere the kernel
-is interpreted as loops of XLA operations, and not for transformer
-priors); a row per prior and program.
+Fashion-MNIST files make), pallas (`step_kernel='pallas'`: a Pallas
+kernel per gated block, two per attention block) or pallas_gated (the
+attention blocks in XLA's operations); the last two counted on a GPU only,
+since elsewhere the kernels are interpreted as loops of XLA operations,
+and not for transformer priors; a row per prior and program.
 
 --time: seconds per map (batch 1, the fastest of --time_repeats calls) of
 bench_sampling's reduced rows, the cached sampler on one CPU device.
@@ -72,13 +73,13 @@ _TREES = flags.DEFINE_list('trees', [], 'Source trees to compare (see above).')
 _ROUNDS = flags.DEFINE_integer('time_rounds', 3,
                                'Alternating rounds (--trees).')
 _JSON = flags.DEFINE_string('ops_json', '', 'Write the figures here too.')
-PROGRAMS = ('plain', 'guided', 'guided_discounted', 'pallas')
+PROGRAMS = ('plain', 'guided', 'guided_discounted', 'pallas', 'pallas_gated')
 _PROGRAMS = flags.DEFINE_list(
     'programs', ['plain'], 'Sampler programs to count (--ops): plain, '
     'guided (classifier-free guidance), guided_discounted (and '
-    'sampling.discount, as the shipped Fashion-MNIST files sample), pallas '
-    "(step_kernel='pallas'; on a GPU only); rows other than plain are "
-    'named with the program.')
+    'sampling.discount, as the shipped Fashion-MNIST files sample), pallas, '
+    "pallas_gated (step_kernel='pallas...'; on a GPU only); rows other than "
+    'plain are named with the program.')
 
 # '  [ROOT ]%name = <type> opcode(' : the opcode of one instruction.
 _OPCODE = re.compile(r'=\s*(?:\([^=]*?\)|\S+)\s+([a-z][\w\-]*)\(')
@@ -235,7 +236,7 @@ def count_rows(which: str, programs: tuple[str, ...] = ('plain',)
     for program in programs:
       if program.startswith('guided') and not model.num_classes:
         continue  # Guidance follows labels.
-      if program == 'pallas' and not isinstance(model,
+      if program.startswith('pallas') and not isinstance(model,
                                                 pixelcnn.PixelCNNPrior):
         continue  # No gated blocks.
       start = time.perf_counter()
@@ -261,7 +262,7 @@ def prior_step_ops(model: Any, shape: tuple[int, int, int],
   """
   if program not in PROGRAMS:
     raise ValueError(f'Unknown program {program!r}; one of {PROGRAMS}.')
-  if program == 'pallas' and jax.default_backend() != 'gpu':
+  if program.startswith('pallas') and jax.default_backend() != 'gpu':
     raise ValueError(
         'The pallas program is counted on a GPU only: on a '
         f'{jax.default_backend()} its kernels run interpreted, as loops of '
@@ -273,10 +274,11 @@ def prior_step_ops(model: Any, shape: tuple[int, int, int],
   args = _abstract_sampler_args(model, shape, upper, model.num_classes)
   if discounted:
     args += (jax.ShapeDtypeStruct((model.num_embeddings,), jnp.float32),)
-  tile = sampling.kernel_tile(model, 'pallas') if program == 'pallas' else 0
+  step = sampling.step_kernel_of(
+      model, program if program.startswith('pallas') else 'xla')
   compiled = sampling._build(  # pylint: disable=protected-access
       model, shape, False, None, guided=guided,
-      discounted=discounted, tile=tile).lower(*args).compile()
+      discounted=discounted, step=step).lower(*args).compile()
   return position_body_ops(compiled.as_text())
 
 

@@ -47,6 +47,7 @@ def _set(config, path, value):
     ('sampling.step_kernel', 'triton', 'sampling.step_kernel'),
     ('sampling.step_kernel', 'pallas3', 'sampling.step_kernel'),
     ('sampling.step_kernel', 'pallas1024', 'sampling.step_kernel'),
+    ('sampling.step_kernel', 'pallas_attention', 'sampling.step_kernel'),
     ('prior.level', 2, 'prior.level'),
     ('prior.train_eval_examples', -1, 'prior.train_eval_examples'),
     ('prior.level_0.attention_layers', 9, 'prior.level_0.attention_layers'),
@@ -131,8 +132,9 @@ def test_the_pallas_step_needs_heads_of_a_power_of_two():
   with pytest.raises(errors.ConfigError,
                      match=r'config\.sampling\.step_kernel: .*24 / 2.*Fix:'):
     config_validation.validate_config(config, num_devices=8)
-  config.sampling.step_kernel = 'xla'
-  config_validation.validate_config(config, num_devices=8)
+  for name in ('xla', 'pallas_gated'):  # Attention blocks in XLA.
+    config.sampling.step_kernel = name
+    config_validation.validate_config(config, num_devices=8)
 
 
 def test_image_folder_needs_a_path():

@@ -419,10 +419,11 @@ def test_unrolled_sampler_draws_the_same_codes(kind):
 @pytest.mark.parametrize('kind', ['top', 'lower'])
 def test_kernel_step_logits_equal_full_forward(kind):
   """Each gated block's step in one Pallas kernel (Pallas's interpreter on
-  a CPU): the cached logits still follow the full forward pass, with 4
-  programs a block (8 channels, tile 2), and with 1 program (tile 8) and
-  a batch of 3, which the sampler pads to 4 for Triton's power-of-two
-  tensors."""
+  a CPU), and each attention block's in two: the cached logits still
+  follow the full forward pass, with 4 programs a block (8 channels, tile
+  2), and with 1 program (tile 8) and a batch of 3, which the sampler pads
+  to 4 for Triton's power-of-two tensors (the top prior's attention blocks
+  then in XLA's operations: 'pallas_gated')."""
   model, variables, _, cond, labels, codes = _setup(kind)
   full = np.asarray(jax.jit(functools.partial(model.apply, train=False))(
       variables, codes, cond_codes=cond, labels=labels))
@@ -437,7 +438,8 @@ def test_kernel_step_logits_equal_full_forward(kind):
                                  labels=three(labels), train=False))
   cached3 = np.asarray(sampling.cached_logits(
       model, variables, three(codes), cond_codes=tuple(map(three, cond)),
-      labels=three(labels), step_kernel='pallas'))
+      labels=three(labels),
+      step_kernel='pallas_gated' if kind == 'top' else 'pallas'))
   assert cached3.shape == full3.shape
   np.testing.assert_allclose(cached3, full3, rtol=1e-5, atol=1e-5 * scale)
 
@@ -469,21 +471,24 @@ def test_kernel_sampler_draws_the_same_codes(kind):
 def test_kernel_sampler_lowers_for_gpus(monkeypatch):
   """The sampler with the kernel step lowers for a GPU on this CPU: one
   Triton kernel per gated block in the position step and two per
-  attention block, the batch of 3 padded to Triton's power of two."""
+  attention block (none with '_gated'), the batch of 3 padded to Triton's
+  power of two."""
   from vqvae2_jax.models import gated_kernel  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gated_kernel, 'interpreted', lambda: False)
   model, variables, shape, cond, labels, _ = _setup('top')
-  for batch in (2, 3):
+  assert model.attention_layers == 2
+  for batch, name, kernels in ((2, 'pallas4', model.num_layers + 2 * 2),
+                               (3, 'pallas4', model.num_layers + 2 * 2),
+                               (2, 'pallas4_gated', model.num_layers)):
     three = lambda x: x if batch == 2 else jnp.concatenate([x, x[:1]])  # pylint: disable=cell-var-from-loop
     shape_b, guided, args = sampling._checked_call(
         model, variables, jax.random.key(0), (batch, *shape[1:]),
         tuple(map(three, cond)), three(labels), None, 1.0, 0, 1.0, 1.0)
     program = sampling._build(
         model, shape_b, False, None, False, 1, guided, False, False,
-        sampling.kernel_tile(model, 'pallas4'))
+        sampling.step_kernel_of(model, name))
     text = program.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
-    assert model.attention_layers == 2
-    assert text.count('__gpu$xla.gpu.triton') == model.num_layers + 2 * 2
+    assert text.count('__gpu$xla.gpu.triton') == kernels, (batch, name)
 
 
 def test_kernel_step_errors():
@@ -499,13 +504,14 @@ def test_kernel_step_errors():
   prior = transformer.TransformerPrior(num_embeddings=7, num_channels=8,
                                        num_layers=1, map_shape=(2, 2))
   with pytest.raises(sampling.SamplingInputError, match='TransformerPrior'):
-    sampling.kernel_tile(prior, 'pallas')
-  assert sampling.kernel_tile(prior, 'xla') == 0
+    sampling.step_kernel_of(prior, 'pallas')
+  assert not sampling.step_kernel_of(prior, 'xla')
   # Attention heads of 6 channels: Triton's tensors are powers of two.
   six = pixelcnn_util.make_prior(num_channels=12, **TOP)
-  assert sampling.kernel_tile(six, 'xla') == 0
+  assert not sampling.step_kernel_of(six, 'xla')
   with pytest.raises(sampling.SamplingInputError, match='6 each'):
-    sampling.kernel_tile(six, 'pallas')
+    sampling.step_kernel_of(six, 'pallas')
+  assert sampling.step_kernel_of(six, 'pallas_gated') == (4, False)
 
 
 def test_static_filter_choice_equals_the_traced_one():

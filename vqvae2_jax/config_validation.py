@@ -285,7 +285,8 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
   if not match:
     _fail('sampling.step_kernel', f'is {step_kernel!r}',
           "use 'xla' (the default), 'pallas' or 'pallas<T>' (T channels "
-          "per program, a power of two dividing the priors' channels)")
+          "per program, a power of two dividing the priors' channels), "
+          "either with '_gated' to keep the attention blocks in XLA")
   tile = int(match.group(1) or 0)
   for level in range(len(config.model.downsample_factors)):
     section = config.prior.get(f'level_{level}')
@@ -301,13 +302,14 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
             f'use pallas (a tile that divides it) or pallas<T> with T a '
             f'power of two dividing {section.num_channels}')
     try:
-      if section.get('attention_layers', 0):
+      if section.get('attention_layers', 0) and not match.group(2):
         attention_kernel.check_heads(section.num_channels, section.num_heads)
     except gated_kernel.TileError:
       _fail('sampling.step_kernel', f'is {step_kernel!r}, but '
             f'prior.level_{level} has heads of {section.num_channels} / '
             f'{section.num_heads} channels, not a power of two',
-            "use 'xla', or heads of 2^k channels")
+            "use 'xla' or a '_gated' step (attention blocks in XLA), or "
+          'heads of 2^k channels')
   guidance = sampling.get('guidance', 1.0)
   if not (math.isfinite(guidance) and guidance >= 0):
     _fail('sampling.guidance', f'is {guidance}',

@@ -74,6 +74,7 @@ from vqvae2_jax.models import gated_kernel
 from vqvae2_jax.models import pixelcnn
 
 Array = jax.Array
+StepKernel = gated_kernel.StepKernel
 PyTree = Any
 
 
@@ -355,7 +356,7 @@ def contrast_bias(code_counts: Array | np.ndarray, contrast: float) -> Array:
 
 
 def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
-                 truncate: bool, unroll: int, guided: bool, tile: int,
+                 truncate: bool, unroll: int, guided: bool, step: StepKernel,
                  variables: PyTree,
                  rng: Array, example_ids: Array, cond_codes: tuple[Array, ...],
                  labels: Optional[Array], temperature: Array, top_k: Array,
@@ -370,13 +371,13 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   draw is from `guide`'s logits; both copies get the drawn code.
   `code_bias`: [K] added to every position's logits (after guidance), or
   None; `code_discount`: [K] taken off its probabilities after that
-  (`discount_logits`), or None. `tile` (static): 0, or the blocks'
-  Pallas kernels with T channels a program (`kernel_tile`).
+  (`discount_logits`), or None. `step` (static): XLA's position step or
+  the blocks' Pallas kernels (`step_kernel_of`).
   """
-  if _pads(tile, shape[0]):
+  if _pads(step, shape[0]):
     padded = _padded_batch(shape[0])
     codes = _cached_impl(
-        model, (padded, *shape[1:]), truncate, unroll, guided, tile,
+        model, (padded, *shape[1:]), truncate, unroll, guided, step,
         variables, rng, *_pad_batch(padded, example_ids, cond_codes, labels),
         temperature, top_k, top_p, guidance, code_bias, code_discount)
     return codes[:shape[0]]
@@ -384,7 +385,7 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   if guided:
     cond_codes, labels = _guided_inputs(model, cond_codes, labels)
     run_shape = (2 * shape[0], *shape[1:])
-  context = _prepare(model, variables, cond_codes, labels, run_shape, tile)
+  context = _prepare(model, variables, cond_codes, labels, run_shape, step)
 
   def row_noise(r):  # [w, b, K]
     """The noise `sample_logits` would draw at each position of row r, for
@@ -407,11 +408,11 @@ def _cached_impl(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   return jnp.transpose(codes, (2, 0, 1))
 
 
-def _pads(tile: int, batch: int) -> bool:
+def _pads(step: StepKernel, batch: int) -> bool:
   """Whether a sampler pads its batch: Triton's tensors (the Pallas step's)
   have power-of-two sizes, so a kernel's batch is padded once per map, not
   at every step (on every backend alike, so that tests see it)."""
-  return bool(tile) and bool(batch & (batch - 1))
+  return bool(step) and bool(batch & (batch - 1))
 
 
 def _padded_batch(batch: int) -> int:
@@ -429,9 +430,11 @@ def _pad_batch(padded: int, *trees: PyTree) -> tuple[PyTree, ...]:
 
 def _prepare(model: pixelcnn.PixelCNNPrior, variables: PyTree,
              cond_codes: tuple[Array, ...], labels: Optional[Array],
-             shape: tuple[int, int, int], tile: int) -> PyTree:
-  """`model.prepare`, with the gated blocks' kernel where `tile` > 0."""
-  kwargs = {'kernel_tile': tile} if tile else {}
+             shape: tuple[int, int, int], step: StepKernel) -> PyTree:
+  """`model.prepare`, with the blocks' Pallas kernels where `step` has
+  them."""
+  kwargs = ({'kernel_tile': step.tile, 'attention_kernel': step.attention}
+            if step else {})
   return model.apply(variables, cond_codes, labels, shape,
                      method=model.prepare, **kwargs)
 
@@ -459,17 +462,17 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
   _check_range('codes', codes, model.num_embeddings,
                f'pass codes below the codebook size {model.num_embeddings}.')
 
-  tile = kernel_tile(model, step_kernel)
+  step = step_kernel_of(model, step_kernel)
   batch = shape[0]
-  if _pads(tile, batch):
+  if _pads(step, batch):
     shape = (_padded_batch(batch), *shape[1:])
 
   @jax.jit
   def run(variables, codes, cond_codes, labels):
-    if _pads(tile, batch):
+    if _pads(step, batch):
       codes, cond_codes, labels = _pad_batch(shape[0], codes, cond_codes,
                                              labels)
-    context = _prepare(model, variables, cond_codes, labels, shape, tile)
+    context = _prepare(model, variables, cond_codes, labels, shape, step)
 
     def choose(logits, r, c):
       return codes[:, r, c], logits
@@ -482,7 +485,8 @@ def cached_logits(model: pixelcnn.PixelCNNPrior, variables: PyTree,
 
 def _reference_impl(model: pixelcnn.PixelCNNPrior,
                     shape: tuple[int, int, int], truncate: bool, unroll: int,
-                    guided: bool, tile: int, variables: PyTree, rng: Array,
+                    guided: bool, step: StepKernel, variables: PyTree,
+                    rng: Array,
                     example_ids: Array, cond_codes: tuple[Array, ...],
                     labels: Optional[Array], temperature: Array, top_k: Array,
                     top_p: Array, guidance: Array,
@@ -493,9 +497,9 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 
   num_positions is traced (a while loop), so benchmarks can time a few
   positions with the function that samples whole maps. `unroll` and
-  `tile` are unused (every step is a whole forward pass).
+  `step` are unused (every step is a whole forward pass).
   """
-  del unroll, tile
+  del unroll, step
   b, _, width = shape
   if guided:
     cond_codes, labels = _guided_inputs(model, cond_codes, labels)
@@ -523,7 +527,8 @@ def _reference_impl(model: pixelcnn.PixelCNNPrior,
 def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
            reference: bool, mesh: Optional[Mesh], truncate: bool = False,
            unroll: int = 1, guided: bool = False, biased: bool = False,
-           discounted: bool = False, tile: int = 0) -> Callable[..., Array]:
+           discounted: bool = False, step: StepKernel = StepKernel()
+           ) -> Callable[..., Array]:
   """One jitted sampler per (prior, shape, kind, mesh, filtering, unroll,
   guidance on or off, code bias on or off, code discount on or off, step
   kernel); no retracing.
@@ -539,7 +544,7 @@ def _build(model: pixelcnn.PixelCNNPrior, shape: tuple[int, int, int],
   devices = 1 if mesh is None else mesh.size
   local_shape = (shape[0] // devices, *shape[1:])
   fn = functools.partial(impl, model, local_shape, truncate, unroll, guided,
-                         tile)
+                         step)
   if not (biased and discounted):  # No argument, and nothing in the program.
     full = fn
 
@@ -693,14 +698,16 @@ def _check_unroll(unroll: int) -> int:
 DEFAULT_TILE = 16  # Channels per program of a 'pallas' step, at most.
 
 
-def kernel_tile(model: Any, step_kernel: str) -> int:
-  """The tile of `step_kernel` for `model`'s position steps, 0 for 'xla'.
+def step_kernel_of(model: Any, step_kernel: str) -> StepKernel:
+  """What the name `step_kernel` means for `model`'s position steps.
 
-  'pallas' runs each gated block's step as one Pallas kernel
-  (`models/gated_kernel.py`) with programs of T channels, the largest
-  power of two up to 16 dividing C, and each attention block's as two
-  (`models/attention_kernel.py`: a program per head, then 2C / T for the
-  MLP); 'pallas<T>' with T. Only gated PixelCNN priors have one.
+  'xla': XLA's operations (`StepKernel()`). 'pallas' runs each gated
+  block's step as one Pallas kernel (`models/gated_kernel.py`) with
+  programs of T channels, the largest power of two up to 16 dividing C,
+  and each attention block's as two (`models/attention_kernel.py`: a
+  program per head, then 2C / T for the MLP); 'pallas<T>' with T; either
+  with '_gated' keeps the attention blocks in XLA's operations. Only gated
+  PixelCNN priors have one.
 
   Raises:
     SamplingInputError: an unknown name, a tile the channels do not take,
@@ -711,9 +718,10 @@ def kernel_tile(model: Any, step_kernel: str) -> int:
   if not match:
     raise SamplingInputError(
         f'step_kernel is {step_kernel!r}. Fix: use xla (the default), '
-        'pallas, or pallas<T> (T channels per program, a power of two).')
+        'pallas, or pallas<T> (T channels per program, a power of two), '
+        'either with _gated to keep the attention blocks in XLA.')
   if match.group(0) == 'xla':
-    return 0
+    return StepKernel()
   if not isinstance(model, pixelcnn.PixelCNNPrior):
     raise SamplingInputError(
         f'step_kernel={step_kernel!r} is for gated PixelCNN priors; this '
@@ -723,8 +731,9 @@ def kernel_tile(model: Any, step_kernel: str) -> int:
     tile = DEFAULT_TILE
     while model.num_channels % tile:
       tile //= 2
+  attention = not match.group(2)
   try:
-    return model.check_kernel_tile(tile)
+    return StepKernel(model.check_kernel_tile(tile, attention), attention)
   except gated_kernel.TileError as e:
     raise SamplingInputError(f'step_kernel={step_kernel!r}: {e}') from None
 
@@ -831,7 +840,8 @@ def compile_sampler(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   fn = _build(model, shape, reference, _sampling_mesh(mesh),
               _truncates(top_k, top_p), _check_unroll(unroll), guided,
               code_bias is not None, code_discount is not None,
-              0 if reference else kernel_tile(model, step_kernel))
+              StepKernel() if reference
+              else step_kernel_of(model, step_kernel))
   return fn.lower(*args).compile()
 
 
@@ -899,7 +909,7 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
   return _build(model, shape, False, _sampling_mesh(mesh),
                 _truncates(top_k, top_p), _check_unroll(unroll), guided,
                 code_bias is not None, code_discount is not None,
-                kernel_tile(model, step_kernel))(*args)
+                step_kernel_of(model, step_kernel))(*args)
 
 
 def reference_sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,

@@ -104,7 +104,8 @@ def check_heads(channels: int, num_heads: int) -> None:
     raise gated_kernel.TileError(
         f'The Pallas step needs attention heads of a power-of-two size; '
         f'{channels} channels in {num_heads} heads are {d} each. Fix: use '
-        f'step_kernel=xla for this prior.')
+        f'step_kernel=xla, or pallas_gated (the attention blocks in XLA), '
+        f'for this prior.')
 
 
 def _norm_stats(pieces: tuple, h_out_ref, *, batch: int, channels: int,

@@ -51,8 +51,23 @@ from vqvae2_jax import errors
 Array = jax.Array
 
 # The names of a sampler's position step: 'xla', 'pallas' or 'pallas<T>'
-# (group 1: T, or empty).
-STEP_KERNEL = re.compile(r'xla|pallas(\d*)')
+# (group 1: T, or empty), optionally with '_gated' (group 2).
+STEP_KERNEL = re.compile(r'xla|pallas(\d*)(_gated)?')
+
+
+class StepKernel(NamedTuple):
+  """How a sampler runs a PixelCNN prior's position step (static).
+
+  `tile`: 0 for XLA's operations; T > 0 for each gated block in one Pallas
+  kernel of C / T programs (this module). `attention`: with a tile, each
+  attention block in two Pallas kernels too (`attention_kernel`), else in
+  XLA's operations. False (as a bool) for XLA's step.
+  """
+  tile: int = 0
+  attention: bool = True
+
+  def __bool__(self) -> bool:
+    return self.tile > 0
 
 
 class TileError(errors.UserError, ValueError):

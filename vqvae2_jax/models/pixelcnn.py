@@ -1124,7 +1124,8 @@ class PixelCNNPrior(nn.Module):
   # each of which owns its cache and steps.
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
-              shape: Sequence[int], kernel_tile: int = 0) -> dict[str, Any]:
+              shape: Sequence[int], kernel_tile: int = 0,
+              attention_kernel: bool = True) -> dict[str, Any]:
     """Per-sample context computed once, outside the sampler's loops.
 
     Args:
@@ -1135,36 +1136,43 @@ class PixelCNNPrior(nn.Module):
         (`GatedBlock.step_kernel`; a power of two dividing C) and each
         attention block's in two (`AttentionBlock.step_kernel`: a program
         per head, then 2C / T for the MLP).
+      attention_kernel: with a tile, whether the attention blocks step in
+        their kernels (else in XLA's operations).
 
     Returns:
       {'cond': the conditioning map (or None), 'gated': each gated block's
        `fused_view()` (or `kernel_view(T)`), 'attention': each attention
        block's `fused_view(h, w)` (or `kernel_view(h, w, T)`)} and, with a
-       kernel, 'kernel': True: the
+       kernel, 'kernel': True (and 'attention_kernel'): the
       weights of a position step laid out for fewer, larger products, made
       once per sampler call rather than at every position.
     """
     _, height, width = shape
+    attention_kernel = bool(kernel_tile and attention_kernel)
     if kernel_tile:
-      self.check_kernel_tile(kernel_tile)
+      self.check_kernel_tile(kernel_tile, attention_kernel)
       gated = [block.kernel_view(kernel_tile) for block in self.blocks]
+    else:
+      gated = [block.fused_view() for block in self.blocks]
+    if attention_kernel:
       attention = [block.kernel_view(height, width, kernel_tile)
                    for block in self.attention]
     else:
-      gated = [block.fused_view() for block in self.blocks]
       attention = [block.fused_view(height, width)
                    for block in self.attention]
     context = {'cond': self.conditioning(cond_codes, labels, shape),
                'gated': gated, 'attention': attention}
     if kernel_tile:
       context['kernel'] = True
+      context['attention_kernel'] = attention_kernel
     return context
 
-  def check_kernel_tile(self, tile: int) -> int:
-    """`tile`, if the Pallas position step can use it for this prior;
-    raises `gated_kernel.TileError` (naming the fix) if not."""
+  def check_kernel_tile(self, tile: int, attention: bool = True) -> int:
+    """`tile`, if the Pallas position step (with the attention blocks'
+    kernels or not) can use it for this prior; raises
+    `gated_kernel.TileError` (naming the fix) if not."""
     gated_kernel.tile_for(self.num_channels, tile)
-    if self.attention_layers:
+    if attention and self.attention_layers:
       attention_kernel.check_heads(self.num_channels, self.num_heads)
     return tile
 
@@ -1244,8 +1252,9 @@ class PixelCNNPrior(nn.Module):
                     prev_code: Array, r: Array, c: Array
                     ) -> tuple[Array, dict[str, Any]]:
     """`step_position` with each gated block in one Pallas kernel and each
-    attention block in two; the embedding and the output layers as XLA's
-    operations."""
+    attention block in two (or XLA's operations, without
+    context['attention_kernel']); the embedding and the output layers as
+    XLA's operations."""
     after = attention_positions(self.num_layers, self.attention_layers)
     x = gated_kernel.Pending(self.embed(prev_code), None, None)
     gated, attention = [], list(cache['attention'])
@@ -1254,7 +1263,14 @@ class PixelCNNPrior(nn.Module):
       gated.append(entry)
       if i in after:
         j = after[i]
-        x, attention[j] = self.attention[j].step_kernel(
-            attention[j], x, r, c, context['attention'][j])
+        block = self.attention[j]
+        if context['attention_kernel']:
+          x, attention[j] = block.step_kernel(
+              attention[j], x, r, c, context['attention'][j])
+        else:
+          h, attention[j] = block.step_position(
+              attention[j], x.total().astype(self.dtype)[:, None, None], r,
+              c, context['attention'][j])
+          x = gated_kernel.Pending(h[:, 0, 0], None, None)
     logits = self._output(x.total().astype(self.dtype)[:, None, None])
     return logits[:, 0, 0], {'gated': gated, 'attention': attention}
