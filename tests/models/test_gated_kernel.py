@@ -94,6 +94,12 @@ def test_pending_total_and_tile_checks():
       gated_kernel.Pending(None, bias, parts).total(), 3 * h + bias)
   np.testing.assert_array_equal(gated_kernel.Pending(h, None, None).total(), h)
   assert gated_kernel.tile_for(48, 16) == 16
+  # Chunks of input channels (or of cached positions): a power of two
+  # dividing the count (Triton's tensors), about 1,024 products at most.
+  assert gated_kernel.chunk_for(48, 1, 16) == 16
+  assert gated_kernel.chunk_for(64, 4, 16) == 16
+  assert gated_kernel.chunk_for(1024, 1, 64) == 16
+  assert gated_kernel.chunk_for(15, 1, 4) == 1
   for bad in (0, 3, 12, 32):
     with pytest.raises(ValueError, match='power of two dividing the 48'):
       gated_kernel.tile_for(48, bad)
