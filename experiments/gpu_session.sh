@@ -20,7 +20,8 @@
 #   tiles        sampler_variants at batch 1: pallas8, pallas32 (the Pallas
 #                step at 8 and 32 channels a program)
 #   graphs       sampler_variants at batch 1 with XLA's command buffers
-#                (CUDA graphs) extended to while loops and conditionals
+#                (CUDA graphs) extended to while loops and conditionals:
+#                static, pallas (Triton's kernels are custom calls), unroll8
 #   first_image  experiments/first_image.py: an exported paper-size model,
 #                seconds to the first image in a fresh process, cold and with
 #                a warm compilation cache
@@ -98,8 +99,9 @@ for part in "${parts[@]}"; do
     batch16) run batch16 100 "$py" -m experiments.sampler_variants $smoke \
         --variants=static,pallas,bf16_unroll8 --batches=16 \
         --json="$out/batch16.json" ;;
-    graphs) run graphs 90 env XLA_FLAGS="$graphs" \
-        "$py" -m experiments.sampler_variants $smoke --variants=static,unroll8 \
+    graphs) run graphs 150 env XLA_FLAGS="$graphs" \
+        "$py" -m experiments.sampler_variants $smoke \
+        --variants=static,pallas,unroll8 \
         --batches=1 --label=graphs --json="$out/graphs.json" ;;
     first_image) run first_image 160 "$py" -m experiments.first_image $smoke \
         --config=configs/imagenet256.py --make_export=/tmp/paper_export \
