@@ -236,8 +236,8 @@ def count_rows(which: str, programs: tuple[str, ...] = ('plain',)
     for program in programs:
       if program.startswith('guided') and not model.num_classes:
         continue  # Guidance follows labels.
-      if program.startswith('pallas') and not isinstance(model,
-                                                pixelcnn.PixelCNNPrior):
+      if program.startswith('pallas') and not isinstance(
+          model, pixelcnn.PixelCNNPrior):
         continue  # No gated blocks.
       start = time.perf_counter()
       ops = prior_step_ops(model, (1, h, w), upper, program)

@@ -309,7 +309,7 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
             f'prior.level_{level} has heads of {section.num_channels} / '
             f'{section.num_heads} channels, not a power of two',
             "use 'xla' or a '_gated' step (attention blocks in XLA), or "
-          'heads of 2^k channels')
+            'heads of 2^k channels')
   guidance = sampling.get('guidance', 1.0)
   if not (math.isfinite(guidance) and guidance >= 0):
     _fail('sampling.guidance', f'is {guidance}',

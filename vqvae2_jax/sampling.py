@@ -50,8 +50,8 @@ positions per iteration of the inner loop, and `cast_prior` (or
 read per step, and `step_kernel='pallas'` runs each gated block's position
 step as one Pallas kernel (`models/gated_kernel.py`) instead of 5 or 6 of
 XLA's, and each attention block's as two (`models/attention_kernel.py`)
-instead of about 30. None changes the codes a float32 sampler draws when left at its
-default.
+instead of about 30. None changes the codes a float32 sampler draws when
+left at its default.
 
 Rejection sampling (the paper's classifier-based m-out-of-n scheme):
 `candidates_per_sample` and `TopPerClass` keep the best-scoring candidates
@@ -433,7 +433,7 @@ def _prepare(model: pixelcnn.PixelCNNPrior, variables: PyTree,
              shape: tuple[int, int, int], step: StepKernel) -> PyTree:
   """`model.prepare`, with the blocks' Pallas kernels where `step` has
   them."""
-  kwargs = ({'kernel_tile': step.tile, 'attention_kernel': step.attention}
+  kwargs = ({'kernel_tile': step.tile, 'attention_kernels': step.attention}
             if step else {})
   return model.apply(variables, cond_codes, labels, shape,
                      method=model.prepare, **kwargs)
@@ -894,8 +894,9 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       'pallas' or 'pallas<T>': each gated block's step is one Pallas
       kernel of C / T programs (`models/gated_kernel.py`; T = 16 where it
       divides C, unless given) and each attention block's two (a program
-      per head, then 2C / T: `models/attention_kernel.py`), for GPUs, where a step is launch-bound at
-      small batches. It computes in float32 with its own order of sums:
+      per head, then 2C / T: `models/attention_kernel.py`; not with
+      '_gated', e.g. 'pallas_gated'), for GPUs, where a step is
+      launch-bound at small batches. It computes in float32 with its own order of sums:
       the logits agree with 'xla' at precision 'highest' to float
       rounding. Elsewhere it runs in Pallas's interpreter (slowly: for
       tests). Gated PixelCNN priors only.

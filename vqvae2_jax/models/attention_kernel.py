@@ -277,11 +277,13 @@ def attend(x: Pending, row: Array, col: Array, norm: dict[str, Array],
             head_cache, head_cache,
             pl.BlockSpec((1, d, channels), lambda p: (p, 0, 0))]
   # The span of positions: a power of two dividing n, a [batch, span, d]
-  # product of about 1,024 values.
+  # product of at most 4,096 values: each span is one iteration of a loop
+  # whose steps wait on their loads (16 at a 32x32 map's last position,
+  # batch 1, d = 64). A guess, as are the other chunks: untimed on a GPU.
   kernel = functools.partial(
       _attend_kernel, x_pieces=(x.residual is not None, x.parts is not None),
       chunk=gated_kernel.chunk_for(channels, batch, d),
-      span=gated_kernel.chunk_for(n, batch, d),
+      span=gated_kernel.chunk_for(n, batch, d, limit=4096),
       out_chunk=gated_kernel.chunk_for(channels, batch, d))
   cache_shape = jax.ShapeDtypeStruct((batch, heads, n, d), cache['k'].dtype)
   h, parts, k, v = pl.pallas_call(

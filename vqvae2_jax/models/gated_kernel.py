@@ -125,12 +125,14 @@ def tile_for(channels: int, tile: int) -> int:
   return tile
 
 
-def chunk_for(channels: int, batch: int, tile: int) -> int:
-  """Input channels summed per loop iteration: a power of two dividing
-  `channels` (Triton's tensors are powers of two) whose [batch, chunk, T]
-  product is at most about 1,024 values (registers, on a GPU)."""
+def chunk_for(channels: int, batch: int, tile: int, limit: int = 1024
+              ) -> int:
+  """Input channels (or `attention_kernel`'s cached positions) summed per
+  loop iteration: a power of two dividing `channels` (Triton's tensors are
+  powers of two) whose [batch, chunk, T] product is at most `limit`
+  values (registers, on a GPU), if any is."""
   chunk = channels & -channels
-  while chunk > 1 and batch * chunk * tile > 1024:
+  while chunk > 1 and batch * chunk * tile > limit:
     chunk //= 2
   return chunk
 

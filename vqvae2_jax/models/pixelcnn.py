@@ -54,7 +54,9 @@ keys as a table), so that a step runs fewer, larger products: on an
 accelerator a step is launch-bound (issue 29). With
 `prepare(..., kernel_tile=T)` each gated block's position step is one Pallas
 kernel instead (`GatedBlock.kernel_view` / `step_kernel`,
-`models/gated_kernel.py`), which hands the next block its output as
+`models/gated_kernel.py`) and each attention block's two
+(`AttentionBlock.kernel_view` / `step_kernel`,
+`models/attention_kernel.py`), which hand the next block their output as
 partial sums. Both paths of a layer use the same parameters, so their
 outputs agree to float rounding.
 
@@ -1125,7 +1127,7 @@ class PixelCNNPrior(nn.Module):
 
   def prepare(self, cond_codes: Sequence[Array], labels: Optional[Array],
               shape: Sequence[int], kernel_tile: int = 0,
-              attention_kernel: bool = True) -> dict[str, Any]:
+              attention_kernels: bool = True) -> dict[str, Any]:
     """Per-sample context computed once, outside the sampler's loops.
 
     Args:
@@ -1136,25 +1138,25 @@ class PixelCNNPrior(nn.Module):
         (`GatedBlock.step_kernel`; a power of two dividing C) and each
         attention block's in two (`AttentionBlock.step_kernel`: a program
         per head, then 2C / T for the MLP).
-      attention_kernel: with a tile, whether the attention blocks step in
+      attention_kernels: with a tile, whether the attention blocks step in
         their kernels (else in XLA's operations).
 
     Returns:
       {'cond': the conditioning map (or None), 'gated': each gated block's
        `fused_view()` (or `kernel_view(T)`), 'attention': each attention
        block's `fused_view(h, w)` (or `kernel_view(h, w, T)`)} and, with a
-       kernel, 'kernel': True (and 'attention_kernel'): the
+       kernel, 'kernel': True (and 'attention_kernels'): the
       weights of a position step laid out for fewer, larger products, made
       once per sampler call rather than at every position.
     """
     _, height, width = shape
-    attention_kernel = bool(kernel_tile and attention_kernel)
+    attention_kernels = bool(kernel_tile and attention_kernels)
     if kernel_tile:
-      self.check_kernel_tile(kernel_tile, attention_kernel)
+      self.check_kernel_tile(kernel_tile, attention_kernels)
       gated = [block.kernel_view(kernel_tile) for block in self.blocks]
     else:
       gated = [block.fused_view() for block in self.blocks]
-    if attention_kernel:
+    if attention_kernels:
       attention = [block.kernel_view(height, width, kernel_tile)
                    for block in self.attention]
     else:
@@ -1164,7 +1166,7 @@ class PixelCNNPrior(nn.Module):
                'gated': gated, 'attention': attention}
     if kernel_tile:
       context['kernel'] = True
-      context['attention_kernel'] = attention_kernel
+      context['attention_kernels'] = attention_kernels
     return context
 
   def check_kernel_tile(self, tile: int, attention: bool = True) -> int:
@@ -1253,7 +1255,7 @@ class PixelCNNPrior(nn.Module):
                     ) -> tuple[Array, dict[str, Any]]:
     """`step_position` with each gated block in one Pallas kernel and each
     attention block in two (or XLA's operations, without
-    context['attention_kernel']); the embedding and the output layers as
+    context['attention_kernels']); the embedding and the output layers as
     XLA's operations."""
     after = attention_positions(self.num_layers, self.attention_layers)
     x = gated_kernel.Pending(self.embed(prev_code), None, None)
@@ -1264,7 +1266,7 @@ class PixelCNNPrior(nn.Module):
       if i in after:
         j = after[i]
         block = self.attention[j]
-        if context['attention_kernel']:
+        if context['attention_kernels']:
           x, attention[j] = block.step_kernel(
               attention[j], x, r, c, context['attention'][j])
         else:
