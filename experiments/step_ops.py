@@ -17,7 +17,12 @@ one) and the fusions: each is one kernel on a GPU. Rows:
 * paper: the ImageNet-256 config's own priors, top (32x32, 20 gated blocks
   of 512 channels, 4 attention blocks) and lower (64x64, conditioning stack);
 * small: experiments/bench_sampling.py's reduced rows top32 and lower64,
-  and its transformer of top32's size.
+  and its transformer of top32's size;
+* blocks: the paper's top prior cut to 1 gated block, 2 gated blocks, and
+  1 gated block and 1 attention block (rows blocks_gated1, blocks_gated2,
+  blocks_gated1_attention1): the kernels of a gated block and of an
+  attention block in a step, and of the rest (embedding, output layers,
+  draw), by difference.
 
 --programs: which sampler program to count: plain (the default), guided
 (classifier-free guidance: the conditional and unconditional halves of the
@@ -64,7 +69,8 @@ from vqvae2_jax.models import pixelcnn
 from vqvae2_jax.models import transformer
 
 _OPS = flags.DEFINE_list('ops', ['paper'],
-                         'Op-count rows: paper and/or small (empty: none).')
+                         'Op-count rows: paper, small and/or blocks (empty: '
+                         'none).')
 _TIME = flags.DEFINE_list('time', [],
                           'bench_sampling rows to time (top32, lower64).')
 _REPEATS = flags.DEFINE_integer('time_repeats', 3,
@@ -213,10 +219,18 @@ def _abstract_sampler_args(model, shape, upper, num_classes):
 
 def count_rows(which: str, programs: tuple[str, ...] = ('plain',)
                ) -> list[dict[str, Any]]:
-  """The position-step kernels of each prior of `which` (paper or small),
-  one row per sampler program of `programs` (PROGRAMS)."""
+  """The position-step kernels of each prior of `which` (paper, small or
+  blocks), one row per sampler program of `programs` (PROGRAMS)."""
   rows = []
-  if which == 'paper':
+  if which == 'blocks':
+    config = imagenet256.get_config()
+    top = builders.build_prior(config, 0)
+    shape = builders.level_shapes(config)[0]
+    priors = [(f'blocks_gated{layers}' + ('_attention1' if attention else ''),
+               top.clone(num_layers=layers, attention_layers=attention),
+               shape, ())
+              for layers, attention in ((1, 0), (2, 0), (1, 1))]
+  elif which == 'paper':
     config = imagenet256.get_config()
     shapes = builders.level_shapes(config)
     priors = [(f'paper_{"top" if i == 0 else f"lower{i}"}',
