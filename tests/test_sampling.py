@@ -543,6 +543,11 @@ def test_bfloat16_sampling_through_cast_prior():
   scale = np.abs(full32).max()
   assert np.abs(cached16 - full16).max() / scale < 3e-2
   assert np.abs(full16 - full32).max() / scale < 5e-2
+  # The Pallas step with bfloat16 weights and caches (float32 inside).
+  kernel16 = np.asarray(sampling.cached_logits(
+      bf16_model, bf16_vars, codes, cond_codes=cond, labels=labels,
+      step_kernel='pallas2'))
+  assert np.abs(kernel16 - full16).max() / scale < 3e-2
   assert np.abs(full16 - full32).max() > 0  # It did compute in bfloat16.
   drawn = sampling.sample_hierarchy(
       [(model, variables)], [shape[1:]], batch_size=shape[0], labels=labels,
