@@ -896,10 +896,10 @@ def sample_level(model: pixelcnn.PixelCNNPrior, variables: PyTree, *,
       divides C, unless given) and each attention block's two (a program
       per head, then 2C / T: `models/attention_kernel.py`; not with
       '_gated', e.g. 'pallas_gated'), for GPUs, where a step is
-      launch-bound at small batches. It computes in float32 with its own order of sums:
-      the logits agree with 'xla' at precision 'highest' to float
-      rounding. Elsewhere it runs in Pallas's interpreter (slowly: for
-      tests). Gated PixelCNN priors only.
+      launch-bound at small batches. It computes in float32 with its own
+      order of sums: the logits agree with 'xla' at precision 'highest'
+      to float rounding. Elsewhere it runs in Pallas's interpreter
+      (slowly: for tests). Gated PixelCNN priors only.
 
   Returns:
     [batch, h, w] int32 codes.

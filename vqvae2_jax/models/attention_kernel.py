@@ -40,7 +40,6 @@ from typing import Optional
 
 import jax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 import jax.numpy as jnp
 
 from vqvae2_jax.models import gated_kernel
@@ -158,8 +157,8 @@ def _project(x: Array, w_ref, parts_out_ref, *, chunk: int) -> None:
         x[:, :, None] * w_ref[0, :, window].astype(jnp.float32)[None], axis=1)
 
 
-def _attend_kernel(*refs, x_pieces: tuple[bool, bool], chunk: int, span: int,
-                   out_chunk: int):
+def _attend_kernel(*refs, x_pieces: tuple[bool, bool], chunk: int,
+                   span: int):
   """Program p (head p) of an attention block's step (module docstring)."""
   refs = list(refs)
   rc_ref = refs.pop(0)
@@ -208,11 +207,10 @@ def _attend_kernel(*refs, x_pieces: tuple[bool, bool], chunk: int, span: int,
   _, total, acc = jax.lax.fori_loop(
       0, (t + span - 1) // span, add_span,
       (top, jnp.ones((batch,), f32), v))
-  _project(acc / total[:, None], w_proj_ref, parts_out_ref, chunk=out_chunk)
+  _project(acc / total[:, None], w_proj_ref, parts_out_ref, chunk=chunk)
 
 
-def _mlp_kernel(*refs, x_pieces: tuple[bool, bool], chunk: int,
-                out_chunk: int):
+def _mlp_kernel(*refs, x_pieces: tuple[bool, bool], chunk: int):
   """Program p (hidden channels of tile p) of an attention block's MLP."""
   refs = list(refs)
   pieces = gated_kernel.pop_pending(refs, x_pieces)
@@ -228,12 +226,7 @@ def _mlp_kernel(*refs, x_pieces: tuple[bool, bool], chunk: int,
   # flax's gelu: the tanh approximation.
   gelu = 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi)
                                    * (x + 0.044715 * x * x * x)))
-  _project(gelu, w_out_ref, parts_out_ref, chunk=out_chunk)
-
-
-def _compiler_params():
-  # Triton, not Pallas's default Mosaic GPU lowering (see gated_kernel).
-  return pl_triton.CompilerParams(num_warps=4, num_stages=1)
+  _project(gelu, w_out_ref, parts_out_ref, chunk=chunk)
 
 
 def attend(x: Pending, row: Array, col: Array, norm: dict[str, Array],
@@ -262,7 +255,7 @@ def attend(x: Pending, row: Array, col: Array, norm: dict[str, Array],
   if interpret is None:
     interpret = gated_kernel.interpreted()
   whole = gated_kernel.whole
-  inputs, specs = gated_kernel.pending_inputs(x, batch, channels)
+  inputs, specs, x_pieces = gated_kernel.pending_inputs(x, batch, channels)
   inputs = [jnp.stack([row, col]).astype(jnp.int32)] + inputs
   specs = [whole(2)] + specs
   cache_index = len(inputs) + 4
@@ -281,10 +274,9 @@ def attend(x: Pending, row: Array, col: Array, norm: dict[str, Array],
   # whose steps wait on their loads (16 at a 32x32 map's last position,
   # batch 1, d = 64). A guess, as are the other chunks: untimed on a GPU.
   kernel = functools.partial(
-      _attend_kernel, x_pieces=(x.residual is not None, x.parts is not None),
+      _attend_kernel, x_pieces=x_pieces,
       chunk=gated_kernel.chunk_for(channels, batch, d),
-      span=gated_kernel.chunk_for(n, batch, d, limit=4096),
-      out_chunk=gated_kernel.chunk_for(channels, batch, d))
+      span=gated_kernel.chunk_for(n, batch, d, limit=4096))
   cache_shape = jax.ShapeDtypeStruct((batch, heads, n, d), cache['k'].dtype)
   h, parts, k, v = pl.pallas_call(
       kernel, grid=(heads,),
@@ -296,7 +288,7 @@ def attend(x: Pending, row: Array, col: Array, norm: dict[str, Array],
                  pl.BlockSpec((1, batch, channels), lambda p: (p, 0, 0)),
                  head_cache, head_cache),
       input_output_aliases={cache_index: 2, cache_index + 1: 3},
-      interpret=interpret, compiler_params=_compiler_params(),
+      interpret=interpret, compiler_params=gated_kernel.compiler_params(),
       name='attention_position')(*inputs)
   return h, parts, {'k': k.reshape(bh, n, d), 'v': v.reshape(bh, n, d)}
 
@@ -323,7 +315,7 @@ def mlp(x: Pending, norm: dict[str, Array], weights: dict[str, Array], *,
   if interpret is None:
     interpret = gated_kernel.interpreted()
   whole = gated_kernel.whole
-  inputs, specs = gated_kernel.pending_inputs(x, batch, channels)
+  inputs, specs, x_pieces = gated_kernel.pending_inputs(x, batch, channels)
   inputs += [norm['scale'], norm['bias'], weights['w_in'], weights['b_in'],
              weights['w_out']]
   specs += [whole(channels), whole(channels),
@@ -331,9 +323,8 @@ def mlp(x: Pending, norm: dict[str, Array], weights: dict[str, Array], *,
             pl.BlockSpec((1, tile), lambda p: (p, 0)),
             pl.BlockSpec((1, tile, channels), lambda p: (p, 0, 0))]
   kernel = functools.partial(
-      _mlp_kernel, x_pieces=(x.residual is not None, x.parts is not None),
-      chunk=gated_kernel.chunk_for(channels, batch, tile),
-      out_chunk=gated_kernel.chunk_for(channels, batch, tile))
+      _mlp_kernel, x_pieces=x_pieces,
+      chunk=gated_kernel.chunk_for(channels, batch, tile))
   return pl.pallas_call(
       kernel, grid=(n_tiles,),
       out_shape=(jax.ShapeDtypeStruct((batch, channels), jnp.float32),
@@ -342,5 +333,5 @@ def mlp(x: Pending, norm: dict[str, Array], weights: dict[str, Array], *,
       in_specs=specs,
       out_specs=(whole(batch, channels),
                  pl.BlockSpec((1, batch, channels), lambda p: (p, 0, 0))),
-      interpret=interpret, compiler_params=_compiler_params(),
+      interpret=interpret, compiler_params=gated_kernel.compiler_params(),
       name='attention_mlp')(*inputs)

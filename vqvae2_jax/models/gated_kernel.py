@@ -143,9 +143,11 @@ def whole(*shape: int) -> pl.BlockSpec:
 
 
 def pending_inputs(x: Pending, batch: int, channels: int
-                   ) -> tuple[list[Array], list[pl.BlockSpec]]:
+                   ) -> tuple[list[Array], list[pl.BlockSpec],
+                              tuple[bool, bool]]:
   """A kernel's operands for its input `x` (whole, in every program), in
-  the order `pending_chunk` takes their refs."""
+  the order `pop_pending` takes their refs, and which pieces there are
+  (the kernel's static `x_pieces`)."""
   inputs, specs = [], []
   if x.residual is not None:
     inputs.append(x.residual)
@@ -153,7 +155,14 @@ def pending_inputs(x: Pending, batch: int, channels: int
   if x.parts is not None:
     inputs += [x.bias, x.parts]
     specs += [whole(channels), whole(x.parts.shape[0], batch, channels)]
-  return inputs, specs
+  return inputs, specs, (x.residual is not None, x.parts is not None)
+
+
+def compiler_params() -> pl_triton.CompilerParams:
+  """The kernels' GPU lowering: Triton, not Pallas's default Mosaic GPU
+  (Hopper's warpgroups and shared-memory pipelines, built for matrix
+  tiles, which refused these kernels: shared memory)."""
+  return pl_triton.CompilerParams(num_warps=4, num_stages=1)
 
 
 def pop_pending(refs: list, x_pieces: tuple[bool, bool]) -> tuple:
@@ -260,7 +269,7 @@ def gated_position(x: Pending, col: Array, weights: dict[str, Array],
   if interpret is None:
     interpret = interpreted()
   chunk = chunk_for(channels, batch, tile)
-  inputs, specs = pending_inputs(x, batch, channels)
+  inputs, specs, x_pieces = pending_inputs(x, batch, channels)
   inputs = [jnp.reshape(col, (1,)).astype(jnp.int32)] + inputs
   specs = [whole(1)] + specs
   ring_index = len(inputs) + 1
@@ -273,7 +282,7 @@ def gated_position(x: Pending, col: Array, weights: dict[str, Array],
       pl.BlockSpec((1, tile, channels), lambda p: (p, 0, 0))]
   kernel = functools.partial(
       _kernel, cols=cols, chunk=chunk,
-      x_pieces=(x.residual is not None, x.parts is not None))
+      x_pieces=x_pieces)
   h, parts, new_ring = pl.pallas_call(
       kernel, grid=(n_tiles,),
       out_shape=(jax.ShapeDtypeStruct((batch, channels), jnp.float32),
@@ -284,8 +293,6 @@ def gated_position(x: Pending, col: Array, weights: dict[str, Array],
                  pl.BlockSpec((1, batch, channels), lambda p: (p, 0, 0)),
                  pl.BlockSpec((batch, cols, 2, tile), lambda p: (0, 0, 0, p))),
       input_output_aliases={ring_index: 2}, interpret=interpret,
-      # Triton, not Pallas's default Mosaic GPU lowering (Hopper's
-      # warpgroups and shared-memory pipelines, built for matrix tiles).
-      compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=compiler_params(),
       name='gated_position')(*inputs)
   return h, parts, new_ring.reshape(ring.shape)
